@@ -1,0 +1,62 @@
+"""AutoAWQ "gemm" checkpoint layout (version "gemm"), the one vLLM, transformers and LMDeploy load.
+
+For a linear ``W[out, in]`` quantized to 4 bits in groups of ``g`` input features:
+
+* ``qweight``: int32 ``[in, out / 8]``, packed along the *output* dimension.
+  Nibble ``i`` (bits ``4i .. 4i+3``) of word ``c`` in row ``k`` holds the code of
+  output column ``8c + AWQ_ORDER[i]``, ``AWQ_ORDER = [0, 2, 4, 6, 1, 3, 5, 7]``.
+* ``qzeros``: int32 ``[in / g, out / 8]``, the integer zero points, packed the same way.
+* ``scales``: float16 ``[in / g, out]``.
+* ``bias``: float16 ``[out]`` when the linear has one.
+
+Dequantization: ``W[o, k] = (q[k, o] - z[k // g, o]) * s[k // g, o]``. Only 4 bits exist.
+"""
+from __future__ import annotations
+
+import torch
+
+from quant.formats.bitpack import pack_bits_i32, unpack_bits_i32
+from quant.formats.packed import PackedWeight
+
+AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
+# Inverse permutation: output column j within a word sits in nibble AWQ_REVERSE_ORDER[j].
+AWQ_REVERSE_ORDER = (0, 4, 1, 5, 2, 6, 3, 7)
+BITS = 4
+
+
+def _interleave(cols: torch.Tensor) -> torch.Tensor:
+    # [..., out] -> [..., out] with each run of 8 columns reordered into nibble order.
+    lead = cols.shape[:-1]
+    x = cols.reshape(*lead, -1, 8)[..., list(AWQ_ORDER)]
+    return x.reshape(*lead, -1)
+
+
+def _deinterleave(nibbles: torch.Tensor) -> torch.Tensor:
+    lead = nibbles.shape[:-1]
+    x = nibbles.reshape(*lead, -1, 8)[..., list(AWQ_REVERSE_ORDER)]
+    return x.reshape(*lead, -1)
+
+
+def pack_awq_gemm(w: PackedWeight) -> dict[str, torch.Tensor]:
+    """Tensors of the AWQ "gemm" layout from canonical codes ``q[out, in]``, ``zero``/``scale`` ``[out, G]``."""
+    if w.bits != BITS:
+        raise ValueError(f"the AWQ gemm format holds 4-bit weights only, not {w.bits}-bit")
+    if w.g_idx is not None:
+        raise ValueError("the AWQ gemm format cannot hold act-order (g_idx) weights")
+    out_f, _ = w.q.shape
+    if out_f % 8:
+        raise ValueError(f"the AWQ gemm format needs out_features divisible by 8, got {out_f}")
+    tensors = {
+        "qweight": pack_bits_i32(_interleave(w.q.t().contiguous()), BITS),
+        "qzeros": pack_bits_i32(_interleave(w.zero.t().contiguous().to(torch.int32)), BITS),
+        "scales": w.scale.t().contiguous().to(torch.float16),
+    }
+    return tensors
+
+
+def unpack_awq_gemm(tensors: dict[str, torch.Tensor], group_size: int) -> PackedWeight:
+    """Canonical codes from AWQ "gemm" tensors (inverse of :func:`pack_awq_gemm`)."""
+    q = _deinterleave(unpack_bits_i32(tensors["qweight"], BITS)).t().contiguous()
+    zero = _deinterleave(unpack_bits_i32(tensors["qzeros"], BITS)).t().contiguous()
+    scale = tensors["scales"].t().contiguous()
+    return PackedWeight(q=q, scale=scale, zero=zero, bits=BITS, group_size=group_size)

@@ -1,0 +1,77 @@
+"""GPTQ checkpoint layout (AutoGPTQ / GPTQModel), ``checkpoint_format`` "gptq" (v1) or "gptq_v2".
+
+For a linear ``W[out, in]`` quantized to ``b`` bits (2, 3, 4 or 8):
+
+* ``qweight``: int32 ``[in * b / 32, out]``, packed along the *input* dimension as a
+  little-endian bit stream (``quant.formats.bitpack``): input row ``r`` of column
+  ``o`` sits at stream bits ``b*r ..`` of column ``o``. For 2/4/8 bits, row
+  ``(32/b)*w + i`` is in bits ``b*i ..`` of word ``w``; for 3 bits, 32 rows fill
+  three words and rows 10 and 21 straddle word boundaries.
+* ``qzeros``: int32 ``[G, out * b / 32]``, packed along the *output* dimension the
+  same way. v1 ("gptq") stores ``z - 1`` (the historical off-by-one, masked to
+  ``b`` bits); v2 ("gptq_v2") stores ``z``.
+* ``scales``: float16 ``[G, out]``.
+* ``g_idx``: int32 ``[in]``, the group of each input row; ``i // group_size`` unless
+  rows were quantized in act-order (desc_act).
+* ``bias``: float16 ``[out]`` when the linear has one.
+
+Dequantization: ``W[o, k] = (q[k, o] - z[g_idx[k], o]) * s[g_idx[k], o]``.
+
+Loaders of v1 add 1 to the stored zero *without* masking, so a v1 checkpoint
+cannot hold ``z = 0``: :func:`pack_gptq` refuses it and the quantizer keeps
+``z >= 1`` when it writes v1 (see ``qmath.compute_qparams(min_zero=...)``).
+"""
+from __future__ import annotations
+
+import torch
+
+from quant.formats.bitpack import pack_bits_i32, unpack_bits_i32
+from quant.formats.packed import PackedWeight
+
+GPTQ_BITS = (2, 3, 4, 8)
+CHECKPOINT_FORMATS = ("gptq", "gptq_v2")
+
+
+def natural_g_idx(in_features: int, group_size: int) -> torch.Tensor:
+    g = in_features if group_size == -1 else group_size
+    return (torch.arange(in_features) // g).to(torch.int32)
+
+
+def pack_gptq(w: PackedWeight, checkpoint_format: str = "gptq") -> dict[str, torch.Tensor]:
+    """Tensors of the GPTQ layout from canonical codes (``q[out, in]``, ``zero``/``scale`` ``[out, G]``)."""
+    if w.bits not in GPTQ_BITS:
+        raise ValueError(f"the GPTQ format holds {GPTQ_BITS}-bit weights, not {w.bits}-bit")
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
+    zero = w.zero.to(torch.int32)
+    if checkpoint_format == "gptq":
+        if zero.numel() and zero.min() < 1:
+            raise ValueError("a v1 GPTQ checkpoint cannot store a zero point of 0 (its loaders add 1 unmasked)")
+        zero = zero - 1
+    out_f, in_f = w.q.shape
+    g_idx = w.g_idx if w.g_idx is not None else natural_g_idx(in_f, w.group_size)
+    return {
+        "qweight": pack_bits_i32(w.q, w.bits).t().contiguous(),  # [out, in*b/32] -> [in*b/32, out]
+        "qzeros": pack_bits_i32(zero.t().contiguous(), w.bits),
+        "scales": w.scale.t().contiguous().to(torch.float16),
+        "g_idx": g_idx.to(torch.int32),
+    }
+
+
+def unpack_gptq(
+    tensors: dict[str, torch.Tensor], bits: int, group_size: int, checkpoint_format: str = "gptq"
+) -> PackedWeight:
+    """Canonical codes from GPTQ tensors (inverse of :func:`pack_gptq`)."""
+    if checkpoint_format not in CHECKPOINT_FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
+    out_f = tensors["scales"].shape[1]
+    in_f = tensors["qweight"].shape[0] * 32 // bits
+    q = unpack_bits_i32(tensors["qweight"].t().contiguous(), bits)
+    zero = unpack_bits_i32(tensors["qzeros"], bits, out_f).t().contiguous()
+    if checkpoint_format == "gptq":
+        zero = (zero + 1) & (2**bits - 1)
+    g_idx = tensors.get("g_idx")
+    if g_idx is not None and torch.equal(g_idx.to(torch.int32), natural_g_idx(in_f, group_size)):
+        g_idx = None
+    scale = tensors["scales"].t().contiguous()
+    return PackedWeight(q=q, scale=scale, zero=zero, bits=bits, group_size=group_size, g_idx=g_idx)
