@@ -1,0 +1,186 @@
+"""Calibration text: where it comes from and how it becomes a batch of token windows.
+
+Two steps, kept apart so each can be tested alone:
+
+1. ``load_texts(source)`` reads documents (a list of strings) from the shipped
+   default corpus, a ``.txt``/``.jsonl``/``.parquet`` file or a local Hugging Face
+   ``datasets`` folder.
+2. ``calibration_batch(tokenizer, texts, n_samples, seqlen, seed)`` joins the
+   documents, tokenizes them once and draws ``n_samples`` windows of ``seqlen``
+   tokens with a seeded generator: ``[n_samples, seqlen]`` int64.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import re
+from importlib import resources
+from pathlib import Path
+
+import torch
+
+from quant.errors import QtoolError
+
+logger = logging.getLogger(__name__)
+
+# The shipped corpus (calib/corpus/SOURCES.md says where each file comes from).
+# Each file is one document, so code keeps its internal blank lines.
+DEFAULT_CORPUS_FILES = ("wiki.txt", "fiction.txt", "code.txt")
+
+# Documents are joined with a blank line; splitting a .txt file on blank lines and
+# joining again therefore gives back the text (runs of blank lines become one).
+DOC_SEPARATOR = "\n\n"
+
+_BLANK_LINES = re.compile(r"\n[ \t]*\n")
+_ACCEPTED = ".txt, .jsonl, .parquet or a folder saved with datasets' save_to_disk"
+
+
+def load_texts(source: str | Path | None, text_field: str = "text") -> list[str]:
+    """Calibration documents from ``source``; ``None`` means the shipped mixed corpus.
+
+    ``source`` may be a ``.txt`` file (documents separated by blank lines), a
+    ``.jsonl`` file (one JSON object per line, text in ``text_field``), a
+    ``.parquet`` file (column ``text_field``; needs pyarrow) or a folder written by
+    ``datasets.Dataset.save_to_disk`` (column ``text_field``; needs datasets).
+    Raises ``QtoolError`` for a missing or empty source or an unknown format.
+    """
+    if source is None:
+        return default_corpus()
+    path = Path(source)
+    if not path.exists():
+        raise QtoolError(f"Calibration data {str(path)!r} does not exist; give {_ACCEPTED}.")
+    if path.is_dir():
+        texts = _read_datasets_dir(path, text_field)
+    else:
+        readers = {".txt": _read_txt, ".jsonl": _read_jsonl, ".parquet": _read_parquet}
+        reader = readers.get(path.suffix.lower())
+        if reader is None:
+            raise QtoolError(
+                f"Calibration data {str(path)!r} has the unknown extension {path.suffix!r}; "
+                f"give {_ACCEPTED}."
+            )
+        texts = reader(path) if reader is _read_txt else reader(path, text_field)
+    texts = [t for t in texts if t.strip()]
+    if not texts:
+        raise QtoolError(f"Calibration data {str(path)!r} holds no text; give a file with at least one document.")
+    logger.info("Loaded %d calibration documents (%d characters) from %s", len(texts), sum(map(len, texts)), path)
+    return texts
+
+
+def default_corpus() -> list[str]:
+    """The shipped corpus, one document per file (encyclopedic prose, fiction, Python code)."""
+    folder = resources.files("calib").joinpath("corpus")
+    texts = [folder.joinpath(name).read_text(encoding="utf-8") for name in DEFAULT_CORPUS_FILES]
+    logger.info("Loaded the default calibration corpus (%d characters)", sum(map(len, texts)))
+    return texts
+
+
+def _read_txt(path: Path) -> list[str]:
+    """Documents of a text file, separated by one or more blank lines."""
+    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    return [doc.strip("\n") for doc in _BLANK_LINES.split(text)]
+
+
+def _read_jsonl(path: Path, text_field: str) -> list[str]:
+    """The ``text_field`` of every non-empty line of a JSON-lines file."""
+    texts = []
+    with path.open(encoding="utf-8") as f:
+        for lineno, line in enumerate(f, start=1):
+            if not line.strip():
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as e:
+                raise QtoolError(f"Line {lineno} of {str(path)!r} is not valid JSON ({e.msg}); give one JSON object per line.") from None
+            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+                raise QtoolError(
+                    f"Line {lineno} of {str(path)!r} has no string field {text_field!r}; "
+                    f"give every line that field or choose another with the text field option."
+                )
+            texts.append(record[text_field])
+    return texts
+
+
+def _read_parquet(path: Path, text_field: str) -> list[str]:
+    """Column ``text_field`` of a parquet file (pyarrow is an optional dependency)."""
+    try:
+        import pyarrow.parquet as pq
+    except ImportError:
+        raise QtoolError(f"Reading {str(path)!r} needs pyarrow, which is not installed; run `pip install pyarrow`.") from None
+    table = pq.read_table(path)
+    if text_field not in table.column_names:
+        raise QtoolError(f"Parquet file {str(path)!r} has no column {text_field!r}; its columns are {table.column_names}.")
+    return [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
+
+
+def _read_datasets_dir(path: Path, text_field: str) -> list[str]:
+    """Column ``text_field`` of a dataset saved with ``save_to_disk`` (datasets is optional)."""
+    try:
+        import datasets
+    except ImportError:
+        raise QtoolError(f"Reading the folder {str(path)!r} needs the datasets package, which is not installed; run `pip install datasets`.") from None
+    try:
+        ds = datasets.load_from_disk(str(path))
+    except FileNotFoundError:
+        raise QtoolError(f"Folder {str(path)!r} is not a dataset saved with save_to_disk; give {_ACCEPTED}.") from None
+    if isinstance(ds, datasets.DatasetDict):
+        split = "train" if "train" in ds else next(iter(ds))
+        logger.info("Dataset %s has splits %s; using %r", path, list(ds), split)
+        ds = ds[split]
+    if text_field not in ds.column_names:
+        raise QtoolError(f"Dataset {str(path)!r} has no column {text_field!r}; its columns are {ds.column_names}.")
+    return [t for t in ds[text_field] if isinstance(t, str)]
+
+
+def tokenize_documents(tokenizer, texts: list[str]) -> torch.Tensor:
+    """All documents as one 1-D int64 tensor of token ids, joined by ``DOC_SEPARATOR``.
+
+    Documents are tokenized in one batched call (fast tokenizers run it in
+    parallel) and without special tokens; the separator's ids go between them.
+    """
+    encode = dict(add_special_tokens=False, verbose=False)
+    sep = tokenizer(DOC_SEPARATOR, **encode)["input_ids"]
+    ids: list[int] = []
+    for i, doc in enumerate(tokenizer(list(texts), **encode)["input_ids"]):
+        if i:
+            ids.extend(sep)
+        ids.extend(doc)
+    return torch.tensor(ids, dtype=torch.long)
+
+
+def sample_windows(tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """``n_samples`` windows of ``seqlen`` tokens from 1-D ``tokens``: ``[n_samples, seqlen]``.
+
+    With at least ``n_samples * seqlen`` tokens the windows do not overlap: the
+    text is cut into ``len // seqlen`` slots behind a random offset and
+    ``n_samples`` slots are drawn without replacement. With fewer tokens the
+    windows start at random places and may overlap. Same seed, same windows.
+    """
+    if n_samples < 1 or seqlen < 1:
+        raise QtoolError(f"Calibration needs n_samples >= 1 and seqlen >= 1, got n_samples={n_samples} and seqlen={seqlen}.")
+    total = tokens.numel()
+    if total < seqlen:
+        raise QtoolError(
+            f"The calibration text has {total} tokens but one window of seqlen={seqlen} needs {seqlen}; "
+            f"give more text or a smaller seqlen."
+        )
+    gen = torch.Generator().manual_seed(seed)
+    if total >= n_samples * seqlen:
+        n_slots = total // seqlen
+        offset = int(torch.randint(0, total - n_slots * seqlen + 1, (1,), generator=gen))
+        slots = torch.randperm(n_slots, generator=gen)[:n_samples]
+        starts = offset + slots * seqlen
+    else:
+        logger.warning(
+            "Calibration text has %d tokens, fewer than %d x %d; windows will overlap", total, n_samples, seqlen
+        )
+        starts = torch.randint(0, total - seqlen + 1, (n_samples,), generator=gen)
+    # [n_samples, 1] + [seqlen] -> [n_samples, seqlen] gather indices
+    return tokens[starts[:, None] + torch.arange(seqlen)]
+
+
+def calibration_batch(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+    """Token windows for calibration: int64 ``[n_samples, seqlen]``, deterministic in ``seed``."""
+    tokens = tokenize_documents(tokenizer, texts)
+    logger.info("Calibration text: %d tokens; drawing %d windows of %d", tokens.numel(), n_samples, seqlen)
+    return sample_windows(tokens, n_samples, seqlen, seed)

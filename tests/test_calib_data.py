@@ -1,0 +1,175 @@
+"""Calibration data: every input format, its errors, and seeded window sampling."""
+from __future__ import annotations
+
+import json
+from importlib import resources
+
+import pytest
+import torch
+from tokenizers import Tokenizer, models, pre_tokenizers
+from transformers import PreTrainedTokenizerFast
+
+from calib.data import DEFAULT_CORPUS_FILES, calibration_batch, load_texts, sample_windows, tokenize_documents
+from quant.errors import QtoolError
+
+
+@pytest.fixture(scope="module")
+def word_tokenizer():
+    """A whitespace word-level tokenizer: word ``wN`` has id N, anything else is [UNK] (id 0)."""
+    vocab = {"[UNK]": 0, **{f"w{i}": i for i in range(1, 1000)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    return PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]")
+
+
+def words(start: int, stop: int) -> str:
+    return " ".join(f"w{i}" for i in range(start, stop))
+
+
+def test_txt_splits_documents_on_blank_lines(tmp_path):
+    f = tmp_path / "c.txt"
+    f.write_text("first doc\nsecond line\n\n\n  \nsecond doc\r\n\r\nthird\n", encoding="utf-8")
+    assert load_texts(str(f)) == ["first doc\nsecond line", "second doc", "third"]
+
+
+def test_jsonl_default_and_custom_field(tmp_path):
+    f = tmp_path / "c.jsonl"
+    rows = [{"text": "alpha", "body": "one"}, {"text": "beta", "body": "two"}]
+    f.write_text("\n".join(json.dumps(r) for r in rows) + "\n\n", encoding="utf-8")
+    assert load_texts(f) == ["alpha", "beta"]
+    assert load_texts(f, text_field="body") == ["one", "two"]
+
+
+def test_jsonl_missing_field_names_file_and_line(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "ok"}\n{"content": "no"}\n', encoding="utf-8")
+    with pytest.raises(QtoolError, match=r"Line 2 of .*c\.jsonl.* 'text'"):
+        load_texts(f)
+
+
+def test_jsonl_bad_json_names_line(tmp_path):
+    f = tmp_path / "c.jsonl"
+    f.write_text('{"text": "ok"}\nnot json\n', encoding="utf-8")
+    with pytest.raises(QtoolError, match="Line 2 of"):
+        load_texts(f)
+
+
+def test_parquet(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    pq = pytest.importorskip("pyarrow.parquet")
+    f = tmp_path / "c.parquet"
+    pq.write_table(pa.table({"text": ["a b", "c d"], "other": ["x", "y"]}), f)
+    assert load_texts(f) == ["a b", "c d"]
+    assert load_texts(f, text_field="other") == ["x", "y"]
+    with pytest.raises(QtoolError, match="no column 'nope'"):
+        load_texts(f, text_field="nope")
+
+
+def test_datasets_folder(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    folder = tmp_path / "ds"
+    datasets.Dataset.from_dict({"text": ["one two", "three"], "n": [1, 2]}).save_to_disk(str(folder))
+    assert load_texts(folder) == ["one two", "three"]
+
+
+def test_missing_optional_package_gives_install_hint(tmp_path, monkeypatch):
+    import builtins
+
+    real_import = builtins.__import__
+
+    def no_pyarrow(name, *args, **kwargs):
+        if name.startswith("pyarrow"):
+            raise ImportError(name)
+        return real_import(name, *args, **kwargs)
+
+    f = tmp_path / "c.parquet"
+    f.write_bytes(b"PAR1")
+    monkeypatch.setattr(builtins, "__import__", no_pyarrow)
+    with pytest.raises(QtoolError, match="pip install pyarrow"):
+        load_texts(f)
+
+
+@pytest.mark.parametrize("name", ["c.csv", "c.json", "c"])
+def test_unknown_extension(tmp_path, name):
+    f = tmp_path / name
+    f.write_text("text", encoding="utf-8")
+    with pytest.raises(QtoolError, match="unknown extension"):
+        load_texts(f)
+
+
+def test_missing_file(tmp_path):
+    with pytest.raises(QtoolError, match="does not exist"):
+        load_texts(tmp_path / "nope.txt")
+
+
+@pytest.mark.parametrize("name,content", [("e.txt", ""), ("b.txt", "\n \n\n"), ("e.jsonl", "\n")])
+def test_empty_file(tmp_path, name, content):
+    f = tmp_path / name
+    f.write_text(content, encoding="utf-8")
+    with pytest.raises(QtoolError, match="holds no text"):
+        load_texts(f)
+
+
+def test_tokenize_documents_joins_with_separator(word_tokenizer):
+    ids = tokenize_documents(word_tokenizer, ["w1 w2", "w3"])
+    # "\n\n" is whitespace only, so this tokenizer gives it no ids
+    assert ids.tolist() == [1, 2, 3]
+    assert ids.dtype == torch.long
+
+
+def test_batch_shape_dtype_and_windows_are_real_text(word_tokenizer):
+    texts = [words(1, 500), words(500, 1000)]
+    batch = calibration_batch(word_tokenizer, texts, n_samples=8, seqlen=16, seed=0)
+    assert batch.shape == (8, 16) and batch.dtype == torch.long
+    # ids count up by one inside the text, so every window is a contiguous run
+    assert torch.all(batch[:, 1:] - batch[:, :-1] == 1)
+
+
+def test_windows_do_not_overlap_when_text_is_long_enough(word_tokenizer):
+    batch = calibration_batch(word_tokenizer, [words(1, 1000)], n_samples=30, seqlen=32, seed=3)
+    flat = batch.flatten()
+    assert flat.unique().numel() == flat.numel()
+
+
+def test_same_seed_same_batch_and_different_seeds_differ(word_tokenizer):
+    texts = [words(1, 1000)]
+    a = calibration_batch(word_tokenizer, texts, 4, 16, seed=1)
+    b = calibration_batch(word_tokenizer, texts, 4, 16, seed=1)
+    c = calibration_batch(word_tokenizer, texts, 4, 16, seed=2)
+    assert torch.equal(a, b)
+    assert not torch.equal(a, c)
+
+
+def test_short_text_gives_overlapping_windows(word_tokenizer):
+    batch = calibration_batch(word_tokenizer, [words(1, 41)], n_samples=5, seqlen=20, seed=0)
+    assert batch.shape == (5, 20)
+    assert batch.min() >= 1 and batch.max() <= 40
+    assert torch.all(batch[:, 1:] - batch[:, :-1] == 1)
+
+
+def test_too_few_tokens_says_how_many(word_tokenizer):
+    with pytest.raises(QtoolError, match=r"has 10 tokens .* needs 64"):
+        calibration_batch(word_tokenizer, [words(1, 11)], n_samples=2, seqlen=64, seed=0)
+
+
+def test_sample_windows_rejects_nonpositive_sizes():
+    with pytest.raises(QtoolError, match="n_samples=0"):
+        sample_windows(torch.arange(100), 0, 8, seed=0)
+
+
+def test_default_corpus_is_mixed_and_small():
+    texts = load_texts(None)
+    assert len(texts) == len(DEFAULT_CORPUS_FILES)
+    wiki, fiction, code = texts
+    assert "def " in code and "import " in code and "return" in code
+    assert wiki.count(". ") > 1000 and "def " not in wiki[:100_000]
+    assert fiction.count('"') > 100 and ("Chapter" in fiction or "CHAPTER" in fiction)
+    folder = resources.files("calib").joinpath("corpus")
+    total = sum(len(p.read_bytes()) for p in folder.iterdir() if p.is_file() and p.name.endswith((".txt", ".md")))
+    assert total <= 2_000_000
+    assert all(len(t.encode()) > 200_000 for t in texts)
+
+
+def test_default_corpus_tokenizes_into_batch(word_tokenizer):
+    batch = calibration_batch(word_tokenizer, load_texts(None), n_samples=4, seqlen=64, seed=0)
+    assert batch.shape == (4, 64)
