@@ -1,0 +1,48 @@
+"""qtool's Python API.
+
+    import quant
+    quant.quantize("model/", "model-w4/", method="awq", bits=4, group_size=128)
+    model = quant.load("model-w4/")             # transformers model with QuantLinear layers
+    quant.perplexity(model, tokenizer, text)
+"""
+from __future__ import annotations
+
+import logging
+
+from quant.config import AWQOptions, GPTQOptions, QuantConfig
+from quant.errors import QtoolError
+from quant.loading import load
+from quant.pipeline import QuantReport, quantize
+from quant.ppl import PerplexityResult, perplexity
+
+logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+__all__ = [
+    "AWQOptions", "GPTQOptions", "QuantConfig", "QtoolError", "QuantReport", "PerplexityResult",
+    "quantize", "load", "load_any", "perplexity",
+]
+
+
+def load_any(path, dtype="auto", device="auto"):
+    """``(model, tokenizer)`` for a full-precision model folder or a quantized checkpoint.
+
+    ``dtype="auto"``: float32 on the CPU (exact reference compute), the checkpoint's dtype on a GPU.
+    """
+    import torch
+    from transformers import AutoTokenizer
+
+    from quant import model_io
+
+    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
+                       ("cpu" if device == "auto" else device))
+    if dtype == "auto":
+        dtype = torch.float32 if dev.type == "cpu" else None
+    elif isinstance(dtype, str):
+        dtype = model_io.torch_dtype(dtype)
+    config = model_io.check_causal_lm(path)
+    if "quantization_config" in config:
+        model = load(path, dtype=dtype, device=dev)
+    else:
+        model = model_io.load_fp_model(path, dtype=dtype or "auto").to(dev)
+    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
+    return model, tokenizer

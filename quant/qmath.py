@@ -44,12 +44,14 @@ def _grouped(w: torch.Tensor, group_size: int) -> torch.Tensor:
 
 
 def compute_qparams(
-    w: torch.Tensor, bits: int, group_size: int, sym: bool, clip: torch.Tensor | None = None
+    w: torch.Tensor, bits: int, group_size: int, sym: bool, clip: torch.Tensor | None = None, min_zero: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Scale and integer zero point per (row, group) of ``w[out, in]``.
 
     ``clip`` (optional, ``[out, n_groups]``) multiplies the range before the
     parameters are computed: the AWQ clipping search shrinks it below 1.
+    ``min_zero`` keeps asymmetric zero points at or above it (1 for GPTQ v1
+    checkpoints, whose loaders cannot read a zero point of 0).
     Returns ``(scale, zero)`` as float32 tensors ``[out, n_groups]``; ``zero``
     holds whole numbers.
     """
@@ -76,7 +78,7 @@ def compute_qparams(
     scale = scale.clamp(max=_FP16_MAX).half().float()
     scale = torch.where(scale > 0, scale, torch.full_like(scale, _FP16_TINY))
     if zero is None:
-        zero = torch.clamp(torch.round(-wmin / scale), 0, maxq)
+        zero = torch.clamp(torch.round(-wmin / scale), min_zero, maxq)
     return scale, zero
 
 
@@ -113,9 +115,9 @@ def dequantize(
 
 
 def fake_quantize(
-    w: torch.Tensor, bits: int, group_size: int, sym: bool = False, clip: torch.Tensor | None = None
+    w: torch.Tensor, bits: int, group_size: int, sym: bool = False, clip: torch.Tensor | None = None, min_zero: int = 0
 ) -> torch.Tensor:
     """Quantize then dequantize, in ``w``'s dtype: what the packed layer will compute with."""
-    scale, zero = compute_qparams(w, bits, group_size, sym, clip)
+    scale, zero = compute_qparams(w, bits, group_size, sym, clip, min_zero)
     q = quantize(w, scale, zero, bits, group_size)
     return dequantize(q, scale, zero, group_size, dtype=w.dtype)

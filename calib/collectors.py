@@ -1,0 +1,125 @@
+"""Hooks that watch a model run: decoder-block inputs and per-linear input statistics."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+
+@dataclass
+class BlockCall:
+    """One recorded call of a decoder block: the hidden states and every other argument."""
+
+    hidden: torch.Tensor  # [batch, seq, hidden]
+    args: tuple = ()
+    kwargs: dict = field(default_factory=dict)
+
+
+class _StopForward(Exception):
+    """Raised after the last block was recorded: the rest of the model need not run."""
+
+
+def record_block_calls(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor) -> list[BlockCall]:
+    """Run ``model`` on ``input_ids`` with every block replaced by a recorder.
+
+    Each recorder stores its block's call (hidden states, attention mask, position
+    embeddings, cache flags...) and passes the hidden states through unchanged, so only
+    the embeddings run: the arguments a block receives do not depend on what earlier
+    blocks computed, and models that give each block its own mask (sliding-window
+    layers) are recorded correctly. Returns one ``BlockCall`` per block.
+    """
+    calls: list[BlockCall | None] = [None] * len(blocks)
+
+    def recorder(i):
+        def forward(hidden, *args, **kwargs):
+            calls[i] = BlockCall(hidden, args, kwargs)
+            if i == len(blocks) - 1:
+                raise _StopForward
+            return hidden
+
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = recorder(i)
+    try:
+        with torch.no_grad():
+            model(input_ids=input_ids, use_cache=False)
+    except _StopForward:
+        pass
+    finally:
+        for block in blocks:
+            del block.forward  # back to the class's forward
+    missing = [i for i, c in enumerate(calls) if c is None]
+    if missing:
+        raise RuntimeError(f"decoder blocks {missing} were never called; the architecture table is wrong for this model")
+    return calls  # type: ignore[return-value]
+
+
+@dataclass
+class InputStats:
+    """Per-input-channel statistics of one linear's inputs over the calibration tokens."""
+
+    abs_sum: torch.Tensor  # [in] float32, sum of |x|
+    abs_max: torch.Tensor  # [in] float32
+    n_tokens: int = 0
+    xtx: torch.Tensor | None = None  # [in, in] float32, sum of x x^T, when asked for
+
+    @property
+    def abs_mean(self) -> torch.Tensor:
+        return self.abs_sum / max(self.n_tokens, 1)
+
+    def add(self, x: torch.Tensor) -> None:
+        x = x.reshape(-1, x.shape[-1]).float()
+        self.abs_sum += x.abs().sum(0)
+        self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
+        self.n_tokens += x.shape[0]
+        if self.xtx is not None:
+            self.xtx += x.t() @ x
+
+
+@contextlib.contextmanager
+def linear_input_stats(modules: dict[str, nn.Module], groups: list[tuple[str, ...]] | None = None, xtx: bool = False):
+    """Collect :class:`InputStats` for each named linear while the body runs.
+
+    ``groups`` lists names of linears that read the same input (q/k/v, from the
+    architecture table's ``sequential``): one hook on the first of a group feeds one
+    shared statistics object, so ``XᵀX`` is computed once per distinct input.
+    """
+    groups = groups or [(n,) for n in modules]
+    grouped = {n for g in groups for n in g}
+    groups = list(groups) + [(n,) for n in modules if n not in grouped]
+    stats: dict[str, InputStats] = {}
+
+    def hook(names):
+        def fn(module, inputs):
+            x = inputs[0].detach()
+            if names[0] not in stats:
+                n, dev = x.shape[-1], x.device
+                shared = InputStats(torch.zeros(n, device=dev), torch.zeros(n, device=dev),
+                                    xtx=torch.zeros(n, n, device=dev) if xtx else None)
+                stats.update({name: shared for name in names})
+            stats[names[0]].add(x)
+
+        return fn
+
+    handles = [modules[g[0]].register_forward_pre_hook(hook(g)) for g in groups if g[0] in modules]
+    try:
+        yield stats
+    finally:
+        for h in handles:
+            h.remove()
+
+
+@contextlib.contextmanager
+def record_inputs(modules: dict[str, nn.Module]):
+    """Keep every input tensor each named module receives while the body runs (detached)."""
+    seen: dict[str, list[torch.Tensor]] = {n: [] for n in modules}
+    handles = [m.register_forward_pre_hook(lambda mod, inp, n=n: seen[n].append(inp[0].detach()))
+               for n, m in modules.items()]
+    try:
+        yield seen
+    finally:
+        for h in handles:
+            h.remove()

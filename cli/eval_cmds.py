@@ -1,0 +1,57 @@
+"""``qtool ppl`` and ``qtool info``: measure and inspect models and checkpoints."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from cli.options import setup_logging
+from cli.report import print_info, print_ppl
+from quant.errors import QtoolError
+
+
+def _read_text(path: str) -> str:
+    p = Path(path)
+    if not p.is_file():
+        raise QtoolError(f"{path}: no such file; --data takes a UTF-8 text file")
+    try:
+        return p.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        raise QtoolError(f"{path}: is not UTF-8 text; --data takes a UTF-8 text file") from None
+
+
+@click.command()
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.option("--data", default=None, type=click.Path(path_type=str),
+              help="UTF-8 text to score. Default: a held-out Wikipedia sample shipped with qtool.")
+@click.option("--seqlen", default=512, show_default=True, type=int, help="Tokens per window.")
+@click.option("--stride", default=None, type=int, help="Step between windows (default: --seqlen, no overlap).")
+@click.option("--max-tokens", default=None, type=int, help="Score only the first N tokens of the text.")
+@click.option("--dtype", default="auto", show_default=True,
+              type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+              help="Compute dtype (auto: float32 on the CPU, the checkpoint's dtype on a GPU).")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda ...")
+@click.option("-v", "--verbose", is_flag=True)
+def ppl(model_dir, data, seqlen, stride, max_tokens, dtype, device, verbose):
+    """Perplexity of a model folder or a quantized checkpoint on a text, with tokens/s."""
+    import quant
+    from quant.eval_data import default_eval_text
+
+    setup_logging(verbose)
+    text = _read_text(data) if data else default_eval_text()
+    model, tokenizer = quant.load_any(model_dir, dtype=dtype, device=device)
+    res = quant.perplexity(model, tokenizer, text, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
+                           progress=True)
+    print_ppl(model_dir, res)
+
+
+@click.command()
+@click.argument("checkpoint_dir", type=click.Path(path_type=str))
+def info(checkpoint_dir):
+    """What a quantized checkpoint holds: format, bits, group size, layers, size against float16."""
+    from quant.info import checkpoint_info
+
+    print_info(checkpoint_info(checkpoint_dir))
+
+
+COMMANDS = [ppl, info]

@@ -1,0 +1,56 @@
+"""Options shared by the quantization commands, and logging setup."""
+from __future__ import annotations
+
+import logging
+
+import click
+
+GROUP_HELP = ("Input features sharing one scale and zero point: 32, 64, 128 (or 16, 256), "
+              "or -1 for one group per output channel.")
+
+
+def _stack(opts):
+    def wrap(func):
+        for opt in reversed(opts):
+            func = opt(func)
+        return func
+
+    return wrap
+
+
+quant_options = _stack([
+    click.argument("model_dir", type=click.Path(path_type=str)),
+    click.option("-o", "--out", required=True, type=click.Path(path_type=str),
+                 help="Output folder for the quantized checkpoint (must not exist unless --overwrite)."),
+    click.option("--bits", default=4, show_default=True, type=int,
+                 help="Bits per weight: 4 for the AWQ format; 2, 3, 4 or 8 for the GPTQ format."),
+    click.option("--group-size", default=128, show_default=True, type=int, help=GROUP_HELP),
+    click.option("--format", "fmt", type=click.Choice(["awq", "gptq"]), default=None,
+                 help="Checkpoint layout. Default: awq for 4 bits, gptq otherwise."),
+    click.option("--skip", multiple=True,
+                 help="A module name (or suffix such as mlp.down_proj) to keep in full precision; repeatable."),
+    click.option("--dtype", default="auto", show_default=True,
+                 type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
+                 help="Dtype of the tensors left unquantized (auto: float16, or the source's half type)."),
+    click.option("--device", default="auto", show_default=True,
+                 help="Where each block is quantized: auto, cpu, cuda, cuda:1 ..."),
+    click.option("--overwrite", is_flag=True,
+                 help="Replace --out if it exists (only once the new checkpoint is complete)."),
+    click.option("-v", "--verbose", is_flag=True, help="Log details and print the per-block table."),
+])
+
+calib_options = _stack([
+    click.option("--calib-data", default=None, type=click.Path(path_type=str),
+                 help="Calibration text: .txt, .jsonl, .parquet or a saved datasets folder. "
+                      "Default: the corpus shipped with qtool."),
+    click.option("--text-field", default="text", show_default=True,
+                 help="Field that holds the text in .jsonl/.parquet/datasets input."),
+    click.option("--n-samples", default=128, show_default=True, type=int, help="Calibration sequences."),
+    click.option("--seqlen", default=512, show_default=True, type=int, help="Tokens per calibration sequence."),
+    click.option("--seed", default=0, show_default=True, type=int, help="Seed for drawing the calibration windows."),
+])
+
+
+def setup_logging(verbose: bool) -> None:
+    logging.basicConfig(level=logging.INFO if verbose else logging.WARNING,
+                        format="%(levelname)s %(name)s: %(message)s")

@@ -1,0 +1,55 @@
+"""Tables the CLI prints (tabulate). Library code returns data; only this module formats it."""
+from __future__ import annotations
+
+import statistics
+
+import click
+from tabulate import tabulate
+
+
+def mib(n_bytes: float) -> str:
+    return f"{n_bytes / 2**20:,.1f} MiB"
+
+
+def print_quant_report(r, verbose: bool = False) -> None:
+    if verbose and r.blocks:
+        keys = sorted({k for b in r.blocks for k in b.info})
+        rows = [[b.index, b.n_linears, f"{b.seconds:.2f}"] + [b.info.get(k, "") for k in keys] for b in r.blocks]
+        click.echo(tabulate(rows, headers=["block", "linears", "seconds"] + keys, tablefmt="github"))
+        click.echo()
+    per_block = [b.seconds for b in r.blocks] or [0.0]
+    rows = [
+        ["method", f"{r.method} (w{r.bits}, group {r.group_size}, {r.fmt} format)"],
+        ["linears quantized", r.n_quantized],
+        ["linears kept in full precision", len(r.skipped)],
+        ["time", f"{r.seconds:.1f} s (calibration data {r.calib_seconds:.1f} s)"],
+        ["time per block", f"median {statistics.median(per_block):.2f} s, max {max(per_block):.2f} s"],
+        ["peak memory", f"{r.peak_rss_mb:,.0f} MiB RSS" + (f", {r.peak_device_mb:,.0f} MiB GPU" if r.peak_device_mb else "")],
+        ["source weights", mib(r.source_bytes)],
+        ["checkpoint", f"{mib(r.output_bytes)} ({r.source_bytes / max(r.output_bytes, 1):.2f}x smaller)"],
+        ["written to", r.out],
+    ]
+    click.echo(tabulate(rows, tablefmt="simple"))
+
+
+def print_info(info) -> None:
+    rows = [
+        ["folder", info.path],
+        ["model type", info.model_type],
+        ["format", info.fmt],
+        ["made by", f"qtool {info.method}" if info.method else "another tool"],
+        ["bits", info.bits],
+        ["group size", info.group_size],
+        ["linears quantized", info.n_quantized],
+        ["linears kept in full precision", len(info.skipped)],
+        ["checkpoint size", mib(info.checkpoint_bytes)],
+        ["same model in float16", f"{mib(info.fp16_bytes)} ({info.ratio:.2f}x larger)"],
+    ]
+    click.echo(tabulate(rows, tablefmt="simple"))
+    for name in info.skipped:
+        click.echo(f"  kept in full precision: {name}")
+
+
+def print_ppl(model_dir: str, res) -> None:
+    rows = [[model_dir, f"{res.ppl:.3f}", res.n_tokens, res.n_windows, f"{res.tokens_per_s:,.0f}"]]
+    click.echo(tabulate(rows, headers=["model", "perplexity", "tokens", "windows", "tokens/s"], tablefmt="github"))

@@ -1,0 +1,120 @@
+"""Architecture knowledge, as data: one row per Hugging Face ``model_type``.
+
+Module names are relative to one decoder block. A *scaling group* says which
+module produces the input of which linears, so that AWQ can fold a per-channel
+scale into the producer (``prev``) and its inverse into the consumers
+(``linears``). ``prev`` is a norm or a linear; ``kind`` tells how to fold into it.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from quant.errors import QtoolError
+
+
+@dataclass(frozen=True)
+class ScaleGroup:
+    """``prev`` feeds every module in ``linears`` (their inputs are ``prev``'s output)."""
+
+    prev: str
+    linears: tuple[str, ...]
+    kind: str  # "norm": an RMSNorm/LayerNorm weight (and bias); "linear": a linear's output rows
+
+
+@dataclass(frozen=True)
+class Arch:
+    blocks: str  # attribute path of the decoder block list, from the CausalLM model
+    linears: tuple[str, ...]  # every linear of a block, in execution order
+    sequential: tuple[tuple[str, ...], ...]  # linears that share an input, in the order they run
+    scale_groups: tuple[ScaleGroup, ...]
+    k_proj: str | None
+    v_proj: str | None
+    norm_offset: float = 0.0  # gemma-style RMSNorm computes x * (offset + weight)
+    needs_bos: bool = False  # every evaluation window must start with BOS (gemma)
+    never_quantize: tuple[str, ...] = ("lm_head",)
+
+
+def _llama_like(norm_offset: float = 0.0, post_attn_norm: str = "post_attention_layernorm", needs_bos=False) -> Arch:
+    attn = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")
+    mlp_in = ("mlp.gate_proj", "mlp.up_proj")
+    return Arch(
+        blocks="model.layers",
+        linears=attn + ("self_attn.o_proj",) + mlp_in + ("mlp.down_proj",),
+        sequential=(attn, ("self_attn.o_proj",), mlp_in, ("mlp.down_proj",)),
+        scale_groups=(
+            ScaleGroup("input_layernorm", attn, "norm"),
+            ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+            ScaleGroup(post_attn_norm, mlp_in, "norm"),
+            ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),
+        ),
+        k_proj="self_attn.k_proj",
+        v_proj="self_attn.v_proj",
+        norm_offset=norm_offset,
+        needs_bos=needs_bos,
+    )
+
+
+_LLAMA = _llama_like()
+_GEMMA = _llama_like(norm_offset=1.0, post_attn_norm="pre_feedforward_layernorm", needs_bos=True)
+_GEMMA1 = _llama_like(norm_offset=1.0, needs_bos=True)
+
+_PHI3 = Arch(
+    blocks="model.layers",
+    linears=("self_attn.qkv_proj", "self_attn.o_proj", "mlp.gate_up_proj", "mlp.down_proj"),
+    sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
+    # o_proj and down_proj read only part of a fused output (v, up): no exact fold exists for them.
+    scale_groups=(
+        ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "norm"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "norm"),
+    ),
+    k_proj=None,
+    v_proj=None,
+)
+
+_OPT = Arch(
+    blocks="model.decoder.layers",
+    linears=("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj", "fc1", "fc2"),
+    sequential=(
+        ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"),
+        ("self_attn.out_proj",),
+        ("fc1",),
+        ("fc2",),
+    ),
+    scale_groups=(
+        ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
+        ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "linear"),
+        ScaleGroup("final_layer_norm", ("fc1",), "norm"),
+        # ReLU is positively homogeneous: scaling fc1's output rows by 1/s and fc2's inputs by s is exact.
+        ScaleGroup("fc1", ("fc2",), "linear"),
+    ),
+    k_proj="self_attn.k_proj",
+    v_proj="self_attn.v_proj",
+)
+
+ARCHITECTURES: dict[str, Arch] = {
+    "llama": _LLAMA,
+    "mistral": _LLAMA,
+    "qwen2": _LLAMA,
+    "qwen3": _LLAMA,
+    "internlm3": _LLAMA,
+    "gemma": _GEMMA1,
+    "gemma2": _GEMMA,
+    "gemma3_text": _GEMMA,
+    "phi3": _PHI3,
+    "opt": _OPT,
+}
+
+
+def lookup(model_type: str, where: str = "config.json") -> Arch:
+    """The row for ``model_type``, or a :class:`QtoolError` that lists the supported ones."""
+    try:
+        return ARCHITECTURES[model_type]
+    except KeyError:
+        supported = ", ".join(sorted(ARCHITECTURES))
+        raise QtoolError(
+            f"{where}: model_type {model_type!r} is not supported; supported model types are {supported}"
+        ) from None
+
+
+def blocks_of(model, arch: Arch):
+    return model.get_submodule(arch.blocks)

@@ -1,0 +1,118 @@
+"""Writing and reading quantized checkpoints (AWQ "gemm" or GPTQ layout, safetensors + config.json)."""
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from quant import model_io
+from quant.config import QuantConfig
+from quant.errors import QtoolError
+from quant.modules import QuantLinear
+
+log = logging.getLogger(__name__)
+QTOOL_META = "qtool.json"  # how the checkpoint was made: method, calibration, sizes (ours only)
+_QUANT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def quantization_config(cfg: QuantConfig, skipped: list[str]) -> dict:
+    """The ``quantization_config`` block of config.json that vLLM, transformers and LMDeploy read."""
+    if cfg.fmt == "awq":
+        return {
+            "quant_method": "awq",
+            "bits": cfg.bits,
+            "group_size": cfg.group_size,
+            "zero_point": True,
+            "version": "gemm",
+            "modules_to_not_convert": skipped or None,
+        }
+    return {
+        "quant_method": "gptq",
+        "bits": cfg.bits,
+        "group_size": cfg.group_size,
+        "desc_act": cfg.method == "gptq" and cfg.gptq.act_order,
+        "sym": cfg.sym,
+        "true_sequential": cfg.gptq.true_sequential,
+        "damp_percent": cfg.gptq.damp,
+        "static_groups": cfg.gptq.static_groups,
+        "checkpoint_format": cfg.checkpoint_format,
+        "modules_to_not_convert": skipped or None,
+    }
+
+
+def _output_dtype(cfg: QuantConfig, model: nn.Module) -> torch.dtype:
+    if cfg.dtype != "auto":
+        return model_io.torch_dtype(cfg.dtype)
+    src = next(p.dtype for p in model.parameters() if p.is_floating_point())
+    # AWQ and GPTQ checkpoints are float16 by convention; keep a half-precision source as it is.
+    return src if src in (torch.float16, torch.bfloat16) else torch.float16
+
+
+def checkpoint_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
+    """The state dict as it is written: tied tensors once, scales float16, other floats in ``dtype``."""
+    out, seen = {}, set()
+    quant_prefixes = {n + "." for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    for name, t in model.state_dict().items():
+        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
+        if key in seen:  # tied (lm_head = embed_tokens): transformers re-ties on load
+            continue
+        seen.add(key)
+        prefix, _, leaf = name.rpartition(".")
+        if leaf == "scales" and prefix + "." in quant_prefixes:
+            t = t.to(torch.float16)
+        elif t.is_floating_point():
+            t = t.to(dtype)
+        out[name] = t.detach().cpu().contiguous()
+    return out
+
+
+def write_checkpoint(model: nn.Module, cfg: QuantConfig, source_dir: str | os.PathLike, dst: Path,
+                     skipped: list[str], meta: dict) -> None:
+    """Everything a loader needs, into ``dst`` (a temporary folder the caller renames)."""
+    dtype = _output_dtype(cfg, model)
+    model_io.save_tensors(checkpoint_tensors(model, dtype), dst)
+    config = model_io.read_config(source_dir)
+    config["quantization_config"] = quantization_config(cfg, skipped)
+    config["torch_dtype"] = str(dtype).removeprefix("torch.")
+    if "dtype" in config:
+        config["dtype"] = config["torch_dtype"]
+    (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
+    model_io.copy_side_files(source_dir, dst)
+    (dst / QTOOL_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
+
+
+def read_quantization_config(path: str | os.PathLike) -> dict:
+    """``quantization_config`` from config.json, or from an older tool's ``quantize_config.json``."""
+    config = model_io.read_config(path)
+    qc = config.get("quantization_config")
+    legacy = Path(path) / "quantize_config.json"
+    if qc is None and legacy.is_file():
+        qc = json.loads(legacy.read_text())
+        qc.setdefault("quant_method", "gptq")
+    if qc is None:
+        raise QtoolError(f"{path}: config.json has no quantization_config, so this is not a quantized checkpoint")
+    method = qc.get("quant_method")
+    if method not in ("awq", "gptq"):
+        raise QtoolError(f"{path}: quant_method {method!r} is not supported; qtool loads awq (gemm) and gptq checkpoints")
+    if method == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
+        raise QtoolError(f"{path}: AWQ version {qc.get('version')!r} is not supported; only the 'gemm' layout is")
+    if method == "awq" and qc.get("bits", qc.get("w_bit", 4)) != 4:
+        raise QtoolError(f"{path}: AWQ checkpoints hold 4-bit weights; this one says bits={qc.get('bits')}")
+    return qc
+
+
+def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
+    """Tensor name -> the safetensors file holding it (reads headers only)."""
+    files = sorted(Path(path).glob("*.safetensors"))
+    if not files:
+        raise QtoolError(f"{path}: holds no *.safetensors files; quantized checkpoints are read from safetensors only")
+    index = {}
+    for f in files:
+        with safe_open(str(f), framework="pt") as st:
+            index.update({k: f for k in st.keys()})
+    return index

@@ -1,0 +1,114 @@
+"""Quantization settings as frozen, validated dataclasses. The CLI only builds these."""
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+
+from quant.errors import QtoolError
+
+METHODS = ("rtn", "awq", "gptq")
+FORMATS = ("awq", "gptq")
+PACKABLE_BITS = {"awq": (4,), "gptq": (2, 3, 4, 8)}
+GROUP_SIZES = (-1, 16, 32, 64, 128, 256)
+OUTPUT_DTYPES = ("auto", "float16", "bfloat16", "float32")
+
+
+@dataclass(frozen=True)
+class AWQOptions:
+    """Activation-aware scale search (``n_grid`` ratios in [0, 1)) and range clipping."""
+
+    n_grid: int = 20
+    clip: bool = True
+    clip_grid: int = 20
+    clip_max_shrink: float = 0.5
+    clip_tokens: int = 512  # calibration tokens sampled for the clipping search
+
+    def __post_init__(self):
+        if not 1 <= self.n_grid <= 1000:
+            raise QtoolError(f"--n-grid {self.n_grid} is out of range; use a whole number from 1 to 1000")
+        if not 1 <= self.clip_grid <= 1000:
+            raise QtoolError(f"--clip-grid {self.clip_grid} is out of range; use a whole number from 1 to 1000")
+        if not 0.0 < self.clip_max_shrink < 1.0:
+            raise QtoolError(f"clip_max_shrink {self.clip_max_shrink} must lie strictly between 0 and 1")
+
+
+@dataclass(frozen=True)
+class GPTQOptions:
+    """The GPTQ solver: damping, block size, act-order, static groups, true-sequential."""
+
+    damp: float = 0.01
+    block_size: int = 128
+    act_order: bool = False
+    static_groups: bool = False
+    true_sequential: bool = True
+    awq_first: bool = False  # apply AWQ scales, then GPTQ rounding
+
+    def __post_init__(self):
+        if not 0.0 < self.damp < 1.0:
+            raise QtoolError(f"--damp {self.damp} is out of range; use a fraction of the mean diagonal in (0, 1)")
+        if self.block_size < 1:
+            raise QtoolError(f"GPTQ block size {self.block_size} must be a positive whole number")
+
+
+@dataclass(frozen=True)
+class QuantConfig:
+    """Everything that decides a quantized checkpoint.
+
+    ``fmt=None`` picks the AWQ "gemm" layout for 4-bit weights without act-order
+    (what vLLM, transformers and LMDeploy run fastest) and the GPTQ layout otherwise.
+    """
+
+    method: str = "rtn"
+    bits: int = 4
+    group_size: int = 128
+    sym: bool = False
+    fmt: str | None = None
+    checkpoint_format: str = "gptq"  # GPTQ layout only: "gptq" (v1, zeros stored z-1) or "gptq_v2"
+    n_samples: int = 128
+    seqlen: int = 512
+    seed: int = 0
+    calib_data: str | None = None
+    text_field: str = "text"
+    skip: tuple[str, ...] = ()  # extra module names (or suffixes) to leave in full precision
+    dtype: str = "auto"  # dtype of the tensors that stay unquantized in the checkpoint
+    awq: AWQOptions = field(default_factory=AWQOptions)
+    gptq: GPTQOptions = field(default_factory=GPTQOptions)
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise QtoolError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        if self.fmt is None:
+            auto = "awq" if self.bits == 4 and not (self.method == "gptq" and self.gptq.act_order) else "gptq"
+            object.__setattr__(self, "fmt", auto)
+        if self.fmt not in FORMATS:
+            raise QtoolError(f"--format {self.fmt!r} is unknown; use one of {', '.join(FORMATS)}")
+        allowed = PACKABLE_BITS[self.fmt]
+        if self.bits not in allowed:
+            raise QtoolError(
+                f"--bits {self.bits} cannot be written in the {self.fmt.upper()} format; it holds "
+                f"{', '.join(map(str, allowed))}-bit weights"
+                + ("" if self.fmt == "gptq" else " (use --format gptq for 2, 3 or 8 bits)")
+            )
+        if self.group_size not in GROUP_SIZES:
+            raise QtoolError(
+                f"--group-size {self.group_size} is not supported; use one of "
+                f"{', '.join(str(g) for g in GROUP_SIZES if g > 0)} or -1 for one group per output channel"
+            )
+        if self.fmt == "awq" and self.sym:
+            raise QtoolError("--sym cannot be written in the AWQ gemm format, which always stores zero points")
+        if self.fmt == "awq" and self.method == "gptq" and self.gptq.act_order:
+            raise QtoolError("--act-order needs --format gptq: the AWQ gemm layout has no g_idx")
+        if self.checkpoint_format not in ("gptq", "gptq_v2"):
+            raise QtoolError(f"checkpoint format {self.checkpoint_format!r} is unknown; use gptq or gptq_v2")
+        if self.n_samples < 1 or self.seqlen < 8:
+            raise QtoolError(
+                f"--n-samples {self.n_samples} / --seqlen {self.seqlen} are too small; use at least 1 sample of 8 tokens"
+            )
+        if self.dtype not in OUTPUT_DTYPES:
+            raise QtoolError(f"--dtype {self.dtype!r} is unknown; use one of {', '.join(OUTPUT_DTYPES)}")
+
+    @property
+    def needs_calibration(self) -> bool:
+        return self.method != "rtn"
+
+    def with_(self, **changes) -> "QuantConfig":
+        return replace(self, **changes)

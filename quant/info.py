@@ -1,0 +1,74 @@
+"""What a quantized checkpoint holds, read from config.json and safetensors headers only."""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+from safetensors import safe_open
+
+from quant import model_io
+from quant.checkpoint import QTOOL_META, read_quantization_config, tensor_index
+
+
+@dataclass
+class CheckpointInfo:
+    path: str
+    model_type: str
+    fmt: str  # "awq-gemm", "gptq", "gptq_v2"
+    bits: int
+    group_size: int
+    n_quantized: int
+    skipped: list[str]
+    checkpoint_bytes: int
+    fp16_bytes: int  # the same model with every tensor in float16
+    method: str | None  # from qtool.json when we wrote it
+
+    @property
+    def ratio(self) -> float:
+        return self.fp16_bytes / self.checkpoint_bytes if self.checkpoint_bytes else float("nan")
+
+
+def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
+    qc = read_quantization_config(path)
+    config = model_io.read_config(path)
+    index = tensor_index(path)
+    fp16_elems = 0
+    n_quantized = 0
+    shapes = {}
+    for f in sorted(set(index.values())):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                shapes[k] = st.get_slice(k).get_shape()
+    for k, shape in shapes.items():
+        prefix, _, leaf = k.rpartition(".")
+        if leaf == "scales" and f"{prefix}.qweight" in shapes:
+            n_quantized += 1
+            groups, out_f = shape
+            in_f = _in_features(qc, shapes[f"{prefix}.qweight"], out_f)
+            fp16_elems += in_f * out_f
+        elif leaf in ("qweight", "qzeros", "g_idx") and f"{prefix}.scales" in shapes:
+            continue
+        else:
+            n = 1
+            for d in shape:
+                n *= d
+            fp16_elems += n
+    method = None
+    meta = Path(path) / QTOOL_META
+    if meta.is_file():
+        method = json.loads(meta.read_text()).get("qtool", {}).get("config", {}).get("method")
+    fmt = "awq-gemm" if qc["quant_method"] == "awq" else qc.get("checkpoint_format", "gptq")
+    return CheckpointInfo(
+        path=str(path), model_type=config.get("model_type", "?"), fmt=fmt,
+        bits=qc.get("bits", qc.get("w_bit", 4)), group_size=qc.get("group_size", qc.get("q_group_size", -1)),
+        n_quantized=n_quantized, skipped=list(qc.get("modules_to_not_convert") or []),
+        checkpoint_bytes=model_io.folder_bytes(path, ("*.safetensors",)), fp16_bytes=2 * fp16_elems, method=method,
+    )
+
+
+def _in_features(qc: dict, qweight_shape, out_f: int) -> int:
+    if qc["quant_method"] == "awq":
+        return qweight_shape[0]  # [in, out/8]
+    return qweight_shape[0] * 32 // qc["bits"]  # [in*b/32, out]

@@ -1,0 +1,108 @@
+"""Which linears get quantized, and swapping a linear for its packed ``QuantLinear``."""
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from quant import qmath
+from quant.arch import Arch
+from quant.config import QuantConfig
+from quant.errors import QtoolError
+from quant.formats import PackedWeight
+from quant.modules import QuantLinear
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class LinearPlan:
+    """Per block: the linears to quantize (names relative to the block) and what is skipped, with why."""
+
+    quantize: list[list[str]] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)  # full module name -> reason
+
+    @property
+    def n_quantized(self) -> int:
+        return sum(len(b) for b in self.quantize)
+
+
+def _fills_words(n: int, bits: int) -> bool:
+    # 3-bit values are packed 32 at a time into 3 words; other widths 32/bits per word.
+    return (n * bits) % 32 == 0 and (bits != 3 or n % 32 == 0)
+
+
+def _skip_reason(full_name: str, lin: nn.Linear, cfg: QuantConfig) -> str | None:
+    if any(full_name == s or full_name.endswith("." + s) for s in cfg.skip):
+        return "skipped on request"
+    g = lin.in_features if cfg.group_size == -1 else cfg.group_size
+    if lin.in_features % g:
+        return f"in_features {lin.in_features} is not divisible by group size {g}"
+    if cfg.fmt == "awq" and lin.out_features % 8:
+        return f"out_features {lin.out_features} is not divisible by 8 (AWQ packs 8 outputs per int32)"
+    if cfg.fmt == "gptq":
+        for what, n in (("in_features", lin.in_features), ("out_features", lin.out_features)):
+            if not _fills_words(n, cfg.bits):
+                return f"{what} {n} cannot be packed into whole int32 words at {cfg.bits} bits"
+    return None
+
+
+def plan_linears(model: nn.Module, arch: Arch, cfg: QuantConfig) -> LinearPlan:
+    """Every ``nn.Linear`` inside the decoder blocks, minus those that cannot or must not be quantized."""
+    plan = LinearPlan()
+    blocks = model.get_submodule(arch.blocks)
+    for i, block in enumerate(blocks):
+        names = []
+        for name, mod in block.named_modules():
+            if not isinstance(mod, nn.Linear):
+                continue
+            full = f"{arch.blocks}.{i}.{name}"
+            reason = _skip_reason(full, mod, cfg)
+            if reason:
+                plan.skipped[full] = reason
+            else:
+                names.append(name)
+        plan.quantize.append(names)
+    if plan.n_quantized == 0:
+        reasons = sorted(set(plan.skipped.values()))
+        raise QtoolError(f"no linear layer can be quantized with these settings ({'; '.join(reasons)})")
+    for full, reason in plan.skipped.items():
+        log.warning("%s stays in full precision: %s", full, reason)
+    return plan
+
+
+def check_finite(model: nn.Module, where: str) -> None:
+    """Refuse weights with NaN or inf: quantizing them would write garbage silently."""
+    for name, p in model.named_parameters():
+        if p.is_floating_point() and not torch.isfinite(p).all():
+            raise QtoolError(f"{where}: weight {name} holds NaN or inf values; the model is damaged, fix it first")
+
+
+def min_zero(cfg: QuantConfig) -> int:
+    """v1 GPTQ loaders add 1 to stored zero points unmasked, so 0 cannot be stored."""
+    return 1 if cfg.fmt == "gptq" and cfg.checkpoint_format == "gptq" and not cfg.sym else 0
+
+
+def qparams(w: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None = None):
+    return qmath.compute_qparams(w, cfg.bits, cfg.group_size, cfg.sym, clip, min_zero(cfg))
+
+
+def rtn_packed(w: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None = None) -> PackedWeight:
+    """Round-to-nearest codes of ``w[out, in]`` (the baseline every method is compared with)."""
+    w = w.detach().float()
+    scale, zero = qparams(w, cfg, clip)
+    q = qmath.quantize(w, scale, zero, cfg.bits, cfg.group_size)
+    return PackedWeight(q=q, scale=scale, zero=zero, bits=cfg.bits, group_size=cfg.group_size)
+
+
+def replace_linear(block: nn.Module, name: str, pw: PackedWeight, cfg: QuantConfig) -> QuantLinear:
+    """Swap ``block.<name>`` for a ``QuantLinear`` holding ``pw`` packed in the configured layout."""
+    lin = block.get_submodule(name)
+    qlayer = QuantLinear.from_packed(pw, lin.bias, cfg.fmt, cfg.checkpoint_format)
+    qlayer.to(lin.weight.device)
+    parent_name, _, child = name.rpartition(".")
+    parent = block.get_submodule(parent_name) if parent_name else block
+    setattr(parent, child, qlayer)
+    return qlayer

@@ -1,0 +1,108 @@
+"""Loading a quantized checkpoint (ours, AutoAWQ "gemm", or GPTQ) as a transformers model."""
+from __future__ import annotations
+
+import logging
+import os
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from quant import model_io
+from quant.checkpoint import read_quantization_config, tensor_index
+from quant.errors import QtoolError
+from quant.modules import QuantLinear
+
+log = logging.getLogger(__name__)
+_QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
+
+
+def _layer_spec(qc: dict) -> dict:
+    if qc["quant_method"] == "awq":
+        return {"fmt": "awq", "bits": 4, "group_size": qc.get("group_size", qc.get("q_group_size", 128)),
+                "checkpoint_format": "gptq"}
+    return {"fmt": "gptq", "bits": qc["bits"], "group_size": qc.get("group_size", 128),
+            "checkpoint_format": qc.get("checkpoint_format", "gptq")}
+
+
+def _swap_in_quant_linears(model: nn.Module, names: set[str], index: dict, spec: dict) -> None:
+    for name in sorted(names):
+        try:
+            lin = model.get_submodule(name)
+        except AttributeError:
+            raise QtoolError(f"checkpoint tensor {name}.qweight belongs to no module of this architecture") from None
+        if not isinstance(lin, nn.Linear):
+            raise QtoolError(f"checkpoint tensor {name}.qweight sits on a {type(lin).__name__}, not a Linear")
+        q = QuantLinear(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], spec["fmt"], f"{name}.bias" in index, spec["checkpoint_format"], device="meta")
+        parent, _, child = name.rpartition(".")
+        setattr(model.get_submodule(parent), child, q)
+
+
+def _rebuild_nonpersistent_buffers(model: nn.Module) -> None:
+    """RoPE frequencies and similar buffers are not in checkpoints: recompute them as transformers does."""
+    owners = []
+    for name, buf in list(model.named_buffers()):
+        if buf.is_meta:
+            prefix, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(prefix) if prefix else model
+            owner._buffers[leaf] = torch.empty_like(buf, device="cpu")
+            owners.append(owner)
+    # transformers' initializers leave alone any tensor flagged as already initialized.
+    for t in list(model.parameters()) + list(model.buffers()):
+        if not t.is_meta and not any(t is b for o in owners for b in o._buffers.values()):
+            t._is_hf_initialized = True
+    for owner in owners:
+        model._init_weights(owner)
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"):
+    """A transformers causal LM whose quantized linears are :class:`QuantLinear`, ready for ``generate()``.
+
+    ``dtype`` is the dtype of everything that is not packed (default: the checkpoint's).
+    """
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    qc = read_quantization_config(path)
+    spec = _layer_spec(qc)
+    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    if hasattr(config, "quantization_config"):
+        del config.quantization_config  # our modules do the dequantization, not transformers' integrations
+    if dtype is None:
+        dtype = getattr(config, "dtype", None) or torch.float16
+    dtype = model_io.torch_dtype(dtype) if isinstance(dtype, str) else dtype
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    index = tensor_index(path)
+    names = {k.removesuffix(".qweight") for k in index if k.endswith(".qweight")}
+    _swap_in_quant_linears(model, names, index, spec)
+    loaded = _assign_tensors(model, index, names, dtype)
+    expected = set(model.state_dict())
+    model.tie_weights()
+    missing = sorted(k for k in expected - loaded if model.get_parameter_or_buffer(k).is_meta)
+    if missing:
+        raise QtoolError(f"{path}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+    _rebuild_nonpersistent_buffers(model)
+    model.to(device)
+    model.eval()
+    log.info("loaded %s: %d quantized linears (%s, %d-bit)", path, len(names), spec["fmt"], spec["bits"])
+    return model
+
+
+def _assign_tensors(model: nn.Module, index: dict, quant_names: set[str], dtype: torch.dtype) -> set[str]:
+    """Load every tensor file by file (one copy in memory); floats that are not packed become ``dtype``."""
+    loaded: set[str] = set()
+    for f in sorted(set(index.values())):
+        shard = {}
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                t = st.get_tensor(k)
+                prefix, _, leaf = k.rpartition(".")
+                if t.is_floating_point() and not (prefix in quant_names and leaf in _QUANT_LEAVES):
+                    t = t.to(dtype)
+                shard[k] = t
+        result = model.load_state_dict(shard, strict=False, assign=True)
+        if result.unexpected_keys:
+            log.warning("ignored %d checkpoint tensors the model does not use, e.g. %s",
+                        len(result.unexpected_keys), result.unexpected_keys[0])
+        loaded |= set(shard) - set(result.unexpected_keys)
+    return loaded

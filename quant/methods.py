@@ -1,0 +1,48 @@
+"""The quantization methods, each a function that quantizes one decoder block in place."""
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from typing import Callable
+
+import torch
+from torch import nn
+
+from calib.runner import BlockInputs
+from quant.arch import Arch
+from quant.config import QuantConfig
+
+
+@dataclass
+class BlockContext:
+    """What a method sees of one block. ``names`` are the linears to quantize, relative to the block."""
+
+    index: int
+    block: nn.Module
+    names: list[str]
+    cfg: QuantConfig
+    arch: Arch
+    inputs: BlockInputs | None  # None for methods that need no calibration
+
+
+@dataclass
+class BlockResult:
+    """``info``: extra columns for the summary table; ``artifacts``: search results saved with the checkpoint."""
+
+    info: dict = field(default_factory=dict)
+    artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
+
+
+BlockQuantizer = Callable[[BlockContext], BlockResult]
+
+# method -> "module:function"; imported on first use so methods stay independent of each other.
+_REGISTRY = {
+    "rtn": "quant.rtn:quantize_block",
+    "awq": "quant.awq:quantize_block",
+    "gptq": "quant.gptq:quantize_block",
+}
+
+
+def get_method(name: str) -> BlockQuantizer:
+    module, func = _REGISTRY[name].split(":")
+    return getattr(importlib.import_module(module), func)

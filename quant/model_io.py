@@ -1,0 +1,169 @@
+"""Reading model folders and writing outputs atomically. The source folder is only ever read."""
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+from quant.errors import QtoolError
+
+log = logging.getLogger(__name__)
+
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+# Everything a deployment needs beside the weights: tokenizer, chat template, generation defaults.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+MAX_SHARD_BYTES = 4 * 2**30
+_DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    """The parsed ``config.json`` of a model folder, with one-sentence errors for the usual mistakes."""
+    path = Path(model_dir)
+    if not path.exists():
+        raise QtoolError(f"{path}: no such folder; give the path of a Hugging Face model folder")
+    if not path.is_dir():
+        raise QtoolError(f"{path}: is a file, not a folder; give the folder that holds config.json")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise QtoolError(f"{path}: has no config.json, so it is not a Hugging Face model folder")
+    try:
+        return json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise QtoolError(f"{cfg_path}: is not valid JSON ({e.msg} at line {e.lineno})") from None
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    path = Path(model_dir)
+    for pattern in WEIGHT_PATTERNS:
+        files = sorted(path.glob(pattern))
+        if files:
+            return files
+    raise QtoolError(f"{path}: holds no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def check_causal_lm(model_dir: str | os.PathLike) -> dict:
+    """Config of a folder that transformers can load as a causal LM, else a clear error."""
+    from transformers import AutoConfig
+    from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
+
+    cfg = read_config(model_dir)
+    model_type = cfg.get("model_type")
+    if not model_type:
+        raise QtoolError(f"{Path(model_dir) / 'config.json'}: has no model_type, so the architecture is unknown")
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+        raise QtoolError(
+            f"{Path(model_dir) / 'config.json'}: model_type {model_type!r} is not a causal language model "
+            "that transformers can load (qtool quantizes decoder-only text generators)"
+        )
+    try:
+        AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (ValueError, OSError, KeyError) as e:
+        raise QtoolError(f"{Path(model_dir) / 'config.json'}: transformers cannot read it ({e})") from None
+    return cfg
+
+
+def torch_dtype(name: str | torch.dtype) -> torch.dtype:
+    if isinstance(name, torch.dtype):
+        return name
+    return _DTYPES[name]
+
+
+def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto"):
+    """A full-precision causal LM from a local folder, on the CPU, in one copy (no network)."""
+    from transformers import AutoModelForCausalLM
+
+    check_causal_lm(model_dir)
+    weight_files(model_dir)
+    kwargs = {"dtype": dtype if dtype == "auto" else torch_dtype(dtype)}
+    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **kwargs)
+    model.eval()
+    return model
+
+
+def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    copied = []
+    for name in SIDE_FILES:
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def save_tensors(tensors: dict[str, torch.Tensor], dst: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES):
+    """``model.safetensors``, or shards plus ``model.safetensors.index.json`` past ``max_shard_bytes``."""
+    shards: list[dict[str, torch.Tensor]] = [{}]
+    size = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        if shards[-1] and size + nbytes > max_shard_bytes:
+            shards.append({})
+            size = 0
+        shards[-1][name] = t.contiguous()
+        size += nbytes
+    meta = {"format": "pt"}
+    if len(shards) == 1:
+        save_file(shards[0], str(Path(dst) / "model.safetensors"), metadata=meta)
+        return
+    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": {}}
+    for i, shard in enumerate(shards):
+        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
+        save_file(shard, str(Path(dst) / fname), metadata=meta)
+        index["weight_map"].update({k: fname for k in shard})
+    (Path(dst) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
+
+
+def folder_bytes(path: str | os.PathLike, patterns=("*.safetensors", "*.bin")) -> int:
+    return sum(f.stat().st_size for p in patterns for f in Path(path).glob(p))
+
+
+@contextlib.contextmanager
+def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None):
+    """Yield a temporary folder beside ``out``; on success it becomes ``out`` in one rename.
+
+    On any error the temporary folder is removed and ``out`` is left as it was.
+    """
+    out = Path(out).absolute()
+    if source is not None and out.resolve() == Path(source).resolve():
+        raise QtoolError(f"{out}: the output folder is the source model; choose another -o so the source stays untouched")
+    if out.exists() and not overwrite:
+        raise QtoolError(f"{out}: already exists; choose another -o or pass --overwrite to replace it")
+    if out.exists() and not out.is_dir():
+        raise QtoolError(f"{out}: exists and is a file; --overwrite replaces folders only")
+    parent = out.parent
+    if not parent.is_dir():
+        raise QtoolError(f"{parent}: the folder for the output does not exist; create it first")
+    if not os.access(parent, os.W_OK):
+        raise QtoolError(f"{parent}: is not writable, so {out.name} cannot be created there")
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    try:
+        yield tmp
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
+            os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

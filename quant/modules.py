@@ -1,0 +1,92 @@
+"""``QuantLinear``: a linear layer whose weight is held in a checkpoint's packed layout.
+
+The buffers are exactly the checkpoint's tensors (so ``state_dict()`` *is* the
+checkpoint); compute goes through one dispatch point, ``quant.kernels.dispatch.linear``,
+which picks the compiled CUDA kernel, torch's CPU int4 op or the pure-torch reference.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quant import qmath
+from quant.formats import PackedWeight, pack_awq_gemm, pack_gptq, unpack_awq_gemm, unpack_gptq
+
+
+def _layout_shapes(fmt: str, in_f: int, out_f: int, bits: int, n_groups: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    if fmt == "awq":
+        return {
+            "qweight": ((in_f, out_f // 8), torch.int32),
+            "qzeros": ((n_groups, out_f // 8), torch.int32),
+            "scales": ((n_groups, out_f), torch.float16),
+        }
+    return {
+        "qweight": ((in_f * bits // 32, out_f), torch.int32),
+        "qzeros": ((n_groups, out_f * bits // 32), torch.int32),
+        "scales": ((n_groups, out_f), torch.float16),
+        "g_idx": ((in_f,), torch.int32),
+    }
+
+
+class QuantLinear(nn.Module):
+    """``y = x @ dequant(W)^T + b`` with ``W`` packed in the AWQ "gemm" or GPTQ layout.
+
+    ``fmt`` is ``"awq"`` or ``"gptq"``; ``checkpoint_format`` ("gptq" = v1 or
+    "gptq_v2") says how a GPTQ layout stores its zero points.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bits: int,
+        group_size: int,
+        fmt: str = "awq",
+        bias: bool = False,
+        checkpoint_format: str = "gptq",
+        bias_dtype: torch.dtype = torch.float16,
+        device: torch.device | str | None = None,
+    ):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.bits, self.group_size, self.fmt = bits, group_size, fmt
+        self.checkpoint_format = checkpoint_format
+        ng = qmath.n_groups(in_features, group_size)
+        for name, (shape, dtype) in _layout_shapes(fmt, in_features, out_features, bits, ng).items():
+            self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
+        self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
+        # Kernel-specific repacked copies, built once on first use; never part of the state_dict.
+        self.kernel_cache: dict = {}
+
+    @classmethod
+    def from_packed(cls, pw: PackedWeight, bias: torch.Tensor | None, fmt: str, checkpoint_format: str = "gptq"):
+        out_f, in_f = pw.q.shape
+        tensors = pack_awq_gemm(pw) if fmt == "awq" else pack_gptq(pw, checkpoint_format)
+        layer = cls(in_f, out_f, pw.bits, pw.group_size, fmt, bias is not None, checkpoint_format,
+                    bias.dtype if bias is not None else torch.float16, device="meta")
+        for name, t in tensors.items():
+            setattr(layer, name, t)
+        if bias is not None:
+            layer.bias = bias.detach().clone()
+        return layer
+
+    def packed_weight(self) -> PackedWeight:
+        """The canonical codes and parameters (unpacked from the buffers)."""
+        if self.fmt == "awq":
+            return unpack_awq_gemm({"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}, self.group_size)
+        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
+        return unpack_gptq(tensors, self.bits, self.group_size, self.checkpoint_format)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        from quant.kernels import dispatch  # the one place compute is chosen
+
+        return dispatch.linear(x, self)
+
+    def _apply(self, fn, recurse=True):
+        # Moving or casting the module invalidates kernel-layout copies.
+        self.kernel_cache = {}
+        return super()._apply(fn, recurse)
+
+    def extra_repr(self) -> str:
+        return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+                f"group_size={self.group_size}, format={self.fmt}, bias={self.bias is not None}")

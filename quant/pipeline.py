@@ -1,0 +1,146 @@
+"""The whole job: model folder -> calibration -> quantized blocks -> packed checkpoint folder."""
+from __future__ import annotations
+
+import logging
+import os
+import resource
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import torch
+from tqdm.auto import tqdm
+
+from calib.runner import BlockInputs, run_sequential
+from quant import arch as arch_table
+from quant import model_io
+from quant.checkpoint import write_checkpoint
+from quant.config import QuantConfig
+from quant.layers import check_finite, plan_linears
+from quant.methods import BlockContext, BlockResult, get_method
+
+log = logging.getLogger(__name__)
+
+
+@dataclass
+class BlockRow:
+    index: int
+    n_linears: int
+    seconds: float
+    info: dict = field(default_factory=dict)
+
+
+@dataclass
+class QuantReport:
+    """What a run did: for the summary table and ``qtool.json``."""
+
+    out: str
+    method: str
+    fmt: str
+    bits: int
+    group_size: int
+    n_quantized: int
+    skipped: dict[str, str]
+    seconds: float
+    calib_seconds: float
+    peak_rss_mb: float
+    peak_device_mb: float
+    source_bytes: int
+    output_bytes: int
+    blocks: list[BlockRow]
+
+
+def peak_rss_mb() -> float:
+    # ru_maxrss is KiB on Linux, bytes on macOS.
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _device(device: str | None) -> torch.device:
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
+def _calibration_ids(model_dir, cfg: QuantConfig) -> torch.Tensor:
+    from transformers import AutoTokenizer
+
+    from calib.data import calibration_batch, load_texts
+
+    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    texts = load_texts(cfg.calib_data, text_field=cfg.text_field)
+    return calibration_batch(tok, texts, cfg.n_samples, cfg.seqlen, cfg.seed)
+
+
+def quantize(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    cfg: QuantConfig | None = None,
+    *,
+    overwrite: bool = False,
+    device: str | None = "auto",
+    progress: bool = True,
+    **options,
+) -> QuantReport:
+    """Quantize the model in ``model_dir`` and write the packed checkpoint to ``out``.
+
+    Either pass a :class:`QuantConfig` or its fields as keywords
+    (``quantize("m/", "m-w4/", method="awq", bits=4, group_size=128)``). The source
+    folder is only read; ``out`` appears complete or not at all.
+    """
+    cfg = cfg.with_(**options) if cfg is not None else QuantConfig(**options)
+    t0 = time.perf_counter()
+    config = model_io.check_causal_lm(model_dir)
+    arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
+    dev = _device(device)
+    with model_io.atomic_output(out, overwrite, source=model_dir) as tmp:
+        model = model_io.load_fp_model(model_dir)
+        check_finite(model, str(model_dir))
+        plan = plan_linears(model, arch, cfg)
+        t_cal = time.perf_counter()
+        calib_ids = _calibration_ids(model_dir, cfg) if cfg.needs_calibration else None
+        calib_seconds = time.perf_counter() - t_cal
+        rows, artifacts = _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress)
+        seconds = time.perf_counter() - t0
+        report = QuantReport(
+            out=str(Path(out).absolute()), method=cfg.method, fmt=cfg.fmt, bits=cfg.bits,
+            group_size=cfg.group_size, n_quantized=plan.n_quantized, skipped=plan.skipped, seconds=seconds,
+            calib_seconds=calib_seconds, peak_rss_mb=peak_rss_mb(),
+            peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0,
+            source_bytes=model_io.folder_bytes(model_dir), output_bytes=0, blocks=rows,
+        )
+        meta = {"qtool": {"config": asdict(cfg), "report": asdict(report)}}
+        write_checkpoint(model, cfg, model_dir, tmp, sorted(plan.skipped), meta)
+        if artifacts:
+            from safetensors.torch import save_file
+
+            save_file(artifacts, str(tmp / "qtool_search.safetensors"))
+        report.output_bytes = model_io.folder_bytes(tmp)
+    return report
+
+
+def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
+    quantize_block = get_method(cfg.method)
+    blocks = model.get_submodule(arch.blocks)
+    rows: list[BlockRow] = []
+    artifacts: dict[str, torch.Tensor] = {}
+    bar = tqdm(total=len(blocks), desc=f"{cfg.method} w{cfg.bits}", unit="block", disable=not progress)
+
+    def process(i: int, block, inputs: BlockInputs | None) -> None:
+        t = time.perf_counter()
+        result: BlockResult = quantize_block(BlockContext(i, block, plan.quantize[i], cfg, arch, inputs))
+        artifacts.update({f"{arch.blocks}.{i}.{k}": v.detach().cpu() for k, v in result.artifacts.items()})
+        rows.append(BlockRow(i, len(plan.quantize[i]), time.perf_counter() - t, result.info))
+        bar.update(1)
+
+    compute_dtype = torch.float32 if dev.type == "cpu" else next(model.parameters()).dtype
+    if calib_ids is None:
+        for i, block in enumerate(blocks):
+            block.to(dev)
+            process(i, block, None)
+            block.to("cpu")
+    else:
+        run_sequential(model, blocks, calib_ids, process, dev, compute_dtype)
+    bar.close()
+    return rows, artifacts

@@ -1,0 +1,90 @@
+"""Perplexity over fixed windows of a text, for full-precision and quantized models alike."""
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from tqdm.auto import tqdm
+
+from quant.errors import QtoolError
+
+
+@dataclass
+class PerplexityResult:
+    ppl: float
+    nll: float  # mean negative log-likelihood per scored token (nats)
+    n_tokens: int  # tokens scored
+    n_windows: int
+    seconds: float
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.n_tokens / self.seconds if self.seconds > 0 else float("nan")
+
+
+def _windows(n: int, seqlen: int, stride: int):
+    """(begin, end, first scored position) of each window; every token after the first is scored once."""
+    begin = 0
+    while begin < n - 1:
+        end = min(begin + seqlen, n)
+        first = 0 if begin == 0 else seqlen - stride
+        yield begin, end, first
+        if end == n:
+            break
+        begin += stride
+
+
+def perplexity(
+    model,
+    tokenizer,
+    text: str,
+    seqlen: int = 512,
+    stride: int | None = None,
+    max_tokens: int | None = None,
+    add_bos: bool | None = None,
+    progress: bool = False,
+) -> PerplexityResult:
+    """Perplexity of ``model`` on ``text`` in windows of ``seqlen`` tokens.
+
+    Windows do not overlap unless ``stride < seqlen``; then each window re-reads
+    ``seqlen - stride`` tokens of context and scores only its last ``stride`` tokens.
+    ``add_bos`` puts the BOS token at the start of every window (gemma needs it);
+    by default it follows the architecture table.
+    """
+    stride = stride or seqlen
+    if not 0 < stride <= seqlen:
+        raise QtoolError(f"--stride {stride} must lie between 1 and --seqlen {seqlen}")
+    if add_bos is None:
+        from quant.arch import ARCHITECTURES
+
+        arch = ARCHITECTURES.get(getattr(model.config, "model_type", ""))
+        add_bos = bool(arch and arch.needs_bos)
+    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+    ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
+    if max_tokens is not None:
+        ids = ids[:max_tokens]
+    width = seqlen - len(bos)
+    if ids.numel() < 2:
+        raise QtoolError(f"the evaluation text has {ids.numel()} tokens; perplexity needs at least 2")
+    device = next(model.parameters()).device
+    nll_sum, count, n_windows = 0.0, 0, 0
+    spans = list(_windows(ids.numel(), width, min(stride, width)))
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        for begin, end, first in tqdm(spans, desc="perplexity", unit="window", disable=not progress):
+            window = torch.tensor(bos + ids[begin:end].tolist(), device=device)[None]
+            logits = model(window, use_cache=False).logits[0, :-1].float()
+            targets = window[0, 1:]
+            # Target j is window token j+1. With BOS, text token 0 is predicted from BOS and scored;
+            # without, a window's first token has no context and is not scored.
+            start = first if bos else max(first - 1, 0)
+            loss = F.cross_entropy(logits[start:], targets[start:], reduction="sum")
+            nll_sum += loss.item()
+            count += targets[start:].numel()
+            n_windows += 1
+    seconds = time.perf_counter() - t0
+    nll = nll_sum / count
+    return PerplexityResult(math.exp(nll), nll, count, n_windows, seconds)
