@@ -29,4 +29,55 @@ def rtn(model_dir, out, verbose, overwrite, device, **fields):
     run_quantize("rtn", model_dir, out, verbose, overwrite, device, **fields)
 
 
-COMMANDS = [rtn]
+@click.command()
+@quant_options
+@calib_options
+@click.option("--n-grid", default=20, show_default=True, type=int,
+              help="Scale exponents tried per layer group, evenly spaced in [0, 1).")
+@click.option("--clip/--no-clip", default=True, show_default=True,
+              help="Also search a per-group clipping range that lowers the output error.")
+@click.option("--clip-grid", default=20, show_default=True, type=int, help="Clipping ratios tried per group.")
+def awq(model_dir, out, verbose, overwrite, device, n_grid, clip, clip_grid, **fields):
+    """Activation-aware weight quantization (AWQ), the recommended 4-bit method.
+
+    Scales the input channels that carry large activations before rounding (the
+    scale is folded into the preceding norm or linear, so the model computes the
+    same function), then searches a clipping range per group. Search results are
+    saved beside the checkpoint in qtool_search.safetensors.
+    """
+    from quant.config import AWQOptions
+
+    run_quantize("awq", model_dir, out, verbose, overwrite, device,
+                 awq=AWQOptions(n_grid=n_grid, clip=clip, clip_grid=clip_grid), **fields)
+
+
+@click.command()
+@quant_options
+@calib_options
+@click.option("--sym/--asym", default=True, show_default=True,
+              help="Symmetric (zero point fixed at the middle) or asymmetric groups; vLLM's Marlin and "
+                   "LMDeploy want --sym.")
+@click.option("--act-order", is_flag=True, help="Quantize input rows by decreasing Hessian diagonal (desc_act).")
+@click.option("--static-groups", is_flag=True, help="With --act-order: fix group parameters before the solve.")
+@click.option("--damp", default=0.01, show_default=True, type=float,
+              help="Dampening added to the Hessian diagonal, as a fraction of its mean.")
+@click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
+              help="Feed each sub-layer group the outputs of the already-quantized ones.")
+@click.option("--awq-first", is_flag=True, help="Apply AWQ scales first, then GPTQ rounding.")
+@click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
+              help="GPTQ layout version: gptq (v1, zeros stored minus one) or gptq_v2.")
+def gptq(model_dir, out, verbose, overwrite, device, act_order, static_groups, damp, true_sequential,
+         awq_first, **fields):
+    """GPTQ: Hessian-aware rounding that corrects each column's error on the columns still to come.
+
+    Writes the GPTQ layout (with g_idx) by default; with --asym and 4 bits,
+    --format awq writes the AWQ gemm layout instead.
+    """
+    from quant.config import GPTQOptions
+
+    opts = GPTQOptions(damp=damp, act_order=act_order, static_groups=static_groups,
+                       true_sequential=true_sequential, awq_first=awq_first)
+    run_quantize("gptq", model_dir, out, verbose, overwrite, device, gptq=opts, **fields)
+
+
+COMMANDS = [rtn, awq, gptq]

@@ -53,8 +53,9 @@ class GPTQOptions:
 class QuantConfig:
     """Everything that decides a quantized checkpoint.
 
-    ``fmt=None`` picks the AWQ "gemm" layout for 4-bit weights without act-order
-    (what vLLM, transformers and LMDeploy run fastest) and the GPTQ layout otherwise.
+    ``fmt=None`` picks the AWQ "gemm" layout for asymmetric 4-bit weights without
+    act-order (what vLLM, transformers and LMDeploy run fastest) and the GPTQ layout
+    otherwise.
     """
 
     method: str = "rtn"
@@ -77,7 +78,8 @@ class QuantConfig:
         if self.method not in METHODS:
             raise QtoolError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
         if self.fmt is None:
-            auto = "awq" if self.bits == 4 and not (self.method == "gptq" and self.gptq.act_order) else "gptq"
+            awq_ok = self.bits == 4 and not self.sym and not (self.method == "gptq" and self.gptq.act_order)
+            auto = "awq" if awq_ok else "gptq"
             object.__setattr__(self, "fmt", auto)
         if self.fmt not in FORMATS:
             raise QtoolError(f"--format {self.fmt!r} is unknown; use one of {', '.join(FORMATS)}")
