@@ -1,0 +1,36 @@
+// Host-side interface between the torch binding (binding.cpp) and the kernels
+// (w4a16_gemv.cu, w4a16_gemm.cu). Plain pointers and ints only, so the kernels
+// compile without any torch header. Layout of the weight tensors: see
+// w4a16_common.cuh ("qtool-tile32").
+#pragma once
+
+#include <cuda_runtime.h>
+#include <cstdint>
+#include <string>
+
+namespace qtool {
+
+enum class Act { kFloat16, kBFloat16 };
+
+struct W4A16Args {
+  const void* x;         // [M, K] activations, row-major, dtype Act
+  const void* qweight;   // int32 [K/32, N/32, 32, 4]
+  const void* scales;    // [G, N] dtype Act, columns permuted per 32
+  const uint8_t* zeros;  // [G, N] uint8 permuted like scales, or nullptr (z = 8)
+  const void* bias;      // [N] dtype Act, or nullptr
+  void* y;               // [M, N] output, dtype Act
+  int M, N, K, group_size;
+};
+
+// Small-batch kernel (tensor cores with weights as the A operand), M <= kGemvMaxM.
+constexpr int kGemvMaxM = 32;
+// Empty when the shape is supported, else the constraint that failed, e.g.
+// "K=577 must be divisible by group_size 64".
+std::string gemv_check(int M, int N, int K, int group_size);
+cudaError_t launch_gemv(const W4A16Args& a, Act act, cudaStream_t stream);
+
+// Tiled tensor-core GEMM, any M >= 1.
+std::string gemm_check(int M, int N, int K, int group_size);
+cudaError_t launch_gemm(const W4A16Args& a, Act act, cudaStream_t stream);
+
+}  // namespace qtool

@@ -1,0 +1,64 @@
+"""The ``qtool::`` custom ops: schemas, fake (meta) kernels and CPU kernels, all in Python.
+
+The compiled library (``csrc/``, loaded by :mod:`quant.kernels.loader` only)
+adds the CUDA kernels to these same ops. Both ops compute
+``y[M, N] = x[M, K] @ W^T + bias`` on the tile32 layout (:mod:`quant.kernels.layout`):
+
+* ``qtool::w4a16_gemv``: small batch, ``M <= 32``, ``N % 32 == 0``, ``K % 32 == 0``;
+* ``qtool::w4a16_gemm``: any ``M``, ``N % 128 == 0``, ``K % 64 == 0``;
+* both: ``group_size`` a multiple of 32 dividing ``K`` (per channel: ``K``);
+  fp16 or bf16 ``x``, ``scales`` and ``bias`` of ``x``'s dtype, uint8 ``zeros`` or none (z = 8).
+"""
+from __future__ import annotations
+
+import torch
+
+from quant.kernels import reference
+
+GEMV_MAX_M = 32
+_SCHEMA = "(Tensor x, Tensor qweight, Tensor scales, Tensor? zeros, Tensor? bias, int group_size) -> Tensor"
+OP_NAMES = ("w4a16_gemv", "w4a16_gemm")
+
+_lib = torch.library.Library("qtool", "FRAGMENT")
+for _name in OP_NAMES:
+    _lib.define(_name + _SCHEMA)
+
+
+def _fake(x, qweight, scales, zeros, bias, group_size):
+    # [M, K] -> [M, N]; N = 32 * qweight.shape[1].
+    return x.new_empty((x.shape[0], qweight.shape[1] * 32))
+
+
+def _cpu(x, qweight, scales, zeros, bias, group_size):
+    return reference.tile32_linear(x, qweight, scales, zeros, bias, group_size)
+
+
+for _name in OP_NAMES:
+    torch.library.register_fake(f"qtool::{_name}", _fake, lib=_lib)
+    _lib.impl(_name, _cpu, "CPU")
+
+
+def gemm_shape_check(m: int, n: int, k: int, group_size: int) -> str | None:
+    """Mirror of ``gemm_check`` in csrc/w4a16_gemm.cu: None, or the constraint that failed."""
+    if n % 128:
+        return f"N={n} must be divisible by 128"
+    if k % 64:
+        return f"K={k} must be divisible by 64"
+    return _group_check(k, group_size)
+
+
+def gemv_shape_check(m: int, n: int, k: int, group_size: int) -> str | None:
+    """Mirror of ``gemv_check`` in csrc/w4a16_gemv.cu."""
+    if not 1 <= m <= GEMV_MAX_M:
+        return f"M={m} must be in [1, {GEMV_MAX_M}]"
+    if n % 32 or k % 32:
+        return f"N={n} and K={k} must be divisible by 32"
+    return _group_check(k, group_size)
+
+
+def _group_check(k: int, group_size: int) -> str | None:
+    if group_size <= 0 or group_size % 32:
+        return f"group_size {group_size} must be a positive multiple of 32"
+    if k % group_size:
+        return f"K={k} must be divisible by group_size {group_size}"
+    return None
