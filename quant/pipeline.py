@@ -17,6 +17,7 @@ from quant import arch as arch_table
 from quant import model_io
 from quant.checkpoint import write_checkpoint
 from quant.config import QuantConfig
+from quant.errors import QtoolError
 from quant.layers import check_finite, plan_linears
 from quant.methods import BlockContext, BlockResult, get_method
 
@@ -70,7 +71,11 @@ def _calibration_ids(model_dir, cfg: QuantConfig) -> torch.Tensor:
 
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     texts = load_texts(cfg.calib_data, text_field=cfg.text_field)
-    return calibration_batch(tok, texts, cfg.n_samples, cfg.seqlen, cfg.seed)
+    try:
+        return calibration_batch(tok, texts, cfg.n_samples, cfg.seqlen, cfg.seed)
+    except QtoolError as e:  # say which text was too short
+        msg = str(e)
+        raise QtoolError(f"{cfg.calib_data or 'the built-in calibration corpus'}: {msg[:1].lower()}{msg[1:]}") from None
 
 
 def quantize(

@@ -1,0 +1,182 @@
+"""Every user mistake: one clear sentence on stderr, exit status 2, nothing written, the source untouched."""
+import json
+import os
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from test_pipeline import tree_digest
+from tiny_models import save_tiny_model
+
+from cli.main import main
+
+
+def run_cli(args, capsys):
+    old = sys.argv
+    sys.argv = ["qtool", *map(str, args)]
+    try:
+        main()
+        code = 0
+    except SystemExit as e:
+        code = e.code
+    finally:
+        sys.argv = old
+    captured = capsys.readouterr()
+    return code, captured.err
+
+
+def assert_refused(code, err, *fragments):
+    assert code == 2, err
+    lines = [ln for ln in err.splitlines() if ln.startswith("error:")]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for f in fragments:
+        assert f in lines[0], lines[0]
+
+
+@pytest.fixture
+def model(tmp_path):
+    return save_tiny_model("llama", tmp_path / "src")
+
+
+def _no_output(tmp_path):
+    leftovers = [p.name for p in tmp_path.iterdir() if p.name.startswith(".out") or p.name == "out"]
+    assert not leftovers, leftovers
+
+
+def test_missing_folder(tmp_path, capsys):
+    code, err = run_cli(["rtn", tmp_path / "nope", "-o", tmp_path / "out"], capsys)
+    assert_refused(code, err, "nope", "no such folder")
+    _no_output(tmp_path)
+
+
+def test_folder_without_config(tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    code, err = run_cli(["rtn", tmp_path / "empty", "-o", tmp_path / "out"], capsys)
+    assert_refused(code, err, "has no config.json")
+
+
+def test_not_a_causal_lm(tmp_path, capsys):
+    d = tmp_path / "t5"
+    d.mkdir()
+    (d / "config.json").write_text(json.dumps({"model_type": "t5", "d_model": 32}))
+    code, err = run_cli(["rtn", d, "-o", tmp_path / "out"], capsys)
+    assert_refused(code, err, "'t5'", "not a causal language model")
+
+
+def test_unsupported_model_type(tmp_path, capsys):
+    from transformers import GPT2Config, GPT2LMHeadModel
+
+    d = tmp_path / "gpt2"
+    GPT2LMHeadModel(GPT2Config(n_embd=32, n_layer=1, n_head=2, vocab_size=64)).save_pretrained(d)
+    code, err = run_cli(["rtn", d, "-o", tmp_path / "out"], capsys)
+    assert_refused(code, err, "'gpt2' is not supported", "llama", "qwen2")
+    _no_output(tmp_path)
+
+
+def test_bits_5_with_the_awq_format(model, tmp_path, capsys):
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--bits", "5", "--format", "awq"], capsys)
+    assert_refused(code, err, "--bits 5", "AWQ format", "4-bit")
+
+
+@pytest.mark.parametrize("bits", ["5", "1", "16"])
+def test_bits_no_format_can_hold(model, tmp_path, capsys, bits):
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--bits", bits], capsys)
+    assert_refused(code, err, f"--bits {bits}", "2, 3, 4, 8")
+
+
+def test_group_size_not_offered(model, tmp_path, capsys):
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "100"], capsys)
+    assert_refused(code, err, "--group-size 100", "-1")
+
+
+def test_group_size_that_divides_no_layer(model, tmp_path, capsys):
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "256"], capsys)
+    assert_refused(code, err, "no linear layer can be quantized", "not divisible by group size 256")
+    _no_output(tmp_path)
+
+
+@pytest.mark.parametrize("content", ["", "a few words only"])
+def test_empty_or_too_short_calibration_file(model, tmp_path, capsys, content):
+    f = tmp_path / "calib.txt"
+    f.write_text(content)
+    before = tree_digest(model)
+    code, err = run_cli(["gptq", model, "-o", tmp_path / "out", "--calib-data", f, "--seqlen", "64"], capsys)
+    assert_refused(code, err, "calib.txt")
+    _no_output(tmp_path)
+    assert tree_digest(model) == before
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_nan_or_inf_weights(model, tmp_path, capsys, bad):
+    f = model / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.1.mlp.up_proj.weight"][3, 5] = bad
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    before = tree_digest(model)
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert_refused(code, err, "model.layers.1.mlp.up_proj.weight", "NaN or inf")
+    _no_output(tmp_path)
+    assert tree_digest(model) == before
+
+
+def test_output_exists(model, tmp_path, capsys):
+    (tmp_path / "out").mkdir()
+    (tmp_path / "out" / "keep.txt").write_text("mine")
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert_refused(code, err, "already exists", "--overwrite")
+    assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
+
+
+def test_output_is_the_source(model, capsys):
+    before = tree_digest(model)
+    code, err = run_cli(["rtn", model, "-o", model, "--overwrite", "--group-size", "32"], capsys)
+    assert_refused(code, err, "is the source model")
+    assert tree_digest(model) == before
+
+
+def test_output_location_not_writable(model, tmp_path, capsys, monkeypatch):
+    parent = tmp_path / "locked"
+    parent.mkdir()
+    if os.geteuid() == 0:  # root ignores permission bits: make the permission check report what chmod would
+        real = os.access
+        monkeypatch.setattr(os, "access", lambda p, m: False if str(p) == str(parent) else real(p, m))
+    else:
+        parent.chmod(0o500)
+    try:
+        code, err = run_cli(["rtn", model, "-o", parent / "out", "--group-size", "32"], capsys)
+    finally:
+        parent.chmod(0o700)
+    assert_refused(code, err, "is not writable")
+    assert list(parent.iterdir()) == []
+
+
+def test_output_parent_missing(model, tmp_path, capsys):
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "no" / "such" / "out"], capsys)
+    assert_refused(code, err, "does not exist")
+
+
+def test_ppl_data_missing(model, tmp_path, capsys):
+    code, err = run_cli(["ppl", model, "--data", tmp_path / "missing.txt"], capsys)
+    assert_refused(code, err, "missing.txt", "no such file")
+
+
+def test_info_on_a_full_precision_model(model, capsys):
+    code, err = run_cli(["info", model], capsys)
+    assert_refused(code, err, "not a quantized checkpoint")
+
+
+def test_source_stays_untouched_by_a_failed_run(model, tmp_path, capsys, monkeypatch):
+    """A crash halfway (here: while writing) leaves no output and no temporary folder."""
+    import quant.pipeline
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(quant.pipeline, "write_checkpoint", boom)
+    before = tree_digest(model)
+    with pytest.raises(OSError):
+        run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    _no_output(tmp_path)
+    assert tree_digest(model) == before

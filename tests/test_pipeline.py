@@ -1,0 +1,141 @@
+"""The spine end to end: every architecture row through the API and the CLI, reloaded and compared."""
+import hashlib
+import re
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors import safe_open
+from tiny_models import MODEL_TYPES, save_tiny_model
+from transformers import AutoModelForCausalLM
+
+import quant
+from cli.main import app
+from quant import qmath
+from quant.arch import ARCHITECTURES
+
+
+def fake_quantized_reference(src, bits, group_size, sym=False):
+    """The source model with each block linear replaced by its quantize-dequantize (the spec of RTN)."""
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    blocks = model.get_submodule(ARCHITECTURES[model.config.model_type].blocks)
+    with torch.no_grad():
+        for mod in blocks.modules():
+            if isinstance(mod, torch.nn.Linear):
+                mod.weight.copy_(qmath.fake_quantize(mod.weight, bits, group_size, sym))
+    return model
+
+
+def tree_digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.rglob("*")):
+        if f.is_file():
+            h.update(f.name.encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+@pytest.mark.parametrize("entry", ["api", "cli"])
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_rtn_checkpoint_reloads_to_the_fake_quantized_model(tmp_path, model_type, entry):
+    src = save_tiny_model(model_type, tmp_path / "src")
+    before = tree_digest(src)
+    out = tmp_path / "out"
+    if entry == "api":
+        quant.quantize(src, out, method="rtn", bits=4, group_size=32, dtype="float32", progress=False)
+    else:
+        res = CliRunner().invoke(app, ["rtn", str(src), "-o", str(out), "--group-size", "32", "--dtype", "float32"])
+        assert res.exit_code == 0, res.output
+        assert "linears quantized" in res.output
+    assert tree_digest(src) == before, "the source folder changed"
+    model = quant.load(out, dtype=torch.float32)
+    n_quant = sum(isinstance(m, quant.modules.QuantLinear) for m in model.modules())
+    n_linear_in_blocks = sum(isinstance(m, torch.nn.Linear) for m in
+                             fake_quantized_reference(src, 4, 32).get_submodule(ARCHITECTURES[model_type].blocks).modules())
+    assert n_quant == n_linear_in_blocks
+    ref = fake_quantized_reference(src, 4, 32)
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+    got, want = model(ids).logits, ref(ids).logits
+    assert torch.allclose(got, want, atol=1e-5, rtol=1e-5), (got - want).abs().max()
+    fp = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)(ids).logits
+    assert not torch.allclose(got, fp, atol=1e-5), "quantization changed nothing: the test would not notice"
+    generated = model.generate(ids[:1, :8], max_new_tokens=4, do_sample=False)
+    assert generated.shape == (1, 12)
+
+
+def test_awq_gemm_checkpoint_contract(tmp_path):
+    src = save_tiny_model("qwen2", tmp_path / "src")  # q/k/v biases, tied embeddings
+    out = tmp_path / "out"
+    quant.quantize(src, out, method="rtn", bits=4, group_size=32, progress=False)
+    config = json.loads((out / "config.json").read_text())
+    assert config["quantization_config"] == {
+        "quant_method": "awq", "bits": 4, "group_size": 32, "zero_point": True, "version": "gemm",
+        "modules_to_not_convert": None,
+    }
+    assert config["torch_dtype"] == "float16"
+    with safe_open(str(out / "model.safetensors"), "pt") as st:
+        keys = set(st.keys())
+        p = "model.layers.0.self_attn.q_proj"
+        assert {f"{p}.qweight", f"{p}.qzeros", f"{p}.scales", f"{p}.bias"} <= keys
+        assert f"{p}.weight" not in keys
+        assert st.get_tensor(f"{p}.qweight").dtype == torch.int32
+        assert tuple(st.get_tensor(f"{p}.qweight").shape) == (64, 64 // 8)  # [in, out/8]
+        assert tuple(st.get_tensor(f"{p}.qzeros").shape) == (64 // 32, 64 // 8)
+        assert st.get_tensor(f"{p}.scales").dtype == torch.float16
+        assert tuple(st.get_tensor(f"{p}.scales").shape) == (2, 64)
+        assert "lm_head.weight" not in keys  # tied to the embeddings: stored once
+        assert all(st.get_tensor(k).dtype in (torch.int32, torch.float16) for k in keys)
+    for name in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        assert (out / name).is_file(), name
+    assert not list(tmp_path.glob(".out.tmp-*")), "temporary folder left behind"
+
+
+def test_skipped_layers_are_listed_and_kept_in_full_precision(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    report = quant.quantize(src, out, method="rtn", group_size=32, skip=("mlp.down_proj",), progress=False)
+    assert len(report.skipped) == 2  # one per block
+    qc = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    model = quant.load(out, dtype=torch.float32)
+    assert type(model.model.layers[1].mlp.down_proj) is torch.nn.Linear
+
+
+def test_gptq_layout_for_3_and_8_bits_matches_reference(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    ids = torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(2))
+    for bits in (3, 8):
+        out = tmp_path / f"w{bits}"
+        quant.quantize(src, out, method="rtn", bits=bits, group_size=32, dtype="float32", progress=False)
+        qc = json.loads((out / "config.json").read_text())["quantization_config"]
+        assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["checkpoint_format"] == "gptq"
+        model = quant.load(out, dtype=torch.float32)
+        ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+        with torch.no_grad():  # v1 keeps zero points >= 1
+            for m in ref.model.layers.modules():
+                if isinstance(m, torch.nn.Linear):
+                    m.weight.copy_(qmath.fake_quantize(m.weight, bits, 32, min_zero=1))
+        assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-5)
+
+
+def test_info_reports_the_checkpoint(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    quant.quantize(src, out, method="rtn", group_size=32, skip=("mlp.down_proj",), progress=False)
+    res = CliRunner().invoke(app, ["info", str(out)])
+    assert res.exit_code == 0, res.output
+    assert "awq-gemm" in res.output and "qtool rtn" in res.output
+    assert re.search(r"linears quantized\s+12\n", res.output)
+    assert re.search(r"linears kept in full precision\s+2\n", res.output)
+    assert "model.layers.0.mlp.down_proj" in res.output
+
+
+def test_overwrite_replaces_only_when_asked(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    quant.quantize(src, out, method="rtn", group_size=32, progress=False)
+    first = tree_digest(out)
+    quant.quantize(src, out, method="rtn", group_size=64, overwrite=True, progress=False)
+    assert tree_digest(out) != first
+    assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 64

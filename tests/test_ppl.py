@@ -1,0 +1,59 @@
+"""Perplexity windows: what is scored, and that it equals the hand computation."""
+import math
+
+import torch
+import torch.nn.functional as F
+from click.testing import CliRunner
+from tiny_models import byte_tokenizer, save_tiny_model, tiny_model
+
+import quant
+from cli.main import app
+
+TEXT = "The quick brown fox jumps over the lazy dog. " * 6
+
+
+def test_non_overlapping_windows_match_a_hand_computation():
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    ids = tok(TEXT, add_special_tokens=False).input_ids
+    nll, count = 0.0, 0
+    with torch.no_grad():
+        for b in range(0, len(ids) - 1, 32):
+            w = torch.tensor(ids[b:b + 32])[None]
+            if w.shape[1] < 2:
+                continue
+            logits = model(w).logits[0, :-1]
+            nll += F.cross_entropy(logits, w[0, 1:], reduction="sum").item()
+            count += w.shape[1] - 1
+    res = quant.perplexity(model, tok, TEXT, seqlen=32)
+    assert res.n_tokens == count
+    assert math.isclose(res.ppl, math.exp(nll / count), rel_tol=1e-5)
+
+
+def test_strided_windows_score_every_token_after_the_first_once():
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    n = len(tok(TEXT, add_special_tokens=False).input_ids)
+    res = quant.perplexity(model, tok, TEXT, seqlen=32, stride=8)
+    assert res.n_tokens == n - 1
+    assert res.n_windows == math.ceil((n - 32) / 8) + 1
+
+
+def test_gemma_windows_start_with_bos_and_score_every_token():
+    model, tok = tiny_model("gemma3_text"), byte_tokenizer()
+    n = len(tok(TEXT, add_special_tokens=False).input_ids)
+    with_bos = quant.perplexity(model, tok, TEXT, seqlen=32)
+    assert with_bos.n_tokens == n  # the first token of each window is predicted from BOS
+    without = quant.perplexity(model, tok, TEXT, seqlen=32, add_bos=False)
+    assert without.n_tokens < n and without.ppl != with_bos.ppl
+
+
+def test_ppl_command_on_a_checkpoint(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    quant.quantize(src, tmp_path / "out", method="rtn", group_size=32, progress=False)
+    (tmp_path / "t.txt").write_text(TEXT)
+    runner = CliRunner()
+    res = runner.invoke(app, ["ppl", str(tmp_path / "out"), "--data", str(tmp_path / "t.txt"), "--seqlen", "32"])
+    assert res.exit_code == 0, res.output
+    q_ppl = float(res.output.strip().splitlines()[-1].split("|")[2])
+    res_fp = runner.invoke(app, ["ppl", str(src), "--data", str(tmp_path / "t.txt"), "--seqlen", "32"])
+    fp_ppl = float(res_fp.output.strip().splitlines()[-1].split("|")[2])
+    assert q_ppl > 1 and fp_ppl > 1 and q_ppl != fp_ppl
