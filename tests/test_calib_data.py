@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import re
 from importlib import resources
 
 import pytest
@@ -168,6 +169,17 @@ def test_default_corpus_is_mixed_and_small():
     total = sum(len(p.read_bytes()) for p in folder.iterdir() if p.is_file() and p.name.endswith((".txt", ".md")))
     assert total <= 2_000_000
     assert all(len(t.encode()) > 200_000 for t in texts)
+
+
+def test_default_corpus_holds_only_the_calibration_half():
+    """Wikipedia titles and stdlib modules in the corpus all have an odd md5 (eval uses even)."""
+    build_corpus = pytest.importorskip("calib.corpus.build_corpus")
+    folder = resources.files("calib").joinpath("corpus")
+    titles = [line[2:] for line in folder.joinpath("WIKI_TITLES.md").read_text(encoding="utf-8").splitlines() if line.startswith("- ")]
+    modules = re.findall(r"^# File: Lib/(\S+)$", folder.joinpath("code.txt").read_text(encoding="utf-8"), flags=re.M)
+    assert len(titles) > 1000 and len(modules) > 50
+    assert all(build_corpus.md5_is_odd(name) for name in titles + modules)
+    assert not build_corpus.md5_is_odd("Aardvark")  # an article of the even (evaluation) half
 
 
 def test_default_corpus_tokenizes_into_batch(word_tokenizer):
