@@ -54,8 +54,12 @@ def _run(cmd: list[str]) -> str:
     return proc.stdout + proc.stderr
 
 
-def build(out_dir: Path | None = None, archs=DEFAULT_ARCHS, jobs: int = 4, nvcc: str | None = None) -> Path:
-    """Compile and link the library; returns its path. Raises RuntimeError on a compiler error."""
+def build(out_dir: Path | None = None, archs=DEFAULT_ARCHS, jobs: int = 4, nvcc: str | None = None,
+          obj_dir: Path | None = None) -> Path:
+    """Compile and link the library; returns its path. Raises RuntimeError on a compiler error.
+
+    Objects and the ptxas logs (``<source>.log``) go to ``obj_dir`` (default ``build/qtool_kernels``).
+    """
     import torch
 
     nvcc = nvcc or find_nvcc()
@@ -63,7 +67,7 @@ def build(out_dir: Path | None = None, archs=DEFAULT_ARCHS, jobs: int = 4, nvcc:
         raise RuntimeError("nvcc not found (PATH, $CUDA_HOME/bin, /usr/local/cuda/bin)")
     torch_dir = Path(torch.__file__).parent
     out_dir = Path(out_dir or Path(__file__).parent)
-    obj_dir = out_dir / "_build"
+    obj_dir = Path(obj_dir or ROOT / "build" / "qtool_kernels")
     obj_dir.mkdir(parents=True, exist_ok=True)
     common = [nvcc, *CXX_FLAGS, f"-DTORCH_TARGET_VERSION={TORCH_TARGET_VERSION}", f"-I{torch_dir / 'include'}", f"-I{CSRC}"]
 

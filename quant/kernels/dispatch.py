@@ -1,11 +1,174 @@
-"""The one place QuantLinear's compute path is chosen."""
+"""The one place QuantLinear's compute path is chosen.
+
+``linear(x, layer)`` takes, in order:
+
+1. CUDA ``x`` and the compiled kernels loaded and the shape supported:
+   ``qtool::w4a16_gemv`` (M <= 32) or ``qtool::w4a16_gemm``, on the layer's
+   tile32 copy (repacked once per dtype/device and cached in ``layer.kernel_cache``);
+2. CPU bf16 ``x``, 4-bit, no act-order: torch's ``_weight_int4pack_mm_for_cpu``
+   on a once-repacked copy;
+3. otherwise the reference (:func:`quant.kernels.reference.linear`).
+
+Each reason for leaving a fast path is logged once.
+"""
 from __future__ import annotations
+
+import functools
+import logging
 
 import torch
 
-from quant.kernels import reference
+from quant import qmath
+from quant.kernels import layout, loader, ops, reference
+
+log = logging.getLogger(__name__)
+
+CPU_INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts
+
+
+@functools.cache
+def _log_fallback(path: str, reason: str) -> None:
+    log.warning("W4A16 %s: reference path for some layers, because %s", path, reason)
+
+
+def _cache(layer) -> dict:
+    cache = getattr(layer, "kernel_cache", None)
+    if cache is None:
+        cache = {}
+        layer.kernel_cache = cache  # a plain attribute: never part of the state_dict
+    return cache
+
+
+def _has_g_idx(layer) -> bool:
+    """True for act-order weights. Checked once per layer and cached: comparing values on
+    the device would synchronize, which a CUDA-graph capture forbids."""
+    cache = _cache(layer)
+    if "has_g_idx" not in cache:
+        # GPTQ stores g_idx always; the natural order i // g means "no act-order".
+        g_idx = getattr(layer, "g_idx", None)
+        g = qmath.effective_group_size(layer.in_features, layer.group_size)
+        natural = torch.arange(layer.in_features) // g
+        cache["has_g_idx"] = g_idx is not None and not torch.equal(g_idx.cpu().long(), natural)
+    return cache["has_g_idx"]
+
+
+def cuda_kernel_for(m: int, layer) -> tuple[str | None, str | None]:
+    """(op name, None) for the kernel that takes this call, or (None, why none does)."""
+    n, k = layer.out_features, layer.in_features
+    why = layout.layout_check(n, k, layer.bits, layer.group_size, _has_g_idx(layer))
+    if why:
+        return None, why
+    g = qmath.effective_group_size(k, layer.group_size)
+    gemv_why = ops.gemv_shape_check(m, n, k, g)
+    if gemv_why is None:
+        return "w4a16_gemv", None
+    gemm_why = ops.gemm_shape_check(m, n, k, g)
+    if gemm_why is None:
+        return "w4a16_gemm", None
+    return None, gemm_why if m > ops.GEMV_MAX_M else f"{gemv_why}; {gemm_why}"
+
+
+def prepare_cuda(layer, dtype: torch.dtype, device: torch.device) -> layout.Tile32Weight:
+    """The layer's tile32 copy for ``dtype`` on ``device`` (built once, then cached).
+
+    Call it before CUDA-graph capture so that nothing is allocated inside the captured region.
+    """
+    key = ("tile32", dtype, str(device))
+    cache = _cache(layer)
+    if key not in cache:
+        kw = layout.repack(layer.packed_weight(), dtype)
+        bias = None if layer.bias is None else layer.bias.to(device=device, dtype=dtype).contiguous()
+        cache[key] = (
+            layout.Tile32Weight(
+                qweight=kw.qweight.to(device),
+                scales=kw.scales.to(device),
+                zeros=None if kw.zeros is None else kw.zeros.to(device),
+                group_size=kw.group_size,
+                out_features=kw.out_features,
+                in_features=kw.in_features,
+            ),
+            bias,
+        )
+    return cache[key]
+
+
+def _cuda_linear(x: torch.Tensor, layer, op_name: str) -> torch.Tensor:
+    kw, bias = prepare_cuda(layer, x.dtype, x.device)
+    x2 = x.reshape(-1, layer.in_features).contiguous()
+    op = getattr(torch.ops.qtool, op_name)
+    y = op(x2, kw.qweight, kw.scales, kw.zeros, bias, kw.group_size)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+def cpu_int4_check(layer) -> str | None:
+    """Why torch's CPU int4 op cannot take this layer, or None."""
+    if layer.bits != 4:
+        return f"bits={layer.bits} (the CPU int4 op takes 4-bit weights)"
+    if _has_g_idx(layer):
+        return "act-order g_idx"
+    if layer.out_features % 16:
+        return f"N={layer.out_features} must be divisible by 16"
+    g = qmath.effective_group_size(layer.in_features, layer.group_size)
+    if g % 32:
+        return f"group_size {g} must be a multiple of 32"
+    return None
+
+
+def prepare_cpu_int4(layer) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """(packed int4 weight, scales_and_zeros [K/g, N, 2] bf16, g) for ``_weight_int4pack_mm_for_cpu``, cached.
+
+    That op computes ``(q - 8) * scale + zero``; ``(q - z) * s`` is the same with
+    ``zero = (8 - z) * s``. Group sizes it does not take (e.g. per channel) are
+    split into the largest accepted size dividing them, repeating the parameters.
+    """
+    cache = _cache(layer)
+    if "cpu_int4" not in cache:
+        pw = layer.packed_weight()
+        g_full = qmath.effective_group_size(layer.in_features, pw.group_size)
+        g = next(c for c in CPU_INT4_GROUPS if g_full % c == 0)
+        scale = pw.scale.float().repeat_interleave(g_full // g, dim=1)  # [N, G] -> [N, K/g]
+        zero = pw.zero.float().repeat_interleave(g_full // g, dim=1)
+        sz = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(pw.q.cpu().contiguous(), 1)
+        cache["cpu_int4"] = (packed, sz.to(torch.bfloat16), g)
+    return cache["cpu_int4"]
+
+
+def _cpu_int4_linear(x: torch.Tensor, layer) -> torch.Tensor:
+    packed, sz, g = prepare_cpu_int4(layer)
+    x2 = x.reshape(-1, layer.in_features).contiguous()
+    y = torch.ops.aten._weight_int4pack_mm_for_cpu(x2, packed, g, sz)
+    if layer.bias is not None:
+        y = y + layer.bias.to(torch.bfloat16)
+    return y.reshape(*x.shape[:-1], layer.out_features)
+
+
+def choose_path(x: torch.Tensor, layer) -> tuple[str, str | None]:
+    """("cuda:<op>" | "cpu_int4" | "reference", reason the fast path was not taken or None)."""
+    if x.is_cuda:
+        if x.dtype not in (torch.float16, torch.bfloat16):
+            return "reference", f"dtype {x.dtype} (the CUDA kernels take float16 or bfloat16)"
+        op_name, why = cuda_kernel_for(x.numel() // layer.in_features, layer)
+        if op_name is None:
+            return "reference", why
+        if not loader.cuda_kernels_available():
+            return "reference", "the compiled kernels are not loaded"
+        return "cuda:" + op_name, None
+    if x.device.type == "cpu":
+        if x.dtype != torch.bfloat16:
+            return "reference", f"dtype {x.dtype} (the CPU int4 op is fast for bfloat16 only)"
+        why = cpu_int4_check(layer)
+        return ("reference", why) if why else ("cpu_int4", None)
+    return "reference", f"device {x.device.type}"
 
 
 def linear(x: torch.Tensor, layer) -> torch.Tensor:
-    """``y = x @ W^T + bias`` for a QuantLinear ``layer``."""
+    """``y = x @ W^T + bias`` for a QuantLinear ``layer``; picks compiled CUDA op, torch's CPU int4 op, or the reference."""
+    path, why = choose_path(x, layer)
+    if path.startswith("cuda:"):
+        return _cuda_linear(x, layer, path.removeprefix("cuda:"))
+    if path == "cpu_int4":
+        return _cpu_int4_linear(x, layer)
+    if why is not None and (x.is_cuda or x.dtype == torch.bfloat16):
+        _log_fallback("on " + x.device.type, why)
     return reference.linear(x, layer)
