@@ -21,6 +21,7 @@ class AWQOptions:
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
     clip_tokens: int = 512  # calibration tokens sampled for the clipping search
+    search_file: str | None = None  # replay saved search results (qtool_search.safetensors) instead of searching
 
     def __post_init__(self):
         if not 1 <= self.n_grid <= 1000:
@@ -110,7 +111,7 @@ class QuantConfig:
 
     @property
     def needs_calibration(self) -> bool:
-        return self.method != "rtn"
+        return self.method != "rtn" and not (self.method == "awq" and self.awq.search_file)
 
     def with_(self, **changes) -> "QuantConfig":
         return replace(self, **changes)

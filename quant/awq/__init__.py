@@ -1,0 +1,209 @@
+"""AWQ: activation-aware scales, range clipping, then round-to-nearest. Search, then apply.
+
+Per decoder block (:func:`quantize_block`):
+
+1. one forward pass of the full-precision block collects, for every distinct
+   linear input, ``mean|x|`` and ``H = Σ x xᵀ`` (:mod:`calib.collectors`);
+2. for each scaling group of the architecture table, :func:`search.search_scale`
+   picks ``α`` and the scale is folded into the producer (:mod:`quant.awq.fold`);
+   the folded block is checked against the original on one minibatch, and a
+   group whose fold changes the output is dropped with a warning;
+3. :func:`search.search_clip` picks a range fraction per (row, group) of every
+   quantized linear, on the folded weights;
+4. :func:`apply_block` quantizes with the clips and swaps in ``QuantLinear``.
+
+The search results (``<linear>.awq_scale`` and ``<linear>.awq_clip``) are saved
+beside the checkpoint in ``qtool_search.safetensors``; :func:`apply_search`
+(or ``AWQOptions(search_file=...)``) replays them without calibration data and
+gives a bit-identical checkpoint.
+"""
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from calib.collectors import linear_input_stats
+from quant.arch import Arch
+from quant.awq.fold import CLIP_KEY, SCALE_KEY, fold_scales, foldable_groups, group_scales, skip_reason
+from quant.awq.search import QuantSpec, search_clip, search_scale
+from quant.config import QuantConfig
+from quant.errors import QtoolError
+from quant.layers import min_zero, replace_linear, rtn_packed
+from quant.methods import BlockContext, BlockResult
+
+log = logging.getLogger(__name__)
+
+__all__ = ["quantize_block", "search_block", "apply_block", "apply_search", "load_search", "SCALE_KEY", "CLIP_KEY"]
+
+
+def quant_spec(cfg: QuantConfig) -> QuantSpec:
+    return QuantSpec(cfg.bits, cfg.group_size, cfg.sym, min_zero(cfg))
+
+
+def _relative_change(out: torch.Tensor, ref: torch.Tensor, hidden: torch.Tensor) -> float:
+    # Compare what the block adds to the residual stream: the residual itself can hide a broken branch.
+    d_ref = (ref - hidden).float()
+    return float((out.float() - ref.float()).norm() / d_ref.norm().clamp(min=1e-30))
+
+
+def _fold_checked(ctx: BlockContext, groups, scales: dict, ref: torch.Tensor) -> tuple[dict, dict]:
+    """Fold ``scales``; if the block's output moves, keep only the groups that fold exactly."""
+    block, call = ctx.block, ctx.inputs.calls[0]
+    tol = 1e-3 if ref.dtype == torch.float32 else 5e-2
+    original = {k: v.clone() for k, v in block.state_dict().items()}
+
+    def run_fold(kept):
+        block.load_state_dict(original)
+        s = {k: v for g in kept for k, v in group_scales(g, scales[g]).items()}
+        weights = fold_scales(block, ctx.arch, s)
+        with torch.no_grad():
+            out = block(call.hidden, *call.args, **call.kwargs)
+        return weights, s, _relative_change(out[0] if isinstance(out, tuple) else out, ref, call.hidden)
+
+    weights, kept_scales, err = run_fold(groups)
+    if err <= tol:
+        return weights, kept_scales
+    kept = []
+    for g in groups:
+        *_, err = run_fold(kept + [g])
+        if err <= tol:
+            kept.append(g)
+        else:
+            log.warning("block %d: AWQ drops scaling group %s -> %s: folding it changes the block's output "
+                        "(relative change %.2g), so the architecture table does not fit this model",
+                        ctx.index, g.prev, ", ".join(g.linears), err)
+    weights, kept_scales, _ = run_fold(kept)
+    return weights, kept_scales
+
+
+def search_block(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
+    """Search scales (folding them into ``ctx.block``) and clips on ``ctx.inputs``.
+
+    Returns ``(artifacts, info, weights)``: the search results keyed
+    ``<linear>.awq_scale`` / ``<linear>.awq_clip``, summary columns, and the folded
+    float32 weights (``"<linear>.weight"``) of the linears the fold touched.
+    """
+    block, arch, cfg, names = ctx.block, ctx.arch, ctx.cfg, ctx.names
+    spec = quant_spec(cfg)
+    present = {n: m for n in arch.linears if isinstance(m := _get(block, n), nn.Linear)}
+    with linear_input_stats(present, [g for g in arch.sequential if g[0] in present], xtx=True) as stats:
+        ref = ctx.inputs.run(block)[0]
+    scales, ratios, gains = {}, [], []
+    groups = foldable_groups(block, arch, names)
+    for g in groups:
+        quantized = [n for n in g.linears if n in names]
+        w = torch.cat([block.get_submodule(n).weight.detach().float() for n in quantized])
+        st = stats[g.linears[0]]
+        res = search_scale(w, st.xtx, st.abs_mean, spec, cfg.awq.n_grid)
+        scales[g] = res.scale
+        ratios.append(f"{res.ratio:.2f}")
+        gains.append(float(res.errors.min() / res.errors[0].clamp(min=1e-30)))
+    weights, artifacts = _fold_checked(ctx, groups, scales, ref) if groups else ({}, {})
+    info = {"awq α": " ".join(ratios) or "-", "awq err/rtn": f"{sum(gains) / len(gains):.3f}" if gains else "-"}
+    if cfg.awq.clip:
+        for n in names:
+            w = weights.get(f"{n}.weight", block.get_submodule(n).weight.detach().float())
+            h = stats[n].xtx
+            s = artifacts.get(f"{n}.{SCALE_KEY}")
+            if s is not None:  # the input was divided by s
+                h = h / (s[:, None] * s[None, :])
+            artifacts[f"{n}.{CLIP_KEY}"] = search_clip(w, h, spec, cfg.awq.clip_grid, cfg.awq.clip_max_shrink)
+        clips = [artifacts[f"{n}.{CLIP_KEY}"].mean() for n in names]
+        info["awq clip"] = f"{float(sum(clips) / len(clips)):.3f}" if clips else "-"
+    return artifacts, info, weights
+
+
+def _get(block: nn.Module, name: str):
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def quantize_linears(block: nn.Module, names: list[str], cfg: QuantConfig, weights: dict, artifacts: dict) -> None:
+    """RTN with the searched clips, from the folded float32 weights; swaps in ``QuantLinear``."""
+    for n in names:
+        w = weights.get(f"{n}.weight")
+        if w is None:
+            w = block.get_submodule(n).weight.detach().float()
+        replace_linear(block, n, rtn_packed(w, cfg, artifacts.get(f"{n}.{CLIP_KEY}")), cfg)
+
+
+def apply_block(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict) -> None:
+    """Replay search results on a full-precision block: fold the scales, then quantize with the clips."""
+    check_artifacts(block, names, cfg, arch, artifacts)
+    weights = fold_scales(block, arch, artifacts)
+    quantize_linears(block, names, cfg, weights, artifacts)
+
+
+def quantize_block(ctx: BlockContext) -> BlockResult:
+    """The ``awq`` method: search on the calibration inputs and apply, or replay ``cfg.awq.search_file``."""
+    if ctx.cfg.awq.search_file:
+        artifacts = load_search(ctx.cfg.awq.search_file, f"{ctx.arch.blocks}.{ctx.index}.")
+        apply_block(ctx.block, ctx.names, ctx.cfg, ctx.arch, artifacts)
+        return BlockResult(info={"awq": "replayed"})
+    if ctx.inputs is None:
+        raise QtoolError("AWQ needs calibration inputs, or AWQOptions(search_file=...) to replay a search")
+    artifacts, info, weights = search_block(ctx)
+    quantize_linears(ctx.block, ctx.names, ctx.cfg, weights, artifacts)
+    return BlockResult(info=info, artifacts=artifacts)
+
+
+def load_search(path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The search results in ``path`` (a ``qtool_search.safetensors`` file or the checkpoint folder
+    holding it) whose keys start with ``prefix``, with the prefix removed."""
+    from safetensors import safe_open
+
+    path = Path(path)
+    if path.is_dir():
+        path = path / "qtool_search.safetensors"
+    if not path.is_file():
+        raise QtoolError(f"{path}: no such search results file; give the qtool_search.safetensors of an AWQ checkpoint")
+    with safe_open(str(path), "pt") as f:
+        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict) -> None:
+    """Refuse search results that do not fit this block and configuration (another model, group size...)."""
+    from quant import qmath
+
+    for key, t in artifacts.items():
+        name, _, kind = key.rpartition(".")
+        mod = _get(block, name)
+        if kind not in (SCALE_KEY, CLIP_KEY) or not isinstance(mod, nn.Linear):
+            raise QtoolError(f"search results entry {key!r} names no linear of this model's blocks")
+        if kind == SCALE_KEY:
+            want = (mod.in_features,)
+        else:
+            want = (mod.out_features, qmath.n_groups(mod.in_features, cfg.group_size))
+        if tuple(t.shape) != want:
+            raise QtoolError(f"search results entry {key!r} has shape {tuple(t.shape)} but this model and "
+                             f"--group-size {cfg.group_size} need {want}; the results come from another model or setting")
+    for g in arch.scale_groups:
+        keys = [f"{n}.{SCALE_KEY}" for n in g.linears]
+        found = [k for k in keys if k in artifacts]
+        if not found:
+            continue
+        if len(found) != len(keys) or any(not torch.equal(artifacts[k], artifacts[keys[0]]) for k in keys):
+            raise QtoolError(f"search results give {', '.join(g.linears)} different input scales; they share one input")
+        reason = skip_reason(block, g, names)
+        if reason is not None:
+            raise QtoolError(f"search results scale {', '.join(g.linears)}, but that group cannot be folded here: {reason}")
+
+
+def apply_search(model: nn.Module, results, cfg: QuantConfig) -> None:
+    """Quantize a full-precision ``model`` in place with saved AWQ results (a path or a dict of tensors)."""
+    from quant import arch as arch_table
+    from quant.layers import plan_linears
+
+    arch = arch_table.lookup(model.config.model_type)
+    if not isinstance(results, dict):
+        results = load_search(results)
+    plan = plan_linears(model, arch, cfg)
+    for i, block in enumerate(model.get_submodule(arch.blocks)):
+        prefix = f"{arch.blocks}.{i}."
+        apply_block(block, plan.quantize[i], cfg, arch, {k[len(prefix):]: v for k, v in results.items()
+                                                         if k.startswith(prefix)})

@@ -1,0 +1,120 @@
+"""Folding AWQ scales into a block: the producer's output is divided by ``s``, the consumers' columns multiplied.
+
+For a scaling group ``prev -> linears`` with scale ``s [in]``:
+
+* kind "norm":   ``norm(x) * (offset + w)`` becomes ``norm(x) * (offset + w) / s``, i.e.
+  ``w <- (offset + w) / s - offset`` (``offset`` is 1 for gemma's RMSNorm) and ``b <- b / s``;
+* kind "linear": ``prev``'s output rows and bias are divided by ``s``;
+* each consumer: ``W <- W · diag(s)``.
+
+Before quantization the block then computes the same function (up to float rounding).
+All arithmetic is done in float32 on copies and written back once, so the fold is
+bit-reproducible whatever the dtype the block is held in.
+"""
+from __future__ import annotations
+
+import functools
+import logging
+
+import torch
+from torch import nn
+
+from quant.arch import Arch, ScaleGroup
+
+log = logging.getLogger(__name__)
+
+SCALE_KEY = "awq_scale"  # "<linear>.awq_scale": [in] float32, that linear's input was divided by it
+CLIP_KEY = "awq_clip"  # "<linear>.awq_clip": [out, n_groups] float32, range fraction kept
+
+
+def _module(block: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return block.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def skip_reason(block: nn.Module, group: ScaleGroup, quantized: list[str]) -> str | None:
+    """Why ``group``'s scale cannot (or need not) be folded in ``block``; ``None`` when it can."""
+    prev = _module(block, group.prev)
+    if prev is None:
+        return f"{group.prev} is not in the block"
+    consumers = [_module(block, n) for n in group.linears]
+    if any(not isinstance(c, nn.Linear) for c in consumers):
+        return f"one of {', '.join(group.linears)} is not a full-precision linear"
+    if not any(n in quantized for n in group.linears):
+        return "none of its linears is quantized"
+    in_f = {c.in_features for c in consumers}
+    if len(in_f) != 1:
+        return f"{', '.join(group.linears)} read inputs of different widths {sorted(in_f)}"
+    width = in_f.pop()
+    if group.kind == "linear":
+        if not isinstance(prev, nn.Linear):
+            return f"{group.prev} is not a full-precision linear"
+        if prev.out_features != width:
+            return (f"{group.prev} has {prev.out_features} outputs but {group.linears[0]} reads {width} inputs "
+                    f"(grouped-query attention), so no exact fold exists")
+        return None
+    weight = getattr(prev, "weight", None)
+    if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (width,):
+        return f"{group.prev} has no per-channel weight of size {width} to fold into"
+    return None
+
+
+@functools.lru_cache(maxsize=256)
+def _log_once(message: str) -> None:
+    # The same group is skipped in every block for the same reason: say it once.
+    log.info(message)
+
+
+def foldable_groups(block: nn.Module, arch: Arch, quantized: list[str]) -> list[ScaleGroup]:
+    """The table's scaling groups that can be folded here; the others are logged and left out."""
+    groups = []
+    for group in arch.scale_groups:
+        reason = skip_reason(block, group, quantized)
+        if reason is None:
+            groups.append(group)
+        elif reason != "none of its linears is quantized":
+            _log_once(f"AWQ skips scaling group {group.prev} -> {', '.join(group.linears)}: {reason}")
+    return groups
+
+
+def _param_names(block: nn.Module, groups: list[ScaleGroup]) -> list[str]:
+    names = []
+    for group in groups:
+        for mod in (group.prev, *group.linears):
+            for p in ("weight", "bias"):
+                if getattr(block.get_submodule(mod), p, None) is not None:
+                    names.append(f"{mod}.{p}")
+    return list(dict.fromkeys(names))
+
+
+def fold_scales(block: nn.Module, arch: Arch, scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Fold every group whose consumers have an ``<linear>.awq_scale`` in ``scales`` into ``block``.
+
+    Returns the folded float32 values of every parameter touched (``"<module>.weight"``...):
+    the weights to quantize. The block's parameters are updated in their own dtype.
+    """
+    groups = [g for g in arch.scale_groups if f"{g.linears[0]}.{SCALE_KEY}" in scales]
+    params = {n: block.get_parameter(n).detach().float().clone() for n in _param_names(block, groups)}
+    for group in groups:
+        s = scales[f"{group.linears[0]}.{SCALE_KEY}"].float().to(params[f"{group.prev}.weight"].device)
+        pw, pb = f"{group.prev}.weight", f"{group.prev}.bias"
+        if group.kind == "norm":
+            params[pw] = (arch.norm_offset + params[pw]) / s - arch.norm_offset
+        else:
+            params[pw] = params[pw] / s[:, None]
+        if pb in params:
+            params[pb] = params[pb] / s
+        for name in group.linears:
+            params[f"{name}.weight"] = params[f"{name}.weight"] * s[None, :]
+    with torch.no_grad():
+        for n, v in params.items():
+            p = block.get_parameter(n)
+            p.copy_(v.to(p.dtype))
+    return params
+
+
+def group_scales(group: ScaleGroup, scale: torch.Tensor) -> dict[str, torch.Tensor]:
+    """The artifacts of one group's scale: the same ``[in]`` vector under each consumer's name."""
+    return {f"{name}.{SCALE_KEY}": scale.clone() for name in group.linears}  # safetensors refuses shared memory

@@ -1,0 +1,126 @@
+"""AWQ's two searches as functions on tensors: no modules, no model walking.
+
+Both minimise the *output* error of a linear on the calibration tokens. With
+``H = Σ_t x_t x_tᵀ`` (``[in, in]``, summed over every calibration token) the
+squared output error of replacing ``W`` by ``Ŵ`` is exactly
+
+    Σ_t ‖(W - Ŵ) x_t‖² = Σ_rows (W - Ŵ) H (W - Ŵ)ᵀ
+
+so each grid point costs ``out·in²`` flops whatever the number of tokens, and
+the search sees every calibration token instead of a sample.
+
+* :func:`search_scale`: per-input-channel scale ``s = mean|x| ** α`` for α on a
+  grid in [0, 1); the layer computes ``Q(W·diag(s)) · (x / s)``. α = 0 is plain
+  round-to-nearest, so the chosen scale never does worse than RTN on this error.
+* :func:`search_clip`: per (output row, group), the fraction of the weight
+  range kept, on a grid from 1 down to ``1 - max_shrink``. Groups are searched
+  independently (the cross-group terms of ``H`` are left out, as in llm-awq).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from quant import qmath
+
+# Grid points are evaluated in chunks whose float32 temporaries stay under this many bytes.
+MEMORY_BUDGET = 256 * 2**20
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    """How the weights will be rounded (the fields of ``QuantConfig`` the searches need)."""
+
+    bits: int
+    group_size: int
+    sym: bool = False
+    min_zero: int = 0
+
+
+@dataclass
+class ScaleResult:
+    scale: torch.Tensor  # [in] float32, multiplies W's columns (and divides the inputs)
+    ratio: float  # the chosen α
+    errors: torch.Tensor  # [n_grid] output error at each α (α = 0 is RTN)
+
+
+def output_error(dw: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
+    """``Σ_rows dw H dwᵀ`` over the last two dims: ``dw [..., out, in]``, ``h [in, in]`` -> ``[...]``."""
+    return ((dw @ h) * dw).sum(dim=(-2, -1))
+
+
+def _chunk(n_items: int, bytes_per_item: int) -> int:
+    return max(1, min(n_items, MEMORY_BUDGET // max(bytes_per_item, 1)))
+
+
+def _fake_quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None) -> torch.Tensor:
+    return qmath.fake_quantize(w, spec.bits, spec.group_size, spec.sym, clip, spec.min_zero)
+
+
+def candidate_scales(x_mean: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:
+    """``[n_ratios, in]``: ``mean|x| ** α``, normalised so that ``max·min = 1`` (llm-awq's convention)."""
+    s = x_mean.float().clamp(min=1e-4)[None, :] ** ratios[:, None]
+    return s / (s.amax(dim=1, keepdim=True) * s.amin(dim=1, keepdim=True)).sqrt()
+
+
+def search_scale(w: torch.Tensor, h: torch.Tensor, x_mean: torch.Tensor, spec: QuantSpec, n_grid: int = 20) -> ScaleResult:
+    """The input-channel scale of ``w [out, in]`` (the stacked weights of linears sharing one input).
+
+    ``h [in, in]`` is that input's ``Σ x xᵀ``, ``x_mean [in]`` its mean ``|x|``.
+    Every α of the grid is evaluated in a batch (chunked to bound memory).
+    """
+    w = w.float()
+    h = h.float()
+    out_f, in_f = w.shape
+    ratios = torch.arange(n_grid, dtype=torch.float32, device=w.device) / n_grid
+    scales = candidate_scales(x_mean.to(w.device), ratios)  # [n_grid, in]
+    errors = torch.empty(n_grid, dtype=torch.float32, device=w.device)
+    step = _chunk(n_grid, 4 * 4 * out_f * in_f)  # ~4 float32 copies of W per grid point
+    for a in range(0, n_grid, step):
+        s = scales[a:a + step, None, :]  # [c, 1, in]
+        ws = (w[None] * s).reshape(-1, in_f)  # [c*out, in]
+        dq = _fake_quantize(ws, spec).reshape(-1, out_f, in_f) / s
+        errors[a:a + step] = output_error(w[None] - dq, h)
+    best = int(torch.argmin(errors))  # first minimum: ties go to the smaller α
+    return ScaleResult(scale=scales[best].clone(), ratio=float(ratios[best]), errors=errors)
+
+
+def group_diagonal(h: torch.Tensor, group_size: int) -> torch.Tensor:
+    """The diagonal blocks of ``h [in, in]``, one per weight group: ``[n_groups, g, g]``."""
+    in_f = h.shape[0]
+    g = qmath.effective_group_size(in_f, group_size)
+    ng = in_f // g
+    return h.reshape(ng, g, ng, g).diagonal(dim1=0, dim2=2).permute(2, 0, 1)
+
+
+def clip_ratios(n_grid: int, max_shrink: float) -> torch.Tensor:
+    """Fractions of the range tried: ``1, 1 - 1/n, ...`` while the shrink stays below ``max_shrink``."""
+    n = max(1, int(max_shrink * n_grid))
+    return 1.0 - torch.arange(n, dtype=torch.float32) / n_grid
+
+
+def search_clip(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:
+    """Range fraction ``[out, n_groups]`` (float32, 1 = no clipping) for each group of ``w [out, in]``.
+
+    Chooses, for every (row, group), the ratio minimising that group's output
+    error ``Δw_g H_gg Δw_gᵀ``; rows are processed in chunks to bound memory.
+    """
+    w = w.float()
+    out_f, in_f = w.shape
+    g = qmath.effective_group_size(in_f, spec.group_size)
+    ng = in_f // g
+    hb = group_diagonal(h.float(), spec.group_size)  # [ng, g, g]
+    ratios = clip_ratios(n_grid, max_shrink).to(w.device)
+    r = len(ratios)
+    best = torch.empty(out_f, ng, dtype=torch.float32, device=w.device)
+    rows = _chunk(out_f, 4 * 4 * r * in_f)
+    for a in range(0, out_f, rows):
+        wc = w[a:a + rows]  # [c, in]
+        c = wc.shape[0]
+        clip = ratios[:, None, None].expand(r, c, ng).reshape(r * c, ng)
+        dq = _fake_quantize(wc.repeat(r, 1), spec, clip)  # [r*c, in]
+        d = (wc.repeat(r, 1) - dq).reshape(r, c, ng, g)
+        err = torch.einsum("rcng,ngh,rcnh->rcn", d, hb, d)  # [r, c, ng]
+        best[a:a + rows] = ratios[err.argmin(dim=0)]
+    return best
