@@ -1,0 +1,48 @@
+"""Models whose ``generate()`` uses a quantized KV cache by default."""
+from __future__ import annotations
+
+import functools
+
+from quant.kv.cache import QuantizedKVCache
+from quant.kv.config import KVCacheConfig, parse_kv
+
+
+def kv_cache(model, kv: KVCacheConfig | str) -> QuantizedKVCache:
+    """A fresh quantized cache for ``model`` (``kv``: a config, or ``"int8"`` / ``"int4"``)."""
+    if isinstance(kv, str):
+        kv = parse_kv(kv)
+    return QuantizedKVCache(model.config, kv)
+
+
+def with_kv_cache(model, kv: KVCacheConfig | str):
+    """Make ``model.generate`` build a fresh quantized cache on every call that passes none; returns ``model``.
+
+    The original method stays reachable as ``model.generate_fp_cache``.
+    """
+    kv = parse_kv(kv) if isinstance(kv, str) else kv
+    QuantizedKVCache(model.config, kv)  # fail now, not at the first generate, on an unsupported model
+    original = getattr(model, "generate_fp_cache", model.generate)
+
+    @functools.wraps(original)
+    def generate(*args, **kwargs):
+        if kwargs.get("past_key_values") is None:
+            kwargs["past_key_values"] = QuantizedKVCache(model.config, kv)
+        return original(*args, **kwargs)
+
+    model.generate_fp_cache = original
+    model.generate = generate
+    model.kv_cache_config = kv
+    return model
+
+
+def load_with_kv_cache(path, kv: str = "int8", keys: str = "token", window: int = 0, kv_calib=None,
+                       dtype="auto", device="auto"):
+    """``(model, tokenizer)`` like :func:`quant.load_any`, with a quantized KV cache in ``generate``.
+
+    Per-channel keys use ``kv_calib``, else the calibration file named in ``path/config.json``.
+    """
+    from quant import load_any
+
+    cfg = parse_kv(kv, keys=keys, window=window, calib=kv_calib, model_dir=path)
+    model, tokenizer = load_any(path, dtype=dtype, device=device)
+    return with_kv_cache(model, cfg), tokenizer

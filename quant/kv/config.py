@@ -1,0 +1,176 @@
+"""KV-cache quantization settings (frozen, validated) and the calibration file that per-channel keys need.
+
+Calibration file (``kv_calib.safetensors``, beside the model, named in its ``config.json``):
+
+* tensors ``layers.{i}.key_min`` and ``layers.{i}.key_max``: float32 ``[kv_heads, head_dim]``, the
+  smallest and largest value of each channel of layer ``i``'s keys *as they are cached* (after RoPE
+  and any q/k norm), over the calibration tokens. Bits-independent: the scales for 8 or 4 bits are
+  derived at load time (``quantizer.channel_qparams``).
+* metadata: ``format = "qtool-kv-calib"``, ``version = "1"``, ``model_type``, ``num_layers``,
+  ``num_kv_heads``, ``head_dim``, ``n_tokens``.
+
+``config.json`` reference: ``"qtool_kv_cache": {"key_calibration": "kv_calib.safetensors"}`` (a path
+relative to the model folder).
+"""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from quant.errors import QtoolError
+
+KEY_SCHEMES = ("token", "channel")
+CALIB_FORMAT, CALIB_VERSION = "qtool-kv-calib", "1"
+CALIB_FILENAME = "kv_calib.safetensors"
+CONFIG_KEY = "qtool_kv_cache"
+
+
+@dataclass(frozen=True, eq=False)
+class KVCalibration:
+    """Per-layer key channel ranges, each ``[kv_heads, head_dim]`` float32."""
+
+    key_min: tuple[torch.Tensor, ...]
+    key_max: tuple[torch.Tensor, ...]
+    model_type: str = ""
+    n_tokens: int = 0
+    source: str = ""  # the file it was read from, for error messages
+
+    @property
+    def num_layers(self) -> int:
+        return len(self.key_min)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return tuple(self.key_min[0].shape)  # type: ignore[return-value]
+
+    def save(self, path: str | os.PathLike) -> Path:
+        path = Path(path)
+        tensors = {}
+        for i, (lo, hi) in enumerate(zip(self.key_min, self.key_max)):
+            tensors[f"layers.{i}.key_min"] = lo.float().contiguous()
+            tensors[f"layers.{i}.key_max"] = hi.float().contiguous()
+        heads, head_dim = self.shape
+        meta = dict(format=CALIB_FORMAT, version=CALIB_VERSION, model_type=self.model_type,
+                    num_layers=str(self.num_layers), num_kv_heads=str(heads), head_dim=str(head_dim),
+                    n_tokens=str(self.n_tokens))
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
+        os.close(fd)
+        save_file(tensors, tmp, metadata=meta)
+        os.replace(tmp, path)
+        return path
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> KVCalibration:
+        path = Path(path)
+        if not path.is_file():
+            raise QtoolError(f"{path}: no such file; --kv-calib takes a file written by `qtool kv calibrate`")
+        try:
+            with safe_open(str(path), framework="pt") as f:
+                meta = f.metadata() or {}
+                if meta.get("format") != CALIB_FORMAT:
+                    raise QtoolError(f"{path}: is not a KV calibration file (format {meta.get('format')!r}, "
+                                     f"expected {CALIB_FORMAT!r}); write one with `qtool kv calibrate`")
+                n = int(meta["num_layers"])
+                lo = tuple(f.get_tensor(f"layers.{i}.key_min") for i in range(n))
+                hi = tuple(f.get_tensor(f"layers.{i}.key_max") for i in range(n))
+        except QtoolError:
+            raise
+        except Exception as e:  # a truncated or foreign file: say which one
+            raise QtoolError(f"{path}: cannot be read as a KV calibration file ({e})") from None
+        return cls(lo, hi, meta.get("model_type", ""), int(meta.get("n_tokens", 0)), str(path))
+
+    def check_model(self, n_layers: int, kv_heads: int, head_dim: int) -> None:
+        """Raise a :class:`QtoolError` unless the file fits a model with these dimensions."""
+        where = self.source or "the KV calibration"
+        if self.num_layers != n_layers or self.shape != (kv_heads, head_dim):
+            raise QtoolError(
+                f"{where}: holds {self.num_layers} layers of {self.shape[0]} KV heads x {self.shape[1]} channels, "
+                f"but the model has {n_layers} layers of {kv_heads} x {head_dim}; calibrate this model")
+
+
+def calibration_reference(model_dir: str | os.PathLike) -> Path | None:
+    """The calibration file named in ``model_dir/config.json``, or None."""
+    cfg_path = Path(model_dir) / "config.json"
+    if not cfg_path.is_file():
+        return None
+    ref = json.loads(cfg_path.read_text()).get(CONFIG_KEY, {}).get("key_calibration")
+    return Path(model_dir) / ref if ref else None
+
+
+def write_calibration_reference(model_dir: str | os.PathLike, calib_path: str | os.PathLike) -> None:
+    """Name ``calib_path`` (which must lie in ``model_dir``) in ``model_dir/config.json``."""
+    model_dir, calib_path = Path(model_dir).resolve(), Path(calib_path).resolve()
+    rel = os.path.relpath(calib_path, model_dir)
+    cfg_path = model_dir / "config.json"
+    config = json.loads(cfg_path.read_text())
+    config[CONFIG_KEY] = {"key_calibration": rel}
+    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".config.json.")
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, cfg_path)
+
+
+@dataclass(frozen=True)
+class KVCacheConfig:
+    """How the cache stores keys and values.
+
+    ``bits``: 8 or 4. ``keys``: ``"token"`` (online per (token, head) groups) or ``"channel"``
+    (static per-channel scales from ``calibration``). Values are always per (token, head).
+    ``window``: the most recent ``window`` tokens of each layer stay in full precision.
+    """
+
+    bits: int = 8
+    keys: str = "token"
+    window: int = 0
+    calibration: KVCalibration | None = field(default=None, repr=False, compare=False)
+
+    def __post_init__(self):
+        if self.bits not in (4, 8):
+            raise QtoolError(f"--kv bits {self.bits!r} are not supported; use int8 or int4")
+        if self.keys not in KEY_SCHEMES:
+            raise QtoolError(f"--kv-keys {self.keys!r} is not a key scheme; use 'token' or 'channel'")
+        if not isinstance(self.window, int) or self.window < 0:
+            raise QtoolError(f"--kv-window {self.window!r} must be a whole number of tokens, 0 or more")
+        if self.keys == "channel" and self.calibration is None:
+            raise QtoolError("--kv-keys channel needs per-channel key ranges: pass --kv-calib FILE "
+                             "(written by `qtool kv calibrate MODEL_DIR`) or calibrate the model folder")
+
+    def with_(self, **changes) -> KVCacheConfig:
+        return replace(self, **changes)
+
+    @property
+    def name(self) -> str:
+        w = f", fp window {self.window}" if self.window else ""
+        return f"int{self.bits} KV ({self.keys} keys{w})"
+
+
+KV_PRESETS = {"int8": KVCacheConfig(bits=8), "int4": KVCacheConfig(bits=4)}
+
+
+def parse_kv(kind: str, keys: str = "token", window: int = 0,
+             calib: str | os.PathLike | None = None, model_dir: str | os.PathLike | None = None) -> KVCacheConfig:
+    """Build a config from CLI-style strings: ``kind`` is ``int8`` or ``int4``.
+
+    Per-channel keys read ``calib``, else the file named in ``model_dir/config.json``.
+    """
+    if kind not in KV_PRESETS:
+        raise QtoolError(f"--kv {kind!r} is not a KV cache type; use int8 or int4")
+    calibration = None
+    if calib is not None:
+        calibration = KVCalibration.load(calib)
+    elif keys == "channel" and model_dir is not None:
+        ref = calibration_reference(model_dir)
+        if ref is not None:
+            calibration = KVCalibration.load(ref)
+    if calibration is not None and keys == "token":
+        raise QtoolError("--kv-calib holds per-channel key ranges, which only --kv-keys channel uses; "
+                         "add --kv-keys channel or drop --kv-calib")
+    return KV_PRESETS[kind].with_(keys=keys, window=window, calibration=calibration)
