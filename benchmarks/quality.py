@@ -1,0 +1,166 @@
+"""Quality table: perplexity, size, time and peak memory of each quantization method on the example model.
+
+    python benchmarks/quality.py                       # the README's main job: fp32 / RTN / AWQ at w4 g64
+    python benchmarks/quality.py --preset full         # + w4 g32 and w3 g64 rows, GPTQ, a second text genre
+    python benchmarks/quality.py --runs rtn:w4g64,awq:w4g64 --texts wiki,code
+
+Each quantization runs in its own process so its time and peak RSS are its own.
+Checkpoints are kept under the cache (``$QTOOL_CACHE``, default ~/.cache/qtool/runs).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import re
+import resource
+import subprocess
+import sys
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+PRESETS = {
+    "example": ("fp32,rtn:w4g64,awq:w4g64", "wiki"),
+    "full": ("fp32,rtn:w4g64,awq:w4g64,gptq:w4g64,rtn:w4g32,awq:w4g32,gptq:w4g32,"
+             "rtn:w3g64,awq:w3g64,gptq:w3g64", "wiki,code"),
+}
+_RUN = re.compile(r"^(rtn|awq|gptq)(?:\+(\w+))?:w(\d)g(-?\d+)$")
+
+
+@dataclass
+class Row:
+    run: str
+    ppl: dict  # text name -> perplexity
+    eval_tokens: int
+    size_mib: float
+    quant_seconds: float
+    peak_rss_mib: float
+
+
+def _parse_run(run: str) -> dict:
+    if run == "fp32":
+        return {}
+    m = _RUN.match(run)
+    if not m:
+        raise SystemExit(f"--runs: {run!r} is not fp32 or METHOD:wBITSgGROUP (e.g. awq:w4g64, gptq+asym:w4g64)")
+    method, variant, bits, group = m.groups()
+    opts = {"method": method, "bits": int(bits), "group_size": int(group)}
+    if method == "gptq":
+        opts["sym"] = variant != "asym"
+        if variant == "actorder":
+            opts["gptq"] = {"act_order": True}
+        if variant == "awq":
+            opts["gptq"] = {"awq_first": True}
+    return opts
+
+
+def worker(spec: dict) -> dict:
+    """In a fresh process: quantize (unless fp32), then score each text. Prints one JSON line."""
+    import torch
+
+    import quant
+    from quant import model_io
+    from quant.config import GPTQOptions
+
+    torch.set_num_threads(spec["threads"])
+    src, out = spec["model"], spec["out"]
+    opts = _parse_run(spec["run"])
+    t0 = time.perf_counter()
+    if opts:
+        if "gptq" in opts:
+            opts["gptq"] = GPTQOptions(**opts["gptq"])
+        quant.quantize(src, out, overwrite=True, progress=False, n_samples=spec["n_samples"],
+                       seqlen=spec["seqlen"], **opts)
+    quant_seconds = time.perf_counter() - t0
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    path = out if opts else src
+    model, tok = quant.load_any(path, dtype="float32", device="cpu")
+    ppl = {}
+    n = 0
+    for name, text_path in spec["texts"].items():
+        r = quant.perplexity(model, tok, Path(text_path).read_text(), seqlen=512, max_tokens=spec["eval_tokens"])
+        ppl[name], n = r.ppl, r.n_tokens
+    size = model_io.folder_bytes(path, ("*.safetensors",)) / 2**20
+    return asdict(Row(spec["run"], ppl, n, size, quant_seconds if opts else 0.0, peak if opts else 0.0))
+
+
+def run_all(runs: list[str], texts: list[str], args) -> list[Row]:
+    from example_data import ensure_example, eval_text_path, example_model_dir
+
+    ensure_example()
+    model = str(example_model_dir())
+    (Path(args.cache) / "runs").mkdir(parents=True, exist_ok=True)
+    rows = []
+    for run in runs:
+        spec = {"run": run, "model": model, "out": str(Path(args.cache) / "runs" / run.replace(":", "-")),
+                "texts": {t: str(eval_text_path(t)) for t in texts}, "eval_tokens": args.eval_tokens,
+                "n_samples": args.n_samples, "seqlen": args.seqlen, "threads": args.threads}
+        print(f"[{run}] running ...", file=sys.stderr, flush=True)
+        proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
+        if proc.returncode:
+            sys.stderr.write(proc.stderr[-3000:])
+            raise SystemExit(f"[{run}] failed with exit status {proc.returncode}")
+        rows.append(Row(**json.loads(proc.stdout.strip().splitlines()[-1])))
+        print(f"[{run}] {rows[-1]}", file=sys.stderr, flush=True)
+    return rows
+
+
+def table(rows: list[Row], texts: list[str]) -> str:
+    from tabulate import tabulate
+
+    fp = next((r for r in rows if r.run == "fp32"), None)
+    rtn = {r.run.split(":")[1]: r for r in rows if r.run.startswith("rtn:")}
+    headers = ["run"] + [f"PPL {t}" for t in texts] + [f"gap closed {t}" for t in texts] + [
+        "size MiB", "quantize s", "peak RSS MiB"]
+    out = []
+    for r in rows:
+        cells = [r.run] + [f"{r.ppl[t]:.3f}" for t in texts]
+        base = rtn.get(r.run.split(":")[1]) if ":" in r.run else None
+        for t in texts:
+            if fp and base and base is not r and base.ppl[t] != fp.ppl[t]:
+                cells.append(f"{(base.ppl[t] - r.ppl[t]) / (base.ppl[t] - fp.ppl[t]):.0%}")
+            else:
+                cells.append("")
+        cells += [f"{r.size_mib:.1f}", f"{r.quant_seconds:.0f}" if r.quant_seconds else "",
+                  f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib else ""]
+        out.append(cells)
+    return tabulate(out, headers=headers, tablefmt="github")
+
+
+def main() -> None:
+    from example_data import cache_dir
+
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--worker", help=argparse.SUPPRESS)
+    p.add_argument("--preset", choices=sorted(PRESETS), default="example")
+    p.add_argument("--runs", help="Comma-separated: fp32, METHOD:wBITSgGROUP (overrides the preset).")
+    p.add_argument("--texts", help="Comma-separated evaluation texts: wiki, code (overrides the preset).")
+    p.add_argument("--eval-tokens", type=int, default=10240, help="Tokens scored per text (512-token windows).")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--cache", default=str(cache_dir()))
+    args = p.parse_args()
+    if args.worker:
+        print(json.dumps(worker(json.loads(args.worker))))
+        return
+    runs, texts = PRESETS[args.preset]
+    runs = (args.runs or runs).split(",")
+    texts = (args.texts or texts).split(",")
+    for r in runs:
+        _parse_run(r)
+    t0 = time.perf_counter()
+    rows = run_all(runs, texts, args)
+    print(f"\nSmolLM2-135M-Instruct, {args.eval_tokens} held-out tokens per text in 512-token windows; "
+          f"calibration {args.n_samples} x {args.seqlen} tokens of the built-in corpus; "
+          f"{platform.processor() or platform.machine()}, {args.threads} threads; "
+          f"total {time.perf_counter() - t0:.0f} s")
+    print("gap closed = (PPL_rtn - PPL) / (PPL_rtn - PPL_fp32) at the same bits and group size\n")
+    print(table(rows, texts))
+
+
+if __name__ == "__main__":
+    main()
