@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import json
-import logging
 import os
 from pathlib import Path
 
@@ -15,9 +14,7 @@ from quant.config import QuantConfig
 from quant.errors import QtoolError
 from quant.modules import QuantLinear
 
-log = logging.getLogger(__name__)
 QTOOL_META = "qtool.json"  # how the checkpoint was made: method, calibration, sizes (ours only)
-_QUANT_BUFFERS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def quantization_config(cfg: QuantConfig, skipped: list[str]) -> dict:

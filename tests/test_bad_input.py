@@ -4,7 +4,6 @@ import os
 import sys
 
 import pytest
-import torch
 from safetensors.torch import load_file, save_file
 from test_pipeline import tree_digest
 from tiny_models import save_tiny_model
