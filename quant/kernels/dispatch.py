@@ -19,6 +19,7 @@ import logging
 import torch
 
 from quant import qmath
+from quant.formats import PackedWeight
 from quant.kernels import layout, loader, ops, reference
 
 log = logging.getLogger(__name__)
@@ -68,15 +69,16 @@ def cuda_kernel_for(m: int, layer) -> tuple[str | None, str | None]:
     return None, gemm_why if m > ops.GEMV_MAX_M else f"{gemv_why}; {gemm_why}"
 
 
-def prepare_cuda(layer, dtype: torch.dtype, device: torch.device) -> layout.Tile32Weight:
-    """The layer's tile32 copy for ``dtype`` on ``device`` (built once, then cached).
+def prepare_cuda(layer, dtype: torch.dtype, device: torch.device, packed: PackedWeight | None = None):
+    """``(tile32 weight, bias)`` of the layer for ``dtype`` on ``device`` (built once, then cached).
 
     Call it before CUDA-graph capture so that nothing is allocated inside the captured region.
+    ``packed`` (optional) is the layer's canonical weight when the caller already has it.
     """
-    key = ("tile32", dtype, str(device))
+    key = ("tile32", dtype, str(torch.device(device)))
     cache = _cache(layer)
     if key not in cache:
-        kw = layout.repack(layer.packed_weight(), dtype)
+        kw = layout.repack(packed if packed is not None else layer.packed_weight(), dtype)
         bias = None if layer.bias is None else layer.bias.to(device=device, dtype=dtype).contiguous()
         cache[key] = (
             layout.Tile32Weight(

@@ -1,0 +1,60 @@
+"""Shared GPU timing helpers for the kernel benchmarks (CUDA events, CUDA graphs, L2 rotation)."""
+from __future__ import annotations
+
+import datetime
+import statistics
+import sys
+
+import torch
+
+L2_FLUSH_BYTES = 256 * 2**20  # rotate over at least this much so no set is L2-resident (H100 L2: 50 MB)
+
+
+def rotation_count(bytes_per_set: int, cap: int = 32) -> int:
+    """How many input sets to rotate through so that each call misses L2."""
+    return max(2, min(cap, -(-L2_FLUSH_BYTES // max(1, bytes_per_set))))
+
+
+def time_graph(calls, replays: int = 30, warmup: int = 3) -> float:
+    """Median µs per call of ``calls`` (a list of closures), captured once into a CUDA graph.
+
+    A graph removes launch gaps between the calls; each closure uses its own inputs (L2 rotation).
+    """
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for fn in calls:  # warm-up (lazy init, cuBLAS handles, autotuning) outside the capture
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    torch.cuda.synchronize()
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for fn in calls:
+            fn()
+    for _ in range(warmup):
+        graph.replay()
+    times = []
+    for _ in range(replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / len(calls))
+    del graph
+    return statistics.median(times)
+
+
+def copy_bandwidth_gbs(nbytes: int = 2**30) -> float:
+    """Measured device-to-device copy bandwidth (bytes read + written), GB/s."""
+    src = torch.randn(nbytes // 4, device="cuda")
+    dst = torch.empty_like(src)
+    us = time_graph([lambda: dst.copy_(src)], replays=20)
+    return 2 * nbytes / (us * 1e-6) / 1e9
+
+
+def header(title: str) -> str:
+    props = torch.cuda.get_device_properties(0)
+    return (f"## {title}\n\n- device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
+            f"CUDA {torch.version.cuda}\n- date: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
+            f"- command: `{' '.join(['python'] + sys.argv)}`\n")
