@@ -9,11 +9,13 @@ STAMP := $(VENV)/.qtool-installed
 
 .PHONY: example test clean-venv
 
-# torch first, from a local wheel if there is one, else the CPU index: never the multi-GB CUDA build.
-# A torch that is already importable (say, a CUDA one in a --system-site-packages venv) is kept.
+# torch first, from a local wheel if pip finds one (its dependencies then come from the usual index),
+# else from the PyTorch CPU index: never the multi-GB CUDA build. A torch that is already importable
+# (say, a CUDA one in a --system-site-packages venv) is kept.
 $(STAMP): pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
-	$(BIN)/python -c "import torch" 2>/dev/null || $(BIN)/python -m pip install -q --no-index $(TORCH) \
+	$(BIN)/python -c "import torch" 2>/dev/null \
+		|| { $(BIN)/python -m pip install -q --no-index --no-deps $(TORCH) && $(BIN)/python -m pip install -q $(TORCH); } \
 		|| $(BIN)/python -m pip install -q $(TORCH) --index-url https://download.pytorch.org/whl/cpu
 	$(BIN)/python -m pip install -q -e ".[example,test]"
 	touch $@
