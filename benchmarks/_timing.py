@@ -58,3 +58,11 @@ def header(title: str) -> str:
     return (f"## {title}\n\n- device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
             f"CUDA {torch.version.cuda}\n- date: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
             f"- command: `{' '.join(['python'] + sys.argv)}`\n")
+
+
+def emit(text: str, out: str | None) -> None:
+    """Print a result block and append it to ``out`` (markdown) when given."""
+    print(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n")

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from tabulate import tabulate
 from torch import nn
 
-from _timing import header
+from _timing import emit, header
 from quant.formats import PackedWeight
 from quant.kernels import dispatch, loader
 from quant.modules import QuantLinear
@@ -183,10 +183,7 @@ def main() -> None:
               f"weights {i.linear_weight_gib / f.linear_weight_gib:.1%}" for f, i in zip(results[::2], results[1::2])]
     text = header(f"bench_decode: Llama-7B shape, {args.layers} layers, group {args.group_size}") + \
         f"\n{table}\n\n" + "\n".join(f"- {r}" for r in ratios) + "\n"
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit(text, args.out)
 
 
 if __name__ == "__main__":

@@ -15,7 +15,7 @@ import torch
 import torch.nn.functional as F
 from tabulate import tabulate
 
-from _timing import copy_bandwidth_gbs, header, rotation_count, time_graph
+from _timing import copy_bandwidth_gbs, emit, header, rotation_count, time_graph
 from quant import qmath
 from quant.formats import PackedWeight
 from quant.kernels import dispatch, layout, loader
@@ -142,10 +142,7 @@ def main() -> None:
     table = tabulate([asdict(r) for r in results], headers="keys", floatfmt=".3g", tablefmt="github")
     text = (header(f"bench_gemm: W4A16 {args.dtype}, group {args.group_size}") +
             f"- measured copy bandwidth: {copy_bw:.0f} GB/s (read + write)\n\n{table}\n")
-    print(text)
-    if args.out:
-        with open(args.out, "a") as f:
-            f.write(text + "\n")
+    emit(text, args.out)
 
 
 if __name__ == "__main__":
