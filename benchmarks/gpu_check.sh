@@ -22,6 +22,9 @@ step() {  # step NAME SECONDS CMD...
 
 { nvidia-smi; nvcc --version; $PY -c "import torch; print(torch.__version__, torch.version.cuda, torch.cuda.get_device_name(0))"; } \
   >"$OUT/env.txt" 2>&1
+for mod in pytest tabulate; do  # no internet there: say up front if a step will fail for a missing module
+  $PY -c "import $mod" 2>/dev/null || echo "WARNING: python module $mod missing; steps needing it will fail" | tee -a "$OUT/env.txt"
+done
 cat "$OUT/env.txt"
 
 # 1. Build for the local GPU only (sm_90 on H100/H200; sm_80 is covered by CPU CI).
