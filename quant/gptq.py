@@ -1,0 +1,238 @@
+"""GPTQ (Frantar et al., 2022, "Accurate post-training quantization for generative transformers").
+
+Columns of ``W[out, in]`` are rounded one at a time, left to right; the rounding
+error of column ``j`` is spread over the columns not yet rounded so that the
+layer's output on the calibration inputs changes least (the error is measured by
+the Hessian ``H = XᵀX / n``). The updates use the upper Cholesky factor ``U`` of
+``H⁻¹`` (``H⁻¹ = UᵀU``): row ``j`` of ``U`` is, up to a factor, exactly the OBS
+update for column ``j`` given that columns ``< j`` are already fixed. Updates are
+applied lazily: inside a block of ``block_size`` columns immediately, to the
+columns after the block once per block, as one matrix product.
+
+``gptq_quantize(W, H, cfg)`` is the solver, a function on tensors.
+``quantize_block(ctx)`` is the pipeline's method: collect Hessians, solve, swap
+each linear for its packed layer, sub-layer group by sub-layer group.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from calib.hessian import collect_hessians
+from quant import qmath
+from quant.config import QuantConfig
+from quant.formats import PackedWeight
+from quant.layers import min_zero, replace_linear, rtn_packed
+from quant.methods import BlockContext, BlockResult
+
+log = logging.getLogger(__name__)
+_MAX_DAMP = 1.0  # the last damping tried, as a fraction of H's mean diagonal
+_DAMP_STEP = 4.0  # escalation factor when the Cholesky factorization fails
+
+
+@dataclass
+class GPTQResult:
+    """The packed codes and how the solve went."""
+
+    packed: PackedWeight
+    damp: float | None  # damping that let the factorization succeed; None if RTN was used
+    fallback: str | None = None  # why RTN was used instead, or None
+
+
+def hessian_error(W: torch.Tensor, Wq: torch.Tensor, H: torch.Tensor) -> float:
+    """``tr((W - Wq) H (W - Wq)ᵀ)``: the increase of the summed squared output error (per token)."""
+    E = (W - Wq).to(H.dtype)
+    return float(((E @ H) * E).sum())
+
+
+def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor | None, float | None]:
+    """Upper Cholesky factor of ``(H + λI)⁻¹`` with ``λ = damp * mean(diag H)``, escalating ``damp``.
+
+    ``damp`` grows by ``_DAMP_STEP`` whenever a factorization fails, up to
+    ``_MAX_DAMP``. Returns ``(U, damp used)``, or ``(None, None)`` if none worked.
+    """
+    if not torch.isfinite(H).all():
+        return None, None
+    mean_diag = torch.diagonal(H).mean()
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    d = damp
+    while True:
+        L, info = torch.linalg.cholesky_ex(H + d * mean_diag * eye)
+        if info == 0:
+            U, info = torch.linalg.cholesky_ex(torch.cholesky_inverse(L), upper=True)
+            if info == 0 and torch.isfinite(U).all():
+                return U, d
+        if d >= _MAX_DAMP:
+            return None, None
+        log.info("Cholesky factorization failed with damp %.4g; retrying with more damping", d)
+        d = min(d * _DAMP_STEP, _MAX_DAMP)
+
+
+def _group_params(W: torch.Tensor, cfg: QuantConfig):
+    """Scale and zero ``[out, 1]`` of the columns ``W[out, g]`` of one group."""
+    return qmath.compute_qparams(W, cfg.bits, -1, cfg.sym, None, min_zero(cfg))
+
+
+def _columns_now(W, W1, Err1, U, i1, i, c0, c1):
+    """Columns ``c0..c1`` of the weight as they are now, lazy updates included.
+
+    Inside the current block (``W1``, from ``i1``) they are up to date; after it,
+    ``W`` still lacks the updates of the block's first ``i`` columns.
+    """
+    i2 = i1 + W1.shape[1]
+    inside = W1[:, c0 - i1 : min(c1, i2) - i1]
+    if c1 <= i2:
+        return inside
+    after = W[:, i2:c1] - Err1[:, :i] @ U[i1 : i1 + i, i2:c1]
+    return torch.cat([inside, after], dim=1)
+
+
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
+    """Quantize ``W[out, in]`` with GPTQ under the Hessian ``H[in, in]`` (``XᵀX / n``).
+
+    Uses ``cfg.bits``, ``cfg.group_size``, ``cfg.sym`` and ``cfg.gptq`` (damp,
+    block_size, act_order, static_groups). Group parameters come from
+    ``qmath.compute_qparams`` on the group's columns as the solver reaches them
+    (already corrected for earlier errors), so each column is rounded with exactly
+    the float16 scale the checkpoint stores. Works in float64 if ``W`` is float64,
+    else float32. Inputs that never fire (``H[i, i] = 0``) get weight 0.
+    """
+    opts = cfg.gptq
+    dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
+    W = W.detach().to(dtype).clone()
+    H = H.detach().to(device=W.device, dtype=dtype).clone()
+    out_f, in_f = W.shape
+    g = qmath.effective_group_size(in_f, cfg.group_size)
+    if in_f % g:
+        raise ValueError(f"in_features {in_f} is not divisible by group_size {g}")
+
+    dead = torch.diagonal(H) == 0
+    H[dead, dead] = 1.0
+    W[:, dead] = 0.0
+    if opts.static_groups:  # parameters of the natural groups, fixed before any error is spread
+        s_static, z_static = qmath.compute_qparams(W, cfg.bits, cfg.group_size, cfg.sym, None, min_zero(cfg))
+    perm = None
+    if opts.act_order:  # largest diagonal first: the most important columns are rounded while most are free
+        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        W, H = W[:, perm], H[perm][:, perm]
+
+    U, damp = inverse_hessian_cholesky(H, opts.damp)
+    if U is None:
+        reason = "the Hessian is not finite" if not torch.isfinite(H).all() else "Cholesky failed at every damping"
+        return GPTQResult(rtn_packed(W if perm is None else W[:, torch.argsort(perm)], cfg), None, reason)
+
+    Q = torch.zeros(out_f, in_f, dtype=torch.int32, device=W.device)
+    scale = torch.zeros(out_f, in_f // g, dtype=torch.float32, device=W.device)
+    zero = torch.zeros_like(scale)
+    for i1 in range(0, in_f, opts.block_size):
+        i2 = min(i1 + opts.block_size, in_f)
+        W1 = W[:, i1:i2].clone()
+        Err1 = torch.zeros_like(W1)
+        U1 = U[i1:i2, i1:i2]
+        for i in range(i2 - i1):
+            col = i1 + i
+            if opts.static_groups:
+                gi = (col if perm is None else int(perm[col])) // g
+                s, z = s_static[:, gi : gi + 1], z_static[:, gi : gi + 1]
+            elif col % g == 0:
+                s, z = _group_params(_columns_now(W, W1, Err1, U, i1, i, col, col + g), cfg)
+                scale[:, col // g : col // g + 1], zero[:, col // g : col // g + 1] = s, z
+            w = W1[:, i : i + 1]  # [out, 1]
+            q = qmath.quantize(w, s, z, cfg.bits, -1)
+            err = (w - qmath.dequantize(q, s, z, -1).to(dtype)) / U1[i, i]
+            W1[:, i:] -= err @ U1[i : i + 1, i:]  # OBS update of the block's remaining columns
+            Err1[:, i : i + 1] = err
+            Q[:, col : col + 1] = q
+        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy batch update of every later column
+
+    if opts.static_groups:
+        scale, zero = s_static, z_static
+    g_idx = None
+    if perm is not None:
+        inv = torch.argsort(perm)
+        Q = Q[:, inv]
+        if not opts.static_groups:  # permuted column j was in group j // g
+            g_idx = (inv // g).to(torch.int32)
+    packed = PackedWeight(q=Q, scale=scale, zero=zero, bits=cfg.bits, group_size=cfg.group_size, g_idx=g_idx)
+    return GPTQResult(packed, damp)
+
+
+def _sequential_groups(ctx: BlockContext) -> list[tuple[str, ...]]:
+    """The architecture's sub-layer groups (linears sharing an input, in execution order), minus skipped linears."""
+    wanted = set(ctx.names)
+    groups = [tuple(n for n in g if n in wanted) for g in ctx.arch.sequential]
+    listed = {n for g in groups for n in g}
+    return [g for g in groups if g] + [(n,) for n in ctx.names if n not in listed]
+
+
+def _by_hessian(names, hessians) -> list[list[str]]:
+    """``names`` grouped by the Hessian object they share, in order."""
+    out: dict[int, list[str]] = {}
+    for n in names:
+        out.setdefault(id(hessians[n]), []).append(n)
+    return list(out.values())
+
+
+def _rows(pw: PackedWeight, r0: int, r1: int) -> PackedWeight:
+    """Output rows ``r0..r1`` of a packed weight (one linear out of a stacked solve)."""
+    # g_idx is copied: the checkpoint writer drops tensors sharing storage as tied weights.
+    g_idx = None if pw.g_idx is None else pw.g_idx.clone()
+    return PackedWeight(pw.q[r0:r1].clone(), pw.scale[r0:r1].clone(), pw.zero[r0:r1].clone(),
+                        pw.bits, pw.group_size, g_idx)
+
+
+def quantize_block(ctx: BlockContext) -> BlockResult:
+    """GPTQ for one decoder block, in place.
+
+    True-sequential (the default): each sub-layer group (q/k/v, o, gate/up, down)
+    gets its Hessian from a forward pass in which the groups before it already
+    compute with their quantized weights. Otherwise every Hessian comes from the
+    full-precision block.
+    """
+    if ctx.inputs is None:
+        raise ValueError("GPTQ needs calibration inputs")
+    cfg = ctx.cfg
+    groups = _sequential_groups(ctx)
+    t_hessian = t_solve = 0.0
+    rel_errors, damps, fallbacks = [], [], []
+
+    def solve(names, hessians):
+        # Linears that share an input share H, so their rows are solved as one matrix.
+        nonlocal t_solve
+        t = time.perf_counter()
+        for shared in _by_hessian(names, hessians):
+            lins = [ctx.block.get_submodule(n) for n in shared]
+            H = hessians[shared[0]].mean
+            res = gptq_quantize(torch.cat([lin.weight for lin in lins]), H, cfg)
+            if res.fallback:
+                log.warning("block %d %s: GPTQ fell back to round-to-nearest (%s)", ctx.index, ",".join(shared),
+                            res.fallback)
+                fallbacks.extend(shared)
+            else:
+                damps.append(res.damp)
+            rows = 0
+            for name, lin in zip(shared, lins):
+                pw = _rows(res.packed, rows, rows + lin.out_features)
+                rows += lin.out_features
+                W = lin.weight.detach().to(H.dtype)
+                rel_errors.append(hessian_error(W, pw.dequantize(H.dtype).to(H.device), H)
+                                  / max(hessian_error(W, torch.zeros_like(W), H), 1e-30))
+                replace_linear(ctx.block, name, pw, cfg)
+        t_solve += time.perf_counter() - t
+
+    todo = [(g,) for g in groups] if cfg.gptq.true_sequential else [tuple(groups)]
+    for batch in todo:
+        t = time.perf_counter()
+        hessians = collect_hessians(ctx.block, ctx.inputs, list(batch))
+        t_hessian += time.perf_counter() - t
+        solve([n for g in batch for n in g], hessians)
+        del hessians
+
+    info = {"hessian s": f"{t_hessian:.2f}", "solve s": f"{t_solve:.2f}",
+            "rel err": f"{sum(rel_errors) / len(rel_errors):.2e}", "max damp": f"{max(damps, default=0):.3g}"}
+    if fallbacks:
+        info["rtn fallback"] = ",".join(fallbacks)
+    return BlockResult(info=info)

@@ -1,0 +1,250 @@
+"""GPTQ: the solver against RTN and a direct OBQ reference, its edge cases, and the method end to end."""
+import json
+import logging
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import save_tiny_model
+
+import quant
+from quant.errors import QtoolError
+from calib.hessian import Hessian
+from cli.main import app
+from quant import qmath
+from quant.config import GPTQOptions, QuantConfig
+from quant.formats import pack_gptq, unpack_gptq
+from quant.gptq import gptq_quantize, hessian_error, inverse_hessian_cholesky
+from quant.layers import min_zero, rtn_packed
+from quant.modules import QuantLinear
+
+
+def _cfg(bits=4, group_size=16, sym=True, **gptq):
+    fmt = "gptq" if bits != 4 or sym or gptq.get("act_order") else None
+    return QuantConfig(method="gptq", bits=bits, group_size=group_size, sym=sym, fmt=fmt, gptq=GPTQOptions(**gptq))
+
+
+def _problem(out_f=24, in_f=64, seed=0, dtype=torch.float32):
+    """A random weight and the Hessian of correlated inputs with uneven channel scales."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(out_f, in_f, generator=g, dtype=dtype)
+    mix = torch.randn(in_f, in_f, generator=g, dtype=dtype) / in_f**0.5
+    X = (torch.randn(4 * in_f, in_f, generator=g, dtype=dtype) @ mix) * torch.rand(in_f, generator=g, dtype=dtype) * 3
+    return W, X.t() @ X / X.shape[0]
+
+
+def obq_reference(W, H, cfg):
+    """GPTQ the slow way: one column at a time with the explicit inverse of the remaining Hessian.
+
+    After column j is rounded, its error is spread over the columns still free with
+    the OBS update, and j is eliminated from ``H⁻¹`` (Gaussian elimination).
+    Natural or act-order column order, groups set when the solver reaches them.
+    """
+    W, H = W.double().clone(), H.double().clone()
+    in_f = W.shape[1]
+    g = qmath.effective_group_size(in_f, cfg.group_size)
+    order = torch.argsort(torch.diagonal(H), descending=True, stable=True) if cfg.gptq.act_order else torch.arange(in_f)
+    W, H = W[:, order], H[order][:, order]
+    Hinv = torch.linalg.inv(H + cfg.gptq.damp * torch.diagonal(H).mean() * torch.eye(in_f, dtype=H.dtype))
+    Q = torch.zeros(W.shape, dtype=torch.int32)
+    for j in range(in_f):
+        if j % g == 0:
+            s, z = qmath.compute_qparams(W[:, j:j + g], cfg.bits, -1, cfg.sym, None, min_zero(cfg))
+        Q[:, j:j + 1] = qmath.quantize(W[:, j:j + 1], s, z, cfg.bits, -1)
+        err = (W[:, j] - qmath.dequantize(Q[:, j:j + 1], s, z, -1, dtype=W.dtype)[:, 0]) / Hinv[j, j]
+        W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
+        Hinv = Hinv - Hinv[:, j:j + 1] @ Hinv[j:j + 1, :] / Hinv[j, j]
+    return Q[:, torch.argsort(order)]
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("block_size", [5, 16, 128])
+def test_solver_matches_one_column_at_a_time_obq(act_order, block_size):
+    # Block 5 puts group starts mid-block and groups across blocks; 128 is one block.
+    W, H = _problem(6, 48, seed=1, dtype=torch.float64)
+    cfg = _cfg(bits=3, group_size=16, sym=False, act_order=act_order, block_size=block_size)
+    got = gptq_quantize(W, H, cfg).packed.q
+    assert torch.equal(got, obq_reference(W, H, cfg))
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("opts", [{}, {"act_order": True}, {"act_order": True, "static_groups": True},
+                                  {"static_groups": True}, {"block_size": 16}])
+def test_hessian_weighted_error_is_below_rtn(bits, sym, opts):
+    W, H = _problem(seed=bits)
+    cfg = _cfg(bits, 16, sym, **opts)
+    res = gptq_quantize(W, H, cfg)
+    assert res.fallback is None and res.damp == cfg.gptq.damp
+    gptq_err = hessian_error(W, res.packed.dequantize(), H)
+    rtn_err = hessian_error(W, rtn_packed(W, cfg).dequantize(), H)
+    assert gptq_err < rtn_err
+    assert res.packed.q.min() >= 0 and res.packed.q.max() < 2**bits
+
+
+@pytest.mark.parametrize("group_size", [16, 32, -1])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("bits", [3, 4])
+def test_identity_hessian_gives_exactly_rtn(group_size, sym, bits):
+    W, _ = _problem(seed=3)
+    cfg = _cfg(bits, group_size, sym, block_size=24)
+    got = gptq_quantize(W, torch.eye(W.shape[1]), cfg).packed
+    want = rtn_packed(W, cfg)
+    assert torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale) and torch.equal(got.zero, want.zero)
+    assert got.g_idx is None
+
+
+def test_codes_use_the_stored_float16_scales():
+    W, H = _problem(seed=4)
+    pw = gptq_quantize(W * 1e-3, H, _cfg(4, 16, sym=False)).packed
+    assert torch.equal(pw.scale, pw.scale.half().float())
+    layer = QuantLinear.from_packed(pw, None, "gptq", "gptq")
+    assert torch.equal(layer.packed_weight().dequantize(), pw.dequantize())
+
+
+@pytest.mark.parametrize("static_groups", [False, True])
+def test_act_order_g_idx(static_groups):
+    W, H = _problem(seed=5)
+    cfg = _cfg(4, 16, True, act_order=True, static_groups=static_groups)
+    pw = gptq_quantize(W, H, cfg).packed
+    order = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+    if static_groups:
+        assert pw.g_idx is None  # static groups keep the natural group of every column
+        return
+    # The 16 columns with the largest H[i, i] form group 0, the next 16 group 1, ...
+    assert torch.equal(pw.g_idx[order].long(), torch.arange(64) // 16)
+    assert torch.bincount(pw.g_idx.long()).tolist() == [16] * 4
+    t = pack_gptq(pw, "gptq")
+    assert torch.equal(t["g_idx"], pw.g_idx)
+    back = unpack_gptq(t, 4, 16, "gptq")
+    assert torch.equal(back.g_idx, pw.g_idx) and torch.equal(back.dequantize(), pw.dequantize())
+
+
+def test_dead_inputs_get_zero_weight():
+    W, H = _problem(seed=6)
+    dead = torch.tensor([0, 5, 17, 63])
+    H[dead, :] = 0
+    H[:, dead] = 0
+    for cfg in (_cfg(4, 16, True), _cfg(4, 16, False, act_order=True)):
+        res = gptq_quantize(W, H, cfg)
+        assert res.fallback is None
+        assert (res.packed.dequantize()[:, dead] == 0).all()
+        assert torch.isfinite(res.packed.dequantize()).all()
+
+
+def test_damping_escalates_when_cholesky_fails():
+    W, H = _problem(seed=7)
+    evals, evecs = torch.linalg.eigh(H)
+    evals[0] = -0.05 * torch.diagonal(H).mean()  # indefinite: damp 0.01 cannot fix it
+    H = (evecs * evals) @ evecs.t()
+    U, damp = inverse_hessian_cholesky(H, 0.01)
+    assert U is not None and 0.05 < damp <= 1.0
+    res = gptq_quantize(W, H, _cfg())
+    assert res.fallback is None and res.damp == damp
+
+
+def test_falls_back_to_rtn_with_a_log_when_the_hessian_is_unusable(caplog):
+    W, H = _problem(seed=8)
+    H[3, 4] = float("nan")
+    cfg = _cfg()
+    res = gptq_quantize(W, H, cfg)
+    assert res.fallback and res.damp is None
+    assert torch.equal(res.packed.q, rtn_packed(W, cfg).q)
+    H = -torch.eye(64)  # negative definite: no damping up to 1.0 helps
+    assert gptq_quantize(W, H, cfg).fallback == "Cholesky failed at every damping"
+
+
+def test_hessian_accumulates_xtx_in_float32():
+    h = Hessian.empty(8)
+    x = torch.randn(3, 5, 8, dtype=torch.float16)
+    h.add(x[:2])
+    h.add(x[2:])
+    flat = x.reshape(-1, 8).float()
+    assert h.n_tokens == 15 and h.xtx.dtype == torch.float32
+    assert torch.allclose(h.mean, flat.t() @ flat / 15)
+
+
+# --- the method in the pipeline ------------------------------------------------------------------
+
+
+def _ids():
+    return torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(1))
+
+
+@pytest.fixture(scope="module")
+def tiny_src(tmp_path_factory):
+    return save_tiny_model("llama", tmp_path_factory.mktemp("gptq") / "src")
+
+
+@pytest.mark.parametrize("opts", [
+    dict(sym=True),
+    dict(sym=False, fmt="gptq", checkpoint_format="gptq_v2", gptq=GPTQOptions(act_order=True)),
+    dict(sym=False, fmt="awq", gptq=GPTQOptions(true_sequential=False)),
+])
+def test_gptq_checkpoint_reloads_and_beats_rtn(tmp_path, tiny_src, opts):
+    kw = dict(method="gptq", bits=3 if opts.get("fmt") == "gptq" else 4, group_size=32, n_samples=8, seqlen=64,
+              dtype="float32", progress=False)
+    if opts.get("fmt") == "awq":
+        kw["bits"] = 4
+    report = quant.quantize(tiny_src, tmp_path / "gptq", **kw, **opts)
+    quant.quantize(tiny_src, tmp_path / "rtn", **{**kw, **opts, "method": "rtn", "gptq": GPTQOptions()})
+    assert report.fmt == opts.get("fmt", "gptq")
+    assert all({"hessian s", "solve s", "rel err"} <= set(b.info) for b in report.blocks)
+    qc = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
+    if report.fmt == "gptq":
+        assert qc["desc_act"] == ("gptq" in opts and opts["gptq"].act_order)
+        assert qc["checkpoint_format"] == opts.get("checkpoint_format", "gptq") and qc["sym"] == opts["sym"]
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from calib.data import calibration_batch, default_corpus
+
+    # Held-out windows of the calibration corpus (another seed): the distribution GPTQ fitted.
+    ids = calibration_batch(AutoTokenizer.from_pretrained(tiny_src), default_corpus(), 8, 64, seed=99)
+    fp = AutoModelForCausalLM.from_pretrained(tiny_src, dtype=torch.float32)(ids).logits
+    errs = {}
+    for name in ("gptq", "rtn"):
+        model = quant.load(tmp_path / name, dtype=torch.float32)
+        errs[name] = (model(ids).logits - fp).pow(2).mean().item()
+    assert errs["gptq"] < errs["rtn"], errs
+
+
+def test_true_sequential_sees_quantized_earlier_layers(tiny_src, monkeypatch):
+    """With true-sequential the o_proj Hessian comes from a block whose q/k/v are already packed."""
+    import calib.hessian as hessian_mod
+
+    seen = []
+    real = hessian_mod.collect_hessians
+
+    def spy(block, inputs, groups, stop_early=True):
+        seen.append((groups, isinstance(block.get_submodule("self_attn.q_proj"), QuantLinear)))
+        return real(block, inputs, groups, stop_early)
+
+    monkeypatch.setattr("quant.gptq.collect_hessians", spy)
+    quant.quantize(tiny_src, tiny_src.parent / "seq", method="gptq", bits=4, group_size=32, n_samples=4, seqlen=32,
+                   progress=False, overwrite=True)
+    first_block = seen[:4]
+    assert [g for g, _ in first_block] == [[("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")],
+                                          [("self_attn.o_proj",)], [("mlp.gate_proj", "mlp.up_proj")],
+                                          [("mlp.down_proj",)]]
+    assert [packed for _, packed in first_block] == [False, True, True, True]
+
+
+def test_cli_end_to_end_and_bad_input(tmp_path, tiny_src):
+    out = tmp_path / "cli"
+    res = CliRunner().invoke(app, ["gptq", str(tiny_src), "-o", str(out), "--bits", "4", "--group-size", "32",
+                                   "--act-order", "--n-samples", "4", "--seqlen", "32", "-v"])
+    assert res.exit_code == 0, res.output
+    assert "solve s" in res.output and "linears quantized" in res.output
+    model = quant.load(out, dtype=torch.float32)
+    assert model(_ids()).logits.isfinite().all()
+    bad = [
+        (["--bits", "5"], "--bits 5"),
+        (["--damp", "0"], "--damp"),
+        (["--act-order", "--asym", "--format", "awq"], "--act-order needs --format gptq"),
+        (["--group-size", "48"], "--group-size 48"),
+    ]
+    for args, msg in bad:
+        # ``qtool``'s entry point turns a QtoolError into one line on stderr and exit status 2.
+        res = CliRunner().invoke(app, ["gptq", str(tiny_src), "-o", str(tmp_path / "bad")] + args)
+        assert isinstance(res.exception, QtoolError) and msg in str(res.exception), (args, res.exception)
+    assert not (tmp_path / "bad").exists()
