@@ -43,6 +43,7 @@ from calib.corpus.build_corpus import (  # noqa: E402  the split rules live in o
     stdlib_modules,
     wiki_articles,
 )
+from quant.errors import QtoolError  # noqa: E402
 
 logger = logging.getLogger(__name__)
 
@@ -74,7 +75,7 @@ def example_model_dir(cache: Path | None = None) -> Path:
 def eval_text_path(name: str, cache: Path | None = None) -> Path:
     """Path of a held-out evaluation text: ``name`` is ``"wiki"`` or ``"code"``."""
     if name not in EVAL_TEXTS:
-        raise ValueError(f"Evaluation text {name!r} does not exist; choose one of {', '.join(EVAL_TEXTS)}.")
+        raise QtoolError(f"Evaluation text {name!r} does not exist; choose one of {', '.join(EVAL_TEXTS)}.")
     return (cache or cache_dir()) / "data" / f"{name}_eval.txt"
 
 
@@ -220,7 +221,7 @@ def main() -> None:
     ap.add_argument("--cache", type=Path, help="cache folder (default: $QTOOL_CACHE or ~/.cache/qtool)")
     ap.add_argument("--verify", action="store_true", help="also measure the fp32 perplexity on wiki_eval.txt")
     args = ap.parse_args()
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     paths = ensure_example(args.cache)
     for key, path in paths.items():
         logger.info("%-6s %s", key, path)
