@@ -5,6 +5,7 @@ from pathlib import Path
 
 import click
 
+from cli.kv_cmds import kv_config_from_options, kv_ppl_options
 from cli.options import setup_logging
 from cli.report import print_info, print_ppl
 from quant.errors import QtoolError
@@ -31,17 +32,25 @@ def _read_text(path: str) -> str:
               type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
               help="Compute dtype (auto: float32 on the CPU, the checkpoint's dtype on a GPU).")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda ...")
+@kv_ppl_options
 @click.option("-v", "--verbose", is_flag=True)
-def ppl(model_dir, data, seqlen, stride, max_tokens, dtype, device, verbose):
+def ppl(model_dir, data, seqlen, stride, max_tokens, dtype, device, kv, kv_keys, kv_window, kv_calib, kv_chunk,
+        verbose):
     """Perplexity of a model folder or a quantized checkpoint on a text, with tokens/s."""
     import quant
     from quant.eval_data import default_eval_text
+    from quant.kv import kv_perplexity
 
     setup_logging(verbose)
     text = _read_text(data) if data else default_eval_text()
+    kv_cfg = kv_config_from_options(model_dir, kv, kv_keys, kv_window, kv_calib, kv_chunk)
     model, tokenizer = quant.load_any(model_dir, dtype=dtype, device=device)
-    res = quant.perplexity(model, tokenizer, text, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
-                           progress=True)
+    if kv_cfg is None:
+        res = quant.perplexity(model, tokenizer, text, seqlen=seqlen, stride=stride, max_tokens=max_tokens,
+                               progress=True)
+    else:
+        res = kv_perplexity(model, tokenizer, text, kv_cfg, seqlen=seqlen, stride=stride,
+                                     max_tokens=max_tokens, chunk=kv_chunk, progress=True)
     print_ppl(model_dir, res)
 
 

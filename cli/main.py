@@ -6,6 +6,7 @@ import sys
 import click
 
 from cli.eval_cmds import COMMANDS as EVAL_COMMANDS
+from cli.kv_cmds import COMMANDS as KV_COMMANDS
 from cli.quantize_cmds import COMMANDS as QUANT_COMMANDS
 from quant.errors import QtoolError
 
@@ -27,7 +28,7 @@ def app():
     """
 
 
-for _cmd in QUANT_COMMANDS + EVAL_COMMANDS:
+for _cmd in QUANT_COMMANDS + EVAL_COMMANDS + KV_COMMANDS:
     app.add_command(_cmd)
 
 

@@ -14,6 +14,7 @@ from quant.errors import QtoolError
 from quant.loading import load
 from quant.pipeline import QuantReport, quantize
 from quant.ppl import PerplexityResult, perplexity
+from quant import kv  # noqa: E402  int8/int4 KV cache: quant.kv.QuantizedKVCache, quant.kv.load_with_kv_cache
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 

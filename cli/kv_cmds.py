@@ -1,0 +1,100 @@
+"""``qtool kv``: calibrate per-channel key scales for the int8/int4 KV cache."""
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+from tabulate import tabulate
+
+from cli.options import _stack, setup_logging
+from quant.errors import QtoolError
+
+
+kv_ppl_options = _stack([
+    click.option("--kv", default=None, type=click.Choice(["int8", "int4"]),
+                 help="Read keys and values from an int8 or int4 KV cache (default: the full-precision cache, "
+                      "no cache at all)."),
+    click.option("--kv-keys", default=None, type=click.Choice(["token", "channel"]),
+                 help="Key groups: per (token, head), online [default]; or per channel with calibrated scales."),
+    click.option("--kv-window", default=None, type=int,
+                 help="Most recent tokens kept in full precision (default 0)."),
+    click.option("--kv-calib", default=None, type=click.Path(path_type=str),
+                 help="Calibration file from `qtool kv calibrate` (default: the one named in config.json)."),
+    click.option("--kv-chunk", default=None, type=int,
+                 help="Tokens per forward through the cache (default: the window with --kv-window 0, "
+                      "else min(16, --kv-window)); 1 reproduces token-by-token decoding exactly."),
+])
+
+
+def kv_config_from_options(model_dir, kv, kv_keys, kv_window, kv_calib, kv_chunk):
+    """The :class:`KVCacheConfig` the ``--kv*`` options ask for, or None without ``--kv``."""
+    from quant.kv import parse_kv
+
+    if kv is None:
+        given = [name for name, v in (("--kv-keys", kv_keys), ("--kv-window", kv_window), ("--kv-calib", kv_calib),
+                                      ("--kv-chunk", kv_chunk)) if v is not None]
+        if given:
+            raise QtoolError(f"{', '.join(given)} only apply to a quantized KV cache; add --kv int8 or --kv int4")
+        return None
+    if kv_chunk is not None and kv_chunk < 1:
+        raise QtoolError(f"--kv-chunk {kv_chunk} must be a positive number of tokens")
+    return parse_kv(kv, keys=kv_keys or "token", window=kv_window or 0, calib=kv_calib, model_dir=model_dir)
+
+
+@click.group()
+def kv():
+    """Quantized KV cache: calibration of per-channel key scales.
+
+    \b
+      qtool kv calibrate MODEL_DIR                 # writes MODEL_DIR/kv_calib.safetensors, names it in config.json
+      qtool ppl MODEL_DIR --kv int4 --kv-keys channel --kv-window 64
+    """
+
+
+@kv.command()
+@click.argument("model_dir", type=click.Path(path_type=str))
+@click.option("-o", "--out", default=None, type=click.Path(path_type=str),
+              help="Calibration file to write. Default: MODEL_DIR/kv_calib.safetensors. "
+                   "A file inside MODEL_DIR is also named in MODEL_DIR/config.json.")
+@click.option("--calib-data", default=None, type=click.Path(path_type=str),
+              help="Calibration text (.txt, .jsonl, .parquet, datasets folder). Default: the shipped corpus.")
+@click.option("--text-field", default="text", show_default=True, help="Text field of .jsonl/.parquet input.")
+@click.option("--n-samples", default=32, show_default=True, type=int, help="Calibration sequences.")
+@click.option("--seqlen", default=512, show_default=True, type=int, help="Tokens per calibration sequence.")
+@click.option("--seed", default=0, show_default=True, type=int, help="Seed for drawing the windows.")
+@click.option("--batch-size", default=4, show_default=True, type=int, help="Sequences per forward.")
+@click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda ...")
+@click.option("-v", "--verbose", is_flag=True)
+def calibrate(model_dir, out, calib_data, text_field, n_samples, seqlen, seed, batch_size, device, verbose):
+    """Collect per-channel ranges of the cached keys (after RoPE and q/k norms) of MODEL_DIR."""
+    import quant
+    from calib.data import calibration_batch, load_texts
+    from calib.kv import collect_key_ranges, outlier_ratio
+    from quant.kv.config import CALIB_FILENAME, write_calibration_reference
+
+    setup_logging(verbose)
+    if n_samples < 1 or seqlen < 2 or batch_size < 1:
+        raise QtoolError(f"--n-samples {n_samples}, --seqlen {seqlen} and --batch-size {batch_size} must be "
+                         "positive (--seqlen at least 2)")
+    out_path = Path(out) if out else Path(model_dir) / CALIB_FILENAME
+    model, tokenizer = quant.load_any(model_dir, device=device)
+    ids = calibration_batch(tokenizer, load_texts(calib_data, text_field=text_field), n_samples, seqlen, seed)
+    calibration = collect_key_ranges(model, ids, batch_size)
+    calibration.save(out_path)
+    inside = Path(model_dir).resolve() in out_path.resolve().parents
+    if inside:
+        write_calibration_reference(model_dir, out_path)
+    ratios = outlier_ratio(calibration)
+    rows = [
+        ["layers", calibration.num_layers],
+        ["KV heads x channels", "%d x %d" % calibration.shape],
+        ["tokens", f"{calibration.n_tokens:,}"],
+        ["widest / median key channel range", f"median over layers {sorted(ratios)[len(ratios) // 2]:.1f}, "
+                                              f"max {max(ratios):.1f}"],
+        ["written to", str(out_path)],
+        ["named in config.json", "yes" if inside else "no (file outside the model folder: pass --kv-calib)"],
+    ]
+    click.echo(tabulate(rows, tablefmt="simple"))
+
+
+COMMANDS = [kv]

@@ -1,0 +1,307 @@
+"""KV-cache quantization: quantizer error bounds, the Cache against transformers' own, generate() on every
+architecture row (fp and int4 weights), calibration, perplexity through the cache, and the CLI."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from tiny_models import MODEL_TYPES, byte_tokenizer, save_tiny_model, tiny_model
+from transformers import DynamicCache
+
+import quant
+from calib.kv import collect_key_ranges
+from cli.main import app
+from quant.errors import QtoolError
+from quant.kv import KVCacheConfig, KVCalibration, QuantizedKVCache, kv_perplexity, parse_kv, with_kv_cache
+from quant.kv import quantizer as kq
+from quant.kv.config import CALIB_FILENAME, calibration_reference
+
+TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 3
+
+
+def kv_like(shape=(2, 3, 17, 16), seed=0, outlier_channel=5):
+    """Random keys with one outlier channel, like real post-RoPE keys."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(shape, generator=g)
+    x[..., outlier_channel] *= 20
+    return x
+
+
+# -- the reference quantizer -------------------------------------------------------------------------
+def test_pack_int4_round_trips_every_byte():
+    p = torch.arange(256, dtype=torch.uint8).reshape(4, 64)
+    q = kq.unpack_int4_u8(p)
+    assert q.shape == (4, 128) and int(q.max()) == 15
+    assert torch.equal(kq.pack_int4_u8(q), p)
+    assert torch.equal(q[0, :4], torch.tensor([0, 0, 1, 0], dtype=torch.uint8))  # byte 1 = code 1 low, 0 high
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_per_token_error_is_at_most_half_a_step(bits):
+    x = kv_like()
+    codes, scale, zero = kq.quantize_per_token(x, bits)
+    assert codes.dtype == torch.uint8 and codes.shape == (*x.shape[:-1], x.shape[-1] * bits // 8)
+    assert scale.dtype == torch.float16 and zero.dtype == torch.uint8 and scale.shape == (*x.shape[:-1], 1)
+    err = (kq.dequantize_per_token(codes, scale, zero, bits) - x).abs()
+    # Half a step, plus what rounding the scale to float16 (2^-11 relative) costs at the far end of the range.
+    maxq = 2**bits - 1
+    bound = scale.float() * (0.5 + maxq * 2.0**-11) + 1e-6
+    assert (err <= bound).all(), (err - bound).max()
+    assert err.mean() < 0.3 * scale.float().mean()  # not just bounded: errors are spread like rounding errors
+
+
+def test_per_token_keeps_zeros_exact_and_tolerates_constant_rows():
+    x = torch.zeros(1, 1, 3, 8)
+    x[0, 0, 1] = 2.5  # a constant positive row: its range is widened to contain 0
+    y = kq.fake_quantize_per_token(x, 4)
+    assert torch.equal(y[0, 0, 0], torch.zeros(8)) and torch.allclose(y[0, 0, 1], x[0, 0, 1], rtol=1e-3)
+
+
+@pytest.mark.parametrize("bits", [8, 4])
+def test_per_channel_error_inside_the_range_and_clamping_outside(bits):
+    x = kv_like(seed=1)
+    lo, hi = x.amin(dim=(0, 2)), x.amax(dim=(0, 2))  # [heads, d]
+    scale, zero = kq.channel_qparams(lo, hi, bits)
+    y = kq.dequantize_per_channel(kq.quantize_per_channel(x, scale, zero, bits), scale, zero, bits)
+    assert ((y - x).abs() <= scale[:, None, :] / 2 + 1e-5).all()
+    y_out = kq.dequantize_per_channel(kq.quantize_per_channel(x * 3, scale, zero, bits), scale, zero, bits)
+    assert (y_out <= hi[:, None, :] + 1e-4).all() and (y_out >= lo[:, None, :] - 1e-4).all()
+
+
+def test_per_channel_beats_per_token_on_keys_with_an_outlier_channel():
+    x = kv_like(seed=2)
+    lo, hi = x.amin(dim=(0, 2)), x.amax(dim=(0, 2))
+    sc = kq.channel_qparams(lo, hi, 4)
+    per_channel = kq.dequantize_per_channel(kq.quantize_per_channel(x, *sc, 4), *sc, 4)
+    per_token = kq.fake_quantize_per_token(x, 4)
+    normal = torch.arange(x.shape[-1]) != 5  # per token, the outlier channel's range swamps the other channels
+    assert (per_channel - x)[..., normal].pow(2).mean() < 0.1 * (per_token - x)[..., normal].pow(2).mean()
+
+
+def test_bad_bits_are_refused():
+    with pytest.raises(ValueError, match="use 8 or 4"):
+        kq.quantize_per_token(torch.zeros(1, 4), 3)
+
+
+# -- the Cache against transformers' DynamicLayer ----------------------------------------------------
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("bits,window", [(8, 0), (4, 0), (4, 3)])
+def test_cache_returns_what_the_fp_cache_returns_within_the_bound(dtype, bits, window):
+    model = tiny_model("llama")
+    fp, q = DynamicCache(config=model.config), QuantizedKVCache(model.config, KVCacheConfig(bits=bits, window=window))
+    seen_k, seen_v = [], []
+    for step, n in enumerate([5, 1, 1, 4, 1]):
+        k, v = kv_like((2, 2, n, 16), seed=step).to(dtype), kv_like((2, 2, n, 16), seed=100 + step).to(dtype)
+        seen_k.append(k)
+        seen_v.append(v)
+        want = fp.update(k, v, 0)
+        got = q.update(k, v, 0)
+        for w, g in zip(want, got):
+            assert g.shape == w.shape and g.dtype == w.dtype and g.device == w.device
+        full_k = torch.cat(seen_k, dim=-2)
+        ref_k = kq.fake_quantize_per_token(full_k.float(), bits)
+        if window:
+            ref_k[..., -window:, :] = full_k[..., -window:, :].float()  # the window is stored unquantized
+        tol = 1e-6 if dtype == torch.float32 else 2e-2 * full_k.float().abs().max()
+        assert torch.allclose(got[0].float(), ref_k, atol=tol, rtol=1e-2 if dtype == torch.bfloat16 else 1e-6)
+        assert q.get_seq_length(0) == fp.get_seq_length(0)
+        assert q.get_mask_sizes(1, 0) == fp.get_mask_sizes(1, 0)
+
+
+@pytest.mark.parametrize("bits,keys,per_token_bytes", [(8, "token", 2 * (16 + 3)), (4, "token", 2 * (8 + 3)),
+                                                       (4, "channel", 8 + (8 + 3))])
+def test_cache_bytes_per_token_include_scales_and_zeros(bits, keys, per_token_bytes):
+    model = tiny_model("llama")
+    calib = KVCalibration(tuple(torch.full((2, 16), -1.0) for _ in range(2)), tuple(torch.ones(2, 16) for _ in range(2)))
+    cache = QuantizedKVCache(model.config, KVCacheConfig(bits=bits, keys=keys, calibration=calib))
+    for layer in range(2):
+        cache.update(torch.randn(3, 2, 10, 16), torch.randn(3, 2, 10, 16), layer)
+    assert cache.nbytes() == 2 * 3 * 2 * 10 * per_token_bytes  # layers * batch * heads * tokens * bytes
+
+
+def test_sliding_window_layers_keep_only_the_window():
+    model = tiny_model("gemma2")  # sliding_window=8 on every other layer
+    cache = QuantizedKVCache(model.config, KVCacheConfig(bits=8, window=2))
+    ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache, pad_token_id=257)
+    assert out.shape == (1, 26)
+    sliding = [layer for layer in cache.layers if layer.is_sliding]
+    assert sliding and all(layer.k_codes.shape[-2] + layer.keys.shape[-2] == 7 for layer in sliding)
+    assert all(layer.keys.shape[-2] == 2 for layer in cache.layers)
+
+
+# -- generate() on every architecture row --------------------------------------------------------------
+def greedy(model, ids, cache, n=8):
+    out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
+                         past_key_values=cache, pad_token_id=257, output_logits=True, return_dict_in_generate=True)
+    return out.sequences, torch.stack(out.logits, dim=1)
+
+
+def assert_same_tokens_or_near_tie(model, ids, kv, margin=0.02):
+    """int8 greedy tokens equal the fp cache's; a divergence is allowed only where the fp logits of the
+    two tokens differ by less than ``margin`` (a near tie in a random-init tiny model), after which the
+    sequences are unrelated and the comparison stops."""
+    want, want_logits = greedy(model, ids, DynamicCache(config=model.config))
+    got, got_logits = greedy(model, ids, QuantizedKVCache(model.config, kv))
+    assert got.shape == want.shape
+    new_want, new_got = want[:, ids.shape[1]:], got[:, ids.shape[1]:]
+    for b in range(ids.shape[0]):
+        diff = (new_want[b] != new_got[b]).nonzero()
+        t = int(diff[0]) if len(diff) else new_want.shape[1]
+        assert (got_logits[b, :t] - want_logits[b, :t]).abs().max() < margin if t else True
+        if t < new_want.shape[1]:
+            gap = want_logits[b, t, new_want[b, t]] - want_logits[b, t, new_got[b, t]]
+            assert gap < margin, f"batch {b}: tokens differ at step {t} although fp prefers its token by {gap:.3g}"
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_generate_int8_kv_matches_the_fp_cache_and_int4_runs(model_type):
+    model = tiny_model(model_type)
+    ids = torch.randint(0, 256, (2, 10), generator=torch.Generator().manual_seed(3))
+    assert_same_tokens_or_near_tie(model, ids, KVCacheConfig(bits=8))
+    seq, logits = greedy(model, ids, QuantizedKVCache(model.config, KVCacheConfig(bits=4, window=4)))
+    assert seq.shape == (2, 18) and torch.isfinite(logits).all()
+
+
+def test_generate_int8_kv_gives_identical_tokens_on_tiny_llama():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (3, 12), generator=torch.Generator().manual_seed(0))
+    want, _ = greedy(model, ids, DynamicCache(config=model.config), n=16)
+    got, _ = greedy(model, ids, QuantizedKVCache(model.config, KVCacheConfig(bits=8)), n=16)
+    assert torch.equal(got, want)
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_generate_with_int4_weights_and_quantized_kv(tmp_path, model_type):
+    src = save_tiny_model(model_type, tmp_path / "src")
+    quant.quantize(src, tmp_path / "w4", method="rtn", bits=4, group_size=32, dtype="float32", progress=False)
+    model, _ = quant.load_any(tmp_path / "w4", device="cpu")
+    ids = torch.randint(0, 256, (1, 10), generator=torch.Generator().manual_seed(4))
+    assert_same_tokens_or_near_tie(model, ids, KVCacheConfig(bits=8))
+    seq, _ = greedy(model, ids, QuantizedKVCache(model.config, KVCacheConfig(bits=4, window=2)), n=4)
+    assert seq.shape == (1, 14)
+
+
+def test_with_kv_cache_makes_generate_use_a_fresh_quantized_cache_each_call():
+    model = with_kv_cache(tiny_model("qwen2"), "int8")
+    ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
+    a = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=257, return_dict_in_generate=True)
+    b = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=257, return_dict_in_generate=True)
+    assert isinstance(a.past_key_values, QuantizedKVCache) and a.past_key_values is not b.past_key_values
+    assert torch.equal(a.sequences, b.sequences)
+
+
+def test_beam_search_reorders_the_quantized_cache():
+    model = tiny_model("llama")
+    ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=257,
+                         past_key_values=QuantizedKVCache(model.config, KVCacheConfig(bits=8, window=2)))
+    want = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=257)
+    assert out.shape == want.shape
+
+
+# -- calibration --------------------------------------------------------------------------------------
+@pytest.mark.parametrize("model_type", ["qwen3", "phi3"])  # qwen3: k-norm before RoPE; phi3: fused qkv
+def test_key_ranges_are_those_of_the_keys_as_cached(model_type):
+    model = tiny_model(model_type)
+    ids = torch.randint(0, 256, (3, 16), generator=torch.Generator().manual_seed(0))
+    calib = collect_key_ranges(model, ids, batch_size=2)
+    cache = DynamicCache(config=model.config)
+    with torch.no_grad():
+        model(ids, past_key_values=cache, use_cache=True)
+    for i, layer in enumerate(cache.layers):
+        assert torch.allclose(calib.key_min[i], layer.keys.amin(dim=(0, 2)), atol=1e-5)
+        assert torch.allclose(calib.key_max[i], layer.keys.amax(dim=(0, 2)), atol=1e-5)
+    assert calib.n_tokens == 48
+
+
+def test_calibration_file_round_trips_and_is_checked_against_the_model(tmp_path):
+    model = tiny_model("llama")
+    calib = collect_key_ranges(model, torch.randint(0, 256, (2, 16)))
+    loaded = KVCalibration.load(calib.save(tmp_path / "c.safetensors"))
+    assert all(torch.equal(a, b) for a, b in zip(loaded.key_max, calib.key_max)) and loaded.model_type == "llama"
+    with pytest.raises(QtoolError, match="calibrate this model"):
+        QuantizedKVCache(tiny_model("qwen3").config, KVCacheConfig(bits=4, keys="channel", calibration=loaded))
+    (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
+    with pytest.raises(QtoolError, match="junk.safetensors"):
+        KVCalibration.load(tmp_path / "junk.safetensors")
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(bits=3), "int8 or int4"),
+    (dict(keys="head"), "'token' or 'channel'"),
+    (dict(window=-1), "--kv-window"),
+    (dict(keys="channel"), "--kv-calib"),
+])
+def test_bad_options_get_clear_errors(kwargs, match):
+    with pytest.raises(QtoolError, match=match):
+        KVCacheConfig(**kwargs)
+
+
+# -- perplexity through the cache -----------------------------------------------------------------------
+def test_fp_cache_perplexity_equals_the_no_cache_perplexity():
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    want = quant.perplexity(model, tok, TEXT, seqlen=64).ppl
+    assert kv_perplexity(model, tok, TEXT, None, seqlen=64).ppl == pytest.approx(want, rel=1e-5)
+    assert kv_perplexity(model, tok, TEXT, None, seqlen=64, chunk=5).ppl == pytest.approx(want, rel=1e-5)
+
+
+def test_kv_perplexity_feels_the_quantization_and_is_chunk_independent_without_a_window():
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    fp = kv_perplexity(model, tok, TEXT, None, seqlen=64).nll
+    int8 = kv_perplexity(model, tok, TEXT, KVCacheConfig(bits=8), seqlen=64).nll
+    int4 = kv_perplexity(model, tok, TEXT, KVCacheConfig(bits=4), seqlen=64).nll
+    assert int8 != fp and abs(int8 - fp) < abs(int4 - fp)
+    chunked = kv_perplexity(model, tok, TEXT, KVCacheConfig(bits=4), seqlen=64, chunk=7).nll
+    assert chunked == pytest.approx(int4, rel=1e-5)
+
+
+def test_kv_perplexity_with_chunk_1_is_token_by_token_decoding():
+    model, tok = tiny_model("mistral"), byte_tokenizer()
+    kv = KVCacheConfig(bits=4, window=3)
+    ids = tok(TEXT[:24], add_special_tokens=False, return_tensors="pt").input_ids
+    cache = QuantizedKVCache(model.config, kv)
+    with torch.no_grad():
+        step = [model(ids[:, t: t + 1], past_key_values=cache, use_cache=True).logits[0, -1] for t in range(ids.shape[1])]
+    from quant.kv.eval import window_logits
+    assert torch.allclose(window_logits(model, ids, kv, chunk=1), torch.stack(step), atol=1e-5)
+
+
+# -- CLI ----------------------------------------------------------------------------------------------
+def test_cli_calibrate_then_ppl_with_channel_keys(tmp_path):
+    src = save_tiny_model("qwen2", tmp_path / "m")
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+    runner = CliRunner()
+    res = runner.invoke(app, ["kv", "calibrate", str(src), "--calib-data", str(data), "--n-samples", "2",
+                              "--seqlen", "32"])
+    assert res.exit_code == 0, res.output
+    assert (src / CALIB_FILENAME).is_file() and calibration_reference(src) == src / CALIB_FILENAME
+    assert json.loads((src / "config.json").read_text())["qtool_kv_cache"] == {"key_calibration": CALIB_FILENAME}
+    quant.load_any(src)  # the extra config key does not disturb loading
+    res = runner.invoke(app, ["ppl", str(src), "--data", str(data), "--seqlen", "64", "--kv", "int4",
+                              "--kv-keys", "channel", "--kv-window", "8"])
+    assert res.exit_code == 0, res.output
+    assert parse_kv("int4", keys="channel", model_dir=src).calibration is not None
+
+
+@pytest.mark.parametrize("args,match", [
+    (["--kv-window", "4"], "add --kv int8 or --kv int4"),
+    (["--kv", "int4", "--kv-keys", "channel"], "--kv-calib FILE"),
+    (["--kv", "int8", "--kv-window", "-2"], "--kv-window -2"),
+    (["--kv", "int8", "--kv-calib", "missing.safetensors", "--kv-keys", "channel"], "missing.safetensors: no such file"),
+])
+def test_cli_bad_kv_options_get_one_clear_sentence(tmp_path, args, match):
+    src = save_tiny_model("llama", tmp_path / "m")
+    res = CliRunner().invoke(app, ["ppl", str(src), *args])
+    assert isinstance(res.exception, QtoolError) and match in str(res.exception), res.output
+
+
+def test_cli_entry_point_turns_a_kv_mistake_into_status_2(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "m")
+    res = subprocess.run([sys.executable, "-m", "cli.main", "ppl", str(src), "--kv", "int4", "--kv-keys", "channel"],
+                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+    assert res.returncode == 2 and "--kv-calib FILE" in res.stderr and "Traceback" not in res.stderr, res.stderr
