@@ -37,7 +37,10 @@ def rtn(model_dir, out, verbose, overwrite, device, **fields):
 @click.option("--clip/--no-clip", default=True, show_default=True,
               help="Also search a per-group clipping range that lowers the output error.")
 @click.option("--clip-grid", default=20, show_default=True, type=int, help="Clipping ratios tried per group.")
-def awq(model_dir, out, verbose, overwrite, device, n_grid, clip, clip_grid, **fields):
+@click.option("--apply-search", default=None, type=click.Path(exists=True, path_type=str),
+              help="Replay the scales and clips of an earlier run (its qtool_search.safetensors or checkpoint "
+                   "folder) instead of searching; needs no calibration data.")
+def awq(model_dir, out, verbose, overwrite, device, n_grid, clip, clip_grid, apply_search, **fields):
     """Activation-aware weight quantization (AWQ), the recommended 4-bit method.
 
     Scales the input channels that carry large activations before rounding (the
@@ -48,7 +51,7 @@ def awq(model_dir, out, verbose, overwrite, device, n_grid, clip, clip_grid, **f
     from quant.config import AWQOptions
 
     run_quantize("awq", model_dir, out, verbose, overwrite, device,
-                 awq=AWQOptions(n_grid=n_grid, clip=clip, clip_grid=clip_grid), **fields)
+                 awq=AWQOptions(n_grid=n_grid, clip=clip, clip_grid=clip_grid, search_file=apply_search), **fields)
 
 
 @click.command()

@@ -55,7 +55,12 @@ def _chunk(n_items: int, bytes_per_item: int) -> int:
 
 
 def _fake_quantize(w: torch.Tensor, spec: QuantSpec, clip: torch.Tensor | None = None) -> torch.Tensor:
-    return qmath.fake_quantize(w, spec.bits, spec.group_size, spec.sym, clip, spec.min_zero)
+    """``qmath.fake_quantize`` of float32 ``w``, the same arithmetic without the int32 round trip (in place)."""
+    scale, zero = qmath.compute_qparams(w, spec.bits, spec.group_size, spec.sym, clip, spec.min_zero)
+    scale, zero = scale[..., None], zero[..., None]
+    g = qmath.effective_group_size(w.shape[1], spec.group_size)
+    q = (w.reshape(w.shape[0], -1, g) / scale).round_().add_(zero).clamp_(0, 2**spec.bits - 1)
+    return q.sub_(zero).mul_(scale).reshape(w.shape)
 
 
 def candidate_scales(x_mean: torch.Tensor, ratios: torch.Tensor) -> torch.Tensor:

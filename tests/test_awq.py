@@ -1,0 +1,218 @@
+"""AWQ: the searches on synthetic data, exact folds on every architecture row, replay, CLI."""
+import logging
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from tiny_models import CONFIGS, MODEL_TYPES, save_tiny_model, tiny_model
+from transformers import AutoConfig, AutoModelForCausalLM
+
+import quant
+from calib.collectors import record_block_calls
+from calib.runner import BlockInputs
+from cli.main import app
+from quant import qmath
+from quant.arch import ARCHITECTURES, ScaleGroup
+from quant.awq import CLIP_KEY, SCALE_KEY, apply_search, load_search, quantize_block
+from quant.awq.fold import fold_scales, foldable_groups, group_scales
+from quant.awq.search import QuantSpec, _fake_quantize, output_error, search_clip, search_scale
+from quant.config import AWQOptions, QuantConfig
+from quant.methods import BlockContext
+from quant.modules import QuantLinear
+
+torch.set_num_threads(2)
+ROOT = Path(__file__).resolve().parents[1]
+SPEC = QuantSpec(bits=4, group_size=32)
+
+
+def outlier_inputs(n=2048, in_f=128, seed=0):
+    """Activations with a few large channels, like a real LLM's."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, in_f, generator=g)
+    x[:, [3, 40, in_f - 5]] *= 30.0
+    return x
+
+
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("group_size", [32, -1])
+def test_search_rounds_exactly_like_the_reference(sym, group_size):
+    w = 3 * torch.randn(16, 64, generator=torch.Generator().manual_seed(0))
+    clip = 0.5 + 0.5 * torch.rand(16, qmath.n_groups(64, group_size), generator=torch.Generator().manual_seed(1))
+    for c in (None, clip):
+        assert torch.equal(_fake_quantize(w, QuantSpec(4, group_size, sym), c), qmath.fake_quantize(w, 4, group_size, sym, c))
+
+
+def test_scale_search_beats_rtn_on_outlier_channels():
+    x = outlier_inputs()
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1))
+    res = search_scale(w, x.t() @ x, x.abs().mean(0), SPEC, n_grid=20)
+    rtn = qmath.fake_quantize(w, 4, 32)
+    awq = qmath.fake_quantize(w * res.scale, 4, 32) / res.scale
+    err_rtn = (x @ (w - rtn).t()).pow(2).mean()
+    err_awq = (x @ (w - awq).t()).pow(2).mean()
+    assert res.ratio > 0
+    assert err_awq < 0.5 * err_rtn
+    # The closed form over H is the error on the tokens, and α = 0 is RTN.
+    torch.testing.assert_close(res.errors[0], (x @ (w - rtn).t()).pow(2).sum(), rtol=1e-4, atol=0)
+
+
+def test_clip_search_never_increases_the_group_error():
+    x = outlier_inputs(in_f=64)
+    h = x.t() @ x
+    w = torch.randn(32, 64, generator=torch.Generator().manual_seed(2))
+    w[0, 5] = 8.0  # one outlier weight makes clipping worth it
+    clip = search_clip(w, h, SPEC, n_grid=20, max_shrink=0.5)
+    assert clip.shape == (32, 2) and (clip <= 1).all() and (clip >= 0.5).all()
+    assert (clip < 1).any()
+    hb = torch.block_diag(h[:32, :32], h[32:, 32:])  # the search ignores cross-group terms
+    assert output_error(w - qmath.fake_quantize(w, 4, 32, clip=clip), hb) <= output_error(w - qmath.fake_quantize(w, 4, 32), hb)
+
+
+def _mha_model(model_type):
+    """A tiny model without grouped-query attention, so that v -> o folds too."""
+    heads = CONFIGS[model_type].get("num_attention_heads", 4)
+    config = AutoConfig.for_model(model_type, **dict(CONFIGS[model_type], num_key_value_heads=heads))
+    torch.manual_seed(0)
+    return AutoModelForCausalLM.from_config(config).eval()
+
+
+# Groups each row folds: llama-like with GQA lose v -> o; phi3's fused outputs have no exact fold for o/down.
+EXPECTED_GROUPS = {"phi3": 2, "opt": 4}
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES + ["llama-mha"])
+def test_folding_scales_preserves_the_logits(model_type):
+    model = _mha_model("llama") if model_type == "llama-mha" else tiny_model(model_type)
+    arch = ARCHITECTURES[model.config.model_type]
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        ref = model(ids).logits
+    g = torch.Generator().manual_seed(1)
+    n_groups = []
+    for block in model.get_submodule(arch.blocks):
+        groups = foldable_groups(block, arch, list(arch.linears))
+        n_groups.append(len(groups))
+        scales = {}
+        for grp in groups:
+            width = block.get_submodule(grp.linears[0]).in_features
+            scales.update(group_scales(grp, torch.exp(torch.randn(width, generator=g))))
+        fold_scales(block, arch, scales)
+    with torch.no_grad():
+        out = model(ids).logits
+    assert not torch.equal(out, ref)  # something was folded...
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # ...and the function is the same
+    assert set(n_groups) == {EXPECTED_GROUPS.get(model_type, 4 if model_type in ("llama-mha", "opt") else 3)}
+
+
+def block_context(model, cfg, index=0, arch=None):
+    arch = arch or ARCHITECTURES[model.config.model_type]
+    blocks = model.get_submodule(arch.blocks)
+    ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(0))
+    call = record_block_calls(model, blocks, ids)[index]
+    names = [n for n in arch.linears if isinstance(blocks[index].get_submodule(n), torch.nn.Linear)]
+    return BlockContext(index, blocks[index], names, cfg, arch, BlockInputs([call]))
+
+
+def test_a_group_that_does_not_fold_exactly_is_dropped_with_a_warning(caplog):
+    model = tiny_model("llama")
+    good = ARCHITECTURES["llama"]
+    # gate -> down is wrong: SiLU(gate) is not homogeneous, so the fold would change the function.
+    bad = ScaleGroup("mlp.gate_proj", ("mlp.down_proj",), "linear")
+    from dataclasses import replace
+
+    arch = replace(good, scale_groups=good.scale_groups[:3] + (bad,))
+    ctx = block_context(model, QuantConfig(method="awq", group_size=32), arch=arch)
+    with caplog.at_level(logging.WARNING, logger="quant.awq"):
+        result = quantize_block(ctx)
+    assert "drops scaling group mlp.gate_proj -> mlp.down_proj" in caplog.text
+    assert f"mlp.down_proj.{SCALE_KEY}" not in result.artifacts
+    assert f"mlp.gate_proj.{SCALE_KEY}" in result.artifacts
+    assert isinstance(ctx.block.mlp.down_proj, QuantLinear)
+
+
+def test_skipped_linears_are_not_quantized_and_their_group_still_folds():
+    model = tiny_model("qwen2")
+    ctx = block_context(model, QuantConfig(method="awq", group_size=32))
+    ctx.names.remove("self_attn.k_proj")
+    result = quantize_block(ctx)
+    assert isinstance(ctx.block.self_attn.k_proj, torch.nn.Linear)
+    assert isinstance(ctx.block.self_attn.q_proj, QuantLinear)
+    assert f"self_attn.k_proj.{CLIP_KEY}" not in result.artifacts
+    assert f"self_attn.q_proj.{CLIP_KEY}" in result.artifacts
+
+
+def _quantize(src, out, **kw):
+    opts = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, dtype="float32", progress=False)
+    return quant.quantize(src, out, **(opts | kw))
+
+
+def test_same_inputs_give_a_bit_identical_checkpoint_and_replay_matches(tmp_path):
+    src = save_tiny_model("qwen2", tmp_path / "src")
+    _quantize(src, tmp_path / "a")
+    _quantize(src, tmp_path / "b")
+    a = (tmp_path / "a" / "model.safetensors").read_bytes()
+    assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
+    assert (tmp_path / "a" / "qtool_search.safetensors").read_bytes() == \
+        (tmp_path / "b" / "qtool_search.safetensors").read_bytes()
+    search = load_search(tmp_path / "a")
+    assert any(k.endswith(SCALE_KEY) for k in search) and any(k.endswith(CLIP_KEY) for k in search)
+    # Replay through the pipeline (no calibration) ...
+    _quantize(src, tmp_path / "c", awq=AWQOptions(search_file=str(tmp_path / "a")))
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() == a
+    # ... and on a model in memory.
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    apply_search(model, search, QuantConfig(method="awq", group_size=32))
+    saved = load_file(str(tmp_path / "a" / "model.safetensors"))
+    state = model.state_dict()
+    for k, v in saved.items():
+        if k.endswith(("qweight", "qzeros", "scales")):
+            assert torch.equal(state[k], v), k
+
+
+def test_replay_refuses_results_from_another_setting(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    _quantize(src, tmp_path / "a")
+    with pytest.raises(quant.QtoolError, match="--group-size 64"):
+        _quantize(src, tmp_path / "b", group_size=64, awq=AWQOptions(search_file=str(tmp_path / "a")))
+
+
+def test_cli_end_to_end(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    out = tmp_path / "out"
+    res = CliRunner().invoke(app, ["awq", str(src), "-o", str(out), "--group-size", "32", "--n-samples", "4",
+                                   "--seqlen", "32", "--n-grid", "5", "--clip-grid", "10", "--dtype", "float32", "-v"])
+    assert res.exit_code == 0, res.output
+    assert "awq α" in res.output and "linears quantized" in res.output
+    assert (out / "qtool_search.safetensors").is_file()
+    model = quant.load(out, dtype=torch.float32)
+    ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    ids = torch.randint(3, 300, (1, 16))
+    with torch.no_grad():
+        q, r = model(ids).logits, ref(ids).logits
+    assert torch.isfinite(q).all()
+    assert (q - r).norm() < 0.5 * r.norm()
+    replay = CliRunner().invoke(app, ["awq", str(src), "-o", str(tmp_path / "replay"), "--group-size", "32",
+                                      "--dtype", "float32", "--apply-search", str(out / "qtool_search.safetensors")])
+    assert replay.exit_code == 0, replay.output
+    assert (tmp_path / "replay" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+
+
+@pytest.mark.parametrize("args, message", [
+    (["--bits", "5"], "--bits 5"),
+    (["--group-size", "48"], "--group-size 48"),
+    (["--n-grid", "0"], "--n-grid 0"),
+    (["--clip-grid", "0"], "--clip-grid 0"),
+])
+def test_cli_bad_options_get_one_clear_sentence(tmp_path, args, message):
+    src = save_tiny_model("llama", tmp_path / "src")
+    res = subprocess.run([sys.executable, "-m", "cli.main", "awq", str(src), "-o", str(tmp_path / "out")] + args,
+                         capture_output=True, text=True, cwd=ROOT, env=dict(os.environ, PYTHONPATH=str(ROOT)))
+    assert res.returncode == 2, res.stderr
+    assert message in res.stderr and "Traceback" not in res.stderr
+    assert len(res.stderr.strip().splitlines()) == 1
+    assert not Path(tmp_path / "out").exists()
