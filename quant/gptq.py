@@ -76,18 +76,18 @@ def _group_params(W: torch.Tensor, cfg: QuantConfig):
     return qmath.compute_qparams(W, cfg.bits, -1, cfg.sym, None, min_zero(cfg))
 
 
-def _columns_now(W, W1, Err1, U, i1, i, c0, c1):
-    """Columns ``c0..c1`` of the weight as they are now, lazy updates included.
+def _columns_now(Wt, W1, Err1, U, i1, i, c0, c1):
+    """Columns ``c0..c1`` of the weight as they are now, lazy updates included, as rows ``[c1 - c0, out]``.
 
-    Inside the current block (``W1``, from ``i1``) they are up to date; after it,
-    ``W`` still lacks the updates of the block's first ``i`` columns.
+    Inside the current block (``W1``, rows from ``i1``) they are up to date; after
+    it, ``Wt`` still lacks the updates of the block's first ``i`` columns.
     """
-    i2 = i1 + W1.shape[1]
-    inside = W1[:, c0 - i1 : min(c1, i2) - i1]
+    i2 = i1 + W1.shape[0]
+    inside = W1[c0 - i1 : min(c1, i2) - i1]
     if c1 <= i2:
         return inside
-    after = W[:, i2:c1] - Err1[:, :i] @ U[i1 : i1 + i, i2:c1]
-    return torch.cat([inside, after], dim=1)
+    after = Wt[i2:c1] - U[i1 : i1 + i, i2:c1].t() @ Err1[:i]
+    return torch.cat([inside, after])
 
 
 def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
@@ -124,12 +124,14 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRes
         reason = "the Hessian is not finite" if not torch.isfinite(H).all() else "Cholesky failed at every damping"
         return GPTQResult(rtn_packed(W if perm is None else W[:, torch.argsort(perm)], cfg), None, reason)
 
-    Q = torch.zeros(out_f, in_f, dtype=torch.int32, device=W.device)
+    # The loop runs on Wᵀ [in, out], so that column j of W is the contiguous row j.
+    Wt = W.t().contiguous()
+    Qt = torch.zeros(in_f, out_f, dtype=torch.int32, device=W.device)
     scale = torch.zeros(out_f, in_f // g, dtype=torch.float32, device=W.device)
     zero = torch.zeros_like(scale)
     for i1 in range(0, in_f, opts.block_size):
         i2 = min(i1 + opts.block_size, in_f)
-        W1 = W[:, i1:i2].clone()
+        W1 = Wt[i1:i2].clone()  # [b, out]
         Err1 = torch.zeros_like(W1)
         U1 = U[i1:i2, i1:i2]
         for i in range(i2 - i1):
@@ -138,15 +140,16 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRes
                 gi = (col if perm is None else int(perm[col])) // g
                 s, z = s_static[:, gi : gi + 1], z_static[:, gi : gi + 1]
             elif col % g == 0:
-                s, z = _group_params(_columns_now(W, W1, Err1, U, i1, i, col, col + g), cfg)
+                s, z = _group_params(_columns_now(Wt, W1, Err1, U, i1, i, col, col + g).t(), cfg)
                 scale[:, col // g : col // g + 1], zero[:, col // g : col // g + 1] = s, z
-            w = W1[:, i : i + 1]  # [out, 1]
+            w = W1[i][:, None]  # [out, 1]
             q = qmath.quantize(w, s, z, cfg.bits, -1)
-            err = (w - qmath.dequantize(q, s, z, -1).to(dtype)) / U1[i, i]
-            W1[:, i:] -= err @ U1[i : i + 1, i:]  # OBS update of the block's remaining columns
-            Err1[:, i : i + 1] = err
-            Q[:, col : col + 1] = q
-        W[:, i2:] -= Err1 @ U[i1:i2, i2:]  # the lazy batch update of every later column
+            err = ((w - qmath.dequantize(q, s, z, -1).to(dtype)) / U1[i, i])[:, 0]
+            W1[i:].addr_(U1[i, i:], err, alpha=-1)  # OBS update of the block's remaining columns
+            Err1[i] = err
+            Qt[col] = q[:, 0]
+        Wt[i2:] -= U[i1:i2, i2:].t() @ Err1  # the lazy batch update of every later column
+    Q = Qt.t()
 
     if opts.static_groups:
         scale, zero = s_static, z_static
@@ -189,7 +192,8 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
 
     True-sequential (the default): each sub-layer group (q/k/v, o, gate/up, down)
     gets its Hessian from a forward pass in which the groups before it already
-    compute with their quantized weights. Otherwise every Hessian comes from the
+    compute with their quantized weights (the dequantized values; the linears are
+    swapped for packed layers when the block is done). Otherwise every Hessian comes from the
     full-precision block.
     """
     if ctx.inputs is None:
@@ -198,6 +202,7 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     groups = _sequential_groups(ctx)
     t_hessian = t_solve = 0.0
     rel_errors, damps, fallbacks = [], [], []
+    packed: dict[str, PackedWeight] = {}
 
     def solve(names, hessians):
         # Linears that share an input share H, so their rows are solved as one matrix.
@@ -218,9 +223,13 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
                 pw = _rows(res.packed, rows, rows + lin.out_features)
                 rows += lin.out_features
                 W = lin.weight.detach().to(H.dtype)
-                rel_errors.append(hessian_error(W, pw.dequantize(H.dtype).to(H.device), H)
-                                  / max(hessian_error(W, torch.zeros_like(W), H), 1e-30))
-                replace_linear(ctx.block, name, pw, cfg)
+                wq = pw.dequantize(H.dtype).to(H.device)
+                rel_errors.append(hessian_error(W, wq, H) / max(hessian_error(W, torch.zeros_like(W), H), 1e-30))
+                # Until the block is done the linear computes with its dequantized weight: what the
+                # packed layer's reference path computes, without unpacking on every call.
+                with torch.no_grad():
+                    lin.weight.copy_(wq)
+                packed[name] = pw
         t_solve += time.perf_counter() - t
 
     todo = [(g,) for g in groups] if cfg.gptq.true_sequential else [tuple(groups)]
@@ -230,6 +239,8 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
         t_hessian += time.perf_counter() - t
         solve([n for g in batch for n in g], hessians)
         del hessians
+    for name, pw in packed.items():
+        replace_linear(ctx.block, name, pw, cfg)
 
     info = {"hessian s": f"{t_hessian:.2f}", "solve s": f"{t_solve:.2f}",
             "rel err": f"{sum(rel_errors) / len(rel_errors):.2e}", "max damp": f"{max(damps, default=0):.3g}"}

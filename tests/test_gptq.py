@@ -209,14 +209,16 @@ def test_gptq_checkpoint_reloads_and_beats_rtn(tmp_path, tiny_src, opts):
 
 
 def test_true_sequential_sees_quantized_earlier_layers(tiny_src, monkeypatch):
-    """With true-sequential the o_proj Hessian comes from a block whose q/k/v are already packed."""
+    """With true-sequential the o_proj Hessian comes from a block whose q/k/v are already quantized."""
     import calib.hessian as hessian_mod
 
     seen = []
     real = hessian_mod.collect_hessians
 
     def spy(block, inputs, groups, stop_early=True):
-        seen.append((groups, isinstance(block.get_submodule("self_attn.q_proj"), QuantLinear)))
+        # Quantized (w4, group 32): at most 16 distinct values in each row's first group.
+        w = block.get_submodule("self_attn.q_proj").weight[:, :32]
+        seen.append((groups, max(len(torch.unique(row)) for row in w) <= 16))
         return real(block, inputs, groups, stop_early)
 
     monkeypatch.setattr("quant.gptq.collect_hessians", spy)
