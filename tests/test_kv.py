@@ -224,7 +224,7 @@ def test_calibration_file_round_trips_and_is_checked_against_the_model(tmp_path)
     loaded = KVCalibration.load(calib.save(tmp_path / "c.safetensors"))
     assert all(torch.equal(a, b) for a, b in zip(loaded.key_max, calib.key_max)) and loaded.model_type == "llama"
     with pytest.raises(QtoolError, match="calibrate this model"):
-        QuantizedKVCache(tiny_model("qwen3").config, KVCacheConfig(bits=4, keys="channel", calibration=loaded))
+        QuantizedKVCache(tiny_model("opt").config, KVCacheConfig(bits=4, keys="channel", calibration=loaded))  # 4 KV heads
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(QtoolError, match="junk.safetensors"):
         KVCalibration.load(tmp_path / "junk.safetensors")
