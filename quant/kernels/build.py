@@ -55,7 +55,7 @@ def _run(cmd: list[str]) -> str:
 
 
 def build(out_dir: Path | None = None, archs=DEFAULT_ARCHS, jobs: int = 4, nvcc: str | None = None,
-          obj_dir: Path | None = None) -> Path:
+          obj_dir: Path | None = None, sources=SOURCES, lib_name: str = LIB_NAME) -> Path:
     """Compile and link the library; returns its path. Raises RuntimeError on a compiler error.
 
     Objects and the ptxas logs (``<source>.log``) go to ``obj_dir`` (default ``build/qtool_kernels``).
@@ -78,9 +78,9 @@ def build(out_dir: Path | None = None, archs=DEFAULT_ARCHS, jobs: int = 4, nvcc:
         return obj
 
     with ThreadPoolExecutor(max_workers=max(1, jobs)) as pool:
-        objs = list(pool.map(compile_one, SOURCES))
-    lib = out_dir / LIB_NAME
-    tmp = out_dir / (LIB_NAME + ".tmp")
+        objs = list(pool.map(compile_one, sources))
+    lib = out_dir / lib_name
+    tmp = out_dir / (lib_name + ".tmp")
     _run([nvcc, "-shared", "-cudart", "static", *gencode_flags(archs), *map(str, objs), "-o", str(tmp),
           f"-L{torch_dir / 'lib'}", "-ltorch_cpu", "-lc10", f"-Xlinker=-rpath,{torch_dir / 'lib'}"])
     tmp.replace(lib)  # atomic: a loader never sees a half-written library

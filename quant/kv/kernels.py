@@ -1,0 +1,127 @@
+"""The ``qtool::kv_*`` ops: schemas, fake kernels and CPU kernels (the reference), plus the CUDA library's
+build and loader.
+
+CUDA kernels (``csrc/kv_cache.cu``, bound in ``csrc/kv_binding.cpp``) live in their own library,
+``quant/kv/_qtool_kv_kernels.so``, built with the W4A16 build helper (torch stable C ABI, nvcc):
+``python -m quant.kv.kernels`` (``$QTOOL_KV_KERNELS_LIB`` overrides the path). The cache itself
+calls the reference functions of :mod:`quant.kv.quantizer`; these ops are what a CUDA decode path
+calls, and on the CPU they *are* the reference.
+
+Ops (``x``/``out``: ``[batch, kv_heads, tokens, head_dim]`` contiguous, float32/float16/bfloat16):
+
+* ``kv_quantize_per_token(x, bits) -> (codes, scale, zero)``
+* ``kv_dequantize_per_token(codes, scale, zero, bits, out) -> ()`` (writes ``out``)
+* ``kv_quantize_per_channel(x, scale, zero, bits) -> codes`` (``scale, zero``: float32 ``[kv_heads, head_dim]``)
+* ``kv_dequantize_per_channel(codes, scale, zero, bits, out) -> ()``
+"""
+from __future__ import annotations
+
+import functools
+import logging
+import os
+import sys
+from pathlib import Path
+
+import torch
+
+from quant.kv import quantizer as kq
+
+log = logging.getLogger(__name__)
+
+LIB_NAME = "_qtool_kv_kernels.so"
+SOURCES = ("kv_cache.cu", "kv_binding.cpp")
+KERNEL_SOURCES = ("kv_cache.cu",)
+
+_lib = torch.library.Library("qtool", "FRAGMENT")
+_lib.define("kv_quantize_per_token(Tensor x, int bits) -> (Tensor, Tensor, Tensor)")
+_lib.define("kv_dequantize_per_token(Tensor codes, Tensor scale, Tensor zero, int bits, Tensor(a!) out) -> ()")
+_lib.define("kv_quantize_per_channel(Tensor x, Tensor scale, Tensor zero, int bits) -> Tensor")
+_lib.define("kv_dequantize_per_channel(Tensor codes, Tensor scale, Tensor zero, int bits, Tensor(a!) out) -> ()")
+
+
+def _codes_shape(x: torch.Tensor, bits: int) -> tuple[int, ...]:
+    return (*x.shape[:-1], x.shape[-1] * bits // 8)
+
+
+def _fake_quantize_per_token(x, bits):
+    rows = (*x.shape[:-1], 1)
+    return (x.new_empty(_codes_shape(x, bits), dtype=torch.uint8), x.new_empty(rows, dtype=torch.float16),
+            x.new_empty(rows, dtype=torch.uint8))
+
+
+def _fake_quantize_per_channel(x, scale, zero, bits):
+    return x.new_empty(_codes_shape(x, bits), dtype=torch.uint8)
+
+
+def _cpu_quantize_per_token(x, bits):
+    return kq.quantize_per_token(x, bits)
+
+
+def _cpu_dequantize_per_token(codes, scale, zero, bits, out):
+    out.copy_(kq.dequantize_per_token(codes, scale, zero, bits, out.dtype))
+
+
+def _cpu_quantize_per_channel(x, scale, zero, bits):
+    return kq.quantize_per_channel(x, scale, zero, bits)
+
+
+def _cpu_dequantize_per_channel(codes, scale, zero, bits, out):
+    out.copy_(kq.dequantize_per_channel(codes, scale, zero, bits, out.dtype))
+
+
+torch.library.register_fake("qtool::kv_quantize_per_token", _fake_quantize_per_token, lib=_lib)
+torch.library.register_fake("qtool::kv_quantize_per_channel", _fake_quantize_per_channel, lib=_lib)
+torch.library.register_fake("qtool::kv_dequantize_per_token", lambda *a: None, lib=_lib)
+torch.library.register_fake("qtool::kv_dequantize_per_channel", lambda *a: None, lib=_lib)
+_lib.impl("kv_quantize_per_token", _cpu_quantize_per_token, "CPU")
+_lib.impl("kv_dequantize_per_token", _cpu_dequantize_per_token, "CPU")
+_lib.impl("kv_quantize_per_channel", _cpu_quantize_per_channel, "CPU")
+_lib.impl("kv_dequantize_per_channel", _cpu_dequantize_per_channel, "CPU")
+
+
+def library_path() -> Path:
+    return Path(os.environ.get("QTOOL_KV_KERNELS_LIB") or Path(__file__).parent / LIB_NAME)
+
+
+def build(out_dir: Path | None = None, archs=("80", "90"), jobs: int = 2, obj_dir: Path | None = None) -> Path:
+    """Compile ``csrc/kv_cache.cu`` and ``csrc/kv_binding.cpp`` into the KV library; returns its path."""
+    from quant.kernels import build as kbuild
+
+    return kbuild.build(out_dir or Path(__file__).parent, archs, jobs, obj_dir=obj_dir or kbuild.ROOT / "build" / "qtool_kv_kernels",
+                        sources=SOURCES, lib_name=LIB_NAME)
+
+
+@functools.cache
+def load_library() -> str | None:
+    """Load the compiled KV library once. None on success, else why it was not loaded."""
+    path = library_path()
+    if not path.is_file():
+        return f"{path} not built (python -m quant.kv.kernels)"
+    try:
+        torch.ops.load_library(str(path))
+    except (OSError, RuntimeError) as e:
+        return f"{path} failed to load: {e}"
+    return None
+
+
+@functools.cache
+def cuda_kv_kernels_available() -> bool:
+    """True when the CUDA KV kernels can run here; says once which path the KV ops take."""
+    if not torch.cuda.is_available():
+        log.info("KV cache ops on CUDA: no CUDA device; the cache uses the reference path")
+        return False
+    reason = load_library()
+    if reason is None:
+        log.info("KV cache ops on CUDA: compiled kernels (%s)", library_path())
+        return True
+    log.warning("KV cache ops on CUDA: reference path, because %s", reason)
+    return False
+
+
+if __name__ == "__main__":
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    try:
+        print(build(jobs=os.cpu_count() or 2))
+    except RuntimeError as e:
+        print(e, file=sys.stderr)
+        sys.exit(1)
