@@ -94,8 +94,9 @@ def ensure_calibration(model_dir: Path, path: Path) -> KVCalibration:
 def run_ppl(args, calib) -> list[PplRow]:
     model, tok = load_model(args.model)
     text = eval_text_path("wiki").read_text(encoding="utf-8")
+    windowed = args.windowed.split(",") if args.windowed else []
     configs = [("fp", "-", 0)] + [(k, keys, w) for k in ("int8", "int4") for keys in ("token", "channel")
-                                  for w in (0, args.window)]
+                                  for w in (0, args.window) if w == 0 or k in windowed]
     rows, fp_ppl = [], None
     for kind, keys, window in configs:
         kv = kv_config(kind, keys, window, calib)
@@ -212,6 +213,7 @@ def main() -> None:
     ap.add_argument("--tokens", type=int, default=10_240, help="perplexity: tokens of the Wikipedia text")
     ap.add_argument("--seqlen", type=int, default=512)
     ap.add_argument("--window", type=int, default=64, help="fp window of the windowed rows")
+    ap.add_argument("--windowed", default="int4", help="cache types that also get a row with the fp window")
     ap.add_argument("--chunk", type=int, default=16, help="perplexity: tokens per forward when a window is set")
     ap.add_argument("--bytes-tokens", type=int, default=4096)
     ap.add_argument("--gen-prompt", type=int, default=3584)

@@ -71,3 +71,22 @@ def test_bad_shapes_say_which_constraint_failed():
         torch.ops.qtool.kv_quantize_per_token(torch.randn(1, 1, 2, 65, device="cuda", dtype=torch.float16), 8)
     with pytest.raises(RuntimeError, match="bits 3 must be 4 or 8"):
         torch.ops.qtool.kv_quantize_per_token(torch.randn(1, 1, 2, 64, device="cuda", dtype=torch.float16), 3)
+
+
+def test_the_cache_on_a_gpu_goes_through_the_kernels_and_generates():
+    from tiny_models import tiny_model
+
+    from quant.kv import KVCacheConfig, QuantizedKVCache
+
+    assert kernels.cuda_kv_kernels_available()
+    model = tiny_model("llama", dtype=torch.float16).cuda()
+    cache = QuantizedKVCache(model.config, KVCacheConfig(bits=4, window=2))
+    k = torch.randn(2, 2, 9, 16, device="cuda", dtype=torch.float16)
+    got, _ = cache.update(k, k, 0)
+    want = kq.fake_quantize_per_token(k, 4)
+    want[..., -2:, :] = k[..., -2:, :]
+    assert torch.equal(got, want)
+    ids = torch.randint(0, 256, (4, 12), device="cuda")
+    out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=257,
+                         past_key_values=QuantizedKVCache(model.config, KVCacheConfig(bits=8)))
+    assert out.shape == (4, 20)

@@ -20,6 +20,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from quant.errors import QtoolError
+from quant.kv import kernels as kk
 from quant.kv import quantizer as kq
 from quant.kv.config import KVCacheConfig
 
@@ -73,20 +74,20 @@ class QuantizedKVLayer(DynamicLayer):
     def _append_quantized(self, k: torch.Tensor, v: torch.Tensor) -> None:
         cat = lambda a, b: torch.cat([a, b], dim=-2)  # noqa: E731
         if self.per_channel_keys:
-            self.k_codes = cat(self.k_codes, kq.quantize_per_channel(k, *self.k_qparams, self.bits))
+            self.k_codes = cat(self.k_codes, kk.quantize_per_channel(k, *self.k_qparams, self.bits))
         else:
-            codes, scale, zero = kq.quantize_per_token(k, self.bits)
+            codes, scale, zero = kk.quantize_per_token(k, self.bits)
             self.k_codes, self.k_scale, self.k_zero = cat(self.k_codes, codes), cat(self.k_scale, scale), cat(self.k_zero, zero)
-        codes, scale, zero = kq.quantize_per_token(v, self.bits)
+        codes, scale, zero = kk.quantize_per_token(v, self.bits)
         self.v_codes, self.v_scale, self.v_zero = cat(self.v_codes, codes), cat(self.v_scale, scale), cat(self.v_zero, zero)
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantized part of the store, dequantized: ``[batch, kv_heads, n_quantized, head_dim]``."""
         if self.per_channel_keys:
-            k = kq.dequantize_per_channel(self.k_codes, *self.k_qparams, self.bits, self.dtype)
+            k = kk.dequantize_per_channel(self.k_codes, *self.k_qparams, self.bits, self.dtype)
         else:
-            k = kq.dequantize_per_token(self.k_codes, self.k_scale, self.k_zero, self.bits, self.dtype)
-        v = kq.dequantize_per_token(self.v_codes, self.v_scale, self.v_zero, self.bits, self.dtype)
+            k = kk.dequantize_per_token(self.k_codes, self.k_scale, self.k_zero, self.bits, self.dtype)
+        v = kk.dequantize_per_token(self.v_codes, self.v_scale, self.v_zero, self.bits, self.dtype)
         return k, v
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):

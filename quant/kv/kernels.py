@@ -4,8 +4,9 @@ build and loader.
 CUDA kernels (``csrc/kv_cache.cu``, bound in ``csrc/kv_binding.cpp``) live in their own library,
 ``quant/kv/_qtool_kv_kernels.so``, built with the W4A16 build helper (torch stable C ABI, nvcc):
 ``python -m quant.kv.kernels`` (``$QTOOL_KV_KERNELS_LIB`` overrides the path). The cache itself
-calls the reference functions of :mod:`quant.kv.quantizer`; these ops are what a CUDA decode path
-calls, and on the CPU they *are* the reference.
+calls the dispatch functions at the end of this module: the compiled op for CUDA tensors once the
+library is built and loads, else the reference functions of :mod:`quant.kv.quantizer` (the CPU
+kernels of the ops are the reference too).
 
 Ops (``x``/``out``: ``[batch, kv_heads, tokens, head_dim]`` contiguous, float32/float16/bfloat16):
 
@@ -116,6 +117,43 @@ def cuda_kv_kernels_available() -> bool:
         return True
     log.warning("KV cache ops on CUDA: reference path, because %s", reason)
     return False
+
+
+# -- dispatch: the compiled op for CUDA tensors when the library is built, else the reference ----------
+def _compiled(t: torch.Tensor) -> bool:
+    return t.is_cuda and cuda_kv_kernels_available()
+
+
+def _out_like(codes: torch.Tensor, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    return torch.empty((*codes.shape[:-1], codes.shape[-1] * 8 // bits), dtype=dtype, device=codes.device)
+
+
+def quantize_per_token(x: torch.Tensor, bits: int):
+    if _compiled(x):
+        return torch.ops.qtool.kv_quantize_per_token(x.contiguous(), bits)
+    return kq.quantize_per_token(x, bits)
+
+
+def dequantize_per_token(codes, scale, zero, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    if _compiled(codes):
+        out = _out_like(codes, bits, dtype)
+        torch.ops.qtool.kv_dequantize_per_token(codes.contiguous(), scale.contiguous(), zero.contiguous(), bits, out)
+        return out
+    return kq.dequantize_per_token(codes, scale, zero, bits, dtype)
+
+
+def quantize_per_channel(x: torch.Tensor, scale, zero, bits: int) -> torch.Tensor:
+    if _compiled(x):
+        return torch.ops.qtool.kv_quantize_per_channel(x.contiguous(), scale, zero, bits)
+    return kq.quantize_per_channel(x, scale, zero, bits)
+
+
+def dequantize_per_channel(codes, scale, zero, bits: int, dtype: torch.dtype) -> torch.Tensor:
+    if _compiled(codes):
+        out = _out_like(codes, bits, dtype)
+        torch.ops.qtool.kv_dequantize_per_channel(codes.contiguous(), scale, zero, bits, out)
+        return out
+    return kq.dequantize_per_channel(codes, scale, zero, bits, dtype)
 
 
 if __name__ == "__main__":
