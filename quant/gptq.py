@@ -72,9 +72,9 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
         d = min(d * _DAMP_STEP, _MAX_DAMP)
 
 
-def _group_params(W: torch.Tensor, cfg: QuantConfig):
-    """Scale and zero ``[out, 1]`` of the columns ``W[out, g]`` of one group."""
-    return qmath.compute_qparams(W, cfg.bits, -1, cfg.sym, None, min_zero(cfg))
+def _group_params(W: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None = None):
+    """Scale and zero ``[out, 1]`` of the columns ``W[out, g]`` of one group (range times ``clip[out, 1]``)."""
+    return qmath.compute_qparams(W, cfg.bits, -1, cfg.sym, clip, min_zero(cfg))
 
 
 def _columns_now(Wt, W1, Err1, U, i1, i, c0, c1):
@@ -91,7 +91,7 @@ def _columns_now(Wt, W1, Err1, U, i1, i, c0, c1):
     return torch.cat([inside, after])
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None = None) -> GPTQResult:
     """Quantize ``W[out, in]`` with GPTQ under the Hessian ``H[in, in]`` (``XᵀX / n``).
 
     Uses ``cfg.bits``, ``cfg.group_size``, ``cfg.sym`` and ``cfg.gptq`` (damp,
@@ -100,11 +100,17 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRes
     (already corrected for earlier errors), so each column is rounded with exactly
     the float16 scale the checkpoint stores. Works in float64 if ``W`` is float64,
     else float32. Inputs that never fire (``H[i, i] = 0``) get weight 0.
+
+    ``clip`` (optional, ``[out, n_groups]``, natural groups) shrinks each group's
+    range as in ``qmath.compute_qparams``: AWQ's clipping search, for AWQ+GPTQ.
+    It needs the natural group order, so not act-order without static groups.
     """
+    if clip is not None and cfg.gptq.act_order and not cfg.gptq.static_groups:
+        raise ValueError("a clip per natural group cannot be used with act-order groups; use static groups")
     if W.device.type != "cpu":
-        return _gptq_quantize(W, H, cfg)
+        return _gptq_quantize(W, H, cfg, clip)
     with _cpu_solver_settings():
-        return _gptq_quantize(W, H, cfg)
+        return _gptq_quantize(W, H, cfg, clip)
 
 
 @contextlib.contextmanager
@@ -127,7 +133,7 @@ def _cpu_solver_settings():
             torch.set_flush_denormal(False)
 
 
-def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQResult:
+def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None) -> GPTQResult:
     opts = cfg.gptq
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W = W.detach().to(dtype).clone()
@@ -141,7 +147,7 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRe
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
     if opts.static_groups:  # parameters of the natural groups, fixed before any error is spread
-        s_static, z_static = qmath.compute_qparams(W, cfg.bits, cfg.group_size, cfg.sym, None, min_zero(cfg))
+        s_static, z_static = qmath.compute_qparams(W, cfg.bits, cfg.group_size, cfg.sym, clip, min_zero(cfg))
     perm = None
     if opts.act_order:  # largest diagonal first: the most important columns are rounded while most are free
         perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
@@ -150,7 +156,7 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRe
     U, damp = inverse_hessian_cholesky(H, opts.damp)
     if U is None:
         reason = "the Hessian is not finite" if not torch.isfinite(H).all() else "Cholesky failed at every damping"
-        return GPTQResult(rtn_packed(W if perm is None else W[:, torch.argsort(perm)], cfg), None, reason)
+        return GPTQResult(rtn_packed(W if perm is None else W[:, torch.argsort(perm)], cfg, clip), None, reason)
 
     # The loop runs on Wᵀ [in, out], so that column j of W is the contiguous row j.
     Wt = W.t().contiguous()
@@ -168,7 +174,8 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig) -> GPTQRe
                 gi = (col if perm is None else int(perm[col])) // g
                 s, z = s_static[:, gi : gi + 1], z_static[:, gi : gi + 1]
             elif col % g == 0:
-                s, z = _group_params(_columns_now(Wt, W1, Err1, U, i1, i, col, col + g).t(), cfg)
+                gclip = None if clip is None else clip[:, col // g : col // g + 1]
+                s, z = _group_params(_columns_now(Wt, W1, Err1, U, i1, i, col, col + g).t(), cfg, gclip)
                 scale[:, col // g : col // g + 1], zero[:, col // g : col // g + 1] = s, z
             w = W1[i][:, None]  # [out, 1]
             q = qmath.quantize(w, s, z, cfg.bits, -1)
@@ -215,19 +222,40 @@ def _rows(pw: PackedWeight, r0: int, r1: int) -> PackedWeight:
                         pw.bits, pw.group_size, g_idx)
 
 
+def _awq_first(ctx: BlockContext) -> tuple[dict, dict, dict, dict]:
+    """AWQ's scale and clip search on the block, scales folded in (``quant.awq.search_block``).
+
+    Returns ``(float weights of the folded linears, clips per linear, artifacts, info)``.
+    The clips are dropped with act-order groups, which are not the natural groups
+    AWQ searched them for (static groups are).
+    """
+    from quant.awq import CLIP_KEY, search_block
+
+    artifacts, info, weights = search_block(ctx)
+    clips = {n: artifacts[f"{n}.{CLIP_KEY}"] for n in ctx.names if f"{n}.{CLIP_KEY}" in artifacts}
+    if clips and ctx.cfg.gptq.act_order and not ctx.cfg.gptq.static_groups:
+        log.info("AWQ+GPTQ with act-order: AWQ's clipping ranges are not used (they belong to natural groups)")
+        clips = {}
+    sources = {n: weights[f"{n}.weight"] for n in ctx.names if f"{n}.weight" in weights}
+    return sources, clips, artifacts, info
+
+
 def quantize_block(ctx: BlockContext) -> BlockResult:
     """GPTQ for one decoder block, in place.
 
     True-sequential (the default): each sub-layer group (q/k/v, o, gate/up, down)
     gets its Hessian from a forward pass in which the groups before it already
     compute with their quantized weights (the dequantized values; the linears are
-    swapped for packed layers when the block is done). Otherwise every Hessian comes from the
-    full-precision block.
+    swapped for packed layers when the block is done). Otherwise every Hessian
+    comes from the full-precision block. With ``awq_first``, AWQ's scales are
+    searched and folded into the block first and its clipping ranges bound the
+    groups; GPTQ then rounds instead of RTN.
     """
     if ctx.inputs is None:
         raise ValueError("GPTQ needs calibration inputs")
     cfg = ctx.cfg
     groups = _sequential_groups(ctx)
+    sources, clips, artifacts, info = _awq_first(ctx) if cfg.gptq.awq_first else ({}, {}, {}, {})
     t_hessian = t_solve = 0.0
     rel_errors, damps, fallbacks = [], [], []
     packed: dict[str, PackedWeight] = {}
@@ -239,7 +267,9 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
         for shared in _by_hessian(names, hessians):
             lins = [ctx.block.get_submodule(n) for n in shared]
             H = hessians[shared[0]].mean
-            res = gptq_quantize(torch.cat([lin.weight for lin in lins]), H, cfg)
+            Ws = [sources.get(n, lin.weight).detach().to(device=H.device, dtype=H.dtype) for n, lin in zip(shared, lins)]
+            clip = torch.cat([clips[n] for n in shared]).to(H.device) if all(n in clips for n in shared) else None
+            res = gptq_quantize(torch.cat(Ws), H, cfg, clip)
             if res.fallback:
                 log.warning("block %d %s: GPTQ fell back to round-to-nearest (%s)", ctx.index, ",".join(shared),
                             res.fallback)
@@ -247,10 +277,9 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
             else:
                 damps.append(res.damp)
             rows = 0
-            for name, lin in zip(shared, lins):
+            for name, lin, W in zip(shared, lins, Ws):
                 pw = _rows(res.packed, rows, rows + lin.out_features)
                 rows += lin.out_features
-                W = lin.weight.detach().to(H.dtype)
                 wq = pw.dequantize(H.dtype).to(H.device)
                 rel_errors.append(hessian_error(W, wq, H) / max(hessian_error(W, torch.zeros_like(W), H), 1e-30))
                 # Until the block is done the linear computes with its dequantized weight: what the
@@ -270,8 +299,8 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     for name, pw in packed.items():
         replace_linear(ctx.block, name, pw, cfg)
 
-    info = {"hessian s": f"{t_hessian:.2f}", "solve s": f"{t_solve:.2f}",
-            "rel err": f"{sum(rel_errors) / len(rel_errors):.2e}", "max damp": f"{max(damps, default=0):.3g}"}
+    info.update({"hessian s": f"{t_hessian:.2f}", "solve s": f"{t_solve:.2f}",
+                 "rel err": f"{sum(rel_errors) / len(rel_errors):.2e}", "max damp": f"{max(damps, default=0):.3g}"})
     if fallbacks:
         info["rtn fallback"] = ",".join(fallbacks)
-    return BlockResult(info=info)
+    return BlockResult(info=info, artifacts=artifacts)

@@ -250,3 +250,31 @@ def test_cli_end_to_end_and_bad_input(tmp_path, tiny_src):
         res = CliRunner().invoke(app, ["gptq", str(tiny_src), "-o", str(tmp_path / "bad")] + args)
         assert isinstance(res.exception, QtoolError) and msg in str(res.exception), (args, res.exception)
     assert not (tmp_path / "bad").exists()
+
+
+def test_clip_bounds_the_groups_and_needs_natural_groups():
+    W, H = _problem(seed=9)
+    clip = torch.full((W.shape[0], 4), 0.5)
+    cfg = _cfg(4, 16, True)
+    pw = gptq_quantize(W, torch.eye(64), cfg, clip).packed
+    want = rtn_packed(W, cfg, clip)
+    assert torch.equal(pw.q, want.q) and torch.equal(pw.scale, want.scale)
+    with pytest.raises(ValueError, match="act-order"):
+        gptq_quantize(W, H, _cfg(4, 16, True, act_order=True), clip)
+    assert gptq_quantize(W, H, _cfg(4, 16, True, act_order=True, static_groups=True), clip).fallback is None
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_awq_then_gptq_folds_scales_and_saves_the_search(tmp_path, tiny_src, act_order):
+    out = tmp_path / "awq_gptq"
+    opts = GPTQOptions(awq_first=True, act_order=act_order)
+    report = quant.quantize(tiny_src, out, method="gptq", bits=4, group_size=32, sym=False, fmt="gptq", n_samples=4,
+                            seqlen=32, gptq=opts, progress=False)
+    assert all("awq α" in b.info and "solve s" in b.info for b in report.blocks)
+    from safetensors import safe_open
+
+    with safe_open(str(out / "qtool_search.safetensors"), "pt") as f:
+        keys = set(f.keys())
+    assert "model.layers.0.self_attn.q_proj.awq_scale" in keys and "model.layers.1.mlp.down_proj.awq_clip" in keys
+    model = quant.load(out, dtype=torch.float32)
+    assert model(_ids()).logits.isfinite().all()
