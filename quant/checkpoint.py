@@ -88,8 +88,8 @@ def read_quantization_config(path: str | os.PathLike) -> dict:
     config = model_io.read_config(path)
     qc = config.get("quantization_config")
     legacy = Path(path) / "quantize_config.json"
-    if qc is None and legacy.is_file():
-        qc = json.loads(legacy.read_text())
+    if legacy.is_file():  # AutoGPTQ / GPTQModel: fills what config.json leaves out (e.g. checkpoint_format)
+        qc = {**json.loads(legacy.read_text()), **(qc or {})}
         qc.setdefault("quant_method", "gptq")
     if qc is None:
         raise QtoolError(f"{path}: config.json has no quantization_config, so this is not a quantized checkpoint")

@@ -11,6 +11,7 @@ from torch import nn
 from quant import model_io
 from quant.checkpoint import read_quantization_config, tensor_index
 from quant.errors import QtoolError
+from quant.gptq_checkpoints import read_qzeros, resolve_convention
 from quant.modules import QuantLinear
 
 log = logging.getLogger(__name__)
@@ -74,6 +75,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     index = tensor_index(path)
     names = {k.removesuffix(".qweight") for k in index if k.endswith(".qweight")}
+    if spec["fmt"] == "gptq":  # v1 or v2 zeros: the declaration, checked against the tensors
+        spec["checkpoint_format"] = resolve_convention(qc, read_qzeros(index, names), str(path))
     _swap_in_quant_linears(model, names, index, spec)
     loaded = _assign_tensors(model, index, names, dtype)
     expected = set(model.state_dict())

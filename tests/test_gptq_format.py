@@ -1,0 +1,156 @@
+"""The GPTQ layout: bit-exact round trips with act-order g_idx, hand-made packings, v1/v2 on load."""
+import json
+import logging
+import shutil
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from tiny_models import save_tiny_model
+
+import quant
+from quant.config import GPTQOptions, QuantConfig
+from quant.errors import QtoolError
+from quant.formats import PackedWeight, pack_gptq, unpack_gptq
+from quant.gptq import gptq_quantize
+from quant.gptq_checkpoints import declared_convention
+
+
+def _solved(bits, sym, act_order, out_f=64, in_f=128, group_size=32):
+    g = torch.Generator().manual_seed(bits)
+    W = torch.randn(out_f, in_f, generator=g)
+    X = torch.randn(512, in_f, generator=g) * torch.rand(in_f, generator=g)
+    cfg = QuantConfig(method="gptq", bits=bits, group_size=group_size, sym=sym, fmt="gptq",
+                      gptq=GPTQOptions(act_order=act_order))
+    return gptq_quantize(W, X.t() @ X / 512, cfg).packed
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("sym", [True, False])
+@pytest.mark.parametrize("act_order", [False, True])
+@pytest.mark.parametrize("checkpoint_format", ["gptq", "gptq_v2"])
+def test_solver_output_round_trips_bit_exactly(bits, sym, act_order, checkpoint_format):
+    pw = _solved(bits, sym, act_order)
+    t = pack_gptq(pw, checkpoint_format)
+    assert t["qweight"].shape == (128 * bits // 32, 64) and t["qzeros"].shape == (4, 64 * bits // 32)
+    assert t["scales"].dtype == torch.float16 and t["g_idx"].dtype == torch.int32
+    back = unpack_gptq(t, bits, 32, checkpoint_format)
+    assert torch.equal(back.q, pw.q) and torch.equal(back.zero.int(), pw.zero.int())
+    assert torch.equal(back.scale.float(), pw.scale)
+    assert (back.g_idx is None) == (pw.g_idx is None)
+    if act_order:
+        assert torch.equal(back.g_idx, pw.g_idx)
+    again = pack_gptq(back, checkpoint_format)
+    assert all(torch.equal(again[k], t[k]) for k in t)
+    assert torch.equal(back.dequantize(), pw.dequantize())
+
+
+def test_2bit_and_8bit_packing_and_zeros_by_hand():
+    # 2 bits: 16 input rows per word, row r in bits 2r..2r+1; 8 bits: 4 rows per word.
+    q2 = torch.tensor([r % 4 for r in range(16)], dtype=torch.int32)[None, :].expand(16, 16).contiguous()
+    pw = PackedWeight(q2, torch.ones(16, 1), torch.full((16, 1), 2, dtype=torch.int32), 2, -1)
+    t = pack_gptq(pw, "gptq")
+    assert (t["qweight"] == torch.tensor(0xE4E4E4E4 - 2**32, dtype=torch.int32)).all()  # 0b11100100 repeated
+    assert (t["qzeros"] == 0x55555555).all()  # z - 1 = 1 in each of the 16 two-bit fields
+    assert (pack_gptq(pw, "gptq_v2")["qzeros"] == torch.tensor(0xAAAAAAAA - 2**32, dtype=torch.int32)).all()
+    q8 = torch.tensor([1, 2, 3, 250], dtype=torch.int32)[None, :].expand(4, 4).contiguous()
+    zero = torch.tensor([[128], [1], [7], [255]], dtype=torch.int32)
+    t = pack_gptq(PackedWeight(q8, torch.ones(4, 1), zero, 8, -1), "gptq")
+    assert (t["qweight"] == torch.tensor(0xFA030201 - 2**32, dtype=torch.int32)).all()
+    assert t["qzeros"].tolist() == [[0xFE06007F - 2**32]]  # zeros - 1 = 127, 0, 6, 254 along the outputs
+
+
+def test_act_order_g_idx_by_hand():
+    # Four input rows in two groups of two, rows 3 and 0 quantized first: g_idx = [0, 1, 1, 0].
+    g_idx = torch.tensor([0, 1, 1, 0], dtype=torch.int32)
+    pw = PackedWeight(torch.tensor([[1, 2, 3, 4]] * 8, dtype=torch.int32), torch.tensor([[1.0, 2.0]] * 8),
+                      torch.tensor([[1, 2]] * 8, dtype=torch.int32), 8, 2, g_idx)
+    t = pack_gptq(pw, "gptq_v2")
+    assert t["g_idx"].tolist() == [0, 1, 1, 0]
+    assert pw.dequantize()[0].tolist() == [0.0, 0.0, 2.0, 3.0]  # (q - z[g]) * s[g]
+    assert torch.equal(unpack_gptq(t, 8, 2, "gptq_v2").dequantize(), pw.dequantize())
+
+
+# --- v1 / v2 when loading ------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    root = tmp_path_factory.mktemp("gptqfmt")
+    src = save_tiny_model("llama", root / "src")
+    out = {}
+    for name, kw in {"sym_v1": dict(sym=True), "sym_v2": dict(sym=True, checkpoint_format="gptq_v2"),
+                     "asym_v2": dict(sym=False, fmt="gptq", checkpoint_format="gptq_v2")}.items():
+        out[name] = root / name
+        quant.quantize(src, out[name], method="rtn", bits=4, group_size=32, dtype="float32", progress=False, **kw)
+    return out
+
+
+def _ids():
+    return torch.randint(0, 256, (1, 16), generator=torch.Generator().manual_seed(0))
+
+
+def _logits(path):
+    return quant.load(path, dtype=torch.float32)(_ids()).logits
+
+
+def _relabel(src, dst, **changes):
+    shutil.copytree(src, dst)
+    config = json.loads((dst / "config.json").read_text())
+    qc = config["quantization_config"]
+    for k, v in changes.items():
+        if v is None:
+            qc.pop(k, None)
+        else:
+            qc[k] = v
+    (dst / "config.json").write_text(json.dumps(config))
+    return dst
+
+
+@pytest.mark.parametrize("stored,label", [("sym_v1", "gptq_v2"), ("sym_v2", "gptq"), ("sym_v2", None)])
+def test_a_mislabelled_symmetric_checkpoint_is_read_by_its_stored_zeros(checkpoints, tmp_path, caplog, stored, label):
+    want = _logits(checkpoints[stored])
+    wrong = _relabel(checkpoints[stored], tmp_path / "wrong", checkpoint_format=label)
+    with caplog.at_level(logging.WARNING):
+        got = _logits(wrong)
+    assert torch.equal(got, want)
+    assert "zero points are stored as in" in caplog.text
+
+
+def test_v1_and_v2_of_the_same_weights_load_identically(checkpoints):
+    assert torch.equal(_logits(checkpoints["sym_v1"]), _logits(checkpoints["sym_v2"]))
+
+
+def test_symmetric_label_with_unreadable_zeros_is_refused(checkpoints, tmp_path):
+    bad = _relabel(checkpoints["asym_v2"], tmp_path / "bad", sym=True)
+    with pytest.raises(QtoolError, match="cannot tell which convention"):
+        quant.load(bad)
+
+
+def test_asymmetric_checkpoints_follow_their_declaration(checkpoints, tmp_path):
+    # Not decidable from the tensors: the declaration is used, so the relabelled copy differs by one step.
+    want = _logits(checkpoints["asym_v2"])
+    no_sym_key = _relabel(checkpoints["asym_v2"], tmp_path / "nosym", sym=None)
+    assert torch.equal(_logits(no_sym_key), want)
+    relabelled = _relabel(checkpoints["asym_v2"], tmp_path / "v1", checkpoint_format="gptq")
+    assert not torch.equal(_logits(relabelled), want)
+
+
+def test_legacy_quantize_config_json(checkpoints, tmp_path):
+    legacy = shutil.copytree(checkpoints["sym_v2"], tmp_path / "legacy")
+    config = json.loads((legacy / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    (legacy / "config.json").write_text(json.dumps(config))
+    # AutoGPTQ's file: no quant_method; GPTQModel's older "format" key says v2.
+    qc.pop("quant_method")
+    qc["format"] = qc.pop("checkpoint_format")
+    (legacy / "quantize_config.json").write_text(json.dumps(qc))
+    assert torch.equal(_logits(legacy), _logits(checkpoints["sym_v2"]))
+
+
+def test_other_layouts_are_refused_by_name():
+    for qc, msg in [({"is_marlin_format": True}, "Marlin"), ({"checkpoint_format": "marlin"}, "kernel-specific"),
+                    ({"checkpoint_format": "gptq_v3"}, "unknown")]:
+        with pytest.raises(QtoolError, match=msg):
+            declared_convention({"bits": 4, **qc}, "ckpt")
+    assert declared_convention({"bits": 4}, "ckpt") == "gptq"
