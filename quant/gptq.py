@@ -184,7 +184,7 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: tor
             Err1[i] = err
             Qt[col] = q[:, 0]
         Wt[i2:] -= U[i1:i2, i2:].t() @ Err1  # the lazy batch update of every later column
-    Q = Qt.t()
+    Q = Qt.t().contiguous()
 
     if opts.static_groups:
         scale, zero = s_static, z_static
