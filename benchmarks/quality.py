@@ -27,7 +27,8 @@ PRESETS = {
     "full": ("fp32,rtn:w4g64,awq:w4g64,gptq:w4g64,rtn:w4g32,awq:w4g32,gptq:w4g32,"
              "rtn:w3g64,awq:w3g64,gptq:w3g64", "wiki,code"),
 }
-_RUN = re.compile(r"^(rtn|awq|gptq)(?:\+(\w+))?:w(\d)g(-?\d+)$")
+_RUN = re.compile(r"^(rtn|awq|gptq)((?:\+\w+)*):w(\d)g(-?\d+)$")
+_GPTQ_VARIANTS = {"asym", "actorder", "awq"}  # combinable: gptq+awq+asym:w4g64
 
 
 @dataclass
@@ -46,14 +47,15 @@ def _parse_run(run: str) -> dict:
     m = _RUN.match(run)
     if not m:
         raise SystemExit(f"--runs: {run!r} is not fp32 or METHOD:wBITSgGROUP (e.g. awq:w4g64, gptq+asym:w4g64)")
-    method, variant, bits, group = m.groups()
+    method, variants, bits, group = m.groups()
+    variants = set(filter(None, variants.split("+")))
+    if variants - (_GPTQ_VARIANTS if method == "gptq" else set()):
+        raise SystemExit(f"--runs: {run!r}: unknown variant; gptq takes +{', +'.join(sorted(_GPTQ_VARIANTS))}")
     opts = {"method": method, "bits": int(bits), "group_size": int(group)}
     if method == "gptq":
-        opts["sym"] = variant != "asym"
-        if variant == "actorder":
-            opts["gptq"] = {"act_order": True}
-        if variant == "awq":
-            opts["gptq"] = {"awq_first": True}
+        opts["sym"] = "asym" not in variants
+        gptq = {"act_order": "actorder" in variants, "awq_first": "awq" in variants}
+        opts["gptq"] = {k: v for k, v in gptq.items() if v}
     return opts
 
 
