@@ -278,3 +278,14 @@ def test_awq_then_gptq_folds_scales_and_saves_the_search(tmp_path, tiny_src, act
     assert "model.layers.0.self_attn.q_proj.awq_scale" in keys and "model.layers.1.mlp.down_proj.awq_clip" in keys
     model = quant.load(out, dtype=torch.float32)
     assert model(_ids()).logits.isfinite().all()
+
+
+def test_asymmetric_v1_keeps_zero_points_storable():
+    # All-positive groups would get z = 0, which a v1 checkpoint cannot hold (its loaders add 1 unmasked).
+    W, H = _problem(seed=10)
+    W = W.abs() + 0.1
+    v1 = QuantConfig(method="gptq", bits=4, group_size=16, sym=False, fmt="gptq", checkpoint_format="gptq")
+    v2 = v1.with_(checkpoint_format="gptq_v2")
+    assert gptq_quantize(W, H, v1).packed.zero.min() >= 1
+    assert gptq_quantize(W, H, v2).packed.zero.min() == 0
+    pack_gptq(gptq_quantize(W, H, v1).packed, "gptq")  # would raise on a zero point of 0
