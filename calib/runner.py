@@ -7,6 +7,7 @@ calibration activations.
 """
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 from typing import Callable
 
@@ -27,6 +28,18 @@ def _move(obj, device, dtype=None):
     if isinstance(obj, dict):
         return {k: _move(v, device, dtype) for k, v in obj.items()}
     return obj
+
+
+def _tensors(block: nn.Module):
+    return itertools.chain(block.named_parameters(), block.named_buffers())
+
+
+def _cast_back(block: nn.Module, names: set[str], dtype: torch.dtype) -> None:
+    """Back to the stored dtype, only the tensors the block held before it was quantized: new ones
+    (packed weights, float16 scales) keep the dtype they were made with."""
+    for name, t in _tensors(block):
+        if name in names and t.is_floating_point():
+            t.data = t.data.to(dtype)
 
 
 @dataclass
@@ -71,6 +84,7 @@ def run_sequential(
     hidden = [_move(calls[0].hidden, device, compute_dtype) for calls in per_batch]
     for i, block in enumerate(blocks):
         store_dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), compute_dtype)
+        held = {n for n, t in _tensors(block) if t.is_floating_point()}
         block.to(device=device, dtype=compute_dtype)
         calls = [
             BlockCall(h, _move(b[i].args, device, compute_dtype), _move(b[i].kwargs, device, compute_dtype))
@@ -79,6 +93,7 @@ def run_sequential(
         inputs = BlockInputs(calls)
         process_block(i, block, inputs)
         hidden = inputs.run(block)
-        block.to(device="cpu", dtype=store_dtype)
+        block.to(device="cpu")
+        _cast_back(block, held, store_dtype)
         if on_block_done is not None:
             on_block_done(i)

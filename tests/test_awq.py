@@ -174,6 +174,14 @@ def test_same_inputs_give_a_bit_identical_checkpoint_and_replay_matches(tmp_path
             assert torch.equal(state[k], v), k
 
 
+def test_replay_is_bit_identical_for_a_bfloat16_model(tmp_path):
+    # The search runs on the block cast to float32, the replay on the stored bfloat16 block.
+    src = save_tiny_model("gemma3_text", tmp_path / "src", dtype=torch.bfloat16)
+    _quantize(src, tmp_path / "a", dtype="auto")
+    _quantize(src, tmp_path / "b", dtype="auto", awq=AWQOptions(search_file=str(tmp_path / "a")))
+    assert (tmp_path / "a" / "model.safetensors").read_bytes() == (tmp_path / "b" / "model.safetensors").read_bytes()
+
+
 def test_replay_refuses_results_from_another_setting(tmp_path):
     src = save_tiny_model("llama", tmp_path / "src")
     _quantize(src, tmp_path / "a")
