@@ -49,9 +49,13 @@ def _parse_run(run: str) -> dict:
         raise SystemExit(f"--runs: {run!r} is not fp32 or METHOD:wBITSgGROUP (e.g. awq:w4g64, gptq+asym:w4g64)")
     method, variants, bits, group = m.groups()
     variants = set(filter(None, variants.split("+")))
-    if variants - (_GPTQ_VARIANTS if method == "gptq" else set()):
-        raise SystemExit(f"--runs: {run!r}: unknown variant; gptq takes +{', +'.join(sorted(_GPTQ_VARIANTS))}")
+    allowed = {"gptq": _GPTQ_VARIANTS, "rtn": {"sym"}}.get(method, set())
+    if variants - allowed:
+        raise SystemExit(f"--runs: {run!r}: unknown variant; gptq takes +{', +'.join(sorted(_GPTQ_VARIANTS))}, "
+                         "rtn takes +sym")
     opts = {"method": method, "bits": int(bits), "group_size": int(group)}
+    if method == "rtn" and "sym" in variants:
+        opts["sym"] = True  # the symmetric baseline for GPTQ's default
     if method == "gptq":
         opts["sym"] = "asym" not in variants
         gptq = {"act_order": "actorder" in variants, "awq_first": "awq" in variants}
