@@ -48,7 +48,7 @@ class KeyRangeCache(Cache):
 
     def __init__(self, config):
         text_config = config.get_text_config(decoder=True)
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        _, layer_kwargs = get_layer_types_and_kwargs(text_config)
         super().__init__(layers=[_KeyRangeLayer(kw.get("sliding_window")) for kw in layer_kwargs])
 
     def calibration(self, model_type: str = "") -> KVCalibration:

@@ -9,7 +9,6 @@ from tabulate import tabulate
 from cli.options import _stack, setup_logging
 from quant.errors import QtoolError
 
-
 kv_ppl_options = _stack([
     click.option("--kv", default=None, type=click.Choice(["int8", "int4"]),
                  help="Read keys and values from an int8 or int4 KV cache (default: the full-precision cache, "
@@ -87,10 +86,10 @@ def calibrate(model_dir, out, calib_data, text_field, n_samples, seqlen, seed, b
     ratios = outlier_ratio(calibration)
     rows = [
         ["layers", calibration.num_layers],
-        ["KV heads x channels", "%d x %d" % calibration.shape],
+        ["KV heads x channels", "{} x {}".format(*calibration.shape)],
         ["tokens", f"{calibration.n_tokens:,}"],
-        ["widest / median key channel range", f"median over layers {sorted(ratios)[len(ratios) // 2]:.1f}, "
-                                              f"max {max(ratios):.1f}"],
+        ["widest / median key channel range",
+         f"median over layers {sorted(ratios)[len(ratios) // 2]:.1f}, max {max(ratios):.1f}"],
         ["written to", str(out_path)],
         ["named in config.json", "yes" if inside else "no (file outside the model folder: pass --kv-calib)"],
     ]

@@ -15,7 +15,14 @@ import quant
 from calib.kv import collect_key_ranges
 from cli.main import app
 from quant.errors import QtoolError
-from quant.kv import KVCacheConfig, KVCalibration, QuantizedKVCache, kv_perplexity, parse_kv, with_kv_cache
+from quant.kv import (
+    KVCacheConfig,
+    KVCalibration,
+    QuantizedKVCache,
+    kv_perplexity,
+    parse_kv,
+    with_kv_cache,
+)
 from quant.kv import quantizer as kq
 from quant.kv.config import CALIB_FILENAME, calibration_reference
 
@@ -231,10 +238,10 @@ def test_calibration_file_round_trips_and_is_checked_against_the_model(tmp_path)
 
 
 @pytest.mark.parametrize("kwargs,match", [
-    (dict(bits=3), "int8 or int4"),
-    (dict(keys="head"), "'token' or 'channel'"),
-    (dict(window=-1), "--kv-window"),
-    (dict(keys="channel"), "--kv-calib"),
+    ({"bits": 3}, "int8 or int4"),
+    ({"keys": "head"}, "'token' or 'channel'"),
+    ({"window": -1}, "--kv-window"),
+    ({"keys": "channel"}, "--kv-calib"),
 ])
 def test_bad_options_get_clear_errors(kwargs, match):
     with pytest.raises(QtoolError, match=match):
@@ -303,5 +310,5 @@ def test_cli_bad_kv_options_get_one_clear_sentence(tmp_path, args, match):
 def test_cli_entry_point_turns_a_kv_mistake_into_status_2(tmp_path):
     src = save_tiny_model("llama", tmp_path / "m")
     res = subprocess.run([sys.executable, "-m", "cli.main", "ppl", str(src), "--kv", "int4", "--kv-keys", "channel"],
-                         capture_output=True, text=True, cwd=Path(__file__).parents[1])
+                         check=False, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 2 and "--kv-calib FILE" in res.stderr and "Traceback" not in res.stderr, res.stderr

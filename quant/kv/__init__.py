@@ -12,5 +12,5 @@ from quant.kv.cache import QuantizedKVCache, QuantizedKVLayer, cache_nbytes
 from quant.kv.config import KV_PRESETS, KVCacheConfig, KVCalibration, parse_kv
 from quant.kv.eval import kv_perplexity
 
-__all__ = ["KVCacheConfig", "KVCalibration", "KV_PRESETS", "QuantizedKVCache", "QuantizedKVLayer",
+__all__ = ["KV_PRESETS", "KVCacheConfig", "KVCalibration", "QuantizedKVCache", "QuantizedKVLayer",
            "cache_nbytes", "kv_cache", "kv_perplexity", "load_with_kv_cache", "parse_kv", "with_kv_cache"]

@@ -54,7 +54,7 @@ class QuantizedKVLayer(DynamicLayer):
         b, h, _, d = key_states.shape
         if self.bits == 4 and d % 2:
             raise QtoolError(f"int4 KV cache packs two codes per byte and needs an even head_dim, got {d}")
-        empty = lambda last, dt: torch.empty(b, h, 0, last, dtype=dt, device=self.device)  # noqa: E731
+        empty = lambda last, dt: torch.empty(b, h, 0, last, dtype=dt, device=self.device)
         self.keys, self.values = empty(d, self.dtype), empty(value_states.shape[-1], self.dtype)
         dv = value_states.shape[-1]
         self.k_codes = empty(d * self.bits // 8, torch.uint8)
@@ -72,7 +72,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     # -- quantize on append, dequantize on read --------------------------------------------------
     def _append_quantized(self, k: torch.Tensor, v: torch.Tensor) -> None:
-        cat = lambda a, b: torch.cat([a, b], dim=-2)  # noqa: E731
+        cat = lambda a, b: torch.cat([a, b], dim=-2)
         if self.per_channel_keys:
             self.k_codes = cat(self.k_codes, kk.quantize_per_channel(k, *self.k_qparams, self.bits))
         else:

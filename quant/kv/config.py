@@ -21,7 +21,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 
 from quant.errors import QtoolError
@@ -57,9 +57,9 @@ class KVCalibration:
             tensors[f"layers.{i}.key_min"] = lo.float().contiguous()
             tensors[f"layers.{i}.key_max"] = hi.float().contiguous()
         heads, head_dim = self.shape
-        meta = dict(format=CALIB_FORMAT, version=CALIB_VERSION, model_type=self.model_type,
-                    num_layers=str(self.num_layers), num_kv_heads=str(heads), head_dim=str(head_dim),
-                    n_tokens=str(self.n_tokens))
+        meta = {"format": CALIB_FORMAT, "version": CALIB_VERSION, "model_type": self.model_type,
+                "num_layers": str(self.num_layers), "num_kv_heads": str(heads), "head_dim": str(head_dim),
+                "n_tokens": str(self.n_tokens)}
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         os.close(fd)
@@ -83,7 +83,7 @@ class KVCalibration:
                 hi = tuple(f.get_tensor(f"layers.{i}.key_max") for i in range(n))
         except QtoolError:
             raise
-        except Exception as e:  # a truncated or foreign file: say which one
+        except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # truncated or foreign: say which
             raise QtoolError(f"{path}: cannot be read as a KV calibration file ({e})") from None
         return cls(lo, hi, meta.get("model_type", ""), int(meta.get("n_tokens", 0)), str(path))
 
