@@ -29,8 +29,14 @@ import torch
 from tabulate import tabulate
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from benchmarks.example_data import ensure_example, eval_text_path  # noqa: E402
-from quant.kv import KVCacheConfig, KVCalibration, QuantizedKVCache, cache_nbytes, kv_perplexity  # noqa: E402
+from benchmarks.example_data import ensure_example, eval_text_path
+from quant.kv import (
+    KVCacheConfig,
+    KVCalibration,
+    QuantizedKVCache,
+    cache_nbytes,
+    kv_perplexity,
+)
 
 logger = logging.getLogger("bench_kv")
 KINDS = ("fp", "int8", "int4")
@@ -151,8 +157,8 @@ def gen_one(args) -> dict:
     t2 = time.perf_counter()
     rss = psutil.Process().memory_info()
     peak = getattr(rss, "peak_wset", None) or _peak_rss_bytes()
-    return dict(tokens=out[0, ids.shape[1]:].tolist(), decode_tok_s=new / (t2 - t1), prefill_s=t1 - t0,
-                kv_bytes=cache_nbytes(cache), peak_rss=peak)
+    return {"tokens": out[0, ids.shape[1]:].tolist(), "decode_tok_s": new / (t2 - t1), "prefill_s": t1 - t0,
+            "kv_bytes": cache_nbytes(cache), "peak_rss": peak}
 
 
 def _peak_rss_bytes() -> int:
@@ -196,7 +202,7 @@ def run_decode(args) -> list[dict]:
             t0 = time.perf_counter()
             model.generate(ids, past_key_values=cache, max_new_tokens=64, min_new_tokens=64, do_sample=False)
             torch.cuda.synchronize()
-            rows.append(dict(batch=batch, cache=kind, tok_s=batch * 64 / (time.perf_counter() - t0)))
+            rows.append({"batch": batch, "cache": kind, "tok_s": batch * 64 / (time.perf_counter() - t0)})
     return rows
 
 
