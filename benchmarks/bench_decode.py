@@ -14,10 +14,10 @@ from dataclasses import asdict, dataclass
 
 import torch
 import torch.nn.functional as F
+from _timing import emit, header
 from tabulate import tabulate
 from torch import nn
 
-from _timing import emit, header
 from quant.formats import PackedWeight
 from quant.kernels import dispatch, loader
 from quant.modules import QuantLinear

@@ -13,9 +13,9 @@ from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
+from _timing import copy_bandwidth_gbs, emit, header, rotation_count, time_graph
 from tabulate import tabulate
 
-from _timing import copy_bandwidth_gbs, emit, header, rotation_count, time_graph
 from quant import qmath
 from quant.formats import PackedWeight
 from quant.kernels import dispatch, layout, loader

@@ -36,14 +36,14 @@ from pathlib import Path
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run as a script from anywhere
-from calib.corpus.build_corpus import (  # noqa: E402  the split rules live in one place
+from calib.corpus.build_corpus import (
     md5_hex,
     md5_is_odd,
     module_document,
     stdlib_modules,
     wiki_articles,
 )
-from quant.errors import QtoolError  # noqa: E402
+from quant.errors import QtoolError
 
 logger = logging.getLogger(__name__)
 

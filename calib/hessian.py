@@ -24,7 +24,7 @@ class Hessian:
     n_tokens: int = 0
 
     @classmethod
-    def empty(cls, n: int, device: torch.device | str = "cpu") -> "Hessian":
+    def empty(cls, n: int, device: torch.device | str = "cpu") -> Hessian:
         return cls(torch.zeros(n, n, dtype=torch.float32, device=device))
 
     def add(self, x: torch.Tensor) -> None:

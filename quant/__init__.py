@@ -9,18 +9,27 @@ from __future__ import annotations
 
 import logging
 
+from quant import kv
 from quant.config import AWQOptions, GPTQOptions, QuantConfig
 from quant.errors import QtoolError
 from quant.loading import load
 from quant.pipeline import QuantReport, quantize
 from quant.ppl import PerplexityResult, perplexity
-from quant import kv  # noqa: E402  int8/int4 KV cache: quant.kv.QuantizedKVCache, quant.kv.load_with_kv_cache
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
 
 __all__ = [
-    "AWQOptions", "GPTQOptions", "QuantConfig", "QtoolError", "QuantReport", "PerplexityResult",
-    "quantize", "load", "load_any", "perplexity",
+    "AWQOptions",
+    "GPTQOptions",
+    "PerplexityResult",
+    "QtoolError",
+    "QuantConfig",
+    "QuantReport",
+    "kv",
+    "load",
+    "load_any",
+    "perplexity",
+    "quantize",
 ]
 
 

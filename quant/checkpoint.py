@@ -51,20 +51,29 @@ def _output_dtype(cfg: QuantConfig, model: nn.Module) -> torch.dtype:
 
 
 def checkpoint_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict as it is written: tied tensors once, scales float16, other floats in ``dtype``."""
-    out, seen = {}, set()
+    """The state dict as it is written: tied parameters once, scales float16, other floats in ``dtype``.
+
+    Only parameters that are the same object under two names (``lm_head`` tied to ``embed_tokens``)
+    are written once; transformers re-ties them on load. Buffers are always written, even when they
+    share storage (a GPTQ ``g_idx`` may be one tensor held by several layers).
+    """
+    out, storages = {}, set()
     quant_prefixes = {n + "." for n, m in model.named_modules() if isinstance(m, QuantLinear)}
+    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in model.named_parameters()}
     for name, t in model.state_dict().items():
-        key = (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape))
-        if key in seen:  # tied (lm_head = embed_tokens): transformers re-ties on load
+        if name in tied:
             continue
-        seen.add(key)
         prefix, _, leaf = name.rpartition(".")
         if leaf == "scales" and prefix + "." in quant_prefixes:
             t = t.to(torch.float16)
         elif t.is_floating_point():
             t = t.to(dtype)
-        out[name] = t.detach().cpu().contiguous()
+        t = t.detach().cpu().contiguous()
+        if t.untyped_storage().data_ptr() in storages:  # safetensors refuses shared storage
+            t = t.clone()
+        storages.add(t.untyped_storage().data_ptr())
+        out[name] = t
     return out
 
 

@@ -113,5 +113,5 @@ class QuantConfig:
     def needs_calibration(self) -> bool:
         return self.method != "rtn" and not (self.method == "awq" and self.awq.search_file)
 
-    def with_(self, **changes) -> "QuantConfig":
+    def with_(self, **changes) -> QuantConfig:
         return replace(self, **changes)

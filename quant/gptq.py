@@ -216,10 +216,8 @@ def _by_hessian(names, hessians) -> list[list[str]]:
 
 def _rows(pw: PackedWeight, r0: int, r1: int) -> PackedWeight:
     """Output rows ``r0..r1`` of a packed weight (one linear out of a stacked solve)."""
-    # g_idx is copied: the checkpoint writer drops tensors sharing storage as tied weights.
-    g_idx = None if pw.g_idx is None else pw.g_idx.clone()
     return PackedWeight(pw.q[r0:r1].clone(), pw.scale[r0:r1].clone(), pw.zero[r0:r1].clone(),
-                        pw.bits, pw.group_size, g_idx)
+                        pw.bits, pw.group_size, pw.g_idx)
 
 
 def _awq_first(ctx: BlockContext) -> tuple[dict, dict, dict, dict]:

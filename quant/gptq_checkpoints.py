@@ -17,7 +17,7 @@ the tensors where the tensors can tell:
 from __future__ import annotations
 
 import logging
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 

@@ -8,7 +8,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from quant import model_io
+from quant import model_io, qmath
 from quant.checkpoint import read_quantization_config, tensor_index
 from quant.errors import QtoolError
 from quant.gptq_checkpoints import read_qzeros, resolve_convention
@@ -79,6 +79,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         spec["checkpoint_format"] = resolve_convention(qc, read_qzeros(index, names), str(path))
     _swap_in_quant_linears(model, names, index, spec)
     loaded = _assign_tensors(model, index, names, dtype)
+    loaded |= _default_g_idx(model, names)
     expected = set(model.state_dict())
     model.tie_weights()
     missing = sorted(k for k in expected - loaded if model.get_parameter_or_buffer(k).is_meta)
@@ -89,6 +90,20 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     model.eval()
     log.info("loaded %s: %d quantized linears (%s, %d-bit)", path, len(names), spec["fmt"], spec["bits"])
     return model
+
+
+def _default_g_idx(model: nn.Module, names: set[str]) -> set[str]:
+    """GPTQ checkpoints without act-order may omit ``g_idx``: it is then input channel // group size."""
+    filled = set()
+    for name in names:
+        q = model.get_submodule(name)
+        if q.fmt == "gptq" and q.g_idx.is_meta:
+            g = qmath.effective_group_size(q.in_features, q.group_size)
+            q.g_idx = (torch.arange(q.in_features, dtype=torch.int32) // g).to(torch.int32)
+            filled.add(f"{name}.g_idx")
+    if filled:
+        log.info("%d GPTQ layers carry no g_idx: using the sequential group order", len(filled))
+    return filled
 
 
 def _assign_tensors(model: nn.Module, index: dict, quant_names: set[str], dtype: torch.dtype) -> set[str]:

@@ -10,7 +10,13 @@ import torch
 from torch import nn
 
 from quant import qmath
-from quant.formats import PackedWeight, pack_awq_gemm, pack_gptq, unpack_awq_gemm, unpack_gptq
+from quant.formats import (
+    PackedWeight,
+    pack_awq_gemm,
+    pack_gptq,
+    unpack_awq_gemm,
+    unpack_gptq,
+)
 
 
 def _layout_shapes(fmt: str, in_f: int, out_f: int, bits: int, n_groups: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:

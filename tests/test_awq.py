@@ -20,7 +20,13 @@ from quant import qmath
 from quant.arch import ARCHITECTURES, ScaleGroup
 from quant.awq import CLIP_KEY, SCALE_KEY, apply_search, load_search, quantize_block
 from quant.awq.fold import fold_scales, foldable_groups, group_scales
-from quant.awq.search import QuantSpec, _fake_quantize, output_error, search_clip, search_scale
+from quant.awq.search import (
+    QuantSpec,
+    _fake_quantize,
+    output_error,
+    search_clip,
+    search_scale,
+)
 from quant.config import AWQOptions, QuantConfig
 from quant.methods import BlockContext
 from quant.modules import QuantLinear

@@ -10,7 +10,13 @@ import torch
 from tokenizers import Tokenizer, models, pre_tokenizers
 from transformers import PreTrainedTokenizerFast
 
-from calib.data import DEFAULT_CORPUS_FILES, calibration_batch, load_texts, sample_windows, tokenize_documents
+from calib.data import (
+    DEFAULT_CORPUS_FILES,
+    calibration_batch,
+    load_texts,
+    sample_windows,
+    tokenize_documents,
+)
 from quant.errors import QtoolError
 
 
@@ -177,7 +183,7 @@ def test_default_corpus_holds_only_the_calibration_half():
     folder = resources.files("calib").joinpath("corpus")
     listing = folder.joinpath("WIKI_TITLES.md").read_text(encoding="utf-8").splitlines()
     titles = [line[2:] for line in listing if line.startswith("- ")]
-    modules = re.findall(r"^# File: Lib/(\S+)$", folder.joinpath("code.txt").read_text(encoding="utf-8"), flags=re.M)
+    modules = re.findall(r"^# File: Lib/(\S+)$", folder.joinpath("code.txt").read_text(encoding="utf-8"), flags=re.MULTILINE)
     assert len(titles) > 1000 and len(modules) > 50
     assert all(build_corpus.md5_is_odd(name) for name in titles + modules)
     assert not build_corpus.md5_is_odd("Aardvark")  # an article of the even (evaluation) half

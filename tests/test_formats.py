@@ -3,7 +3,13 @@ import pytest
 import torch
 
 from quant import qmath
-from quant.formats import PackedWeight, pack_awq_gemm, pack_gptq, unpack_awq_gemm, unpack_gptq
+from quant.formats import (
+    PackedWeight,
+    pack_awq_gemm,
+    pack_gptq,
+    unpack_awq_gemm,
+    unpack_gptq,
+)
 from quant.formats.bitpack import pack_bits_i32, unpack_bits_i32
 
 GROUPS = [32, 64, 128, -1]

@@ -1,6 +1,5 @@
 """GPTQ: the solver against RTN and a direct OBQ reference, its edge cases, and the method end to end."""
 import json
-import logging
 
 import pytest
 import torch
@@ -8,11 +7,11 @@ from click.testing import CliRunner
 from tiny_models import save_tiny_model
 
 import quant
-from quant.errors import QtoolError
 from calib.hessian import Hessian
 from cli.main import app
 from quant import qmath
 from quant.config import GPTQOptions, QuantConfig
+from quant.errors import QtoolError
 from quant.formats import pack_gptq, unpack_gptq
 from quant.gptq import gptq_quantize, hessian_error, inverse_hessian_cholesky
 from quant.layers import min_zero, rtn_packed

@@ -154,3 +154,31 @@ def test_other_layouts_are_refused_by_name():
         with pytest.raises(QtoolError, match=msg):
             declared_convention({"bits": 4, **qc}, "ckpt")
     assert declared_convention({"bits": 4}, "ckpt") == "gptq"
+
+
+def test_a_checkpoint_without_g_idx_loads_with_the_sequential_order(checkpoints, tmp_path):
+
+    bare = shutil.copytree(checkpoints["sym_v1"], tmp_path / "bare")
+    for f in bare.glob("*.safetensors"):
+        tensors = load_file(f)
+        assert any(k.endswith(".g_idx") for k in tensors)
+        save_file({k: v for k, v in tensors.items() if not k.endswith(".g_idx")}, f, metadata={"format": "pt"})
+    assert torch.equal(_logits(bare), _logits(checkpoints["sym_v1"]))
+
+
+def test_layers_sharing_one_g_idx_tensor_each_write_it(tmp_path):
+    from quant.checkpoint import checkpoint_tensors
+    from quant.formats import PackedWeight
+    from quant.modules import QuantLinear
+
+    g = torch.Generator().manual_seed(0)
+    g_idx = (torch.randperm(64, generator=g) // 32).to(torch.int32)  # act-order: one order for q/k/v
+    layers = torch.nn.ModuleDict()
+    for name in ("q", "k"):
+        pw = PackedWeight(q=torch.randint(0, 16, (8, 64), generator=g, dtype=torch.int32),
+                          scale=torch.rand(8, 2, generator=g) + 0.1, zero=torch.full((8, 2), 8, dtype=torch.int32),
+                          bits=4, group_size=32, g_idx=g_idx)
+        layers[name] = QuantLinear.from_packed(pw, None, "gptq")
+    tensors = checkpoint_tensors(layers, torch.float16)
+    assert torch.equal(tensors["q.g_idx"], g_idx) and torch.equal(tensors["k.g_idx"], g_idx)
+    assert tensors["q.g_idx"].untyped_storage().data_ptr() != tensors["k.g_idx"].untyped_storage().data_ptr()

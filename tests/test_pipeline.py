@@ -1,7 +1,7 @@
 """The spine end to end: every architecture row through the API and the CLI, reloaded and compared."""
 import hashlib
-import re
 import json
+import re
 from pathlib import Path
 
 import pytest

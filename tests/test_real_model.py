@@ -13,7 +13,7 @@ import quant
 from quant.info import checkpoint_info
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "benchmarks"))
-from example_data import eval_text_path, example_model_dir  # noqa: E402
+from example_data import eval_text_path, example_model_dir
 
 MODEL = example_model_dir()
 pytestmark = [pytest.mark.realmodel, pytest.mark.skipif(

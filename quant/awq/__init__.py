@@ -27,7 +27,14 @@ from torch import nn
 
 from calib.collectors import linear_input_stats
 from quant.arch import Arch
-from quant.awq.fold import CLIP_KEY, SCALE_KEY, fold_scales, foldable_groups, group_scales, skip_reason
+from quant.awq.fold import (
+    CLIP_KEY,
+    SCALE_KEY,
+    fold_scales,
+    foldable_groups,
+    group_scales,
+    skip_reason,
+)
 from quant.awq.search import QuantSpec, search_clip, search_scale
 from quant.config import QuantConfig
 from quant.errors import QtoolError
@@ -36,7 +43,7 @@ from quant.methods import BlockContext, BlockResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["quantize_block", "search_block", "apply_block", "apply_search", "load_search", "SCALE_KEY", "CLIP_KEY"]
+__all__ = ["CLIP_KEY", "SCALE_KEY", "apply_block", "apply_search", "load_search", "quantize_block", "search_block"]
 
 
 def quant_spec(cfg: QuantConfig) -> QuantSpec:

@@ -3,4 +3,4 @@ from quant.formats.awq_gemm import pack_awq_gemm, unpack_awq_gemm
 from quant.formats.gptq import pack_gptq, unpack_gptq
 from quant.formats.packed import PackedWeight
 
-__all__ = ["PackedWeight", "pack_awq_gemm", "unpack_awq_gemm", "pack_gptq", "unpack_gptq"]
+__all__ = ["PackedWeight", "pack_awq_gemm", "pack_gptq", "unpack_awq_gemm", "unpack_gptq"]

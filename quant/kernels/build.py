@@ -9,9 +9,9 @@ so this works against the CPU wheel (CI) as well as a CUDA wheel; see
 from __future__ import annotations
 
 import argparse
-import re
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
