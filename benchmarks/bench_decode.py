@@ -19,7 +19,7 @@ from tabulate import tabulate
 from torch import nn
 
 from quant.formats import PackedWeight
-from quant.kernels import dispatch, loader
+from quant.kernels import loader
 from quant.modules import QuantLinear
 
 
@@ -41,10 +41,11 @@ def make_linear(in_f: int, out_f: int, int4: bool, group_size: int) -> nn.Module
     pw = PackedWeight(q=torch.randint(0, 16, (out_f, in_f), dtype=torch.int32, device="cuda"),
                       scale=(torch.rand(out_f, ng, device="cuda") * 0.004 + 0.001).half(),
                       zero=torch.randint(0, 16, (out_f, ng), dtype=torch.int32, device="cuda"), bits=4, group_size=group_size)
-    # Buffers on "meta": the model holds only the kernels' tile32 copy (a loaded checkpoint would
-    # also keep its AWQ buffers today; see benchmarks/NOTES_kernels.md).
-    layer = QuantLinear(in_f, out_f, 4, group_size, "awq", device="meta")
-    dispatch.prepare_cuda(layer, torch.float16, torch.device("cuda", torch.cuda.current_device()), packed=pw)
+    # What quant.load(..., device="cuda") gives: the AWQ checkpoint tensors, compacted so that the
+    # codes live only in the kernels' tile32 copy (scales and zeros are kept for state_dict()).
+    layer = QuantLinear.from_packed(pw, None, "awq")
+    if not layer.compact(torch.float16):
+        raise SystemExit(f"the CUDA kernels cannot take a {in_f}x{out_f} g{group_size} layer")
     return layer
 
 
@@ -114,9 +115,11 @@ class Result:
 
 
 def linear_weight_bytes(model: nn.Module) -> int:
+    """Bytes of every quantized (or fp16) decoder linear: buffers kept plus the kernels' copy."""
     total = 0
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
+            total += sum(b.numel() * b.element_size() for b in mod.buffers() if not b.is_meta)
             for kw, bias in (v for k, v in mod.kernel_cache.items() if isinstance(k, tuple)):
                 total += sum(t.numel() * t.element_size() for t in (kw.qweight, kw.scales, kw.zeros) if t is not None)
         elif isinstance(mod, nn.Linear) and mod.out_features != model.head.out_features:

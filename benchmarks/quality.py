@@ -28,7 +28,7 @@ PRESETS = {
              "rtn:w3g64,awq:w3g64,gptq:w3g64", "wiki,code"),
 }
 _RUN = re.compile(r"^(rtn|awq|gptq)((?:\+\w+)*):w(\d)g(-?\d+)$")
-_GPTQ_VARIANTS = {"asym", "actorder", "awq"}  # combinable: gptq+awq+asym:w4g64
+_GPTQ_VARIANTS = {"asym", "actorder", "awq", "dampN"}  # combinable: gptq+awq+asym:w4g64; damp10 = 0.10
 
 
 @dataclass
@@ -49,6 +49,10 @@ def _parse_run(run: str) -> dict:
         raise SystemExit(f"--runs: {run!r} is not fp32 or METHOD:wBITSgGROUP (e.g. awq:w4g64, gptq+asym:w4g64)")
     method, variants, bits, group = m.groups()
     variants = set(filter(None, variants.split("+")))
+    damp = [v for v in variants if re.fullmatch(r"damp\d+", v)]
+    variants -= set(damp)
+    if damp and method != "gptq":
+        raise SystemExit(f"--runs: {run!r}: only gptq takes +dampN")
     allowed = {"gptq": _GPTQ_VARIANTS, "rtn": {"sym"}}.get(method, set())
     if variants - allowed:
         raise SystemExit(f"--runs: {run!r}: unknown variant; gptq takes +{', +'.join(sorted(_GPTQ_VARIANTS))}, "
@@ -60,6 +64,8 @@ def _parse_run(run: str) -> dict:
         opts["sym"] = "asym" not in variants
         gptq = {"act_order": "actorder" in variants, "awq_first": "awq" in variants}
         opts["gptq"] = {k: v for k, v in gptq.items() if v}
+        if damp:
+            opts["gptq"]["damp"] = int(damp[0][4:]) / 100
     return opts
 
 

@@ -56,10 +56,14 @@ def _rebuild_nonpersistent_buffers(model: nn.Module) -> None:
         model._init_weights(owner)
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu"):
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         compact: bool | None = None):
     """A transformers causal LM whose quantized linears are :class:`QuantLinear`, ready for ``generate()``.
 
     ``dtype`` is the dtype of everything that is not packed (default: the checkpoint's).
+    ``compact`` keeps each layer's codes only in the CUDA kernels' layout (see
+    :meth:`QuantLinear.compact`; ``state_dict()`` still gives the checkpoint's tensors). The
+    default is on for a CUDA ``device`` with the compiled kernels loaded.
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
@@ -88,6 +92,13 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     _rebuild_nonpersistent_buffers(model)
     model.to(device)
     model.eval()
+    if compact is None:
+        from quant.kernels import loader
+
+        compact = torch.device(device).type == "cuda" and loader.cuda_kernels_available()
+    if compact:
+        done = sum(model.get_submodule(n).compact(dtype) for n in names)
+        log.info("%d of %d quantized linears hold only the kernels' copy of their codes", done, len(names))
     log.info("loaded %s: %d quantized linears (%s, %d-bit)", path, len(names), spec["fmt"], spec["bits"])
     return model
 

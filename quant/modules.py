@@ -78,10 +78,57 @@ class QuantLinear(nn.Module):
 
     def packed_weight(self) -> PackedWeight:
         """The canonical codes and parameters (unpacked from the buffers)."""
+        if self.compacted:
+            return self._packed_from_kernel_copy()
         if self.fmt == "awq":
             return unpack_awq_gemm({"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}, self.group_size)
         tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
         return unpack_gptq(tensors, self.bits, self.group_size, self.checkpoint_format)
+
+    # --- holding only the kernels' copy of the codes ------------------------------------------------
+
+    @property
+    def compacted(self) -> bool:
+        """True once :meth:`compact` dropped ``qweight`` for the kernels' copy."""
+        return self.qweight.is_meta and any(isinstance(k, tuple) for k in self.kernel_cache)
+
+    def compact(self, dtype: torch.dtype = torch.float16) -> bool:
+        """Free ``qweight`` (most of the layer's memory) and keep the CUDA kernels' copy of the codes instead.
+
+        Without this a layer on the GPU holds its codes twice: the checkpoint's layout (the
+        state_dict) and the kernels' tile32 layout. After it, ``state_dict()`` rebuilds
+        ``qweight`` from the kernel copy, bit-exact; ``scales``, ``qzeros`` and ``g_idx`` (a
+        few percent of the layer) stay as they are. ``dtype`` is the activation dtype the
+        copy is built for. Returns False, changing nothing, where the kernels cannot take the
+        layer (not 4-bit, act-order, shape) or it is already compacted.
+        """
+        from quant.kernels import dispatch, layout
+
+        if self.compacted or layout.layout_check(self.out_features, self.in_features, self.bits,
+                                                 self.group_size, dispatch._has_g_idx(self)):
+            return False
+        dispatch.prepare_cuda(self, dtype, self.qweight.device)
+        self.qweight = torch.empty_like(self.qweight, device="meta")
+        return True
+
+    def _kernel_copy(self):
+        return next(v[0] for k, v in self.kernel_cache.items() if isinstance(k, tuple))
+
+    def _packed_from_kernel_copy(self) -> PackedWeight:
+        from quant.kernels import layout
+
+        kw = self._kernel_copy()
+        pw = layout.unpack(kw)  # codes and zeros exact; its scales are in the activation dtype
+        pw.scale = self.scales.t().contiguous().to(pw.q.device)  # the checkpoint's float16 scales
+        pw.group_size = self.group_size
+        return pw
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):
+        super()._save_to_state_dict(destination, prefix, keep_vars)
+        if self.compacted:
+            pw = self._packed_from_kernel_copy()
+            tensors = pack_awq_gemm(pw) if self.fmt == "awq" else pack_gptq(pw, self.checkpoint_format)
+            destination[prefix + "qweight"] = tensors["qweight"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         from quant.kernels import dispatch  # the one place compute is chosen
@@ -89,6 +136,21 @@ class QuantLinear(nn.Module):
         return dispatch.linear(x, self)
 
     def _apply(self, fn, recurse=True):
+        if self.compacted:  # the kernel copy is the only copy of the codes: it moves with the module
+            from quant.kernels import layout
+
+            qweight = self._buffers.pop("qweight")
+            try:
+                super()._apply(fn, recurse)
+            finally:
+                self._buffers["qweight"] = qweight
+            kw, bias = self.kernel_cache[next(k for k in self.kernel_cache if isinstance(k, tuple))]
+            zeros = None if kw.zeros is None else fn(kw.zeros)
+            kw = layout.Tile32Weight(fn(kw.qweight), fn(kw.scales), zeros, kw.group_size,
+                                     kw.out_features, kw.in_features)
+            bias = None if bias is None else fn(bias)
+            self.kernel_cache = {("tile32", kw.scales.dtype, str(kw.scales.device)): (kw, bias)}
+            return self
         # Moving or casting the module invalidates kernel-layout copies.
         self.kernel_cache = {}
         return super()._apply(fn, recurse)

@@ -209,3 +209,37 @@ def test_kernel_layout_is_cached_and_not_in_the_state_dict():
     again, _ = dispatch.prepare_cuda(layer, torch.float16, torch.device("cpu"))
     assert kw is again and bias.dtype == torch.float16
     assert set(layer.state_dict()) == {"qweight", "qzeros", "scales", "bias"}
+
+
+def _buffer_bytes(layer) -> int:
+    return sum(b.numel() * b.element_size() for b in layer.buffers() if not b.is_meta)
+
+
+@pytest.mark.parametrize("fmt,g", [("awq", 64), ("gptq", 128), ("awq", -1)])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_compact_layer_keeps_one_copy_and_rebuilds_its_checkpoint(fmt, g, dtype):
+    n, k = 128, 256
+    pw = random_packed(n, k, g, sym=(fmt == "gptq"))
+    layer = QuantLinear.from_packed(pw, torch.randn(n).half(), fmt)
+    want = {name: t.clone() for name, t in layer.state_dict().items()}
+    x = torch.randn(3, k)
+    y_before = reference.linear(x, layer)
+    qweight_bytes = layer.qweight.numel() * 4
+    before = _buffer_bytes(layer)
+
+    assert layer.compact(dtype) and layer.compacted and not layer.compact(dtype)
+    assert layer.qweight.is_meta and before - _buffer_bytes(layer) == qweight_bytes
+    got = layer.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[name], want[name]) for name in want)
+    assert torch.equal(reference.linear(x, layer), y_before)
+
+    layer.to(torch.float32)  # the kernel copy moves and casts with the module, nothing is rebuilt
+    assert layer.compacted and layer._kernel_copy().scales.dtype == torch.float32
+    assert torch.equal(layer.state_dict()["qweight"], want["qweight"])
+
+
+def test_compact_declines_layers_the_kernels_cannot_take():
+    pw = random_packed(64, 128, 32, sym=True)
+    pw.g_idx = (torch.randperm(128) // 32).to(torch.int32)
+    act = QuantLinear.from_packed(pw, None, "gptq")
+    assert not act.compact() and not act.qweight.is_meta

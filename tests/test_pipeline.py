@@ -139,3 +139,17 @@ def test_overwrite_replaces_only_when_asked(tmp_path):
     quant.quantize(src, out, method="rtn", group_size=64, overwrite=True, progress=False)
     assert tree_digest(out) != first
     assert json.loads((out / "config.json").read_text())["quantization_config"]["group_size"] == 64
+
+
+def test_compact_load_keeps_the_logits_and_the_checkpoint(tmp_path):
+    src = save_tiny_model("qwen2", tmp_path / "src")
+    out = tmp_path / "w4"
+    quant.quantize(src, out, method="rtn", bits=4, group_size=32, dtype="float32", progress=False)
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    full = quant.load(out, dtype=torch.float32)
+    compact = quant.load(out, dtype=torch.float32, compact=True)
+    layers = [m for m in compact.modules() if isinstance(m, quant.modules.QuantLinear)]
+    assert layers and all(m.compacted for m in layers)
+    assert torch.equal(compact(ids).logits, full(ids).logits)
+    want, got = full.state_dict(), compact.state_dict()
+    assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
