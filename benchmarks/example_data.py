@@ -15,15 +15,13 @@ What it makes under the cache (``$QTOOL_CACHE``, else ``~/.cache/qtool``):
 - ``data/code_eval.txt``: standard-library modules with an EVEN md5(path) (the
   calibration corpus has only odd ones), in md5 order, up to 600 kB.
 
-Importable: ``ensure_example()``, ``example_model_dir()``, ``eval_text_path(name)``,
-``perplexity(model, tokenizer, text)``.
+Importable: ``ensure_example()``, ``example_model_dir()``, ``eval_text_path(name)``.
 """
 from __future__ import annotations
 
 import argparse
 import json
 import logging
-import math
 import os
 import shutil
 import subprocess
@@ -188,22 +186,6 @@ def ensure_example(cache: Path | None = None) -> dict[str, Path]:
     return {"model": ensure_model(cache), **texts}
 
 
-@torch.no_grad()
-def perplexity(model, tokenizer, text: str, n_tokens: int = PPL_TOKENS, seqlen: int = PPL_SEQLEN) -> float:
-    """exp(mean next-token loss) over the first ``n_tokens`` of ``text`` in non-overlapping windows.
-
-    No special tokens are added; each window predicts its tokens 2..seqlen.
-    """
-    ids = tokenizer(text[: n_tokens * 12], add_special_tokens=False, verbose=False)["input_ids"]
-    n_windows = min(len(ids), n_tokens) // seqlen
-    if n_windows == 0:
-        raise ValueError(f"The text has {len(ids)} tokens, fewer than one window of {seqlen}.")
-    # [n_windows * seqlen] -> [n_windows, seqlen]
-    windows = torch.tensor(ids[: n_windows * seqlen]).view(n_windows, seqlen)
-    nll = sum(model(w[None], labels=w[None]).loss.item() for w in windows)
-    return math.exp(nll / n_windows)
-
-
 def verify(model_dir: Path, text_path: Path) -> float:
     """Load ``model_dir`` with plain ``from_pretrained`` and measure its perplexity on ``text_path``."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -211,7 +193,10 @@ def verify(model_dir: Path, text_path: Path) -> float:
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32).eval()
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     start = time.perf_counter()
-    ppl = perplexity(model, tokenizer, text_path.read_text(encoding="utf-8"))
+    import quant
+
+    text = text_path.read_text(encoding="utf-8")
+    ppl = quant.perplexity(model, tokenizer, text, seqlen=PPL_SEQLEN, max_tokens=PPL_TOKENS).ppl
     logger.info("fp32 perplexity %.3f on %s (%d tokens, %d-token windows, %.1f s)",
                 ppl, text_path.name, PPL_TOKENS, PPL_SEQLEN, time.perf_counter() - start)
     return ppl
