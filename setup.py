@@ -1,11 +1,12 @@
 """Build hook: the package itself is pure Python; csrc/ kernels are built when a CUDA toolchain allows it.
 
-The CUDA library (quant/kernels/_qtool_kernels.so) is built with nvcc through torch's
+The CUDA libraries (quant/kernels/_qtool_kernels.so: W4A16 GEMM/GEMV; quant/kv/_qtool_kv_kernels.so:
+KV-cache quantize/dequantize) are built with nvcc through torch's
 stable C ABI when nvcc is found and either torch is a CUDA build or QTOOL_BUILD_KERNELS=1
 (e.g. to build against a CPU wheel); QTOOL_BUILD_KERNELS=0 skips it. torch must be
 importable at build time (``pip install --no-build-isolation .``). A failed or skipped
 build leaves a working pure-Python install (the loader then uses the reference path).
-Build in place instead: ``python -m quant.kernels.build``.
+Build in place instead: ``python -m quant.kernels.build`` and ``python -m quant.kv.kernels``.
 """
 import importlib.util
 import os
@@ -37,10 +38,17 @@ class BuildPyWithKernels(build_py):
         if kb.find_nvcc() is None or (torch.version.cuda is None and wanted != "1"):
             self.announce("qtool: no nvcc or no CUDA torch; installing without the CUDA kernels", level=3)
             return
-        try:
-            kb.build(out_dir=Path(self.build_lib) / "quant" / "kernels", jobs=os.cpu_count() or 2)
-        except RuntimeError as e:  # never fail the install: the reference path still works
-            self.announce(f"qtool: CUDA kernel build failed, installing without it:\n{e}", level=3)
+        root = Path(__file__).parent
+        libs = [  # (package folder, library, sources): the same as quant/kernels/build.py and quant/kv/kernels.py
+            ("kernels", kb.LIB_NAME, kb.SOURCES),
+            ("kv", "_qtool_kv_kernels.so", ("kv_cache.cu", "kv_binding.cpp")),
+        ]
+        for pkg, lib, sources in libs:
+            try:
+                kb.build(out_dir=Path(self.build_lib) / "quant" / pkg, jobs=os.cpu_count() or 2,
+                         obj_dir=root / "build" / f"obj_{pkg}", sources=sources, lib_name=lib)
+            except RuntimeError as e:  # never fail the install: the reference path still works
+                self.announce(f"qtool: building {lib} failed, installing without it:\n{e}", level=3)
 
 
 setup(cmdclass={"build_py": BuildPyWithKernels})

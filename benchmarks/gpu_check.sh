@@ -1,22 +1,34 @@
 #!/usr/bin/env bash
-# One call on the GPU machine: build the kernels, run the GPU tests, run both benchmarks.
-# Usage (repo root, results under $OUT):  bash benchmarks/gpu_check.sh
-# Budget: 10 minutes in all; each step has its own timeout so a hang cannot eat the rest,
-# and a failed step does not stop the later ones (the summary lists every exit code).
+# One call on the GPU machine: build every CUDA library, run the GPU tests, run the GPU benchmarks.
+# Usage (repo root, results under $OUT):  bash benchmarks/gpu_check.sh [STEP ...]
+#   no STEP: all of them, most important first (correctness before speed).
+#   STEPs: build test_gpu kv_build kv_test_gpu bench_gemm_fp16 bench_decode kv_bench bench_gemm_bf16 test_cpu
+# Budget: $QTOOL_GPU_BUDGET seconds in all (default 570, under the device tool's 600 s per call).
+# Each step has its own limit, cut to what is left of the budget; a step that cannot get
+# 20 s is not run, and a failed step does not stop the later ones. The summary lists every
+# exit code; run the steps it lists as "not run" in a second call.
 set -u
 OUT=${OUT:-/tmp/qtool_gpu_check}
 mkdir -p "$OUT"
 PY=${PYTHON:-python}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_MODULE_LOADING=LAZY
+BUDGET=${QTOOL_GPU_BUDGET:-570}
+START=$(date +%s)
 declare -A RC
 
 step() {  # step NAME SECONDS CMD...
   local name=$1 secs=$2; shift 2
+  local left=$((BUDGET - ($(date +%s) - START)))
+  if ((left < 20)); then
+    RC[$name]="not run (budget)"; echo "=== $name not run: ${left}s of the budget left" | tee -a "$OUT/summary.txt"
+    return
+  fi
+  ((secs > left)) && secs=$left
   echo "=== $name ($(date +%T), limit ${secs}s): $*" | tee -a "$OUT/summary.txt"
   timeout "$secs" "$@" >"$OUT/$name.log" 2>&1
   RC[$name]=$?
-  echo "=== $name rc=${RC[$name]}" | tee -a "$OUT/summary.txt"
+  echo "=== $name rc=${RC[$name]} after $(($(date +%s) - START))s" | tee -a "$OUT/summary.txt"
   tail -n 25 "$OUT/$name.log"
 }
 
@@ -26,23 +38,32 @@ for mod in pytest tabulate; do  # no internet there: say up front if a step will
   $PY -c "import $mod" 2>/dev/null || echo "WARNING: python module $mod missing; steps needing it will fail" | tee -a "$OUT/env.txt"
 done
 cat "$OUT/env.txt"
-
-# 1. Build for the local GPU only (sm_90 on H100/H200; sm_80 is covered by CPU CI).
 ARCH=$($PY -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'{a}{b}')")
-step build 120 $PY -m quant.kernels.build --arch "$ARCH" --jobs 16
-cp build/qtool_kernels/*.log "$OUT/" 2>/dev/null
 
-# 2. Tests: CPU kernel tests (cheap) and the GPU sweep, stop at the first failure of a file.
-step test_cpu 45 $PY -m pytest tests/test_kernels_cpu.py -q -x -p no:cacheprovider
-step test_gpu 170 $PY -m pytest tests/test_kernels_gpu.py -q -x -p no:cacheprovider -rs
+run_step() {
+  case $1 in
+    # Build for the local GPU only (sm_90 on H100/H200; sm_80 is covered by CPU CI).
+    build) step build 120 $PY -m quant.kernels.build --arch "$ARCH" --jobs 16
+           cp build/qtool_kernels/*.log "$OUT/" 2>/dev/null ;;
+    test_gpu) step test_gpu 170 $PY -m pytest tests/test_kernels_gpu.py -q -x -p no:cacheprovider -rs ;;
+    kv_build) step kv_build 120 $PY -m quant.kv.kernels ;;
+    kv_test_gpu) step kv_test_gpu 90 $PY -m pytest tests/test_kv_kernels_gpu.py -q -x -p no:cacheprovider -rs ;;
+    bench_gemm_fp16) step bench_gemm_fp16 120 $PY benchmarks/bench_gemm.py --dtype fp16 --group-size 128 \
+                       --out "$OUT/RESULTS_gpu.md" ;;
+    bench_decode) step bench_decode 80 $PY benchmarks/bench_decode.py --batch 1 8 32 --steps 64 --out "$OUT/RESULTS_gpu.md" ;;
+    kv_bench) step kv_bench 90 $PY benchmarks/bench_kv.py --sections decode --device cuda --out "$OUT/RESULTS_gpu.md" ;;
+    bench_gemm_bf16) step bench_gemm_bf16 45 $PY benchmarks/bench_gemm.py --dtype bf16 --group-size 128 --m 1 16 256 1024 \
+                       --shapes 4096x4096 4096x14336 8192x28672 --out "$OUT/RESULTS_gpu.md" ;;
+    test_cpu) step test_cpu 45 $PY -m pytest tests/test_kernels_cpu.py -q -x -p no:cacheprovider ;;
+    *) echo "unknown step $1" >&2; exit 2 ;;
+  esac
+}
 
-# 3. Benchmarks (tables appended to $OUT/RESULTS_gpu.md).
-step bench_gemm_fp16 120 $PY benchmarks/bench_gemm.py --dtype fp16 --group-size 128 --out "$OUT/RESULTS_gpu.md"
-step bench_gemm_bf16 45 $PY benchmarks/bench_gemm.py --dtype bf16 --group-size 128 --m 1 16 256 1024 \
-  --shapes 4096x4096 4096x14336 8192x28672 --out "$OUT/RESULTS_gpu.md"
-step bench_decode 80 $PY benchmarks/bench_decode.py --batch 1 8 32 --steps 64 --out "$OUT/RESULTS_gpu.md"
+STEPS=("$@")
+((${#STEPS[@]})) || STEPS=(build test_gpu kv_build kv_test_gpu bench_gemm_fp16 bench_decode kv_bench bench_gemm_bf16 test_cpu)
+for s in "${STEPS[@]}"; do run_step "$s"; done
 
 echo "=== summary" | tee -a "$OUT/summary.txt"
-for k in build test_cpu test_gpu bench_gemm_fp16 bench_gemm_bf16 bench_decode; do
+for k in "${STEPS[@]}"; do
   echo "$k rc=${RC[$k]:-not run}" | tee -a "$OUT/summary.txt"
 done

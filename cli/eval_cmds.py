@@ -63,4 +63,30 @@ def info(checkpoint_dir):
     print_info(checkpoint_info(checkpoint_dir))
 
 
-COMMANDS = [ppl, info]
+@click.command()
+@click.option("--batch", "batches", multiple=True, type=click.IntRange(min=1), default=(1, 8, 32),
+              show_default=True, help="Decode batch size (repeatable).")
+@click.option("--layers", default=32, show_default=True, type=click.IntRange(min=1),
+              help="Decoder layers of the Llama-7B-shaped model (fewer fit smaller GPUs).")
+@click.option("--group-size", default=128, show_default=True, type=click.Choice(["32", "64", "128"]),
+              help="Int4 group size.")
+@click.option("--prompt", default=512, show_default=True, type=click.IntRange(min=1), help="Prefill tokens.")
+@click.option("--steps", default=64, show_default=True, type=click.IntRange(min=1), help="Timed decode steps.")
+@click.option("--out", default=None, type=click.Path(path_type=str), help="Also append the table to this markdown file.")
+def bench(batches, layers, group_size, prompt, steps, out):
+    """Decode and prefill tokens/s on the GPU: a Llama-7B-shaped model, fp16 against int4 (random weights).
+
+    Decode steps run as a CUDA graph over a static KV cache; the int4 linears are
+    QuantLinear on the compiled W4A16 kernels. Prints tokens/s, weight memory and peak
+    GPU memory for each batch size, and the int4/fp16 ratios.
+    """
+    from quant.bench import decode_report
+
+    text = decode_report(layers, batches, int(group_size), prompt, steps)
+    click.echo(text)
+    if out:
+        with open(out, "a") as f:
+            f.write(text + "\n")
+
+
+COMMANDS = [ppl, info, bench]

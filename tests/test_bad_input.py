@@ -179,3 +179,10 @@ def test_source_stays_untouched_by_a_failed_run(model, tmp_path, capsys, monkeyp
         run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
     _no_output(tmp_path)
     assert tree_digest(model) == before
+
+
+@pytest.mark.skipif(__import__("torch").cuda.is_available(), reason="the refusal is for machines without a GPU")
+def test_bench_without_a_gpu_is_refused(capsys):
+    assert_refused(*run_cli(["bench", "--batch", "1"], capsys), "needs a CUDA GPU")
+    code, err = run_cli(["bench", "--group-size", "48"], capsys)
+    assert code == 2 and "48" in err
