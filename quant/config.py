@@ -20,7 +20,6 @@ class AWQOptions:
     clip: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
-    clip_tokens: int = 512  # calibration tokens sampled for the clipping search
     search_file: str | None = None  # replay saved search results (qtool_search.safetensors) instead of searching
 
     def __post_init__(self):
