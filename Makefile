@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml setup.py
 	$(BIN)/python -c "import torch" 2>/dev/null \
 		|| { $(BIN)/python -m pip install -q --no-index --no-deps $(TORCH) && $(BIN)/python -m pip install -q $(TORCH); } \
 		|| $(BIN)/python -m pip install -q $(TORCH) --index-url https://download.pytorch.org/whl/cpu
-	$(BIN)/python -m pip install -q -e ".[example,test]"
+	$(BIN)/python -m pip install -q -e ".[example,test,data]"
 	touch $@
 
 example: $(STAMP)
