@@ -133,7 +133,9 @@ def save_tensors(tensors: dict[str, torch.Tensor], dst: str | os.PathLike, max_s
 
 
 def folder_bytes(path: str | os.PathLike, patterns=("*.safetensors", "*.bin")) -> int:
-    return sum(f.stat().st_size for p in patterns for f in Path(path).glob(p))
+    """Bytes of the weight files in ``path`` (qtool's side files, ``qtool_*``, are not weights)."""
+    files = {f for p in patterns for f in Path(path).glob(p) if not f.name.startswith("qtool_")}
+    return sum(f.stat().st_size for f in files)
 
 
 @contextlib.contextmanager

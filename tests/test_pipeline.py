@@ -153,3 +153,13 @@ def test_compact_load_keeps_the_logits_and_the_checkpoint(tmp_path):
     assert torch.equal(compact(ids).logits, full(ids).logits)
     want, got = full.state_dict(), compact.state_dict()
     assert set(got) == set(want) and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_size_counts_weights_not_qtool_side_files(tmp_path):
+    from quant import model_io
+
+    (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
+    (tmp_path / "qtool_search.safetensors").write_bytes(b"x" * 40)
+    (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 7)
+    assert model_io.folder_bytes(tmp_path) == 107
+    assert model_io.folder_bytes(tmp_path, ("*.safetensors", "model*")) == 100
