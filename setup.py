@@ -51,4 +51,21 @@ class BuildPyWithKernels(build_py):
                 self.announce(f"qtool: building {lib} failed, installing without it:\n{e}", level=3)
 
 
-setup(cmdclass={"build_py": BuildPyWithKernels})
+cmdclass = {"build_py": BuildPyWithKernels}
+try:
+    from setuptools.command.bdist_wheel import bdist_wheel
+
+    class BdistWheelTagged(bdist_wheel):
+        """A wheel that carries the compiled libraries is tagged for this Python and platform."""
+
+        def get_tag(self):
+            build_lib = Path(self.get_finalized_command("build_py").build_lib)
+            if any(build_lib.glob("quant/**/*.so")):
+                self.root_is_pure = False
+            return super().get_tag()
+
+    cmdclass["bdist_wheel"] = BdistWheelTagged
+except ImportError:  # setuptools < 70.1: the wheel keeps the generic tag
+    pass
+
+setup(cmdclass=cmdclass)
