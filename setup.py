@@ -39,11 +39,7 @@ class BuildPyWithKernels(build_py):
             self.announce("qtool: no nvcc or no CUDA torch; installing without the CUDA kernels", level=3)
             return
         root = Path(__file__).parent
-        libs = [  # (package folder, library, sources): the same as quant/kernels/build.py and quant/kv/kernels.py
-            ("kernels", kb.LIB_NAME, kb.SOURCES),
-            ("kv", "_qtool_kv_kernels.so", ("kv_cache.cu", "kv_binding.cpp")),
-        ]
-        for pkg, lib, sources in libs:
+        for pkg, lib, sources in kb.LIBRARIES:
             try:
                 kb.build(out_dir=Path(self.build_lib) / "quant" / pkg, jobs=os.cpu_count() or 2,
                          obj_dir=root / "build" / f"obj_{pkg}", sources=sources, lib_name=lib)

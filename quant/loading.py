@@ -110,7 +110,7 @@ def _default_g_idx(model: nn.Module, names: set[str]) -> set[str]:
         q = model.get_submodule(name)
         if q.fmt == "gptq" and q.g_idx.is_meta:
             g = qmath.effective_group_size(q.in_features, q.group_size)
-            q.g_idx = (torch.arange(q.in_features, dtype=torch.int32) // g).to(torch.int32)
+            q.g_idx = torch.arange(q.in_features, dtype=torch.int32) // g
             filled.add(f"{name}.g_idx")
     if filled:
         log.info("%d GPTQ layers carry no g_idx: using the sequential group order", len(filled))

@@ -90,7 +90,7 @@ class QuantLinear(nn.Module):
     @property
     def compacted(self) -> bool:
         """True once :meth:`compact` dropped ``qweight`` for the kernels' copy."""
-        return self.qweight.is_meta and any(isinstance(k, tuple) for k in self.kernel_cache)
+        return self.qweight.is_meta and self._kernel_entry() is not None
 
     def compact(self, dtype: torch.dtype = torch.float16) -> bool:
         """Free ``qweight`` (most of the layer's memory) and keep the CUDA kernels' copy of the codes instead.
@@ -111,8 +111,12 @@ class QuantLinear(nn.Module):
         self.qweight = torch.empty_like(self.qweight, device="meta")
         return True
 
+    def _kernel_entry(self):
+        """``(tile32 weight, bias)`` of the kernel-layout copy, or None (tuple keys; see dispatch.prepare_cuda)."""
+        return next((v for k, v in self.kernel_cache.items() if isinstance(k, tuple)), None)
+
     def _kernel_copy(self):
-        return next(v[0] for k, v in self.kernel_cache.items() if isinstance(k, tuple))
+        return self._kernel_entry()[0]
 
     def _packed_from_kernel_copy(self) -> PackedWeight:
         from quant.kernels import layout
@@ -144,7 +148,7 @@ class QuantLinear(nn.Module):
                 super()._apply(fn, recurse)
             finally:
                 self._buffers["qweight"] = qweight
-            kw, bias = self.kernel_cache[next(k for k in self.kernel_cache if isinstance(k, tuple))]
+            kw, bias = self._kernel_entry()
             zeros = None if kw.zeros is None else fn(kw.zeros)
             kw = layout.Tile32Weight(fn(kw.qweight), fn(kw.scales), zeros, kw.group_size,
                                      kw.out_features, kw.in_features)

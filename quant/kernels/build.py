@@ -25,6 +25,10 @@ CSRC = ROOT / "csrc"
 KERNEL_SOURCES = ("w4a16_gemv.cu", "w4a16_gemm.cu")
 SOURCES = KERNEL_SOURCES + ("binding.cpp",)
 LIB_NAME = "_qtool_kernels.so"
+KV_SOURCES = ("kv_cache.cu", "kv_binding.cpp")  # the KV-cache library (quant/kv/kernels.py)
+KV_LIB_NAME = "_qtool_kv_kernels.so"
+# Every library setup.py builds: (package folder under quant/, library name, sources).
+LIBRARIES = (("kernels", LIB_NAME, SOURCES), ("kv", KV_LIB_NAME, KV_SOURCES))
 DEFAULT_ARCHS = ("80", "90")
 # Oldest torch whose stable ABI we target (the GPU machine runs 2.11).
 TORCH_TARGET_VERSION = "0x020B000000000000"

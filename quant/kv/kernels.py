@@ -25,13 +25,12 @@ from pathlib import Path
 
 import torch
 
+from quant.kernels import build as kbuild
 from quant.kv import quantizer as kq
 
 log = logging.getLogger(__name__)
 
-LIB_NAME = "_qtool_kv_kernels.so"
-SOURCES = ("kv_cache.cu", "kv_binding.cpp")
-KERNEL_SOURCES = ("kv_cache.cu",)
+LIB_NAME, SOURCES = kbuild.KV_LIB_NAME, kbuild.KV_SOURCES
 
 _lib = torch.library.Library("qtool", "FRAGMENT")
 _lib.define("kv_quantize_per_token(Tensor x, int bits) -> (Tensor, Tensor, Tensor)")
@@ -86,8 +85,6 @@ def library_path() -> Path:
 
 def build(out_dir: Path | None = None, archs=("80", "90"), jobs: int = 2, obj_dir: Path | None = None) -> Path:
     """Compile ``csrc/kv_cache.cu`` and ``csrc/kv_binding.cpp`` into the KV library; returns its path."""
-    from quant.kernels import build as kbuild
-
     return kbuild.build(out_dir or Path(__file__).parent, archs, jobs, obj_dir=obj_dir or kbuild.ROOT / "build" / "qtool_kv_kernels",
                         sources=SOURCES, lib_name=LIB_NAME)
 
