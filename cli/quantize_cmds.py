@@ -67,10 +67,13 @@ def awq(model_dir, out, verbose, overwrite, device, n_grid, clip, clip_grid, app
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Feed each sub-layer group the outputs of the already-quantized ones.")
 @click.option("--awq-first", is_flag=True, help="Apply AWQ scales first, then GPTQ rounding.")
+@click.option("--value-hessian/--no-value-hessian", default=True, show_default=True,
+              help="Solve v_proj per key/value head under the attention-weighted Hessian (the exact one for "
+                   "the attention output); off: the paper's XᵀX for v_proj too.")
 @click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
               help="GPTQ layout version: gptq (v1, zeros stored minus one) or gptq_v2.")
 def gptq(model_dir, out, verbose, overwrite, device, act_order, static_groups, damp, true_sequential,
-         awq_first, **fields):
+         awq_first, value_hessian, **fields):
     """GPTQ: Hessian-aware rounding that corrects each column's error on the columns still to come.
 
     Writes the GPTQ layout (with g_idx) by default; with --asym and 4 bits,
@@ -79,7 +82,7 @@ def gptq(model_dir, out, verbose, overwrite, device, act_order, static_groups, d
     from quant.config import GPTQOptions
 
     opts = GPTQOptions(damp=damp, act_order=act_order, static_groups=static_groups,
-                       true_sequential=true_sequential, awq_first=awq_first)
+                       true_sequential=true_sequential, awq_first=awq_first, value_hessian=value_hessian)
     run_quantize("gptq", model_dir, out, verbose, overwrite, device, gptq=opts, **fields)
 
 

@@ -41,6 +41,7 @@ class GPTQOptions:
     static_groups: bool = False
     true_sequential: bool = True
     awq_first: bool = False  # apply AWQ scales, then GPTQ rounding
+    value_hessian: bool = True  # v_proj per key/value head under the attention-weighted Hessian
 
     def __post_init__(self):
         if not 0.0 < self.damp < 1.0:

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from calib.hessian import collect_hessians
+from calib.value_hessian import collect_value_hessians
 from quant import qmath
 from quant.config import QuantConfig
 from quant.formats import PackedWeight
@@ -91,7 +92,8 @@ def _columns_now(Wt, W1, Err1, U, i1, i, c0, c1):
     return torch.cat([inside, after])
 
 
-def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None = None) -> GPTQResult:
+def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None = None,
+                  importance: torch.Tensor | None = None) -> GPTQResult:
     """Quantize ``W[out, in]`` with GPTQ under the Hessian ``H[in, in]`` (``XᵀX / n``).
 
     Uses ``cfg.bits``, ``cfg.group_size``, ``cfg.sym`` and ``cfg.gptq`` (damp,
@@ -104,13 +106,17 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: torc
     ``clip`` (optional, ``[out, n_groups]``, natural groups) shrinks each group's
     range as in ``qmath.compute_qparams``: AWQ's clipping search, for AWQ+GPTQ.
     It needs the natural group order, so not act-order without static groups.
+
+    ``importance`` (optional, ``[in]``) replaces ``diag(H)`` as act-order's ranking:
+    row slices of one linear solved under different Hessians (the value heads) then
+    share one column order, hence one ``g_idx``.
     """
     if clip is not None and cfg.gptq.act_order and not cfg.gptq.static_groups:
         raise ValueError("a clip per natural group cannot be used with act-order groups; use static groups")
     if W.device.type != "cpu":
-        return _gptq_quantize(W, H, cfg, clip)
+        return _gptq_quantize(W, H, cfg, clip, importance)
     with _cpu_solver_settings():
-        return _gptq_quantize(W, H, cfg, clip)
+        return _gptq_quantize(W, H, cfg, clip, importance)
 
 
 @contextlib.contextmanager
@@ -133,7 +139,8 @@ def _cpu_solver_settings():
             torch.set_flush_denormal(False)
 
 
-def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None) -> GPTQResult:
+def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None,
+                   importance: torch.Tensor | None) -> GPTQResult:
     opts = cfg.gptq
     dtype = torch.float64 if W.dtype == torch.float64 else torch.float32
     W = W.detach().to(dtype).clone()
@@ -150,7 +157,8 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: tor
         s_static, z_static = qmath.compute_qparams(W, cfg.bits, cfg.group_size, cfg.sym, clip, min_zero(cfg))
     perm = None
     if opts.act_order:  # largest diagonal first: the most important columns are rounded while most are free
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
+        rank = torch.diagonal(H) if importance is None else importance.to(device=H.device, dtype=H.dtype)
+        perm = torch.argsort(rank, descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
 
     U, damp = inverse_hessian_cholesky(H, opts.damp)
@@ -220,6 +228,45 @@ def _rows(pw: PackedWeight, r0: int, r1: int) -> PackedWeight:
                         pw.bits, pw.group_size, pw.g_idx)
 
 
+def _value_hessians(ctx: BlockContext) -> list[torch.Tensor] | None:
+    """The attention-weighted Hessian of each key/value head (``calib.value_hessian``), or None where unavailable."""
+    attention = ctx.arch.v_proj.rpartition(".")[0]
+    head_dim = getattr(ctx.block.get_submodule(attention), "head_dim", None)
+    out_f = ctx.block.get_submodule(ctx.arch.v_proj).out_features
+    if not head_dim or out_f % head_dim:
+        log.info("block %d: no head size on %s; v_proj keeps the plain Hessian", ctx.index, attention)
+        return None
+    try:
+        heads = collect_value_hessians(ctx.block, ctx.inputs, attention, ctx.arch.v_proj, out_f // head_dim)
+    except (ValueError, RuntimeError) as e:
+        log.warning("block %d: attention-weighted value Hessians unavailable (%s); v_proj keeps the plain one",
+                    ctx.index, e)
+        return None
+    return [h.mean for h in heads]
+
+
+def _solve_value_heads(W: torch.Tensor, heads: list[torch.Tensor], cfg: QuantConfig,
+                       clip: torch.Tensor | None) -> tuple[PackedWeight | None, float]:
+    """``W`` (v_proj) solved head by head, each under its own Hessian, with one act-order column order.
+
+    Returns the packed weight and the largest damping used; None if any head fell back to
+    round-to-nearest.
+    """
+    n = len(heads)
+    rows = W.shape[0] // n
+    importance = sum(torch.diagonal(H) for H in heads) if cfg.gptq.act_order else None
+    parts, damp = [], 0.0
+    for h, H in enumerate(heads):
+        sl = slice(h * rows, (h + 1) * rows)
+        res = gptq_quantize(W[sl], H.to(W.device), cfg, None if clip is None else clip[sl].to(W.device), importance)
+        if res.fallback:
+            return None, damp
+        parts.append(res.packed)
+        damp = max(damp, res.damp)
+    return PackedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
+                        torch.cat([p.zero for p in parts]), cfg.bits, cfg.group_size, parts[0].g_idx), damp
+
+
 def _awq_first(ctx: BlockContext) -> tuple[dict, dict, dict, dict]:
     """AWQ's scale and clip search on the block, scales folded in (``quant.awq.search_block``).
 
@@ -258,42 +305,60 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     rel_errors, damps, fallbacks = [], [], []
     packed: dict[str, PackedWeight] = {}
 
-    def solve(names, hessians):
-        # Linears that share an input share H, so their rows are solved as one matrix.
+    def record(shared, res):
+        if res.fallback:
+            log.warning("block %d %s: GPTQ fell back to round-to-nearest (%s)", ctx.index, ",".join(shared),
+                        res.fallback)
+            fallbacks.extend(shared)
+        else:
+            damps.append(res.damp)
+
+    def solve(names, hessians, heads):
+        # Linears that share an input share H, so their rows are solved as one matrix. The value
+        # projection, given its per-head Hessians, is solved head by head instead.
         nonlocal t_solve
         t = time.perf_counter()
         for shared in _by_hessian(names, hessians):
-            lins = [ctx.block.get_submodule(n) for n in shared]
             H = hessians[shared[0]].mean
-            Ws = [sources.get(n, lin.weight).detach().to(device=H.device, dtype=H.dtype) for n, lin in zip(shared, lins)]
-            clip = torch.cat([clips[n] for n in shared]).to(H.device) if all(n in clips for n in shared) else None
-            res = gptq_quantize(torch.cat(Ws), H, cfg, clip)
-            if res.fallback:
-                log.warning("block %d %s: GPTQ fell back to round-to-nearest (%s)", ctx.index, ",".join(shared),
-                            res.fallback)
-                fallbacks.extend(shared)
-            else:
-                damps.append(res.damp)
-            rows = 0
-            for name, lin, W in zip(shared, lins, Ws):
-                pw = _rows(res.packed, rows, rows + lin.out_features)
-                rows += lin.out_features
-                wq = pw.dequantize(H.dtype).to(H.device)
-                rel_errors.append(hessian_error(W, wq, H) / max(hessian_error(W, torch.zeros_like(W), H), 1e-30))
+            Ws = {n: sources.get(n, ctx.block.get_submodule(n).weight).detach().to(device=H.device, dtype=H.dtype)
+                  for n in shared}
+            v = ctx.arch.v_proj if heads and ctx.arch.v_proj in shared else None
+            if v is not None:
+                pw, damp = _solve_value_heads(Ws[v], heads, cfg, clips.get(v))
+                if pw is None:
+                    log.warning("block %d %s: a value head fell back to round-to-nearest; solving it with XᵀX",
+                                ctx.index, v)
+                else:
+                    packed[v] = pw
+                    damps.append(damp)
+            stacked = [n for n in shared if n not in packed]
+            if stacked:
+                clip = torch.cat([clips[n] for n in stacked]).to(H.device) if all(n in clips for n in stacked) else None
+                res = gptq_quantize(torch.cat([Ws[n] for n in stacked]), H, cfg, clip)
+                record(stacked, res)
+                rows = 0
+                for n in stacked:
+                    out_f = Ws[n].shape[0]
+                    packed[n] = _rows(res.packed, rows, rows + out_f)
+                    rows += out_f
+            for n in shared:
+                wq = packed[n].dequantize(H.dtype).to(H.device)
+                rel_errors.append(hessian_error(Ws[n], wq, H) / max(hessian_error(Ws[n], torch.zeros_like(wq), H), 1e-30))
                 # Until the block is done the linear computes with its dequantized weight: what the
                 # packed layer's reference path computes, without unpacking on every call.
                 with torch.no_grad():
-                    lin.weight.copy_(wq)
-                packed[name] = pw
+                    ctx.block.get_submodule(n).weight.copy_(wq)
         t_solve += time.perf_counter() - t
 
     todo = [(g,) for g in groups] if cfg.gptq.true_sequential else [tuple(groups)]
     for batch in todo:
         t = time.perf_counter()
         hessians = collect_hessians(ctx.block, ctx.inputs, list(batch))
+        names = [n for g in batch for n in g]
+        heads = _value_hessians(ctx) if cfg.gptq.value_hessian and ctx.arch.v_proj in names else None
         t_hessian += time.perf_counter() - t
-        solve([n for g in batch for n in g], hessians)
-        del hessians
+        solve(names, hessians, heads)
+        del hessians, heads
     for name, pw in packed.items():
         replace_linear(ctx.block, name, pw, cfg)
 

@@ -1,0 +1,111 @@
+"""The attention-weighted value Hessians: exact for the attention output, on every attention variant we support."""
+import pytest
+import torch
+from tiny_models import VOCAB, tiny_model
+
+from calib.collectors import record_block_calls
+from calib.runner import BlockInputs
+from calib.value_hessian import collect_value_hessians
+from quant.arch import blocks_of, lookup
+from quant.config import GPTQOptions, QuantConfig
+from quant.gptq import _solve_value_heads, gptq_quantize
+
+# gemma2 has no sdpa path (soft-capping); gemma2/gemma3 bring sliding windows, qwen3 head_dim != hidden/heads,
+# opt no grouped-query attention.
+CASES = [("llama", "sdpa"), ("llama", "eager"), ("qwen3", "sdpa"), ("gemma2", "eager"), ("gemma3_text", "sdpa"),
+         ("gemma3_text", "eager"), ("opt", "sdpa")]
+
+
+def _setup(model_type, attn, seed=0):
+    model = tiny_model(model_type, seed)
+    model.set_attn_implementation(attn)
+    if model_type == "gemma2":  # make the soft-capping bite: scores of several units, capped at 2
+        for block in model.model.layers:
+            block.self_attn.attn_logit_softcapping = 2.0
+            with torch.no_grad():
+                block.self_attn.q_proj.weight.mul_(30)
+                block.self_attn.k_proj.weight.mul_(30)
+    arch = lookup(model_type)
+    ids = torch.randint(0, VOCAB, (3, 24), generator=torch.Generator().manual_seed(seed))
+    blocks = blocks_of(model, arch)
+    calls = record_block_calls(model, blocks, ids)
+    return arch, blocks, calls
+
+
+def _attention_output(block, call, o_proj):
+    """The input of the output projection: the attention output the value errors reach."""
+    seen = {}
+    handle = block.get_submodule(o_proj).register_forward_pre_hook(lambda m, a: seen.setdefault("x", a[0].clone()))
+    with torch.no_grad():
+        block(call.hidden, *call.args, **call.kwargs)
+    handle.remove()
+    return seen["x"]
+
+
+def _heads(block, arch, call):
+    attention = arch.v_proj.rpartition(".")[0]
+    v = block.get_submodule(arch.v_proj)
+    n_kv = v.out_features // block.get_submodule(attention).head_dim
+    return collect_value_hessians(block, BlockInputs([call]), attention, arch.v_proj, n_kv), v
+
+
+@pytest.mark.parametrize("model_type,attn", CASES)
+def test_value_hessian_predicts_the_attention_output_error(model_type, attn):
+    """``Σ_h tr(ΔW_h H_h ΔW_hᵀ)`` equals the squared change of the attention output when v_proj changes by ΔW."""
+    arch, blocks, calls = _setup(model_type, attn)
+    o_proj = arch.sequential[1][0]
+    for i, block in enumerate(blocks):
+        call = calls[i]
+        heads, v = _heads(block, arch, call)
+        before = _attention_output(block, call, o_proj)
+        dW = 0.05 * torch.randn(v.weight.shape, generator=torch.Generator().manual_seed(i))
+        with torch.no_grad():
+            v.weight += dW
+        after = _attention_output(block, call, o_proj)
+        with torch.no_grad():
+            v.weight -= dW
+        measured = float((after - before).double().pow(2).sum())
+        rows = dW.shape[0] // len(heads)
+        predicted = sum(float(((dW[h * rows:(h + 1) * rows].double() @ H.xtx.double()) * dW[h * rows:(h + 1) * rows])
+                              .sum()) for h, H in enumerate(heads))
+        assert predicted == pytest.approx(measured, rel=1e-3), (model_type, attn, i)
+        # One row per token and query head of the group.
+        assert heads[0].n_tokens == call.hidden.shape[0] * call.hidden.shape[1] * (
+            block.get_submodule(o_proj).in_features // v.out_features)
+
+
+def test_collector_restores_the_attention_and_leaves_the_block_unchanged():
+    arch, blocks, calls = _setup("llama", "sdpa")
+    block, call = blocks[0], calls[0]
+    before = _attention_output(block, call, "self_attn.o_proj")
+    config = block.self_attn.config
+    _heads(block, arch, call)
+    assert block.self_attn.config is config and config._attn_implementation == "sdpa"
+    assert torch.equal(_attention_output(block, call, "self_attn.o_proj"), before)
+
+
+@pytest.mark.parametrize("act_order", [False, True])
+def test_value_heads_solve_lowers_the_attention_output_error(act_order):
+    """v_proj solved per head under its value Hessian changes the attention output less than under XᵀX."""
+    arch, blocks, calls = _setup("llama", "sdpa", seed=3)
+    block, call = blocks[1], calls[1]
+    heads, v = _heads(block, arch, call)
+    x = {}
+    handle = v.register_forward_pre_hook(lambda m, a: x.setdefault("x", a[0].reshape(-1, a[0].shape[-1]).clone()))
+    before = _attention_output(block, call, "self_attn.o_proj")
+    handle.remove()
+    H = x["x"].t() @ x["x"] / x["x"].shape[0]
+    cfg = QuantConfig(method="gptq", bits=3, group_size=16, sym=True, fmt="gptq", gptq=GPTQOptions(act_order=act_order))
+    W = v.weight.detach().clone()
+    plain = gptq_quantize(W, H, cfg).packed
+    per_head, _ = _solve_value_heads(W, [h.mean for h in heads], cfg, None)
+    if act_order:  # one column order for all heads: one g_idx for the linear
+        assert per_head.g_idx is not None and per_head.g_idx.shape == (W.shape[1],)
+    errors = {}
+    for name, pw in (("plain", plain), ("per head", per_head)):
+        with torch.no_grad():
+            v.weight.copy_(pw.dequantize(torch.float32))
+        errors[name] = float((_attention_output(block, call, "self_attn.o_proj") - before).pow(2).sum())
+        with torch.no_grad():
+            v.weight.copy_(W)
+    assert errors["per head"] < errors["plain"], errors
