@@ -28,7 +28,8 @@ PRESETS = {
              "rtn:w3g64,awq:w3g64,gptq:w3g64", "wiki,code"),
 }
 _RUN = re.compile(r"^(rtn|awq|gptq)((?:\+\w+)*):w(\d)g(-?\d+)$")
-_GPTQ_VARIANTS = {"asym", "actorder", "awq", "dampN"}  # combinable: gptq+awq+asym:w4g64; damp10 = 0.10
+# combinable: gptq+awq+asym:w4g64; damp10 = 0.10; xtx = the paper's XᵀX for v_proj (--no-value-hessian)
+_GPTQ_VARIANTS = {"asym", "actorder", "awq", "dampN", "xtx"}
 
 
 @dataclass
@@ -64,6 +65,8 @@ def _parse_run(run: str) -> dict:
         opts["sym"] = "asym" not in variants
         gptq = {"act_order": "actorder" in variants, "awq_first": "awq" in variants}
         opts["gptq"] = {k: v for k, v in gptq.items() if v}
+        if "xtx" in variants:
+            opts["gptq"]["value_hessian"] = False
         if damp:
             opts["gptq"]["damp"] = int(damp[0][4:]) / 100
     return opts

@@ -35,7 +35,6 @@ def quantization_config(cfg: QuantConfig, skipped: list[str]) -> dict:
         "desc_act": cfg.method == "gptq" and cfg.gptq.act_order,
         "sym": cfg.sym,
         "true_sequential": cfg.gptq.true_sequential,
-        "value_hessian": cfg.gptq.value_hessian,
         "damp_percent": cfg.gptq.damp,
         "static_groups": cfg.gptq.static_groups,
         "checkpoint_format": cfg.checkpoint_format,

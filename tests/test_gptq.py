@@ -178,7 +178,7 @@ def tiny_src(tmp_path_factory):
 @pytest.mark.parametrize("opts", [
     dict(sym=True),
     dict(sym=False, fmt="gptq", checkpoint_format="gptq_v2", gptq=GPTQOptions(act_order=True)),
-    dict(sym=False, fmt="awq", gptq=GPTQOptions(true_sequential=False)),
+    dict(sym=False, fmt="awq", gptq=GPTQOptions(true_sequential=False, value_hessian=False)),
 ])
 def test_gptq_checkpoint_reloads_and_beats_rtn(tmp_path, tiny_src, opts):
     kw = dict(method="gptq", bits=3 if opts.get("fmt") == "gptq" else 4, group_size=32, n_samples=8, seqlen=64,
@@ -238,6 +238,11 @@ def test_cli_end_to_end_and_bad_input(tmp_path, tiny_src):
     assert "solve s" in res.output and "linears quantized" in res.output
     model = quant.load(out, dtype=torch.float32)
     assert model(_ids()).logits.isfinite().all()
+    assert json.loads((out / "qtool.json").read_text())["qtool"]["config"]["gptq"]["value_hessian"] is True
+    res = CliRunner().invoke(app, ["gptq", str(tiny_src), "-o", str(tmp_path / "xtx"), "--group-size", "32",
+                                   "--no-value-hessian", "--n-samples", "4", "--seqlen", "32"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "xtx" / "qtool.json").read_text())["qtool"]["config"]["gptq"]["value_hessian"] is False
     bad = [
         (["--bits", "5"], "--bits 5"),
         (["--damp", "0"], "--damp"),
