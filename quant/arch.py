@@ -28,9 +28,10 @@ class Arch:
     sequential: tuple[tuple[str, ...], ...]  # linears that share an input, in the order they run
     scale_groups: tuple[ScaleGroup, ...]
     k_proj: str | None
-    v_proj: str | None
+    v_proj: str | None  # the linear that computes the values (a fused qkv_proj where v_fused)
     norm_offset: float = 0.0  # gemma-style RMSNorm computes x * (offset + weight)
     needs_bos: bool = False  # every evaluation window must start with BOS (gemma)
+    v_fused: bool = False  # v_proj's last (key/value heads x head size) rows are the values (q, k, v stacked)
     never_quantize: tuple[str, ...] = ("lm_head",)
 
 
@@ -68,7 +69,8 @@ _PHI3 = Arch(
         ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "norm"),
     ),
     k_proj=None,
-    v_proj=None,
+    v_proj="self_attn.qkv_proj",
+    v_fused=True,
 )
 
 _OPT = Arch(

@@ -21,6 +21,7 @@ import time
 from dataclasses import dataclass
 
 import torch
+from torch import nn
 
 from calib.hessian import collect_hessians
 from calib.value_hessian import collect_value_hessians
@@ -228,37 +229,70 @@ def _rows(pw: PackedWeight, r0: int, r1: int) -> PackedWeight:
                         pw.bits, pw.group_size, pw.g_idx)
 
 
-def _value_hessians(ctx: BlockContext) -> list[torch.Tensor] | None:
-    """The attention-weighted Hessian of each key/value head (``calib.value_hessian``), or None where unavailable."""
-    attention = ctx.arch.v_proj.rpartition(".")[0]
-    head_dim = getattr(ctx.block.get_submodule(attention), "head_dim", None)
-    out_f = ctx.block.get_submodule(ctx.arch.v_proj).out_features
-    if not head_dim or out_f % head_dim:
-        log.info("block %d: no head size on %s; v_proj keeps the plain Hessian", ctx.index, attention)
+@dataclass
+class ValueHeads:
+    """Where the values are in the value projection: rows ``first_row + h * head_dim ...`` are head ``h``."""
+
+    attention: str  # the attention module, relative to the block
+    first_row: int  # 0 for a separate v_proj; after the q and k rows in a fused qkv_proj
+    n_kv_heads: int
+    head_dim: int
+
+
+def value_heads(block: nn.Module, arch) -> ValueHeads | None:
+    """The value rows of ``arch.v_proj`` in ``block``, or None where the attention module does not say."""
+    attention = arch.v_proj.rpartition(".")[0]
+    attn = block.get_submodule(attention)
+    head_dim = getattr(attn, "head_dim", None)
+    out_f = block.get_submodule(arch.v_proj).out_features
+    if not head_dim:
+        return None
+    if arch.v_fused:
+        n_kv = getattr(attn, "num_key_value_heads", None) or getattr(getattr(attn, "config", None),
+                                                                     "num_key_value_heads", None)
+    else:
+        n_kv = out_f // head_dim if out_f % head_dim == 0 else None
+    if not n_kv or n_kv * head_dim > out_f:
+        return None
+    return ValueHeads(attention, out_f - n_kv * head_dim, n_kv, head_dim)
+
+
+def _value_hessians(ctx: BlockContext) -> tuple[list[torch.Tensor], int] | None:
+    """The attention-weighted Hessian of each key/value head (``calib.value_hessian``) and the first value row,
+    or None where unavailable."""
+    where = value_heads(ctx.block, ctx.arch)
+    if where is None:
+        log.info("block %d: no head layout on %s; it keeps the plain Hessian", ctx.index, ctx.arch.v_proj)
         return None
     try:
-        heads = collect_value_hessians(ctx.block, ctx.inputs, attention, ctx.arch.v_proj, out_f // head_dim)
+        heads = collect_value_hessians(ctx.block, ctx.inputs, where.attention, ctx.arch.v_proj, where.n_kv_heads)
     except (ValueError, RuntimeError) as e:
-        log.warning("block %d: attention-weighted value Hessians unavailable (%s); v_proj keeps the plain one",
-                    ctx.index, e)
+        log.warning("block %d: attention-weighted value Hessians unavailable (%s); %s keeps the plain one",
+                    ctx.index, e, ctx.arch.v_proj)
         return None
-    return [h.mean for h in heads]
+    return [h.mean for h in heads], where.first_row
 
 
-def _solve_value_heads(W: torch.Tensor, heads: list[torch.Tensor], cfg: QuantConfig,
-                       clip: torch.Tensor | None) -> tuple[PackedWeight | None, float]:
-    """``W`` (v_proj) solved head by head, each under its own Hessian, with one act-order column order.
+def _solve_value_heads(W: torch.Tensor, heads: list[torch.Tensor], cfg: QuantConfig, clip: torch.Tensor | None,
+                       first_row: int = 0, H: torch.Tensor | None = None) -> tuple[PackedWeight | None, float]:
+    """The value projection ``W`` solved head by head, each under its own Hessian, with one act-order column order.
 
-    Returns the packed weight and the largest damping used; None if any head fell back to
-    round-to-nearest.
+    In a fused qkv projection the rows before ``first_row`` (queries and keys) are solved
+    under ``H`` (``XᵀX``), whose diagonal then also ranks the columns for act-order; a
+    separate v_proj ranks them by the heads' summed diagonals. Returns the packed weight
+    and the largest damping used; None if any part fell back to round-to-nearest.
     """
     n = len(heads)
-    rows = W.shape[0] // n
-    importance = sum(torch.diagonal(H) for H in heads) if cfg.gptq.act_order else None
+    rows = (W.shape[0] - first_row) // n
+    if cfg.gptq.act_order:
+        importance = torch.diagonal(H) if first_row else sum(torch.diagonal(Hh) for Hh in heads)
+    else:
+        importance = None
+    slices = [(slice(0, first_row), H)] if first_row else []
+    slices += [(slice(first_row + h * rows, first_row + (h + 1) * rows), Hh) for h, Hh in enumerate(heads)]
     parts, damp = [], 0.0
-    for h, H in enumerate(heads):
-        sl = slice(h * rows, (h + 1) * rows)
-        res = gptq_quantize(W[sl], H.to(W.device), cfg, None if clip is None else clip[sl].to(W.device), importance)
+    for sl, Hs in slices:
+        res = gptq_quantize(W[sl], Hs.to(W.device), cfg, None if clip is None else clip[sl].to(W.device), importance)
         if res.fallback:
             return None, damp
         parts.append(res.packed)
@@ -324,7 +358,7 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
                   for n in shared}
             v = ctx.arch.v_proj if heads and ctx.arch.v_proj in shared else None
             if v is not None:
-                pw, damp = _solve_value_heads(Ws[v], heads, cfg, clips.get(v))
+                pw, damp = _solve_value_heads(Ws[v], heads[0], cfg, clips.get(v), heads[1], H)
                 if pw is None:
                     log.warning("block %d %s: a value head fell back to round-to-nearest; solving it with XᵀX",
                                 ctx.index, v)

@@ -8,12 +8,12 @@ from calib.runner import BlockInputs
 from calib.value_hessian import collect_value_hessians
 from quant.arch import blocks_of, lookup
 from quant.config import GPTQOptions, QuantConfig
-from quant.gptq import _solve_value_heads, gptq_quantize
+from quant.gptq import _solve_value_heads, gptq_quantize, value_heads
 
 # gemma2 has no sdpa path (soft-capping); gemma2/gemma3 bring sliding windows, qwen3 head_dim != hidden/heads,
-# opt no grouped-query attention.
+# opt no grouped-query attention, phi3 its values in the last rows of a fused qkv_proj.
 CASES = [("llama", "sdpa"), ("llama", "eager"), ("qwen3", "sdpa"), ("gemma2", "eager"), ("gemma3_text", "sdpa"),
-         ("gemma3_text", "eager"), ("opt", "sdpa")]
+         ("gemma3_text", "eager"), ("opt", "sdpa"), ("phi3", "sdpa"), ("phi3", "eager")]
 
 
 def _setup(model_type, attn, seed=0):
@@ -43,10 +43,9 @@ def _attention_output(block, call, o_proj):
 
 
 def _heads(block, arch, call):
-    attention = arch.v_proj.rpartition(".")[0]
-    v = block.get_submodule(arch.v_proj)
-    n_kv = v.out_features // block.get_submodule(attention).head_dim
-    return collect_value_hessians(block, BlockInputs([call]), attention, arch.v_proj, n_kv), v
+    where = value_heads(block, arch)
+    heads = collect_value_hessians(block, BlockInputs([call]), where.attention, arch.v_proj, where.n_kv_heads)
+    return heads, block.get_submodule(arch.v_proj), where
 
 
 @pytest.mark.parametrize("model_type,attn", CASES)
@@ -56,22 +55,25 @@ def test_value_hessian_predicts_the_attention_output_error(model_type, attn):
     o_proj = arch.sequential[1][0]
     for i, block in enumerate(blocks):
         call = calls[i]
-        heads, v = _heads(block, arch, call)
+        heads, v, where = _heads(block, arch, call)
         before = _attention_output(block, call, o_proj)
         dW = 0.05 * torch.randn(v.weight.shape, generator=torch.Generator().manual_seed(i))
+        dW[:where.first_row] = 0  # the query and key rows of a fused qkv_proj change the scores, not the values
         with torch.no_grad():
             v.weight += dW
         after = _attention_output(block, call, o_proj)
         with torch.no_grad():
             v.weight -= dW
         measured = float((after - before).double().pow(2).sum())
-        rows = dW.shape[0] // len(heads)
-        predicted = sum(float(((dW[h * rows:(h + 1) * rows].double() @ H.xtx.double()) * dW[h * rows:(h + 1) * rows])
-                              .sum()) for h, H in enumerate(heads))
+        kv_heads = 4 if model_type == "opt" else 2  # tiny_models: 4 query heads, 2 key/value heads unless opt
+        assert len(heads) == where.n_kv_heads == kv_heads
+        assert v.out_features - where.first_row == kv_heads * where.head_dim
+        rows = [dW[where.first_row + h * where.head_dim:][:where.head_dim].double() for h in range(len(heads))]
+        predicted = sum(float(((r @ H.xtx.double()) * r).sum()) for r, H in zip(rows, heads))
         assert predicted == pytest.approx(measured, rel=1e-3), (model_type, attn, i)
         # One row per token and query head of the group.
         assert heads[0].n_tokens == call.hidden.shape[0] * call.hidden.shape[1] * (
-            block.get_submodule(o_proj).in_features // v.out_features)
+            block.get_submodule(o_proj).in_features // (where.n_kv_heads * where.head_dim))
 
 
 def test_collector_restores_the_attention_and_leaves_the_block_unchanged():
@@ -84,28 +86,33 @@ def test_collector_restores_the_attention_and_leaves_the_block_unchanged():
     assert torch.equal(_attention_output(block, call, "self_attn.o_proj"), before)
 
 
+@pytest.mark.parametrize("model_type", ["llama", "phi3"])
 @pytest.mark.parametrize("act_order", [False, True])
-def test_value_heads_solve_lowers_the_attention_output_error(act_order):
-    """v_proj solved per head under its value Hessian changes the attention output less than under XᵀX."""
-    arch, blocks, calls = _setup("llama", "sdpa", seed=3)
+def test_value_heads_solve_lowers_the_attention_output_error(model_type, act_order):
+    """The value rows solved per head under their value Hessians change the attention output less than under XᵀX."""
+    arch, blocks, calls = _setup(model_type, "sdpa", seed=3)
     block, call = blocks[1], calls[1]
-    heads, v = _heads(block, arch, call)
+    heads, v, where = _heads(block, arch, call)
+    o_proj = arch.sequential[1][0]
     x = {}
     handle = v.register_forward_pre_hook(lambda m, a: x.setdefault("x", a[0].reshape(-1, a[0].shape[-1]).clone()))
-    before = _attention_output(block, call, "self_attn.o_proj")
+    before = _attention_output(block, call, o_proj)
     handle.remove()
     H = x["x"].t() @ x["x"] / x["x"].shape[0]
     cfg = QuantConfig(method="gptq", bits=3, group_size=16, sym=True, fmt="gptq", gptq=GPTQOptions(act_order=act_order))
     W = v.weight.detach().clone()
     plain = gptq_quantize(W, H, cfg).packed
-    per_head, _ = _solve_value_heads(W, [h.mean for h in heads], cfg, None)
+    per_head, _ = _solve_value_heads(W, [h.mean for h in heads], cfg, None, where.first_row, H)
     if act_order:  # one column order for all heads: one g_idx for the linear
         assert per_head.g_idx is not None and per_head.g_idx.shape == (W.shape[1],)
+    # A fused qkv_proj's query and key rows are solved under XᵀX exactly as before.
+    assert torch.equal(per_head.q[:where.first_row], plain.q[:where.first_row])
+    assert not torch.equal(per_head.q[where.first_row:], plain.q[where.first_row:])
     errors = {}
     for name, pw in (("plain", plain), ("per head", per_head)):
         with torch.no_grad():
             v.weight.copy_(pw.dequantize(torch.float32))
-        errors[name] = float((_attention_output(block, call, "self_attn.o_proj") - before).pow(2).sum())
+        errors[name] = float((_attention_output(block, call, o_proj) - before).pow(2).sum())
         with torch.no_grad():
             v.weight.copy_(W)
     assert errors["per head"] < errors["plain"], errors
