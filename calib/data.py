@@ -7,7 +7,8 @@ Two steps, kept apart so each can be tested alone:
    ``datasets`` folder.
 2. ``calibration_batch(tokenizer, texts, n_samples, seqlen, seed)`` joins the
    documents, tokenizes them once and draws ``n_samples`` windows of ``seqlen``
-   tokens with a seeded generator: ``[n_samples, seqlen]`` int64.
+   tokens with a seeded generator: ``[n_samples, seqlen]`` int64. Models that need
+   BOS at the start of every sequence (gemma) get it as each window's first token.
 """
 from __future__ import annotations
 
@@ -190,8 +191,24 @@ def sample_windows(tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int)
     return tokens[starts[:, None] + torch.arange(seqlen)]
 
 
-def calibration_batch(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
-    """Token windows for calibration: int64 ``[n_samples, seqlen]``, deterministic in ``seed``."""
+def calibration_batch(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int,
+                      add_bos: bool = False) -> torch.Tensor:
+    """Token windows for calibration: int64 ``[n_samples, seqlen]``, deterministic in ``seed``.
+
+    With ``add_bos`` every window is the tokenizer's BOS followed by ``seqlen - 1``
+    text tokens: gemma's activations without a leading BOS are not the ones it serves.
+    """
+    bos = tokenizer.bos_token_id if add_bos else None
+    if add_bos and bos is None:
+        raise QtoolError("The model needs a BOS token at the start of every sequence but its tokenizer defines none; "
+                         "give a tokenizer with bos_token set.")
+    if bos is not None and seqlen < 2:
+        raise QtoolError(f"Calibration with a leading BOS needs seqlen >= 2, got seqlen={seqlen}.")
     tokens = tokenize_documents(tokenizer, texts)
-    logger.info("Calibration text: %d tokens; drawing %d windows of %d", tokens.numel(), n_samples, seqlen)
-    return sample_windows(tokens, n_samples, seqlen, seed)
+    width = seqlen - (bos is not None)
+    logger.info("Calibration text: %d tokens; drawing %d windows of %d%s", tokens.numel(), n_samples, width,
+                " after BOS" if bos is not None else "")
+    windows = sample_windows(tokens, n_samples, width, seed)
+    if bos is None:
+        return windows
+    return torch.cat([torch.full((n_samples, 1), bos, dtype=windows.dtype), windows], dim=1)

@@ -69,6 +69,7 @@ def calibrate(model_dir, out, calib_data, text_field, n_samples, seqlen, seed, b
     import quant
     from calib.data import calibration_batch, load_texts
     from calib.kv import collect_key_ranges, outlier_ratio
+    from quant.arch import ARCHITECTURES
     from quant.kv.config import CALIB_FILENAME, write_calibration_reference
 
     setup_logging(verbose)
@@ -77,7 +78,9 @@ def calibrate(model_dir, out, calib_data, text_field, n_samples, seqlen, seed, b
                          "positive (--seqlen at least 2)")
     out_path = Path(out) if out else Path(model_dir) / CALIB_FILENAME
     model, tokenizer = quant.load_any(model_dir, device=device)
-    ids = calibration_batch(tokenizer, load_texts(calib_data, text_field=text_field), n_samples, seqlen, seed)
+    arch = ARCHITECTURES.get(getattr(model.config, "model_type", ""))
+    ids = calibration_batch(tokenizer, load_texts(calib_data, text_field=text_field), n_samples, seqlen, seed,
+                            add_bos=bool(arch and arch.needs_bos))
     calibration = collect_key_ranges(model, ids, batch_size)
     calibration.save(out_path)
     inside = Path(model_dir).resolve() in out_path.resolve().parents

@@ -64,7 +64,7 @@ def _device(device: str | None) -> torch.device:
     return torch.device(device)
 
 
-def _calibration_ids(model_dir, cfg: QuantConfig) -> torch.Tensor:
+def _calibration_ids(model_dir, cfg: QuantConfig, add_bos: bool) -> torch.Tensor:
     from transformers import AutoTokenizer
 
     from calib.data import calibration_batch, load_texts
@@ -72,7 +72,7 @@ def _calibration_ids(model_dir, cfg: QuantConfig) -> torch.Tensor:
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     texts = load_texts(cfg.calib_data, text_field=cfg.text_field)
     try:
-        return calibration_batch(tok, texts, cfg.n_samples, cfg.seqlen, cfg.seed)
+        return calibration_batch(tok, texts, cfg.n_samples, cfg.seqlen, cfg.seed, add_bos)
     except QtoolError as e:  # say which text was too short
         msg = str(e)
         raise QtoolError(f"{cfg.calib_data or 'the built-in calibration corpus'}: {msg[:1].lower()}{msg[1:]}") from None
@@ -104,7 +104,7 @@ def quantize(
         check_finite(model, str(model_dir))
         plan = plan_linears(model, arch, cfg)
         t_cal = time.perf_counter()
-        calib_ids = _calibration_ids(model_dir, cfg) if cfg.needs_calibration else None
+        calib_ids = _calibration_ids(model_dir, cfg, arch.needs_bos) if cfg.needs_calibration else None
         calib_seconds = time.perf_counter() - t_cal
         rows, artifacts = _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress)
         seconds = time.perf_counter() - t0

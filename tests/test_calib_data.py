@@ -154,6 +154,21 @@ def test_short_text_gives_overlapping_windows(word_tokenizer):
     assert torch.all(batch[:, 1:] - batch[:, :-1] == 1)
 
 
+def test_bos_leads_every_window_when_asked(word_tokenizer):
+    vocab = {"[UNK]": 0, "[BOS]": 1000, **{f"w{i}": i for i in range(1, 1000)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="[UNK]"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    with_bos = PreTrainedTokenizerFast(tokenizer_object=tok, unk_token="[UNK]", bos_token="[BOS]")
+    batch = calibration_batch(with_bos, [words(1, 1000)], n_samples=6, seqlen=16, seed=0, add_bos=True)
+    assert batch.shape == (6, 16)
+    assert batch[:, 0].tolist() == [1000] * 6
+    assert torch.all(batch[:, 2:] - batch[:, 1:-1] == 1)  # then 15 tokens of contiguous text
+    assert torch.equal(calibration_batch(with_bos, [words(1, 1000)], 6, 16, seed=0), sample_windows(
+        tokenize_documents(with_bos, [words(1, 1000)]), 6, 16, seed=0))  # no BOS unless asked
+    with pytest.raises(QtoolError, match="tokenizer defines none"):
+        calibration_batch(word_tokenizer, [words(1, 1000)], 6, 16, seed=0, add_bos=True)
+
+
 def test_too_few_tokens_says_how_many(word_tokenizer):
     with pytest.raises(QtoolError, match=r"has 10 tokens .* needs 64"):
         calibration_batch(word_tokenizer, [words(1, 11)], n_samples=2, seqlen=64, seed=0)

@@ -163,3 +163,25 @@ def test_size_counts_weights_not_qtool_side_files(tmp_path):
     (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 7)
     assert model_io.folder_bytes(tmp_path) == 107
     assert model_io.folder_bytes(tmp_path, ("*.safetensors", "model*")) == 100
+
+
+@pytest.mark.parametrize("model_type", ["gemma2", "llama"])
+def test_calibration_windows_start_with_bos_where_the_architecture_needs_it(tmp_path, model_type, monkeypatch):
+    from quant import pipeline
+
+    seen = {}
+    real = pipeline._quantize_blocks
+
+    def spy(model, arch, cfg, plan, calib_ids, *rest):
+        seen["ids"] = calib_ids
+        return real(model, arch, cfg, plan, calib_ids, *rest)
+
+    monkeypatch.setattr(pipeline, "_quantize_blocks", spy)
+    src = save_tiny_model(model_type, tmp_path / "src")
+    quant.quantize(src, tmp_path / "out", method="awq", bits=4, group_size=32, n_samples=4, seqlen=32,
+                   dtype="float32", progress=False)
+    ids = seen["ids"]
+    bos = json.loads((src / "config.json").read_text())["bos_token_id"]
+    assert ids.shape == (4, 32)
+    assert (ids[:, 0] == bos).all() == ARCHITECTURES[model_type].needs_bos
+    assert (ids[:, 1:] != bos).all()
