@@ -18,7 +18,9 @@ class ScaleGroup:
 
     prev: str
     linears: tuple[str, ...]
-    kind: str  # "norm": an RMSNorm/LayerNorm weight (and bias); "linear": a linear's output rows
+    # "norm": an RMSNorm/LayerNorm weight (and bias); "linear": a linear's output rows; "values": the value
+    # projection's output rows, read by the output projection once per query head of each key/value head (GQA)
+    kind: str
 
 
 @dataclass(frozen=True)
@@ -44,7 +46,7 @@ def _llama_like(norm_offset: float = 0.0, post_attn_norm: str = "post_attention_
         sequential=(attn, ("self_attn.o_proj",), mlp_in, ("mlp.down_proj",)),
         scale_groups=(
             ScaleGroup("input_layernorm", attn, "norm"),
-            ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "linear"),
+            ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "values"),
             ScaleGroup(post_attn_norm, mlp_in, "norm"),
             ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),
         ),
@@ -84,7 +86,7 @@ _OPT = Arch(
     ),
     scale_groups=(
         ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
-        ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "linear"),
+        ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "values"),
         ScaleGroup("final_layer_norm", ("fc1",), "norm"),
         # ReLU is positively homogeneous: scaling fc1's output rows by 1/s and fc2's inputs by s is exact.
         ScaleGroup("fc1", ("fc2",), "linear"),

@@ -19,7 +19,7 @@ from cli.main import app
 from quant import qmath
 from quant.arch import ARCHITECTURES, ScaleGroup
 from quant.awq import CLIP_KEY, SCALE_KEY, apply_search, load_search, quantize_block
-from quant.awq.fold import fold_scales, foldable_groups, group_scales
+from quant.awq.fold import fold_scales, foldable_groups, group_scales, tie_to_values
 from quant.awq.search import (
     QuantSpec,
     _fake_quantize,
@@ -87,8 +87,9 @@ def _mha_model(model_type):
     return AutoModelForCausalLM.from_config(config).eval()
 
 
-# Groups each row folds: llama-like with GQA lose v -> o; phi3's fused outputs have no exact fold for o/down.
-EXPECTED_GROUPS = {"phi3": 2, "opt": 4}
+# Groups each row folds: phi3's fused outputs have no exact fold for o/down; the others fold all four
+# (v -> o under grouped-query attention too).
+EXPECTED_GROUPS = {"phi3": 2}
 
 
 @pytest.mark.parametrize("model_type", MODEL_TYPES + ["llama-mha"])
@@ -106,13 +107,29 @@ def test_folding_scales_preserves_the_logits(model_type):
         scales = {}
         for grp in groups:
             width = block.get_submodule(grp.linears[0]).in_features
-            scales.update(group_scales(grp, torch.exp(torch.randn(width, generator=g))))
+            scales.update(group_scales(grp, tie_to_values(block, grp, torch.exp(torch.randn(width, generator=g)))))
         fold_scales(block, arch, scales)
     with torch.no_grad():
         out = model(ids).logits
     assert not torch.equal(out, ref)  # something was folded...
     torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)  # ...and the function is the same
-    assert set(n_groups) == {EXPECTED_GROUPS.get(model_type, 4 if model_type in ("llama-mha", "opt") else 3)}
+    assert set(n_groups) == {EXPECTED_GROUPS.get(model_type, 4)}
+
+
+def test_grouped_query_values_fold_only_a_scale_shared_by_their_query_heads(tmp_path):
+    """v -> o under GQA: the searched o_proj scale is equal on the columns that read one value channel, and
+    results that break that are refused, not folded into a different function."""
+    src = save_tiny_model("llama", tmp_path / "src")  # 4 query heads, 2 key/value heads of 16
+    _quantize(src, tmp_path / "a")
+    search = load_search(tmp_path / "a")
+    s = search[f"model.layers.0.self_attn.o_proj.{SCALE_KEY}"].reshape(2, 2, 16)  # [kv head, its query heads, d]
+    assert torch.equal(s[:, 0], s[:, 1]) and not torch.equal(s[0], s[1])
+    assert not torch.equal(s, torch.ones_like(s))
+    broken = dict(search)
+    broken[f"model.layers.0.self_attn.o_proj.{SCALE_KEY}"] = s.clone().index_fill_(1, torch.tensor([1]), 2.0).flatten()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with pytest.raises(quant.QtoolError, match="differs between query heads"):
+        apply_search(model, broken, QuantConfig(method="awq", group_size=32))
 
 
 def block_context(model, cfg, index=0, arch=None):

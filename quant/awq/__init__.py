@@ -33,7 +33,9 @@ from quant.awq.fold import (
     fold_scales,
     foldable_groups,
     group_scales,
+    producer_scale,
     skip_reason,
+    tie_to_values,
 )
 from quant.awq.search import QuantSpec, search_clip, search_scale
 from quant.config import QuantConfig
@@ -104,7 +106,8 @@ def search_block(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict, dict
         quantized = [n for n in g.linears if n in names]
         w = torch.cat([block.get_submodule(n).weight.detach().float() for n in quantized])
         st = stats[g.linears[0]]
-        res = search_scale(w, st.xtx, st.abs_mean, spec, cfg.awq.n_grid)
+        # Under GQA the output projection's columns of one value channel must share a scale.
+        res = search_scale(w, st.xtx, tie_to_values(block, g, st.abs_mean), spec, cfg.awq.n_grid)
         scales[g] = res.scale
         ratios.append(f"{res.ratio:.2f}")
         gains.append(float(res.errors.min() / res.errors[0].clamp(min=1e-30)))
@@ -197,6 +200,11 @@ def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: 
         if len(found) != len(keys) or any(not torch.equal(artifacts[k], artifacts[keys[0]]) for k in keys):
             raise QtoolError(f"search results give {', '.join(g.linears)} different input scales; they share one input")
         reason = skip_reason(block, g, names)
+        if reason is None:
+            try:
+                producer_scale(block, g, artifacts[keys[0]])
+            except ValueError as e:
+                reason = str(e)
         if reason is not None:
             raise QtoolError(f"search results scale {', '.join(g.linears)}, but that group cannot be folded here: {reason}")
 

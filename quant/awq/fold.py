@@ -5,6 +5,12 @@ For a scaling group ``prev -> linears`` with scale ``s [in]``:
 * kind "norm":   ``norm(x) * (offset + w)`` becomes ``norm(x) * (offset + w) / s``, i.e.
   ``w <- (offset + w) / s - offset`` (``offset`` is 1 for gemma's RMSNorm) and ``b <- b / s``;
 * kind "linear": ``prev``'s output rows and bias are divided by ``s``;
+* kind "values": the same for the value projection, under grouped-query attention
+  too. Query head ``q`` reads key/value head ``q // r`` (``r`` query heads per
+  key/value head), so output-projection column ``q·d + j`` reads value channel
+  ``(q // r)·d + j`` (``d`` the head size): ``s`` must be equal on the ``r``
+  columns that read one value channel (:func:`tie_to_values` makes a statistic
+  so), and that channel's row is divided by it;
 * each consumer: ``W <- W · diag(s)``.
 
 Before quantization the block then computes the same function (up to float rounding).
@@ -48,17 +54,55 @@ def skip_reason(block: nn.Module, group: ScaleGroup, quantized: list[str]) -> st
     if len(in_f) != 1:
         return f"{', '.join(group.linears)} read inputs of different widths {sorted(in_f)}"
     width = in_f.pop()
-    if group.kind == "linear":
+    if group.kind in ("linear", "values"):
         if not isinstance(prev, nn.Linear):
             return f"{group.prev} is not a full-precision linear"
-        if prev.out_features != width:
-            return (f"{group.prev} has {prev.out_features} outputs but {group.linears[0]} reads {width} inputs "
-                    f"(grouped-query attention), so no exact fold exists")
+        if prev.out_features == width:
+            return None
+        head_dim = _head_dim(block, group)
+        if group.kind == "linear" or not head_dim or width % prev.out_features or prev.out_features % head_dim:
+            return (f"{group.prev} has {prev.out_features} outputs but {', '.join(group.linears)} read {width} "
+                    f"inputs, so no exact fold exists")
         return None
     weight = getattr(prev, "weight", None)
     if not isinstance(weight, torch.Tensor) or tuple(weight.shape) != (width,):
         return f"{group.prev} has no per-channel weight of size {width} to fold into"
     return None
+
+
+def _head_dim(block: nn.Module, group: ScaleGroup) -> int | None:
+    return getattr(_module(block, group.prev.rpartition(".")[0]), "head_dim", None)
+
+
+def _kv_layout(block: nn.Module, group: ScaleGroup, width: int) -> tuple[int, int, int]:
+    """``(key/value heads, query heads per key/value head, head size)`` of a "values" group read ``width`` wide."""
+    out_f = block.get_submodule(group.prev).out_features
+    d = _head_dim(block, group) or out_f  # without GQA (r = 1) the head size does not matter
+    return out_f // d, width // out_f, d
+
+
+def tie_to_values(block: nn.Module, group: ScaleGroup, stat: torch.Tensor) -> torch.Tensor:
+    """A per-input-channel statistic of the consumers, averaged over the columns that read one value channel.
+
+    Scales computed channel by channel from the result fold exactly; for any other
+    kind of group, and without GQA, it is ``stat`` unchanged.
+    """
+    if group.kind != "values":
+        return stat
+    n_kv, r, d = _kv_layout(block, group, stat.numel())
+    return stat.reshape(n_kv, r, d).mean(dim=1, keepdim=True).expand(n_kv, r, d).reshape(-1)
+
+
+def producer_scale(block: nn.Module, group: ScaleGroup, s: torch.Tensor) -> torch.Tensor:
+    """The scale of ``prev``'s output rows for the consumers' input scale ``s``; ``ValueError`` if none exists."""
+    if group.kind != "values":
+        return s
+    n_kv, r, d = _kv_layout(block, group, s.numel())
+    s3 = s.reshape(n_kv, r, d)  # [kv head, query head of its group, channel]
+    if not torch.equal(s3, s3[:, :1].expand_as(s3)):
+        raise ValueError(f"the scale of {', '.join(group.linears)} differs between query heads that read the same "
+                         f"value channel of {group.prev}, so it cannot be folded into {group.prev}")
+    return s3[:, 0].reshape(-1)
 
 
 @functools.lru_cache(maxsize=256)
@@ -99,13 +143,14 @@ def fold_scales(block: nn.Module, arch: Arch, scales: dict[str, torch.Tensor]) -
     params = {n: block.get_parameter(n).detach().float().clone() for n in _param_names(block, groups)}
     for group in groups:
         s = scales[f"{group.linears[0]}.{SCALE_KEY}"].float().to(params[f"{group.prev}.weight"].device)
+        sp = producer_scale(block, group, s)
         pw, pb = f"{group.prev}.weight", f"{group.prev}.bias"
         if group.kind == "norm":
-            params[pw] = (arch.norm_offset + params[pw]) / s - arch.norm_offset
+            params[pw] = (arch.norm_offset + params[pw]) / sp - arch.norm_offset
         else:
-            params[pw] = params[pw] / s[:, None]
+            params[pw] = params[pw] / sp[:, None]
         if pb in params:
-            params[pb] = params[pb] / s
+            params[pb] = params[pb] / sp
         for name in group.linears:
             params[f"{name}.weight"] = params[f"{name}.weight"] * s[None, :]
     with torch.no_grad():
