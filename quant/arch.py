@@ -120,5 +120,34 @@ def lookup(model_type: str, where: str = "config.json") -> Arch:
         ) from None
 
 
+@dataclass(frozen=True)
+class ValueHeads:
+    """Where the values are in a value projection: rows ``first_row + h * head_dim ...`` are head ``h``."""
+
+    attention: str  # the attention module, relative to the block
+    first_row: int  # 0 for a separate v_proj; after the q and k rows in a fused qkv_proj
+    n_kv_heads: int
+    head_dim: int
+
+
+def value_heads(block, v_proj: str, fused: bool = False) -> ValueHeads | None:
+    """The value rows of the linear ``v_proj`` in ``block`` (a fused qkv projection if ``fused``),
+    or None where its attention module does not give the head layout."""
+    attention = v_proj.rpartition(".")[0]
+    attn = block.get_submodule(attention)
+    head_dim = getattr(attn, "head_dim", None)
+    out_f = block.get_submodule(v_proj).out_features
+    if not head_dim:
+        return None
+    if fused:
+        n_kv = getattr(attn, "num_key_value_heads", None) or getattr(getattr(attn, "config", None),
+                                                                     "num_key_value_heads", None)
+    else:
+        n_kv = out_f // head_dim if out_f % head_dim == 0 else None
+    if not n_kv or n_kv * head_dim > out_f:
+        return None
+    return ValueHeads(attention, out_f - n_kv * head_dim, n_kv, head_dim)
+
+
 def blocks_of(model, arch: Arch):
     return model.get_submodule(arch.blocks)

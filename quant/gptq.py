@@ -21,11 +21,11 @@ import time
 from dataclasses import dataclass
 
 import torch
-from torch import nn
 
 from calib.hessian import collect_hessians
 from calib.value_hessian import collect_value_hessians
 from quant import qmath
+from quant.arch import value_heads
 from quant.config import QuantConfig
 from quant.formats import PackedWeight
 from quant.layers import min_zero, replace_linear, rtn_packed
@@ -229,38 +229,10 @@ def _rows(pw: PackedWeight, r0: int, r1: int) -> PackedWeight:
                         pw.bits, pw.group_size, pw.g_idx)
 
 
-@dataclass
-class ValueHeads:
-    """Where the values are in the value projection: rows ``first_row + h * head_dim ...`` are head ``h``."""
-
-    attention: str  # the attention module, relative to the block
-    first_row: int  # 0 for a separate v_proj; after the q and k rows in a fused qkv_proj
-    n_kv_heads: int
-    head_dim: int
-
-
-def value_heads(block: nn.Module, arch) -> ValueHeads | None:
-    """The value rows of ``arch.v_proj`` in ``block``, or None where the attention module does not say."""
-    attention = arch.v_proj.rpartition(".")[0]
-    attn = block.get_submodule(attention)
-    head_dim = getattr(attn, "head_dim", None)
-    out_f = block.get_submodule(arch.v_proj).out_features
-    if not head_dim:
-        return None
-    if arch.v_fused:
-        n_kv = getattr(attn, "num_key_value_heads", None) or getattr(getattr(attn, "config", None),
-                                                                     "num_key_value_heads", None)
-    else:
-        n_kv = out_f // head_dim if out_f % head_dim == 0 else None
-    if not n_kv or n_kv * head_dim > out_f:
-        return None
-    return ValueHeads(attention, out_f - n_kv * head_dim, n_kv, head_dim)
-
-
 def _value_hessians(ctx: BlockContext) -> tuple[list[torch.Tensor], int] | None:
     """The attention-weighted Hessian of each key/value head (``calib.value_hessian``) and the first value row,
     or None where unavailable."""
-    where = value_heads(ctx.block, ctx.arch)
+    where = value_heads(ctx.block, ctx.arch.v_proj, ctx.arch.v_fused)
     if where is None:
         log.info("block %d: no head layout on %s; it keeps the plain Hessian", ctx.index, ctx.arch.v_proj)
         return None

@@ -8,7 +8,8 @@ from calib.runner import BlockInputs
 from calib.value_hessian import collect_value_hessians
 from quant.arch import blocks_of, lookup
 from quant.config import GPTQOptions, QuantConfig
-from quant.gptq import _solve_value_heads, gptq_quantize, value_heads
+from quant.arch import value_heads
+from quant.gptq import _solve_value_heads, gptq_quantize
 
 # gemma2 has no sdpa path (soft-capping); gemma2/gemma3 bring sliding windows, qwen3 head_dim != hidden/heads,
 # opt no grouped-query attention, phi3 its values in the last rows of a fused qkv_proj.
@@ -43,7 +44,7 @@ def _attention_output(block, call, o_proj):
 
 
 def _heads(block, arch, call):
-    where = value_heads(block, arch)
+    where = value_heads(block, arch.v_proj, arch.v_fused)
     heads = collect_value_hessians(block, BlockInputs([call]), where.attention, arch.v_proj, where.n_kv_heads)
     return heads, block.get_submodule(arch.v_proj), where
 

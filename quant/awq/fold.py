@@ -25,7 +25,7 @@ import logging
 import torch
 from torch import nn
 
-from quant.arch import Arch, ScaleGroup
+from quant.arch import Arch, ScaleGroup, value_heads
 
 log = logging.getLogger(__name__)
 
@@ -59,8 +59,7 @@ def skip_reason(block: nn.Module, group: ScaleGroup, quantized: list[str]) -> st
             return f"{group.prev} is not a full-precision linear"
         if prev.out_features == width:
             return None
-        head_dim = _head_dim(block, group)
-        if group.kind == "linear" or not head_dim or width % prev.out_features or prev.out_features % head_dim:
+        if group.kind == "linear" or width % prev.out_features or value_heads(block, group.prev) is None:
             return (f"{group.prev} has {prev.out_features} outputs but {', '.join(group.linears)} read {width} "
                     f"inputs, so no exact fold exists")
         return None
@@ -70,15 +69,13 @@ def skip_reason(block: nn.Module, group: ScaleGroup, quantized: list[str]) -> st
     return None
 
 
-def _head_dim(block: nn.Module, group: ScaleGroup) -> int | None:
-    return getattr(_module(block, group.prev.rpartition(".")[0]), "head_dim", None)
-
-
 def _kv_layout(block: nn.Module, group: ScaleGroup, width: int) -> tuple[int, int, int]:
     """``(key/value heads, query heads per key/value head, head size)`` of a "values" group read ``width`` wide."""
     out_f = block.get_submodule(group.prev).out_features
-    d = _head_dim(block, group) or out_f  # without GQA (r = 1) the head size does not matter
-    return out_f // d, width // out_f, d
+    if out_f == width:  # no GQA: one query head per value channel, whatever the head size
+        return 1, 1, out_f
+    heads = value_heads(block, group.prev)
+    return heads.n_kv_heads, width // out_f, heads.head_dim
 
 
 def tie_to_values(block: nn.Module, group: ScaleGroup, stat: torch.Tensor) -> torch.Tensor:
