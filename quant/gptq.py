@@ -319,7 +319,7 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
         else:
             damps.append(res.damp)
 
-    def solve(names, hessians, heads):
+    def solve(names, hessians, values):
         # Linears that share an input share H, so their rows are solved as one matrix. The value
         # projection, given its per-head Hessians, is solved head by head instead.
         nonlocal t_solve
@@ -328,9 +328,10 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
             H = hessians[shared[0]].mean
             Ws = {n: sources.get(n, ctx.block.get_submodule(n).weight).detach().to(device=H.device, dtype=H.dtype)
                   for n in shared}
-            v = ctx.arch.v_proj if heads and ctx.arch.v_proj in shared else None
+            v = ctx.arch.v_proj if values and ctx.arch.v_proj in shared else None
             if v is not None:
-                pw, damp = _solve_value_heads(Ws[v], heads[0], cfg, clips.get(v), heads[1], H)
+                per_head, first_row = values
+                pw, damp = _solve_value_heads(Ws[v], per_head, cfg, clips.get(v), first_row, H)
                 if pw is None:
                     log.warning("block %d %s: a value head fell back to round-to-nearest; solving it with XᵀX",
                                 ctx.index, v)
@@ -361,10 +362,10 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
         t = time.perf_counter()
         hessians = collect_hessians(ctx.block, ctx.inputs, list(batch))
         names = [n for g in batch for n in g]
-        heads = _value_hessians(ctx) if cfg.gptq.value_hessian and ctx.arch.v_proj in names else None
+        values = _value_hessians(ctx) if cfg.gptq.value_hessian and ctx.arch.v_proj in names else None
         t_hessian += time.perf_counter() - t
-        solve(names, hessians, heads)
-        del hessians, heads
+        solve(names, hessians, values)
+        del hessians, values
     for name, pw in packed.items():
         replace_linear(ctx.block, name, pw, cfg)
 
