@@ -83,13 +83,41 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         cap.hessians = [Hessian.empty(x.shape[-1], x.device) for _ in range(n_kv)]
     softcap = kwargs.get("softcap")
     group = n_heads // n_kv
-    for qh in range(n_heads):  # one head at a time: [b, t, s] probabilities, never all heads at once
+    mix_first = _mix_first(group, t, s, x.shape[-1])
+
+    def probabilities(qh: int) -> torch.Tensor:  # [b, t, s]: one head at a time, never all heads at once
         scores = (query[:, qh].float() @ key[:, qh // group].float().transpose(1, 2)) * scaling
         if softcap:
             scores = torch.tanh(scores / softcap) * softcap
-        p = torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
-        cap.hessians[qh // group].add(p @ x)
+        return torch.softmax(scores.masked_fill(~allowed, float("-inf")), dim=-1).nan_to_num_(0.0)
+
+    for h in range(n_kv):
+        heads = range(h * group, (h + 1) * group)
+        if not mix_first:
+            for qh in heads:
+                cap.hessians[h].add(probabilities(qh) @ x)
+            continue
+        # Σ_q (P_q X)ᵀ(P_q X) = Xᵀ (Σ_q P_qᵀ P_q) X: one Gram per key/value head instead of one per query head.
+        m = torch.zeros(b, s, s, device=x.device)
+        for qh in heads:
+            p = probabilities(qh)
+            m.baddbmm_(p.transpose(1, 2), p)
+        gram = x.reshape(-1, x.shape[-1]).t() @ (m @ x).reshape(-1, x.shape[-1])
+        cap.hessians[h].xtx.add_(gram + gram.t(), alpha=0.5)  # symmetric up to rounding: make it exact
+        cap.hessians[h].n_tokens += group * b * t
     raise _Done
+
+
+def _mix_first(group: int, t: int, s: int, width: int) -> bool:
+    """Whether ``Xᵀ (Σ_q P_qᵀ P_q) X`` costs fewer multiply-adds than ``Σ_q (P_q X)ᵀ (P_q X)``.
+
+    Per sequence and key/value head, with ``group`` query heads, ``t`` queries, ``s``
+    keys and ``width`` input channels: ``group·t·s²`` for the sum of ``P_qᵀ P_q`` and
+    ``s·(s + width)·width`` for the rest, against ``group·t·(s + width)·width``. It wins
+    under grouped-query attention (SmolLM2, group 3: about 25% fewer; group 4 at 2,048
+    tokens and width 4,096: about 2.4x).
+    """
+    return group * t * s * s + s * (s + width) * width < group * t * (s + width) * width
 
 
 AttentionInterface.register(_IMPL, _attention)

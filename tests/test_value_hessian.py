@@ -5,10 +5,10 @@ from tiny_models import VOCAB, tiny_model
 
 from calib.collectors import record_block_calls
 from calib.runner import BlockInputs
+from calib import value_hessian
 from calib.value_hessian import collect_value_hessians
-from quant.arch import blocks_of, lookup
+from quant.arch import blocks_of, lookup, value_heads
 from quant.config import GPTQOptions, QuantConfig
-from quant.arch import value_heads
 from quant.gptq import _solve_value_heads, gptq_quantize
 
 # gemma2 has no sdpa path (soft-capping); gemma2/gemma3 bring sliding windows, qwen3 head_dim != hidden/heads,
@@ -49,9 +49,12 @@ def _heads(block, arch, call):
     return heads, block.get_submodule(arch.v_proj), where
 
 
+@pytest.mark.parametrize("mix_first", [False, True])
 @pytest.mark.parametrize("model_type,attn", CASES)
-def test_value_hessian_predicts_the_attention_output_error(model_type, attn):
-    """``Σ_h tr(ΔW_h H_h ΔW_hᵀ)`` equals the squared change of the attention output when v_proj changes by ΔW."""
+def test_value_hessian_predicts_the_attention_output_error(model_type, attn, mix_first, monkeypatch):
+    """``Σ_h tr(ΔW_h H_h ΔW_hᵀ)`` equals the squared change of the attention output when v_proj changes by ΔW,
+    whichever way the Hessians are accumulated."""
+    monkeypatch.setattr(value_hessian, "_mix_first", lambda *shape: mix_first)
     arch, blocks, calls = _setup(model_type, attn)
     o_proj = arch.sequential[1][0]
     for i, block in enumerate(blocks):
@@ -75,6 +78,15 @@ def test_value_hessian_predicts_the_attention_output_error(model_type, attn):
         # One row per token and query head of the group.
         assert heads[0].n_tokens == call.hidden.shape[0] * call.hidden.shape[1] * (
             block.get_submodule(o_proj).in_features // (where.n_kv_heads * where.head_dim))
+
+
+def test_mixing_the_probabilities_first_is_chosen_only_where_it_saves_work():
+    # SmolLM2-135M (3 query heads per key/value head) and a Llama-3-8B-like layer: fewer multiply-adds.
+    assert value_hessian._mix_first(3, 512, 512, 576)
+    assert value_hessian._mix_first(4, 2048, 2048, 4096)
+    # Without grouped-query attention it only adds the products P_qᵀ P_q.
+    assert not value_hessian._mix_first(1, 512, 512, 576)
+    assert not value_hessian._mix_first(1, 2048, 2048, 4096)
 
 
 def test_collector_restores_the_attention_and_leaves_the_block_unchanged():
