@@ -88,7 +88,7 @@ def worker(spec: dict) -> dict:
         if "gptq" in opts:
             opts["gptq"] = GPTQOptions(**opts["gptq"])
         quant.quantize(src, out, overwrite=True, progress=False, n_samples=spec["n_samples"],
-                       seqlen=spec["seqlen"], **opts)
+                       seqlen=spec["seqlen"], seed=spec["seed"], **opts)
     quant_seconds = time.perf_counter() - t0
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     path = out if opts else src
@@ -112,7 +112,7 @@ def run_all(runs: list[str], texts: list[str], args) -> list[Row]:
     for run in runs:
         spec = {"run": run, "model": model, "out": str(Path(args.cache) / "runs" / run.replace(":", "-")),
                 "texts": {t: str(eval_text_path(t)) for t in texts}, "eval_tokens": args.eval_tokens,
-                "n_samples": args.n_samples, "seqlen": args.seqlen, "threads": args.threads}
+                "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "threads": args.threads}
         print(f"[{run}] running ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
         if proc.returncode:
@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument("--eval-tokens", type=int, default=10240, help="Tokens scored per text (512-token windows).")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--seed", type=int, default=0, help="Seed that draws the calibration windows (default 0).")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--cache", default=str(cache_dir()))
     args = p.parse_args()
@@ -170,7 +171,7 @@ def main() -> None:
     t0 = time.perf_counter()
     rows = run_all(runs, texts, args)
     print(f"\nSmolLM2-135M-Instruct, {args.eval_tokens} held-out tokens per text in 512-token windows; "
-          f"calibration {args.n_samples} x {args.seqlen} tokens of the built-in corpus; "
+          f"calibration {args.n_samples} x {args.seqlen} tokens of the built-in corpus (seed {args.seed}); "
           f"{platform.processor() or platform.machine()}, {args.threads} threads; "
           f"total {time.perf_counter() - t0:.0f} s")
     print("gap closed = (PPL_rtn - PPL) / (PPL_rtn - PPL_fp32) at the same bits and group size\n")
