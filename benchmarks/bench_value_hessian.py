@@ -50,8 +50,8 @@ def main():
     n_heads = model.config.num_attention_heads
     group, (b, t) = n_heads // where.n_kv_heads, ids.shape
     chosen = value_hessian._mix_first(group, t, t, width)
-    macs = {False: b * n_heads * t * (t + width) * width,
-            True: b * (n_heads * t * t * t + where.n_kv_heads * t * (t + width) * width)}
+    per_head = value_hessian.accumulation_macs(group, t, t, width)
+    macs = {mix_first: b * where.n_kv_heads * n for mix_first, n in zip((False, True), per_head)}
 
     real, seconds, hessians = value_hessian._mix_first, {}, {}
     try:
@@ -75,8 +75,8 @@ def main():
             for m, name in ((False, "Σ_q (P_q X)ᵀ(P_q X)"), (True, "Xᵀ (Σ_q P_qᵀ P_q) X"))]
     print(f"{Path(args.model).name}, block {args.block}, {b} x {t} tokens, {n_heads} query / {where.n_kv_heads} "
           f"key/value heads, width {width}; {args.device}, {args.threads} thread(s), best of {args.repeats}")
-    print(tabulate(rows, headers=["order", "ms", "G multiply-adds (accumulation)", "GFLOP/s", "speed-up vs per query head"],
-                   tablefmt="github"))
+    headers = ["order", "ms", "G multiply-adds (accumulation)", "GFLOP/s", "speed-up vs per query head"]
+    print(tabulate(rows, headers=headers, tablefmt="github"))
     print(f"largest difference between the two Hessians, relative to the largest entry: {diff:.1e}")
 
 

@@ -33,6 +33,12 @@ class Hessian:
         self.xtx.addmm_(x.t(), x)
         self.n_tokens += x.shape[0]
 
+    def add_gram(self, gram: torch.Tensor, n_rows: int) -> None:
+        """Accumulate a Gram matrix ``Yᵀ Y`` of ``n_rows`` rows computed elsewhere (symmetrized: it is
+        symmetric up to rounding)."""
+        self.xtx.add_(gram + gram.t(), alpha=0.5)
+        self.n_tokens += n_rows
+
     @property
     def mean(self) -> torch.Tensor:
         """``XᵀX / n``: the Hessian of the layer's mean squared output error, up to a factor 2."""

@@ -102,22 +102,25 @@ def _attention(module, query, key, value, attention_mask, scaling=None, dropout=
         for qh in heads:
             p = probabilities(qh)
             m.baddbmm_(p.transpose(1, 2), p)
-        gram = x.reshape(-1, x.shape[-1]).t() @ (m @ x).reshape(-1, x.shape[-1])
-        cap.hessians[h].xtx.add_(gram + gram.t(), alpha=0.5)  # symmetric up to rounding: make it exact
-        cap.hessians[h].n_tokens += group * b * t
+        cap.hessians[h].add_gram(x.reshape(-1, x.shape[-1]).t() @ (m @ x).reshape(-1, x.shape[-1]), group * b * t)
     raise _Done
 
 
-def _mix_first(group: int, t: int, s: int, width: int) -> bool:
-    """Whether ``Xᵀ (Σ_q P_qᵀ P_q) X`` costs fewer multiply-adds than ``Σ_q (P_q X)ᵀ (P_q X)``.
+def accumulation_macs(group: int, t: int, s: int, width: int) -> tuple[int, int]:
+    """Multiply-adds per sequence and key/value head of ``Σ_q (P_q X)ᵀ (P_q X)`` and of ``Xᵀ (Σ_q P_qᵀ P_q) X``.
 
-    Per sequence and key/value head, with ``group`` query heads, ``t`` queries, ``s``
-    keys and ``width`` input channels: ``group·t·s²`` for the sum of ``P_qᵀ P_q`` and
-    ``s·(s + width)·width`` for the rest, against ``group·t·(s + width)·width``. It wins
-    under grouped-query attention (SmolLM2, group 3: about 25% fewer; group 4 at 2,048
-    tokens and width 4,096: about 2.4x).
+    With ``group`` query heads, ``t`` queries, ``s`` keys and ``width`` input channels:
+    ``group·t·(s + width)·width`` against ``group·t·s²`` for the sum of ``P_qᵀ P_q`` plus
+    ``s·(s + width)·width`` for the rest. The second wins under grouped-query attention
+    (SmolLM2, group 3: about 25% fewer; group 4 at 2,048 tokens and width 4,096: 2.4x fewer).
     """
-    return group * t * s * s + s * (s + width) * width < group * t * (s + width) * width
+    return group * t * (s + width) * width, group * t * s * s + s * (s + width) * width
+
+
+def _mix_first(group: int, t: int, s: int, width: int) -> bool:
+    """Whether ``Xᵀ (Σ_q P_qᵀ P_q) X`` needs fewer multiply-adds (:func:`accumulation_macs`)."""
+    per_query_head, mixed = accumulation_macs(group, t, s, width)
+    return mixed < per_query_head
 
 
 AttentionInterface.register(_IMPL, _attention)

@@ -3,9 +3,9 @@ import pytest
 import torch
 from tiny_models import VOCAB, tiny_model
 
+from calib import value_hessian
 from calib.collectors import record_block_calls
 from calib.runner import BlockInputs
-from calib import value_hessian
 from calib.value_hessian import collect_value_hessians
 from quant.arch import blocks_of, lookup, value_heads
 from quant.config import GPTQOptions, QuantConfig
