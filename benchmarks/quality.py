@@ -29,7 +29,10 @@ PRESETS = {
 }
 _RUN = re.compile(r"^(rtn|awq|gptq)((?:\+\w+)*):w(\d)g(-?\d+)$")
 # combinable: gptq+awq+asym:w4g64; damp10 = 0.10; xtx = the paper's XᵀX for v_proj (--no-value-hessian)
-_GPTQ_VARIANTS = {"asym", "actorder", "awq", "dampN", "xtx"}
+_GPTQ_VARIANTS = {"asym", "actorder", "awq", "dampN", "xtx", "noguard"}
+# awq+proxy: the closed form alone chooses scales (--n-judge 1); +unweighted: every token's error counts the
+# same (--no-token-weighting); +noclip; +noguard (any data-aware method): no held-out windows (--held-out 0)
+_AWQ_VARIANTS = {"proxy", "unweighted", "noclip", "noguard"}
 
 
 @dataclass
@@ -40,6 +43,7 @@ class Row:
     size_mib: float
     quant_seconds: float
     peak_rss_mib: float
+    rtn_blocks: str = ""  # blocks the RTN guard kept at round-to-nearest, "k/n"
 
 
 def _parse_run(run: str) -> dict:
@@ -54,11 +58,17 @@ def _parse_run(run: str) -> dict:
     variants -= set(damp)
     if damp and method != "gptq":
         raise SystemExit(f"--runs: {run!r}: only gptq takes +dampN")
-    allowed = {"gptq": _GPTQ_VARIANTS, "rtn": {"sym"}}.get(method, set())
+    allowed = {"gptq": _GPTQ_VARIANTS, "awq": _AWQ_VARIANTS, "rtn": {"sym"}}[method]
     if variants - allowed:
         raise SystemExit(f"--runs: {run!r}: unknown variant; gptq takes +{', +'.join(sorted(_GPTQ_VARIANTS))}, "
-                         "rtn takes +sym")
+                         f"awq +{', +'.join(sorted(_AWQ_VARIANTS))}, rtn +sym")
     opts = {"method": method, "bits": int(bits), "group_size": int(group)}
+    if "noguard" in variants:
+        opts["held_out"] = 0
+    if method == "awq":
+        awq = {"n_judge": 1 if "proxy" in variants else None, "clip": False if "noclip" in variants else None,
+               "token_weighting": False if "unweighted" in variants else None}
+        opts["awq"] = {k: v for k, v in awq.items() if v is not None}
     if method == "rtn" and "sym" in variants:
         opts["sym"] = True  # the symmetric baseline for GPTQ's default
     if method == "gptq":
@@ -78,18 +88,23 @@ def worker(spec: dict) -> dict:
 
     import quant
     from quant import model_io
-    from quant.config import GPTQOptions
+    from quant.config import AWQOptions, GPTQOptions
 
     torch.set_num_threads(spec["threads"])
     src, out = spec["model"], spec["out"]
     opts = _parse_run(spec["run"])
     t0 = time.perf_counter()
+    fell_back = ""
     if opts:
         if "gptq" in opts:
             opts["gptq"] = GPTQOptions(**opts["gptq"])
-        quant.quantize(src, out, overwrite=True, progress=False, n_samples=spec["n_samples"],
-                       seqlen=spec["seqlen"], seed=spec["seed"], **opts)
+        if "awq" in opts:
+            opts["awq"] = AWQOptions(**opts["awq"])
+        report = quant.quantize(src, out, overwrite=True, progress=False, n_samples=spec["n_samples"],
+                       seqlen=spec["seqlen"], seed=spec["seed"], calib_data=spec["calib_data"], **opts)
     quant_seconds = time.perf_counter() - t0
+    if opts and opts["method"] != "rtn":
+        fell_back = f"{sum(b.rtn_fallback for b in report.blocks)}/{len(report.blocks)}"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     path = out if opts else src
     model, tok = quant.load_any(path, dtype="float32", device="cpu")
@@ -99,20 +114,22 @@ def worker(spec: dict) -> dict:
         r = quant.perplexity(model, tok, Path(text_path).read_text(), seqlen=512, max_tokens=spec["eval_tokens"])
         ppl[name], n = r.ppl, r.n_tokens
     size = model_io.folder_bytes(path, ("*.safetensors",)) / 2**20
-    return asdict(Row(spec["run"], ppl, n, size, quant_seconds if opts else 0.0, peak if opts else 0.0))
+    return asdict(Row(spec["run"], ppl, n, size, quant_seconds if opts else 0.0, peak if opts else 0.0, fell_back))
 
 
 def run_all(runs: list[str], texts: list[str], args) -> list[Row]:
     from example_data import ensure_example, eval_text_path, example_model_dir
 
     ensure_example()
-    model = str(example_model_dir())
-    (Path(args.cache) / "runs").mkdir(parents=True, exist_ok=True)
+    model = str(args.model or example_model_dir())
+    runs_dir = Path(args.cache) / "runs" / (Path(args.model).name if args.model else "")
+    runs_dir.mkdir(parents=True, exist_ok=True)
     rows = []
     for run in runs:
-        spec = {"run": run, "model": model, "out": str(Path(args.cache) / "runs" / run.replace(":", "-")),
+        spec = {"run": run, "model": model, "out": str(runs_dir / run.replace(":", "-")),
                 "texts": {t: str(eval_text_path(t)) for t in texts}, "eval_tokens": args.eval_tokens,
-                "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "threads": args.threads}
+                "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "threads": args.threads,
+                "calib_data": args.calib_data}
         print(f"[{run}] running ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
         if proc.returncode:
@@ -129,7 +146,7 @@ def table(rows: list[Row], texts: list[str]) -> str:
     fp = next((r for r in rows if r.run == "fp32"), None)
     rtn = {r.run.split(":")[1]: r for r in rows if r.run.startswith("rtn:")}
     headers = ["run"] + [f"PPL {t}" for t in texts] + [f"gap closed {t}" for t in texts] + [
-        "size MiB", "quantize s", "peak RSS MiB"]
+        "size MiB", "quantize s", "peak RSS MiB", "blocks at RTN"]
     out = []
     for r in rows:
         cells = [r.run] + [f"{r.ppl[t]:.3f}" for t in texts]
@@ -140,7 +157,7 @@ def table(rows: list[Row], texts: list[str]) -> str:
             else:
                 cells.append("")
         cells += [f"{r.size_mib:.1f}", f"{r.quant_seconds:.0f}" if r.quant_seconds else "",
-                  f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib else ""]
+                  f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib else "", r.rtn_blocks]
         out.append(cells)
     return tabulate(out, headers=headers, tablefmt="github")
 
@@ -158,6 +175,8 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0, help="Seed that draws the calibration windows (default 0).")
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--model", help="A model folder (default: the example model, SmolLM2-135M).")
+    p.add_argument("--calib-data", help="Calibration text (default: the built-in corpus).")
     p.add_argument("--cache", default=str(cache_dir()))
     args = p.parse_args()
     if args.worker:
@@ -170,8 +189,10 @@ def main() -> None:
         _parse_run(r)
     t0 = time.perf_counter()
     rows = run_all(runs, texts, args)
-    print(f"\nSmolLM2-135M-Instruct, {args.eval_tokens} held-out tokens per text in 512-token windows; "
-          f"calibration {args.n_samples} x {args.seqlen} tokens of the built-in corpus (seed {args.seed}); "
+    name = Path(args.model).name if args.model else "SmolLM2-135M-Instruct"
+    print(f"\n{name}, {args.eval_tokens} held-out tokens per text in 512-token windows; "
+          f"calibration {args.n_samples} x {args.seqlen} tokens of {args.calib_data or 'the built-in corpus'} "
+          f"(seed {args.seed}); "
           f"{platform.processor() or platform.machine()}, {args.threads} threads; "
           f"total {time.perf_counter() - t0:.0f} s")
     print("gap closed = (PPL_rtn - PPL) / (PPL_rtn - PPL_fp32) at the same bits and group size\n")

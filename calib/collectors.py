@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -64,28 +65,33 @@ class InputStats:
     abs_sum: torch.Tensor  # [in] float32, sum of |x|
     abs_max: torch.Tensor  # [in] float32
     n_tokens: int = 0
-    xtx: torch.Tensor | None = None  # [in, in] float32, sum of x x^T, when asked for
+    xtx: torch.Tensor | None = None  # [in, in] float32, sum of w_t x_t x_tᵀ, when asked for
 
     @property
     def abs_mean(self) -> torch.Tensor:
         return self.abs_sum / max(self.n_tokens, 1)
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, weight: torch.Tensor | None = None) -> None:
+        """Accumulate inputs ``x [..., in]``; ``weight [...]`` (per token) weighs them in ``xtx`` only."""
         x = x.reshape(-1, x.shape[-1]).float()
         self.abs_sum += x.abs().sum(0)
         self.abs_max = torch.maximum(self.abs_max, x.abs().amax(0))
         self.n_tokens += x.shape[0]
         if self.xtx is not None:
-            self.xtx += x.t() @ x
+            xw = x if weight is None else x * weight.reshape(-1, 1).to(x)
+            self.xtx += xw.t() @ x
 
 
 @contextlib.contextmanager
-def linear_input_stats(modules: dict[str, nn.Module], groups: list[tuple[str, ...]] | None = None, xtx: bool = False):
+def linear_input_stats(modules: dict[str, nn.Module], groups: list[tuple[str, ...]] | None = None, xtx: bool = False,
+                       token_weight: Callable[[], torch.Tensor | None] | None = None):
     """Collect :class:`InputStats` for each named linear while the body runs.
 
     ``groups`` lists names of linears that read the same input (q/k/v, from the
     architecture table's ``sequential``): one hook on the first of a group feeds one
     shared statistics object, so ``XᵀX`` is computed once per distinct input.
+    ``token_weight()``, if given, returns the weights ``[b, t]`` of the tokens of the
+    call being run; ``XᵀX`` then sums ``w_t x_t x_tᵀ``.
     """
     groups = groups or [(n,) for n in modules]
     grouped = {n for g in groups for n in g}
@@ -100,7 +106,8 @@ def linear_input_stats(modules: dict[str, nn.Module], groups: list[tuple[str, ..
                 shared = InputStats(torch.zeros(n, device=dev), torch.zeros(n, device=dev),
                                     xtx=torch.zeros(n, n, device=dev) if xtx else None)
                 stats.update({name: shared for name in names})
-            stats[names[0]].add(x)
+            w = token_weight() if token_weight is not None else None
+            stats[names[0]].add(x, w if w is not None and w.numel() * x.shape[-1] == x.numel() else None)
 
         return fn
 

@@ -4,12 +4,17 @@ The model stays on the CPU. Each block in turn moves to the device (in the compu
 dtype), sees the calibration batch, is handed to the quantizer, and its *quantized*
 outputs become the next block's inputs. Peak device memory is one block plus the
 calibration activations.
+
+Besides the windows the methods search on, two held-out sets of windows travel
+through the same blocks: ``accept`` (a method may test a choice on them, e.g.
+AWQ's clipping ranges) and ``guard`` (only the pipeline's comparison with
+round-to-nearest reads them, :mod:`quant.guard`).
 """
 from __future__ import annotations
 
 import itertools
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -42,20 +47,34 @@ def _cast_back(block: nn.Module, names: set[str], dtype: torch.dtype) -> None:
             t.data = t.data.to(dtype)
 
 
+def run_calls(block: nn.Module, calls: list[BlockCall]) -> list[torch.Tensor]:
+    """``block``'s outputs (hidden states only), one per call. Quantized linears compute with their
+    dequantized weights, dequantized once (:func:`quant.modules.dense_weights`)."""
+    from quant.modules import dense_weights
+
+    outs = []
+    with torch.no_grad(), dense_weights(block):
+        for c in calls:
+            out = block(c.hidden, *c.args, **c.kwargs)
+            outs.append(out[0] if isinstance(out, tuple) else out)
+    return outs
+
+
 @dataclass
 class BlockInputs:
-    """The calibration inputs of one block: one :class:`BlockCall` per minibatch, on the device."""
+    """The calibration inputs of one block, one :class:`BlockCall` per minibatch, on the device.
+
+    ``calls``: the windows methods compute statistics and search on; ``accept`` and
+    ``guard``: held-out windows (see the module docstring), possibly empty.
+    """
 
     calls: list[BlockCall]
+    accept: list[BlockCall] = field(default_factory=list)
+    guard: list[BlockCall] = field(default_factory=list)
 
     def run(self, block: nn.Module) -> list[torch.Tensor]:
-        """The block's outputs for every minibatch (hidden states only)."""
-        outs = []
-        with torch.no_grad():
-            for c in self.calls:
-                out = block(c.hidden, *c.args, **c.kwargs)
-                outs.append(out[0] if isinstance(out, tuple) else out)
-        return outs
+        """The block's outputs for every search minibatch (hidden states only)."""
+        return run_calls(block, self.calls)
 
     @property
     def n_tokens(self) -> int:
@@ -74,25 +93,35 @@ def run_sequential(
     compute_dtype: torch.dtype = torch.float32,
     batch_size: int = 8,
     on_block_done: Callable[[int], None] | None = None,
+    held_out: tuple[int, int] = (0, 0),
 ) -> None:
     """Feed ``input_ids [n, seq]`` through ``blocks`` one at a time, calling ``process_block`` on each.
 
-    ``process_block(i, block, inputs)`` may change the block in place (replace its
-    linears by quantized ones); the block's outputs are computed *after* it returns.
+    The last ``held_out = (n_accept, n_guard)`` rows of ``input_ids`` become the
+    held-out ``accept`` and ``guard`` sets (in that order). ``process_block(i, block,
+    inputs)`` may change the block in place (replace its linears by quantized ones) or
+    put another module at ``blocks[i]``; the outputs of whatever module is at
+    ``blocks[i]`` when it returns are the next block's inputs.
     """
-    per_batch = [record_block_calls(model, blocks, ids) for ids in input_ids.split(batch_size)]
-    hidden = [_move(calls[0].hidden, device, compute_dtype) for calls in per_batch]
-    for i, block in enumerate(blocks):
+    n_accept, n_guard = held_out
+    n_search = input_ids.shape[0] - n_accept - n_guard
+    if n_search < 1:
+        raise ValueError(f"{input_ids.shape[0]} calibration windows leave none to search on after {held_out} held out")
+    sets = input_ids.split([n_search, n_accept, n_guard])
+    per_batch = [[record_block_calls(model, blocks, ids) for ids in part.split(batch_size)] if len(part) else []
+                 for part in sets]
+    hidden = [[_move(calls[0].hidden, device, compute_dtype) for calls in part] for part in per_batch]
+    for i in range(len(blocks)):
+        block = blocks[i]
         store_dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), compute_dtype)
         held = {n for n, t in _tensors(block) if t.is_floating_point()}
         block.to(device=device, dtype=compute_dtype)
-        calls = [
-            BlockCall(h, _move(b[i].args, device, compute_dtype), _move(b[i].kwargs, device, compute_dtype))
-            for h, b in zip(hidden, per_batch)
-        ]
-        inputs = BlockInputs(calls)
+        calls = [[BlockCall(h, _move(b[i].args, device, compute_dtype), _move(b[i].kwargs, device, compute_dtype))
+                  for h, b in zip(hs, part)] for hs, part in zip(hidden, per_batch)]
+        inputs = BlockInputs(*calls)
         process_block(i, block, inputs)
-        hidden = inputs.run(block)
+        block = blocks[i]
+        hidden = [run_calls(block, part) for part in calls]
         block.to(device="cpu")
         _cast_back(block, held, store_dtype)
         if on_block_done is not None:

@@ -33,25 +33,34 @@ def rtn(model_dir, out, verbose, overwrite, device, **fields):
 @quant_options
 @calib_options
 @click.option("--n-grid", default=20, show_default=True, type=int,
-              help="Scale exponents tried per layer group, evenly spaced in [0, 1).")
+              help="Scale exponents tried per layer group, evenly spaced in [0, 1), in closed form.")
+@click.option("--n-judge", default=4, show_default=True, type=int,
+              help="Of those, RTN's and the best others' run through the module they feed (attention, MLP); "
+                   "the lowest output error wins. 1: the closed form alone.")
+@click.option("--token-weighting/--no-token-weighting", default=True, show_default=True,
+              help="Weigh each token's error by 1/|h|² of its hidden state, as the next norm sees it.")
 @click.option("--clip/--no-clip", default=True, show_default=True,
               help="Also search a per-group clipping range that lowers the output error.")
 @click.option("--clip-grid", default=20, show_default=True, type=int, help="Clipping ratios tried per group.")
 @click.option("--apply-search", default=None, type=click.Path(exists=True, path_type=str),
               help="Replay the scales and clips of an earlier run (its qtool_search.safetensors or checkpoint "
                    "folder) instead of searching; needs no calibration data.")
-def awq(model_dir, out, verbose, overwrite, device, n_grid, clip, clip_grid, apply_search, **fields):
+def awq(model_dir, out, verbose, overwrite, device, n_grid, n_judge, token_weighting, clip, clip_grid, apply_search,
+        **fields):
     """Activation-aware weight quantization (AWQ), the recommended 4-bit method.
 
     Scales the input channels that carry large activations before rounding (the
     scale is folded into the preceding norm or linear, so the model computes the
     same function), then searches a clipping range per group. Search results are
-    saved beside the checkpoint in qtool_search.safetensors.
+    saved beside the checkpoint in qtool_search.safetensors. Clips are kept only
+    where they lower the output error on held-out windows, and a block is kept at
+    round-to-nearest where that is closer to the original (--held-out).
     """
     from quant.config import AWQOptions
 
     run_quantize("awq", model_dir, out, verbose, overwrite, device,
-                 awq=AWQOptions(n_grid=n_grid, clip=clip, clip_grid=clip_grid, search_file=apply_search), **fields)
+                 awq=AWQOptions(n_grid=n_grid, n_judge=n_judge, token_weighting=token_weighting, clip=clip,
+                                clip_grid=clip_grid, search_file=apply_search), **fields)
 
 
 @click.command()

@@ -22,6 +22,7 @@ def print_quant_report(r, verbose: bool = False) -> None:
         ["method", f"{r.method} (w{r.bits}, group {r.group_size}, {r.fmt} format)"],
         ["linears quantized", r.n_quantized],
         ["linears kept in full precision", len(r.skipped)],
+        *_guard_rows(r),
         ["time", f"{r.seconds:.1f} s (calibration data {r.calib_seconds:.1f} s)"],
         ["time per block", f"median {statistics.median(per_block):.2f} s, max {max(per_block):.2f} s"],
         ["peak memory", f"{r.peak_rss_mb:,.0f} MiB RSS" + (f", {r.peak_device_mb:,.0f} MiB GPU" if r.peak_device_mb else "")],
@@ -30,6 +31,15 @@ def print_quant_report(r, verbose: bool = False) -> None:
         ["written to", r.out],
     ]
     click.echo(tabulate(rows, tablefmt="simple"))
+
+
+def _guard_rows(r) -> list[list]:
+    """The RTN guard's verdict, where it ran: which blocks it kept at round-to-nearest."""
+    if not any("held-out err" in b.info for b in r.blocks):
+        return []
+    fell_back = [b.index for b in r.blocks if b.rtn_fallback]
+    which = f" (blocks {', '.join(map(str, fell_back))})" if fell_back else ""
+    return [["blocks kept at RTN (closer on held-out windows)", f"{len(fell_back)} of {len(r.blocks)}{which}"]]
 
 
 def print_info(info) -> None:

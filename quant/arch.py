@@ -4,6 +4,9 @@ Module names are relative to one decoder block. A *scaling group* says which
 module produces the input of which linears, so that AWQ can fold a per-channel
 scale into the producer (``prev``) and its inverse into the consumers
 (``linears``). ``prev`` is a norm or a linear; ``kind`` tells how to fold into it.
+``judge`` names the module whose output AWQ judges a scale by when the linears'
+own outputs do not tell (attention through its softmax, the MLP through its
+activation); without one the linears' outputs are the judge.
 """
 from __future__ import annotations
 
@@ -21,6 +24,7 @@ class ScaleGroup:
     # "norm": an RMSNorm/LayerNorm weight (and bias); "linear": a linear's output rows; "values": the value
     # projection's output rows, read by the output projection once per query head of each key/value head (GQA)
     kind: str
+    judge: str | None = None  # the module (relative to the block) whose output the scale is judged by
 
 
 @dataclass(frozen=True)
@@ -45,9 +49,9 @@ def _llama_like(norm_offset: float = 0.0, post_attn_norm: str = "post_attention_
         linears=attn + ("self_attn.o_proj",) + mlp_in + ("mlp.down_proj",),
         sequential=(attn, ("self_attn.o_proj",), mlp_in, ("mlp.down_proj",)),
         scale_groups=(
-            ScaleGroup("input_layernorm", attn, "norm"),
+            ScaleGroup("input_layernorm", attn, "norm", judge="self_attn"),
             ScaleGroup("self_attn.v_proj", ("self_attn.o_proj",), "values"),
-            ScaleGroup(post_attn_norm, mlp_in, "norm"),
+            ScaleGroup(post_attn_norm, mlp_in, "norm", judge="mlp"),
             ScaleGroup("mlp.up_proj", ("mlp.down_proj",), "linear"),
         ),
         k_proj="self_attn.k_proj",
@@ -67,8 +71,8 @@ _PHI3 = Arch(
     sequential=(("self_attn.qkv_proj",), ("self_attn.o_proj",), ("mlp.gate_up_proj",), ("mlp.down_proj",)),
     # o_proj and down_proj read only part of a fused output (v, up): no exact fold exists for them.
     scale_groups=(
-        ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "norm"),
-        ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "norm"),
+        ScaleGroup("input_layernorm", ("self_attn.qkv_proj",), "norm", judge="self_attn"),
+        ScaleGroup("post_attention_layernorm", ("mlp.gate_up_proj",), "norm", judge="mlp"),
     ),
     k_proj=None,
     v_proj="self_attn.qkv_proj",
@@ -85,7 +89,8 @@ _OPT = Arch(
         ("fc2",),
     ),
     scale_groups=(
-        ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm"),
+        ScaleGroup("self_attn_layer_norm", ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj"), "norm",
+                   judge="self_attn"),
         ScaleGroup("self_attn.v_proj", ("self_attn.out_proj",), "values"),
         ScaleGroup("final_layer_norm", ("fc1",), "norm"),
         # ReLU is positively homogeneous: scaling fc1's output rows by 1/s and fc2's inputs by s is exact.

@@ -14,9 +14,18 @@ OUTPUT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 @dataclass(frozen=True)
 class AWQOptions:
-    """Activation-aware scale search (``n_grid`` ratios in [0, 1)) and range clipping."""
+    """Activation-aware scale search (``n_grid`` ratios in [0, 1)) and range clipping.
+
+    The closed-form output error of the scaled linears screens the grid; the
+    ``n_judge`` best ratios (α = 0, plain RTN, always among them) are judged on the
+    output of the module they feed (:mod:`quant.awq.judge`). ``token_weighting``
+    weighs every token's error by ``1 / ‖h‖²`` of its residual stream, as the next
+    norm sees it.
+    """
 
     n_grid: int = 20
+    n_judge: int = 4
+    token_weighting: bool = True
     clip: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
@@ -25,6 +34,9 @@ class AWQOptions:
     def __post_init__(self):
         if not 1 <= self.n_grid <= 1000:
             raise QtoolError(f"--n-grid {self.n_grid} is out of range; use a whole number from 1 to 1000")
+        if not 1 <= self.n_judge <= 1000:
+            raise QtoolError(f"--n-judge {self.n_judge} is out of range; use a whole number from 1 to 1000 "
+                             "(1: the closed form alone)")
         if not 1 <= self.clip_grid <= 1000:
             raise QtoolError(f"--clip-grid {self.clip_grid} is out of range; use a whole number from 1 to 1000")
         if not 0.0 < self.clip_max_shrink < 1.0:
@@ -66,6 +78,7 @@ class QuantConfig:
     fmt: str | None = None
     checkpoint_format: str = "gptq"  # GPTQ layout only: "gptq" (v1, zeros stored z-1) or "gptq_v2"
     n_samples: int = 128
+    held_out: int = 16  # extra windows, not searched on: half to accept choices, half for the RTN guard
     seqlen: int = 512
     seed: int = 0
     calib_data: str | None = None
@@ -106,8 +119,17 @@ class QuantConfig:
             raise QtoolError(
                 f"--n-samples {self.n_samples} / --seqlen {self.seqlen} are too small; use at least 1 sample of 8 tokens"
             )
+        if not 0 <= self.held_out <= 4096:
+            raise QtoolError(f"--held-out {self.held_out} is out of range; use 0 (no checks) to 4096 windows")
         if self.dtype not in OUTPUT_DTYPES:
             raise QtoolError(f"--dtype {self.dtype!r} is unknown; use one of {', '.join(OUTPUT_DTYPES)}")
+
+    @property
+    def held_out_split(self) -> tuple[int, int]:
+        """``(accept, guard)`` windows: the held-out windows, halved (the guard gets the odd one)."""
+        if not self.needs_calibration:
+            return 0, 0
+        return self.held_out // 2, self.held_out - self.held_out // 2
 
     @property
     def needs_calibration(self) -> bool:

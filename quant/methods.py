@@ -27,10 +27,12 @@ class BlockContext:
 
 @dataclass
 class BlockResult:
-    """``info``: extra columns for the summary table; ``artifacts``: search results saved with the checkpoint."""
+    """``info``: extra columns for the summary table; ``artifacts``: search results saved with the checkpoint;
+    ``block``: a module that replaces the block (the RTN guard's fallback), None to keep the one quantized in place."""
 
     info: dict = field(default_factory=dict)
     artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
+    block: nn.Module | None = None
 
 
 BlockQuantizer = Callable[[BlockContext], BlockResult]

@@ -6,7 +6,10 @@ which picks the compiled CUDA kernel, torch's CPU int4 op or the pure-torch refe
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
+import torch.nn.functional as F
 from torch import nn
 
 from quant import qmath
@@ -63,6 +66,7 @@ class QuantLinear(nn.Module):
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         # Kernel-specific repacked copies, built once on first use; never part of the state_dict.
         self.kernel_cache: dict = {}
+        self.dense_cache: dict | None = None  # inside dense_weights(): dtype -> dequantized weight
 
     @classmethod
     def from_packed(cls, pw: PackedWeight, bias: torch.Tensor | None, fmt: str, checkpoint_format: str = "gptq"):
@@ -135,6 +139,11 @@ class QuantLinear(nn.Module):
             destination[prefix + "qweight"] = tensors["qweight"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.dense_cache is not None:
+            if x.dtype not in self.dense_cache:
+                self.dense_cache[x.dtype] = self.packed_weight().dequantize(x.dtype).to(x.device)
+            bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
+            return F.linear(x, self.dense_cache[x.dtype], bias)
         from quant.kernels import dispatch  # the one place compute is chosen
 
         return dispatch.linear(x, self)
@@ -162,3 +171,19 @@ class QuantLinear(nn.Module):
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
                 f"group_size={self.group_size}, format={self.fmt}, bias={self.bias is not None}")
+
+
+@contextlib.contextmanager
+def dense_weights(module: nn.Module):
+    """Inside the body every :class:`QuantLinear` of ``module`` dequantizes its weight once (per input
+    dtype) and computes ``F.linear`` with it: the reference path's numbers, without unpacking the codes
+    on every call. For running calibration windows through a quantized block; memory: one dense
+    weight per layer while the body runs."""
+    layers = [m for m in module.modules() if isinstance(m, QuantLinear)]
+    for m in layers:
+        m.dense_cache = {}
+    try:
+        yield
+    finally:
+        for m in layers:
+            m.dense_cache = None

@@ -18,6 +18,7 @@ from quant import model_io
 from quant.checkpoint import write_checkpoint
 from quant.config import QuantConfig
 from quant.errors import QtoolError
+from quant.guard import rtn_guard
 from quant.layers import check_finite, plan_linears
 from quant.methods import BlockContext, BlockResult, get_method
 
@@ -30,6 +31,7 @@ class BlockRow:
     n_linears: int
     seconds: float
     info: dict = field(default_factory=dict)
+    rtn_fallback: bool = False  # the RTN guard kept round-to-nearest for this block
 
 
 @dataclass
@@ -71,8 +73,8 @@ def _calibration_ids(model_dir, cfg: QuantConfig, add_bos: bool) -> torch.Tensor
 
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     texts = load_texts(cfg.calib_data, text_field=cfg.text_field)
-    try:
-        return calibration_batch(tok, texts, cfg.n_samples, cfg.seqlen, cfg.seed, add_bos)
+    try:  # the held-out windows come last (calib.runner)
+        return calibration_batch(tok, texts, cfg.n_samples + sum(cfg.held_out_split), cfg.seqlen, cfg.seed, add_bos)
     except QtoolError as e:  # say which text was too short
         msg = str(e)
         raise QtoolError(f"{cfg.calib_data or 'the built-in calibration corpus'}: {msg[:1].lower()}{msg[1:]}") from None
@@ -127,6 +129,8 @@ def quantize(
 
 def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
     quantize_block = get_method(cfg.method)
+    if cfg.method != "rtn":
+        quantize_block = rtn_guard(quantize_block)
     blocks = model.get_submodule(arch.blocks)
     rows: list[BlockRow] = []
     artifacts: dict[str, torch.Tensor] = {}
@@ -135,8 +139,10 @@ def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
     def process(i: int, block, inputs: BlockInputs | None) -> None:
         t = time.perf_counter()
         result: BlockResult = quantize_block(BlockContext(i, block, plan.quantize[i], cfg, arch, inputs))
+        if result.block is not None:
+            blocks[i] = result.block
         artifacts.update({f"{arch.blocks}.{i}.{k}": v.detach().cpu() for k, v in result.artifacts.items()})
-        rows.append(BlockRow(i, len(plan.quantize[i]), time.perf_counter() - t, result.info))
+        rows.append(BlockRow(i, len(plan.quantize[i]), time.perf_counter() - t, result.info, result.block is not None))
         bar.update(1)
 
     compute_dtype = torch.float32 if dev.type == "cpu" else next(model.parameters()).dtype
@@ -146,6 +152,6 @@ def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
             process(i, block, None)
             block.to("cpu")
     else:
-        run_sequential(model, blocks, calib_ids, process, dev, compute_dtype)
+        run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=cfg.held_out_split)
     bar.close()
     return rows, artifacts

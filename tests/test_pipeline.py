@@ -15,6 +15,7 @@ import quant
 from cli.main import app
 from quant import qmath
 from quant.arch import ARCHITECTURES
+from quant.config import QuantConfig
 
 
 def fake_quantized_reference(src, bits, group_size, sym=False):
@@ -182,6 +183,26 @@ def test_calibration_windows_start_with_bos_where_the_architecture_needs_it(tmp_
                    dtype="float32", progress=False)
     ids = seen["ids"]
     bos = json.loads((src / "config.json").read_text())["bos_token_id"]
-    assert ids.shape == (4, 32)
+    assert ids.shape == (4 + QuantConfig().held_out, 32)  # the held-out windows come along
     assert (ids[:, 0] == bos).all() == ARCHITECTURES[model_type].needs_bos
     assert (ids[:, 1:] != bos).all()
+
+
+@pytest.mark.parametrize("fmt, bits", [("awq", 4), ("gptq", 3)])
+def test_dense_weights_compute_exactly_the_reference_path_and_let_go(fmt, bits):
+    from quant.formats import PackedWeight
+    from quant.kernels import reference
+    from quant.modules import QuantLinear, dense_weights
+
+    g = torch.Generator().manual_seed(0)
+    pw = PackedWeight(q=torch.randint(0, 2**bits, (64, 128), generator=g, dtype=torch.int32),
+                      scale=torch.rand(64, 4, generator=g) + 0.1,
+                      zero=torch.randint(1, 2**bits, (64, 4), generator=g, dtype=torch.int32), bits=bits, group_size=32)
+    layer = QuantLinear.from_packed(pw, torch.randn(64, generator=g), fmt)
+    block = torch.nn.Sequential(layer)
+    x = torch.randn(3, 5, 128, generator=g)
+    with dense_weights(block):
+        y = block(x)
+        assert layer.dense_cache and torch.equal(block(x), y)  # dequantized once, reused
+    assert torch.equal(y, reference.linear(x, layer))
+    assert layer.dense_cache is None

@@ -3,14 +3,24 @@
 Per decoder block (:func:`quantize_block`):
 
 1. one forward pass of the full-precision block collects, for every distinct
-   linear input, ``mean|x|`` and ``H = Σ x xᵀ`` (:mod:`calib.collectors`);
+   linear input, ``mean|x|`` and ``H = Σ w_t x_t x_tᵀ`` (:mod:`calib.collectors`;
+   ``w_t = 1 / ‖h_t‖²``, :func:`quant.guard.token_weights`, unless
+   ``token_weighting`` is off);
 2. for each scaling group of the architecture table, :func:`search.search_scale`
-   picks ``α`` and the scale is folded into the producer (:mod:`quant.awq.fold`);
-   the folded block is checked against the original on one minibatch, and a
-   group whose fold changes the output is dropped with a warning;
+   evaluates every ``α`` of the grid in closed form (the linears' own output
+   error). Where the group has a judge module (attention, MLP), that is only the
+   screen: RTN and the ``n_judge - 1`` best candidates are run through the judge
+   on the first minibatch and the one with the lowest judge output error wins
+   (:mod:`quant.awq.judge`). The scale is folded into the producer
+   (:mod:`quant.awq.fold`); the folded block is checked against the original on
+   one minibatch, and a group whose fold changes the output is dropped with a warning;
 3. :func:`search.search_clip` picks a range fraction per (row, group) of every
-   quantized linear, on the folded weights;
+   quantized linear, on the folded weights; a linear keeps its clips only where
+   they lower its judge module's output error on the held-out ``accept`` windows;
 4. :func:`apply_block` quantizes with the clips and swaps in ``QuantLinear``.
+
+The pipeline's RTN guard (:mod:`quant.guard`) then keeps round-to-nearest for any
+block where it is closer to the full-precision block on the ``guard`` windows.
 
 The search results (``<linear>.awq_scale`` and ``<linear>.awq_clip``) are saved
 beside the checkpoint in ``qtool_search.safetensors``; :func:`apply_search`
@@ -26,6 +36,7 @@ import torch
 from torch import nn
 
 from calib.collectors import linear_input_stats
+from calib.runner import run_calls
 from quant.arch import Arch
 from quant.awq.fold import (
     CLIP_KEY,
@@ -37,7 +48,8 @@ from quant.awq.fold import (
     skip_reason,
     tie_to_values,
 )
-from quant.awq.search import QuantSpec, search_clip, search_scale
+from quant.awq.judge import call_weights, judge_of, probe_error, probing, record_probes
+from quant.awq.search import QuantSpec, ScaleResult, _fake_quantize, search_clip, search_scale
 from quant.config import QuantConfig
 from quant.errors import QtoolError
 from quant.layers import min_zero, replace_linear, rtn_packed
@@ -95,35 +107,92 @@ def search_block(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict, dict
     ``<linear>.awq_scale`` / ``<linear>.awq_clip``, summary columns, and the folded
     float32 weights (``"<linear>.weight"``) of the linears the fold touched.
     """
-    block, arch, cfg, names = ctx.block, ctx.arch, ctx.cfg, ctx.names
+    block, arch, cfg, names, opts = ctx.block, ctx.arch, ctx.cfg, ctx.names, ctx.cfg.awq
     spec = quant_spec(cfg)
     present = {n: m for n in arch.linears if isinstance(m := _get(block, n), nn.Linear)}
-    with linear_input_stats(present, [g for g in arch.sequential if g[0] in present], xtx=True) as stats:
-        ref = ctx.inputs.run(block)[0]
-    scales, ratios, gains = {}, [], []
     groups = foldable_groups(block, arch, names)
+    judges = [g.judge for g in groups if g.judge] if opts.n_judge > 1 else []
+    current: list[torch.Tensor] = []
+    with linear_input_stats(present, [g for g in arch.sequential if g[0] in present], xtx=True,
+                            token_weight=lambda: current[0]) as stats:
+        for k, call in enumerate(ctx.inputs.calls):
+            current[:] = [call_weights(call, opts.token_weighting)]
+            # The judges see the first minibatch: their inputs and full-precision outputs are recorded.
+            with probing(block, judges if k == 0 else [], lambda: current[0]) as recorded:
+                out = run_calls(block, [call])[0]
+            if k == 0:
+                ref, probes = out, recorded
+    scales, ratios, proxy_ratios, proxy_gains, judged_gains = {}, [], [], [], []
     for g in groups:
-        quantized = [n for n in g.linears if n in names]
-        w = torch.cat([block.get_submodule(n).weight.detach().float() for n in quantized])
+        ws = {n: block.get_submodule(n).weight.detach().float() for n in g.linears if n in names}
         st = stats[g.linears[0]]
         # Under GQA the output projection's columns of one value channel must share a scale.
-        res = search_scale(w, st.xtx, tie_to_values(block, g, st.abs_mean), spec, cfg.awq.n_grid)
+        res = search_scale(torch.cat(list(ws.values())), st.xtx, tie_to_values(block, g, st.abs_mean), spec,
+                           opts.n_grid)
+        proxy_ratios.append(f"{res.ratio:.2f}")
+        if g.judge in probes:
+            res, gain = _judge_scale(block, probes[g.judge], ws, res, spec, opts.n_judge)
+            judged_gains.append(gain)
         scales[g] = res.scale
         ratios.append(f"{res.ratio:.2f}")
-        gains.append(float(res.errors.min() / res.errors[0].clamp(min=1e-30)))
+        if res.proxy_gain is not None:
+            proxy_gains.append(res.proxy_gain)
     weights, artifacts = _fold_checked(ctx, groups, scales, ref) if groups else ({}, {})
-    info = {"awq α": " ".join(ratios) or "-", "awq err/rtn": f"{sum(gains) / len(gains):.3f}" if gains else "-"}
-    if cfg.awq.clip:
+    info = {"awq α": " ".join(ratios) or "-", "α by proxy": " ".join(proxy_ratios) or "-",
+            "proxy err/rtn": _mean(proxy_gains), "judged err/rtn": _mean(judged_gains)}
+    if opts.clip:
+        clips = {}
         for n in names:
             w = weights.get(f"{n}.weight", block.get_submodule(n).weight.detach().float())
             h = stats[n].xtx
             s = artifacts.get(f"{n}.{SCALE_KEY}")
             if s is not None:  # the input was divided by s
                 h = h / (s[:, None] * s[None, :])
-            artifacts[f"{n}.{CLIP_KEY}"] = search_clip(w, h, spec, cfg.awq.clip_grid, cfg.awq.clip_max_shrink)
-        clips = [artifacts[f"{n}.{CLIP_KEY}"].mean() for n in names]
-        info["awq clip"] = f"{float(sum(clips) / len(clips)):.3f}" if clips else "-"
+            clips[n] = search_clip(w, h, spec, opts.clip_grid, opts.clip_max_shrink)
+        if ctx.inputs.accept:
+            clips = _accept_clips(block, groups, names, weights, clips, ctx.inputs.accept, spec, opts.token_weighting)
+        artifacts.update({f"{n}.{CLIP_KEY}": c for n, c in clips.items()})
+        info["awq clip"] = _mean([float(clips[n].mean()) if n in clips else 1.0 for n in names])
+        info["clips kept"] = f"{len(clips)}/{len(names)}"
     return artifacts, info, weights
+
+
+def _mean(values: list[float]) -> str:
+    return f"{sum(values) / len(values):.3f}" if values else "-"
+
+
+def _judge_scale(block: nn.Module, probe, ws: dict[str, torch.Tensor], res: ScaleResult, spec: QuantSpec,
+                 n_judge: int) -> tuple[ScaleResult, float]:
+    """Among RTN and the proxy's best ``n_judge - 1`` scales, the one whose fake-quantized linears ``ws``
+    change the judge module's output least; with its error relative to RTN's."""
+    errors = {}
+    for i in res.screen(n_judge):
+        s = res.candidates[i]
+        errors[i] = probe_error(block, probe, {n: _fake_quantize(w * s, spec) / s for n, w in ws.items()})
+    best = min(errors, key=lambda i: (errors[i], i))
+    return res.pick(best), errors[best] / max(errors[0], 1e-30)
+
+
+def _accept_clips(block: nn.Module, groups, names: list[str], weights: dict, clips: dict, calls, spec: QuantSpec,
+                  weigh: bool) -> dict[str, torch.Tensor]:
+    """The clips that lower their judge module's output error on held-out ``calls``, tried one linear at a time."""
+    by_judge: dict[str, list[str]] = {}
+    for n in names:
+        by_judge.setdefault(judge_of(groups, n), []).append(n)
+    probes = record_probes(block, list(by_judge), calls, weigh)
+    kept = {}
+    for judge, linears in by_judge.items():
+        ws = {n: weights.get(f"{n}.weight", block.get_submodule(n).weight.detach().float()) for n in linears}
+        trial = {n: _fake_quantize(w, spec) for n, w in ws.items()}
+        best = probe_error(block, probes[judge], trial)
+        for n in linears:
+            if bool((clips[n] == 1).all()):
+                continue  # nothing clipped: nothing to test
+            with_clip = dict(trial, **{n: _fake_quantize(ws[n], spec, clips[n])})
+            err = probe_error(block, probes[judge], with_clip)
+            if err < best:
+                trial, best, kept[n] = with_clip, err, clips[n]
+    return kept
 
 
 def _get(block: nn.Module, name: str):

@@ -43,6 +43,26 @@ class ScaleResult:
     scale: torch.Tensor  # [in] float32, multiplies W's columns (and divides the inputs)
     ratio: float  # the chosen α
     errors: torch.Tensor  # [n_grid] output error at each α (α = 0 is RTN)
+    ratios: torch.Tensor  # [n_grid] the α grid
+    candidates: torch.Tensor  # [n_grid, in] the scale at each α
+    index: int | None = None  # the grid point chosen (None: a scale from elsewhere)
+
+    def pick(self, index: int) -> ScaleResult:
+        """The same search with grid point ``index`` chosen instead."""
+        return ScaleResult(self.candidates[index].clone(), float(self.ratios[index]), self.errors, self.ratios,
+                           self.candidates, index)
+
+    @property
+    def proxy_gain(self) -> float | None:
+        """The closed-form error of the choice relative to RTN's (α = 0)."""
+        if self.index is None:
+            return None
+        return float(self.errors[self.index] / self.errors[0].clamp(min=1e-30))
+
+    def screen(self, n: int) -> list[int]:
+        """Grid indices of α = 0 (RTN) and the ``n - 1`` other lowest errors: the candidates worth judging."""
+        order = [int(i) for i in torch.argsort(self.errors, stable=True) if int(i) != 0]
+        return [0] + order[:max(n - 1, 0)]
 
 
 def output_error(dw: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
@@ -88,7 +108,7 @@ def search_scale(w: torch.Tensor, h: torch.Tensor, x_mean: torch.Tensor, spec: Q
         dq = _fake_quantize(ws, spec).reshape(-1, out_f, in_f) / s
         errors[a:a + step] = output_error(w[None] - dq, h)
     best = int(torch.argmin(errors))  # first minimum: ties go to the smaller α
-    return ScaleResult(scale=scales[best].clone(), ratio=float(ratios[best]), errors=errors)
+    return ScaleResult(scales[best].clone(), float(ratios[best]), errors, ratios, scales, best)
 
 
 def group_diagonal(h: torch.Tensor, group_size: int) -> torch.Tensor:

@@ -42,6 +42,10 @@ def unpack_bits_i32(words: torch.Tensor, bits: int, n: int | None = None) -> tor
     w = words.shape[-1]
     total = w * 32 // bits
     n = total if n is None else n
+    if 32 % bits == 0:  # whole values per word: shift and mask (arithmetic shifts are fine under the mask)
+        shifts = torch.arange(0, 32, bits, dtype=torch.int32, device=words.device)
+        vals = (words.to(torch.int32)[..., None] >> shifts) & (2**bits - 1)  # [..., w, 32/bits]
+        return vals.reshape(*words.shape[:-1], total)[..., :n].contiguous()
     flat = words.reshape(-1, w).to(torch.int64) & 0xFFFFFFFF
     out = []
     for i in range(0, flat.shape[0], _CHUNK_ROWS):

@@ -1,0 +1,190 @@
+"""Choosing by what the block computes: AWQ's judge modules, clip acceptance, and the RTN guard."""
+from dataclasses import replace
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from tiny_models import save_tiny_model, tiny_model
+
+import quant
+import quant.awq as awq_module
+import quant.gptq as gptq_module
+from calib.collectors import record_block_calls
+from calib.runner import BlockInputs
+from cli.main import app
+from quant import qmath
+from quant.arch import ARCHITECTURES
+from quant.awq import search_block
+from quant.awq.search import QuantSpec, ScaleResult, candidate_scales, search_scale
+from quant.config import AWQOptions, QuantConfig
+from quant.guard import relative_error, token_weights
+from quant.methods import BlockContext
+
+torch.set_num_threads(2)
+OPTS = dict(bits=4, group_size=32, n_samples=4, seqlen=32, dtype="float32", progress=False)
+
+
+def _mlp_block_with_dead_rows(seed: int):
+    """A llama block whose intermediate channels 64.. feed nothing (zero down_proj columns) but have large
+    gate/up rows: the closed form over all of gate/up's rows is dominated by rows the MLP's output ignores."""
+    model = tiny_model("llama")
+    blk = model.model.layers[0]
+    with torch.no_grad():
+        blk.post_attention_layernorm.weight[[3, 17, 40]] *= 25
+        blk.mlp.down_proj.weight[:, 64:] = 0
+        for lin in (blk.mlp.up_proj, blk.mlp.gate_proj):
+            lin.weight[64:] *= 8
+            lin.weight[64:, [3, 17, 40]] *= 0.05
+    ids = torch.randint(3, 300, (8, 32), generator=torch.Generator().manual_seed(seed))
+    return model, record_block_calls(model, model.model.layers, ids)[0]
+
+
+def _mlp_error(block, call, gate, up) -> float:
+    """The MLP's token-weighted squared output error with gate/up replaced, computed here from scratch."""
+    with torch.no_grad():
+        h = block.input_layernorm(call.hidden)
+        kw = {k: v for k, v in call.kwargs.items() if k != "hidden_states"}
+        x = call.hidden + block.self_attn(hidden_states=h, **kw)[0]
+        x = block.post_attention_layernorm(x)
+        down = block.mlp.down_proj.weight
+        ref = (torch.nn.functional.silu(x @ block.mlp.gate_proj.weight.t()) * (x @ block.mlp.up_proj.weight.t())) @ down.t()
+        out = (torch.nn.functional.silu(x @ gate.t()) * (x @ up.t())) @ down.t()
+    return float(((out - ref).pow(2).sum(-1) * token_weights(call.hidden)).sum())
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_the_mlp_scale_is_chosen_by_the_mlp_output_not_by_the_closed_form(seed):
+    model, call = _mlp_block_with_dead_rows(seed)
+    block, arch = model.model.layers[0], ARCHITECTURES["llama"]
+    cfg = QuantConfig(method="awq", group_size=32, awq=AWQOptions(clip=False))
+    gate, up = block.mlp.gate_proj.weight.detach().clone(), block.mlp.up_proj.weight.detach().clone()
+    # The screen, recomputed from the public search: RTN plus the closed form's three best.
+    with torch.no_grad():
+        x = block.post_attention_layernorm(call.hidden + block.self_attn(
+            hidden_states=block.input_layernorm(call.hidden),
+            **{k: v for k, v in call.kwargs.items() if k != "hidden_states"})[0]).reshape(-1, 64)
+    xtx = (x * token_weights(call.hidden).reshape(-1, 1)).t() @ x
+    spec = QuantSpec(4, 32)
+    res = search_scale(torch.cat([gate, up]), xtx, x.abs().mean(0), spec, cfg.awq.n_grid)
+    errors = {}
+    for i in res.screen(cfg.awq.n_judge):
+        s = res.candidates[i]
+        errors[float(res.ratios[i])] = _mlp_error(block, call, qmath.fake_quantize(gate * s, 4, 32) / s,
+                                                  qmath.fake_quantize(up * s, 4, 32) / s)
+    want = min(errors, key=lambda r: (errors[r], r))
+    assert res.ratio != want, "the construction must make the closed form and the MLP output disagree"
+
+    _, info, _ = search_block(BlockContext(0, block, list(arch.linears), cfg, arch, BlockInputs([call])))
+    chosen = float(info["awq α"].split()[2])  # groups: input norm, v -> o, post-attention norm, up -> down
+    assert float(info["α by proxy"].split()[2]) == pytest.approx(res.ratio)
+    assert chosen == pytest.approx(want)
+    assert errors[want] < errors[res.ratio]
+
+
+def test_clips_are_kept_only_where_they_lower_the_held_out_error():
+    model = tiny_model("llama")
+    blocks, arch = model.model.layers, ARCHITECTURES["llama"]
+    ids = torch.randint(3, 300, (16, 32), generator=torch.Generator().manual_seed(0))
+    search_call = record_block_calls(model, blocks, ids[:8])[0]
+    accept_call = record_block_calls(model, blocks, ids[8:])[0]
+    # An accept set unlike the search set: its tokens are ten times larger in four channels, where
+    # a clipped range rounds worst.
+    accept_call = replace(accept_call, hidden=accept_call.hidden.clone())
+    accept_call.hidden[..., :4] *= 10
+    cfg = QuantConfig(method="awq", group_size=32, awq=AWQOptions(n_judge=1))
+    names = list(arch.linears)
+    unchecked, _, _ = search_block(BlockContext(0, tiny_model("llama").model.layers[0], names, cfg, arch,
+                                                BlockInputs([search_call])))
+    checked, info, _ = search_block(BlockContext(0, blocks[0], names, cfg, arch,
+                                                 BlockInputs([search_call], accept=[accept_call])))
+    clips = [k for k in unchecked if k.endswith("awq_clip")]
+    assert len(clips) == len(names)  # without held-out windows every searched clip is used
+    kept = [k for k in checked if k.endswith("awq_clip")]
+    assert 0 < len(kept) < len(clips), info
+    assert info["clips kept"] == f"{len(kept)}/{len(names)}"
+    for k in kept:  # a kept clip is the searched one
+        assert torch.equal(checked[k], unchecked[k])
+
+
+def _wild_scales(real):
+    """search_scale made worse on purpose: ``mean|x| ** 6`` (normalised), a scale no grid offers."""
+    def search(w, h, x_mean, spec, n_grid=20):
+        res = real(w, h, x_mean, spec, n_grid)
+        s = candidate_scales(x_mean, torch.tensor([6.0]))[0]
+        return ScaleResult(s, 6.0, res.errors, res.ratios, res.candidates)
+    return search
+
+
+def _packed(path):
+    return {k: v for k, v in load_file(str(path / "model.safetensors")).items()
+            if k.endswith(("qweight", "qzeros", "scales"))}
+
+
+def test_awq_made_worse_on_purpose_falls_back_to_rtn_and_says_so(tmp_path, monkeypatch):
+    src = save_tiny_model("llama", tmp_path / "src")
+    rtn_report = quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
+    assert not any(b.rtn_fallback for b in rtn_report.blocks)
+    monkeypatch.setattr(awq_module, "search_scale", _wild_scales(search_scale))
+    awq = AWQOptions(n_judge=1, clip=False)
+    unguarded = quant.quantize(src, tmp_path / "off", method="awq", awq=awq, held_out=0, **OPTS)
+    assert not any(b.rtn_fallback for b in unguarded.blocks)
+    assert _packed(tmp_path / "off").keys() == _packed(tmp_path / "rtn").keys()
+    assert any(not torch.equal(v, _packed(tmp_path / "rtn")[k]) for k, v in _packed(tmp_path / "off").items())
+
+    report = quant.quantize(src, tmp_path / "on", method="awq", awq=awq, **OPTS)
+    assert all(b.rtn_fallback for b in report.blocks)
+    for b in report.blocks:
+        assert b.info["kept"] == "rtn"
+        assert float(b.info["held-out err"]) > float(b.info["rtn held-out err"])
+    rtn = _packed(tmp_path / "rtn")
+    assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "on").items())
+    # Nothing of the discarded search is saved: a replay gives the same (RTN) blocks.
+    assert not (tmp_path / "on" / "qtool_search.safetensors").exists()
+
+
+def test_the_cli_summary_names_the_blocks_kept_at_rtn(tmp_path, monkeypatch):
+    src = save_tiny_model("llama", tmp_path / "src")
+    monkeypatch.setattr(awq_module, "search_scale", _wild_scales(search_scale))
+    res = CliRunner().invoke(app, ["awq", str(src), "-o", str(tmp_path / "out"), "--group-size", "32",
+                                   "--n-samples", "4", "--seqlen", "32", "--no-clip", "--n-judge", "1"])
+    assert res.exit_code == 0, res.output
+    assert "blocks kept at RTN" in res.output and "2 of 2 (blocks 0, 1)" in res.output
+
+
+@pytest.mark.parametrize("awq_first", [False, True])
+def test_gptq_made_worse_on_purpose_falls_back_to_rtn(tmp_path, monkeypatch, awq_first):
+    src = save_tiny_model("qwen2", tmp_path / "src")
+    real = gptq_module.gptq_quantize
+
+    def flipped(*args, **kwargs):  # every code mirrored: a broken solver
+        res = real(*args, **kwargs)
+        pw = res.packed
+        return replace(res, packed=replace(pw, q=(2**pw.bits - 1) - pw.q))
+
+    monkeypatch.setattr(gptq_module, "gptq_quantize", flipped)
+    cfg = dict(OPTS, method="gptq", sym=False, fmt="gptq")
+    report = quant.quantize(src, tmp_path / "g", gptq=replace(quant.GPTQOptions(), awq_first=awq_first), **cfg)
+    assert all(b.rtn_fallback and b.info["kept"] == "rtn" for b in report.blocks)
+    rtn = quant.quantize(src, tmp_path / "rtn", **dict(cfg, method="rtn"))
+    assert not any(b.rtn_fallback for b in rtn.blocks)
+    assert all(torch.equal(v, _packed(tmp_path / "rtn")[k]) for k, v in _packed(tmp_path / "g").items())
+
+
+def test_gptq_that_beats_rtn_keeps_its_blocks(tmp_path):
+    src = save_tiny_model("qwen2", tmp_path / "src")
+    report = quant.quantize(src, tmp_path / "g", method="gptq", **dict(OPTS, n_samples=16))
+    for b in report.blocks:
+        kept_gptq = float(b.info["held-out err"]) <= float(b.info["rtn held-out err"])
+        assert b.info["kept"] == ("gptq" if kept_gptq else "rtn") and b.rtn_fallback == (not kept_gptq)
+
+
+def test_relative_error_weighs_each_token_by_its_own_size():
+    ref = torch.ones(1, 2, 4)
+    ref[0, 1] *= 100  # a sink-like token, a hundred times larger
+    out = ref.clone()
+    out[0, 1] += 1  # the same absolute error on either token ...
+    big = relative_error([out], [ref])
+    out = ref.clone()
+    out[0, 0] += 1
+    assert relative_error([out], [ref]) == pytest.approx(1e4 * big)  # ... counts 100² times more on the small one
