@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import re
 import resource
@@ -46,9 +47,14 @@ class Row:
     rtn_blocks: str = ""  # blocks the RTN guard kept at round-to-nearest, "k/n"
 
 
+_PEER = re.compile(r"^peer-(\w+):w(\d)g(-?\d+)$")  # peer-hqq:w4g128, run by benchmarks/peers.py in the peers' venv
+
+
 def _parse_run(run: str) -> dict:
     if run == "fp32":
         return {}
+    if m := _PEER.match(run):
+        return {"peer": m.group(1), "bits": int(m.group(2)), "group_size": int(m.group(3))}
     m = _RUN.match(run)
     if not m:
         raise SystemExit(f"--runs: {run!r} is not fp32 or METHOD:wBITSgGROUP (e.g. awq:w4g64, gptq+asym:w4g64)")
@@ -95,7 +101,9 @@ def worker(spec: dict) -> dict:
     opts = _parse_run(spec["run"])
     t0 = time.perf_counter()
     fell_back = ""
-    if opts:
+    if "peer" in opts:
+        peer = _run_peer(spec, opts)
+    elif opts:
         if "gptq" in opts:
             opts["gptq"] = GPTQOptions(**opts["gptq"])
         if "awq" in opts:
@@ -103,9 +111,11 @@ def worker(spec: dict) -> dict:
         report = quant.quantize(src, out, overwrite=True, progress=False, n_samples=spec["n_samples"],
                        seqlen=spec["seqlen"], seed=spec["seed"], calib_data=spec["calib_data"], **opts)
     quant_seconds = time.perf_counter() - t0
-    if opts and opts["method"] != "rtn":
-        fell_back = f"{sum(b.rtn_fallback for b in report.blocks)}/{len(report.blocks)}"
     peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    if "peer" in opts:  # its own process: its own time and memory
+        quant_seconds, peak = peer["quant_seconds"], peer["peak_rss_mib"]
+    elif opts and opts["method"] != "rtn":
+        fell_back = f"{sum(b.rtn_fallback for b in report.blocks)}/{len(report.blocks)}"
     path = out if opts else src
     model, tok = quant.load_any(path, dtype="float32", device="cpu")
     ppl = {}
@@ -113,8 +123,25 @@ def worker(spec: dict) -> dict:
     for name, text_path in spec["texts"].items():
         r = quant.perplexity(model, tok, Path(text_path).read_text(), seqlen=512, max_tokens=spec["eval_tokens"])
         ppl[name], n = r.ppl, r.n_tokens
-    size = model_io.folder_bytes(path, ("*.safetensors",)) / 2**20
+    size = 0.0 if "peer" in opts else model_io.folder_bytes(path, ("*.safetensors",)) / 2**20  # peers: dequantized
     return asdict(Row(spec["run"], ppl, n, size, quant_seconds if opts else 0.0, peak if opts else 0.0, fell_back))
+
+
+def _run_peer(spec: dict, opts: dict) -> dict:
+    """Quantize with a peer toolkit (benchmarks/peers.py, in the peers' venv): a dequantized fp32 folder."""
+    python = spec.get("peer_python") or os.environ.get("QTOOL_PEER_PYTHON")
+    if not python:
+        raise SystemExit("peer runs need --peer-python (or QTOOL_PEER_PYTHON): the venv holding the peer toolkits")
+    cmd = [python, str(Path(__file__).with_name("peers.py")), "--method", opts["peer"], "--model", spec["model"],
+           "--bits", str(opts["bits"]), "--group-size", str(opts["group_size"]), "--out", spec["out"],
+           "--n-samples", str(spec["n_samples"]), "--seqlen", str(spec["seqlen"])]
+    if spec.get("calib_data"):
+        cmd += ["--calib-data", spec["calib_data"]]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode:
+        sys.stderr.write(proc.stderr[-3000:])
+        raise SystemExit(f"peer {opts['peer']} failed with exit status {proc.returncode}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def run_all(runs: list[str], texts: list[str], args) -> list[Row]:
@@ -129,13 +156,19 @@ def run_all(runs: list[str], texts: list[str], args) -> list[Row]:
         spec = {"run": run, "model": model, "out": str(runs_dir / run.replace(":", "-")),
                 "texts": {t: str(eval_text_path(t)) for t in texts}, "eval_tokens": args.eval_tokens,
                 "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "threads": args.threads,
-                "calib_data": args.calib_data}
+                "calib_data": args.calib_data, "peer_python": args.peer_python}
+        done = Path(spec["out"] + ".result.json")  # a finished run is not redone (--fresh redoes it)
+        if done.exists() and not args.fresh and json.loads(done.read_text())["spec"] == spec:
+            rows.append(Row(**json.loads(done.read_text())["row"]))
+            print(f"[{run}] cached: {rows[-1]}", file=sys.stderr, flush=True)
+            continue
         print(f"[{run}] running ...", file=sys.stderr, flush=True)
         proc = subprocess.run([sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True)
         if proc.returncode:
             sys.stderr.write(proc.stderr[-3000:])
             raise SystemExit(f"[{run}] failed with exit status {proc.returncode}")
         rows.append(Row(**json.loads(proc.stdout.strip().splitlines()[-1])))
+        done.write_text(json.dumps({"spec": spec, "row": asdict(rows[-1])}) + "\n")
         print(f"[{run}] {rows[-1]}", file=sys.stderr, flush=True)
     return rows
 
@@ -156,7 +189,7 @@ def table(rows: list[Row], texts: list[str]) -> str:
                 cells.append(f"{(base.ppl[t] - r.ppl[t]) / (base.ppl[t] - fp.ppl[t]):.0%}")
             else:
                 cells.append("")
-        cells += [f"{r.size_mib:.1f}", f"{r.quant_seconds:.0f}" if r.quant_seconds else "",
+        cells += [f"{r.size_mib:.1f}" if r.size_mib else "", f"{r.quant_seconds:.0f}" if r.quant_seconds else "",
                   f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib else "", r.rtn_blocks]
         out.append(cells)
     return tabulate(out, headers=headers, tablefmt="github")
@@ -177,6 +210,8 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--model", help="A model folder (default: the example model, SmolLM2-135M).")
     p.add_argument("--calib-data", help="Calibration text (default: the built-in corpus).")
+    p.add_argument("--peer-python", help="Python of the venv with the peer toolkits, for peer-METHOD runs.")
+    p.add_argument("--fresh", action="store_true", help="Redo runs whose results are cached.")
     p.add_argument("--cache", default=str(cache_dir()))
     args = p.parse_args()
     if args.worker:

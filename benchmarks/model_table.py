@@ -1,0 +1,105 @@
+"""The multi-model quality table: every method at its defaults on several real models, beside RTN and peers.
+
+    python benchmarks/model_table.py                                  # every model of real_models.MODELS_TABLE
+    python benchmarks/model_table.py --models SmolLM2-135M,gemma-3-270m --peer-python /root/peers-venv/bin/python
+
+Per model: fp32, RTN, AWQ, GPTQ and AWQ+GPTQ at w4 and the model's group size (128, or
+64 where the hidden size needs it), and each peer of ``--peers`` (run by
+``benchmarks/peers.py`` in its own venv, given by ``--peer-python``; left out without
+it). Calibration: ``--n-samples`` windows of the Wikipedia half in
+``calib/corpus/wiki.txt``; evaluation: the other Wikipedia half (the same kind of
+text) and Python code (a different kind), ``benchmarks/example_data.py``.
+
+Every run is a process of ``benchmarks/quality.py`` and is cached beside its
+checkpoint (``<cache>/runs/<model>/<run>.result.json``): an interrupted table
+resumes where it stopped; ``--fresh`` redoes everything. Prints one table per model,
+then the summary the acceptance bars are read from.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import quality  # noqa: E402
+from example_data import cache_dir  # noqa: E402
+from real_models import MODELS, ensure_model  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_MODELS = ("SmolLM2-135M", "gemma-3-270m", "Qwen2.5-Coder-0.5B", "Qwen2.5-Coder-1.5B")
+METHODS = ("awq", "gptq", "gptq+awq")  # quality.py run names: AWQ, GPTQ, AWQ+GPTQ at their defaults
+TEXTS = ("wiki", "code")
+
+
+def gap_closed(row, rtn, fp, text: str) -> float:
+    return (rtn.ppl[text] - row.ppl[text]) / (rtn.ppl[text] - fp.ppl[text])
+
+
+def summary(results: dict[str, list], peers: list[str]) -> str:
+    """Per model: each method's gap closed on both texts, and whether it is at or below RTN."""
+    from tabulate import tabulate
+
+    rows, per_method = [], {m: [] for m in METHODS}
+    for name, table in results.items():
+        by_run = {r.run.split(":")[0]: r for r in table}
+        fp, rtn = by_run["fp32"], by_run["rtn"]
+        best_peer = min((by_run[f"peer-{p}"] for p in peers if f"peer-{p}" in by_run),
+                        key=lambda r: sum(r.ppl.values()), default=None)
+        cells = [name]
+        for m in METHODS:
+            if m not in by_run:
+                cells.append("")
+                continue
+            gaps = [gap_closed(by_run[m], rtn, fp, t) for t in TEXTS]
+            per_method[m].append(sum(gaps) / len(gaps))
+            worse = [t for t in TEXTS if by_run[m].ppl[t] > rtn.ppl[t]]
+            cells.append(" / ".join(f"{g:.0%}" for g in gaps) + (f" (worse than RTN on {', '.join(worse)})" if worse else ""))
+        ours = [by_run[m] for m in METHODS if m in by_run]
+        best = min(ours, key=lambda r: sum(r.ppl.values()), default=None)
+        if best_peer and best:
+            beats = all(best.ppl[t] <= best_peer.ppl[t] for t in TEXTS)
+            cells.append(f"{best.run.split(':')[0]} {'beats' if beats else 'does not beat'} {best_peer.run.split(':')[0]}")
+        else:
+            cells.append("")
+        rows.append(cells)
+    rows.append(["mean"] + [f"{sum(v) / len(v):.0%}" if v else "" for v in per_method.values()] + [""])
+    headers = ["model"] + [f"{m} gap closed (wiki / code)" for m in METHODS] + ["best qtool vs best peer"]
+    return tabulate(rows, headers=headers, tablefmt="github")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"Comma-separated, from {', '.join(MODELS)}.")
+    p.add_argument("--methods", default=",".join(METHODS), help="Comma-separated quality.py run names.")
+    p.add_argument("--peers", default="hqq", help="Comma-separated peer methods of benchmarks/peers.py.")
+    p.add_argument("--peer-python", help="Python of the peers' venv; without it peer rows are left out.")
+    p.add_argument("--n-samples", type=int, default=128)
+    p.add_argument("--seqlen", type=int, default=512)
+    p.add_argument("--eval-tokens", type=int, default=10240)
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fresh", action="store_true")
+    p.add_argument("--cache", default=str(cache_dir()))
+    args = p.parse_args()
+    peers = [x for x in args.peers.split(",") if x] if args.peer_python else []
+    results, t0 = {}, time.perf_counter()
+    for name in args.models.split(","):
+        model = MODELS[name]
+        g = f"w4g{model.group_size}"
+        runs = ["fp32", f"rtn:{g}"] + [f"{m}:{g}" for m in args.methods.split(",")] + [f"peer-{x}:{g}" for x in peers]
+        run_args = argparse.Namespace(model=str(ensure_model(name)), calib_data=str(ROOT / "calib/corpus/wiki.txt"),
+                                      n_samples=args.n_samples, seqlen=args.seqlen, seed=0, threads=args.threads,
+                                      eval_tokens=args.eval_tokens, cache=args.cache, peer_python=args.peer_python,
+                                      fresh=args.fresh)
+        results[name] = quality.run_all(runs, list(TEXTS), run_args)
+        print(f"\n## {name} ({model.family}, w4 {g[2:]})\n")
+        print(quality.table(results[name], list(TEXTS)))
+    print(f"\nCalibration {args.n_samples} x {args.seqlen} tokens of calib/corpus/wiki.txt; {args.eval_tokens} tokens "
+          f"per text; {args.threads} threads; total {time.perf_counter() - t0:.0f} s "
+          "(cached runs count only their load)\n")
+    print(summary(results, peers))
+
+
+if __name__ == "__main__":
+    main()
