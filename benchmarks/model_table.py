@@ -73,7 +73,7 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--models", default=",".join(DEFAULT_MODELS), help=f"Comma-separated, from {', '.join(MODELS)}.")
     p.add_argument("--methods", default=",".join(METHODS), help="Comma-separated quality.py run names.")
-    p.add_argument("--peers", default="hqq", help="Comma-separated peer methods of benchmarks/peers.py.")
+    p.add_argument("--peers", default="hqq,gptq", help="Comma-separated peer methods of benchmarks/peers.py.")
     p.add_argument("--peer-python", help="Python of the peers' venv; without it peer rows are left out.")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)

@@ -137,7 +137,8 @@ def _run_peer(spec: dict, opts: dict) -> dict:
            "--n-samples", str(spec["n_samples"]), "--seqlen", str(spec["seqlen"])]
     if spec.get("calib_data"):
         cmd += ["--calib-data", spec["calib_data"]]
-    proc = subprocess.run(cmd, capture_output=True, text=True)
+    # cwd: GPTQModel writes a logs/ folder into the working directory
+    proc = subprocess.run(cmd, capture_output=True, text=True, cwd=Path(spec["out"]).parent)
     if proc.returncode:
         sys.stderr.write(proc.stderr[-3000:])
         raise SystemExit(f"peer {opts['peer']} failed with exit status {proc.returncode}")
