@@ -158,13 +158,15 @@ def tokenize_documents(tokenizer, texts: list[str]) -> torch.Tensor:
     return torch.tensor(ids, dtype=torch.long)
 
 
-def sample_windows(tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int) -> torch.Tensor:
+def sample_windows(tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int, held_out: int = 0) -> torch.Tensor:
     """``n_samples`` windows of ``seqlen`` tokens from 1-D ``tokens``: ``[n_samples, seqlen]``.
 
     With at least ``n_samples * seqlen`` tokens the windows do not overlap: the
     text is cut into ``len // seqlen`` slots behind a random offset and
     ``n_samples`` slots are drawn without replacement. With fewer tokens the
     windows start at random places and may overlap. Same seed, same windows.
+    ``held_out`` says how many of the windows (the last ones) are meant to be held
+    out of the search; only the warning uses it.
     """
     if n_samples < 1 or seqlen < 1:
         raise QtoolError(
@@ -183,17 +185,24 @@ def sample_windows(tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int)
         slots = torch.randperm(n_slots, generator=gen)[:n_samples]
         starts = offset + slots * seqlen
     else:
-        logger.warning(
-            "Calibration text has %d tokens, fewer than %d x %d; windows will overlap", total, n_samples, seqlen
-        )
+        if held_out:
+            logger.warning("Calibration text has %d tokens, fewer than (%d + %d held-out) x %d; windows will "
+                           "overlap, so the held-out windows repeat text the search sees and check it less; "
+                           "give more text or fewer --n-samples / --held-out", total, n_samples - held_out,
+                           held_out, seqlen)
+        else:
+            logger.warning(
+                "Calibration text has %d tokens, fewer than %d x %d; windows will overlap", total, n_samples, seqlen
+            )
         starts = torch.randint(0, total - seqlen + 1, (n_samples,), generator=gen)
     # [n_samples, 1] + [seqlen] -> [n_samples, seqlen] gather indices
     return tokens[starts[:, None] + torch.arange(seqlen)]
 
 
 def calibration_batch(tokenizer, texts: list[str], n_samples: int, seqlen: int, seed: int,
-                      add_bos: bool = False) -> torch.Tensor:
-    """Token windows for calibration: int64 ``[n_samples, seqlen]``, deterministic in ``seed``.
+                      add_bos: bool = False, held_out: int = 0) -> torch.Tensor:
+    """Token windows for calibration: int64 ``[n_samples + held_out, seqlen]``, deterministic in ``seed``;
+    the last ``held_out`` windows are for the checks no search sees (:mod:`calib.runner`).
 
     With ``add_bos`` every window is the tokenizer's BOS followed by ``seqlen - 1``
     text tokens: gemma's activations without a leading BOS are not the ones it serves.
@@ -206,9 +215,9 @@ def calibration_batch(tokenizer, texts: list[str], n_samples: int, seqlen: int, 
         raise QtoolError(f"Calibration with a leading BOS needs seqlen >= 2, got seqlen={seqlen}.")
     tokens = tokenize_documents(tokenizer, texts)
     width = seqlen - (bos is not None)
-    logger.info("Calibration text: %d tokens; drawing %d windows of %d%s", tokens.numel(), n_samples, width,
+    logger.info("Calibration text: %d tokens; drawing %d windows of %d%s", tokens.numel(), n_samples + held_out, width,
                 " after BOS" if bos is not None else "")
-    windows = sample_windows(tokens, n_samples, width, seed)
+    windows = sample_windows(tokens, n_samples + held_out, width, seed, held_out)
     if bos is None:
         return windows
-    return torch.cat([torch.full((n_samples, 1), bos, dtype=windows.dtype), windows], dim=1)
+    return torch.cat([torch.full((n_samples + held_out, 1), bos, dtype=windows.dtype), windows], dim=1)

@@ -47,8 +47,9 @@ calib_options = _stack([
                  help="Field that holds the text in .jsonl/.parquet/datasets input."),
     click.option("--n-samples", default=128, show_default=True, type=int, help="Calibration sequences."),
     click.option("--held-out", default=16, show_default=True, type=int,
-                 help="Extra calibration sequences no search sees: half test the method's choices, half compare "
-                      "each quantized block with round-to-nearest, which is kept where it is closer (0: no checks)."),
+                 help="Extra calibration sequences no search sees. Each quantized block is compared with its "
+                      "round-to-nearest version on them and RTN is kept where it is closer; with AWQ, half of them "
+                      "instead test its clipping ranges (0: no checks)."),
     click.option("--seqlen", default=512, show_default=True, type=int, help="Tokens per calibration sequence."),
     click.option("--seed", default=0, show_default=True, type=int, help="Seed for drawing the calibration windows."),
 ])

@@ -15,7 +15,10 @@ def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite
     setup_logging(verbose)
     fields["skip"] = tuple(fields.get("skip", ()))
     cfg = QuantConfig(method=method, **fields)
-    report = quant.quantize(model_dir, out, cfg, overwrite=overwrite, device=device)
+    from tqdm.contrib.logging import logging_redirect_tqdm
+
+    with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
+        report = quant.quantize(model_dir, out, cfg, overwrite=overwrite, device=device)
     print_quant_report(report, verbose)
 
 

@@ -13,9 +13,10 @@ def mib(n_bytes: float) -> str:
 
 def print_quant_report(r, verbose: bool = False) -> None:
     if verbose and r.blocks:
-        keys = sorted({k for b in r.blocks for k in b.info})
+        keys = list(dict.fromkeys(k for b in r.blocks for k in b.info))  # the order the methods report them in
         rows = [[b.index, b.n_linears, f"{b.seconds:.2f}"] + [b.info.get(k, "") for k in keys] for b in r.blocks]
-        click.echo(tabulate(rows, headers=["block", "linears", "seconds"] + keys, tablefmt="github"))
+        click.echo(tabulate(rows, headers=["block", "linears", "seconds"] + keys, tablefmt="github",
+                            disable_numparse=True))
         click.echo()
     per_block = [b.seconds for b in r.blocks] or [0.0]
     rows = [
@@ -34,12 +35,13 @@ def print_quant_report(r, verbose: bool = False) -> None:
 
 
 def _guard_rows(r) -> list[list]:
-    """The RTN guard's verdict, where it ran: which blocks it kept at round-to-nearest."""
+    """The RTN guard's verdict, where a data-aware method ran: which blocks it kept at round-to-nearest."""
+    label = "blocks kept at RTN (closer on held-out windows)"
     if not any("held-out err" in b.info for b in r.blocks):
-        return []
+        return [[label, "not checked (--held-out 0)"]] if r.guarded is False else []
     fell_back = [b.index for b in r.blocks if b.rtn_fallback]
-    which = f" (blocks {', '.join(map(str, fell_back))})" if fell_back else ""
-    return [["blocks kept at RTN (closer on held-out windows)", f"{len(fell_back)} of {len(r.blocks)}{which}"]]
+    which = f" (block{'s' if len(fell_back) > 1 else ''} {', '.join(map(str, fell_back))})" if fell_back else ""
+    return [[label, f"{len(fell_back)} of {len(r.blocks)}{which}"]]
 
 
 def print_info(info) -> None:

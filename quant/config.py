@@ -12,6 +12,13 @@ GROUP_SIZES = (-1, 16, 32, 64, 128, 256)
 OUTPUT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
 
+def _require_ints(obj, fields: tuple[str, ...]) -> None:
+    for name in fields:
+        value = getattr(obj, name)
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise QtoolError(f"{name} must be a whole number, got {value!r}")
+
+
 @dataclass(frozen=True)
 class AWQOptions:
     """Activation-aware scale search (``n_grid`` ratios in [0, 1)) and range clipping.
@@ -34,6 +41,7 @@ class AWQOptions:
     def __post_init__(self):
         if not 1 <= self.n_grid <= 1000:
             raise QtoolError(f"--n-grid {self.n_grid} is out of range; use a whole number from 1 to 1000")
+        _require_ints(self, ("n_grid", "n_judge", "clip_grid"))
         if not 1 <= self.n_judge <= 1000:
             raise QtoolError(f"--n-judge {self.n_judge} is out of range; use a whole number from 1 to 1000 "
                              "(1: the closed form alone)")
@@ -89,6 +97,7 @@ class QuantConfig:
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
 
     def __post_init__(self):
+        _require_ints(self, ("bits", "group_size", "n_samples", "held_out", "seqlen", "seed"))
         if self.method not in METHODS:
             raise QtoolError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
         if self.fmt is None:
@@ -125,11 +134,23 @@ class QuantConfig:
             raise QtoolError(f"--dtype {self.dtype!r} is unknown; use one of {', '.join(OUTPUT_DTYPES)}")
 
     @property
+    def searches_awq(self) -> bool:
+        """AWQ's search runs (``awq``, or ``gptq`` with ``awq_first``), not a replay."""
+        return self.needs_calibration and (self.method == "awq" or self.gptq.awq_first)
+
+    @property
+    def saves_search(self) -> bool:
+        """The checkpoint gets ``qtool_search.safetensors`` (AWQ's scales and clips, for ``--apply-search``)."""
+        return self.method == "awq" or (self.method == "gptq" and self.gptq.awq_first)
+
+    @property
     def held_out_split(self) -> tuple[int, int]:
-        """``(accept, guard)`` windows: the held-out windows, halved (the guard gets the odd one)."""
+        """``(accept, guard)`` windows: the held-out windows halved between AWQ's clip test and the RTN
+        guard (which gets the odd one); all to the guard where no AWQ search runs."""
         if not self.needs_calibration:
             return 0, 0
-        return self.held_out // 2, self.held_out - self.held_out // 2
+        accept = self.held_out // 2 if self.searches_awq else 0
+        return accept, self.held_out - accept
 
     @property
     def needs_calibration(self) -> bool:

@@ -370,7 +370,7 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
         replace_linear(ctx.block, name, pw, cfg)
 
     info.update({"hessian s": f"{t_hessian:.2f}", "solve s": f"{t_solve:.2f}",
-                 "rel err": f"{sum(rel_errors) / len(rel_errors):.2e}", "max damp": f"{max(damps, default=0):.3g}"})
+                 "rel err": f"{sum(rel_errors) / len(rel_errors):.2e}" if rel_errors else "-", "max damp": f"{max(damps, default=0):.3g}"})
     if fallbacks:
         info["rtn fallback"] = ",".join(fallbacks)
     return BlockResult(info=info, artifacts=artifacts)

@@ -52,6 +52,7 @@ class QuantReport:
     source_bytes: int
     output_bytes: int
     blocks: list[BlockRow]
+    guarded: bool | None = None  # whether the RTN guard ran (None: a method it does not apply to)
 
 
 def peak_rss_mb() -> float:
@@ -74,7 +75,7 @@ def _calibration_ids(model_dir, cfg: QuantConfig, add_bos: bool) -> torch.Tensor
     tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     texts = load_texts(cfg.calib_data, text_field=cfg.text_field)
     try:  # the held-out windows come last (calib.runner)
-        return calibration_batch(tok, texts, cfg.n_samples + sum(cfg.held_out_split), cfg.seqlen, cfg.seed, add_bos)
+        return calibration_batch(tok, texts, cfg.n_samples, cfg.seqlen, cfg.seed, add_bos, sum(cfg.held_out_split))
     except QtoolError as e:  # say which text was too short
         msg = str(e)
         raise QtoolError(f"{cfg.calib_data or 'the built-in calibration corpus'}: {msg[:1].lower()}{msg[1:]}") from None
@@ -116,10 +117,11 @@ def quantize(
             calib_seconds=calib_seconds, peak_rss_mb=peak_rss_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0,
             source_bytes=model_io.folder_bytes(model_dir), output_bytes=0, blocks=rows,
+            guarded=cfg.held_out_split[1] > 0 if cfg.needs_calibration else None,
         )
         meta = {"qtool": {"config": asdict(cfg), "report": asdict(report)}}
         write_checkpoint(model, cfg, model_dir, tmp, sorted(plan.skipped), meta)
-        if artifacts:
+        if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
             from safetensors.torch import save_file
 
             save_file(artifacts, str(tmp / "qtool_search.safetensors"))
@@ -146,12 +148,14 @@ def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
         bar.update(1)
 
     compute_dtype = torch.float32 if dev.type == "cpu" else next(model.parameters()).dtype
-    if calib_ids is None:
-        for i, block in enumerate(blocks):
-            block.to(dev)
-            process(i, block, None)
-            block.to("cpu")
-    else:
-        run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=cfg.held_out_split)
-    bar.close()
+    try:
+        if calib_ids is None:
+            for i, block in enumerate(blocks):
+                block.to(dev)
+                process(i, block, None)
+                blocks[i].to("cpu")
+        else:
+            run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=cfg.held_out_split)
+    finally:  # an error message then starts on its own line
+        bar.close()
     return rows, artifacts

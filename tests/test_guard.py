@@ -139,8 +139,10 @@ def test_awq_made_worse_on_purpose_falls_back_to_rtn_and_says_so(tmp_path, monke
         assert float(b.info["held-out err"]) > float(b.info["rtn held-out err"])
     rtn = _packed(tmp_path / "rtn")
     assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "on").items())
-    # Nothing of the discarded search is saved: a replay gives the same (RTN) blocks.
-    assert not (tmp_path / "on" / "qtool_search.safetensors").exists()
+    # Nothing of the discarded search is saved, but the (empty) file is: a replay gives the same RTN blocks.
+    assert load_file(str(tmp_path / "on" / "qtool_search.safetensors")) == {}
+    quant.quantize(src, tmp_path / "replay", method="awq", awq=AWQOptions(search_file=str(tmp_path / "on")), **OPTS)
+    assert (tmp_path / "replay" / "model.safetensors").read_bytes() == (tmp_path / "on" / "model.safetensors").read_bytes()
 
 
 def test_the_cli_summary_names_the_blocks_kept_at_rtn(tmp_path, monkeypatch):
@@ -150,6 +152,9 @@ def test_the_cli_summary_names_the_blocks_kept_at_rtn(tmp_path, monkeypatch):
                                    "--n-samples", "4", "--seqlen", "32", "--no-clip", "--n-judge", "1"])
     assert res.exit_code == 0, res.output
     assert "blocks kept at RTN" in res.output and "2 of 2 (blocks 0, 1)" in res.output
+    off = CliRunner().invoke(app, ["awq", str(src), "-o", str(tmp_path / "off"), "--group-size", "32",
+                                   "--n-samples", "4", "--seqlen", "32", "--no-clip", "--held-out", "0"])
+    assert off.exit_code == 0 and "not checked (--held-out 0)" in off.output, off.output
 
 
 @pytest.mark.parametrize("awq_first", [False, True])
@@ -188,3 +193,25 @@ def test_relative_error_weighs_each_token_by_its_own_size():
     out = ref.clone()
     out[0, 0] += 1
     assert relative_error([out], [ref]) == pytest.approx(1e4 * big)  # ... counts 100² times more on the small one
+
+
+def test_held_out_windows_go_where_they_are_used():
+    assert QuantConfig(method="awq").held_out_split == (8, 8)  # AWQ's clip test, the guard
+    assert QuantConfig(method="gptq", held_out=5).held_out_split == (0, 5)  # plain GPTQ tests no clips
+    assert QuantConfig(method="gptq", gptq=quant.GPTQOptions(awq_first=True), held_out=5).held_out_split == (2, 3)
+    assert QuantConfig(method="rtn").held_out_split == (0, 0)
+
+
+@pytest.mark.parametrize("field, value", [("held_out", 2.5), ("held_out", "4"), ("n_samples", 2.0), ("seqlen", None)])
+def test_settings_that_are_not_whole_numbers_are_refused(field, value):
+    with pytest.raises(quant.QtoolError, match=f"{field} must be a whole number"):
+        QuantConfig(method="awq", **{field: value})
+    with pytest.raises(quant.QtoolError, match="n_judge must be a whole number"):
+        AWQOptions(n_judge=2.5)
+
+
+def test_gptq_on_a_block_whose_linears_are_all_skipped(tmp_path):
+    src = save_tiny_model("mistral", tmp_path / "src")
+    skip = tuple(f"model.layers.0.{n}" for n in ARCHITECTURES["mistral"].linears)
+    report = quant.quantize(src, tmp_path / "g", method="gptq", skip=skip, **OPTS)
+    assert report.blocks[0].n_linears == 0 and report.blocks[1].n_linears == 7

@@ -153,7 +153,7 @@ def search_block(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict, dict
             clips = _accept_clips(block, groups, names, weights, clips, ctx.inputs.accept, spec, opts.token_weighting)
         artifacts.update({f"{n}.{CLIP_KEY}": c for n, c in clips.items()})
         info["awq clip"] = _mean([float(clips[n].mean()) if n in clips else 1.0 for n in names])
-        info["clips kept"] = f"{len(clips)}/{len(names)}"
+        info["clips kept"] = f"{len(clips)}/{len(names)}" + ("" if ctx.inputs.accept else " untested")
     return artifacts, info, weights
 
 

@@ -102,7 +102,10 @@ def probe_error(block: nn.Module, probe: Probe, weights: dict[str, torch.Tensor]
     with torch.no_grad(), swapped_weights(block, weights):
         for (args, kwargs), ref, w in zip(probe.inputs, probe.refs, probe.weights):
             d = (_first(module(*args, **kwargs)).float() - ref.float()).pow(2).sum(-1)
-            total += float((d * w).sum()) if d.shape == w.shape else float(d.sum())
+            if d.numel() != w.numel():
+                raise ValueError(f"{probe.name} returns {d.numel()} token rows for a call of {w.numel()} tokens; "
+                                 "it cannot judge per token")
+            total += float((d * w.reshape(d.shape)).sum())  # OPT's fc1/fc2 see the tokens flattened
     return total
 
 
