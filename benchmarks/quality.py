@@ -145,6 +145,15 @@ def _run_peer(spec: dict, opts: dict) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
+def _code_digest() -> str:
+    """md5 of every source file of qtool and of this script: a cached result is reused only for the same code."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted(p for d in ("quant", "calib") for p in (root / d).rglob("*.py")) + [Path(__file__).resolve()]
+    return hashlib.md5(b"".join(f.read_bytes() for f in files)).hexdigest()
+
+
 def run_all(runs: list[str], texts: list[str], args) -> list[Row]:
     from example_data import ensure_example, eval_text_path, example_model_dir
 
@@ -157,8 +166,8 @@ def run_all(runs: list[str], texts: list[str], args) -> list[Row]:
         spec = {"run": run, "model": model, "out": str(runs_dir / run.replace(":", "-")),
                 "texts": {t: str(eval_text_path(t)) for t in texts}, "eval_tokens": args.eval_tokens,
                 "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": args.seed, "threads": args.threads,
-                "calib_data": args.calib_data, "peer_python": args.peer_python}
-        done = Path(spec["out"] + ".result.json")  # a finished run is not redone (--fresh redoes it)
+                "calib_data": args.calib_data, "peer_python": args.peer_python, "code": _code_digest()}
+        done = Path(spec["out"] + ".result.json")  # a finished run of the same code is not redone (--fresh redoes it)
         if done.exists() and not args.fresh and json.loads(done.read_text())["spec"] == spec:
             rows.append(Row(**json.loads(done.read_text())["row"]))
             print(f"[{run}] cached: {rows[-1]}", file=sys.stderr, flush=True)
