@@ -45,6 +45,7 @@ class Row:
     quant_seconds: float
     peak_rss_mib: float
     rtn_blocks: str = ""  # blocks the RTN guard kept at round-to-nearest, "k/n"
+    kl: dict | None = None  # text name -> mean KL(fp32 || this) of the next-token distributions, nats
 
 
 _PEER = re.compile(r"^peer-(\w+):w(\d)g(-?\d+)$")  # peer-hqq:w4g128, run by benchmarks/peers.py in the peers' venv
@@ -123,8 +124,40 @@ def worker(spec: dict) -> dict:
     for name, text_path in spec["texts"].items():
         r = quant.perplexity(model, tok, Path(text_path).read_text(), seqlen=512, max_tokens=spec["eval_tokens"])
         ppl[name], n = r.ppl, r.n_tokens
+    kl = _kl_to_fp(model, tok, spec) if opts else None
     size = 0.0 if "peer" in opts else model_io.folder_bytes(path, ("*.safetensors",)) / 2**20  # peers: dequantized
-    return asdict(Row(spec["run"], ppl, n, size, quant_seconds if opts else 0.0, peak if opts else 0.0, fell_back))
+    return asdict(Row(spec["run"], ppl, n, size, quant_seconds if opts else 0.0, peak if opts else 0.0, fell_back,
+                      kl))
+
+
+KL_WINDOWS = 4  # 512-token windows per text for the KL column (the fp32 model runs on them too)
+
+
+def _kl_to_fp(model, tok, spec: dict) -> dict:
+    """Mean KL(fp32 ‖ quantized) per token on the first KL_WINDOWS windows of each text: how far the
+    quantized model's predictions moved, whatever the fp32 model's own calibration on the text."""
+    import torch
+
+    import quant
+    from quant import arch as arch_table
+
+    fp, _ = quant.load_any(spec["model"], dtype="float32", device="cpu")
+    needs_bos = getattr(arch_table.ARCHITECTURES.get(fp.config.model_type), "needs_bos", False)
+    out = {}
+    for name, text_path in spec["texts"].items():
+        ids = tok(Path(text_path).read_text()[:200_000], return_tensors="pt").input_ids[0]
+        width = 512 - needs_bos
+        windows = ids[: KL_WINDOWS * width].reshape(-1, width)
+        if needs_bos:
+            windows = torch.cat([torch.full((len(windows), 1), tok.bos_token_id), windows], dim=1)
+        total = 0.0
+        with torch.no_grad():
+            for w in windows:
+                lp = torch.log_softmax(fp(w[None]).logits.float(), -1)
+                lq = torch.log_softmax(model(w[None]).logits.float(), -1)
+                total += float((lp.exp() * (lp - lq)).sum(-1).mean())
+        out[name] = total / len(windows)
+    return out
 
 
 def _run_peer(spec: dict, opts: dict) -> dict:
@@ -188,7 +221,7 @@ def table(rows: list[Row], texts: list[str]) -> str:
 
     fp = next((r for r in rows if r.run == "fp32"), None)
     rtn = {r.run.split(":")[1]: r for r in rows if r.run.startswith("rtn:")}
-    headers = ["run"] + [f"PPL {t}" for t in texts] + [f"gap closed {t}" for t in texts] + [
+    headers = ["run"] + [f"PPL {t}" for t in texts] + [f"gap closed {t}" for t in texts] + [f"KL {t}" for t in texts] + [
         "size MiB", "quantize s", "peak RSS MiB", "blocks at RTN"]
     out = []
     for r in rows:
@@ -199,6 +232,7 @@ def table(rows: list[Row], texts: list[str]) -> str:
                 cells.append(f"{(base.ppl[t] - r.ppl[t]) / (base.ppl[t] - fp.ppl[t]):.0%}")
             else:
                 cells.append("")
+        cells += [f"{r.kl[t]:.4f}" if r.kl else "" for t in texts]
         cells += [f"{r.size_mib:.1f}" if r.size_mib else "", f"{r.quant_seconds:.0f}" if r.quant_seconds else "",
                   f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib else "", r.rtn_blocks]
         out.append(cells)
