@@ -106,8 +106,7 @@ def linear_input_stats(modules: dict[str, nn.Module], groups: list[tuple[str, ..
                 shared = InputStats(torch.zeros(n, device=dev), torch.zeros(n, device=dev),
                                     xtx=torch.zeros(n, n, device=dev) if xtx else None)
                 stats.update({name: shared for name in names})
-            w = token_weight() if token_weight is not None else None
-            stats[names[0]].add(x, w if w is not None and w.numel() * x.shape[-1] == x.numel() else None)
+            stats[names[0]].add(x, token_weight() if token_weight is not None else None)
 
         return fn
 

@@ -185,15 +185,10 @@ def sample_windows(tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int,
         slots = torch.randperm(n_slots, generator=gen)[:n_samples]
         starts = offset + slots * seqlen
     else:
-        if held_out:
-            logger.warning("Calibration text has %d tokens, fewer than (%d + %d held-out) x %d; windows will "
-                           "overlap, so the held-out windows repeat text the search sees and check it less; "
-                           "give more text or fewer --n-samples / --held-out", total, n_samples - held_out,
-                           held_out, seqlen)
-        else:
-            logger.warning(
-                "Calibration text has %d tokens, fewer than %d x %d; windows will overlap", total, n_samples, seqlen
-            )
+        why = (f" (with {held_out} held out, which then repeat text the search sees and check it less; give more "
+               "text or fewer --n-samples / --held-out)") if held_out else ""
+        logger.warning("Calibration text has %d tokens, fewer than %d x %d; windows will overlap%s",
+                       total, n_samples, seqlen, why)
         starts = torch.randint(0, total - seqlen + 1, (n_samples,), generator=gen)
     # [n_samples, 1] + [seqlen] -> [n_samples, seqlen] gather indices
     return tokens[starts[:, None] + torch.arange(seqlen)]

@@ -47,6 +47,11 @@ def _cast_back(block: nn.Module, names: set[str], dtype: torch.dtype) -> None:
             t.data = t.data.to(dtype)
 
 
+def first_output(out):
+    """The hidden states of a module's output: decoder blocks and attention modules return tuples."""
+    return out[0] if isinstance(out, tuple) else out
+
+
 def run_calls(block: nn.Module, calls: list[BlockCall]) -> list[torch.Tensor]:
     """``block``'s outputs (hidden states only), one per call. Quantized linears compute with their
     dequantized weights, dequantized once (:func:`quant.modules.dense_weights`)."""
@@ -55,8 +60,7 @@ def run_calls(block: nn.Module, calls: list[BlockCall]) -> list[torch.Tensor]:
     outs = []
     with torch.no_grad(), dense_weights(block):
         for c in calls:
-            out = block(c.hidden, *c.args, **c.kwargs)
-            outs.append(out[0] if isinstance(out, tuple) else out)
+            outs.append(first_output(block(c.hidden, *c.args, **c.kwargs)))
     return outs
 
 

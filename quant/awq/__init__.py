@@ -80,9 +80,7 @@ def _fold_checked(ctx: BlockContext, groups, scales: dict, ref: torch.Tensor) ->
         block.load_state_dict(original)
         s = {k: v for g in kept for k, v in group_scales(g, scales[g]).items()}
         weights = fold_scales(block, ctx.arch, s)
-        with torch.no_grad():
-            out = block(call.hidden, *call.args, **call.kwargs)
-        return weights, s, _relative_change(out[0] if isinstance(out, tuple) else out, ref, call.hidden)
+        return weights, s, _relative_change(run_calls(block, [call])[0], ref, call.hidden)
 
     weights, kept_scales, err = run_fold(groups)
     if err <= tol:
@@ -114,7 +112,7 @@ def search_block(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict, dict
     judges = [g.judge for g in groups if g.judge] if opts.n_judge > 1 else []
     current: list[torch.Tensor] = []
     with linear_input_stats(present, [g for g in arch.sequential if g[0] in present], xtx=True,
-                            token_weight=lambda: current[0]) as stats:
+                            token_weight=(lambda: current[0]) if opts.token_weighting else None) as stats:
         for k, call in enumerate(ctx.inputs.calls):
             current[:] = [call_weights(call, opts.token_weighting)]
             # The judges see the first minibatch: their inputs and full-precision outputs are recorded.

@@ -23,6 +23,7 @@ import torch
 from torch import nn
 
 from calib.collectors import BlockCall
+from calib.runner import first_output
 from quant.guard import token_weights
 
 
@@ -36,10 +37,6 @@ class Probe:
     weights: list[torch.Tensor] = field(default_factory=list)
 
 
-def _first(out):
-    return out[0] if isinstance(out, tuple) else out
-
-
 @contextlib.contextmanager
 def probing(block: nn.Module, names: list[str], token_weight: Callable[[], torch.Tensor]):
     """Record every call of the modules ``names`` (relative to ``block``) while the body runs the block;
@@ -49,7 +46,7 @@ def probing(block: nn.Module, names: list[str], token_weight: Callable[[], torch
     def hook(name):
         def fn(module, args, kwargs, out):
             probes[name].inputs.append((args, kwargs))
-            probes[name].refs.append(_first(out).detach())
+            probes[name].refs.append(first_output(out).detach())
             probes[name].weights.append(token_weight())
 
         return fn
@@ -101,7 +98,7 @@ def probe_error(block: nn.Module, probe: Probe, weights: dict[str, torch.Tensor]
     total = 0.0
     with torch.no_grad(), swapped_weights(block, weights):
         for (args, kwargs), ref, w in zip(probe.inputs, probe.refs, probe.weights):
-            d = (_first(module(*args, **kwargs)).float() - ref.float()).pow(2).sum(-1)
+            d = (first_output(module(*args, **kwargs)).float() - ref.float()).pow(2).sum(-1)
             if d.numel() != w.numel():
                 raise ValueError(f"{probe.name} returns {d.numel()} token rows for a call of {w.numel()} tokens; "
                                  "it cannot judge per token")
