@@ -6,7 +6,7 @@ stable C ABI when nvcc is found and either torch is a CUDA build or QTOOL_BUILD_
 (e.g. to build against a CPU wheel); QTOOL_BUILD_KERNELS=0 skips it. torch must be
 importable at build time (``pip install --no-build-isolation .``). A failed or skipped
 build leaves a working pure-Python install (the loader then uses the reference path).
-Build in place instead: ``python -m quant.kernels.build`` and ``python -m quant.kv.kernels``.
+Build in place instead: ``python -m quant.kernels.build`` (both libraries).
 """
 import importlib.util
 import os

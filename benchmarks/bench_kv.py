@@ -184,14 +184,30 @@ def run_gen(args) -> list[GenRow]:
     return rows
 
 
+def random_llama(layers: int):
+    """A Llama-7B-shaped decoder (hidden 4096, 32 heads, MHA) with ``layers`` layers and random fp16
+    weights on the GPU: decode speed depends on shapes, not weight values, and needs no model files."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    cfg = LlamaConfig(hidden_size=4096, intermediate_size=11008, num_hidden_layers=layers, num_attention_heads=32,
+                      num_key_value_heads=32, vocab_size=32000, max_position_embeddings=4096)
+    with torch.device("cuda"):
+        model = LlamaForCausalLM(cfg).to(torch.float16).eval()
+    return model
+
+
 def run_decode(args) -> list[dict]:
-    """Decode tokens/s at batch 1/16/64 with a 1024-token context (GPU only)."""
+    """Decode tokens/s at batch 1/16/64 after a 1024-token prompt, fp16 cache vs int8/int4 (GPU only)."""
     if not torch.cuda.is_available():
         logger.warning("decode section skipped: no GPU")
         return []
-    model, _ = load_model(args.model, dtype=torch.float16, device="cuda")
+    if args.model is None:
+        model = random_llama(args.decode_layers)
+    else:
+        model, _ = load_model(args.model, dtype=torch.float16, device="cuda")
     rows = []
     for batch in (1, 16, 64):
+        base = None
         for kind in KINDS:
             kv = kv_config(kind, "token", 0, None)
             ids = torch.randint(0, 1000, (batch, 1024), device="cuda")
@@ -202,7 +218,11 @@ def run_decode(args) -> list[dict]:
             t0 = time.perf_counter()
             model.generate(ids, past_key_values=cache, max_new_tokens=64, min_new_tokens=64, do_sample=False)
             torch.cuda.synchronize()
-            rows.append({"batch": batch, "cache": kind, "tok_s": batch * 64 / (time.perf_counter() - t0)})
+            tok_s = batch * 64 / (time.perf_counter() - t0)
+            base = base or tok_s
+            rows.append({"batch": batch, "cache": kind, "tok_s": tok_s, "vs_fp16_cache": tok_s / base})
+            del cache
+            torch.cuda.empty_cache()
     return rows
 
 
@@ -213,7 +233,10 @@ def table(rows, floatfmt=".3f") -> str:
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--model", type=Path, default=None, help="model folder (default: the example SmolLM2-135M)")
+    ap.add_argument("--model", type=Path, default=None,
+                    help="model folder (default: the example SmolLM2-135M; for the decode section alone, a random-weight "
+                         "Llama-7B-shaped model of --decode-layers layers)")
+    ap.add_argument("--decode-layers", type=int, default=8, help="decode: layers of the random Llama-7B-shaped model")
     ap.add_argument("--calib", type=Path, default=None, help="KV calibration file (made if missing)")
     ap.add_argument("--sections", default="ppl,bytes,gen,decode")
     ap.add_argument("--tokens", type=int, default=10_240, help="perplexity: tokens of the Wikipedia text")
@@ -231,15 +254,25 @@ def main() -> None:
     ap.add_argument("--out", type=Path, default=None, help="also write the tables (markdown) here")
     args = ap.parse_args()
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    if args.model is None:
+    sections = args.sections.split(",")
+    if args.model is None and (sections != ["decode"] or args.gen_one):
         args.model = ensure_example()["model"]
+    if sections == ["decode"] and not args.gen_one:  # needs no calibration
+        rows = run_decode(args)
+        where = f"model {args.model}" if args.model else f"random-weight Llama-7B-shaped model, {args.decode_layers} layers"
+        report = (f"### GPU decode throughput ({where}, 1024-token prompt, 64 new tokens, per-token keys)\n\n"
+                  + (table(rows, ".2f") if rows else "skipped: no GPU"))
+        print(report)
+        if args.out:
+            with open(args.out, "a") as f:
+                f.write(report + "\n")
+        return
     if args.calib is None:
         args.calib = Path.home() / ".cache" / "qtool" / "kv" / f"{args.model.name}.kv_calib.safetensors"
     if args.gen_one:
         print(json.dumps(gen_one(args)))
         return
     calib = ensure_calibration(args.model, args.calib)
-    sections = args.sections.split(",")
     parts = []
     if "ppl" in sections:
         parts.append(f"### Perplexity, {args.tokens:,} tokens of wiki_eval.txt, {args.seqlen}-token windows\n\n"
@@ -256,7 +289,8 @@ def main() -> None:
     report = "\n\n".join(parts)
     print(report)
     if args.out:
-        args.out.write_text(report + "\n")
+        with open(args.out, "a") as f:  # append: gpu_check.sh gathers every benchmark's tables in one file
+            f.write(report + "\n")
 
 
 if __name__ == "__main__":

@@ -2,7 +2,7 @@
 # One call on the GPU machine: build every CUDA library, run the GPU tests, run the GPU benchmarks.
 # Usage (repo root, results under $OUT):  bash benchmarks/gpu_check.sh [STEP ...]
 #   no STEP: all of them, most important first (correctness before speed).
-#   STEPs: build test_gpu kv_build kv_test_gpu bench_gemm_fp16 bench_decode kv_bench bench_gemm_bf16 test_cpu
+#   STEPs: build test_gpu kv_test_gpu bench_gemm_fp16 bench_decode kv_bench bench_gemm_bf16 test_cpu
 # Budget: $QTOOL_GPU_BUDGET seconds in all (default 570, under the device tool's 600 s per call).
 # Each step has its own limit, cut to what is left of the budget; a step that cannot get
 # 20 s is not run, and a failed step does not stop the later ones. The summary lists every
@@ -10,7 +10,7 @@
 set -u
 OUT=${OUT:-/tmp/qtool_gpu_check}
 mkdir -p "$OUT"
-PY=${PYTHON:-python}
+PY=${PYTHON:-$(command -v python3 || command -v python)}
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export CUDA_MODULE_LOADING=LAZY
 BUDGET=${QTOOL_GPU_BUDGET:-570}
@@ -42,16 +42,17 @@ ARCH=$($PY -c "import torch; a, b = torch.cuda.get_device_capability(); print(f'
 
 run_step() {
   case $1 in
-    # Build for the local GPU only (sm_90 on H100/H200; sm_80 is covered by CPU CI).
+    # Both libraries (W4A16 and KV), for the local GPU only (sm_90 on H100/H200; sm_80 is covered by CPU CI).
     build) step build 120 $PY -m quant.kernels.build --arch "$ARCH" --jobs 16
-           cp build/qtool_kernels/*.log "$OUT/" 2>/dev/null ;;
-    test_gpu) step test_gpu 170 $PY -m pytest tests/test_kernels_gpu.py -q -x -p no:cacheprovider -rs ;;
-    kv_build) step kv_build 120 $PY -m quant.kv.kernels ;;
-    kv_test_gpu) step kv_test_gpu 90 $PY -m pytest tests/test_kv_kernels_gpu.py -q -x -p no:cacheprovider -rs ;;
+           cat build/qtool_kernels/*.log build/qtool_kv/*.log >"$OUT/ptxas.log" 2>/dev/null ;;
+    # No -x: on a first run every failing shape is worth seeing.
+    test_gpu) step test_gpu 150 $PY -m pytest tests/test_kernels_gpu.py -q -p no:cacheprovider -rs --tb=short --durations=8 ;;
+    kv_test_gpu) step kv_test_gpu 60 $PY -m pytest tests/test_kv_kernels_gpu.py -q -p no:cacheprovider -rs --tb=short ;;
     bench_gemm_fp16) step bench_gemm_fp16 120 $PY benchmarks/bench_gemm.py --dtype fp16 --group-size 128 \
                        --out "$OUT/RESULTS_gpu.md" ;;
     bench_decode) step bench_decode 80 $PY benchmarks/bench_decode.py --batch 1 8 32 --steps 64 --out "$OUT/RESULTS_gpu.md" ;;
-    kv_bench) step kv_bench 90 $PY benchmarks/bench_kv.py --sections decode --device cuda --out "$OUT/RESULTS_gpu.md" ;;
+    kv_bench) step kv_bench 90 $PY benchmarks/bench_kv.py --sections decode --device cuda --decode-layers 8 \
+                --out "$OUT/RESULTS_gpu.md" ;;
     bench_gemm_bf16) step bench_gemm_bf16 45 $PY benchmarks/bench_gemm.py --dtype bf16 --group-size 128 --m 1 16 256 1024 \
                        --shapes 4096x4096 4096x14336 8192x28672 --out "$OUT/RESULTS_gpu.md" ;;
     test_cpu) step test_cpu 45 $PY -m pytest tests/test_kernels_cpu.py -q -x -p no:cacheprovider ;;
@@ -60,7 +61,7 @@ run_step() {
 }
 
 STEPS=("$@")
-((${#STEPS[@]})) || STEPS=(build test_gpu kv_build kv_test_gpu bench_gemm_fp16 bench_decode kv_bench bench_gemm_bf16 test_cpu)
+((${#STEPS[@]})) || STEPS=(build test_gpu kv_test_gpu bench_gemm_fp16 bench_decode kv_bench bench_gemm_bf16)
 for s in "${STEPS[@]}"; do run_step "$s"; done
 
 echo "=== summary" | tee -a "$OUT/summary.txt"

@@ -7,7 +7,7 @@ to the output dtype). One exception is allowed: a code may differ by one where x
 within 1e-6 of a rounding boundary (``--use_fast_math`` is not used, so none is expected).
 Shapes sweep batch 1..64, kv heads 1..8, tokens 1..4099, head_dim 32..256 (even), every dtype and bits.
 
-Needs the library: ``python -m quant.kv.kernels``.
+Needs the library: ``python -m quant.kernels.build --library kv``.
 """
 from __future__ import annotations
 

@@ -1,8 +1,9 @@
 """Build the CUDA kernels into a shared library with nvcc directly (torch stable C ABI).
 
-``python -m quant.kernels.build [--arch 80 --arch 90] [--jobs N]`` compiles
-``csrc/*.cu`` and ``csrc/binding.cpp`` and links ``quant/kernels/_qtool_kernels.so``,
-where :mod:`quant.kernels.loader` looks. Only torch's stable C symbols are used,
+``python -m quant.kernels.build [--arch 80 --arch 90] [--jobs N] [--library kernels|kv]`` compiles
+``csrc/`` and links both libraries: ``quant/kernels/_qtool_kernels.so`` (W4A16 GEMM/GEMV, where
+:mod:`quant.kernels.loader` looks) and ``quant/kv/_qtool_kv_kernels.so`` (the KV-cache ops,
+:mod:`quant.kv.kernels`). Only torch's stable C symbols are used,
 so this works against the CPU wheel (CI) as well as a CUDA wheel; see
 /work/shared/notes/cuda-build.md. ``setup.py`` calls :func:`build` too.
 """
@@ -126,11 +127,17 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--arch", action="append", help="compute capability without the dot (repeatable); default 80 and 90")
     ap.add_argument("--jobs", type=int, default=os.cpu_count() or 2)
-    ap.add_argument("--out-dir", type=Path, default=None)
+    ap.add_argument("--library", choices=[name for name, _, _ in LIBRARIES], action="append",
+                    help="build only this library (repeatable); default all")
     args = ap.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     try:
-        build(args.out_dir, tuple(args.arch or DEFAULT_ARCHS), args.jobs)  # logs the library's path
+        for name, lib_name, sources in LIBRARIES:
+            if args.library and name not in args.library:
+                continue
+            # logs the library's path
+            build(ROOT / "quant" / name, tuple(args.arch or DEFAULT_ARCHS), args.jobs, obj_dir=ROOT / "build" / f"qtool_{name}",
+                  sources=sources, lib_name=lib_name)
     except RuntimeError as e:
         log.error("%s", e)
         return 1

@@ -3,7 +3,7 @@ build and loader.
 
 CUDA kernels (``csrc/kv_cache.cu``, bound in ``csrc/kv_binding.cpp``) live in their own library,
 ``quant/kv/_qtool_kv_kernels.so``, built with the W4A16 build helper (torch stable C ABI, nvcc):
-``python -m quant.kv.kernels`` (``$QTOOL_KV_KERNELS_LIB`` overrides the path). The cache itself
+``python -m quant.kernels.build --library kv`` (``$QTOOL_KV_KERNELS_LIB`` overrides the path). The cache itself
 calls the dispatch functions at the end of this module: the compiled op for CUDA tensors once the
 library is built and loads, else the reference functions of :mod:`quant.kv.quantizer` (the CPU
 kernels of the ops are the reference too).
@@ -20,7 +20,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import sys
 from pathlib import Path
 
 import torch
@@ -94,7 +93,7 @@ def load_library() -> str | None:
     """Load the compiled KV library once. None on success, else why it was not loaded."""
     path = library_path()
     if not path.is_file():
-        return f"{path} not built (python -m quant.kv.kernels)"
+        return f"{path} not built (python -m quant.kernels.build --library kv)"
     try:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as e:
@@ -152,11 +151,3 @@ def dequantize_per_channel(codes, scale, zero, bits: int, dtype: torch.dtype) ->
         return out
     return kq.dequantize_per_channel(codes, scale, zero, bits, dtype)
 
-
-if __name__ == "__main__":
-    logging.basicConfig(level=logging.INFO, format="%(message)s")
-    try:
-        build(jobs=os.cpu_count() or 2)  # logs the library's path
-    except RuntimeError as e:
-        log.error("%s", e)
-        sys.exit(1)
