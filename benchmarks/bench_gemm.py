@@ -134,14 +134,18 @@ def main() -> None:
     assert loader.load_library() is None, loader.load_library()
     torch.backends.cuda.matmul.allow_tf32 = False
     copy_bw = copy_bandwidth_gbs()
-    results = []
+    results, skipped = [], []
     for shape in args.shapes:
         k, n = map(int, shape.split("x"))
+        if args.group_size != -1 and k % args.group_size:
+            skipped.append(f"{k}x{n} (K not divisible by group {args.group_size}: no such checkpoint exists)")
+            continue
         results += bench_shape(k, n, args.m, DTYPES[args.dtype], args.group_size, copy_bw)
         torch.cuda.empty_cache()
     table = tabulate([asdict(r) for r in results], headers="keys", floatfmt=".3g", tablefmt="github")
     text = (header(f"bench_gemm: W4A16 {args.dtype}, group {args.group_size}") +
-            f"- measured copy bandwidth: {copy_bw:.0f} GB/s (read + write)\n\n{table}\n")
+            f"- measured copy bandwidth: {copy_bw:.0f} GB/s (read + write; the fraction column's denominator)\n"
+            + "".join(f"- skipped {s}\n" for s in skipped) + f"\n{table}\n")
     emit(text, args.out)
 
 

@@ -46,9 +46,10 @@ run_step() {
     build) step build 120 $PY -m quant.kernels.build --arch "$ARCH" --jobs 16
            cat build/qtool_kernels/*.log build/qtool_kv/*.log >"$OUT/ptxas.log" 2>/dev/null ;;
     # No -x: on a first run every failing shape is worth seeing.
-    test_gpu) step test_gpu 150 $PY -m pytest tests/test_kernels_gpu.py -q -p no:cacheprovider -rs --tb=short --durations=8 ;;
-    kv_test_gpu) step kv_test_gpu 60 $PY -m pytest tests/test_kv_kernels_gpu.py -q -p no:cacheprovider -rs --tb=short ;;
+    test_gpu) step test_gpu 150 $PY -m pytest tests/test_kernels_gpu.py -q -p no:cacheprovider -rfs --tb=line --durations=8 ;;
+    kv_test_gpu) step kv_test_gpu 60 $PY -m pytest tests/test_kv_kernels_gpu.py -q -p no:cacheprovider -rfs --tb=line ;;
     bench_gemm_fp16) step bench_gemm_fp16 120 $PY benchmarks/bench_gemm.py --dtype fp16 --group-size 128 \
+                       --m 1 4 16 32 64 128 256 1024 \
                        --out "$OUT/RESULTS_gpu.md" ;;
     bench_decode) step bench_decode 80 $PY benchmarks/bench_decode.py --batch 1 8 32 --steps 64 --out "$OUT/RESULTS_gpu.md" ;;
     kv_bench) step kv_bench 90 $PY benchmarks/bench_kv.py --sections decode --device cuda --decode-layers 8 \
@@ -68,3 +69,5 @@ echo "=== summary" | tee -a "$OUT/summary.txt"
 for k in "${STEPS[@]}"; do
   echo "$k rc=${RC[$k]:-not run}" | tee -a "$OUT/summary.txt"
 done
+# The device tool returns at most 8 files: every log goes back in one archive, the tables beside it.
+(cd "$OUT" && tar czf logs.tar.gz --remove-files -- *.log env.txt summary.txt 2>/dev/null)

@@ -179,11 +179,14 @@ def _run_peer(spec: dict, opts: dict) -> dict:
 
 
 def _code_digest() -> str:
-    """md5 of every source file of qtool and of this script: a cached result is reused only for the same code."""
+    """md5 of every source file of qtool and of this script: a cached result is reused only for the same code.
+
+    The KV-cache package is left out: no weight-quantization run imports it."""
     import hashlib
 
     root = Path(__file__).resolve().parents[1]
-    files = sorted(p for d in ("quant", "calib") for p in (root / d).rglob("*.py")) + [Path(__file__).resolve()]
+    files = sorted(p for d in ("quant", "calib") for p in (root / d).rglob("*.py") if "kv" not in p.relative_to(root).parts)
+    files += [Path(__file__).resolve()]
     return hashlib.md5(b"".join(f.read_bytes() for f in files)).hexdigest()
 
 

@@ -129,6 +129,27 @@ def test_cache_bytes_per_token_include_scales_and_zeros(bits, keys, per_token_by
     assert cache.nbytes() == 2 * 3 * 2 * 10 * per_token_bytes  # layers * batch * heads * tokens * bytes
 
 
+@pytest.mark.parametrize("model_type", ["llama", "gemma2"])
+def test_the_cache_builds_every_layer_with_older_transformers(monkeypatch, model_type):
+    """transformers < 5.2x returns one kwargs dict shared by all layers from get_layer_types_and_kwargs
+    (5.17 on the GPU machine did); the cache once zipped its keys and built no layer at all."""
+    import quant.kv.cache as kv_cache
+
+    current = kv_cache.get_layer_types_and_kwargs
+
+    def old_api(config):
+        types, per_layer = current(config)
+        return types, {k: v for kw in per_layer for k, v in kw.items()}
+
+    monkeypatch.setattr(kv_cache, "get_layer_types_and_kwargs", old_api)
+    model = tiny_model(model_type)
+    cache = QuantizedKVCache(model.config, KVCacheConfig(bits=8))
+    assert len(cache.layers) == model.config.num_hidden_layers
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, past_key_values=cache, pad_token_id=257)
+    assert out.shape == (1, 15)
+
+
 def test_sliding_window_layers_keep_only_the_window():
     model = tiny_model("gemma2")  # sliding_window=8 on every other layer
     cache = QuantizedKVCache(model.config, KVCacheConfig(bits=8, window=2))

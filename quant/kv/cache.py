@@ -206,6 +206,8 @@ class QuantizedKVCache(Cache):
     def __init__(self, config, kv: KVCacheConfig):
         text_config = config.get_text_config(decoder=True)
         layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+        if isinstance(layer_kwargs, dict):  # transformers < 5.2x: one kwargs dict shared by every layer
+            layer_kwargs = [layer_kwargs] * len(layer_types)
         n_layers, kv_heads, head_dim = _kv_dims(text_config)
         if kv.calibration is not None:
             kv.calibration.check_model(n_layers, kv_heads, head_dim)

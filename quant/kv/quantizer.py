@@ -66,7 +66,9 @@ def quantize_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     xf = x.float()
     xmax = xf.amax(dim=-1, keepdim=True).clamp(min=0)
     xmin = xf.amin(dim=-1, keepdim=True).clamp(max=0)
-    scale = ((xmax - xmin) / maxq).clamp(max=_FP16_MAX).half().float()
+    # Divide by a tensor, not a Python number: on CUDA torch turns division by a CPU scalar into a
+    # multiplication by its reciprocal, which rounds differently (the kernel and the CPU divide exactly).
+    scale = ((xmax - xmin) / torch.full_like(xmax, maxq)).clamp(max=_FP16_MAX).half().float()
     # A constant-zero group gets scale 0; any positive scale reproduces it.
     scale = torch.where(scale > 0, scale, torch.full_like(scale, _FP16_TINY))
     zero = torch.round(-xmin / scale).clamp(0, maxq)
