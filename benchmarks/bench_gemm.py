@@ -3,7 +3,9 @@
 For each (k, n) and m: µs per call (median of CUDA-graph replays, inputs rotated
 to defeat L2), TFLOP/s, GB/s (each input read once, output written once), the
 fraction of the device-to-device copy bandwidth measured in this run, and the
-speedup over the 16-bit cuBLAS matmul. Every int4 path is checked against the
+speedup over the 16-bit cuBLAS matmul. Every qtool path that can take the shape is
+timed (fused GEMV, fused GEMM, dequantize + cuBLAS); ``*`` marks the one
+``quant.kernels.dispatch`` picks. Every int4 path is checked against the
 reference first (error column). Prints a table; ``--out`` appends it as markdown.
 """
 from __future__ import annotations
@@ -73,17 +75,23 @@ def bench_shape(k: int, n: int, ms, dtype, g: int, copy_bw: float) -> list[Resul
     for m in ms:
         act_bytes = 2 * (m * k + m * n)
         flops = 2 * m * n * k
-        op_name, why = dispatch.cuda_kernel_for(m, _Shape(n, k, g))
-        assert op_name, why
-        op = getattr(torch.ops.qtool, op_name)
+        chosen, why = dispatch.cuda_kernel_for(m, _Shape(n, k, g))
+        assert chosen, why
         impls = {}
         # Rotate through enough copies of weights and inputs that no call finds its operands in L2.
         r = rotation_count(int4_bytes + act_bytes, cap=512)
         ws = [kw] + [replace(kw, qweight=kw.qweight.clone(), scales=kw.scales.clone(),
                              zeros=None if kw.zeros is None else kw.zeros.clone()) for _ in range(r - 1)]
         xs = [torch.randn(m, k, device="cuda").to(dtype) for _ in range(r)]
-        impls[f"qtool {op_name[6:]}"] = ([lambda x=x, w=w: op(x, w.qweight, w.scales, w.zeros, None, w.group_size)
-                                         for x, w in zip(xs, ws)], int4_bytes, xs[0])
+        fused = ["w4a16_gemv", "w4a16_gemm"] if m <= 32 else ["w4a16_gemm"]
+        for op_name in fused:
+            op = getattr(torch.ops.qtool, op_name)
+            impls[op_name] = ([lambda x=x, w=w, op=op: op(x, w.qweight, w.scales, w.zeros, None, w.group_size)
+                               for x, w in zip(xs, ws)], int4_bytes, xs[0])
+        if m >= 16:  # dequantize to W[N, K] (bandwidth-bound), then cuBLAS
+            deq = torch.ops.qtool.w4a16_dequant
+            impls["w4a16_dequant"] = ([lambda x=x, w=w: F.linear(x, deq(w.qweight, w.scales, w.zeros, w.group_size))
+                                       for x, w in zip(xs, ws)], int4_bytes, xs[0])
         r16 = rotation_count(2 * n * k + act_bytes, cap=512)
         w16s = [w16] + [w16.clone() for _ in range(r16 - 1)]
         x16 = [xs[i % r] for i in range(r16)]
@@ -105,12 +113,16 @@ def bench_shape(k: int, n: int, ms, dtype, g: int, copy_bw: float) -> list[Resul
             us = time_graph(calls)
             base_us = us if name.startswith("cuBLAS") else base_us
             gbs = (wbytes + act_bytes) / (us * 1e-6) / 1e9
-            rows.append(Result(k, n, m, name, us, flops / (us * 1e-6) / 1e12, gbs, gbs / copy_bw, 0.0, err))
+            label = IMPL_LABELS.get(name, name) + (" *" if name == chosen else "")
+            rows.append(Result(k, n, m, label, us, flops / (us * 1e-6) / 1e12, gbs, gbs / copy_bw, 0.0, err))
             done += 1
         del impls, ws, xs, w16s
         for row in rows[len(rows) - done:]:
             row.speedup_vs_16bit = base_us / row.us if base_us else float("nan")
     return rows
+
+
+IMPL_LABELS = {"w4a16_gemv": "qtool gemv", "w4a16_gemm": "qtool gemm", "w4a16_dequant": "qtool dequant+cuBLAS"}
 
 
 @dataclass

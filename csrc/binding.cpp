@@ -48,19 +48,16 @@ void check_operand(const Tensor& t, const char* name, ScalarType dtype, int32_t 
   STD_TORCH_CHECK(aligned16(t), "qtool: ", name, " must be 16-byte aligned");
 }
 
-enum class Kernel { kGemv, kGemm };
+// The weight operands in the qtool-tile32 layout, checked against K, dtype and device; returns N and the zeros pointer.
+struct Weight {
+  int64_t N;
+  const uint8_t* zeros;
+};
 
-Tensor run(Kernel kernel, const Tensor& x, const Tensor& qweight, const Tensor& scales,
-           const std::optional<Tensor>& zeros, const std::optional<Tensor>& bias, int64_t group_size) {
-  STD_TORCH_CHECK(x.is_cuda(), "qtool: x must be a CUDA tensor");
-  STD_TORCH_CHECK(x.dim() == 2, "qtool: x must be 2-D [M, K], got ", x.dim(), " dims");
-  const ScalarType dt = x.scalar_type();
-  STD_TORCH_CHECK(dt == ScalarType::Half || dt == ScalarType::BFloat16, "qtool: x must be float16 or bfloat16");
-  const int32_t dev = x.get_device_index();
-  check_operand(x, "x", dt, dev);
+Weight check_weight(const Tensor& qweight, const Tensor& scales, const std::optional<Tensor>& zeros, int64_t group_size,
+                    int64_t K, ScalarType dt, int32_t dev) {
   check_operand(qweight, "qweight", ScalarType::Int, dev);
   check_operand(scales, "scales", dt, dev);
-  const int64_t M = x.size(0), K = x.size(1);
   STD_TORCH_CHECK(qweight.dim() == 4 && qweight.size(2) == 32 && qweight.size(3) == 4,
                   "qtool: qweight must be int32 [K/32, N/32, 32, 4] (the qtool-tile32 layout)");
   const int64_t N = qweight.size(1) * 32;
@@ -76,6 +73,24 @@ Tensor run(Kernel kernel, const Tensor& x, const Tensor& qweight, const Tensor& 
                     "qtool: zeros must be uint8 [K/group_size, N] = [", K / group_size, ", ", N, "]");
     zp = static_cast<const uint8_t*>(zeros->data_ptr());
   }
+  return {N, zp};
+}
+
+qtool::Act act_of(ScalarType dt) { return dt == ScalarType::Half ? qtool::Act::kFloat16 : qtool::Act::kBFloat16; }
+
+enum class Kernel { kGemv, kGemm };
+
+Tensor run(Kernel kernel, const Tensor& x, const Tensor& qweight, const Tensor& scales,
+           const std::optional<Tensor>& zeros, const std::optional<Tensor>& bias, int64_t group_size) {
+  STD_TORCH_CHECK(x.is_cuda(), "qtool: x must be a CUDA tensor");
+  STD_TORCH_CHECK(x.dim() == 2, "qtool: x must be 2-D [M, K], got ", x.dim(), " dims");
+  const ScalarType dt = x.scalar_type();
+  STD_TORCH_CHECK(dt == ScalarType::Half || dt == ScalarType::BFloat16, "qtool: x must be float16 or bfloat16");
+  const int32_t dev = x.get_device_index();
+  check_operand(x, "x", dt, dev);
+  const int64_t M = x.size(0), K = x.size(1);
+  const Weight w = check_weight(qweight, scales, zeros, group_size, K, dt, dev);
+  const int64_t N = w.N;
   const void* bp = nullptr;
   if (bias.has_value()) {
     check_operand(*bias, "bias", dt, dev);
@@ -88,13 +103,33 @@ Tensor run(Kernel kernel, const Tensor& x, const Tensor& qweight, const Tensor& 
 
   Tensor y = torch::stable::new_empty(x, {M, N});
   torch::stable::accelerator::DeviceGuard guard(dev);
-  qtool::W4A16Args args{x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), zp, bp, y.data_ptr(),
+  qtool::W4A16Args args{x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), w.zeros, bp, y.data_ptr(),
                         int(M), int(N), int(K), int(group_size)};
-  const qtool::Act act = dt == ScalarType::Half ? qtool::Act::kFloat16 : qtool::Act::kBFloat16;
   const cudaStream_t stream = current_stream(dev);
-  const cudaError_t err = kernel == Kernel::kGemv ? qtool::launch_gemv(args, act, stream) : qtool::launch_gemm(args, act, stream);
+  const cudaError_t err = kernel == Kernel::kGemv ? qtool::launch_gemv(args, act_of(dt), stream)
+                                                  : qtool::launch_gemm(args, act_of(dt), stream);
   STD_TORCH_CHECK(err == cudaSuccess, "qtool: kernel launch failed: ", cudaGetErrorString(err));
   return y;
+}
+
+// W[N, K] in the scales' dtype (the activation dtype the layout was built for).
+Tensor w4a16_dequant(Tensor qweight, Tensor scales, std::optional<Tensor> zeros, int64_t group_size) {
+  STD_TORCH_CHECK(qweight.is_cuda(), "qtool: qweight must be a CUDA tensor");
+  const ScalarType dt = scales.scalar_type();
+  STD_TORCH_CHECK(dt == ScalarType::Half || dt == ScalarType::BFloat16, "qtool: scales must be float16 or bfloat16");
+  const int32_t dev = qweight.get_device_index();
+  STD_TORCH_CHECK(qweight.dim() == 4, "qtool: qweight must be int32 [K/32, N/32, 32, 4] (the qtool-tile32 layout)");
+  const int64_t K = qweight.size(0) * 32;
+  const Weight w = check_weight(qweight, scales, zeros, group_size, K, dt, dev);
+  const std::string why = qtool::dequant_check(int(w.N), int(K), int(group_size));
+  STD_TORCH_CHECK(why.empty(), "qtool: w4a16_dequant: ", why);
+  Tensor out = torch::stable::new_empty(scales, {w.N, K});
+  torch::stable::accelerator::DeviceGuard guard(dev);
+  qtool::W4A16Args args{nullptr, qweight.data_ptr(), scales.data_ptr(), w.zeros, nullptr, out.data_ptr(),
+                        0, int(w.N), int(K), int(group_size)};
+  const cudaError_t err = qtool::launch_dequant(args, act_of(dt), current_stream(dev));
+  STD_TORCH_CHECK(err == cudaSuccess, "qtool: kernel launch failed: ", cudaGetErrorString(err));
+  return out;
 }
 
 Tensor w4a16_gemv(Tensor x, Tensor qweight, Tensor scales, std::optional<Tensor> zeros, std::optional<Tensor> bias,
@@ -112,4 +147,5 @@ Tensor w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, std::optional<Tensor>
 STABLE_TORCH_LIBRARY_IMPL(qtool, CUDA, m) {
   m.impl("w4a16_gemv", TORCH_BOX(&w4a16_gemv));
   m.impl("w4a16_gemm", TORCH_BOX(&w4a16_gemm));
+  m.impl("w4a16_dequant", TORCH_BOX(&w4a16_dequant));
 }

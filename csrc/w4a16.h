@@ -29,6 +29,11 @@ constexpr int kGemvMaxM = 32;
 std::string gemv_check(int M, int N, int K, int group_size);
 cudaError_t launch_gemv(const W4A16Args& a, Act act, cudaStream_t stream);
 
+// Dequantize to W[N, K] in the activation dtype (a.y; a.x, a.bias and a.M unused), for large M
+// where dequantize + cuBLAS beats the fused GEMM.
+std::string dequant_check(int N, int K, int group_size);
+cudaError_t launch_dequant(const W4A16Args& a, Act act, cudaStream_t stream);
+
 // Tiled tensor-core GEMM, any M >= 1.
 std::string gemm_check(int M, int N, int K, int group_size);
 cudaError_t launch_gemm(const W4A16Args& a, Act act, cudaStream_t stream);

@@ -27,9 +27,10 @@ NVCC = build.find_nvcc()
 pytestmark = pytest.mark.skipif(NVCC is None, reason="nvcc not found")
 
 ARCHS = ("80", "90")
-BUDGETS = {"gemv_kernel": {"registers": 128, "smem": 48 * 1024}, "gemm_kernel": {"registers": 168, "smem": 0}}
-# Instantiations per arch: gemv 2 dtypes x 3 batch blocks x zeros on/off; gemm 2 x 4 tiles x 2.
-EXPECTED = {"gemv_kernel": 12, "gemm_kernel": 16}
+BUDGETS = {"gemv_kernel": {"registers": 128, "smem": 48 * 1024}, "gemm_kernel": {"registers": 168, "smem": 0},
+           "dequant_kernel": {"registers": 64, "smem": 0}}
+# Instantiations per arch: gemv 2 dtypes x 3 batch blocks x zeros on/off; gemm 2 x 4 tiles x 2; dequant 2 x 2.
+EXPECTED = {"gemv_kernel": 12, "gemm_kernel": 16, "dequant_kernel": 4}
 
 
 @pytest.fixture(scope="module")
@@ -76,7 +77,7 @@ def test_library_loads_and_registers_cuda_kernels(built):
     code = (
         "import torch, quant.kernels.ops as ops\n"
         f"torch.ops.load_library({str(lib)!r})\n"
-        "for name in ops.OP_NAMES:\n"
+        "for name in ops.OP_NAMES + (ops.DEQUANT_OP,):\n"
         "    dump = torch._C._dispatch_dump(f'qtool::{name}')\n"
         "    assert 'CUDA: registered' in dump and 'Meta: registered' in dump, dump\n"
         "x = torch.empty(5, 256, dtype=torch.float16, device='meta')\n"

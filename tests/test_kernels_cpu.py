@@ -128,6 +128,22 @@ def test_op_cpu_kernel_is_the_reference(op, dtype):
         assert rel_err(y, reference.linear(x.double(), layer)) < BF16_TOL
 
 
+@pytest.mark.parametrize("sym", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_dequant_op_cpu_kernel_is_the_checkpoint_weight(dtype, sym):
+    """w4a16_dequant on the tile32 copy gives W of the checkpoint, bit for bit, in the layout's dtype
+    (bf16: the scale rounded to bf16 first, as the layout holds it)."""
+    n, k, g = 96, 256, 64
+    pw = random_packed(n, k, g, sym=sym)
+    kw = layout.repack(pw, dtype)
+    w = torch.ops.qtool.w4a16_dequant(kw.qweight, kw.scales, kw.zeros, kw.group_size)
+    want = PackedWeight(pw.q, pw.scale.to(dtype), pw.zero, 4, g).dequantize(dtype)
+    assert w.dtype == dtype and w.shape == (n, k)
+    assert torch.equal(w, want)
+    meta = torch.ops.qtool.w4a16_dequant(kw.qweight.to("meta"), kw.scales.to("meta"), None, kw.group_size)
+    assert meta.shape == (n, k) and meta.dtype == dtype
+
+
 def test_ops_pass_opcheck_and_fake_shapes():
     pw = random_packed(128, 128, 32)
     kw = layout.repack(pw, torch.bfloat16)
@@ -183,9 +199,12 @@ def test_cuda_kernel_choice_and_reasons():
     assert dispatch.cuda_kernel_for(1, big) == ("w4a16_gemv", None)
     assert dispatch.cuda_kernel_for(32, big) == ("w4a16_gemv", None)
     assert dispatch.cuda_kernel_for(33, big) == ("w4a16_gemm", None)
+    assert dispatch.cuda_kernel_for(dispatch.DEQUANT_MIN_M - 1, big) == ("w4a16_gemm", None)
+    assert dispatch.cuda_kernel_for(dispatch.DEQUANT_MIN_M, big) == ("w4a16_dequant", None)
     odd_n = QuantLinear.from_packed(random_packed(96, 256, 64), None, "awq")
     assert dispatch.cuda_kernel_for(8, odd_n) == ("w4a16_gemv", None)
     assert dispatch.cuda_kernel_for(64, odd_n) == (None, "N=96 must be divisible by 128")
+    assert dispatch.cuda_kernel_for(dispatch.DEQUANT_MIN_M, odd_n) == ("w4a16_dequant", None)  # N % 32 suffices
     odd_k = QuantLinear.from_packed(random_packed(128, 96, 32), None, "awq")
     assert dispatch.cuda_kernel_for(64, odd_k) == (None, "K=96 must be divisible by 64")
     small_n = QuantLinear.from_packed(random_packed(48, 64, 32), None, "awq")

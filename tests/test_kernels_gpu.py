@@ -17,7 +17,7 @@ import torch
 
 from quant import qmath
 from quant.formats import PackedWeight
-from quant.kernels import dispatch, layout, loader
+from quant.kernels import dispatch, layout, loader, reference
 from quant.modules import QuantLinear
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
@@ -68,6 +68,12 @@ def test_sweep(k, n, group_size):
         for dtype in (torch.float16, torch.bfloat16):
             kw = layout.repack(pw, dtype)
             assert (kw.zeros is None) == sym
+            # The dequantized weight (large-M path) is the pure-torch reference's (run on the GPU), bit for bit,
+            # every element written.
+            wd = poisoned_call(lambda: torch.ops.qtool.w4a16_dequant(kw.qweight, kw.scales, kw.zeros, kw.group_size), n, k, dtype)
+            want = reference.tile32_dequantize(kw.qweight, kw.scales, kw.zeros, kw.group_size)
+            assert torch.equal(wd, want), f"w4a16_dequant k={k} n={n} g={group_size} sym={sym} {dtype}"
+            del want
             for m in M_VALUES:
                 x = torch.randn(m, k, device="cuda").to(dtype)
                 ref = x.float() @ w_ref.T
@@ -76,6 +82,8 @@ def test_sweep(k, n, group_size):
                     fn = getattr(torch.ops.qtool, op)
                     y = poisoned_call(lambda: fn(x, kw.qweight, kw.scales, kw.zeros, None, kw.group_size), m, n, dtype)
                     check(y, ref, dtype, f"{op} m={m} k={k} n={n} g={group_size} sym={sym} {dtype}")
+                if m >= 64:
+                    check(torch.nn.functional.linear(x, wd), ref, dtype, f"dequant+cuBLAS m={m} k={k} n={n} g={group_size}")
         torch.cuda.synchronize()
 
 
@@ -88,10 +96,12 @@ def test_quantlinear_dispatches_to_the_kernels(fmt, dtype):
     cpu = PackedWeight(pw.q.cpu(), pw.scale.cpu(), pw.zero.clamp(min=1).cpu(), 4, g)  # v1 GPTQ: z >= 1
     pw = PackedWeight(cpu.q.cuda(), cpu.scale.cuda(), cpu.zero.cuda(), 4, g)
     layer = QuantLinear.from_packed(cpu, bias.cpu(), fmt).cuda()
-    for shape in ((1, 1, k), (2, 5, k), (3, 100, k)):
+    for shape in ((1, 1, k), (2, 5, k), (1, 64, k), (3, 100, k)):
         x = torch.randn(shape, device="cuda").to(dtype)
         path, why = dispatch.choose_path(x, layer)
-        assert path.startswith("cuda:"), why
+        m = x.numel() // k
+        assert path == ("cuda:w4a16_gemv" if m <= 32 else "cuda:w4a16_gemm" if m < dispatch.DEQUANT_MIN_M
+                        else "cuda:w4a16_dequant"), (path, why)
         y = dispatch.linear(x, layer)
         ref = x.float() @ pw.dequantize(torch.float32).T + bias.float()
         check(y.reshape(-1, n), ref.reshape(-1, n), dtype, f"QuantLinear {fmt} {shape}")
@@ -107,6 +117,10 @@ def test_binding_names_the_failed_constraint():
         torch.ops.qtool.w4a16_gemv(torch.randn(33, 256, device="cuda", dtype=torch.float16), kw.qweight, kw.scales, kw.zeros, None, 64)
     with pytest.raises(RuntimeError, match="scales has the wrong dtype"):
         torch.ops.qtool.w4a16_gemm(x, kw.qweight, kw.scales.bfloat16(), kw.zeros, None, 64)
+    with pytest.raises(RuntimeError, match="K=256 must be divisible by group_size 96"):
+        torch.ops.qtool.w4a16_dequant(kw.qweight, kw.scales, None, 96)
+    with pytest.raises(RuntimeError, match="zeros has the wrong dtype"):
+        torch.ops.qtool.w4a16_dequant(kw.qweight, kw.scales, kw.zeros.int(), 64)
 
 
 def test_runs_on_the_current_stream():
@@ -127,7 +141,7 @@ def _layer(n: int, k: int, g: int) -> QuantLinear:
     return QuantLinear.from_packed(cpu, torch.randn(n).half(), "awq").cuda()
 
 
-@pytest.mark.parametrize("m", [1, 64])
+@pytest.mark.parametrize("m", [1, 64, 256])  # gemv, gemm, dequant + cuBLAS
 def test_cuda_graph_capture_and_replay(m):
     layer = _layer(4096, 4096, 128)
     x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
@@ -152,6 +166,6 @@ def test_torch_compile():
     layer = _layer(4096, 4096, 64)
     model = torch.nn.Sequential(layer, torch.nn.SiLU())
     compiled = torch.compile(model)
-    for m in (1, 8, 40):
+    for m in (1, 8, 40, 300):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)
         check(compiled(x), model(x).float(), torch.bfloat16, f"torch.compile m={m}")

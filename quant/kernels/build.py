@@ -23,7 +23,7 @@ log = logging.getLogger(__name__)
 
 ROOT = Path(__file__).resolve().parents[2]
 CSRC = ROOT / "csrc"
-KERNEL_SOURCES = ("w4a16_gemv.cu", "w4a16_gemm.cu")
+KERNEL_SOURCES = ("w4a16_gemv.cu", "w4a16_gemm.cu", "w4a16_dequant.cu")
 SOURCES = KERNEL_SOURCES + ("binding.cpp",)
 LIB_NAME = "_qtool_kernels.so"
 KV_SOURCES = ("kv_cache.cu", "kv_binding.cpp")  # the KV-cache library (quant/kv/kernels.py)

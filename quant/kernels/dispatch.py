@@ -3,7 +3,8 @@
 ``linear(x, layer)`` takes, in order:
 
 1. CUDA ``x`` and the compiled kernels loaded and the shape supported:
-   ``qtool::w4a16_gemv`` (M <= 32) or ``qtool::w4a16_gemm``, on the layer's
+   ``qtool::w4a16_gemv`` (M <= 32), ``qtool::w4a16_gemm`` (M < ``DEQUANT_MIN_M``), or, for
+   larger M (prefill), ``qtool::w4a16_dequant`` then cuBLAS (``F.linear``), on the layer's
    tile32 copy (repacked once per dtype/device and cached in ``layer.kernel_cache``);
 2. CPU bf16 ``x``, 4-bit, no act-order: torch's ``_weight_int4pack_mm_for_cpu``
    on a once-repacked copy;
@@ -17,6 +18,7 @@ import functools
 import logging
 
 import torch
+import torch.nn.functional as F
 
 from quant import qmath
 from quant.formats import PackedWeight
@@ -25,6 +27,9 @@ from quant.kernels import layout, loader, ops, reference
 log = logging.getLogger(__name__)
 
 CPU_INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts
+# From this many rows of x on, dequantizing the weight once and calling cuBLAS beats the fused GEMM
+# (H200, benchmarks/bench_gemm.py: see benchmarks/RESULTS.md).
+DEQUANT_MIN_M = 128
 
 
 @functools.cache
@@ -60,6 +65,8 @@ def cuda_kernel_for(m: int, layer) -> tuple[str | None, str | None]:
     if why:
         return None, why
     g = qmath.effective_group_size(k, layer.group_size)
+    if m >= DEQUANT_MIN_M and ops.dequant_shape_check(n, k, g) is None:
+        return ops.DEQUANT_OP, None
     gemv_why = ops.gemv_shape_check(m, n, k, g)
     if gemv_why is None:
         return "w4a16_gemv", None
@@ -97,8 +104,10 @@ def prepare_cuda(layer, dtype: torch.dtype, device: torch.device, packed: Packed
 def _cuda_linear(x: torch.Tensor, layer, op_name: str) -> torch.Tensor:
     kw, bias = prepare_cuda(layer, x.dtype, x.device)
     x2 = x.reshape(-1, layer.in_features).contiguous()
-    op = getattr(torch.ops.qtool, op_name)
-    y = op(x2, kw.qweight, kw.scales, kw.zeros, bias, kw.group_size)
+    if op_name == ops.DEQUANT_OP:
+        y = F.linear(x2, torch.ops.qtool.w4a16_dequant(kw.qweight, kw.scales, kw.zeros, kw.group_size), bias)
+    else:
+        y = getattr(torch.ops.qtool, op_name)(x2, kw.qweight, kw.scales, kw.zeros, bias, kw.group_size)
     return y.reshape(*x.shape[:-1], layer.out_features)
 
 

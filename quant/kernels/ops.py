@@ -8,6 +8,9 @@ adds the CUDA kernels to these same ops. Both ops compute
 * ``qtool::w4a16_gemm``: any ``M``, ``N % 128 == 0``, ``K % 64 == 0``;
 * both: ``group_size`` a multiple of 32 dividing ``K`` (per channel: ``K``);
   fp16 or bf16 ``x``, ``scales`` and ``bias`` of ``x``'s dtype, uint8 ``zeros`` or none (z = 8).
+
+``qtool::w4a16_dequant(qweight, scales, zeros, group_size)`` returns ``W [N, K]`` in the scales'
+dtype, bit-identical to the weights the two fused ops multiply by (for a cuBLAS matmul at large M).
 """
 from __future__ import annotations
 
@@ -36,6 +39,28 @@ def _cpu(x, qweight, scales, zeros, bias, group_size):
 for _name in OP_NAMES:
     torch.library.register_fake(f"qtool::{_name}", _fake, lib=_lib)
     _lib.impl(_name, _cpu, "CPU")
+
+DEQUANT_OP = "w4a16_dequant"
+_lib.define(DEQUANT_OP + "(Tensor qweight, Tensor scales, Tensor? zeros, int group_size) -> Tensor")
+
+
+def _fake_dequant(qweight, scales, zeros, group_size):
+    return scales.new_empty((qweight.shape[1] * 32, qweight.shape[0] * 32))
+
+
+def _cpu_dequant(qweight, scales, zeros, group_size):
+    return reference.tile32_dequantize(qweight, scales, zeros, group_size)
+
+
+torch.library.register_fake("qtool::w4a16_dequant", _fake_dequant, lib=_lib)
+_lib.impl("w4a16_dequant", _cpu_dequant, "CPU")
+
+
+def dequant_shape_check(n: int, k: int, group_size: int) -> str | None:
+    """Mirror of ``dequant_check`` in csrc/w4a16_dequant.cu."""
+    if n % 32 or k % 32:
+        return f"N={n} and K={k} must be divisible by 32"
+    return _group_check(k, group_size)
 
 
 def gemm_shape_check(m: int, n: int, k: int, group_size: int) -> str | None:

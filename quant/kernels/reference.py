@@ -23,7 +23,11 @@ def tile32_linear(
     group_size: int,
 ) -> torch.Tensor:
     """The same function on the kernels' tile32 tensors: unpack to canonical codes, then ``qmath.dequantize``."""
+    return F.linear(x, tile32_dequantize(qweight, scales, zeros, group_size).to(x.dtype), bias)
+
+
+def tile32_dequantize(qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor | None, group_size: int) -> torch.Tensor:
+    """``W [N, K]`` in the scales' dtype from the tile32 tensors (``layout.unpack``, then ``qmath.dequantize``)."""
     n, k = qweight.shape[1] * layout.TILE, qweight.shape[0] * layout.TILE
     kw = layout.Tile32Weight(qweight, scales, zeros, group_size, n, k)
-    w = layout.unpack(kw).dequantize(x.dtype)
-    return F.linear(x, w, bias)
+    return layout.unpack(kw).dequantize(scales.dtype)
