@@ -22,6 +22,16 @@ struct W4A16Args {
   int M, N, K, group_size;
 };
 
+// Empty when N, K and group_size fit the tile32 layout, else the constraint that failed.
+inline std::string tile32_check(int N, int K, int group_size) {
+  if (N % 32) return "N=" + std::to_string(N) + " must be divisible by 32";
+  if (K % 32) return "K=" + std::to_string(K) + " must be divisible by 32";
+  if (group_size <= 0 || group_size % 32)
+    return "group_size " + std::to_string(group_size) + " must be a positive multiple of 32";
+  if (K % group_size) return "K=" + std::to_string(K) + " must be divisible by group_size " + std::to_string(group_size);
+  return {};
+}
+
 // Small-batch kernel (tensor cores with weights as the A operand), M <= kGemvMaxM.
 constexpr int kGemvMaxM = 32;
 // Empty when the shape is supported, else the constraint that failed, e.g.

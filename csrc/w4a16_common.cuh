@@ -83,6 +83,15 @@ __device__ __forceinline__ RowParams make_row_params(uint16_t scale_bits, uint32
   return p;
 }
 
+// Parameters of row 8j + g of a 32-row block from lane g's permuted loads: sv = its four 16-bit
+// scales (columns 4g .. 4g+3), zv = its four uint8 zeros.
+template <typename T>
+__device__ __forceinline__ RowParams row_params(const uint2& sv, uint32_t zv, int j) {
+  const uint32_t sword = j < 2 ? sv.x : sv.y;
+  const uint16_t sbits = static_cast<uint16_t>(sword >> (16 * (j & 1)));
+  return make_row_params<T>(sbits, (zv >> (8 * j)) & 0xFFu);
+}
+
 // One layout word -> four fragment registers of dequantized weights:
 //   out[0] = (row g,   k 2t..2t+1)   out[1] = (row g,   k 2t+8..2t+9)
 //   out[2] = (row g+8, k 2t..2t+1)   out[3] = (row g+8, k 2t+8..2t+9)

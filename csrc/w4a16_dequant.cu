@@ -31,12 +31,9 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_kernel(const W4A16Args a)
   const uint2 sv = *reinterpret_cast<const uint2*>(static_cast<const uint16_t*>(a.scales) + prow);
   uint32_t zv = 0x08080808u;  // symmetric: z = 8
   if constexpr (kHasZero) zv = __ldg(reinterpret_cast<const uint32_t*>(a.zeros + prow));
-  RowParams rp[4];  // rows g, g+8, g+16, g+24 of the tile (column 4g+j of the permuted block holds row 8j+g)
+  RowParams rp[4];  // rows g, g+8, g+16, g+24 of the tile
 #pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t sword = j < 2 ? sv.x : sv.y;
-    rp[j] = make_row_params<T>(static_cast<uint16_t>(sword >> (16 * (j & 1))), (zv >> (8 * j)) & 0xFFu);
-  }
+  for (int j = 0; j < 4; ++j) rp[j] = row_params<T>(sv, zv, j);
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
   uint32_t* out = static_cast<uint32_t*>(a.y);  // pairs of 16-bit values; K is even
   const size_t row_pairs = size_t(a.K) / 2;
@@ -68,14 +65,7 @@ cudaError_t launch_typed(const W4A16Args& a, cudaStream_t stream) {
 
 }  // namespace
 
-std::string dequant_check(int N, int K, int group_size) {
-  if (N % 32) return "N=" + std::to_string(N) + " must be divisible by 32";
-  if (K % 32) return "K=" + std::to_string(K) + " must be divisible by 32";
-  if (group_size <= 0 || group_size % 32)
-    return "group_size " + std::to_string(group_size) + " must be a positive multiple of 32";
-  if (K % group_size) return "K=" + std::to_string(K) + " must be divisible by group_size " + std::to_string(group_size);
-  return {};
-}
+std::string dequant_check(int N, int K, int group_size) { return tile32_check(N, K, group_size); }
 
 cudaError_t launch_dequant(const W4A16Args& a, Act act, cudaStream_t stream) {
   return act == Act::kFloat16 ? launch_typed<half>(a, stream) : launch_typed<__nv_bfloat16>(a, stream);

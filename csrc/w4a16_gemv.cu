@@ -22,13 +22,6 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kUnroll = 4;
 
-template <typename T>
-__device__ __forceinline__ RowParams row_params(const uint2& sv, uint32_t zv, int j) {
-  const uint32_t sword = j < 2 ? sv.x : sv.y;
-  const uint16_t sbits = static_cast<uint16_t>(sword >> (16 * (j & 1)));
-  return make_row_params<T>(sbits, (zv >> (8 * j)) & 0xFFu);
-}
-
 template <typename T, int MB, bool kHasZero>
 __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const W4A16Args a) {
   const int nb = blockIdx.x;
@@ -143,12 +136,7 @@ cudaError_t launch_typed(const W4A16Args& a, cudaStream_t stream) {
 
 std::string gemv_check(int M, int N, int K, int group_size) {
   if (M < 1 || M > kGemvMaxM) return "M=" + std::to_string(M) + " must be in [1, " + std::to_string(kGemvMaxM) + "]";
-  if (N % 32) return "N=" + std::to_string(N) + " must be divisible by 32";
-  if (K % 32) return "K=" + std::to_string(K) + " must be divisible by 32";
-  if (group_size <= 0 || group_size % 32)
-    return "group_size " + std::to_string(group_size) + " must be a positive multiple of 32";
-  if (K % group_size) return "K=" + std::to_string(K) + " must be divisible by group_size " + std::to_string(group_size);
-  return {};
+  return tile32_check(N, K, group_size);
 }
 
 cudaError_t launch_gemv(const W4A16Args& a, Act act, cudaStream_t stream) {
