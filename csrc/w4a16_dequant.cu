@@ -8,8 +8,11 @@
 // dequant_word<T> as the fused kernels, so the weights are bit-identical.
 //
 // One warp per 32x32 tile: lane (g, t) loads its 16-byte vector (the warp reads
-// the tile's 512 contiguous bytes), its four scales/zeros, and writes 16 pairs:
-// word 2kh+nh gives rows n = 16nh + g (+8), columns k = 16kh + 2t (+8).
+// the tile's 512 contiguous bytes) and its four scales/zeros; word 2kh+nh gives
+// rows n = 16nh + g (+8), columns k = 16kh + 2t (+8). The pairs are staged in
+// shared memory and written back as 16-byte stores, each row's 64 bytes by four
+// lanes: writing the pairs straight from registers (8 rows x 16 bytes per store)
+// ran at 1.4-1.7 TB/s on an H200.
 #include "w4a16.h"
 #include "w4a16_common.cuh"
 
@@ -17,6 +20,7 @@ namespace qtool {
 namespace {
 
 constexpr int kWarps = 8;
+constexpr int kRowWords = 20;  // 16 words of pairs per tile row + 4 of padding: conflict-free pair stores
 
 template <typename T, bool kHasZero>
 __global__ void __launch_bounds__(kWarps * 32) dequant_kernel(const W4A16Args a) {
@@ -35,21 +39,28 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_kernel(const W4A16Args a)
 #pragma unroll
   for (int j = 0; j < 4; ++j) rp[j] = row_params<T>(sv, zv, j);
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-  uint32_t* out = static_cast<uint32_t*>(a.y);  // pairs of 16-bit values; K is even
-  const size_t row_pairs = size_t(a.K) / 2;
+  __shared__ uint32_t stage[kWarps][32 * kRowWords];
+  uint32_t* st = stage[threadIdx.x / 32];
 #pragma unroll
   for (int kh = 0; kh < 2; ++kh)
 #pragma unroll
     for (int nh = 0; nh < 2; ++nh) {
       uint32_t p[4];
       dequant_word<T>(words[2 * kh + nh], rp[2 * nh], rp[2 * nh + 1], p);
-      const size_t n = size_t(nb) * 32 + 16 * nh + g;
-      const size_t kp = (size_t(kt) * 32 + 16 * kh + 2 * t) / 2;
-      out[n * row_pairs + kp] = p[0];
-      out[n * row_pairs + kp + 4] = p[1];
-      out[(n + 8) * row_pairs + kp] = p[2];
-      out[(n + 8) * row_pairs + kp + 4] = p[3];
+      const int r = 16 * nh + g, c = 8 * kh + t;  // tile row, word (pair) column
+      st[r * kRowWords + c] = p[0];
+      st[r * kRowWords + c + 4] = p[1];
+      st[(r + 8) * kRowWords + c] = p[2];
+      st[(r + 8) * kRowWords + c + 4] = p[3];
     }
+  __syncwarp();
+  uint16_t* out = static_cast<uint16_t*>(a.y);  // W[N, K], 16-bit values; K % 32 == 0 keeps rows 16-byte aligned
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int r = lane / 4 + 8 * i, c = lane % 4;  // row r, k in [8c, 8c + 8)
+    const uint4 v = *reinterpret_cast<const uint4*>(st + r * kRowWords + 4 * c);
+    *reinterpret_cast<uint4*>(out + (size_t(nb) * 32 + r) * a.K + size_t(kt) * 32 + 8 * c) = v;
+  }
 }
 
 template <typename T>

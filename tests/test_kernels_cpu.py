@@ -203,10 +203,10 @@ def test_cuda_kernel_choice_and_reasons():
     assert dispatch.cuda_kernel_for(dispatch.DEQUANT_MIN_M, big) == ("w4a16_dequant", None)
     odd_n = QuantLinear.from_packed(random_packed(96, 256, 64), None, "awq")
     assert dispatch.cuda_kernel_for(8, odd_n) == ("w4a16_gemv", None)
-    assert dispatch.cuda_kernel_for(64, odd_n) == (None, "N=96 must be divisible by 128")
+    assert dispatch.cuda_kernel_for(40, odd_n) == (None, "N=96 must be divisible by 128")
     assert dispatch.cuda_kernel_for(dispatch.DEQUANT_MIN_M, odd_n) == ("w4a16_dequant", None)  # N % 32 suffices
     odd_k = QuantLinear.from_packed(random_packed(128, 96, 32), None, "awq")
-    assert dispatch.cuda_kernel_for(64, odd_k) == (None, "K=96 must be divisible by 64")
+    assert dispatch.cuda_kernel_for(40, odd_k) == (None, "K=96 must be divisible by 64")
     small_n = QuantLinear.from_packed(random_packed(48, 64, 32), None, "awq")
     assert dispatch.cuda_kernel_for(1, small_n) == (None, "N=48 and K=64 must be divisible by 32")
     pw = random_packed(128, 128, 32, sym=True)

@@ -71,7 +71,7 @@ def unpack_gptq(
     if checkpoint_format == "gptq":
         zero = (zero + 1) & (2**bits - 1)
     g_idx = tensors.get("g_idx")
-    if g_idx is not None and torch.equal(g_idx.to(torch.int32), natural_g_idx(in_f, group_size)):
+    if g_idx is not None and torch.equal(g_idx.to(torch.int32), natural_g_idx(in_f, group_size).to(g_idx.device)):
         g_idx = None
     scale = tensors["scales"].t().contiguous()
     return PackedWeight(q=q, scale=scale, zero=zero, bits=bits, group_size=group_size, g_idx=g_idx)

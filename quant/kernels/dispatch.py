@@ -29,7 +29,7 @@ log = logging.getLogger(__name__)
 CPU_INT4_GROUPS = (256, 128, 64, 32)  # group sizes _weight_int4pack_mm_for_cpu accepts
 # From this many rows of x on, dequantizing the weight once and calling cuBLAS beats the fused GEMM
 # (H200, benchmarks/bench_gemm.py: see benchmarks/RESULTS.md).
-DEQUANT_MIN_M = 128
+DEQUANT_MIN_M = 64
 
 
 @functools.cache
