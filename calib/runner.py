@@ -22,16 +22,16 @@ from torch import nn
 from calib.collectors import BlockCall, record_block_calls
 
 
-def _move(obj, device, dtype=None):
+def move(obj, device, dtype=None):
     """Tensors inside nested tuples/lists/dicts moved to ``device`` (floating ones cast to ``dtype``)."""
     if isinstance(obj, torch.Tensor):
         if dtype is not None and obj.is_floating_point():
             return obj.to(device=device, dtype=dtype)
         return obj.to(device)
     if isinstance(obj, (list, tuple)):
-        return type(obj)(_move(o, device, dtype) for o in obj)
+        return type(obj)(move(o, device, dtype) for o in obj)
     if isinstance(obj, dict):
-        return {k: _move(v, device, dtype) for k, v in obj.items()}
+        return {k: move(v, device, dtype) for k, v in obj.items()}
     return obj
 
 
@@ -114,13 +114,13 @@ def run_sequential(
     sets = input_ids.split([n_search, n_accept, n_guard])
     per_batch = [[record_block_calls(model, blocks, ids) for ids in part.split(batch_size)] if len(part) else []
                  for part in sets]
-    hidden = [[_move(calls[0].hidden, device, compute_dtype) for calls in part] for part in per_batch]
+    hidden = [[move(calls[0].hidden, device, compute_dtype) for calls in part] for part in per_batch]
     for i in range(len(blocks)):
         block = blocks[i]
         store_dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), compute_dtype)
         held = {n for n, t in _tensors(block) if t.is_floating_point()}
         block.to(device=device, dtype=compute_dtype)
-        calls = [[BlockCall(h, _move(b[i].args, device, compute_dtype), _move(b[i].kwargs, device, compute_dtype))
+        calls = [[BlockCall(h, move(b[i].args, device, compute_dtype), move(b[i].kwargs, device, compute_dtype))
                   for h, b in zip(hs, part)] for hs, part in zip(hidden, per_batch)]
         inputs = BlockInputs(*calls)
         process_block(i, block, inputs)

@@ -41,7 +41,13 @@ def _guard_rows(r) -> list[list]:
         return [[label, "not checked (--held-out 0)"]] if r.guarded is False else []
     fell_back = [b.index for b in r.blocks if b.rtn_fallback]
     which = f" (block{'s' if len(fell_back) > 1 else ''} {', '.join(map(str, fell_back))})" if fell_back else ""
-    return [[label, f"{len(fell_back)} of {len(r.blocks)}{which}"]]
+    rows = [[label, f"{len(fell_back)} of {len(r.blocks)}{which}"]]
+    check = getattr(r, "model_check", None)
+    if check:
+        verdict = (f"{r.method} kept" if check["kept"] != "rtn"
+                   else "RTN kept for every block (the whole model scored better with it)")
+        rows.append(["held-out loss, model vs all-RTN", f"{check['nll']:.4f} vs {check['rtn_nll']:.4f} nats/token: {verdict}"])
+    return rows
 
 
 def print_info(info) -> None:

@@ -13,6 +13,13 @@ The error is what the next block sees: every decoder block reads the residual
 stream through a norm, so a token's error counts relative to the size of its hidden
 state (:func:`token_weights`). Attention-sink tokens, whose hidden states are
 hundreds of times larger than the others', would otherwise decide alone.
+
+A block that is closer to its full-precision self can still make the *model* worse:
+errors that each block keeps small add up along the residual stream in directions no
+per-block measure weighs. So the pipeline also checks the whole model
+(:func:`held_out_nll`): the next-token loss on the guard windows of the model as
+quantized against the all-RTN model (the guard keeps each block's RTN version), and
+keeps the all-RTN model where it is lower.
 """
 from __future__ import annotations
 
@@ -21,7 +28,11 @@ import logging
 
 import torch
 
-from calib.runner import run_calls
+import torch.nn.functional as F
+from torch import nn
+
+from calib.collectors import BlockCall, record_block_calls
+from calib.runner import move, run_calls
 from quant import rtn
 from quant.methods import BlockContext, BlockQuantizer, BlockResult
 
@@ -68,8 +79,61 @@ def rtn_guard(method: BlockQuantizer) -> BlockQuantizer:
             log.info("block %d: round-to-nearest is closer to the full-precision block on held-out windows "
                      "(%.3g against %.3g for %s): keeping RTN", ctx.index, err_rtn, err, ctx.cfg.method)
             result = BlockResult(info=dict(result.info), artifacts={}, block=fp_block)
+        result.rtn_block = fp_block
         result.info.update({"held-out err": f"{err:.3e}", "rtn held-out err": f"{err_rtn:.3e}",
                             FALLBACK_KEY: "rtn" if result.block is not None else ctx.cfg.method})
         return result
 
     return guarded
+
+
+def held_out_nll(model: nn.Module, blocks: nn.ModuleList, block_list: list[nn.Module], input_ids: torch.Tensor,
+                 device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32, batch_size: int = 2) -> float:
+    """Mean next-token negative log-likelihood (nats per token) of ``model`` on ``input_ids [n, seq]`` with its
+    decoder blocks replaced by ``block_list`` (same length as ``blocks``; the model itself is not changed).
+
+    The blocks run one at a time on ``device`` in ``dtype`` (as in calibration); the embeddings, the final
+    norm and the head are the model's own (its forward, with the blocks passing precomputed hidden states
+    through), so logit soft-capping and tied embeddings are handled as the model does.
+    """
+    batches = list(input_ids.split(batch_size))
+    per_batch = [record_block_calls(model, blocks, ids) for ids in batches]
+    hidden = [move(calls[0].hidden, device, dtype) for calls in per_batch]
+    for i, block in enumerate(block_list):
+        store = {n: t.dtype for n, t in _floating(block)}
+        block.to(device=device, dtype=dtype)
+        hidden = run_calls(block, [BlockCall(h, move(c[i].args, device, dtype), move(c[i].kwargs, device, dtype))
+                                   for h, c in zip(hidden, per_batch)])
+        block.to(device="cpu")
+        for name, t in _floating(block):
+            t.data = t.data.to(store[name])
+    total, n = 0.0, 0
+    for ids, h in zip(batches, hidden):
+        logits = _logits_from_final_hidden(model, blocks, ids, h)
+        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device),
+                                       reduction="sum"))
+        n += ids[:, 1:].numel()
+    return total / max(n, 1)
+
+
+def _floating(block: nn.Module):
+    return [(n, t) for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_floating_point()]
+
+
+def _logits_from_final_hidden(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, final: torch.Tensor):
+    """The model's logits for ``ids`` when its last block outputs ``final`` (every block bypassed)."""
+    last = len(blocks) - 1
+
+    def through(i):
+        def forward(hidden, *args, **kwargs):
+            return final.to(device=hidden.device, dtype=hidden.dtype) if i == last else hidden
+        return forward
+
+    for i, block in enumerate(blocks):
+        block.forward = through(i)
+    try:
+        with torch.no_grad():
+            return model(input_ids=ids, use_cache=False).logits
+    finally:
+        for block in blocks:
+            del block.forward

@@ -28,11 +28,13 @@ class BlockContext:
 @dataclass
 class BlockResult:
     """``info``: extra columns for the summary table; ``artifacts``: search results saved with the checkpoint;
-    ``block``: a module that replaces the block (the RTN guard's fallback), None to keep the one quantized in place."""
+    ``block``: a module that replaces the block (the RTN guard's fallback), None to keep the one quantized in place;
+    ``rtn_block``: the block quantized by round-to-nearest (set by the RTN guard), for the whole-model check."""
 
     info: dict = field(default_factory=dict)
     artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
     block: nn.Module | None = None
+    rtn_block: nn.Module | None = None
 
 
 BlockQuantizer = Callable[[BlockContext], BlockResult]

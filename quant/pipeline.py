@@ -18,7 +18,7 @@ from quant import model_io
 from quant.checkpoint import write_checkpoint
 from quant.config import QuantConfig
 from quant.errors import QtoolError
-from quant.guard import rtn_guard
+from quant.guard import held_out_nll, rtn_guard
 from quant.layers import check_finite, plan_linears
 from quant.methods import BlockContext, BlockResult, get_method
 
@@ -53,6 +53,9 @@ class QuantReport:
     output_bytes: int
     blocks: list[BlockRow]
     guarded: bool | None = None  # whether the RTN guard ran (None: a method it does not apply to)
+    # The whole-model check on the guard windows: {"nll": method's model, "rtn_nll": all-RTN model (nats/token),
+    # "kept": method name or "rtn"}; None where it did not run.
+    model_check: dict | None = None
 
 
 def peak_rss_mb() -> float:
@@ -109,7 +112,7 @@ def quantize(
         t_cal = time.perf_counter()
         calib_ids = _calibration_ids(model_dir, cfg, arch.needs_bos) if cfg.needs_calibration else None
         calib_seconds = time.perf_counter() - t_cal
-        rows, artifacts = _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress)
+        rows, artifacts, model_check = _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress)
         seconds = time.perf_counter() - t0
         report = QuantReport(
             out=str(Path(out).absolute()), method=cfg.method, fmt=cfg.fmt, bits=cfg.bits,
@@ -117,7 +120,7 @@ def quantize(
             calib_seconds=calib_seconds, peak_rss_mb=peak_rss_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0,
             source_bytes=model_io.folder_bytes(model_dir), output_bytes=0, blocks=rows,
-            guarded=cfg.held_out_split[1] > 0 if cfg.needs_calibration else None,
+            guarded=cfg.held_out_split[1] > 0 if cfg.needs_calibration else None, model_check=model_check,
         )
         meta = {"qtool": {"config": asdict(cfg), "report": asdict(report)}}
         write_checkpoint(model, cfg, model_dir, tmp, sorted(plan.skipped), meta)
@@ -136,6 +139,7 @@ def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
     blocks = model.get_submodule(arch.blocks)
     rows: list[BlockRow] = []
     artifacts: dict[str, torch.Tensor] = {}
+    rtn_blocks: list = [None] * len(blocks)
     bar = tqdm(total=len(blocks), desc=f"{cfg.method} w{cfg.bits}", unit="block", disable=not progress)
 
     def process(i: int, block, inputs: BlockInputs | None) -> None:
@@ -143,6 +147,9 @@ def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
         result: BlockResult = quantize_block(BlockContext(i, block, plan.quantize[i], cfg, arch, inputs))
         if result.block is not None:
             blocks[i] = result.block
+        if result.rtn_block is not None and result.rtn_block is not blocks[i]:
+            result.rtn_block.to("cpu")  # kept for the whole-model check; the device holds one block at a time
+        rtn_blocks[i] = result.rtn_block
         artifacts.update({f"{arch.blocks}.{i}.{k}": v.detach().cpu() for k, v in result.artifacts.items()})
         rows.append(BlockRow(i, len(plan.quantize[i]), time.perf_counter() - t, result.info, result.block is not None))
         bar.update(1)
@@ -158,4 +165,24 @@ def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
             run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=cfg.held_out_split)
     finally:  # an error message then starts on its own line
         bar.close()
-    return rows, artifacts
+    model_check = None
+    if calib_ids is not None and all(b is not None for b in rtn_blocks) and any(not r.rtn_fallback for r in rows):
+        model_check = _check_model(model, blocks, rtn_blocks, calib_ids[-cfg.held_out_split[1]:], cfg, dev, compute_dtype)
+        if model_check["kept"] == "rtn":
+            for i, r in enumerate(rows):
+                blocks[i] = rtn_blocks[i]
+                r.rtn_fallback = True
+            artifacts.clear()  # a replay then gives RTN everywhere too
+    return rows, artifacts, model_check
+
+
+def _check_model(model, blocks, rtn_blocks, guard_ids, cfg, dev, compute_dtype) -> dict:
+    """Whole-model guard: the quantized model's next-token loss on the guard windows against the all-RTN
+    model's (:func:`quant.guard.held_out_nll`); ``kept`` is ``"rtn"`` where RTN's is lower."""
+    t = time.perf_counter()
+    nll = held_out_nll(model, blocks, list(blocks), guard_ids, dev, compute_dtype)
+    rtn_nll = held_out_nll(model, blocks, rtn_blocks, guard_ids, dev, compute_dtype)
+    kept = cfg.method if nll <= rtn_nll else "rtn"  # NaN from the method also keeps RTN
+    log.info("whole-model check on %d held-out windows: loss %.4f (%s) against %.4f (RTN): keeping %s (%.1f s)",
+             guard_ids.shape[0], nll, cfg.method, rtn_nll, kept, time.perf_counter() - t)
+    return {"nll": nll, "rtn_nll": rtn_nll, "kept": kept}

@@ -18,7 +18,8 @@ from quant.arch import ARCHITECTURES
 from quant.awq import search_block
 from quant.awq.search import QuantSpec, ScaleResult, candidate_scales, search_scale
 from quant.config import AWQOptions, QuantConfig
-from quant.guard import relative_error, token_weights
+import quant.guard as guard_module
+from quant.guard import held_out_nll, relative_error, token_weights
 from quant.methods import BlockContext
 
 torch.set_num_threads(2)
@@ -215,3 +216,76 @@ def test_gptq_on_a_block_whose_linears_are_all_skipped(tmp_path):
     skip = tuple(f"model.layers.0.{n}" for n in ARCHITECTURES["mistral"].linears)
     report = quant.quantize(src, tmp_path / "g", method="gptq", skip=skip, **OPTS)
     assert report.blocks[0].n_linears == 0 and report.blocks[1].n_linears == 7
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma2"])
+def test_held_out_nll_is_the_models_own_loss(model_type):
+    """The whole-model check's loss, computed block by block, is the model's own next-token loss
+    (embeddings, final norm, head and gemma2's logit soft-capping from the model's forward)."""
+    model = tiny_model(model_type)
+    ids = torch.randint(3, 200, (3, 24), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        logits = model(input_ids=ids, use_cache=False).logits
+    want = float(torch.nn.functional.cross_entropy(logits[:, :-1].flatten(0, 1), ids[:, 1:].flatten()))
+    blocks = model.model.layers
+    got = held_out_nll(model, blocks, list(blocks), ids, batch_size=2)
+    assert abs(got - want) < 1e-5 * max(1.0, abs(want))
+    # Other blocks in their place change the loss; the model itself is left as it was.
+    perturbed = [copy_with_noise(b) for b in blocks]
+    assert abs(held_out_nll(model, blocks, perturbed, ids) - want) > 1e-4
+    assert abs(held_out_nll(model, blocks, list(blocks), ids) - want) < 1e-5 * max(1.0, abs(want))
+
+
+def copy_with_noise(block):
+    import copy
+
+    out = copy.deepcopy(block)
+    with torch.no_grad():
+        for p in out.parameters():
+            p.add_(torch.randn_like(p) * 0.5)
+    return out
+
+
+def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_rtn(tmp_path, monkeypatch):
+    """Every block's guard keeps AWQ, but the whole AWQ model's held-out loss is higher than the all-RTN
+    model's (made so on purpose: a tiny random model's loss does not tell the two apart): RTN is kept
+    for every block, bit for bit, and the search file is emptied."""
+    import quant.pipeline as pipeline_module
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    rtn_report = quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
+    assert rtn_report.model_check is None
+    real_nll = pipeline_module.held_out_nll
+    seen = []
+
+    def rigged(model, blocks, block_list, ids, *args):
+        seen.append((ids.shape, real_nll(model, blocks, block_list, ids, *args)))
+        return seen[-1][1] + (1.0 if all(a is b for a, b in zip(block_list, blocks)) else 0.0)
+
+    monkeypatch.setattr(pipeline_module, "held_out_nll", rigged)
+    monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps AWQ
+    report = quant.quantize(src, tmp_path / "awq", method="awq", awq=AWQOptions(n_judge=1, clip=False), **OPTS)
+    assert len(seen) == 2  # the model as quantized, then the all-RTN model, on the same guard windows
+    check = report.model_check
+    assert check["kept"] == "rtn" and check["nll"] == seen[0][1] + 1.0 and check["rtn_nll"] == seen[1][1]
+    assert all(b.rtn_fallback for b in report.blocks) and all(b.info["kept"] == "awq" for b in report.blocks)
+    rtn = _packed(tmp_path / "rtn")
+    assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "awq").items())
+    assert load_file(str(tmp_path / "awq" / "qtool_search.safetensors")) == {}
+    # The same run with the whole model scored honestly keeps AWQ's blocks.
+    monkeypatch.setattr(pipeline_module, "held_out_nll", lambda model, blocks, block_list, ids, *a: 1.0)
+    kept = quant.quantize(src, tmp_path / "awq2", method="awq", awq=AWQOptions(n_judge=1, clip=False), **OPTS)
+    assert kept.model_check["kept"] == "awq" and not any(b.rtn_fallback for b in kept.blocks)
+
+
+def test_the_whole_model_check_keeps_a_method_that_wins_and_the_cli_reports_it(tmp_path):
+    src = save_tiny_model("qwen2", tmp_path / "src")
+    res = CliRunner().invoke(app, ["gptq", str(src), "-o", str(tmp_path / "g"), "--group-size", "32",
+                                   "--n-samples", "16", "--seqlen", "32"])
+    assert res.exit_code == 0, res.output
+    assert "held-out loss, model vs all-RTN" in res.output
+    import json
+
+    check = json.loads((tmp_path / "g" / "qtool.json").read_text())["qtool"]["report"]["model_check"]
+    assert check["kept"] == ("gptq" if check["nll"] <= check["rtn_nll"] else "rtn")
+    assert f"{check['nll']:.4f} vs {check['rtn_nll']:.4f}" in res.output
