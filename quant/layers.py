@@ -53,24 +53,42 @@ def plan_linears(model: nn.Module, arch: Arch, cfg: QuantConfig) -> LinearPlan:
     """Every ``nn.Linear`` inside the decoder blocks, minus those that cannot or must not be quantized."""
     plan = LinearPlan()
     blocks = model.get_submodule(arch.blocks)
+    all_names: list[tuple[str, str]] = []  # (full name, name inside the block)
     for i, block in enumerate(blocks):
         names = []
         for name, mod in block.named_modules():
             if not isinstance(mod, nn.Linear):
                 continue
             full = f"{arch.blocks}.{i}.{name}"
+            all_names.append((full, name))
             reason = _skip_reason(full, mod, cfg)
             if reason:
                 plan.skipped[full] = reason
             else:
                 names.append(name)
         plan.quantize.append(names)
+    _check_skip_names(cfg.skip, all_names)
     if plan.n_quantized == 0:
         reasons = sorted(set(plan.skipped.values()))
         raise QtoolError(f"no linear layer can be quantized with these settings ({'; '.join(reasons)})")
     for full, reason in plan.skipped.items():
         log.warning("%s stays in full precision: %s", full, reason)
     return plan
+
+
+def _check_skip_names(skip, linear_names: list[tuple[str, str]]) -> None:
+    """Every ``--skip`` name must match a linear of the decoder blocks (the whole name or a tail of it,
+    e.g. ``mlp.down_proj`` or ``model.layers.3.mlp.down_proj``); a typo is refused with close matches."""
+    import difflib
+
+    full_names = [full for full, _ in linear_names]
+    tails = sorted({rel for _, rel in linear_names})  # names inside a block: "mlp.down_proj"
+    for s in skip:
+        if any(n == s or n.endswith("." + s) for n in full_names):
+            continue
+        close = difflib.get_close_matches(s, tails + full_names, n=3, cutoff=0.6)
+        hint = f"did you mean {', '.join(close)}?" if close else f"the linears are named like {', '.join(tails[:4])}"
+        raise QtoolError(f"--skip {s}: no linear layer of the decoder blocks has this name; {hint}")
 
 
 def check_finite(model: nn.Module, where: str) -> None:

@@ -138,6 +138,20 @@ def folder_bytes(path: str | os.PathLike, patterns=("*.safetensors", "*.bin")) -
     return sum(f.stat().st_size for f in files)
 
 
+def check_apart(out: Path, source: str | os.PathLike) -> None:
+    """Refuse an output folder that overlaps the source model's: the same folder, a folder inside it
+    (writing would pollute it) or a folder holding it (``--overwrite`` would delete it), symlinks
+    followed. Raises :class:`QtoolError` before anything is written or removed."""
+    o, s = Path(out).resolve(), Path(source).resolve()
+    if o == s:
+        raise QtoolError(f"{out}: the output folder is the source model; choose another -o so the source stays untouched")
+    if s in o.parents:
+        raise QtoolError(f"{out}: the output folder is inside the source model {source}; choose a folder outside it")
+    if o in s.parents:
+        raise QtoolError(f"{out}: the output folder contains the source model {source} (replacing it would delete "
+                         "the source); choose a folder outside it")
+
+
 @contextlib.contextmanager
 def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None):
     """Yield a temporary folder beside ``out``; on success it becomes ``out`` in one rename.
@@ -145,8 +159,8 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
     On any error the temporary folder is removed and ``out`` is left as it was.
     """
     out = Path(out).absolute()
-    if source is not None and out.resolve() == Path(source).resolve():
-        raise QtoolError(f"{out}: the output folder is the source model; choose another -o so the source stays untouched")
+    if source is not None:
+        check_apart(out, source)
     if out.exists() and not overwrite:
         raise QtoolError(f"{out}: already exists; choose another -o or pass --overwrite to replace it")
     if out.exists() and not out.is_dir():

@@ -135,6 +135,41 @@ def test_output_is_the_source(model, capsys):
     assert tree_digest(model) == before
 
 
+@pytest.mark.parametrize("where", ["parent", "inside", "symlink_to_source", "inside_via_symlink"])
+def test_output_overlapping_the_source_is_refused_before_anything_is_touched(model, tmp_path, capsys, where):
+    """-o holding the source (with --overwrite it would be deleted) or inside it (writing would pollute it),
+    directly or through a symlink: refused in one sentence, nothing written or removed."""
+    src = tmp_path / "src"
+    (tmp_path / "link").symlink_to(src)
+    out = {"parent": tmp_path, "inside": src / "quantized",
+           "symlink_to_source": tmp_path / "link", "inside_via_symlink": tmp_path / "link" / "q"}[where]
+    before, listing = tree_digest(model), sorted(p.name for p in tmp_path.iterdir())
+    code, err = run_cli(["rtn", model, "-o", out, "--overwrite", "--group-size", "32"], capsys)
+    fragment = "is the source model" if where == "symlink_to_source" else (
+        "contains the source model" if where == "parent" else "inside the source model")
+    assert_refused(code, err, fragment)
+    assert tree_digest(model) == before and sorted(p.name for p in tmp_path.iterdir()) == listing
+
+
+@pytest.mark.parametrize("name,hint", [("mlp.down_prj", "did you mean mlp.down_proj"),
+                                       ("model.layers.9.mlp.down_proj", "did you mean"),
+                                       ("attention", "named like")])
+def test_a_skip_name_that_matches_no_linear_is_refused(model, tmp_path, capsys, name, hint):
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32", "--skip", "mlp.up_proj",
+                         "--skip", name], capsys)
+    assert_refused(code, err, f"--skip {name}", hint)
+    _no_output(tmp_path)
+
+
+def test_skip_names_that_match_are_kept_in_full_precision(model, tmp_path, capsys):
+    code, _ = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32", "--skip", "mlp.up_proj",
+                       "--skip", "model.layers.1.self_attn.o_proj"], capsys)
+    assert code == 0
+    names = load_file(str(tmp_path / "out" / "model.safetensors")).keys()
+    assert "model.layers.0.mlp.up_proj.weight" in names and "model.layers.1.mlp.up_proj.weight" in names
+    assert "model.layers.1.self_attn.o_proj.weight" in names and "model.layers.0.self_attn.o_proj.qweight" in names
+
+
 def test_output_location_not_writable(model, tmp_path, capsys, monkeypatch):
     parent = tmp_path / "locked"
     parent.mkdir()
