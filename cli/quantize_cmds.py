@@ -46,8 +46,8 @@ def rtn(model_dir, out, verbose, overwrite, device, **fields):
               help="Also search a per-group clipping range that lowers the output error.")
 @click.option("--clip-grid", default=20, show_default=True, type=int, help="Clipping ratios tried per group.")
 @click.option("--apply-search", default=None, type=click.Path(exists=True, path_type=str),
-              help="Replay the scales and clips of an earlier run (its qtool_search.safetensors or checkpoint "
-                   "folder) instead of searching; needs no calibration data.")
+              help="Replay the scales and clips of an earlier run (its checkpoint folder, or the "
+                   "qtool/awq_search.safetensors inside it) instead of searching; needs no calibration data.")
 def awq(model_dir, out, verbose, overwrite, device, n_grid, n_judge, token_weighting, clip, clip_grid, apply_search,
         **fields):
     """Activation-aware weight quantization (AWQ), the recommended 4-bit method.
@@ -55,7 +55,7 @@ def awq(model_dir, out, verbose, overwrite, device, n_grid, n_judge, token_weigh
     Scales the input channels that carry large activations before rounding (the
     scale is folded into the preceding norm or linear, so the model computes the
     same function), then searches a clipping range per group. Search results are
-    saved beside the checkpoint in qtool_search.safetensors. Clips are kept only
+    saved in the checkpoint as qtool/awq_search.safetensors. Clips are kept only
     where they lower the output error on held-out windows, and a block is kept at
     round-to-nearest where that is closer to the original (--held-out).
     """

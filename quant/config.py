@@ -19,6 +19,10 @@ def _require_ints(obj, fields: tuple[str, ...]) -> None:
             raise QtoolError(f"{name} must be a whole number, got {value!r}")
 
 
+# AWQ's search results, saved in a subfolder of the checkpoint: loaders that read every top-level
+# *.safetensors of a folder without an index (vLLM does) must not take them for weights.
+SEARCH_FILE = "qtool/awq_search.safetensors"
+
 @dataclass(frozen=True)
 class AWQOptions:
     """Activation-aware scale search (``n_grid`` ratios in [0, 1)) and range clipping.
@@ -36,7 +40,7 @@ class AWQOptions:
     clip: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
-    search_file: str | None = None  # replay saved search results (qtool_search.safetensors) instead of searching
+    search_file: str | None = None  # replay saved search results (SEARCH_FILE of a checkpoint) instead of searching
 
     def __post_init__(self):
         if not 1 <= self.n_grid <= 1000:
@@ -140,7 +144,7 @@ class QuantConfig:
 
     @property
     def saves_search(self) -> bool:
-        """The checkpoint gets ``qtool_search.safetensors`` (AWQ's scales and clips, for ``--apply-search``)."""
+        """The checkpoint gets :data:`SEARCH_FILE` (AWQ's scales and clips, for ``--apply-search``)."""
         return self.method == "awq" or (self.method == "gptq" and self.gptq.awq_first)
 
     @property

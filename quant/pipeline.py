@@ -16,7 +16,7 @@ from calib.runner import BlockInputs, run_sequential
 from quant import arch as arch_table
 from quant import model_io
 from quant.checkpoint import write_checkpoint
-from quant.config import QuantConfig
+from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 from quant.guard import held_out_nll, rtn_guard
 from quant.layers import check_finite, plan_linears
@@ -127,7 +127,8 @@ def quantize(
         if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
             from safetensors.torch import save_file
 
-            save_file(artifacts, str(tmp / "qtool_search.safetensors"))
+            (tmp / SEARCH_FILE).parent.mkdir()
+            save_file(artifacts, str(tmp / SEARCH_FILE))
         report.output_bytes = model_io.folder_bytes(tmp)
     return report
 

@@ -12,6 +12,7 @@ from safetensors.torch import load_file
 from tiny_models import CONFIGS, MODEL_TYPES, save_tiny_model, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
+from quant.config import SEARCH_FILE
 import quant
 from calib.collectors import record_block_calls
 from calib.runner import BlockInputs
@@ -170,7 +171,9 @@ def test_skipped_linears_are_not_quantized_and_their_group_still_folds():
 
 
 def _quantize(src, out, **kw):
-    opts = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, dtype="float32", progress=False)
+    # held_out=0: these test the search and its replay; on a tiny random model the guards' verdicts are noise
+    # (tests/test_guard.py tests the guards).
+    opts = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, dtype="float32", progress=False, held_out=0)
     return quant.quantize(src, out, **(opts | kw))
 
 
@@ -180,8 +183,8 @@ def test_same_inputs_give_a_bit_identical_checkpoint_and_replay_matches(tmp_path
     _quantize(src, tmp_path / "b")
     a = (tmp_path / "a" / "model.safetensors").read_bytes()
     assert a == (tmp_path / "b" / "model.safetensors").read_bytes()
-    assert (tmp_path / "a" / "qtool_search.safetensors").read_bytes() == \
-        (tmp_path / "b" / "qtool_search.safetensors").read_bytes()
+    assert (tmp_path / "a" / SEARCH_FILE).read_bytes() == \
+        (tmp_path / "b" / SEARCH_FILE).read_bytes()
     search = load_search(tmp_path / "a")
     assert any(k.endswith(SCALE_KEY) for k in search) and any(k.endswith(CLIP_KEY) for k in search)
     # Replay through the pipeline (no calibration) ...
@@ -219,7 +222,9 @@ def test_cli_end_to_end(tmp_path):
                                    "--seqlen", "32", "--n-grid", "5", "--clip-grid", "10", "--dtype", "float32", "-v"])
     assert res.exit_code == 0, res.output
     assert "awq α" in res.output and "linears quantized" in res.output
-    assert (out / "qtool_search.safetensors").is_file()
+    assert (out / SEARCH_FILE).is_file()
+    # No loader that reads every top-level *.safetensors (vLLM without an index) sees the search file.
+    assert [p.name for p in out.glob("*.safetensors")] == ["model.safetensors"]
     model = quant.load(out, dtype=torch.float32)
     ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
     ids = torch.randint(3, 300, (1, 16))
@@ -228,9 +233,17 @@ def test_cli_end_to_end(tmp_path):
     assert torch.isfinite(q).all()
     assert (q - r).norm() < 0.5 * r.norm()
     replay = CliRunner().invoke(app, ["awq", str(src), "-o", str(tmp_path / "replay"), "--group-size", "32",
-                                      "--dtype", "float32", "--apply-search", str(out / "qtool_search.safetensors")])
+                                      "--dtype", "float32", "--apply-search", str(out / SEARCH_FILE)])
     assert replay.exit_code == 0, replay.output
     assert (tmp_path / "replay" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
+    # A checkpoint folder from an older qtool (search file at the top level) replays too.
+    old = tmp_path / "old"
+    old.mkdir()
+    (old / "qtool_search.safetensors").write_bytes((out / SEARCH_FILE).read_bytes())
+    again = CliRunner().invoke(app, ["awq", str(src), "-o", str(tmp_path / "again"), "--group-size", "32",
+                                     "--dtype", "float32", "--apply-search", str(old)])
+    assert again.exit_code == 0, again.output
+    assert (tmp_path / "again" / "model.safetensors").read_bytes() == (out / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("args, message", [

@@ -7,6 +7,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model, tiny_model
 
+from quant.config import SEARCH_FILE
 import quant
 import quant.awq as awq_module
 import quant.gptq as gptq_module
@@ -141,7 +142,7 @@ def test_awq_made_worse_on_purpose_falls_back_to_rtn_and_says_so(tmp_path, monke
     rtn = _packed(tmp_path / "rtn")
     assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "on").items())
     # Nothing of the discarded search is saved, but the (empty) file is: a replay gives the same RTN blocks.
-    assert load_file(str(tmp_path / "on" / "qtool_search.safetensors")) == {}
+    assert load_file(str(tmp_path / "on" / SEARCH_FILE)) == {}
     quant.quantize(src, tmp_path / "replay", method="awq", awq=AWQOptions(search_file=str(tmp_path / "on")), **OPTS)
     assert (tmp_path / "replay" / "model.safetensors").read_bytes() == (tmp_path / "on" / "model.safetensors").read_bytes()
 
@@ -271,7 +272,7 @@ def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_r
     assert all(b.rtn_fallback for b in report.blocks) and all(b.info["kept"] == "awq" for b in report.blocks)
     rtn = _packed(tmp_path / "rtn")
     assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "awq").items())
-    assert load_file(str(tmp_path / "awq" / "qtool_search.safetensors")) == {}
+    assert load_file(str(tmp_path / "awq" / SEARCH_FILE)) == {}
     # The same run with the whole model scored honestly keeps AWQ's blocks.
     monkeypatch.setattr(pipeline_module, "held_out_nll", lambda model, blocks, block_list, ids, *a: 1.0)
     kept = quant.quantize(src, tmp_path / "awq2", method="awq", awq=AWQOptions(n_judge=1, clip=False), **OPTS)

@@ -23,7 +23,7 @@ The pipeline's RTN guard (:mod:`quant.guard`) then keeps round-to-nearest for an
 block where it is closer to the full-precision block on the ``guard`` windows.
 
 The search results (``<linear>.awq_scale`` and ``<linear>.awq_clip``) are saved
-beside the checkpoint in ``qtool_search.safetensors``; :func:`apply_search`
+in the checkpoint as ``qtool/awq_search.safetensors``; :func:`apply_search`
 (or ``AWQOptions(search_file=...)``) replays them without calibration data and
 gives a bit-identical checkpoint.
 """
@@ -50,7 +50,7 @@ from quant.awq.fold import (
 )
 from quant.awq.judge import call_weights, judge_of, probe_error, probing, record_probes
 from quant.awq.search import QuantSpec, ScaleResult, _fake_quantize, search_clip, search_scale
-from quant.config import QuantConfig
+from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 from quant.layers import min_zero, replace_linear, rtn_packed
 from quant.methods import BlockContext, BlockResult
@@ -230,15 +230,17 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
 
 
 def load_search(path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The search results in ``path`` (a ``qtool_search.safetensors`` file or the checkpoint folder
-    holding it) whose keys start with ``prefix``, with the prefix removed."""
+    """The search results in ``path`` (a search file, or the checkpoint folder holding it as
+    :data:`quant.config.SEARCH_FILE`) whose keys start with ``prefix``, with the prefix removed."""
     from safetensors import safe_open
 
     path = Path(path)
     if path.is_dir():
-        path = path / "qtool_search.safetensors"
+        older = path / "qtool_search.safetensors"  # where qtool before 2026-11-30 saved it
+        path = path / SEARCH_FILE if (path / SEARCH_FILE).is_file() or not older.is_file() else older
     if not path.is_file():
-        raise QtoolError(f"{path}: no such search results file; give the qtool_search.safetensors of an AWQ checkpoint")
+        raise QtoolError(f"{path}: no such search results file; give an AWQ checkpoint folder made by qtool "
+                         f"(it holds {SEARCH_FILE}) or that file")
     with safe_open(str(path), "pt") as f:
         return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
 
