@@ -108,11 +108,12 @@ def held_out_nll(model: nn.Module, blocks: nn.ModuleList, block_list: list[nn.Mo
         for name, t in _floating(block):
             t.data = t.data.to(store[name])
     total, n = 0.0, 0
-    for ids, h in zip(batches, hidden):
-        logits = _logits_from_final_hidden(model, blocks, ids, h)
-        total += float(F.cross_entropy(logits[:, :-1].flatten(0, 1).float(), ids[:, 1:].flatten().to(logits.device),
-                                       reduction="sum"))
-        n += ids[:, 1:].numel()
+    for ids_b, h_b in zip(batches, hidden):
+        for ids, h in zip(ids_b.split(1), h_b.split(1)):  # one window at a time: [seq, vocab] logits are large
+            logits = _logits_from_final_hidden(model, blocks, ids, h)
+            total += float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device), reduction="sum"))
+            n += ids.shape[1] - 1
+            del logits
     return total / max(n, 1)
 
 
