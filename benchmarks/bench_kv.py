@@ -220,7 +220,7 @@ def run_decode(args) -> list[dict]:
             model.generate(ids, attention_mask=mask, past_key_values=new_cache(kv), max_new_tokens=4, min_new_tokens=4,
                            do_sample=False, pad_token_id=0)
             times = []
-            for _ in range(2):  # median of 2 (the second run is the one that counts when they differ)
+            for _ in range(2):  # the faster of two (the first run of a cache type can carry one-time costs)
                 cache = new_cache(kv)
                 torch.cuda.synchronize()
                 t0 = time.perf_counter()

@@ -42,7 +42,7 @@ cudaStream_t current_stream(int32_t device) {
 bool aligned16(const Tensor& t) { return reinterpret_cast<uintptr_t>(t.data_ptr()) % 16 == 0; }
 
 void check_operand(const Tensor& t, const char* name, ScalarType dtype, int32_t device) {
-  STD_TORCH_CHECK(t.is_cuda() && t.get_device_index() == device, "qtool: ", name, " must be on the same CUDA device as x");
+  STD_TORCH_CHECK(t.is_cuda() && t.get_device_index() == device, "qtool: ", name, " must be on the same CUDA device as the other operands");
   STD_TORCH_CHECK(t.scalar_type() == dtype, "qtool: ", name, " has the wrong dtype");
   STD_TORCH_CHECK(t.is_contiguous(), "qtool: ", name, " must be contiguous");
   STD_TORCH_CHECK(aligned16(t), "qtool: ", name, " must be 16-byte aligned");
@@ -61,6 +61,8 @@ Weight check_weight(const Tensor& qweight, const Tensor& scales, const std::opti
   STD_TORCH_CHECK(qweight.dim() == 4 && qweight.size(2) == 32 && qweight.size(3) == 4,
                   "qtool: qweight must be int32 [K/32, N/32, 32, 4] (the qtool-tile32 layout)");
   const int64_t N = qweight.size(1) * 32;
+  STD_TORCH_CHECK(N > 0 && K > 0, "qtool: empty weight (N=", N, ", K=", K, ")");
+  STD_TORCH_CHECK(N <= INT32_MAX && K <= INT32_MAX, "qtool: N=", N, " and K=", K, " must fit in 32 bits");
   STD_TORCH_CHECK(qweight.size(0) * 32 == K, "qtool: qweight covers K=", qweight.size(0) * 32, " but x has K=", K);
   STD_TORCH_CHECK(group_size > 0, "qtool: group_size must be positive (per channel: pass K), got ", group_size);
   STD_TORCH_CHECK(K % group_size == 0, "qtool: K=", K, " must be divisible by group_size ", group_size);

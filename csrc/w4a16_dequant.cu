@@ -39,7 +39,7 @@ __global__ void __launch_bounds__(kWarps * 32) dequant_kernel(const W4A16Args a)
 #pragma unroll
   for (int j = 0; j < 4; ++j) rp[j] = row_params<T>(sv, zv, j);
   const uint32_t words[4] = {w.x, w.y, w.z, w.w};
-  __shared__ uint32_t stage[kWarps][32 * kRowWords];
+  __shared__ __align__(16) uint32_t stage[kWarps][32 * kRowWords];
   uint32_t* st = stage[threadIdx.x / 32];
 #pragma unroll
   for (int kh = 0; kh < 2; ++kh)

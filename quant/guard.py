@@ -100,13 +100,21 @@ def held_out_nll(model: nn.Module, blocks: nn.ModuleList, block_list: list[nn.Mo
     per_batch = [record_block_calls(model, blocks, ids) for ids in batches]
     hidden = [move(calls[0].hidden, device, dtype) for calls in per_batch]
     for i, block in enumerate(block_list):
-        store = {n: t.dtype for n, t in _floating(block)}
-        block.to(device=device, dtype=dtype)
-        hidden = run_calls(block, [BlockCall(h, move(c[i].args, device, dtype), move(c[i].kwargs, device, dtype))
-                                   for h, c in zip(hidden, per_batch)])
-        block.to(device="cpu")
-        for name, t in _floating(block):
-            t.data = t.data.to(store[name])
+        # Only the block's own float tensors (norms, unquantized linears) take the compute dtype, and get their
+        # dtype back after: a QuantLinear's scales stay as they are (a bf16 round trip would change the fp16
+        # scales written to the checkpoint).
+        cast = _cast_to_compute(block)
+        originals = [t.data for _, t in cast]  # put back as they were, not cast back (a bf16 round trip loses bits)
+        try:
+            for _, t in cast:
+                t.data = t.data.to(device=device, dtype=dtype)
+            block.to(device=device)
+            hidden = run_calls(block, [BlockCall(h, move(c[i].args, device, dtype), move(c[i].kwargs, device, dtype))
+                                       for h, c in zip(hidden, per_batch)])
+        finally:
+            block.to(device="cpu")
+            for (_, t), data in zip(cast, originals):
+                t.data = data
     total, n = 0.0, 0
     for ids_b, h_b in zip(batches, hidden):
         for ids, h in zip(ids_b.split(1), h_b.split(1)):  # one window at a time: [seq, vocab] logits are large
@@ -117,8 +125,13 @@ def held_out_nll(model: nn.Module, blocks: nn.ModuleList, block_list: list[nn.Mo
     return total / max(n, 1)
 
 
-def _floating(block: nn.Module):
-    return [(n, t) for n, t in [*block.named_parameters(), *block.named_buffers()] if t.is_floating_point()]
+def _cast_to_compute(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The block's floating tensors outside its QuantLinears (whose packed tensors and scales keep their dtype)."""
+    from quant.modules import QuantLinear
+
+    quantized = {name for name, m in block.named_modules() if isinstance(m, QuantLinear)}
+    return [(n, t) for n, t in [*block.named_parameters(), *block.named_buffers()]
+            if t.is_floating_point() and n.rsplit(".", 1)[0] not in quantized]
 
 
 def _logits_from_final_hidden(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, final: torch.Tensor):

@@ -67,7 +67,7 @@ def plan_linears(model: nn.Module, arch: Arch, cfg: QuantConfig) -> LinearPlan:
             else:
                 names.append(name)
         plan.quantize.append(names)
-    _check_skip_names(cfg.skip, all_names)
+    _check_skip_names([s for s in cfg.skip if s not in arch.never_quantize], all_names)  # lm_head: never quantized
     if plan.n_quantized == 0:
         reasons = sorted(set(plan.skipped.values()))
         raise QtoolError(f"no linear layer can be quantized with these settings ({'; '.join(reasons)})")

@@ -150,6 +150,12 @@ def check_apart(out: Path, source: str | os.PathLike) -> None:
     if o in s.parents:
         raise QtoolError(f"{out}: the output folder contains the source model {source} (replacing it would delete "
                          "the source); choose a folder outside it")
+    if s.is_dir():  # files linked from elsewhere (the Hugging Face cache: snapshots/ -> ../../blobs/)
+        for f in s.iterdir():
+            r = f.resolve()
+            if r == o or o in r.parents:
+                raise QtoolError(f"{out}: the output folder holds {f.name} of the source model {source} (through a "
+                                 "symbolic link); choose a folder outside it")
 
 
 @contextlib.contextmanager

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import logging
+import math
 import os
 import resource
 import sys
@@ -18,7 +19,7 @@ from quant import model_io
 from quant.checkpoint import write_checkpoint
 from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
-from quant.guard import held_out_nll, rtn_guard
+from quant.guard import FALLBACK_KEY, held_out_nll, rtn_guard
 from quant.layers import check_finite, plan_linears
 from quant.methods import BlockContext, BlockResult, get_method
 
@@ -173,6 +174,7 @@ def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
             for i, r in enumerate(rows):
                 blocks[i] = rtn_blocks[i]
                 r.rtn_fallback = True
+                r.info[FALLBACK_KEY] = "rtn (whole model)" if r.info.get(FALLBACK_KEY) != "rtn" else "rtn"
             artifacts.clear()  # a replay then gives RTN everywhere too
     return rows, artifacts, model_check
 
@@ -183,7 +185,8 @@ def _check_model(model, blocks, rtn_blocks, guard_ids, cfg, dev, compute_dtype) 
     t = time.perf_counter()
     nll = held_out_nll(model, blocks, list(blocks), guard_ids, dev, compute_dtype)
     rtn_nll = held_out_nll(model, blocks, rtn_blocks, guard_ids, dev, compute_dtype)
-    kept = cfg.method if nll <= rtn_nll else "rtn"  # NaN from the method also keeps RTN
+    # RTN is kept where it scores lower, or where the method's loss is NaN and RTN's is not.
+    kept = "rtn" if rtn_nll < nll or (math.isnan(nll) and not math.isnan(rtn_nll)) else cfg.method
     log.info("whole-model check on %d held-out windows: loss %.4f (%s) against %.4f (RTN): keeping %s (%.1f s)",
              guard_ids.shape[0], nll, cfg.method, rtn_nll, kept, time.perf_counter() - t)
     return {"nll": nll, "rtn_nll": rtn_nll, "kept": kept}

@@ -151,6 +151,26 @@ def test_output_overlapping_the_source_is_refused_before_anything_is_touched(mod
     assert tree_digest(model) == before and sorted(p.name for p in tmp_path.iterdir()) == listing
 
 
+def test_output_holding_the_files_a_source_links_to_is_refused(tmp_path, capsys):
+    """A source whose files are links into another folder (the Hugging Face cache's snapshots -> blobs):
+    -o on that folder with --overwrite would delete the weights."""
+    real = save_tiny_model("llama", tmp_path / "blobs")
+    snap = tmp_path / "snapshot"
+    snap.mkdir()
+    for f in real.iterdir():
+        (snap / f.name).symlink_to(f)
+    before = tree_digest(real)
+    code, err = run_cli(["rtn", snap, "-o", real, "--overwrite", "--group-size", "32"], capsys)
+    assert_refused(code, err, "through a symbolic link")
+    assert tree_digest(real) == before
+
+
+def test_skip_lm_head_is_accepted_as_a_no_op(model, tmp_path, capsys):
+    """lm_head is never quantized; AutoAWQ users pass it out of habit."""
+    code, _ = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32", "--skip", "lm_head"], capsys)
+    assert code == 0
+
+
 @pytest.mark.parametrize("name,hint", [("mlp.down_prj", "did you mean mlp.down_proj"),
                                        ("model.layers.9.mlp.down_proj", "did you mean"),
                                        ("attention", "named like")])

@@ -1,4 +1,5 @@
 """Choosing by what the block computes: AWQ's judge modules, clip acceptance, and the RTN guard."""
+import math
 from dataclasses import replace
 
 import pytest
@@ -237,6 +238,22 @@ def test_held_out_nll_is_the_models_own_loss(model_type):
     assert abs(held_out_nll(model, blocks, list(blocks), ids) - want) < 1e-5 * max(1.0, abs(want))
 
 
+def test_held_out_nll_in_bf16_leaves_a_quantized_model_bit_identical(tmp_path):
+    """On a GPU the check computes in the model's dtype (bf16): the fp16 scales of the quantized linears must
+    not make a round trip through it (the checkpoint is written after the check)."""
+    src = save_tiny_model("llama", tmp_path / "src")
+    quant.quantize(src, tmp_path / "q", method="rtn", **OPTS)
+    model = quant.load(tmp_path / "q", dtype=torch.float32)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    blocks = model.model.layers
+    ids = torch.randint(3, 200, (2, 16), generator=torch.Generator().manual_seed(0))
+    nll = held_out_nll(model, blocks, list(blocks), ids, "cpu", torch.bfloat16)
+    assert math.isfinite(nll)
+    after = model.state_dict()
+    assert after.keys() == before.keys()
+    assert all(after[k].dtype == v.dtype and torch.equal(after[k], v) for k, v in before.items())
+
+
 def copy_with_noise(block):
     import copy
 
@@ -269,7 +286,8 @@ def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_r
     assert len(seen) == 2  # the model as quantized, then the all-RTN model, on the same guard windows
     check = report.model_check
     assert check["kept"] == "rtn" and check["nll"] == seen[0][1] + 1.0 and check["rtn_nll"] == seen[1][1]
-    assert all(b.rtn_fallback for b in report.blocks) and all(b.info["kept"] == "awq" for b in report.blocks)
+    # The per-block guard kept AWQ everywhere; the whole-model check overruled it.
+    assert all(b.rtn_fallback and b.info["kept"] == "rtn (whole model)" for b in report.blocks)
     rtn = _packed(tmp_path / "rtn")
     assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "awq").items())
     assert load_file(str(tmp_path / "awq" / SEARCH_FILE)) == {}

@@ -58,14 +58,15 @@ def _has_g_idx(layer) -> bool:
     return cache["has_g_idx"]
 
 
-def cuda_kernel_for(m: int, layer) -> tuple[str | None, str | None]:
-    """(op name, None) for the kernel that takes this call, or (None, why none does)."""
+def cuda_kernel_for(m: int, layer, dequant: bool = True) -> tuple[str | None, str | None]:
+    """(op name, None) for the kernel that takes this call, or (None, why none does); ``dequant=False``
+    leaves out dequantize + cuBLAS."""
     n, k = layer.out_features, layer.in_features
     why = layout.layout_check(n, k, layer.bits, layer.group_size, _has_g_idx(layer))
     if why:
         return None, why
     g = qmath.effective_group_size(k, layer.group_size)
-    if m >= DEQUANT_MIN_M and ops.dequant_shape_check(n, k, g) is None:
+    if dequant and m >= DEQUANT_MIN_M and ops.dequant_shape_check(n, k, g) is None:
         return ops.DEQUANT_OP, None
     gemv_why = ops.gemv_shape_check(m, n, k, g)
     if gemv_why is None:
@@ -159,11 +160,16 @@ def choose_path(x: torch.Tensor, layer) -> tuple[str, str | None]:
     if x.is_cuda:
         if x.dtype not in (torch.float16, torch.bfloat16):
             return "reference", f"dtype {x.dtype} (the CUDA kernels take float16 or bfloat16)"
-        op_name, why = cuda_kernel_for(x.numel() // layer.in_features, layer)
+        m = x.numel() // layer.in_features
+        op_name, why = cuda_kernel_for(m, layer)
         if op_name is None:
             return "reference", why
         if not loader.cuda_kernels_available():
             return "reference", "the compiled kernels are not loaded"
+        if op_name == ops.DEQUANT_OP and not loader.has_cuda_kernel(op_name):  # an older library: the fused GEMM
+            op_name, why = cuda_kernel_for(m, layer, dequant=False)
+            if op_name is None:
+                return "reference", why
         return "cuda:" + op_name, None
     if x.device.type == "cpu":
         if x.dtype != torch.bfloat16:

@@ -46,3 +46,16 @@ def cuda_kernels_available() -> bool:
         return True
     log.warning("W4A16 on CUDA: reference path (dequantize + matmul), because %s", reason)
     return False
+
+
+@functools.cache
+def has_cuda_kernel(op_name: str) -> bool:
+    """Whether the loaded library registers a CUDA kernel for ``qtool::<op_name>`` (a library built before the
+    op existed loads fine but lacks it)."""
+    if not cuda_kernels_available():
+        return False
+    has = torch._C._dispatch_has_kernel_for_dispatch_key(f"qtool::{op_name}", "CUDA")
+    if not has:
+        log.warning("W4A16 on CUDA: %s has no CUDA kernel for qtool::%s (built before it existed; rebuild with "
+                    "python -m quant.kernels.build); the fused kernels take its shapes", library_path(), op_name)
+    return has
