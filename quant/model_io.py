@@ -133,9 +133,32 @@ def save_tensors(tensors: dict[str, torch.Tensor], dst: str | os.PathLike, max_s
 
 
 def folder_bytes(path: str | os.PathLike, patterns=("*.safetensors", "*.bin")) -> int:
-    """Bytes of the weight files in ``path`` (qtool's side files, ``qtool_*``, are not weights)."""
-    files = {f for p in patterns for f in Path(path).glob(p) if not f.name.startswith("qtool_")}
-    return sum(f.stat().st_size for f in files)
+    """Bytes of the weight files in ``path`` that a load reads: the first pattern with any files (a folder
+    shipping both ``.safetensors`` and ``.bin`` loads the former); qtool's side files, ``qtool_*``, are not weights."""
+    for p in patterns:
+        files = [f for f in Path(path).glob(p) if not f.name.startswith("qtool_")]
+        if files:
+            return sum(f.stat().st_size for f in files)
+    return 0
+
+
+_OWNER = ".qtool-owner"  # in a temporary output folder: "<host> <pid>" of the run writing it
+
+
+def _remove_abandoned(parent: Path, name: str) -> None:
+    """Remove temporary output folders for ``name`` whose run is gone (killed: no cleanup ran), saying so."""
+    host = os.uname().nodename
+    for d in parent.glob(f".{name}.tmp-*"):
+        try:
+            owner_host, pid = (d / _OWNER).read_text().split()
+            if owner_host != host:
+                continue
+            os.kill(int(pid), 0)  # raises if no such process
+        except ProcessLookupError:
+            log.warning("removing %s, left by an earlier run (process %s) that was stopped before it finished", d, pid)
+            shutil.rmtree(d, ignore_errors=True)
+        except (OSError, ValueError):
+            continue  # no owner file yet, or not ours to judge
 
 
 def check_apart(out: Path, source: str | os.PathLike) -> None:
@@ -176,9 +199,15 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
         raise QtoolError(f"{parent}: the folder for the output does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise QtoolError(f"{parent}: is not writable, so {out.name} cannot be created there")
+    _remove_abandoned(parent, out.name)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: a server running as another user could not read it
+    (tmp / _OWNER).write_text(f"{os.uname().nodename} {os.getpid()}")
     try:
         yield tmp
+        (tmp / _OWNER).unlink()
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
             os.replace(out, old / out.name)

@@ -165,6 +165,35 @@ def test_output_holding_the_files_a_source_links_to_is_refused(tmp_path, capsys)
     assert tree_digest(real) == before
 
 
+def test_output_folder_follows_the_umask(model, tmp_path, capsys):
+    old = os.umask(0o022)
+    try:
+        code, _ = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    finally:
+        os.umask(old)
+    assert code == 0
+    assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
+    assert not (tmp_path / "out" / ".qtool-owner").exists()
+
+
+def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(model, tmp_path, capsys, caplog):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()
+    host = os.uname().nodename
+    left, live = tmp_path / ".out.tmp-killed", tmp_path / ".out.tmp-running"
+    for d, pid in ((left, dead.pid), (live, os.getpid())):
+        d.mkdir()
+        (d / ".qtool-owner").write_text(f"{host} {pid}")
+        (d / "model.safetensors").write_bytes(b"partial")
+    with caplog.at_level("WARNING", logger="quant.model_io"):
+        code, _ = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert code == 0
+    assert not left.exists() and live.exists()  # a run still going is left alone
+    assert "stopped before it finished" in caplog.text
+
+
 def test_skip_lm_head_is_accepted_as_a_no_op(model, tmp_path, capsys):
     """lm_head is never quantized; AutoAWQ users pass it out of habit."""
     code, _ = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32", "--skip", "lm_head"], capsys)
