@@ -49,8 +49,10 @@ def load_any(path, dtype="auto", device="auto"):
         dtype = torch.float32 if dev.type == "cpu" else None
     elif isinstance(dtype, str):
         dtype = model_io.torch_dtype(dtype)
-    config = model_io.check_causal_lm(path)
-    if "quantization_config" in config:
+    from quant.checkpoint import is_quantized_checkpoint
+
+    model_io.check_causal_lm(path)
+    if is_quantized_checkpoint(path):
         model = load(path, dtype=dtype, device=dev)
     else:
         model = model_io.load_fp_model(path, dtype=dtype or "auto").to(dev)

@@ -100,6 +100,11 @@ def read_quantization_config(path: str | os.PathLike) -> dict:
     if legacy.is_file():  # AutoGPTQ / GPTQModel: fills what config.json leaves out (e.g. checkpoint_format)
         qc = {**json.loads(legacy.read_text()), **(qc or {})}
         qc.setdefault("quant_method", "gptq")
+    awq_legacy = Path(path) / "quant_config.json"
+    if qc is None and awq_legacy.is_file():  # older AutoAWQ: w_bit, q_group_size, zero_point, version
+        old = json.loads(awq_legacy.read_text())
+        qc = {"quant_method": "awq", "bits": old.get("w_bit", 4), "group_size": old.get("q_group_size", 128),
+              "zero_point": old.get("zero_point", True), "version": old.get("version", "gemm")}
     if qc is None:
         raise QtoolError(f"{path}: config.json has no quantization_config, so this is not a quantized checkpoint")
     method = qc.get("quant_method")
@@ -110,6 +115,13 @@ def read_quantization_config(path: str | os.PathLike) -> dict:
     if method == "awq" and qc.get("bits", qc.get("w_bit", 4)) != 4:
         raise QtoolError(f"{path}: AWQ checkpoints hold 4-bit weights; this one says bits={qc.get('bits')}")
     return qc
+
+
+def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
+    """Whether ``path`` declares quantized weights: ``quantization_config`` in config.json, or a side file of
+    an older tool (AutoGPTQ's ``quantize_config.json``, AutoAWQ's ``quant_config.json``)."""
+    return ("quantization_config" in model_io.read_config(path)
+            or any((Path(path) / f).is_file() for f in ("quantize_config.json", "quant_config.json")))
 
 
 def tensor_index(path: str | os.PathLike) -> dict[str, Path]:

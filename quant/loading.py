@@ -131,7 +131,7 @@ def _assign_tensors(model: nn.Module, index: dict, quant_names: set[str], dtype:
                 shard[k] = t
         result = model.load_state_dict(shard, strict=False, assign=True)
         if result.unexpected_keys:
-            log.warning("ignored %d checkpoint tensors the model does not use, e.g. %s",
-                        len(result.unexpected_keys), result.unexpected_keys[0])
+            raise QtoolError(f"{f}: holds {len(result.unexpected_keys)} tensors the model does not use, e.g. "
+                             f"{sorted(result.unexpected_keys)[0]}; the checkpoint does not match its config.json")
         loaded |= set(shard) - set(result.unexpected_keys)
     return loaded

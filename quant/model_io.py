@@ -94,7 +94,17 @@ def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto
     check_causal_lm(model_dir)
     weight_files(model_dir)
     kwargs = {"dtype": dtype if dtype == "auto" else torch_dtype(dtype)}
-    model = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, **kwargs)
+    model, info = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, output_loading_info=True,
+                                                       **kwargs)
+    # transformers initialises missing tensors at random and drops unknown ones with a warning: refuse both.
+    for what, keys in (("lacks", info.get("missing_keys")), ("holds tensors the model does not use:",
+                                                               info.get("unexpected_keys"))):
+        keys = sorted(keys or [])
+        if keys:
+            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+            raise QtoolError(f"{model_dir}: the checkpoint {what} {', '.join(keys[:3])}{more}"
+                             + (" (they would be random weights)" if what == "lacks" else "")
+                             + "; it does not match its config.json")
     model.eval()
     return model
 

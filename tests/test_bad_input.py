@@ -4,6 +4,7 @@ import os
 import sys
 
 import pytest
+import torch
 from safetensors.torch import load_file, save_file
 from test_pipeline import tree_digest
 from tiny_models import save_tiny_model
@@ -12,6 +13,11 @@ from cli.main import main
 
 
 def run_cli(args, capsys):
+    code, err, _ = run_cli_out(args, capsys)
+    return code, err
+
+
+def run_cli_out(args, capsys):
     old = sys.argv
     sys.argv = ["qtool", *map(str, args)]
     try:
@@ -22,7 +28,7 @@ def run_cli(args, capsys):
     finally:
         sys.argv = old
     captured = capsys.readouterr()
-    return code, captured.err
+    return code, captured.err, captured.out
 
 
 def assert_refused(code, err, *fragments):
@@ -192,6 +198,57 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(model, tmp_pa
     assert code == 0
     assert not left.exists() and live.exists()  # a run still going is left alone
     assert "stopped before it finished" in caplog.text
+
+
+@pytest.mark.parametrize("change", ["missing", "unexpected"])
+def test_a_source_whose_tensors_do_not_match_its_config_is_refused(model, tmp_path, capsys, change):
+    """transformers would initialise a missing tensor at random (and drop an unknown one) and go on."""
+    f = os.path.join(model, "model.safetensors")
+    tensors = load_file(f)
+    if change == "missing":
+        del tensors["model.layers.1.mlp.down_proj.weight"]
+    else:
+        tensors["model.layers.1.mlp.extra.weight"] = torch.zeros(4, 4)
+    save_file(tensors, f, metadata={"format": "pt"})
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert_refused(code, err, "model.layers.1.mlp.down_proj.weight (they would be random weights)" if change == "missing"
+                   else "does not use: model.layers.1.mlp.extra.weight")
+    _no_output(tmp_path)
+    code, err = run_cli(["ppl", model, "--max-tokens", "64", "--seqlen", "32"], capsys)
+    assert code == 2 and ("lacks" if change == "missing" else "does not use") in err
+
+
+def test_a_checkpoint_with_an_unknown_tensor_is_refused_by_load(model, tmp_path, capsys):
+    code, _ = run_cli(["rtn", model, "-o", tmp_path / "q", "--group-size", "32"], capsys)
+    assert code == 0
+    f = tmp_path / "q" / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.0.mlp.extra.qweight_typo"] = torch.zeros(2, 2, dtype=torch.int32)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    code, err = run_cli(["ppl", tmp_path / "q", "--max-tokens", "64", "--seqlen", "32"], capsys)
+    assert_refused(code, err, "does not use", "model.layers.0.mlp.extra.qweight_typo")
+
+
+def test_an_autoawq_checkpoint_with_a_legacy_quant_config_json_is_read(model, tmp_path, capsys):
+    """Older AutoAWQ wrote its settings to quant_config.json only: qtool ppl once scored such a folder as a
+    full-precision model with random linears."""
+    code, _ = run_cli(["awq", model, "-o", tmp_path / "q", "--group-size", "32", "--n-samples", "4", "--seqlen", "32",
+                       "--held-out", "0", "--dtype", "float32"], capsys)
+    assert code == 0
+    args = ["--max-tokens", "96", "--seqlen", "32", "--device", "cpu"]
+    code, _, out_new = run_cli_out(["ppl", tmp_path / "q", *args], capsys)
+    assert code == 0
+    cfg_path = tmp_path / "q" / "config.json"
+    cfg = json.loads(cfg_path.read_text())
+    del cfg["quantization_config"]
+    cfg_path.write_text(json.dumps(cfg))
+    (tmp_path / "q" / "quant_config.json").write_text(json.dumps(
+        {"zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM"}))
+    code, _, out_legacy = run_cli_out(["ppl", tmp_path / "q", *args], capsys)
+    assert code == 0
+    ppl = [line.split("|")[2].strip() for line in (out_new, out_legacy)
+           for line in line.splitlines() if str(tmp_path / "q") in line]
+    assert len(ppl) == 2 and ppl[0] == ppl[1], (out_new, out_legacy)
 
 
 def test_skip_lm_head_is_accepted_as_a_no_op(model, tmp_path, capsys):
