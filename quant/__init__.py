@@ -39,12 +39,14 @@ def load_any(path, dtype="auto", device="auto"):
     ``dtype="auto"``: float32 on the CPU (exact reference compute), the checkpoint's dtype on a GPU.
     """
     import torch
-    from transformers import AutoTokenizer
 
     from quant import model_io
+    from quant.errors import QtoolError
 
     dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
                        ("cpu" if device == "auto" else device))
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QtoolError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
     if dtype == "auto":
         dtype = torch.float32 if dev.type == "cpu" else None
     elif isinstance(dtype, str):
@@ -52,9 +54,9 @@ def load_any(path, dtype="auto", device="auto"):
     from quant.checkpoint import is_quantized_checkpoint
 
     model_io.check_causal_lm(path)
+    tokenizer = model_io.load_tokenizer(path)
     if is_quantized_checkpoint(path):
         model = load(path, dtype=dtype, device=dev)
     else:
         model = model_io.load_fp_model(path, dtype=dtype or "auto").to(dev)
-    tokenizer = AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer

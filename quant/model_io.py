@@ -87,6 +87,18 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[name]
 
 
+def load_tokenizer(model_dir: str | os.PathLike):
+    """The model folder's tokenizer (no network); one sentence if there is none that loads."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    except Exception as e:  # transformers raises OSError, ValueError, ImportError... for a missing or unusable one
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise QtoolError(f"{model_dir}: has no tokenizer that loads (tokenizer.json or tokenizer.model with "
+                         f"tokenizer_config.json); copy the original model's tokenizer files there ({first[:160]})") from None
+
+
 def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto"):
     """A full-precision causal LM from a local folder, on the CPU, in one copy (no network)."""
     from transformers import AutoModelForCausalLM

@@ -68,15 +68,16 @@ def peak_rss_mb() -> float:
 def _device(device: str | None) -> torch.device:
     if device in (None, "auto"):
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(device)
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QtoolError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    return dev
 
 
 def _calibration_ids(model_dir, cfg: QuantConfig, add_bos: bool) -> torch.Tensor:
-    from transformers import AutoTokenizer
-
     from calib.data import calibration_batch, load_texts
 
-    tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    tok = model_io.load_tokenizer(model_dir)
     texts = load_texts(cfg.calib_data, text_field=cfg.text_field)
     try:  # the held-out windows come last (calib.runner)
         return calibration_batch(tok, texts, cfg.n_samples, cfg.seqlen, cfg.seed, add_bos, sum(cfg.held_out_split))
@@ -106,6 +107,8 @@ def quantize(
     config = model_io.check_causal_lm(model_dir)
     arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
     dev = _device(device)
+    if cfg.needs_calibration:
+        model_io.load_tokenizer(model_dir)  # before the model loads: a missing tokenizer is one sentence, early
     with model_io.atomic_output(out, overwrite, source=model_dir) as tmp:
         model = model_io.load_fp_model(model_dir)
         check_finite(model, str(model_dir))

@@ -54,9 +54,16 @@ def perplexity(
     ``add_bos`` puts the BOS token at the start of every window (gemma needs it);
     by default it follows the architecture table.
     """
-    stride = stride or seqlen
+    if seqlen < 2:
+        raise QtoolError(f"--seqlen {seqlen}: a window needs at least 2 tokens (one to predict from, one to score)")
+    stride = seqlen if stride is None else stride
     if not 0 < stride <= seqlen:
         raise QtoolError(f"--stride {stride} must lie between 1 and --seqlen {seqlen}")
+    max_pos = getattr(model.config, "max_position_embeddings", None)
+    learned = any(n.endswith(("embed_positions", "wpe")) for n, _ in model.named_modules())
+    if learned and max_pos and seqlen > max_pos:
+        raise QtoolError(f"--seqlen {seqlen}: this model has learned position embeddings for {max_pos} positions; "
+                         f"use --seqlen {max_pos} or less")
     if add_bos is None:
         from quant.arch import ARCHITECTURES
 
@@ -87,4 +94,8 @@ def perplexity(
             n_windows += 1
     seconds = time.perf_counter() - t0
     nll = nll_sum / count
+    if not math.isfinite(nll):
+        dtype = next(model.parameters()).dtype
+        raise QtoolError(f"the loss is not finite ({nll}): the model's activations overflow in {dtype} "
+                         "(float16 holds at most 65504); score it with --dtype float32 or bfloat16")
     return PerplexityResult(math.exp(nll), nll, count, n_windows, seconds)

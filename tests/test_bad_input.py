@@ -251,6 +251,52 @@ def test_an_autoawq_checkpoint_with_a_legacy_quant_config_json_is_read(model, tm
     assert len(ppl) == 2 and ppl[0] == ppl[1], (out_new, out_legacy)
 
 
+def test_a_folder_without_a_tokenizer_is_refused_before_the_model_loads(model, tmp_path, capsys):
+    for f in os.listdir(model):
+        if f.startswith(("tokenizer", "special_tokens", "vocab", "merges")):
+            os.remove(os.path.join(model, f))
+    code, err = run_cli(["awq", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert_refused(code, err, "has no tokenizer that loads")
+    _no_output(tmp_path)
+    code, err = run_cli(["ppl", model, "--max-tokens", "64", "--seqlen", "32"], capsys)
+    assert_refused(code, err, "has no tokenizer that loads")
+    code, _ = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert code == 0  # round-to-nearest reads no text
+
+
+@pytest.mark.parametrize("args,fragment", [(["--seqlen", "1"], "--seqlen 1"), (["--stride", "0"], "--stride 0"),
+                                           (["--seqlen", "32", "--stride", "64"], "--stride 64")])
+def test_perplexity_windows_that_cannot_work_are_refused(model, capsys, args, fragment):
+    code, err = run_cli(["ppl", model, "--max-tokens", "64", *args], capsys)
+    assert_refused(code, err, fragment)
+
+
+def test_perplexity_past_learned_position_embeddings_is_refused(tmp_path, capsys):
+    src = save_tiny_model("opt", tmp_path / "opt")
+    max_pos = json.loads((src / "config.json").read_text())["max_position_embeddings"]
+    code, err = run_cli(["ppl", src, "--max-tokens", str(4 * max_pos), "--seqlen", str(max_pos + 1)], capsys)
+    assert_refused(code, err, "learned position embeddings", f"--seqlen {max_pos} or less")
+
+
+def test_a_non_finite_perplexity_is_never_printed(model, capsys):
+    f = os.path.join(model, "model.safetensors")
+    tensors = load_file(f)
+    tensors["model.norm.weight"] = torch.full_like(tensors["model.norm.weight"], 6e4)  # fp16 logits overflow
+    save_file(tensors, f, metadata={"format": "pt"})
+    code, err, out = run_cli_out(["ppl", model, "--max-tokens", "64", "--seqlen", "32", "--dtype", "float16",
+                                  "--device", "cpu"], capsys)
+    assert_refused(code, err, "not finite", "float32")
+    assert "nan" not in out.lower() and "inf" not in out.lower()
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
+def test_device_cuda_without_a_gpu_is_refused(model, tmp_path, capsys):
+    code, err = run_cli(["ppl", model, "--max-tokens", "64", "--seqlen", "32", "--device", "cuda"], capsys)
+    assert_refused(code, err, "--device cuda", "no CUDA GPU")
+    code, err = run_cli(["awq", model, "-o", tmp_path / "out", "--group-size", "32", "--device", "cuda"], capsys)
+    assert_refused(code, err, "--device cuda", "no CUDA GPU")
+
+
 def test_skip_lm_head_is_accepted_as_a_no_op(model, tmp_path, capsys):
     """lm_head is never quantized; AutoAWQ users pass it out of habit."""
     code, _ = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32", "--skip", "lm_head"], capsys)
