@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 from pathlib import Path
 
@@ -13,6 +14,8 @@ from quant import model_io
 from quant.config import QuantConfig
 from quant.errors import QtoolError
 from quant.modules import QuantLinear
+
+log = logging.getLogger(__name__)
 
 QTOOL_META = "qtool.json"  # how the checkpoint was made: method, calibration, sizes (ours only)
 
@@ -42,12 +45,41 @@ def quantization_config(cfg: QuantConfig, skipped: list[str]) -> dict:
     }
 
 
+FP16_MAX = 65504.0
+
+
+def _largest_unquantized(model: nn.Module) -> tuple[str, float]:
+    """(name, max |x|) of the floating tensor outside the quantized linears with the largest magnitude."""
+    quant_prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, QuantLinear))
+    best = ("", 0.0)
+    for name, t in model.state_dict().items():
+        if t.is_floating_point() and not name.startswith(quant_prefixes) and t.numel():
+            m = float(t.detach().abs().max())
+            if not m <= best[1]:
+                best = (name, m)
+    return best
+
+
 def _output_dtype(cfg: QuantConfig, model: nn.Module) -> torch.dtype:
+    """The dtype of the checkpoint's unquantized tensors. ``auto``: a half-precision source keeps its dtype; a
+    float32 one becomes float16 (AWQ/GPTQ convention) unless float16 cannot hold it: bfloat16 for tensors
+    beyond float16's range and for Gemma-family models (their activations exceed it in float16)."""
+    name, big = _largest_unquantized(model)
     if cfg.dtype != "auto":
-        return model_io.torch_dtype(cfg.dtype)
+        dtype = model_io.torch_dtype(cfg.dtype)
+        if dtype == torch.float16 and big > FP16_MAX:
+            raise QtoolError(f"--dtype float16: {name} holds values up to {big:.3g}, beyond float16's {FP16_MAX:.0f}; "
+                             "use --dtype bfloat16 or float32")
+        return dtype
     src = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    # AWQ and GPTQ checkpoints are float16 by convention; keep a half-precision source as it is.
-    return src if src in (torch.float16, torch.bfloat16) else torch.float16
+    if src in (torch.float16, torch.bfloat16):
+        return src
+    model_type = getattr(model.config, "model_type", "")
+    if big > FP16_MAX or model_type.startswith("gemma"):
+        why = f"{name} holds values up to {big:.3g}" if big > FP16_MAX else f"{model_type} activations overflow it"
+        log.warning("writing the checkpoint in bfloat16, not float16: %s (pass --dtype to choose)", why)
+        return torch.bfloat16
+    return torch.float16
 
 
 def checkpoint_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:

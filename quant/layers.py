@@ -29,6 +29,9 @@ class LinearPlan:
         return sum(len(b) for b in self.quantize)
 
 
+FP16_MAX = 65504.0
+
+
 def _fills_words(n: int, bits: int) -> bool:
     # 3-bit values are packed 32 at a time into 3 words; other widths 32/bits per word.
     return (n * bits) % 32 == 0 and (bits != 3 or n % 32 == 0)
@@ -46,6 +49,11 @@ def _skip_reason(full_name: str, lin: nn.Linear, cfg: QuantConfig) -> str | None
         for what, n in (("in_features", lin.in_features), ("out_features", lin.out_features)):
             if not _fills_words(n, cfg.bits):
                 return f"{what} {n} cannot be packed into whole int32 words at {cfg.bits} bits"
+    # Scales are stored as float16: a group spanning more than 65504 * (2^bits - 1) would be clamped.
+    span = 2 * float(lin.weight.detach().abs().max())
+    if span / (2**cfg.bits - 1) > FP16_MAX:
+        return (f"weights up to {span / 2:.3g} in magnitude need a scale beyond float16's {FP16_MAX:.0f} "
+                f"at {cfg.bits} bits")
     return None
 
 

@@ -297,6 +297,28 @@ def test_device_cuda_without_a_gpu_is_refused(model, tmp_path, capsys):
     assert_refused(code, err, "--device cuda", "no CUDA GPU")
 
 
+def test_weights_beyond_the_float16_scale_range_stay_in_full_precision_and_are_listed(model, tmp_path, capsys):
+    """A bf16/fp32 source can hold weights whose group scale float16 cannot store: such a layer is listed and
+    kept in full precision, not clamped silently."""
+    f = os.path.join(model, "model.safetensors")
+    tensors = load_file(f)
+    w = tensors["model.layers.0.mlp.up_proj.weight"]
+    w[0, 0] = 2e6  # its group's scale (max - min) / 15 > 65504
+    save_file(tensors, f, metadata={"format": "pt"})
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert code == 0, err
+    skipped = json.loads((tmp_path / "out" / "qtool.json").read_text())["qtool"]["report"]["skipped"]
+    assert list(skipped) == ["model.layers.0.mlp.up_proj"] and "beyond float16" in skipped["model.layers.0.mlp.up_proj"]
+    out = load_file(str(tmp_path / "out" / "model.safetensors"))
+    assert "model.layers.0.mlp.up_proj.weight" in out and "model.layers.1.mlp.up_proj.qweight" in out
+    # float16 would make it inf: the checkpoint is written in bfloat16, which holds it.
+    assert out["model.layers.0.mlp.up_proj.weight"].dtype == torch.bfloat16
+    assert float(out["model.layers.0.mlp.up_proj.weight"][0, 0]) == float(torch.tensor(2e6).bfloat16())
+    assert json.loads((tmp_path / "out" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out16", "--group-size", "32", "--dtype", "float16"], capsys)
+    assert_refused(code, err, "--dtype float16", "model.layers.0.mlp.up_proj.weight", "beyond float16")
+
+
 def test_skip_lm_head_is_accepted_as_a_no_op(model, tmp_path, capsys):
     """lm_head is never quantized; AutoAWQ users pass it out of habit."""
     code, _ = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32", "--skip", "lm_head"], capsys)
