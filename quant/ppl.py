@@ -37,6 +37,27 @@ def _windows(n: int, seqlen: int, stride: int):
         begin += stride
 
 
+def _first_non_finite(model, window: torch.Tensor) -> str:
+    """", first in <module>" for the first module (in call order) whose output holds NaN or inf on ``window``."""
+    found: list[str] = []
+
+    def hook(name):
+        def check(_module, _args, out):
+            t = out[0] if isinstance(out, tuple) else out
+            if not found and isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+                found.append(name)
+        return check
+
+    handles = [m.register_forward_hook(hook(n)) for n, m in model.named_modules() if n and not list(m.children())]
+    try:
+        with torch.no_grad():
+            model(window, use_cache=False)
+    finally:
+        for h in handles:
+            h.remove()
+    return f", first in {found[0]}" if found else ""
+
+
 def perplexity(
     model,
     tokenizer,
@@ -96,6 +117,7 @@ def perplexity(
     nll = nll_sum / count
     if not math.isfinite(nll):
         dtype = next(model.parameters()).dtype
-        raise QtoolError(f"the loss is not finite ({nll}): the model's activations overflow in {dtype} "
+        where = _first_non_finite(model, torch.tensor(bos + ids[:width].tolist(), device=device)[None])
+        raise QtoolError(f"the loss is not finite ({nll}): the model's activations overflow in {dtype}{where} "
                          "(float16 holds at most 65504); score it with --dtype float32 or bfloat16")
     return PerplexityResult(math.exp(nll), nll, count, n_windows, seconds)
