@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from calib.runner import BlockInputs, run_sequential
 from quant import arch as arch_table
 from quant import model_io
-from quant.checkpoint import write_checkpoint
+from quant.checkpoint import is_quantized_checkpoint, write_checkpoint
 from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 from quant.guard import FALLBACK_KEY, held_out_nll, rtn_guard
@@ -105,6 +105,10 @@ def quantize(
     cfg = cfg.with_(**options) if cfg is not None else QuantConfig(**options)
     t0 = time.perf_counter()
     config = model_io.check_causal_lm(model_dir)
+    if is_quantized_checkpoint(model_dir):
+        method = (config.get("quantization_config") or {}).get("quant_method", "an older tool's")
+        raise QtoolError(f"{model_dir}: is already quantized ({method} quantization); quantize the original "
+                         "full-precision model instead")
     arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
     dev = _device(device)
     if cfg.needs_calibration:

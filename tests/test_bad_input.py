@@ -319,6 +319,13 @@ def test_weights_beyond_the_float16_scale_range_stay_in_full_precision_and_are_l
     assert_refused(code, err, "--dtype float16", "model.layers.0.mlp.up_proj.weight", "beyond float16")
 
 
+def test_an_already_quantized_folder_as_a_source_is_refused(model, tmp_path, capsys):
+    code, _ = run_cli(["rtn", model, "-o", tmp_path / "q", "--group-size", "32"], capsys)
+    assert code == 0
+    code, err = run_cli(["awq", tmp_path / "q", "-o", tmp_path / "qq", "--group-size", "32"], capsys)
+    assert_refused(code, err, "is already quantized (awq quantization)", "full-precision")
+
+
 def test_skip_lm_head_is_accepted_as_a_no_op(model, tmp_path, capsys):
     """lm_head is never quantized; AutoAWQ users pass it out of habit."""
     code, _ = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32", "--skip", "lm_head"], capsys)
