@@ -157,8 +157,9 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it (reads headers only)."""
-    files = sorted(Path(path).glob("*.safetensors"))
+    """Tensor name -> the safetensors file holding it (reads headers only). qtool's side files (``qtool_*``:
+    the search results of checkpoints made before they moved to ``qtool/``) hold no weights."""
+    files = sorted(f for f in Path(path).glob("*.safetensors") if not f.name.startswith("qtool_"))
     if not files:
         raise QtoolError(f"{path}: holds no *.safetensors files; quantized checkpoints are read from safetensors only")
     index = {}

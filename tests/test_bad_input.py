@@ -229,6 +229,14 @@ def test_a_checkpoint_with_an_unknown_tensor_is_refused_by_load(model, tmp_path,
     assert_refused(code, err, "does not use", "model.layers.0.mlp.extra.qweight_typo")
 
 
+def test_a_checkpoint_with_an_older_qtools_search_file_beside_the_weights_loads(model, tmp_path, capsys):
+    code, _ = run_cli(["rtn", model, "-o", tmp_path / "q", "--group-size", "32"], capsys)
+    assert code == 0
+    save_file({"model.layers.0.mlp.up_proj.awq_scale": torch.ones(64)}, str(tmp_path / "q" / "qtool_search.safetensors"))
+    code, err = run_cli(["ppl", tmp_path / "q", "--max-tokens", "64", "--seqlen", "32", "--device", "cpu"], capsys)
+    assert code == 0, err
+
+
 def test_an_autoawq_checkpoint_with_a_legacy_quant_config_json_is_read(model, tmp_path, capsys):
     """Older AutoAWQ wrote its settings to quant_config.json only: qtool ppl once scored such a folder as a
     full-precision model with random linears."""
