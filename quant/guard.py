@@ -27,7 +27,6 @@ import copy
 import logging
 
 import torch
-
 import torch.nn.functional as F
 from torch import nn
 
@@ -100,11 +99,10 @@ def held_out_nll(model: nn.Module, blocks: nn.ModuleList, block_list: list[nn.Mo
     per_batch = [record_block_calls(model, blocks, ids) for ids in batches]
     hidden = [move(calls[0].hidden, device, dtype) for calls in per_batch]
     for i, block in enumerate(block_list):
-        # Only the block's own float tensors (norms, unquantized linears) take the compute dtype, and get their
-        # dtype back after: a QuantLinear's scales stay as they are (a bf16 round trip would change the fp16
-        # scales written to the checkpoint).
+        # Only the block's own float tensors (norms, unquantized linears) take the compute dtype, and are put
+        # back as they were, not cast back (a bf16 round trip loses bits); QuantLinear scales are never cast.
         cast = _cast_to_compute(block)
-        originals = [t.data for _, t in cast]  # put back as they were, not cast back (a bf16 round trip loses bits)
+        originals = [t.data for _, t in cast]
         try:
             for _, t in cast:
                 t.data = t.data.to(device=device, dtype=dtype)

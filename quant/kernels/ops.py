@@ -76,9 +76,7 @@ def gemv_shape_check(m: int, n: int, k: int, group_size: int) -> str | None:
     """Mirror of ``gemv_check`` in csrc/w4a16_gemv.cu."""
     if not 1 <= m <= GEMV_MAX_M:
         return f"M={m} must be in [1, {GEMV_MAX_M}]"
-    if n % 32 or k % 32:
-        return f"N={n} and K={k} must be divisible by 32"
-    return _group_check(k, group_size)
+    return dequant_shape_check(n, k, group_size)
 
 
 def _group_check(k: int, group_size: int) -> str | None:
