@@ -29,8 +29,8 @@ PRESETS = {
              "rtn:w3g64,awq:w3g64,gptq:w3g64", "wiki,code"),
 }
 _RUN = re.compile(r"^(rtn|awq|gptq)((?:\+\w+)*):w(\d)g(-?\d+)$")
-# combinable: gptq+awq+asym:w4g64; damp10 = 0.10; xtx = the paper's XᵀX for v_proj (--no-value-hessian)
-_GPTQ_VARIANTS = {"asym", "actorder", "awq", "dampN", "xtx", "noguard"}
+# combinable: gptq+awq+asym:w4g64; damp10 = 0.10; shrink30 = Hessian shrinkage 0.30 (shrink0: none); xtx = the paper's XᵀX for v_proj (--no-value-hessian)
+_GPTQ_VARIANTS = {"sym", "asym", "actorder", "awq", "dampN", "shrinkN", "xtx", "noguard"}
 # awq+proxy: the closed form alone chooses scales (--n-judge 1); +unweighted: every token's error counts the
 # same (--no-token-weighting); +noclip; +noguard (any data-aware method): no held-out windows (--held-out 0)
 _AWQ_VARIANTS = {"proxy", "unweighted", "noclip", "noguard"}
@@ -62,9 +62,10 @@ def _parse_run(run: str) -> dict:
     method, variants, bits, group = m.groups()
     variants = set(filter(None, variants.split("+")))
     damp = [v for v in variants if re.fullmatch(r"damp\d+", v)]
-    variants -= set(damp)
-    if damp and method != "gptq":
-        raise SystemExit(f"--runs: {run!r}: only gptq takes +dampN")
+    shrink = [v for v in variants if re.fullmatch(r"shrink\d+", v)]
+    variants -= set(damp) | set(shrink)
+    if (damp or shrink) and method != "gptq":
+        raise SystemExit(f"--runs: {run!r}: only gptq takes +dampN and +shrinkN")
     allowed = {"gptq": _GPTQ_VARIANTS, "awq": _AWQ_VARIANTS, "rtn": {"sym"}}[method]
     if variants - allowed:
         raise SystemExit(f"--runs: {run!r}: unknown variant; gptq takes +{', +'.join(sorted(_GPTQ_VARIANTS))}, "
@@ -77,15 +78,17 @@ def _parse_run(run: str) -> dict:
                "token_weighting": False if "unweighted" in variants else None}
         opts["awq"] = {k: v for k, v in awq.items() if v is not None}
     if method == "rtn" and "sym" in variants:
-        opts["sym"] = True  # the symmetric baseline for GPTQ's default
+        opts["sym"] = True  # the symmetric baseline for gptq+sym
     if method == "gptq":
-        opts["sym"] = "asym" not in variants
+        opts["sym"] = "sym" in variants  # the default is asymmetric, as for qtool gptq; +asym says it
         gptq = {"act_order": "actorder" in variants, "awq_first": "awq" in variants}
         opts["gptq"] = {k: v for k, v in gptq.items() if v}
         if "xtx" in variants:
             opts["gptq"]["value_hessian"] = False
         if damp:
             opts["gptq"]["damp"] = int(damp[0][4:]) / 100
+        if shrink:
+            opts["gptq"]["shrink"] = int(shrink[0][6:]) / 100
     return opts
 
 

@@ -5,6 +5,7 @@ import click
 
 from cli.options import calib_options, quant_options, setup_logging
 from cli.report import print_quant_report
+from quant.config import SHRINK_DEFAULT
 
 
 def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite: bool, device: str,
@@ -69,11 +70,15 @@ def awq(model_dir, out, verbose, overwrite, device, n_grid, n_judge, token_weigh
 @click.command()
 @quant_options
 @calib_options
-@click.option("--sym/--asym", default=True, show_default=True,
-              help="Symmetric (zero point fixed at the middle) or asymmetric groups; vLLM's Marlin and "
-                   "LMDeploy want --sym.")
+@click.option("--sym/--asym", default=False, show_default=True,
+              help="Symmetric groups (zero point fixed at the middle: what GPTQ-only kernels such as Marlin "
+                   "and LMDeploy's GPTQ reader take) or asymmetric ones (default, as for RTN and AWQ: one more "
+                   "level per group, closer to the original at 4 bits).")
 @click.option("--act-order", is_flag=True, help="Quantize input rows by decreasing Hessian diagonal (desc_act).")
 @click.option("--static-groups", is_flag=True, help="With --act-order: fix group parameters before the solve.")
+@click.option("--shrink", default=SHRINK_DEFAULT, show_default=True, type=float,
+              help="Hessian shrinkage toward its diagonal, (1-β)H + β·diag(H): how far to distrust the "
+                   "calibration text's correlations between input channels (0: the paper's GPTQ).")
 @click.option("--damp", default=0.01, show_default=True, type=float,
               help="Dampening added to the Hessian diagonal, as a fraction of its mean.")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
@@ -84,16 +89,20 @@ def awq(model_dir, out, verbose, overwrite, device, n_grid, n_judge, token_weigh
                    "the attention output); off: the paper's XᵀX for v_proj too.")
 @click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
               help="GPTQ layout version: gptq (v1, zeros stored minus one) or gptq_v2.")
-def gptq(model_dir, out, verbose, overwrite, device, act_order, static_groups, damp, true_sequential,
+def gptq(model_dir, out, verbose, overwrite, device, act_order, static_groups, shrink, damp, true_sequential,
          awq_first, value_hessian, **fields):
     """GPTQ: Hessian-aware rounding that corrects each column's error on the columns still to come.
 
-    Writes the GPTQ layout (with g_idx) by default; with --asym and 4 bits,
-    --format awq writes the AWQ gemm layout instead.
+    The layout follows the settings (--format overrides it): 4-bit asymmetric
+    weights without --act-order, the default, are written in the AWQ gemm layout
+    that vLLM, transformers and LMDeploy all read; --sym, --act-order or 2, 3 and
+    8 bits give the GPTQ layout (with g_idx). The Hessian is shrunk toward its
+    diagonal (--shrink) so that what is fitted on the calibration text holds on
+    other text too.
     """
     from quant.config import GPTQOptions
 
-    opts = GPTQOptions(damp=damp, act_order=act_order, static_groups=static_groups,
+    opts = GPTQOptions(shrink=shrink, damp=damp, act_order=act_order, static_groups=static_groups,
                        true_sequential=true_sequential, awq_first=awq_first, value_hessian=value_hessian)
     run_quantize("gptq", model_dir, out, verbose, overwrite, device, gptq=opts, **fields)
 

@@ -55,10 +55,25 @@ class AWQOptions:
             raise QtoolError(f"clip_max_shrink {self.clip_max_shrink} must lie strictly between 0 and 1")
 
 
+SHRINK_DEFAULT = 0.3
+
+
 @dataclass(frozen=True)
 class GPTQOptions:
-    """The GPTQ solver: damping, block size, act-order, static groups, true-sequential."""
+    """The GPTQ solver: Hessian shrinkage, damping, block size, act-order, static groups, true-sequential.
 
+    ``shrink`` (β) replaces each Hessian ``H = XᵀX / n`` by ``(1 - β) H + β diag(H)``
+    before the solve: the calibration text's correlations between input channels are
+    trusted only in part (shrinkage of a sample covariance toward its diagonal, as in
+    Ledoit and Wolf, 2004). GPTQ spreads each column's rounding error over the columns it
+    is correlated with; correlations of one kind of text do not all hold on another, and
+    on the benchmarks' real models an unshrunk Hessian from Wikipedia text made GPTQ
+    worse than round-to-nearest on Python code (benchmarks/RESULTS.md, issue 20). β = 0 is
+    the paper's GPTQ; β = 1 keeps only the diagonal (no error feedback between columns).
+    ``damp`` (λ) then adds ``λ · mean(diag H)`` to the diagonal, as in the paper.
+    """
+
+    shrink: float = SHRINK_DEFAULT
     damp: float = 0.01
     block_size: int = 128
     act_order: bool = False
@@ -68,6 +83,9 @@ class GPTQOptions:
     value_hessian: bool = True  # v_proj per key/value head under the attention-weighted Hessian
 
     def __post_init__(self):
+        if not 0.0 <= self.shrink <= 1.0:
+            raise QtoolError(f"--shrink {self.shrink} is out of range; use a fraction from 0 (the paper's GPTQ) "
+                             "to 1 (the Hessian's diagonal only)")
         if not 0.0 < self.damp < 1.0:
             raise QtoolError(f"--damp {self.damp} is out of range; use a fraction of the mean diagonal in (0, 1)")
         if self.block_size < 1:

@@ -97,8 +97,8 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: torc
                   importance: torch.Tensor | None = None) -> GPTQResult:
     """Quantize ``W[out, in]`` with GPTQ under the Hessian ``H[in, in]`` (``XᵀX / n``).
 
-    Uses ``cfg.bits``, ``cfg.group_size``, ``cfg.sym`` and ``cfg.gptq`` (damp,
-    block_size, act_order, static_groups). Group parameters come from
+    Uses ``cfg.bits``, ``cfg.group_size``, ``cfg.sym`` and ``cfg.gptq`` (shrink,
+    damp, block_size, act_order, static_groups). Group parameters come from
     ``qmath.compute_qparams`` on the group's columns as the solver reaches them
     (already corrected for earlier errors), so each column is rounded with exactly
     the float16 scale the checkpoint stores. Works in float64 if ``W`` is float64,
@@ -154,6 +154,10 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: tor
     dead = torch.diagonal(H) == 0
     H[dead, dead] = 1.0
     W[:, dead] = 0.0
+    if opts.shrink:  # (1 - β) H + β diag(H): the correlations of the calibration text trusted in part
+        diag = torch.diagonal(H).clone()
+        H.mul_(1.0 - opts.shrink)
+        torch.diagonal(H).add_(opts.shrink * diag)
     if opts.static_groups:  # parameters of the natural groups, fixed before any error is spread
         s_static, z_static = qmath.compute_qparams(W, cfg.bits, cfg.group_size, cfg.sym, clip, min_zero(cfg))
     perm = None

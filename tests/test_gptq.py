@@ -39,13 +39,15 @@ def obq_reference(W, H, cfg):
 
     After column j is rounded, its error is spread over the columns still free with
     the OBS update, and j is eliminated from ``H⁻¹`` (Gaussian elimination).
-    Natural or act-order column order, groups set when the solver reaches them.
+    Natural or act-order column order, groups set when the solver reaches them; the
+    Hessian shrunk toward its diagonal by ``cfg.gptq.shrink`` first.
     """
     W, H = W.double().clone(), H.double().clone()
     in_f = W.shape[1]
     g = qmath.effective_group_size(in_f, cfg.group_size)
     order = torch.argsort(torch.diagonal(H), descending=True, stable=True) if cfg.gptq.act_order else torch.arange(in_f)
     W, H = W[:, order], H[order][:, order]
+    H = (1 - cfg.gptq.shrink) * H + cfg.gptq.shrink * torch.diag(torch.diagonal(H))
     Hinv = torch.linalg.inv(H + cfg.gptq.damp * torch.diagonal(H).mean() * torch.eye(in_f, dtype=H.dtype))
     Q = torch.zeros(W.shape, dtype=torch.int32)
     for j in range(in_f):
@@ -93,6 +95,23 @@ def test_identity_hessian_gives_exactly_rtn(group_size, sym, bits):
     want = rtn_packed(W, cfg)
     assert torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale) and torch.equal(got.zero, want.zero)
     assert got.g_idx is None
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_hessian_shrinkage_runs_from_the_papers_gptq_to_rtn(sym):
+    # shrink 1 keeps only diag(H): no error feedback between columns, so exactly RTN's codes and
+    # parameters; shrink 0 is the paper's solve on the full, correlated Hessian, which is not RTN.
+    W, H = _problem(seed=5)
+    want = rtn_packed(W, _cfg(4, 16, sym))
+    full = gptq_quantize(W, H, _cfg(4, 16, sym, shrink=1.0)).packed
+    assert torch.equal(full.q, want.q) and torch.equal(full.scale, want.scale) and torch.equal(full.zero, want.zero)
+    errors = []
+    for shrink in (0.0, 0.3):
+        got = gptq_quantize(W, H, _cfg(4, 16, sym, shrink=shrink)).packed
+        assert not torch.equal(got.q, want.q)
+        errors.append(hessian_error(W, got.dequantize(), H))
+    # On the Hessian it was fitted to, the unshrunk solve is the better one: shrinkage trades that for text unlike it.
+    assert errors[0] < errors[1] < hessian_error(W, want.dequantize(), H)
 
 
 def test_codes_use_the_stored_float16_scales():
@@ -249,6 +268,7 @@ def test_cli_end_to_end_and_bad_input(tmp_path, tiny_src):
     bad = [
         (["--bits", "5"], "--bits 5"),
         (["--damp", "0"], "--damp"),
+        (["--shrink", "1.5"], "--shrink 1.5 is out of range"),
         (["--act-order", "--asym", "--format", "awq"], "--act-order needs --format gptq"),
         (["--group-size", "48"], "--group-size 48"),
     ]
@@ -257,6 +277,22 @@ def test_cli_end_to_end_and_bad_input(tmp_path, tiny_src):
         res = CliRunner().invoke(app, ["gptq", str(tiny_src), "-o", str(tmp_path / "bad")] + args)
         assert isinstance(res.exception, QtoolError) and msg in str(res.exception), (args, res.exception)
     assert not (tmp_path / "bad").exists()
+
+
+def test_cli_and_api_defaults_give_the_same_checkpoint(tmp_path, tiny_src):
+    # One set of defaults: asymmetric 4-bit GPTQ with a shrunk Hessian, written in the AWQ gemm layout.
+    from safetensors.torch import load_file
+
+    calib = ["--n-samples", "4", "--seqlen", "32", "--group-size", "32"]
+    res = CliRunner().invoke(app, ["gptq", str(tiny_src), "-o", str(tmp_path / "cli")] + calib)
+    assert res.exit_code == 0, res.output
+    quant.quantize(tiny_src, tmp_path / "api", method="gptq", n_samples=4, seqlen=32, group_size=32, progress=False)
+    cli, api = (load_file(str(tmp_path / d / "model.safetensors")) for d in ("cli", "api"))
+    assert cli.keys() == api.keys() and all(torch.equal(cli[k], api[k]) for k in cli)
+    config = json.loads((tmp_path / "cli" / "config.json").read_text())["quantization_config"]
+    assert config["quant_method"] == "awq" and config["zero_point"] is True
+    settings = json.loads((tmp_path / "cli" / "qtool.json").read_text())["qtool"]["config"]
+    assert settings["sym"] is False and settings["gptq"]["shrink"] == GPTQOptions().shrink > 0
 
 
 def test_clip_bounds_the_groups_and_needs_natural_groups():
