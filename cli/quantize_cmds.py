@@ -96,9 +96,9 @@ def gptq(model_dir, out, verbose, overwrite, device, act_order, static_groups, s
     The layout follows the settings (--format overrides it): 4-bit asymmetric
     weights without --act-order, the default, are written in the AWQ gemm layout
     that vLLM, transformers and LMDeploy all read; --sym, --act-order or 2, 3 and
-    8 bits give the GPTQ layout (with g_idx). The Hessian is shrunk toward its
-    diagonal (--shrink) so that what is fitted on the calibration text holds on
-    other text too.
+    8 bits give the GPTQ layout (with g_idx). Each Hessian is shrunk toward its
+    diagonal (--shrink), so that the solve leans less on correlations that only
+    the calibration text has.
     """
     from quant.config import GPTQOptions
 
