@@ -78,6 +78,37 @@ def test_per_channel_error_inside_the_range_and_clamping_outside(bits):
     assert (y_out <= hi[:, None, :] + 1e-4).all() and (y_out >= lo[:, None, :] - 1e-4).all()
 
 
+@pytest.mark.parametrize("bits", [8, 4])
+def test_channel_keys_past_the_calibrated_range_widen_it_instead_of_clamping(bits):
+    # Calibrated on short contexts; a longer one brings keys 3x outside that range (as RoPE does past the
+    # calibrated length). Clamping would cost up to 2/3 of those keys; the cache widens the range instead.
+    from quant.kv.cache import KEY_RANGE_HEADROOM, QuantizedKVLayer
+
+    x = kv_like(shape=(1, 3, 40, 16), seed=3)
+    short = x[:, :, :8]
+    lo, hi = short.amin(dim=(0, 2)), short.amax(dim=(0, 2))
+    calib = KVCalibration(key_min=(lo,), key_max=(hi,))
+    layer = QuantizedKVLayer(KVCacheConfig(bits=bits, keys="channel", calibration=calib), (lo, hi))
+    x = torch.cat([short, 3 * x[:, :, 8:]], dim=2)
+    for t in range(0, 40, 4):  # decoding in chunks: old keys are re-quantized when the range widens
+        k, _ = layer.update(x[:, :, t:t + 4], torch.zeros_like(x[:, :, t:t + 4]))
+    scale = layer.k_qparams[0][:, None, :]
+    assert layer.key_range_widenings >= 1
+    assert (layer.k_range[0] <= x.amin(dim=(0, 2))).all() and (layer.k_range[1] >= x.amax(dim=(0, 2))).all()
+    # A stored key is rounded again at each widening, by at most half a step of the new grid; each widening
+    # grows the step by at least 1 + headroom, so the halves add up to at most (1 + h) / (2h) final steps.
+    h = KEY_RANGE_HEADROOM
+    assert ((k - x).abs() <= scale * (1 + h) / (2 * h) + 1e-5).all()
+    clamped = torch.maximum(torch.minimum(x, hi[None, :, None, :]), lo[None, :, None, :])
+    assert (k - x).abs().max() < 0.25 * (clamped - x).abs().max()  # what clamping to the calibrated range costs
+    assert ((k - x)[:, :, -4:].abs() <= scale / 2 + 1e-5).all()  # the newest keys: once, half a step
+    # Keys within the headroom just added leave the range as it is.
+    widened, (lo2, hi2) = layer.key_range_widenings, layer.k_range
+    inside = (lo2 + (hi2 - lo2) * 0.5)[None, :, None, :].expand(1, 3, 2, 16)
+    layer.update(inside, torch.zeros_like(inside))
+    assert layer.key_range_widenings == widened and 0 < KEY_RANGE_HEADROOM < 1
+
+
 def test_per_channel_beats_per_token_on_keys_with_an_outlier_channel():
     x = kv_like(seed=2)
     lo, hi = x.amin(dim=(0, 2)), x.amax(dim=(0, 2))

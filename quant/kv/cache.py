@@ -4,8 +4,11 @@ Semantics (write, then read): each ``update`` appends the new tokens to the laye
 every token that falls outside the full-precision window of the ``window`` most recent tokens, and
 returns the whole store dequantized. So the attention of the current forward reads exactly what a
 kernel reading the quantized cache would read, including the new tokens' own keys and values
-(unless they are in the window). Tokens are quantized independently (per-token groups, or static
-per-channel scales), so appending never re-quantizes old tokens.
+(unless they are in the window). Per-token groups are quantized independently, so appending never
+re-quantizes old tokens. Per-channel keys start from the calibrated ranges (``qtool kv calibrate``);
+a key outside its channel's range (contexts longer than calibration's turn RoPE's keys to angles it
+never saw) widens that channel's range, with headroom, and the stored keys are re-quantized under
+the wider range once, instead of being clamped.
 
 Per layer, ``[batch, kv_heads, tokens, ...]``:
   key codes ``uint8 [..., head_dim * bits / 8]`` (+ float16 scale, uint8 zero ``[..., 1]`` for
@@ -25,6 +28,11 @@ from quant.kv import quantizer as kq
 from quant.kv.config import KVCacheConfig
 
 _STORED = ("keys", "values", "k_codes", "k_scale", "k_zero", "v_codes", "v_scale", "v_zero")
+# A widened key channel range reaches this fraction of its new width past the key that widened it, so
+# that a context growing past the calibrated length re-quantizes its stored keys a few times, not per token.
+# Each widening grows the step by at least 1 + h and re-rounds a stored key by at most half a new step, so
+# a stored key is within (1 + h) / (2h) steps of the final grid (2.5 for h = 0.25), a new one within half.
+KEY_RANGE_HEADROOM = 0.25
 
 
 class QuantizedKVLayer(DynamicLayer):
@@ -42,6 +50,8 @@ class QuantizedKVLayer(DynamicLayer):
         self.per_channel_keys = kv.keys == "channel"
         self._key_range = key_range
         self.k_qparams: tuple[torch.Tensor, torch.Tensor] | None = None
+        self.k_range: tuple[torch.Tensor, torch.Tensor] | None = None  # the calibrated range, widened online
+        self.key_range_widenings = 0  # how often keys left the range (each re-quantized the stored keys)
         self.cumulative_length = 0
         self._clear()
 
@@ -65,6 +75,7 @@ class QuantizedKVLayer(DynamicLayer):
             if tuple(lo.shape) != (h, d):
                 raise QtoolError(f"KV calibration holds [{lo.shape[0]}, {lo.shape[1]}] key channels per layer, "
                                  f"the model caches [{h}, {d}]; calibrate this model")
+            self.k_range = (lo.float(), hi.float())
             self.k_qparams = kq.channel_qparams(lo, hi, self.bits)
         else:
             self.k_scale, self.k_zero = empty(1, torch.float16), empty(1, torch.uint8)
@@ -74,12 +85,31 @@ class QuantizedKVLayer(DynamicLayer):
     def _append_quantized(self, k: torch.Tensor, v: torch.Tensor) -> None:
         cat = lambda a, b: torch.cat([a, b], dim=-2)
         if self.per_channel_keys:
+            self._widen_key_range(k)
             self.k_codes = cat(self.k_codes, kk.quantize_per_channel(k, *self.k_qparams, self.bits))
         else:
             codes, scale, zero = kk.quantize_per_token(k, self.bits)
             self.k_codes, self.k_scale, self.k_zero = cat(self.k_codes, codes), cat(self.k_scale, scale), cat(self.k_zero, zero)
         codes, scale, zero = kk.quantize_per_token(v, self.bits)
         self.v_codes, self.v_scale, self.v_zero = cat(self.v_codes, codes), cat(self.v_scale, scale), cat(self.v_zero, zero)
+
+    def _widen_key_range(self, k: torch.Tensor) -> None:
+        """Widen the channels whose range ``k [batch, kv_heads, tokens, head_dim]`` leaves, with
+        ``KEY_RANGE_HEADROOM``, and re-quantize the stored keys under the new range (none is clamped)."""
+        lo, hi = self.k_range
+        k_lo, k_hi = k.float().amin(dim=(0, 2)), k.float().amax(dim=(0, 2))
+        below, above = k_lo < lo, k_hi > hi
+        if not (below.any() or above.any()):
+            return
+        new_lo, new_hi = torch.minimum(lo, k_lo), torch.maximum(hi, k_hi)
+        margin = KEY_RANGE_HEADROOM * (new_hi - new_lo)
+        new_lo, new_hi = torch.where(below, new_lo - margin, lo), torch.where(above, new_hi + margin, hi)
+        stored = kk.dequantize_per_channel(self.k_codes, *self.k_qparams, self.bits, torch.float32)
+        self.k_range = (new_lo, new_hi)
+        self.k_qparams = kq.channel_qparams(new_lo, new_hi, self.bits)
+        if stored.shape[-2]:
+            self.k_codes = kk.quantize_per_channel(stored, *self.k_qparams, self.bits)
+        self.key_range_widenings += 1
 
     def dequantized(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The quantized part of the store, dequantized: ``[batch, kv_heads, n_quantized, head_dim]``."""
@@ -140,7 +170,7 @@ class QuantizedKVLayer(DynamicLayer):
 
     def reset(self) -> None:
         self._clear()
-        self.k_qparams = None
+        self.k_qparams, self.k_range, self.key_range_widenings = None, None, 0
         self.is_initialized = False
         self.cumulative_length = 0
 

@@ -13,7 +13,8 @@ Schemes (``bits`` is 8 or 4; codes are unsigned, dequantization is ``x = (q - ze
 * **per channel** (keys, calibrated, static): one (scale, zero) per (layer, head, channel),
   derived from the channel's calibrated ``[min, max]`` (:func:`channel_qparams`); float32 and
   fractional ``zero`` (they are stored once per layer, not per token). Values outside the
-  calibrated range are clamped. Storage per token: the codes only.
+  range are clamped here; the cache (:mod:`quant.kv.cache`) widens the range first, so that no
+  key is. Storage per token: the codes only.
 
 Codes layout (``pack_int4_u8``): int8 codes are ``uint8[..., head_dim]``; int4 codes are packed
 two per byte along ``head_dim``: byte ``j`` holds code ``2j`` in its low nibble and ``2j + 1`` in
