@@ -67,6 +67,7 @@ def kv():
 def calibrate(model_dir, out, calib_data, text_field, n_samples, seqlen, seed, batch_size, device, verbose):
     """Collect per-channel ranges of the cached keys (after RoPE and q/k norms) of MODEL_DIR."""
     import quant
+    from quant import model_io
     from calib.data import calibration_batch, load_texts
     from calib.kv import collect_key_ranges, outlier_ratio
     from quant.arch import ARCHITECTURES
@@ -78,6 +79,7 @@ def calibrate(model_dir, out, calib_data, text_field, n_samples, seqlen, seed, b
                          "positive (--seqlen at least 2)")
     out_path = Path(out) if out else Path(model_dir) / CALIB_FILENAME
     model, tokenizer = quant.load_any(model_dir, device=device)
+    model_io.check_seqlen(model, seqlen)
     arch = ARCHITECTURES.get(getattr(model.config, "model_type", ""))
     ids = calibration_batch(tokenizer, load_texts(calib_data, text_field=text_field), n_samples, seqlen, seed,
                             add_bos=bool(arch and arch.needs_bos))

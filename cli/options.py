@@ -26,7 +26,8 @@ quant_options = _stack([
                  help="Bits per weight: 4 for the AWQ format; 2, 3, 4 or 8 for the GPTQ format."),
     click.option("--group-size", default=128, show_default=True, type=int, help=GROUP_HELP),
     click.option("--format", "fmt", type=click.Choice(["awq", "gptq"]), default=None,
-                 help="Checkpoint layout. Default: awq for 4 bits, gptq otherwise."),
+                 help="Checkpoint layout. Default: awq (gemm) for 4-bit asymmetric weights without "
+                      "act-order, gptq otherwise (2, 3, 8 bits, --sym, --act-order)."),
     click.option("--skip", multiple=True,
                  help="A module name (or suffix such as mlp.down_proj) to keep in full precision; repeatable."),
     click.option("--dtype", default="auto", show_default=True,

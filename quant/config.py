@@ -90,6 +90,9 @@ class GPTQOptions:
             raise QtoolError(f"--damp {self.damp} is out of range; use a fraction of the mean diagonal in (0, 1)")
         if self.block_size < 1:
             raise QtoolError(f"GPTQ block size {self.block_size} must be a positive whole number")
+        if self.static_groups and not self.act_order:
+            raise QtoolError("--static-groups only changes --act-order runs (natural groups are static already); "
+                             "add --act-order or leave it out")
 
 
 @dataclass(frozen=True)

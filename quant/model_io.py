@@ -240,3 +240,17 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_seqlen(model, seqlen: int) -> None:
+    """Refuse windows of ``seqlen`` tokens that a model with learned position embeddings has no rows for.
+
+    Rotary models take any length (their quality past the trained length is the user's call); a learned
+    table (OPT's ``embed_positions``, GPT-2's ``wpe``) would fail with an index error deep in the forward.
+    Raises :class:`QtoolError` naming the longest length that fits.
+    """
+    max_pos = getattr(model.config, "max_position_embeddings", None) or getattr(model.config, "n_positions", None)
+    learned = any(n.endswith(("embed_positions", "wpe")) for n, _ in model.named_modules())
+    if learned and max_pos and seqlen > max_pos:
+        raise QtoolError(f"--seqlen {seqlen}: this model has learned position embeddings for {max_pos} positions; "
+                         f"use --seqlen {max_pos} or less")

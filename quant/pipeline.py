@@ -116,6 +116,8 @@ def quantize(
     with model_io.atomic_output(out, overwrite, source=model_dir) as tmp:
         model = model_io.load_fp_model(model_dir)
         check_finite(model, str(model_dir))
+        if cfg.needs_calibration:
+            model_io.check_seqlen(model, cfg.seqlen)
         plan = plan_linears(model, arch, cfg)
         t_cal = time.perf_counter()
         calib_ids = _calibration_ids(model_dir, cfg, arch.needs_bos) if cfg.needs_calibration else None

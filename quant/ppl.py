@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
+from quant import model_io
 from quant.errors import QtoolError
 
 
@@ -80,11 +81,7 @@ def perplexity(
     stride = seqlen if stride is None else stride
     if not 0 < stride <= seqlen:
         raise QtoolError(f"--stride {stride} must lie between 1 and --seqlen {seqlen}")
-    max_pos = getattr(model.config, "max_position_embeddings", None)
-    learned = any(n.endswith(("embed_positions", "wpe")) for n, _ in model.named_modules())
-    if learned and max_pos and seqlen > max_pos:
-        raise QtoolError(f"--seqlen {seqlen}: this model has learned position embeddings for {max_pos} positions; "
-                         f"use --seqlen {max_pos} or less")
+    model_io.check_seqlen(model, seqlen)
     if add_bos is None:
         from quant.arch import ARCHITECTURES
 

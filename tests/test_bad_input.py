@@ -279,11 +279,17 @@ def test_perplexity_windows_that_cannot_work_are_refused(model, capsys, args, fr
     assert_refused(code, err, fragment)
 
 
-def test_perplexity_past_learned_position_embeddings_is_refused(tmp_path, capsys):
+@pytest.mark.parametrize("command", [["ppl", "--max-tokens", "4096"], ["awq", "--n-samples", "2"],
+                                     ["gptq", "--n-samples", "2"], ["kv", "calibrate", "--n-samples", "2"]])
+def test_windows_past_learned_position_embeddings_are_refused(tmp_path, capsys, command):
+    # Scoring and every calibration path (quantization, KV ranges): one sentence, not an IndexError.
     src = save_tiny_model("opt", tmp_path / "opt")
     max_pos = json.loads((src / "config.json").read_text())["max_position_embeddings"]
-    code, err = run_cli(["ppl", src, "--max-tokens", str(4 * max_pos), "--seqlen", str(max_pos + 1)], capsys)
+    out = [] if command[0] == "ppl" else ["-o", tmp_path / "out"]
+    *cmd, opt, value = command
+    code, err = run_cli([*cmd, src, *out, opt, value, "--seqlen", str(max_pos + 1)], capsys)
     assert_refused(code, err, "learned position embeddings", f"--seqlen {max_pos} or less")
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_non_finite_perplexity_is_never_printed(model, capsys):

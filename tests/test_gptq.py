@@ -73,7 +73,7 @@ def test_solver_matches_one_column_at_a_time_obq(act_order, block_size):
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("sym", [True, False])
 @pytest.mark.parametrize("opts", [{}, {"act_order": True}, {"act_order": True, "static_groups": True},
-                                  {"static_groups": True}, {"block_size": 16}])
+                                  {"block_size": 16}])
 def test_hessian_weighted_error_is_below_rtn(bits, sym, opts):
     W, H = _problem(seed=bits)
     cfg = _cfg(bits, 16, sym, **opts)
@@ -269,6 +269,7 @@ def test_cli_end_to_end_and_bad_input(tmp_path, tiny_src):
         (["--bits", "5"], "--bits 5"),
         (["--damp", "0"], "--damp"),
         (["--shrink", "1.5"], "--shrink 1.5 is out of range"),
+        (["--static-groups"], "--static-groups only changes --act-order runs"),
         (["--act-order", "--asym", "--format", "awq"], "--act-order needs --format gptq"),
         (["--group-size", "48"], "--group-size 48"),
     ]
