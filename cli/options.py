@@ -25,8 +25,9 @@ quant_options = _stack([
     click.option("--bits", default=4, show_default=True, type=int,
                  help="Bits per weight: 4 for the AWQ format; 2, 3, 4 or 8 for the GPTQ format."),
     click.option("--group-size", default=128, show_default=True, type=int, help=GROUP_HELP),
-    click.option("--format", "fmt", type=click.Choice(["awq", "gptq"]), default=None,
-                 help="Checkpoint layout. Default: awq (gemm) for 4-bit asymmetric weights without "
+    click.option("--format", "fmt", type=click.Choice(["awq", "gptq", "gptq_v2"]), default=None,
+                 help="Checkpoint layout: awq (AutoAWQ gemm), gptq (v1, zero points stored minus one, what "
+                      "every GPTQ loader reads) or gptq_v2. Default: awq for 4-bit asymmetric weights without "
                       "act-order, gptq otherwise (2, 3, 8 bits, --sym, --act-order)."),
     click.option("--skip", multiple=True,
                  help="A module name (or suffix such as mlp.down_proj) to keep in full precision; repeatable."),

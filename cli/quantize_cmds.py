@@ -87,8 +87,6 @@ def awq(model_dir, out, verbose, overwrite, device, n_grid, n_judge, token_weigh
 @click.option("--value-hessian/--no-value-hessian", default=True, show_default=True,
               help="Solve v_proj per key/value head under the attention-weighted Hessian (the exact one for "
                    "the attention output); off: the paper's XᵀX for v_proj too.")
-@click.option("--checkpoint-format", default="gptq", show_default=True, type=click.Choice(["gptq", "gptq_v2"]),
-              help="GPTQ layout version: gptq (v1, zeros stored minus one) or gptq_v2.")
 def gptq(model_dir, out, verbose, overwrite, device, act_order, static_groups, shrink, damp, true_sequential,
          awq_first, value_hessian, **fields):
     """GPTQ: Hessian-aware rounding that corrects each column's error on the columns still to come.

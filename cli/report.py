@@ -12,6 +12,8 @@ def mib(n_bytes: float) -> str:
 
 
 def print_quant_report(r, verbose: bool = False) -> None:
+    from quant.formats import get_format
+
     if verbose and r.blocks:
         keys = list(dict.fromkeys(k for b in r.blocks for k in b.info))  # the order the methods report them in
         rows = [[b.index, b.n_linears, f"{b.seconds:.2f}"] + [b.info.get(k, "") for k in keys] for b in r.blocks]
@@ -20,7 +22,7 @@ def print_quant_report(r, verbose: bool = False) -> None:
         click.echo()
     per_block = [b.seconds for b in r.blocks] or [0.0]
     rows = [
-        ["method", f"{r.method} (w{r.bits}, group {r.group_size}, {r.fmt} format)"],
+        ["method", f"{r.method} (w{r.bits}, group {r.group_size}, {get_format(r.fmt).title} layout)"],
         ["linears quantized", r.n_quantized],
         ["linears kept in full precision", len(r.skipped)],
         *_guard_rows(r),
@@ -51,10 +53,12 @@ def _guard_rows(r) -> list[list]:
 
 
 def print_info(info) -> None:
+    from quant.formats import get_format
+
     rows = [
         ["folder", info.path],
         ["model type", info.model_type],
-        ["format", info.fmt],
+        ["format", f"{info.fmt} ({get_format(info.fmt).title} layout)"],
         ["made by", f"qtool {info.method}" if info.method else "another tool"],
         ["bits", info.bits],
         ["group size", info.group_size],

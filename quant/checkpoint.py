@@ -22,27 +22,10 @@ QTOOL_META = "qtool.json"  # how the checkpoint was made: method, calibration, s
 
 def quantization_config(cfg: QuantConfig, skipped: list[str]) -> dict:
     """The ``quantization_config`` block of config.json that vLLM, transformers and LMDeploy read."""
-    if cfg.fmt == "awq":
-        return {
-            "quant_method": "awq",
-            "bits": cfg.bits,
-            "group_size": cfg.group_size,
-            "zero_point": True,
-            "version": "gemm",
-            "modules_to_not_convert": skipped or None,
-        }
-    return {
-        "quant_method": "gptq",
-        "bits": cfg.bits,
-        "group_size": cfg.group_size,
-        "desc_act": cfg.method == "gptq" and cfg.gptq.act_order,
-        "sym": cfg.sym,
-        "true_sequential": cfg.gptq.true_sequential,
-        "damp_percent": cfg.gptq.damp,
-        "static_groups": cfg.gptq.static_groups,
-        "checkpoint_format": cfg.checkpoint_format,
-        "modules_to_not_convert": skipped or None,
-    }
+    act_order = cfg.method == "gptq" and cfg.gptq.act_order
+    solver = {"true_sequential": cfg.gptq.true_sequential, "damp_percent": cfg.gptq.damp,
+              "static_groups": cfg.gptq.static_groups}
+    return cfg.format.quantization_config(cfg.bits, cfg.group_size, cfg.sym, act_order, skipped, solver)
 
 
 FP16_MAX = 65504.0
@@ -122,31 +105,6 @@ def write_checkpoint(model: nn.Module, cfg: QuantConfig, source_dir: str | os.Pa
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
     model_io.copy_side_files(source_dir, dst)
     (dst / QTOOL_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
-
-
-def read_quantization_config(path: str | os.PathLike) -> dict:
-    """``quantization_config`` from config.json, or from an older tool's ``quantize_config.json``."""
-    config = model_io.read_config(path)
-    qc = config.get("quantization_config")
-    legacy = Path(path) / "quantize_config.json"
-    if legacy.is_file():  # AutoGPTQ / GPTQModel: fills what config.json leaves out (e.g. checkpoint_format)
-        qc = {**json.loads(legacy.read_text()), **(qc or {})}
-        qc.setdefault("quant_method", "gptq")
-    awq_legacy = Path(path) / "quant_config.json"
-    if qc is None and awq_legacy.is_file():  # older AutoAWQ: w_bit, q_group_size, zero_point, version
-        old = json.loads(awq_legacy.read_text())
-        qc = {"quant_method": "awq", "bits": old.get("w_bit", 4), "group_size": old.get("q_group_size", 128),
-              "zero_point": old.get("zero_point", True), "version": old.get("version", "gemm")}
-    if qc is None:
-        raise QtoolError(f"{path}: config.json has no quantization_config, so this is not a quantized checkpoint")
-    method = qc.get("quant_method")
-    if method not in ("awq", "gptq"):
-        raise QtoolError(f"{path}: quant_method {method!r} is not supported; qtool loads awq (gemm) and gptq checkpoints")
-    if method == "awq" and str(qc.get("version", "gemm")).lower() != "gemm":
-        raise QtoolError(f"{path}: AWQ version {qc.get('version')!r} is not supported; only the 'gemm' layout is")
-    if method == "awq" and qc.get("bits", qc.get("w_bit", 4)) != 4:
-        raise QtoolError(f"{path}: AWQ checkpoints hold 4-bit weights; this one says bits={qc.get('bits')}")
-    return qc
 
 
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:

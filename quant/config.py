@@ -6,8 +6,6 @@ from dataclasses import dataclass, field, replace
 from quant.errors import QtoolError
 
 METHODS = ("rtn", "awq", "gptq")
-FORMATS = ("awq", "gptq")
-PACKABLE_BITS = {"awq": (4,), "gptq": (2, 3, 4, 8)}
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256)
 OUTPUT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 
@@ -99,9 +97,11 @@ class GPTQOptions:
 class QuantConfig:
     """Everything that decides a quantized checkpoint.
 
-    ``fmt=None`` picks the AWQ "gemm" layout for asymmetric 4-bit weights without
-    act-order (what vLLM, transformers and LMDeploy run fastest) and the GPTQ layout
-    otherwise.
+    ``fmt`` names the checkpoint layout (:func:`quant.formats.get_format`: "awq",
+    "gptq" or "gptq_v2"); ``None`` picks :func:`quant.formats.default_format`: the AWQ
+    "gemm" layout for asymmetric 4-bit weights without act-order (what vLLM,
+    transformers and LMDeploy run fastest), GPTQ v1 otherwise. The CLI and the API
+    share these defaults: the same settings give the same checkpoint.
     """
 
     method: str = "rtn"
@@ -109,7 +109,6 @@ class QuantConfig:
     group_size: int = 128
     sym: bool = False
     fmt: str | None = None
-    checkpoint_format: str = "gptq"  # GPTQ layout only: "gptq" (v1, zeros stored z-1) or "gptq_v2"
     n_samples: int = 128
     held_out: int = 16  # extra windows, not searched on: half to accept choices, half for the RTN guard
     seqlen: int = 512
@@ -125,30 +124,23 @@ class QuantConfig:
         _require_ints(self, ("bits", "group_size", "n_samples", "held_out", "seqlen", "seed"))
         if self.method not in METHODS:
             raise QtoolError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
-        if self.fmt is None:
-            awq_ok = self.bits == 4 and not self.sym and not (self.method == "gptq" and self.gptq.act_order)
-            auto = "awq" if awq_ok else "gptq"
-            object.__setattr__(self, "fmt", auto)
-        if self.fmt not in FORMATS:
-            raise QtoolError(f"--format {self.fmt!r} is unknown; use one of {', '.join(FORMATS)}")
-        allowed = PACKABLE_BITS[self.fmt]
-        if self.bits not in allowed:
-            raise QtoolError(
-                f"--bits {self.bits} cannot be written in the {self.fmt.upper()} format; it holds "
-                f"{', '.join(map(str, allowed))}-bit weights"
-                + ("" if self.fmt == "gptq" else " (use --format gptq for 2, 3 or 8 bits)")
-            )
+        from quant.formats import default_format, format_names, get_format
+
+        act_order = self.method == "gptq" and self.gptq.act_order
+        chosen = self.fmt is not None
+        if not chosen:
+            object.__setattr__(self, "fmt", default_format(self.bits, self.sym, act_order).name)
+        if self.fmt not in format_names():
+            raise QtoolError(f"--format {self.fmt!r} is unknown; use one of {', '.join(format_names())}")
+        problem = get_format(self.fmt).settings_error(self.bits, self.sym, act_order)
+        if problem:
+            what = f"--format {self.fmt}" if chosen else f"--bits {self.bits}"
+            raise QtoolError(f"{what}: {problem}" + (" (use --format gptq)" if self.fmt == "awq" else ""))
         if self.group_size not in GROUP_SIZES:
             raise QtoolError(
                 f"--group-size {self.group_size} is not supported; use one of "
                 f"{', '.join(str(g) for g in GROUP_SIZES if g > 0)} or -1 for one group per output channel"
             )
-        if self.fmt == "awq" and self.sym:
-            raise QtoolError("--sym cannot be written in the AWQ gemm format, which always stores zero points")
-        if self.fmt == "awq" and self.method == "gptq" and self.gptq.act_order:
-            raise QtoolError("--act-order needs --format gptq: the AWQ gemm layout has no g_idx")
-        if self.checkpoint_format not in ("gptq", "gptq_v2"):
-            raise QtoolError(f"checkpoint format {self.checkpoint_format!r} is unknown; use gptq or gptq_v2")
         if self.n_samples < 1 or self.seqlen < 8:
             raise QtoolError(
                 f"--n-samples {self.n_samples} / --seqlen {self.seqlen} are too small; use at least 1 sample of 8 tokens"
@@ -157,6 +149,18 @@ class QuantConfig:
             raise QtoolError(f"--held-out {self.held_out} is out of range; use 0 (no checks) to 4096 windows")
         if self.dtype not in OUTPUT_DTYPES:
             raise QtoolError(f"--dtype {self.dtype!r} is unknown; use one of {', '.join(OUTPUT_DTYPES)}")
+
+    @property
+    def format(self):
+        """The :class:`quant.formats.Format` the checkpoint is written in."""
+        from quant.formats import get_format
+
+        return get_format(self.fmt)
+
+    @property
+    def min_zero(self) -> int:
+        """The lowest zero point the layout stores (1 for asymmetric GPTQ v1), which rounding respects."""
+        return self.format.min_zero(self.sym)
 
     @property
     def searches_awq(self) -> bool:

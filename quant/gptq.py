@@ -28,7 +28,7 @@ from quant import qmath
 from quant.arch import value_heads
 from quant.config import QuantConfig
 from quant.formats import PackedWeight
-from quant.layers import min_zero, replace_linear, rtn_packed
+from quant.layers import rtn_packed, set_quantized
 from quant.methods import BlockContext, BlockResult
 
 log = logging.getLogger(__name__)
@@ -76,7 +76,7 @@ def inverse_hessian_cholesky(H: torch.Tensor, damp: float) -> tuple[torch.Tensor
 
 def _group_params(W: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None = None):
     """Scale and zero ``[out, 1]`` of the columns ``W[out, g]`` of one group (range times ``clip[out, 1]``)."""
-    return qmath.compute_qparams(W, cfg.bits, -1, cfg.sym, clip, min_zero(cfg))
+    return qmath.compute_qparams(W, cfg.bits, -1, cfg.sym, clip, cfg.min_zero)
 
 
 def _columns_now(Wt, W1, Err1, U, i1, i, c0, c1):
@@ -159,7 +159,7 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: tor
         H.mul_(1.0 - opts.shrink)
         torch.diagonal(H).add_(opts.shrink * diag)
     if opts.static_groups:  # parameters of the natural groups, fixed before any error is spread
-        s_static, z_static = qmath.compute_qparams(W, cfg.bits, cfg.group_size, cfg.sym, clip, min_zero(cfg))
+        s_static, z_static = qmath.compute_qparams(W, cfg.bits, cfg.group_size, cfg.sym, clip, cfg.min_zero)
     perm = None
     if opts.act_order:  # largest diagonal first: the most important columns are rounded while most are free
         rank = torch.diagonal(H) if importance is None else importance.to(device=H.device, dtype=H.dtype)
@@ -355,10 +355,7 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
             for n in shared:
                 wq = packed[n].dequantize(H.dtype).to(H.device)
                 rel_errors.append(hessian_error(Ws[n], wq, H) / max(hessian_error(Ws[n], torch.zeros_like(wq), H), 1e-30))
-                # Until the block is done the linear computes with its dequantized weight: what the
-                # packed layer's reference path computes, without unpacking on every call.
-                with torch.no_grad():
-                    ctx.block.get_submodule(n).weight.copy_(wq)
+                set_quantized(ctx.block, n, packed[n])  # later groups' inputs see the quantized linear
         t_solve += time.perf_counter() - t
 
     todo = [(g,) for g in groups] if cfg.gptq.true_sequential else [tuple(groups)]
@@ -370,11 +367,9 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
         t_hessian += time.perf_counter() - t
         solve(names, hessians, values)
         del hessians, values
-    for name, pw in packed.items():
-        replace_linear(ctx.block, name, pw, cfg)
 
     info.update({"hessian s": f"{t_hessian:.2f}", "solve s": f"{t_solve:.2f}",
                  "rel err": f"{sum(rel_errors) / len(rel_errors):.2e}" if rel_errors else "-", "max damp": f"{max(damps, default=0):.3g}"})
     if fallbacks:
         info["rtn fallback"] = ",".join(fallbacks)
-    return BlockResult(info=info, artifacts=artifacts)
+    return BlockResult(packed=packed, info=info, artifacts=artifacts)

@@ -22,25 +22,11 @@ from collections.abc import Iterable
 import torch
 
 from quant.errors import QtoolError
+from quant.formats import get_format
 from quant.formats.bitpack import unpack_bits_i32
-from quant.formats.gptq import CHECKPOINT_FORMATS
+from quant.formats.spec import CheckpointSpec
 
 log = logging.getLogger(__name__)
-_UNSUPPORTED_LAYOUTS = ("marlin", "bitblas", "ipex", "qqq")
-
-
-def declared_convention(qc: dict, where: str) -> str:
-    """The convention ``quantization_config`` declares ("gptq" when it says nothing)."""
-    if qc.get("is_marlin_format"):
-        raise QtoolError(f"{where}: this GPTQ checkpoint is repacked for the Marlin kernel (is_marlin_format); "
-                         "qtool reads the plain GPTQ layout only")
-    fmt = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
-    if fmt in _UNSUPPORTED_LAYOUTS:
-        raise QtoolError(f"{where}: checkpoint_format {fmt!r} is a kernel-specific repacking; qtool reads "
-                         f"{' and '.join(CHECKPOINT_FORMATS)} checkpoints")
-    if fmt not in CHECKPOINT_FORMATS:
-        raise QtoolError(f"{where}: checkpoint_format {fmt!r} is unknown; qtool reads {' and '.join(CHECKPOINT_FORMATS)}")
-    return fmt
 
 
 def stored_sym_convention(qzeros: torch.Tensor, bits: int) -> str | None:
@@ -54,29 +40,29 @@ def stored_sym_convention(qzeros: torch.Tensor, bits: int) -> str | None:
     return None
 
 
-def resolve_convention(qc: dict, qzeros: Iterable[tuple[str, torch.Tensor]], where: str) -> str:
-    """The convention to read the checkpoint with: the declared one, checked on ``(name, qzeros)`` of its layers."""
-    declared = declared_convention(qc, where)
-    sym = qc.get("sym")  # AutoGPTQ's default is True, but an absent key proves nothing: look at the zeros
-    if sym is False:
-        return declared
-    bits = int(qc["bits"])
+def resolve_convention(spec: CheckpointSpec, qzeros: Iterable[tuple[str, torch.Tensor]], where: str) -> CheckpointSpec:
+    """``spec`` with the GPTQ convention to read the checkpoint with: the declared one, checked on
+    ``(name, qzeros)`` of its layers (see the module docstring)."""
+    declared = spec.format.name
+    if spec.sym is False:
+        return spec
+    bits = spec.bits
     seen = {name: stored_sym_convention(z, bits) for name, z in qzeros}
     kinds = set(seen.values())
-    if None in kinds and sym is None:
-        return declared  # zero points vary: an asymmetric checkpoint
+    if None in kinds and spec.sym is None:
+        return spec  # zero points vary: an asymmetric checkpoint
     if None in kinds or len(kinds) != 1:
         odd = next((n for n, k in seen.items() if k is None), None) or sorted(seen)[0]
         mid = 2 ** (bits - 1)
         raise QtoolError(
-            f"{where}: quantization_config says sym={sym}, but the stored zero points of {odd} are not all "
+            f"{where}: quantization_config says sym={spec.sym}, but the stored zero points of {odd} are not all "
             f"{mid - 1} (gptq v1) or all {mid} (gptq_v2), or layers disagree; cannot tell which convention the "
             "checkpoint uses, and reading it with the wrong one would shift every weight by one step")
     (stored,) = kinds
     if stored != declared:
         log.warning("%s: declares checkpoint_format %r but its symmetric zero points are stored as in %r; "
                     "reading it as %r", where, declared, stored, stored)
-    return stored
+    return spec.with_format(get_format(stored))
 
 
 def read_qzeros(index: dict, names: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:

@@ -72,13 +72,13 @@ def rtn_guard(method: BlockQuantizer) -> BlockQuantizer:
         refs = run_calls(ctx.block, calls)
         result = method(ctx)
         err = relative_error(run_calls(ctx.block, calls), refs)
-        rtn.quantize_block(BlockContext(ctx.index, fp_block, ctx.names, ctx.cfg, ctx.arch, None))
+        rtn_result = rtn.quantize_block(BlockContext(ctx.index, fp_block, ctx.names, ctx.cfg, ctx.arch, None))
         err_rtn = relative_error(run_calls(fp_block, calls), refs)
         if not err <= err_rtn:  # NaN from the method also falls back
             log.info("block %d: round-to-nearest is closer to the full-precision block on held-out windows "
                      "(%.3g against %.3g for %s): keeping RTN", ctx.index, err_rtn, err, ctx.cfg.method)
-            result = BlockResult(info=dict(result.info), artifacts={}, block=fp_block)
-        result.rtn_block = fp_block
+            result = BlockResult(packed=rtn_result.packed, info=dict(result.info), artifacts={}, block=fp_block)
+        result.rtn_block, result.rtn_packed = fp_block, rtn_result.packed
         result.info.update({"held-out err": f"{err:.3e}", "rtn held-out err": f"{err_rtn:.3e}",
                             FALLBACK_KEY: "rtn" if result.block is not None else ctx.cfg.method})
         return result

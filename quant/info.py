@@ -9,14 +9,15 @@ from pathlib import Path
 from safetensors import safe_open
 
 from quant import model_io
-from quant.checkpoint import QTOOL_META, read_quantization_config, tensor_index
+from quant.checkpoint import QTOOL_META, tensor_index
+from quant.formats.spec import read_spec
 
 
 @dataclass
 class CheckpointInfo:
     path: str
     model_type: str
-    fmt: str  # "awq-gemm", "gptq", "gptq_v2"
+    fmt: str  # the layout's name: "awq" (AutoAWQ gemm), "gptq" (v1), "gptq_v2"
     bits: int
     group_size: int
     n_quantized: int
@@ -31,7 +32,7 @@ class CheckpointInfo:
 
 
 def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
-    qc = read_quantization_config(path)
+    spec = read_spec(path)
     config = model_io.read_config(path)
     index = tensor_index(path)
     fp16_elems = 0
@@ -46,7 +47,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         if leaf == "scales" and f"{prefix}.qweight" in shapes:
             n_quantized += 1
             groups, out_f = shape
-            in_f = _in_features(qc, shapes[f"{prefix}.qweight"], out_f)
+            in_f = _in_features(spec, shapes[f"{prefix}.qweight"])
             fp16_elems += in_f * out_f
         elif leaf in ("qweight", "qzeros", "g_idx") and f"{prefix}.scales" in shapes:
             continue
@@ -59,16 +60,14 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     meta = Path(path) / QTOOL_META
     if meta.is_file():
         method = json.loads(meta.read_text()).get("qtool", {}).get("config", {}).get("method")
-    fmt = "awq-gemm" if qc["quant_method"] == "awq" else qc.get("checkpoint_format", "gptq")
     return CheckpointInfo(
-        path=str(path), model_type=config.get("model_type", "?"), fmt=fmt,
-        bits=qc.get("bits", qc.get("w_bit", 4)), group_size=qc.get("group_size", qc.get("q_group_size", -1)),
-        n_quantized=n_quantized, skipped=list(qc.get("modules_to_not_convert") or []),
+        path=str(path), model_type=config.get("model_type", "?"), fmt=spec.format.name,
+        bits=spec.bits, group_size=spec.group_size, n_quantized=n_quantized, skipped=list(spec.skipped),
         checkpoint_bytes=model_io.folder_bytes(path, ("*.safetensors",)), fp16_bytes=2 * fp16_elems, method=method,
     )
 
 
-def _in_features(qc: dict, qweight_shape, out_f: int) -> int:
-    if qc["quant_method"] == "awq":
+def _in_features(spec, qweight_shape) -> int:
+    if spec.format.quant_method == "awq":
         return qweight_shape[0]  # [in, out/8]
-    return qweight_shape[0] * 32 // qc["bits"]  # [in*b/32, out]
+    return qweight_shape[0] * 32 // spec.bits  # [in*b/32, out]

@@ -1,4 +1,12 @@
-"""Which linears get quantized, and swapping a linear for its packed ``QuantLinear``."""
+"""Which linears get quantized; a method's result held as fake-quantized weights; converting to ``QuantLinear``.
+
+Methods compute and formats store: a method gives each linear its quantized weight as a
+:class:`PackedWeight` (one rounding convention for every layout) and leaves the linear
+computing with the dequantized weight (:func:`set_quantized`), so the next block's
+calibration inputs come from plain matmuls, bit-identical to the packed layer's reference
+path. Packing into the checkpoint's layout happens once, when the block is written
+(:func:`to_quant_linears`).
+"""
 from __future__ import annotations
 
 import logging
@@ -32,23 +40,15 @@ class LinearPlan:
 FP16_MAX = 65504.0
 
 
-def _fills_words(n: int, bits: int) -> bool:
-    # 3-bit values are packed 32 at a time into 3 words; other widths 32/bits per word.
-    return (n * bits) % 32 == 0 and (bits != 3 or n % 32 == 0)
-
-
 def _skip_reason(full_name: str, lin: nn.Linear, cfg: QuantConfig) -> str | None:
     if any(full_name == s or full_name.endswith("." + s) for s in cfg.skip):
         return "skipped on request"
     g = lin.in_features if cfg.group_size == -1 else cfg.group_size
     if lin.in_features % g:
         return f"in_features {lin.in_features} is not divisible by group size {g}"
-    if cfg.fmt == "awq" and lin.out_features % 8:
-        return f"out_features {lin.out_features} is not divisible by 8 (AWQ packs 8 outputs per int32)"
-    if cfg.fmt == "gptq":
-        for what, n in (("in_features", lin.in_features), ("out_features", lin.out_features)):
-            if not _fills_words(n, cfg.bits):
-                return f"{what} {n} cannot be packed into whole int32 words at {cfg.bits} bits"
+    problem = cfg.format.layer_error(lin.in_features, lin.out_features, cfg.bits)
+    if problem:
+        return problem
     # Scales are stored as float16: a group spanning more than 65504 * (2^bits - 1) would be clamped.
     span = 2 * float(lin.weight.detach().abs().max())
     if span / (2**cfg.bits - 1) > FP16_MAX:
@@ -106,13 +106,8 @@ def check_finite(model: nn.Module, where: str) -> None:
             raise QtoolError(f"{where}: weight {name} holds NaN or inf values; the model is damaged, fix it first")
 
 
-def min_zero(cfg: QuantConfig) -> int:
-    """v1 GPTQ loaders add 1 to stored zero points unmasked, so 0 cannot be stored."""
-    return 1 if cfg.fmt == "gptq" and cfg.checkpoint_format == "gptq" and not cfg.sym else 0
-
-
 def qparams(w: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None = None):
-    return qmath.compute_qparams(w, cfg.bits, cfg.group_size, cfg.sym, clip, min_zero(cfg))
+    return qmath.compute_qparams(w, cfg.bits, cfg.group_size, cfg.sym, clip, cfg.min_zero)
 
 
 def rtn_packed(w: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None = None) -> PackedWeight:
@@ -123,12 +118,23 @@ def rtn_packed(w: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None = No
     return PackedWeight(q=q, scale=scale, zero=zero, bits=cfg.bits, group_size=cfg.group_size)
 
 
-def replace_linear(block: nn.Module, name: str, pw: PackedWeight, cfg: QuantConfig) -> QuantLinear:
-    """Swap ``block.<name>`` for a ``QuantLinear`` holding ``pw`` packed in the configured layout."""
+def set_quantized(block: nn.Module, name: str, pw: PackedWeight) -> PackedWeight:
+    """``block.<name>`` (an ``nn.Linear``) computes with ``pw``'s dequantized weight from now on; returns ``pw``.
+
+    The weight is dequantized in float32 (exact: integer codes times float16 scales) and copied into the
+    linear's dtype, which is what the packed layer's reference path computes."""
     lin = block.get_submodule(name)
-    qlayer = QuantLinear.from_packed(pw, lin.bias, cfg.fmt, cfg.checkpoint_format)
-    qlayer.to(lin.weight.device)
-    parent_name, _, child = name.rpartition(".")
-    parent = block.get_submodule(parent_name) if parent_name else block
-    setattr(parent, child, qlayer)
-    return qlayer
+    with torch.no_grad():
+        lin.weight.copy_(pw.dequantize(torch.float32).to(lin.weight.device))
+    return pw
+
+
+def to_quant_linears(module: nn.Module, packed: dict[str, PackedWeight], fmt) -> None:
+    """Swap each ``module.<name>`` of ``packed`` for a :class:`QuantLinear` holding its weight packed in
+    ``fmt`` (a :class:`quant.formats.Format` or its name), keeping the linear's bias and device."""
+    for name, pw in packed.items():
+        lin = module.get_submodule(name)
+        qlayer = QuantLinear.from_packed(pw, lin.bias, fmt)
+        qlayer.to(lin.weight.device)
+        parent_name, _, child = name.rpartition(".")
+        setattr(module.get_submodule(parent_name) if parent_name else module, child, qlayer)

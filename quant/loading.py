@@ -9,8 +9,9 @@ from safetensors import safe_open
 from torch import nn
 
 from quant import model_io, qmath
-from quant.checkpoint import read_quantization_config, tensor_index
+from quant.checkpoint import tensor_index
 from quant.errors import QtoolError
+from quant.formats.spec import CheckpointSpec, read_spec
 from quant.gptq_checkpoints import read_qzeros, resolve_convention
 from quant.modules import QuantLinear
 
@@ -18,15 +19,7 @@ log = logging.getLogger(__name__)
 _QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
 
 
-def _layer_spec(qc: dict) -> dict:
-    if qc["quant_method"] == "awq":
-        return {"fmt": "awq", "bits": 4, "group_size": qc.get("group_size", qc.get("q_group_size", 128)),
-                "checkpoint_format": "gptq"}
-    return {"fmt": "gptq", "bits": qc["bits"], "group_size": qc.get("group_size", 128),
-            "checkpoint_format": qc.get("checkpoint_format", "gptq")}
-
-
-def _swap_in_quant_linears(model: nn.Module, names: set[str], index: dict, spec: dict) -> None:
+def _swap_in_quant_linears(model: nn.Module, names: set[str], index: dict, spec: CheckpointSpec) -> None:
     for name in sorted(names):
         try:
             lin = model.get_submodule(name)
@@ -34,7 +27,8 @@ def _swap_in_quant_linears(model: nn.Module, names: set[str], index: dict, spec:
             raise QtoolError(f"checkpoint tensor {name}.qweight belongs to no module of this architecture") from None
         if not isinstance(lin, nn.Linear):
             raise QtoolError(f"checkpoint tensor {name}.qweight sits on a {type(lin).__name__}, not a Linear")
-        q = QuantLinear(lin.in_features, lin.out_features, spec["bits"], spec["group_size"], spec["fmt"], f"{name}.bias" in index, spec["checkpoint_format"], device="meta")
+        q = QuantLinear(lin.in_features, lin.out_features, spec.bits, spec.group_size, spec.format,
+                        f"{name}.bias" in index, device="meta")
         parent, _, child = name.rpartition(".")
         setattr(model.get_submodule(parent), child, q)
 
@@ -67,8 +61,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     """
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    qc = read_quantization_config(path)
-    spec = _layer_spec(qc)
+    spec = read_spec(path)
     config = AutoConfig.from_pretrained(path, local_files_only=True)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # our modules do the dequantization, not transformers' integrations
@@ -79,8 +72,8 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     index = tensor_index(path)
     names = {k.removesuffix(".qweight") for k in index if k.endswith(".qweight")}
-    if spec["fmt"] == "gptq":  # v1 or v2 zeros: the declaration, checked against the tensors
-        spec["checkpoint_format"] = resolve_convention(qc, read_qzeros(index, names), str(path))
+    if spec.format.quant_method == "gptq":  # v1 or v2 zeros: the declaration, checked against the tensors
+        spec = resolve_convention(spec, read_qzeros(index, names), str(path))
     _swap_in_quant_linears(model, names, index, spec)
     loaded = _assign_tensors(model, index, names, dtype)
     loaded |= _default_g_idx(model, names)
@@ -99,7 +92,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     if compact:
         done = sum(model.get_submodule(n).compact(dtype) for n in names)
         log.info("%d of %d quantized linears hold only the kernels' copy of their codes", done, len(names))
-    log.info("loaded %s: %d quantized linears (%s, %d-bit)", path, len(names), spec["fmt"], spec["bits"])
+    log.info("loaded %s: %d quantized linears (%s, %d-bit)", path, len(names), spec.format.title, spec.bits)
     return model
 
 
@@ -108,7 +101,7 @@ def _default_g_idx(model: nn.Module, names: set[str]) -> set[str]:
     filled = set()
     for name in names:
         q = model.get_submodule(name)
-        if q.fmt == "gptq" and q.g_idx.is_meta:
+        if "g_idx" in q._buffers and q.g_idx.is_meta:
             g = qmath.effective_group_size(q.in_features, q.group_size)
             q.g_idx = torch.arange(q.in_features, dtype=torch.int32) // g
             filled.add(f"{name}.g_idx")

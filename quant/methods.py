@@ -1,4 +1,8 @@
-"""The quantization methods, each a function that quantizes one decoder block in place."""
+"""The quantization methods, each a function that quantizes one decoder block.
+
+A method computes and never packs: it returns each linear's :class:`PackedWeight` and
+leaves the linear computing with the dequantized weight (:func:`quant.layers.set_quantized`).
+The pipeline packs into the checkpoint's layout once, when the block is written."""
 from __future__ import annotations
 
 import importlib
@@ -11,6 +15,7 @@ from torch import nn
 from calib.runner import BlockInputs
 from quant.arch import Arch
 from quant.config import QuantConfig
+from quant.formats import PackedWeight
 
 
 @dataclass
@@ -27,14 +32,18 @@ class BlockContext:
 
 @dataclass
 class BlockResult:
-    """``info``: extra columns for the summary table; ``artifacts``: search results saved with the checkpoint;
-    ``block``: a module that replaces the block (the RTN guard's fallback), None to keep the one quantized in place;
-    ``rtn_block``: the block quantized by round-to-nearest (set by the RTN guard), for the whole-model check."""
+    """``packed``: the quantized weight of each linear (names relative to the block); ``info``: extra
+    columns for the summary table; ``artifacts``: search results saved with the checkpoint; ``block``: a
+    module that replaces the block (the RTN guard's fallback), None to keep the one quantized in place;
+    ``rtn_block`` / ``rtn_packed``: the block and weights of round-to-nearest (set by the RTN guard), for
+    the whole-model check."""
 
+    packed: dict[str, PackedWeight] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
     block: nn.Module | None = None
     rtn_block: nn.Module | None = None
+    rtn_packed: dict[str, PackedWeight] | None = None
 
 
 BlockQuantizer = Callable[[BlockContext], BlockResult]

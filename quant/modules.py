@@ -13,35 +13,14 @@ import torch.nn.functional as F
 from torch import nn
 
 from quant import qmath
-from quant.formats import (
-    PackedWeight,
-    pack_awq_gemm,
-    pack_gptq,
-    unpack_awq_gemm,
-    unpack_gptq,
-)
-
-
-def _layout_shapes(fmt: str, in_f: int, out_f: int, bits: int, n_groups: int) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
-    if fmt == "awq":
-        return {
-            "qweight": ((in_f, out_f // 8), torch.int32),
-            "qzeros": ((n_groups, out_f // 8), torch.int32),
-            "scales": ((n_groups, out_f), torch.float16),
-        }
-    return {
-        "qweight": ((in_f * bits // 32, out_f), torch.int32),
-        "qzeros": ((n_groups, out_f * bits // 32), torch.int32),
-        "scales": ((n_groups, out_f), torch.float16),
-        "g_idx": ((in_f,), torch.int32),
-    }
+from quant.formats import Format, PackedWeight, get_format
 
 
 class QuantLinear(nn.Module):
-    """``y = x @ dequant(W)^T + b`` with ``W`` packed in the AWQ "gemm" or GPTQ layout.
+    """``y = x @ dequant(W)^T + b`` with ``W`` packed in a checkpoint layout.
 
-    ``fmt`` is ``"awq"`` or ``"gptq"``; ``checkpoint_format`` ("gptq" = v1 or
-    "gptq_v2") says how a GPTQ layout stores its zero points.
+    ``fmt`` is a :class:`quant.formats.Format` or its name ("awq", "gptq", "gptq_v2");
+    the layer's buffers are the layout's tensors (:meth:`Format.buffers`).
     """
 
     def __init__(
@@ -50,29 +29,34 @@ class QuantLinear(nn.Module):
         out_features: int,
         bits: int,
         group_size: int,
-        fmt: str = "awq",
+        fmt: Format | str = "awq",
         bias: bool = False,
-        checkpoint_format: str = "gptq",
         bias_dtype: torch.dtype = torch.float16,
         device: torch.device | str | None = None,
     ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.bits, self.group_size, self.fmt = bits, group_size, fmt
-        self.checkpoint_format = checkpoint_format
+        self.bits, self.group_size = bits, group_size
+        self.format = get_format(fmt) if isinstance(fmt, str) else fmt
         ng = qmath.n_groups(in_features, group_size)
-        for name, (shape, dtype) in _layout_shapes(fmt, in_features, out_features, bits, ng).items():
+        for name, (shape, dtype) in self.format.buffers(in_features, out_features, bits, ng).items():
             self.register_buffer(name, torch.zeros(shape, dtype=dtype, device=device))
         self.register_buffer("bias", torch.zeros(out_features, dtype=bias_dtype, device=device) if bias else None)
         # Kernel-specific repacked copies, built once on first use; never part of the state_dict.
         self.kernel_cache: dict = {}
         self.dense_cache: dict | None = None  # inside dense_weights(): dtype -> dequantized weight
 
+    @property
+    def fmt(self) -> str:
+        return self.format.name
+
     @classmethod
-    def from_packed(cls, pw: PackedWeight, bias: torch.Tensor | None, fmt: str, checkpoint_format: str = "gptq"):
+    def from_packed(cls, pw: PackedWeight, bias: torch.Tensor | None, fmt: Format | str = "awq"):
+        """A layer holding ``pw`` packed in ``fmt`` (ValueError where the layout cannot hold it)."""
+        fmt = get_format(fmt) if isinstance(fmt, str) else fmt
         out_f, in_f = pw.q.shape
-        tensors = pack_awq_gemm(pw) if fmt == "awq" else pack_gptq(pw, checkpoint_format)
-        layer = cls(in_f, out_f, pw.bits, pw.group_size, fmt, bias is not None, checkpoint_format,
+        tensors = fmt.pack(pw)
+        layer = cls(in_f, out_f, pw.bits, pw.group_size, fmt, bias is not None,
                     bias.dtype if bias is not None else torch.float16, device="meta")
         for name, t in tensors.items():
             setattr(layer, name, t)
@@ -84,10 +68,8 @@ class QuantLinear(nn.Module):
         """The canonical codes and parameters (unpacked from the buffers)."""
         if self.compacted:
             return self._packed_from_kernel_copy()
-        if self.fmt == "awq":
-            return unpack_awq_gemm({"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales}, self.group_size)
-        tensors = {"qweight": self.qweight, "qzeros": self.qzeros, "scales": self.scales, "g_idx": self.g_idx}
-        return unpack_gptq(tensors, self.bits, self.group_size, self.checkpoint_format)
+        names = self.format.buffers(self.in_features, self.out_features, self.bits, 1)
+        return self.format.unpack({n: getattr(self, n) for n in names}, self.bits, self.group_size)
 
     # --- holding only the kernels' copy of the codes ------------------------------------------------
 
@@ -135,7 +117,7 @@ class QuantLinear(nn.Module):
         super()._save_to_state_dict(destination, prefix, keep_vars)
         if self.compacted:
             pw = self._packed_from_kernel_copy()
-            tensors = pack_awq_gemm(pw) if self.fmt == "awq" else pack_gptq(pw, self.checkpoint_format)
+            tensors = self.format.pack(pw)
             destination[prefix + "qweight"] = tensors["qweight"]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -20,7 +20,7 @@ from quant.checkpoint import is_quantized_checkpoint, write_checkpoint
 from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 from quant.guard import FALLBACK_KEY, held_out_nll, rtn_guard
-from quant.layers import check_finite, plan_linears
+from quant.layers import check_finite, plan_linears, to_quant_linears
 from quant.methods import BlockContext, BlockResult, get_method
 
 log = logging.getLogger(__name__)
@@ -153,17 +153,27 @@ def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
     rtn_blocks: list = [None] * len(blocks)
     bar = tqdm(total=len(blocks), desc=f"{cfg.method} w{cfg.bits}", unit="block", disable=not progress)
 
+    packed: list[dict] = [{} for _ in blocks]  # per block: linear name -> PackedWeight, packed once when done
+
     def process(i: int, block, inputs: BlockInputs | None) -> None:
         t = time.perf_counter()
         result: BlockResult = quantize_block(BlockContext(i, block, plan.quantize[i], cfg, arch, inputs))
         if result.block is not None:
             blocks[i] = result.block
+        packed[i] = {n: pw.to("cpu") for n, pw in result.packed.items()}
         if result.rtn_block is not None and result.rtn_block is not blocks[i]:
-            result.rtn_block.to("cpu")  # kept for the whole-model check; the device holds one block at a time
+            # Kept for the whole-model check, packed: the device holds one block at a time.
+            result.rtn_block.to("cpu")
+            to_quant_linears(result.rtn_block, {n: pw.to("cpu") for n, pw in result.rtn_packed.items()}, cfg.format)
         rtn_blocks[i] = result.rtn_block
         artifacts.update({f"{arch.blocks}.{i}.{k}": v.detach().cpu() for k, v in result.artifacts.items()})
         rows.append(BlockRow(i, len(plan.quantize[i]), time.perf_counter() - t, result.info, result.block is not None))
         bar.update(1)
+
+    def done(i: int) -> None:
+        """The next block's inputs are computed (with the dense quantized weights): pack this block once."""
+        to_quant_linears(blocks[i], packed[i], cfg.format)
+        packed[i] = {}
 
     compute_dtype = torch.float32 if dev.type == "cpu" else next(model.parameters()).dtype
     try:
@@ -172,8 +182,10 @@ def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
                 block.to(dev)
                 process(i, block, None)
                 blocks[i].to("cpu")
+                done(i)
         else:
-            run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=cfg.held_out_split)
+            run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=cfg.held_out_split,
+                           on_block_done=done)
     finally:  # an error message then starts on its own line
         bar.close()
     model_check = None

@@ -82,7 +82,7 @@ def test_unsupported_model_type(tmp_path, capsys):
 
 def test_bits_5_with_the_awq_format(model, tmp_path, capsys):
     code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--bits", "5", "--format", "awq"], capsys)
-    assert_refused(code, err, "--bits 5", "AWQ format", "4-bit")
+    assert_refused(code, err, "--format awq", "AWQ gemm layout holds 4-bit weights, not 5-bit")
 
 
 @pytest.mark.parametrize("bits", ["5", "1", "16"])

@@ -107,3 +107,48 @@ def test_dequantize_with_g_idx_matches_natural_order():
     pw = _random_packed(4, 32)
     natural = torch.arange(256, dtype=torch.int32) // 32
     assert torch.equal(qmath.dequantize(pw.q, pw.scale, pw.zero, 32, natural), pw.dequantize())
+
+
+# --- the Format objects: capabilities, buffers, quantization_config written and read back -------------
+
+
+@pytest.mark.parametrize("name", ["awq", "gptq", "gptq_v2"])
+def test_each_format_round_trips_through_its_buffers_and_config(name, tmp_path):
+    import json
+
+    from quant.formats import get_format
+    from quant.formats.spec import read_spec
+    from quant.modules import QuantLinear
+
+    fmt = get_format(name)
+    bits = 4 if name == "awq" else 3
+    pw = _random_packed(bits, 32, min_zero=fmt.min_zero(False))
+    tensors = fmt.pack(pw)
+    want = fmt.buffers(256, 64, bits, qmath.n_groups(256, 32))
+    assert {k: (tuple(t.shape), t.dtype) for k, t in tensors.items()} == {k: v for k, v in want.items() if k in tensors}
+    back = fmt.unpack(tensors, bits, 32)
+    assert torch.equal(back.q, pw.q) and torch.equal(back.zero, pw.zero) and torch.equal(back.scale, pw.scale)
+    layer = QuantLinear.from_packed(pw, None, fmt)
+    assert layer.format is fmt and torch.equal(layer.packed_weight().dequantize(), pw.dequantize())
+    qc = fmt.quantization_config(bits, 32, False, False, ["model.layers.0.mlp.down_proj"])
+    (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qc}))
+    spec = read_spec(tmp_path)
+    assert (spec.format, spec.bits, spec.group_size, spec.act_order) == (fmt, bits, 32, False)
+    assert spec.skipped == ("model.layers.0.mlp.down_proj",)
+
+
+def test_formats_say_what_they_cannot_hold():
+    from quant.formats import default_format, get_format
+
+    awq, v1, v2 = get_format("awq"), get_format("gptq"), get_format("gptq_v2")
+    assert "4-bit" in awq.settings_error(3, False, False)
+    assert "symmetric" in awq.settings_error(4, True, False)
+    assert "act-order" in awq.settings_error(4, False, True)
+    assert "divisible by 8" in awq.layer_error(256, 60, 4)
+    assert v1.settings_error(3, True, True) is None and "5-bit" in v1.settings_error(5, False, False)
+    assert "in_features 48" in v1.layer_error(48, 64, 3)  # 3-bit packs 32 rows per 3 words
+    assert (v1.min_zero(False), v1.min_zero(True), v2.min_zero(False)) == (1, 0, 0)
+    with pytest.raises(ValueError, match="zero point of 0"):
+        v1.pack(_random_packed(4, 32, min_zero=0))
+    assert default_format(4, False, False) is awq
+    assert default_format(4, True, False) is v1 and default_format(4, False, True) is v1 and default_format(8, False, False) is v1

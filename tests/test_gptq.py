@@ -16,7 +16,7 @@ from quant.config import GPTQOptions, QuantConfig
 from quant.errors import QtoolError
 from quant.formats import pack_gptq, unpack_gptq
 from quant.gptq import gptq_quantize, hessian_error, inverse_hessian_cholesky
-from quant.layers import min_zero, rtn_packed
+from quant.layers import rtn_packed
 from quant.modules import QuantLinear
 
 
@@ -52,7 +52,7 @@ def obq_reference(W, H, cfg):
     Q = torch.zeros(W.shape, dtype=torch.int32)
     for j in range(in_f):
         if j % g == 0:
-            s, z = qmath.compute_qparams(W[:, j:j + g], cfg.bits, -1, cfg.sym, None, min_zero(cfg))
+            s, z = qmath.compute_qparams(W[:, j:j + g], cfg.bits, -1, cfg.sym, None, cfg.min_zero)
         Q[:, j:j + 1] = qmath.quantize(W[:, j:j + 1], s, z, cfg.bits, -1)
         err = (W[:, j] - qmath.dequantize(Q[:, j:j + 1], s, z, -1, dtype=W.dtype)[:, 0]) / Hinv[j, j]
         W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
@@ -118,7 +118,7 @@ def test_codes_use_the_stored_float16_scales():
     W, H = _problem(seed=4)
     pw = gptq_quantize(W * 1e-3, H, _cfg(4, 16, sym=False)).packed
     assert torch.equal(pw.scale, pw.scale.half().float())
-    layer = QuantLinear.from_packed(pw, None, "gptq", "gptq")
+    layer = QuantLinear.from_packed(pw, None, "gptq")
     assert torch.equal(layer.packed_weight().dequantize(), pw.dequantize())
 
 
@@ -198,12 +198,12 @@ def tiny_src(tmp_path_factory):
 
 @pytest.mark.parametrize("opts", [
     dict(sym=True),
-    dict(sym=False, fmt="gptq", checkpoint_format="gptq_v2", gptq=GPTQOptions(act_order=True)),
+    dict(sym=False, fmt="gptq_v2", gptq=GPTQOptions(act_order=True)),
     dict(sym=False, fmt="awq", gptq=GPTQOptions(true_sequential=False, value_hessian=False)),
 ])
 def test_gptq_checkpoint_reloads_and_beats_rtn(tmp_path, tiny_src, opts):
     # held_out=0: this tests the solver; on a tiny random model the guards' loss comparison is noise.
-    kw = dict(method="gptq", bits=3 if opts.get("fmt") == "gptq" else 4, group_size=32, n_samples=8, seqlen=64,
+    kw = dict(method="gptq", bits=3 if opts.get("fmt", "").startswith("gptq") else 4, group_size=32, n_samples=8, seqlen=64,
               dtype="float32", progress=False, held_out=0)
     if opts.get("fmt") == "awq":
         kw["bits"] = 4
@@ -212,9 +212,9 @@ def test_gptq_checkpoint_reloads_and_beats_rtn(tmp_path, tiny_src, opts):
     assert report.fmt == opts.get("fmt", "gptq")
     assert all({"hessian s", "solve s", "rel err"} <= set(b.info) for b in report.blocks)
     qc = json.loads((tmp_path / "gptq" / "config.json").read_text())["quantization_config"]
-    if report.fmt == "gptq":
+    if report.fmt.startswith("gptq"):
         assert qc["desc_act"] == ("gptq" in opts and opts["gptq"].act_order)
-        assert qc["checkpoint_format"] == opts.get("checkpoint_format", "gptq") and qc["sym"] == opts["sym"]
+        assert qc["checkpoint_format"] == report.fmt and qc["sym"] == opts["sym"]
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from calib.data import calibration_batch, default_corpus
@@ -270,7 +270,7 @@ def test_cli_end_to_end_and_bad_input(tmp_path, tiny_src):
         (["--damp", "0"], "--damp"),
         (["--shrink", "1.5"], "--shrink 1.5 is out of range"),
         (["--static-groups"], "--static-groups only changes --act-order runs"),
-        (["--act-order", "--asym", "--format", "awq"], "--act-order needs --format gptq"),
+        (["--act-order", "--asym", "--format", "awq"], "cannot hold act-order weights (use --format gptq)"),
         (["--group-size", "48"], "--group-size 48"),
     ]
     for args, msg in bad:
@@ -328,8 +328,8 @@ def test_asymmetric_v1_keeps_zero_points_storable():
     # All-positive groups would get z = 0, which a v1 checkpoint cannot hold (its loaders add 1 unmasked).
     W, H = _problem(seed=10)
     W = W.abs() + 0.1
-    v1 = QuantConfig(method="gptq", bits=4, group_size=16, sym=False, fmt="gptq", checkpoint_format="gptq")
-    v2 = v1.with_(checkpoint_format="gptq_v2")
+    v1 = QuantConfig(method="gptq", bits=4, group_size=16, sym=False, fmt="gptq")
+    v2 = v1.with_(fmt="gptq_v2")
     assert gptq_quantize(W, H, v1).packed.zero.min() >= 1
     assert gptq_quantize(W, H, v2).packed.zero.min() == 0
     pack_gptq(gptq_quantize(W, H, v1).packed, "gptq")  # would raise on a zero point of 0

@@ -13,7 +13,7 @@ from quant.config import GPTQOptions, QuantConfig
 from quant.errors import QtoolError
 from quant.formats import PackedWeight, pack_gptq, unpack_gptq
 from quant.gptq import gptq_quantize
-from quant.gptq_checkpoints import declared_convention
+from quant.formats.spec import read_spec
 
 
 def _solved(bits, sym, act_order, out_f=64, in_f=128, group_size=32):
@@ -79,8 +79,8 @@ def checkpoints(tmp_path_factory):
     root = tmp_path_factory.mktemp("gptqfmt")
     src = save_tiny_model("llama", root / "src")
     out = {}
-    for name, kw in {"sym_v1": dict(sym=True), "sym_v2": dict(sym=True, checkpoint_format="gptq_v2"),
-                     "asym_v2": dict(sym=False, fmt="gptq", checkpoint_format="gptq_v2")}.items():
+    for name, kw in {"sym_v1": dict(sym=True), "sym_v2": dict(sym=True, fmt="gptq_v2"),
+                     "asym_v2": dict(sym=False, fmt="gptq_v2")}.items():
         out[name] = root / name
         quant.quantize(src, out[name], method="rtn", bits=4, group_size=32, dtype="float32", progress=False, **kw)
     return out
@@ -148,12 +148,17 @@ def test_legacy_quantize_config_json(checkpoints, tmp_path):
     assert torch.equal(_logits(legacy), _logits(checkpoints["sym_v2"]))
 
 
-def test_other_layouts_are_refused_by_name():
+def test_other_layouts_are_refused_by_name(tmp_path):
+    def spec(qc):
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {"quant_method": "gptq", **qc}}))
+        return read_spec(tmp_path)
+
     for qc, msg in [({"is_marlin_format": True}, "Marlin"), ({"checkpoint_format": "marlin"}, "kernel-specific"),
-                    ({"checkpoint_format": "gptq_v3"}, "unknown")]:
+                    ({"checkpoint_format": "gptq_v3"}, "unknown"), ({"bits": 5}, "bits=5")]:
         with pytest.raises(QtoolError, match=msg):
-            declared_convention({"bits": 4, **qc}, "ckpt")
-    assert declared_convention({"bits": 4}, "ckpt") == "gptq"
+            spec(qc)
+    plain = spec({"bits": 4})  # every key a GPTQ config may leave out takes the GPTQ tools' default
+    assert (plain.format.name, plain.group_size, plain.act_order, plain.sym) == ("gptq", 128, False, None)
 
 
 def test_a_checkpoint_without_g_idx_loads_with_the_sequential_order(checkpoints, tmp_path):

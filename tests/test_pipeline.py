@@ -126,7 +126,7 @@ def test_info_reports_the_checkpoint(tmp_path):
     quant.quantize(src, out, method="rtn", group_size=32, skip=("mlp.down_proj",), progress=False)
     res = CliRunner().invoke(app, ["info", str(out)])
     assert res.exit_code == 0, res.output
-    assert "awq-gemm" in res.output and "qtool rtn" in res.output
+    assert "awq (AWQ gemm layout)" in res.output and "qtool rtn" in res.output
     assert re.search(r"linears quantized\s+12\n", res.output)
     assert re.search(r"linears kept in full precision\s+2\n", res.output)
     assert "model.layers.0.mlp.down_proj" in res.output
@@ -207,3 +207,39 @@ def test_dense_weights_compute_exactly_the_reference_path_and_let_go(fmt, bits):
         assert layer.dense_cache and torch.equal(block(x), y)  # dequantized once, reused
     assert torch.equal(y, reference.linear(x, layer))
     assert layer.dense_cache is None
+
+
+@pytest.mark.parametrize("method, fmt, opts", [
+    ("rtn", "awq", {}), ("awq", "awq", {}),
+    ("gptq", "gptq", {"bits": 3, "gptq": quant.GPTQOptions(act_order=True)}),
+])
+def test_methods_leave_dense_weights_that_compute_exactly_what_the_packed_block_computes(method, fmt, opts):
+    """Methods compute, formats store: the block a method leaves computes with dense fake-quantized weights
+    (the next block's inputs come from plain matmuls), and packing it once gives a block whose outputs are
+    bit-identical; the codes never exist only in a packed layer while calibration runs."""
+    import copy
+
+    from calib.collectors import record_block_calls
+    from calib.runner import BlockInputs, first_output, run_calls
+    from quant.layers import to_quant_linears
+    from quant.methods import BlockContext, get_method
+    from quant.modules import QuantLinear
+    from tiny_models import tiny_model
+
+    model = tiny_model("llama")
+    arch = ARCHITECTURES["llama"]
+    blocks = model.get_submodule(arch.blocks)
+    ids = torch.randint(3, 300, (6, 32), generator=torch.Generator().manual_seed(0))
+    calls = record_block_calls(model, blocks, ids)[0]  # the first block's inputs, one call for all windows
+    names = [n for n, m in blocks[0].named_modules() if isinstance(m, torch.nn.Linear)]
+    cfg = QuantConfig(method=method, group_size=32, fmt=fmt, **opts)
+    result = get_method(method)(BlockContext(0, blocks[0], names, cfg, arch, BlockInputs([calls])))
+    assert sorted(result.packed) == sorted(names)
+    assert not any(isinstance(m, QuantLinear) for m in blocks[0].modules())
+    dense_out = run_calls(blocks[0], [calls])[0]
+    packed_block = copy.deepcopy(blocks[0])
+    to_quant_linears(packed_block, result.packed, cfg.format)
+    assert sum(isinstance(m, QuantLinear) for m in packed_block.modules()) == len(names)
+    with torch.no_grad():
+        packed_out = first_output(packed_block(calls.hidden, *calls.args, **calls.kwargs))
+    assert torch.equal(dense_out, packed_out)

@@ -17,7 +17,7 @@ Per decoder block (:func:`quantize_block`):
 3. :func:`search.search_clip` picks a range fraction per (row, group) of every
    quantized linear, on the folded weights; a linear keeps its clips only where
    they lower its judge module's output error on the held-out ``accept`` windows;
-4. :func:`apply_block` quantizes with the clips and swaps in ``QuantLinear``.
+4. :func:`apply_block` quantizes with the clips (fake-quantized weights plus their codes).
 
 The pipeline's RTN guard (:mod:`quant.guard`) then keeps round-to-nearest for any
 block where it is closer to the full-precision block on the ``guard`` windows.
@@ -52,7 +52,8 @@ from quant.awq.judge import call_weights, judge_of, probe_error, probing, record
 from quant.awq.search import QuantSpec, ScaleResult, _fake_quantize, search_clip, search_scale
 from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
-from quant.layers import min_zero, replace_linear, rtn_packed
+from quant.formats import PackedWeight
+from quant.layers import rtn_packed, set_quantized, to_quant_linears
 from quant.methods import BlockContext, BlockResult
 
 log = logging.getLogger(__name__)
@@ -61,7 +62,7 @@ __all__ = ["CLIP_KEY", "SCALE_KEY", "apply_block", "apply_search", "load_search"
 
 
 def quant_spec(cfg: QuantConfig) -> QuantSpec:
-    return QuantSpec(cfg.bits, cfg.group_size, cfg.sym, min_zero(cfg))
+    return QuantSpec(cfg.bits, cfg.group_size, cfg.sym, cfg.min_zero)
 
 
 def _relative_change(out: torch.Tensor, ref: torch.Tensor, hidden: torch.Tensor) -> float:
@@ -200,33 +201,37 @@ def _get(block: nn.Module, name: str):
         return None
 
 
-def quantize_linears(block: nn.Module, names: list[str], cfg: QuantConfig, weights: dict, artifacts: dict) -> None:
-    """RTN with the searched clips, from the folded float32 weights; swaps in ``QuantLinear``."""
+def quantize_linears(block: nn.Module, names: list[str], cfg: QuantConfig, weights: dict, artifacts: dict
+                     ) -> dict[str, PackedWeight]:
+    """RTN with the searched clips, from the folded float32 weights; the linears then compute with them."""
+    packed = {}
     for n in names:
         w = weights.get(f"{n}.weight")
         if w is None:
             w = block.get_submodule(n).weight.detach().float()
-        replace_linear(block, n, rtn_packed(w, cfg, artifacts.get(f"{n}.{CLIP_KEY}")), cfg)
+        packed[n] = set_quantized(block, n, rtn_packed(w, cfg, artifacts.get(f"{n}.{CLIP_KEY}")))
+    return packed
 
 
-def apply_block(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict) -> None:
+def apply_block(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict
+                ) -> dict[str, PackedWeight]:
     """Replay search results on a full-precision block: fold the scales, then quantize with the clips."""
     check_artifacts(block, names, cfg, arch, artifacts)
     weights = fold_scales(block, arch, artifacts)
-    quantize_linears(block, names, cfg, weights, artifacts)
+    return quantize_linears(block, names, cfg, weights, artifacts)
 
 
 def quantize_block(ctx: BlockContext) -> BlockResult:
     """The ``awq`` method: search on the calibration inputs and apply, or replay ``cfg.awq.search_file``."""
     if ctx.cfg.awq.search_file:
         artifacts = load_search(ctx.cfg.awq.search_file, f"{ctx.arch.blocks}.{ctx.index}.")
-        apply_block(ctx.block, ctx.names, ctx.cfg, ctx.arch, artifacts)
-        return BlockResult(info={"awq": "replayed"})
+        packed = apply_block(ctx.block, ctx.names, ctx.cfg, ctx.arch, artifacts)
+        return BlockResult(packed=packed, info={"awq": "replayed"})
     if ctx.inputs is None:
         raise QtoolError("AWQ needs calibration inputs, or AWQOptions(search_file=...) to replay a search")
     artifacts, info, weights = search_block(ctx)
-    quantize_linears(ctx.block, ctx.names, ctx.cfg, weights, artifacts)
-    return BlockResult(info=info, artifacts=artifacts)
+    packed = quantize_linears(ctx.block, ctx.names, ctx.cfg, weights, artifacts)
+    return BlockResult(packed=packed, info=info, artifacts=artifacts)
 
 
 def load_search(path, prefix: str = "") -> dict[str, torch.Tensor]:
@@ -279,7 +284,8 @@ def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: 
 
 
 def apply_search(model: nn.Module, results, cfg: QuantConfig) -> None:
-    """Quantize a full-precision ``model`` in place with saved AWQ results (a path or a dict of tensors)."""
+    """Quantize a full-precision ``model`` in place with saved AWQ results (a path or a dict of tensors): its
+    quantized linears become :class:`quant.modules.QuantLinear` in ``cfg``'s layout."""
     from quant import arch as arch_table
     from quant.layers import plan_linears
 
@@ -289,5 +295,6 @@ def apply_search(model: nn.Module, results, cfg: QuantConfig) -> None:
     plan = plan_linears(model, arch, cfg)
     for i, block in enumerate(model.get_submodule(arch.blocks)):
         prefix = f"{arch.blocks}.{i}."
-        apply_block(block, plan.quantize[i], cfg, arch, {k[len(prefix):]: v for k, v in results.items()
-                                                         if k.startswith(prefix)})
+        packed = apply_block(block, plan.quantize[i], cfg, arch, {k[len(prefix):]: v for k, v in results.items()
+                                                                  if k.startswith(prefix)})
+        to_quant_linears(block, packed, cfg.format)

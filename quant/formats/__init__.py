@@ -1,6 +1,11 @@
-"""Checkpoint layouts. Each module documents its tensors exactly; all share ``PackedWeight``."""
-from quant.formats.awq_gemm import pack_awq_gemm, unpack_awq_gemm
-from quant.formats.gptq import pack_gptq, unpack_gptq
-from quant.formats.packed import PackedWeight
+"""Checkpoint layouts: one :class:`Format` per layout, registered by name ("awq", "gptq", "gptq_v2").
 
-__all__ = ["PackedWeight", "pack_awq_gemm", "pack_gptq", "unpack_awq_gemm", "unpack_gptq"]
+Each layout's module documents its tensors exactly; all share :class:`PackedWeight`.
+"""
+from quant.formats.base import Format, default_format, format_names, get_format
+from quant.formats.packed import PackedWeight
+from quant.formats.awq_gemm import pack_awq_gemm, unpack_awq_gemm  # noqa: E402  (registers "awq")
+from quant.formats.gptq import pack_gptq, unpack_gptq  # noqa: E402  (registers "gptq", "gptq_v2")
+
+__all__ = ["Format", "PackedWeight", "default_format", "format_names", "get_format", "pack_awq_gemm", "pack_gptq",
+           "unpack_awq_gemm", "unpack_gptq"]

@@ -9,12 +9,14 @@ For a linear ``W[out, in]`` quantized to 4 bits in groups of ``g`` input feature
 * ``scales``: float16 ``[in / g, out]``.
 * ``bias``: float16 ``[out]`` when the linear has one.
 
-Dequantization: ``W[o, k] = (q[k, o] - z[k // g, o]) * s[k // g, o]``. Only 4 bits exist.
+Dequantization: ``W[o, k] = (q[k, o] - z[k // g, o]) * s[k // g, o]``. Only 4 bits exist,
+always with zero points (no symmetric variant), never with act-order.
 """
 from __future__ import annotations
 
 import torch
 
+from quant.formats.base import Format, register
 from quant.formats.bitpack import pack_bits_i32, unpack_bits_i32
 from quant.formats.packed import PackedWeight
 
@@ -38,7 +40,9 @@ def _deinterleave(nibbles: torch.Tensor) -> torch.Tensor:
 
 
 def pack_awq_gemm(w: PackedWeight) -> dict[str, torch.Tensor]:
-    """Tensors of the AWQ "gemm" layout from canonical codes ``q[out, in]``, ``zero``/``scale`` ``[out, G]``."""
+    """Tensors of the AWQ "gemm" layout from canonical codes ``q[out, in]``, ``zero``/``scale`` ``[out, G]``.
+
+    Raises ValueError for weights the layout cannot hold (not 4-bit, act-order, ``out % 8``)."""
     if w.bits != BITS:
         raise ValueError(f"the AWQ gemm format holds 4-bit weights only, not {w.bits}-bit")
     if w.g_idx is not None:
@@ -46,12 +50,11 @@ def pack_awq_gemm(w: PackedWeight) -> dict[str, torch.Tensor]:
     out_f, _ = w.q.shape
     if out_f % 8:
         raise ValueError(f"the AWQ gemm format needs out_features divisible by 8, got {out_f}")
-    tensors = {
+    return {
         "qweight": pack_bits_i32(_interleave(w.q.t().contiguous()), BITS),
         "qzeros": pack_bits_i32(_interleave(w.zero.t().contiguous().to(torch.int32)), BITS),
         "scales": w.scale.t().contiguous().to(torch.float16),
     }
-    return tensors
 
 
 def unpack_awq_gemm(tensors: dict[str, torch.Tensor], group_size: int) -> PackedWeight:
@@ -60,3 +63,33 @@ def unpack_awq_gemm(tensors: dict[str, torch.Tensor], group_size: int) -> Packed
     zero = _deinterleave(unpack_bits_i32(tensors["qzeros"], BITS)).t().contiguous()
     scale = tensors["scales"].t().contiguous()
     return PackedWeight(q=q, scale=scale, zero=zero, bits=BITS, group_size=group_size)
+
+
+class AwqGemm(Format):
+    """AutoAWQ's "gemm" layout (``quant_method: awq``, ``version: gemm``)."""
+
+    name, title, quant_method, bits = "awq", "AWQ gemm", "awq", (BITS,)
+    holds_sym = False
+
+    def layer_error(self, in_features, out_features, bits):
+        if out_features % 8:
+            return f"out_features {out_features} is not divisible by 8 (AWQ packs 8 outputs per int32)"
+        return None
+
+    def pack(self, pw):
+        return pack_awq_gemm(pw)
+
+    def unpack(self, tensors, bits, group_size):
+        return unpack_awq_gemm(tensors, group_size)
+
+    def buffers(self, in_features, out_features, bits, n_groups):
+        return {"qweight": ((in_features, out_features // 8), torch.int32),
+                "qzeros": ((n_groups, out_features // 8), torch.int32),
+                "scales": ((n_groups, out_features), torch.float16)}
+
+    def quantization_config(self, bits, group_size, sym, act_order, skipped, extra=None):
+        return {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True,
+                "version": "gemm", "modules_to_not_convert": skipped or None}
+
+
+register(AwqGemm())

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import torch
 
+from quant.formats.base import Format, register
 from quant.formats.bitpack import pack_bits_i32, unpack_bits_i32
 from quant.formats.packed import PackedWeight
 
@@ -75,3 +76,53 @@ def unpack_gptq(
         g_idx = None
     scale = tensors["scales"].t().contiguous()
     return PackedWeight(q=q, scale=scale, zero=zero, bits=bits, group_size=group_size, g_idx=g_idx)
+
+
+def _fills_words(n: int, bits: int) -> bool:
+    # 3-bit values are packed 32 at a time into 3 words; other widths 32/bits per word.
+    return (n * bits) % 32 == 0 and (bits != 3 or n % 32 == 0)
+
+
+class Gptq(Format):
+    """The GPTQ layout in one zero-point convention: ``version`` "gptq" (v1, ``z - 1`` stored) or "gptq_v2"."""
+
+    quant_method, bits, holds_act_order = "gptq", GPTQ_BITS, True
+
+    def __init__(self, version: str):
+        self.name = self.version = version
+        self.title = "GPTQ" if version == "gptq" else "GPTQ v2"
+
+    def layer_error(self, in_features, out_features, bits):
+        for what, n in (("in_features", in_features), ("out_features", out_features)):
+            if not _fills_words(n, bits):
+                return f"{what} {n} cannot be packed into whole int32 words at {bits} bits"
+        return None
+
+    def min_zero(self, sym):
+        # v1 loaders add 1 to the stored zero point without masking: a zero point of 0 cannot be stored.
+        return 1 if self.version == "gptq" and not sym else 0
+
+    def pack(self, pw):
+        return pack_gptq(pw, self.version)
+
+    def unpack(self, tensors, bits, group_size):
+        return unpack_gptq(tensors, bits, group_size, self.version)
+
+    def buffers(self, in_features, out_features, bits, n_groups):
+        return {"qweight": ((in_features * bits // 32, out_features), torch.int32),
+                "qzeros": ((n_groups, out_features * bits // 32), torch.int32),
+                "scales": ((n_groups, out_features), torch.float16),
+                "g_idx": ((in_features,), torch.int32)}
+
+    def quantization_config(self, bits, group_size, sym, act_order, skipped, extra=None):
+        """``extra``: the solver's settings GPTQ loaders record (``true_sequential``, ``damp_percent``,
+        ``static_groups``); absent ones are written as the GPTQ defaults."""
+        extra = extra or {}
+        return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": act_order, "sym": sym,
+                "true_sequential": extra.get("true_sequential", True), "damp_percent": extra.get("damp_percent", 0.01),
+                "static_groups": extra.get("static_groups", False), "checkpoint_format": self.version,
+                "modules_to_not_convert": skipped or None}
+
+
+for _version in CHECKPOINT_FORMATS:
+    register(Gptq(_version))

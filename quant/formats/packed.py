@@ -27,3 +27,9 @@ class PackedWeight:
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return qmath.dequantize(self.q, self.scale, self.zero, self.group_size, self.g_idx, dtype)
+
+    def to(self, device) -> PackedWeight:
+        """The same weight with every tensor on ``device``."""
+        move = lambda t: None if t is None else t.to(device)  # noqa: E731
+        return PackedWeight(move(self.q), move(self.scale), move(self.zero), self.bits, self.group_size,
+                            move(self.g_idx))

@@ -1,0 +1,100 @@
+"""Reading a checkpoint's ``quantization_config``: the one place it is read.
+
+Sources, merged in this order (later keys win): an older tool's side file
+(AutoGPTQ / GPTQModel ``quantize_config.json``; AutoAWQ's ``quant_config.json`` with
+``w_bit``, ``q_group_size``) and ``config.json``'s ``quantization_config``. Defaults for
+keys a checkpoint leaves out are those of the tools that wrote it: group size 128
+(AutoAWQ, AutoGPTQ), AWQ version "gemm", GPTQ ``checkpoint_format`` "gptq" (v1, what
+every GPTQ loader assumes), ``desc_act`` false.
+"""
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from quant import model_io
+from quant.errors import QtoolError
+from quant.formats.base import Format, get_format
+
+_KERNEL_LAYOUTS = ("marlin", "bitblas", "ipex", "qqq")  # GPTQ repackings for one kernel, not the GPTQ layout
+DEFAULT_GROUP_SIZE = 128
+
+
+@dataclass(frozen=True)
+class CheckpointSpec:
+    """What a quantized checkpoint declares.
+
+    ``sym`` is None where the checkpoint does not say (GPTQ configs may omit it);
+    ``skipped`` lists the modules declared as left in full precision.
+    """
+
+    format: Format
+    bits: int
+    group_size: int
+    sym: bool | None
+    act_order: bool
+    skipped: tuple[str, ...]
+    config: dict  # the merged quantization_config as read
+
+    def with_format(self, fmt: Format) -> CheckpointSpec:
+        return replace(self, format=fmt)
+
+
+def _raw_config(path: str | os.PathLike) -> dict:
+    config = model_io.read_config(path)
+    qc = config.get("quantization_config")
+    legacy = Path(path) / "quantize_config.json"
+    if legacy.is_file():  # AutoGPTQ / GPTQModel: fills what config.json leaves out (e.g. checkpoint_format)
+        qc = {**json.loads(legacy.read_text()), **(qc or {})}
+        qc.setdefault("quant_method", "gptq")
+    awq_legacy = Path(path) / "quant_config.json"
+    if qc is None and awq_legacy.is_file():  # older AutoAWQ: w_bit, q_group_size, zero_point, version
+        old = json.loads(awq_legacy.read_text())
+        qc = {"quant_method": "awq", "bits": old.get("w_bit", 4), "group_size": old.get("q_group_size", 128),
+              "zero_point": old.get("zero_point", True), "version": old.get("version", "gemm")}
+    if qc is None:
+        raise QtoolError(f"{path}: config.json has no quantization_config, so this is not a quantized checkpoint")
+    return qc
+
+
+def _gptq_version(qc: dict, where) -> str:
+    if qc.get("is_marlin_format"):
+        raise QtoolError(f"{where}: this GPTQ checkpoint is repacked for the Marlin kernel (is_marlin_format); "
+                         "qtool reads the plain GPTQ layout only")
+    version = str(qc.get("checkpoint_format") or qc.get("format") or "gptq").lower()
+    if version in _KERNEL_LAYOUTS:
+        raise QtoolError(f"{where}: checkpoint_format {version!r} is a kernel-specific repacking; qtool reads "
+                         "gptq and gptq_v2 checkpoints")
+    if version not in ("gptq", "gptq_v2"):
+        raise QtoolError(f"{where}: checkpoint_format {version!r} is unknown; qtool reads gptq and gptq_v2")
+    return version
+
+
+def read_spec(path: str | os.PathLike) -> CheckpointSpec:
+    """The declared layout and settings of the quantized checkpoint in folder ``path``.
+
+    Raises QtoolError (one sentence) for a folder that is not a quantized checkpoint, a
+    quant_method other than awq/gptq, an AWQ version other than gemm, a kernel-specific
+    GPTQ repacking, or bits the layout cannot hold. For GPTQ, the v1/v2 convention is the
+    declared one; :func:`quant.gptq_checkpoints.resolve_convention` checks it against the
+    stored zero points.
+    """
+    qc = _raw_config(path)
+    method = qc.get("quant_method")
+    if method == "awq":
+        if str(qc.get("version", "gemm")).lower() != "gemm":
+            raise QtoolError(f"{path}: AWQ version {qc.get('version')!r} is not supported; only the 'gemm' layout is")
+        fmt, bits, sym = get_format("awq"), int(qc.get("bits", qc.get("w_bit", 4))), False
+        group_size = int(qc.get("group_size", qc.get("q_group_size", DEFAULT_GROUP_SIZE)))
+    elif method == "gptq":
+        fmt, bits, sym = get_format(_gptq_version(qc, path)), int(qc.get("bits", 4)), qc.get("sym")
+        group_size = int(qc.get("group_size", DEFAULT_GROUP_SIZE))
+    else:
+        raise QtoolError(f"{path}: quant_method {method!r} is not supported; qtool loads awq (gemm) and gptq checkpoints")
+    act_order = bool(qc.get("desc_act", False))
+    problem = fmt.settings_error(bits, bool(sym), act_order and method == "gptq")
+    if problem:
+        raise QtoolError(f"{path}: quantization_config says bits={bits}, but {problem}")
+    return CheckpointSpec(fmt, bits, group_size, sym, act_order, tuple(qc.get("modules_to_not_convert") or ()), qc)
