@@ -86,6 +86,7 @@ class BlockInputs:
 
 
 BlockFn = Callable[[int, nn.Module, BlockInputs], None]
+CALIB_BATCH = 8  # calibration windows per block call
 
 
 def run_sequential(
@@ -95,9 +96,10 @@ def run_sequential(
     process_block: BlockFn,
     device: torch.device | str = "cpu",
     compute_dtype: torch.dtype = torch.float32,
-    batch_size: int = 8,
+    batch_size: int = CALIB_BATCH,
     on_block_done: Callable[[int], None] | None = None,
     held_out: tuple[int, int] = (0, 0),
+    before_block: Callable[[int], None] | None = None,
 ) -> None:
     """Feed ``input_ids [n, seq]`` through ``blocks`` one at a time, calling ``process_block`` on each.
 
@@ -105,7 +107,9 @@ def run_sequential(
     held-out ``accept`` and ``guard`` sets (in that order). ``process_block(i, block,
     inputs)`` may change the block in place (replace its linears by quantized ones) or
     put another module at ``blocks[i]``; the outputs of whatever module is at
-    ``blocks[i]`` when it returns are the next block's inputs.
+    ``blocks[i]`` when it returns are the next block's inputs. ``before_block(i)`` runs first (it may
+    load the block's tensors: the blocks may sit on the meta device until then); ``on_block_done(i)``
+    after the next block's inputs are computed and the block is back on the CPU.
     """
     n_accept, n_guard = held_out
     n_search = input_ids.shape[0] - n_accept - n_guard
@@ -116,6 +120,8 @@ def run_sequential(
                  for part in sets]
     hidden = [[move(calls[0].hidden, device, compute_dtype) for calls in part] for part in per_batch]
     for i in range(len(blocks)):
+        if before_block is not None:
+            before_block(i)
         block = blocks[i]
         store_dtype = next((p.dtype for p in block.parameters() if p.is_floating_point()), compute_dtype)
         held = {n for n, t in _tensors(block) if t.is_floating_point()}

@@ -36,6 +36,8 @@ quant_options = _stack([
                  help="Dtype of the tensors left unquantized (auto: float16, or the source's half type)."),
     click.option("--device", default="auto", show_default=True,
                  help="Where each block is quantized: auto, cpu, cuda, cuda:1 ..."),
+    click.option("--max-shard-size", "max_shard_size", default="4GB", show_default=True,
+                 help="Largest output safetensors file (e.g. 500MB, 2GB); past one file, an index is written."),
     click.option("--overwrite", is_flag=True,
                  help="Replace --out if it exists (only once the new checkpoint is complete)."),
     click.option("-v", "--verbose", is_flag=True, help="Log details and print the per-block table."),

@@ -9,28 +9,30 @@ from quant.config import SHRINK_DEFAULT
 
 
 def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite: bool, device: str,
-                 **fields) -> None:
+                 max_shard_size: str, **fields) -> None:
     import quant
     from quant.config import QuantConfig
+    from quant.model_io import parse_size
 
     setup_logging(verbose)
+    max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     fields["skip"] = tuple(fields.get("skip", ()))
     cfg = QuantConfig(method=method, **fields)
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
-        report = quant.quantize(model_dir, out, cfg, overwrite=overwrite, device=device)
+        report = quant.quantize(model_dir, out, cfg, overwrite=overwrite, device=device, max_shard_bytes=max_shard_bytes)
     print_quant_report(report, verbose)
 
 
 @click.command()
 @quant_options
-def rtn(model_dir, out, verbose, overwrite, device, **fields):
+def rtn(model_dir, out, verbose, overwrite, device, max_shard_size, **fields):
     """Round-to-nearest: each weight group quantized on its own min/max. No calibration data.
 
     The baseline that AWQ and GPTQ are measured against; fast and data-free.
     """
-    run_quantize("rtn", model_dir, out, verbose, overwrite, device, **fields)
+    run_quantize("rtn", model_dir, out, verbose, overwrite, device, max_shard_size, **fields)
 
 
 @click.command()
@@ -49,7 +51,7 @@ def rtn(model_dir, out, verbose, overwrite, device, **fields):
 @click.option("--apply-search", default=None, type=click.Path(exists=True, path_type=str),
               help="Replay the scales and clips of an earlier run (its checkpoint folder, or the "
                    "qtool/awq_search.safetensors inside it) instead of searching; needs no calibration data.")
-def awq(model_dir, out, verbose, overwrite, device, n_grid, n_judge, token_weighting, clip, clip_grid, apply_search,
+def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_judge, token_weighting, clip, clip_grid, apply_search,
         **fields):
     """Activation-aware weight quantization (AWQ), the recommended 4-bit method.
 
@@ -62,7 +64,7 @@ def awq(model_dir, out, verbose, overwrite, device, n_grid, n_judge, token_weigh
     """
     from quant.config import AWQOptions
 
-    run_quantize("awq", model_dir, out, verbose, overwrite, device,
+    run_quantize("awq", model_dir, out, verbose, overwrite, device, max_shard_size,
                  awq=AWQOptions(n_grid=n_grid, n_judge=n_judge, token_weighting=token_weighting, clip=clip,
                                 clip_grid=clip_grid, search_file=apply_search), **fields)
 
@@ -87,7 +89,7 @@ def awq(model_dir, out, verbose, overwrite, device, n_grid, n_judge, token_weigh
 @click.option("--value-hessian/--no-value-hessian", default=True, show_default=True,
               help="Solve v_proj per key/value head under the attention-weighted Hessian (the exact one for "
                    "the attention output); off: the paper's XᵀX for v_proj too.")
-def gptq(model_dir, out, verbose, overwrite, device, act_order, static_groups, shrink, damp, true_sequential,
+def gptq(model_dir, out, verbose, overwrite, device, max_shard_size, act_order, static_groups, shrink, damp, true_sequential,
          awq_first, value_hessian, **fields):
     """GPTQ: Hessian-aware rounding that corrects each column's error on the columns still to come.
 
@@ -102,7 +104,7 @@ def gptq(model_dir, out, verbose, overwrite, device, act_order, static_groups, s
 
     opts = GPTQOptions(shrink=shrink, damp=damp, act_order=act_order, static_groups=static_groups,
                        true_sequential=true_sequential, awq_first=awq_first, value_hessian=value_hessian)
-    run_quantize("gptq", model_dir, out, verbose, overwrite, device, gptq=opts, **fields)
+    run_quantize("gptq", model_dir, out, verbose, overwrite, device, max_shard_size, gptq=opts, **fields)
 
 
 COMMANDS = [rtn, awq, gptq]

@@ -31,72 +31,95 @@ def quantization_config(cfg: QuantConfig, skipped: list[str]) -> dict:
 FP16_MAX = 65504.0
 
 
-def _largest_unquantized(model: nn.Module) -> tuple[str, float]:
-    """(name, max |x|) of the floating tensor outside the quantized linears with the largest magnitude."""
-    quant_prefixes = tuple(n + "." for n, m in model.named_modules() if isinstance(m, QuantLinear))
+def _largest_unquantized(src, quantized: set[str], bits: int) -> tuple[str, float]:
+    """(name, max |x|) of the source's floating tensor with the largest magnitude among those that stay
+    unquantized: every tensor but the weights named in ``quantized``, except those whose group scale
+    float16 cannot hold at ``bits`` (they will stay in full precision, :mod:`quant.layers`). Tensors
+    outside the blocks come from the loaded skeleton; block tensors are read one at a time."""
+    loaded = src.model.state_dict()
     best = ("", 0.0)
-    for name, t in model.state_dict().items():
-        if t.is_floating_point() and not name.startswith(quant_prefixes) and t.numel():
-            m = float(t.detach().abs().max())
-            if not m <= best[1]:
-                best = (name, m)
+    for name in src.index:
+        t = loaded.get(name)
+        if t is None or t.is_meta:
+            if not (src._peek_dtype(name) or torch.int32).is_floating_point:
+                continue
+            t = src.tensor(name)
+        if not (t.is_floating_point() and t.numel()):
+            continue
+        m = float(t.detach().abs().max())
+        if name in quantized and 2 * m / (2**bits - 1) <= FP16_MAX:
+            continue
+        if not m <= best[1]:
+            best = (name, m)
     return best
 
 
-def _output_dtype(cfg: QuantConfig, model: nn.Module) -> torch.dtype:
-    """The dtype of the checkpoint's unquantized tensors. ``auto``: a half-precision source keeps its dtype; a
-    float32 one becomes float16 (AWQ/GPTQ convention) unless float16 cannot hold it: bfloat16 for tensors
-    beyond float16's range and for Gemma-family models (their activations exceed it in float16)."""
-    name, big = _largest_unquantized(model)
-    if cfg.dtype != "auto":
-        dtype = model_io.torch_dtype(cfg.dtype)
-        if dtype == torch.float16 and big > FP16_MAX:
-            raise QtoolError(f"--dtype float16: {name} holds values up to {big:.3g}, beyond float16's {FP16_MAX:.0f}; "
-                             "use --dtype bfloat16 or float32")
-        return dtype
-    src = next(p.dtype for p in model.parameters() if p.is_floating_point())
-    if src in (torch.float16, torch.bfloat16):
-        return src
-    model_type = getattr(model.config, "model_type", "")
-    if big > FP16_MAX or model_type.startswith("gemma"):
-        why = f"{name} holds values up to {big:.3g}" if big > FP16_MAX else f"{model_type} activations overflow it"
-        log.warning("writing the checkpoint in bfloat16, not float16: %s (pass --dtype to choose)", why)
+def output_dtype(cfg: QuantConfig, src, quantized: set[str]) -> torch.dtype:
+    """The dtype of the checkpoint's unquantized tensors, decided from the source before any block is
+    written. ``auto``: a half-precision source keeps its dtype; a float32 one becomes float16 (AWQ/GPTQ
+    convention) unless float16 cannot hold it: bfloat16 for tensors beyond float16's range and for
+    Gemma-family models (their activations exceed it in float16). ``quantized``: the weight names
+    (``...q_proj.weight``) planned to be written packed. Reads every source tensor once where float16 is
+    in question (a float32 source, or ``--dtype float16``); a half-precision source is not read."""
+    model_type = getattr(src.model.config, "model_type", "")
+    if cfg.dtype == "auto" and src.dtype in (torch.float16, torch.bfloat16):
+        return src.dtype
+    if cfg.dtype not in ("auto", "float16"):
+        return model_io.torch_dtype(cfg.dtype)
+    if cfg.dtype == "auto" and model_type.startswith("gemma"):
+        log.warning("writing the checkpoint in bfloat16, not float16: %s activations overflow it "
+                    "(pass --dtype to choose)", model_type)
         return torch.bfloat16
-    return torch.float16
+    name, big = _largest_unquantized(src, quantized, cfg.bits)
+    if big <= FP16_MAX:
+        return torch.float16
+    if cfg.dtype == "float16":
+        raise QtoolError(f"--dtype float16: {name} holds values up to {big:.3g}, beyond float16's {FP16_MAX:.0f}; "
+                         "use --dtype bfloat16 or float32")
+    log.warning("writing the checkpoint in bfloat16, not float16: %s holds values up to %.3g (pass --dtype to "
+                "choose)", name, big)
+    return torch.bfloat16
 
 
-def checkpoint_tensors(model: nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The state dict as it is written: tied parameters once, scales float16, other floats in ``dtype``.
+def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", exclude: str | None = None
+                       ) -> dict[str, torch.Tensor]:
+    """``module``'s state dict as it is written, names prefixed with ``prefix``: tied parameters once, scales
+    float16, other floats in ``dtype``; names under ``exclude`` (the decoder blocks, written on their own)
+    left out.
 
     Only parameters that are the same object under two names (``lm_head`` tied to ``embed_tokens``)
     are written once; transformers re-ties them on load. Buffers are always written, even when they
-    share storage (a GPTQ ``g_idx`` may be one tensor held by several layers).
+    share storage (a GPTQ ``g_idx`` may be one tensor held by several layers). Raises QtoolError
+    where a float16 output would overflow (a tensor the source scan could not see, e.g. a norm AWQ
+    scaled).
     """
     out, storages = {}, set()
-    quant_prefixes = {n + "." for n, m in model.named_modules() if isinstance(m, QuantLinear)}
-    tied = {name for name, _ in model.named_parameters(remove_duplicate=False)} - {
-        name for name, _ in model.named_parameters()}
-    for name, t in model.state_dict().items():
-        if name in tied:
+    quant_prefixes = {n + "." for n, m in module.named_modules() if isinstance(m, QuantLinear)}
+    tied = {name for name, _ in module.named_parameters(remove_duplicate=False)} - {
+        name for name, _ in module.named_parameters()}
+    for name, t in module.state_dict().items():
+        if name in tied or (exclude and name.startswith(exclude + ".")):
             continue
-        prefix, _, leaf = name.rpartition(".")
-        if leaf == "scales" and prefix + "." in quant_prefixes:
+        parent, _, leaf = name.rpartition(".")
+        if leaf == "scales" and parent + "." in quant_prefixes:
             t = t.to(torch.float16)
         elif t.is_floating_point():
+            if dtype == torch.float16 and t.numel() and float(t.detach().abs().max()) > FP16_MAX:
+                raise QtoolError(f"{prefix}{name} holds values up to {float(t.abs().max()):.3g}, beyond float16's "
+                                 f"{FP16_MAX:.0f}; quantize again with --dtype bfloat16")
             t = t.to(dtype)
         t = t.detach().cpu().contiguous()
         if t.untyped_storage().data_ptr() in storages:  # safetensors refuses shared storage
             t = t.clone()
         storages.add(t.untyped_storage().data_ptr())
-        out[name] = t
+        out[prefix + name] = t
     return out
 
 
-def write_checkpoint(model: nn.Module, cfg: QuantConfig, source_dir: str | os.PathLike, dst: Path,
-                     skipped: list[str], meta: dict) -> None:
-    """Everything a loader needs, into ``dst`` (a temporary folder the caller renames)."""
-    dtype = _output_dtype(cfg, model)
-    model_io.save_tensors(checkpoint_tensors(model, dtype), dst)
+def write_metadata(cfg: QuantConfig, source_dir: str | os.PathLike, dst: Path, skipped: list[str], meta: dict,
+                   dtype: torch.dtype) -> None:
+    """Everything a loader needs besides the tensors, into ``dst``: config.json with its
+    ``quantization_config``, the tokenizer and generation files, and qtool.json."""
     config = model_io.read_config(source_dir)
     config["quantization_config"] = quantization_config(cfg, skipped)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")

@@ -113,8 +113,16 @@ def held_out_nll(model: nn.Module, blocks: nn.ModuleList, block_list: list[nn.Mo
             block.to(device="cpu")
             for (_, t), data in zip(cast, originals):
                 t.data = data
+    return final_nll(model, blocks, batches, hidden)
+
+
+def final_nll(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], finals: list[torch.Tensor]) -> float:
+    """Mean next-token NLL (nats per token) of ``model`` on the windows ``batches`` (``[b, seq]`` token ids each)
+    when its last decoder block outputs ``finals`` (``[b, seq, hidden]`` each): the model's own final norm and
+    head (its forward with every block bypassed), one window at a time. Works with the blocks on the meta
+    device (they are never run)."""
     total, n = 0.0, 0
-    for ids_b, h_b in zip(batches, hidden):
+    for ids_b, h_b in zip(batches, finals):
         for ids, h in zip(ids_b.split(1), h_b.split(1)):  # one window at a time: [seq, vocab] logits are large
             logits = _logits_from_final_hidden(model, blocks, ids, h)
             total += float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device), reduction="sum"))

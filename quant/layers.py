@@ -36,6 +36,16 @@ class LinearPlan:
     def n_quantized(self) -> int:
         return sum(len(b) for b in self.quantize)
 
+    def check_loaded_block(self, i: int, block: nn.Module, prefix: str, cfg: QuantConfig) -> None:
+        """Checks that need block ``i``'s values (the plan was made on the meta device): a linear whose group
+        scale float16 cannot hold stays in full precision, with a warning."""
+        for name in list(self.quantize[i]):
+            reason = _scale_overflow(block.get_submodule(name), cfg)
+            if reason:
+                self.quantize[i].remove(name)
+                self.skipped[prefix + name] = reason
+                log.warning("%s%s stays in full precision: %s", prefix, name, reason)
+
 
 FP16_MAX = 65504.0
 
@@ -49,6 +59,10 @@ def _skip_reason(full_name: str, lin: nn.Linear, cfg: QuantConfig) -> str | None
     problem = cfg.format.layer_error(lin.in_features, lin.out_features, cfg.bits)
     if problem:
         return problem
+    return None if lin.weight.is_meta else _scale_overflow(lin, cfg)
+
+
+def _scale_overflow(lin: nn.Linear, cfg: QuantConfig) -> str | None:
     # Scales are stored as float16: a group spanning more than 65504 * (2^bits - 1) would be clamped.
     span = 2 * float(lin.weight.detach().abs().max())
     if span / (2**cfg.bits - 1) > FP16_MAX:

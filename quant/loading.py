@@ -33,7 +33,7 @@ def _swap_in_quant_linears(model: nn.Module, names: set[str], index: dict, spec:
         setattr(model.get_submodule(parent), child, q)
 
 
-def _rebuild_nonpersistent_buffers(model: nn.Module) -> None:
+def rebuild_nonpersistent_buffers(model: nn.Module) -> None:
     """RoPE frequencies and similar buffers are not in checkpoints: recompute them as transformers does."""
     owners = []
     for name, buf in list(model.named_buffers()):
@@ -82,7 +82,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     missing = sorted(k for k in expected - loaded if model.get_parameter_or_buffer(k).is_meta)
     if missing:
         raise QtoolError(f"{path}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
-    _rebuild_nonpersistent_buffers(model)
+    rebuild_nonpersistent_buffers(model)
     model.to(device)
     model.eval()
     if compact is None:

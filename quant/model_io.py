@@ -10,7 +10,6 @@ import tempfile
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 
 from quant.errors import QtoolError
 
@@ -31,7 +30,7 @@ SIDE_FILES = (
     "chat_template.json",
     "generation_config.json",
 )
-MAX_SHARD_BYTES = 4 * 2**30
+MAX_SHARD_BYTES = 4 * 10**9  # "4GB", as --max-shard-size writes it
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
 
 
@@ -79,6 +78,25 @@ def check_causal_lm(model_dir: str | os.PathLike) -> dict:
     except (ValueError, OSError, KeyError) as e:
         raise QtoolError(f"{Path(model_dir) / 'config.json'}: transformers cannot read it ({e})") from None
     return cfg
+
+
+_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes in ``text`` such as ``"500MB"``, ``"2GiB"`` or ``"123456"`` (decimal units as Hugging Face
+    writes them; ``KiB``.. binary). Raises QtoolError for anything else, or a size under 1 MB."""
+    import re
+
+    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
+    unit = m.group(2).upper() if m else None
+    if not m or unit not in _SIZE_UNITS:
+        raise QtoolError(f"{what} {text!r} is not a size; write e.g. 500MB, 4GB or 2GiB")
+    n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    if n < 10**6:
+        raise QtoolError(f"{what} {text!r} is below 1MB; shards that small only multiply files")
+    return n
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
@@ -129,29 +147,6 @@ def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]
             shutil.copy2(f, Path(dst) / name)
             copied.append(name)
     return copied
-
-
-def save_tensors(tensors: dict[str, torch.Tensor], dst: str | os.PathLike, max_shard_bytes: int = MAX_SHARD_BYTES):
-    """``model.safetensors``, or shards plus ``model.safetensors.index.json`` past ``max_shard_bytes``."""
-    shards: list[dict[str, torch.Tensor]] = [{}]
-    size = 0
-    for name, t in tensors.items():
-        nbytes = t.numel() * t.element_size()
-        if shards[-1] and size + nbytes > max_shard_bytes:
-            shards.append({})
-            size = 0
-        shards[-1][name] = t.contiguous()
-        size += nbytes
-    meta = {"format": "pt"}
-    if len(shards) == 1:
-        save_file(shards[0], str(Path(dst) / "model.safetensors"), metadata=meta)
-        return
-    index = {"metadata": {"total_size": sum(t.numel() * t.element_size() for t in tensors.values())}, "weight_map": {}}
-    for i, shard in enumerate(shards):
-        fname = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-        save_file(shard, str(Path(dst) / fname), metadata=meta)
-        index["weight_map"].update({k: fname for k in shard})
-    (Path(dst) / "model.safetensors.index.json").write_text(json.dumps(index, indent=2))
 
 
 def folder_bytes(path: str | os.PathLike, patterns=("*.safetensors", "*.bin")) -> int:

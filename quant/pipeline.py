@@ -13,15 +13,18 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from calib.runner import BlockInputs, run_sequential
+from calib.collectors import BlockCall
+from calib.runner import CALIB_BATCH, BlockInputs, run_calls, run_sequential
 from quant import arch as arch_table
 from quant import model_io
-from quant.checkpoint import is_quantized_checkpoint, write_checkpoint
+from quant.checkpoint import checkpoint_tensors, is_quantized_checkpoint, output_dtype, write_metadata
 from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
-from quant.guard import FALLBACK_KEY, held_out_nll, rtn_guard
-from quant.layers import check_finite, plan_linears, to_quant_linears
+from quant.guard import FALLBACK_KEY, final_nll, rtn_guard
+from quant.layers import plan_linears, to_quant_linears
 from quant.methods import BlockContext, BlockResult, get_method
+from quant.shards import ShardWriter
+from quant.source import SourceModel
 
 log = logging.getLogger(__name__)
 
@@ -94,13 +97,18 @@ def quantize(
     overwrite: bool = False,
     device: str | None = "auto",
     progress: bool = True,
+    max_shard_bytes: int = model_io.MAX_SHARD_BYTES,
     **options,
 ) -> QuantReport:
     """Quantize the model in ``model_dir`` and write the packed checkpoint to ``out``.
 
     Either pass a :class:`QuantConfig` or its fields as keywords
-    (``quantize("m/", "m-w4/", method="awq", bits=4, group_size=128)``). The source
-    folder is only read; ``out`` appears complete or not at all.
+    (``quantize("m/", "m-w4/", method="awq", bits=4, group_size=128)``). The model is
+    streamed (:class:`quant.source.SourceModel`): one decoder block is in memory at a
+    time, read from the source shards in the source dtype, and written to the output
+    (shards of at most ``max_shard_bytes``, with an index file past one) as soon as it is
+    quantized. The source folder is only read; ``out`` appears complete or not at all.
+    Raises :class:`QtoolError` (one sentence) for bad input.
     """
     cfg = cfg.with_(**options) if cfg is not None else QuantConfig(**options)
     t0 = time.perf_counter()
@@ -114,46 +122,57 @@ def quantize(
     if cfg.needs_calibration:
         model_io.load_tokenizer(model_dir)  # before the model loads: a missing tokenizer is one sentence, early
     with model_io.atomic_output(out, overwrite, source=model_dir) as tmp:
-        model = model_io.load_fp_model(model_dir)
-        check_finite(model, str(model_dir))
+        src = SourceModel(model_dir, arch.blocks)
         if cfg.needs_calibration:
-            model_io.check_seqlen(model, cfg.seqlen)
-        plan = plan_linears(model, arch, cfg)
+            model_io.check_seqlen(src.model, cfg.seqlen)
+        plan = plan_linears(src.model, arch, cfg)
+        dtype = output_dtype(cfg, src, {f"{arch.blocks}.{i}.{n}.weight" for i, names in enumerate(plan.quantize)
+                                        for n in names})
         t_cal = time.perf_counter()
         calib_ids = _calibration_ids(model_dir, cfg, arch.needs_bos) if cfg.needs_calibration else None
         calib_seconds = time.perf_counter() - t_cal
-        rows, artifacts, model_check = _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress)
+        writer = ShardWriter(tmp, max_shard_bytes)
+        rows, artifacts, model_check, parts = _quantize_blocks(src, arch, cfg, plan, calib_ids, dev, progress,
+                                                               writer, dtype)
+        writer.write("outside", checkpoint_tensors(src.model, dtype, exclude=arch.blocks))
+        writer.finish(parts + ["outside"])
         seconds = time.perf_counter() - t0
         report = QuantReport(
             out=str(Path(out).absolute()), method=cfg.method, fmt=cfg.fmt, bits=cfg.bits,
             group_size=cfg.group_size, n_quantized=plan.n_quantized, skipped=plan.skipped, seconds=seconds,
             calib_seconds=calib_seconds, peak_rss_mb=peak_rss_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0,
-            source_bytes=model_io.folder_bytes(model_dir), output_bytes=0, blocks=rows,
+            source_bytes=model_io.folder_bytes(model_dir), output_bytes=model_io.folder_bytes(tmp), blocks=rows,
             guarded=cfg.held_out_split[1] > 0 if cfg.needs_calibration else None, model_check=model_check,
         )
         meta = {"qtool": {"config": asdict(cfg), "report": asdict(report)}}
-        write_checkpoint(model, cfg, model_dir, tmp, sorted(plan.skipped), meta)
+        write_metadata(cfg, model_dir, tmp, sorted(plan.skipped), meta, dtype)
         if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
             from safetensors.torch import save_file
 
             (tmp / SEARCH_FILE).parent.mkdir()
             save_file(artifacts, str(tmp / SEARCH_FILE))
-        report.output_bytes = model_io.folder_bytes(tmp)
     return report
 
 
-def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
+def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress, writer: ShardWriter, dtype):
+    """Each block in turn: loaded from the source, quantized, packed, written as a part, released.
+
+    Returns the summary rows, AWQ's search results, the whole-model check and the names of the parts
+    that make the checkpoint's blocks (each block's own, or its RTN version where the check keeps RTN)."""
     quantize_block = get_method(cfg.method)
     if cfg.method != "rtn":
         quantize_block = rtn_guard(quantize_block)
-    blocks = model.get_submodule(arch.blocks)
+    model, blocks = src.model, src.blocks
     rows: list[BlockRow] = []
     artifacts: dict[str, torch.Tensor] = {}
-    rtn_blocks: list = [None] * len(blocks)
     bar = tqdm(total=len(blocks), desc=f"{cfg.method} w{cfg.bits}", unit="block", disable=not progress)
-
     packed: list[dict] = [{} for _ in blocks]  # per block: linear name -> PackedWeight, packed once when done
+    rtn: dict = {"blocks": [None] * len(blocks), "stream": None, "final": None}  # for the whole-model check
+
+    def load(i: int) -> None:
+        src.load_block(i)
+        plan.check_loaded_block(i, blocks[i], f"{arch.blocks}.{i}.", cfg)
 
     def process(i: int, block, inputs: BlockInputs | None) -> None:
         t = time.perf_counter()
@@ -161,53 +180,79 @@ def _quantize_blocks(model, arch, cfg, plan, calib_ids, dev, progress):
         if result.block is not None:
             blocks[i] = result.block
         packed[i] = {n: pw.to("cpu") for n, pw in result.packed.items()}
-        if result.rtn_block is not None and result.rtn_block is not blocks[i]:
-            # Kept for the whole-model check, packed: the device holds one block at a time.
-            result.rtn_block.to("cpu")
-            to_quant_linears(result.rtn_block, {n: pw.to("cpu") for n, pw in result.rtn_packed.items()}, cfg.format)
-        rtn_blocks[i] = result.rtn_block
+        if result.rtn_block is not None:
+            _advance_rtn_stream(rtn, i, result, inputs, blocks, len(blocks))
+            rtn["blocks"][i] = (result.rtn_block, {n: pw.to("cpu") for n, pw in result.rtn_packed.items()})
         artifacts.update({f"{arch.blocks}.{i}.{k}": v.detach().cpu() for k, v in result.artifacts.items()})
         rows.append(BlockRow(i, len(plan.quantize[i]), time.perf_counter() - t, result.info, result.block is not None))
         bar.update(1)
 
     def done(i: int) -> None:
-        """The next block's inputs are computed (with the dense quantized weights): pack this block once."""
+        """The next block's inputs are computed (with the dense quantized weights): pack, write, release."""
+        prefix = f"{arch.blocks}.{i}."
         to_quant_linears(blocks[i], packed[i], cfg.format)
+        writer.write(_part(i), checkpoint_tensors(blocks[i], dtype, prefix))
+        if rtn["blocks"][i] is not None:  # the RTN version, in case the whole-model check keeps it
+            rtn_block, rtn_packed = rtn["blocks"][i]
+            if rtn_block is not blocks[i]:
+                rtn_block.to("cpu")
+                to_quant_linears(rtn_block, rtn_packed, cfg.format)
+                writer.write(_part(i, "rtn"), checkpoint_tensors(rtn_block, dtype, prefix))
+            rtn["blocks"][i] = True
         packed[i] = {}
+        src.release(i)
 
-    compute_dtype = torch.float32 if dev.type == "cpu" else next(model.parameters()).dtype
+    compute_dtype = torch.float32 if dev.type == "cpu" else src.dtype
     try:
         if calib_ids is None:
-            for i, block in enumerate(blocks):
-                block.to(dev)
-                process(i, block, None)
+            for i in range(len(blocks)):
+                load(i)
+                blocks[i].to(dev)
+                process(i, blocks[i], None)
                 blocks[i].to("cpu")
                 done(i)
         else:
             run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=cfg.held_out_split,
-                           on_block_done=done)
+                           on_block_done=done, before_block=load)
     finally:  # an error message then starts on its own line
         bar.close()
+    parts = [_part(i) for i in range(len(blocks))]
     model_check = None
-    if calib_ids is not None and all(b is not None for b in rtn_blocks) and any(not r.rtn_fallback for r in rows):
-        model_check = _check_model(model, blocks, rtn_blocks, calib_ids[-cfg.held_out_split[1]:], cfg, dev, compute_dtype)
+    if rtn["final"] is not None and all(b is not None for b in rtn["blocks"]) and any(not r.rtn_fallback for r in rows):
+        guard_ids = list(calib_ids[-cfg.held_out_split[1]:].split(CALIB_BATCH))  # as run_sequential batched them
+        model_check = _check_model(model, blocks, guard_ids, rtn["final"], rtn["stream"], cfg)
         if model_check["kept"] == "rtn":
             for i, r in enumerate(rows):
-                blocks[i] = rtn_blocks[i]
+                if writer.has(_part(i, "rtn")):
+                    parts[i] = _part(i, "rtn")
                 r.rtn_fallback = True
                 r.info[FALLBACK_KEY] = "rtn (whole model)" if r.info.get(FALLBACK_KEY) != "rtn" else "rtn"
             artifacts.clear()  # a replay then gives RTN everywhere too
-    return rows, artifacts, model_check
+    return rows, artifacts, model_check, parts
 
 
-def _check_model(model, blocks, rtn_blocks, guard_ids, cfg, dev, compute_dtype) -> dict:
+def _part(i: int, kind: str = "block") -> str:
+    return f"{kind}-{i:05d}"
+
+
+def _advance_rtn_stream(rtn: dict, i: int, result: BlockResult, inputs: BlockInputs, blocks, n_blocks: int) -> None:
+    """Carry the guard windows through the all-RTN model alongside the pass (``rtn["stream"]``), and keep the
+    quantized model's final hidden states on them (``rtn["final"]``) after the last block."""
+    calls = inputs.guard
+    start = rtn["stream"] if rtn["stream"] is not None else [c.hidden for c in calls]
+    rtn["stream"] = run_calls(result.rtn_block, [BlockCall(h, c.args, c.kwargs) for h, c in zip(start, calls)])
+    if i == n_blocks - 1:
+        rtn["final"] = run_calls(blocks[i], calls)
+
+
+def _check_model(model, blocks, guard_ids, finals, rtn_finals, cfg) -> dict:
     """Whole-model guard: the quantized model's next-token loss on the guard windows against the all-RTN
-    model's (:func:`quant.guard.held_out_nll`); ``kept`` is ``"rtn"`` where RTN's is lower."""
+    model's (:func:`quant.guard.final_nll`); ``kept`` is ``"rtn"`` where RTN's is lower."""
     t = time.perf_counter()
-    nll = held_out_nll(model, blocks, list(blocks), guard_ids, dev, compute_dtype)
-    rtn_nll = held_out_nll(model, blocks, rtn_blocks, guard_ids, dev, compute_dtype)
+    nll = final_nll(model, blocks, guard_ids, finals)
+    rtn_nll = final_nll(model, blocks, guard_ids, rtn_finals)
     # RTN is kept where it scores lower, or where the method's loss is NaN and RTN's is not.
     kept = "rtn" if rtn_nll < nll or (math.isnan(nll) and not math.isnan(rtn_nll)) else cfg.method
     log.info("whole-model check on %d held-out windows: loss %.4f (%s) against %.4f (RTN): keeping %s (%.1f s)",
-             guard_ids.shape[0], nll, cfg.method, rtn_nll, kept, time.perf_counter() - t)
+             sum(ids.shape[0] for ids in guard_ids), nll, cfg.method, rtn_nll, kept, time.perf_counter() - t)
     return {"nll": nll, "rtn_nll": rtn_nll, "kept": kept}

@@ -403,7 +403,7 @@ def test_source_stays_untouched_by_a_failed_run(model, tmp_path, capsys, monkeyp
     def boom(*a, **k):
         raise OSError("disk full")
 
-    monkeypatch.setattr(quant.pipeline, "write_checkpoint", boom)
+    monkeypatch.setattr(quant.pipeline, "write_metadata", boom)
     before = tree_digest(model)
     with pytest.raises(OSError):
         run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)

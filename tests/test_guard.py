@@ -273,26 +273,26 @@ def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_r
     src = save_tiny_model("llama", tmp_path / "src")
     rtn_report = quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
     assert rtn_report.model_check is None
-    real_nll = pipeline_module.held_out_nll
+    real_nll = pipeline_module.final_nll
     seen = []
 
-    def rigged(model, blocks, block_list, ids, *args):
-        seen.append((ids.shape, real_nll(model, blocks, block_list, ids, *args)))
-        return seen[-1][1] + (1.0 if all(a is b for a, b in zip(block_list, blocks)) else 0.0)
+    def rigged(model, blocks, batches, finals):  # called for the model as quantized, then for the all-RTN model
+        seen.append(real_nll(model, blocks, batches, finals))
+        return seen[-1] + (1.0 if len(seen) == 1 else 0.0)
 
-    monkeypatch.setattr(pipeline_module, "held_out_nll", rigged)
+    monkeypatch.setattr(pipeline_module, "final_nll", rigged)
     monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps AWQ
     report = quant.quantize(src, tmp_path / "awq", method="awq", awq=AWQOptions(n_judge=1, clip=False), **OPTS)
     assert len(seen) == 2  # the model as quantized, then the all-RTN model, on the same guard windows
     check = report.model_check
-    assert check["kept"] == "rtn" and check["nll"] == seen[0][1] + 1.0 and check["rtn_nll"] == seen[1][1]
+    assert check["kept"] == "rtn" and check["nll"] == seen[0] + 1.0 and check["rtn_nll"] == seen[1]
     # The per-block guard kept AWQ everywhere; the whole-model check overruled it.
     assert all(b.rtn_fallback and b.info["kept"] == "rtn (whole model)" for b in report.blocks)
     rtn = _packed(tmp_path / "rtn")
     assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "awq").items())
     assert load_file(str(tmp_path / "awq" / SEARCH_FILE)) == {}
     # The same run with the whole model scored honestly keeps AWQ's blocks.
-    monkeypatch.setattr(pipeline_module, "held_out_nll", lambda model, blocks, block_list, ids, *a: 1.0)
+    monkeypatch.setattr(pipeline_module, "final_nll", lambda model, blocks, batches, finals: 1.0)
     kept = quant.quantize(src, tmp_path / "awq2", method="awq", awq=AWQOptions(n_judge=1, clip=False), **OPTS)
     assert kept.model_check["kept"] == "awq" and not any(b.rtn_fallback for b in kept.blocks)
 
@@ -308,3 +308,32 @@ def test_the_whole_model_check_keeps_a_method_that_wins_and_the_cli_reports_it(t
     check = json.loads((tmp_path / "g" / "qtool.json").read_text())["qtool"]["report"]["model_check"]
     assert check["kept"] == ("gptq" if check["nll"] <= check["rtn_nll"] else "rtn")
     assert f"{check['nll']:.4f} vs {check['rtn_nll']:.4f}" in res.output
+
+
+def test_the_streamed_whole_model_check_scores_the_checkpoints_it_chooses_between(tmp_path, monkeypatch):
+    """The check carries the guard windows through the quantized blocks and the RTN blocks during the one
+    pass (no block is kept for it); its two losses are those of the AWQ and RTN checkpoints, loaded and
+    scored from scratch. (The method is made to win so that its blocks are written.)"""
+    import quant.pipeline as pipeline_module
+    from quant.pipeline import _calibration_ids
+
+    real_nll, seen = pipeline_module.final_nll, []
+
+    def method_wins(*args):
+        seen.append(real_nll(*args))
+        return seen[-1] - (1.0 if len(seen) == 1 else 0.0)
+
+    monkeypatch.setattr(pipeline_module, "final_nll", method_wins)
+    monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps AWQ
+    src = save_tiny_model("qwen2", tmp_path / "src")
+    awq = quant.quantize(src, tmp_path / "awq", method="awq", **OPTS)
+    assert awq.model_check["kept"] == "awq" and len(seen) == 2
+    quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
+    cfg = QuantConfig(method="awq", **{k: v for k, v in OPTS.items() if k != "progress"})
+    guard_ids = _calibration_ids(src, cfg, False)[-cfg.held_out_split[1]:]
+    for ckpt, got in (("awq", seen[0]), ("rtn", seen[1])):
+        model = quant.load(tmp_path / ckpt, dtype=torch.float32)
+        blocks = model.model.layers
+        want = held_out_nll(model, blocks, list(blocks), guard_ids, batch_size=8)
+        assert abs(got - want) < 1e-5 * max(1.0, abs(want)), (ckpt, got, want)
+    assert seen[0] != seen[1]

@@ -1,0 +1,129 @@
+"""Writing a checkpoint's tensors as they are finished, durably, then as Hugging Face shards.
+
+:class:`ShardWriter` writes each finished part (a decoder block, the tensors outside the
+blocks) to its own safetensors file in ``<out>/.parts/``, flushed to disk
+(``fsync``) before it returns: a run that is killed keeps every part it finished.
+:meth:`ShardWriter.finish` then lays the parts out as the checkpoint: consecutive parts
+grouped into shards of at most ``max_shard_bytes`` (a part larger than that is a shard
+of its own), ``model.safetensors`` when one shard holds everything, else
+``model-00001-of-0000N.safetensors`` ... with ``model.safetensors.index.json``, as
+transformers' ``save_pretrained`` writes them.
+
+Shards are assembled by copying the parts' raw bytes (the safetensors layout: an 8-byte
+little-endian header length, a JSON header of ``dtype``, ``shape`` and ``data_offsets``
+per tensor, then the data), never by loading tensors, so memory stays flat whatever
+the shard size.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import struct
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+
+PARTS = ".parts"
+_COPY_BYTES = 64 * 2**20
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _header(path: Path) -> tuple[dict, int]:
+    """(tensor entries, byte offset of the data) of a safetensors file."""
+    with open(path, "rb") as f:
+        (n,) = struct.unpack("<Q", f.read(8))
+        header = json.loads(f.read(n))
+    header.pop("__metadata__", None)
+    return header, 8 + n
+
+
+def merge_safetensors(parts: list[Path], out: Path, metadata: dict | None = None) -> list[str]:
+    """Write the tensors of ``parts`` (safetensors files, names distinct) into one safetensors file ``out``,
+    byte for byte, in the order of the parts; returns the tensor names written."""
+    entries, sources, offset = {}, [], 0
+    for p in parts:
+        header, start = _header(p)
+        for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
+            b, end = e["data_offsets"]
+            entries[name] = {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": [offset, offset + end - b]}
+            sources.append((p, start + b, end - b))
+            offset += end - b
+    head = {"__metadata__": metadata} if metadata else {}
+    head.update(entries)
+    blob = json.dumps(head, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
+    with open(out, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for p, start, n in sources:
+            with open(p, "rb") as src:
+                src.seek(start)
+                while n:
+                    chunk = src.read(min(n, _COPY_BYTES))
+                    f.write(chunk)
+                    n -= len(chunk)
+    return list(entries)
+
+
+class ShardWriter:
+    """Parts of a checkpoint written durably into ``dst/.parts/`` as they finish, laid out as shards at the end."""
+
+    def __init__(self, dst: Path, max_shard_bytes: int):
+        self.dst, self.max_shard_bytes = Path(dst), max_shard_bytes
+        self.parts_dir = self.dst / PARTS
+        self.parts_dir.mkdir(exist_ok=True)
+
+    def part_path(self, key: str) -> Path:
+        return self.parts_dir / f"{key}.safetensors"
+
+    def has(self, key: str) -> bool:
+        return self.part_path(key).is_file()
+
+    def write(self, key: str, tensors: dict[str, torch.Tensor]) -> None:
+        """Write one part, atomically (a temporary name, fsync, rename): it exists whole or not at all."""
+        tmp = self.parts_dir / f".{key}.tmp"
+        save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        _fsync(tmp)
+        os.replace(tmp, self.part_path(key))
+        _fsync(self.parts_dir)
+
+    def finish(self, order: list[str]) -> list[Path]:
+        """The parts ``order`` names, grouped into the checkpoint's shards (and index); ``.parts/`` removed."""
+        paths = [self.part_path(k) for k in order]
+        groups: list[list[Path]] = [[]]
+        size = 0
+        for p in paths:
+            n = p.stat().st_size
+            if groups[-1] and size + n > self.max_shard_bytes:
+                groups.append([])
+                size = 0
+            groups[-1].append(p)
+            size += n
+        if len(groups) == 1:
+            names = {"model.safetensors": groups[0]}
+        else:
+            names = {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
+        weight_map, total = {}, 0
+        for fname, group in names.items():
+            if len(group) == 1:
+                os.replace(group[0], self.dst / fname)  # one part: the file is already a valid shard
+                header, _ = _header(self.dst / fname)
+                written = list(header)
+            else:
+                written = merge_safetensors(group, self.dst / fname, {"format": "pt"})
+            total += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in _header(self.dst / fname)[0].values())
+            weight_map.update({k: fname for k in written})
+        if len(names) > 1:
+            index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
+            (self.dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        shutil.rmtree(self.parts_dir)
+        return [self.dst / n for n in names]

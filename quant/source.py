@@ -1,0 +1,153 @@
+"""A source model read block by block: the skeleton on the meta device, tensors read from the shards on demand.
+
+The quantization pipeline never holds the whole model. :class:`SourceModel` builds the
+transformers model on the meta device (no memory), reads the tensors outside the
+decoder blocks (embeddings, final norm, ``lm_head``) once, and each block's tensors
+when that block is processed, in the source dtype, straight from the weight files:
+safetensors through their headers (one tensor at a time), ``.bin`` shards memory-mapped
+(``torch.load(mmap=True)``), so only what is touched is read. :meth:`release` puts a
+finished block back on the meta device. Peak host memory is then the tensors outside
+the blocks plus one block, flat in the number of blocks.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from torch import nn
+
+from quant import model_io
+from quant.errors import QtoolError
+
+log = logging.getLogger(__name__)
+
+
+class SourceModel:
+    """The model in folder ``model_dir`` as a meta-device skeleton plus an index of its stored tensors.
+
+    ``model`` is the transformers causal LM (its blocks on the meta device until :meth:`load_block`);
+    ``dtype`` the source's floating dtype. Raises QtoolError (one sentence) for a folder without
+    weights, unreadable weight files, or tensors that do not match ``config.json`` (missing ones would
+    be random weights; extra ones mean another architecture).
+    """
+
+    def __init__(self, model_dir: str | os.PathLike, blocks_path: str):
+        from transformers import AutoConfig, AutoModelForCausalLM
+
+        self.dir = Path(model_dir)
+        self.files = model_io.weight_files(model_dir)
+        self._bin: dict[Path, dict] = {}
+        self.index = self._read_index()  # tensor name -> file
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        self.dtype = self._stored_dtype()
+        with torch.device("meta"):
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        self.model.eval()
+        self.blocks_path = blocks_path
+        self._check_names()
+        outside = {k for k in self.index if not k.startswith(blocks_path + ".")}
+        self._assign(outside)
+        self.model.tie_weights()
+        self._rebuild_buffers()
+
+    # --- reading ------------------------------------------------------------------------------------
+
+    def _read_index(self) -> dict[str, Path]:
+        index: dict[str, Path] = {}
+        for f in self.files:
+            try:
+                if f.suffix == ".safetensors":
+                    with safe_open(str(f), framework="pt") as st:
+                        index.update({k: f for k in st.keys()})
+                else:
+                    self._bin[f] = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+                    index.update({k: f for k in self._bin[f]})
+            except Exception as e:  # safetensors and torch raise many kinds for a damaged file
+                raise QtoolError(f"{f}: cannot be read as a weight file ({type(e).__name__}: {str(e)[:120]})") from None
+        return index
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The stored tensor ``name``, as stored (dtype and values)."""
+        f = self.index[name]
+        if f in self._bin:
+            return self._bin[f][name].clone()  # out of the memory map: the file may go away, the model may not
+        with safe_open(str(f), framework="pt") as st:
+            return st.get_tensor(name)
+
+    def _stored_dtype(self) -> torch.dtype:
+        """The dtype of the stored floating weights (the first floating tensor's; sources hold one)."""
+        for name in self.index:
+            t = self._peek_dtype(name)
+            if t is not None and t.is_floating_point:
+                return t
+        return torch.float32
+
+    def _peek_dtype(self, name: str) -> torch.dtype | None:
+        f = self.index[name]
+        if f in self._bin:
+            return self._bin[f][name].dtype
+        with safe_open(str(f), framework="pt") as st:
+            return _SAFETENSORS_DTYPES.get(st.get_slice(name).get_dtype())
+
+    def _check_names(self) -> None:
+        want = set(self.model.state_dict())
+        tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
+            n for n, _ in self.model.named_parameters()}
+        missing = sorted(want - set(self.index) - tied)
+        extra = sorted(set(self.index) - want)
+        for what, keys in (("lacks", missing), ("holds tensors the model does not use:", extra)):
+            if keys:
+                more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
+                raise QtoolError(f"{self.dir}: the checkpoint {what} {', '.join(keys[:3])}{more}"
+                                 + (" (they would be random weights)" if what == "lacks" else "")
+                                 + "; it does not match its config.json")
+
+    def _assign(self, names) -> None:
+        state = {}
+        for k in sorted(names):
+            t = self.tensor(k)
+            if t.is_floating_point() and not torch.isfinite(t).all():
+                raise QtoolError(f"{self.dir}: weight {k} holds NaN or inf values; the model is damaged, fix it first")
+            state[k] = t
+        self.model.load_state_dict(state, strict=False, assign=True)
+
+    def _rebuild_buffers(self) -> None:
+        from quant.loading import rebuild_nonpersistent_buffers
+
+        rebuild_nonpersistent_buffers(self.model)
+
+    # --- blocks -------------------------------------------------------------------------------------
+
+    @property
+    def blocks(self) -> nn.ModuleList:
+        return self.model.get_submodule(self.blocks_path)
+
+    def load_block(self, i: int) -> nn.Module:
+        """Block ``i`` with its stored tensors (source dtype, CPU), in place in the skeleton."""
+        prefix = f"{self.blocks_path}.{i}."
+        self._assign(k for k in self.index if k.startswith(prefix))
+        self._rebuild_buffers()
+        return self.blocks[i]
+
+    def release(self, i: int) -> None:
+        """Block ``i`` back on the meta device: its memory is freed."""
+        self.blocks[i].to("meta")
+
+    def fingerprint(self) -> str:
+        """sha256 over ``config.json`` and the name, size and modification time of every weight file: a
+        changed source (re-downloaded, edited) gives another fingerprint."""
+        h = hashlib.sha256((self.dir / "config.json").read_bytes())
+        for f in self.files:
+            st = f.stat()
+            h.update(json.dumps([f.name, st.st_size, st.st_mtime_ns]).encode())
+        return h.hexdigest()
+
+
+_SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}

@@ -1,0 +1,111 @@
+"""The streaming pipeline: blocks read from the source shards one at a time, written as they finish."""
+import hashlib
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+from tiny_models import MODEL_TYPES, save_tiny_model, tiny_model
+
+import quant
+from quant.source import SourceModel
+
+OPTS = dict(bits=4, group_size=32, progress=False)
+
+
+def file_digests(path: Path) -> dict[str, str]:
+    """sha256 of every file of a checkpoint folder except qtool.json (it records times and paths)."""
+    return {f.name: hashlib.sha256(f.read_bytes()).hexdigest() for f in sorted(path.rglob("*"))
+            if f.is_file() and f.name != "qtool.json"}
+
+
+def save_bin_shards(model, path: Path, n_shards: int = 3) -> None:
+    """The model as ``pytorch_model-0000k-of-0000n.bin`` shards with their index (the pre-safetensors layout),
+    keys split so that blocks straddle shards."""
+    path.mkdir(parents=True)
+    model.config.save_pretrained(path)
+    state = model.state_dict()
+    keys = list(state)
+    per = -(-len(keys) // n_shards)
+    weight_map = {}
+    for k in range(n_shards):
+        name = f"pytorch_model-{k + 1:05d}-of-{n_shards:05d}.bin"
+        part = {key: state[key].clone() for key in keys[k * per:(k + 1) * per]}
+        torch.save(part, path / name)
+        weight_map.update({key: name for key in part})
+    (path / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": weight_map}))
+
+
+def copy_tokenizer(src: Path, dst: Path) -> None:
+    for f in src.iterdir():
+        if f.name.startswith("tokenizer") or f.name == "generation_config.json":
+            (dst / f.name).write_bytes(f.read_bytes())
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_single_file_sharded_and_bin_sources_give_the_same_checkpoint(tmp_path, model_type):
+    single = save_tiny_model(model_type, tmp_path / "single")
+    model = tiny_model(model_type)
+    model.save_pretrained(tmp_path / "sharded", max_shard_size="20KB")  # blocks straddle shards
+    copy_tokenizer(single, tmp_path / "sharded")
+    save_bin_shards(model, tmp_path / "bin")
+    copy_tokenizer(single, tmp_path / "bin")
+    assert len(list((tmp_path / "sharded").glob("*.safetensors"))) > 3
+    digests = []
+    for src in ("single", "sharded", "bin"):
+        quant.quantize(tmp_path / src, tmp_path / f"q-{src}", method="rtn", **OPTS)
+        digests.append(file_digests(tmp_path / f"q-{src}"))
+    assert digests[0] == digests[1] == digests[2]
+
+
+def test_a_half_precision_source_is_read_in_its_dtype_and_matches_its_float32_copy(tmp_path):
+    """A bf16 source stays bf16 on the host (the skeleton and each block are bf16); quantizing in float32
+    per block gives the same checkpoint as the same weights stored in float32, written in bf16. (RTN: a
+    data-aware method sees the model's own bf16 rotary tables, so its search may differ.)"""
+    bf16 = save_tiny_model("llama", tmp_path / "bf16", dtype=torch.bfloat16)
+    assert SourceModel(bf16, "model.layers").dtype == torch.bfloat16
+    model = tiny_model("llama", dtype=torch.bfloat16).float()
+    model.save_pretrained(tmp_path / "fp32")
+    copy_tokenizer(bf16, tmp_path / "fp32")
+    kw = dict(OPTS, method="rtn", dtype="bfloat16")
+    quant.quantize(bf16, tmp_path / "a", **kw)
+    quant.quantize(tmp_path / "fp32", tmp_path / "b", **kw)
+    a, b = load_file(str(tmp_path / "a" / "model.safetensors")), load_file(str(tmp_path / "b" / "model.safetensors"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert json.loads((tmp_path / "a" / "config.json").read_text())["torch_dtype"] == "bfloat16"
+
+
+def test_one_block_is_in_memory_at_a_time(tmp_path, monkeypatch):
+    src = save_tiny_model("qwen2", tmp_path / "src")
+    loaded_at_load, real_load = [], SourceModel.load_block
+
+    def spy(self, i):
+        loaded_at_load.append(sum(not next(b.parameters()).is_meta for b in self.blocks))
+        return real_load(self, i)
+
+    monkeypatch.setattr(SourceModel, "load_block", spy)
+    quant.quantize(src, tmp_path / "out", method="awq", n_samples=4, seqlen=32, **OPTS)
+    assert loaded_at_load == [0, 0]  # every earlier block was released before the next one was read
+
+
+def test_output_shards_and_index_hold_the_same_tensors_and_load_the_same_model(tmp_path):
+    src = save_tiny_model("qwen2", tmp_path / "src")
+    quant.quantize(src, tmp_path / "one", method="rtn", dtype="float32", **OPTS)
+    quant.quantize(src, tmp_path / "many", method="rtn", dtype="float32", max_shard_bytes=60_000, **OPTS)
+    shards = sorted((tmp_path / "many").glob("model-*-of-*.safetensors"))
+    assert len(shards) > 1 and not (tmp_path / "many" / "model.safetensors").exists()
+    index = json.loads((tmp_path / "many" / "model.safetensors.index.json").read_text())
+    one = load_file(str(tmp_path / "one" / "model.safetensors"))
+    many = {}
+    for f in shards:
+        part = load_file(str(f))
+        assert all(index["weight_map"][k] == f.name for k in part)
+        many.update(part)
+    assert set(index["weight_map"]) == set(one) == set(many)
+    assert all(torch.equal(one[k], many[k]) for k in one)
+    assert index["metadata"]["total_size"] == sum(t.numel() * t.element_size() for t in one.values())
+    assert not (tmp_path / "many" / ".parts").exists()
+    ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
+    a, b = quant.load(tmp_path / "one", dtype=torch.float32), quant.load(tmp_path / "many", dtype=torch.float32)
+    assert torch.equal(a(ids).logits, b(ids).logits)
