@@ -97,9 +97,11 @@ def run_sequential(
     device: torch.device | str = "cpu",
     compute_dtype: torch.dtype = torch.float32,
     batch_size: int = CALIB_BATCH,
-    on_block_done: Callable[[int], None] | None = None,
+    on_block_done: Callable[[int, list], None] | None = None,
     held_out: tuple[int, int] = (0, 0),
     before_block: Callable[[int], None] | None = None,
+    start: int = 0,
+    start_hidden: list[list[torch.Tensor]] | None = None,
 ) -> None:
     """Feed ``input_ids [n, seq]`` through ``blocks`` one at a time, calling ``process_block`` on each.
 
@@ -108,8 +110,10 @@ def run_sequential(
     inputs)`` may change the block in place (replace its linears by quantized ones) or
     put another module at ``blocks[i]``; the outputs of whatever module is at
     ``blocks[i]`` when it returns are the next block's inputs. ``before_block(i)`` runs first (it may
-    load the block's tensors: the blocks may sit on the meta device until then); ``on_block_done(i)``
-    after the next block's inputs are computed and the block is back on the CPU.
+    load the block's tensors: the blocks may sit on the meta device until then); ``on_block_done(i,
+    hidden)`` after the next block's inputs are computed (``hidden``: per set, per minibatch, the
+    hidden states after block ``i``) and the block is back on the CPU. ``start`` and
+    ``start_hidden`` (such a ``hidden``, after block ``start - 1``) continue a stopped run.
     """
     n_accept, n_guard = held_out
     n_search = input_ids.shape[0] - n_accept - n_guard
@@ -119,7 +123,9 @@ def run_sequential(
     per_batch = [[record_block_calls(model, blocks, ids) for ids in part.split(batch_size)] if len(part) else []
                  for part in sets]
     hidden = [[move(calls[0].hidden, device, compute_dtype) for calls in part] for part in per_batch]
-    for i in range(len(blocks)):
+    if start_hidden is not None:
+        hidden = [[move(h, device, compute_dtype) for h in part] for part in start_hidden]
+    for i in range(start, len(blocks)):
         if before_block is not None:
             before_block(i)
         block = blocks[i]
@@ -135,4 +141,4 @@ def run_sequential(
         block.to(device="cpu")
         _cast_back(block, held, store_dtype)
         if on_block_done is not None:
-            on_block_done(i)
+            on_block_done(i, hidden)

@@ -40,6 +40,9 @@ quant_options = _stack([
                  help="Largest output safetensors file (e.g. 500MB, 2GB); past one file, an index is written."),
     click.option("--overwrite", is_flag=True,
                  help="Replace --out if it exists (only once the new checkpoint is complete)."),
+    click.option("--restart", is_flag=True,
+                 help="Start over instead of continuing a stopped run of this output (a run stopped by Ctrl-C "
+                      "or a kill keeps its finished blocks; the same command continues it)."),
     click.option("-v", "--verbose", is_flag=True, help="Log details and print the per-block table."),
 ])
 

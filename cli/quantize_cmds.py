@@ -9,7 +9,7 @@ from quant.config import SHRINK_DEFAULT
 
 
 def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite: bool, device: str,
-                 max_shard_size: str, **fields) -> None:
+                 max_shard_size: str, restart: bool = False, **fields) -> None:
     import quant
     from quant.config import QuantConfig
     from quant.model_io import parse_size
@@ -21,7 +21,8 @@ def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
-        report = quant.quantize(model_dir, out, cfg, overwrite=overwrite, device=device, max_shard_bytes=max_shard_bytes)
+        report = quant.quantize(model_dir, out, cfg, overwrite=overwrite, device=device, max_shard_bytes=max_shard_bytes,
+                                restart=restart)
     print_quant_report(report, verbose)
 
 

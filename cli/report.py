@@ -26,6 +26,8 @@ def print_quant_report(r, verbose: bool = False) -> None:
         ["linears quantized", r.n_quantized],
         ["linears kept in full precision", len(r.skipped)],
         *_guard_rows(r),
+        *([["resumed at", f"block {r.resumed_from} (the blocks before it were finished by a stopped run; "
+                           "time and peak memory are this run's)"]] if getattr(r, "resumed_from", None) else []),
         ["time", f"{r.seconds:.1f} s (calibration data {r.calib_seconds:.1f} s)"],
         ["time per block", f"median {statistics.median(per_block):.2f} s, max {max(per_block):.2f} s"],
         ["peak memory", f"{r.peak_rss_mb:,.0f} MiB RSS" + (f", {r.peak_device_mb:,.0f} MiB GPU" if r.peak_device_mb else "")],

@@ -162,20 +162,39 @@ def folder_bytes(path: str | os.PathLike, patterns=("*.safetensors", "*.bin")) -
 _OWNER = ".qtool-owner"  # in a temporary output folder: "<host> <pid>" of the run writing it
 
 
-def _remove_abandoned(parent: Path, name: str) -> None:
-    """Remove temporary output folders for ``name`` whose run is gone (killed: no cleanup ran), saying so."""
-    host = os.uname().nodename
-    for d in parent.glob(f".{name}.tmp-*"):
+def _abandoned(parent: Path, name: str) -> list[Path]:
+    """Temporary output folders for ``name`` whose run is gone (killed: no cleanup ran)."""
+    host, found = os.uname().nodename, []
+    for d in sorted(parent.glob(f".{name}.tmp-*")):
         try:
             owner_host, pid = (d / _OWNER).read_text().split()
             if owner_host != host:
                 continue
+            if pid == "stopped":  # interrupted, kept for resuming (atomic_output)
+                found.append(d)
+                continue
             os.kill(int(pid), 0)  # raises if no such process
         except ProcessLookupError:
-            log.warning("removing %s, left by an earlier run (process %s) that was stopped before it finished", d, pid)
-            shutil.rmtree(d, ignore_errors=True)
+            found.append(d)
         except (OSError, ValueError):
             continue  # no owner file yet, or not ours to judge
+    return found
+
+
+def _partial_to_resume(out: Path, resume_key: dict | None, restart: bool) -> Path | None:
+    """A stopped run's folder to continue (same key), after removing the ones that cannot be continued.
+    Raises QtoolError for a resumable folder made with another key (unless ``restart``)."""
+    from quant import resume
+
+    reuse = None
+    for d in _abandoned(out.parent, out.name):
+        if resume_key is not None and not restart and resume.saved_key(d) is not None and reuse is None:
+            resume.check_partial(d, resume_key, out)
+            reuse = d
+            continue
+        log.warning("removing %s, left by an earlier run that was stopped before it finished", d)
+        shutil.rmtree(d, ignore_errors=True)
+    return reuse
 
 
 def check_apart(out: Path, source: str | os.PathLike) -> None:
@@ -199,11 +218,18 @@ def check_apart(out: Path, source: str | os.PathLike) -> None:
 
 
 @contextlib.contextmanager
-def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None):
+def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str | os.PathLike | None = None,
+                  resume_key: dict | None = None, restart: bool = False):
     """Yield a temporary folder beside ``out``; on success it becomes ``out`` in one rename.
 
-    On any error the temporary folder is removed and ``out`` is left as it was.
+    On an error the temporary folder is removed and ``out`` is left as it was, except where
+    ``resume_key`` is given, the folder holds a progress record (:mod:`quant.resume`) and the
+    run was interrupted (Ctrl-C) or hit an OS error (a full disk): then it is kept, and the
+    next call with the same ``resume_key`` yields it again to continue. ``restart`` removes
+    such a folder instead. Raises QtoolError for a folder left with another key.
     """
+    from quant import resume
+
     out = Path(out).absolute()
     if source is not None:
         check_apart(out, source)
@@ -216,15 +242,18 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
         raise QtoolError(f"{parent}: the folder for the output does not exist; create it first")
     if not os.access(parent, os.W_OK):
         raise QtoolError(f"{parent}: is not writable, so {out.name} cannot be created there")
-    _remove_abandoned(parent, out.name)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: a server running as another user could not read it
+    tmp = _partial_to_resume(out, resume_key, restart)
+    if tmp is None:
+        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        umask = os.umask(0)
+        os.umask(umask)
+        tmp.chmod(0o777 & ~umask)  # mkdtemp makes it 0700: a server running as another user could not read it
     (tmp / _OWNER).write_text(f"{os.uname().nodename} {os.getpid()}")
+    keep = False
     try:
         yield tmp
         (tmp / _OWNER).unlink()
+        resume.remove(tmp)
         if out.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
             os.replace(out, old / out.name)
@@ -232,8 +261,13 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
+    except (KeyboardInterrupt, OSError):
+        keep = resume_key is not None and (tmp / resume.PROGRESS).is_file()
+        if keep:
+            (tmp / _OWNER).write_text(f"{os.uname().nodename} stopped")  # the next run may take it
+        raise
     finally:
-        if tmp.exists():
+        if tmp.exists() and not keep:
             shutil.rmtree(tmp, ignore_errors=True)
 
 

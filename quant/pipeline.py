@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from calib.collectors import BlockCall
 from calib.runner import CALIB_BATCH, BlockInputs, run_calls, run_sequential
 from quant import arch as arch_table
-from quant import model_io
+from quant import model_io, resume
 from quant.checkpoint import checkpoint_tensors, is_quantized_checkpoint, output_dtype, write_metadata
 from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
@@ -24,7 +24,7 @@ from quant.guard import FALLBACK_KEY, final_nll, rtn_guard
 from quant.layers import plan_linears, to_quant_linears
 from quant.methods import BlockContext, BlockResult, get_method
 from quant.shards import ShardWriter
-from quant.source import SourceModel
+from quant.source import SourceModel, source_fingerprint
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +60,7 @@ class QuantReport:
     # The whole-model check on the guard windows: {"nll": method's model, "rtn_nll": all-RTN model (nats/token),
     # "kept": method name or "rtn"}; None where it did not run.
     model_check: dict | None = None
+    resumed_from: int | None = None  # the first block this run quantized, where it continued a stopped one
 
 
 def peak_rss_mb() -> float:
@@ -98,6 +99,7 @@ def quantize(
     device: str | None = "auto",
     progress: bool = True,
     max_shard_bytes: int = model_io.MAX_SHARD_BYTES,
+    restart: bool = False,
     **options,
 ) -> QuantReport:
     """Quantize the model in ``model_dir`` and write the packed checkpoint to ``out``.
@@ -108,7 +110,12 @@ def quantize(
     time, read from the source shards in the source dtype, and written to the output
     (shards of at most ``max_shard_bytes``, with an index file past one) as soon as it is
     quantized. The source folder is only read; ``out`` appears complete or not at all.
-    Raises :class:`QtoolError` (one sentence) for bad input.
+
+    A run stopped by Ctrl-C, kill -9 or a power cut keeps its finished blocks beside ``out``;
+    the same call continues at the first unfinished block and gives a checkpoint
+    bit-identical to an uninterrupted run's (:mod:`quant.resume`). A stopped run with other
+    settings or from a changed source is refused unless ``restart``. Raises
+    :class:`QtoolError` (one sentence) for bad input.
     """
     cfg = cfg.with_(**options) if cfg is not None else QuantConfig(**options)
     t0 = time.perf_counter()
@@ -121,8 +128,10 @@ def quantize(
     dev = _device(device)
     if cfg.needs_calibration:
         model_io.load_tokenizer(model_dir)  # before the model loads: a missing tokenizer is one sentence, early
-    with model_io.atomic_output(out, overwrite, source=model_dir) as tmp:
+    key = resume.run_key(asdict(cfg), dev.type, source_fingerprint(model_dir))
+    with model_io.atomic_output(out, overwrite, source=model_dir, resume_key=key, restart=restart) as tmp:
         src = SourceModel(model_dir, arch.blocks)
+        saved = resume.load(tmp)
         if cfg.needs_calibration:
             model_io.check_seqlen(src.model, cfg.seqlen)
         plan = plan_linears(src.model, arch, cfg)
@@ -132,8 +141,13 @@ def quantize(
         calib_ids = _calibration_ids(model_dir, cfg, arch.needs_bos) if cfg.needs_calibration else None
         calib_seconds = time.perf_counter() - t_cal
         writer = ShardWriter(tmp, max_shard_bytes)
+        run = _Run(tmp, key, writer, saved)
+        if saved is not None:
+            log.info("resuming at block %d of %d: the blocks before it were finished by a stopped run (%s)",
+                     run.start, len(src.blocks), tmp)
+            plan.quantize, plan.skipped = saved[0]["plan"]["quantize"], saved[0]["plan"]["skipped"]
         rows, artifacts, model_check, parts = _quantize_blocks(src, arch, cfg, plan, calib_ids, dev, progress,
-                                                               writer, dtype)
+                                                               run, dtype)
         writer.write("outside", checkpoint_tensors(src.model, dtype, exclude=arch.blocks))
         writer.finish(parts + ["outside"])
         seconds = time.perf_counter() - t0
@@ -144,31 +158,55 @@ def quantize(
             peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0,
             source_bytes=model_io.folder_bytes(model_dir), output_bytes=model_io.folder_bytes(tmp), blocks=rows,
             guarded=cfg.held_out_split[1] > 0 if cfg.needs_calibration else None, model_check=model_check,
+            resumed_from=run.start if saved is not None else None,
         )
         meta = {"qtool": {"config": asdict(cfg), "report": asdict(report)}}
         write_metadata(cfg, model_dir, tmp, sorted(plan.skipped), meta, dtype)
         if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
             from safetensors.torch import save_file
 
-            (tmp / SEARCH_FILE).parent.mkdir()
+            (tmp / SEARCH_FILE).parent.mkdir(exist_ok=True)
             save_file(artifacts, str(tmp / SEARCH_FILE))
+        writer.cleanup()
     return report
 
 
-def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress, writer: ShardWriter, dtype):
-    """Each block in turn: loaded from the source, quantized, packed, written as a part, released.
+class _Run:
+    """Where the output goes and what a stopped run left: the parts, the progress record (:mod:`quant.resume`)."""
+
+    def __init__(self, folder: Path, key: dict, writer: ShardWriter, saved):
+        self.folder, self.key, self.writer = folder, key, writer
+        self.record, self.tensors = saved if saved is not None else ({}, {})
+        self.start = self.finished = self.record.get("blocks_done", 0)
+
+    def saved_list(self, prefix: str) -> list[torch.Tensor] | None:
+        items = sorted((int(k[len(prefix):]), v) for k, v in self.tensors.items() if k.startswith(prefix))
+        return [v for _, v in items] or None
+
+    def save(self, blocks_done: int, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+        resume.save(self.folder, self.key, blocks_done, record, tensors)
+        self.finished = blocks_done
+
+
+def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress, run: _Run, dtype):
+    """Each block in turn: loaded from the source, quantized, packed, written as a part, released, and the
+    progress record saved; blocks a stopped run finished are skipped.
 
     Returns the summary rows, AWQ's search results, the whole-model check and the names of the parts
     that make the checkpoint's blocks (each block's own, or its RTN version where the check keeps RTN)."""
     quantize_block = get_method(cfg.method)
     if cfg.method != "rtn":
         quantize_block = rtn_guard(quantize_block)
-    model, blocks = src.model, src.blocks
-    rows: list[BlockRow] = []
-    artifacts: dict[str, torch.Tensor] = {}
-    bar = tqdm(total=len(blocks), desc=f"{cfg.method} w{cfg.bits}", unit="block", disable=not progress)
+    model, blocks, writer = src.model, src.blocks, run.writer
+    rows = [BlockRow(**r) for r in run.record.get("rows", [])]
+    artifacts = {k[len("artifact."):]: v for k, v in run.tensors.items() if k.startswith("artifact.")}
+    bar = tqdm(total=len(blocks), initial=run.start, desc=f"{cfg.method} w{cfg.bits}", unit="block",
+               disable=not progress)
     packed: list[dict] = [{} for _ in blocks]  # per block: linear name -> PackedWeight, packed once when done
-    rtn: dict = {"blocks": [None] * len(blocks), "stream": None, "final": None}  # for the whole-model check
+    # For the whole-model check: per block, whether its RTN version exists; the guard windows through the
+    # all-RTN model; the quantized model's final hidden states on them.
+    rtn: dict = {"blocks": run.record.get("rtn_blocks", [None] * len(blocks)),
+                 "stream": run.saved_list("rtn_stream."), "final": run.saved_list("final.")}
 
     def load(i: int) -> None:
         src.load_block(i)
@@ -187,8 +225,9 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
         rows.append(BlockRow(i, len(plan.quantize[i]), time.perf_counter() - t, result.info, result.block is not None))
         bar.update(1)
 
-    def done(i: int) -> None:
-        """The next block's inputs are computed (with the dense quantized weights): pack, write, release."""
+    def done(i: int, hidden=None) -> None:
+        """The next block's inputs are computed (with the dense quantized weights): pack, write, release,
+        then record the progress (after the parts are on disk)."""
         prefix = f"{arch.blocks}.{i}."
         to_quant_linears(blocks[i], packed[i], cfg.format)
         writer.write(_part(i), checkpoint_tensors(blocks[i], dtype, prefix))
@@ -201,19 +240,35 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
             rtn["blocks"][i] = True
         packed[i] = {}
         src.release(i)
+        state = {f"artifact.{k}": v for k, v in artifacts.items()}
+        for name in ("stream", "final"):
+            state.update({f"{'rtn_stream' if name == 'stream' else name}.{j}": h.cpu()
+                          for j, h in enumerate(rtn[name] or [])})
+        for s_i, part in enumerate(hidden or []):
+            state.update({f"hidden.{s_i}.{j}": h.cpu() for j, h in enumerate(part)})
+        record = {"rows": [asdict(r) for r in rows], "rtn_blocks": rtn["blocks"],
+                  "plan": {"quantize": plan.quantize, "skipped": plan.skipped}}
+        run.save(i + 1, record, state)
 
     compute_dtype = torch.float32 if dev.type == "cpu" else src.dtype
     try:
         if calib_ids is None:
-            for i in range(len(blocks)):
+            for i in range(run.start, len(blocks)):
                 load(i)
                 blocks[i].to(dev)
                 process(i, blocks[i], None)
                 blocks[i].to("cpu")
                 done(i)
         else:
+            start_hidden = None
+            if run.start:
+                start_hidden = [run.saved_list(f"hidden.{s_i}.") or [] for s_i in range(3)]
             run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=cfg.held_out_split,
-                           on_block_done=done, before_block=load)
+                           on_block_done=done, before_block=load, start=run.start, start_hidden=start_hidden)
+    except KeyboardInterrupt:
+        log.warning("stopped: %d of %d blocks are finished and kept in %s; run the same command again to "
+                    "continue from there", run.finished, len(blocks), run.folder)
+        raise
     finally:  # an error message then starts on its own line
         bar.close()
     parts = [_part(i) for i in range(len(blocks))]

@@ -7,7 +7,7 @@ blocks) to its own safetensors file in ``<out>/.parts/``, flushed to disk
 grouped into shards of at most ``max_shard_bytes`` (a part larger than that is a shard
 of its own), ``model.safetensors`` when one shard holds everything, else
 ``model-00001-of-0000N.safetensors`` ... with ``model.safetensors.index.json``, as
-transformers' ``save_pretrained`` writes them.
+transformers' ``save_pretrained`` writes them; :meth:`ShardWriter.cleanup` removes the parts.
 
 Shards are assembled by copying the parts' raw bytes (the safetensors layout: an 8-byte
 little-endian header length, a JSON header of ``dtype``, ``shape`` and ``data_offsets``
@@ -97,7 +97,10 @@ class ShardWriter:
         _fsync(self.parts_dir)
 
     def finish(self, order: list[str]) -> list[Path]:
-        """The parts ``order`` names, grouped into the checkpoint's shards (and index); ``.parts/`` removed."""
+        """The parts ``order`` names, grouped into the checkpoint's shards (and index). The parts stay until
+        :meth:`cleanup`, so that a run stopped after this point can lay the shards out again."""
+        for stale in [*self.dst.glob("model*.safetensors"), self.dst / "model.safetensors.index.json"]:
+            stale.unlink(missing_ok=True)  # a stopped run's layout (maybe for another --max-shard-size)
         paths = [self.part_path(k) for k in order]
         groups: list[list[Path]] = [[]]
         size = 0
@@ -114,10 +117,13 @@ class ShardWriter:
             names = {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
         weight_map, total = {}, 0
         for fname, group in names.items():
-            if len(group) == 1:
-                os.replace(group[0], self.dst / fname)  # one part: the file is already a valid shard
-                header, _ = _header(self.dst / fname)
-                written = list(header)
+            if len(group) == 1:  # one part: the file is already a valid shard; linked, so the part stays
+                (self.dst / fname).unlink(missing_ok=True)
+                try:
+                    os.link(group[0], self.dst / fname)
+                except OSError:
+                    shutil.copyfile(group[0], self.dst / fname)
+                written = list(_header(self.dst / fname)[0])
             else:
                 written = merge_safetensors(group, self.dst / fname, {"format": "pt"})
             total += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in _header(self.dst / fname)[0].values())
@@ -125,5 +131,8 @@ class ShardWriter:
         if len(names) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")
-        shutil.rmtree(self.parts_dir)
         return [self.dst / n for n in names]
+
+    def cleanup(self) -> None:
+        """Remove the parts, once the checkpoint is complete."""
+        shutil.rmtree(self.parts_dir, ignore_errors=True)

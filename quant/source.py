@@ -138,14 +138,17 @@ class SourceModel:
         """Block ``i`` back on the meta device: its memory is freed."""
         self.blocks[i].to("meta")
 
-    def fingerprint(self) -> str:
-        """sha256 over ``config.json`` and the name, size and modification time of every weight file: a
-        changed source (re-downloaded, edited) gives another fingerprint."""
-        h = hashlib.sha256((self.dir / "config.json").read_bytes())
-        for f in self.files:
-            st = f.stat()
-            h.update(json.dumps([f.name, st.st_size, st.st_mtime_ns]).encode())
-        return h.hexdigest()
+
+
+def source_fingerprint(model_dir: str | os.PathLike) -> str:
+    """sha256 over ``config.json`` and the name, size and modification time of every weight file: a
+    changed source (re-downloaded, edited) gives another fingerprint. Reads no weights."""
+    path = Path(model_dir)
+    h = hashlib.sha256((path / "config.json").read_bytes())
+    for f in model_io.weight_files(path):
+        st = f.stat()
+        h.update(json.dumps([f.name, st.st_size, st.st_mtime_ns]).encode())
+    return h.hexdigest()
 
 
 _SAFETENSORS_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16, "F64": torch.float64,

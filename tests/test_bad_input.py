@@ -397,17 +397,27 @@ def test_info_on_a_full_precision_model(model, capsys):
 
 
 def test_source_stays_untouched_by_a_failed_run(model, tmp_path, capsys, monkeypatch):
-    """A crash halfway (here: while writing) leaves no output and no temporary folder."""
+    """A crash halfway (here: a bug while writing) leaves no output and no temporary folder; a full disk
+    leaves no output either, but keeps the finished blocks for the same command to continue."""
     import quant.pipeline
 
-    def boom(*a, **k):
-        raise OSError("disk full")
+    def boom(exc):
+        def raise_(*a, **k):
+            raise exc
+        return raise_
 
-    monkeypatch.setattr(quant.pipeline, "write_metadata", boom)
     before = tree_digest(model)
-    with pytest.raises(OSError):
+    monkeypatch.setattr(quant.pipeline, "write_metadata", boom(RuntimeError("a bug")))
+    with pytest.raises(RuntimeError):
         run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
     _no_output(tmp_path)
+    monkeypatch.setattr(quant.pipeline, "write_metadata", boom(OSError("disk full")))
+    with pytest.raises(OSError):
+        run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert not (tmp_path / "out").exists() and len(list(tmp_path.glob(".out.tmp-*"))) == 1
+    monkeypatch.undo()
+    assert run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)[0] == 0
+    assert not list(tmp_path.glob(".out.tmp-*"))
     assert tree_digest(model) == before
 
 

@@ -109,3 +109,91 @@ def test_output_shards_and_index_hold_the_same_tensors_and_load_the_same_model(t
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
     a, b = quant.load(tmp_path / "one", dtype=torch.float32), quant.load(tmp_path / "many", dtype=torch.float32)
     assert torch.equal(a(ids).logits, b(ids).logits)
+
+
+KILL_AFTER = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import quant, quant.resume as resume
+real, n = resume.save, [0]
+def save(*a, **k):
+    real(*a, **k)
+    n[0] += 1
+    if n[0] == {kill_after}:
+        os.kill(os.getpid(), signal.SIGKILL)  # as a power cut: no cleanup of any kind runs
+resume.save = save
+quant.quantize({src!r}, {out!r}, progress=False, **{kw!r})
+"""
+
+
+def deep_llama(path: Path, n_layers: int = 6) -> Path:
+    """A tiny llama with more blocks than the test models, to stop runs in the middle."""
+    from tiny_models import CONFIGS, byte_tokenizer
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", **{**CONFIGS["llama"], "num_hidden_layers": n_layers})
+    AutoModelForCausalLM.from_config(config).save_pretrained(path)
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def run_killed(src: Path, out: Path, kill_after: int, **kw) -> int:
+    import subprocess
+    import sys
+
+    code = KILL_AFTER.format(tests=str(Path(__file__).parent), kill_after=kill_after, src=str(src), out=str(out), kw=kw)
+    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True).returncode
+
+
+@pytest.mark.parametrize("method", ["rtn", "awq"])
+def test_kill_9_then_rerun_gives_the_uninterrupted_checkpoint(tmp_path, method, caplog):
+    src = deep_llama(tmp_path / "src")
+    kw = dict(method=method, bits=4, group_size=32, n_samples=4, seqlen=32, held_out=4)
+    quant.quantize(src, tmp_path / "straight", progress=False, **kw)
+    out = tmp_path / "out"
+    for kill_after in (2, 1, 2):  # three kills: after blocks 2, 3 and 5 of 6
+        assert run_killed(src, out, kill_after, **kw) == -9
+        assert not out.exists() and len(list(tmp_path.glob(".out.tmp-*"))) == 1
+    with caplog.at_level("INFO", logger="quant.pipeline"):
+        report = quant.quantize(src, out, progress=False, **kw)
+    assert report.resumed_from == 5 and "resuming at block 5 of 6" in caplog.text
+    assert file_digests(out) == file_digests(tmp_path / "straight")
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_a_stopped_run_with_other_settings_or_source_is_refused_and_kept(tmp_path):
+    src = deep_llama(tmp_path / "src", n_layers=3)
+    kw = dict(method="rtn", bits=4, group_size=32)
+    assert run_killed(src, tmp_path / "out", 1, **kw) == -9
+    partial = next(tmp_path.glob(".out.tmp-*"))
+    with pytest.raises(quant.QtoolError, match="group_size was 32 in the stopped run, 64 now.*--restart"):
+        quant.quantize(src, tmp_path / "out", progress=False, **{**kw, "group_size": 64})
+    assert partial.is_dir() and (partial / "progress.json").is_file()  # nothing of it lost
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "note": "edited"}))
+    with pytest.raises(quant.QtoolError, match="source model's files changed"):
+        quant.quantize(src, tmp_path / "out", progress=False, **kw)
+    report = quant.quantize(src, tmp_path / "out", progress=False, restart=True, **kw)
+    assert report.resumed_from is None and not partial.exists()
+
+
+def test_ctrl_c_keeps_the_finished_blocks_and_says_how_to_continue(tmp_path, monkeypatch, caplog):
+    from quant.pipeline import _Run
+
+    src = deep_llama(tmp_path / "src", n_layers=3)
+    real, calls = _Run.save, []
+
+    def interrupt(*a, **k):  # Ctrl-C right after the second block's progress record was saved
+        real(*a, **k)
+        calls.append(1)
+        if len(calls) == 2:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(_Run, "save", interrupt)
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger="quant.pipeline"):
+        quant.quantize(src, tmp_path / "out", method="rtn", group_size=32, progress=False)
+    assert "2 of 3 blocks are finished" in caplog.text and "run the same command again" in caplog.text
+    monkeypatch.setattr(_Run, "save", real)
+    report = quant.quantize(src, tmp_path / "out", method="rtn", group_size=32, progress=False)
+    assert report.resumed_from == 2

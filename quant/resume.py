@@ -1,0 +1,112 @@
+"""Resuming a stopped quantization run where it stopped.
+
+The temporary output folder of a run (``.<out>.tmp-*`` beside ``out``) holds, besides
+the finished blocks (:mod:`quant.shards`), a progress record written after every block:
+
+* ``progress.json``: the run's key (every setting, the device kind, a digest of qtool's
+  code, a fingerprint of the source: :func:`run_key`), how many blocks are finished, the
+  summary rows and the plan so far;
+* ``state.safetensors``: what the next block needs: the calibration hidden states after
+  the last finished block (search, accept and guard windows) and the guard windows'
+  hidden states through the all-RTN model.
+
+Both are replaced atomically (a temporary name, fsync, rename) after the block's parts
+are on disk, so after kill -9, a power cut or Ctrl-C the record always describes
+finished blocks. Re-running the same command finds the folder (its owner process is
+gone), checks the key, and continues at the first unfinished block; the result is
+bit-identical to an uninterrupted run's. A folder left by a run with other settings,
+other code or a changed source is refused with one sentence naming the difference;
+``restart=True`` (``--restart``) removes it and starts over.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from quant.errors import QtoolError
+
+PROGRESS = "progress.json"
+STATE = "state.safetensors"
+
+
+def code_digest() -> str:
+    """sha256 of qtool's Python sources (``quant/``, ``calib/``): a partial run is resumed by the same code."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for f in sorted(p for d in ("quant", "calib") for p in (root / d).rglob("*.py")):
+        h.update(f.relative_to(root).as_posix().encode() + f.read_bytes())
+    return h.hexdigest()
+
+
+def run_key(settings: dict, device: str, source_fingerprint: str) -> dict:
+    """What must be equal for a partial run to be continued."""
+    return {"settings": json.loads(json.dumps(settings, default=str)), "device": device, "code": code_digest(),
+            "source": source_fingerprint}
+
+
+def first_difference(old, new, path: str = "") -> str | None:
+    """A phrase naming the first field where two keys differ, or None when they are equal."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        for k in sorted(set(old) | set(new)):
+            d = first_difference(old.get(k), new.get(k), f"{path}.{k}" if path else k)
+            if d:
+                return d
+        return None
+    if old == new:
+        return None
+    names = {"code": "qtool's code changed since", "source": "the source model's files changed since",
+             "device": f"the device kind was {old}, now {new}, in"}
+    if path in names:
+        return f"{names[path]} the stopped run"
+    return f"{path.removeprefix('settings.')} was {old!r} in the stopped run, {new!r} now"
+
+
+def saved_key(folder: Path) -> dict | None:
+    """The run key of a partial run's folder, or None if it holds no progress record."""
+    try:
+        return json.loads((folder / PROGRESS).read_text())["key"]
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+def check_partial(folder: Path, key: dict, out: Path) -> None:
+    """Refuse, in one sentence, to continue a partial run made with another key."""
+    diff = first_difference(saved_key(folder), key)
+    if diff:
+        raise QtoolError(f"{out}: a stopped run left {folder.name} beside it, but {diff}; run that same command to "
+                         "resume it, or pass --restart to start over")
+
+
+def _atomic_write(path: Path, write) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    write(tmp)
+    fd = os.open(tmp, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(tmp, path)
+
+
+def save(folder: Path, key: dict, blocks_done: int, record: dict, tensors: dict[str, torch.Tensor]) -> None:
+    """The progress record after ``blocks_done`` finished blocks: ``record`` (JSON-able) and ``tensors``."""
+    _atomic_write(folder / STATE, lambda p: save_file({k: t.contiguous() for k, t in tensors.items()}, str(p)))
+    payload = {"key": key, "blocks_done": blocks_done, **record}
+    _atomic_write(folder / PROGRESS, lambda p: p.write_text(json.dumps(payload, default=str)))
+
+
+def load(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
+    """``(record, tensors)`` of a partial run's folder, or None where it holds none."""
+    if not (folder / PROGRESS).is_file():
+        return None
+    return json.loads((folder / PROGRESS).read_text()), load_file(str(folder / STATE))
+
+
+def remove(folder: Path) -> None:
+    for name in (PROGRESS, STATE):
+        (folder / name).unlink(missing_ok=True)
