@@ -15,6 +15,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 from pathlib import Path
 
 import torch
@@ -49,6 +50,9 @@ class SourceModel:
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
         self.model.eval()
         self.blocks_path = blocks_path
+        # Tensors old checkpoints carry that transformers ignores on load (e.g. rotary inv_freq buffers).
+        ignore = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []]
+        self.index = {k: f for k, f in self.index.items() if not any(p.search(k) for p in ignore)}
         self._check_names()
         outside = {k for k in self.index if not k.startswith(blocks_path + ".")}
         self._assign(outside)

@@ -1,0 +1,160 @@
+"""Peak host memory of quantization: flat in depth, and a model larger than RAM under a hard cap.
+
+    python benchmarks/stream_memory.py example [--old DIR]   # RTN/AWQ/GPTQ w4 g64 on the example model
+    python benchmarks/stream_memory.py depth                 # synthetic llamas, 1x / 2x / 4x the depth
+    python benchmarks/stream_memory.py capped --cap-gb 1.5   # a bf16 llama >= 3x the cap, under a cgroup cap
+
+Every quantization runs in its own process; its peak RSS is that process's
+``ru_maxrss`` (``QuantReport.peak_rss_mb``). ``--old DIR`` also runs the same
+quantization with the qtool checkout in DIR (e.g. a worktree at an older commit), in
+the same invocation, for a before/after table. ``capped`` puts the process in a
+cgroup-v1 memory controller (``/sys/fs/cgroup/memory/qtool-bench``; needs root) whose
+limit kills it past the cap, and compares the checkpoint with an uncapped run's
+(sha256 of every tensor file). Prints tables; asserts nothing.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+WORKER = """
+import json, sys, time
+sys.path.insert(0, {root!r})
+import quant
+t = time.perf_counter()
+r = quant.quantize({src!r}, {out!r}, progress=False, overwrite=True, **{kw})
+print(json.dumps({{"peak_rss_mb": r.peak_rss_mb, "seconds": time.perf_counter() - t}}))
+"""
+
+
+def run(root: Path, src: Path, out: Path, kw: str, cgroup: Path | None = None) -> dict:
+    """Quantize in a fresh process with the qtool checkout ``root``; its peak RSS and wall time."""
+    code = WORKER.format(root=str(root), src=str(src), out=str(out), kw=kw)
+
+    def enter_cgroup():
+        (cgroup / "cgroup.procs").write_text(str(os.getpid()))
+
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+                          preexec_fn=enter_cgroup if cgroup else None)
+    if proc.returncode:
+        return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def synthetic_llama(path: Path, layers: int, hidden: int, inter: int, heads: int, kv_heads: int, dtype: str,
+                    vocab: int = 32000) -> Path:
+    """A random-weight llama with a byte tokenizer (the test models' one), written once and reused."""
+    if (path / "config.json").is_file():
+        return path
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    sys.path.insert(0, str(ROOT / "tests"))
+    from tiny_models import byte_tokenizer
+
+    torch.manual_seed(0)
+    config = AutoConfig.for_model("llama", hidden_size=hidden, intermediate_size=inter, num_hidden_layers=layers,
+                                  num_attention_heads=heads, num_key_value_heads=kv_heads, vocab_size=vocab,
+                                  max_position_embeddings=2048, tie_word_embeddings=False)
+    model = AutoModelForCausalLM.from_config(config, dtype=getattr(torch, dtype))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.02)
+    model.save_pretrained(path, max_shard_size="1GB")
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+def digest(path: Path) -> str:
+    h = hashlib.sha256()
+    for f in sorted(path.glob("model*.safetensors")):
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
+
+
+def size_gb(path: Path) -> float:
+    return sum(f.stat().st_size for f in path.glob("*.safetensors")) / 1e9
+
+
+def example(args) -> None:
+    from example_data import ensure_example, example_model_dir
+    from tabulate import tabulate
+
+    ensure_example()
+    src = example_model_dir()
+    roots = [("this checkout", ROOT)] + ([("--old " + args.old, Path(args.old))] if args.old else [])
+    rows = []
+    for method, kw in (("rtn", "dict(method='rtn', group_size=64)"),
+                       ("awq", f"dict(method='awq', group_size=64, n_samples={args.n_samples})"),
+                       ("gptq", f"dict(method='gptq', group_size=64, n_samples={args.n_samples})")):
+        for name, root in roots:
+            r = run(root, src, Path(args.tmp) / f"{method}-{name.split()[0]}", kw)
+            rows.append([method, name, f"{r.get('peak_rss_mb', 0):,.0f}", f"{r.get('seconds', 0):.0f}", r.get("error", "")])
+            print(rows[-1], file=sys.stderr, flush=True)
+    print(tabulate(rows, headers=["method (w4 g64)", "code", "peak RSS MiB", "seconds", "error"], tablefmt="github"))
+
+
+def depth(args) -> None:
+    from tabulate import tabulate
+
+    rows = []
+    for mult in (1, 2, 4):
+        src = synthetic_llama(Path(args.tmp) / f"depth{mult}", 8 * mult, 576, 1536, 9, 3, "float32")
+        for method in ("rtn", "awq"):
+            kw = f"dict(method='{method}', group_size=64, n_samples={args.n_samples}, seqlen=256)"
+            r = run(ROOT, src, Path(args.tmp) / f"depth{mult}-{method}", kw)
+            rows.append([method, 8 * mult, f"{size_gb(src):.2f}", f"{r.get('peak_rss_mb', 0):,.0f}",
+                         f"{r.get('seconds', 0):.0f}", r.get("error", "")])
+            print(rows[-1], file=sys.stderr, flush=True)
+    print(tabulate(rows, headers=["method", "blocks", "source GB (fp32)", "peak RSS MiB", "seconds", "error"],
+                   tablefmt="github"))
+
+
+def capped(args) -> None:
+    from tabulate import tabulate
+
+    src = synthetic_llama(Path(args.tmp) / "big", args.layers, 2048, 5632, 16, 4, "bfloat16")
+    cap = int(args.cap_gb * 2**30)
+    cgroup = Path("/sys/fs/cgroup/memory/qtool-bench")
+    cgroup.mkdir(exist_ok=True)
+    (cgroup / "memory.limit_in_bytes").write_text(str(cap))
+    rows = []
+    for method in ("rtn", "awq"):
+        kw = f"dict(method='{method}', group_size=128, n_samples={args.n_samples}, seqlen=128)"
+        for label, cg in (("uncapped", None), (f"cap {args.cap_gb} GiB", cgroup)):
+            out = Path(args.tmp) / f"big-{method}-{label.split()[0]}"
+            t = time.perf_counter()
+            r = run(ROOT, src, out, kw, cg)
+            rows.append([method, label, f"{size_gb(src):.2f}", f"{r.get('peak_rss_mb', 0):,.0f}",
+                         f"{time.perf_counter() - t:.0f}", digest(out) if "error" not in r else "", r.get("error", "")])
+            print(rows[-1], file=sys.stderr, flush=True)
+    print(tabulate(rows, headers=["method", "run", "source GB (bf16)", "peak RSS MiB", "seconds",
+                                  "sha256 of the shards", "error"], tablefmt="github"))
+    print(f"\ncgroup memory.failcnt {(cgroup / 'memory.failcnt').read_text().strip()}, "
+          f"max_usage {int((cgroup / 'memory.max_usage_in_bytes').read_text()) / 2**30:.2f} GiB")
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("what", choices=["example", "depth", "capped"])
+    p.add_argument("--old", help="Another qtool checkout to run side by side (example).")
+    p.add_argument("--n-samples", type=int, default=32)
+    p.add_argument("--layers", type=int, default=32, help="Blocks of the capped model (2048 wide: 0.1 GB each in bf16).")
+    p.add_argument("--cap-gb", type=float, default=1.0)
+    p.add_argument("--tmp", default="/tmp/qtool-stream-bench")
+    args = p.parse_args()
+    Path(args.tmp).mkdir(parents=True, exist_ok=True)
+    {"example": example, "depth": depth, "capped": capped}[args.what](args)
+
+
+if __name__ == "__main__":
+    main()
