@@ -14,6 +14,7 @@ from quant import model_io
 from quant.config import QuantConfig
 from quant.errors import QtoolError
 from quant.modules import QuantLinear
+from quant.source import abs_max
 
 log = logging.getLogger(__name__)
 
@@ -46,7 +47,7 @@ def _largest_unquantized(src, quantized: set[str], bits: int) -> tuple[str, floa
             t = src.tensor(name)
         if not (t.is_floating_point() and t.numel()):
             continue
-        m = float(t.detach().abs().max())
+        m = abs_max(t.detach())
         if name in quantized and 2 * m / (2**bits - 1) <= FP16_MAX:
             continue
         if not m <= best[1]:
@@ -104,8 +105,8 @@ def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", 
         if leaf == "scales" and parent + "." in quant_prefixes:
             t = t.to(torch.float16)
         elif t.is_floating_point():
-            if dtype == torch.float16 and t.numel() and float(t.detach().abs().max()) > FP16_MAX:
-                raise QtoolError(f"{prefix}{name} holds values up to {float(t.abs().max()):.3g}, beyond float16's "
+            if dtype == torch.float16 and abs_max(t.detach()) > FP16_MAX:
+                raise QtoolError(f"{prefix}{name} holds values up to {abs_max(t.detach()):.3g}, beyond float16's "
                                  f"{FP16_MAX:.0f}; quantize again with --dtype bfloat16")
             t = t.to(dtype)
         t = t.detach().cpu().contiguous()

@@ -115,7 +115,7 @@ class SourceModel:
         state = {}
         for k in sorted(names):
             t = self.tensor(k)
-            if t.is_floating_point() and not torch.isfinite(t).all():
+            if t.is_floating_point() and not all_finite(t):
                 raise QtoolError(f"{self.dir}: weight {k} holds NaN or inf values; the model is damaged, fix it first")
             state[k] = t
         self.model.load_state_dict(state, strict=False, assign=True)
@@ -142,6 +142,22 @@ class SourceModel:
         """Block ``i`` back on the meta device: its memory is freed."""
         self.blocks[i].to("meta")
 
+
+
+_CHUNK = 2**22  # elements per step of a whole-tensor check: no full-size temporaries for an embedding
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every element of ``t`` is finite, checked in chunks (``torch.isfinite`` on a whole
+    embedding would allocate temporaries several times its size)."""
+    flat = t.reshape(-1)
+    return all(bool(torch.isfinite(flat[i:i + _CHUNK]).all()) for i in range(0, flat.numel(), _CHUNK))
+
+
+def abs_max(t: torch.Tensor) -> float:
+    """``max |t|`` computed in chunks, without a full-size temporary."""
+    flat = t.reshape(-1)
+    return max((float(flat[i:i + _CHUNK].abs().max()) for i in range(0, flat.numel(), _CHUNK)), default=0.0)
 
 
 def source_fingerprint(model_dir: str | os.PathLike) -> str:
