@@ -18,6 +18,7 @@ import argparse
 import hashlib
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -39,6 +40,8 @@ print(json.dumps({{"peak_rss_mb": r.peak_rss_mb, "seconds": time.perf_counter() 
 def run(root: Path, src: Path, out: Path, kw: str, cgroup: Path | None = None) -> dict:
     """Quantize in a fresh process with the qtool checkout ``root``; its peak RSS and wall time."""
     code = WORKER.format(root=str(root), src=str(src), out=str(out), kw=kw)
+    for stale in out.parent.glob(f".{out.name}.tmp-*"):  # a stopped earlier benchmark: start over
+        shutil.rmtree(stale)
 
     def enter_cgroup():
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import torch
 
-_CHUNK_ROWS = 4096  # bound the temporary bit tensors for large matrices
+_CHUNK_ROWS_UNPACK = 4096
+_CHUNK_ELEMENTS = 2**20  # values per step: bounds the temporaries (a bit plane is 8 bytes per value and bit)
 
 
 def _pack_rows(values: torch.Tensor, bits: int) -> torch.Tensor:
     lead, n = values.shape
     v = values.to(torch.int64)
+    if 32 % bits == 0:  # whole values per word: shift each into place and add (no bit planes)
+        per = 32 // bits
+        shifts = torch.arange(0, 32, bits, device=v.device)
+        words = (v.reshape(lead, n // per, per) << shifts).sum(-1)
+        return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
     shifts = torch.arange(bits, device=v.device)
     bitplane = (v[..., None] >> shifts) & 1  # [lead, n, bits]
     stream = bitplane.reshape(lead, n * bits // 32, 32)
@@ -32,7 +38,8 @@ def pack_bits_i32(values: torch.Tensor, bits: int) -> torch.Tensor:
     if values.numel() and (values.min() < 0 or values.max() >= 2**bits):
         raise ValueError(f"values outside [0, {2**bits}) cannot be packed in {bits} bits")
     flat = values.reshape(-1, n)
-    parts = [_pack_rows(flat[i : i + _CHUNK_ROWS], bits) for i in range(0, flat.shape[0], _CHUNK_ROWS)]
+    rows = max(1, _CHUNK_ELEMENTS // max(n, 1))
+    parts = [_pack_rows(flat[i : i + rows], bits) for i in range(0, flat.shape[0], rows)]
     out = torch.cat(parts) if parts else flat.new_zeros((0, n * bits // 32), dtype=torch.int32)
     return out.reshape(*values.shape[:-1], n * bits // 32)
 
@@ -48,8 +55,8 @@ def unpack_bits_i32(words: torch.Tensor, bits: int, n: int | None = None) -> tor
         return vals.reshape(*words.shape[:-1], total)[..., :n].contiguous()
     flat = words.reshape(-1, w).to(torch.int64) & 0xFFFFFFFF
     out = []
-    for i in range(0, flat.shape[0], _CHUNK_ROWS):
-        chunk = flat[i : i + _CHUNK_ROWS]
+    for i in range(0, flat.shape[0], _CHUNK_ROWS_UNPACK):
+        chunk = flat[i : i + _CHUNK_ROWS_UNPACK]
         stream = (chunk[..., None] >> torch.arange(32, device=chunk.device)) & 1  # [r, w, 32]
         bitplane = stream.reshape(chunk.shape[0], total, bits)
         vals = (bitplane << torch.arange(bits, device=chunk.device)).sum(-1)
