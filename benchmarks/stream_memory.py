@@ -131,7 +131,7 @@ def capped(args) -> None:
     cgroup.mkdir(exist_ok=True)
     (cgroup / "memory.limit_in_bytes").write_text(str(cap))
     rows = []
-    for method in ("rtn", "awq"):
+    for method in args.methods.split(","):
         kw = f"dict(method='{method}', group_size=128, n_samples={args.n_samples}, seqlen=128)"
         for label, cg in (("uncapped", None), (f"cap {args.cap_gb} GiB", cgroup)):
             out = Path(args.tmp) / f"big-{method}-{label.split()[0]}"
@@ -153,6 +153,7 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=32)
     p.add_argument("--layers", type=int, default=32, help="Blocks of the capped model (2048 wide: 0.1 GB each in bf16).")
     p.add_argument("--cap-gb", type=float, default=1.0)
+    p.add_argument("--methods", default="rtn,awq", help="capped: the methods to run, comma-separated.")
     p.add_argument("--tmp", default="/tmp/qtool-stream-bench")
     args = p.parse_args()
     Path(args.tmp).mkdir(parents=True, exist_ok=True)

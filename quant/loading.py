@@ -33,15 +33,22 @@ def _swap_in_quant_linears(model: nn.Module, names: set[str], index: dict, spec:
         setattr(model.get_submodule(parent), child, q)
 
 
-def rebuild_nonpersistent_buffers(model: nn.Module) -> None:
-    """RoPE frequencies and similar buffers are not in checkpoints: recompute them as transformers does."""
+def rebuild_nonpersistent_buffers(model: nn.Module, within: nn.Module | None = None) -> None:
+    """RoPE frequencies and similar buffers are not in checkpoints: recompute them as transformers does.
+
+    Only non-persistent buffers still on the meta device are rebuilt, those of ``within`` (a submodule of
+    ``model``; default: all of it). Persistent buffers left on the meta device (a streamed model's
+    released blocks) are not touched."""
+    within = model if within is None else within
     owners = []
-    for name, buf in list(model.named_buffers()):
-        if buf.is_meta:
-            prefix, _, leaf = name.rpartition(".")
-            owner = model.get_submodule(prefix) if prefix else model
-            owner._buffers[leaf] = torch.empty_like(buf, device="cpu")
-            owners.append(owner)
+    for owner in within.modules():
+        for leaf in list(owner._non_persistent_buffers_set):
+            buf = owner._buffers.get(leaf)
+            if buf is not None and buf.is_meta:
+                owner._buffers[leaf] = torch.empty_like(buf, device="cpu")
+                owners.append(owner)
+    if not owners:
+        return
     # transformers' initializers leave alone any tensor flagged as already initialized.
     for t in list(model.parameters()) + list(model.buffers()):
         if not t.is_meta and not any(t is b for o in owners for b in o._buffers.values()):

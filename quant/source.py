@@ -120,10 +120,10 @@ class SourceModel:
             state[k] = t
         self.model.load_state_dict(state, strict=False, assign=True)
 
-    def _rebuild_buffers(self) -> None:
+    def _rebuild_buffers(self, within: nn.Module | None = None) -> None:
         from quant.loading import rebuild_nonpersistent_buffers
 
-        rebuild_nonpersistent_buffers(self.model)
+        rebuild_nonpersistent_buffers(self.model, within)
 
     # --- blocks -------------------------------------------------------------------------------------
 
@@ -135,7 +135,7 @@ class SourceModel:
         """Block ``i`` with its stored tensors (source dtype, CPU), in place in the skeleton."""
         prefix = f"{self.blocks_path}.{i}."
         self._assign(k for k in self.index if k.startswith(prefix))
-        self._rebuild_buffers()
+        self._rebuild_buffers(self.blocks[i])
         return self.blocks[i]
 
     def release(self, i: int) -> None:
