@@ -42,7 +42,7 @@ def _largest_unquantized(src, quantized: set[str], bits: int) -> tuple[str, floa
     for name in src.index:
         t = loaded.get(name)
         if t is None or t.is_meta:
-            if not (src._peek_dtype(name) or torch.int32).is_floating_point:
+            if not (src.stored_dtype_of(name) or torch.int32).is_floating_point:
                 continue
             t = src.tensor(name)
         if not (t.is_floating_point() and t.numel()):
@@ -105,8 +105,8 @@ def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", 
         if leaf == "scales" and parent + "." in quant_prefixes:
             t = t.to(torch.float16)
         elif t.is_floating_point():
-            if dtype == torch.float16 and abs_max(t.detach()) > FP16_MAX:
-                raise QtoolError(f"{prefix}{name} holds values up to {abs_max(t.detach()):.3g}, beyond float16's "
+            if dtype == torch.float16 and (big := abs_max(t.detach())) > FP16_MAX:
+                raise QtoolError(f"{prefix}{name} holds values up to {big:.3g}, beyond float16's "
                                  f"{FP16_MAX:.0f}; quantize again with --dtype bfloat16")
             t = t.to(dtype)
         t = t.detach().cpu().contiguous()

@@ -80,20 +80,15 @@ def check_causal_lm(model_dir: str | os.PathLike) -> dict:
     return cfg
 
 
-_SIZE_UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
-               "KIB": 2**10, "MIB": 2**20, "GIB": 2**30, "TIB": 2**40}
-
-
 def parse_size(text: str, what: str = "size") -> int:
-    """Bytes in ``text`` such as ``"500MB"``, ``"2GiB"`` or ``"123456"`` (decimal units as Hugging Face
-    writes them; ``KiB``.. binary). Raises QtoolError for anything else, or a size under 1 MB."""
-    import re
+    """Bytes in ``text`` such as ``"500MB"`` or ``"2GiB"``, read as Hugging Face reads ``max_shard_size``
+    (transformers' ``convert_file_size_to_int``). Raises QtoolError for anything else, or under 1 MB."""
+    from transformers.utils.hub import convert_file_size_to_int
 
-    m = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", str(text))
-    unit = m.group(2).upper() if m else None
-    if not m or unit not in _SIZE_UNITS:
-        raise QtoolError(f"{what} {text!r} is not a size; write e.g. 500MB, 4GB or 2GiB")
-    n = int(float(m.group(1)) * _SIZE_UNITS[unit])
+    try:
+        n = convert_file_size_to_int(str(text).strip())
+    except ValueError:
+        raise QtoolError(f"{what} {text!r} is not a size; write e.g. 500MB, 4GB or 2GiB") from None
     if n < 10**6:
         raise QtoolError(f"{what} {text!r} is below 1MB; shards that small only multiply files")
     return n

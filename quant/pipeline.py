@@ -241,9 +241,8 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
         packed[i] = {}
         src.release(i)
         state = {f"artifact.{k}": v for k, v in artifacts.items()}
-        for name in ("stream", "final"):
-            state.update({f"{'rtn_stream' if name == 'stream' else name}.{j}": h.cpu()
-                          for j, h in enumerate(rtn[name] or [])})
+        for key, name in (("rtn_stream", "stream"), ("final", "final")):
+            state.update({f"{key}.{j}": h.cpu() for j, h in enumerate(rtn[name] or [])})
         for s_i, part in enumerate(hidden or []):
             state.update({f"hidden.{s_i}.{j}": h.cpu() for j, h in enumerate(part)})
         record = {"rows": [asdict(r) for r in rows], "rtn_blocks": rtn["blocks"],

@@ -86,12 +86,13 @@ class SourceModel:
     def _stored_dtype(self) -> torch.dtype:
         """The dtype of the stored floating weights (the first floating tensor's; sources hold one)."""
         for name in self.index:
-            t = self._peek_dtype(name)
+            t = self.stored_dtype_of(name)
             if t is not None and t.is_floating_point:
                 return t
         return torch.float32
 
-    def _peek_dtype(self, name: str) -> torch.dtype | None:
+    def stored_dtype_of(self, name: str) -> torch.dtype | None:
+        """The dtype tensor ``name`` is stored in, read from the file header (no data read)."""
         f = self.index[name]
         if f in self._bin:
             return self._bin[f][name].dtype
