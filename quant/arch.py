@@ -10,9 +10,10 @@ activation); without one the linears' outputs are the judge.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from quant.errors import QtoolError
+from quant.layouts import INTERNLM2, INTERNLM3, Layout
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,9 @@ class Arch:
     needs_bos: bool = False  # every evaluation window must start with BOS (gemma)
     v_fused: bool = False  # v_proj's last (key/value heads x head size) rows are the values (q, k, v stacked)
     never_quantize: tuple[str, ...] = ("lm_head",)
+    # How the family's checkpoints differ from the native transformers class that runs it (remote-code
+    # families: names, fused tensors, config); None where they are that class's own checkpoints.
+    layout: Layout | None = None
 
 
 def _llama_like(norm_offset: float = 0.0, post_attn_norm: str = "post_attention_layernorm", needs_bos=False) -> Arch:
@@ -105,7 +109,10 @@ ARCHITECTURES: dict[str, Arch] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
-    "internlm3": _LLAMA,
+    # Remote code on the Hub, Llama in transformers (quant.layouts); "internlm": early InternLM2 checkpoints.
+    "internlm2": replace(_LLAMA, layout=INTERNLM2),
+    "internlm": replace(_LLAMA, layout=INTERNLM2),
+    "internlm3": replace(_LLAMA, layout=INTERNLM3),
     "gemma": _GEMMA1,
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
@@ -152,6 +159,23 @@ def value_heads(block, v_proj: str, fused: bool = False) -> ValueHeads | None:
     if not n_kv or n_kv * head_dim > out_f:
         return None
     return ValueHeads(attention, out_f - n_kv * head_dim, n_kv, head_dim)
+
+
+def layout_of(config: dict) -> Layout | None:
+    """The checkpoint layout for a stored ``config.json`` dict, or None for a family transformers runs natively."""
+    model_type = config.get("model_type", "")
+    row = ARCHITECTURES.get(model_type)
+    layout = row.layout if row is not None else None
+    if layout is not None and layout.only_without_native and has_native_class(model_type):
+        return None
+    return layout
+
+
+def has_native_class(model_type: str) -> bool:
+    """Whether the installed transformers has its own config class for ``model_type``."""
+    from transformers import CONFIG_MAPPING
+
+    return model_type in CONFIG_MAPPING
 
 
 def blocks_of(model, arch: Arch):

@@ -250,20 +250,22 @@ def _value_hessians(ctx: BlockContext) -> tuple[list[torch.Tensor], int] | None:
 
 
 def _solve_value_heads(W: torch.Tensor, heads: list[torch.Tensor], cfg: QuantConfig, clip: torch.Tensor | None,
-                       first_row: int = 0, H: torch.Tensor | None = None) -> tuple[PackedWeight | None, float]:
+                       first_row: int = 0, H: torch.Tensor | None = None, importance: torch.Tensor | None = None
+                       ) -> tuple[PackedWeight | None, float]:
     """The value projection ``W`` solved head by head, each under its own Hessian, with one act-order column order.
 
     In a fused qkv projection the rows before ``first_row`` (queries and keys) are solved
     under ``H`` (``XᵀX``), whose diagonal then also ranks the columns for act-order; a
-    separate v_proj ranks them by the heads' summed diagonals. Returns the packed weight
-    and the largest damping used; None if any part fell back to round-to-nearest.
+    separate v_proj ranks them by the heads' summed diagonals, or by ``importance`` where
+    given (q, k and v that a checkpoint stores fused share one column order). Returns the
+    packed weight and the largest damping used; None if any part fell back to round-to-nearest.
     """
     n = len(heads)
     rows = (W.shape[0] - first_row) // n
-    if cfg.gptq.act_order:
-        importance = torch.diagonal(H) if first_row else sum(torch.diagonal(Hh) for Hh in heads)
-    else:
+    if not cfg.gptq.act_order:
         importance = None
+    elif importance is None:
+        importance = torch.diagonal(H) if first_row else sum(torch.diagonal(Hh) for Hh in heads)
     slices = [(slice(0, first_row), H)] if first_row else []
     slices += [(slice(first_row + h * rows, first_row + (h + 1) * rows), Hh) for h, Hh in enumerate(heads)]
     parts, damp = [], 0.0
@@ -312,6 +314,7 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     groups = _sequential_groups(ctx)
     sources, clips, artifacts, info = _awq_first(ctx) if cfg.gptq.awq_first else ({}, {}, {}, {})
     t_hessian = t_solve = 0.0
+    fused_qkv = ctx.arch.layout is not None and ctx.arch.layout.fused_qkv is not None
     rel_errors, damps, fallbacks = [], [], []
     packed: dict[str, PackedWeight] = {}
 
@@ -330,12 +333,15 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
         t = time.perf_counter()
         for shared in _by_hessian(names, hessians):
             H = hessians[shared[0]].mean
+            # Where the checkpoint fuses q, k and v into one linear (InternLM2's wqkv), they need one act-order
+            # column order, hence one ranking: XᵀX's diagonal, for the value rows too.
+            order = torch.diagonal(H).clone() if fused_qkv and ctx.arch.v_proj in shared else None
             Ws = {n: sources.get(n, ctx.block.get_submodule(n).weight).detach().to(device=H.device, dtype=H.dtype)
                   for n in shared}
             v = ctx.arch.v_proj if values and ctx.arch.v_proj in shared else None
             if v is not None:
                 per_head, first_row = values
-                pw, damp = _solve_value_heads(Ws[v], per_head, cfg, clips.get(v), first_row, H)
+                pw, damp = _solve_value_heads(Ws[v], per_head, cfg, clips.get(v), first_row, H, order)
                 if pw is None:
                     log.warning("block %d %s: a value head fell back to round-to-nearest; solving it with XᵀX",
                                 ctx.index, v)
@@ -345,7 +351,7 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
             stacked = [n for n in shared if n not in packed]
             if stacked:
                 clip = torch.cat([clips[n] for n in stacked]).to(H.device) if all(n in clips for n in stacked) else None
-                res = gptq_quantize(torch.cat([Ws[n] for n in stacked]), H, cfg, clip)
+                res = gptq_quantize(torch.cat([Ws[n] for n in stacked]), H, cfg, clip, order)
                 record(stacked, res)
                 rows = 0
                 for n in stacked:

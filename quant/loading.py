@@ -66,10 +66,13 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     :meth:`QuantLinear.compact`; ``state_dict()`` still gives the checkpoint's tensors). The
     default is on for a CUDA ``device`` with the compiled kernels loaded.
     """
-    from transformers import AutoConfig, AutoModelForCausalLM
+    from transformers import AutoModelForCausalLM
+
+    from quant.arch import layout_of
 
     spec = read_spec(path)
-    config = AutoConfig.from_pretrained(path, local_files_only=True)
+    layout = layout_of(model_io.read_config(path))
+    config = model_io.model_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # our modules do the dequantization, not transformers' integrations
     if dtype is None:
@@ -77,12 +80,15 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     dtype = model_io.torch_dtype(dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
-    index = tensor_index(path)
-    names = {k.removesuffix(".qweight") for k in index if k.endswith(".qweight")}
+    stored = tensor_index(path)
     if spec.format.quant_method == "gptq":  # v1 or v2 zeros: the declaration, checked against the tensors
-        spec = resolve_convention(spec, read_qzeros(index, names), str(path))
+        spec = resolve_convention(spec, read_qzeros(stored, {k.removesuffix(".qweight") for k in stored
+                                                            if k.endswith(".qweight")}), str(path))
+    reader = _Reader(stored, layout, config, spec)
+    index = reader.native_index()
+    names = {k.removesuffix(".qweight") for k in index if k.endswith(".qweight")}
     _swap_in_quant_linears(model, names, index, spec)
-    loaded = _assign_tensors(model, index, names, dtype)
+    loaded = _assign_tensors(model, reader, names, dtype)
     loaded |= _default_g_idx(model, names)
     expected = set(model.state_dict())
     model.tie_weights()
@@ -117,18 +123,58 @@ def _default_g_idx(model: nn.Module, names: set[str]) -> set[str]:
     return filled
 
 
-def _assign_tensors(model: nn.Module, index: dict, quant_names: set[str], dtype: torch.dtype) -> set[str]:
+class _Reader:
+    """A checkpoint's tensors file by file, under the native class's names (:mod:`quant.layouts`: a
+    remote-code family's names mapped, its fused q, k, v split once all of their tensors are read)."""
+
+    def __init__(self, stored: dict, layout, config, spec: CheckpointSpec):
+        from quant.layouts import Heads
+
+        self.stored, self.layout, self.spec = stored, layout, spec
+        self.heads = Heads.of(config) if layout is not None else None
+
+    def native_index(self) -> dict:
+        if self.layout is None:
+            return self.stored
+        return {n: f for k, f in self.stored.items() for n in self.layout.native_names(k)}
+
+    def _group(self, name: str) -> str | None:
+        fused = self.layout.fused_qkv if self.layout is not None else None
+        return name.rsplit(f".{fused}.", 1)[0] if fused and f".{fused}." in name else None
+
+    def shards(self):
+        """``(file, {native name: tensor})`` per file; a fused projection comes with the file that
+        completes it."""
+        pending: dict[str, dict] = {}
+        want = {}
+        for k in self.stored:
+            if (g := self._group(k)) is not None:
+                want.setdefault(g, set()).add(k)
+        for f in sorted(set(self.stored.values())):
+            shard = {}
+            with safe_open(str(f), framework="pt") as st:
+                for k in st.keys():
+                    g = self._group(k)
+                    if g is None:
+                        shard[k] = st.get_tensor(k)
+                    else:
+                        pending.setdefault(g, {})[k] = st.get_tensor(k)
+            for g in [g for g, got in pending.items() if set(got) == want[g]]:
+                shard.update(pending.pop(g))
+            if self.layout is not None:
+                shard = self.layout.to_native(shard, self.heads, self.spec.format, self.spec.bits,
+                                              self.spec.group_size)
+            yield f, shard
+
+
+def _assign_tensors(model: nn.Module, reader: _Reader, quant_names: set[str], dtype: torch.dtype) -> set[str]:
     """Load every tensor file by file (one copy in memory); floats that are not packed become ``dtype``."""
     loaded: set[str] = set()
-    for f in sorted(set(index.values())):
-        shard = {}
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                t = st.get_tensor(k)
-                prefix, _, leaf = k.rpartition(".")
-                if t.is_floating_point() and not (prefix in quant_names and leaf in _QUANT_LEAVES):
-                    t = t.to(dtype)
-                shard[k] = t
+    for f, shard in reader.shards():
+        for k, t in shard.items():
+            prefix, _, leaf = k.rpartition(".")
+            if t.is_floating_point() and not (prefix in quant_names and leaf in _QUANT_LEAVES):
+                shard[k] = t.to(dtype)
         result = model.load_state_dict(shard, strict=False, assign=True)
         if result.unexpected_keys:
             raise QtoolError(f"{f}: holds {len(result.unexpected_keys)} tensors the model does not use, e.g. "

@@ -60,24 +60,44 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
 
 
 def check_causal_lm(model_dir: str | os.PathLike) -> dict:
-    """Config of a folder that transformers can load as a causal LM, else a clear error."""
-    from transformers import AutoConfig
+    """Config of a folder that transformers can load as a causal LM (natively, or through a checkpoint
+    layout of :mod:`quant.layouts` for remote-code families), else a clear error."""
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
     cfg = read_config(model_dir)
     model_type = cfg.get("model_type")
     if not model_type:
         raise QtoolError(f"{Path(model_dir) / 'config.json'}: has no model_type, so the architecture is unknown")
-    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES:
+    if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and _layout(cfg) is None:
         raise QtoolError(
             f"{Path(model_dir) / 'config.json'}: model_type {model_type!r} is not a causal language model "
             "that transformers can load (qtool quantizes decoder-only text generators)"
         )
-    try:
-        AutoConfig.from_pretrained(model_dir, local_files_only=True)
-    except (ValueError, OSError, KeyError) as e:
-        raise QtoolError(f"{Path(model_dir) / 'config.json'}: transformers cannot read it ({e})") from None
+    model_config(model_dir)
     return cfg
+
+
+def _layout(cfg: dict):
+    from quant.arch import layout_of
+
+    return layout_of(cfg)
+
+
+def model_config(model_dir: str | os.PathLike):
+    """The transformers config qtool builds the model from: the folder's own, or for a remote-code
+    family the native class's config mapped from it (no code from the folder runs). QtoolError
+    (one sentence) where transformers cannot read it."""
+    from transformers import AutoConfig
+
+    cfg = read_config(model_dir)
+    where = f"{Path(model_dir) / 'config.json'}"
+    try:
+        layout = _layout(cfg)
+        if layout is not None:
+            return layout.native_config(cfg, where)
+        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+    except (ValueError, OSError, KeyError, TypeError) as e:
+        raise QtoolError(f"{where}: transformers cannot read it ({e})") from None
 
 
 def parse_size(text: str, what: str = "size") -> int:
@@ -101,23 +121,44 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
 
 
 def load_tokenizer(model_dir: str | os.PathLike):
-    """The model folder's tokenizer (no network); one sentence if there is none that loads."""
-    from transformers import AutoTokenizer
+    """The model folder's tokenizer (no network, no code from the folder); one sentence if none loads.
+
+    A tokenizer class that exists only as remote code (InternLM2's ``InternLM2Tokenizer``) is read
+    from the folder's ``tokenizer.json`` by transformers' generic fast tokenizer instead.
+    """
+    from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
     try:
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, ImportError... for a missing or unusable one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise QtoolError(f"{model_dir}: has no tokenizer that loads (tokenizer.json or tokenizer.model with "
-                         f"tokenizer_config.json); copy the original model's tokenizer files there ({first[:160]})") from None
+        if (Path(model_dir) / "tokenizer.json").is_file():
+            try:
+                tok = PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
+                log.info("%s: tokenizer_config.json names a tokenizer class transformers lacks; read tokenizer.json "
+                         "with its generic fast tokenizer (no remote code runs)", model_dir)
+                return tok
+            except Exception:  # noqa: BLE001 - the first error says more
+                pass
+        raise QtoolError(f"{model_dir}: has no tokenizer that loads without running code from the folder "
+                         "(tokenizer.json, or tokenizer.model with tokenizer_config.json); copy the original model's "
+                         f"tokenizer files there ({first[:160]})") from None
 
 
 def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto"):
     """A full-precision causal LM from a local folder, on the CPU, in one copy (no network)."""
     from transformers import AutoModelForCausalLM
 
-    check_causal_lm(model_dir)
+    config = check_causal_lm(model_dir)
     weight_files(model_dir)
+    if _layout(config) is not None:  # a remote-code family: read through its layout, no code from the folder
+        from quant import arch
+        from quant.source import SourceModel
+
+        src = SourceModel(model_dir, arch.lookup(config["model_type"]).blocks)
+        for i in range(len(src.blocks)):
+            src.load_block(i)
+        return src.model if dtype == "auto" else src.model.to(torch_dtype(dtype))
     kwargs = {"dtype": dtype if dtype == "auto" else torch_dtype(dtype)}
     model, info = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, output_loading_info=True,
                                                        **kwargs)
@@ -135,13 +176,32 @@ def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto
 
 
 def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer, chat template and generation files, and the remote-code modules that
+    ``auto_map`` in config.json / tokenizer_config.json names (InternLM2's ``modeling_internlm2.py``...:
+    copied, never run, so that loaders with ``trust_remote_code`` read the checkpoint as the original).
+    Returns the names copied."""
     copied = []
-    for name in SIDE_FILES:
+    for name in SIDE_FILES + tuple(_auto_map_modules(src)):
         f = Path(src) / name
         if f.is_file():
             shutil.copy2(f, Path(dst) / name)
             copied.append(name)
     return copied
+
+
+def _auto_map_modules(folder: str | os.PathLike) -> list[str]:
+    """The ``*.py`` files ``auto_map`` entries point at (``"module.Class"``, or lists of them)."""
+    names = []
+    for cfg_name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((Path(folder) / cfg_name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for ref in auto_map.values() if isinstance(auto_map, dict) else []:
+            for r in ref if isinstance(ref, list) else [ref]:
+                if isinstance(r, str) and "." in r and "--" not in r:  # "repo--module.Class" lives elsewhere
+                    names.append(r.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    return sorted(set(names))
 
 
 def folder_bytes(path: str | os.PathLike, patterns=("*.safetensors", "*.bin")) -> int:

@@ -16,7 +16,7 @@ from tqdm.auto import tqdm
 from calib.collectors import BlockCall
 from calib.runner import CALIB_BATCH, BlockInputs, run_calls, run_sequential
 from quant import arch as arch_table
-from quant import model_io, resume
+from quant import heap, model_io, resume
 from quant.checkpoint import checkpoint_tensors, is_quantized_checkpoint, output_dtype, write_metadata
 from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
@@ -116,8 +116,12 @@ def quantize(
     bit-identical to an uninterrupted run's (:mod:`quant.resume`). A stopped run with other
     settings or from a changed source is refused unless ``restart``. Raises
     :class:`QtoolError` (one sentence) for bad input.
+
+    Under glibc this sets the calling process's mmap threshold (:func:`quant.heap.keep_large_allocations_mapped`)
+    so that freed activations go back to the system instead of piling up in the heap.
     """
     cfg = cfg.with_(**options) if cfg is not None else QuantConfig(**options)
+    heap.keep_large_allocations_mapped()
     t0 = time.perf_counter()
     config = model_io.check_causal_lm(model_dir)
     if is_quantized_checkpoint(model_dir):
@@ -148,7 +152,7 @@ def quantize(
             plan.quantize, plan.skipped = saved[0]["plan"]["quantize"], saved[0]["plan"]["skipped"]
         rows, artifacts, model_check, parts = _quantize_blocks(src, arch, cfg, plan, calib_ids, dev, progress,
                                                                run, dtype)
-        writer.write("outside", checkpoint_tensors(src.model, dtype, exclude=arch.blocks))
+        writer.write("outside", src.to_stored(checkpoint_tensors(src.model, dtype, exclude=arch.blocks)))
         writer.finish(parts + ["outside"])
         seconds = time.perf_counter() - t0
         report = QuantReport(
@@ -161,7 +165,7 @@ def quantize(
             resumed_from=run.start if saved is not None else None,
         )
         meta = {"qtool": {"config": asdict(cfg), "report": asdict(report)}}
-        write_metadata(cfg, model_dir, tmp, sorted(plan.skipped), meta, dtype)
+        write_metadata(cfg, model_dir, tmp, sorted({src.stored_module(n) for n in plan.skipped}), meta, dtype)
         if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
             from safetensors.torch import save_file
 
@@ -195,6 +199,7 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
     Returns the summary rows, AWQ's search results, the whole-model check and the names of the parts
     that make the checkpoint's blocks (each block's own, or its RTN version where the check keeps RTN)."""
     quantize_block = get_method(cfg.method)
+    stored = lambda tensors: src.to_stored(tensors, cfg.format, cfg.bits, cfg.group_size)  # noqa: E731
     if cfg.method != "rtn":
         quantize_block = rtn_guard(quantize_block)
     model, blocks, writer = src.model, src.blocks, run.writer
@@ -230,13 +235,13 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
         then record the progress (after the parts are on disk)."""
         prefix = f"{arch.blocks}.{i}."
         to_quant_linears(blocks[i], packed[i], cfg.format)
-        writer.write(_part(i), checkpoint_tensors(blocks[i], dtype, prefix))
+        writer.write(_part(i), stored(checkpoint_tensors(blocks[i], dtype, prefix)))
         if rtn["blocks"][i] is not None:  # the RTN version, in case the whole-model check keeps it
             rtn_block, rtn_packed = rtn["blocks"][i]
             if rtn_block is not blocks[i]:
                 rtn_block.to("cpu")
                 to_quant_linears(rtn_block, rtn_packed, cfg.format)
-                writer.write(_part(i, "rtn"), checkpoint_tensors(rtn_block, dtype, prefix))
+                writer.write(_part(i, "rtn"), stored(checkpoint_tensors(rtn_block, dtype, prefix)))
             rtn["blocks"][i] = True
         packed[i] = {}
         src.release(i)

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from quant import model_io
+from quant import heap, model_io
 from quant.errors import QtoolError
 
 log = logging.getLogger(__name__)
@@ -38,13 +38,20 @@ class SourceModel:
     """
 
     def __init__(self, model_dir: str | os.PathLike, blocks_path: str):
-        from transformers import AutoConfig, AutoModelForCausalLM
+        from transformers import AutoModelForCausalLM
+
+        from quant.arch import layout_of
+        from quant.layouts import Heads
 
         self.dir = Path(model_dir)
         self.files = model_io.weight_files(model_dir)
         self._bin: dict[Path, dict] = {}
-        self.index = self._read_index()  # tensor name -> file
-        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        # A remote-code family's checkpoint (quant.layouts) is read under the native class's names.
+        self.layout = layout_of(model_io.read_config(model_dir))
+        config = model_io.model_config(model_dir)
+        self.heads = Heads.of(config) if self.layout is not None else None
+        self.stored = self._read_index()  # stored tensor name -> file
+        self.index = {n: f for k, f in self.stored.items() for n in self._native_names(k)}  # native name -> file
         self.dtype = self._stored_dtype()
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
@@ -75,29 +82,61 @@ class SourceModel:
                 raise QtoolError(f"{f}: cannot be read as a weight file ({type(e).__name__}: {str(e)[:120]})") from None
         return index
 
-    def tensor(self, name: str) -> torch.Tensor:
-        """The stored tensor ``name``, as stored (dtype and values)."""
-        f = self.index[name]
-        if f in self._bin:
-            return self._bin[f][name].clone()  # out of the memory map: the file may go away, the model may not
-        with safe_open(str(f), framework="pt") as st:
-            return st.get_tensor(name)
+    def _native_names(self, stored: str) -> list[str]:
+        return [stored] if self.layout is None else self.layout.native_names(stored)
 
-    def _stored_dtype(self) -> torch.dtype:
-        """The dtype of the stored floating weights (the first floating tensor's; sources hold one)."""
-        for name in self.index:
-            t = self.stored_dtype_of(name)
-            if t is not None and t.is_floating_point:
-                return t
-        return torch.float32
+    def _stored_name(self, name: str) -> str:
+        return name if self.layout is None else self.layout.stored_name(name)
+
+    def _read_stored(self, stored: str) -> torch.Tensor:
+        f = self.stored[stored]
+        if f in self._bin:
+            return self._bin[f][stored].clone()  # out of the memory map: the file may go away, the model may not
+        with safe_open(str(f), framework="pt") as st:
+            return st.get_tensor(stored)
+
+    def tensors(self, names) -> dict[str, torch.Tensor]:
+        """The tensors ``names`` (native names), with their stored dtype and values; a fused stored
+        tensor is read once for all the native tensors it holds."""
+        names = list(names)
+        if self.layout is None:
+            return {n: self._read_stored(n) for n in names}
+        stored = {self._stored_name(n) for n in names}
+        native = self.layout.to_native({k: self._read_stored(k) for k in sorted(stored)}, self.heads)
+        return {n: native[n] for n in names}
+
+    def tensor(self, name: str) -> torch.Tensor:
+        """The stored tensor ``name`` (its native name), as stored (dtype and values)."""
+        return self.tensors([name])[name]
+
+    def to_stored(self, tensors: dict[str, torch.Tensor], fmt=None, bits: int = 0, group_size: int = 0
+                  ) -> dict[str, torch.Tensor]:
+        """Checkpoint tensors of the native model under the source's own names and fused layout (the
+        identity for families transformers runs natively); packed ones in layout ``fmt``."""
+        if self.layout is None:
+            return tensors
+        return self.layout.to_stored(tensors, self.heads, fmt, bits, group_size)
+
+    def stored_module(self, name: str) -> str:
+        """The source's name for the native module ``name`` (e.g. for ``modules_to_not_convert``)."""
+        return self._stored_name(f"{name}.weight").removesuffix(".weight")
 
     def stored_dtype_of(self, name: str) -> torch.dtype | None:
-        """The dtype tensor ``name`` is stored in, read from the file header (no data read)."""
-        f = self.index[name]
+        """The dtype tensor ``name`` (its native name) is stored in, read from the file header (no data read)."""
+        return self._stored_dtype(self._stored_name(name))
+
+    def _stored_dtype(self, stored: str | None = None) -> torch.dtype | None:
+        if stored is None:  # the source's: the first floating tensor's (sources hold one)
+            for name in self.stored:
+                t = self._stored_dtype(name)
+                if t is not None and t.is_floating_point:
+                    return t
+            return torch.float32
+        f = self.stored[stored]
         if f in self._bin:
-            return self._bin[f][name].dtype
+            return self._bin[f][stored].dtype
         with safe_open(str(f), framework="pt") as st:
-            return _SAFETENSORS_DTYPES.get(st.get_slice(name).get_dtype())
+            return _SAFETENSORS_DTYPES.get(st.get_slice(stored).get_dtype())
 
     def _check_names(self) -> None:
         want = set(self.model.state_dict())
@@ -106,6 +145,7 @@ class SourceModel:
         missing = sorted(want - set(self.index) - tied)
         extra = sorted(set(self.index) - want)
         for what, keys in (("lacks", missing), ("holds tensors the model does not use:", extra)):
+            keys = sorted({self._stored_name(k) for k in keys})  # as the files name them
             if keys:
                 more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
                 raise QtoolError(f"{self.dir}: the checkpoint {what} {', '.join(keys[:3])}{more}"
@@ -113,12 +153,11 @@ class SourceModel:
                                  + "; it does not match its config.json")
 
     def _assign(self, names) -> None:
-        state = {}
-        for k in sorted(names):
-            t = self.tensor(k)
+        state = self.tensors(sorted(names))
+        for k, t in state.items():
             if t.is_floating_point() and not all_finite(t):
-                raise QtoolError(f"{self.dir}: weight {k} holds NaN or inf values; the model is damaged, fix it first")
-            state[k] = t
+                raise QtoolError(f"{self.dir}: weight {self._stored_name(k)} holds NaN or inf values; the model is "
+                                 "damaged, fix it first")
         self.model.load_state_dict(state, strict=False, assign=True)
 
     def _rebuild_buffers(self, within: nn.Module | None = None) -> None:
@@ -142,7 +181,7 @@ class SourceModel:
     def release(self, i: int) -> None:
         """Block ``i`` back on the meta device: its memory is freed (and handed back to the system)."""
         self.blocks[i].to("meta")
-        _trim_heap()
+        heap.trim()
 
 
 
@@ -160,25 +199,6 @@ def abs_max(t: torch.Tensor) -> float:
     """``max |t|`` computed in chunks, without a full-size temporary."""
     flat = t.reshape(-1)
     return max((float(flat[i:i + _CHUNK].abs().max()) for i in range(0, flat.numel(), _CHUNK)), default=0.0)
-
-
-def _trim_heap() -> None:
-    """Return freed heap memory to the system (glibc's ``malloc_trim``): without it the freed blocks'
-    memory stays in the process's arenas and its RSS creeps up block by block. A no-op elsewhere."""
-    global _LIBC
-    if _LIBC is None:
-        try:
-            import ctypes
-
-            _LIBC = ctypes.CDLL("libc.so.6")
-            _LIBC.malloc_trim.argtypes = [ctypes.c_size_t]
-        except (OSError, AttributeError):
-            _LIBC = False
-    if _LIBC:
-        _LIBC.malloc_trim(0)
-
-
-_LIBC = None
 
 
 def source_fingerprint(model_dir: str | os.PathLike) -> str:

@@ -67,6 +67,23 @@ def test_scale_search_beats_rtn_on_outlier_channels():
     torch.testing.assert_close(res.errors[0], (x @ (w - rtn).t()).pow(2).sum(), rtol=1e-4, atol=0)
 
 
+def test_scale_search_chunks_rows_and_grid_under_its_memory_budget(monkeypatch):
+    """A budget of a few rows' temporaries gives the same errors and choice as one batch of everything."""
+    from quant.awq import search
+
+    x = outlier_inputs()
+    w = torch.randn(96, 128, generator=torch.Generator().manual_seed(1))
+    whole = search_scale(w, x.t() @ x, x.abs().mean(0), SPEC, n_grid=20)
+    sizes = []
+    real_fq = search._fake_quantize
+    monkeypatch.setattr(search, "_fake_quantize", lambda ws, spec, c=None: sizes.append(ws.numel()) or real_fq(ws, spec, c))
+    monkeypatch.setattr(search, "MEMORY_BUDGET", 16 * 128 * 7)  # 7 rows' temporaries at one grid point
+    chunked = search_scale(w, x.t() @ x, x.abs().mean(0), SPEC, n_grid=20)
+    assert max(sizes) <= 7 * 128 and len(sizes) > 20  # each call within the budget, rows split
+    torch.testing.assert_close(chunked.errors, whole.errors, rtol=1e-5, atol=0)
+    assert chunked.ratio == whole.ratio and torch.equal(chunked.scale, whole.scale)
+
+
 def test_clip_search_never_increases_the_group_error():
     x = outlier_inputs(in_f=64)
     h = x.t() @ x

@@ -24,8 +24,9 @@ import torch
 
 from quant import qmath
 
-# Grid points are evaluated in chunks whose float32 temporaries stay under this many bytes.
-MEMORY_BUDGET = 256 * 2**20
+# Grid points and weight rows are evaluated in chunks whose float32 temporaries stay under this many
+# bytes, whatever the layer's width (a 70B model's fused gate/up weight is 1.9 GB in float32).
+MEMORY_BUDGET = 64 * 2**20
 
 
 @dataclass(frozen=True)
@@ -93,20 +94,23 @@ def search_scale(w: torch.Tensor, h: torch.Tensor, x_mean: torch.Tensor, spec: Q
     """The input-channel scale of ``w [out, in]`` (the stacked weights of linears sharing one input).
 
     ``h [in, in]`` is that input's ``Σ x xᵀ``, ``x_mean [in]`` its mean ``|x|``.
-    Every α of the grid is evaluated in a batch (chunked to bound memory).
+    Every α of the grid is evaluated in a batch; the output error is a sum over rows, so
+    rows and grid points are taken in chunks whose temporaries stay under :data:`MEMORY_BUDGET`.
     """
     w = w.float()
     h = h.float()
     out_f, in_f = w.shape
     ratios = torch.arange(n_grid, dtype=torch.float32, device=w.device) / n_grid
     scales = candidate_scales(x_mean.to(w.device), ratios)  # [n_grid, in]
-    errors = torch.empty(n_grid, dtype=torch.float32, device=w.device)
-    step = _chunk(n_grid, 4 * 4 * out_f * in_f)  # ~4 float32 copies of W per grid point
-    for a in range(0, n_grid, step):
-        s = scales[a:a + step, None, :]  # [c, 1, in]
-        ws = (w[None] * s).reshape(-1, in_f)  # [c*out, in]
-        dq = _fake_quantize(ws, spec).reshape(-1, out_f, in_f) / s
-        errors[a:a + step] = output_error(w[None] - dq, h)
+    errors = torch.zeros(n_grid, dtype=torch.float32, device=w.device)
+    rows = _chunk(out_f, 4 * 4 * in_f)  # ~4 float32 copies of a row per grid point
+    step = _chunk(n_grid, 4 * 4 * rows * in_f)
+    for r in range(0, out_f, rows):
+        wr = w[r:r + rows]
+        for a in range(0, n_grid, step):
+            s = scales[a:a + step, None, :]  # [c, 1, in]
+            dq = _fake_quantize((wr[None] * s).reshape(-1, in_f), spec).reshape(-1, wr.shape[0], in_f) / s
+            errors[a:a + step] += output_error(wr[None] - dq, h)
     best = int(torch.argmin(errors))  # first minimum: ties go to the smaller α
     return ScaleResult(scales[best].clone(), float(ratios[best]), errors, ratios, scales, best)
 

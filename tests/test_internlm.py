@@ -1,0 +1,185 @@
+"""InternLM2 / InternLM3 checkpoints read and written without their remote code (quant.layouts)."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from click.testing import CliRunner
+from internlm_models import fuse_wqkv, llama, save_internlm2
+from safetensors.torch import load_file
+from test_bad_input import assert_refused, run_cli
+from tiny_models import byte_tokenizer
+
+import quant
+from cli.main import app
+from quant import model_io
+from quant.config import GPTQOptions
+from quant.errors import QtoolError
+from quant.formats import get_format
+
+IDS = torch.randint(3, 300, (2, 40), generator=torch.Generator().manual_seed(0))
+SETTINGS = dict(bits=4, group_size=32, n_samples=8, seqlen=64, progress=False, overwrite=True)
+
+
+def logits(model, ids=IDS):
+    with torch.no_grad():
+        return model(ids).logits
+
+
+@pytest.mark.parametrize("heads,kv_heads", [(4, 4), (4, 2), (4, 1)])  # GQA ratios 1, 2 and 4
+def test_internlm2_runs_as_the_llama_it_was_made_from(tmp_path, heads, kv_heads):
+    ref = llama(heads, kv_heads)
+    src = save_internlm2(ref, tmp_path / "internlm2")
+    model, tok = quant.load_any(src)
+    assert type(model).__name__ == "LlamaForCausalLM"
+    torch.testing.assert_close(logits(model), logits(ref), rtol=0, atol=1e-6)
+    out = model.generate(IDS[:1, :8], max_new_tokens=6, do_sample=False)
+    assert torch.equal(out, ref.generate(IDS[:1, :8], max_new_tokens=6, do_sample=False))
+    assert tok("abc").input_ids == byte_tokenizer()("abc").input_ids  # tokenizer.json, no remote class
+
+
+def test_dynamic_ntk_rope_follows_internlm2s_formula(tmp_path):
+    """Past max_position_embeddings the RoPE base grows as InternLM2's remote code computes it."""
+    from transformers.modeling_rope_utils import ROPE_INIT_FUNCTIONS
+
+    src = save_internlm2(llama(4, 2), tmp_path / "m", rope_scaling={"type": "dynamic", "factor": 2.0})
+    config = model_io.model_config(src)
+    d, base, max_pos, factor, seq = 16, 1e6, config.max_position_embeddings, 2.0, 3 * 256
+    inv_freq, _ = ROPE_INIT_FUNCTIONS["dynamic"](config, "cpu", seq_len=seq)
+    grown = base * ((factor * seq / max_pos) - (factor - 1)) ** (d / (d - 2))
+    want = 1.0 / grown ** (torch.arange(0, d, 2, dtype=torch.float64) / d)
+    torch.testing.assert_close(inv_freq.double(), want, rtol=1e-6, atol=0)
+
+
+def _split_fused(t: torch.Tensor, n_heads: int, n_kv: int, d: int) -> list[torch.Tensor]:
+    g = n_heads // n_kv
+    v = t.reshape(n_kv, g + 2, d, *t.shape[1:])
+    return [v[:, :g].reshape(-1, *t.shape[1:]), v[:, g].reshape(-1, *t.shape[1:]), v[:, g + 1].reshape(-1, *t.shape[1:])]
+
+
+@pytest.mark.parametrize("method,fmt", [("rtn", "awq"), ("awq", "awq"), ("gptq", "gptq"), ("awq+gptq", "awq")])
+def test_checkpoint_is_the_llamas_in_internlm2s_layout(tmp_path, method, fmt):
+    """Quantizing the InternLM2 checkpoint gives the Llama's quantized checkpoint, fused and renamed, bit for bit;
+    it keeps InternLM2's config and reloads to the same logits."""
+    ref = llama(4, 2)
+    ref.save_pretrained(tmp_path / "llama")
+    byte_tokenizer().save_pretrained(tmp_path / "llama")
+    src = save_internlm2(ref, tmp_path / "internlm2")
+    (src / "modeling_internlm2.py").write_text("raise RuntimeError('remote code ran')\n")  # copied, never run
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    kw = dict(SETTINGS, method=method, fmt=fmt)
+    if method == "awq+gptq":
+        kw.update(method="gptq", gptq=GPTQOptions(awq_first=True))
+    quant.quantize(tmp_path / "llama", tmp_path / "q-llama", **kw)
+    quant.quantize(src, tmp_path / "q-internlm2", **kw)
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before  # the source is untouched
+
+    config = json.loads((tmp_path / "q-internlm2" / "config.json").read_text())
+    assert config["model_type"] == "internlm2" and "auto_map" in config
+    assert (tmp_path / "q-internlm2" / "modeling_internlm2.py").read_bytes() == before["modeling_internlm2.py"]
+    assert config["quantization_config"]["quant_method"] == get_format(fmt).quant_method
+    want, got = load_file(tmp_path / "q-llama" / "model.safetensors"), load_file(tmp_path / "q-internlm2" / "model.safetensors")
+    assert not [k for k in got if "self_attn" in k or "mlp." in k or "embed_tokens" in k]
+    spec = quant.formats.spec.read_spec(tmp_path / "q-internlm2")
+    f = spec.format
+    for i in range(2):
+        p = f"model.layers.{i}."
+        leaves = {k.rsplit(".", 1)[1] for k in got if k.startswith(p + "attention.wqkv.")}
+        assert "qweight" in leaves
+        fused = f.unpack({leaf: got[f"{p}attention.wqkv.{leaf}"] for leaf in leaves}, 4, 32)
+        parts = [f.unpack({leaf: want[f"{p}self_attn.{n}_proj.{leaf}"] for leaf in leaves}, 4, 32) for n in "qkv"]
+        for field in ("q", "scale", "zero"):
+            assert torch.equal(getattr(fused, field), fuse_wqkv(*[getattr(pw, field) for pw in parts], 2, 16))
+        assert torch.equal(got[p + "feed_forward.w2.qweight"], want[p + "mlp.down_proj.qweight"])
+        assert torch.equal(got[p + "attention.wo.scales"], want[p + "self_attn.o_proj.scales"])
+    assert torch.equal(got["output.weight"], want["lm_head.weight"])
+    assert torch.equal(got["model.tok_embeddings.weight"], want["model.embed_tokens.weight"])
+
+    a = quant.load(tmp_path / "q-internlm2", dtype=torch.float32)
+    b = quant.load(tmp_path / "q-llama", dtype=torch.float32)
+    assert torch.equal(logits(a), logits(b))
+    assert a.generate(IDS[:1, :8], max_new_tokens=4, do_sample=False).shape == (1, 12)
+
+
+def test_gptq_act_order_gives_q_k_and_v_one_column_order(tmp_path):
+    """The fused wqkv holds one g_idx: q, k and v (value rows under their own Hessians) share act-order's order."""
+    src = save_internlm2(llama(4, 2), tmp_path / "internlm2")
+    quant.quantize(src, tmp_path / "q", method="gptq", fmt="gptq", gptq=GPTQOptions(act_order=True), held_out=0, **SETTINGS)
+    got = load_file(tmp_path / "q" / "model.safetensors")
+    g_idx = got["model.layers.0.attention.wqkv.g_idx"]
+    assert not torch.equal(g_idx, torch.arange(64, dtype=g_idx.dtype) // 32)  # an act-order order
+    model = quant.load(tmp_path / "q", dtype=torch.float32)
+    attn = model.model.layers[0].self_attn
+    assert torch.equal(attn.q_proj.g_idx, attn.v_proj.g_idx) and torch.equal(attn.k_proj.g_idx, g_idx)
+    fp = model_io.load_fp_model(src)
+    rel = (logits(model) - logits(fp)).norm() / logits(fp).norm()
+    assert rel < 0.2
+
+
+def test_fused_projection_splits_and_fuses_back_bit_exactly():
+    from quant.formats import PackedWeight
+    from quant.layouts import INTERNLM2, Heads
+
+    heads = Heads(8, 2, 16)
+    g = torch.Generator().manual_seed(0)
+    rows = (8 + 2 * 2) * 16
+    pw = PackedWeight(torch.randint(0, 16, (rows, 64), generator=g, dtype=torch.int32),
+                      torch.rand(rows, 2, generator=g).half(), torch.randint(1, 16, (rows, 2), generator=g), 4, 32)
+    for name in ("awq", "gptq", "gptq_v2"):
+        fmt = get_format(name)
+        stored = {f"model.layers.3.attention.wqkv.{k}": t for k, t in fmt.pack(pw).items()}
+        stored["model.layers.3.attention.wqkv.bias"] = torch.randn(rows, generator=g)
+        native = INTERNLM2.to_native(stored, heads, fmt, 4, 32)
+        q = native["model.layers.3.self_attn.q_proj.bias"]
+        assert torch.equal(q, _split_fused(stored["model.layers.3.attention.wqkv.bias"], 8, 2, 16)[0])
+        back = INTERNLM2.to_stored(native, heads, fmt, 4, 32)
+        assert back.keys() == stored.keys() and all(torch.equal(back[k], stored[k]) for k in stored)
+
+
+def test_early_internlm_model_type_and_the_cli(tmp_path):
+    ref = llama(4, 2)
+    src = save_internlm2(ref, tmp_path / "m", model_type="internlm")
+    torch.testing.assert_close(logits(model_io.load_fp_model(src)), logits(ref), rtol=0, atol=1e-6)
+    res = CliRunner().invoke(app, ["awq", str(src), "-o", str(tmp_path / "q"), "--n-samples", "8", "--seqlen", "64",
+                                   "--group-size", "32"])
+    assert res.exit_code == 0, res.output
+    assert json.loads((tmp_path / "q" / "config.json").read_text())["model_type"] == "internlm"
+    text = tmp_path / "t.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
+    for args in ([], ["--kv", "int8"]):
+        res = CliRunner().invoke(app, ["ppl", str(tmp_path / "q"), "--data", str(text), "--seqlen", "64", *args])
+        assert res.exit_code == 0, res.output
+
+
+def test_internlm3_through_the_layout_where_transformers_lacks_its_class(tmp_path, monkeypatch):
+    """Newer transformers run InternLM3 natively; older ones go through the layout (Llama names, mapped config)."""
+    from quant import arch
+
+    model = llama(4, 2, head_dim=16)
+    model.save_pretrained(tmp_path / "m")
+    byte_tokenizer().save_pretrained(tmp_path / "m")
+    config = json.loads((tmp_path / "m" / "config.json").read_text())
+    config.update(model_type="internlm3", qkv_bias=False, bias=False, architectures=["InternLM3ForCausalLM"],
+                  auto_map={"AutoModelForCausalLM": "modeling_internlm3.InternLM3ForCausalLM"})
+    for k in ("attention_bias", "mlp_bias", "rope_parameters"):  # as the released config.json: rope_theta instead
+        config.pop(k, None)
+    config["rope_theta"] = 1e6
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    monkeypatch.setattr(arch, "has_native_class", lambda model_type: False)
+    assert arch.layout_of(config) is not None
+    torch.testing.assert_close(logits(model_io.load_fp_model(tmp_path / "m")), logits(model), rtol=0, atol=1e-6)
+    config["qkv_bias"] = True
+    (tmp_path / "m" / "config.json").write_text(json.dumps(config))
+    with pytest.raises(QtoolError, match="qkv_bias"):
+        model_io.model_config(tmp_path / "m")
+
+
+def test_a_wqkv_that_does_not_match_the_config_is_one_sentence(tmp_path, capsys):
+    src = save_internlm2(llama(4, 2), tmp_path / "m")
+    config = json.loads((src / "config.json").read_text())
+    config["num_key_value_heads"] = 4
+    (src / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)
+    assert_refused(code, err, "attention.wqkv.weight", "128 rows", "needs 192")
+    assert not (tmp_path / "q").exists()
