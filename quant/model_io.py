@@ -123,23 +123,25 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
 def load_tokenizer(model_dir: str | os.PathLike):
     """The model folder's tokenizer (no network, no code from the folder); one sentence if none loads.
 
-    A tokenizer class that exists only as remote code (InternLM2's ``InternLM2Tokenizer``) is read
-    from the folder's ``tokenizer.json`` by transformers' generic fast tokenizer instead.
+    A tokenizer that ``tokenizer_config.json`` maps to remote code (``auto_map``, e.g. InternLM2's
+    ``InternLM2Tokenizer``) is read from the folder's ``tokenizer.json`` by transformers' generic fast
+    tokenizer instead.
     """
     from transformers import AutoTokenizer, PreTrainedTokenizerFast
 
+    path = Path(model_dir)
     try:
+        remote = "AutoTokenizer" in (json.loads((path / "tokenizer_config.json").read_text()).get("auto_map") or {})
+    except (OSError, ValueError, AttributeError):
+        remote = False
+    try:
+        if remote and (path / "tokenizer.json").is_file():
+            log.info("%s: tokenizer_config.json maps the tokenizer to remote code; reading tokenizer.json with "
+                     "transformers' generic fast tokenizer instead (no code from the folder runs)", model_dir)
+            return PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
         return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, ImportError... for a missing or unusable one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        if (Path(model_dir) / "tokenizer.json").is_file():
-            try:
-                tok = PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
-                log.info("%s: tokenizer_config.json names a tokenizer class transformers lacks; read tokenizer.json "
-                         "with its generic fast tokenizer (no remote code runs)", model_dir)
-                return tok
-            except Exception:  # noqa: BLE001 - the first error says more
-                pass
         raise QtoolError(f"{model_dir}: has no tokenizer that loads without running code from the folder "
                          "(tokenizer.json, or tokenizer.model with tokenizer_config.json); copy the original model's "
                          f"tokenizer files there ({first[:160]})") from None

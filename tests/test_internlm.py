@@ -147,8 +147,8 @@ def test_early_internlm_model_type_and_the_cli(tmp_path):
     assert json.loads((tmp_path / "q" / "config.json").read_text())["model_type"] == "internlm"
     text = tmp_path / "t.txt"
     text.write_text("The quick brown fox jumps over the lazy dog. " * 40)
-    for args in ([], ["--kv", "int8"]):
-        res = CliRunner().invoke(app, ["ppl", str(tmp_path / "q"), "--data", str(text), "--seqlen", "64", *args])
+    for model, args in ((src, []), (tmp_path / "q", []), (tmp_path / "q", ["--kv", "int8"])):
+        res = CliRunner().invoke(app, ["ppl", str(model), "--data", str(text), "--seqlen", "64", *args])
         assert res.exit_code == 0, res.output
 
 
