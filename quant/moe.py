@@ -1,0 +1,91 @@
+"""Mixture-of-experts layers as one ``nn.Linear`` per expert projection (issue 17, first step).
+
+In transformers 5 every MoE family (qwen2_moe, qwen3_moe, mixtral, olmoe, deepseek_v2/v3) keeps
+its routed experts in one ``*Experts`` module holding two 3-D parameters, ``gate_up_proj``
+``[experts, 2 * intermediate, hidden]`` (gate rows first, then up) and ``down_proj``
+``[experts, hidden, intermediate]``, called as ``experts(hidden [tokens, hidden], top_k_index
+[tokens, k], top_k_weights [tokens, k])``. A quantizer that looks for ``nn.Linear`` skips them
+silently. :class:`ExpertLinears` is a drop-in replacement with the same call and the same
+arithmetic whose experts are ``experts.{e}.gate_proj``, ``up_proj`` and ``down_proj``
+``nn.Linear`` modules: the names of the per-expert checkpoints on the Hub (and what vLLM's and
+transformers' quantized MoE loaders read), and linears that calibration hooks, AWQ and GPTQ
+handle like any other, each seeing only the tokens routed to its expert.
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
+
+
+class ExpertMLP(nn.Module):
+    """One routed expert: ``down(act(gate(x)) * up(x))`` with bias-free linears."""
+
+    def __init__(self, hidden: int, intermediate: int, act_fn: nn.Module, device=None, dtype=None):
+        super().__init__()
+        kw = dict(bias=False, device=device, dtype=dtype)
+        self.gate_proj = nn.Linear(hidden, intermediate, **kw)
+        self.up_proj = nn.Linear(hidden, intermediate, **kw)
+        self.down_proj = nn.Linear(intermediate, hidden, **kw)
+        self.act_fn = act_fn
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class ExpertLinears(nn.ModuleList):
+    """The routed experts of one MoE layer, ``self[e]`` an :class:`ExpertMLP`.
+
+    ``forward(hidden [tokens, hidden], top_k_index [tokens, k] int, top_k_weights [tokens, k])``
+    returns ``[tokens, hidden]``: each token's experts' outputs weighted by its routing weights and
+    summed, as transformers' fused ``*Experts`` modules compute it (indices equal to the number of
+    experts mean "no expert", as there).
+    """
+
+    def __init__(self, n_experts: int, hidden: int, intermediate: int, act_fn: nn.Module, device=None, dtype=None):
+        super().__init__([ExpertMLP(hidden, intermediate, act_fn, device, dtype) for _ in range(n_experts)])
+
+    @classmethod
+    def from_fused(cls, fused: nn.Module) -> ExpertLinears:
+        """The same experts as transformers' fused module ``fused`` (weights copied; meta stays meta)."""
+        gate_up, down = fused.gate_up_proj, fused.down_proj
+        n, two_i, hidden = gate_up.shape
+        inter = two_i // 2
+        new = cls(n, hidden, inter, fused.act_fn, device=gate_up.device, dtype=gate_up.dtype)
+        if gate_up.device.type != "meta":
+            with torch.no_grad():
+                for e, expert in enumerate(new):
+                    expert.gate_proj.weight.copy_(gate_up[e, :inter])
+                    expert.up_proj.weight.copy_(gate_up[e, inter:])
+                    expert.down_proj.weight.copy_(down[e])
+        return new
+
+    def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+                ) -> torch.Tensor:
+        out = torch.zeros_like(hidden_states)
+        for e, expert in enumerate(self):
+            token_idx, slot = torch.where(top_k_index == e)
+            if token_idx.numel() == 0:
+                continue
+            y = expert(hidden_states[token_idx]) * top_k_weights[token_idx, slot, None]
+            out.index_add_(0, token_idx, y.to(out.dtype))
+        return out
+
+
+def is_fused_experts(module: nn.Module) -> bool:
+    """Whether ``module`` is a transformers fused-experts module (3-D ``gate_up_proj`` and ``down_proj``)."""
+    gu, down = getattr(module, "gate_up_proj", None), getattr(module, "down_proj", None)
+    return (isinstance(gu, torch.Tensor) and isinstance(down, torch.Tensor) and gu.ndim == 3 and down.ndim == 3
+            and not isinstance(module, ExpertLinears))
+
+
+def swap_in_expert_linears(model: nn.Module) -> list[str]:
+    """Replace every fused-experts module of ``model`` by an :class:`ExpertLinears` (in place, same
+    outputs); returns the names of the replaced modules."""
+    names = [n for n, m in model.named_modules() if is_fused_experts(m)]
+    for name in names:
+        parent, _, child = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        setattr(owner, child, ExpertLinears.from_fused(owner.get_submodule(child)))
+    return names
