@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass, replace
 
 from quant.errors import QtoolError
-from quant.layouts import INTERNLM2, INTERNLM3, Layout
+from quant.layouts import INTERNLM2, INTERNLM3, MIXTRAL, MOE, Layout
 
 
 @dataclass(frozen=True)
@@ -43,6 +43,8 @@ class Arch:
     # How the family's checkpoints differ from the native transformers class that runs it (remote-code
     # families: names, fused tensors, config); None where they are that class's own checkpoints.
     layout: Layout | None = None
+    moe: bool = False  # routed experts (quant.moe.ExpertLinears): one linear per expert and projection
+    keep_full: tuple[str, ...] = ()  # linears kept in full precision by design (routers), matched by name suffix
 
 
 def _llama_like(norm_offset: float = 0.0, post_attn_norm: str = "post_attention_layernorm", needs_bos=False) -> Arch:
@@ -104,6 +106,18 @@ _OPT = Arch(
     v_proj="self_attn.v_proj",
 )
 
+def _moe(layout: Layout, attention: bool = True) -> Arch:
+    """A mixture-of-experts row: Llama-style attention (scale groups for it only), routed experts found
+    at run time (every ``nn.Linear`` of a block is quantized), routers and shared-expert gates in full
+    precision. ``attention=False``: an attention of another shape (DeepSeek's latent attention)."""
+    keep = ("mlp.gate", "mlp.shared_expert_gate")
+    if not attention:
+        return Arch(blocks="model.layers", linears=(), sequential=(), scale_groups=(), k_proj=None, v_proj=None,
+                    layout=layout, moe=True, keep_full=keep)
+    return replace(_LLAMA, linears=_LLAMA.linears[:4], sequential=_LLAMA.sequential[:2],
+                   scale_groups=_LLAMA.scale_groups[:2], layout=layout, moe=True, keep_full=keep)
+
+
 ARCHITECTURES: dict[str, Arch] = {
     "llama": _LLAMA,
     "mistral": _LLAMA,
@@ -117,6 +131,12 @@ ARCHITECTURES: dict[str, Arch] = {
     "gemma2": _GEMMA,
     "gemma3_text": _GEMMA,
     "phi3": _PHI3,
+    "qwen2_moe": _moe(MOE),
+    "qwen3_moe": _moe(MOE),
+    "olmoe": _moe(MOE),
+    "mixtral": _moe(MIXTRAL),
+    "deepseek_v2": _moe(MOE, attention=False),
+    "deepseek_v3": _moe(MOE, attention=False),
     "opt": _OPT,
 }
 

@@ -48,6 +48,7 @@ class LinearPlan:
 
 
 FP16_MAX = 65504.0
+ROUTER = "a router gate, kept in full precision by design"
 
 
 def _skip_reason(full_name: str, lin: nn.Linear, cfg: QuantConfig) -> str | None:
@@ -83,6 +84,9 @@ def plan_linears(model: nn.Module, arch: Arch, cfg: QuantConfig) -> LinearPlan:
                 continue
             full = f"{arch.blocks}.{i}.{name}"
             all_names.append((full, name))
+            if any(name == k or name.endswith("." + k) for k in arch.keep_full):
+                plan.skipped[full] = ROUTER
+                continue
             reason = _skip_reason(full, mod, cfg)
             if reason:
                 plan.skipped[full] = reason
@@ -94,7 +98,8 @@ def plan_linears(model: nn.Module, arch: Arch, cfg: QuantConfig) -> LinearPlan:
         reasons = sorted(set(plan.skipped.values()))
         raise QtoolError(f"no linear layer can be quantized with these settings ({'; '.join(reasons)})")
     for full, reason in plan.skipped.items():
-        log.warning("%s stays in full precision: %s", full, reason)
+        if reason != ROUTER:
+            log.warning("%s stays in full precision: %s", full, reason)
     return plan
 
 

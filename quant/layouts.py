@@ -38,18 +38,21 @@ _QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
 
 
 @dataclass(frozen=True)
-class Heads:
-    """The attention shape the fused rows follow."""
+class Shape:
+    """What fused tensors are split by: the attention heads (fused q, k, v rows), the routed experts."""
 
     n_heads: int
     n_kv_heads: int
     head_dim: int
+    n_experts: int = 0
 
     @classmethod
-    def of(cls, config) -> Heads:
+    def of(cls, config) -> Shape:
         heads = config.num_attention_heads
+        experts = next((getattr(config, k) for k in ("num_experts", "num_local_experts", "n_routed_experts")
+                        if getattr(config, k, None)), 0)
         return cls(heads, getattr(config, "num_key_value_heads", None) or heads,
-                   getattr(config, "head_dim", None) or config.hidden_size // heads)
+                   getattr(config, "head_dim", None) or config.hidden_size // heads, experts)
 
 
 @dataclass(frozen=True)
@@ -61,12 +64,15 @@ class Layout:
     ``renames``: ``(stored, native)`` regular expressions over whole tensor names, applied
     in order (the reverse direction uses ``reverse``); ``fused_qkv``: the stored name of a
     fused q, k, v projection relative to a block (``attention.wqkv``), with ``qkv`` the
-    native projections it splits into.
+    native projections it splits into. Every layout also reads routed experts stored fused, as
+    transformers 5 holds them (``experts.gate_up_proj [E, 2I, H]``, gate rows first, and
+    ``experts.down_proj [E, H, I]``), as one tensor per expert and projection
+    (``experts.{e}.gate_proj.weight``..., :mod:`quant.moe`); they are written per expert.
     """
 
     name: str
-    native: str
-    config: Callable[[dict], dict]
+    native: str = ""
+    config: Callable[[dict, str], dict] | None = None  # None: transformers reads config.json natively
     renames: tuple[tuple[str, str], ...] = ()
     reverse: tuple[tuple[str, str], ...] = ()
     fused_qkv: str | None = None
@@ -80,6 +86,8 @@ class Layout:
         """The transformers config of the native class for the stored ``config.json`` dict."""
         from transformers import AutoConfig
 
+        if self.config is None:
+            raise ValueError(f"the {self.name} layout reads config.json natively")
         fields = self.config(stored, where)
         return AutoConfig.for_model(self.native, **fields)
 
@@ -90,8 +98,14 @@ class Layout:
             name = re.sub(pattern, repl, name)
         return name
 
-    def native_names(self, stored: str) -> list[str]:
-        """The native tensors stored tensor ``stored`` holds (three for a fused projection)."""
+    def native_names(self, stored: str, shape: Shape) -> list[str]:
+        """The native tensors stored tensor ``stored`` holds (three for a fused q, k, v projection, one
+        or two per expert for fused experts)."""
+        experts = _FUSED_EXPERTS.search(stored)
+        if experts:
+            base = self.native_name(stored[:experts.start()] + ".x").removesuffix(".x")
+            projs = ("gate_proj", "up_proj") if experts.group(1) == "gate_up_proj" else ("down_proj",)
+            return [f"{base}.experts.{e}.{p}.weight" for e in range(shape.n_experts) for p in projs]
         if self.fused_qkv and f".{self.fused_qkv}." in stored:
             prefix, leaf = stored.rsplit(f".{self.fused_qkv}.", 1)
             base = self.native_name(f"{prefix}.x").removesuffix(".x")
@@ -99,7 +113,7 @@ class Layout:
         return [self.native_name(stored)]
 
     def stored_name(self, name: str) -> str:
-        """The stored tensor that holds native tensor ``name`` (the fused one for q, k, v)."""
+        """The name qtool writes native tensor ``name`` under (the fused one for q, k, v)."""
         for pattern, repl in self.reverse:
             name = re.sub(pattern, repl, name)
         if self.fused_qkv:
@@ -109,24 +123,30 @@ class Layout:
 
     # --- tensors ------------------------------------------------------------------------------------
 
-    def to_native(self, tensors: dict[str, torch.Tensor], heads: Heads, fmt: Format | None = None,
+    def to_native(self, tensors: dict[str, torch.Tensor], shape: Shape, fmt: Format | None = None,
                   bits: int = 0, group_size: int = 0) -> dict[str, torch.Tensor]:
         """Stored tensors -> native ones. A fused projection's tensors must all be in ``tensors``
         (quantized ones are unpacked with ``fmt``, split by rows and packed again)."""
         out, fused = {}, {}
         for name, t in tensors.items():
-            if self.fused_qkv and f".{self.fused_qkv}." in name:
+            if _FUSED_EXPERTS.search(name) and t.ndim == 3:
+                names = self.native_names(name, shape)
+                if t.shape[0] != shape.n_experts:
+                    raise QtoolError(f"{name}: holds {t.shape[0]} experts, but config.json says {shape.n_experts}")
+                parts = [x for e in t for x in (e.chunk(2) if name.endswith("gate_up_proj") else (e,))]
+                out.update({n: x.contiguous() for n, x in zip(names, parts)})
+            elif self.fused_qkv and f".{self.fused_qkv}." in name:
                 prefix, leaf = name.rsplit(f".{self.fused_qkv}.", 1)
                 fused.setdefault(prefix, {})[leaf] = t
             else:
                 out[self.native_name(name)] = t
         for prefix, parts in fused.items():
             base = self.native_name(f"{prefix}.x").removesuffix(".x")
-            for proj, leaves in zip(self.qkv, _split(parts, heads, fmt, bits, group_size, f"{prefix}.{self.fused_qkv}")):
+            for proj, leaves in zip(self.qkv, _split(parts, shape, fmt, bits, group_size, f"{prefix}.{self.fused_qkv}")):
                 out.update({f"{base}.{proj}.{leaf}": t for leaf, t in leaves.items()})
         return out
 
-    def to_stored(self, tensors: dict[str, torch.Tensor], heads: Heads, fmt: Format | None = None,
+    def to_stored(self, tensors: dict[str, torch.Tensor], shape: Shape, fmt: Format | None = None,
                   bits: int = 0, group_size: int = 0) -> dict[str, torch.Tensor]:
         """Native tensors -> stored ones (the inverse of :meth:`to_native`); q, k and v of a block
         must all be in ``tensors``."""
@@ -144,72 +164,75 @@ class Layout:
                 raise QtoolError(f"{where}: q, k and v are not all quantized alike (or not all present), so they "
                                  f"cannot be fused into {self.fused_qkv}; quantize all three or skip all three")
             stored = self.stored_name(f"{prefix}.{self.qkv[0]}.x").removesuffix(".x")
-            out.update({f"{stored}.{leaf}": t for leaf, t in _fuse(q, k, v, heads, fmt, bits, group_size,
+            out.update({f"{stored}.{leaf}": t for leaf, t in _fuse(q, k, v, shape, fmt, bits, group_size,
                                                                      where).items()})
         return out
+
+
+_FUSED_EXPERTS = re.compile(r"\.experts\.(gate_up_proj|down_proj)$")
 
 
 # --- the fused rows ----------------------------------------------------------------------------------
 
 
-def _row_order(heads: Heads) -> torch.Tensor:
+def _row_order(shape: Shape) -> torch.Tensor:
     """Fused row -> row of ``cat(q, k, v)``: the interleave of :class:`Layout`'s docstring."""
-    g, d, kv = heads.n_heads // heads.n_kv_heads, heads.head_dim, heads.n_kv_heads
+    g, d, kv = shape.n_heads // shape.n_kv_heads, shape.head_dim, shape.n_kv_heads
     q = torch.arange(kv * g * d).reshape(kv, g, d)
     k = kv * g * d + torch.arange(kv * d).reshape(kv, 1, d)
     v = kv * g * d + kv * d + torch.arange(kv * d).reshape(kv, 1, d)
     return torch.cat([q, k, v], dim=1).reshape(-1)
 
 
-def _sizes(heads: Heads) -> list[int]:
-    return [heads.n_heads * heads.head_dim, heads.n_kv_heads * heads.head_dim, heads.n_kv_heads * heads.head_dim]
+def _sizes(shape: Shape) -> list[int]:
+    return [shape.n_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim, shape.n_kv_heads * shape.head_dim]
 
 
-def _check_heads(heads: Heads, where: str) -> None:
-    if heads.n_heads % heads.n_kv_heads:
-        raise QtoolError(f"{where}: {heads.n_heads} attention heads are not a multiple of {heads.n_kv_heads} "
-                         "key/value heads; the fused q, k, v layout needs whole groups")
+def _check_heads(shape: Shape, where: str) -> None:
+    if shape.n_heads % shape.n_kv_heads:
+        raise QtoolError(f"{where}: {shape.n_heads} attention shape are not a multiple of {shape.n_kv_heads} "
+                         "key/value shape; the fused q, k, v layout needs whole groups")
 
 
-def _fuse_rows(ts: list[torch.Tensor], heads: Heads) -> torch.Tensor:
-    return torch.cat(ts)[_row_order(heads)]
+def _fuse_rows(ts: list[torch.Tensor], shape: Shape) -> torch.Tensor:
+    return torch.cat(ts)[_row_order(shape)]
 
 
-def _split_rows(t: torch.Tensor, heads: Heads) -> list[torch.Tensor]:
-    inverse = torch.argsort(_row_order(heads))
-    return list(t[inverse].split(_sizes(heads)))
+def _split_rows(t: torch.Tensor, shape: Shape) -> list[torch.Tensor]:
+    inverse = torch.argsort(_row_order(shape))
+    return list(t[inverse].split(_sizes(shape)))
 
 
-def _fuse(q: dict, k: dict, v: dict, heads: Heads, fmt, bits, group_size, where) -> dict[str, torch.Tensor]:
-    _check_heads(heads, where)
+def _fuse(q: dict, k: dict, v: dict, shape: Shape, fmt, bits, group_size, where) -> dict[str, torch.Tensor]:
+    _check_heads(shape, where)
     out = {}
     if "bias" in q:
-        out["bias"] = _fuse_rows([q["bias"], k["bias"], v["bias"]], heads)
+        out["bias"] = _fuse_rows([q["bias"], k["bias"], v["bias"]], shape)
     if "weight" in q:
-        out["weight"] = _fuse_rows([q["weight"], k["weight"], v["weight"]], heads)
+        out["weight"] = _fuse_rows([q["weight"], k["weight"], v["weight"]], shape)
     if "qweight" in q:
         pws = [fmt.unpack({n: t for n, t in p.items() if n in _QUANT_LEAVES}, bits, group_size) for p in (q, k, v)]
         g_idx = [pw.g_idx for pw in pws]
         if any((a is None) != (g_idx[0] is None) or (a is not None and not torch.equal(a, g_idx[0])) for a in g_idx):
             raise QtoolError(f"{where}: q, k and v were quantized with different act-order column orders, which "
                              "one fused projection cannot hold; quantize without act-order")
-        fused = PackedWeight(_fuse_rows([p.q for p in pws], heads), _fuse_rows([p.scale for p in pws], heads),
-                             _fuse_rows([p.zero for p in pws], heads), bits, group_size, g_idx[0])
+        fused = PackedWeight(_fuse_rows([p.q for p in pws], shape), _fuse_rows([p.scale for p in pws], shape),
+                             _fuse_rows([p.zero for p in pws], shape), bits, group_size, g_idx[0])
         out.update(fmt.pack(fused))
     return out
 
 
-def _split(parts: dict, heads: Heads, fmt, bits, group_size, where) -> list[dict[str, torch.Tensor]]:
-    _check_heads(heads, where)
-    rows = sum(_sizes(heads))
+def _split(parts: dict, shape: Shape, fmt, bits, group_size, where) -> list[dict[str, torch.Tensor]]:
+    _check_heads(shape, where)
+    rows = sum(_sizes(shape))
     out: list[dict] = [{}, {}, {}]
     for leaf in ("weight", "bias"):
         if leaf in parts:
             if parts[leaf].shape[0] != rows:
                 raise QtoolError(f"{where}.{leaf}: has {parts[leaf].shape[0]} rows, but config.json's attention "
-                                 f"({heads.n_heads} heads, {heads.n_kv_heads} key/value heads of {heads.head_dim}) "
+                                 f"({shape.n_heads} shape, {shape.n_kv_heads} key/value shape of {shape.head_dim}) "
                                  f"needs {rows}")
-            for o, t in zip(out, _split_rows(parts[leaf], heads)):
+            for o, t in zip(out, _split_rows(parts[leaf], shape)):
                 o[leaf] = t.contiguous()
     if "qweight" in parts:
         if fmt is None:
@@ -217,7 +240,7 @@ def _split(parts: dict, heads: Heads, fmt, bits, group_size, where) -> list[dict
         pw = fmt.unpack({n: t for n, t in parts.items() if n in _QUANT_LEAVES}, bits, group_size)
         if pw.q.shape[0] != rows:
             raise QtoolError(f"{where}: packs {pw.q.shape[0]} rows, but config.json's attention needs {rows}")
-        for o, q, s, z in zip(out, _split_rows(pw.q, heads), _split_rows(pw.scale, heads), _split_rows(pw.zero, heads)):
+        for o, q, s, z in zip(out, _split_rows(pw.q, shape), _split_rows(pw.scale, shape), _split_rows(pw.zero, shape)):
             o.update(fmt.pack(PackedWeight(q.contiguous(), s.contiguous(), z.contiguous(), bits, group_size, pw.g_idx)))
     return out
 
@@ -289,3 +312,24 @@ INTERNLM2 = Layout(
 )
 
 INTERNLM3 = Layout(name="InternLM3", native="llama", config=_internlm3_config, only_without_native=True)
+
+# Mixtral's Hub checkpoints name its MoE block and expert projections differently from transformers 5's
+# class (``block_sparse_moe``, ``w1``/``w3``/``w2``); vLLM's Mixtral loader reads those names.
+MIXTRAL = Layout(
+    name="Mixtral",
+    renames=(
+        (r"\.block_sparse_moe\.", ".mlp."),
+        (r"\.experts\.(\d+)\.w1\.", r".experts.\1.gate_proj."),
+        (r"\.experts\.(\d+)\.w3\.", r".experts.\1.up_proj."),
+        (r"\.experts\.(\d+)\.w2\.", r".experts.\1.down_proj."),
+    ),
+    reverse=(
+        (r"\.mlp\.", ".block_sparse_moe."),
+        (r"\.experts\.(\d+)\.gate_proj\.", r".experts.\1.w1."),
+        (r"\.experts\.(\d+)\.up_proj\.", r".experts.\1.w3."),
+        (r"\.experts\.(\d+)\.down_proj\.", r".experts.\1.w2."),
+    ),
+)
+
+# The other MoE families: the Hub's per-expert names are the native ones; only fused experts are converted.
+MOE = Layout(name="MoE")

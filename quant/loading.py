@@ -14,6 +14,7 @@ from quant.errors import QtoolError
 from quant.formats.spec import CheckpointSpec, read_spec
 from quant.gptq_checkpoints import read_qzeros, resolve_convention
 from quant.modules import QuantLinear
+from quant.moe import swap_in_expert_linears
 
 log = logging.getLogger(__name__)
 _QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
@@ -80,6 +81,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     dtype = model_io.torch_dtype(dtype) if isinstance(dtype, str) else dtype
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    swap_in_expert_linears(model)  # routed experts as per-expert linears, as qtool writes them
     stored = tensor_index(path)
     if spec.format.quant_method == "gptq":  # v1 or v2 zeros: the declaration, checked against the tensors
         spec = resolve_convention(spec, read_qzeros(stored, {k.removesuffix(".qweight") for k in stored
@@ -128,15 +130,15 @@ class _Reader:
     remote-code family's names mapped, its fused q, k, v split once all of their tensors are read)."""
 
     def __init__(self, stored: dict, layout, config, spec: CheckpointSpec):
-        from quant.layouts import Heads
+        from quant.layouts import Shape
 
         self.stored, self.layout, self.spec = stored, layout, spec
-        self.heads = Heads.of(config) if layout is not None else None
+        self.shape = Shape.of(config) if layout is not None else None
 
     def native_index(self) -> dict:
         if self.layout is None:
             return self.stored
-        return {n: f for k, f in self.stored.items() for n in self.layout.native_names(k)}
+        return {n: f for k, f in self.stored.items() for n in self.layout.native_names(k, self.shape)}
 
     def _group(self, name: str) -> str | None:
         fused = self.layout.fused_qkv if self.layout is not None else None
@@ -162,7 +164,7 @@ class _Reader:
             for g in [g for g, got in pending.items() if set(got) == want[g]]:
                 shard.update(pending.pop(g))
             if self.layout is not None:
-                shard = self.layout.to_native(shard, self.heads, self.spec.format, self.spec.bits,
+                shard = self.layout.to_native(shard, self.shape, self.spec.format, self.spec.bits,
                                               self.spec.group_size)
             yield f, shard
 

@@ -93,7 +93,7 @@ def model_config(model_dir: str | os.PathLike):
     where = f"{Path(model_dir) / 'config.json'}"
     try:
         layout = _layout(cfg)
-        if layout is not None:
+        if layout is not None and layout.config is not None:
             return layout.native_config(cfg, where)
         return AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (ValueError, OSError, KeyError, TypeError) as e:

@@ -23,6 +23,7 @@ from safetensors import safe_open
 from torch import nn
 
 from quant import heap, model_io
+from quant.moe import swap_in_expert_linears
 from quant.errors import QtoolError
 
 log = logging.getLogger(__name__)
@@ -41,7 +42,7 @@ class SourceModel:
         from transformers import AutoModelForCausalLM
 
         from quant.arch import layout_of
-        from quant.layouts import Heads
+        from quant.layouts import Shape
 
         self.dir = Path(model_dir)
         self.files = model_io.weight_files(model_dir)
@@ -49,12 +50,15 @@ class SourceModel:
         # A remote-code family's checkpoint (quant.layouts) is read under the native class's names.
         self.layout = layout_of(model_io.read_config(model_dir))
         config = model_io.model_config(model_dir)
-        self.heads = Heads.of(config) if self.layout is not None else None
+        self.shape = Shape.of(config) if self.layout is not None else None
         self.stored = self._read_index()  # stored tensor name -> file
-        self.index = {n: f for k, f in self.stored.items() for n in self._native_names(k)}  # native name -> file
+        # native name -> the stored tensor holding it, and its file
+        self._from = {n: k for k in self.stored for n in self._native_names(k)}
+        self.index = {n: self.stored[k] for n, k in self._from.items()}
         self.dtype = self._stored_dtype()
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+        swap_in_expert_linears(self.model)  # routed experts as one nn.Linear per expert and projection
         self.model.eval()
         self.blocks_path = blocks_path
         # Tensors old checkpoints carry that transformers ignores on load (e.g. rotary inv_freq buffers).
@@ -83,10 +87,11 @@ class SourceModel:
         return index
 
     def _native_names(self, stored: str) -> list[str]:
-        return [stored] if self.layout is None else self.layout.native_names(stored)
+        return [stored] if self.layout is None else self.layout.native_names(stored, self.shape)
 
     def _stored_name(self, name: str) -> str:
-        return name if self.layout is None else self.layout.stored_name(name)
+        """The stored tensor that holds native tensor ``name`` (as the source names it)."""
+        return self._from.get(name, name)
 
     def _read_stored(self, stored: str) -> torch.Tensor:
         f = self.stored[stored]
@@ -102,7 +107,7 @@ class SourceModel:
         if self.layout is None:
             return {n: self._read_stored(n) for n in names}
         stored = {self._stored_name(n) for n in names}
-        native = self.layout.to_native({k: self._read_stored(k) for k in sorted(stored)}, self.heads)
+        native = self.layout.to_native({k: self._read_stored(k) for k in sorted(stored)}, self.shape)
         return {n: native[n] for n in names}
 
     def tensor(self, name: str) -> torch.Tensor:
@@ -115,11 +120,13 @@ class SourceModel:
         identity for families transformers runs natively); packed ones in layout ``fmt``."""
         if self.layout is None:
             return tensors
-        return self.layout.to_stored(tensors, self.heads, fmt, bits, group_size)
+        return self.layout.to_stored(tensors, self.shape, fmt, bits, group_size)
 
     def stored_module(self, name: str) -> str:
-        """The source's name for the native module ``name`` (e.g. for ``modules_to_not_convert``)."""
-        return self._stored_name(f"{name}.weight").removesuffix(".weight")
+        """The name the checkpoint gives the native module ``name`` (e.g. in ``modules_to_not_convert``)."""
+        if self.layout is None:
+            return name
+        return self.layout.stored_name(f"{name}.weight").removesuffix(".weight")
 
     def stored_dtype_of(self, name: str) -> torch.dtype | None:
         """The dtype tensor ``name`` (its native name) is stored in, read from the file header (no data read)."""

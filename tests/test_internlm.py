@@ -119,9 +119,9 @@ def test_gptq_act_order_gives_q_k_and_v_one_column_order(tmp_path):
 
 def test_fused_projection_splits_and_fuses_back_bit_exactly():
     from quant.formats import PackedWeight
-    from quant.layouts import INTERNLM2, Heads
+    from quant.layouts import INTERNLM2, Shape
 
-    heads = Heads(8, 2, 16)
+    shape = Shape(8, 2, 16)
     g = torch.Generator().manual_seed(0)
     rows = (8 + 2 * 2) * 16
     pw = PackedWeight(torch.randint(0, 16, (rows, 64), generator=g, dtype=torch.int32),
@@ -130,10 +130,10 @@ def test_fused_projection_splits_and_fuses_back_bit_exactly():
         fmt = get_format(name)
         stored = {f"model.layers.3.attention.wqkv.{k}": t for k, t in fmt.pack(pw).items()}
         stored["model.layers.3.attention.wqkv.bias"] = torch.randn(rows, generator=g)
-        native = INTERNLM2.to_native(stored, heads, fmt, 4, 32)
+        native = INTERNLM2.to_native(stored, shape, fmt, 4, 32)
         q = native["model.layers.3.self_attn.q_proj.bias"]
         assert torch.equal(q, _split_fused(stored["model.layers.3.attention.wqkv.bias"], 8, 2, 16)[0])
-        back = INTERNLM2.to_stored(native, heads, fmt, 4, 32)
+        back = INTERNLM2.to_stored(native, shape, fmt, 4, 32)
         assert back.keys() == stored.keys() and all(torch.equal(back[k], stored[k]) for k in stored)
 
 

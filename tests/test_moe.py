@@ -21,7 +21,7 @@ MOE_CONFIGS = {
     "olmoe": dict(_MOE, num_experts=8, num_experts_per_tok=2, intermediate_size=32),
     "deepseek_v3": dict(_MOE, n_routed_experts=8, num_experts_per_tok=2, moe_intermediate_size=32,
                         intermediate_size=128, n_shared_experts=1, first_k_dense_replace=1, n_group=1, topk_group=1,
-                        kv_lora_rank=16, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
+                        kv_lora_rank=32, q_lora_rank=None, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16),
 }
 
 
@@ -65,3 +65,82 @@ def test_fused_gate_up_rows_split_gate_first():
     assert torch.equal(experts[3].down_proj.weight, fused.down_proj[3])
     meta_fused = type(fused)(model.config).to("meta")  # a streamed skeleton's experts: no weights to copy
     assert ExpertLinears.from_fused(meta_fused)[0].gate_proj.weight.is_meta
+
+
+def _save(model, path, fused: bool = False):
+    """``model`` as a Hub checkpoint (per-expert names), or ``fused``: its transformers 5 state dict as is."""
+    from safetensors.torch import save_file
+    from tiny_models import byte_tokenizer
+
+    model.save_pretrained(path)
+    if fused:
+        (path / "model.safetensors").unlink()
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path / "model.safetensors"),
+                  metadata={"format": "pt"})
+    byte_tokenizer().save_pretrained(path)
+    return path
+
+
+@pytest.mark.parametrize("model_type", sorted(MOE_CONFIGS))
+def test_rtn_quantizes_every_expert_and_reloads(tmp_path, model_type):
+    import json
+
+    from safetensors.torch import load_file
+
+    import quant
+    from quant import model_io, qmath
+
+    model = tiny_moe(model_type)
+    src = _save(model, tmp_path / "src")
+    report = quant.quantize(src, tmp_path / "q", method="rtn", bits=4, group_size=32, progress=False)
+    got = load_file(tmp_path / "q" / "model.safetensors")
+    moe_key = "block_sparse_moe" if model_type == "mixtral" else "mlp"
+    projs = ("w1", "w3", "w2") if model_type == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+    moe_layers = [i for i in range(2) if f"model.layers.{i}.{moe_key}.experts.0.{projs[0]}.qweight" in got]
+    assert moe_layers == ([1] if model_type == "deepseek_v3" else [0, 1])  # deepseek: a dense first layer
+    for i in moe_layers:
+        for e in range(8):
+            for proj in projs:
+                assert f"model.layers.{i}.{moe_key}.experts.{e}.{proj}.qweight" in got
+    assert not [k for k in got if k.endswith("gate_up_proj") or (k.endswith(".gate.weight") is False and got[k].ndim == 3)]
+    skipped = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert not [s for s in skipped or [] if "experts." in s]
+    assert report.n_quantized >= 2 * 8 * 3 - (8 * 3 if model_type == "deepseek_v3" else 0)
+
+    fp = model_io.load_fp_model(src)  # the per-expert reference, fake-quantized like the checkpoint
+    with torch.no_grad():
+        for name, mod in fp.named_modules():
+            if isinstance(mod, torch.nn.Linear) and "layers." in name and not name.endswith(("mlp.gate", "shared_expert_gate")):
+                mod.weight.copy_(qmath.fake_quantize(mod.weight.float(), 4, 32).to(mod.weight.dtype))
+    q = quant.load(tmp_path / "q", dtype=torch.float32)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        torch.testing.assert_close(q(ids).logits, fp(ids).logits, rtol=1e-3, atol=1e-3)  # RTN itself moves them ~1e-1
+    assert q.generate(ids[:1, :6], max_new_tokens=4, do_sample=False).shape == (1, 10)
+
+
+def test_fused_and_per_expert_sources_give_the_same_checkpoint(tmp_path):
+    from safetensors.torch import load_file
+
+    import quant
+
+    model = tiny_moe("qwen3_moe")
+    a = _save(model, tmp_path / "hub")
+    b = _save(model, tmp_path / "fused", fused=True)
+    from safetensors import safe_open
+    with safe_open(str(b / "model.safetensors"), "pt") as f:
+        assert "model.layers.0.mlp.experts.gate_up_proj" in f.keys()
+    for src in (a, b):
+        quant.quantize(src, tmp_path / f"q-{src.name}", method="rtn", bits=4, group_size=32, progress=False)
+    x, y = (load_file(tmp_path / f"q-{n}" / "model.safetensors") for n in ("hub", "fused"))
+    assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
+
+
+def test_awq_and_gptq_on_moe_are_refused_in_one_sentence(tmp_path, capsys):
+    from test_bad_input import assert_refused, run_cli
+
+    src = _save(tiny_moe("qwen3_moe"), tmp_path / "src")
+    for method in ("awq", "gptq"):
+        code, err = run_cli([method, src, "-o", tmp_path / method, "--group-size", "32"], capsys)
+        assert_refused(code, err, "mixture-of-experts", "rtn")
+        assert not (tmp_path / method).exists()
