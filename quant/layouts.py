@@ -112,6 +112,12 @@ class Layout:
             return [f"{base}.{proj}.{leaf}" for proj in self.qkv]
         return [self.native_name(stored)]
 
+    def native_modules(self, stored: str, shape: Shape) -> list[str]:
+        """The native modules that stored module name ``stored`` (a whole name or a tail such as
+        ``feed_forward.w2`` or ``attention.wqkv``) stands for: three for a fused q, k, v projection."""
+        names = self.native_names(f".{stored}.weight", shape)
+        return [n.removeprefix(".").removesuffix(".weight") for n in names]
+
     def stored_name(self, name: str) -> str:
         """The name qtool writes native tensor ``name`` under (the fused one for q, k, v)."""
         for pattern, repl in self.reverse:

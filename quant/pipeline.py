@@ -142,6 +142,8 @@ def quantize(
         saved = resume.load(tmp)
         if cfg.needs_calibration:
             model_io.check_seqlen(src.model, cfg.seqlen)
+        if src.layout is not None and cfg.skip:  # --skip in the checkpoint's own names (feed_forward.w2, attention.wqkv)
+            cfg = cfg.with_(skip=tuple(dict.fromkeys(n for s in cfg.skip for n in src.layout.native_modules(s, src.shape))))
         plan = plan_linears(src.model, arch, cfg)
         dtype = output_dtype(cfg, src, {f"{arch.blocks}.{i}.{n}.weight" for i, names in enumerate(plan.quantize)
                                         for n in names})

@@ -183,3 +183,23 @@ def test_a_wqkv_that_does_not_match_the_config_is_one_sentence(tmp_path, capsys)
     code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert_refused(code, err, "attention.wqkv.weight", "128 rows", "needs 192")
     assert not (tmp_path / "q").exists()
+
+
+def test_skip_takes_internlm2s_own_names(tmp_path):
+    """--skip feed_forward.w2 / attention.wqkv: kept in full precision, fused, and declared under InternLM2's names."""
+    src = save_internlm2(llama(4, 2), tmp_path / "m")
+    quant.quantize(src, tmp_path / "q", method="rtn", bits=4, group_size=32, progress=False,
+                   skip=("feed_forward.w2", "attention.wqkv"))
+    got = load_file(tmp_path / "q" / "model.safetensors")
+    source = load_file(src / "model.safetensors")
+    for i in range(2):
+        p = f"model.layers.{i}."
+        assert torch.equal(got[p + "attention.wqkv.weight"], source[p + "attention.wqkv.weight"].half())  # float16 output
+        assert torch.equal(got[p + "feed_forward.w2.weight"], source[p + "feed_forward.w2.weight"].half())
+        assert p + "feed_forward.w1.qweight" in got
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    skipped = config["quantization_config"]["modules_to_not_convert"]
+    assert {f"model.layers.{i}.{m}" for i in range(2) for m in ("attention.wqkv", "feed_forward.w2")} <= set(skipped)
+    assert not [s for s in skipped if "self_attn" in s or "mlp." in s]
+    model = quant.load(tmp_path / "q", dtype=torch.float32)
+    assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
