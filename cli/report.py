@@ -26,6 +26,7 @@ def print_quant_report(r, verbose: bool = False) -> None:
         ["linears quantized", r.n_quantized],
         ["linears kept in full precision", len(r.skipped)],
         *_guard_rows(r),
+        *_expert_rows(r),
         *([["resumed at", f"block {r.resumed_from} (the blocks before it were finished by a stopped run; "
                            "time and peak memory are this run's)"]] if getattr(r, "resumed_from", None) else []),
         ["time", f"{r.seconds:.1f} s (calibration data {r.calib_seconds:.1f} s)"],
@@ -36,6 +37,19 @@ def print_quant_report(r, verbose: bool = False) -> None:
         ["written to", r.out],
     ]
     click.echo(tabulate(rows, tablefmt="simple"))
+
+
+def _expert_rows(r) -> list[list]:
+    """Mixture-of-experts blocks: routed calibration tokens per expert, and the experts whose statistics
+    came from every token (too few routed to them)."""
+    moe = [b for b in r.blocks if "expert tokens min/med/max" in b.info]
+    if not moe:
+        return []
+    lo, med, hi = zip(*(map(int, b.info["expert tokens min/med/max"].split("/")) for b in moe))
+    fell = [f"block {b.index}: {b.info['expert fallback']}" for b in moe if b.info.get("expert fallback", "-") != "-"]
+    return [["routed tokens per expert", f"min {min(lo)}, median of medians {sorted(med)[len(med) // 2]}, "
+                                         f"max {max(hi)} over {len(moe)} MoE blocks"],
+            ["experts with statistics from every token", "; ".join(fell) if fell else "none (every expert got enough routed tokens)"]]
 
 
 def _guard_rows(r) -> list[list]:

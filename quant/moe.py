@@ -89,3 +89,62 @@ def swap_in_expert_linears(model: nn.Module) -> list[str]:
         owner = model.get_submodule(parent) if parent else model
         setattr(owner, child, ExpertLinears.from_fused(owner.get_submodule(child)))
     return names
+
+
+# --- calibration statistics per expert ---------------------------------------------------------------
+
+
+class _Captured(Exception):
+    """Raised once a block's MoE inputs are recorded: the rest of the block need not run."""
+
+
+def expert_layers(block: nn.Module) -> dict[str, ExpertLinears]:
+    """The routed-experts modules of ``block`` by name (relative to the block)."""
+    return {n: m for n, m in block.named_modules() if isinstance(m, ExpertLinears)}
+
+
+def routed_inputs(block: nn.Module, name: str, calls) -> tuple[torch.Tensor, torch.Tensor]:
+    """The inputs of the experts module ``name`` of ``block`` over the calibration ``calls``:
+    ``hidden [tokens, hidden]`` (float32) and ``top_k_index [tokens, k]``, from one forward per call
+    cut short after the experts' router ran (the linears before it compute as they are now: quantized)."""
+    hidden, index = [], []
+
+    def hook(module, args):
+        hidden.append(args[0].detach().float())
+        index.append(args[1].detach())
+        raise _Captured
+
+    handle = block.get_submodule(name).register_forward_pre_hook(hook)
+    try:
+        with torch.no_grad():
+            for call in calls:
+                try:
+                    block(call.hidden, *call.args, **call.kwargs)
+                except _Captured:
+                    pass
+    finally:
+        handle.remove()
+    return torch.cat(hidden), torch.cat(index)
+
+
+def min_expert_tokens(in_features: int) -> int:
+    """Below this many routed calibration tokens an expert's statistics come from every calibration
+    token instead (a ``[in, in]`` Hessian from fewer than ``in / 4`` rows is mostly damping)."""
+    return max(16, in_features // 4)
+
+
+def expert_tokens(hidden: torch.Tensor, index: torch.Tensor, e: int) -> tuple[torch.Tensor, int, bool]:
+    """Expert ``e``'s statistics rows: its routed tokens, or all ``hidden`` rows where it got fewer than
+    :func:`min_expert_tokens`. Returns ``(rows, routed token count, fell back)``."""
+    routed = (index == e).any(dim=-1)
+    n = int(routed.sum())
+    if n < min_expert_tokens(hidden.shape[-1]):
+        return hidden, n, True
+    return hidden[routed], n, False
+
+
+def token_summary(counts: list[int], fallback: list[str]) -> dict[str, str]:
+    """Summary columns: routed tokens per expert (min / median / max) and the experts that fell back."""
+    s = sorted(counts)
+    return {"expert tokens min/med/max": f"{s[0]}/{s[len(s) // 2]}/{s[-1]}" if s else "-",
+            "expert fallback": ",".join(fallback) or "-"}

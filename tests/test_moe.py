@@ -136,11 +136,75 @@ def test_fused_and_per_expert_sources_give_the_same_checkpoint(tmp_path):
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_awq_and_gptq_on_moe_are_refused_in_one_sentence(tmp_path, capsys):
+def test_awq_on_moe_is_refused_in_one_sentence(tmp_path, capsys):
     from test_bad_input import assert_refused, run_cli
 
     src = _save(tiny_moe("qwen3_moe"), tmp_path / "src")
-    for method in ("awq", "gptq"):
-        code, err = run_cli([method, src, "-o", tmp_path / method, "--group-size", "32"], capsys)
-        assert_refused(code, err, "mixture-of-experts", "rtn")
+    for method, extra in (("awq", []), ("gptq", ["--awq-first"])):
+        code, err = run_cli([method, src, "-o", tmp_path / method, "--group-size", "32", *extra], capsys)
+        assert_refused(code, err, "mixture-of-experts", "qtool gptq")
         assert not (tmp_path / method).exists()
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"])
+def test_gptq_solves_each_expert_on_its_routed_tokens(tmp_path, model_type, monkeypatch, capsys):
+    """GPTQ: every expert quantized on its routed tokens; an expert the (biased) router never picks gets
+    statistics from every token, is quantized all the same, and is reported in the summary."""
+    import json
+
+    import quant
+    from quant import moe
+
+    model = tiny_moe(model_type)
+    src = _save(model, tmp_path / "src")
+    router = type(model.model.layers[-1].mlp.gate)
+    real = router.forward
+    counts = []
+    real_tokens = moe.expert_tokens
+    monkeypatch.setattr(router, "forward", _masking(real, 7))
+    import quant.gptq as gptq_module
+    monkeypatch.setattr(gptq_module, "expert_tokens",
+                        lambda h, i, e: (lambda r: counts.append((e, r[1], r[2])) or r)(real_tokens(h, i, e)))
+    report = quant.quantize(src, tmp_path / "q", method="gptq", bits=4, group_size=32, n_samples=8, seqlen=64,
+                            held_out=0, progress=False)
+    from cli.report import print_quant_report
+
+    print_quant_report(report)
+    summary = capsys.readouterr().out
+    assert "routed tokens per expert" in summary and "min 0," in summary
+    assert f"block {report.blocks[-1].index}: 7" in summary  # the summary names the expert that fell back
+    assert counts and all(fb for e, n, fb in counts if e == 7) and all(n == 0 for e, n, _ in counts if e == 7)
+    assert any(n > 0 and not fb for e, n, fb in counts if e != 7)
+    rows = json.loads((tmp_path / "q" / "qtool.json").read_text())["qtool"]["report"]["blocks"]
+    moe_rows = [r for r in rows if "expert fallback" in r["info"]]
+    assert moe_rows and all("7" in r["info"]["expert fallback"].split(",") for r in moe_rows)
+    assert all(r["info"]["expert tokens min/med/max"].startswith("0/") for r in moe_rows)
+    from safetensors.torch import load_file
+    got = load_file(tmp_path / "q" / "model.safetensors")
+    key = "block_sparse_moe.experts.7.w2" if model_type == "mixtral" else "mlp.experts.7.down_proj"
+    assert f"model.layers.1.{key}.qweight" in got
+    q = quant.load(tmp_path / "q", dtype=torch.float32)
+    assert q.generate(torch.tensor([[5, 6, 7]]), max_new_tokens=3, do_sample=False).shape == (1, 6)
+
+
+def _masking(real_forward, expert: int):
+    """A router forward whose ``expert`` never makes the top-k: its logit is pushed to -1e4 before routing."""
+    import torch.nn.functional as F
+
+    def forward(self, hidden_states):
+        original = F.linear
+
+        def linear(x, w, b=None):
+            out = original(x, w, b)
+            if w is self.weight:
+                out = out.clone()
+                out[..., expert] = -1e4
+            return out
+
+        F.linear = linear
+        try:
+            return real_forward(self, hidden_states)
+        finally:
+            F.linear = original
+
+    return forward
