@@ -82,11 +82,11 @@ def output_dtype(cfg: QuantConfig, src, quantized: set[str]) -> torch.dtype:
     return torch.bfloat16
 
 
-def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", exclude: str | None = None
-                       ) -> dict[str, torch.Tensor]:
+def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", exclude: str | None = None,
+                       only: set[str] | None = None) -> dict[str, torch.Tensor]:
     """``module``'s state dict as it is written, names prefixed with ``prefix``: tied parameters once, scales
     float16, other floats in ``dtype``; names under ``exclude`` (the decoder blocks, written on their own)
-    left out.
+    left out; with ``only``, just those names.
 
     Only parameters that are the same object under two names (``lm_head`` tied to ``embed_tokens``)
     are written once; transformers re-ties them on load. Buffers are always written, even when they
@@ -99,7 +99,7 @@ def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", 
     tied = {name for name, _ in module.named_parameters(remove_duplicate=False)} - {
         name for name, _ in module.named_parameters()}
     for name, t in module.state_dict().items():
-        if name in tied or (exclude and name.startswith(exclude + ".")):
+        if name in tied or (exclude and name.startswith(exclude + ".")) or (only is not None and name not in only):
             continue
         parent, _, leaf = name.rpartition(".")
         if leaf == "scales" and parent + "." in quant_prefixes:

@@ -138,7 +138,8 @@ def quantize(
         model_io.load_tokenizer(model_dir)  # before the model loads: a missing tokenizer is one sentence, early
     key = resume.run_key(asdict(cfg), dev.type, source_fingerprint(model_dir))
     with model_io.atomic_output(out, overwrite, source=model_dir, resume_key=key, restart=restart) as tmp:
-        src = SourceModel(model_dir, arch.blocks)
+        # Embeddings and lm_head are read only where the run needs them (calibration, the whole-model check).
+        src = SourceModel(model_dir, arch.blocks, outside=cfg.needs_calibration)
         saved = resume.load(tmp)
         if cfg.needs_calibration:
             model_io.check_seqlen(src.model, cfg.seqlen)
@@ -158,8 +159,14 @@ def quantize(
             plan.quantize, plan.skipped = saved[0]["plan"]["quantize"], saved[0]["plan"]["skipped"]
         rows, artifacts, model_check, parts = _quantize_blocks(src, arch, cfg, plan, calib_ids, dev, progress,
                                                                run, dtype)
-        writer.write("outside", src.to_stored(checkpoint_tensors(src.model, dtype, exclude=arch.blocks)))
-        writer.finish(parts + ["outside"])
+        outside = []
+        for j, name in enumerate(src.outside):  # one part each: one tensor in memory at a time
+            src.load_tensor(name)
+            outside.append(f"outside-{j:05d}")
+            writer.write(outside[-1], src.to_stored(checkpoint_tensors(src.model, dtype, exclude=arch.blocks,
+                                                                       only={name})))
+            src.release_tensor(name)
+        writer.finish(parts + outside)
         seconds = time.perf_counter() - t0
         report = QuantReport(
             out=str(Path(out).absolute()), method=cfg.method, fmt=cfg.fmt, bits=cfg.bits,

@@ -38,7 +38,7 @@ class SourceModel:
     be random weights; extra ones mean another architecture).
     """
 
-    def __init__(self, model_dir: str | os.PathLike, blocks_path: str):
+    def __init__(self, model_dir: str | os.PathLike, blocks_path: str, outside: bool = True):
         from transformers import AutoModelForCausalLM
 
         from quant.arch import layout_of
@@ -65,10 +65,18 @@ class SourceModel:
         ignore = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []]
         self.index = {k: f for k, f in self.index.items() if not any(p.search(k) for p in ignore)}
         self._check_names()
-        outside = {k for k in self.index if not k.startswith(blocks_path + ".")}
-        self._assign(outside)
+        names = sorted(k for k in self.index if not k.startswith(blocks_path + "."))
+        if outside:
+            self._assign(names)
+        else:  # left on the meta device until written (load_tensor), but checked now
+            for name in names:
+                self._check_finite(name, self.tensor(name))
+        tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
+            n for n, _ in self.model.named_parameters()}
         self.model.tie_weights()
         self._rebuild_buffers()
+        # The tensors outside the blocks that a checkpoint stores (a tied lm_head is not stored).
+        self.outside = [n for n in names if n not in tied]
 
     # --- reading ------------------------------------------------------------------------------------
 
@@ -162,10 +170,28 @@ class SourceModel:
     def _assign(self, names) -> None:
         state = self.tensors(sorted(names))
         for k, t in state.items():
-            if t.is_floating_point() and not all_finite(t):
-                raise QtoolError(f"{self.dir}: weight {self._stored_name(k)} holds NaN or inf values; the model is "
-                                 "damaged, fix it first")
+            self._check_finite(k, t)
         self.model.load_state_dict(state, strict=False, assign=True)
+
+    def _check_finite(self, name: str, t: torch.Tensor) -> None:
+        if t.is_floating_point() and not all_finite(t):
+            raise QtoolError(f"{self.dir}: weight {self._stored_name(name)} holds NaN or inf values; the model is "
+                             "damaged, fix it first")
+
+    def load_tensor(self, name: str) -> None:
+        """Tensor ``name`` (outside the blocks) read into the model, if it is still on the meta device."""
+        if self.model.get_parameter_or_buffer(name).is_meta:
+            self._assign([name])
+
+    def release_tensor(self, name: str) -> None:
+        """Tensor ``name`` back on the meta device (its memory freed)."""
+        parent, _, leaf = name.rpartition(".")
+        owner = self.model.get_submodule(parent)
+        t = getattr(owner, leaf)
+        if leaf in owner._parameters:
+            owner._parameters[leaf] = nn.Parameter(t.to("meta"), requires_grad=False)
+        else:
+            owner._buffers[leaf] = t.to("meta")
 
     def _rebuild_buffers(self, within: nn.Module | None = None) -> None:
         from quant.loading import rebuild_nonpersistent_buffers
