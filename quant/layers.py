@@ -36,6 +36,18 @@ class LinearPlan:
     def n_quantized(self) -> int:
         return sum(len(b) for b in self.quantize)
 
+    def keep_together(self, i: int, linears: tuple[str, ...], prefix: str, why: str) -> None:
+        """Linears the checkpoint stores as one tensor (a fused q, k, v) are quantized all or none: where
+        block ``i`` keeps one of them in full precision, it keeps all of them."""
+        kept = [n for n in linears if n not in self.quantize[i]]
+        if not kept or len(kept) == len(linears):
+            return
+        for n in linears:
+            if n in self.quantize[i]:
+                self.quantize[i].remove(n)
+                self.skipped[prefix + n] = f"{why}, with {prefix}{kept[0]}, which stays in full precision"
+                log.warning("%s%s stays in full precision: %s", prefix, n, self.skipped[prefix + n])
+
     def check_loaded_block(self, i: int, block: nn.Module, prefix: str, cfg: QuantConfig) -> None:
         """Checks that need block ``i``'s values (the plan was made on the meta device): a linear whose group
         scale float16 cannot hold stays in full precision, with a warning."""

@@ -196,8 +196,8 @@ def _sizes(shape: Shape) -> list[int]:
 
 def _check_heads(shape: Shape, where: str) -> None:
     if shape.n_heads % shape.n_kv_heads:
-        raise QtoolError(f"{where}: {shape.n_heads} attention shape are not a multiple of {shape.n_kv_heads} "
-                         "key/value shape; the fused q, k, v layout needs whole groups")
+        raise QtoolError(f"{where}: config.json's num_attention_heads {shape.n_heads} is not a multiple of its "
+                         f"num_key_value_heads {shape.n_kv_heads}; the fused q, k, v layout needs whole groups")
 
 
 def _fuse_rows(ts: list[torch.Tensor], shape: Shape) -> torch.Tensor:
@@ -236,7 +236,7 @@ def _split(parts: dict, shape: Shape, fmt, bits, group_size, where) -> list[dict
         if leaf in parts:
             if parts[leaf].shape[0] != rows:
                 raise QtoolError(f"{where}.{leaf}: has {parts[leaf].shape[0]} rows, but config.json's attention "
-                                 f"({shape.n_heads} shape, {shape.n_kv_heads} key/value shape of {shape.head_dim}) "
+                                 f"({shape.n_heads} heads, {shape.n_kv_heads} key/value heads of {shape.head_dim}) "
                                  f"needs {rows}")
             for o, t in zip(out, _split_rows(parts[leaf], shape)):
                 o[leaf] = t.contiguous()
@@ -261,8 +261,14 @@ _SAME = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", 
 
 def _llama_fields(c: dict, where: str, bias: bool) -> dict:
     fields = {k: c[k] for k in _SAME if k in c}
+    if c.get("rope_scaling") is not None and not isinstance(c["rope_scaling"], dict):
+        raise QtoolError(f"{where}: rope_scaling {c['rope_scaling']!r} is not a mapping like "
+                         '{"type": "dynamic", "factor": 2.0}')
     rope = dict(c.get("rope_scaling") or {})
     kind = rope.pop("rope_type", rope.pop("type", "default"))
+    factor = rope.get("factor", 1.0)
+    if kind != "default" and (not isinstance(factor, (int, float)) or isinstance(factor, bool) or factor < 1):
+        raise QtoolError(f"{where}: rope_scaling factor {factor!r} is not a number of at least 1")
     if kind not in ("default", "dynamic", "linear", "llama3", "yarn"):
         raise QtoolError(f"{where}: rope_scaling {c['rope_scaling']} is not one qtool maps onto the Llama class "
                          "(dynamic, linear, llama3 or yarn)")

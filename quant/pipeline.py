@@ -130,9 +130,10 @@ def quantize(
                          "full-precision model instead")
     arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
     if arch.moe and (cfg.method == "awq" or (cfg.method == "gptq" and cfg.gptq.awq_first)):
+        what = "AWQ" if cfg.method == "awq" else "--awq-first"
         raise QtoolError(f"{model_dir}: model_type {config['model_type']!r} is a mixture-of-experts model, which qtool "
-                         f"quantizes with rtn or gptq so far (AWQ's scale groups over experts are not built yet); "
-                         f"use qtool gptq or qtool rtn")
+                         f"quantizes with rtn or gptq so far (AWQ's scale groups over experts are not built yet), so "
+                         f"{what} cannot run; use qtool gptq without --awq-first, or qtool rtn")
     dev = _device(device)
     if cfg.needs_calibration:
         model_io.load_tokenizer(model_dir)  # before the model loads: a missing tokenizer is one sentence, early
@@ -146,6 +147,8 @@ def quantize(
         if src.layout is not None and cfg.skip:  # --skip in the checkpoint's own names (feed_forward.w2, attention.wqkv)
             cfg = cfg.with_(skip=tuple(dict.fromkeys(n for s in cfg.skip for n in src.layout.native_modules(s, src.shape))))
         plan = plan_linears(src.model, arch, cfg)
+        for i in range(len(plan.quantize)):
+            _keep_fused_together(plan, src, arch, i)
         dtype = output_dtype(cfg, src, {f"{arch.blocks}.{i}.{n}.weight" for i, names in enumerate(plan.quantize)
                                         for n in names})
         t_cal = time.perf_counter()
@@ -173,7 +176,7 @@ def quantize(
             group_size=cfg.group_size, n_quantized=plan.n_quantized, skipped=plan.skipped, seconds=seconds,
             calib_seconds=calib_seconds, peak_rss_mb=peak_rss_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0,
-            source_bytes=model_io.folder_bytes(model_dir), output_bytes=model_io.folder_bytes(tmp), blocks=rows,
+            source_bytes=model_io.folder_bytes(model_dir), output_bytes=model_io.folder_bytes(tmp, ("model*.safetensors",)), blocks=rows,
             guarded=cfg.held_out_split[1] > 0 if cfg.needs_calibration else None, model_check=model_check,
             resumed_from=run.start if saved is not None else None,
         )
@@ -229,6 +232,7 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
     def load(i: int) -> None:
         src.load_block(i)
         plan.check_loaded_block(i, blocks[i], f"{arch.blocks}.{i}.", cfg)
+        _keep_fused_together(plan, src, arch, i)
 
     def process(i: int, block, inputs: BlockInputs | None) -> None:
         t = time.perf_counter()
@@ -301,6 +305,12 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
                 r.info[FALLBACK_KEY] = "rtn (whole model)" if r.info.get(FALLBACK_KEY) != "rtn" else "rtn"
             artifacts.clear()  # a replay then gives RTN everywhere too
     return rows, artifacts, model_check, parts
+
+
+def _keep_fused_together(plan, src: SourceModel, arch, i: int) -> None:
+    """q, k and v that the checkpoint stores fused (InternLM2's wqkv) are quantized all or none."""
+    if src.layout is not None and src.layout.fused_qkv:
+        plan.keep_together(i, src.layout.qkv, f"{arch.blocks}.{i}.", f"stored as one tensor ({src.layout.fused_qkv})")
 
 
 def _part(i: int, kind: str = "block") -> str:

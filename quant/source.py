@@ -51,6 +51,10 @@ class SourceModel:
         self.layout = layout_of(model_io.read_config(model_dir))
         config = model_io.model_config(model_dir)
         self.shape = Shape.of(config) if self.layout is not None else None
+        top_k = getattr(config, "num_experts_per_tok", None)
+        if self.shape is not None and self.shape.n_experts and top_k and top_k > self.shape.n_experts:
+            raise QtoolError(f"{self.dir / 'config.json'}: num_experts_per_tok {top_k} exceeds the "
+                             f"{self.shape.n_experts} experts; each token can be routed to at most all of them")
         self.stored = self._read_index()  # stored tensor name -> file
         # native name -> the stored tensor holding it, and its file
         self._from = {n: k for k in self.stored for n in self._native_names(k)}
@@ -170,6 +174,10 @@ class SourceModel:
     def _assign(self, names) -> None:
         state = self.tensors(sorted(names))
         for k, t in state.items():
+            want = tuple(self.model.get_parameter_or_buffer(k).shape)
+            if tuple(t.shape) != want:
+                raise QtoolError(f"{self.dir}: weight {self._stored_name(k)} has shape {tuple(t.shape)}, but config.json "
+                                 f"gives this model {want}; the checkpoint does not match its config.json")
             self._check_finite(k, t)
         self.model.load_state_dict(state, strict=False, assign=True)
 

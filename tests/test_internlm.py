@@ -203,3 +203,28 @@ def test_skip_takes_internlm2s_own_names(tmp_path):
     assert not [s for s in skipped if "self_attn" in s or "mlp." in s]
     model = quant.load(tmp_path / "q", dtype=torch.float32)
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
+
+
+def test_q_k_v_stay_together_when_one_cannot_be_packed(tmp_path):
+    """3-bit GPTQ packing needs whole words: 16-row k/v cannot be packed, so q (64 rows) stays in full
+    precision with them and the fused wqkv is written whole, instead of a refusal the user did not cause."""
+    src = save_internlm2(llama(4, 1), tmp_path / "m")  # k and v: 16 rows each
+    quant.quantize(src, tmp_path / "q", method="rtn", bits=3, group_size=32, progress=False, fmt="gptq")
+    got = load_file(tmp_path / "q" / "model.safetensors")
+    assert "model.layers.0.attention.wqkv.weight" in got and "model.layers.0.feed_forward.w1.qweight" in got
+    skipped = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
+    assert "model.layers.0.attention.wqkv" in skipped
+
+
+def test_a_config_that_does_not_match_the_tensors_is_one_sentence(tmp_path, capsys):
+    src = save_internlm2(llama(4, 2), tmp_path / "m")
+    config = json.loads((src / "config.json").read_text())
+    config["intermediate_size"] = 256
+    (src / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)
+    assert_refused(code, err, "feed_forward.w", "has shape", "config.json")
+    config["intermediate_size"] = 128
+    config["rope_scaling"] = {"type": "dynamic", "factor": "abc"}
+    (src / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)
+    assert_refused(code, err, "rope_scaling factor")

@@ -142,7 +142,7 @@ def test_awq_on_moe_is_refused_in_one_sentence(tmp_path, capsys):
     src = _save(tiny_moe("qwen3_moe"), tmp_path / "src")
     for method, extra in (("awq", []), ("gptq", ["--awq-first"])):
         code, err = run_cli([method, src, "-o", tmp_path / method, "--group-size", "32", *extra], capsys)
-        assert_refused(code, err, "mixture-of-experts", "qtool gptq")
+        assert_refused(code, err, "mixture-of-experts", "without --awq-first")
         assert not (tmp_path / method).exists()
 
 
@@ -208,3 +208,21 @@ def _masking(real_forward, expert: int):
             F.linear = original
 
     return forward
+
+
+def test_a_moe_config_that_does_not_fit_is_one_sentence(tmp_path, capsys):
+    import json
+
+    from test_bad_input import assert_refused, run_cli
+
+    src = _save(tiny_moe("olmoe"), tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["num_experts_per_tok"] = 10
+    (src / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)
+    assert_refused(code, err, "num_experts_per_tok 10", "8 experts")
+    config["num_experts_per_tok"], config["intermediate_size"] = 2, 64
+    (src / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)
+    assert_refused(code, err, "has shape", "config.json")
+    assert not (tmp_path / "q").exists()
