@@ -22,7 +22,7 @@ from dataclasses import dataclass
 
 import torch
 
-from calib.hessian import Hessian, collect_hessians
+from calib.hessian import collect_hessians
 from calib.value_hessian import collect_value_hessians
 from quant import qmath
 from quant.arch import value_heads
@@ -30,7 +30,7 @@ from quant.config import QuantConfig
 from quant.formats import PackedWeight
 from quant.layers import rtn_packed, set_quantized
 from quant.methods import BlockContext, BlockResult
-from quant.moe import expert_layers, expert_tokens, min_expert_tokens, routed_inputs, token_summary
+from quant.moe import expert_layers, solve_experts, token_summary
 
 log = logging.getLogger(__name__)
 _MAX_DAMP = 1.0  # the last damping tried, as a fraction of H's mean diagonal
@@ -280,51 +280,6 @@ def _solve_value_heads(W: torch.Tensor, heads: list[torch.Tensor], cfg: QuantCon
                         torch.cat([p.zero for p in parts]), cfg.bits, cfg.group_size, parts[0].g_idx), damp
 
 
-def _solve_experts(ctx: BlockContext, name: str, layer, names: set[str], packed: dict, record, rel_errors: list
-                   ) -> tuple[list[int], list[str]]:
-    """GPTQ for the routed experts of ``layer`` (``name`` in the block), one expert at a time.
-
-    The experts' inputs and routing are recorded once (:func:`quant.moe.routed_inputs`); each expert's
-    gate and up projections are solved under the Hessian of the tokens routed to it, then its down
-    projection under that of its own quantized intermediate activations. An expert routed fewer than
-    :func:`quant.moe.min_expert_tokens` tokens takes its statistics from every calibration token
-    (listed as a fallback); no expert is left unquantized. Returns the routed token counts and the
-    fallbacks.
-    """
-    hidden, index = routed_inputs(ctx.block, name, ctx.inputs.calls)
-    counts, fell_back = [], []
-    for e, expert in enumerate(layer):
-        x, n, fb = expert_tokens(hidden, index, e)
-        counts.append(n)
-        if fb:
-            fell_back.append(str(e))
-        with torch.no_grad():
-            for projs, inputs in ((("gate_proj", "up_proj"), lambda: x),
-                                  (("down_proj",), lambda: expert.act_fn(expert.gate_proj(x)) * expert.up_proj(x))):
-                todo = [p for p in projs if f"{name}.{e}.{p}" in names]
-                if not todo:
-                    continue
-                h = Hessian.empty(getattr(expert, todo[0]).in_features, x.device)
-                h.add(inputs())
-                W = {p: getattr(expert, p).weight.detach().float() for p in todo}
-                res = gptq_quantize(torch.cat(list(W.values())), h.mean, ctx.cfg)
-                record([f"{name}.{e}.{p}" for p in todo], res)
-                rows = 0
-                for p in todo:
-                    full = f"{name}.{e}.{p}"
-                    packed[full] = _rows(res.packed, rows, rows + W[p].shape[0])
-                    rows += W[p].shape[0]
-                    wq = packed[full].dequantize(torch.float32)
-                    rel_errors.append(hessian_error(W[p], wq, h.mean)
-                                      / max(hessian_error(W[p], torch.zeros_like(wq), h.mean), 1e-30))
-                    set_quantized(ctx.block, full, packed[full])
-        del x
-    if fell_back:
-        log.info("block %d %s: experts %s got fewer than %d routed calibration tokens; their statistics come "
-                 "from every token", ctx.index, name, ", ".join(fell_back), min_expert_tokens(hidden.shape[-1]))
-    return counts, fell_back
-
-
 def _awq_first(ctx: BlockContext) -> tuple[dict, dict, dict, dict]:
     """AWQ's scale and clip search on the block, scales folded in (``quant.awq.search_block``).
 
@@ -424,7 +379,7 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
 
     for name, layer in moe_layers.items():  # after attention, whose quantized outputs the router sees
         t = time.perf_counter()
-        counts, fell_back = _solve_experts(ctx, name, layer, {n for n in routed if n.startswith(f"{name}.")},
+        counts, fell_back = solve_experts(ctx, name, layer, {n for n in routed if n.startswith(f"{name}.")},
                                            packed, record, rel_errors)
         t_solve += time.perf_counter() - t
         info.update(token_summary(counts, fell_back))

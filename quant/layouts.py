@@ -276,9 +276,7 @@ def _llama_fields(c: dict, where: str, bias: bool) -> dict:
     # remote code computes it.
     fields["rope_parameters"] = {"rope_type": kind, "rope_theta": float(c.get("rope_theta", 10000.0)), **rope}
     fields["attention_bias"] = bias
-    fields["mlp_bias"] = False
-    if c.get("pretraining_tp", 1) != 1:
-        fields["pretraining_tp"] = 1  # only changes how the remote code splits matmuls, not the result
+    fields["mlp_bias"] = False  # (pretraining_tp is not carried over: it only split the remote code's matmuls)
     return fields
 
 

@@ -13,8 +13,12 @@ handle like any other, each seeing only the tokens routed to its expert.
 """
 from __future__ import annotations
 
+import logging
+
 import torch
 from torch import nn
+
+log = logging.getLogger(__name__)
 
 PROJECTIONS = ("gate_proj", "up_proj", "down_proj")
 
@@ -148,3 +152,52 @@ def token_summary(counts: list[int], fallback: list[str]) -> dict[str, str]:
     s = sorted(counts)
     return {"expert tokens min/med/max": f"{s[0]}/{s[len(s) // 2]}/{s[-1]}" if s else "-",
             "expert fallback": ",".join(fallback) or "-"}
+
+
+def solve_experts(ctx, name: str, layer, names: set[str], packed: dict, record, rel_errors: list
+                   ) -> tuple[list[int], list[str]]:
+    """GPTQ for the routed experts of ``layer`` (``name`` in the block), one expert at a time.
+
+    The experts' inputs and routing are recorded once (:func:`routed_inputs`); each expert's
+    gate and up projections are solved under the Hessian of the tokens routed to it, then its down
+    projection under that of its own quantized intermediate activations. An expert routed fewer than
+    :func:`min_expert_tokens` tokens takes its statistics from every calibration token
+    (listed as a fallback); no expert is left unquantized. Returns the routed token counts and the
+    fallbacks.
+    """
+    from calib.hessian import Hessian
+    from quant.gptq import _rows, gptq_quantize, hessian_error
+    from quant.layers import set_quantized
+
+    hidden, index = routed_inputs(ctx.block, name, ctx.inputs.calls)
+    counts, fell_back = [], []
+    for e, expert in enumerate(layer):
+        x, n, fb = expert_tokens(hidden, index, e)
+        counts.append(n)
+        if fb:
+            fell_back.append(str(e))
+        with torch.no_grad():
+            for projs, inputs in ((("gate_proj", "up_proj"), lambda: x),
+                                  (("down_proj",), lambda: expert.act_fn(expert.gate_proj(x)) * expert.up_proj(x))):
+                todo = [p for p in projs if f"{name}.{e}.{p}" in names]
+                if not todo:
+                    continue
+                h = Hessian.empty(getattr(expert, todo[0]).in_features, x.device)
+                h.add(inputs())
+                W = {p: getattr(expert, p).weight.detach().float() for p in todo}
+                res = gptq_quantize(torch.cat(list(W.values())), h.mean, ctx.cfg)
+                record([f"{name}.{e}.{p}" for p in todo], res)
+                rows = 0
+                for p in todo:
+                    full = f"{name}.{e}.{p}"
+                    packed[full] = _rows(res.packed, rows, rows + W[p].shape[0])
+                    rows += W[p].shape[0]
+                    wq = packed[full].dequantize(torch.float32)
+                    rel_errors.append(hessian_error(W[p], wq, h.mean)
+                                      / max(hessian_error(W[p], torch.zeros_like(wq), h.mean), 1e-30))
+                    set_quantized(ctx.block, full, packed[full])
+        del x
+    if fell_back:
+        log.info("block %d %s: experts %s got fewer than %d routed calibration tokens; their statistics come "
+                 "from every token", ctx.index, name, ", ".join(fell_back), min_expert_tokens(hidden.shape[-1]))
+    return counts, fell_back

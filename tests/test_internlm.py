@@ -175,11 +175,15 @@ def test_internlm3_through_the_layout_where_transformers_lacks_its_class(tmp_pat
         model_io.model_config(tmp_path / "m")
 
 
+def _edit_config(src, **changes):
+    config = json.loads((src / "config.json").read_text())
+    config.update(changes)
+    (src / "config.json").write_text(json.dumps(config))
+
+
 def test_a_wqkv_that_does_not_match_the_config_is_one_sentence(tmp_path, capsys):
     src = save_internlm2(llama(4, 2), tmp_path / "m")
-    config = json.loads((src / "config.json").read_text())
-    config["num_key_value_heads"] = 4
-    (src / "config.json").write_text(json.dumps(config))
+    _edit_config(src, num_key_value_heads=4)
     code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert_refused(code, err, "attention.wqkv.weight", "128 rows", "needs 192")
     assert not (tmp_path / "q").exists()
@@ -218,13 +222,9 @@ def test_q_k_v_stay_together_when_one_cannot_be_packed(tmp_path):
 
 def test_a_config_that_does_not_match_the_tensors_is_one_sentence(tmp_path, capsys):
     src = save_internlm2(llama(4, 2), tmp_path / "m")
-    config = json.loads((src / "config.json").read_text())
-    config["intermediate_size"] = 256
-    (src / "config.json").write_text(json.dumps(config))
+    _edit_config(src, intermediate_size=256)
     code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert_refused(code, err, "feed_forward.w", "has shape", "config.json")
-    config["intermediate_size"] = 128
-    config["rope_scaling"] = {"type": "dynamic", "factor": "abc"}
-    (src / "config.json").write_text(json.dumps(config))
+    _edit_config(src, intermediate_size=128, rope_scaling={"type": "dynamic", "factor": "abc"})
     code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert_refused(code, err, "rope_scaling factor")

@@ -162,8 +162,7 @@ def test_gptq_solves_each_expert_on_its_routed_tokens(tmp_path, model_type, monk
     counts = []
     real_tokens = moe.expert_tokens
     monkeypatch.setattr(router, "forward", _masking(real, 7))
-    import quant.gptq as gptq_module
-    monkeypatch.setattr(gptq_module, "expert_tokens",
+    monkeypatch.setattr(moe, "expert_tokens",
                         lambda h, i, e: (lambda r: counts.append((e, r[1], r[2])) or r)(real_tokens(h, i, e)))
     report = quant.quantize(src, tmp_path / "q", method="gptq", bits=4, group_size=32, n_samples=8, seqlen=64,
                             held_out=0, progress=False)
