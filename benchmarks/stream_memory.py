@@ -33,7 +33,8 @@ sys.path.insert(0, {root!r})
 import quant
 t = time.perf_counter()
 r = quant.quantize({src!r}, {out!r}, progress=False, overwrite=True, **{kw})
-print(json.dumps({{"peak_rss_mb": r.peak_rss_mb, "seconds": time.perf_counter() - t}}))
+print(json.dumps({{"peak_rss_mb": r.peak_rss_mb, "seconds": time.perf_counter() - t,
+                  "blocks": [dict(b.info) for b in r.blocks]}}, default=str))
 """
 
 

@@ -26,6 +26,10 @@ class ScaleGroup:
     # projection's output rows, read by the output projection once per query head of each key/value head (GQA)
     kind: str
     judge: str | None = None  # the module (relative to the block) whose output the scale is judged by
+    # None: the statistics come from the linears' own inputs. Otherwise the feed-forward module (a MoE
+    # layer, or the dense MLP of a MoE model's block) whose recorded input gives them (quant.moe.FeedForward):
+    # its consumers may see different tokens (each expert its routed ones).
+    feed_forward: str | None = None
 
 
 @dataclass(frozen=True)
@@ -45,6 +49,9 @@ class Arch:
     layout: Layout | None = None
     moe: bool = False  # routed experts (quant.moe.ExpertLinears): one linear per expert and projection
     keep_full: tuple[str, ...] = ()  # linears kept in full precision by design (routers), matched by name suffix
+    # (norm, feed-forward module) of a MoE model's blocks: their AWQ scaling groups depend on the block (the
+    # experts, shared experts, a dense MLP in the first blocks) and are found in it (quant.moe.feed_forward_groups)
+    feed_forward: tuple[str, str] | None = None
 
 
 def _llama_like(norm_offset: float = 0.0, post_attn_norm: str = "post_attention_layernorm", needs_bos=False) -> Arch:
@@ -107,15 +114,17 @@ _OPT = Arch(
 )
 
 def _moe(layout: Layout, attention: bool = True) -> Arch:
-    """A mixture-of-experts row: Llama-style attention (scale groups for it only), routed experts found
-    at run time (every ``nn.Linear`` of a block is quantized), routers and shared-expert gates in full
-    precision. ``attention=False``: an attention of another shape (DeepSeek's latent attention)."""
+    """A mixture-of-experts row: Llama-style attention, routed experts found at run time (every
+    ``nn.Linear`` of a block is quantized), routers and shared-expert gates in full precision, the
+    feed-forward scaling groups found in each block. ``attention=False``: an attention of another shape
+    (DeepSeek's latent attention: no scaling groups for it)."""
     keep = ("mlp.gate", "mlp.shared_expert_gate")
+    ffn = ("post_attention_layernorm", "mlp")
     if not attention:
         return Arch(blocks="model.layers", linears=(), sequential=(), scale_groups=(), k_proj=None, v_proj=None,
-                    layout=layout, moe=True, keep_full=keep)
+                    layout=layout, moe=True, keep_full=keep, feed_forward=ffn)
     return replace(_LLAMA, linears=_LLAMA.linears[:4], sequential=_LLAMA.sequential[:2],
-                   scale_groups=_LLAMA.scale_groups[:2], layout=layout, moe=True, keep_full=keep)
+                   scale_groups=_LLAMA.scale_groups[:2], layout=layout, moe=True, keep_full=keep, feed_forward=ffn)
 
 
 ARCHITECTURES: dict[str, Arch] = {

@@ -129,11 +129,6 @@ def quantize(
         raise QtoolError(f"{model_dir}: is already quantized ({method} quantization); quantize the original "
                          "full-precision model instead")
     arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
-    if arch.moe and (cfg.method == "awq" or (cfg.method == "gptq" and cfg.gptq.awq_first)):
-        what = "AWQ" if cfg.method == "awq" else "--awq-first"
-        raise QtoolError(f"{model_dir}: model_type {config['model_type']!r} is a mixture-of-experts model, which qtool "
-                         f"quantizes with rtn or gptq so far (AWQ's scale groups over experts are not built yet), so "
-                         f"{what} cannot run; use qtool gptq without --awq-first, or qtool rtn")
     dev = _device(device)
     if cfg.needs_calibration:
         model_io.load_tokenizer(model_dir)  # before the model loads: a missing tokenizer is one sentence, early

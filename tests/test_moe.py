@@ -136,20 +136,157 @@ def test_fused_and_per_expert_sources_give_the_same_checkpoint(tmp_path):
     assert x.keys() == y.keys() and all(torch.equal(x[k], y[k]) for k in x)
 
 
-def test_awq_on_moe_is_refused_in_one_sentence(tmp_path, capsys):
-    from test_bad_input import assert_refused, run_cli
+def _effective_weights(model, search: dict, bits: int, group_size: int) -> None:
+    """What an AWQ checkpoint computes, built independently of the fold: every quantized linear of ``model``
+    (full precision, per-expert) becomes ``diag(r) Q(diag(1/r) W diag(s), clip) diag(1/s)`` with its saved
+    input scale ``s`` and clip, where ``r`` is the scale its output rows were divided by (the input scale of
+    the linear it feeds: up -> down, v -> o with the query heads of one value head sharing it); norms and
+    routers stay as they are (folding ``s`` into them is exact)."""
+    from quant import qmath
 
-    src = _save(tiny_moe("qwen3_moe"), tmp_path / "src")
-    for method, extra in (("awq", []), ("gptq", ["--awq-first"])):
-        code, err = run_cli([method, src, "-o", tmp_path / method, "--group-size", "32", *extra], capsys)
-        assert_refused(code, err, "mixture-of-experts", "without --awq-first")
-        assert not (tmp_path / method).exists()
+    cfg = model.config
+    heads, kv = cfg.num_attention_heads, cfg.num_key_value_heads
+    with torch.no_grad():
+        for name, mod in model.named_modules():
+            if not isinstance(mod, torch.nn.Linear) or "layers." not in name or name.endswith(
+                    ("mlp.gate", "shared_expert_gate")):
+                continue
+            s = search.get(f"{name}.awq_scale", torch.ones(mod.in_features))
+            r = torch.ones(mod.out_features)
+            if name.endswith("up_proj"):
+                r = search.get(f"{name[:-len('up_proj')]}down_proj.awq_scale", r)
+            elif name.endswith("v_proj") and f"{name[:-len('v_proj')]}o_proj.awq_scale" in search:
+                r = search[f"{name[:-len('v_proj')]}o_proj.awq_scale"].reshape(kv, heads // kv, -1)[:, 0].reshape(-1)
+            clip = search.get(f"{name}.awq_clip")
+            wq = qmath.fake_quantize(mod.weight.float() / r[:, None] * s, bits, group_size, clip=clip)
+            mod.weight.copy_(wq / s * r[:, None])
 
 
+@pytest.mark.parametrize("model_type", sorted(MOE_CONFIGS))
+def test_awq_scales_every_expert_and_the_checkpoint_computes_the_scaled_model(tmp_path, model_type):
+    """AWQ on each MoE row: one norm scale shared by every expert's gate/up (and folded into the router too),
+    a scale per expert for up -> down; the checkpoint's logits equal the unfolded reference's; a replay of
+    the saved search gives the same checkpoint."""
+    from safetensors.torch import load_file
+
+    import quant
+    from quant import model_io
+    from quant.config import AWQOptions
+
+    model = tiny_moe(model_type)
+    src = _save(model, tmp_path / "src")
+    kw = dict(bits=4, group_size=32, progress=False)
+    report = quant.quantize(src, tmp_path / "q", method="awq", n_samples=8, seqlen=64, held_out=0, **kw)
+    search = load_file(tmp_path / "q" / "qtool" / "awq_search.safetensors")
+    last = len(model.model.layers) - 1
+    norm_scale = search[f"model.layers.{last}.mlp.experts.0.gate_proj.awq_scale"]
+    for e in range(8):
+        for proj in ("gate_proj", "up_proj"):
+            assert torch.equal(search[f"model.layers.{last}.mlp.experts.{e}.{proj}.awq_scale"], norm_scale)
+        assert f"model.layers.{last}.mlp.experts.{e}.down_proj.awq_scale" in search
+    assert torch.equal(search[f"model.layers.{last}.mlp.gate.awq_scale"], norm_scale)  # the router reads it too
+    assert not torch.allclose(norm_scale, torch.ones_like(norm_scale))
+    assert any("expert tokens min/med/max" in b.info for b in report.blocks)
+
+    fp = model_io.load_fp_model(src)
+    _effective_weights(fp, search, 4, 32)
+    q = quant.load(tmp_path / "q", dtype=torch.float32)
+    ids = torch.randint(3, 300, (2, 24), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        d = (q(ids).logits - fp(ids).logits).abs()
+    # float16 norms and routers in the checkpoint move the logits ~1e-4 on average; a router left unscaled
+    # (or an expert scaled but not stored so) moves them ~3e-3 on average, 1e-1 at most
+    assert float(d.mean()) < 5e-4 and float(d.max()) < 1e-2, (float(d.mean()), float(d.max()))
+    assert q.generate(ids[:1, :6], max_new_tokens=4, do_sample=False).shape == (1, 10)
+
+    quant.quantize(src, tmp_path / "replay", method="awq", awq=AWQOptions(search_file=str(tmp_path / "q")), **kw)
+    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("q", "replay"))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+@pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3"])
+def test_feed_forward_scales_fold_exactly_into_routers_and_shared_experts(model_type):
+    from quant import arch as arch_table
+    from quant.awq.fold import fold_scales, group_scales
+    from quant.moe import feed_forward_groups
+
+    model = tiny_moe(model_type)
+    swap_in_expert_linears(model)
+    arch = arch_table.lookup(model_type)
+    x = torch.randn(2, 16, 64, generator=torch.Generator().manual_seed(0))
+    pos = torch.arange(16)[None].expand(2, -1)
+    for i, block in enumerate(model.model.layers):
+        groups = feed_forward_groups(block, *arch.feed_forward)
+        norm = [g for g in groups if g.kind == "norm"]
+        assert len(norm) == 1 and norm[0].judge == "mlp"
+        consumers = set(norm[0].linears)
+        if model_type != "deepseek_v3" or i == 1:  # a MoE block: router, every expert, shared expert (and its gate)
+            assert "mlp.gate" in consumers and all(f"mlp.experts.{e}.up_proj" in consumers for e in range(8))
+            shared = "mlp.shared_expert" if model_type == "qwen2_moe" else "mlp.shared_experts"
+            assert f"{shared}.gate_proj" in consumers and f"{shared}.up_proj" in consumers
+            if model_type == "qwen2_moe":
+                assert "mlp.shared_expert_gate" in consumers
+        else:  # DeepSeek's dense first block
+            assert consumers == {"mlp.gate_proj", "mlp.up_proj"}
+        emb = model.model.rotary_emb(x, pos)
+        with torch.no_grad():
+            ref = block(x, position_embeddings=emb)
+            ref = ref[0] if isinstance(ref, tuple) else ref
+            gen = torch.Generator().manual_seed(i)
+            scales = {}
+            for g in groups:
+                width = block.get_submodule(g.linears[0]).weight.shape[1]
+                scales.update(group_scales(g, torch.rand(width, generator=gen) + 0.5))
+            fold_scales(block, arch, scales)
+            out = block(x, position_embeddings=emb)
+            out = out[0] if isinstance(out, tuple) else out
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_the_shared_scale_weighs_each_expert_by_its_routed_tokens():
+    """The norm group's closed-form error sums, over the experts, each expert's error under the Hessian of the
+    tokens routed to it: those Hessians add up to top-k times the Hessian of all tokens."""
+    from quant import arch as arch_table
+    from quant.moe import FeedForward, feed_forward_groups
+
+    model = tiny_moe("qwen3_moe")
+    swap_in_expert_linears(model)
+    block = model.model.layers[1]
+    ids = torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad(), FeedForward.recording(block, "mlp") as ff:
+        model(ids)
+    x = ff.x
+    assert x.shape == (96, 64)
+    norm = next(g for g in feed_forward_groups(block, *arch_table.lookup("qwen3_moe").feed_forward) if g.kind == "norm")
+    names = [n for n in norm.linears if ".experts." in n]
+    parts = list(ff.scale_parts(block, norm.linears, names, {}))
+    assert len(parts) == 8 and all(w.shape == (2 * 32, 64) for w, _ in parts)  # one expert (gate + up) at a time
+    total = sum(h for _, h in parts)
+    torch.testing.assert_close(total, 2 * x.t() @ x, rtol=1e-4, atol=1e-3)  # top-2 routing
+
+
+def test_an_expert_clip_that_raises_its_held_out_error_is_dropped():
+    from quant.awq.search import QuantSpec
+    from quant.moe import FeedForward, accept_expert_clips
+
+    model = tiny_moe("mixtral")
+    swap_in_expert_linears(model)
+    block = model.model.layers[0]
+    with torch.no_grad(), FeedForward.recording(block, "mlp") as ff:
+        model(torch.randint(3, 300, (2, 48), generator=torch.Generator().manual_seed(0)))
+    names = [f"mlp.experts.{e}.{p}" for e in (0, 1) for p in ("gate_proj", "up_proj", "down_proj")]
+    harsh = {n: torch.full((block.get_submodule(n).out_features, 1), 0.3) for n in names}
+    assert accept_expert_clips(block, ff, names, {}, harsh, QuantSpec(4, 32)) == {}
+    mild = {n: torch.full((block.get_submodule(n).out_features, 1), 0.97) for n in names}  # near-lossless clips
+    kept = accept_expert_clips(block, ff, names, {}, dict(harsh, **{names[0]: mild[names[0]]}), QuantSpec(4, 32))
+    assert set(kept) <= {names[0]}
+
+
+@pytest.mark.parametrize("method", ["gptq", "awq"])
 @pytest.mark.parametrize("model_type", ["qwen3_moe", "qwen2_moe", "mixtral", "deepseek_v3"])
-def test_gptq_solves_each_expert_on_its_routed_tokens(tmp_path, model_type, monkeypatch, capsys):
-    """GPTQ: every expert quantized on its routed tokens; an expert the (biased) router never picks gets
-    statistics from every token, is quantized all the same, and is reported in the summary."""
+def test_each_expert_is_calibrated_on_its_routed_tokens(tmp_path, model_type, method, monkeypatch, capsys):
+    """GPTQ and AWQ: every expert quantized on its routed tokens; an expert the (biased) router never picks
+    gets statistics from every token, is quantized all the same, and is reported in the summary."""
     import json
 
     import quant
@@ -164,7 +301,7 @@ def test_gptq_solves_each_expert_on_its_routed_tokens(tmp_path, model_type, monk
     monkeypatch.setattr(router, "forward", _masking(real, 7))
     monkeypatch.setattr(moe, "expert_tokens",
                         lambda h, i, e: (lambda r: counts.append((e, r[1], r[2])) or r)(real_tokens(h, i, e)))
-    report = quant.quantize(src, tmp_path / "q", method="gptq", bits=4, group_size=32, n_samples=8, seqlen=64,
+    report = quant.quantize(src, tmp_path / "q", method=method, bits=4, group_size=32, n_samples=8, seqlen=64,
                             held_out=0, progress=False)
     from cli.report import print_quant_report
 

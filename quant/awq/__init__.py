@@ -29,6 +29,7 @@ gives a bit-identical checkpoint.
 """
 from __future__ import annotations
 
+import contextlib
 import logging
 from pathlib import Path
 
@@ -41,20 +42,23 @@ from quant.arch import Arch
 from quant.awq.fold import (
     CLIP_KEY,
     SCALE_KEY,
+    block_groups,
     fold_scales,
     foldable_groups,
     group_scales,
+    in_width,
     producer_scale,
     skip_reason,
     tie_to_values,
 )
 from quant.awq.judge import call_weights, judge_of, probe_error, probing, record_probes
-from quant.awq.search import QuantSpec, ScaleResult, _fake_quantize, search_clip, search_scale
+from quant.awq.search import QuantSpec, ScaleResult, _fake_quantize, search_clip, search_scale, search_scale_parts
 from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 from quant.formats import PackedWeight
 from quant.layers import rtn_packed, set_quantized, to_quant_linears
 from quant.methods import BlockContext, BlockResult
+from quant.moe import FeedForward, accept_expert_clips
 
 log = logging.getLogger(__name__)
 
@@ -105,15 +109,22 @@ def search_block(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict, dict
     Returns ``(artifacts, info, weights)``: the search results keyed
     ``<linear>.awq_scale`` / ``<linear>.awq_clip``, summary columns, and the folded
     float32 weights (``"<linear>.weight"``) of the linears the fold touched.
+    A MoE model's feed-forward groups (:func:`quant.moe.feed_forward_groups`) take their statistics
+    from the feed-forward module's recorded input (:class:`quant.moe.FeedForward`), one expert at a time.
     """
     block, arch, cfg, names, opts = ctx.block, ctx.arch, ctx.cfg, ctx.names, ctx.cfg.awq
     spec = quant_spec(cfg)
     present = {n: m for n in arch.linears if isinstance(m := _get(block, n), nn.Linear)}
     groups = foldable_groups(block, arch, names)
     judges = [g.judge for g in groups if g.judge] if opts.n_judge > 1 else []
+    ff_name = next((g.feed_forward for g in groups if g.feed_forward), None)
+    ff_names = [n for n in names if n.startswith(f"{ff_name}.")] if ff_name else []  # the feed-forward's linears
     current: list[torch.Tensor] = []
-    with linear_input_stats(present, [g for g in arch.sequential if g[0] in present], xtx=True,
-                            token_weight=(lambda: current[0]) if opts.token_weighting else None) as stats:
+    with contextlib.ExitStack() as stack:
+        stats = stack.enter_context(linear_input_stats(
+            present, [g for g in arch.sequential if g[0] in present], xtx=True,
+            token_weight=(lambda: current[0]) if opts.token_weighting else None))
+        ff = stack.enter_context(FeedForward.recording(block, ff_name)) if ff_name else None
         for k, call in enumerate(ctx.inputs.calls):
             current[:] = [call_weights(call, opts.token_weighting)]
             # The judges see the first minibatch: their inputs and full-precision outputs are recorded.
@@ -124,10 +135,17 @@ def search_block(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict, dict
     scales, ratios, proxy_ratios, proxy_gains, judged_gains = {}, [], [], [], []
     for g in groups:
         ws = {n: block.get_submodule(n).weight.detach().float() for n in g.linears if n in names}
-        st = stats[g.linears[0]]
-        # Under GQA the output projection's columns of one value channel must share a scale.
-        res = search_scale(torch.cat(list(ws.values())), st.xtx, tie_to_values(block, g, st.abs_mean), spec,
-                           opts.n_grid)
+        if g.feed_forward is None:
+            st = stats[g.linears[0]]
+            # Under GQA the output projection's columns of one value channel must share a scale.
+            res = search_scale(torch.cat(list(ws.values())), st.xtx, tie_to_values(block, g, st.abs_mean), spec,
+                               opts.n_grid)
+        elif g.kind == "norm":  # every consumer of the feed-forward input, each expert under its routed tokens
+            res = search_scale_parts(ff.scale_parts(block, g.linears, names, {}), ff.x.abs().mean(0), spec,
+                                     opts.n_grid)
+        else:  # an expert's (a shared or dense MLP's) up -> down
+            x_mean, h = ff.stats(block, g.linears[0])
+            res = search_scale(ws[g.linears[0]], h, x_mean, spec, opts.n_grid)
         proxy_ratios.append(f"{res.ratio:.2f}")
         if g.judge in probes:
             res, gain = _judge_scale(block, probes[g.judge], ws, res, spec, opts.n_judge)
@@ -137,23 +155,58 @@ def search_block(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict, dict
         if res.proxy_gain is not None:
             proxy_gains.append(res.proxy_gain)
     weights, artifacts = _fold_checked(ctx, groups, scales, ref) if groups else ({}, {})
-    info = {"awq α": " ".join(ratios) or "-", "α by proxy": " ".join(proxy_ratios) or "-",
+    norm_scale = next((artifacts[f"{g.linears[0]}.{SCALE_KEY}"] for g in groups if g.feed_forward and g.kind == "norm"
+                       and f"{g.linears[0]}.{SCALE_KEY}" in artifacts), None)
+    if norm_scale is not None:
+        ff.fold(norm_scale)
+    info = {"awq α": _alphas(ratios), "α by proxy": _alphas(proxy_ratios),
             "proxy err/rtn": _mean(proxy_gains), "judged err/rtn": _mean(judged_gains)}
+    if ff is not None and (summary := ff.token_summary())["expert tokens min/med/max"] != "-":
+        info.update(summary)
     if opts.clip:
-        clips = {}
+        clips, last = {}, (None, None)
         for n in names:
             w = weights.get(f"{n}.weight", block.get_submodule(n).weight.detach().float())
-            h = stats[n].xtx
-            s = artifacts.get(f"{n}.{SCALE_KEY}")
-            if s is not None:  # the input was divided by s
-                h = h / (s[:, None] * s[None, :])
+            if n in ff_names:  # from the recorded input, as the folded block computes it; gate and up share it
+                key = (n.rpartition(".")[0], n.endswith("down_proj"))
+                if last[0] != key:
+                    last = key, ff.stats(block, n)[1]
+                h = last[1]
+            elif n not in stats:  # a linear outside the table (DeepSeek's latent attention): no clip search
+                continue
+            else:
+                h = stats[n].xtx
+                s = artifacts.get(f"{n}.{SCALE_KEY}")
+                if s is not None:  # the input was divided by s
+                    h = h / (s[:, None] * s[None, :])
             clips[n] = search_clip(w, h, spec, opts.clip_grid, opts.clip_max_shrink)
         if ctx.inputs.accept:
-            clips = _accept_clips(block, groups, names, weights, clips, ctx.inputs.accept, spec, opts.token_weighting)
+            routed = [n for n in ff_names if ff.routed(n)]
+            clips = {**_accept_clips(block, groups, [n for n in clips if n not in routed], weights, clips,
+                                     ctx.inputs.accept, spec, opts.token_weighting),
+                     **_accept_routed_clips(block, ff_name, routed, weights, clips, ctx.inputs.accept, spec)}
         artifacts.update({f"{n}.{CLIP_KEY}": c for n, c in clips.items()})
         info["awq clip"] = _mean([float(clips[n].mean()) if n in clips else 1.0 for n in names])
         info["clips kept"] = f"{len(clips)}/{len(names)}" + ("" if ctx.inputs.accept else " untested")
     return artifacts, info, weights
+
+
+def _alphas(ratios: list[str]) -> str:
+    """The chosen α per group; a MoE block's per-expert groups are summarised (there may be hundreds)."""
+    if len(ratios) <= 12:
+        return " ".join(ratios) or "-"
+    values = sorted(float(r) for r in ratios)
+    return f"{len(values)} groups: min {values[0]:.2f} median {values[len(values) // 2]:.2f} max {values[-1]:.2f}"
+
+
+def _accept_routed_clips(block: nn.Module, ff_name: str, routed: list[str], weights: dict, clips: dict, calls,
+                         spec: QuantSpec) -> dict[str, torch.Tensor]:
+    """Routed experts' clips, tested on the held-out tokens routed to each expert (:func:`quant.moe.accept_expert_clips`)."""
+    if not routed:
+        return {}
+    with torch.no_grad(), FeedForward.recording(block, ff_name) as held_out:
+        run_calls(block, calls)
+    return accept_expert_clips(block, held_out, routed, weights, clips, spec)
 
 
 def _mean(values: list[float]) -> str:
@@ -257,16 +310,16 @@ def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: 
     for key, t in artifacts.items():
         name, _, kind = key.rpartition(".")
         mod = _get(block, name)
-        if kind not in (SCALE_KEY, CLIP_KEY) or not isinstance(mod, nn.Linear):
+        if kind not in (SCALE_KEY, CLIP_KEY) or in_width(mod) is None or (kind == CLIP_KEY and not isinstance(mod, nn.Linear)):
             raise QtoolError(f"search results entry {key!r} names no linear of this model's blocks")
         if kind == SCALE_KEY:
-            want = (mod.in_features,)
+            want = (in_width(mod),)
         else:
             want = (mod.out_features, qmath.n_groups(mod.in_features, cfg.group_size))
         if tuple(t.shape) != want:
             raise QtoolError(f"search results entry {key!r} has shape {tuple(t.shape)} but this model and "
                              f"--group-size {cfg.group_size} need {want}; the results come from another model or setting")
-    for g in arch.scale_groups:
+    for g in block_groups(block, arch):
         keys = [f"{n}.{SCALE_KEY}" for n in g.linears]
         found = [k for k in keys if k in artifacts]
         if not found:

@@ -40,17 +40,38 @@ def _module(block: nn.Module, name: str) -> nn.Module | None:
         return None
 
 
+def block_groups(block: nn.Module, arch: Arch) -> tuple[ScaleGroup, ...]:
+    """The scaling groups of ``block``: the table's, and for a MoE model those of its feed-forward module,
+    found in the block (:func:`quant.moe.feed_forward_groups`)."""
+    if arch.feed_forward is None:
+        return arch.scale_groups
+    from quant.moe import feed_forward_groups
+
+    return arch.scale_groups + feed_forward_groups(block, *arch.feed_forward)
+
+
+def in_width(module: nn.Module | None) -> int | None:
+    """The input width of a consumer a scale can be folded into: a full-precision ``nn.Linear``, or a
+    module that applies one 2-D ``weight [out, in]`` to its input (a MoE router); else None."""
+    if isinstance(module, nn.Linear):
+        return module.in_features
+    w = getattr(module, "weight", None)
+    if isinstance(w, nn.Parameter) and w.ndim == 2 and not list(module.children()):
+        return w.shape[1]
+    return None
+
+
 def skip_reason(block: nn.Module, group: ScaleGroup, quantized: list[str]) -> str | None:
     """Why ``group``'s scale cannot (or need not) be folded in ``block``; ``None`` when it can."""
     prev = _module(block, group.prev)
     if prev is None:
         return f"{group.prev} is not in the block"
-    consumers = [_module(block, n) for n in group.linears]
-    if any(not isinstance(c, nn.Linear) for c in consumers):
+    widths = [in_width(_module(block, n)) for n in group.linears]
+    if any(w is None for w in widths):
         return f"one of {', '.join(group.linears)} is not a full-precision linear"
     if not any(n in quantized for n in group.linears):
         return "none of its linears is quantized"
-    in_f = {c.in_features for c in consumers}
+    in_f = set(widths)
     if len(in_f) != 1:
         return f"{', '.join(group.linears)} read inputs of different widths {sorted(in_f)}"
     width = in_f.pop()
@@ -111,7 +132,7 @@ def _log_once(message: str) -> None:
 def foldable_groups(block: nn.Module, arch: Arch, quantized: list[str]) -> list[ScaleGroup]:
     """The table's scaling groups that can be folded here; the others are logged and left out."""
     groups = []
-    for group in arch.scale_groups:
+    for group in block_groups(block, arch):
         reason = skip_reason(block, group, quantized)
         if reason is None:
             groups.append(group)
@@ -136,7 +157,7 @@ def fold_scales(block: nn.Module, arch: Arch, scales: dict[str, torch.Tensor]) -
     Returns the folded float32 values of every parameter touched (``"<module>.weight"``...):
     the weights to quantize. The block's parameters are updated in their own dtype.
     """
-    groups = [g for g in arch.scale_groups if f"{g.linears[0]}.{SCALE_KEY}" in scales]
+    groups = [g for g in block_groups(block, arch) if f"{g.linears[0]}.{SCALE_KEY}" in scales]
     params = {n: block.get_parameter(n).detach().float().clone() for n in _param_names(block, groups)}
     for group in groups:
         s = scales[f"{group.linears[0]}.{SCALE_KEY}"].float().to(params[f"{group.prev}.weight"].device)

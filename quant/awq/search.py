@@ -18,6 +18,7 @@ the search sees every calibration token instead of a sample.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import torch
@@ -97,20 +98,37 @@ def search_scale(w: torch.Tensor, h: torch.Tensor, x_mean: torch.Tensor, spec: Q
     Every α of the grid is evaluated in a batch; the output error is a sum over rows, so
     rows and grid points are taken in chunks whose temporaries stay under :data:`MEMORY_BUDGET`.
     """
-    w = w.float()
-    h = h.float()
-    out_f, in_f = w.shape
-    ratios = torch.arange(n_grid, dtype=torch.float32, device=w.device) / n_grid
-    scales = candidate_scales(x_mean.to(w.device), ratios)  # [n_grid, in]
-    errors = torch.zeros(n_grid, dtype=torch.float32, device=w.device)
-    rows = _chunk(out_f, 4 * 4 * in_f)  # ~4 float32 copies of a row per grid point
-    step = _chunk(n_grid, 4 * 4 * rows * in_f)
-    for r in range(0, out_f, rows):
-        wr = w[r:r + rows]
-        for a in range(0, n_grid, step):
-            s = scales[a:a + step, None, :]  # [c, 1, in]
-            dq = _fake_quantize((wr[None] * s).reshape(-1, in_f), spec).reshape(-1, wr.shape[0], in_f) / s
-            errors[a:a + step] += output_error(wr[None] - dq, h)
+    return search_scale_parts([(w, h)], x_mean, spec, n_grid)
+
+
+def search_scale_parts(parts: Iterable[tuple[torch.Tensor, torch.Tensor]], x_mean: torch.Tensor, spec: QuantSpec,
+                       n_grid: int = 20) -> ScaleResult:
+    """:func:`search_scale` for consumers of one scaled input that see different tokens of it.
+
+    ``parts`` yields ``(w [out_i, in], h [in, in])``: the stacked weights of the consumers that see the
+    same tokens, and those tokens' ``Σ x xᵀ`` (a mixture-of-experts layer: each expert's gate and up
+    projections under the Hessian of the tokens routed to it). The error of a candidate is the sum over
+    the parts. ``parts`` may be a generator: one part is held at a time.
+    """
+    ratios = torch.arange(n_grid, dtype=torch.float32) / n_grid
+    scales = errors = None
+    for w, h in parts:
+        w, h = w.float(), h.float()
+        if scales is None:
+            ratios = ratios.to(w.device)
+            scales = candidate_scales(x_mean.to(w.device), ratios)  # [n_grid, in]
+            errors = torch.zeros(n_grid, dtype=torch.float32, device=w.device)
+        out_f, in_f = w.shape
+        rows = _chunk(out_f, 4 * 4 * in_f)  # ~4 float32 copies of a row per grid point
+        step = _chunk(n_grid, 4 * 4 * rows * in_f)
+        for r in range(0, out_f, rows):
+            wr = w[r:r + rows]
+            for a in range(0, n_grid, step):
+                s = scales[a:a + step, None, :]  # [c, 1, in]
+                dq = _fake_quantize((wr[None] * s).reshape(-1, in_f), spec).reshape(-1, wr.shape[0], in_f) / s
+                errors[a:a + step] += output_error(wr[None] - dq, h)
+    if scales is None:
+        raise ValueError("search_scale_parts: no consumer to search a scale for")
     best = int(torch.argmin(errors))  # first minimum: ties go to the smaller α
     return ScaleResult(scales[best].clone(), float(ratios[best]), errors, ratios, scales, best)
 
