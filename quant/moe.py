@@ -1,4 +1,4 @@
-"""Mixture-of-experts layers as one ``nn.Linear`` per expert projection (issue 17, first step).
+"""Mixture-of-experts layers as one ``nn.Linear`` per expert projection, and their calibration (issue 17).
 
 In transformers 5 every MoE family (qwen2_moe, qwen3_moe, mixtral, olmoe, deepseek_v2/v3) keeps
 its routed experts in one ``*Experts`` module holding two 3-D parameters, ``gate_up_proj``

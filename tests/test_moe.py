@@ -1,5 +1,7 @@
-"""Issue 17, first step: transformers' fused experts as one nn.Linear per expert projection, same outputs."""
+"""Issue 17: mixture-of-experts models — every expert a linear, calibrated on its routed tokens, quantized, reloaded."""
 from __future__ import annotations
+
+import json
 
 import pytest
 import torch
@@ -362,3 +364,46 @@ def test_a_moe_config_that_does_not_fit_is_one_sentence(tmp_path, capsys):
     code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert_refused(code, err, "has shape", "config.json")
     assert not (tmp_path / "q").exists()
+
+
+_PEAK_RSS = """
+import json, sys
+sys.path.insert(0, {root!r})
+import quant
+r = quant.quantize({src!r}, {out!r}, method={method!r}, bits=4, group_size=32, n_samples=8, seqlen=64, progress=False)
+print(json.dumps(r.peak_rss_mb))
+"""
+
+
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_peak_memory_grows_with_the_block_weights_not_with_per_expert_statistics(tmp_path, method):
+    """8 vs 64 experts of 32 channels on a 1024-wide model (one block): the experts' weights grow by 21 MiB
+    (float32), while Hessians of every expert held at once would add 56 x 4 MiB. The peak RSS (each run in
+    its own process) may grow by a few copies of the block's weights only."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    root = Path(__file__).resolve().parents[1]
+    peak, weights = {}, {}
+    for n in (8, 64):
+        config = AutoConfig.for_model("qwen3_moe", **dict(
+            MOE_CONFIGS["qwen3_moe"], hidden_size=1024, num_hidden_layers=1, num_attention_heads=8,
+            num_key_value_heads=4, head_dim=32, num_experts=n, moe_intermediate_size=32))
+        torch.manual_seed(0)
+        model = AutoModelForCausalLM.from_config(config).eval()
+        with torch.no_grad():
+            for p in model.parameters():
+                if p.ndim >= 2:
+                    p.normal_(0, 0.05)
+        weights[n] = sum(p.numel() * 4 for p in model.model.layers[0].parameters()) / 2**20
+        src = _save(model, tmp_path / f"src-{n}")
+        code = _PEAK_RSS.format(root=str(root), src=str(src), out=str(tmp_path / f"q-{n}"), method=method)
+        proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=root)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        peak[n] = json.loads(proc.stdout.strip().splitlines()[-1])
+    growth, block_growth = peak[64] - peak[8], weights[64] - weights[8]
+    assert 15 < block_growth < 30
+    assert growth < 6 * block_growth, (peak, weights)  # every expert's Hessian at once: > 224 MiB more
