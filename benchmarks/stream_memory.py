@@ -1,6 +1,6 @@
 """Peak host memory of quantization: flat in depth, and a model larger than RAM under a hard cap.
 
-    python benchmarks/stream_memory.py example [--old DIR]   # RTN/AWQ/GPTQ w4 g64 on the example model
+    python benchmarks/stream_memory.py example [--old DIR] [--methods awq]   # RTN/AWQ/GPTQ w4 g64, example model
     python benchmarks/stream_memory.py depth                 # synthetic llamas, 1x / 2x / 4x the depth
     python benchmarks/stream_memory.py capped --cap-gb 1.5   # a bf16 llama >= 3x the cap, under a cgroup cap
 
@@ -97,9 +97,8 @@ def example(args) -> None:
     src = example_model_dir()
     roots = [("this checkout", ROOT)] + ([("--old " + args.old, Path(args.old))] if args.old else [])
     rows = []
-    for method, kw in (("rtn", "dict(method='rtn', group_size=64)"),
-                       ("awq", f"dict(method='awq', group_size=64, n_samples={args.n_samples})"),
-                       ("gptq", f"dict(method='gptq', group_size=64, n_samples={args.n_samples})")):
+    for method in (args.methods or "rtn,awq,gptq").split(","):
+        kw = f"dict(method='{method}', group_size=64" + (f", n_samples={args.n_samples})" if method != "rtn" else ")")
         for name, root in roots:
             r = run(root, src, Path(args.tmp) / f"{method}-{name.split()[0]}", kw)
             rows.append([method, name, f"{r.get('peak_rss_mb', 0):,.0f}", f"{r.get('seconds', 0):.0f}", r.get("error", "")])
@@ -132,7 +131,7 @@ def capped(args) -> None:
     cgroup.mkdir(exist_ok=True)
     (cgroup / "memory.limit_in_bytes").write_text(str(cap))
     rows = []
-    for method in args.methods.split(","):
+    for method in (args.methods or "rtn,awq").split(","):
         kw = f"dict(method='{method}', group_size=128, n_samples={args.n_samples}, seqlen=128)"
         for label, cg in (("uncapped", None), (f"cap {args.cap_gb} GiB", cgroup)):
             out = Path(args.tmp) / f"big-{method}-{label.split()[0]}"
@@ -154,7 +153,7 @@ def main() -> None:
     p.add_argument("--n-samples", type=int, default=32)
     p.add_argument("--layers", type=int, default=32, help="Blocks of the capped model (2048 wide: 0.1 GB each in bf16).")
     p.add_argument("--cap-gb", type=float, default=1.0)
-    p.add_argument("--methods", default="rtn,awq", help="capped: the methods to run, comma-separated.")
+    p.add_argument("--methods", help="The methods to run, comma-separated (example: rtn,awq,gptq; capped: rtn,awq).")
     p.add_argument("--tmp", default="/tmp/qtool-stream-bench")
     args = p.parse_args()
     Path(args.tmp).mkdir(parents=True, exist_ok=True)

@@ -380,7 +380,7 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     for name, layer in moe_layers.items():  # after attention, whose quantized outputs the router sees
         t = time.perf_counter()
         counts, fell_back = solve_experts(ctx, name, layer, {n for n in routed if n.startswith(f"{name}.")},
-                                           packed, record, rel_errors)
+                                          packed, record, rel_errors, clips)
         t_solve += time.perf_counter() - t
         info.update(token_summary(counts, fell_back))
 

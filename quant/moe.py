@@ -154,16 +154,17 @@ def token_summary(counts: list[int], fallback: list[str]) -> dict[str, str]:
             "expert fallback": ",".join(fallback) or "-"}
 
 
-def solve_experts(ctx, name: str, layer, names: set[str], packed: dict, record, rel_errors: list
-                   ) -> tuple[list[int], list[str]]:
+def solve_experts(ctx, name: str, layer, names: set[str], packed: dict, record, rel_errors: list,
+                  clips: dict | None = None) -> tuple[list[int], list[str]]:
     """GPTQ for the routed experts of ``layer`` (``name`` in the block), one expert at a time.
 
     The experts' inputs and routing are recorded once (:func:`routed_inputs`); each expert's
     gate and up projections are solved under the Hessian of the tokens routed to it, then its down
     projection under that of its own quantized intermediate activations. An expert routed fewer than
     :func:`min_expert_tokens` tokens takes its statistics from every calibration token
-    (listed as a fallback); no expert is left unquantized. Returns the routed token counts and the
-    fallbacks.
+    (listed as a fallback); no expert is left unquantized. ``clips`` (AWQ+GPTQ: AWQ's clipping ranges
+    by linear name) bound the groups of the projections that have one. Returns the routed token counts
+    and the fallbacks.
     """
     from calib.hessian import Hessian
     from quant.gptq import _rows, gptq_quantize, hessian_error
@@ -176,16 +177,22 @@ def solve_experts(ctx, name: str, layer, names: set[str], packed: dict, record, 
         counts.append(n)
         if fb:
             fell_back.append(str(e))
+        def intermediate(x=x, expert=expert):  # the down projection's input, in the expert's own dtype
+            z = x.to(expert.gate_proj.weight.dtype)
+            return (expert.act_fn(expert.gate_proj(z)) * expert.up_proj(z)).float()
+
         with torch.no_grad():
-            for projs, inputs in ((("gate_proj", "up_proj"), lambda: x),
-                                  (("down_proj",), lambda: expert.act_fn(expert.gate_proj(x)) * expert.up_proj(x))):
+            for projs, inputs in ((("gate_proj", "up_proj"), lambda: x), (("down_proj",), intermediate)):
                 todo = [p for p in projs if f"{name}.{e}.{p}" in names]
                 if not todo:
                     continue
                 h = Hessian.empty(getattr(expert, todo[0]).in_features, x.device)
                 h.add(inputs())
                 W = {p: getattr(expert, p).weight.detach().float() for p in todo}
-                res = gptq_quantize(torch.cat(list(W.values())), h.mean, ctx.cfg)
+                full = [f"{name}.{e}.{p}" for p in todo]
+                clip = torch.cat([clips[n] for n in full]).to(h.mean.device) if clips and all(
+                    n in clips for n in full) else None
+                res = gptq_quantize(torch.cat(list(W.values())), h.mean, ctx.cfg, clip)
                 record([f"{name}.{e}.{p}" for p in todo], res)
                 rows = 0
                 for p in todo:

@@ -129,6 +129,10 @@ def quantize(
         raise QtoolError(f"{model_dir}: is already quantized ({method} quantization); quantize the original "
                          "full-precision model instead")
     arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
+    if cfg.method == "awq" and cfg.awq.search_file:  # a missing or empty search file: one sentence, before any work
+        from quant.awq import load_search
+
+        load_search(cfg.awq.search_file, f"{arch.blocks}.0.")
     dev = _device(device)
     if cfg.needs_calibration:
         model_io.load_tokenizer(model_dir)  # before the model loads: a missing tokenizer is one sentence, early

@@ -29,6 +29,7 @@ from quant.awq.search import (
     search_scale,
 )
 from quant.config import AWQOptions, QuantConfig
+from quant.errors import QtoolError
 from quant.methods import BlockContext
 
 torch.set_num_threads(2)
@@ -214,6 +215,23 @@ def test_same_inputs_give_a_bit_identical_checkpoint_and_replay_matches(tmp_path
     for k, v in saved.items():
         if k.endswith(("qweight", "qzeros", "scales")):
             assert torch.equal(state[k], v), k
+
+
+def test_replaying_an_empty_search_file_says_it_gives_rtn(tmp_path, caplog):
+    """A run whose every block kept RTN saves an empty search file; its replay gives RTN, and says so."""
+    from safetensors.torch import save_file
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    empty = tmp_path / "empty.safetensors"
+    save_file({}, str(empty))
+    with caplog.at_level(logging.WARNING, logger="quant.awq"):
+        _quantize(src, tmp_path / "out", awq=AWQOptions(search_file=str(empty)))
+    assert "holds no AWQ search results" in caplog.text
+    _quantize(src, tmp_path / "rtn", method="rtn")
+    assert (tmp_path / "out" / "model.safetensors").read_bytes() == (tmp_path / "rtn" / "model.safetensors").read_bytes()
+    with pytest.raises(QtoolError, match="no such search results file"):  # before any work
+        _quantize(src, tmp_path / "missing", awq=AWQOptions(search_file=str(tmp_path / "nope.safetensors")))
+    assert not (tmp_path / "missing").exists()
 
 
 def test_replay_is_bit_identical_for_a_bfloat16_model(tmp_path):

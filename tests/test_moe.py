@@ -202,8 +202,28 @@ def test_awq_scales_every_expert_and_the_checkpoint_computes_the_scaled_model(tm
     assert q.generate(ids[:1, :6], max_new_tokens=4, do_sample=False).shape == (1, 10)
 
     quant.quantize(src, tmp_path / "replay", method="awq", awq=AWQOptions(search_file=str(tmp_path / "q")), **kw)
-    a, b = (load_file(tmp_path / n / "model.safetensors") for n in ("q", "replay"))
-    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    # a replayed checkpoint carries the results it replayed: it can be replayed in turn
+    quant.quantize(src, tmp_path / "replay2", method="awq", awq=AWQOptions(search_file=str(tmp_path / "replay")), **kw)
+    a, b, c = (load_file(tmp_path / n / "model.safetensors") for n in ("q", "replay", "replay2"))
+    assert a.keys() == b.keys() == c.keys() and all(torch.equal(a[k], b[k]) and torch.equal(a[k], c[k]) for k in a)
+
+
+def test_awq_first_clips_bound_the_expert_solves(tmp_path, monkeypatch):
+    """AWQ+GPTQ: AWQ's clipping ranges reach GPTQ's per-expert solves, as they reach the dense linears'."""
+    import quant
+    from quant import gptq
+    from quant.config import GPTQOptions
+
+    seen = []
+    real = gptq.gptq_quantize
+    monkeypatch.setattr(gptq, "gptq_quantize", lambda W, H, cfg, clip=None, order=None: (
+        seen.append((W.shape, clip is not None)), real(W, H, cfg, clip, order))[1])
+    src = _save(tiny_moe("qwen3_moe"), tmp_path / "src")
+    quant.quantize(src, tmp_path / "q", method="gptq", gptq=GPTQOptions(awq_first=True), bits=4, group_size=32,
+                   n_samples=8, seqlen=64, held_out=0, progress=False)
+    downs = [clipped for shape, clipped in seen if shape == (64, 32)]  # each expert's down projection
+    gate_ups = [clipped for shape, clipped in seen if shape == (64, 64)]  # each expert's gate + up (and o_proj)
+    assert len(downs) == 2 * 8 and len(gate_ups) >= 2 * 8 and all(downs) and all(gate_ups)
 
 
 @pytest.mark.parametrize("model_type", ["qwen2_moe", "deepseek_v3"])

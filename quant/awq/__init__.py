@@ -30,6 +30,7 @@ gives a bit-identical checkpoint.
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 from pathlib import Path
 
@@ -279,7 +280,8 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     if ctx.cfg.awq.search_file:
         artifacts = load_search(ctx.cfg.awq.search_file, f"{ctx.arch.blocks}.{ctx.index}.")
         packed = apply_block(ctx.block, ctx.names, ctx.cfg, ctx.arch, artifacts)
-        return BlockResult(packed=packed, info={"awq": "replayed"})
+        # The replayed results are saved with the checkpoint again, so that it can be replayed in turn.
+        return BlockResult(packed=packed, info={"awq": "replayed"}, artifacts=artifacts)
     if ctx.inputs is None:
         raise QtoolError("AWQ needs calibration inputs, or AWQOptions(search_file=...) to replay a search")
     artifacts, info, weights = search_block(ctx)
@@ -300,7 +302,15 @@ def load_search(path, prefix: str = "") -> dict[str, torch.Tensor]:
         raise QtoolError(f"{path}: no such search results file; give an AWQ checkpoint folder made by qtool "
                          f"(it holds {SEARCH_FILE}) or that file")
     with safe_open(str(path), "pt") as f:
+        if not list(f.keys()):
+            _log_once_empty(str(path))
         return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+@functools.lru_cache(maxsize=8)
+def _log_once_empty(path: str) -> None:
+    log.warning("%s holds no AWQ search results: the run that saved it kept round-to-nearest in every block, so "
+                "the replay gives that same round-to-nearest checkpoint", path)
 
 
 def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict) -> None:

@@ -35,7 +35,7 @@ def pack_bits_i32(values: torch.Tensor, bits: int) -> torch.Tensor:
     n = values.shape[-1]
     if (n * bits) % 32 or (bits == 3 and n % 32):
         raise ValueError(f"cannot pack {n} values of {bits} bits into whole int32 words")
-    if values.numel() and (values.min() < 0 or values.max() >= 2**bits):
+    if values.numel() and (int(values.min()) < 0 or int(values.max()) >= 2**bits):
         raise ValueError(f"values outside [0, {2**bits}) cannot be packed in {bits} bits")
     flat = values.reshape(-1, n)
     rows = max(1, _CHUNK_ELEMENTS // max(n, 1))

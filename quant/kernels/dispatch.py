@@ -141,7 +141,7 @@ def prepare_cpu_int4(layer) -> tuple[torch.Tensor, torch.Tensor, int]:
         scale = pw.scale.float().repeat_interleave(g_full // g, dim=1)  # [N, G] -> [N, K/g]
         zero = pw.zero.float().repeat_interleave(g_full // g, dim=1)
         sz = torch.stack([scale, (8 - zero) * scale], dim=-1).transpose(0, 1).contiguous()  # [K/g, N, 2]
-        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(pw.q.cpu().contiguous(), 1)
+        packed = torch.ops.aten._convert_weight_to_int4pack_for_cpu(pw.q.cpu().to(torch.int32).contiguous(), 1)
         cache["cpu_int4"] = (packed, sz.to(torch.bfloat16), g)
     return cache["cpu_int4"]
 
