@@ -27,7 +27,7 @@ class ScaleGroup:
     kind: str
     judge: str | None = None  # the module (relative to the block) whose output the scale is judged by
     # None: the statistics come from the linears' own inputs. Otherwise the feed-forward module (a MoE
-    # layer, or the dense MLP of a MoE model's block) whose recorded input gives them (quant.moe.FeedForward):
+    # layer, or the dense MLP of a MoE model's block) whose recorded input gives them (quant.awq.experts.FeedForward):
     # its consumers may see different tokens (each expert its routed ones).
     feed_forward: str | None = None
 
@@ -50,7 +50,7 @@ class Arch:
     moe: bool = False  # routed experts (quant.moe.ExpertLinears): one linear per expert and projection
     keep_full: tuple[str, ...] = ()  # linears kept in full precision by design (routers), matched by name suffix
     # (norm, feed-forward module) of a MoE model's blocks: their AWQ scaling groups depend on the block (the
-    # experts, shared experts, a dense MLP in the first blocks) and are found in it (quant.moe.feed_forward_groups)
+    # experts, shared experts, a dense MLP in the first blocks) and are found in it (quant.awq.experts.feed_forward_groups)
     feed_forward: tuple[str, str] | None = None
 
 

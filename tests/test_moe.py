@@ -230,7 +230,7 @@ def test_awq_first_clips_bound_the_expert_solves(tmp_path, monkeypatch):
 def test_feed_forward_scales_fold_exactly_into_routers_and_shared_experts(model_type):
     from quant import arch as arch_table
     from quant.awq.fold import fold_scales, group_scales
-    from quant.moe import feed_forward_groups
+    from quant.awq.experts import feed_forward_groups
 
     model = tiny_moe(model_type)
     swap_in_expert_linears(model)
@@ -269,7 +269,7 @@ def test_the_shared_scale_weighs_each_expert_by_its_routed_tokens():
     """The norm group's closed-form error sums, over the experts, each expert's error under the Hessian of the
     tokens routed to it: those Hessians add up to top-k times the Hessian of all tokens."""
     from quant import arch as arch_table
-    from quant.moe import FeedForward, feed_forward_groups
+    from quant.awq.experts import FeedForward, feed_forward_groups
 
     model = tiny_moe("qwen3_moe")
     swap_in_expert_linears(model)
@@ -289,7 +289,7 @@ def test_the_shared_scale_weighs_each_expert_by_its_routed_tokens():
 
 def test_an_expert_clip_that_raises_its_held_out_error_is_dropped():
     from quant.awq.search import QuantSpec
-    from quant.moe import FeedForward, accept_expert_clips
+    from quant.awq.experts import FeedForward, accept_expert_clips
 
     model = tiny_moe("mixtral")
     swap_in_expert_linears(model)

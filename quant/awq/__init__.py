@@ -52,6 +52,7 @@ from quant.awq.fold import (
     skip_reason,
     tie_to_values,
 )
+from quant.awq.experts import FeedForward, accept_expert_clips
 from quant.awq.judge import call_weights, judge_of, probe_error, probing, record_probes
 from quant.awq.search import QuantSpec, ScaleResult, _fake_quantize, search_clip, search_scale, search_scale_parts
 from quant.config import SEARCH_FILE, QuantConfig
@@ -59,7 +60,6 @@ from quant.errors import QtoolError
 from quant.formats import PackedWeight
 from quant.layers import rtn_packed, set_quantized, to_quant_linears
 from quant.methods import BlockContext, BlockResult
-from quant.moe import FeedForward, accept_expert_clips
 
 log = logging.getLogger(__name__)
 
@@ -110,8 +110,8 @@ def search_block(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict, dict
     Returns ``(artifacts, info, weights)``: the search results keyed
     ``<linear>.awq_scale`` / ``<linear>.awq_clip``, summary columns, and the folded
     float32 weights (``"<linear>.weight"``) of the linears the fold touched.
-    A MoE model's feed-forward groups (:func:`quant.moe.feed_forward_groups`) take their statistics
-    from the feed-forward module's recorded input (:class:`quant.moe.FeedForward`), one expert at a time.
+    A MoE model's feed-forward groups (:func:`quant.awq.experts.feed_forward_groups`) take their statistics
+    from the feed-forward module's recorded input (:class:`quant.awq.experts.FeedForward`), one expert at a time.
     """
     block, arch, cfg, names, opts = ctx.block, ctx.arch, ctx.cfg, ctx.names, ctx.cfg.awq
     spec = quant_spec(cfg)
@@ -202,7 +202,7 @@ def _alphas(ratios: list[str]) -> str:
 
 def _accept_routed_clips(block: nn.Module, ff_name: str, routed: list[str], weights: dict, clips: dict, calls,
                          spec: QuantSpec) -> dict[str, torch.Tensor]:
-    """Routed experts' clips, tested on the held-out tokens routed to each expert (:func:`quant.moe.accept_expert_clips`)."""
+    """Routed experts' clips, tested on the held-out tokens routed to each expert (:func:`quant.awq.experts.accept_expert_clips`)."""
     if not routed:
         return {}
     with torch.no_grad(), FeedForward.recording(block, ff_name) as held_out:

@@ -26,6 +26,7 @@ import torch
 from torch import nn
 
 from quant.arch import Arch, ScaleGroup, value_heads
+from quant.awq.experts import feed_forward_groups
 
 log = logging.getLogger(__name__)
 
@@ -42,11 +43,9 @@ def _module(block: nn.Module, name: str) -> nn.Module | None:
 
 def block_groups(block: nn.Module, arch: Arch) -> tuple[ScaleGroup, ...]:
     """The scaling groups of ``block``: the table's, and for a MoE model those of its feed-forward module,
-    found in the block (:func:`quant.moe.feed_forward_groups`)."""
+    found in the block (:func:`quant.awq.experts.feed_forward_groups`)."""
     if arch.feed_forward is None:
         return arch.scale_groups
-    from quant.moe import feed_forward_groups
-
     return arch.scale_groups + feed_forward_groups(block, *arch.feed_forward)
 
 
