@@ -25,10 +25,16 @@ quant_options = _stack([
     click.option("--bits", default=4, show_default=True, type=int,
                  help="Bits per weight: 4 for the AWQ format; 2, 3, 4 or 8 for the GPTQ format."),
     click.option("--group-size", default=128, show_default=True, type=int, help=GROUP_HELP),
+    click.option("--target", default="any", show_default=True,
+                 type=click.Choice(["any", "vllm", "lmdeploy", "transformers", "gptqmodel", "autoawq"]),
+                 help="The loader the checkpoint is for: the layout is one it reads right, and settings it would "
+                      "misread are refused before any work. any: the layout the most loaders read right "
+                      "(`qtool info` lists them)."),
     click.option("--format", "fmt", type=click.Choice(["awq", "gptq", "gptq_v2"]), default=None,
-                 help="Checkpoint layout: awq (AutoAWQ gemm), gptq (v1, zero points stored minus one, what "
-                      "every GPTQ loader reads) or gptq_v2. Default: awq for 4-bit asymmetric weights without "
-                      "act-order, gptq otherwise (2, 3, 8 bits, --sym, --act-order)."),
+                 help="Checkpoint layout: awq (AutoAWQ gemm), gptq (v1, zero points stored minus one) or gptq_v2 "
+                      "(zero points as they are). Default (--target any): awq for 4-bit asymmetric weights "
+                      "without act-order; gptq for --sym; gptq_v2 for other asymmetric weights (2, 3, 8 bits, "
+                      "--act-order), which GPTQModel and transformers read in no other layout."),
     click.option("--skip", multiple=True,
                  help="A module name (or suffix such as mlp.down_proj) to keep in full precision; repeatable."),
     click.option("--dtype", default="auto", show_default=True,

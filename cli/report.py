@@ -35,8 +35,21 @@ def print_quant_report(r, verbose: bool = False) -> None:
         ["source weights", mib(r.source_bytes)],
         ["checkpoint", f"{mib(r.output_bytes)} ({r.source_bytes / max(r.output_bytes, 1):.2f}x smaller)"],
         ["written to", r.out],
+        *_loader_rows(getattr(r, "loaders", None)),
     ]
     click.echo(tabulate(rows, tablefmt="simple"))
+
+
+def _loader_rows(loaders: dict | None) -> list[list]:
+    """Which loaders read the checkpoint right, and why the others do not (quant.formats.compat)."""
+    if not loaders:
+        return []
+    from quant.formats.compat import LOADERS
+
+    right = [LOADERS[n] for n, why in loaders.items() if why is None]
+    rows = [["read right by", ", ".join(right) or "none of the loaders in qtool's table"]]
+    rows += [[f"not by {LOADERS[n]}", why] for n, why in loaders.items() if why is not None]
+    return rows
 
 
 def _expert_rows(r) -> list[list]:
@@ -82,6 +95,7 @@ def print_info(info) -> None:
         ["linears kept in full precision", len(info.skipped)],
         ["checkpoint size", mib(info.checkpoint_bytes)],
         ["same model in float16", f"{mib(info.fp16_bytes)} ({info.ratio:.2f}x larger)"],
+        *_loader_rows(info.loaders),
     ]
     click.echo(tabulate(rows, tablefmt="simple"))
     for name in info.skipped:

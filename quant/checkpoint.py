@@ -21,12 +21,16 @@ log = logging.getLogger(__name__)
 QTOOL_META = "qtool.json"  # how the checkpoint was made: method, calibration, sizes (ours only)
 
 
-def quantization_config(cfg: QuantConfig, skipped: list[str]) -> dict:
-    """The ``quantization_config`` block of config.json that vLLM, transformers and LMDeploy read."""
-    act_order = cfg.method == "gptq" and cfg.gptq.act_order
+def quantization_config(cfg: QuantConfig, kept: list[str], quantized: list[str]) -> dict:
+    """The ``quantization_config`` block of config.json that vLLM, transformers, GPTQModel and LMDeploy read:
+    the layout's keys and the layers ``kept`` in full precision in every form those loaders read
+    (:func:`quant.formats.compat.exclusion_keys`); ``quantized``: the quantized linears' names."""
+    from quant.formats.compat import exclusion_keys
+
     solver = {"true_sequential": cfg.gptq.true_sequential, "damp_percent": cfg.gptq.damp,
               "static_groups": cfg.gptq.static_groups}
-    return cfg.format.quantization_config(cfg.bits, cfg.group_size, cfg.sym, act_order, skipped, solver)
+    qc = cfg.format.quantization_config(cfg.bits, cfg.group_size, cfg.sym, cfg.act_order, solver)
+    return {**qc, **exclusion_keys(cfg.format.quant_method, kept, quantized)}
 
 
 FP16_MAX = 65504.0
@@ -117,12 +121,12 @@ def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", 
     return out
 
 
-def write_metadata(cfg: QuantConfig, source_dir: str | os.PathLike, dst: Path, skipped: list[str], meta: dict,
-                   dtype: torch.dtype) -> None:
+def write_metadata(cfg: QuantConfig, source_dir: str | os.PathLike, dst: Path, kept: list[str],
+                   quantized: list[str], meta: dict, dtype: torch.dtype) -> None:
     """Everything a loader needs besides the tensors, into ``dst``: config.json with its
     ``quantization_config``, the tokenizer and generation files, and qtool.json."""
     config = model_io.read_config(source_dir)
-    config["quantization_config"] = quantization_config(cfg, skipped)
+    config["quantization_config"] = quantization_config(cfg, kept, quantized)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if "dtype" in config:
         config["dtype"] = config["torch_dtype"]

@@ -98,10 +98,13 @@ class QuantConfig:
     """Everything that decides a quantized checkpoint.
 
     ``fmt`` names the checkpoint layout (:func:`quant.formats.get_format`: "awq",
-    "gptq" or "gptq_v2"); ``None`` picks :func:`quant.formats.default_format`: the AWQ
-    "gemm" layout for asymmetric 4-bit weights without act-order (what vLLM,
-    transformers and LMDeploy run fastest), GPTQ v1 otherwise. The CLI and the API
-    share these defaults: the same settings give the same checkpoint.
+    "gptq" or "gptq_v2"); ``None`` lets ``target`` pick it
+    (:func:`quant.formats.compat.choose_layout`): for "any", the layout the most loaders
+    read right (AWQ gemm for asymmetric 4-bit weights without act-order, GPTQ v1 for
+    symmetric ones, GPTQ v2 for other asymmetric ones); for a loader ("vllm",
+    "lmdeploy", "transformers", "gptqmodel", "autoawq"), one that loader reads right, or a
+    one-sentence refusal. A ``fmt`` given with a loader target is checked against it.
+    The CLI and the API share these defaults: the same settings give the same checkpoint.
     """
 
     method: str = "rtn"
@@ -109,6 +112,7 @@ class QuantConfig:
     group_size: int = 128
     sym: bool = False
     fmt: str | None = None
+    target: str = "any"  # the loader the checkpoint is for (quant.formats.compat.TARGETS)
     n_samples: int = 128
     held_out: int = 16  # extra windows, not searched on: half to accept choices, half for the RTN guard
     seqlen: int = 512
@@ -124,23 +128,25 @@ class QuantConfig:
         _require_ints(self, ("bits", "group_size", "n_samples", "held_out", "seqlen", "seed"))
         if self.method not in METHODS:
             raise QtoolError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
-        from quant.formats import default_format, format_names, get_format
+        from quant.formats import format_names, get_format
+        from quant.formats.compat import check_target, choose_layout
 
-        act_order = self.method == "gptq" and self.gptq.act_order
-        chosen = self.fmt is not None
-        if not chosen:
-            object.__setattr__(self, "fmt", default_format(self.bits, self.sym, act_order).name)
-        if self.fmt not in format_names():
-            raise QtoolError(f"--format {self.fmt!r} is unknown; use one of {', '.join(format_names())}")
-        problem = get_format(self.fmt).settings_error(self.bits, self.sym, act_order)
-        if problem:
-            what = f"--format {self.fmt}" if chosen else f"--bits {self.bits}"
-            raise QtoolError(f"{what}: {problem}" + (" (use --format gptq)" if self.fmt == "awq" else ""))
         if self.group_size not in GROUP_SIZES:
             raise QtoolError(
                 f"--group-size {self.group_size} is not supported; use one of "
                 f"{', '.join(str(g) for g in GROUP_SIZES if g > 0)} or -1 for one group per output channel"
             )
+        chosen = self.fmt is not None
+        if not chosen:
+            object.__setattr__(self, "fmt", choose_layout(self.bits, self.sym, self.act_order, self.group_size,
+                                                          self.target))
+        if self.fmt not in format_names():
+            raise QtoolError(f"--format {self.fmt!r} is unknown; use one of {', '.join(format_names())}")
+        problem = get_format(self.fmt).settings_error(self.bits, self.sym, self.act_order)
+        if problem:
+            what = f"--format {self.fmt}" if chosen else f"--bits {self.bits}"
+            raise QtoolError(f"{what}: {problem}" + (" (use --format gptq)" if self.fmt == "awq" else ""))
+        check_target(self.target, self.fmt, self.bits, self.sym, self.act_order, self.group_size)
         if self.n_samples < 1 or self.seqlen < 8:
             raise QtoolError(
                 f"--n-samples {self.n_samples} / --seqlen {self.seqlen} are too small; use at least 1 sample of 8 tokens"
@@ -149,6 +155,11 @@ class QuantConfig:
             raise QtoolError(f"--held-out {self.held_out} is out of range; use 0 (no checks) to 4096 windows")
         if self.dtype not in OUTPUT_DTYPES:
             raise QtoolError(f"--dtype {self.dtype!r} is unknown; use one of {', '.join(OUTPUT_DTYPES)}")
+
+    @property
+    def act_order(self) -> bool:
+        """Input rows quantized in act-order (GPTQ ``--act-order``): the checkpoint carries a g_idx."""
+        return self.method == "gptq" and self.gptq.act_order
 
     @property
     def format(self):

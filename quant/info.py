@@ -10,6 +10,7 @@ from safetensors import safe_open
 
 from quant import model_io
 from quant.checkpoint import QTOOL_META, tensor_index
+from quant.formats.compat import readers, skip_pattern
 from quant.formats.spec import read_spec
 
 
@@ -25,6 +26,7 @@ class CheckpointInfo:
     checkpoint_bytes: int
     fp16_bytes: int  # the same model with every tensor in float16
     method: str | None  # from qtool.json when we wrote it
+    loaders: dict[str, str | None]  # loader -> None where it reads this checkpoint right, else why not
 
     @property
     def ratio(self) -> float:
@@ -56,14 +58,20 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
             for d in shape:
                 n *= d
             fp16_elems += n
+    quantized = [k.rpartition(".")[0] for k in shapes if k.endswith(".qweight")]
+    kept = [k.rpartition(".")[0] for k, shape in shapes.items() if k.endswith(".weight") and len(shape) == 2
+            and any(k[:-7] == s or k[:-7].endswith("." + s) for s in spec.skipped)]
+    sym = spec.sym if spec.sym is not None else True  # GPTQ configs that leave sym out: the GPTQ tools' default
+    loaders = readers(spec.format.name, spec.bits, sym, spec.act_order, spec.group_size, skip_pattern(kept, quantized))
     method = None
     meta = Path(path) / QTOOL_META
     if meta.is_file():
         method = json.loads(meta.read_text()).get("qtool", {}).get("config", {}).get("method")
     return CheckpointInfo(
         path=str(path), model_type=config.get("model_type", "?"), fmt=spec.format.name,
-        bits=spec.bits, group_size=spec.group_size, n_quantized=n_quantized, skipped=list(spec.skipped),
+        bits=spec.bits, group_size=spec.group_size, n_quantized=n_quantized, skipped=kept or list(spec.skipped),
         checkpoint_bytes=model_io.folder_bytes(path, ("*.safetensors",)), fp16_bytes=2 * fp16_elems, method=method,
+        loaders=loaders,
     )
 
 

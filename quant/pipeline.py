@@ -20,6 +20,7 @@ from quant import heap, model_io, resume
 from quant.checkpoint import checkpoint_tensors, is_quantized_checkpoint, output_dtype, write_metadata
 from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
+from quant.formats.compat import check_target, readers, skip_pattern
 from quant.guard import FALLBACK_KEY, final_nll, rtn_guard
 from quant.layers import plan_linears, to_quant_linears
 from quant.methods import BlockContext, BlockResult, get_method
@@ -61,6 +62,8 @@ class QuantReport:
     # "kept": method name or "rtn"}; None where it did not run.
     model_check: dict | None = None
     resumed_from: int | None = None  # the first block this run quantized, where it continued a stopped one
+    # loader -> None where it reads the checkpoint right, else why not (quant.formats.compat.readers)
+    loaders: dict[str, str | None] = field(default_factory=dict)
 
 
 def peak_rss_mb() -> float:
@@ -148,6 +151,9 @@ def quantize(
         plan = plan_linears(src.model, arch, cfg)
         for i in range(len(plan.quantize)):
             _keep_fused_together(plan, src, arch, i)
+        kept, quantized = _stored_names(plan, src, arch)
+        check_target(cfg.target, cfg.fmt, cfg.bits, cfg.sym, cfg.act_order, cfg.group_size,
+                     skip_pattern(kept, quantized))
         dtype = output_dtype(cfg, src, {f"{arch.blocks}.{i}.{n}.weight" for i, names in enumerate(plan.quantize)
                                         for n in names})
         t_cal = time.perf_counter()
@@ -159,6 +165,7 @@ def quantize(
             log.warning("resuming at block %d of %d: the blocks before it were finished by a stopped run (%s)",
                      run.start, len(src.blocks), tmp)
             plan.quantize, plan.skipped = saved[0]["plan"]["quantize"], saved[0]["plan"]["skipped"]
+            kept, quantized = _stored_names(plan, src, arch)
         rows, artifacts, model_check, parts = _quantize_blocks(src, arch, cfg, plan, calib_ids, dev, progress,
                                                                run, dtype)
         outside = []
@@ -178,9 +185,10 @@ def quantize(
             source_bytes=model_io.folder_bytes(model_dir), output_bytes=model_io.folder_bytes(tmp, ("model*.safetensors",)), blocks=rows,
             guarded=cfg.held_out_split[1] > 0 if cfg.needs_calibration else None, model_check=model_check,
             resumed_from=run.start if saved is not None else None,
+            loaders=readers(cfg.fmt, cfg.bits, cfg.sym, cfg.act_order, cfg.group_size, skip_pattern(kept, quantized)),
         )
         meta = {"qtool": {"config": asdict(cfg), "report": asdict(report)}}
-        write_metadata(cfg, model_dir, tmp, sorted({src.stored_module(n) for n in plan.skipped}), meta, dtype)
+        write_metadata(cfg, model_dir, tmp, kept, quantized, meta, dtype)
         if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
             from safetensors.torch import save_file
 
@@ -304,6 +312,14 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
                 r.info[FALLBACK_KEY] = "rtn (whole model)" if r.info.get(FALLBACK_KEY) != "rtn" else "rtn"
             artifacts.clear()  # a replay then gives RTN everywhere too
     return rows, artifacts, model_check, parts
+
+
+def _stored_names(plan, src: SourceModel, arch) -> tuple[list[str], list[str]]:
+    """The linears kept in full precision and those quantized, by their stored module names (sorted)."""
+    kept = sorted({src.stored_module(n) for n in plan.skipped})
+    quantized = sorted({src.stored_module(f"{arch.blocks}.{i}.{n}") for i, names in enumerate(plan.quantize)
+                        for n in names} - set(kept))
+    return kept, quantized
 
 
 def _keep_fused_together(plan, src: SourceModel, arch, i: int) -> None:

@@ -11,6 +11,7 @@ from quant.formats import (
     unpack_gptq,
 )
 from quant.formats.bitpack import pack_bits_i32, unpack_bits_i32
+from quant.formats.compat import exclusion_keys
 
 GROUPS = [32, 64, 128, -1]
 
@@ -130,7 +131,8 @@ def test_each_format_round_trips_through_its_buffers_and_config(name, tmp_path):
     assert torch.equal(back.q, pw.q) and torch.equal(back.zero, pw.zero) and torch.equal(back.scale, pw.scale)
     layer = QuantLinear.from_packed(pw, None, fmt)
     assert layer.format is fmt and torch.equal(layer.packed_weight().dequantize(), pw.dequantize())
-    qc = fmt.quantization_config(bits, 32, False, False, ["model.layers.0.mlp.down_proj"])
+    qc = fmt.quantization_config(bits, 32, False, False)
+    qc.update(exclusion_keys(fmt.quant_method, ["model.layers.0.mlp.down_proj"], ["model.layers.1.mlp.down_proj"]))
     (tmp_path / "config.json").write_text(json.dumps({"quantization_config": qc}))
     spec = read_spec(tmp_path)
     assert (spec.format, spec.bits, spec.group_size, spec.act_order) == (fmt, bits, 32, False)
@@ -138,7 +140,7 @@ def test_each_format_round_trips_through_its_buffers_and_config(name, tmp_path):
 
 
 def test_formats_say_what_they_cannot_hold():
-    from quant.formats import default_format, get_format
+    from quant.formats import get_format
 
     awq, v1, v2 = get_format("awq"), get_format("gptq"), get_format("gptq_v2")
     assert "4-bit" in awq.settings_error(3, False, False)
@@ -150,5 +152,4 @@ def test_formats_say_what_they_cannot_hold():
     assert (v1.min_zero(False), v1.min_zero(True), v2.min_zero(False)) == (1, 0, 0)
     with pytest.raises(ValueError, match="zero point of 0"):
         v1.pack(_random_packed(4, 32, min_zero=0))
-    assert default_format(4, False, False) is awq
-    assert default_format(4, True, False) is v1 and default_format(4, False, True) is v1 and default_format(8, False, False) is v1
+

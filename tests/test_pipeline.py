@@ -98,7 +98,8 @@ def test_skipped_layers_are_listed_and_kept_in_full_precision(tmp_path):
     report = quant.quantize(src, out, method="rtn", group_size=32, skip=("mlp.down_proj",), progress=False)
     assert len(report.skipped) == 2  # one per block
     qc = json.loads((out / "config.json").read_text())["quantization_config"]
-    assert qc["modules_to_not_convert"] == ["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"]
+    assert qc["modules_to_not_convert"] == ["mlp.down_proj"]  # kept in every block: once, block-relative
+    assert sorted(qc["dynamic"]) == [r"-:^model\.layers\.0\.mlp\.down_proj$", r"-:^model\.layers\.1\.mlp\.down_proj$"]
     model = quant.load(out, dtype=torch.float32)
     assert type(model.model.layers[1].mlp.down_proj) is torch.nn.Linear
 
@@ -110,13 +111,14 @@ def test_gptq_layout_for_3_and_8_bits_matches_reference(tmp_path):
         out = tmp_path / f"w{bits}"
         quant.quantize(src, out, method="rtn", bits=bits, group_size=32, dtype="float32", progress=False)
         qc = json.loads((out / "config.json").read_text())["quantization_config"]
-        assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["checkpoint_format"] == "gptq"
+        # asymmetric 3/8-bit: GPTQ v2, the layout GPTQModel and transformers read them in (any zero point)
+        assert qc["quant_method"] == "gptq" and qc["bits"] == bits and qc["checkpoint_format"] == "gptq_v2"
         model = quant.load(out, dtype=torch.float32)
         ref = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
-        with torch.no_grad():  # v1 keeps zero points >= 1
+        with torch.no_grad():
             for m in ref.model.layers.modules():
                 if isinstance(m, torch.nn.Linear):
-                    m.weight.copy_(qmath.fake_quantize(m.weight, bits, 32, min_zero=1))
+                    m.weight.copy_(qmath.fake_quantize(m.weight, bits, 32, min_zero=0))
         assert torch.allclose(model(ids).logits, ref(ids).logits, atol=1e-5)
 
 

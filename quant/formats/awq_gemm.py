@@ -87,9 +87,8 @@ class AwqGemm(Format):
                 "qzeros": ((n_groups, out_features // 8), torch.int32),
                 "scales": ((n_groups, out_features), torch.float16)}
 
-    def quantization_config(self, bits, group_size, sym, act_order, skipped, extra=None):
-        return {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True,
-                "version": "gemm", "modules_to_not_convert": skipped or None}
+    def quantization_config(self, bits, group_size, sym, act_order, extra=None):
+        return {"quant_method": "awq", "bits": bits, "group_size": group_size, "zero_point": True, "version": "gemm"}
 
 
 register(AwqGemm())

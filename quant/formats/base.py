@@ -61,8 +61,9 @@ class Format:
         raise NotImplementedError
 
     def quantization_config(self, bits: int, group_size: int, sym: bool, act_order: bool,
-                            skipped: list[str], extra: dict | None = None) -> dict:
-        """The ``quantization_config`` block of config.json for a checkpoint in this layout."""
+                            extra: dict | None = None) -> dict:
+        """The ``quantization_config`` block of config.json for a checkpoint in this layout, without the keys that
+        name layers kept in full precision (:func:`quant.formats.compat.exclusion_keys` adds those)."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -84,11 +85,3 @@ def get_format(name: str) -> Format:
 
 def format_names() -> tuple[str, ...]:
     return tuple(_REGISTRY)
-
-
-def default_format(bits: int, sym: bool, act_order: bool) -> Format:
-    """The layout written when none is asked for: AutoAWQ gemm where it can hold the weights (4-bit,
-    asymmetric, no act-order: what vLLM, transformers and LMDeploy all read and run fastest), else GPTQ v1
-    (what every GPTQ loader reads)."""
-    awq = get_format("awq")
-    return awq if awq.settings_error(bits, sym, act_order) is None else get_format("gptq")

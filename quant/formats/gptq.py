@@ -114,14 +114,13 @@ class Gptq(Format):
                 "scales": ((n_groups, out_features), torch.float16),
                 "g_idx": ((in_features,), torch.int32)}
 
-    def quantization_config(self, bits, group_size, sym, act_order, skipped, extra=None):
+    def quantization_config(self, bits, group_size, sym, act_order, extra=None):
         """``extra``: the solver's settings GPTQ loaders record (``true_sequential``, ``damp_percent``,
         ``static_groups``); absent ones are written as the GPTQ defaults."""
         extra = extra or {}
         return {"quant_method": "gptq", "bits": bits, "group_size": group_size, "desc_act": act_order, "sym": sym,
                 "true_sequential": extra.get("true_sequential", True), "damp_percent": extra.get("damp_percent", 0.01),
-                "static_groups": extra.get("static_groups", False), "checkpoint_format": self.version,
-                "modules_to_not_convert": skipped or None}
+                "static_groups": extra.get("static_groups", False), "checkpoint_format": self.version}
 
 
 for _version in CHECKPOINT_FORMATS:

@@ -17,6 +17,7 @@ from pathlib import Path
 from quant import model_io
 from quant.errors import QtoolError
 from quant.formats.base import Format, get_format
+from quant.formats.compat import kept_from_dynamic
 
 _KERNEL_LAYOUTS = ("marlin", "bitblas", "ipex", "qqq")  # GPTQ repackings for one kernel, not the GPTQ layout
 DEFAULT_GROUP_SIZE = 128
@@ -97,4 +98,5 @@ def read_spec(path: str | os.PathLike) -> CheckpointSpec:
     problem = fmt.settings_error(bits, bool(sym), act_order and method == "gptq")
     if problem:
         raise QtoolError(f"{path}: quantization_config says bits={bits}, but {problem}")
-    return CheckpointSpec(fmt, bits, group_size, sym, act_order, tuple(qc.get("modules_to_not_convert") or ()), qc)
+    kept = qc.get("modules_to_not_convert") or kept_from_dynamic(qc.get("dynamic"))
+    return CheckpointSpec(fmt, bits, group_size, sym, act_order, tuple(kept), qc)

@@ -1,0 +1,262 @@
+"""Which loaders read which checkpoints right: the compatibility table, and the choice of layout for a target.
+
+A quantized checkpoint is only useful if the loader a user serves with reads it as written. Every row
+below says, for one loader and one layout, which settings it reads right; anything else it refuses or,
+worse, misreads silently. Each row names how it was established: ``ran``, a load run here on the CPU
+(tests/loaders, ``benchmarks/RESULTS.md`` "Issue 18"); ``source``, the loader's source read at the file
+and commit given.
+
+What qtool writes for every loader at once (so that one checkpoint serves them all where the table allows):
+
+* ``modules_to_not_convert``: the layers kept in full precision (AWQ loaders: transformers, vLLM,
+  AutoAWQ), as a block-relative suffix where a layer is kept in every block (AutoAWQ matches that only);
+* ``dynamic`` with a negative, exact ``-:^name$`` rule per kept layer (GPTQModel, vLLM's GPTQ path);
+* ``modules_in_block_to_quantize`` for GPTQ layouts with kept layers (transformers through optimum,
+  vLLM's GPTQ path);
+* no weight-like side file in the folder's root (the AWQ search results are under ``qtool/``), and an index
+  file whenever there is more than one safetensors file.
+
+Targets: ``any`` (default) writes the layout the most loaders read right for the settings;
+a loader's name writes a layout that loader reads right, or refuses with one sentence why.
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+
+from quant.errors import QtoolError
+from quant.formats.base import format_names, get_format
+
+ALL_BITS = (2, 3, 4, 8)
+
+
+@dataclass(frozen=True)
+class Reads:
+    """What ``loader`` reads right in ``layout``. ``bits``/``sym``/``group_sizes`` list what it accepts (None: any
+    group size); ``act_order``: whether g_idx (desc_act) is honoured. ``misread``: where set, the loader accepts
+    the layout but reads it wrong (the sentence says how), for every setting. ``skips``: whether per-layer
+    full-precision exclusions (``--skip``, kept shapes) load right; ``fused``: whether a block may keep some but
+    not all of a fused group (q/k/v, gate/up) in full precision."""
+
+    loader: str
+    layout: str
+    bits: tuple[int, ...] = ALL_BITS
+    sym: tuple[bool, ...] = (False, True)
+    group_sizes: tuple[int, ...] | None = None
+    act_order: bool = True
+    misread: str = ""
+    skips: bool = True
+    fused: bool = True
+    note: str = ""
+    source: str = ""
+
+
+LOADERS = {  # name -> how messages name it
+    "transformers": "transformers 5.24",
+    "gptqmodel": "GPTQModel 7.6",
+    "vllm": "vLLM",
+    "lmdeploy": "LMDeploy TurboMind",
+    "autoawq": "AutoAWQ 0.2.9",
+}
+TARGETS = ("any", *LOADERS)
+
+_VLLM = "vllm-project/vllm"
+_LMD = "InternLM/lmdeploy@1263d5cd889b"
+TABLE: tuple[Reads, ...] = (
+    # --- transformers 5.24.0 (AWQ through gptqmodel's kernels; GPTQ through optimum + gptqmodel)
+    Reads("transformers", "awq", bits=(4,), sym=(False,), act_order=False,
+          source="ran (tests/loaders); quantizers/quantizer_awq.py, quantizers_utils.should_convert_module"),
+    Reads("transformers", "gptq", sym=(True,),
+          note="asymmetric v1 is refused by gptqmodel, which it loads GPTQ through",
+          source="ran GPTQModel 7.6 (models/loader.py: 'Loading of a sym=False model with format=gptq')"),
+    Reads("transformers", "gptq_v2",
+          source="optimum/gptq/quantizer.py post_init_model (hf_convert_gptq_v1_to_v2_format reads checkpoint_format)"),
+    # --- GPTQModel 7.6.0
+    Reads("gptqmodel", "awq", bits=(4,), sym=(False,), act_order=False,
+          note="kept layers are read from `dynamic` only (modules_to_not_convert is ignored)",
+          source="ran (tests/loaders); utils/model.py create_quant_module"),
+    Reads("gptqmodel", "gptq", sym=(True,),
+          note="asymmetric v1 is refused unless made by gptqmodel >= 0.9",
+          source="ran (tests/loaders); models/loader.py format check"),
+    Reads("gptqmodel", "gptq_v2", source="ran (tests/loaders)"),
+    # --- vLLM: main maps gptq to AutoGPTQConfig (4/8-bit symmetric only); v0.11-0.17 fall back to gptq_gemm
+    Reads("vllm", "awq", bits=(4,), sym=(False,), act_order=False, fused=False,
+          note="Marlin for group -1/32/64/128, the AWQ kernel otherwise; a fused group (q/k/v, gate/up) must be "
+               "all quantized or all kept",
+          source=f"{_VLLM} quantization/auto_awq.py@0043d6b52fda, quant_utils.is_layer_skipped"),
+    Reads("vllm", "gptq", bits=(4, 8), sym=(True,), group_sizes=(-1, 32, 64, 128), fused=False,
+          note="main refuses other bits or asymmetric GPTQ (AutoGPTQConfig); kept layers from `dynamic` or "
+               "modules_in_block_to_quantize",
+          source=f"{_VLLM} quantization/auto_gptq.py@055e47c28003, utils/gptq_utils.py"),
+    Reads("vllm", "gptq_v2", bits=(4, 8), sym=(True,), group_sizes=(-1, 32, 64, 128), fused=False,
+          note="symmetric Marlin kernels ignore zero points, so v1 and v2 read the same",
+          source=f"{_VLLM} quantization/auto_gptq.py@055e47c28003 (zero_points=False)"),
+    # --- LMDeploy TurboMind (4-bit kernels, group 128 only)
+    Reads("lmdeploy", "awq", bits=(4,), sym=(False,), group_sizes=(128,), act_order=False,
+          source=f"{_LMD} turbomind/converter.py (_SUPPORTED_GROUP_SIZES, version == 'gemm')"),
+    Reads("lmdeploy", "gptq", bits=(4,), sym=(True,), group_sizes=(128,), act_order=False, fused=False,
+          note="kept layers load by their float .weight; a block mixing quantized and kept q/k/v fails",
+          source=f"{_LMD} turbomind/converter.py (desc_act, sym asserts), linear.py"),
+    Reads("lmdeploy", "gptq_v2", misread="it reads v2 zero points as v1 (adds 1): every weight one step off",
+          source=f"{_LMD} turbomind/weight_format.py GPTQFormat.normalize (+1, checkpoint_format never read)"),
+    # --- AutoAWQ 0.2.9 (archived)
+    Reads("autoawq", "awq", bits=(4,), sym=(False,), act_order=False,
+          note="modules_to_not_convert matches block-relative names: a layer kept in only some blocks is loaded "
+               "as quantized",
+          source="casper-hansen/AutoAWQ@88e4c76b2075 (v0.2.9) awq/models/base.py, awq/utils/module.py"),
+)
+
+
+def _check_target_name(target: str) -> None:
+    if target not in TARGETS:
+        raise QtoolError(f"--target {target!r} is unknown; use one of {', '.join(TARGETS)}")
+
+
+def rule(loader: str, layout: str) -> Reads | None:
+    """The table's row for ``loader`` and ``layout``; None where the loader does not read that layout at all."""
+    return next((r for r in TABLE if r.loader == loader and r.layout == layout), None)
+
+
+def problem(loader: str, layout: str, bits: int, sym: bool, act_order: bool, group_size: int,
+            skips: str = "") -> str | None:
+    """Why ``loader`` would not read a checkpoint with these settings right, as a clause ("it reads ..."), or
+    None where it would. ``skips``: "" (no layer kept in full precision), "uniform" (the same layers of every
+    block, whole fused groups), "some" (layers of some blocks only), or "partial" (part of a fused group)."""
+    r = rule(loader, layout)
+    title = get_format(layout).title
+    if r is None:
+        return f"it does not read the {title} layout"
+    if r.misread:
+        return r.misread
+    if bits not in r.bits:
+        return f"it reads {'/'.join(map(str, r.bits))}-bit {title} checkpoints only, not {bits}-bit"
+    if sym not in r.sym:
+        return f"it reads only {'symmetric' if r.sym == (True,) else 'asymmetric'} {title} weights"
+    if act_order and not r.act_order:
+        return "it does not read act-order (desc_act) weights"
+    if r.group_sizes is not None and group_size not in r.group_sizes:
+        return (f"it reads {title} group size {'/'.join(map(str, r.group_sizes))} only, not {group_size}")
+    if skips and not r.skips:
+        return "it cannot load layers kept in full precision"
+    if skips == "partial" and not r.fused:
+        return "it needs each fused group (q/k/v, gate/up) all quantized or all in full precision"
+    if skips == "some" and loader == "autoawq":
+        return "it matches kept layers by block-relative name, so a layer kept in only some blocks loads as quantized"
+    return None
+
+
+def readers(layout: str, bits: int, sym: bool, act_order: bool, group_size: int, skips: str = ""
+            ) -> dict[str, str | None]:
+    """Loader -> None (reads it right) or the reason it does not, for one checkpoint's settings."""
+    return {name: problem(name, layout, bits, sym, act_order, group_size, skips) for name in LOADERS}
+
+
+def choose_layout(bits: int, sym: bool, act_order: bool, group_size: int, target: str = "any") -> str:
+    """The layout written for these settings: for ``target`` "any", the one the most loaders read right
+    (ties: AWQ gemm, then GPTQ v1, then v2); for a loader, the first of those it reads right.
+
+    Raises QtoolError naming the loader and why, where the target reads no layout that holds the settings."""
+    _check_target_name(target)
+    holds = [name for name in format_names() if get_format(name).settings_error(bits, sym, act_order) is None]
+    if not holds:  # no layout holds these settings: the GPTQ layout's refusal says which bits exist
+        return "gptq"
+    if target == "any":
+        def n_readers(layout):
+            return sum(p is None for p in readers(layout, bits, sym, act_order, group_size).values())
+        return max(holds, key=n_readers)  # max keeps the first of equals: the registry order
+    for layout in holds:
+        if problem(target, layout, bits, sym, act_order, group_size) is None:
+            return layout
+    why = "; ".join(f"{get_format(lay).title}: {problem(target, lay, bits, sym, act_order, group_size)}"
+                    for lay in holds)
+    raise QtoolError(f"--target {target}: {LOADERS[target]} cannot read {bits}-bit "
+                     f"{'symmetric' if sym else 'asymmetric'} weights{' with act-order' if act_order else ''} in "
+                     f"group size {group_size} ({why})")
+
+
+def check_target(target: str, layout: str, bits: int, sym: bool, act_order: bool, group_size: int,
+                 skips: str = "") -> None:
+    """Raises QtoolError (one sentence) where ``target`` (a loader) would not read this checkpoint right."""
+    _check_target_name(target)
+    if target == "any":
+        return
+    why = problem(target, layout, bits, sym, act_order, group_size, skips)
+    if why:
+        raise QtoolError(f"--target {target}: {LOADERS[target]} would not read this checkpoint right: {why} "
+                         f"(layout {get_format(layout).title}, {bits}-bit, group size {group_size})")
+
+
+# --- layers kept in full precision ----------------------------------------------------------------------------
+
+FUSED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})  # what vLLM and LMDeploy load as one matrix
+_BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")  # "model.layers.3.mlp.down_proj" -> prefix, block, name inside
+
+
+def _in_block(name: str) -> tuple[str, str] | None:
+    m = _BLOCK.match(name)
+    return (m.group(2), m.group(3)) if m else None
+
+
+def skip_pattern(kept: list[str], quantized: list[str]) -> str:
+    """How the layers ``kept`` in full precision lie among the ``quantized`` ones (full module names), for
+    :func:`problem`: "" (none kept), "partial" (a block keeps part of a fused group: some of its q/k/v or of
+    its gate/up), "some" (the kept layers differ between blocks), or "uniform"."""
+    if not kept:
+        return ""
+    quantized_set = set(quantized)
+    for name in kept:
+        parent, _, leaf = name.rpartition(".")
+        for group in FUSED:
+            if leaf in group and any(f"{parent}.{other}" in quantized_set for other in group - {leaf}):
+                return "partial"
+    by_block: dict[str, set[str]] = {}
+    for name in (*kept, *quantized):
+        where = _in_block(name)
+        if where:
+            by_block.setdefault(where[0], set())
+    for name in kept:
+        where = _in_block(name)
+        if where:
+            by_block[where[0]].add(where[1])
+    return "uniform" if len({frozenset(s) for s in by_block.values()}) <= 1 else "some"
+
+
+def exclusion_keys(quant_method: str, kept: list[str], quantized: list[str]) -> dict:
+    """The ``quantization_config`` keys that tell every loader which layers stay in full precision.
+
+    ``kept``, ``quantized``: full module names as stored. Returns ``modules_to_not_convert`` (AWQ loaders; a
+    name kept in every block is written once, block-relative, where no quantized name contains it, since vLLM
+    matches by substring and AutoAWQ reads only block-relative names), ``dynamic`` (a ``-:^name$`` rule per
+    kept layer: GPTQModel, vLLM's GPTQ path) and, for GPTQ, ``modules_in_block_to_quantize`` (the quantized
+    names: transformers through optimum, which matches by suffix). ``modules_to_not_convert: None`` alone
+    where nothing is kept."""
+    if not kept:
+        return {"modules_to_not_convert": None}
+    blocks = {b for b, _ in filter(None, map(_in_block, (*kept, *quantized)))}
+    kept_in: dict[str, set[str]] = {}
+    for name in kept:
+        where = _in_block(name)
+        if where:
+            kept_in.setdefault(where[1], set()).add(where[0])
+    listed = []
+    for name in kept:
+        where = _in_block(name)
+        rel = where[1] if where else None
+        short = rel is not None and kept_in[rel] == blocks and not any(rel in q for q in quantized)
+        listed.append(rel if short else name)
+    keys = {"modules_to_not_convert": list(dict.fromkeys(listed)),
+            "dynamic": {f"-:^{re.escape(name)}$": {} for name in kept}}
+    if quant_method == "gptq":
+        keys["modules_in_block_to_quantize"] = [list(quantized)]
+    return keys
+
+
+def kept_from_dynamic(dynamic: dict | None) -> list[str]:
+    """The exact module names of ``dynamic``'s negative ``-:^name$`` rules (as :func:`exclusion_keys` writes
+    them, and GPTQModel does); pattern rules are not names and are left out."""
+    names = []
+    for key in dynamic or {}:
+        m = re.fullmatch(r"-:\^?((?:[\w.]|\\.)+)\$?", key)
+        if m:
+            names.append(re.sub(r"\\(.)", r"\1", m.group(1)))
+    return names
