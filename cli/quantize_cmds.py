@@ -94,10 +94,10 @@ def gptq(model_dir, out, verbose, overwrite, device, max_shard_size, act_order, 
          awq_first, value_hessian, **fields):
     """GPTQ: Hessian-aware rounding that corrects each column's error on the columns still to come.
 
-    The layout follows the settings (--format overrides it): 4-bit asymmetric
-    weights without --act-order, the default, are written in the AWQ gemm layout
-    that vLLM, transformers and LMDeploy all read; --sym, --act-order or 2, 3 and
-    8 bits give the GPTQ layout (with g_idx). Each Hessian is shrunk toward its
+    The layout follows the settings and --target (--format overrides it): 4-bit
+    asymmetric weights without --act-order, the default, are written in the AWQ
+    gemm layout that every loader reads; --sym gives GPTQ v1 (with g_idx), other
+    asymmetric weights (2, 3, 8 bits, --act-order) GPTQ v2. Each Hessian is shrunk toward its
     diagonal (--shrink), so that the solve leans less on correlations that only
     the calibration text has.
     """

@@ -3,7 +3,7 @@
 A quantized checkpoint is only useful if the loader a user serves with reads it as written. Every row
 below says, for one loader and one layout, which settings it reads right; anything else it refuses or,
 worse, misreads silently. Each row names how it was established: ``ran``, a load run here on the CPU
-(tests/loaders, ``benchmarks/RESULTS.md`` "Issue 18"); ``source``, the loader's source read at the file
+(``tests/test_loaders.py``, ``benchmarks/RESULTS.md`` "Issue 18"); ``source``, the loader's source read at the file
 and commit given.
 
 What qtool writes for every loader at once (so that one checkpoint serves them all where the table allows):
@@ -65,20 +65,20 @@ _LMD = "InternLM/lmdeploy@1263d5cd889b"
 TABLE: tuple[Reads, ...] = (
     # --- transformers 5.24.0 (AWQ through gptqmodel's kernels; GPTQ through optimum + gptqmodel)
     Reads("transformers", "awq", bits=(4,), sym=(False,), act_order=False,
-          source="ran (tests/loaders); quantizers/quantizer_awq.py, quantizers_utils.should_convert_module"),
-    Reads("transformers", "gptq", sym=(True,),
-          note="asymmetric v1 is refused by gptqmodel, which it loads GPTQ through",
-          source="ran GPTQModel 7.6 (models/loader.py: 'Loading of a sym=False model with format=gptq')"),
-    Reads("transformers", "gptq_v2",
-          source="optimum/gptq/quantizer.py post_init_model (hf_convert_gptq_v1_to_v2_format reads checkpoint_format)"),
+          source="ran (tests/test_loaders.py); quantizers/quantizer_awq.py, quantizers_utils.should_convert_module"),
+    Reads("transformers", "gptq", note="needs optimum (ran with 2.3.0), which converts v1 zero points itself, so "
+          "asymmetric v1 loads right here although GPTQModel alone refuses it",
+          source="ran (tests/test_loaders.py); optimum/gptq/quantizer.py post_init_model"),
+    Reads("transformers", "gptq_v2", note="needs optimum",
+          source="ran (tests/test_loaders.py); optimum reads checkpoint_format"),
     # --- GPTQModel 7.6.0
     Reads("gptqmodel", "awq", bits=(4,), sym=(False,), act_order=False,
           note="kept layers are read from `dynamic` only (modules_to_not_convert is ignored)",
-          source="ran (tests/loaders); utils/model.py create_quant_module"),
+          source="ran (tests/test_loaders.py); utils/model.py create_quant_module"),
     Reads("gptqmodel", "gptq", sym=(True,),
           note="asymmetric v1 is refused unless made by gptqmodel >= 0.9",
-          source="ran (tests/loaders); models/loader.py format check"),
-    Reads("gptqmodel", "gptq_v2", source="ran (tests/loaders)"),
+          source="ran (tests/test_loaders.py); models/loader.py format check"),
+    Reads("gptqmodel", "gptq_v2", source="ran (tests/test_loaders.py)"),
     # --- vLLM: main maps gptq to AutoGPTQConfig (4/8-bit symmetric only); v0.11-0.17 fall back to gptq_gemm
     Reads("vllm", "awq", bits=(4,), sym=(False,), act_order=False, fused=False,
           note="Marlin for group -1/32/64/128, the AWQ kernel otherwise; a fused group (q/k/v, gate/up) must be "
