@@ -3,13 +3,15 @@
 Run by tests/test_loaders.py with the Python of an environment that has the loader installed
 (``QTOOL_LOADER_PYTHON``); imports nothing of qtool. Usage:
 
-    python loader_probe.py LOADER CHECKPOINT OUT.safetensors MODULE [MODULE ...]
+    python loader_probe.py LOADER CHECKPOINT OUT.safetensors MODULE [MODULE ...] [--nll IDS.safetensors]
 
 ``LOADER``: ``transformers`` (``AutoModelForCausalLM.from_pretrained``) or ``gptqmodel``
 (``GPTQModel.load``). For each ``MODULE`` (a full module name of a linear) it writes
 ``MODULE`` -> the effective weight ``[out, in]`` float32, read off the module's outputs on the
 identity matrix (bias subtracted), whatever kernel the loader chose; and prints one JSON line
-``{MODULE: class name}``. Exit status 3 with the loader's message where it refuses to load.
+``{MODULE: class name}`` (with ``"nll"``: the mean next-token loss in nats of the model on the
+windows ``ids [windows, tokens]`` of ``--nll``). Exit status 3 with the loader's message where it
+refuses to load.
 """
 import json
 import sys
@@ -31,7 +33,13 @@ def load(loader: str, path: str):
 
 
 def main() -> None:
-    loader, path, out, *modules = sys.argv[1:]
+    args = sys.argv[1:]
+    ids_file = None
+    if "--nll" in args:
+        i = args.index("--nll")
+        ids_file = args[i + 1]
+        del args[i:i + 2]
+    loader, path, out, *modules = args
     torch.manual_seed(0)
     try:
         model = load(loader, path)
@@ -51,6 +59,12 @@ def main() -> None:
                 y = y - bias.float()
             weights[name] = y.t().contiguous()
             kinds[name] = type(mod).__name__
+        if ids_file:
+            from safetensors.torch import load_file
+
+            ids = load_file(ids_file)["ids"]
+            losses = [model(ids[i:i + 1], labels=ids[i:i + 1]).loss.float().item() for i in range(ids.shape[0])]
+            kinds["nll"] = sum(losses) / len(losses)
     save_file(weights, out)
     print(json.dumps(kinds))
 
