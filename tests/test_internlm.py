@@ -202,7 +202,11 @@ def test_skip_takes_internlm2s_own_names(tmp_path):
         assert torch.equal(got[p + "feed_forward.w2.weight"], source[p + "feed_forward.w2.weight"].half())
         assert p + "feed_forward.w1.qweight" in got
     config = json.loads((tmp_path / "q" / "config.json").read_text())
-    skipped = config["quantization_config"]["modules_to_not_convert"]
+    from quant.formats.compat import kept_from_dynamic
+
+    qc = config["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["attention.wqkv", "feed_forward.w2"]  # in every block: block-relative
+    skipped = kept_from_dynamic(qc["dynamic"])  # the exact names, in the checkpoint's own (stored) names
     assert {f"model.layers.{i}.{m}" for i in range(2) for m in ("attention.wqkv", "feed_forward.w2")} <= set(skipped)
     assert not [s for s in skipped if "self_attn" in s or "mlp." in s]
     model = quant.load(tmp_path / "q", dtype=torch.float32)
@@ -216,8 +220,11 @@ def test_q_k_v_stay_together_when_one_cannot_be_packed(tmp_path):
     quant.quantize(src, tmp_path / "q", method="rtn", bits=3, group_size=32, progress=False, fmt="gptq")
     got = load_file(tmp_path / "q" / "model.safetensors")
     assert "model.layers.0.attention.wqkv.weight" in got and "model.layers.0.feed_forward.w1.qweight" in got
-    skipped = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]["modules_to_not_convert"]
-    assert "model.layers.0.attention.wqkv" in skipped
+    qc = json.loads((tmp_path / "q" / "config.json").read_text())["quantization_config"]
+    from quant.formats.compat import kept_from_dynamic
+
+    assert "model.layers.0.attention.wqkv" in kept_from_dynamic(qc["dynamic"])  # stored names, as loaders read them
+    assert set(qc["modules_to_not_convert"]) & {"model.layers.0.attention.wqkv", "attention.wqkv"}
 
 
 def test_a_config_that_does_not_match_the_tensors_is_one_sentence(tmp_path, capsys):

@@ -152,21 +152,20 @@ def readers(layout: str, bits: int, sym: bool, act_order: bool, group_size: int,
 
 
 def choose_layout(bits: int, sym: bool, act_order: bool, group_size: int, target: str = "any") -> str:
-    """The layout written for these settings: for ``target`` "any", the one the most loaders read right
-    (ties: AWQ gemm, then GPTQ v1, then v2); for a loader, the first of those it reads right.
+    """The layout written for these settings: of the layouts ``target`` reads right (for "any": every layout
+    that holds them), the one the most loaders read right (ties: AWQ gemm, then GPTQ v1, then v2).
 
     Raises QtoolError naming the loader and why, where the target reads no layout that holds the settings."""
     _check_target_name(target)
     holds = [name for name in format_names() if get_format(name).settings_error(bits, sym, act_order) is None]
     if not holds:  # no layout holds these settings: the GPTQ layout's refusal says which bits exist
         return "gptq"
-    if target == "any":
-        def n_readers(layout):
-            return sum(p is None for p in readers(layout, bits, sym, act_order, group_size).values())
-        return max(holds, key=n_readers)  # max keeps the first of equals: the registry order
-    for layout in holds:
-        if problem(target, layout, bits, sym, act_order, group_size) is None:
-            return layout
+    def n_readers(layout):
+        return sum(p is None for p in readers(layout, bits, sym, act_order, group_size).values())
+
+    read = [lay for lay in holds if target == "any" or problem(target, lay, bits, sym, act_order, group_size) is None]
+    if read:
+        return max(read, key=n_readers)  # max keeps the first of equals: the registry order
     why = "; ".join(f"{get_format(lay).title}: {problem(target, lay, bits, sym, act_order, group_size)}"
                     for lay in holds)
     raise QtoolError(f"--target {target}: {LOADERS[target]} cannot read {bits}-bit "
