@@ -59,8 +59,8 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
                 n *= d
             fp16_elems += n
     quantized = [k.rpartition(".")[0] for k in shapes if k.endswith(".qweight")]
-    kept = [k.rpartition(".")[0] for k, shape in shapes.items() if k.endswith(".weight") and len(shape) == 2
-            and any(k[:-7] == s or k[:-7].endswith("." + s) for s in spec.skipped)]
+    kept = [m for m in (k.removesuffix(".weight") for k, shape in shapes.items() if k.endswith(".weight")
+                        and len(shape) == 2) if any(m == s or m.endswith("." + s) for s in spec.skipped)]
     sym = spec.sym if spec.sym is not None else True  # GPTQ configs that leave sym out: the GPTQ tools' default
     loaders = readers(spec.format.name, spec.bits, sym, spec.act_order, spec.group_size, skip_pattern(kept, quantized))
     method = None

@@ -34,9 +34,9 @@ ALL_BITS = (2, 3, 4, 8)
 class Reads:
     """What ``loader`` reads right in ``layout``. ``bits``/``sym``/``group_sizes`` list what it accepts (None: any
     group size); ``act_order``: whether g_idx (desc_act) is honoured. ``misread``: where set, the loader accepts
-    the layout but reads it wrong (the sentence says how), for every setting. ``skips``: whether per-layer
-    full-precision exclusions (``--skip``, kept shapes) load right; ``fused``: whether a block may keep some but
-    not all of a fused group (q/k/v, gate/up) in full precision."""
+    the layout but reads it wrong (the sentence says how), for every setting. ``per_block``: whether a layer kept
+    in full precision in only some blocks loads right; ``fused``: whether a block may keep some but not all of a
+    fused group (q/k/v, gate/up) in full precision."""
 
     loader: str
     layout: str
@@ -45,7 +45,7 @@ class Reads:
     group_sizes: tuple[int, ...] | None = None
     act_order: bool = True
     misread: str = ""
-    skips: bool = True
+    per_block: bool = True
     fused: bool = True
     note: str = ""
     source: str = ""
@@ -100,7 +100,7 @@ TABLE: tuple[Reads, ...] = (
     Reads("lmdeploy", "gptq_v2", misread="it reads v2 zero points as v1 (adds 1): every weight one step off",
           source=f"{_LMD} turbomind/weight_format.py GPTQFormat.normalize (+1, checkpoint_format never read)"),
     # --- AutoAWQ 0.2.9 (archived)
-    Reads("autoawq", "awq", bits=(4,), sym=(False,), act_order=False,
+    Reads("autoawq", "awq", bits=(4,), sym=(False,), act_order=False, per_block=False,
           note="modules_to_not_convert matches block-relative names: a layer kept in only some blocks is loaded "
                "as quantized",
           source="casper-hansen/AutoAWQ@88e4c76b2075 (v0.2.9) awq/models/base.py, awq/utils/module.py"),
@@ -136,11 +136,9 @@ def problem(loader: str, layout: str, bits: int, sym: bool, act_order: bool, gro
         return "it does not read act-order (desc_act) weights"
     if r.group_sizes is not None and group_size not in r.group_sizes:
         return (f"it reads {title} group size {'/'.join(map(str, r.group_sizes))} only, not {group_size}")
-    if skips and not r.skips:
-        return "it cannot load layers kept in full precision"
     if skips == "partial" and not r.fused:
         return "it needs each fused group (q/k/v, gate/up) all quantized or all in full precision"
-    if skips == "some" and loader == "autoawq":
+    if skips == "some" and not r.per_block:
         return "it matches kept layers by block-relative name, so a layer kept in only some blocks loads as quantized"
     return None
 
@@ -208,15 +206,9 @@ def skip_pattern(kept: list[str], quantized: list[str]) -> str:
         for group in FUSED:
             if leaf in group and any(f"{parent}.{other}" in quantized_set for other in group - {leaf}):
                 return "partial"
-    by_block: dict[str, set[str]] = {}
-    for name in (*kept, *quantized):
-        where = _in_block(name)
-        if where:
-            by_block.setdefault(where[0], set())
-    for name in kept:
-        where = _in_block(name)
-        if where:
-            by_block[where[0]].add(where[1])
+    by_block: dict[str, set[str]] = {b: set() for b, _ in filter(None, map(_in_block, quantized))}
+    for block, inner in filter(None, map(_in_block, kept)):
+        by_block.setdefault(block, set()).add(inner)
     return "uniform" if len({frozenset(s) for s in by_block.values()}) <= 1 else "some"
 
 
