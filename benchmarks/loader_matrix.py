@@ -49,7 +49,7 @@ def main() -> None:
     from example_data import ensure_example, eval_text_path, example_model_dir
     from quant import model_io
     from quant.formats.compat import LOADERS as TITLES
-    from quant.formats.compat import problem, skip_pattern
+    from quant.formats.compat import Written, problem, skip_pattern
     from quant.modules import QuantLinear
 
     ensure_example()
@@ -76,8 +76,8 @@ def main() -> None:
                                                                 "model.layers.3.mlp"))]
         sym = kw.get("sym", False)
         for loader in LOADERS:
-            verdict = problem(loader, report.fmt, report.bits, sym, False, report.group_size,
-                              skip_pattern(kept, quantized)) or "reads right"
+            verdict = problem(loader, Written(report.fmt, report.bits, sym, False, report.group_size,
+                                              skip_pattern(kept, quantized))) or "reads right"
             dump = tmp / "eff.safetensors"
             proc = subprocess.run([args.loader_python, str(ROOT / "tests" / "loader_probe.py"), loader, str(out),
                                    str(dump), *probe, "--nll", str(tmp / "ids.safetensors")],

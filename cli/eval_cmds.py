@@ -57,7 +57,9 @@ def ppl(model_dir, data, seqlen, stride, max_tokens, dtype, device, kv, kv_keys,
 @click.command()
 @click.argument("checkpoint_dir", type=click.Path(path_type=str))
 def info(checkpoint_dir):
-    """What a quantized checkpoint holds: format, bits, group size, layers, size against float16."""
+    """What a quantized checkpoint holds: format, bits, group size, symmetry, act-order, the layers kept in
+    full precision, size against float16, and which loaders (transformers, GPTQModel, vLLM, LMDeploy,
+    AutoAWQ) read it right and why the others do not."""
     from quant.info import checkpoint_info
 
     print_info(checkpoint_info(checkpoint_dir))

@@ -25,6 +25,10 @@ quant_options = _stack([
     click.option("--bits", default=4, show_default=True, type=int,
                  help="Bits per weight: 4 for the AWQ format; 2, 3, 4 or 8 for the GPTQ format."),
     click.option("--group-size", default=128, show_default=True, type=int, help=GROUP_HELP),
+    click.option("--sym/--asym", default=False, show_default=True,
+                 help="Symmetric groups (zero point fixed at the middle: what GPTQ-only kernels such as Marlin, "
+                      "vLLM's GPTQ path and LMDeploy's GPTQ reader take; written as GPTQ v1) or asymmetric ones "
+                      "(default: one more level per group, closer to the original at 4 bits)."),
     click.option("--target", default="any", show_default=True,
                  type=click.Choice(["any", "vllm", "lmdeploy", "transformers", "gptqmodel", "autoawq"]),
                  help="The loader the checkpoint is for: the layout is one it reads right, and settings it would "
@@ -34,7 +38,7 @@ quant_options = _stack([
                  help="Checkpoint layout: awq (AutoAWQ gemm), gptq (v1, zero points stored minus one) or gptq_v2 "
                       "(zero points as they are). Default (--target any): awq for 4-bit asymmetric weights "
                       "without act-order; gptq for --sym; gptq_v2 for other asymmetric weights (2, 3, 8 bits, "
-                      "--act-order), which GPTQModel and transformers read in no other layout."),
+                      "--act-order): GPTQModel refuses asymmetric v1."),
     click.option("--skip", multiple=True,
                  help="A module name (or suffix such as mlp.down_proj) to keep in full precision; repeatable."),
     click.option("--dtype", default="auto", show_default=True,

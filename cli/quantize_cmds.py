@@ -73,10 +73,6 @@ def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_ju
 @click.command()
 @quant_options
 @calib_options
-@click.option("--sym/--asym", default=False, show_default=True,
-              help="Symmetric groups (zero point fixed at the middle: what GPTQ-only kernels such as Marlin "
-                   "and LMDeploy's GPTQ reader take) or asymmetric ones (default, as for RTN and AWQ: one more "
-                   "level per group, closer to the original at 4 bits).")
 @click.option("--act-order", is_flag=True, help="Quantize input rows by decreasing Hessian diagonal (desc_act).")
 @click.option("--static-groups", is_flag=True, help="With --act-order: fix group parameters before the solve.")
 @click.option("--shrink", default=SHRINK_DEFAULT, show_default=True, type=float,

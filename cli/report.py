@@ -91,6 +91,8 @@ def print_info(info) -> None:
         ["made by", f"qtool {info.method}" if info.method else "another tool"],
         ["bits", info.bits],
         ["group size", info.group_size],
+        ["zero points", "none (symmetric)" if info.sym else "yes (asymmetric)"],
+        ["act-order (desc_act)", "yes" if info.act_order else "no"],
         ["linears quantized", info.n_quantized],
         ["linears kept in full precision", len(info.skipped)],
         ["checkpoint size", mib(info.checkpoint_bytes)],

@@ -129,7 +129,7 @@ class QuantConfig:
         if self.method not in METHODS:
             raise QtoolError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
         from quant.formats import format_names, get_format
-        from quant.formats.compat import check_target, choose_layout
+        from quant.formats.compat import Written, check_target, choose_layout
 
         if self.group_size not in GROUP_SIZES:
             raise QtoolError(
@@ -146,7 +146,7 @@ class QuantConfig:
         if problem:
             what = f"--format {self.fmt}" if chosen else f"--bits {self.bits}"
             raise QtoolError(f"{what}: {problem}" + (" (use --format gptq)" if self.fmt == "awq" else ""))
-        check_target(self.target, self.fmt, self.bits, self.sym, self.act_order, self.group_size)
+        check_target(self.target, Written(self.fmt, self.bits, self.sym, self.act_order, self.group_size))
         if self.n_samples < 1 or self.seqlen < 8:
             raise QtoolError(
                 f"--n-samples {self.n_samples} / --seqlen {self.seqlen} are too small; use at least 1 sample of 8 tokens"

@@ -8,9 +8,10 @@ from pathlib import Path
 
 from safetensors import safe_open
 
-from quant import model_io
+from quant import model_io, qmath
 from quant.checkpoint import QTOOL_META, tensor_index
-from quant.formats.compat import readers, skip_pattern
+from quant.errors import QtoolError
+from quant.formats.compat import Written, declared_kept, expert_layer, in_block, readers, skip_pattern
 from quant.formats.spec import read_spec
 
 
@@ -21,6 +22,8 @@ class CheckpointInfo:
     fmt: str  # the layout's name: "awq" (AutoAWQ gemm), "gptq" (v1), "gptq_v2"
     bits: int
     group_size: int
+    sym: bool  # False: zero points stored (a GPTQ config that leaves sym out counts as symmetric)
+    act_order: bool
     n_quantized: int
     skipped: list[str]
     checkpoint_bytes: int
@@ -50,6 +53,9 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
             n_quantized += 1
             groups, out_f = shape
             in_f = _in_features(spec, shapes[f"{prefix}.qweight"])
+            if groups != qmath.n_groups(in_f, spec.group_size):
+                raise QtoolError(f"{path}: {prefix}.scales holds {groups} groups for {in_f} input features, but "
+                                 f"quantization_config says group size {spec.group_size}")
             fp16_elems += in_f * out_f
         elif leaf in ("qweight", "qzeros", "g_idx") and f"{prefix}.scales" in shapes:
             continue
@@ -59,20 +65,33 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
                 n *= d
             fp16_elems += n
     quantized = [k.rpartition(".")[0] for k in shapes if k.endswith(".qweight")]
-    kept = [m for m in (k.removesuffix(".weight") for k, shape in shapes.items() if k.endswith(".weight")
-                        and len(shape) == 2) if any(m == s or m.endswith("." + s) for s in spec.skipped)]
+    kept, keys = _kept(spec, shapes, quantized)
     sym = spec.sym if spec.sym is not None else True  # GPTQ configs that leave sym out: the GPTQ tools' default
-    loaders = readers(spec.format.name, spec.bits, sym, spec.act_order, spec.group_size, skip_pattern(kept, quantized))
+    moe = any(map(expert_layer, quantized))
+    loaders = readers(Written(spec.format.name, spec.bits, sym, spec.act_order, spec.group_size,
+                              skip_pattern(kept, quantized), moe, keys))
     method = None
     meta = Path(path) / QTOOL_META
     if meta.is_file():
         method = json.loads(meta.read_text()).get("qtool", {}).get("config", {}).get("method")
     return CheckpointInfo(
         path=str(path), model_type=config.get("model_type", "?"), fmt=spec.format.name,
-        bits=spec.bits, group_size=spec.group_size, n_quantized=n_quantized, skipped=kept or list(spec.skipped),
+        bits=spec.bits, group_size=spec.group_size, sym=sym, act_order=spec.act_order, n_quantized=n_quantized, skipped=kept or list(spec.skipped),
         checkpoint_bytes=model_io.folder_bytes(path, ("*.safetensors",)), fp16_bytes=2 * fp16_elems, method=method,
         loaders=loaders,
     )
+
+
+def _kept(spec, shapes: dict, quantized: list[str]) -> tuple[list[str], frozenset[str]]:
+    """The linears of the decoder blocks stored in full precision where they are quantized in other blocks or
+    declared kept by an exclusion key, and the keys that declare every one of them."""
+    plain = [m for m in (k.removesuffix(".weight") for k, shape in shapes.items() if k.endswith(".weight")
+                         and len(shape) == 2) if in_block(m)]
+    declared = declared_kept(spec.config, plain)
+    inner = {where[1] for where in map(in_block, quantized) if where}
+    kept = sorted(n for n in plain if any(n in d for d in declared.values())
+                  or ((where := in_block(n)) and where[1] in inner))
+    return kept, frozenset(k for k, d in declared.items() if d >= set(kept))
 
 
 def _in_features(spec, qweight_shape) -> int:

@@ -20,7 +20,7 @@ from quant import heap, model_io, resume
 from quant.checkpoint import checkpoint_tensors, is_quantized_checkpoint, output_dtype, write_metadata
 from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
-from quant.formats.compat import check_target, readers, skip_pattern
+from quant.formats.compat import Written, check_target, readers, skip_pattern
 from quant.guard import FALLBACK_KEY, final_nll, rtn_guard
 from quant.layers import plan_linears, to_quant_linears
 from quant.methods import BlockContext, BlockResult, get_method
@@ -151,9 +151,7 @@ def quantize(
         plan = plan_linears(src.model, arch, cfg)
         for i in range(len(plan.quantize)):
             _keep_fused_together(plan, src, arch, i)
-        kept, quantized = _stored_names(plan, src, arch)
-        check_target(cfg.target, cfg.fmt, cfg.bits, cfg.sym, cfg.act_order, cfg.group_size,
-                     skip_pattern(kept, quantized))
+        check_target(cfg.target, _written(cfg, arch, *_stored_names(plan, src, arch)))
         dtype = output_dtype(cfg, src, {f"{arch.blocks}.{i}.{n}.weight" for i, names in enumerate(plan.quantize)
                                         for n in names})
         t_cal = time.perf_counter()
@@ -165,9 +163,12 @@ def quantize(
             log.warning("resuming at block %d of %d: the blocks before it were finished by a stopped run (%s)",
                      run.start, len(src.blocks), tmp)
             plan.quantize, plan.skipped = saved[0]["plan"]["quantize"], saved[0]["plan"]["skipped"]
-            kept, quantized = _stored_names(plan, src, arch)
         rows, artifacts, model_check, parts = _quantize_blocks(src, arch, cfg, plan, calib_ids, dev, progress,
                                                                run, dtype)
+        # Layers kept while the blocks were quantized (scales past float16) count too: checked again, then written.
+        kept, quantized = _stored_names(plan, src, arch)
+        written = _written(cfg, arch, kept, quantized)
+        check_target(cfg.target, written)
         outside = []
         for j, name in enumerate(src.outside):  # one part each: one tensor in memory at a time
             src.load_tensor(name)
@@ -185,7 +186,7 @@ def quantize(
             source_bytes=model_io.folder_bytes(model_dir), output_bytes=model_io.folder_bytes(tmp, ("model*.safetensors",)), blocks=rows,
             guarded=cfg.held_out_split[1] > 0 if cfg.needs_calibration else None, model_check=model_check,
             resumed_from=run.start if saved is not None else None,
-            loaders=readers(cfg.fmt, cfg.bits, cfg.sym, cfg.act_order, cfg.group_size, skip_pattern(kept, quantized)),
+            loaders=readers(written),
         )
         meta = {"qtool": {"config": asdict(cfg), "report": asdict(report)}}
         write_metadata(cfg, model_dir, tmp, kept, quantized, meta, dtype)
@@ -312,6 +313,11 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
                 r.info[FALLBACK_KEY] = "rtn (whole model)" if r.info.get(FALLBACK_KEY) != "rtn" else "rtn"
             artifacts.clear()  # a replay then gives RTN everywhere too
     return rows, artifacts, model_check, parts
+
+
+def _written(cfg: QuantConfig, arch, kept: list[str], quantized: list[str]) -> Written:
+    """The checkpoint as the loaders will see it (:mod:`quant.formats.compat`)."""
+    return Written(cfg.fmt, cfg.bits, cfg.sym, cfg.act_order, cfg.group_size, skip_pattern(kept, quantized), arch.moe)
 
 
 def _stored_names(plan, src: SourceModel, arch) -> tuple[list[str], list[str]]:

@@ -7,7 +7,8 @@ from test_bad_input import assert_refused, run_cli, run_cli_out
 from tiny_models import save_tiny_model
 
 from quant.errors import QtoolError
-from quant.formats.compat import LOADERS, choose_layout, exclusion_keys, kept_from_dynamic, readers, skip_pattern
+from quant.formats.compat import (LOADERS, Written, choose_layout, declared_kept, exclusion_keys, kept_from_dynamic,
+                                  readers, skip_pattern)
 
 
 @pytest.mark.parametrize("bits, sym, act_order, group, layout", [
@@ -21,19 +22,19 @@ from quant.formats.compat import LOADERS, choose_layout, exclusion_keys, kept_fr
 ])
 def test_any_writes_the_layout_most_loaders_read(bits, sym, act_order, group, layout):
     assert choose_layout(bits, sym, act_order, group) == layout
-    n = sum(why is None for why in readers(layout, bits, sym, act_order, group).values())
+    n = sum(why is None for why in readers(Written(layout, bits, sym, act_order, group)).values())
     for other in ("awq", "gptq", "gptq_v2"):
         from quant.formats import get_format
 
         if other != layout and get_format(other).settings_error(bits, sym, act_order) is None:
-            assert sum(why is None for why in readers(other, bits, sym, act_order, group).values()) <= n
+            assert sum(why is None for why in readers(Written(other, bits, sym, act_order, group)).values()) <= n
 
 
 def test_asymmetric_gptq_v1_is_refused_by_gptqmodel_alone():
-    why = readers("gptq", 4, False, False, 128)
+    why = readers(Written("gptq", 4, False, False, 128))
     assert why["gptqmodel"] and why["transformers"] is None  # optimum converts v1 zero points itself
-    assert readers("gptq_v2", 4, False, False, 128)["gptqmodel"] is None
-    assert "one step off" in readers("gptq_v2", 4, True, False, 128)["lmdeploy"]
+    assert readers(Written("gptq_v2", 4, False, False, 128))["gptqmodel"] is None
+    assert "one step off" in readers(Written("gptq_v2", 4, True, False, 128))["lmdeploy"]
 
 
 @pytest.mark.parametrize("args, fragment", [
@@ -126,3 +127,126 @@ def test_skip_patterns():
                           ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.up_proj"])
     assert keys["modules_to_not_convert"] == ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"]
     assert set(LOADERS) == {"transformers", "gptqmodel", "vllm", "lmdeploy", "autoawq"}
+
+
+def _overflowing_model(tmp_path, name: str):
+    """A tiny float32 Llama whose linear ``name`` in block 1 has a weight whose group scale overflows float16: the
+    pipeline keeps that layer in full precision when it loads the block."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    weights = load_file(str(src / "model.safetensors"))
+    weights[f"model.layers.1.{name}.weight"][0, 0] = 1e6
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
+    return src
+
+
+def test_a_layer_kept_while_quantizing_is_in_every_exclusion_key(tmp_path, capsys):
+    src = _overflowing_model(tmp_path, "mlp.down_proj")
+    code, err, _ = run_cli_out(["rtn", src, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert code == 0, err
+    qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert qc["modules_to_not_convert"] == ["model.layers.1.mlp.down_proj"]
+    assert kept_from_dynamic(qc["dynamic"]) == ["model.layers.1.mlp.down_proj"]
+    from quant.info import checkpoint_info
+
+    info = checkpoint_info(tmp_path / "out")
+    assert info.skipped == ["model.layers.1.mlp.down_proj"]
+    assert info.loaders["autoawq"] and "only some blocks" in info.loaders["autoawq"]
+
+
+def test_a_target_refuses_a_layer_kept_while_quantizing_that_it_would_misread(tmp_path, capsys):
+    src = _overflowing_model(tmp_path, "self_attn.q_proj")  # k and v stay quantized: vLLM fuses q/k/v
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "out", "--group-size", "32", "--target", "vllm"], capsys)
+    assert_refused(code, err, "--target vllm", "fused group")
+    assert not (tmp_path / "out").exists()
+
+
+def test_info_reads_kept_layers_from_the_keys_present(tmp_path, capsys):
+    import quant
+    from quant.info import checkpoint_info
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    out = tmp_path / "gptq"
+    quant.quantize(src, out, method="rtn", sym=True, group_size=32, skip=("mlp.down_proj",), progress=False)
+    assert checkpoint_info(out).loaders["gptqmodel"] is None
+    config_path = out / "config.json"
+    config = json.loads(config_path.read_text())
+    qc = config["quantization_config"]
+    del qc["dynamic"], qc["modules_in_block_to_quantize"]  # as another tool might write it
+    config_path.write_text(json.dumps(config))
+    info = checkpoint_info(out)
+    assert len(info.skipped) == 2  # both blocks' down_proj, from modules_to_not_convert
+    assert "dynamic" in info.loaders["gptqmodel"] and "modules_in_block_to_quantize" in info.loaders["transformers"]
+    qc["modules_to_not_convert"] = None
+    qc["dynamic"] = {r"-:.*\.mlp\.down_proj": {}}  # a GPTQModel pattern rule
+    config_path.write_text(json.dumps(config))
+    info = checkpoint_info(out)
+    assert len(info.skipped) == 2 and info.loaders["gptqmodel"] is None and info.loaders["transformers"]
+
+
+@pytest.mark.parametrize("value", [None, "abc", True, 1.5])
+def test_info_refuses_a_malformed_group_size_in_one_sentence(tmp_path, capsys, value):
+    import quant
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    quant.quantize(src, tmp_path / "q", method="rtn", group_size=32, progress=False)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"]["group_size"] = value
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["info", tmp_path / "q"], capsys)
+    assert_refused(code, err, "quantization_config.group_size", "integer")
+
+
+@pytest.mark.parametrize("field, value, fragment", [
+    ("quantization_config", "awq", "not an object"),
+    ("modules_to_not_convert", "mlp.down_proj", "list of module names"),
+    ("group_size", 64, "groups for"),  # the tensors hold group 32
+])
+def test_info_refuses_other_malformed_configs(tmp_path, capsys, field, value, fragment):
+    import quant
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    quant.quantize(src, tmp_path / "q", method="rtn", group_size=32, progress=False)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    if field == "quantization_config":
+        config[field] = value
+    else:
+        config["quantization_config"][field] = value
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["info", tmp_path / "q"], capsys)
+    assert_refused(code, err, fragment)
+
+
+def test_the_table_covers_moe_checkpoints_and_int4_cpu_group_sizes():
+    moe = readers(Written("awq", 4, False, False, 128, moe=True))
+    assert moe["vllm"] is None and "randomly initialised" in moe["transformers"] and moe["gptqmodel"]
+    g16 = readers(Written("awq", 4, False, False, 16))
+    assert "not 16" in g16["transformers"] and "not 16" in g16["gptqmodel"]
+    assert readers(Written("gptq_v2", 3, False, False, 16))["gptqmodel"] is None
+    # InternLM2 and Mixtral name gate/up w1/w3; a MoE layer's experts are one fused tensor in vLLM.
+    q = ["model.layers.0.feed_forward.w3", "model.layers.0.feed_forward.w2"]
+    assert skip_pattern(["model.layers.0.feed_forward.w1"], q) == "partial"
+    experts = [f"model.layers.0.mlp.experts.{e}.{p}" for e in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
+    assert skip_pattern(experts[3:], experts[:3]) == "partial"
+    assert skip_pattern(experts, ["model.layers.0.self_attn.q_proj"]) == "uniform"
+
+
+def test_declared_kept_follows_each_loaders_matching():
+    names = ["model.layers.0.mlp.down_proj", "model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj"]
+    got = declared_kept({"modules_to_not_convert": ["mlp.down_proj"],
+                         "dynamic": {r"+:.*\.layers\.0\..*": {"bits": 8}, r"-:.*down_proj": {}},
+                         "modules_in_block_to_quantize": [["mlp.up_proj"]]}, names)
+    assert got["modules_to_not_convert"] == {names[0], names[2]}
+    assert got["dynamic"] == {names[2]}  # the first matching rule decides: block 0's positive rule comes first
+    assert got["modules_in_block_to_quantize"] == {names[0], names[2]}
+
+
+def test_every_method_takes_sym_and_a_target_hint_names_it(tmp_path, capsys):
+    src = save_tiny_model("llama", tmp_path / "src")
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "a", "--bits", "8", "--target", "vllm"], capsys)
+    assert_refused(code, err, "only symmetric", "pass --sym")
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "b", "--bits", "8", "--sym", "--target", "vllm",
+                         "--group-size", "32"], capsys)
+    assert code == 0, err
+    assert json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["sym"] is True

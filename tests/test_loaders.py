@@ -21,7 +21,7 @@ from safetensors.torch import load_file
 from tiny_models import save_tiny_model
 
 import quant
-from quant.formats.compat import problem, skip_pattern
+from quant.formats.compat import Written, problem, skip_pattern
 from quant.modules import QuantLinear
 
 PYTHON = os.environ.get("QTOOL_LOADER_PYTHON")
@@ -66,7 +66,7 @@ def test_loader_reads_what_the_table_says(checkpoints, loader, case, tmp_path):
     quantized = sorted(n for n, m in linears.items() if isinstance(m, QuantLinear))
     spec = json.loads((out / "config.json").read_text())["quantization_config"]
     sym = spec.get("sym", False) if spec["quant_method"] == "gptq" else False
-    expected = problem(loader, report.fmt, report.bits, sym, False, 32, skip_pattern(kept, quantized))
+    expected = problem(loader, Written(report.fmt, report.bits, sym, False, 32, skip_pattern(kept, quantized)))
 
     dump = tmp_path / "effective.safetensors"
     proc = subprocess.run([PYTHON, str(PROBE), loader, str(out), str(dump), *kept, *quantized],

@@ -36,7 +36,9 @@ class Reads:
     group size); ``act_order``: whether g_idx (desc_act) is honoured. ``misread``: where set, the loader accepts
     the layout but reads it wrong (the sentence says how), for every setting. ``per_block``: whether a layer kept
     in full precision in only some blocks loads right; ``fused``: whether a block may keep some but not all of a
-    fused group (q/k/v, gate/up) in full precision."""
+    fused group (q/k/v, gate/up, the experts of one layer) in full precision; ``moe``: whether routed experts
+    stored one linear per expert (``mlp.experts.{e}.gate_proj.qweight``) load right; ``kept_keys``: the
+    ``quantization_config`` keys it learns kept layers from (any one suffices; empty: it needs none)."""
 
     loader: str
     layout: str
@@ -47,8 +49,26 @@ class Reads:
     misread: str = ""
     per_block: bool = True
     fused: bool = True
+    moe: bool = False
+    kept_keys: tuple[str, ...] = ()
     note: str = ""
     source: str = ""
+
+
+@dataclass(frozen=True)
+class Written:
+    """One checkpoint as a loader sees it: layout and settings, how layers kept in full precision lie
+    (``skips``, :func:`skip_pattern`), whether routed experts are stored one linear per expert (``moe``), and
+    which exclusion keys declare every kept layer (``keys``; None: all of them, as qtool writes)."""
+
+    layout: str
+    bits: int
+    sym: bool
+    act_order: bool
+    group_size: int
+    skips: str = ""
+    moe: bool = False
+    keys: frozenset[str] | None = None
 
 
 LOADERS = {  # name -> how messages name it
@@ -61,34 +81,48 @@ LOADERS = {  # name -> how messages name it
 TARGETS = ("any", *LOADERS)
 
 _VLLM = "vllm-project/vllm"
+_IN_BLOCK = "modules_in_block_to_quantize"
+# The CPU int4 kernel both read 4-bit weights with (torch's _weight_int4pack_mm_cpu) takes these group sizes only.
+_INT4_CPU = (-1, 32, 64, 128, 256)
+_INT4_NOTE = ("4-bit weights run through torch's int4 CPU kernel, which takes group size 32/64/128/256 or one group "
+              "per channel (ran: group 16 loads, then fails at the first forward)")
 _LMD = "InternLM/lmdeploy@1263d5cd889b"
 TABLE: tuple[Reads, ...] = (
     # --- transformers 5.24.0 (AWQ through gptqmodel's kernels; GPTQ through optimum + gptqmodel)
-    Reads("transformers", "awq", bits=(4,), sym=(False,), act_order=False,
+    Reads("transformers", "awq", bits=(4,), sym=(False,), group_sizes=_INT4_CPU, act_order=False,
+          kept_keys=("modules_to_not_convert",),
           source="ran (tests/test_loaders.py); quantizers/quantizer_awq.py, quantizers_utils.should_convert_module"),
-    Reads("transformers", "gptq", note="needs optimum (ran with 2.3.0), which converts v1 zero points itself, so "
+    Reads("transformers", "gptq", bits=(4,), group_sizes=_INT4_CPU, kept_keys=(_IN_BLOCK,), note=_INT4_NOTE),
+    Reads("transformers", "gptq", bits=(2, 3, 8), kept_keys=(_IN_BLOCK,), note="needs optimum (ran with 2.3.0), which converts v1 zero points itself, so "
           "asymmetric v1 loads right here although GPTQModel alone refuses it",
           source="ran (tests/test_loaders.py); optimum/gptq/quantizer.py post_init_model"),
-    Reads("transformers", "gptq_v2", note="needs optimum",
+    Reads("transformers", "gptq_v2", bits=(4,), group_sizes=_INT4_CPU, kept_keys=(_IN_BLOCK,), note=_INT4_NOTE),
+    Reads("transformers", "gptq_v2", bits=(2, 3, 8), kept_keys=(_IN_BLOCK,), note="needs optimum",
           source="ran (tests/test_loaders.py); optimum reads checkpoint_format"),
     # --- GPTQModel 7.6.0
-    Reads("gptqmodel", "awq", bits=(4,), sym=(False,), act_order=False,
-          note="kept layers are read from `dynamic` only (modules_to_not_convert is ignored)",
+    Reads("gptqmodel", "awq", bits=(4,), sym=(False,), group_sizes=_INT4_CPU, act_order=False,
+          kept_keys=("dynamic",), note="kept layers are read from `dynamic` only (modules_to_not_convert is ignored)",
           source="ran (tests/test_loaders.py); utils/model.py create_quant_module"),
-    Reads("gptqmodel", "gptq", sym=(True,),
+    Reads("gptqmodel", "gptq", bits=(4,), sym=(True,), group_sizes=_INT4_CPU, kept_keys=("dynamic",),
+          note=_INT4_NOTE),
+    Reads("gptqmodel", "gptq", bits=(2, 3, 8), sym=(True,), kept_keys=("dynamic",),
           note="asymmetric v1 is refused unless made by gptqmodel >= 0.9",
           source="ran (tests/test_loaders.py); models/loader.py format check"),
-    Reads("gptqmodel", "gptq_v2", source="ran (tests/test_loaders.py)"),
+    Reads("gptqmodel", "gptq_v2", bits=(4,), group_sizes=_INT4_CPU, kept_keys=("dynamic",), note=_INT4_NOTE),
+    Reads("gptqmodel", "gptq_v2", bits=(2, 3, 8), kept_keys=("dynamic",), source="ran (tests/test_loaders.py)"),
     # --- vLLM: main maps gptq to AutoGPTQConfig (4/8-bit symmetric only); v0.11-0.17 fall back to gptq_gemm
-    Reads("vllm", "awq", bits=(4,), sym=(False,), act_order=False, fused=False,
+    Reads("vllm", "awq", bits=(4,), sym=(False,), act_order=False, fused=False, moe=True,
+          kept_keys=("modules_to_not_convert",),
           note="Marlin for group -1/32/64/128, the AWQ kernel otherwise; a fused group (q/k/v, gate/up) must be "
                "all quantized or all kept",
           source=f"{_VLLM} quantization/auto_awq.py@0043d6b52fda, quant_utils.is_layer_skipped"),
-    Reads("vllm", "gptq", bits=(4, 8), sym=(True,), group_sizes=(-1, 32, 64, 128), fused=False,
+    Reads("vllm", "gptq", bits=(4, 8), sym=(True,), group_sizes=(-1, 32, 64, 128), fused=False, moe=True,
+          kept_keys=("dynamic", _IN_BLOCK),
           note="main refuses other bits or asymmetric GPTQ (AutoGPTQConfig); kept layers from `dynamic` or "
                "modules_in_block_to_quantize",
           source=f"{_VLLM} quantization/auto_gptq.py@055e47c28003, utils/gptq_utils.py"),
-    Reads("vllm", "gptq_v2", bits=(4, 8), sym=(True,), group_sizes=(-1, 32, 64, 128), fused=False,
+    Reads("vllm", "gptq_v2", bits=(4, 8), sym=(True,), group_sizes=(-1, 32, 64, 128), fused=False, moe=True,
+          kept_keys=("dynamic", _IN_BLOCK),
           note="symmetric Marlin kernels ignore zero points, so v1 and v2 read the same",
           source=f"{_VLLM} quantization/auto_gptq.py@055e47c28003 (zero_points=False)"),
     # --- LMDeploy TurboMind (4-bit kernels, group 128 only)
@@ -101,6 +135,7 @@ TABLE: tuple[Reads, ...] = (
           source=f"{_LMD} turbomind/weight_format.py GPTQFormat.normalize (+1, checkpoint_format never read)"),
     # --- AutoAWQ 0.2.9 (archived)
     Reads("autoawq", "awq", bits=(4,), sym=(False,), act_order=False, per_block=False,
+          kept_keys=("modules_to_not_convert",),
           note="modules_to_not_convert matches block-relative names: a layer kept in only some blocks is loaded "
                "as quantized",
           source="casper-hansen/AutoAWQ@88e4c76b2075 (v0.2.9) awq/models/base.py, awq/utils/module.py"),
@@ -112,41 +147,56 @@ def _check_target_name(target: str) -> None:
         raise QtoolError(f"--target {target!r} is unknown; use one of {', '.join(TARGETS)}")
 
 
-def rule(loader: str, layout: str) -> Reads | None:
-    """The table's row for ``loader`` and ``layout``; None where the loader does not read that layout at all."""
-    return next((r for r in TABLE if r.loader == loader and r.layout == layout), None)
+def rule(loader: str, layout: str, bits: int | None = None) -> Reads | None:
+    """The table's row for ``loader`` reading ``layout`` at ``bits`` (the layout's first row where no row takes
+    those bits); None where the loader does not read that layout at all."""
+    rows = [r for r in TABLE if r.loader == loader and r.layout == layout]
+    return next((r for r in rows if bits in r.bits), rows[0] if rows else None)
 
 
-def problem(loader: str, layout: str, bits: int, sym: bool, act_order: bool, group_size: int,
-            skips: str = "") -> str | None:
-    """Why ``loader`` would not read a checkpoint with these settings right, as a clause ("it reads ..."), or
-    None where it would. ``skips``: "" (no layer kept in full precision), "uniform" (the same layers of every
-    block, whole fused groups), "some" (layers of some blocks only), or "partial" (part of a fused group)."""
-    r = rule(loader, layout)
-    title = get_format(layout).title
+def _accepted_bits(loader: str, layout: str) -> tuple[int, ...]:
+    return tuple(sorted({b for r in TABLE if r.loader == loader and r.layout == layout for b in r.bits}))
+
+
+def problem(loader: str, w: Written) -> str | None:
+    """Why ``loader`` would not read the checkpoint ``w`` right, as a clause ("it reads ..."), or None where it
+    would."""
+    r = rule(loader, w.layout, w.bits)
+    title = get_format(w.layout).title
     if r is None:
         return f"it does not read the {title} layout"
     if r.misread:
         return r.misread
-    if bits not in r.bits:
-        return f"it reads {'/'.join(map(str, r.bits))}-bit {title} checkpoints only, not {bits}-bit"
-    if sym not in r.sym:
+    if w.bits not in r.bits:
+        return f"it reads {'/'.join(map(str, _accepted_bits(loader, w.layout)))}-bit {title} checkpoints only, not {w.bits}-bit"
+    if w.sym not in r.sym:
         return f"it reads only {'symmetric' if r.sym == (True,) else 'asymmetric'} {title} weights"
-    if act_order and not r.act_order:
+    if w.act_order and not r.act_order:
         return "it does not read act-order (desc_act) weights"
-    if r.group_sizes is not None and group_size not in r.group_sizes:
-        return (f"it reads {title} group size {'/'.join(map(str, r.group_sizes))} only, not {group_size}")
-    if skips == "partial" and not r.fused:
-        return "it needs each fused group (q/k/v, gate/up) all quantized or all in full precision"
-    if skips == "some" and not r.per_block:
+    if r.group_sizes is not None and w.group_size not in r.group_sizes:
+        return f"it reads {w.bits}-bit {title} group size {'/'.join(map(str, r.group_sizes))} only, not {w.group_size}"
+    if w.moe and not r.moe:
+        return _MOE_WHY.get(loader, "it is not established that it loads routed experts stored one linear per expert")
+    if w.skips == "partial" and not r.fused:
+        return "it needs each fused group (q/k/v, gate/up, one layer's experts) all quantized or all in full precision"
+    if w.skips == "some" and not r.per_block:
         return "it matches kept layers by block-relative name, so a layer kept in only some blocks loads as quantized"
+    if w.skips and w.keys is not None and r.kept_keys and not set(r.kept_keys) & w.keys:
+        return (f"it learns kept layers from {' or '.join(r.kept_keys)}, which does not list every layer kept in "
+                "full precision here")
     return None
 
 
-def readers(layout: str, bits: int, sym: bool, act_order: bool, group_size: int, skips: str = ""
-            ) -> dict[str, str | None]:
-    """Loader -> None (reads it right) or the reason it does not, for one checkpoint's settings."""
-    return {name: problem(name, layout, bits, sym, act_order, group_size, skips) for name in LOADERS}
+_MOE_WHY = {
+    "transformers": "it fuses routed experts into one module and leaves them randomly initialised, ignoring the "
+                    "per-expert quantized weights (ran: transformers 5.24, qwen2_moe and qwen3_moe)",
+    "gptqmodel": "it dropped a Mixtral's experts and router (ran: GPTQModel 7.6; other MoE families not established)",
+}
+
+
+def readers(w: Written) -> dict[str, str | None]:
+    """Loader -> None (reads ``w`` right) or the reason it does not."""
+    return {name: problem(name, w) for name in LOADERS}
 
 
 def choose_layout(bits: int, sym: bool, act_order: bool, group_size: int, target: str = "any") -> str:
@@ -158,56 +208,73 @@ def choose_layout(bits: int, sym: bool, act_order: bool, group_size: int, target
     holds = [name for name in format_names() if get_format(name).settings_error(bits, sym, act_order) is None]
     if not holds:  # no layout holds these settings: the GPTQ layout's refusal says which bits exist
         return "gptq"
-    def n_readers(layout):
-        return sum(p is None for p in readers(layout, bits, sym, act_order, group_size).values())
+    written = {lay: Written(lay, bits, sym, act_order, group_size) for lay in holds}
 
-    read = [lay for lay in holds if target == "any" or problem(target, lay, bits, sym, act_order, group_size) is None]
+    def n_readers(layout):
+        return sum(p is None for p in readers(written[layout]).values())
+
+    read = [lay for lay in holds if target == "any" or problem(target, written[lay]) is None]
     if read:
         return max(read, key=n_readers)  # max keeps the first of equals: the registry order
-    why = "; ".join(f"{get_format(lay).title}: {problem(target, lay, bits, sym, act_order, group_size)}"
-                    for lay in holds)
+    why = "; ".join(f"{get_format(lay).title}: {problem(target, written[lay])}" for lay in holds)
     raise QtoolError(f"--target {target}: {LOADERS[target]} cannot read {bits}-bit "
                      f"{'symmetric' if sym else 'asymmetric'} weights{' with act-order' if act_order else ''} in "
-                     f"group size {group_size} ({why})")
+                     f"group size {group_size} ({why}){_hint(why, sym)}")
 
 
-def check_target(target: str, layout: str, bits: int, sym: bool, act_order: bool, group_size: int,
-                 skips: str = "") -> None:
-    """Raises QtoolError (one sentence) where ``target`` (a loader) would not read this checkpoint right."""
+def _hint(why: str, sym: bool) -> str:
+    return "; pass --sym for symmetric weights" if "only symmetric" in why and not sym else ""
+
+
+def check_target(target: str, w: Written) -> None:
+    """Raises QtoolError (one sentence) where ``target`` (a loader) would not read the checkpoint ``w`` right."""
     _check_target_name(target)
     if target == "any":
         return
-    why = problem(target, layout, bits, sym, act_order, group_size, skips)
+    why = problem(target, w)
     if why:
         raise QtoolError(f"--target {target}: {LOADERS[target]} would not read this checkpoint right: {why} "
-                         f"(layout {get_format(layout).title}, {bits}-bit, group size {group_size})")
+                         f"(layout {get_format(w.layout).title}, {w.bits}-bit, group size {w.group_size})"
+                         f"{_hint(why, w.sym)}")
 
 
 # --- layers kept in full precision ----------------------------------------------------------------------------
 
-FUSED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"})  # what vLLM and LMDeploy load as one matrix
+# What vLLM and LMDeploy load as one matrix (InternLM2 and Mixtral name gate/up w1/w3).
+FUSED = ({"q_proj", "k_proj", "v_proj"}, {"gate_proj", "up_proj"}, {"w1", "w3"})
 _BLOCK = re.compile(r"^(.*?)\.(\d+)\.(.+)$")  # "model.layers.3.mlp.down_proj" -> prefix, block, name inside
+_EXPERT = re.compile(r"^(.*\.experts)\.\d+\.")  # "model.layers.3.mlp.experts.7.up_proj" -> its MoE layer
 
 
-def _in_block(name: str) -> tuple[str, str] | None:
+def expert_layer(name: str) -> str | None:
+    """The MoE layer (``...mlp.experts``) a routed expert's linear belongs to, or None for other linears."""
+    m = _EXPERT.match(name)
+    return m.group(1) if m else None
+
+
+def in_block(name: str) -> tuple[str, str] | None:
+    """``(block index, name inside the block)`` of a full module name, or None outside the blocks."""
     m = _BLOCK.match(name)
     return (m.group(2), m.group(3)) if m else None
 
 
 def skip_pattern(kept: list[str], quantized: list[str]) -> str:
     """How the layers ``kept`` in full precision lie among the ``quantized`` ones (full module names), for
-    :func:`problem`: "" (none kept), "partial" (a block keeps part of a fused group: some of its q/k/v or of
-    its gate/up), "some" (the kept layers differ between blocks), or "uniform"."""
+    :func:`problem`: "" (none kept), "partial" (a block keeps part of a fused group: some of its q/k/v, of
+    its gate/up, or of one layer's experts), "some" (the kept layers differ between blocks), or "uniform"."""
     if not kept:
         return ""
     quantized_set = set(quantized)
+    quantized_experts = set(filter(None, map(expert_layer, quantized)))
     for name in kept:
         parent, _, leaf = name.rpartition(".")
         for group in FUSED:
             if leaf in group and any(f"{parent}.{other}" in quantized_set for other in group - {leaf}):
                 return "partial"
-    by_block: dict[str, set[str]] = {b: set() for b, _ in filter(None, map(_in_block, quantized))}
-    for block, inner in filter(None, map(_in_block, kept)):
+        if expert_layer(name) in quantized_experts:  # a fused MoE layer holds every expert alike
+            return "partial"
+    by_block: dict[str, set[str]] = {b: set() for b, _ in filter(None, map(in_block, quantized))}
+    for block, inner in filter(None, map(in_block, kept)):
         by_block.setdefault(block, set()).add(inner)
     return "uniform" if len({frozenset(s) for s in by_block.values()}) <= 1 else "some"
 
@@ -223,15 +290,15 @@ def exclusion_keys(quant_method: str, kept: list[str], quantized: list[str]) -> 
     where nothing is kept."""
     if not kept:
         return {"modules_to_not_convert": None}
-    blocks = {b for b, _ in filter(None, map(_in_block, (*kept, *quantized)))}
+    blocks = {b for b, _ in filter(None, map(in_block, (*kept, *quantized)))}
     kept_in: dict[str, set[str]] = {}
     for name in kept:
-        where = _in_block(name)
+        where = in_block(name)
         if where:
             kept_in.setdefault(where[1], set()).add(where[0])
     listed = []
     for name in kept:
-        where = _in_block(name)
+        where = in_block(name)
         rel = where[1] if where else None
         short = rel is not None and kept_in[rel] == blocks and not any(rel in q for q in quantized)
         listed.append(rel if short else name)
@@ -244,10 +311,35 @@ def exclusion_keys(quant_method: str, kept: list[str], quantized: list[str]) -> 
 
 def kept_from_dynamic(dynamic: dict | None) -> list[str]:
     """The exact module names of ``dynamic``'s negative ``-:^name$`` rules (as :func:`exclusion_keys` writes
-    them, and GPTQModel does); pattern rules are not names and are left out."""
+    them, and GPTQModel does); pattern rules are not names and are left out (:func:`declared_kept` applies them)."""
     names = []
     for key in dynamic or {}:
         m = re.fullmatch(r"-:\^?((?:[\w.]|\\.)+)\$?", key)
         if m:
             names.append(re.sub(r"\\(.)", r"\1", m.group(1)))
     return names
+
+
+def declared_kept(qc: dict, names: list[str]) -> dict[str, set[str]]:
+    """For each exclusion key present in ``quantization_config`` ``qc``, which of the module ``names`` it declares
+    kept in full precision, as the loaders that read it match: ``modules_to_not_convert`` by whole name or
+    dotted suffix (transformers), ``dynamic`` by its first rule whose regex matches the name's start, negative
+    (``-:``) meaning kept (GPTQModel), ``modules_in_block_to_quantize`` as every name that ends with none of
+    its entries (optimum)."""
+    out: dict[str, set[str]] = {}
+    if isinstance(qc.get("modules_to_not_convert"), list):
+        listed = [k for k in qc["modules_to_not_convert"] if isinstance(k, str)]
+        out["modules_to_not_convert"] = {n for n in names if any(n == k or n.endswith("." + k) for k in listed)}
+    if isinstance(qc.get("dynamic"), dict):
+        rules = []
+        for key in qc["dynamic"]:
+            try:
+                rules.append((key.startswith("-:"), re.compile(key[2:] if key.startswith(("-:", "+:")) else key)))
+            except re.error:
+                continue
+        out["dynamic"] = {n for n in names if next((neg for neg, rx in rules if rx.match(n)), False)}
+    in_block = qc.get("modules_in_block_to_quantize")
+    if isinstance(in_block, list):
+        listed = [k for part in in_block if isinstance(part, list) for k in part if isinstance(k, str)]
+        out["modules_in_block_to_quantize"] = {n for n in names if not any(n.endswith(k) for k in listed)}
+    return out

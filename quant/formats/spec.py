@@ -57,7 +57,34 @@ def _raw_config(path: str | os.PathLike) -> dict:
               "zero_point": old.get("zero_point", True), "version": old.get("version", "gemm")}
     if qc is None:
         raise QtoolError(f"{path}: config.json has no quantization_config, so this is not a quantized checkpoint")
+    if not isinstance(qc, dict):
+        raise QtoolError(f"{path}: config.json's quantization_config is {json.dumps(qc)}, not an object of settings")
     return qc
+
+
+def _int(qc: dict, keys: tuple[str, ...], default: int, where) -> int:
+    """The first of ``keys`` present in ``qc``, as an integer (``default`` where none is)."""
+    key = next((k for k in keys if k in qc), None)
+    value = qc[key] if key else default
+    if isinstance(value, bool) or not isinstance(value, (int, str)) or not str(value).lstrip("-").isdigit():
+        raise QtoolError(f"{where}: quantization_config.{key} is {json.dumps(value)}; it must be an integer")
+    return int(value)
+
+
+def _flag(qc: dict, key: str, where) -> bool | None:
+    value = qc.get(key)
+    if value is not None and not isinstance(value, bool):
+        raise QtoolError(f"{where}: quantization_config.{key} is {json.dumps(value)}; it must be true or false")
+    return value
+
+
+def _names(qc: dict, key: str, where) -> list[str]:
+    value = qc.get(key)
+    if value is None:
+        return []
+    if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
+        raise QtoolError(f"{where}: quantization_config.{key} is {json.dumps(value)}; it must be a list of module names")
+    return value
 
 
 def _gptq_version(qc: dict, where) -> str:
@@ -87,16 +114,19 @@ def read_spec(path: str | os.PathLike) -> CheckpointSpec:
     if method == "awq":
         if str(qc.get("version", "gemm")).lower() != "gemm":
             raise QtoolError(f"{path}: AWQ version {qc.get('version')!r} is not supported; only the 'gemm' layout is")
-        fmt, bits, sym = get_format("awq"), int(qc.get("bits", qc.get("w_bit", 4))), False
-        group_size = int(qc.get("group_size", qc.get("q_group_size", DEFAULT_GROUP_SIZE)))
+        fmt, bits, sym = get_format("awq"), _int(qc, ("bits", "w_bit"), 4, path), False
+        group_size = _int(qc, ("group_size", "q_group_size"), DEFAULT_GROUP_SIZE, path)
     elif method == "gptq":
-        fmt, bits, sym = get_format(_gptq_version(qc, path)), int(qc.get("bits", 4)), qc.get("sym")
-        group_size = int(qc.get("group_size", DEFAULT_GROUP_SIZE))
+        fmt, bits, sym = get_format(_gptq_version(qc, path)), _int(qc, ("bits",), 4, path), _flag(qc, "sym", path)
+        group_size = _int(qc, ("group_size",), DEFAULT_GROUP_SIZE, path)
     else:
         raise QtoolError(f"{path}: quant_method {method!r} is not supported; qtool loads awq (gemm) and gptq checkpoints")
-    act_order = bool(qc.get("desc_act", False))
+    act_order = bool(_flag(qc, "desc_act", path))
     problem = fmt.settings_error(bits, bool(sym), act_order and method == "gptq")
     if problem:
         raise QtoolError(f"{path}: quantization_config says bits={bits}, but {problem}")
-    kept = qc.get("modules_to_not_convert") or kept_from_dynamic(qc.get("dynamic"))
+    if qc.get("dynamic") is not None and not isinstance(qc["dynamic"], dict):
+        raise QtoolError(f"{path}: quantization_config.dynamic is {json.dumps(qc['dynamic'])}; it must be an object "
+                         "of module-name rules")
+    kept = _names(qc, "modules_to_not_convert", path) or kept_from_dynamic(qc.get("dynamic"))
     return CheckpointSpec(fmt, bits, group_size, sym, act_order, tuple(kept), qc)
