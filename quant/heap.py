@@ -1,20 +1,29 @@
-"""The process heap under glibc: large tensors handed back to the system when freed.
+"""The process heap under glibc: large tensors in their own memory maps, backed by huge pages.
 
 PyTorch's CPU allocator takes every tensor from ``malloc``. glibc serves allocations above its
 mmap threshold with their own memory maps (returned to the system on ``free``), but it *raises*
-that threshold each time such a map is freed, up to 32 MiB, so that after a few blocks most
-activation-sized tensors come from the heap arenas, where freed memory stays in the process and
-fragments: the resident size then creeps up with every block. :func:`keep_large_allocations_mapped`
-fixes the threshold (``mallopt(M_MMAP_THRESHOLD)``, which also turns the dynamic adjustment
-off), and :func:`trim` hands free heap pages back (``malloc_trim``). Both are no-ops where the
-C library is not glibc.
+that threshold each time such a map is freed, so that which tensors come from the heap arenas
+(where freed memory stays in the process and fragments) changes as the run goes.
+:func:`keep_large_allocations_mapped` fixes the threshold (``mallopt(M_MMAP_THRESHOLD)``, which also
+turns the dynamic adjustment off) and :func:`trim` hands free heap pages back (``malloc_trim``).
+
+The threshold trades memory for time. Every allocation above it is a fresh map, faulted in and
+zeroed by the kernel page by page; below it, freed memory is reused but the heap holds on to it.
+On the example model (AWQ w4 g64, 6 of its blocks, 32 calibration windows, dev CPU;
+``benchmarks/RESULTS.md``, issue 15) a 1 MiB threshold gave 101 s and 977 MiB peak RSS, 32 MiB
+77 s and 1,209 MiB, and 32 MiB with huge pages (the ``qtool`` command sets them up,
+:mod:`cli.entry`) 62 s and 1,187 MiB. The default is 32 MiB, the largest glibc accepts: activation-sized temporaries are
+reused, and whatever is larger (a block's calibration activations, the searches' chunks) is mapped
+and handed back at once.
+
+Both are no-ops where the C library is not glibc.
 """
 from __future__ import annotations
 
 import ctypes
 
 _M_MMAP_THRESHOLD = -3  # glibc malloc.h
-MMAP_THRESHOLD = 1 << 20  # bytes: tensors of this size and larger get their own memory maps
+MMAP_THRESHOLD = 32 << 20  # bytes: tensors of this size and larger get their own memory maps
 
 _libc = None
 
@@ -34,8 +43,7 @@ def _glibc():
 
 def keep_large_allocations_mapped(threshold: int = MMAP_THRESHOLD) -> bool:
     """Serve allocations of ``threshold`` bytes and more by their own memory maps, for the rest of the
-    process (this changes the allocator of the calling process, which is what bounds its peak
-    memory: on the example model AWQ's peak RSS falls by a third). Returns whether it took effect."""
+    process (this changes the allocator of the calling process). Returns whether it took effect."""
     lib = _glibc()
     return bool(lib) and lib.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
 
@@ -45,3 +53,4 @@ def trim() -> None:
     lib = _glibc()
     if lib:
         lib.malloc_trim(0)
+
