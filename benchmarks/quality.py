@@ -285,4 +285,7 @@ def main() -> None:
 
 
 if __name__ == "__main__":
+    from cli.entry import restart_with_huge_pages
+
+    restart_with_huge_pages()  # the quantizations run as the qtool command runs them
     main()

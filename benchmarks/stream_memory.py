@@ -47,7 +47,14 @@ def run(root: Path, src: Path, out: Path, kw: str, cgroup: Path | None = None) -
     def enter_cgroup():
         (cgroup / "cgroup.procs").write_text(str(os.getpid()))
 
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True,
+    env = None
+    if (root / "cli" / "entry.py").is_file():  # as that checkout's qtool command runs: with huge pages
+        sys.path.insert(0, str(root))
+        from cli.entry import huge_pages_environment
+
+        env = huge_pages_environment(dict(os.environ))
+        sys.path.remove(str(root))
+    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=env,
                           preexec_fn=enter_cgroup if cgroup else None)
     if proc.returncode:
         return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"}

@@ -24,13 +24,20 @@ def huge_pages_environment(env: dict[str, str]) -> dict[str, str] | None:
     return {**env, "GLIBC_TUNABLES": ":".join(filter(None, [env.get("GLIBC_TUNABLES"), HUGE_PAGES_TUNABLE]))}
 
 
-def console() -> None:
+def restart_with_huge_pages() -> None:
+    """Run this process's command again with :func:`huge_pages_environment` (``os.execve``); returns where
+    nothing needs to change or the restart failed (the run is then slower, not wrong). Call it first thing:
+    what ran before it runs twice."""
     env = huge_pages_environment(dict(os.environ))
     if env is not None and getattr(sys, "orig_argv", None):
         try:
             os.execve(sys.executable, sys.orig_argv, env)
         except OSError:
-            pass  # run as is: slower, not wrong
+            pass
+
+
+def console() -> None:
+    restart_with_huge_pages()
     from cli.main import main
 
     main()
