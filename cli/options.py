@@ -40,7 +40,9 @@ quant_options = _stack([
                       "without act-order; gptq for --sym; gptq_v2 for other asymmetric weights (2, 3, 8 bits, "
                       "--act-order): GPTQModel refuses asymmetric v1."),
     click.option("--skip", multiple=True,
-                 help="A module name (or suffix such as mlp.down_proj) to keep in full precision; repeatable."),
+                 help="Linears to keep in full precision, by name or a dotted part of it: mlp.down_proj, "
+                      "model.layers.3.mlp.down_proj, or a module holding several (mlp.shared_expert, "
+                      "model.layers.0); repeatable."),
     click.option("--dtype", default="auto", show_default=True,
                  type=click.Choice(["auto", "float16", "bfloat16", "float32"]),
                  help="Dtype of the tensors left unquantized (auto: float16, or the source's half type)."),

@@ -10,6 +10,7 @@ path. Packing into the checkpoint's layout happens once, when the block is writt
 from __future__ import annotations
 
 import logging
+import re
 from dataclasses import dataclass, field
 
 import torch
@@ -63,8 +64,15 @@ FP16_MAX = 65504.0
 ROUTER = "a router gate, kept in full precision by design"
 
 
+def skip_matches(name: str, entry: str) -> bool:
+    """Whether ``--skip`` ``entry`` names the linear ``name`` (its full module name): the whole name, a dotted
+    tail of it (``mlp.down_proj``), or a module that holds it (``mlp.shared_expert``, ``model.layers.3``,
+    ``experts.7``) — any run of whole dotted parts."""
+    return f".{entry}." in f".{name}."
+
+
 def _skip_reason(full_name: str, lin: nn.Linear, cfg: QuantConfig) -> str | None:
-    if any(full_name == s or full_name.endswith("." + s) for s in cfg.skip):
+    if any(skip_matches(full_name, s) for s in cfg.skip):
         return "skipped on request"
     g = lin.in_features if cfg.group_size == -1 else cfg.group_size
     if lin.in_features % g:
@@ -109,21 +117,33 @@ def plan_linears(model: nn.Module, arch: Arch, cfg: QuantConfig) -> LinearPlan:
     if plan.n_quantized == 0:
         reasons = sorted(set(plan.skipped.values()))
         raise QtoolError(f"no linear layer can be quantized with these settings ({'; '.join(reasons)})")
-    for full, reason in plan.skipped.items():
-        if reason != ROUTER:
-            log.warning("%s stays in full precision: %s", full, reason)
+    _warn_kept({full: reason for full, reason in plan.skipped.items() if reason != ROUTER})
     return plan
 
 
+def _warn_kept(kept: dict[str, str]) -> None:
+    """One warning per kept name pattern and reason: a MoE model's experts would otherwise give hundreds of lines
+    (``model.layers.*.mlp.experts.*.down_proj (96 linears) stay in full precision: ...``)."""
+    groups: dict[tuple[str, str], list[str]] = {}
+    for full, reason in kept.items():
+        groups.setdefault((re.sub(r"\.\d+\.", ".*.", full), reason), []).append(full)
+    for (pattern, reason), names in groups.items():
+        if len(names) == 1:
+            log.warning("%s stays in full precision: %s", names[0], reason)
+        else:
+            log.warning("%s (%d linears) stay in full precision: %s", pattern, len(names), reason)
+
+
 def _check_skip_names(skip, linear_names: list[tuple[str, str]]) -> None:
-    """Every ``--skip`` name must match a linear of the decoder blocks (the whole name or a tail of it,
-    e.g. ``mlp.down_proj`` or ``model.layers.3.mlp.down_proj``); a typo is refused with close matches."""
+    """Every ``--skip`` name must match a linear of the decoder blocks (:func:`skip_matches`: e.g.
+    ``mlp.down_proj``, ``model.layers.3.mlp.down_proj`` or a module such as ``mlp.shared_expert``); a typo is
+    refused with close matches."""
     import difflib
 
     full_names = [full for full, _ in linear_names]
     tails = sorted({rel for _, rel in linear_names})  # names inside a block: "mlp.down_proj"
     for s in skip:
-        if any(n == s or n.endswith("." + s) for n in full_names):
+        if any(skip_matches(n, s) for n in full_names):
             continue
         close = difflib.get_close_matches(s, tails + full_names, n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else f"the linears are named like {', '.join(tails[:4])}"

@@ -427,3 +427,23 @@ def test_peak_memory_grows_with_the_block_weights_not_with_per_expert_statistics
     growth, block_growth = peak[64] - peak[8], weights[64] - weights[8]
     assert 15 < block_growth < 30
     assert growth < 6 * block_growth, (peak, weights)  # every expert's Hessian at once: > 224 MiB more
+
+
+def test_skip_takes_a_module_that_holds_several_linears(tmp_path):
+    """`--skip mlp.shared_expert` keeps the shared expert's three linears; `experts.3` keeps expert 3 of every layer."""
+    from safetensors.torch import load_file
+
+    import quant
+    from quant.errors import QtoolError
+
+    src = _save(tiny_moe("qwen2_moe"), tmp_path / "src")
+    quant.quantize(src, tmp_path / "q", method="rtn", group_size=32, skip=("mlp.shared_expert", "experts.3"),
+                   progress=False)
+    got = load_file(tmp_path / "q" / "model.safetensors")
+    for i in range(2):
+        for proj in ("gate_proj", "up_proj", "down_proj"):
+            assert f"model.layers.{i}.mlp.shared_expert.{proj}.weight" in got
+            assert f"model.layers.{i}.mlp.experts.3.{proj}.weight" in got
+            assert f"model.layers.{i}.mlp.experts.2.{proj}.qweight" in got
+    with pytest.raises(QtoolError, match="no linear layer"):
+        quant.quantize(src, tmp_path / "r", method="rtn", group_size=32, skip=("mlp.shared_exper",), progress=False)
