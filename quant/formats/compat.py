@@ -26,6 +26,7 @@ from dataclasses import dataclass
 
 from quant.errors import QtoolError
 from quant.formats.base import format_names, get_format
+from quant.kernels.dispatch import CPU_INT4_GROUPS
 
 ALL_BITS = (2, 3, 4, 8)
 
@@ -38,7 +39,8 @@ class Reads:
     in full precision in only some blocks loads right; ``fused``: whether a block may keep some but not all of a
     fused group (q/k/v, gate/up, the experts of one layer) in full precision; ``moe``: whether routed experts
     stored one linear per expert (``mlp.experts.{e}.gate_proj.qweight``) load right; ``kept_keys``: the
-    ``quantization_config`` keys it learns kept layers from (any one suffices; empty: it needs none)."""
+    ``quantization_config`` keys it learns kept layers from (any one suffices; empty: it needs none);
+    ``int4_cpu``: 4-bit weights run through torch's int4 CPU kernel (:data:`INT4_CPU_GROUP_SIZES`)."""
 
     loader: str
     layout: str
@@ -51,6 +53,7 @@ class Reads:
     fused: bool = True
     moe: bool = False
     kept_keys: tuple[str, ...] = ()
+    int4_cpu: bool = False
     note: str = ""
     source: str = ""
 
@@ -82,34 +85,28 @@ TARGETS = ("any", *LOADERS)
 
 _VLLM = "vllm-project/vllm"
 _IN_BLOCK = "modules_in_block_to_quantize"
-# The CPU int4 kernel both read 4-bit weights with (torch's _weight_int4pack_mm_cpu) takes these group sizes only.
-_INT4_CPU = (-1, 32, 64, 128, 256)
-_INT4_NOTE = ("4-bit weights run through torch's int4 CPU kernel, which takes group size 32/64/128/256 or one group "
-              "per channel (ran: group 16 loads, then fails at the first forward)")
+# torch's int4 CPU kernel, which transformers and GPTQModel run 4-bit weights through, takes these group sizes only
+# (or one group per channel; ran: group 16 loads, then fails at the first forward).
+INT4_CPU_GROUP_SIZES = (-1, *CPU_INT4_GROUPS)
 _LMD = "InternLM/lmdeploy@1263d5cd889b"
 TABLE: tuple[Reads, ...] = (
     # --- transformers 5.24.0 (AWQ through gptqmodel's kernels; GPTQ through optimum + gptqmodel)
-    Reads("transformers", "awq", bits=(4,), sym=(False,), group_sizes=_INT4_CPU, act_order=False,
+    Reads("transformers", "awq", bits=(4,), sym=(False,), act_order=False, int4_cpu=True,
           kept_keys=("modules_to_not_convert",),
           source="ran (tests/test_loaders.py); quantizers/quantizer_awq.py, quantizers_utils.should_convert_module"),
-    Reads("transformers", "gptq", bits=(4,), group_sizes=_INT4_CPU, kept_keys=(_IN_BLOCK,), note=_INT4_NOTE),
-    Reads("transformers", "gptq", bits=(2, 3, 8), kept_keys=(_IN_BLOCK,), note="needs optimum (ran with 2.3.0), which converts v1 zero points itself, so "
+    Reads("transformers", "gptq", int4_cpu=True, kept_keys=(_IN_BLOCK,), note="needs optimum (ran with 2.3.0), which converts v1 zero points itself, so "
           "asymmetric v1 loads right here although GPTQModel alone refuses it",
           source="ran (tests/test_loaders.py); optimum/gptq/quantizer.py post_init_model"),
-    Reads("transformers", "gptq_v2", bits=(4,), group_sizes=_INT4_CPU, kept_keys=(_IN_BLOCK,), note=_INT4_NOTE),
-    Reads("transformers", "gptq_v2", bits=(2, 3, 8), kept_keys=(_IN_BLOCK,), note="needs optimum",
+    Reads("transformers", "gptq_v2", int4_cpu=True, kept_keys=(_IN_BLOCK,), note="needs optimum",
           source="ran (tests/test_loaders.py); optimum reads checkpoint_format"),
     # --- GPTQModel 7.6.0
-    Reads("gptqmodel", "awq", bits=(4,), sym=(False,), group_sizes=_INT4_CPU, act_order=False,
+    Reads("gptqmodel", "awq", bits=(4,), sym=(False,), act_order=False, int4_cpu=True,
           kept_keys=("dynamic",), note="kept layers are read from `dynamic` only (modules_to_not_convert is ignored)",
           source="ran (tests/test_loaders.py); utils/model.py create_quant_module"),
-    Reads("gptqmodel", "gptq", bits=(4,), sym=(True,), group_sizes=_INT4_CPU, kept_keys=("dynamic",),
-          note=_INT4_NOTE),
-    Reads("gptqmodel", "gptq", bits=(2, 3, 8), sym=(True,), kept_keys=("dynamic",),
+    Reads("gptqmodel", "gptq", sym=(True,), int4_cpu=True, kept_keys=("dynamic",),
           note="asymmetric v1 is refused unless made by gptqmodel >= 0.9",
           source="ran (tests/test_loaders.py); models/loader.py format check"),
-    Reads("gptqmodel", "gptq_v2", bits=(4,), group_sizes=_INT4_CPU, kept_keys=("dynamic",), note=_INT4_NOTE),
-    Reads("gptqmodel", "gptq_v2", bits=(2, 3, 8), kept_keys=("dynamic",), source="ran (tests/test_loaders.py)"),
+    Reads("gptqmodel", "gptq_v2", int4_cpu=True, kept_keys=("dynamic",), source="ran (tests/test_loaders.py)"),
     # --- vLLM: main maps gptq to AutoGPTQConfig (4/8-bit symmetric only); v0.11-0.17 fall back to gptq_gemm
     Reads("vllm", "awq", bits=(4,), sym=(False,), act_order=False, fused=False, moe=True,
           kept_keys=("modules_to_not_convert",),
@@ -147,34 +144,29 @@ def _check_target_name(target: str) -> None:
         raise QtoolError(f"--target {target!r} is unknown; use one of {', '.join(TARGETS)}")
 
 
-def rule(loader: str, layout: str, bits: int | None = None) -> Reads | None:
-    """The table's row for ``loader`` reading ``layout`` at ``bits`` (the layout's first row where no row takes
-    those bits); None where the loader does not read that layout at all."""
-    rows = [r for r in TABLE if r.loader == loader and r.layout == layout]
-    return next((r for r in rows if bits in r.bits), rows[0] if rows else None)
-
-
-def _accepted_bits(loader: str, layout: str) -> tuple[int, ...]:
-    return tuple(sorted({b for r in TABLE if r.loader == loader and r.layout == layout for b in r.bits}))
+def rule(loader: str, layout: str) -> Reads | None:
+    """The table's row for ``loader`` and ``layout``; None where the loader does not read that layout at all."""
+    return next((r for r in TABLE if r.loader == loader and r.layout == layout), None)
 
 
 def problem(loader: str, w: Written) -> str | None:
     """Why ``loader`` would not read the checkpoint ``w`` right, as a clause ("it reads ..."), or None where it
     would."""
-    r = rule(loader, w.layout, w.bits)
+    r = rule(loader, w.layout)
     title = get_format(w.layout).title
     if r is None:
         return f"it does not read the {title} layout"
     if r.misread:
         return r.misread
     if w.bits not in r.bits:
-        return f"it reads {'/'.join(map(str, _accepted_bits(loader, w.layout)))}-bit {title} checkpoints only, not {w.bits}-bit"
+        return f"it reads {'/'.join(map(str, r.bits))}-bit {title} checkpoints only, not {w.bits}-bit"
     if w.sym not in r.sym:
         return f"it reads only {'symmetric' if r.sym == (True,) else 'asymmetric'} {title} weights"
     if w.act_order and not r.act_order:
         return "it does not read act-order (desc_act) weights"
-    if r.group_sizes is not None and w.group_size not in r.group_sizes:
-        return f"it reads {w.bits}-bit {title} group size {'/'.join(map(str, r.group_sizes))} only, not {w.group_size}"
+    sizes = INT4_CPU_GROUP_SIZES if r.int4_cpu and w.bits == 4 else r.group_sizes
+    if sizes is not None and w.group_size not in sizes:
+        return f"it reads {w.bits}-bit {title} group size {'/'.join(map(str, sizes))} only, not {w.group_size}"
     if w.moe and not r.moe:
         return _MOE_WHY.get(loader, "it is not established that it loads routed experts stored one linear per expert")
     if w.skips == "partial" and not r.fused:
