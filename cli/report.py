@@ -75,9 +75,12 @@ def _guard_rows(r) -> list[list]:
     rows = [[label, f"{len(fell_back)} of {len(r.blocks)}{which}"]]
     check = getattr(r, "model_check", None)
     if check:
-        verdict = (f"{r.method} kept" if check["kept"] != "rtn"
-                   else "RTN kept for every block (the whole model scored better with it)")
-        rows.append(["held-out loss, model vs all-RTN", f"{check['nll']:.4f} vs {check['rtn_nll']:.4f} nats/token: {verdict}"])
+        label, kept = check["method"], check["kept"]
+        losses = [f"{check['nll']:.4f} ({label})"] + [f"{v:.4f} ({'all-RTN' if k == 'rtn' else k})"
+                                                      for k, v in check["alternatives"].items()]
+        verdict = ("RTN kept for every block (the whole model scored better with it)" if kept == "rtn"
+                   else f"{kept} kept" if kept == label else f"{kept} kept for every block (the whole model scored better with it)")
+        rows.append(["held-out loss of the whole model", f"{' vs '.join(losses)} nats/token: {verdict}"])
     return rows
 
 

@@ -174,6 +174,11 @@ class QuantConfig:
         return self.format.min_zero(self.sym)
 
     @property
+    def label(self) -> str:
+        """The method as the summary and the whole-model check name it: ``rtn``, ``awq``, ``gptq``, ``gptq+awq``."""
+        return "gptq+awq" if self.method == "gptq" and self.gptq.awq_first else self.method
+
+    @property
     def searches_awq(self) -> bool:
         """AWQ's search runs (``awq``, or ``gptq`` with ``awq_first``), not a replay."""
         return self.needs_calibration and (self.method == "awq" or self.gptq.awq_first)

@@ -16,9 +16,10 @@ each linear for its packed layer, sub-layer group by sub-layer group.
 from __future__ import annotations
 
 import contextlib
+import copy
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -307,11 +308,15 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     swapped for packed layers when the block is done). Otherwise every Hessian
     comes from the full-precision block. With ``awq_first``, AWQ's scales are
     searched and folded into the block first and its clipping ranges bound the
-    groups; GPTQ then rounds instead of RTN.
+    groups; GPTQ then rounds instead of RTN. Where guard windows exist, AWQ+GPTQ also
+    quantizes a copy of the block with plain GPTQ (same inputs, its own Hessians): the
+    ``"gptq"`` alternative, which the whole-model check keeps where AWQ's scales made
+    the model worse.
     """
     if ctx.inputs is None:
         raise ValueError("GPTQ needs calibration inputs")
     cfg = ctx.cfg
+    plain = copy.deepcopy(ctx.block) if cfg.gptq.awq_first and ctx.inputs.guard else None
     moe_layers = expert_layers(ctx.block)
     routed = {n for n in ctx.names if any(n.startswith(f"{m}.") for m in moe_layers)}
     groups = [g for g in _sequential_groups(ctx) if not set(g) & routed]  # routed experts: _solve_experts
@@ -388,4 +393,11 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
                  "rel err": f"{sum(rel_errors) / len(rel_errors):.2e}" if rel_errors else "-", "max damp": f"{max(damps, default=0):.3g}"})
     if fallbacks:
         info["rtn fallback"] = ",".join(fallbacks)
-    return BlockResult(packed=packed, info=info, artifacts=artifacts)
+    result = BlockResult(packed=packed, info=info, artifacts=artifacts)
+    if plain is not None:
+        t = time.perf_counter()
+        alone = quantize_block(BlockContext(ctx.index, plain, ctx.names, cfg.with_(gptq=replace(cfg.gptq, awq_first=False)),
+                                            ctx.arch, ctx.inputs))
+        result.alternatives["gptq"] = (plain, alone.packed)
+        info["plain gptq s"] = f"{time.perf_counter() - t:.2f}"
+    return result

@@ -18,8 +18,9 @@ A block that is closer to its full-precision self can still make the *model* wor
 errors that each block keeps small add up along the residual stream in directions no
 per-block measure weighs. So the pipeline also checks the whole model
 (:func:`held_out_nll`): the next-token loss on the guard windows of the model as
-quantized against the all-RTN model (the guard keeps each block's RTN version), and
-keeps the all-RTN model where it is lower.
+quantized against each alternative whole model (the all-RTN model, from each block's
+RTN version that the guard keeps; for AWQ+GPTQ also plain GPTQ, without AWQ's scales),
+and keeps the lowest.
 """
 from __future__ import annotations
 
@@ -61,7 +62,8 @@ def rtn_guard(method: BlockQuantizer) -> BlockQuantizer:
     to the full-precision block on ``ctx.inputs.guard``. Without guard windows, ``method`` as is.
 
     The result's ``info`` gains ``held-out err`` (the method's), ``rtn held-out err`` and
-    ``kept``; ``BlockResult.block`` is the RTN block where it was kept.
+    ``kept``; ``BlockResult.block`` is the RTN block where it was kept, and the RTN block is the
+    ``"rtn"`` alternative (the all-RTN model of the whole-model check) either way.
     """
 
     def guarded(ctx: BlockContext) -> BlockResult:
@@ -77,10 +79,11 @@ def rtn_guard(method: BlockQuantizer) -> BlockQuantizer:
         if not err <= err_rtn:  # NaN from the method also falls back
             log.info("block %d: round-to-nearest is closer to the full-precision block on held-out windows "
                      "(%.3g against %.3g for %s): keeping RTN", ctx.index, err_rtn, err, ctx.cfg.method)
-            result = BlockResult(packed=rtn_result.packed, info=dict(result.info), artifacts={}, block=fp_block)
-        result.rtn_block, result.rtn_packed = fp_block, rtn_result.packed
+            result = BlockResult(packed=rtn_result.packed, info=dict(result.info), artifacts={}, block=fp_block,
+                                 alternatives=result.alternatives)
+        result.alternatives["rtn"] = (fp_block, rtn_result.packed)
         result.info.update({"held-out err": f"{err:.3e}", "rtn held-out err": f"{err_rtn:.3e}",
-                            FALLBACK_KEY: "rtn" if result.block is not None else ctx.cfg.method})
+                            FALLBACK_KEY: "rtn" if result.block is not None else ctx.cfg.label})
         return result
 
     return guarded

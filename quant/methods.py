@@ -35,15 +35,15 @@ class BlockResult:
     """``packed``: the quantized weight of each linear (names relative to the block); ``info``: extra
     columns for the summary table; ``artifacts``: search results saved with the checkpoint; ``block``: a
     module that replaces the block (the RTN guard's fallback), None to keep the one quantized in place;
-    ``rtn_block`` / ``rtn_packed``: the block and weights of round-to-nearest (set by the RTN guard), for
-    the whole-model check."""
+    ``alternatives``: other quantized versions of this block, by name, each ``(block, packed)``, which the
+    whole-model check weighs against the method's (``"rtn"``, set by the RTN guard; ``"gptq"``, plain GPTQ
+    beside AWQ+GPTQ). Each alternative is a whole model: its blocks are chained on the guard windows."""
 
     packed: dict[str, PackedWeight] = field(default_factory=dict)
     info: dict = field(default_factory=dict)
     artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
     block: nn.Module | None = None
-    rtn_block: nn.Module | None = None
-    rtn_packed: dict[str, PackedWeight] | None = None
+    alternatives: dict[str, tuple[nn.Module, dict[str, PackedWeight]]] = field(default_factory=dict)
 
 
 BlockQuantizer = Callable[[BlockContext], BlockResult]

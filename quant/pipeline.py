@@ -58,8 +58,9 @@ class QuantReport:
     output_bytes: int
     blocks: list[BlockRow]
     guarded: bool | None = None  # whether the RTN guard ran (None: a method it does not apply to)
-    # The whole-model check on the guard windows: {"nll": method's model, "rtn_nll": all-RTN model (nats/token),
-    # "kept": method name or "rtn"}; None where it did not run.
+    # The whole-model check on the guard windows (nats/token): {"method": its label, "nll": the method's model,
+    # "alternatives": {name: loss} ("rtn": all-RTN, "gptq": plain GPTQ beside AWQ+GPTQ), "rtn_nll": all-RTN's,
+    # "kept": the label or an alternative's name}; None where it did not run.
     model_check: dict | None = None
     resumed_from: int | None = None  # the first block this run quantized, where it continued a stopped one
     # loader -> None where it reads the checkpoint right, else why not (quant.formats.compat.readers)
@@ -232,10 +233,7 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
     bar = tqdm(total=len(blocks), initial=run.start, desc=f"{cfg.method} w{cfg.bits}", unit="block",
                disable=not progress)
     packed: list[dict] = [{} for _ in blocks]  # per block: linear name -> PackedWeight, packed once when done
-    # For the whole-model check: per block, whether its RTN version exists; the guard windows through the
-    # all-RTN model; the quantized model's final hidden states on them.
-    rtn: dict = {"blocks": run.record.get("rtn_blocks", [None] * len(blocks)),
-                 "stream": run.saved_list("rtn_stream."), "final": run.saved_list("final.")}
+    alts = _Alternatives(run, len(blocks))
 
     def load(i: int) -> None:
         src.load_block(i)
@@ -248,9 +246,7 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
         if result.block is not None:
             blocks[i] = result.block
         packed[i] = {n: pw.to("cpu") for n, pw in result.packed.items()}
-        if result.rtn_block is not None:
-            _advance_rtn_stream(rtn, i, result, inputs, blocks, len(blocks))
-            rtn["blocks"][i] = (result.rtn_block, {n: pw.to("cpu") for n, pw in result.rtn_packed.items()})
+        alts.advance(i, result.alternatives, inputs, blocks[i])
         artifacts.update({f"{arch.blocks}.{i}.{k}": v.detach().cpu() for k, v in result.artifacts.items()})
         rows.append(BlockRow(i, len(plan.quantize[i]), time.perf_counter() - t, result.info, result.block is not None))
         bar.update(1)
@@ -261,21 +257,20 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
         prefix = f"{arch.blocks}.{i}."
         to_quant_linears(blocks[i], packed[i], cfg.format)
         writer.write(_part(i), stored(checkpoint_tensors(blocks[i], dtype, prefix)))
-        if rtn["blocks"][i] is not None:  # the RTN version, in case the whole-model check keeps it
-            rtn_block, rtn_packed = rtn["blocks"][i]
-            if rtn_block is not blocks[i]:
-                rtn_block.to("cpu")
-                to_quant_linears(rtn_block, rtn_packed, cfg.format)
-                writer.write(_part(i, "rtn"), stored(checkpoint_tensors(rtn_block, dtype, prefix)))
-            rtn["blocks"][i] = True
+        for name, (alt_block, alt_packed) in alts.pending.items():  # in case the whole-model check keeps one
+            if alt_block is not blocks[i]:
+                alt_block.to("cpu")
+                to_quant_linears(alt_block, alt_packed, cfg.format)
+                writer.write(_part(i, name), stored(checkpoint_tensors(alt_block, dtype, prefix)))
+            alts.written[name][i] = True
+        alts.pending.clear()
         packed[i] = {}
         src.release(i)
         state = {f"artifact.{k}": v for k, v in artifacts.items()}
-        for key, name in (("rtn_stream", "stream"), ("final", "final")):
-            state.update({f"{key}.{j}": h.cpu() for j, h in enumerate(rtn[name] or [])})
+        state.update(alts.state())
         for s_i, part in enumerate(hidden or []):
             state.update({f"hidden.{s_i}.{j}": h.cpu() for j, h in enumerate(part)})
-        record = {"rows": [asdict(r) for r in rows], "rtn_blocks": rtn["blocks"],
+        record = {"rows": [asdict(r) for r in rows], "alternatives": alts.written,
                   "plan": {"quantize": plan.quantize, "skipped": plan.skipped}}
         run.save(i + 1, record, state)
 
@@ -302,16 +297,19 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
         bar.close()
     parts = [_part(i) for i in range(len(blocks))]
     model_check = None
-    if rtn["final"] is not None and all(b is not None for b in rtn["blocks"]) and any(not r.rtn_fallback for r in rows):
+    candidates = alts.complete()
+    if candidates and (set(candidates) != {"rtn"} or any(not r.rtn_fallback for r in rows)):
         guard_ids = list(calib_ids[-cfg.held_out_split[1]:].split(CALIB_BATCH))  # as run_sequential batched them
-        model_check = _check_model(model, blocks, guard_ids, rtn["final"], rtn["stream"], cfg)
-        if model_check["kept"] == "rtn":
+        model_check = _check_model(model, blocks, guard_ids, alts.final, candidates, cfg)
+        kept = model_check["kept"]
+        if kept != cfg.label:
             for i, r in enumerate(rows):
-                if writer.has(_part(i, "rtn")):
-                    parts[i] = _part(i, "rtn")
-                r.rtn_fallback = True
-                r.info[FALLBACK_KEY] = "rtn (whole model)" if r.info.get(FALLBACK_KEY) != "rtn" else "rtn"
-            artifacts.clear()  # a replay then gives RTN everywhere too
+                if writer.has(_part(i, kept)):  # else the method's own block is that alternative's
+                    parts[i] = _part(i, kept)
+                was_rtn = r.info.get(FALLBACK_KEY) == "rtn" and kept == "rtn"
+                r.rtn_fallback = kept == "rtn"
+                r.info[FALLBACK_KEY] = kept if was_rtn else f"{kept} (whole model)"
+            artifacts.clear()  # AWQ's search belongs to the model not kept: a replay gives the kept one (RTN)
     return rows, artifacts, model_check, parts
 
 
@@ -338,24 +336,61 @@ def _part(i: int, kind: str = "block") -> str:
     return f"{kind}-{i:05d}"
 
 
-def _advance_rtn_stream(rtn: dict, i: int, result: BlockResult, inputs: BlockInputs, blocks, n_blocks: int) -> None:
-    """Carry the guard windows through the all-RTN model alongside the pass (``rtn["stream"]``), and keep the
-    quantized model's final hidden states on them (``rtn["final"]``) after the last block."""
-    calls = inputs.guard
-    start = rtn["stream"] if rtn["stream"] is not None else [c.hidden for c in calls]
-    rtn["stream"] = run_calls(result.rtn_block, [BlockCall(h, c.args, c.kwargs) for h, c in zip(start, calls)])
-    if i == n_blocks - 1:
-        rtn["final"] = run_calls(blocks[i], calls)
+class _Alternatives:
+    """The whole-model check's other candidates (:attr:`BlockResult.alternatives`: the all-RTN model, plain
+    GPTQ beside AWQ+GPTQ), carried along the one pass: per name, which blocks' versions are written
+    (``written``) and the guard windows through that model's blocks so far (``stream``); ``final``: the
+    method's own model's last hidden states on the guard windows. Saved with the progress record."""
+
+    def __init__(self, run: _Run, n_blocks: int):
+        self.n_blocks = n_blocks
+        self.written: dict[str, list] = run.record.get("alternatives", {})
+        self.stream = {name: run.saved_list(f"stream.{name}.") for name in self.written}
+        self.final = run.saved_list("final.")
+        self.pending: dict[str, tuple] = {}  # name -> (block, packed) of the block in hand, until it is written
+
+    def advance(self, i: int, alternatives: dict, inputs: BlockInputs | None, block) -> None:
+        """Run the guard windows through block ``i`` of each alternative (the first block starts from the
+        guard windows' own inputs), and through the method's block where it is the last."""
+        if not alternatives or inputs is None or not inputs.guard:
+            return
+        calls = inputs.guard
+        for name, (alt_block, alt_packed) in alternatives.items():
+            if i and name not in self.written:  # an alternative that earlier blocks lack cannot be checked
+                continue
+            start = self.stream.get(name) or [c.hidden for c in calls]
+            self.written.setdefault(name, [None] * self.n_blocks)
+            self.stream[name] = run_calls(alt_block, [BlockCall(h, c.args, c.kwargs) for h, c in zip(start, calls)])
+            self.pending[name] = (alt_block, {n: pw.to("cpu") for n, pw in alt_packed.items()})
+        if i == self.n_blocks - 1:
+            self.final = run_calls(block, calls)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {f"final.{j}": h.cpu() for j, h in enumerate(self.final or [])}
+        for name, stream in self.stream.items():
+            out.update({f"stream.{name}.{j}": h.cpu() for j, h in enumerate(stream or [])})
+        return out
+
+    def complete(self) -> dict[str, list[torch.Tensor]]:
+        """Each alternative with a version of every block: name -> its last hidden states on the guard windows."""
+        if self.final is None:
+            return {}
+        return {name: self.stream[name] for name, flags in self.written.items() if all(flags)}
 
 
-def _check_model(model, blocks, guard_ids, finals, rtn_finals, cfg) -> dict:
-    """Whole-model guard: the quantized model's next-token loss on the guard windows against the all-RTN
-    model's (:func:`quant.guard.final_nll`); ``kept`` is ``"rtn"`` where RTN's is lower."""
+def _check_model(model, blocks, guard_ids, finals, alternatives: dict, cfg) -> dict:
+    """Whole-model guard: the quantized model's next-token loss on the guard windows against each alternative
+    model's (:func:`quant.guard.final_nll`); ``kept`` names the lowest (the method's on a tie; a NaN loss
+    is never kept). ``rtn_nll`` is the all-RTN model's loss; ``alternatives`` every alternative's."""
     t = time.perf_counter()
     nll = final_nll(model, blocks, guard_ids, finals)
-    rtn_nll = final_nll(model, blocks, guard_ids, rtn_finals)
-    # RTN is kept where it scores lower, or where the method's loss is NaN and RTN's is not.
-    kept = "rtn" if rtn_nll < nll or (math.isnan(nll) and not math.isnan(rtn_nll)) else cfg.method
-    log.info("whole-model check on %d held-out windows: loss %.4f (%s) against %.4f (RTN): keeping %s (%.1f s)",
-             sum(ids.shape[0] for ids in guard_ids), nll, cfg.method, rtn_nll, kept, time.perf_counter() - t)
-    return {"nll": nll, "rtn_nll": rtn_nll, "kept": kept}
+    losses = {name: final_nll(model, blocks, guard_ids, h) for name, h in alternatives.items()}
+    kept, best = cfg.label, nll
+    for name, loss in losses.items():
+        if loss < best or (math.isnan(best) and not math.isnan(loss)):
+            kept, best = name, loss
+    log.info("whole-model check on %d held-out windows: loss %.4f (%s) against %s: keeping %s (%.1f s)",
+             sum(ids.shape[0] for ids in guard_ids), nll, cfg.label,
+             ", ".join(f"{v:.4f} ({k})" for k, v in losses.items()), kept, time.perf_counter() - t)
+    return {"method": cfg.label, "nll": nll, "rtn_nll": losses.get("rtn", math.nan), "alternatives": losses,
+            "kept": kept}

@@ -302,12 +302,13 @@ def test_the_whole_model_check_keeps_a_method_that_wins_and_the_cli_reports_it(t
     res = CliRunner().invoke(app, ["gptq", str(src), "-o", str(tmp_path / "g"), "--group-size", "32",
                                    "--n-samples", "16", "--seqlen", "32"])
     assert res.exit_code == 0, res.output
-    assert "held-out loss, model vs all-RTN" in res.output
+    assert "held-out loss of the whole model" in res.output
     import json
 
     check = json.loads((tmp_path / "g" / "qtool.json").read_text())["qtool"]["report"]["model_check"]
     assert check["kept"] == ("gptq" if check["nll"] <= check["rtn_nll"] else "rtn")
-    assert f"{check['nll']:.4f} vs {check['rtn_nll']:.4f}" in res.output
+    assert list(check["alternatives"]) == ["rtn"]  # plain GPTQ has no other alternative
+    assert f"{check['nll']:.4f} (gptq) vs {check['rtn_nll']:.4f} (all-RTN)" in res.output
 
 
 def test_the_streamed_whole_model_check_scores_the_checkpoints_it_chooses_between(tmp_path, monkeypatch):
@@ -337,3 +338,64 @@ def test_the_streamed_whole_model_check_scores_the_checkpoints_it_chooses_betwee
         want = held_out_nll(model, blocks, list(blocks), guard_ids, batch_size=8)
         assert abs(got - want) < 1e-5 * max(1.0, abs(want)), (ckpt, got, want)
     assert seen[0] != seen[1]
+
+
+def _block_tensors(path, i):
+    return {k: v for k, v in load_file(str(path / "model.safetensors")).items() if k.startswith(f"model.layers.{i}.")}
+
+
+def test_awq_gptq_whose_scales_hurt_the_model_keeps_plain_gptq(tmp_path, monkeypatch):
+    """AWQ+GPTQ also quantizes each block with plain GPTQ; where that whole model scores lower on the guard
+    windows (made so here: AWQ's scales are wild and the losses rigged), every block is plain GPTQ's, block 0
+    bit for bit as ``qtool gptq`` writes it (same inputs), the search file is emptied, the summary says so,
+    and the loss recorded for plain GPTQ is that of the checkpoint written, loaded and scored from scratch."""
+    import quant.pipeline as pipeline_module
+    from quant.pipeline import _calibration_ids
+
+    src = save_tiny_model("qwen2", tmp_path / "src")
+    cfg = dict(OPTS, method="gptq", n_samples=8)
+    real_nll, seen = pipeline_module.final_nll, []
+    monkeypatch.setattr(pipeline_module, "final_nll", lambda *args: 0.0)  # a tie: plain GPTQ keeps its own blocks
+    plain = quant.quantize(src, tmp_path / "plain", **cfg)
+    assert list(plain.model_check["alternatives"]) == ["rtn"] and plain.model_check["kept"] == "gptq"
+
+    def plain_wins(*args):  # called for AWQ+GPTQ, then its alternatives: plain GPTQ, all-RTN
+        seen.append(real_nll(*args))
+        return seen[-1] - (1.0 if len(seen) == 2 else 0.0)
+
+    monkeypatch.setattr(pipeline_module, "final_nll", plain_wins)
+    monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps AWQ+GPTQ
+    monkeypatch.setattr(awq_module, "search_scale", _wild_scales(search_scale))
+    gptq = replace(quant.GPTQOptions(), awq_first=True)
+    report = quant.quantize(src, tmp_path / "both", gptq=gptq, awq=AWQOptions(n_judge=1, clip=False), **cfg)
+    check = report.model_check
+    assert len(seen) == 3 and check["method"] == "gptq+awq" and list(check["alternatives"]) == ["gptq", "rtn"]
+    assert check["kept"] == "gptq" and check["alternatives"]["gptq"] == seen[1] - 1.0
+    assert all(not b.rtn_fallback and b.info["kept"] == "gptq (whole model)" for b in report.blocks)
+    want, got = _block_tensors(tmp_path / "plain", 0), _block_tensors(tmp_path / "both", 0)
+    assert want.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+    assert load_file(str(tmp_path / "both" / SEARCH_FILE)) == {}
+    wild = _block_tensors(tmp_path / "both", 1)  # block 1 is plain GPTQ too, not AWQ+GPTQ's (its scales are wild)
+    monkeypatch.setattr(pipeline_module, "final_nll", real_nll)
+    kept = quant.quantize(src, tmp_path / "both2", gptq=gptq, awq=AWQOptions(n_judge=1, clip=False), **cfg)
+    if kept.model_check["kept"] == "gptq+awq":
+        assert any(not torch.equal(v, _block_tensors(tmp_path / "both2", 1)[k]) for k, v in wild.items())
+    qcfg = QuantConfig(gptq=gptq, **{k: v for k, v in cfg.items() if k != "progress"})
+    guard_ids = _calibration_ids(src, qcfg, False)[-qcfg.held_out_split[1]:]  # AWQ+GPTQ's guard windows
+    model = quant.load(tmp_path / "both", dtype=torch.float32)
+    want_nll = held_out_nll(model, model.model.layers, list(model.model.layers), guard_ids, batch_size=8)
+    assert abs(seen[1] - want_nll) < 1e-5 * max(1.0, abs(want_nll))
+
+
+def test_the_cli_names_the_alternative_the_whole_model_check_kept(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    res = CliRunner().invoke(app, ["gptq", str(src), "-o", str(tmp_path / "g"), "--group-size", "32", "--awq-first",
+                                   "--n-samples", "8", "--seqlen", "32"])
+    assert res.exit_code == 0, res.output
+    import json
+
+    check = json.loads((tmp_path / "g" / "qtool.json").read_text())["qtool"]["report"]["model_check"]
+    losses = {"gptq+awq": check["nll"], **check["alternatives"]}
+    assert check["kept"] == min(losses, key=lambda k: (losses[k], k != "gptq+awq"))
+    assert (f"{check['nll']:.4f} (gptq+awq) vs {losses['gptq']:.4f} (gptq) vs {losses['rtn']:.4f} (all-RTN)"
+            in res.output)
