@@ -21,12 +21,11 @@ def library_path() -> Path:
     return Path(os.environ.get("QTOOL_KERNELS_LIB") or Path(__file__).parent / build.LIB_NAME)
 
 
-@functools.cache
-def load_library() -> str | None:
-    """Load the compiled library once. Returns None on success, else why it was not loaded."""
-    path = library_path()
+def load_compiled(path: Path, build_command: str) -> str | None:
+    """Load the op library at ``path`` into ``torch.ops``. Returns None on success, else why it was not loaded
+    (``build_command`` says how to build a missing one)."""
     if not path.is_file():
-        return f"{path} not built (python -m quant.kernels.build)"
+        return f"{path} not built ({build_command})"
     try:
         torch.ops.load_library(str(path))
     except (OSError, RuntimeError) as e:
@@ -34,18 +33,29 @@ def load_library() -> str | None:
     return None
 
 
+def cuda_path(what: str, load, path: Path, fallback: str) -> bool:
+    """Whether ``what`` runs compiled kernels on CUDA here (``load()`` is None), saying once which path it takes."""
+    if not torch.cuda.is_available():
+        log.info("%s on CUDA: no CUDA device; using the reference path", what)
+        return False
+    reason = load()
+    if reason is None:
+        log.info("%s on CUDA: compiled kernels (%s)", what, path)
+        return True
+    log.warning("%s on CUDA: %s, because %s", what, fallback, reason)
+    return False
+
+
+@functools.cache
+def load_library() -> str | None:
+    """Load the compiled W4A16 library once. Returns None on success, else why it was not loaded."""
+    return load_compiled(library_path(), "python -m quant.kernels.build")
+
+
 @functools.cache
 def cuda_kernels_available() -> bool:
     """True when the CUDA kernels can run here; says once, at INFO, which path W4A16 matmuls take."""
-    if not torch.cuda.is_available():
-        log.info("W4A16 on CUDA: no CUDA device; using the reference path")
-        return False
-    reason = load_library()
-    if reason is None:
-        log.info("W4A16 on CUDA: compiled qtool kernels (%s)", library_path())
-        return True
-    log.warning("W4A16 on CUDA: reference path (dequantize + matmul), because %s", reason)
-    return False
+    return cuda_path("W4A16", load_library, library_path(), "reference path (dequantize + matmul)")
 
 
 @functools.cache

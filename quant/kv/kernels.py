@@ -18,16 +18,15 @@ Ops (``x``/``out``: ``[batch, kv_heads, tokens, head_dim]`` contiguous, float32/
 from __future__ import annotations
 
 import functools
-import logging
 import os
 from pathlib import Path
 
 import torch
 
 from quant.kernels import build as kbuild
+from quant.kernels import loader
 from quant.kv import quantizer as kq
 
-log = logging.getLogger(__name__)
 
 LIB_NAME, SOURCES = kbuild.KV_LIB_NAME, kbuild.KV_SOURCES
 
@@ -91,28 +90,13 @@ def build(out_dir: Path | None = None, archs=("80", "90"), jobs: int = 2, obj_di
 @functools.cache
 def load_library() -> str | None:
     """Load the compiled KV library once. None on success, else why it was not loaded."""
-    path = library_path()
-    if not path.is_file():
-        return f"{path} not built (python -m quant.kernels.build --library kv)"
-    try:
-        torch.ops.load_library(str(path))
-    except (OSError, RuntimeError) as e:
-        return f"{path} failed to load: {e}"
-    return None
+    return loader.load_compiled(library_path(), "python -m quant.kernels.build --library kv")
 
 
 @functools.cache
 def cuda_kv_kernels_available() -> bool:
     """True when the CUDA KV kernels can run here; says once which path the KV ops take."""
-    if not torch.cuda.is_available():
-        log.info("KV cache ops on CUDA: no CUDA device; the cache uses the reference path")
-        return False
-    reason = load_library()
-    if reason is None:
-        log.info("KV cache ops on CUDA: compiled kernels (%s)", library_path())
-        return True
-    log.warning("KV cache ops on CUDA: reference path, because %s", reason)
-    return False
+    return loader.cuda_path("KV cache ops", load_library, library_path(), "reference path")
 
 
 # -- dispatch: the compiled op for CUDA tensors when the library is built, else the reference ----------
