@@ -78,8 +78,8 @@ def _guard_rows(r) -> list[list]:
         label, kept = check["method"], check["kept"]
         losses = [f"{check['nll']:.4f} ({label})"] + [f"{v:.4f} ({'all-RTN' if k == 'rtn' else k})"
                                                       for k, v in check["alternatives"].items()]
-        verdict = ("RTN kept for every block (the whole model scored better with it)" if kept == "rtn"
-                   else f"{kept} kept" if kept == label else f"{kept} kept for every block (the whole model scored better with it)")
+        verdict = (f"{kept} kept" if kept == label else
+                   f"{'RTN' if kept == 'rtn' else kept} kept for every block (the whole model scored better with it)")
         rows.append(["held-out loss of the whole model", f"{' vs '.join(losses)} nats/token: {verdict}"])
     return rows
 

@@ -78,7 +78,7 @@ def rtn_guard(method: BlockQuantizer) -> BlockQuantizer:
         err_rtn = relative_error(run_calls(fp_block, calls), refs)
         if not err <= err_rtn:  # NaN from the method also falls back
             log.info("block %d: round-to-nearest is closer to the full-precision block on held-out windows "
-                     "(%.3g against %.3g for %s): keeping RTN", ctx.index, err_rtn, err, ctx.cfg.method)
+                     "(%.3g against %.3g for %s): keeping RTN", ctx.index, err_rtn, err, ctx.cfg.label)
             result = BlockResult(packed=rtn_result.packed, info=dict(result.info), artifacts={}, block=fp_block,
                                  alternatives=result.alternatives)
         result.alternatives["rtn"] = (fp_block, rtn_result.packed)
