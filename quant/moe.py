@@ -172,7 +172,7 @@ def solve_experts(ctx, name: str, layer, names: set[str], packed: dict, record, 
     and the fallbacks.
     """
     from calib.hessian import Hessian
-    from quant.gptq import _rows, gptq_quantize, hessian_error
+    from quant.gptq.solver import gptq_quantize, hessian_error
     from quant.layers import set_quantized
 
     hidden, index = routed_inputs(ctx.block, name, ctx.inputs.calls)
@@ -202,7 +202,7 @@ def solve_experts(ctx, name: str, layer, names: set[str], packed: dict, record, 
                 rows = 0
                 for p in todo:
                     full = f"{name}.{e}.{p}"
-                    packed[full] = _rows(res.packed, rows, rows + W[p].shape[0])
+                    packed[full] = res.packed.rows(rows, rows + W[p].shape[0])
                     rows += W[p].shape[0]
                     wq = packed[full].dequantize(torch.float32)
                     rel_errors.append(hessian_error(W[p], wq, h.mean)

@@ -10,7 +10,7 @@ from quant.config import SEARCH_FILE
 import quant
 from calib.hessian import Hessian
 from cli.main import app
-from quant import gptq as gptq_module
+from quant.gptq import block as gptq_module
 from quant import qmath
 from quant.config import GPTQOptions, QuantConfig
 from quant.errors import QtoolError
@@ -242,7 +242,7 @@ def test_true_sequential_sees_quantized_earlier_layers(tiny_src, monkeypatch):
         seen.append((groups, max(len(torch.unique(row)) for row in w) <= 16))
         return real(block, inputs, groups, stop_early)
 
-    monkeypatch.setattr("quant.gptq.collect_hessians", spy)
+    monkeypatch.setattr("quant.gptq.block.collect_hessians", spy)
     quant.quantize(tiny_src, tiny_src.parent / "seq", method="gptq", bits=4, group_size=32, n_samples=4, seqlen=32,
                    progress=False, overwrite=True)
     first_block = seen[:4]
@@ -340,8 +340,8 @@ def test_every_architecture_quantizes_with_value_hessians(tmp_path, model_type, 
     """GPTQ end to end on each architecture row: its value rows (phi3: inside qkv_proj) get the attention-weighted
     Hessians, the checkpoint reloads, and it is closer to the float model than round-to-nearest."""
     solved = []
-    real = gptq_module._solve_value_heads
-    monkeypatch.setattr(gptq_module, "_solve_value_heads", lambda *a: solved.append(a[4]) or real(*a))
+    real = gptq_module.solve_value_heads
+    monkeypatch.setattr(gptq_module, "solve_value_heads", lambda *a: solved.append(a[4]) or real(*a))
     src = save_tiny_model(model_type, tmp_path / "src")
     # held_out=0: the test is about the solver; on a tiny random model the guards' loss comparison is noise.
     kw = dict(bits=3, group_size=32, n_samples=8, seqlen=64, dtype="float32", progress=False, fmt="gptq", held_out=0)

@@ -11,7 +11,7 @@ from tiny_models import save_tiny_model, tiny_model
 from quant.config import SEARCH_FILE
 import quant
 import quant.awq as awq_module
-import quant.gptq as gptq_module
+import quant.gptq.block as gptq_module
 from calib.collectors import record_block_calls
 from calib.runner import BlockInputs
 from cli.main import app

@@ -211,13 +211,15 @@ def test_awq_scales_every_expert_and_the_checkpoint_computes_the_scaled_model(tm
 def test_awq_first_clips_bound_the_expert_solves(tmp_path, monkeypatch):
     """AWQ+GPTQ: AWQ's clipping ranges reach GPTQ's per-expert solves, as they reach the dense linears'."""
     import quant
-    from quant import gptq
     from quant.config import GPTQOptions
+    from quant.gptq import block, solver
 
     seen = []
-    real = gptq.gptq_quantize
-    monkeypatch.setattr(gptq, "gptq_quantize", lambda W, H, cfg, clip=None, order=None: (
-        seen.append((W.shape, clip is not None)), real(W, H, cfg, clip, order))[1])
+    real = solver.gptq_quantize
+    spy = lambda W, H, cfg, clip=None, order=None: (seen.append((W.shape, clip is not None)),  # noqa: E731
+                                                    real(W, H, cfg, clip, order))[1]
+    monkeypatch.setattr(block, "gptq_quantize", spy)  # the dense linears
+    monkeypatch.setattr(solver, "gptq_quantize", spy)  # the experts (quant.moe)
     src = _save(tiny_moe("qwen3_moe"), tmp_path / "src")
     quant.quantize(src, tmp_path / "q", method="gptq", gptq=GPTQOptions(awq_first=True), bits=4, group_size=32,
                    n_samples=8, seqlen=64, held_out=0, progress=False)

@@ -9,7 +9,7 @@ from calib.runner import BlockInputs
 from calib.value_hessian import collect_value_hessians
 from quant.arch import blocks_of, lookup, value_heads
 from quant.config import GPTQOptions, QuantConfig
-from quant.gptq import _solve_value_heads, gptq_quantize
+from quant.gptq.solver import gptq_quantize, solve_value_heads
 
 # gemma2 has no sdpa path (soft-capping); gemma2/gemma3 bring sliding windows, qwen3 head_dim != hidden/heads,
 # opt no grouped-query attention, phi3 its values in the last rows of a fused qkv_proj.
@@ -115,7 +115,7 @@ def test_value_heads_solve_lowers_the_attention_output_error(model_type, act_ord
     cfg = QuantConfig(method="gptq", bits=3, group_size=16, sym=True, fmt="gptq", gptq=GPTQOptions(act_order=act_order))
     W = v.weight.detach().clone()
     plain = gptq_quantize(W, H, cfg).packed
-    per_head, _ = _solve_value_heads(W, [h.mean for h in heads], cfg, None, where.first_row, H)
+    per_head, _ = solve_value_heads(W, [h.mean for h in heads], cfg, None, where.first_row, H)
     if act_order:  # one column order for all heads: one g_idx for the linear
         assert per_head.g_idx is not None and per_head.g_idx.shape == (W.shape[1],)
     # A fused qkv_proj's query and key rows are solved under XᵀX exactly as before.

@@ -43,3 +43,8 @@ class PackedWeight:
         move = lambda t: None if t is None else t.to(device)  # noqa: E731
         return PackedWeight(move(self.q), move(self.scale), move(self.zero), self.bits, self.group_size,
                             move(self.g_idx))
+
+    def rows(self, r0: int, r1: int) -> PackedWeight:
+        """Output rows ``r0..r1`` (copies): one linear out of linears solved as one stacked matrix."""
+        return PackedWeight(self.q[r0:r1].clone(), self.scale[r0:r1].clone(), self.zero[r0:r1].clone(),
+                            self.bits, self.group_size, self.g_idx)

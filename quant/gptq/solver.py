@@ -1,4 +1,5 @@
-"""GPTQ (Frantar et al., 2022, "Accurate post-training quantization for generative transformers").
+"""The GPTQ solver (Frantar et al., 2022, "Accurate post-training quantization for generative transformers"):
+functions on tensors, no model.
 
 Columns of ``W[out, in]`` are rounded one at a time, left to right; the rounding
 error of column ``j`` is spread over the columns not yet rounded so that the
@@ -8,30 +9,19 @@ the Hessian ``H = XᵀX / n``). The updates use the upper Cholesky factor ``U`` 
 update for column ``j`` given that columns ``< j`` are already fixed. Updates are
 applied lazily: inside a block of ``block_size`` columns immediately, to the
 columns after the block once per block, as one matrix product.
-
-``gptq_quantize(W, H, cfg)`` is the solver, a function on tensors.
-``quantize_block(ctx)`` is the pipeline's method: collect Hessians, solve, swap
-each linear for its packed layer, sub-layer group by sub-layer group.
 """
 from __future__ import annotations
 
 import contextlib
-import copy
 import logging
-import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 
 import torch
 
-from calib.hessian import collect_hessians
-from calib.value_hessian import collect_value_hessians
 from quant import qmath
-from quant.arch import value_heads
 from quant.config import QuantConfig
 from quant.formats import PackedWeight
-from quant.layers import rtn_packed, set_quantized
-from quant.methods import BlockContext, BlockResult
-from quant.moe import expert_layers, solve_experts, token_summary
+from quant.layers import rtn_packed
 
 log = logging.getLogger(__name__)
 _MAX_DAMP = 1.0  # the last damping tried, as a fraction of H's mean diagonal
@@ -213,45 +203,7 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: tor
     return GPTQResult(packed, damp)
 
 
-def _sequential_groups(ctx: BlockContext) -> list[tuple[str, ...]]:
-    """The architecture's sub-layer groups (linears sharing an input, in execution order), minus skipped linears."""
-    wanted = set(ctx.names)
-    groups = [tuple(n for n in g if n in wanted) for g in ctx.arch.sequential]
-    listed = {n for g in groups for n in g}
-    return [g for g in groups if g] + [(n,) for n in ctx.names if n not in listed]
-
-
-def _by_hessian(names, hessians) -> list[list[str]]:
-    """``names`` grouped by the Hessian object they share, in order."""
-    out: dict[int, list[str]] = {}
-    for n in names:
-        out.setdefault(id(hessians[n]), []).append(n)
-    return list(out.values())
-
-
-def _rows(pw: PackedWeight, r0: int, r1: int) -> PackedWeight:
-    """Output rows ``r0..r1`` of a packed weight (one linear out of a stacked solve)."""
-    return PackedWeight(pw.q[r0:r1].clone(), pw.scale[r0:r1].clone(), pw.zero[r0:r1].clone(),
-                        pw.bits, pw.group_size, pw.g_idx)
-
-
-def _value_hessians(ctx: BlockContext) -> tuple[list[torch.Tensor], int] | None:
-    """The attention-weighted Hessian of each key/value head (``calib.value_hessian``) and the first value row,
-    or None where unavailable."""
-    where = value_heads(ctx.block, ctx.arch.v_proj, ctx.arch.v_fused)
-    if where is None:
-        log.info("block %d: no head layout on %s; it keeps the plain Hessian", ctx.index, ctx.arch.v_proj)
-        return None
-    try:
-        heads = collect_value_hessians(ctx.block, ctx.inputs, where.attention, ctx.arch.v_proj, where.n_kv_heads)
-    except (ValueError, RuntimeError) as e:
-        log.warning("block %d: attention-weighted value Hessians unavailable (%s); %s keeps the plain one",
-                    ctx.index, e, ctx.arch.v_proj)
-        return None
-    return [h.mean for h in heads], where.first_row
-
-
-def _solve_value_heads(W: torch.Tensor, heads: list[torch.Tensor], cfg: QuantConfig, clip: torch.Tensor | None,
+def solve_value_heads(W: torch.Tensor, heads: list[torch.Tensor], cfg: QuantConfig, clip: torch.Tensor | None,
                        first_row: int = 0, H: torch.Tensor | None = None, importance: torch.Tensor | None = None
                        ) -> tuple[PackedWeight | None, float]:
     """The value projection ``W`` solved head by head, each under its own Hessian, with one act-order column order.
@@ -279,125 +231,3 @@ def _solve_value_heads(W: torch.Tensor, heads: list[torch.Tensor], cfg: QuantCon
         damp = max(damp, res.damp)
     return PackedWeight(torch.cat([p.q for p in parts]), torch.cat([p.scale for p in parts]),
                         torch.cat([p.zero for p in parts]), cfg.bits, cfg.group_size, parts[0].g_idx), damp
-
-
-def _awq_first(ctx: BlockContext) -> tuple[dict, dict, dict, dict]:
-    """AWQ's scale and clip search on the block, scales folded in (``quant.awq.search_block``).
-
-    Returns ``(float weights of the folded linears, clips per linear, artifacts, info)``.
-    The clips are dropped with act-order groups, which are not the natural groups
-    AWQ searched them for (static groups are).
-    """
-    from quant.awq import CLIP_KEY, search_block
-
-    artifacts, info, weights = search_block(ctx)
-    clips = {n: artifacts[f"{n}.{CLIP_KEY}"] for n in ctx.names if f"{n}.{CLIP_KEY}" in artifacts}
-    if clips and ctx.cfg.gptq.act_order and not ctx.cfg.gptq.static_groups:
-        log.info("AWQ+GPTQ with act-order: AWQ's clipping ranges are not used (they belong to natural groups)")
-        clips = {}
-    sources = {n: weights[f"{n}.weight"] for n in ctx.names if f"{n}.weight" in weights}
-    return sources, clips, artifacts, info
-
-
-def quantize_block(ctx: BlockContext) -> BlockResult:
-    """GPTQ for one decoder block, in place.
-
-    True-sequential (the default): each sub-layer group (q/k/v, o, gate/up, down)
-    gets its Hessian from a forward pass in which the groups before it already
-    compute with their quantized weights (the dequantized values; the linears are
-    swapped for packed layers when the block is done). Otherwise every Hessian
-    comes from the full-precision block. With ``awq_first``, AWQ's scales are
-    searched and folded into the block first and its clipping ranges bound the
-    groups; GPTQ then rounds instead of RTN. Where guard windows exist, AWQ+GPTQ also
-    quantizes a copy of the block with plain GPTQ (same inputs, its own Hessians): the
-    ``"gptq"`` alternative, which the whole-model check keeps where AWQ's scales made
-    the model worse.
-    """
-    if ctx.inputs is None:
-        raise ValueError("GPTQ needs calibration inputs")
-    cfg = ctx.cfg
-    plain = copy.deepcopy(ctx.block) if cfg.gptq.awq_first and ctx.inputs.guard else None
-    moe_layers = expert_layers(ctx.block)
-    routed = {n for n in ctx.names if any(n.startswith(f"{m}.") for m in moe_layers)}
-    groups = [g for g in _sequential_groups(ctx) if not set(g) & routed]  # routed experts: _solve_experts
-    sources, clips, artifacts, info = _awq_first(ctx) if cfg.gptq.awq_first else ({}, {}, {}, {})
-    t_hessian = t_solve = 0.0
-    fused_qkv = ctx.arch.layout is not None and ctx.arch.layout.fused_qkv is not None
-    rel_errors, damps, fallbacks = [], [], []
-    packed: dict[str, PackedWeight] = {}
-
-    def record(shared, res):
-        if res.fallback:
-            log.warning("block %d %s: GPTQ fell back to round-to-nearest (%s)", ctx.index, ",".join(shared),
-                        res.fallback)
-            fallbacks.extend(shared)
-        else:
-            damps.append(res.damp)
-
-    def solve(names, hessians, values):
-        # Linears that share an input share H, so their rows are solved as one matrix. The value
-        # projection, given its per-head Hessians, is solved head by head instead.
-        nonlocal t_solve
-        t = time.perf_counter()
-        for shared in _by_hessian(names, hessians):
-            H = hessians[shared[0]].mean
-            # Where the checkpoint fuses q, k and v into one linear (InternLM2's wqkv), they need one act-order
-            # column order, hence one ranking: XᵀX's diagonal, for the value rows too.
-            order = torch.diagonal(H).clone() if fused_qkv and ctx.arch.v_proj in shared else None
-            Ws = {n: sources.get(n, ctx.block.get_submodule(n).weight).detach().to(device=H.device, dtype=H.dtype)
-                  for n in shared}
-            v = ctx.arch.v_proj if values and ctx.arch.v_proj in shared else None
-            if v is not None:
-                per_head, first_row = values
-                pw, damp = _solve_value_heads(Ws[v], per_head, cfg, clips.get(v), first_row, H, order)
-                if pw is None:
-                    log.warning("block %d %s: a value head fell back to round-to-nearest; solving it with XᵀX",
-                                ctx.index, v)
-                else:
-                    packed[v] = pw
-                    damps.append(damp)
-            stacked = [n for n in shared if n not in packed]
-            if stacked:
-                clip = torch.cat([clips[n] for n in stacked]).to(H.device) if all(n in clips for n in stacked) else None
-                res = gptq_quantize(torch.cat([Ws[n] for n in stacked]), H, cfg, clip, order)
-                record(stacked, res)
-                rows = 0
-                for n in stacked:
-                    out_f = Ws[n].shape[0]
-                    packed[n] = _rows(res.packed, rows, rows + out_f)
-                    rows += out_f
-            for n in shared:
-                wq = packed[n].dequantize(H.dtype).to(H.device)
-                rel_errors.append(hessian_error(Ws[n], wq, H) / max(hessian_error(Ws[n], torch.zeros_like(wq), H), 1e-30))
-                set_quantized(ctx.block, n, packed[n])  # later groups' inputs see the quantized linear
-        t_solve += time.perf_counter() - t
-
-    todo = [(g,) for g in groups] if cfg.gptq.true_sequential else [tuple(groups)]
-    for batch in todo:
-        t = time.perf_counter()
-        hessians = collect_hessians(ctx.block, ctx.inputs, list(batch))
-        names = [n for g in batch for n in g]
-        values = _value_hessians(ctx) if cfg.gptq.value_hessian and ctx.arch.v_proj in names else None
-        t_hessian += time.perf_counter() - t
-        solve(names, hessians, values)
-        del hessians, values
-
-    for name, layer in moe_layers.items():  # after attention, whose quantized outputs the router sees
-        t = time.perf_counter()
-        counts, fell_back = solve_experts(ctx, name, layer, {n for n in routed if n.startswith(f"{name}.")},
-                                          packed, record, rel_errors, clips)
-        t_solve += time.perf_counter() - t
-        info.update(token_summary(counts, fell_back))
-
-    info.update({"hessian s": f"{t_hessian:.2f}", "solve s": f"{t_solve:.2f}",
-                 "rel err": f"{sum(rel_errors) / len(rel_errors):.2e}" if rel_errors else "-", "max damp": f"{max(damps, default=0):.3g}"})
-    if fallbacks:
-        info["rtn fallback"] = ",".join(fallbacks)
-    result = BlockResult(packed=packed, info=info, artifacts=artifacts)
-    if plain is not None:
-        t = time.perf_counter()
-        alone = quantize_block(BlockContext(ctx.index, plain, ctx.names, cfg.with_(gptq=replace(cfg.gptq, awq_first=False)),
-                                            ctx.arch, ctx.inputs))
-        result.alternatives["gptq"] = (plain, alone.packed)
-        info["plain gptq s"] = f"{time.perf_counter() - t:.2f}"
-    return result
