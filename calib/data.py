@@ -27,6 +27,9 @@ logger = logging.getLogger(__name__)
 # The shipped corpus (calib/corpus/SOURCES.md says where each file comes from).
 # Each file is one document, so code keeps its internal blank lines.
 DEFAULT_CORPUS_FILES = ("wiki.txt", "fiction.txt", "code.txt")
+# The same files by kind of text: the whole-model check scores the kinds a calibration text lacks (check_kinds).
+BUILTIN_KINDS = dict(zip(("wiki", "fiction", "code"), DEFAULT_CORPUS_FILES))
+_SHARED_PARAGRAPH = 100  # characters: a paragraph this long found in both texts means they share text
 
 # Documents are joined with a blank line; splitting a .txt file on blank lines and
 # joining again therefore gives back the text (runs of blank lines become one).
@@ -70,10 +73,31 @@ def load_texts(source: str | Path | None, text_field: str = "text") -> list[str]
 
 def default_corpus() -> list[str]:
     """The shipped corpus, one document per file (encyclopedic prose, fiction, Python code)."""
-    folder = resources.files("calib").joinpath("corpus")
-    texts = [folder.joinpath(name).read_text(encoding="utf-8") for name in DEFAULT_CORPUS_FILES]
+    texts = [builtin_text(kind) for kind in BUILTIN_KINDS]
     logger.info("Loaded the default calibration corpus (%d characters)", sum(map(len, texts)))
     return texts
+
+
+def builtin_text(kind: str) -> str:
+    """The shipped document of one kind of text (a key of :data:`BUILTIN_KINDS`)."""
+    return resources.files("calib").joinpath("corpus", BUILTIN_KINDS[kind]).read_text(encoding="utf-8")
+
+
+def check_kinds(calib_texts: list[str]) -> list[str]:
+    """The built-in kinds of text (:data:`BUILTIN_KINDS`) that share no paragraph with ``calib_texts``.
+
+    The whole-model check scores its candidates on windows of these kinds beside the guard windows,
+    so that a method fitted to the calibration text cannot be kept where it is worse than
+    round-to-nearest on other kinds of text; a kind whose text the calibration contains (the default
+    corpus, ``calib/corpus/wiki.txt`` given as a file) is left out, since its windows would not be
+    held out. A paragraph counts when it is at least ``_SHARED_PARAGRAPH`` characters long.
+    """
+    seen = {p for t in calib_texts for p in _paragraphs(t)}
+    return [kind for kind in BUILTIN_KINDS if not seen & _paragraphs(builtin_text(kind))]
+
+
+def _paragraphs(text: str) -> set[str]:
+    return {p.strip() for p in _BLANK_LINES.split(text.replace("\r\n", "\n")) if len(p.strip()) >= _SHARED_PARAGRAPH}
 
 
 def _read_txt(path: Path) -> list[str]:

@@ -5,10 +5,11 @@ dtype), sees the calibration batch, is handed to the quantizer, and its *quantiz
 outputs become the next block's inputs. Peak device memory is one block plus the
 calibration activations.
 
-Besides the windows the methods search on, two held-out sets of windows travel
+Besides the windows the methods search on, held-out sets of windows travel
 through the same blocks: ``accept`` (a method may test a choice on them, e.g.
-AWQ's clipping ranges) and ``guard`` (only the pipeline's comparison with
-round-to-nearest reads them, :mod:`quant.guard`).
+AWQ's clipping ranges), ``guard`` (only the pipeline's comparisons with
+round-to-nearest read them, :mod:`quant.guard`) and ``check`` (windows of other
+kinds of text than the calibration's, which only the whole-model check scores).
 """
 from __future__ import annotations
 
@@ -68,13 +69,14 @@ def run_calls(block: nn.Module, calls: list[BlockCall]) -> list[torch.Tensor]:
 class BlockInputs:
     """The calibration inputs of one block, one :class:`BlockCall` per minibatch, on the device.
 
-    ``calls``: the windows methods compute statistics and search on; ``accept`` and
-    ``guard``: held-out windows (see the module docstring), possibly empty.
+    ``calls``: the windows methods compute statistics and search on; ``accept``, ``guard``
+    and ``check``: held-out windows (see the module docstring), possibly empty.
     """
 
     calls: list[BlockCall]
     accept: list[BlockCall] = field(default_factory=list)
     guard: list[BlockCall] = field(default_factory=list)
+    check: list[BlockCall] = field(default_factory=list)
 
     def run(self, block: nn.Module) -> list[torch.Tensor]:
         """The block's outputs for every search minibatch (hidden states only)."""
@@ -98,15 +100,15 @@ def run_sequential(
     compute_dtype: torch.dtype = torch.float32,
     batch_size: int = CALIB_BATCH,
     on_block_done: Callable[[int, list], None] | None = None,
-    held_out: tuple[int, int] = (0, 0),
+    held_out: tuple[int, ...] = (0, 0),
     before_block: Callable[[int], None] | None = None,
     start: int = 0,
     start_hidden: list[list[torch.Tensor]] | None = None,
 ) -> None:
     """Feed ``input_ids [n, seq]`` through ``blocks`` one at a time, calling ``process_block`` on each.
 
-    The last ``held_out = (n_accept, n_guard)`` rows of ``input_ids`` become the
-    held-out ``accept`` and ``guard`` sets (in that order). ``process_block(i, block,
+    The last ``held_out = (n_accept, n_guard[, n_check])`` rows of ``input_ids`` become the
+    held-out ``accept``, ``guard`` and ``check`` sets (in that order). ``process_block(i, block,
     inputs)`` may change the block in place (replace its linears by quantized ones) or
     put another module at ``blocks[i]``; the outputs of whatever module is at
     ``blocks[i]`` when it returns are the next block's inputs. ``before_block(i)`` runs first (it may
@@ -115,11 +117,10 @@ def run_sequential(
     hidden states after block ``i``) and the block is back on the CPU. ``start`` and
     ``start_hidden`` (such a ``hidden``, after block ``start - 1``) continue a stopped run.
     """
-    n_accept, n_guard = held_out
-    n_search = input_ids.shape[0] - n_accept - n_guard
+    n_search = input_ids.shape[0] - sum(held_out)
     if n_search < 1:
         raise ValueError(f"{input_ids.shape[0]} calibration windows leave none to search on after {held_out} held out")
-    sets = input_ids.split([n_search, n_accept, n_guard])
+    sets = input_ids.split([n_search, *held_out])
     per_batch = [[record_block_calls(model, blocks, ids) for ids in part.split(batch_size)] if len(part) else []
                  for part in sets]
     hidden = [[move(calls[0].hidden, device, compute_dtype) for calls in part] for part in per_batch]

@@ -69,6 +69,10 @@ calib_options = _stack([
                  help="Extra calibration sequences no search sees. Each quantized block is compared with its "
                       "round-to-nearest version on them and RTN is kept where it is closer; with AWQ, half of them "
                       "instead test its clipping ranges (0: no checks)."),
+    click.option("--check-windows", default=8, show_default=True, type=int,
+                 help="Windows of each built-in kind of text (Wikipedia, fiction, Python code) that the calibration "
+                      "data lacks, scored by the whole-model check beside the held-out windows: a quantized model "
+                      "worse than round-to-nearest on any of them is not kept (0: held-out windows only)."),
     click.option("--seqlen", default=512, show_default=True, type=int, help="Tokens per calibration sequence."),
     click.option("--seed", default=0, show_default=True, type=int, help="Seed for drawing the calibration windows."),
 ])

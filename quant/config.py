@@ -115,6 +115,9 @@ class QuantConfig:
     target: str = "any"  # the loader the checkpoint is for (quant.formats.compat.TARGETS)
     n_samples: int = 128
     held_out: int = 16  # extra windows, not searched on: half to accept choices, half for the RTN guard
+    # Windows per built-in kind of text the calibration lacks (calib.data.check_kinds) that the whole-model
+    # check also scores: a candidate worse than all-RTN on any kind is not kept (0: the guard windows only).
+    check_windows: int = 8
     seqlen: int = 512
     seed: int = 0
     calib_data: str | None = None
@@ -125,7 +128,7 @@ class QuantConfig:
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
 
     def __post_init__(self):
-        _require_ints(self, ("bits", "group_size", "n_samples", "held_out", "seqlen", "seed"))
+        _require_ints(self, ("bits", "group_size", "n_samples", "held_out", "check_windows", "seqlen", "seed"))
         if self.method not in METHODS:
             raise QtoolError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
         from quant.formats import format_names, get_format
@@ -153,6 +156,9 @@ class QuantConfig:
             )
         if not 0 <= self.held_out <= 4096:
             raise QtoolError(f"--held-out {self.held_out} is out of range; use 0 (no checks) to 4096 windows")
+        if not 0 <= self.check_windows <= 256:
+            raise QtoolError(f"--check-windows {self.check_windows} is out of range; use 0 (the guard windows only) "
+                             "to 256 windows per kind of text")
         if self.dtype not in OUTPUT_DTYPES:
             raise QtoolError(f"--dtype {self.dtype!r} is unknown; use one of {', '.join(OUTPUT_DTYPES)}")
 

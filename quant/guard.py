@@ -121,17 +121,25 @@ def held_out_nll(model: nn.Module, blocks: nn.ModuleList, block_list: list[nn.Mo
 
 def final_nll(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor], finals: list[torch.Tensor]) -> float:
     """Mean next-token NLL (nats per token) of ``model`` on the windows ``batches`` (``[b, seq]`` token ids each)
-    when its last decoder block outputs ``finals`` (``[b, seq, hidden]`` each): the model's own final norm and
-    head (its forward with every block bypassed), one window at a time. Works with the blocks on the meta
-    device (they are never run)."""
-    total, n = 0.0, 0
-    for ids_b, h_b in zip(batches, finals):
+    when its last decoder block outputs ``finals`` (``[b, seq, hidden]`` each): :func:`window_nlls` averaged
+    over the windows (all of one length)."""
+    nll = window_nlls(model, blocks, batches, finals)
+    return sum(nll) / max(len(nll), 1)
+
+
+def window_nlls(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Tensor],
+                finals: list[torch.Tensor]) -> list[float]:
+    """Each window's mean next-token NLL (nats per token), in order, for the windows ``batches`` (``[b, seq]``
+    token ids each) when the model's last decoder block outputs ``finals`` (``[b, seq, hidden]`` each): the
+    model's own final norm and head (its forward with every block bypassed), one window at a time. Works
+    with the blocks on the meta device (they are never run)."""
+    out = []
+    for ids_b, h_b in zip(batches, finals, strict=True):
         for ids, h in zip(ids_b.split(1), h_b.split(1)):  # one window at a time: [seq, vocab] logits are large
             logits = _logits_from_final_hidden(model, blocks, ids, h)
-            total += float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device), reduction="sum"))
-            n += ids.shape[1] - 1
+            out.append(float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device))))
             del logits
-    return total / max(n, 1)
+    return out
 
 
 def _cast_to_compute(block: nn.Module) -> list[tuple[str, torch.Tensor]]:

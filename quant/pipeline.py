@@ -21,7 +21,7 @@ from quant.checkpoint import checkpoint_tensors, is_quantized_checkpoint, output
 from quant.config import SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 from quant.formats.compat import Written, check_target, readers, skip_pattern
-from quant.guard import FALLBACK_KEY, final_nll, rtn_guard
+from quant.guard import FALLBACK_KEY, rtn_guard, window_nlls
 from quant.layers import plan_linears, to_quant_linears
 from quant.methods import BlockContext, BlockResult, get_method
 from quant.shards import ShardWriter
@@ -82,16 +82,23 @@ def _device(device: str | None) -> torch.device:
     return dev
 
 
-def _calibration_ids(model_dir, cfg: QuantConfig, add_bos: bool) -> torch.Tensor:
-    from calib.data import calibration_batch, load_texts
+def _calibration_ids(model_dir, cfg: QuantConfig, add_bos: bool) -> tuple[torch.Tensor, list[str]]:
+    """The calibration windows ``[n_samples + held_out + n_check, seqlen]``, the held-out ones after the searched
+    ones (:mod:`calib.runner`), then the whole-model check's windows of each built-in kind of text the calibration
+    lacks, ``cfg.check_windows`` per kind in the order of the returned kinds (none without guard windows)."""
+    from calib.data import builtin_text, calibration_batch, check_kinds, load_texts
 
     tok = model_io.load_tokenizer(model_dir)
     texts = load_texts(cfg.calib_data, text_field=cfg.text_field)
     try:  # the held-out windows come last (calib.runner)
-        return calibration_batch(tok, texts, cfg.n_samples, cfg.seqlen, cfg.seed, add_bos, sum(cfg.held_out_split))
+        ids = calibration_batch(tok, texts, cfg.n_samples, cfg.seqlen, cfg.seed, add_bos, sum(cfg.held_out_split))
     except QtoolError as e:  # say which text was too short
         msg = str(e)
         raise QtoolError(f"{cfg.calib_data or 'the built-in calibration corpus'}: {msg[:1].lower()}{msg[1:]}") from None
+    kinds = check_kinds(texts) if cfg.check_windows and cfg.held_out_split[1] and cfg.method != "rtn" else []
+    checks = [calibration_batch(tok, [builtin_text(kind)], cfg.check_windows, cfg.seqlen, cfg.seed, add_bos)
+              for kind in kinds]
+    return torch.cat([ids, *checks]), kinds
 
 
 def quantize(
@@ -156,7 +163,7 @@ def quantize(
         dtype = output_dtype(cfg, src, {f"{arch.blocks}.{i}.{n}.weight" for i, names in enumerate(plan.quantize)
                                         for n in names})
         t_cal = time.perf_counter()
-        calib_ids = _calibration_ids(model_dir, cfg, arch.needs_bos) if cfg.needs_calibration else None
+        calib_ids, kinds = _calibration_ids(model_dir, cfg, arch.needs_bos) if cfg.needs_calibration else (None, [])
         calib_seconds = time.perf_counter() - t_cal
         writer = ShardWriter(tmp, max_shard_bytes)
         run = _Run(tmp, key, writer, saved)
@@ -164,8 +171,8 @@ def quantize(
             log.warning("resuming at block %d of %d: the blocks before it were finished by a stopped run (%s)",
                      run.start, len(src.blocks), tmp)
             plan.quantize, plan.skipped = saved[0]["plan"]["quantize"], saved[0]["plan"]["skipped"]
-        rows, artifacts, model_check, parts = _quantize_blocks(src, arch, cfg, plan, calib_ids, dev, progress,
-                                                               run, dtype)
+        rows, artifacts, model_check, parts = _quantize_blocks(src, arch, cfg, plan, calib_ids, kinds, dev,
+                                                               progress, run, dtype)
         # Layers kept while the blocks were quantized (scales past float16) count too: checked again, then written.
         kept, quantized = _stored_names(plan, src, arch)
         written = _written(cfg, arch, kept, quantized)
@@ -217,12 +224,13 @@ class _Run:
         self.finished = blocks_done
 
 
-def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress, run: _Run, dtype):
+def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, progress, run: _Run, dtype):
     """Each block in turn: loaded from the source, quantized, packed, written as a part, released, and the
     progress record saved; blocks a stopped run finished are skipped.
 
     Returns the summary rows, AWQ's search results, the whole-model check and the names of the parts
-    that make the checkpoint's blocks (each block's own, or its RTN version where the check keeps RTN)."""
+    that make the checkpoint's blocks (each block's own, or its RTN version where the check keeps RTN).
+    ``kinds``: the kinds of text whose check windows end ``calib_ids`` (:func:`_calibration_ids`)."""
     quantize_block = get_method(cfg.method)
     stored = lambda tensors: src.to_stored(tensors, cfg.format, cfg.bits, cfg.group_size)  # noqa: E731
     if cfg.method != "rtn":
@@ -275,6 +283,7 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
         run.save(i + 1, record, state)
 
     compute_dtype = torch.float32 if dev.type == "cpu" else src.dtype
+    held_out = (*cfg.held_out_split, len(kinds) * cfg.check_windows)
     try:
         if calib_ids is None:
             for i in range(run.start, len(blocks)):
@@ -286,8 +295,8 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
         else:
             start_hidden = None
             if run.start:
-                start_hidden = [run.saved_list(f"hidden.{s_i}.") or [] for s_i in range(3)]
-            run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=cfg.held_out_split,
+                start_hidden = [run.saved_list(f"hidden.{s_i}.") or [] for s_i in range(4)]
+            run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=held_out,
                            on_block_done=done, before_block=load, start=run.start, start_hidden=start_hidden)
     except KeyboardInterrupt:
         log.warning("stopped: %d of %d blocks are finished and kept in %s; run the same command again to "
@@ -299,8 +308,10 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, dev, progress
     model_check = None
     candidates = alts.complete()
     if candidates and (set(candidates) != {"rtn"} or any(not r.rtn_fallback for r in rows)):
-        guard_ids = list(calib_ids[-cfg.held_out_split[1]:].split(CALIB_BATCH))  # as run_sequential batched them
-        model_check = _check_model(model, blocks, guard_ids, alts.final, candidates, cfg)
+        n_guard, n_check = held_out[1:]  # the windows as run_sequential batched them
+        guard_ids = calib_ids[len(calib_ids) - n_guard - n_check:len(calib_ids) - n_check]
+        check_ids = calib_ids[len(calib_ids) - n_check:]
+        model_check = _check_model(model, blocks, guard_ids, check_ids, kinds, alts.final, candidates, cfg)
         kept = model_check["kept"]
         if kept != cfg.label:
             for i, r in enumerate(rows):
@@ -339,8 +350,8 @@ def _part(i: int, kind: str = "block") -> str:
 class _Alternatives:
     """The whole-model check's other candidates (:attr:`BlockResult.alternatives`: the all-RTN model, plain
     GPTQ beside AWQ+GPTQ), carried along the one pass: per name, which blocks' versions are written
-    (``written``) and the guard windows through that model's blocks so far (``stream``); ``final``: the
-    method's own model's last hidden states on the guard windows. Saved with the progress record."""
+    (``written``) and the guard and check windows through that model's blocks so far (``stream``); ``final``:
+    the method's own model's last hidden states on them. Saved with the progress record."""
 
     def __init__(self, run: _Run, n_blocks: int):
         self.n_blocks = n_blocks
@@ -350,11 +361,11 @@ class _Alternatives:
         self.pending: dict[str, tuple] = {}  # name -> (block, packed) of the block in hand, until it is written
 
     def advance(self, i: int, alternatives: dict, inputs: BlockInputs | None, block) -> None:
-        """Run the guard windows through block ``i`` of each alternative (the first block starts from the
-        guard windows' own inputs), and through the method's block where it is the last."""
+        """Run the guard and check windows through block ``i`` of each alternative (the first block starts
+        from the windows' own inputs), and through the method's block where it is the last."""
         if not alternatives or inputs is None or not inputs.guard:
             return
-        calls = inputs.guard
+        calls = inputs.guard + inputs.check
         for name, (alt_block, alt_packed) in alternatives.items():
             if i and name not in self.written:  # an alternative that earlier blocks lack cannot be checked
                 continue
@@ -372,25 +383,50 @@ class _Alternatives:
         return out
 
     def complete(self) -> dict[str, list[torch.Tensor]]:
-        """Each alternative with a version of every block: name -> its last hidden states on the guard windows."""
+        """Each alternative with a version of every block: name -> its last hidden states on the guard and check
+        windows."""
         if self.final is None:
             return {}
         return {name: self.stream[name] for name, flags in self.written.items() if all(flags)}
 
 
-def _check_model(model, blocks, guard_ids, finals, alternatives: dict, cfg) -> dict:
-    """Whole-model guard: the quantized model's next-token loss on the guard windows against each alternative
-    model's (:func:`quant.guard.final_nll`); ``kept`` names the lowest (the method's on a tie; a NaN loss
-    is never kept). ``rtn_nll`` is the all-RTN model's loss; ``alternatives`` every alternative's."""
+def _check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor, kinds: list[str], finals,
+                 alternatives: dict, cfg) -> dict:
+    """Whole-model guard: the next-token loss (:func:`quant.guard.window_nlls`) of the method's model and of
+    each alternative model on the guard windows and on each kind of check windows.
+
+    A candidate is eligible where its loss is not above the all-RTN model's on any kind of check text (RTN
+    always is); ``kept`` names the eligible one with the lowest loss on the guard windows (the method's on
+    a tie; a NaN loss is never kept). Returns ``{"method": label, "nll": the method's guard loss,
+    "alternatives": {name: guard loss}, "rtn_nll": all-RTN's, "kinds": {kind: {candidate: loss}},
+    "worse_than_rtn": {candidate: [kinds]}, "kept": name}``.
+    """
     t = time.perf_counter()
-    nll = final_nll(model, blocks, guard_ids, finals)
-    losses = {name: final_nll(model, blocks, guard_ids, h) for name, h in alternatives.items()}
-    kept, best = cfg.label, nll
-    for name, loss in losses.items():
-        if loss < best or (math.isnan(best) and not math.isnan(loss)):
+    n_guard = len(guard_ids)
+    candidates = {cfg.label: finals, **alternatives}
+    batches = [b for ids in (guard_ids, check_ids) if len(ids) for b in ids.split(CALIB_BATCH)]  # as streamed
+    per_window = {name: window_nlls(model, blocks, batches, h) for name, h in candidates.items()}
+    guard = {name: _mean(nll[:n_guard]) for name, nll in per_window.items()}
+    n = cfg.check_windows
+    by_kind = {kind: {name: _mean(nll[n_guard + k * n:n_guard + (k + 1) * n]) for name, nll in per_window.items()}
+               for k, kind in enumerate(kinds)}
+    worse = {name: [kind for kind in kinds if not by_kind[kind][name] <= by_kind[kind]["rtn"]]
+             for name in candidates if name != "rtn" and "rtn" in candidates}
+    kept, best = cfg.label, math.inf
+    for name, loss in guard.items():
+        if not worse.get(name) and (loss < best or (name == cfg.label and loss <= best)):
             kept, best = name, loss
-    log.info("whole-model check on %d held-out windows: loss %.4f (%s) against %s: keeping %s (%.1f s)",
-             sum(ids.shape[0] for ids in guard_ids), nll, cfg.label,
-             ", ".join(f"{v:.4f} ({k})" for k, v in losses.items()), kept, time.perf_counter() - t)
-    return {"method": cfg.label, "nll": nll, "rtn_nll": losses.get("rtn", math.nan), "alternatives": losses,
-            "kept": kept}
+    if math.isinf(best):  # every candidate NaN or worse than RTN somewhere, and no RTN model to fall back on
+        kept = cfg.label
+    log.info("whole-model check on %d held-out windows: loss %s; %s: keeping %s (%.1f s)", n_guard,
+             ", ".join(f"{v:.4f} ({k})" for k, v in guard.items()),
+             "; ".join(f"{kind} " + ", ".join(f"{v:.4f} ({k})" for k, v in losses.items())
+                       for kind, losses in by_kind.items()) or "no other kinds of text checked",
+             kept, time.perf_counter() - t)
+    return {"method": cfg.label, "nll": guard[cfg.label], "rtn_nll": guard.get("rtn", math.nan),
+            "alternatives": {k: v for k, v in guard.items() if k != cfg.label}, "kinds": by_kind,
+            "worse_than_rtn": {k: v for k, v in worse.items() if v}, "kept": kept}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan

@@ -207,3 +207,18 @@ def test_default_corpus_holds_only_the_calibration_half():
 def test_default_corpus_tokenizes_into_batch(word_tokenizer):
     batch = calibration_batch(word_tokenizer, load_texts(None), n_samples=4, seqlen=64, seed=0)
     assert batch.shape == (4, 64)
+
+
+def test_the_whole_model_check_scores_the_built_in_kinds_the_calibration_lacks(tmp_path):
+    """A kind whose text the calibration contains is not held out, so it is not checked: none for the default
+    corpus, fiction and code for the built-in Wikipedia file given as a path, all three for other text; one
+    shared paragraph of 100 characters is enough to drop a kind."""
+    from calib.data import BUILTIN_KINDS, builtin_text, check_kinds
+
+    assert check_kinds(load_texts(None)) == []
+    wiki = resources.files("calib").joinpath("corpus", "wiki.txt")
+    assert check_kinds(load_texts(str(wiki))) == ["fiction", "code"]
+    other = ["An unrelated text about tide pools and the animals that live in them, " * 3]
+    assert check_kinds(other) == list(BUILTIN_KINDS) == ["wiki", "fiction", "code"]
+    paragraph = next(p for p in builtin_text("code").split("\n\n") if len(p.strip()) >= 100)
+    assert check_kinds(other + [paragraph]) == ["wiki", "fiction"]

@@ -264,6 +264,28 @@ def copy_with_noise(block):
     return out
 
 
+def _rig_losses(monkeypatch, shift) -> list[float]:
+    """The whole-model check's window losses shifted by ``shift(k)`` nats on the k-th candidate scored (1-based:
+    the method's model first, then its alternatives), or by ``shift(k, j)`` on its window ``j`` (the guard
+    windows, then the check windows kind by kind) where ``shift`` takes two arguments; returns the list that
+    collects each candidate's true mean loss."""
+    import inspect
+
+    import quant.pipeline as pipeline_module
+
+    real, seen = pipeline_module.window_nlls, []
+    per_window = len(inspect.signature(shift).parameters) == 2
+
+    def rigged(model, blocks, batches, finals):
+        nll = real(model, blocks, batches, finals)
+        seen.append(sum(nll) / len(nll))
+        k = len(seen)
+        return [x + (shift(k, j) if per_window else shift(k)) for j, x in enumerate(nll)]
+
+    monkeypatch.setattr(pipeline_module, "window_nlls", rigged)
+    return seen
+
+
 def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_rtn(tmp_path, monkeypatch):
     """Every block's guard keeps AWQ, but the whole AWQ model's held-out loss is higher than the all-RTN
     model's (made so on purpose: a tiny random model's loss does not tell the two apart): RTN is kept
@@ -273,26 +295,20 @@ def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_r
     src = save_tiny_model("llama", tmp_path / "src")
     rtn_report = quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
     assert rtn_report.model_check is None
-    real_nll = pipeline_module.final_nll
-    seen = []
-
-    def rigged(model, blocks, batches, finals):  # called for the model as quantized, then for the all-RTN model
-        seen.append(real_nll(model, blocks, batches, finals))
-        return seen[-1] + (1.0 if len(seen) == 1 else 0.0)
-
-    monkeypatch.setattr(pipeline_module, "final_nll", rigged)
+    seen = _rig_losses(monkeypatch, lambda k: 1.0 if k == 1 else 0.0)  # the method's model loses
     monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps AWQ
     report = quant.quantize(src, tmp_path / "awq", method="awq", awq=AWQOptions(n_judge=1, clip=False), **OPTS)
     assert len(seen) == 2  # the model as quantized, then the all-RTN model, on the same guard windows
     check = report.model_check
-    assert check["kept"] == "rtn" and check["nll"] == seen[0] + 1.0 and check["rtn_nll"] == seen[1]
+    assert check["kept"] == "rtn" and check["nll"] == pytest.approx(seen[0] + 1.0) and check["rtn_nll"] == seen[1]
     # The per-block guard kept AWQ everywhere; the whole-model check overruled it.
     assert all(b.rtn_fallback and b.info["kept"] == "rtn (whole model)" for b in report.blocks)
     rtn = _packed(tmp_path / "rtn")
     assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "awq").items())
     assert load_file(str(tmp_path / "awq" / SEARCH_FILE)) == {}
     # The same run with the whole model scored honestly keeps AWQ's blocks.
-    monkeypatch.setattr(pipeline_module, "final_nll", lambda model, blocks, batches, finals: 1.0)
+    monkeypatch.setattr(pipeline_module, "window_nlls",
+                        lambda model, blocks, batches, finals: [1.0] * sum(map(len, batches)))
     kept = quant.quantize(src, tmp_path / "awq2", method="awq", awq=AWQOptions(n_judge=1, clip=False), **OPTS)
     assert kept.model_check["kept"] == "awq" and not any(b.rtn_fallback for b in kept.blocks)
 
@@ -318,20 +334,14 @@ def test_the_streamed_whole_model_check_scores_the_checkpoints_it_chooses_betwee
     import quant.pipeline as pipeline_module
     from quant.pipeline import _calibration_ids
 
-    real_nll, seen = pipeline_module.final_nll, []
-
-    def method_wins(*args):
-        seen.append(real_nll(*args))
-        return seen[-1] - (1.0 if len(seen) == 1 else 0.0)
-
-    monkeypatch.setattr(pipeline_module, "final_nll", method_wins)
+    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == 1 else 0.0)  # the method's model wins
     monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps AWQ
     src = save_tiny_model("qwen2", tmp_path / "src")
     awq = quant.quantize(src, tmp_path / "awq", method="awq", **OPTS)
     assert awq.model_check["kept"] == "awq" and len(seen) == 2
     quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
     cfg = QuantConfig(method="awq", **{k: v for k, v in OPTS.items() if k != "progress"})
-    guard_ids = _calibration_ids(src, cfg, False)[-cfg.held_out_split[1]:]
+    guard_ids = _calibration_ids(src, cfg, False)[0][-cfg.held_out_split[1]:]
     for ckpt, got in (("awq", seen[0]), ("rtn", seen[1])):
         model = quant.load(tmp_path / ckpt, dtype=torch.float32)
         blocks = model.model.layers
@@ -354,34 +364,31 @@ def test_awq_gptq_whose_scales_hurt_the_model_keeps_plain_gptq(tmp_path, monkeyp
 
     src = save_tiny_model("qwen2", tmp_path / "src")
     cfg = dict(OPTS, method="gptq", n_samples=8)
-    real_nll, seen = pipeline_module.final_nll, []
-    monkeypatch.setattr(pipeline_module, "final_nll", lambda *args: 0.0)  # a tie: plain GPTQ keeps its own blocks
+    real_nll = pipeline_module.window_nlls
+    monkeypatch.setattr(pipeline_module, "window_nlls", lambda model, blocks, batches, finals: [0.0] * sum(map(len, batches)))
     plain = quant.quantize(src, tmp_path / "plain", **cfg)
     assert list(plain.model_check["alternatives"]) == ["rtn"] and plain.model_check["kept"] == "gptq"
-
-    def plain_wins(*args):  # called for AWQ+GPTQ, then its alternatives: plain GPTQ, all-RTN
-        seen.append(real_nll(*args))
-        return seen[-1] - (1.0 if len(seen) == 2 else 0.0)
-
-    monkeypatch.setattr(pipeline_module, "final_nll", plain_wins)
+    # Scored for AWQ+GPTQ, then its alternatives: plain GPTQ (made to win), all-RTN.
+    monkeypatch.setattr(pipeline_module, "window_nlls", real_nll)
+    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == 2 else 0.0)
     monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps AWQ+GPTQ
     monkeypatch.setattr(awq_module, "search_scale", _wild_scales(search_scale))
     gptq = replace(quant.GPTQOptions(), awq_first=True)
     report = quant.quantize(src, tmp_path / "both", gptq=gptq, awq=AWQOptions(n_judge=1, clip=False), **cfg)
     check = report.model_check
     assert len(seen) == 3 and check["method"] == "gptq+awq" and list(check["alternatives"]) == ["gptq", "rtn"]
-    assert check["kept"] == "gptq" and check["alternatives"]["gptq"] == seen[1] - 1.0
+    assert check["kept"] == "gptq" and check["alternatives"]["gptq"] == pytest.approx(seen[1] - 1.0)
     assert all(not b.rtn_fallback and b.info["kept"] == "gptq (whole model)" for b in report.blocks)
     want, got = _block_tensors(tmp_path / "plain", 0), _block_tensors(tmp_path / "both", 0)
     assert want.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in want.items())
     assert load_file(str(tmp_path / "both" / SEARCH_FILE)) == {}
     wild = _block_tensors(tmp_path / "both", 1)  # block 1 is plain GPTQ too, not AWQ+GPTQ's (its scales are wild)
-    monkeypatch.setattr(pipeline_module, "final_nll", real_nll)
+    monkeypatch.setattr(pipeline_module, "window_nlls", real_nll)
     kept = quant.quantize(src, tmp_path / "both2", gptq=gptq, awq=AWQOptions(n_judge=1, clip=False), **cfg)
     if kept.model_check["kept"] == "gptq+awq":
         assert any(not torch.equal(v, _block_tensors(tmp_path / "both2", 1)[k]) for k, v in wild.items())
     qcfg = QuantConfig(gptq=gptq, **{k: v for k, v in cfg.items() if k != "progress"})
-    guard_ids = _calibration_ids(src, qcfg, False)[-qcfg.held_out_split[1]:]  # AWQ+GPTQ's guard windows
+    guard_ids = _calibration_ids(src, qcfg, False)[0][-qcfg.held_out_split[1]:]  # AWQ+GPTQ's guard windows
     model = quant.load(tmp_path / "both", dtype=torch.float32)
     want_nll = held_out_nll(model, model.model.layers, list(model.model.layers), guard_ids, batch_size=8)
     assert abs(seen[1] - want_nll) < 1e-5 * max(1.0, abs(want_nll))
@@ -399,3 +406,78 @@ def test_the_cli_names_the_alternative_the_whole_model_check_kept(tmp_path):
     assert check["kept"] == min(losses, key=lambda k: (losses[k], k != "gptq+awq"))
     assert (f"{check['nll']:.4f} (gptq+awq) vs {losses['gptq']:.4f} (gptq) vs {losses['rtn']:.4f} (all-RTN)"
             in res.output)
+
+
+def _own_calibration_text(path):
+    """A calibration text that shares no paragraph with the built-in corpus: every built-in kind is checked."""
+    import random
+
+    rng = random.Random(0)
+    words = "river stone lamp orbit velvet harbor quartz meadow signal copper lantern thistle".split()
+    path.write_text("\n\n".join(" ".join(rng.choice(words) for _ in range(60)) for _ in range(100)))
+    return path
+
+
+def test_a_method_worse_than_rtn_on_another_kind_of_text_is_not_kept(tmp_path, monkeypatch):
+    """GPTQ calibrated on a text of its own: the whole-model check also scores the built-in Wikipedia, fiction
+    and code windows. Made better than all-RTN on the guard windows but worse on code (rigged), GPTQ is not
+    kept: every block is RTN's, bit for bit, and the summary says why. With --check-windows 0 the same
+    rigged losses keep GPTQ."""
+    from quant.pipeline import _calibration_ids
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    calib = str(_own_calibration_text(tmp_path / "calib.txt"))
+    args = ["gptq", str(src), "--group-size", "32", "--n-samples", "4", "--seqlen", "32", "--calib-data", calib,
+            "--check-windows", "2", "--dtype", "float32"]
+    cfg = QuantConfig(method="gptq", bits=4, group_size=32, n_samples=4, seqlen=32, calib_data=calib, check_windows=2)
+    ids, kinds = _calibration_ids(src, cfg, False)
+    assert kinds == ["wiki", "fiction", "code"] and len(ids) == 4 + 16 + 3 * 2
+    code_windows = range(16 + 2 * 2, 16 + 3 * 2)  # the guard windows, then two windows per kind
+
+    _rig_losses(monkeypatch, lambda k, j: 0.0 if k != 1 else (1.0 if j in code_windows else -1.0))
+    res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "g")])
+    assert res.exit_code == 0, res.output
+    import json
+
+    check = json.loads((tmp_path / "g" / "qtool.json").read_text())["qtool"]["report"]["model_check"]
+    assert check["kept"] == "rtn" and check["worse_than_rtn"] == {"gptq": ["code"]}
+    assert check["nll"] < check["rtn_nll"]  # better on the calibration text's guard windows, and still not kept
+    assert list(check["kinds"]) == kinds and all(set(v) == {"gptq", "rtn"} for v in check["kinds"].values())
+    assert "RTN kept for every block (gptq is worse than all-RTN on code text)" in res.output
+    assert "on built-in code text" in res.output
+    quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
+    rtn = _packed(tmp_path / "rtn")
+    assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "g").items())
+
+    res = CliRunner().invoke(app, [*args[:-4], "--check-windows", "0", "--dtype", "float32", "-o", str(tmp_path / "g0")])
+    assert res.exit_code == 0, res.output
+    check = json.loads((tmp_path / "g0" / "qtool.json").read_text())["qtool"]["report"]["model_check"]
+    assert check["kept"] == "gptq" and check["kinds"] == {}
+
+
+def test_the_check_windows_change_nothing_but_the_check_and_are_scored_as_the_checkpoints_score(tmp_path,
+                                                                                               monkeypatch):
+    """The check windows are never searched on: with the method made to win, the checkpoint is the same bit for
+    bit with and without them. The all-RTN model's loss on each kind is that of the RTN checkpoint, loaded and
+    scored from scratch on the same windows."""
+    from quant.pipeline import _calibration_ids
+
+    src = save_tiny_model("qwen2", tmp_path / "src")
+    calib = str(_own_calibration_text(tmp_path / "calib.txt"))
+    opts = dict(OPTS, method="gptq", calib_data=calib)
+    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k % 2 else 0.0)  # per run: GPTQ's model (wins), then all-RTN
+    with_check = quant.quantize(src, tmp_path / "with", check_windows=3, **opts)
+    assert len(seen) == 2 and with_check.model_check["kept"] == "gptq"
+    assert quant.quantize(src, tmp_path / "without", check_windows=0, **opts).model_check["kept"] == "gptq"
+    want, got = _packed(tmp_path / "without"), _packed(tmp_path / "with")
+    assert want.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in want.items())
+
+    quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
+    cfg = QuantConfig(check_windows=3, **{k: v for k, v in opts.items() if k != "progress"})
+    ids, kinds = _calibration_ids(src, cfg, False)
+    model = quant.load(tmp_path / "rtn", dtype=torch.float32)
+    blocks = model.model.layers
+    for k, kind in enumerate(kinds):
+        windows = ids[len(ids) - 3 * len(kinds):][3 * k:3 * (k + 1)]
+        want_nll = held_out_nll(model, blocks, list(blocks), windows, batch_size=8)
+        assert with_check.model_check["kinds"][kind]["rtn"] == pytest.approx(want_nll, rel=1e-5), kind
