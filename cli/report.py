@@ -79,12 +79,13 @@ def _guard_rows(r) -> list[list]:
         name = lambda k: "all-RTN" if k == "rtn" else k  # noqa: E731
         losses = [f"{check['nll']:.4f} ({label})"] + [f"{v:.4f} ({name(k)})" for k, v in check["alternatives"].items()]
         worse = check.get("worse_than_rtn", {})
-        why = (f"{label} is worse than all-RTN on {' and '.join(worse[label])} text" if label in worse else
-               "the whole model scored better with it")
+        kinds = worse.get(label, [])
+        listed = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
+        why = f"{label} is worse than all-RTN on {listed} text" if kinds else "the whole model scored better with it"
         verdict = f"{kept} kept" if kept == label else f"{'RTN' if kept == 'rtn' else kept} kept for every block ({why})"
         rows.append(["held-out loss of the whole model", f"{' vs '.join(losses)} nats/token: {verdict}"])
         for kind, by_name in check.get("kinds", {}).items():
-            rows.append([f"  on built-in {kind} text", " vs ".join(f"{v:.4f} ({name(k)})" for k, v in by_name.items())])
+            rows.append([f"... on built-in {kind} text", " vs ".join(f"{v:.4f} ({name(k)})" for k, v in by_name.items())])
     return rows
 
 
