@@ -96,6 +96,13 @@ def test_group_size_not_offered(model, tmp_path, capsys):
     assert_refused(code, err, "--group-size 100", "-1")
 
 
+@pytest.mark.parametrize("value", ["-1", "257"])
+def test_check_windows_out_of_range(model, tmp_path, capsys, value):
+    code, err = run_cli(["gptq", model, "-o", tmp_path / "out", "--check-windows", value], capsys)
+    assert_refused(code, err, f"--check-windows {value}", "0 (the guard windows only) to 256")
+    _no_output(tmp_path)
+
+
 def test_group_size_that_divides_no_layer(model, tmp_path, capsys):
     code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "256"], capsys)
     assert_refused(code, err, "no linear layer can be quantized", "not divisible by group size 256")
