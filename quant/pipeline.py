@@ -413,8 +413,8 @@ def _check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor
     worse = {name: [kind for kind in kinds if not by_kind[kind][name] <= by_kind[kind]["rtn"]]
              for name in candidates if name != "rtn" and "rtn" in candidates}
     kept, best = cfg.label, math.inf
-    for name, loss in guard.items():
-        if not worse.get(name) and (loss < best or (name == cfg.label and loss <= best)):
+    for name, loss in guard.items():  # the method's first: an alternative must be strictly lower
+        if not worse.get(name) and loss < best:
             kept, best = name, loss
     if math.isinf(best):  # every candidate NaN or worse than RTN somewhere, and no RTN model to fall back on
         kept = cfg.label
