@@ -19,7 +19,7 @@ from calib.hessian import collect_hessians
 from calib.value_hessian import collect_value_hessians
 from quant.arch import value_heads
 from quant.formats import PackedWeight
-from quant.gptq.solver import solve_value_heads, gptq_quantize, hessian_error
+from quant.gptq.solver import gptq_quantize, hessian_error, solve_value_heads
 from quant.layers import set_quantized
 from quant.methods import BlockContext, BlockResult
 from quant.moe import expert_layers, solve_experts, token_summary
