@@ -32,7 +32,8 @@ _RUN = re.compile(r"^(rtn|awq|gptq)((?:\+\w+)*):w(\d)g(-?\d+)$")
 # combinable: gptq+awq+asym:w4g64; damp10 = 0.10; shrink30 = Hessian shrinkage 0.30 (shrink0: none); xtx = the paper's XᵀX for v_proj (--no-value-hessian)
 _GPTQ_VARIANTS = {"sym", "asym", "actorder", "awq", "dampN", "shrinkN", "xtx", "noguard"}
 # awq+proxy: the closed form alone chooses scales (--n-judge 1); +unweighted: every token's error counts the
-# same (--no-token-weighting); +noclip; +noguard (any data-aware method): no held-out windows (--held-out 0)
+# same (--no-token-weighting); +noclip; +noguard (any data-aware method): no held-out windows (--held-out 0);
+# +checkN (any data-aware method): N check windows per other kind of text in the whole-model check (--check-windows N)
 _AWQ_VARIANTS = {"proxy", "unweighted", "noclip", "noguard"}
 
 
@@ -45,6 +46,7 @@ class Row:
     quant_seconds: float
     peak_rss_mib: float
     rtn_blocks: str = ""  # blocks the RTN guard kept at round-to-nearest, "k/n"
+    kept: str = ""  # the model the whole-model check kept (the method's, "rtn", "gptq"); "" where none ran
     kl: dict | None = None  # text name -> mean KL(fp32 || this) of the next-token distributions, nats
 
 
@@ -63,7 +65,10 @@ def _parse_run(run: str) -> dict:
     variants = set(filter(None, variants.split("+")))
     damp = [v for v in variants if re.fullmatch(r"damp\d+", v)]
     shrink = [v for v in variants if re.fullmatch(r"shrink\d+", v)]
-    variants -= set(damp) | set(shrink)
+    check = [v for v in variants if re.fullmatch(r"check\d+", v)]
+    variants -= set(damp) | set(shrink) | set(check)
+    if check and method == "rtn":
+        raise SystemExit(f"--runs: {run!r}: +checkN is for the data-aware methods (awq, gptq)")
     if (damp or shrink) and method != "gptq":
         raise SystemExit(f"--runs: {run!r}: only gptq takes +dampN and +shrinkN")
     allowed = {"gptq": _GPTQ_VARIANTS, "awq": _AWQ_VARIANTS, "rtn": {"sym"}}[method]
@@ -73,6 +78,8 @@ def _parse_run(run: str) -> dict:
     opts = {"method": method, "bits": int(bits), "group_size": int(group)}
     if "noguard" in variants:
         opts["held_out"] = 0
+    if check:
+        opts["check_windows"] = int(check[0][5:])
     if method == "awq":
         awq = {"n_judge": 1 if "proxy" in variants else None, "clip": False if "noclip" in variants else None,
                "token_weighting": False if "unweighted" in variants else None}
@@ -104,7 +111,7 @@ def worker(spec: dict) -> dict:
     src, out = spec["model"], spec["out"]
     opts = _parse_run(spec["run"])
     t0 = time.perf_counter()
-    fell_back = ""
+    fell_back = kept = ""
     if "peer" in opts:
         peer = _run_peer(spec, opts)
     elif opts:
@@ -120,6 +127,7 @@ def worker(spec: dict) -> dict:
         quant_seconds, peak = peer["quant_seconds"], peer["peak_rss_mib"]
     elif opts and opts["method"] != "rtn":
         fell_back = f"{sum(b.rtn_fallback for b in report.blocks)}/{len(report.blocks)}"
+        kept = report.model_check["kept"] if report.model_check else ""
     path = out if opts else src
     model, tok = quant.load_any(path, dtype="float32", device="cpu")
     ppl = {}
@@ -130,7 +138,7 @@ def worker(spec: dict) -> dict:
     kl = _kl_to_fp(model, tok, spec) if opts else None
     size = 0.0 if "peer" in opts else model_io.folder_bytes(path, ("*.safetensors",)) / 2**20  # peers: dequantized
     return asdict(Row(spec["run"], ppl, n, size, quant_seconds if opts else 0.0, peak if opts else 0.0, fell_back,
-                      kl))
+                      kl, kept))
 
 
 KL_WINDOWS = 4  # 512-token windows per text for the KL column (the fp32 model runs on them too)
@@ -228,7 +236,7 @@ def table(rows: list[Row], texts: list[str]) -> str:
     fp = next((r for r in rows if r.run == "fp32"), None)
     rtn = {r.run.split(":")[1]: r for r in rows if r.run.startswith("rtn:")}
     headers = ["run"] + [f"PPL {t}" for t in texts] + [f"gap closed {t}" for t in texts] + [f"KL {t}" for t in texts] + [
-        "size MiB", "quantize s", "peak RSS MiB", "blocks at RTN"]
+        "size MiB", "quantize s", "peak RSS MiB", "blocks at RTN", "model kept"]
     out = []
     for r in rows:
         cells = [r.run] + [f"{r.ppl[t]:.3f}" for t in texts]
@@ -240,7 +248,7 @@ def table(rows: list[Row], texts: list[str]) -> str:
                 cells.append("")
         cells += [f"{r.kl[t]:.4f}" if r.kl else "" for t in texts]
         cells += [f"{r.size_mib:.1f}" if r.size_mib else "", f"{r.quant_seconds:.0f}" if r.quant_seconds else "",
-                  f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib else "", r.rtn_blocks]
+                  f"{r.peak_rss_mib:.0f}" if r.peak_rss_mib else "", r.rtn_blocks, r.kept]
         out.append(cells)
     return tabulate(out, headers=headers, tablefmt="github")
 

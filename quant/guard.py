@@ -17,22 +17,25 @@ hundreds of times larger than the others', would otherwise decide alone.
 A block that is closer to its full-precision self can still make the *model* worse:
 errors that each block keeps small add up along the residual stream in directions no
 per-block measure weighs. So the pipeline also checks the whole model
-(:func:`held_out_nll`): the next-token loss on the guard windows of the model as
+(:func:`check_model`): the next-token loss on the guard windows of the model as
 quantized against each alternative whole model (the all-RTN model, from each block's
 RTN version that the guard keeps; for AWQ+GPTQ also plain GPTQ, without AWQ's scales),
-and keeps the lowest.
+carried through the same pass by :class:`Alternatives`, and keeps the lowest among
+those not worse than all-RTN on any other kind of text checked.
 """
 from __future__ import annotations
 
 import copy
 import logging
+import math
+import time
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from calib.collectors import BlockCall, record_block_calls
-from calib.runner import move, run_calls
+from calib.runner import CALIB_BATCH, BlockInputs, move, run_calls
 from quant import rtn
 from quant.methods import BlockContext, BlockQuantizer, BlockResult
 
@@ -168,3 +171,88 @@ def _logits_from_final_hidden(model: nn.Module, blocks: nn.ModuleList, ids: torc
     finally:
         for block in blocks:
             del block.forward
+
+
+class Alternatives:
+    """The whole-model check's other candidates (:attr:`BlockResult.alternatives`: the all-RTN model, plain
+    GPTQ beside AWQ+GPTQ), carried along the one pass: per name, which blocks' versions are written
+    (``written``) and the guard and check windows through that model's blocks so far (``stream``); ``final``:
+    the method's own model's last hidden states on them. Saved with the progress record."""
+
+    def __init__(self, record: dict, saved_list, n_blocks: int):
+        self.n_blocks = n_blocks
+        self.written: dict[str, list] = record.get("alternatives", {})
+        self.stream = {name: saved_list(f"stream.{name}.") for name in self.written}
+        self.final = saved_list("final.")
+        self.pending: dict[str, tuple] = {}  # name -> (block, packed) of the block in hand, until it is written
+
+    def advance(self, i: int, alternatives: dict, inputs: BlockInputs | None, block) -> None:
+        """Run the guard and check windows through block ``i`` of each alternative (the first block starts
+        from the windows' own inputs), and through the method's block where it is the last."""
+        if not alternatives or inputs is None or not inputs.guard:
+            return
+        calls = inputs.guard + inputs.check
+        for name, (alt_block, alt_packed) in alternatives.items():
+            if i and name not in self.written:  # an alternative that earlier blocks lack cannot be checked
+                continue
+            start = self.stream.get(name) or [c.hidden for c in calls]
+            self.written.setdefault(name, [None] * self.n_blocks)
+            self.stream[name] = run_calls(alt_block, [BlockCall(h, c.args, c.kwargs) for h, c in zip(start, calls)])
+            self.pending[name] = (alt_block, {n: pw.to("cpu") for n, pw in alt_packed.items()})
+        if i == self.n_blocks - 1:
+            self.final = run_calls(block, calls)
+
+    def state(self) -> dict[str, torch.Tensor]:
+        out = {f"final.{j}": h.cpu() for j, h in enumerate(self.final or [])}
+        for name, stream in self.stream.items():
+            out.update({f"stream.{name}.{j}": h.cpu() for j, h in enumerate(stream or [])})
+        return out
+
+    def complete(self) -> dict[str, list[torch.Tensor]]:
+        """Each alternative with a version of every block: name -> its last hidden states on the guard and check
+        windows."""
+        if self.final is None:
+            return {}
+        return {name: self.stream[name] for name, flags in self.written.items() if all(flags)}
+
+
+def check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor, kinds: list[str], finals,
+                 alternatives: dict, cfg) -> dict:
+    """Whole-model guard: the next-token loss (:func:`quant.guard.window_nlls`) of the method's model and of
+    each alternative model on the guard windows and on each kind of check windows.
+
+    A candidate is eligible where its loss is not above the all-RTN model's on any kind of check text (RTN
+    always is); ``kept`` names the eligible one with the lowest loss on the guard windows (the method's on
+    a tie; a NaN loss is never kept). Returns ``{"method": label, "nll": the method's guard loss,
+    "alternatives": {name: guard loss}, "rtn_nll": all-RTN's, "kinds": {kind: {candidate: loss}},
+    "worse_than_rtn": {candidate: [kinds]}, "kept": name}``.
+    """
+    t = time.perf_counter()
+    n_guard = len(guard_ids)
+    candidates = {cfg.label: finals, **alternatives}
+    batches = [b for ids in (guard_ids, check_ids) if len(ids) for b in ids.split(CALIB_BATCH)]  # as streamed
+    per_window = {name: window_nlls(model, blocks, batches, h) for name, h in candidates.items()}
+    guard = {name: _mean(nll[:n_guard]) for name, nll in per_window.items()}
+    n = cfg.check_windows
+    by_kind = {kind: {name: _mean(nll[n_guard + k * n:n_guard + (k + 1) * n]) for name, nll in per_window.items()}
+               for k, kind in enumerate(kinds)}
+    worse = {name: [kind for kind in kinds if not by_kind[kind][name] <= by_kind[kind]["rtn"]]
+             for name in candidates if name != "rtn" and "rtn" in candidates}
+    kept, best = cfg.label, math.inf
+    for name, loss in guard.items():  # the method's first: an alternative must be strictly lower
+        if not worse.get(name) and loss < best:
+            kept, best = name, loss
+    if math.isinf(best):  # every candidate NaN or worse than RTN somewhere, and no RTN model to fall back on
+        kept = cfg.label
+    log.info("whole-model check on %d held-out windows: loss %s; %s: keeping %s (%.1f s)", n_guard,
+             ", ".join(f"{v:.4f} ({k})" for k, v in guard.items()),
+             "; ".join(f"{kind} " + ", ".join(f"{v:.4f} ({k})" for k, v in losses.items())
+                       for kind, losses in by_kind.items()) or "no other kinds of text checked",
+             kept, time.perf_counter() - t)
+    return {"method": cfg.label, "nll": guard[cfg.label], "rtn_nll": guard.get("rtn", math.nan),
+            "alternatives": {k: v for k, v in guard.items() if k != cfg.label}, "kinds": by_kind,
+            "worse_than_rtn": {k: v for k, v in worse.items() if v}, "kept": kept}
+
+
+def _mean(values: list[float]) -> float:
+    return sum(values) / len(values) if values else math.nan

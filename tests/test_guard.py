@@ -271,9 +271,7 @@ def _rig_losses(monkeypatch, shift) -> list[float]:
     collects each candidate's true mean loss."""
     import inspect
 
-    import quant.pipeline as pipeline_module
-
-    real, seen = pipeline_module.window_nlls, []
+    real, seen = guard_module.window_nlls, []
     per_window = len(inspect.signature(shift).parameters) == 2
 
     def rigged(model, blocks, batches, finals):
@@ -282,7 +280,7 @@ def _rig_losses(monkeypatch, shift) -> list[float]:
         k = len(seen)
         return [x + (shift(k, j) if per_window else shift(k)) for j, x in enumerate(nll)]
 
-    monkeypatch.setattr(pipeline_module, "window_nlls", rigged)
+    monkeypatch.setattr(guard_module, "window_nlls", rigged)
     return seen
 
 
@@ -290,8 +288,6 @@ def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_r
     """Every block's guard keeps AWQ, but the whole AWQ model's held-out loss is higher than the all-RTN
     model's (made so on purpose: a tiny random model's loss does not tell the two apart): RTN is kept
     for every block, bit for bit, and the search file is emptied."""
-    import quant.pipeline as pipeline_module
-
     src = save_tiny_model("llama", tmp_path / "src")
     rtn_report = quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
     assert rtn_report.model_check is None
@@ -307,7 +303,7 @@ def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_r
     assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "awq").items())
     assert load_file(str(tmp_path / "awq" / SEARCH_FILE)) == {}
     # The same run with the whole model scored honestly keeps AWQ's blocks.
-    monkeypatch.setattr(pipeline_module, "window_nlls",
+    monkeypatch.setattr(guard_module, "window_nlls",
                         lambda model, blocks, batches, finals: [1.0] * sum(map(len, batches)))
     kept = quant.quantize(src, tmp_path / "awq2", method="awq", awq=AWQOptions(n_judge=1, clip=False), **OPTS)
     assert kept.model_check["kept"] == "awq" and not any(b.rtn_fallback for b in kept.blocks)
@@ -331,7 +327,6 @@ def test_the_streamed_whole_model_check_scores_the_checkpoints_it_chooses_betwee
     """The check carries the guard windows through the quantized blocks and the RTN blocks during the one
     pass (no block is kept for it); its two losses are those of the AWQ and RTN checkpoints, loaded and
     scored from scratch. (The method is made to win so that its blocks are written.)"""
-    import quant.pipeline as pipeline_module
     from quant.pipeline import _calibration_ids
 
     seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == 1 else 0.0)  # the method's model wins
@@ -339,6 +334,7 @@ def test_the_streamed_whole_model_check_scores_the_checkpoints_it_chooses_betwee
     src = save_tiny_model("qwen2", tmp_path / "src")
     awq = quant.quantize(src, tmp_path / "awq", method="awq", **OPTS)
     assert awq.model_check["kept"] == "awq" and len(seen) == 2
+    monkeypatch.undo()  # the checkpoints are scored with the true losses
     quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
     cfg = QuantConfig(method="awq", **{k: v for k, v in OPTS.items() if k != "progress"})
     guard_ids = _calibration_ids(src, cfg, False)[0][-cfg.held_out_split[1]:]
@@ -359,17 +355,16 @@ def test_awq_gptq_whose_scales_hurt_the_model_keeps_plain_gptq(tmp_path, monkeyp
     windows (made so here: AWQ's scales are wild and the losses rigged), every block is plain GPTQ's, block 0
     bit for bit as ``qtool gptq`` writes it (same inputs), the search file is emptied, the summary says so,
     and the loss recorded for plain GPTQ is that of the checkpoint written, loaded and scored from scratch."""
-    import quant.pipeline as pipeline_module
     from quant.pipeline import _calibration_ids
 
     src = save_tiny_model("qwen2", tmp_path / "src")
     cfg = dict(OPTS, method="gptq", n_samples=8)
-    real_nll = pipeline_module.window_nlls
-    monkeypatch.setattr(pipeline_module, "window_nlls", lambda model, blocks, batches, finals: [0.0] * sum(map(len, batches)))
+    real_nll = guard_module.window_nlls
+    monkeypatch.setattr(guard_module, "window_nlls", lambda model, blocks, batches, finals: [0.0] * sum(map(len, batches)))
     plain = quant.quantize(src, tmp_path / "plain", **cfg)
     assert list(plain.model_check["alternatives"]) == ["rtn"] and plain.model_check["kept"] == "gptq"
     # Scored for AWQ+GPTQ, then its alternatives: plain GPTQ (made to win), all-RTN.
-    monkeypatch.setattr(pipeline_module, "window_nlls", real_nll)
+    monkeypatch.setattr(guard_module, "window_nlls", real_nll)
     seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == 2 else 0.0)
     monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps AWQ+GPTQ
     monkeypatch.setattr(awq_module, "search_scale", _wild_scales(search_scale))
@@ -383,7 +378,7 @@ def test_awq_gptq_whose_scales_hurt_the_model_keeps_plain_gptq(tmp_path, monkeyp
     assert want.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in want.items())
     assert load_file(str(tmp_path / "both" / SEARCH_FILE)) == {}
     wild = _block_tensors(tmp_path / "both", 1)  # block 1 is plain GPTQ too, not AWQ+GPTQ's (its scales are wild)
-    monkeypatch.setattr(pipeline_module, "window_nlls", real_nll)
+    monkeypatch.setattr(guard_module, "window_nlls", real_nll)
     kept = quant.quantize(src, tmp_path / "both2", gptq=gptq, awq=AWQOptions(n_judge=1, clip=False), **cfg)
     if kept.model_check["kept"] == "gptq+awq":
         assert any(not torch.equal(v, _block_tensors(tmp_path / "both2", 1)[k]) for k, v in wild.items())
@@ -472,6 +467,7 @@ def test_the_check_windows_change_nothing_but_the_check_and_are_scored_as_the_ch
     want, got = _packed(tmp_path / "without"), _packed(tmp_path / "with")
     assert want.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in want.items())
 
+    monkeypatch.undo()  # the checkpoint is scored with the true losses
     quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
     cfg = QuantConfig(check_windows=3, **{k: v for k, v in opts.items() if k != "progress"})
     ids, kinds = _calibration_ids(src, cfg, False)
