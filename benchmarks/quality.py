@@ -46,8 +46,8 @@ class Row:
     quant_seconds: float
     peak_rss_mib: float
     rtn_blocks: str = ""  # blocks the RTN guard kept at round-to-nearest, "k/n"
-    kept: str = ""  # the model the whole-model check kept (the method's, "rtn", "gptq"); "" where none ran
     kl: dict | None = None  # text name -> mean KL(fp32 || this) of the next-token distributions, nats
+    kept: str = ""  # the model the whole-model check kept (the method's, "rtn", "gptq"); "" where none ran
 
 
 _PEER = re.compile(r"^peer-(\w+):w(\d)g(-?\d+)$")  # peer-hqq:w4g128, run by benchmarks/peers.py in the peers' venv
