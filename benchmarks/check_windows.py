@@ -35,6 +35,7 @@ from calib.data import BUILTIN_KINDS, builtin_text, calibration_batch  # noqa: E
 from example_data import eval_text_path  # noqa: E402
 from quant import arch as arch_table  # noqa: E402
 from quant import model_io  # noqa: E402
+from quant.modules import dense_weights  # noqa: E402
 
 EVAL_WINDOWS = 20
 
@@ -42,7 +43,7 @@ EVAL_WINDOWS = 20
 def window_losses(model, windows: torch.Tensor) -> list[float]:
     """Mean next-token loss of each window ``[n, seqlen]`` (int64), nats per token."""
     out = []
-    with torch.no_grad():
+    with torch.no_grad(), dense_weights(model):  # each weight dequantized once, not per window
         for w in windows:
             out.append(float(model(w[None], labels=w[None]).loss))
     return out
@@ -74,6 +75,7 @@ def main() -> None:
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--no-eval", action="store_true", help="Leave out the evaluation texts' windows.")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
@@ -85,13 +87,14 @@ def main() -> None:
     for kind in args.kinds.split(","):
         for n in map(int, args.windows.split(",")):
             sets[(f"check {kind}", n)] = calibration_batch(tok, [builtin_text(kind)], n, args.seqlen, args.seed, needs_bos)
-    for name in ("wiki", "code"):
+    for name in () if args.no_eval else ("wiki", "code"):
         sets[(f"eval {name}", EVAL_WINDOWS)] = eval_windows(tok, name, args.seqlen, bos)
     paths = {"rtn": args.rtn, **dict(c.split("=", 1) for c in args.candidates.split(","))}
     losses = {}
     for name, path in paths.items():
         model, _ = quant.load_any(str(Path(path).expanduser()), dtype="float32", device="cpu")
         losses[name] = {key: window_losses(model, w) for key, w in sets.items()}
+        print(f"{name}: scored ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         del model
     rows = []
     for key in sets:
