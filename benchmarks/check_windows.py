@@ -43,7 +43,7 @@ EVAL_WINDOWS = 20
 def window_losses(model, windows: torch.Tensor) -> list[float]:
     """Mean next-token loss of each window ``[n, seqlen]`` (int64), nats per token."""
     out = []
-    with torch.no_grad(), dense_weights(model):  # each weight dequantized once, not per window
+    with torch.no_grad():
         for w in windows:
             out.append(float(model(w[None], labels=w[None]).loss))
     return out
@@ -93,7 +93,8 @@ def main() -> None:
     losses = {}
     for name, path in paths.items():
         model, _ = quant.load_any(str(Path(path).expanduser()), dtype="float32", device="cpu")
-        losses[name] = {key: window_losses(model, w) for key, w in sets.items()}
+        with dense_weights(model):  # each weight dequantized once, not on every forward
+            losses[name] = {key: window_losses(model, w) for key, w in sets.items()}
         print(f"{name}: scored ({time.perf_counter() - t0:.0f} s)", file=sys.stderr, flush=True)
         del model
     rows = []
