@@ -106,6 +106,7 @@ def worker(spec: dict) -> dict:
     import quant
     from quant import model_io
     from quant.config import AWQOptions, GPTQOptions
+    from quant.ppl import dequantize_once
 
     torch.set_num_threads(spec["threads"])
     src, out = spec["model"], spec["out"]
@@ -132,10 +133,11 @@ def worker(spec: dict) -> dict:
     model, tok = quant.load_any(path, dtype="float32", device="cpu")
     ppl = {}
     n = 0
-    for name, text_path in spec["texts"].items():
-        r = quant.perplexity(model, tok, Path(text_path).read_text(), seqlen=512, max_tokens=spec["eval_tokens"])
-        ppl[name], n = r.ppl, r.n_tokens
-    kl = _kl_to_fp(model, tok, spec) if opts else None
+    with dequantize_once(model):  # one dense copy of each weight for all the scoring below
+        for name, text_path in spec["texts"].items():
+            r = quant.perplexity(model, tok, Path(text_path).read_text(), seqlen=512, max_tokens=spec["eval_tokens"])
+            ppl[name], n = r.ppl, r.n_tokens
+        kl = _kl_to_fp(model, tok, spec) if opts else None
     size = 0.0 if "peer" in opts else model_io.folder_bytes(path, ("*.safetensors",)) / 2**20  # peers: dequantized
     return asdict(Row(spec["run"], ppl, n, size, quant_seconds if opts else 0.0, peak if opts else 0.0, fell_back,
                       kl, kept))

@@ -160,8 +160,8 @@ def dense_weights(module: nn.Module):
     """Inside the body every :class:`QuantLinear` of ``module`` dequantizes its weight once (per input
     dtype) and computes ``F.linear`` with it: the reference path's numbers, without unpacking the codes
     on every call. For running calibration windows through a quantized block; memory: one dense
-    weight per layer while the body runs."""
-    layers = [m for m in module.modules() if isinstance(m, QuantLinear)]
+    weight per layer while the body runs. Nested uses share the outer one's copies."""
+    layers = [m for m in module.modules() if isinstance(m, QuantLinear) and m.dense_cache is None]
     for m in layers:
         m.dense_cache = {}
     try:
@@ -169,3 +169,10 @@ def dense_weights(module: nn.Module):
     finally:
         for m in layers:
             m.dense_cache = None
+
+
+def dense_bytes(module: nn.Module, dtype: torch.dtype) -> int:
+    """Bytes that :func:`dense_weights` holds while ``module`` runs in ``dtype``: every QuantLinear's
+    ``[out_features, in_features]`` weight, dequantized."""
+    size = torch.empty((), dtype=dtype).element_size()
+    return sum(m.in_features * m.out_features * size for m in module.modules() if isinstance(m, QuantLinear))

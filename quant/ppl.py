@@ -1,9 +1,12 @@
 """Perplexity over fixed windows of a text, for full-precision and quantized models alike."""
 from __future__ import annotations
 
+import contextlib
+import logging
 import math
 import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -11,6 +14,8 @@ from tqdm.auto import tqdm
 
 from quant import model_io
 from quant.errors import QtoolError
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -59,6 +64,58 @@ def _first_non_finite(model, window: torch.Tensor) -> str:
     return f", first in {found[0]}" if found else ""
 
 
+def _available_bytes() -> int | None:
+    """Memory this process may still take: the kernel's MemAvailable, lowered to its cgroup's limit
+    minus usage (cgroup v1 or v2) where one is set; None where /proc/meminfo cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            avail = next(int(line.split()[1]) * 1024 for line in f if line.startswith("MemAvailable:"))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+    try:
+        for line in Path("/proc/self/cgroup").read_text().splitlines():
+            _, controllers, path = line.split(":", 2)
+            if controllers == "":
+                d, files = Path("/sys/fs/cgroup") / path.lstrip("/"), ("memory.max", "memory.current")
+            elif "memory" in controllers.split(","):
+                d, files = Path("/sys/fs/cgroup/memory") / path.lstrip("/"), ("memory.limit_in_bytes",
+                                                                               "memory.usage_in_bytes")
+            else:
+                continue
+            limit_file, usage_file = d / files[0], d / files[1]
+            if limit_file.is_file() and usage_file.is_file():
+                limit = limit_file.read_text().strip()
+                if limit.isdigit():
+                    avail = min(avail, int(limit) - int(usage_file.read_text()))
+    except (OSError, ValueError):
+        pass
+    return avail
+
+
+def dequantize_once(model) -> contextlib.AbstractContextManager:
+    """``quant.modules.dense_weights(model)`` where it pays and fits, else a no-op; the numbers are the same.
+
+    It pays on the CPU outside bfloat16, where every QuantLinear would otherwise take the reference
+    path and unpack its codes on every forward (several times slower per window); it fits when the
+    dequantized weights (:func:`quant.modules.dense_bytes`) take at most half the memory left to the
+    process (:func:`_available_bytes`, which honours a cgroup limit).
+    """
+    from quant.modules import dense_bytes, dense_weights
+
+    first = next(model.parameters(), None)
+    if first is None or first.device.type != "cpu" or first.dtype == torch.bfloat16:
+        return contextlib.nullcontext()
+    need = dense_bytes(model, first.dtype)
+    if need == 0:
+        return contextlib.nullcontext()
+    avail = _available_bytes()
+    if avail is None or need > avail // 2:
+        log.info("scoring with weights unpacked on every forward: their dequantized copies (%.2f GiB) "
+                 "would not fit in half the memory left", need / 2**30)
+        return contextlib.nullcontext()
+    return dense_weights(model)
+
+
 def perplexity(
     model,
     tokenizer,
@@ -74,7 +131,8 @@ def perplexity(
     Windows do not overlap unless ``stride < seqlen``; then each window re-reads
     ``seqlen - stride`` tokens of context and scores only its last ``stride`` tokens.
     ``add_bos`` puts the BOS token at the start of every window (gemma needs it);
-    by default it follows the architecture table.
+    by default it follows the architecture table. A quantized model on the CPU is scored with its
+    weights dequantized once where they fit (:func:`dequantize_once`): the same numbers, faster.
     """
     if seqlen < 2:
         raise QtoolError(f"--seqlen {seqlen}: a window needs at least 2 tokens (one to predict from, one to score)")
@@ -98,7 +156,7 @@ def perplexity(
     nll_sum, count, n_windows = 0.0, 0, 0
     spans = list(_windows(ids.numel(), width, min(stride, width)))
     t0 = time.perf_counter()
-    with torch.no_grad():
+    with torch.no_grad(), dequantize_once(model):
         for begin, end, first in tqdm(spans, desc="perplexity", unit="window", disable=not progress):
             window = torch.tensor(bos + ids[begin:end].tolist(), device=device)[None]
             logits = model(window, use_cache=False).logits[0, :-1].float()

@@ -57,3 +57,47 @@ def test_ppl_command_on_a_checkpoint(tmp_path):
     res_fp = runner.invoke(app, ["ppl", str(src), "--data", str(tmp_path / "t.txt"), "--seqlen", "32"])
     fp_ppl = float(res_fp.output.strip().splitlines()[-1].split("|")[2])
     assert q_ppl > 1 and fp_ppl > 1 and q_ppl != fp_ppl
+
+
+def _count_unpacks(monkeypatch):
+    """Counts QuantLinear.packed_weight() calls (each is one unpack of a layer's codes)."""
+    from quant.modules import QuantLinear
+
+    calls = []
+    original = QuantLinear.packed_weight
+
+    def counted(self):
+        calls.append(self)
+        return original(self)
+
+    monkeypatch.setattr(QuantLinear, "packed_weight", counted)
+    return calls
+
+
+def test_a_checkpoint_on_the_cpu_is_scored_with_each_weight_dequantized_once(tmp_path, monkeypatch):
+    """fp32 on the CPU takes the reference path, which unpacks every layer on every forward; perplexity
+    dequantizes each layer once instead: the same number, one unpack per layer for all windows."""
+    from quant import ppl as ppl_module
+    from quant.modules import QuantLinear
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    quant.quantize(src, tmp_path / "out", method="rtn", group_size=32, progress=False)
+    model, tok = quant.load_any(tmp_path / "out", dtype="float32", device="cpu")
+    n_layers = sum(isinstance(m, QuantLinear) for m in model.modules())
+    calls = _count_unpacks(monkeypatch)
+    once = quant.perplexity(model, tok, TEXT, seqlen=32)
+    assert once.n_windows > 2 and len(calls) == n_layers
+    assert all(m.dense_cache is None for m in model.modules() if isinstance(m, QuantLinear))  # let go
+
+    calls.clear()
+    monkeypatch.setattr(ppl_module, "_available_bytes", lambda: 1024)  # the dense copies do not fit
+    every = quant.perplexity(model, tok, TEXT, seqlen=32)
+    assert len(calls) == n_layers * every.n_windows
+    assert every.ppl == once.ppl and every.n_tokens == once.n_tokens
+
+
+def test_available_memory_is_known_on_this_machine():
+    from quant.ppl import _available_bytes
+
+    avail = _available_bytes()
+    assert avail is not None and 0 < avail < 2**50
