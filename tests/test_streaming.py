@@ -117,8 +117,10 @@ sys.path.insert(0, {tests!r})
 import quant, quant.resume as resume
 real, n = resume.save, [0]
 def save(*a, **k):
-    real(*a, **k)
     n[0] += 1
+    if n[0] == {kill_after} and {while_writing}:  # the record being written is lost with the process
+        os.kill(os.getpid(), signal.SIGKILL)
+    real(*a, **k)
     if n[0] == {kill_after}:
         os.kill(os.getpid(), signal.SIGKILL)  # as a power cut: no cleanup of any kind runs
 resume.save = save
@@ -138,11 +140,13 @@ def deep_llama(path: Path, n_layers: int = 6) -> Path:
     return path
 
 
-def run_killed(src: Path, out: Path, kill_after: int, **kw) -> int:
+def run_killed(src: Path, out: Path, kill_after: int, while_writing: bool = False, **kw) -> int:
+    """Quantize in a subprocess killed (SIGKILL) after its ``kill_after``-th progress record, or while writing it."""
     import subprocess
     import sys
 
-    code = KILL_AFTER.format(tests=str(Path(__file__).parent), kill_after=kill_after, src=str(src), out=str(out), kw=kw)
+    code = KILL_AFTER.format(tests=str(Path(__file__).parent), kill_after=kill_after, src=str(src), out=str(out), kw=kw,
+                             while_writing=while_writing)
     return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True).returncode
 
 
@@ -160,6 +164,60 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_checkpoint(tmp_path, method, 
     assert report.resumed_from == 5 and "resuming at block 5 of 6" in caplog.text
     assert file_digests(out) == file_digests(tmp_path / "straight")
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_kill_9_while_a_progress_record_is_written_resumes_from_the_record_before(tmp_path, caplog):
+    """The records are written in a background thread while the next block computes: a kill during that write
+    leaves the previous record, so the run continues one block earlier, and the checkpoint is the same."""
+    src = deep_llama(tmp_path / "src", n_layers=4)
+    kw = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, held_out=4)
+    quant.quantize(src, tmp_path / "straight", progress=False, **kw)
+    out = tmp_path / "out"
+    assert run_killed(src, out, 3, while_writing=True, **kw) == -9  # during the record of block 3 of 4
+    partial = next(tmp_path.glob(".out.tmp-*"))
+    assert json.loads((partial / "progress.json").read_text())["blocks_done"] == 2
+    with caplog.at_level("INFO", logger="quant.pipeline"):
+        report = quant.quantize(src, out, progress=False, **kw)
+    assert report.resumed_from == 2 and "resuming at block 2 of 4" in caplog.text
+    assert file_digests(out) == file_digests(tmp_path / "straight")
+
+
+def test_progress_state_files_read_back_with_safetensors(tmp_path):
+    """resume.write_tensors writes the safetensors layout itself (safetensors' writer holds the GIL): every dtype
+    the state holds reads back bit-identical with safetensors.torch.load_file, empty and non-contiguous ones too."""
+    from safetensors.torch import load_file
+
+    from quant.resume import write_tensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"hidden.0.0": torch.randn(2, 3, 5, generator=g), "bf16": torch.randn(4, 6, generator=g).bfloat16(),
+               "f16": torch.randn(7, generator=g).half(), "codes": torch.randint(-9, 9, (3, 4), dtype=torch.int32),
+               "i64": torch.arange(5), "u8": torch.arange(6, dtype=torch.uint8), "flags": torch.tensor([True, False]),
+               "empty": torch.zeros(0, 4), "scalar": torch.tensor(2.5), "strided": torch.randn(4, 6, generator=g).t()}
+    write_tensors(tmp_path / "state.safetensors", tensors)
+    back = load_file(str(tmp_path / "state.safetensors"))
+    assert set(back) == set(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
+
+
+def test_progress_records_are_written_beside_the_compute_and_their_errors_stop_the_run(tmp_path, monkeypatch):
+    import threading
+
+    import quant.resume as resume
+
+    threads = []
+
+    def disk_full(*a, **k):
+        threads.append(threading.current_thread())
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(resume, "save", disk_full)
+    src = deep_llama(tmp_path / "src", n_layers=3)
+    with pytest.raises(OSError, match="No space left"):
+        quant.quantize(src, tmp_path / "out", method="rtn", group_size=32, progress=False)
+    assert threads and threads[0] is not threading.main_thread()
+    assert not (tmp_path / "out").exists()
 
 
 def test_a_stopped_run_with_other_settings_or_source_is_refused_and_kept(tmp_path):
