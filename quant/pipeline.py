@@ -211,16 +211,15 @@ class _Run:
     def __init__(self, folder: Path, key: dict, writer: ShardWriter, saved):
         self.folder, self.key, self.writer = folder, key, writer
         self.record, self.tensors = saved if saved is not None else ({}, {})
-        self.start = self.record.get("blocks_done", 0)
-        self.recorder = resume.Recorder(folder, key, self.start)
+        self.start = self.finished = self.record.get("blocks_done", 0)
 
     def saved_list(self, prefix: str) -> list[torch.Tensor] | None:
         items = sorted((int(k[len(prefix):]), v) for k, v in self.tensors.items() if k.startswith(prefix))
         return [v for _, v in items] or None
 
     def save(self, blocks_done: int, record: dict, tensors: dict[str, torch.Tensor]) -> None:
-        """The progress record, written while the next block computes (:class:`quant.resume.Recorder`)."""
-        self.recorder.save(blocks_done, record, tensors)
+        resume.save(self.folder, self.key, blocks_done, record, tensors)
+        self.finished = blocks_done
 
 
 def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, progress, run: _Run, dtype):
@@ -297,15 +296,9 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
                 start_hidden = [run.saved_list(f"hidden.{s_i}.") or [] for s_i in range(4)]
             run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=held_out,
                            on_block_done=done, before_block=load, start=run.start, start_hidden=start_hidden)
-        run.recorder.wait()  # the last record is on disk before the checkpoint is put together
-    except BaseException as e:
-        try:  # the record in flight is finished, so that a stop keeps every block it can
-            run.recorder.wait()
-        except Exception as record_error:
-            log.warning("the progress record could not be written: %s", record_error)
-        if isinstance(e, KeyboardInterrupt):
-            log.warning("stopped: %d of %d blocks are finished and kept in %s; run the same command again to "
-                        "continue from there", run.recorder.durable, len(blocks), run.folder)
+    except KeyboardInterrupt:
+        log.warning("stopped: %d of %d blocks are finished and kept in %s; run the same command again to "
+                    "continue from there", run.finished, len(blocks), run.folder)
         raise
     finally:  # an error message then starts on its own line
         bar.close()

@@ -12,9 +12,7 @@ the finished blocks (:mod:`quant.shards`), a progress record written after every
 
 Both are replaced atomically (a temporary name, fsync, rename) after the block's parts
 are on disk, so after kill -9, a power cut or Ctrl-C the record always describes
-finished blocks. A :class:`Recorder` writes them in a background thread while the next
-block computes (the hidden states are hundreds of MB per block); a kill during that
-write leaves the record before it, so a run resumes at most one block earlier. Re-running the same command finds the folder (its owner process is
+finished blocks. Re-running the same command finds the folder (its owner process is
 gone), checks the key, and continues at the first unfinished block; the result is
 bit-identical to an uninterrupted run's. A folder left by a run with other settings,
 other code or a changed source is refused with one sentence naming the difference;
@@ -25,9 +23,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import struct
-import sys
-import threading
 from pathlib import Path
 
 import torch
@@ -98,72 +93,11 @@ def _atomic_write(path: Path, write) -> None:
     os.replace(tmp, path)
 
 
-_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-              torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
-              torch.bool: "BOOL"}
-
-
-def write_tensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
-    """``tensors`` as a safetensors file (8-byte little-endian header length, JSON header, raw little-endian
-    data; read back by ``safetensors.torch.load_file``). safetensors' own ``save_file`` holds the GIL for the
-    whole write: from the :class:`Recorder`'s thread it halved the speed of the block compute beside it
-    (a matmul loop, 2 threads: 65 -> 28-32 iterations in 3 s); plain file writes release it (52-51)."""
-    if sys.byteorder != "little" or any(t.dtype not in _ST_DTYPES for t in tensors.values()):
-        save_file({k: t.contiguous() for k, t in tensors.items()}, str(path))
-        return
-    items = sorted(tensors.items())
-    header, offset = {}, 0
-    for name, t in items:
-        n = t.numel() * t.element_size()
-        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape), "data_offsets": [offset, offset + n]}
-        offset += n
-    head = json.dumps(header, separators=(",", ":")).encode()
-    head += b" " * (-len(head) % 8)
-    with open(path, "wb") as f:
-        f.write(struct.pack("<Q", len(head)) + head)
-        for _, t in items:
-            if t.numel():
-                f.write(memoryview(t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()))
-
-
 def save(folder: Path, key: dict, blocks_done: int, record: dict, tensors: dict[str, torch.Tensor]) -> None:
     """The progress record after ``blocks_done`` finished blocks: ``record`` (JSON-able) and ``tensors``."""
-    _atomic_write(folder / STATE, lambda p: write_tensors(p, tensors))
+    _atomic_write(folder / STATE, lambda p: save_file({k: t.contiguous() for k, t in tensors.items()}, str(p)))
     payload = {"key": key, "blocks_done": blocks_done, **record}
     _atomic_write(folder / PROGRESS, lambda p: p.write_text(json.dumps(payload, default=str)))
-
-
-class Recorder:
-    """Saves a run's progress records (:func:`save`) in a background thread, one at a time and in order, so
-    that writing them overlaps the next block's compute. ``durable``: the blocks the last record on disk
-    counts. The tensors handed over must not be changed in place afterwards (the pipeline's are replaced,
-    never written into). :meth:`wait` finishes the record in flight and raises its error, if any."""
-
-    def __init__(self, folder: Path, key: dict, durable: int = 0):
-        self.folder, self.key, self.durable = folder, key, durable
-        self._thread: threading.Thread | None = None
-        self._error: BaseException | None = None
-
-    def save(self, blocks_done: int, record: dict, tensors: dict[str, torch.Tensor]) -> None:
-        self.wait()
-
-        def write():
-            try:
-                save(self.folder, self.key, blocks_done, record, tensors)
-                self.durable = blocks_done
-            except BaseException as e:  # raised in the main thread by wait()
-                self._error = e
-
-        self._thread = threading.Thread(target=write, name="qtool-progress-record", daemon=True)
-        self._thread.start()
-
-    def wait(self) -> None:
-        if self._thread is not None:
-            self._thread.join()
-            self._thread = None
-        if self._error is not None:
-            error, self._error = self._error, None
-            raise error
 
 
 def load(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
