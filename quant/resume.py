@@ -26,9 +26,10 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from quant.errors import QtoolError
+from quant.shards import write_safetensors
 
 PROGRESS = "progress.json"
 STATE = "state.safetensors"
@@ -95,7 +96,7 @@ def _atomic_write(path: Path, write) -> None:
 
 def save(folder: Path, key: dict, blocks_done: int, record: dict, tensors: dict[str, torch.Tensor]) -> None:
     """The progress record after ``blocks_done`` finished blocks: ``record`` (JSON-able) and ``tensors``."""
-    _atomic_write(folder / STATE, lambda p: save_file({k: t.contiguous() for k, t in tensors.items()}, str(p)))
+    _atomic_write(folder / STATE, lambda p: write_safetensors(p, {k: t.cpu() for k, t in tensors.items()}))
     payload = {"key": key, "blocks_done": blocks_done, **record}
     _atomic_write(folder / PROGRESS, lambda p: p.write_text(json.dumps(payload, default=str)))
 

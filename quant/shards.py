@@ -16,17 +16,24 @@ the shard size.
 """
 from __future__ import annotations
 
+import errno
 import json
+import mmap
 import os
 import shutil
 import struct
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import save_file
 
 PARTS = ".parts"
 _COPY_BYTES = 64 * 2**20
+_DIRECT_CHUNK = 16 * 2**20  # the aligned buffer of write_safetensors (a multiple of any block size)
+_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+           torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+           torch.bool: "BOOL"}
 
 
 def _fsync(path: Path) -> None:
@@ -44,6 +51,74 @@ def _header(path: Path) -> tuple[dict, int]:
         header = json.loads(f.read(n))
     header.pop("__metadata__", None)
     return header, 8 + n
+
+
+def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
+    """``tensors`` (CPU) as a safetensors file at ``path``, on disk (fsync) when this returns.
+
+    The bytes bypass the page cache (``O_DIRECT``, through one page-aligned 16 MiB buffer) where the
+    filesystem allows it, else they are written as usual. For large files written once and read back
+    only after a crash (the progress record's hidden states): on the 2-core dev VM a 225 MiB file took
+    0.3-0.5 s this way and 2-3 s through the page cache, and it does not evict the source shards' pages.
+    Raises ``OSError`` where the file cannot be written, ``KeyError`` for a dtype safetensors lacks.
+    """
+    flat = {k: t.detach().contiguous().reshape(-1) for k, t in tensors.items()}
+    entries, offset = {}, 0
+    for k, t in flat.items():
+        n = t.numel() * t.element_size()
+        entries[k] = {"dtype": _DTYPES[t.dtype], "shape": list(tensors[k].shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    blob = json.dumps(entries, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    pieces = [np.frombuffer(struct.pack("<Q", len(blob)) + blob, np.uint8)]
+    pieces += [t.view(torch.uint8).numpy() for t in flat.values() if t.numel()]
+    try:
+        _write_direct(path, pieces, 8 + len(blob) + offset)
+    except OSError as e:
+        if e.errno != errno.EINVAL:  # EINVAL: this filesystem takes no O_DIRECT (tmpfs)
+            raise
+        with open(path, "wb") as f:
+            for piece in pieces:
+                f.write(memoryview(piece))
+            f.flush()
+            os.fsync(f.fileno())
+
+
+def _write_direct(path: Path, pieces: list[np.ndarray], total: int) -> None:
+    """``pieces`` (uint8 arrays) one after the other with O_DIRECT: aligned chunks, the tail padded, then
+    the file cut to ``total`` bytes and fsynced."""
+    if not hasattr(os, "O_DIRECT"):
+        raise OSError(errno.EINVAL, "no O_DIRECT on this platform")
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_DIRECT, 0o644)
+    buf = mmap.mmap(-1, _DIRECT_CHUNK)  # page-aligned, as O_DIRECT needs
+    view = np.frombuffer(buf, np.uint8)
+    try:
+        fill = 0
+
+        def flush(n: int) -> None:
+            done = 0
+            while done < n:
+                done += os.write(fd, memoryview(buf)[done:n])
+
+        for piece in pieces:
+            pos = 0
+            while pos < len(piece):
+                take = min(len(piece) - pos, _DIRECT_CHUNK - fill)
+                view[fill:fill + take] = piece[pos:pos + take]
+                fill, pos = fill + take, pos + take
+                if fill == _DIRECT_CHUNK:
+                    flush(fill)
+                    fill = 0
+        if fill:
+            padded = -(-fill // mmap.PAGESIZE) * mmap.PAGESIZE
+            view[fill:padded] = 0
+            flush(padded)
+        os.ftruncate(fd, total)
+        os.fsync(fd)
+    finally:
+        del view  # the buffer closes only once nothing views it
+        buf.close()
+        os.close(fd)
 
 
 def merge_safetensors(parts: list[Path], out: Path, metadata: dict | None = None) -> list[str]:

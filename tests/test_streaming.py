@@ -111,6 +111,50 @@ def test_output_shards_and_index_hold_the_same_tensors_and_load_the_same_model(t
     assert torch.equal(a(ids).logits, b(ids).logits)
 
 
+
+TENSORS = {"hidden": torch.randn(3, 5, 7), "bf16": torch.randn(4, 9).bfloat16(), "half": torch.randn(6).half(),
+           "codes": torch.arange(-5, 5, dtype=torch.int64), "flags": torch.tensor([True, False, True]),
+           "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "bytes": torch.arange(11, dtype=torch.uint8)}
+
+
+@pytest.mark.parametrize("chunk", [4096, 8192, 1 << 24])
+def test_write_safetensors_round_trips_through_chunks_of_any_size(tmp_path, monkeypatch, chunk):
+    from quant import shards
+
+    monkeypatch.setattr(shards, "_DIRECT_CHUNK", chunk)  # tensors then straddle chunk boundaries
+    tensors = {**TENSORS, "big": torch.randn(3000, 7)}
+    shards.write_safetensors(tmp_path / "x.safetensors", tensors)
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert set(back) == set(tensors)
+    for k, t in tensors.items():
+        assert back[k].dtype == t.dtype and back[k].shape == t.shape and torch.equal(back[k], t), k
+    data_start = shards._header(tmp_path / "x.safetensors")[1]  # the file is cut to its length: no padding left
+    assert (tmp_path / "x.safetensors").stat().st_size == data_start + sum(t.numel() * t.element_size()
+                                                                        for t in tensors.values())
+
+
+def test_write_safetensors_falls_back_where_o_direct_is_refused_and_raises_other_errors(tmp_path, monkeypatch):
+    import errno
+
+    from quant import shards
+
+    def refuse(path, pieces, total):
+        Path(path).write_bytes(b"partial")  # what a failed direct write may leave: overwritten
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(shards, "_write_direct", refuse)
+    shards.write_safetensors(tmp_path / "x.safetensors", TENSORS)
+    back = load_file(str(tmp_path / "x.safetensors"))
+    assert all(torch.equal(back[k], t) for k, t in TENSORS.items())
+
+    def full(path, pieces, total):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(shards, "_write_direct", full)
+    with pytest.raises(OSError, match="No space"):
+        shards.write_safetensors(tmp_path / "y.safetensors", TENSORS)
+
+
 KILL_AFTER = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
