@@ -77,6 +77,15 @@ class BlockInputs:
     accept: list[BlockCall] = field(default_factory=list)
     guard: list[BlockCall] = field(default_factory=list)
     check: list[BlockCall] = field(default_factory=list)
+    _known: list = field(default_factory=list, repr=False)  # (block, calls, outputs) already computed
+
+    def remember(self, block: nn.Module, calls: list[BlockCall], outputs: list[torch.Tensor]) -> None:
+        """``outputs`` are :func:`run_calls` ``(block, calls)`` as ``block`` now computes; the runner reuses
+        them for the next block's inputs if ``block`` is the one left in place, unchanged since."""
+        self._known.append((block, calls, outputs))
+
+    def known(self, block: nn.Module, calls: list[BlockCall]) -> list[torch.Tensor] | None:
+        return next((o for b, c, o in self._known if b is block and c is calls and calls), None)
 
     def run(self, block: nn.Module) -> list[torch.Tensor]:
         """The block's outputs for every search minibatch (hidden states only)."""
@@ -85,6 +94,15 @@ class BlockInputs:
     @property
     def n_tokens(self) -> int:
         return sum(c.hidden.shape[0] * c.hidden.shape[1] for c in self.calls)
+
+
+def _minibatches(ids: torch.Tensor, size: int, lead: int | None) -> list[torch.Tensor]:
+    """``ids [n, seq]`` in minibatches of ``size`` windows, the first of ``lead`` where given."""
+    if not len(ids):
+        return []
+    if lead is None or lead >= len(ids):
+        return list(ids.split(size))
+    return [ids[:lead], *ids[lead:].split(size)]
 
 
 BlockFn = Callable[[int, nn.Module, BlockInputs], None]
@@ -104,6 +122,7 @@ def run_sequential(
     before_block: Callable[[int], None] | None = None,
     start: int = 0,
     start_hidden: list[list[torch.Tensor]] | None = None,
+    lead: int | None = None,
 ) -> None:
     """Feed ``input_ids [n, seq]`` through ``blocks`` one at a time, calling ``process_block`` on each.
 
@@ -116,13 +135,16 @@ def run_sequential(
     hidden)`` after the next block's inputs are computed (``hidden``: per set, per minibatch, the
     hidden states after block ``i``) and the block is back on the CPU. ``start`` and
     ``start_hidden`` (such a ``hidden``, after block ``start - 1``) continue a stopped run.
+    The windows are run ``batch_size`` at a time; ``lead`` makes the first minibatch of the search and
+    ``accept`` sets ``lead`` windows (AWQ judges its choices on those). Outputs that ``process_block``
+    already computed with the block it leaves (:meth:`BlockInputs.remember`) are reused, not run again.
     """
     n_search = input_ids.shape[0] - sum(held_out)
     if n_search < 1:
         raise ValueError(f"{input_ids.shape[0]} calibration windows leave none to search on after {held_out} held out")
     sets = input_ids.split([n_search, *held_out])
-    per_batch = [[record_block_calls(model, blocks, ids) for ids in part.split(batch_size)] if len(part) else []
-                 for part in sets]
+    per_batch = [[record_block_calls(model, blocks, ids) for ids in _minibatches(part, batch_size, lead if k < 2 else None)]
+                 for k, part in enumerate(sets)]
     hidden = [[move(calls[0].hidden, device, compute_dtype) for calls in part] for part in per_batch]
     if start_hidden is not None:
         hidden = [[move(h, device, compute_dtype) for h in part] for part in start_hidden]
@@ -138,7 +160,7 @@ def run_sequential(
         inputs = BlockInputs(*calls)
         process_block(i, block, inputs)
         block = blocks[i]
-        hidden = [run_calls(block, part) for part in calls]
+        hidden = [inputs.known(block, part) or run_calls(block, part) for part in calls]
         block.to(device="cpu")
         _cast_back(block, held, store_dtype)
         if on_block_done is not None:

@@ -68,7 +68,7 @@ calib_options = _stack([
     click.option("--held-out", default=16, show_default=True, type=int,
                  help="Extra calibration sequences no search sees. Each quantized block is compared with its "
                       "round-to-nearest version on them and RTN is kept where it is closer; with AWQ, half of them "
-                      "instead test its clipping ranges (0: no checks)."),
+                      "(at most --judge-windows are drawn) instead test its clipping ranges (0: no checks)."),
     click.option("--check-windows", default=8, show_default=True, type=int,
                  help="Windows of each built-in kind of text (Wikipedia, fiction, Python code) that the calibration "
                       "data lacks, scored by the whole-model check beside the held-out windows: a quantized model "

@@ -44,6 +44,11 @@ def rtn(model_dir, out, verbose, overwrite, device, max_shard_size, **fields):
 @click.option("--n-judge", default=4, show_default=True, type=int,
               help="Of those, RTN's and the best others' run through the module they feed (attention, MLP); "
                    "the lowest output error wins. 1: the closed form alone.")
+@click.option("--judge-windows", default=4, show_default=True, type=int,
+              help="Calibration windows the candidates run through the module they feed on (and held-out windows "
+                   "the clipping ranges are tested on).")
+@click.option("--screen-windows", default=64, show_default=True, type=int,
+              help="Calibration windows whose input products XᵀX give the closed-form screen and the clip search.")
 @click.option("--token-weighting/--no-token-weighting", default=True, show_default=True,
               help="Weigh each token's error by 1/|h|² of its hidden state, as the next norm sees it.")
 @click.option("--clip/--no-clip", default=True, show_default=True,
@@ -52,8 +57,8 @@ def rtn(model_dir, out, verbose, overwrite, device, max_shard_size, **fields):
 @click.option("--apply-search", default=None, type=click.Path(exists=True, path_type=str),
               help="Replay the scales and clips of an earlier run (its checkpoint folder, or the "
                    "qtool/awq_search.safetensors inside it) instead of searching; needs no calibration data.")
-def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_judge, token_weighting, clip, clip_grid, apply_search,
-        **fields):
+def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_judge, judge_windows, screen_windows,
+        token_weighting, clip, clip_grid, apply_search, **fields):
     """Activation-aware weight quantization (AWQ), the recommended 4-bit method.
 
     Scales the input channels that carry large activations before rounding (the
@@ -66,7 +71,8 @@ def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_ju
     from quant.config import AWQOptions
 
     run_quantize("awq", model_dir, out, verbose, overwrite, device, max_shard_size,
-                 awq=AWQOptions(n_grid=n_grid, n_judge=n_judge, token_weighting=token_weighting, clip=clip,
+                 awq=AWQOptions(n_grid=n_grid, n_judge=n_judge, judge_windows=judge_windows,
+                                screen_windows=screen_windows, token_weighting=token_weighting, clip=clip,
                                 clip_grid=clip_grid, search_file=apply_search), **fields)
 
 

@@ -25,15 +25,19 @@ SEARCH_FILE = "qtool/awq_search.safetensors"
 class AWQOptions:
     """Activation-aware scale search (``n_grid`` ratios in [0, 1)) and range clipping.
 
-    The closed-form output error of the scaled linears screens the grid; the
+    The closed-form output error of the scaled linears screens the grid, from ``XᵀX`` of
+    the first ``screen_windows`` calibration windows (the clip search uses the same); the
     ``n_judge`` best ratios (α = 0, plain RTN, always among them) are judged on the
-    output of the module they feed (:mod:`quant.awq.judge`). ``token_weighting``
-    weighs every token's error by ``1 / ‖h‖²`` of its residual stream, as the next
-    norm sees it.
+    output of the module they feed (:mod:`quant.awq.judge`) on the first
+    ``judge_windows`` windows, and clips are tested on ``judge_windows`` held-out ones.
+    ``token_weighting`` weighs every token's error by ``1 / ‖h‖²`` of its residual
+    stream, as the next norm sees it.
     """
 
     n_grid: int = 20
     n_judge: int = 4
+    judge_windows: int = 4
+    screen_windows: int = 64
     token_weighting: bool = True
     clip: bool = True
     clip_grid: int = 20
@@ -43,7 +47,11 @@ class AWQOptions:
     def __post_init__(self):
         if not 1 <= self.n_grid <= 1000:
             raise QtoolError(f"--n-grid {self.n_grid} is out of range; use a whole number from 1 to 1000")
-        _require_ints(self, ("n_grid", "n_judge", "clip_grid"))
+        _require_ints(self, ("n_grid", "n_judge", "clip_grid", "judge_windows", "screen_windows"))
+        for name in ("judge_windows", "screen_windows"):
+            if not 1 <= getattr(self, name) <= 4096:
+                raise QtoolError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; use a whole "
+                                 "number of calibration windows from 1 to 4096")
         if not 1 <= self.n_judge <= 1000:
             raise QtoolError(f"--n-judge {self.n_judge} is out of range; use a whole number from 1 to 1000 "
                              "(1: the closed form alone)")
@@ -114,7 +122,7 @@ class QuantConfig:
     fmt: str | None = None
     target: str = "any"  # the loader the checkpoint is for (quant.formats.compat.TARGETS)
     n_samples: int = 128
-    held_out: int = 16  # extra windows, not searched on: half to accept choices, half for the RTN guard
+    held_out: int = 16  # extra windows no search sees: half for the RTN guard, the rest (AWQ: at most judge_windows) test clips
     # Windows per built-in kind of text the calibration lacks (calib.data.check_kinds) that the whole-model
     # check also scores: a candidate worse than all-RTN on any kind is not kept (0: the guard windows only).
     check_windows: int = 8
@@ -196,12 +204,13 @@ class QuantConfig:
 
     @property
     def held_out_split(self) -> tuple[int, int]:
-        """``(accept, guard)`` windows: the held-out windows halved between AWQ's clip test and the RTN
-        guard (which gets the odd one); all to the guard where no AWQ search runs."""
+        """``(accept, guard)`` windows: the held-out windows halved between AWQ's clip test (at most
+        ``awq.judge_windows`` of its half are drawn) and the RTN guard (which gets the odd one); all to the
+        guard where no AWQ search runs."""
         if not self.needs_calibration:
             return 0, 0
-        accept = self.held_out // 2 if self.searches_awq else 0
-        return accept, self.held_out - accept
+        half = self.held_out // 2 if self.searches_awq else 0
+        return min(half, self.awq.judge_windows), self.held_out - half
 
     @property
     def needs_calibration(self) -> bool:

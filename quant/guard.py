@@ -76,9 +76,13 @@ def rtn_guard(method: BlockQuantizer) -> BlockQuantizer:
         fp_block = copy.deepcopy(ctx.block)
         refs = run_calls(ctx.block, calls)
         result = method(ctx)
-        err = relative_error(run_calls(ctx.block, calls), refs)
+        outs = run_calls(ctx.block, calls)
+        err = relative_error(outs, refs)
         rtn_result = rtn.quantize_block(BlockContext(ctx.index, fp_block, ctx.names, ctx.cfg, ctx.arch, None))
-        err_rtn = relative_error(run_calls(fp_block, calls), refs)
+        rtn_outs = run_calls(fp_block, calls)
+        err_rtn = relative_error(rtn_outs, refs)
+        # The next block's inputs on these windows are the kept block's outputs: computed already.
+        ctx.inputs.remember(ctx.block if err <= err_rtn else fp_block, calls, outs if err <= err_rtn else rtn_outs)
         if not err <= err_rtn:  # NaN from the method also falls back
             log.info("block %d: round-to-nearest is closer to the full-precision block on held-out windows "
                      "(%.3g against %.3g for %s): keeping RTN", ctx.index, err_rtn, err, ctx.cfg.label)

@@ -295,7 +295,8 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
             if run.start:
                 start_hidden = [run.saved_list(f"hidden.{s_i}.") or [] for s_i in range(4)]
             run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=held_out,
-                           on_block_done=done, before_block=load, start=run.start, start_hidden=start_hidden)
+                           on_block_done=done, before_block=load, start=run.start, start_hidden=start_hidden,
+                           lead=cfg.awq.judge_windows if cfg.searches_awq else None)
     except KeyboardInterrupt:
         log.warning("stopped: %d of %d blocks are finished and kept in %s; run the same command again to "
                     "continue from there", run.finished, len(blocks), run.folder)

@@ -199,10 +199,82 @@ def test_relative_error_weighs_each_token_by_its_own_size():
 
 
 def test_held_out_windows_go_where_they_are_used():
-    assert QuantConfig(method="awq").held_out_split == (8, 8)  # AWQ's clip test, the guard
+    assert QuantConfig(method="awq").held_out_split == (4, 8)  # AWQ's clip test (judge_windows of its 8), the guard
+    assert QuantConfig(method="awq", awq=AWQOptions(judge_windows=16)).held_out_split == (8, 8)
     assert QuantConfig(method="gptq", held_out=5).held_out_split == (0, 5)  # plain GPTQ tests no clips
     assert QuantConfig(method="gptq", gptq=quant.GPTQOptions(awq_first=True), held_out=5).held_out_split == (2, 3)
     assert QuantConfig(method="rtn").held_out_split == (0, 0)
+
+
+def test_awq_judges_and_tests_clips_on_judge_windows_and_screens_on_screen_windows(tmp_path, monkeypatch):
+    import calib.collectors as collectors
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    seen = {"judge": set(), "accept": [], "xtx": set()}
+    real_judge, real_accept, real_add = awq_module._judge_scale, awq_module._accept_clips, collectors.InputStats.add
+
+    def judge(block, probe, *args):
+        seen["judge"].update(r.shape[0] for r in probe.refs)
+        return real_judge(block, probe, *args)
+
+    def accept(block, groups, names, weights, clips, calls, *args):
+        seen["accept"].append([c.hidden.shape[0] for c in calls])
+        return real_accept(block, groups, names, weights, clips, calls, *args)
+
+    def add(self, x, weight=None, xtx=True):
+        seen["xtx"].add((x.reshape(-1, x.shape[-1]).shape[0] // 32, xtx))  # windows of 32 tokens
+        return real_add(self, x, weight, xtx)
+
+    monkeypatch.setattr(awq_module, "_judge_scale", judge)
+    monkeypatch.setattr(awq_module, "_accept_clips", accept)
+    monkeypatch.setattr(collectors.InputStats, "add", add)
+    opts = {**OPTS, "n_samples": 8}
+    quant.quantize(src, tmp_path / "out", method="awq", held_out=10, awq=AWQOptions(judge_windows=3, screen_windows=3),
+                   **opts)
+    assert seen["judge"] == {3}  # the first minibatch: the judge windows
+    assert seen["accept"] == [[3], [3]]  # per block: 3 of the 5 held-out windows for clips are drawn
+    assert seen["xtx"] == {(3, True), (5, False)}  # the windows after the screen's add no XᵀX
+    with pytest.raises(quant.QtoolError, match="--judge-windows 0 is out of range"):
+        AWQOptions(judge_windows=0)
+
+
+def test_input_stats_sum_weighted_gram_matrices_only_over_the_calls_that_count():
+    from torch import nn
+
+    from calib.collectors import linear_input_stats
+
+    torch.manual_seed(0)
+    lin = nn.Linear(48, 8)
+    xs, ws = [torch.randn(2, 50, 48) for _ in range(3)], [torch.rand(2, 50) for _ in range(3)]
+    current = []
+    with linear_input_stats({"lin": lin}, xtx=True, token_weight=lambda: current[0],
+                            xtx_now=lambda: current[1]) as stats:
+        for k, (x, w) in enumerate(zip(xs, ws)):
+            current[:] = [w, k != 1]  # the second call counts in mean|x| only
+            lin(x)
+    st = stats["lin"]
+    want = sum((x.reshape(-1, 48) * w.reshape(-1, 1)).double().t() @ x.reshape(-1, 48).double()
+               for k, (x, w) in enumerate(zip(xs, ws)) if k != 1)
+    assert torch.allclose(st.xtx.double(), want, rtol=1e-5, atol=1e-4) and torch.equal(st.xtx, st.xtx.t())
+    assert st.n_tokens == 300 and torch.allclose(st.abs_mean, torch.cat(xs).abs().reshape(-1, 48).mean(0))
+
+
+def test_the_next_blocks_inputs_reuse_the_guards_outputs_bit_identically(tmp_path, monkeypatch):
+    """The guard runs the kept block on the guard windows: those outputs are the next block's inputs, not run again."""
+    import calib.runner as runner
+
+    from test_streaming import file_digests
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    real, runs = runner.run_calls, []
+    monkeypatch.setattr(runner, "run_calls", lambda block, calls: runs.append(len(calls)) or real(block, calls))
+    quant.quantize(src, tmp_path / "reused", method="awq", **OPTS)
+    reused = len(runs)
+    runs.clear()
+    monkeypatch.setattr(BlockInputs, "known", lambda self, block, calls: None)
+    quant.quantize(src, tmp_path / "again", method="awq", **OPTS)
+    assert len(runs) == reused + 2  # one pass over the guard windows per block (2 blocks) saved
+    assert file_digests(tmp_path / "reused") == file_digests(tmp_path / "again")
 
 
 @pytest.mark.parametrize("field, value", [("held_out", 2.5), ("held_out", "4"), ("n_samples", 2.0), ("seqlen", None)])

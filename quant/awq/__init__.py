@@ -3,14 +3,15 @@
 Per decoder block (:func:`quantize_block`):
 
 1. one forward pass of the full-precision block collects, for every distinct
-   linear input, ``mean|x|`` and ``H = Σ w_t x_t x_tᵀ`` (:mod:`calib.collectors`;
+   linear input, ``mean|x|`` (every window) and ``H = Σ w_t x_t x_tᵀ`` (the first
+   ``screen_windows``: a subsample is enough for a screen) (:mod:`calib.collectors`;
    ``w_t = 1 / ‖h_t‖²``, :func:`quant.guard.token_weights`, unless
    ``token_weighting`` is off);
 2. for each scaling group of the architecture table, :func:`search.search_scale`
    evaluates every ``α`` of the grid in closed form (the linears' own output
    error). Where the group has a judge module (attention, MLP), that is only the
    screen: RTN and the ``n_judge - 1`` best candidates are run through the judge
-   on the first minibatch and the one with the lowest judge output error wins
+   on the first minibatch (``judge_windows`` windows) and the one with the lowest judge output error wins
    (:mod:`quant.awq.judge`). The scale is folded into the producer
    (:mod:`quant.awq.fold`); the folded block is checked against the original on
    one minibatch, and a group whose fold changes the output is dropped with a warning;
@@ -120,15 +121,18 @@ def search_block(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict, dict
     judges = [g.judge for g in groups if g.judge] if opts.n_judge > 1 else []
     ff_name = next((g.feed_forward for g in groups if g.feed_forward), None)
     ff_names = [n for n in names if n.startswith(f"{ff_name}.")] if ff_name else []  # the feed-forward's linears
-    current: list[torch.Tensor] = []
+    current: list = []  # the token weights of the call being run, and whether its XᵀX counts
     with contextlib.ExitStack() as stack:
         stats = stack.enter_context(linear_input_stats(
             present, [g for g in arch.sequential if g[0] in present], xtx=True,
-            token_weight=(lambda: current[0]) if opts.token_weighting else None))
+            token_weight=(lambda: current[0]) if opts.token_weighting else None, xtx_now=lambda: current[1]))
         ff = stack.enter_context(FeedForward.recording(block, ff_name)) if ff_name else None
+        seen = 0  # windows before the call: XᵀX (the closed-form screen, the clip search) from the first screen_windows
         for k, call in enumerate(ctx.inputs.calls):
-            current[:] = [call_weights(call, opts.token_weighting)]
-            # The judges see the first minibatch: their inputs and full-precision outputs are recorded.
+            current[:] = [call_weights(call, opts.token_weighting), seen < opts.screen_windows]
+            seen += call.hidden.shape[0]
+            # The judges see the first minibatch (judge_windows windows, calib.runner's lead): their inputs and
+            # full-precision outputs are recorded.
             with probing(block, judges if k == 0 else [], lambda: current[0]) as recorded:
                 out = run_calls(block, [call])[0]
             if k == 0:
