@@ -78,6 +78,12 @@ class BlockInputs:
     guard: list[BlockCall] = field(default_factory=list)
     check: list[BlockCall] = field(default_factory=list)
     _known: list = field(default_factory=list, repr=False)  # (block, calls, outputs) already computed
+    _passed: list = field(default_factory=list, repr=False)  # (calls, next inputs) set by the method
+
+    def pass_on(self, calls: list[BlockCall], hidden: list[torch.Tensor]) -> None:
+        """The next block's inputs on ``calls`` are ``hidden`` (one per call), whatever block is left in place:
+        a method that propagates full-precision outputs (AWQ's search windows) sets them."""
+        self._passed.append((calls, hidden))
 
     def remember(self, block: nn.Module, calls: list[BlockCall], outputs: list[torch.Tensor]) -> None:
         """``outputs`` are :func:`run_calls` ``(block, calls)`` as ``block`` now computes; the runner reuses
@@ -85,7 +91,9 @@ class BlockInputs:
         self._known.append((block, calls, outputs))
 
     def known(self, block: nn.Module, calls: list[BlockCall]) -> list[torch.Tensor] | None:
-        return next((o for b, c, o in self._known if b is block and c is calls and calls), None)
+        """The next block's inputs on ``calls`` where already known (:meth:`pass_on`, :meth:`remember`)."""
+        passed = next((h for c, h in self._passed if c is calls and calls), None)
+        return passed if passed is not None else next((o for b, c, o in self._known if b is block and c is calls and calls), None)
 
     def run(self, block: nn.Module) -> list[torch.Tensor]:
         """The block's outputs for every search minibatch (hidden states only)."""
@@ -137,7 +145,8 @@ def run_sequential(
     ``start_hidden`` (such a ``hidden``, after block ``start - 1``) continue a stopped run.
     The windows are run ``batch_size`` at a time; ``lead`` makes the first minibatch of the search and
     ``accept`` sets ``lead`` windows (AWQ judges its choices on those). Outputs that ``process_block``
-    already computed with the block it leaves (:meth:`BlockInputs.remember`) are reused, not run again.
+    already computed with the block it leaves (:meth:`BlockInputs.remember`) are reused, not run again, and
+    next inputs it sets (:meth:`BlockInputs.pass_on`) are taken as they are.
     """
     n_search = input_ids.shape[0] - sum(held_out)
     if n_search < 1:

@@ -49,6 +49,9 @@ def rtn(model_dir, out, verbose, overwrite, device, max_shard_size, **fields):
                    "the clipping ranges are tested on).")
 @click.option("--screen-windows", default=64, show_default=True, type=int,
               help="Calibration windows whose input products XᵀX give the closed-form screen and the clip search.")
+@click.option("--quantized-inputs", is_flag=True,
+              help="Pass the calibration windows to the next block through the quantized block (as GPTQ does), "
+                   "not as the full-precision block outputs them (the AWQ paper's way, one forward pass less).")
 @click.option("--token-weighting/--no-token-weighting", default=True, show_default=True,
               help="Weigh each token's error by 1/|h|² of its hidden state, as the next norm sees it.")
 @click.option("--clip/--no-clip", default=True, show_default=True,
@@ -58,7 +61,7 @@ def rtn(model_dir, out, verbose, overwrite, device, max_shard_size, **fields):
               help="Replay the scales and clips of an earlier run (its checkpoint folder, or the "
                    "qtool/awq_search.safetensors inside it) instead of searching; needs no calibration data.")
 def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_judge, judge_windows, screen_windows,
-        token_weighting, clip, clip_grid, apply_search, **fields):
+        quantized_inputs, token_weighting, clip, clip_grid, apply_search, **fields):
     """Activation-aware weight quantization (AWQ), the recommended 4-bit method.
 
     Scales the input channels that carry large activations before rounding (the
@@ -72,7 +75,8 @@ def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_ju
 
     run_quantize("awq", model_dir, out, verbose, overwrite, device, max_shard_size,
                  awq=AWQOptions(n_grid=n_grid, n_judge=n_judge, judge_windows=judge_windows,
-                                screen_windows=screen_windows, token_weighting=token_weighting, clip=clip,
+                                screen_windows=screen_windows, quantized_inputs=quantized_inputs,
+                                token_weighting=token_weighting, clip=clip,
                                 clip_grid=clip_grid, search_file=apply_search), **fields)
 
 

@@ -31,13 +31,18 @@ class AWQOptions:
     output of the module they feed (:mod:`quant.awq.judge`) on the first
     ``judge_windows`` windows, and clips are tested on ``judge_windows`` held-out ones.
     ``token_weighting`` weighs every token's error by ``1 / ‖h‖²`` of its residual
-    stream, as the next norm sees it.
+    stream, as the next norm sees it. The next block sees the search windows as the
+    full-precision block outputs them unless ``quantized_inputs`` (the held-out windows
+    always go through the quantized blocks: they judge the quantized model).
     """
 
     n_grid: int = 20
     n_judge: int = 4
     judge_windows: int = 4
     screen_windows: int = 64
+    # The search windows reach the next block through the quantized block (as GPTQ's do) instead of as the
+    # full-precision block's outputs, which the statistics pass computes anyway (the AWQ paper's and AutoAWQ's way).
+    quantized_inputs: bool = False
     token_weighting: bool = True
     clip: bool = True
     clip_grid: int = 20

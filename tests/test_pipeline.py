@@ -186,7 +186,7 @@ def test_calibration_windows_start_with_bos_where_the_architecture_needs_it(tmp_
                    dtype="float32", progress=False)
     ids = seen["ids"]
     bos = json.loads((src / "config.json").read_text())["bos_token_id"]
-    assert ids.shape == (4 + QuantConfig().held_out, 32)  # the held-out windows come along
+    assert ids.shape == (4 + sum(QuantConfig(method="awq").held_out_split), 32)  # the held-out windows come along
     assert (ids[:, 0] == bos).all() == ARCHITECTURES[model_type].needs_bos
     assert (ids[:, 1:] != bos).all()
 

@@ -105,12 +105,13 @@ def _fold_checked(ctx: BlockContext, groups, scales: dict, ref: torch.Tensor) ->
     return weights, kept_scales
 
 
-def search_block(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
+def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[str, torch.Tensor], dict, dict[str, torch.Tensor]]:
     """Search scales (folding them into ``ctx.block``) and clips on ``ctx.inputs``.
 
     Returns ``(artifacts, info, weights)``: the search results keyed
     ``<linear>.awq_scale`` / ``<linear>.awq_clip``, summary columns, and the folded
-    float32 weights (``"<linear>.weight"``) of the linears the fold touched.
+    float32 weights (``"<linear>.weight"``) of the linears the fold touched. ``outputs``, if given, gets the
+    full-precision block's output ``[b, t, d]`` on each search minibatch (computed by the statistics pass).
     A MoE model's feed-forward groups (:func:`quant.awq.experts.feed_forward_groups`) take their statistics
     from the feed-forward module's recorded input (:class:`quant.awq.experts.FeedForward`), one expert at a time.
     """
@@ -135,6 +136,8 @@ def search_block(ctx: BlockContext) -> tuple[dict[str, torch.Tensor], dict, dict
             # full-precision outputs are recorded.
             with probing(block, judges if k == 0 else [], lambda: current[0]) as recorded:
                 out = run_calls(block, [call])[0]
+            if outputs is not None:
+                outputs.append(out)
             if k == 0:
                 ref, probes = out, recorded
     scales, ratios, proxy_ratios, proxy_gains, judged_gains = {}, [], [], [], []
@@ -288,7 +291,10 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
         return BlockResult(packed=packed, info={"awq": "replayed"}, artifacts=artifacts)
     if ctx.inputs is None:
         raise QtoolError("AWQ needs calibration inputs, or AWQOptions(search_file=...) to replay a search")
-    artifacts, info, weights = search_block(ctx)
+    fp_outputs = None if ctx.cfg.awq.quantized_inputs else []
+    artifacts, info, weights = search_block(ctx, fp_outputs)
+    if fp_outputs is not None:  # the next block's statistics come from the full-precision model's activations
+        ctx.inputs.pass_on(ctx.inputs.calls, fp_outputs)
     packed = quantize_linears(ctx.block, ctx.names, ctx.cfg, weights, artifacts)
     return BlockResult(packed=packed, info=info, artifacts=artifacts)
 
