@@ -2,8 +2,9 @@
 
 The model stays on the CPU. Each block in turn moves to the device (in the compute
 dtype), sees the calibration batch, is handed to the quantizer, and its *quantized*
-outputs become the next block's inputs. Peak device memory is one block plus the
-calibration activations.
+outputs become the next block's inputs (unless the method passes other ones on:
+AWQ passes its search windows on as the full-precision block outputs them). Peak
+device memory is one block plus the calibration activations.
 
 Besides the windows the methods search on, held-out sets of windows travel
 through the same blocks: ``accept`` (a method may test a choice on them, e.g.

@@ -20,6 +20,12 @@ Per decoder block (:func:`quantize_block`):
    they lower its judge module's output error on the held-out ``accept`` windows;
 4. :func:`apply_block` quantizes with the clips (fake-quantized weights plus their codes).
 
+The next block's statistics come from the full-precision model's activations, as in
+the AWQ paper (Lin et al., 2024) and AutoAWQ: the search windows are passed on as the
+statistics pass's outputs (:meth:`calib.runner.BlockInputs.pass_on`), which saves a
+forward pass per block; ``quantized_inputs`` runs them through the quantized block
+instead. The held-out windows always go through the quantized blocks.
+
 The pipeline's RTN guard (:mod:`quant.guard`) then keeps round-to-nearest for any
 block where it is closer to the full-precision block on the ``guard`` windows.
 
