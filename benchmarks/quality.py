@@ -34,7 +34,7 @@ _GPTQ_VARIANTS = {"sym", "asym", "actorder", "awq", "dampN", "shrinkN", "xtx", "
 # awq+proxy: the closed form alone chooses scales (--n-judge 1); +unweighted: every token's error counts the
 # same (--no-token-weighting); +noclip; +noguard (any data-aware method): no held-out windows (--held-out 0);
 # +checkN (any data-aware method): N check windows per other kind of text in the whole-model check (--check-windows N)
-_AWQ_VARIANTS = {"proxy", "unweighted", "noclip", "noguard"}
+_AWQ_VARIANTS = {"proxy", "unweighted", "noclip", "noguard", "qinputs"}
 
 
 @dataclass
@@ -82,7 +82,8 @@ def _parse_run(run: str) -> dict:
         opts["check_windows"] = int(check[0][5:])
     if method == "awq":
         awq = {"n_judge": 1 if "proxy" in variants else None, "clip": False if "noclip" in variants else None,
-               "token_weighting": False if "unweighted" in variants else None}
+               "token_weighting": False if "unweighted" in variants else None,
+               "quantized_inputs": True if "qinputs" in variants else None}
         opts["awq"] = {k: v for k, v in awq.items() if v is not None}
     if method == "rtn" and "sym" in variants:
         opts["sym"] = True  # the symmetric baseline for gptq+sym
