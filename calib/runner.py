@@ -78,13 +78,13 @@ class BlockInputs:
     accept: list[BlockCall] = field(default_factory=list)
     guard: list[BlockCall] = field(default_factory=list)
     check: list[BlockCall] = field(default_factory=list)
-    _known: list = field(default_factory=list, repr=False)  # (block, calls, outputs) already computed
-    _passed: list = field(default_factory=list, repr=False)  # (calls, next inputs) set by the method
+    # (block, calls, next inputs) known already; block None: whatever block is left in place
+    _known: list = field(default_factory=list, repr=False)
 
     def pass_on(self, calls: list[BlockCall], hidden: list[torch.Tensor]) -> None:
         """The next block's inputs on ``calls`` are ``hidden`` (one per call), whatever block is left in place:
         a method that propagates full-precision outputs (AWQ's search windows) sets them."""
-        self._passed.append((calls, hidden))
+        self._known.append((None, calls, hidden))
 
     def remember(self, block: nn.Module, calls: list[BlockCall], outputs: list[torch.Tensor]) -> None:
         """``outputs`` are :func:`run_calls` ``(block, calls)`` as ``block`` now computes; the runner reuses
@@ -93,8 +93,7 @@ class BlockInputs:
 
     def known(self, block: nn.Module, calls: list[BlockCall]) -> list[torch.Tensor] | None:
         """The next block's inputs on ``calls`` where already known (:meth:`pass_on`, :meth:`remember`)."""
-        passed = next((h for c, h in self._passed if c is calls and calls), None)
-        return passed if passed is not None else next((o for b, c, o in self._known if b is block and c is calls and calls), None)
+        return next((o for b, c, o in self._known if c is calls and calls and (b is None or b is block)), None)
 
     def run(self, block: nn.Module) -> list[torch.Tensor]:
         """The block's outputs for every search minibatch (hidden states only)."""

@@ -53,13 +53,23 @@ def _header(path: Path) -> tuple[dict, int]:
     return header, 8 + n
 
 
+def _encode_header(entries: dict, metadata: dict | None = None) -> bytes:
+    """A safetensors header: the 8-byte little-endian length, then the JSON of ``entries`` (and ``metadata``),
+    padded with spaces so that the data starts 8-byte aligned, as safetensors writes it."""
+    head = {"__metadata__": metadata} if metadata else {}
+    head.update(entries)
+    blob = json.dumps(head, separators=(",", ":")).encode()
+    blob += b" " * (-len(blob) % 8)
+    return struct.pack("<Q", len(blob)) + blob
+
+
 def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
     """``tensors`` (CPU) as a safetensors file at ``path``, on disk (fsync) when this returns.
 
     The bytes bypass the page cache (``O_DIRECT``, through one page-aligned 16 MiB buffer) where the
     filesystem allows it, else they are written as usual. For large files written once and read back
     only after a crash (the progress record's hidden states): on the 2-core dev VM a 225 MiB file took
-    0.3-0.5 s this way and 2-3 s through the page cache, and it does not evict the source shards' pages.
+    0.17-0.27 s this way and 2-3 s through the page cache, and it does not evict the source shards' pages.
     Raises ``OSError`` where the file cannot be written, ``KeyError`` for a dtype safetensors lacks.
     """
     flat = {k: t.detach().contiguous().reshape(-1) for k, t in tensors.items()}
@@ -68,12 +78,10 @@ def write_safetensors(path: Path, tensors: dict[str, torch.Tensor]) -> None:
         n = t.numel() * t.element_size()
         entries[k] = {"dtype": _DTYPES[t.dtype], "shape": list(tensors[k].shape), "data_offsets": [offset, offset + n]}
         offset += n
-    blob = json.dumps(entries, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)
-    pieces = [np.frombuffer(struct.pack("<Q", len(blob)) + blob, np.uint8)]
-    pieces += [t.view(torch.uint8).numpy() for t in flat.values() if t.numel()]
+    head = _encode_header(entries)
+    pieces = [np.frombuffer(head, np.uint8)] + [t.view(torch.uint8).numpy() for t in flat.values() if t.numel()]
     try:
-        _write_direct(path, pieces, 8 + len(blob) + offset)
+        _write_direct(path, pieces, len(head) + offset)
     except OSError as e:
         if e.errno != errno.EINVAL:  # EINVAL: this filesystem takes no O_DIRECT (tmpfs)
             raise
@@ -132,13 +140,8 @@ def merge_safetensors(parts: list[Path], out: Path, metadata: dict | None = None
             entries[name] = {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": [offset, offset + end - b]}
             sources.append((p, start + b, end - b))
             offset += end - b
-    head = {"__metadata__": metadata} if metadata else {}
-    head.update(entries)
-    blob = json.dumps(head, separators=(",", ":")).encode()
-    blob += b" " * (-len(blob) % 8)  # the data starts 8-byte aligned, as safetensors writes it
     with open(out, "wb") as f:
-        f.write(struct.pack("<Q", len(blob)))
-        f.write(blob)
+        f.write(_encode_header(entries, metadata))
         for p, start, n in sources:
             with open(p, "rb") as src:
                 src.seek(start)
