@@ -13,7 +13,7 @@ from torch import nn
 class BlockCall:
     """One recorded call of a decoder block: the hidden states and every other argument."""
 
-    hidden: torch.Tensor  # [batch, seq, hidden]
+    hidden: torch.Tensor | None  # [batch, seq, hidden]; None once taken (take_first_hidden)
     args: tuple = ()
     kwargs: dict = field(default_factory=dict)
 
@@ -56,6 +56,16 @@ def record_block_calls(model: nn.Module, blocks: nn.ModuleList, input_ids: torch
     if missing:
         raise RuntimeError(f"decoder blocks {missing} were never called; the architecture table is wrong for this model")
     return calls  # type: ignore[return-value]
+
+
+def take_first_hidden(calls: list[BlockCall]) -> torch.Tensor:
+    """Block 0's input hidden states ``[batch, seq, hidden]`` from :func:`record_block_calls`' ``calls``, whose
+    ``hidden`` is then set to ``None``: every call refers to that one tensor, so a run that keeps the calls for
+    their other arguments would otherwise hold the embeddings' output until its end."""
+    hidden = calls[0].hidden
+    for c in calls:
+        c.hidden = None
+    return hidden
 
 
 @dataclass

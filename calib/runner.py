@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 import torch
 from torch import nn
 
-from calib.collectors import BlockCall, record_block_calls
+from calib.collectors import BlockCall, record_block_calls, take_first_hidden
 
 
 def move(obj, device, dtype=None):
@@ -85,6 +85,11 @@ class BlockInputs:
         """The next block's inputs on ``calls`` are ``hidden`` (one per call), whatever block is left in place:
         a method that propagates full-precision outputs (AWQ's search windows) sets them."""
         self._known.append((None, calls, hidden))
+
+    def release(self, call: BlockCall) -> None:
+        """Free ``call``'s hidden states: a method that has taken what it needs from a search minibatch frees it
+        as it goes (AWQ's statistics pass, which passes its outputs on); reading them afterwards fails."""
+        call.hidden = None
 
     def remember(self, block: nn.Module, calls: list[BlockCall], outputs: list[torch.Tensor]) -> None:
         """``outputs`` are :func:`run_calls` ``(block, calls)`` as ``block`` now computes; the runner reuses
@@ -154,7 +159,7 @@ def run_sequential(
     sets = input_ids.split([n_search, *held_out])
     per_batch = [[record_block_calls(model, blocks, ids) for ids in _minibatches(part, batch_size, lead if k < 2 else None)]
                  for k, part in enumerate(sets)]
-    hidden = [[move(calls[0].hidden, device, compute_dtype) for calls in part] for part in per_batch]
+    hidden = [[move(take_first_hidden(calls), device, compute_dtype) for calls in part] for part in per_batch]
     if start_hidden is not None:
         hidden = [[move(h, device, compute_dtype) for h in part] for part in start_hidden]
     for i in range(start, len(blocks)):
@@ -166,6 +171,7 @@ def run_sequential(
         block.to(device=device, dtype=compute_dtype)
         calls = [[BlockCall(h, move(b[i].args, device, compute_dtype), move(b[i].kwargs, device, compute_dtype))
                   for h, b in zip(hs, part)] for hs, part in zip(hidden, per_batch)]
+        hidden = None  # held by the calls alone, so that a method may release them (BlockInputs.release)
         inputs = BlockInputs(*calls)
         process_block(i, block, inputs)
         block = blocks[i]

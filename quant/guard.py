@@ -34,7 +34,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from calib.collectors import BlockCall, record_block_calls
+from calib.collectors import BlockCall, record_block_calls, take_first_hidden
 from calib.runner import CALIB_BATCH, BlockInputs, move, run_calls
 from quant import rtn
 from quant.methods import BlockContext, BlockQuantizer, BlockResult
@@ -107,7 +107,7 @@ def held_out_nll(model: nn.Module, blocks: nn.ModuleList, block_list: list[nn.Mo
     """
     batches = list(input_ids.split(batch_size))
     per_batch = [record_block_calls(model, blocks, ids) for ids in batches]
-    hidden = [move(calls[0].hidden, device, dtype) for calls in per_batch]
+    hidden = [move(take_first_hidden(calls), device, dtype) for calls in per_batch]
     for i, block in enumerate(block_list):
         # Only the block's own float tensors (norms, unquantized linears) take the compute dtype, and are put
         # back as they were, not cast back (a bf16 round trip loses bits); QuantLinear scales are never cast.

@@ -242,6 +242,8 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
     alts = Alternatives(run.record, run.saved_list, len(blocks))
 
     def load(i: int) -> None:
+        if i == run.start and calib_ids is not None:  # the windows are embedded (run_sequential recorded them)
+            src.release_outside()
         src.load_block(i)
         plan.check_loaded_block(i, blocks[i], f"{arch.blocks}.{i}.", cfg)
         _keep_fused_together(plan, src, arch, i)
@@ -307,6 +309,7 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
     model_check = None
     candidates = alts.complete()
     if candidates and (set(candidates) != {"rtn"} or any(not r.rtn_fallback for r in rows)):
+        src.load_outside()
         n_guard, n_check = held_out[1:]  # the windows as run_sequential batched them
         guard_ids = calib_ids[len(calib_ids) - n_guard - n_check:len(calib_ids) - n_check]
         check_ids = calib_ids[len(calib_ids) - n_check:]

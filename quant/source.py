@@ -81,6 +81,10 @@ class SourceModel:
         self._rebuild_buffers()
         # The tensors outside the blocks that a checkpoint stores (a tied lm_head is not stored).
         self.outside = [n for n in names if n not in tied]
+        # Parameters outside the blocks that share a stored tensor (a tied lm_head): released with it.
+        unique = {n for n, _ in self.model.named_parameters()}
+        self._tied_outside = sorted(n for n, _ in self.model.named_parameters(remove_duplicate=False)
+                                    if n not in unique and not n.startswith(blocks_path + "."))
 
     # --- reading ------------------------------------------------------------------------------------
 
@@ -200,6 +204,19 @@ class SourceModel:
             owner._parameters[leaf] = nn.Parameter(t.to("meta"), requires_grad=False)
         else:
             owner._buffers[leaf] = t.to("meta")
+
+    def release_outside(self) -> None:
+        """Every stored tensor outside the blocks (embeddings, final norm, ``lm_head``, tied ones included) back on
+        the meta device: a calibrated run needs them to embed its windows and for the whole-model check, not while
+        it quantizes the blocks (for a large vocabulary they are the largest tensors of the run)."""
+        for name in self.outside + self._tied_outside:
+            self.release_tensor(name)
+        heap.trim()
+
+    def load_outside(self) -> None:
+        """The tensors :meth:`release_outside` released, read again (ties restored)."""
+        self._assign([n for n in self.outside if self.model.get_parameter_or_buffer(n).is_meta])
+        self.model.tie_weights()
 
     def _rebuild_buffers(self, within: nn.Module | None = None) -> None:
         from quant.loading import rebuild_nonpersistent_buffers

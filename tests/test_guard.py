@@ -262,6 +262,30 @@ def test_awq_passes_the_search_windows_on_as_the_full_precision_block_outputs_th
     assert not any(torch.equal(a, c.hidden) for a, c in zip(run_calls(fp0, guard0), guard1))
 
 
+@pytest.mark.parametrize("quantized_inputs", [False, True])
+def test_awq_frees_each_search_minibatch_once_its_output_is_passed_on(tmp_path, monkeypatch, quantized_inputs):
+    """With the full-precision outputs passed on, a search minibatch's inputs are freed as soon as the statistics
+    pass has run it (the first one is kept for the fold check), so that a block's inputs and outputs are not
+    both held; with quantized inputs they are needed for the next block's pass and kept."""
+    import gc
+    import weakref
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    alive, real = [], awq_module.search_block
+
+    def spy(ctx, *args):
+        refs = [weakref.ref(c.hidden) for c in ctx.inputs.calls]
+        result = real(ctx, *args)
+        gc.collect()
+        alive.append([r() is not None for r in refs])
+        return result
+
+    monkeypatch.setattr(awq_module, "search_block", spy)
+    opts = {**OPTS, "n_samples": 40}  # search windows: a lead minibatch of 4, then 8 at a time
+    quant.quantize(src, tmp_path / "out", method="awq", awq=AWQOptions(quantized_inputs=quantized_inputs), **opts)
+    assert len(alive) == 2 and all(len(a) > 2 and a == [True] + [quantized_inputs] * (len(a) - 1) for a in alive)
+
+
 def test_input_stats_sum_weighted_gram_matrices_only_over_the_calls_that_count():
     from torch import nn
 

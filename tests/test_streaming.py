@@ -1,6 +1,7 @@
 """The streaming pipeline: blocks read from the source shards one at a time, written as they finish."""
 import hashlib
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -87,6 +88,51 @@ def test_one_block_is_in_memory_at_a_time(tmp_path, monkeypatch):
     monkeypatch.setattr(SourceModel, "load_block", spy)
     quant.quantize(src, tmp_path / "out", method="awq", n_samples=4, seqlen=32, **OPTS)
     assert loaded_at_load == [0, 0]  # every earlier block was released before the next one was read
+
+
+@pytest.mark.parametrize("model_type", ["qwen2", "llama"])  # tied and untied lm_head
+def test_the_tensors_outside_the_blocks_are_released_while_the_blocks_are_quantized(tmp_path, monkeypatch, model_type):
+    """A calibrated run reads the embeddings, final norm and lm_head to embed its windows and for the whole-model
+    check, and holds none of them in between; the check still scores the model's own loss (test_guard)."""
+    src = save_tiny_model(model_type, tmp_path / "src")
+    held, real_load = [], SourceModel.load_block
+
+    def spy(self, i):
+        held.append([n for n, p in self.model.named_parameters(remove_duplicate=False)
+                     if not n.startswith("model.layers.") and not p.is_meta])
+        return real_load(self, i)
+
+    monkeypatch.setattr(SourceModel, "load_block", spy)
+    report = quant.quantize(src, tmp_path / "out", method="awq", n_samples=4, seqlen=32, **OPTS)
+    assert held == [[], []]
+    assert report.model_check is not None and math.isfinite(report.model_check["nll"])
+    ref = load_file(src / "model.safetensors")
+    out = load_file(tmp_path / "out" / "model.safetensors")
+    for name in ("model.embed_tokens.weight", "model.norm.weight"):
+        assert torch.equal(out[name], ref[name].to(out[name].dtype))
+
+
+def test_the_embeddings_output_is_released_after_the_first_block():
+    """Every recorded block call refers to the embeddings' output; the runner keeps the calls (for their masks and
+    position embeddings) to the end, but not that tensor: at 128 x 512 tokens it is as large as a block's inputs."""
+    import gc
+    import weakref
+
+    from calib.runner import run_sequential
+
+    model = tiny_model("llama")
+    outputs = []
+    model.model.embed_tokens.register_forward_hook(lambda m, a, out: outputs.append(weakref.ref(out)))
+    alive = {}
+
+    def process(i, block, inputs):
+        gc.collect()
+        alive[i] = sum(ref() is not None for ref in outputs)
+
+    ids = torch.randint(3, 200, (6, 16), generator=torch.Generator().manual_seed(0))
+    run_sequential(model, model.model.layers, ids, process, batch_size=2)
+    assert len(outputs) == 3 and alive[0] == 3  # block 0 reads them
+    assert alive[1] == 0
 
 
 def test_output_shards_and_index_hold_the_same_tensors_and_load_the_same_model(tmp_path):

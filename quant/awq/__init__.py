@@ -144,6 +144,8 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
                 out = run_calls(block, [call])[0]
             if outputs is not None:
                 outputs.append(out)
+                if k:  # passed on: the inputs are not needed again (the fold check reruns the first minibatch)
+                    ctx.inputs.release(call)
             if k == 0:
                 ref, probes = out, recorded
     scales, ratios, proxy_ratios, proxy_gains, judged_gains = {}, [], [], [], []
