@@ -54,15 +54,19 @@ def first_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_calls(block: nn.Module, calls: list[BlockCall]) -> list[torch.Tensor]:
+def run_calls(block: nn.Module, calls: list[BlockCall], release: bool = False) -> list[torch.Tensor]:
     """``block``'s outputs (hidden states only), one per call. Quantized linears compute with their
-    dequantized weights, dequantized once (:func:`quant.modules.dense_weights`)."""
+    dequantized weights, dequantized once (:func:`quant.modules.dense_weights`). ``release``: each call's
+    hidden states are freed once its output exists (:meth:`BlockInputs.release`), so that a block's inputs and
+    outputs are never all held at once."""
     from quant.modules import dense_weights
 
     outs = []
     with torch.no_grad(), dense_weights(block):
         for c in calls:
             outs.append(first_output(block(c.hidden, *c.args, **c.kwargs)))
+            if release:
+                c.hidden = None
     return outs
 
 
@@ -175,7 +179,7 @@ def run_sequential(
         inputs = BlockInputs(*calls)
         process_block(i, block, inputs)
         block = blocks[i]
-        hidden = [inputs.known(block, part) or run_calls(block, part) for part in calls]
+        hidden = [inputs.known(block, part) or run_calls(block, part, release=True) for part in calls]
         block.to(device="cpu")
         _cast_back(block, held, store_dtype)
         if on_block_done is not None:

@@ -315,7 +315,7 @@ def test_the_next_blocks_inputs_reuse_the_guards_outputs_bit_identically(tmp_pat
 
     src = save_tiny_model("llama", tmp_path / "src")
     real, runs = runner.run_calls, []
-    monkeypatch.setattr(runner, "run_calls", lambda block, calls: runs.append(len(calls)) or real(block, calls))
+    monkeypatch.setattr(runner, "run_calls", lambda block, calls, **kw: runs.append(len(calls)) or real(block, calls, **kw))
     quant.quantize(src, tmp_path / "reused", method="awq", **OPTS)
     reused = len(runs)
     runs.clear()

@@ -135,6 +135,33 @@ def test_the_embeddings_output_is_released_after_the_first_block():
     assert alive[1] == 0
 
 
+def test_a_blocks_inputs_are_freed_as_its_outputs_are_computed():
+    """The next block's inputs are computed minibatch by minibatch, each input freed once its output exists: a
+    block's inputs and outputs are not all held at once (at 128 x 512 tokens each set is as large as a block)."""
+    import gc
+    import weakref
+
+    from calib.runner import run_sequential
+
+    model = tiny_model("llama")
+    refs, alive = [], []
+
+    def count(module, args):
+        if refs:
+            gc.collect()
+            alive.append(sum(r() is not None for r in refs))
+
+    model.model.layers[0].register_forward_pre_hook(count)
+
+    def process(i, block, inputs):
+        if i == 0:
+            refs.extend([weakref.ref(c.hidden) for c in inputs.calls])
+
+    ids = torch.randint(3, 200, (8, 16), generator=torch.Generator().manual_seed(0))
+    run_sequential(model, model.model.layers, ids, process, batch_size=2)
+    assert alive == [4, 3, 2, 1]  # while the k-th output is computed, only the inputs from the k-th on remain
+
+
 def test_output_shards_and_index_hold_the_same_tensors_and_load_the_same_model(tmp_path):
     src = save_tiny_model("qwen2", tmp_path / "src")
     quant.quantize(src, tmp_path / "one", method="rtn", dtype="float32", **OPTS)
