@@ -248,8 +248,8 @@ def test_awq_passes_the_search_windows_on_as_the_full_precision_block_outputs_th
     src = save_tiny_model("llama", tmp_path / "src")
     seen, real = {}, awq_module.search_block
 
-    def spy(ctx, *args):
-        seen[ctx.index] = (copy.deepcopy(ctx.block), ctx.inputs.calls, ctx.inputs.guard)
+    def spy(ctx, *args):  # copies: the run frees each block's inputs once they are used
+        seen[ctx.index] = (copy.deepcopy(ctx.block), copy.deepcopy(ctx.inputs.calls), copy.deepcopy(ctx.inputs.guard))
         return real(ctx, *args)
 
     monkeypatch.setattr(awq_module, "search_block", spy)
