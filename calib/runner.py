@@ -57,8 +57,9 @@ def first_output(out):
 def run_calls(block: nn.Module, calls: list[BlockCall], release: bool = False) -> list[torch.Tensor]:
     """``block``'s outputs (hidden states only), one per call. Quantized linears compute with their
     dequantized weights, dequantized once (:func:`quant.modules.dense_weights`). ``release``: each call's
-    hidden states are freed once its output exists (:meth:`BlockInputs.release`), so that a block's inputs and
-    outputs are never all held at once."""
+    hidden states are freed once its output exists (reading them afterwards fails), so that a block's inputs
+    and outputs are never all held at once (the runner's next-input pass; AWQ's statistics pass, which passes
+    its outputs on)."""
     from quant.modules import dense_weights
 
     outs = []
@@ -89,11 +90,6 @@ class BlockInputs:
         """The next block's inputs on ``calls`` are ``hidden`` (one per call), whatever block is left in place:
         a method that propagates full-precision outputs (AWQ's search windows) sets them."""
         self._known.append((None, calls, hidden))
-
-    def release(self, call: BlockCall) -> None:
-        """Free ``call``'s hidden states: a method that has taken what it needs from a search minibatch frees it
-        as it goes (AWQ's statistics pass, which passes its outputs on); reading them afterwards fails."""
-        call.hidden = None
 
     def remember(self, block: nn.Module, calls: list[BlockCall], outputs: list[torch.Tensor]) -> None:
         """``outputs`` are :func:`run_calls` ``(block, calls)`` as ``block`` now computes; the runner reuses
@@ -175,7 +171,7 @@ def run_sequential(
         block.to(device=device, dtype=compute_dtype)
         calls = [[BlockCall(h, move(b[i].args, device, compute_dtype), move(b[i].kwargs, device, compute_dtype))
                   for h, b in zip(hs, part)] for hs, part in zip(hidden, per_batch)]
-        hidden = None  # held by the calls alone, so that a method may release them (BlockInputs.release)
+        hidden = None  # held by the calls alone, so that they can be freed as they are used (run_calls)
         inputs = BlockInputs(*calls)
         process_block(i, block, inputs)
         block = blocks[i]

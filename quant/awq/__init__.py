@@ -141,11 +141,10 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
             # The judges see the first minibatch (judge_windows windows, calib.runner's lead): their inputs and
             # full-precision outputs are recorded.
             with probing(block, judges if k == 0 else [], lambda: current[0]) as recorded:
-                out = run_calls(block, [call])[0]
+                # Passed on, a minibatch's inputs are not needed again (the fold check reruns the first one).
+                out = run_calls(block, [call], release=outputs is not None and k > 0)[0]
             if outputs is not None:
                 outputs.append(out)
-                if k:  # passed on: the inputs are not needed again (the fold check reruns the first minibatch)
-                    ctx.inputs.release(call)
             if k == 0:
                 ref, probes = out, recorded
     scales, ratios, proxy_ratios, proxy_gains, judged_gains = {}, [], [], [], []
