@@ -2,6 +2,7 @@
 
     python benchmarks/moe_synthetic.py experts [--n-samples 16]   # 8 vs 64 experts: peak RSS against block weights
     python benchmarks/moe_synthetic.py block [--n-samples 32]     # one Qwen3-30B-A3B-shaped block: time, memory, tokens
+    python benchmarks/moe_synthetic.py block --methods gptq --old /tmp/wt   # beside another checkout of qtool
 
 ``experts``: two random qwen3_moe models that differ only in the number of experts (8 and 64;
 hidden 512, expert FFN 128, top-2, 2 blocks, bf16), quantized with RTN, GPTQ and AWQ; the growth
@@ -11,7 +12,8 @@ computed on the CPU) and of the whole model's.
 ``block``: a random model with one decoder block of Qwen3-30B-A3B's shape (hidden 2048, 32 query / 4
 key-value heads of 128, 128 experts of FFN 768, top-8, vocab 151,936, bf16), quantized with RTN, GPTQ and
 AWQ at w4 g128: seconds, peak RSS, and the routed calibration tokens per expert (min / median / max)
-with the experts that took their statistics from every token.
+with the experts that took their statistics from every token. ``--old``: each method also with another
+checkout of qtool, right after this one's run (a before/after in one invocation).
 
 Each quantization runs in its own process (peak RSS = its ``ru_maxrss``). Prints tables; asserts nothing.
 """
@@ -67,11 +69,11 @@ def block_bytes(path: Path) -> int:
     return 4 * n
 
 
-def _quantize(src: Path, out: Path, method: str, n_samples: int, seqlen: int, group: int) -> dict:
+def _quantize(src: Path, out: Path, method: str, n_samples: int, seqlen: int, group: int, checkout: Path = ROOT) -> dict:
     from stream_memory import run
 
     kw = f"dict(method='{method}', bits=4, group_size={group}, n_samples={n_samples}, seqlen={seqlen})"
-    return run(ROOT, src, out, kw)
+    return run(checkout, src, out, kw)
 
 
 def experts(tmp: Path, n_samples: int) -> None:
@@ -99,7 +101,7 @@ def experts(tmp: Path, n_samples: int) -> None:
                                   "growth of the bf16 model files MiB"], tablefmt="github"))
 
 
-def block(tmp: Path, n_samples: int) -> None:
+def block(tmp: Path, n_samples: int, methods: list[str], old: Path | None = None) -> None:
     from tabulate import tabulate
 
     src = synthetic_moe(tmp / "qwen3-30b-a3b-1block", hidden_size=2048, moe_intermediate_size=768,
@@ -107,10 +109,12 @@ def block(tmp: Path, n_samples: int) -> None:
                         head_dim=128, num_experts=128, num_experts_per_tok=8, vocab_size=151936)
     size = sum(f.stat().st_size for f in src.glob("*.safetensors")) / 2**30
     rows = []
-    for method in ("rtn", "gptq", "awq"):
-        r = _quantize(src, tmp / f"out-{method}", method, n_samples, 512, 128)
+    runs = [(m, code) for m in methods for code in ([ROOT] + ([old] if old else []))]
+    for method, code in runs:
+        r = _quantize(src, tmp / f"out-{method}", method, n_samples, 512, 128, code)
         info = (r.get("blocks") or [{}])[0]
-        rows.append([method, f"{size:.2f}", f"{r.get('peak_rss_mb', float('nan')):,.0f}", f"{r.get('seconds', 0):.0f}",
+        label = method if code == ROOT else f"{method} ({code})"
+        rows.append([label, f"{size:.2f}", f"{r.get('peak_rss_mb', float('nan')):,.0f}", f"{r.get('seconds', 0):.0f}",
                      info.get("expert tokens min/med/max", "-"), info.get("expert fallback", "-"),
                      info.get("kept", ""), r.get("error", "")])
         print(rows[-1], file=sys.stderr, flush=True)
@@ -124,13 +128,15 @@ def main() -> None:
     p.add_argument("what", choices=["experts", "block"])
     p.add_argument("--n-samples", type=int, default=None, help="calibration windows (experts: 16 x 128; block: 32 x 512)")
     p.add_argument("--tmp", default=str(Path(tempfile.gettempdir()) / "qtool-moe-bench"))
+    p.add_argument("--methods", default="rtn,gptq,awq", help="block: the methods to run, comma-separated")
+    p.add_argument("--old", help="block: another qtool checkout to run each method with as well")
     args = p.parse_args()
     tmp = Path(args.tmp)
     tmp.mkdir(parents=True, exist_ok=True)
     if args.what == "experts":
         experts(tmp, args.n_samples or 16)
     else:
-        block(tmp, args.n_samples or 32)
+        block(tmp, args.n_samples or 32, args.methods.split(","), Path(args.old) if args.old else None)
 
 
 if __name__ == "__main__":

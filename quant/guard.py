@@ -37,6 +37,7 @@ from torch import nn
 from calib.collectors import BlockCall, record_block_calls, take_first_hidden
 from calib.runner import CALIB_BATCH, BlockInputs, move, run_calls
 from quant import rtn
+from quant.layers import to_quant_linears
 from quant.methods import BlockContext, BlockQuantizer, BlockResult
 
 log = logging.getLogger(__name__)
@@ -65,7 +66,7 @@ def rtn_guard(method: BlockQuantizer) -> BlockQuantizer:
     to the full-precision block on ``ctx.inputs.guard``. Without guard windows, ``method`` as is.
 
     The result's ``info`` gains ``held-out err`` (the method's), ``rtn held-out err`` and
-    ``kept``; ``BlockResult.block`` is the RTN block where it was kept, and the RTN block is the
+    ``kept``; ``BlockResult.block`` is the RTN block (packed) where it was kept, and the RTN block is the
     ``"rtn"`` alternative (the all-RTN model of the whole-model check) either way.
     """
 
@@ -73,22 +74,26 @@ def rtn_guard(method: BlockQuantizer) -> BlockQuantizer:
         if ctx.inputs is None or not ctx.inputs.guard:
             return method(ctx)
         calls = ctx.inputs.guard
-        fp_block = copy.deepcopy(ctx.block)
         refs = run_calls(ctx.block, calls)
+        # RTN's version first, packed as soon as its outputs are known: while the method runs, only the
+        # method's block is held dense (a second dense copy of a large block is gigabytes).
+        rtn_block = copy.deepcopy(ctx.block)
+        rtn_packed = rtn.quantize_block(BlockContext(ctx.index, rtn_block, ctx.names, ctx.cfg, ctx.arch, None)).packed
+        rtn_outs = run_calls(rtn_block, calls)
+        err_rtn = relative_error(rtn_outs, refs)
+        to_quant_linears(rtn_block, rtn_packed, ctx.cfg.format)
+        del rtn_packed
         result = method(ctx)
         outs = run_calls(ctx.block, calls)
         err = relative_error(outs, refs)
-        rtn_result = rtn.quantize_block(BlockContext(ctx.index, fp_block, ctx.names, ctx.cfg, ctx.arch, None))
-        rtn_outs = run_calls(fp_block, calls)
-        err_rtn = relative_error(rtn_outs, refs)
         # The next block's inputs on these windows are the kept block's outputs: computed already.
-        ctx.inputs.remember(ctx.block if err <= err_rtn else fp_block, calls, outs if err <= err_rtn else rtn_outs)
+        ctx.inputs.remember(ctx.block if err <= err_rtn else rtn_block, calls, outs if err <= err_rtn else rtn_outs)
         if not err <= err_rtn:  # NaN from the method also falls back
             log.info("block %d: round-to-nearest is closer to the full-precision block on held-out windows "
                      "(%.3g against %.3g for %s): keeping RTN", ctx.index, err_rtn, err, ctx.cfg.label)
-            result = BlockResult(packed=rtn_result.packed, info=dict(result.info), artifacts={}, block=fp_block,
+            result = BlockResult(info=dict(result.info), artifacts={}, block=rtn_block,
                                  alternatives=result.alternatives)
-        result.alternatives["rtn"] = (fp_block, rtn_result.packed)
+        result.alternatives["rtn"] = rtn_block
         result.info.update({"held-out err": f"{err:.3e}", "rtn held-out err": f"{err_rtn:.3e}",
                             FALLBACK_KEY: "rtn" if result.block is not None else ctx.cfg.label})
         return result
@@ -188,7 +193,7 @@ class Alternatives:
         self.written: dict[str, list] = record.get("alternatives", {})
         self.stream = {name: saved_list(f"stream.{name}.") for name in self.written}
         self.final = saved_list("final.")
-        self.pending: dict[str, tuple] = {}  # name -> (block, packed) of the block in hand, until it is written
+        self.pending: dict[str, nn.Module] = {}  # name -> its packed version of the block in hand, until written
 
     def advance(self, i: int, alternatives: dict, inputs: BlockInputs | None, block) -> None:
         """Run the guard and check windows through block ``i`` of each alternative (the first block starts
@@ -196,13 +201,13 @@ class Alternatives:
         if not alternatives or inputs is None or not inputs.guard:
             return
         calls = inputs.guard + inputs.check
-        for name, (alt_block, alt_packed) in alternatives.items():
+        for name, alt_block in alternatives.items():
             if i and name not in self.written:  # an alternative that earlier blocks lack cannot be checked
                 continue
             start = self.stream.get(name) or [c.hidden for c in calls]
             self.written.setdefault(name, [None] * self.n_blocks)
             self.stream[name] = run_calls(alt_block, [BlockCall(h, c.args, c.kwargs) for h, c in zip(start, calls)])
-            self.pending[name] = (alt_block, {n: pw.to("cpu") for n, pw in alt_packed.items()})
+            self.pending[name] = alt_block
         if i == self.n_blocks - 1:
             self.final = run_calls(block, calls)
 

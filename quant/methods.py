@@ -34,8 +34,9 @@ class BlockContext:
 class BlockResult:
     """``packed``: the quantized weight of each linear (names relative to the block); ``info``: extra
     columns for the summary table; ``artifacts``: search results saved with the checkpoint; ``block``: a
-    module that replaces the block (the RTN guard's fallback), None to keep the one quantized in place;
-    ``alternatives``: other quantized versions of this block, by name, each ``(block, packed)``, which the
+    module that replaces the block (the RTN guard's fallback, its linears already packed), None to keep the
+    one quantized in place; ``alternatives``: other quantized versions of this block, by name, each a copy of the
+    block with its linears packed (:class:`quant.modules.QuantLinear`, so that it holds no dense weights), which the
     whole-model check weighs against the method's (``"rtn"``, set by the RTN guard; ``"gptq"``, plain GPTQ
     beside AWQ+GPTQ). Each alternative is a whole model: its blocks are chained on the guard windows."""
 
@@ -43,7 +44,7 @@ class BlockResult:
     info: dict = field(default_factory=dict)
     artifacts: dict[str, torch.Tensor] = field(default_factory=dict)
     block: nn.Module | None = None
-    alternatives: dict[str, tuple[nn.Module, dict[str, PackedWeight]]] = field(default_factory=dict)
+    alternatives: dict[str, nn.Module] = field(default_factory=dict)
 
 
 BlockQuantizer = Callable[[BlockContext], BlockResult]

@@ -265,10 +265,9 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
         prefix = f"{arch.blocks}.{i}."
         to_quant_linears(blocks[i], packed[i], cfg.format)
         writer.write(_part(i), stored(checkpoint_tensors(blocks[i], dtype, prefix)))
-        for name, (alt_block, alt_packed) in alts.pending.items():  # in case the whole-model check keeps one
+        for name, alt_block in alts.pending.items():  # in case the whole-model check keeps one
             if alt_block is not blocks[i]:
                 alt_block.to("cpu")
-                to_quant_linears(alt_block, alt_packed, cfg.format)
                 writer.write(_part(i, name), stored(checkpoint_tensors(alt_block, dtype, prefix)))
             alts.written[name][i] = True
         alts.pending.clear()

@@ -286,6 +286,48 @@ def test_awq_frees_each_search_minibatch_once_its_output_is_passed_on(tmp_path, 
     assert len(alive) == 2 and all(len(a) > 2 and a == [True] + [quantized_inputs] * (len(a) - 1) for a in alive)
 
 
+@pytest.mark.parametrize("method", ["awq", "gptq"])
+def test_while_the_method_runs_the_guards_rtn_block_holds_no_dense_weights(tmp_path, monkeypatch, method):
+    """The guard's RTN version of a block is packed before the method starts, so that the method's block is the
+    only dense copy alive while it runs (a second one of a large block is gigabytes); the RTN block it keeps
+    as the whole-model check's alternative is the packed one."""
+    import gc
+
+    from torch import nn
+
+    from quant.modules import QuantLinear
+
+    src = save_tiny_model("qwen2", tmp_path / "src")
+    dense, alternatives = [], []
+
+    def count_dense(block):
+        own = set(map(id, block.modules()))
+        gc.collect()
+        dense.append(sum(1 for o in gc.get_objects() if type(o) is nn.Linear and id(o) not in own
+                         and o.weight.device.type != "meta"))
+
+    if method == "awq":
+        real = awq_module.search_block
+        monkeypatch.setattr(awq_module, "search_block", lambda ctx, *a: (count_dense(ctx.block), real(ctx, *a))[1])
+    else:
+        real = gptq_module.collect_hessians
+        monkeypatch.setattr(gptq_module, "collect_hessians",
+                            lambda block, *a: (count_dense(block), real(block, *a))[1])
+    real_advance = guard_module.Alternatives.advance
+
+    def advance(self, i, alts, *a):
+        alternatives.append(alts["rtn"])
+        return real_advance(self, i, alts, *a)
+
+    monkeypatch.setattr(guard_module.Alternatives, "advance", advance)
+    quant.quantize(src, tmp_path / "out", method=method, **OPTS)
+    assert dense and dense == [0] * len(dense)
+    assert len(alternatives) == 2
+    for block in alternatives:
+        assert not any(isinstance(m, nn.Linear) for m in block.modules())
+        assert sum(isinstance(m, QuantLinear) for m in block.modules()) == 7
+
+
 def test_input_stats_sum_weighted_gram_matrices_only_over_the_calls_that_count():
     from torch import nn
 

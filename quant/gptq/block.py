@@ -20,7 +20,7 @@ from calib.value_hessian import collect_value_hessians
 from quant.arch import value_heads
 from quant.formats import PackedWeight
 from quant.gptq.solver import gptq_quantize, hessian_error, solve_value_heads
-from quant.layers import set_quantized
+from quant.layers import set_quantized, to_quant_linears
 from quant.methods import BlockContext, BlockResult
 from quant.moe import expert_layers, solve_experts, token_summary
 
@@ -176,6 +176,7 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
         t = time.perf_counter()
         alone = quantize_block(BlockContext(ctx.index, plain, ctx.names, cfg.with_(gptq=replace(cfg.gptq, awq_first=False)),
                                             ctx.arch, ctx.inputs))
-        result.alternatives["gptq"] = (plain, alone.packed)
+        to_quant_linears(plain, alone.packed, cfg.format)
+        result.alternatives["gptq"] = plain
         info["plain gptq s"] = f"{time.perf_counter() - t:.2f}"
     return result
