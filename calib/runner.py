@@ -54,16 +54,18 @@ def first_output(out):
     return out[0] if isinstance(out, tuple) else out
 
 
-def run_calls(block: nn.Module, calls: list[BlockCall], release: bool = False) -> list[torch.Tensor]:
+def run_calls(block: nn.Module, calls: list[BlockCall], release: bool = False,
+              hold_dense: bool = True) -> list[torch.Tensor]:
     """``block``'s outputs (hidden states only), one per call. Quantized linears compute with their
-    dequantized weights, dequantized once (:func:`quant.modules.dense_weights`). ``release``: each call's
+    dequantized weights (:func:`quant.modules.dense_weights`): dequantized once and held for all the calls,
+    or with ``hold_dense=False`` anew in every call (a block's dense copy never held). ``release``: each call's
     hidden states are freed once its output exists (reading them afterwards fails), so that a block's inputs
     and outputs are never all held at once (the runner's next-input pass; AWQ's statistics pass, which passes
     its outputs on)."""
     from quant.modules import dense_weights
 
     outs = []
-    with torch.no_grad(), dense_weights(block):
+    with torch.no_grad(), dense_weights(block, hold_dense):
         for c in calls:
             outs.append(first_output(block(c.hidden, *c.args, **c.kwargs)))
             if release:

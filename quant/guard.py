@@ -206,7 +206,9 @@ class Alternatives:
                 continue
             start = self.stream.get(name) or [c.hidden for c in calls]
             self.written.setdefault(name, [None] * self.n_blocks)
-            self.stream[name] = run_calls(alt_block, [BlockCall(h, c.args, c.kwargs) for h, c in zip(start, calls)])
+            # Packed, it stays packed: a dense copy beside the method's dense block would double the peak.
+            self.stream[name] = run_calls(alt_block, [BlockCall(h, c.args, c.kwargs) for h, c in zip(start, calls)],
+                                          hold_dense=False)
             self.pending[name] = alt_block
         if i == self.n_blocks - 1:
             self.final = run_calls(block, calls)

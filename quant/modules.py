@@ -45,6 +45,7 @@ class QuantLinear(nn.Module):
         # Kernel-specific repacked copies, built once on first use; never part of the state_dict.
         self.kernel_cache: dict = {}
         self.dense_cache: dict | None = None  # inside dense_weights(): dtype -> dequantized weight
+        self.dense_hold = True  # inside dense_weights(hold=False): dequantized on every call, never kept
 
     @property
     def fmt(self) -> str:
@@ -122,10 +123,13 @@ class QuantLinear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.dense_cache is not None:
-            if x.dtype not in self.dense_cache:
-                self.dense_cache[x.dtype] = self.packed_weight().dequantize(x.dtype).to(x.device)
+            weight = self.dense_cache.get(x.dtype)
+            if weight is None:
+                weight = self.packed_weight().dequantize(x.dtype).to(x.device)
+                if self.dense_hold:
+                    self.dense_cache[x.dtype] = weight
             bias = None if self.bias is None else self.bias.to(device=x.device, dtype=x.dtype)
-            return F.linear(x, self.dense_cache[x.dtype], bias)
+            return F.linear(x, weight, bias)
         from quant.kernels import dispatch  # the one place compute is chosen
 
         return dispatch.linear(x, self)
@@ -156,19 +160,21 @@ class QuantLinear(nn.Module):
 
 
 @contextlib.contextmanager
-def dense_weights(module: nn.Module):
-    """Inside the body every :class:`QuantLinear` of ``module`` dequantizes its weight once (per input
-    dtype) and computes ``F.linear`` with it: the reference path's numbers, without unpacking the codes
-    on every call. For running calibration windows through a quantized block; memory: one dense
-    weight per layer while the body runs. Nested uses share the outer one's copies."""
+def dense_weights(module: nn.Module, hold: bool = True):
+    """Inside the body every :class:`QuantLinear` of ``module`` computes ``F.linear`` with its dequantized
+    weight: the reference path's numbers. ``hold``: each weight is dequantized once (per input dtype) and
+    kept while the body runs (memory: the module's weights, dense), so that the codes are not unpacked on
+    every call; ``hold=False``: dequantized on every call and dropped (memory: one layer's dense weight),
+    for a few calls through a large block. For running calibration windows through a quantized block.
+    Nested uses share the outer one's copies."""
     layers = [m for m in module.modules() if isinstance(m, QuantLinear) and m.dense_cache is None]
     for m in layers:
-        m.dense_cache = {}
+        m.dense_cache, m.dense_hold = {}, hold
     try:
         yield
     finally:
         for m in layers:
-            m.dense_cache = None
+            m.dense_cache, m.dense_hold = None, True
 
 
 def dense_bytes(module: nn.Module, dtype: torch.dtype) -> int:

@@ -290,7 +290,8 @@ def test_awq_frees_each_search_minibatch_once_its_output_is_passed_on(tmp_path, 
 def test_while_the_method_runs_the_guards_rtn_block_holds_no_dense_weights(tmp_path, monkeypatch, method):
     """The guard's RTN version of a block is packed before the method starts, so that the method's block is the
     only dense copy alive while it runs (a second one of a large block is gigabytes); the RTN block it keeps
-    as the whole-model check's alternative is the packed one."""
+    as the whole-model check's alternative is the packed one, and the check's windows run through it without
+    its dense weights held (each layer dequantized per call)."""
     import gc
 
     from torch import nn
@@ -298,7 +299,7 @@ def test_while_the_method_runs_the_guards_rtn_block_holds_no_dense_weights(tmp_p
     from quant.modules import QuantLinear
 
     src = save_tiny_model("qwen2", tmp_path / "src")
-    dense, alternatives = [], []
+    dense, alternatives, held = [], [], []
 
     def count_dense(block):
         own = set(map(id, block.modules()))
@@ -315,13 +316,21 @@ def test_while_the_method_runs_the_guards_rtn_block_holds_no_dense_weights(tmp_p
                             lambda block, *a: (count_dense(block), real(block, *a))[1])
     real_advance = guard_module.Alternatives.advance
 
-    def advance(self, i, alts, *a):
+    def advance(self, i, alts, *a):  # runs the RTN model's windows through the packed block: never held dense
         alternatives.append(alts["rtn"])
-        return real_advance(self, i, alts, *a)
+        layers = [m for m in alts["rtn"].modules() if isinstance(m, QuantLinear)]
+        hooks = [m.register_forward_hook(lambda *_: held.append(sum(len(q.dense_cache or {}) for q in layers)))
+                 for m in layers]
+        try:
+            return real_advance(self, i, alts, *a)
+        finally:
+            for h in hooks:
+                h.remove()
 
     monkeypatch.setattr(guard_module.Alternatives, "advance", advance)
     quant.quantize(src, tmp_path / "out", method=method, **OPTS)
     assert dense and dense == [0] * len(dense)
+    assert held and max(held) == 0
     assert len(alternatives) == 2
     for block in alternatives:
         assert not any(isinstance(m, nn.Linear) for m in block.modules())

@@ -209,6 +209,9 @@ def test_dense_weights_compute_exactly_the_reference_path_and_let_go(fmt, bits):
         assert layer.dense_cache and torch.equal(block(x), y)  # dequantized once, reused
     assert torch.equal(y, reference.linear(x, layer))
     assert layer.dense_cache is None
+    with dense_weights(block, hold=False):  # dequantized on every call, never kept: the same numbers
+        assert torch.equal(block(x), y) and layer.dense_cache == {}
+    assert layer.dense_cache is None and layer.dense_hold
 
 
 @pytest.mark.parametrize("method, fmt, opts", [
