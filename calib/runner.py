@@ -149,7 +149,7 @@ def run_sequential(
     load the block's tensors: the blocks may sit on the meta device until then); ``on_block_done(i,
     hidden)`` after the next block's inputs are computed (``hidden``: per set, per minibatch, the
     hidden states after block ``i``) and the block is back on the CPU. ``start`` and
-    ``start_hidden`` (such a ``hidden``, after block ``start - 1``) continue a stopped run.
+    ``start_hidden`` (such a ``hidden``, after block ``start - 1``; its lists are emptied) continue a stopped run.
     The windows are run ``batch_size`` at a time; ``lead`` makes the first minibatch of the search and
     ``accept`` sets ``lead`` windows (AWQ judges its choices on those). Outputs that ``process_block``
     already computed with the block it leaves (:meth:`BlockInputs.remember`) are reused, not run again, and
@@ -164,6 +164,8 @@ def run_sequential(
     hidden = [[move(take_first_hidden(calls), device, compute_dtype) for calls in part] for part in per_batch]
     if start_hidden is not None:
         hidden = [[move(h, device, compute_dtype) for h in part] for part in start_hidden]
+        for part in start_hidden:  # emptied: the caller's lists would hold the first inputs through the whole run
+            part.clear()
     for i in range(start, len(blocks)):
         if before_block is not None:
             before_block(i)

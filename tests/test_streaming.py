@@ -162,6 +162,39 @@ def test_a_blocks_inputs_are_freed_as_its_outputs_are_computed():
     assert alive == [4, 3, 2, 1]  # while the k-th output is computed, only the inputs from the k-th on remain
 
 
+def test_a_resumed_runs_saved_inputs_are_not_held_past_the_block_they_feed():
+    """A resumed run starts from the saved inputs of its first block; once that block's outputs exist they are
+    freed, not held to the end by the caller's lists (at 128 x 512 tokens they are as large as a block's inputs)."""
+    import gc
+    import weakref
+
+    from calib.runner import run_sequential
+
+    model = tiny_model("llama")
+    ids = torch.randint(3, 200, (6, 16), generator=torch.Generator().manual_seed(0))
+    saved = {}
+
+    def keep(i, hidden):
+        if i == 0:
+            saved["hidden"] = [[h.clone() for h in part] for part in hidden]
+
+    run_sequential(model, model.model.layers, ids, lambda i, block, inputs: None, batch_size=2, on_block_done=keep)
+    start_hidden = saved.pop("hidden")
+    refs = [weakref.ref(h) for part in start_hidden for h in part]
+    alive = {}
+
+    def count(when):
+        def hook(i, *_):
+            gc.collect()
+            alive[when] = sum(r() is not None for r in refs)
+        return hook
+
+    run_sequential(model, model.model.layers, ids, count("during"), batch_size=2, start=1,
+                   start_hidden=start_hidden, on_block_done=count("after"))
+    assert len(refs) == 3 and alive["during"] == 3  # block 1 reads them
+    assert alive["after"] == 0
+
+
 def test_output_shards_and_index_hold_the_same_tensors_and_load_the_same_model(tmp_path):
     src = save_tiny_model("qwen2", tmp_path / "src")
     quant.quantize(src, tmp_path / "one", method="rtn", dtype="float32", **OPTS)
