@@ -30,7 +30,8 @@ PRESETS = {
 }
 _RUN = re.compile(r"^(rtn|awq|gptq)((?:\+\w+)*):w(\d)g(-?\d+)$")
 # combinable: gptq+awq+asym:w4g64; damp10 = 0.10; shrink30 = Hessian shrinkage 0.30 (shrink0: none); xtx = the paper's XᵀX for v_proj (--no-value-hessian)
-_GPTQ_VARIANTS = {"sym", "asym", "actorder", "awq", "dampN", "shrinkN", "xtx", "noguard"}
+# minmax / hessian / mse = how each group's range is set (--range-search)
+_GPTQ_VARIANTS = {"sym", "asym", "actorder", "awq", "dampN", "shrinkN", "xtx", "noguard", "minmax", "hessian", "mse"}
 # awq+proxy: the closed form alone chooses scales (--n-judge 1); +unweighted: every token's error counts the
 # same (--no-token-weighting); +noclip; +noguard (any data-aware method): no held-out windows (--held-out 0);
 # +checkN (any data-aware method): N check windows per other kind of text in the whole-model check (--check-windows N)
@@ -93,6 +94,9 @@ def _parse_run(run: str) -> dict:
         opts["gptq"] = {k: v for k, v in gptq.items() if v}
         if "xtx" in variants:
             opts["gptq"]["value_hessian"] = False
+        for search in ("minmax", "hessian", "mse"):
+            if search in variants:
+                opts["gptq"]["range_search"] = search
         if damp:
             opts["gptq"]["damp"] = int(damp[0][4:]) / 100
         if shrink:

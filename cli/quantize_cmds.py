@@ -5,7 +5,7 @@ import click
 
 from cli.options import calib_options, quant_options, setup_logging
 from cli.report import print_quant_report
-from quant.config import SHRINK_DEFAULT
+from quant.config import RANGE_SEARCHES, SHRINK_DEFAULT, GPTQOptions
 
 
 def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite: bool, device: str,
@@ -90,14 +90,18 @@ def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_ju
                    "calibration text's correlations between input channels (0: the paper's GPTQ).")
 @click.option("--damp", default=0.01, show_default=True, type=float,
               help="Dampening added to the Hessian diagonal, as a fraction of its mean.")
+@click.option("--range-search", default=GPTQOptions.range_search, show_default=True,
+              type=click.Choice(RANGE_SEARCHES),
+              help="Each group's scale and zero point: its min/max, or the range shrunk (x0.5..1) to the least "
+                   "rounding error weighted by the Hessian's diagonal (hessian) or in |Δw|^2.4 (mse).")
 @click.option("--true-sequential/--no-true-sequential", default=True, show_default=True,
               help="Feed each sub-layer group the outputs of the already-quantized ones.")
 @click.option("--awq-first", is_flag=True, help="Apply AWQ scales first, then GPTQ rounding.")
 @click.option("--value-hessian/--no-value-hessian", default=True, show_default=True,
               help="Solve v_proj per key/value head under the attention-weighted Hessian (the exact one for "
                    "the attention output); off: the paper's XᵀX for v_proj too.")
-def gptq(model_dir, out, verbose, overwrite, device, max_shard_size, act_order, static_groups, shrink, damp, true_sequential,
-         awq_first, value_hessian, **fields):
+def gptq(model_dir, out, verbose, overwrite, device, max_shard_size, act_order, static_groups, shrink, damp,
+         range_search, true_sequential, awq_first, value_hessian, **fields):
     """GPTQ: Hessian-aware rounding that corrects each column's error on the columns still to come.
 
     The layout follows the settings and --target (--format overrides it): 4-bit
@@ -107,10 +111,9 @@ def gptq(model_dir, out, verbose, overwrite, device, max_shard_size, act_order, 
     diagonal (--shrink), so that the solve leans less on correlations that only
     the calibration text has.
     """
-    from quant.config import GPTQOptions
-
     opts = GPTQOptions(shrink=shrink, damp=damp, act_order=act_order, static_groups=static_groups,
-                       true_sequential=true_sequential, awq_first=awq_first, value_hessian=value_hessian)
+                       range_search=range_search, true_sequential=true_sequential, awq_first=awq_first,
+                       value_hessian=value_hessian)
     run_quantize("gptq", model_dir, out, verbose, overwrite, device, max_shard_size, gptq=opts, **fields)
 
 

@@ -69,6 +69,9 @@ class AWQOptions:
 SHRINK_DEFAULT = 0.3
 
 
+RANGE_SEARCHES = ("minmax", "hessian", "mse")  # GPTQOptions.range_search
+
+
 @dataclass(frozen=True)
 class GPTQOptions:
     """The GPTQ solver: Hessian shrinkage, damping, block size, act-order, static groups, true-sequential.
@@ -82,6 +85,14 @@ class GPTQOptions:
     worse than round-to-nearest on Python code (benchmarks/RESULTS.md, issue 20). β = 0 is
     the paper's GPTQ; β = 1 keeps only the diagonal (no error feedback between columns).
     ``damp`` (λ) then adds ``λ · mean(diag H)`` to the diagonal, as in the paper.
+
+    ``range_search`` sets each group's scale and zero point as the solver reaches the group:
+    "minmax" spans the group's columns, as in the paper; "hessian" shrinks that range to the
+    factor in [0.5, 1] (21 steps) with the least rounding error of the group weighted by the
+    Hessian's diagonal, ``Σ_j H_jj Δw_j²`` per output row; "mse" to the one with the least
+    ``Σ_j |Δw_j|^2.4`` (the grid search of the GPTQ authors' reference code, ``mse=True``).
+    A clip from AWQ (``awq_first``) replaces the search. "minmax" stays the default: "hessian"
+    helped SmolLM2-135M and hurt Qwen2.5-Coder-0.5B (benchmarks/RESULTS.md, issue 20).
     """
 
     shrink: float = SHRINK_DEFAULT
@@ -92,8 +103,11 @@ class GPTQOptions:
     true_sequential: bool = True
     awq_first: bool = False  # apply AWQ scales, then GPTQ rounding
     value_hessian: bool = True  # v_proj per key/value head under the attention-weighted Hessian
+    range_search: str = "minmax"
 
     def __post_init__(self):
+        if self.range_search not in RANGE_SEARCHES:
+            raise QtoolError(f"--range-search {self.range_search!r} is not one of: {', '.join(RANGE_SEARCHES)}")
         if not 0.0 <= self.shrink <= 1.0:
             raise QtoolError(f"--shrink {self.shrink} is out of range; use a fraction from 0 (the paper's GPTQ) "
                              "to 1 (the Hessian's diagonal only)")

@@ -16,6 +16,7 @@ from quant.config import GPTQOptions, QuantConfig
 from quant.errors import QtoolError
 from quant.formats import pack_gptq, unpack_gptq
 from quant.gptq import gptq_quantize, hessian_error, inverse_hessian_cholesky
+from quant.gptq.solver import searched_range
 from quant.layers import rtn_packed
 from quant.modules import QuantLinear
 
@@ -34,12 +35,13 @@ def _problem(out_f=24, in_f=64, seed=0, dtype=torch.float32):
     return W, X.t() @ X / X.shape[0]
 
 
-def obq_reference(W, H, cfg):
+def obq_reference(W, H, cfg, grid=torch.linspace(1.0, 0.5, 21)):
     """GPTQ the slow way: one column at a time with the explicit inverse of the remaining Hessian.
 
     After column j is rounded, its error is spread over the columns still free with
     the OBS update, and j is eliminated from ``H⁻¹`` (Gaussian elimination).
-    Natural or act-order column order, groups set when the solver reaches them; the
+    Natural or act-order column order, groups set when the solver reaches them (their range
+    searched by brute force over ``grid`` when ``cfg.gptq.range_search`` asks for it); the
     Hessian shrunk toward its diagonal by ``cfg.gptq.shrink`` first.
     """
     W, H = W.double().clone(), H.double().clone()
@@ -48,11 +50,25 @@ def obq_reference(W, H, cfg):
     order = torch.argsort(torch.diagonal(H), descending=True, stable=True) if cfg.gptq.act_order else torch.arange(in_f)
     W, H = W[:, order], H[order][:, order]
     H = (1 - cfg.gptq.shrink) * H + cfg.gptq.shrink * torch.diag(torch.diagonal(H))
+    d = torch.diagonal(H).clone()
     Hinv = torch.linalg.inv(H + cfg.gptq.damp * torch.diagonal(H).mean() * torch.eye(in_f, dtype=H.dtype))
     Q = torch.zeros(W.shape, dtype=torch.int32)
     for j in range(in_f):
         if j % g == 0:
-            s, z = qmath.compute_qparams(W[:, j:j + g], cfg.bits, -1, cfg.sym, None, cfg.min_zero)
+            clip = None
+            if cfg.gptq.range_search != "minmax":
+                rows = []
+                for r in range(W.shape[0]):
+                    errs = []
+                    for c in grid.tolist():
+                        wr = W[r:r + 1, j:j + g].float()
+                        s, z = qmath.compute_qparams(wr, cfg.bits, -1, cfg.sym, torch.tensor([[c]]), cfg.min_zero)
+                        e = (qmath.dequantize(qmath.quantize(wr, s, z, cfg.bits, -1), s, z, -1) - wr).abs()
+                        errs.append(float((e.square() * d[j:j + g]).sum() if cfg.gptq.range_search == "hessian"
+                                          else e.pow(2.4).sum()))
+                    rows.append(grid[errs.index(min(errs))])
+                clip = torch.stack(rows)[:, None]
+            s, z = qmath.compute_qparams(W[:, j:j + g], cfg.bits, -1, cfg.sym, clip, cfg.min_zero)
         Q[:, j:j + 1] = qmath.quantize(W[:, j:j + 1], s, z, cfg.bits, -1)
         err = (W[:, j] - qmath.dequantize(Q[:, j:j + 1], s, z, -1, dtype=W.dtype)[:, 0]) / Hinv[j, j]
         W[:, j:] -= err[:, None] * Hinv[j, j:][None, :]
@@ -62,12 +78,53 @@ def obq_reference(W, H, cfg):
 
 @pytest.mark.parametrize("act_order", [False, True])
 @pytest.mark.parametrize("block_size", [5, 16, 128])
-def test_solver_matches_one_column_at_a_time_obq(act_order, block_size):
+@pytest.mark.parametrize("range_search", ["minmax", "hessian", "mse"])
+def test_solver_matches_one_column_at_a_time_obq(act_order, block_size, range_search):
     # Block 5 puts group starts mid-block and groups across blocks; 128 is one block.
     W, H = _problem(6, 48, seed=1, dtype=torch.float64)
-    cfg = _cfg(bits=3, group_size=16, sym=False, act_order=act_order, block_size=block_size)
-    got = gptq_quantize(W, H, cfg).packed.q
-    assert torch.equal(got, obq_reference(W, H, cfg))
+    cfg = _cfg(bits=3, group_size=16, sym=False, act_order=act_order, block_size=block_size, range_search=range_search)
+    got = gptq_quantize(W, H, cfg).packed
+    assert torch.equal(got.q, obq_reference(W, H, cfg))
+    if range_search != "minmax":  # the search did shrink some groups' ranges
+        minmax = gptq_quantize(W, H, _cfg(bits=3, group_size=16, sym=False, act_order=act_order,
+                                          block_size=block_size, range_search="minmax")).packed
+        assert not torch.equal(got.scale, minmax.scale)
+
+
+@pytest.mark.parametrize("sym", [True, False])
+def test_range_search_keeps_the_range_whose_rounding_errs_least_where_the_hessian_weighs(sym):
+    """Rows with two outlier columns (+1, -1): where the Hessian weighs the outliers, their range is kept (clipping
+    them costs most); where it weighs the other columns, the range shrinks so that those are rounded finer."""
+    g = torch.Generator().manual_seed(0)
+    Wg = torch.randn(8, 16, generator=g).clamp(-2, 2) * 0.1
+    Wg[:, 3], Wg[:, 7] = 1.0, -1.0
+    cfg = _cfg(4, 16, sym)
+    outliers = torch.zeros(16, dtype=torch.bool)
+    outliers[[3, 7]] = True
+    on_outliers = torch.where(outliers, 1.0, 1e-3)
+    elsewhere = torch.where(outliers, 1e-3, 1.0)
+    kept, shrunk = searched_range(Wg, cfg, on_outliers), searched_range(Wg, cfg, elsewhere)
+    assert (kept >= 0.95).all() and (shrunk <= 0.7).all()
+
+    def err(clip, weight):
+        s, z = qmath.compute_qparams(Wg, cfg.bits, -1, cfg.sym, clip, cfg.min_zero)
+        return ((qmath.dequantize(qmath.quantize(Wg, s, z, cfg.bits, -1), s, z, -1) - Wg).square() * weight).sum(1)
+
+    assert (err(shrunk, elsewhere) < err(torch.ones(8, 1), elsewhere)).all()
+    assert (err(kept, on_outliers) < err(shrunk, on_outliers)).all()
+
+
+@pytest.mark.parametrize("range_search", ["hessian", "mse"])
+def test_static_groups_search_the_natural_groups_ranges(range_search):
+    W, H = _problem(seed=2)
+    cfg = _cfg(4, 16, False, act_order=True, static_groups=True, range_search=range_search)
+    pw = gptq_quantize(W, H, cfg).packed
+    d = torch.diagonal(H) if range_search == "hessian" else None  # shrinkage leaves the diagonal as it is
+    clip = torch.cat([searched_range(W[:, c:c + 16], cfg, None if d is None else d[c:c + 16])
+                      for c in range(0, 64, 16)], dim=1)
+    assert (clip < 1).any()
+    s, z = qmath.compute_qparams(W, 4, 16, False, clip, cfg.min_zero)
+    assert torch.equal(pw.scale, s) and torch.equal(pw.zero, z)
 
 
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
@@ -90,7 +147,7 @@ def test_hessian_weighted_error_is_below_rtn(bits, sym, opts):
 @pytest.mark.parametrize("bits", [3, 4])
 def test_identity_hessian_gives_exactly_rtn(group_size, sym, bits):
     W, _ = _problem(seed=3)
-    cfg = _cfg(bits, group_size, sym, block_size=24)
+    cfg = _cfg(bits, group_size, sym, block_size=24, range_search="minmax")  # RTN's grid: min/max
     got = gptq_quantize(W, torch.eye(W.shape[1]), cfg).packed
     want = rtn_packed(W, cfg)
     assert torch.equal(got.q, want.q) and torch.equal(got.scale, want.scale) and torch.equal(got.zero, want.zero)
@@ -103,11 +160,11 @@ def test_hessian_shrinkage_runs_from_the_papers_gptq_to_rtn(sym):
     # parameters; shrink 0 is the paper's solve on the full, correlated Hessian, which is not RTN.
     W, H = _problem(seed=5)
     want = rtn_packed(W, _cfg(4, 16, sym))
-    full = gptq_quantize(W, H, _cfg(4, 16, sym, shrink=1.0)).packed
+    full = gptq_quantize(W, H, _cfg(4, 16, sym, shrink=1.0, range_search="minmax")).packed
     assert torch.equal(full.q, want.q) and torch.equal(full.scale, want.scale) and torch.equal(full.zero, want.zero)
     errors = []
     for shrink in (0.0, 0.3):
-        got = gptq_quantize(W, H, _cfg(4, 16, sym, shrink=shrink)).packed
+        got = gptq_quantize(W, H, _cfg(4, 16, sym, shrink=shrink, range_search="minmax")).packed
         assert not torch.equal(got.q, want.q)
         errors.append(hessian_error(W, got.dequantize(), H))
     # On the Hessian it was fitted to, the unshrunk solve is the better one: shrinkage trades that for text unlike it.
@@ -262,9 +319,12 @@ def test_cli_end_to_end_and_bad_input(tmp_path, tiny_src):
     assert model(_ids()).logits.isfinite().all()
     assert json.loads((out / "qtool.json").read_text())["qtool"]["config"]["gptq"]["value_hessian"] is True
     res = CliRunner().invoke(app, ["gptq", str(tiny_src), "-o", str(tmp_path / "xtx"), "--group-size", "32",
-                                   "--no-value-hessian", "--n-samples", "4", "--seqlen", "32"])
+                                   "--no-value-hessian", "--range-search", "mse", "--n-samples", "4", "--seqlen", "32"])
     assert res.exit_code == 0, res.output
-    assert json.loads((tmp_path / "xtx" / "qtool.json").read_text())["qtool"]["config"]["gptq"]["value_hessian"] is False
+    settings = json.loads((tmp_path / "xtx" / "qtool.json").read_text())["qtool"]["config"]["gptq"]
+    assert settings["value_hessian"] is False and settings["range_search"] == "mse"
+    res = CliRunner().invoke(app, ["gptq", str(tiny_src), "-o", str(tmp_path / "bad"), "--range-search", "l2"])
+    assert res.exit_code == 2 and "'l2' is not one of 'minmax', 'hessian', 'mse'" in res.output
     bad = [
         (["--bits", "5"], "--bits 5"),
         (["--damp", "0"], "--damp"),

@@ -71,6 +71,31 @@ def _group_params(W: torch.Tensor, cfg: QuantConfig, clip: torch.Tensor | None =
     return qmath.compute_qparams(W, cfg.bits, -1, cfg.sym, clip, cfg.min_zero)
 
 
+_RANGE_GRID = torch.linspace(1.0, 0.5, 21)  # range factors tried by the range search, 1 first
+_RANGE_CHUNK = 7  # candidates evaluated at once
+
+
+def searched_range(Wg: torch.Tensor, cfg: QuantConfig, weight: torch.Tensor | None) -> torch.Tensor:
+    """Per row of one group ``Wg[out, g]``, the range factor (``clip[out, 1]``, float32) of ``_RANGE_GRID``
+    whose rounding (``qmath.compute_qparams``) has the least error: ``Σ_j weight_j Δw_j²`` with ``weight``
+    ``[g]`` (the Hessian's diagonal over the group's columns; ``GPTQOptions.range_search`` "hessian"), else
+    ``Σ_j |Δw_j|^2.4`` ("mse", the GPTQ authors' reference code). Ties keep the larger range.
+    """
+    out_f, g = Wg.shape
+    Wg = Wg.float()
+    errs = []
+    for cands in _RANGE_GRID.to(Wg.device).split(_RANGE_CHUNK):
+        k = len(cands)
+        W = Wg.repeat(k, 1)  # [k * out, g], candidate-major
+        clip = cands.repeat_interleave(out_f)[:, None]
+        s, z = qmath.compute_qparams(W, cfg.bits, -1, cfg.sym, clip, cfg.min_zero)
+        d = (qmath.dequantize(qmath.quantize(W, s, z, cfg.bits, -1), s, z, -1) - W).abs()
+        err = (d.square() * weight.float()).sum(1) if weight is not None else d.pow(2.4).sum(1)
+        errs.append(err.view(k, out_f))
+    best = torch.cat(errs).argmin(0)  # the first minimum: the largest range among equals
+    return _RANGE_GRID.to(Wg.device)[best][:, None]
+
+
 def _columns_now(Wt, W1, Err1, U, i1, i, c0, c1):
     """Columns ``c0..c1`` of the weight as they are now, lazy updates included, as rows ``[c1 - c0, out]``.
 
@@ -90,9 +115,10 @@ def gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: torc
     """Quantize ``W[out, in]`` with GPTQ under the Hessian ``H[in, in]`` (``XᵀX / n``).
 
     Uses ``cfg.bits``, ``cfg.group_size``, ``cfg.sym`` and ``cfg.gptq`` (shrink,
-    damp, block_size, act_order, static_groups). Group parameters come from
+    damp, block_size, act_order, static_groups, range_search). Group parameters come from
     ``qmath.compute_qparams`` on the group's columns as the solver reaches them
-    (already corrected for earlier errors), so each column is rounded with exactly
+    (already corrected for earlier errors; the range shrunk by :func:`searched_range`
+    unless ``range_search`` is "minmax"), so each column is rounded with exactly
     the float16 scale the checkpoint stores. Works in float64 if ``W`` is float64,
     else float32. Inputs that never fire (``H[i, i] = 0``) get weight 0.
 
@@ -151,13 +177,19 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: tor
         H.mul_(1.0 - opts.shrink)
         torch.diagonal(H).add_(opts.shrink * diag)
     if opts.static_groups:  # parameters of the natural groups, fixed before any error is spread
-        s_static, z_static = qmath.compute_qparams(W, cfg.bits, cfg.group_size, cfg.sym, clip, cfg.min_zero)
+        sclip = clip
+        if sclip is None and opts.range_search != "minmax":
+            d = torch.diagonal(H) if opts.range_search == "hessian" else None
+            sclip = torch.cat([searched_range(W[:, c : c + g], cfg, None if d is None else d[c : c + g])
+                               for c in range(0, in_f, g)], dim=1)
+        s_static, z_static = qmath.compute_qparams(W, cfg.bits, cfg.group_size, cfg.sym, sclip, cfg.min_zero)
     perm = None
     if opts.act_order:  # largest diagonal first: the most important columns are rounded while most are free
         rank = torch.diagonal(H) if importance is None else importance.to(device=H.device, dtype=H.dtype)
         perm = torch.argsort(rank, descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
 
+    hdiag = torch.diagonal(H).clone() if opts.range_search == "hessian" else None
     U, damp = inverse_hessian_cholesky(H, opts.damp)
     if U is None:
         reason = "the Hessian is not finite" if not torch.isfinite(H).all() else "Cholesky failed at every damping"
@@ -179,8 +211,14 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: tor
                 gi = (col if perm is None else int(perm[col])) // g
                 s, z = s_static[:, gi : gi + 1], z_static[:, gi : gi + 1]
             elif col % g == 0:
-                gclip = None if clip is None else clip[:, col // g : col // g + 1]
-                s, z = _group_params(_columns_now(Wt, W1, Err1, U, i1, i, col, col + g).t(), cfg, gclip)
+                Wg = _columns_now(Wt, W1, Err1, U, i1, i, col, col + g).t()
+                if clip is not None:
+                    gclip = clip[:, col // g : col // g + 1]
+                elif opts.range_search != "minmax":
+                    gclip = searched_range(Wg, cfg, None if hdiag is None else hdiag[col : col + g])
+                else:
+                    gclip = None
+                s, z = _group_params(Wg, cfg, gclip)
                 scale[:, col // g : col // g + 1], zero[:, col // g : col // g + 1] = s, z
             w = W1[i][:, None]  # [out, 1]
             q = qmath.quantize(w, s, z, cfg.bits, -1)
