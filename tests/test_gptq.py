@@ -98,7 +98,7 @@ def test_range_search_keeps_the_range_whose_rounding_errs_least_where_the_hessia
     g = torch.Generator().manual_seed(0)
     Wg = torch.randn(8, 16, generator=g).clamp(-2, 2) * 0.1
     Wg[:, 3], Wg[:, 7] = 1.0, -1.0
-    cfg = _cfg(4, 16, sym)
+    cfg = _cfg(4, 16, sym, range_search="hessian")
     outliers = torch.zeros(16, dtype=torch.bool)
     outliers[[3, 7]] = True
     on_outliers = torch.where(outliers, 1.0, 1e-3)
@@ -119,9 +119,8 @@ def test_static_groups_search_the_natural_groups_ranges(range_search):
     W, H = _problem(seed=2)
     cfg = _cfg(4, 16, False, act_order=True, static_groups=True, range_search=range_search)
     pw = gptq_quantize(W, H, cfg).packed
-    d = torch.diagonal(H) if range_search == "hessian" else None  # shrinkage leaves the diagonal as it is
-    clip = torch.cat([searched_range(W[:, c:c + 16], cfg, None if d is None else d[c:c + 16])
-                      for c in range(0, 64, 16)], dim=1)
+    d = torch.diagonal(H)  # shrinkage leaves the diagonal as it is
+    clip = torch.cat([searched_range(W[:, c:c + 16], cfg, d[c:c + 16]) for c in range(0, 64, 16)], dim=1)
     assert (clip < 1).any()
     s, z = qmath.compute_qparams(W, 4, 16, False, clip, cfg.min_zero)
     assert torch.equal(pw.scale, s) and torch.equal(pw.zero, z)

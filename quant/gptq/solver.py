@@ -75,10 +75,10 @@ _RANGE_GRID = torch.linspace(1.0, 0.5, 21)  # range factors tried by the range s
 _RANGE_CHUNK = 7  # candidates evaluated at once
 
 
-def searched_range(Wg: torch.Tensor, cfg: QuantConfig, weight: torch.Tensor | None) -> torch.Tensor:
+def searched_range(Wg: torch.Tensor, cfg: QuantConfig, hdiag: torch.Tensor) -> torch.Tensor:
     """Per row of one group ``Wg[out, g]``, the range factor (``clip[out, 1]``, float32) of ``_RANGE_GRID``
-    whose rounding (``qmath.compute_qparams``) has the least error: ``Σ_j weight_j Δw_j²`` with ``weight``
-    ``[g]`` (the Hessian's diagonal over the group's columns; ``GPTQOptions.range_search`` "hessian"), else
+    whose rounding (``qmath.compute_qparams``) has the least error: ``Σ_j hdiag_j Δw_j²`` (``hdiag [g]``, the
+    Hessian's diagonal over the group's columns) where ``cfg.gptq.range_search`` is "hessian", else
     ``Σ_j |Δw_j|^2.4`` ("mse", the GPTQ authors' reference code). Ties keep the larger range.
     """
     out_f, g = Wg.shape
@@ -90,7 +90,7 @@ def searched_range(Wg: torch.Tensor, cfg: QuantConfig, weight: torch.Tensor | No
         clip = cands.repeat_interleave(out_f)[:, None]
         s, z = qmath.compute_qparams(W, cfg.bits, -1, cfg.sym, clip, cfg.min_zero)
         d = (qmath.dequantize(qmath.quantize(W, s, z, cfg.bits, -1), s, z, -1) - W).abs()
-        err = (d.square() * weight.float()).sum(1) if weight is not None else d.pow(2.4).sum(1)
+        err = (d.square() * hdiag.float()).sum(1) if cfg.gptq.range_search == "hessian" else d.pow(2.4).sum(1)
         errs.append(err.view(k, out_f))
     best = torch.cat(errs).argmin(0)  # the first minimum: the largest range among equals
     return _RANGE_GRID.to(Wg.device)[best][:, None]
@@ -179,9 +179,8 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: tor
     if opts.static_groups:  # parameters of the natural groups, fixed before any error is spread
         sclip = clip
         if sclip is None and opts.range_search != "minmax":
-            d = torch.diagonal(H) if opts.range_search == "hessian" else None
-            sclip = torch.cat([searched_range(W[:, c : c + g], cfg, None if d is None else d[c : c + g])
-                               for c in range(0, in_f, g)], dim=1)
+            d = torch.diagonal(H)
+            sclip = torch.cat([searched_range(W[:, c : c + g], cfg, d[c : c + g]) for c in range(0, in_f, g)], dim=1)
         s_static, z_static = qmath.compute_qparams(W, cfg.bits, cfg.group_size, cfg.sym, sclip, cfg.min_zero)
     perm = None
     if opts.act_order:  # largest diagonal first: the most important columns are rounded while most are free
@@ -189,7 +188,7 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: tor
         perm = torch.argsort(rank, descending=True, stable=True)
         W, H = W[:, perm], H[perm][:, perm]
 
-    hdiag = torch.diagonal(H).clone() if opts.range_search == "hessian" else None
+    hdiag = torch.diagonal(H).clone()  # before damping: the range search weighs by it
     U, damp = inverse_hessian_cholesky(H, opts.damp)
     if U is None:
         reason = "the Hessian is not finite" if not torch.isfinite(H).all() else "Cholesky failed at every damping"
@@ -215,7 +214,7 @@ def _gptq_quantize(W: torch.Tensor, H: torch.Tensor, cfg: QuantConfig, clip: tor
                 if clip is not None:
                     gclip = clip[:, col // g : col // g + 1]
                 elif opts.range_search != "minmax":
-                    gclip = searched_range(Wg, cfg, None if hdiag is None else hdiag[col : col + g])
+                    gclip = searched_range(Wg, cfg, hdiag[col : col + g])
                 else:
                     gclip = None
                 s, z = _group_params(Wg, cfg, gclip)
