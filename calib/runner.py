@@ -58,19 +58,31 @@ def run_calls(block: nn.Module, calls: list[BlockCall], release: bool = False,
               hold_dense: bool = True) -> list[torch.Tensor]:
     """``block``'s outputs (hidden states only), one per call. Quantized linears compute with their
     dequantized weights (:func:`quant.modules.dense_weights`): dequantized once and held for all the calls,
-    or with ``hold_dense=False`` anew in every call (a block's dense copy never held). ``release``: each call's
-    hidden states are freed once its output exists (reading them afterwards fails), so that a block's inputs
-    and outputs are never all held at once (the runner's next-input pass; AWQ's statistics pass, which passes
-    its outputs on)."""
+    or with ``hold_dense=False`` anew in every call (a block's dense copy never held). ``release``: each
+    output is written over its call's hidden states (which it returns) and the call lets go of them (reading
+    ``call.hidden`` afterwards fails): a block's inputs and outputs are never both held, and the activations
+    passed from block to block live in the same memory for the whole run (the runner's next-input pass; AWQ's
+    statistics pass, which passes its outputs on). Memory that is allocated once is not freed in pieces
+    between the transients of every forward, which is what fragments the heap (``benchmarks/RESULTS.md``,
+    issue 15)."""
     from quant.modules import dense_weights
 
     outs = []
     with torch.no_grad(), dense_weights(block, hold_dense):
         for c in calls:
-            outs.append(first_output(block(c.hidden, *c.args, **c.kwargs)))
+            out = first_output(block(c.hidden, *c.args, **c.kwargs))
             if release:
+                out = _into(c.hidden, out)
                 c.hidden = None
+            outs.append(out)
     return outs
+
+
+def _into(slot: torch.Tensor, out: torch.Tensor) -> torch.Tensor:
+    """``out`` written into ``slot`` (returned) where they have the same shape and dtype; else ``out``."""
+    if out is slot or out.shape != slot.shape or out.dtype != slot.dtype or out.device != slot.device:
+        return out
+    return slot.copy_(out)
 
 
 @dataclass
@@ -175,11 +187,12 @@ def run_sequential(
         block.to(device=device, dtype=compute_dtype)
         calls = [[BlockCall(h, move(b[i].args, device, compute_dtype), move(b[i].kwargs, device, compute_dtype))
                   for h, b in zip(hs, part)] for hs, part in zip(hidden, per_batch)]
-        hidden = None  # held by the calls alone, so that they can be freed as they are used (run_calls)
+        slots, hidden = hidden, None  # each block's outputs are written over its inputs (run_calls(release=True))
         inputs = BlockInputs(*calls)
         process_block(i, block, inputs)
         block = blocks[i]
-        hidden = [inputs.known(block, part) or run_calls(block, part, release=True) for part in calls]
+        hidden = [[_into(s, o) for s, o in zip(sl, inputs.known(block, part) or run_calls(block, part, release=True))]
+                  for sl, part in zip(slots, calls)]
         block.to(device="cpu")
         _cast_back(block, held, store_dtype)
         if on_block_done is not None:

@@ -204,11 +204,12 @@ class Alternatives:
         for name, alt_block in alternatives.items():
             if i and name not in self.written:  # an alternative that earlier blocks lack cannot be checked
                 continue
-            start = self.stream.get(name) or [c.hidden for c in calls]
+            own = self.stream.get(name)  # written over, block after block; the first block reads the windows' inputs
+            start = own or [c.hidden for c in calls]
             self.written.setdefault(name, [None] * self.n_blocks)
             # Packed, it stays packed: a dense copy beside the method's dense block would double the peak.
             self.stream[name] = run_calls(alt_block, [BlockCall(h, c.args, c.kwargs) for h, c in zip(start, calls)],
-                                          hold_dense=False)
+                                          release=own is not None, hold_dense=False)
             self.pending[name] = alt_block
         if i == self.n_blocks - 1:
             self.final = run_calls(block, calls)

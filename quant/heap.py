@@ -5,9 +5,11 @@ mmap threshold with their own memory maps (returned to the system on ``free``), 
 that threshold each time such a map is freed, so that which tensors come from the heap arenas
 (where freed memory stays in the process and fragments) changes as the run goes.
 :func:`keep_large_allocations_mapped` fixes the threshold (``mallopt(M_MMAP_THRESHOLD)``, which also
-turns the dynamic adjustment off) and :func:`trim` hands free heap pages back (``malloc_trim``).
+turns the dynamic adjustment off), keeps up to ``TRIM_THRESHOLD`` of free memory at the top of the heap
+(``M_TRIM_THRESHOLD``) and :func:`trim` hands free heap pages back (``malloc_trim``; the pipeline calls
+it once per block).
 
-The threshold trades memory for time. Every allocation above it is a fresh map, faulted in and
+The mmap threshold trades memory for time. Every allocation above it is a fresh map, faulted in and
 zeroed by the kernel page by page; below it, freed memory is reused but the heap holds on to it.
 On the example model (AWQ w4 g64, 6 of its blocks, 32 calibration windows, dev CPU;
 ``benchmarks/RESULTS.md``, issue 15) a 1 MiB threshold gave 101 s and 977 MiB peak RSS, 32 MiB
@@ -16,14 +18,21 @@ On the example model (AWQ w4 g64, 6 of its blocks, 32 calibration windows, dev C
 reused, and whatever is larger (a block's calibration activations, the searches' chunks) is mapped
 and handed back at once.
 
+The trim threshold is glibc's 128 KiB once the mmap threshold is fixed: every free that leaves more than
+that at the top of the heap returns it, so the temporaries of each forward were faulted in again on the
+next one. That went unseen while long-lived activations sat above them; since the activations passed from
+block to block are written over in place (:func:`calib.runner.run_calls`), it cost AWQ 1.15x the time on 4
+blocks of the example model (57.5 s against 49.1 s with the threshold at 256 MiB, same peak RSS).
+
 Both are no-ops where the C library is not glibc.
 """
 from __future__ import annotations
 
 import ctypes
 
-_M_MMAP_THRESHOLD = -3  # glibc malloc.h
+_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
 MMAP_THRESHOLD = 32 << 20  # bytes: tensors of this size and larger get their own memory maps
+TRIM_THRESHOLD = 256 << 20  # bytes of free memory kept at the top of the heap between trims
 
 _libc = None
 
@@ -42,10 +51,11 @@ def _glibc():
 
 
 def keep_large_allocations_mapped(threshold: int = MMAP_THRESHOLD) -> bool:
-    """Serve allocations of ``threshold`` bytes and more by their own memory maps, for the rest of the
-    process (this changes the allocator of the calling process). Returns whether it took effect."""
+    """Serve allocations of ``threshold`` bytes and more by their own memory maps and keep up to
+    ``TRIM_THRESHOLD`` bytes free at the top of the heap, for the rest of the process (this changes the
+    allocator of the calling process). Returns whether it took effect."""
     lib = _glibc()
-    return bool(lib) and lib.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+    return bool(lib) and lib.mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and lib.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
 
 
 def trim() -> None:

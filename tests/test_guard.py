@@ -263,27 +263,25 @@ def test_awq_passes_the_search_windows_on_as_the_full_precision_block_outputs_th
 
 
 @pytest.mark.parametrize("quantized_inputs", [False, True])
-def test_awq_frees_each_search_minibatch_once_its_output_is_passed_on(tmp_path, monkeypatch, quantized_inputs):
-    """With the full-precision outputs passed on, a search minibatch's inputs are freed as soon as the statistics
-    pass has run it (the first one is kept for the fold check), so that a block's inputs and outputs are not
-    both held; with quantized inputs they are needed for the next block's pass and kept."""
-    import gc
-    import weakref
-
+def test_awq_writes_each_search_minibatchs_output_over_its_input(tmp_path, monkeypatch, quantized_inputs):
+    """With the full-precision outputs passed on, the statistics pass writes each search minibatch's output over
+    its input (the first one is kept for the fold check and copied over afterwards), so that a block's inputs and
+    outputs are never both held and the next block reads the same memory; with quantized inputs they are needed
+    for the next block's pass and kept."""
     src = save_tiny_model("llama", tmp_path / "src")
-    alive, real = [], awq_module.search_block
+    kept, ptrs, real = [], [], awq_module.search_block
 
     def spy(ctx, *args):
-        refs = [weakref.ref(c.hidden) for c in ctx.inputs.calls]
+        ptrs.append([c.hidden.data_ptr() for c in ctx.inputs.calls])
         result = real(ctx, *args)
-        gc.collect()
-        alive.append([r() is not None for r in refs])
+        kept.append([c.hidden is not None for c in ctx.inputs.calls])
         return result
 
     monkeypatch.setattr(awq_module, "search_block", spy)
     opts = {**OPTS, "n_samples": 40}  # search windows: a lead minibatch of 4, then 8 at a time
     quant.quantize(src, tmp_path / "out", method="awq", awq=AWQOptions(quantized_inputs=quantized_inputs), **opts)
-    assert len(alive) == 2 and all(len(a) > 2 and a == [True] + [quantized_inputs] * (len(a) - 1) for a in alive)
+    assert len(kept) == 2 and all(len(a) > 2 and a == [True] + [quantized_inputs] * (len(a) - 1) for a in kept)
+    assert ptrs[0] == ptrs[1]
 
 
 @pytest.mark.parametrize("method", ["awq", "gptq"])
@@ -648,3 +646,18 @@ def test_the_check_windows_change_nothing_but_the_check_and_are_scored_as_the_ch
         windows = ids[len(ids) - 3 * len(kinds):][3 * k:3 * (k + 1)]
         want_nll = held_out_nll(model, blocks, list(blocks), windows, batch_size=8)
         assert with_check.model_check["kinds"][kind]["rtn"] == pytest.approx(want_nll, rel=1e-5), kind
+
+
+def test_the_alternatives_hidden_states_are_written_over_block_after_block(tmp_path, monkeypatch):
+    """The whole-model check's alternatives (the all-RTN model) carry their own hidden states on the guard and check
+    windows from block to block; each block's are written over the last one's, not allocated anew."""
+    src = save_tiny_model("llama", tmp_path / "src")
+    ptrs, real = [], guard_module.Alternatives.advance
+
+    def spy(self, i, *args):
+        real(self, i, *args)
+        ptrs.append({name: [h.data_ptr() for h in stream] for name, stream in self.stream.items()})
+
+    monkeypatch.setattr(guard_module.Alternatives, "advance", spy)
+    quant.quantize(src, tmp_path / "out", method="gptq", **OPTS)
+    assert len(ptrs) == 2 and ptrs[0] and all(ptrs[0].values()) and ptrs[0] == ptrs[1]
