@@ -160,7 +160,8 @@ def run_sequential(
     ``blocks[i]`` when it returns are the next block's inputs. ``before_block(i)`` runs first (it may
     load the block's tensors: the blocks may sit on the meta device until then); ``on_block_done(i,
     hidden)`` after the next block's inputs are computed (``hidden``: per set, per minibatch, the
-    hidden states after block ``i``) and the block is back on the CPU. ``start`` and
+    hidden states after block ``i``; the next block writes its outputs over them, so copy what you keep) and the
+    block is back on the CPU. ``start`` and
     ``start_hidden`` (such a ``hidden``, after block ``start - 1``; its lists are emptied) continue a stopped run.
     The windows are run ``batch_size`` at a time; ``lead`` makes the first minibatch of the search and
     ``accept`` sets ``lead`` windows (AWQ judges its choices on those). Outputs that ``process_block``

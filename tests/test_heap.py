@@ -42,7 +42,7 @@ def _run(set_up: bool) -> list[str]:
 
 def test_activation_sized_temporaries_stay_in_the_heap_and_are_not_handed_back_on_every_free():
     """Below the mmap threshold a tensor comes from the heap; freed, it stays for the next forward's temporaries
-    (each free returning it made every forward fault them in again: 1.15x AWQ's time) until the per-block trim."""
+    (each free returning it made every forward fault them in again) until the per-block trim."""
     from quant import heap
 
     ok, mapped, keep, big_mapped = _run(True)
