@@ -177,6 +177,40 @@ def test_a_group_that_does_not_fold_exactly_is_dropped_with_a_warning(caplog):
     assert torch.equal(ctx.block.mlp.down_proj.weight, result.packed["mlp.down_proj"].dequantize())
 
 
+@pytest.mark.parametrize("source", ["bfloat16", "float32"])
+def test_the_fold_check_backs_up_a_bf16_models_block_in_bf16_and_restores_it_exactly(monkeypatch, source):
+    """The fold check keeps a copy of the block to restore when a group does not fold exactly: for a bf16 model's
+    block (computed in float32) that copy is bf16, half the memory of a float32 clone, and what it restores is
+    the same block: the same scales, clips and codes as with a float32 clone."""
+    import quant.awq as awq_module
+    from dataclasses import replace
+
+    good, real = ARCHITECTURES["llama"], awq_module._backup
+    arch = replace(good, scale_groups=good.scale_groups[:3] + (ScaleGroup("mlp.gate_proj", ("mlp.down_proj",), "linear"),))
+
+    def run(backup):
+        model = tiny_model("llama")
+        if source == "bfloat16":
+            model = model.to(torch.bfloat16).float()
+        monkeypatch.setattr(awq_module, "_backup", backup)
+        return quantize_block(block_context(model, QuantConfig(method="awq", group_size=32), arch=arch))
+
+    dtypes = []
+
+    def spy(t):
+        b = real(t)
+        dtypes.append((t.dtype, b.dtype))
+        return b
+
+    kept, cloned = run(spy), run(lambda t: t.clone())
+    floats = [b for t, b in dtypes if t == torch.float32]
+    assert floats and set(floats) == {getattr(torch, source)}
+    assert f"mlp.down_proj.{SCALE_KEY}" not in kept.artifacts  # the group was dropped: the block was restored
+    assert kept.artifacts.keys() == cloned.artifacts.keys()
+    assert all(torch.equal(kept.artifacts[k], cloned.artifacts[k]) for k in kept.artifacts)
+    assert all(torch.equal(kept.packed[n].q, cloned.packed[n].q) for n in kept.packed)
+
+
 def test_skipped_linears_are_not_quantized_and_their_group_still_folds():
     model = tiny_model("qwen2")
     ctx = block_context(model, QuantConfig(method="awq", group_size=32))

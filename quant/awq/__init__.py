@@ -83,11 +83,22 @@ def _relative_change(out: torch.Tensor, ref: torch.Tensor, hidden: torch.Tensor)
     return float((out.float() - ref.float()).norm() / d_ref.norm().clamp(min=1e-30))
 
 
+def _backup(t: torch.Tensor) -> torch.Tensor:
+    """A copy of ``t`` to restore it from: bfloat16 where that holds every value exactly (a bf16 model's block
+    computed in float32 on the CPU: half a float32 clone's memory, 1.15 GiB less on a Qwen3-30B-A3B
+    block), else a clone. ``Tensor.copy_`` (``load_state_dict``) converts it back."""
+    if t.dtype == torch.float32:
+        b = t.to(torch.bfloat16)
+        if torch.equal(b.float(), t):
+            return b
+    return t.clone()
+
+
 def _fold_checked(ctx: BlockContext, groups, scales: dict, ref: torch.Tensor) -> tuple[dict, dict]:
     """Fold ``scales``; if the block's output moves, keep only the groups that fold exactly."""
     block, call = ctx.block, ctx.inputs.calls[0]
     tol = 1e-3 if ref.dtype == torch.float32 else 5e-2
-    original = {k: v.clone() for k, v in block.state_dict().items()}
+    original = {k: _backup(v) for k, v in block.state_dict().items()}
 
     def run_fold(kept):
         block.load_state_dict(original)
