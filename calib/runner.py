@@ -192,8 +192,10 @@ def run_sequential(
         inputs = BlockInputs(*calls)
         process_block(i, block, inputs)
         block = blocks[i]
-        hidden = [[_into(s, o) for s, o in zip(sl, inputs.known(block, part) or run_calls(block, part, release=True))]
-                  for sl, part in zip(slots, calls)]
+        hidden = []
+        for sl, part in zip(slots, calls):
+            outs = inputs.known(block, part) or run_calls(block, part, release=True)
+            hidden.append([_into(s, o) for s, o in zip(sl, outs)])  # what a method computed is copied in
         block.to(device="cpu")
         _cast_back(block, held, store_dtype)
         if on_block_done is not None:

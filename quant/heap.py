@@ -57,7 +57,8 @@ def keep_large_allocations_mapped(threshold: int = MMAP_THRESHOLD) -> bool:
     ``TRIM_THRESHOLD`` bytes free at the top of the heap, for the rest of the process (this changes the
     allocator of the calling process). Returns whether it took effect."""
     lib = _glibc()
-    return bool(lib) and lib.mallopt(_M_MMAP_THRESHOLD, threshold) == 1 and lib.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1
+    return (bool(lib) and lib.mallopt(_M_MMAP_THRESHOLD, threshold) == 1
+            and lib.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
 
 
 def trim() -> None:

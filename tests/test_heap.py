@@ -19,7 +19,7 @@ class MI2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks", "fsmblks",
                                                 "uordblks", "fordblks", "keepcost")]
 libc = ctypes.CDLL("libc.so.6"); libc.mallinfo2.restype = MI2
-ok = heap.keep_large_allocations_mapped() if {set_up} else libc.mallopt(-3, heap.MMAP_THRESHOLD) == 1  # M_MMAP_THRESHOLD only
+ok = heap.keep_large_allocations_mapped() if {set_up} else libc.mallopt(heap._M_MMAP_THRESHOLD, heap.MMAP_THRESHOLD) == 1
 libc.malloc.restype, libc.free.argtypes = ctypes.c_void_p, [ctypes.c_void_p]
 p = libc.malloc(24 << 20)  # carved from the heap's top, and freed back onto it (nothing allocated in between)
 libc.free(p)
