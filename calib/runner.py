@@ -174,11 +174,24 @@ def run_sequential(
     sets = input_ids.split([n_search, *held_out])
     per_batch = [[record_block_calls(model, blocks, ids) for ids in _minibatches(part, batch_size, lead if k < 2 else None)]
                  for k, part in enumerate(sets)]
-    hidden = [[move(take_first_hidden(calls), device, compute_dtype) for calls in part] for part in per_batch]
-    if start_hidden is not None:
-        hidden = [[move(h, device, compute_dtype) for h in part] for part in start_hidden]
-        for part in start_hidden:  # emptied: the caller's lists would hold the first inputs through the whole run
-            part.clear()
+    # Every set's minibatches are views of one tensor, which every block's outputs are written over: allocated
+    # once (past the mmap threshold, outside the heap) rather than in pieces between each forward's transients.
+    store, at, hidden = None, 0, []
+    for k, part in enumerate(per_batch):
+        hidden.append([])
+        for j, calls in enumerate(part):
+            h = take_first_hidden(calls)  # the embeddings' output, which the calls let go of
+            if start_hidden is not None:
+                h = start_hidden[k][j]
+            if store is None:
+                store = torch.empty((input_ids.shape[0], *h.shape[1:]), dtype=compute_dtype, device=device)
+            hidden[k].append(store[at:at + h.shape[0]].copy_(h))
+            at += h.shape[0]
+            if start_hidden is not None:
+                start_hidden[k][j] = None
+            del h
+    for part in start_hidden or []:  # emptied: the caller's lists would hold the first inputs through the whole run
+        part.clear()
     for i in range(start, len(blocks)):
         if before_block is not None:
             before_block(i)

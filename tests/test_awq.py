@@ -134,6 +134,42 @@ def test_folding_scales_preserves_the_logits(model_type):
     assert set(n_groups) == {EXPECTED_GROUPS.get(model_type, 4)}
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_folding_returns_a_float32_blocks_own_parameters_and_copies_only_other_dtypes(dtype):
+    """The folded float32 weights that AWQ quantizes are, for a float32 block (any block on the CPU), the
+    block's own parameters folded in place, so the block is not held twice (2.3 GiB on a Qwen3-30B-A3B
+    block); a bf16 block gets float32 values that round to its parameters. Either way the values are those
+    of the division and multiplication the fold is defined by; a scale that cannot fold leaves the block
+    unchanged."""
+    model = tiny_model("llama").to(dtype)
+    arch = ARCHITECTURES["llama"]
+    block = model.model.layers[0]
+    before = {k: v.float().clone() for k, v in block.state_dict().items()}
+    g = torch.Generator().manual_seed(1)
+    groups = foldable_groups(block, arch, list(arch.linears))
+    scales = {}
+    for grp in groups:
+        width = block.get_submodule(grp.linears[0]).in_features
+        scales.update(group_scales(grp, tie_to_values(block, grp, torch.exp(torch.randn(width, generator=g)))))
+    broken = dict(scales, **{k: v.clone().index_fill_(0, torch.tensor([0]), 7.0)  # breaks v -> o under GQA
+                             for k, v in scales.items() if "o_proj" in k})
+    with pytest.raises(ValueError, match="differs between query heads"):
+        fold_scales(block, arch, broken)
+    assert all(torch.equal(v.float(), before[k]) for k, v in block.state_dict().items())
+    weights = fold_scales(block, arch, scales)
+    norm = scales["self_attn.q_proj.awq_scale"]
+    q = weights["self_attn.q_proj.weight"]
+    assert q.dtype == torch.float32
+    assert torch.equal(q, before["self_attn.q_proj.weight"] * norm[None, :])
+    assert torch.equal(weights["input_layernorm.weight"], before["input_layernorm.weight"] / norm)
+    for name, w in weights.items():
+        p = block.get_parameter(name)
+        if dtype == torch.float32:
+            assert w.data_ptr() == p.data_ptr(), name
+        else:
+            assert w.data_ptr() != p.data_ptr() and torch.equal(w.to(dtype), p), name
+
+
 def test_grouped_query_values_fold_only_a_scale_shared_by_their_query_heads(tmp_path):
     """v -> o under GQA: the searched o_proj scale is equal on the columns that read one value channel, and
     results that break that are refused, not folded into a different function."""

@@ -113,65 +113,76 @@ def test_the_tensors_outside_the_blocks_are_released_while_the_blocks_are_quanti
 
 
 def _inputs_per_block(model, ids, **kw):
-    """Run ``run_sequential`` without quantizing: per block, the memory address and a copy of each minibatch's
-    inputs."""
+    """Run ``run_sequential`` without quantizing: per block, for each minibatch's inputs, the address of their
+    first element and of their allocation, and a copy."""
     from calib.runner import run_sequential
 
     seen = {}
 
     def process(i, block, inputs):
-        seen[i] = [(c.hidden.data_ptr(), c.hidden.clone()) for c in inputs.calls]
+        seen[i] = [(c.hidden.data_ptr(), c.hidden.untyped_storage().data_ptr(), c.hidden.clone())
+                   for c in inputs.calls + inputs.guard]
 
     run_sequential(model, model.model.layers, ids, process, batch_size=2, **kw)
     return seen
 
 
-def test_the_activations_passed_from_block_to_block_stay_in_one_memory():
-    """Each block's outputs are written over its inputs, minibatch by minibatch, and block 0's inputs are the
-    embeddings' outputs themselves: the run allocates a block's calibration activations once (at 128 x 512
-    tokens, 151 MB on the example model), not once per block, and no second copy ever sits beside them. Memory
-    freed in pieces between the transients of every forward is what fragmented the heap (issue 15)."""
-    model = tiny_model("llama")
-    embedded = []
-    model.model.embed_tokens.register_forward_hook(lambda m, a, out: embedded.append(out.data_ptr()))
-    ids = torch.randint(3, 200, (6, 16), generator=torch.Generator().manual_seed(0))
-    seen = _inputs_per_block(model, ids)
-    assert len(model.model.layers) > 1 and len(embedded) == 3
+def _one_allocation(seen):
+    """Every block's minibatches (search and held-out) are consecutive views of one allocation, the same for
+    every block."""
+    first = seen[min(seen)]
+    base = first[0][1]
     for i in seen:
-        assert [ptr for ptr, _ in seen[i]] == embedded
+        assert [ptr for ptr, _, _ in seen[i]] == [ptr for ptr, _, _ in first]
+        assert {storage for _, storage, _ in seen[i]} == {base}
+    offsets = [ptr - base for ptr, _, _ in first]
+    sizes = [h.numel() * h.element_size() for _, _, h in first]
+    assert offsets == [sum(sizes[:k]) for k in range(len(sizes))]
+
+
+def test_the_activations_passed_from_block_to_block_live_in_one_allocation():
+    """Every minibatch of every set (search, held out) is a view of one tensor, allocated once before block 0
+    (the embeddings' outputs are copied in and let go of), and each block writes its outputs over its inputs:
+    a block's calibration activations (at 128 x 512 tokens, 151 MB on the example model) are allocated once
+    in the run, past the mmap threshold, not in pieces between the transients of every forward, which is
+    what fragmented the heap (issue 15)."""
+    model = tiny_model("llama")
+    ids = torch.randint(3, 200, (8, 16), generator=torch.Generator().manual_seed(0))
+    seen = _inputs_per_block(model, ids, held_out=(0, 2))
+    assert len(model.model.layers) > 1 and len(seen[0]) == 4
+    _one_allocation(seen)
     # And they are the right numbers: each block's inputs are the model's own hidden states before that block.
     with torch.no_grad():
         ref = [model(batch, output_hidden_states=True).hidden_states for batch in ids.split(2)]
     for i in seen:
-        for k, (_, h) in enumerate(seen[i]):
+        for k, (_, _, h) in enumerate(seen[i]):
             torch.testing.assert_close(h, ref[k][i], rtol=1e-5, atol=1e-5)
 
 
-def test_a_resumed_run_continues_in_the_memory_of_its_saved_inputs():
-    """A resumed run starts from the saved inputs of its first block and writes every later block's inputs over
-    them; the caller's lists let go of them (they would hold a block's activations to the end otherwise), and
-    the run sees the same inputs as an uninterrupted one."""
+def test_a_resumed_run_continues_from_its_saved_inputs_in_one_allocation():
+    """A resumed run starts from the saved inputs of its first block, copied into one allocation that every
+    later block's inputs are written over; the caller's lists let go of the saved tensors (they would hold a
+    block's activations to the end otherwise), and the run sees the same inputs as an uninterrupted one."""
     import copy
 
     model = tiny_model("llama")
     model.model.layers.append(copy.deepcopy(model.model.layers[-1]))  # two blocks after the one it resumes at
     model.config.num_hidden_layers = len(model.model.layers)
-    ids = torch.randint(3, 200, (6, 16), generator=torch.Generator().manual_seed(0))
+    ids = torch.randint(3, 200, (8, 16), generator=torch.Generator().manual_seed(0))
     saved = {}
 
     def keep(i, hidden):
         if i == 0:
             saved["hidden"] = [[h.clone() for h in part] for part in hidden]
 
-    whole = _inputs_per_block(model, ids, on_block_done=keep)
+    whole = _inputs_per_block(model, ids, on_block_done=keep, held_out=(0, 2))
     start_hidden = saved.pop("hidden")
-    ptrs = [h.data_ptr() for h in start_hidden[0]]
-    resumed = _inputs_per_block(model, ids, start=1, start_hidden=start_hidden)
+    resumed = _inputs_per_block(model, ids, start=1, start_hidden=start_hidden, held_out=(0, 2))
     assert all(not part for part in start_hidden)
     assert sorted(resumed) == [1, 2]
+    _one_allocation(resumed)
     for i in resumed:
-        assert [ptr for ptr, _ in resumed[i]] == ptrs
-        assert all(torch.equal(a, b) for (_, a), (_, b) in zip(resumed[i], whole[i]))
+        assert all(torch.equal(a, b) for (_, _, a), (_, _, b) in zip(resumed[i], whole[i]))
 
 
 def test_output_shards_and_index_hold_the_same_tensors_and_load_the_same_model(tmp_path):

@@ -190,7 +190,7 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
     if ff is not None and (summary := ff.token_summary())["expert tokens min/med/max"] != "-":
         info.update(summary)
     if opts.clip:
-        clips, last = {}, (None, None)
+        clips, last, scaled = {}, (None, None), (None, None, None)
         for n in names:
             w = weights.get(f"{n}.weight", block.get_submodule(n).weight.detach().float())
             if n in ff_names:  # from the recorded input, as the folded block computes it; gate and up share it
@@ -203,8 +203,12 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
             else:
                 h = stats[n].xtx
                 s = artifacts.get(f"{n}.{SCALE_KEY}")
-                if s is not None:  # the input was divided by s
-                    h = h / (s[:, None] * s[None, :])
+                if s is not None:  # the input was divided by s: once per input (q/k/v share it), in one [in, in]
+                    if scaled[0] is not stats[n] or not torch.equal(scaled[1], s):
+                        scaled = None  # let go of the last one first (down_proj's is 127 MB at 5632 inputs)
+                        d = s[:, None] * s[None, :]
+                        scaled = (stats[n], s, torch.div(h, d, out=d))
+                    h = scaled[2]
             clips[n] = search_clip(w, h, spec, opts.clip_grid, opts.clip_max_shrink)
         if ctx.inputs.accept:
             routed = [n for n in ff_names if ff.routed(n)]

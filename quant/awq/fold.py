@@ -153,27 +153,34 @@ def _param_names(block: nn.Module, groups: list[ScaleGroup]) -> list[str]:
 def fold_scales(block: nn.Module, arch: Arch, scales: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
     """Fold every group whose consumers have an ``<linear>.awq_scale`` in ``scales`` into ``block``.
 
-    Returns the folded float32 values of every parameter touched (``"<module>.weight"``...):
-    the weights to quantize. The block's parameters are updated in their own dtype.
+    Returns the folded float32 values of every parameter touched (``"<module>.weight"``...): the weights to
+    quantize. The block's parameters are updated in their own dtype; a float32 parameter (a block computed in
+    float32 on the CPU) is folded in place and returned itself, so that it is not held twice, and it changes
+    when the block's linear is given its quantized weight. ``ValueError`` (from :func:`producer_scale`) leaves
+    the block unchanged.
     """
     groups = [g for g in block_groups(block, arch) if f"{g.linears[0]}.{SCALE_KEY}" in scales]
-    params = {n: block.get_parameter(n).detach().float().clone() for n in _param_names(block, groups)}
+    folds = []  # every scale checked before any parameter changes
     for group in groups:
-        s = scales[f"{group.linears[0]}.{SCALE_KEY}"].float().to(params[f"{group.prev}.weight"].device)
-        sp = producer_scale(block, group, s)
-        pw, pb = f"{group.prev}.weight", f"{group.prev}.bias"
-        if group.kind == "norm":
-            params[pw] = (arch.norm_offset + params[pw]) / sp - arch.norm_offset
-        else:
-            params[pw] = params[pw] / sp[:, None]
-        if pb in params:
-            params[pb] = params[pb] / sp
-        for name in group.linears:
-            params[f"{name}.weight"] = params[f"{name}.weight"] * s[None, :]
+        s = scales[f"{group.linears[0]}.{SCALE_KEY}"].float().to(block.get_parameter(f"{group.prev}.weight").device)
+        folds.append((group, s, producer_scale(block, group, s)))
+    params = {n: block.get_parameter(n).detach() for n in _param_names(block, groups)}
+    params = {n: p if p.dtype == torch.float32 else p.float() for n, p in params.items()}
     with torch.no_grad():
+        for group, s, sp in folds:
+            pw, pb = params[f"{group.prev}.weight"], params.get(f"{group.prev}.bias")
+            if group.kind == "norm":
+                pw.add_(arch.norm_offset).div_(sp).sub_(arch.norm_offset)
+            else:
+                pw.div_(sp[:, None])
+            if pb is not None:
+                pb.div_(sp)
+            for name in group.linears:
+                params[f"{name}.weight"].mul_(s[None, :])
         for n, v in params.items():
             p = block.get_parameter(n)
-            p.copy_(v.to(p.dtype))
+            if p.dtype != torch.float32:
+                p.copy_(v.to(p.dtype))
     return params
 
 
