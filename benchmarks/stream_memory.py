@@ -2,7 +2,8 @@
 
     python benchmarks/stream_memory.py example [--old DIR] [--methods awq]   # RTN/AWQ/GPTQ w4 g64, example model
     python benchmarks/stream_memory.py depth                 # synthetic llamas, 1x / 2x / 4x the depth
-    python benchmarks/stream_memory.py capped --cap-gb 1.5   # a bf16 llama >= 3x the cap, under a cgroup cap
+    python benchmarks/stream_memory.py capped                # RTN and AWQ on a 3.15 GB bf16 llama under a 1 GiB cap
+    python benchmarks/stream_memory.py capped --methods awq --cap-gb 1.5 --layers 48   # AWQ: 4.8 GB under 1.5 GiB
 
 Every quantization runs in its own process; its peak RSS is that process's
 ``ru_maxrss`` (``QuantReport.peak_rss_mb``). ``--old DIR`` also runs the same
@@ -132,8 +133,12 @@ def depth(args) -> None:
 def capped(args) -> None:
     from tabulate import tabulate
 
-    src = synthetic_llama(Path(args.tmp) / "big", args.layers, 2048, 5632, 16, 4, "bfloat16")
+    # Named by depth: a model written for another --layers is not reused.
+    src = synthetic_llama(Path(args.tmp) / f"big-{args.layers}", args.layers, 2048, 5632, 16, 4, "bfloat16")
     cap = int(args.cap_gb * 2**30)
+    ratio = size_gb(src) * 1e9 / cap
+    print(f"source {size_gb(src):.2f} GB of bf16 weights: {ratio:.2f}x the {args.cap_gb} GiB cap"
+          + ("" if ratio >= 3 else " (under 3x: give more --layers)"), file=sys.stderr, flush=True)
     cgroup = Path("/sys/fs/cgroup/memory/qtool-bench")
     cgroup.mkdir(exist_ok=True)
     (cgroup / "memory.limit_in_bytes").write_text(str(cap))
