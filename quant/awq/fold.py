@@ -164,8 +164,8 @@ def fold_scales(block: nn.Module, arch: Arch, scales: dict[str, torch.Tensor]) -
     for group in groups:
         s = scales[f"{group.linears[0]}.{SCALE_KEY}"].float().to(block.get_parameter(f"{group.prev}.weight").device)
         folds.append((group, s, producer_scale(block, group, s)))
-    params = {n: block.get_parameter(n).detach() for n in _param_names(block, groups)}
-    params = {n: p if p.dtype == torch.float32 else p.float() for n, p in params.items()}
+    # .float() is the parameter itself where it is float32 already: folded in place
+    params = {n: block.get_parameter(n).detach().float() for n in _param_names(block, groups)}
     with torch.no_grad():
         for group, s, sp in folds:
             pw, pb = params[f"{group.prev}.weight"], params.get(f"{group.prev}.bias")
