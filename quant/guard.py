@@ -36,7 +36,7 @@ from torch import nn
 
 from calib.collectors import BlockCall, record_block_calls, take_first_hidden
 from calib.runner import CALIB_BATCH, BlockInputs, move, run_calls
-from quant import rtn
+from quant import heap, rtn
 from quant.layers import to_quant_linears
 from quant.methods import BlockContext, BlockQuantizer, BlockResult
 
@@ -83,6 +83,7 @@ def rtn_guard(method: BlockQuantizer) -> BlockQuantizer:
         err_rtn = relative_error(rtn_outs, refs)
         to_quant_linears(rtn_block, rtn_packed, ctx.cfg.format)
         del rtn_packed
+        heap.trim()  # the float32 copy RTN rounded is gone: its pages back before the method's search
         result = method(ctx)
         outs = run_calls(ctx.block, calls)
         err = relative_error(outs, refs)

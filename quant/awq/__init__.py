@@ -46,6 +46,7 @@ from torch import nn
 
 from calib.collectors import linear_input_stats
 from calib.runner import run_calls
+from quant import heap
 from quant.arch import Arch
 from quant.awq.fold import (
     CLIP_KEY,
@@ -158,6 +159,9 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
                 outputs.append(out)
             if k == 0:
                 ref, probes = out, recorded
+    # Each phase below frees what the one before allocated, but its transients (every forward's, the searches'
+    # chunks) leave the heap in pieces that glibc keeps resident: hand them back between phases (quant.heap).
+    heap.trim()
     scales, ratios, proxy_ratios, proxy_gains, judged_gains = {}, [], [], [], []
     for g in groups:
         ws = {n: block.get_submodule(n).weight.detach().float() for n in g.linears if n in names}
@@ -180,7 +184,9 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
         ratios.append(f"{res.ratio:.2f}")
         if res.proxy_gain is not None:
             proxy_gains.append(res.proxy_gain)
+    heap.trim()
     weights, artifacts = _fold_checked(ctx, groups, scales, ref) if groups else ({}, {})
+    heap.trim()
     norm_scale = next((artifacts[f"{g.linears[0]}.{SCALE_KEY}"] for g in groups if g.feed_forward and g.kind == "norm"
                        and f"{g.linears[0]}.{SCALE_KEY}" in artifacts), None)
     if norm_scale is not None:
@@ -210,6 +216,7 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
                         scaled = (stats[n], s, torch.div(h, d, out=d))
                     h = scaled[2]
             clips[n] = search_clip(w, h, spec, opts.clip_grid, opts.clip_max_shrink)
+        heap.trim()
         if ctx.inputs.accept:
             routed = [n for n in ff_names if ff.routed(n)]
             clips = {**_accept_clips(block, groups, [n for n in clips if n not in routed], weights, clips,
