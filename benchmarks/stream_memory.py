@@ -145,7 +145,8 @@ def capped(args) -> None:
     rows = []
     for method in (args.methods or "rtn,awq").split(","):
         kw = f"dict(method='{method}', group_size=128, n_samples={args.n_samples}, seqlen=128)"
-        for label, cg in (("uncapped", None), (f"cap {args.cap_gb} GiB", cgroup)):
+        # Capped first: a kill shows at once, not after the uncapped run.
+        for label, cg in ((f"cap {args.cap_gb} GiB", cgroup), ("uncapped", None)):
             out = Path(args.tmp) / f"big-{method}-{label.split()[0]}"
             t = time.perf_counter()
             r = run(ROOT, src, out, kw, cg)
