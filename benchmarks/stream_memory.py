@@ -3,7 +3,7 @@
     python benchmarks/stream_memory.py example [--old DIR] [--methods awq]   # RTN/AWQ/GPTQ w4 g64, example model
     python benchmarks/stream_memory.py depth                 # synthetic llamas, 1x / 2x / 4x the depth
     python benchmarks/stream_memory.py capped                # RTN and AWQ on a 3.15 GB bf16 llama under a 1 GiB cap
-    python benchmarks/stream_memory.py capped --methods awq --cap-gb 1.5 --layers 48   # AWQ: 4.8 GB under 1.5 GiB
+    python benchmarks/stream_memory.py capped --methods awq --cap-gb 1.5 --layers 52   # AWQ: 4.95 GB (3.07x) under 1.5 GiB
 
 Every quantization runs in its own process; its peak RSS is that process's
 ``ru_maxrss`` (``QuantReport.peak_rss_mb``). ``--old DIR`` also runs the same
@@ -164,7 +164,7 @@ def main() -> None:
     p.add_argument("what", choices=["example", "depth", "capped"])
     p.add_argument("--old", help="Another qtool checkout to run side by side (example).")
     p.add_argument("--n-samples", type=int, default=32)
-    p.add_argument("--layers", type=int, default=32, help="Blocks of the capped model (2048 wide: 0.1 GB each in bf16).")
+    p.add_argument("--layers", type=int, default=32, help="Blocks of the capped model (2048 wide: 0.09 GB each in bf16, plus 0.26 GB of embeddings and head).")
     p.add_argument("--cap-gb", type=float, default=1.0)
     p.add_argument("--methods", help="The methods to run, comma-separated (example: rtn,awq,gptq; capped: rtn,awq).")
     p.add_argument("--tmp", default="/tmp/qtool-stream-bench")
