@@ -53,7 +53,7 @@ def command(args, out: Path) -> list[str]:
             "--group-size", str(args.group_size), *(["--n-samples", str(args.n_samples)] if args.method != "rtn" else [])]
 
 
-def attempt(args, out: Path, kill_after: int | None, delay: float) -> tuple[float, int | None, int]:
+def attempt(args, out: Path, kill_after: int | None, delay: float) -> tuple[float, int, int]:
     """One run of the command; killed ``delay`` seconds after block ``kill_after`` is recorded (None: to the end).
     Returns (wall seconds, the blocks recorded when it started, exit status)."""
     start_blocks = blocks_done(out)

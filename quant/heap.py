@@ -7,7 +7,8 @@ that threshold each time such a map is freed, so that which tensors come from th
 :func:`keep_large_allocations_mapped` fixes the threshold (``mallopt(M_MMAP_THRESHOLD)``, which also
 turns the dynamic adjustment off), keeps up to ``TRIM_THRESHOLD`` of free memory at the top of the heap
 (``M_TRIM_THRESHOLD``) and :func:`trim` hands free heap pages back (``malloc_trim``; the pipeline calls
-it once per block).
+it once per block, AWQ's search between its phases and the RTN guard after its copy is packed: each phase
+frees the last one's transients, but the pieces stay resident until trimmed).
 
 The mmap threshold trades memory for time. Every allocation above it is a fresh map, faulted in and
 zeroed by the kernel page by page; below it, freed memory is reused but the heap holds on to it.

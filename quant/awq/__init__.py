@@ -159,8 +159,7 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
                 outputs.append(out)
             if k == 0:
                 ref, probes = out, recorded
-    # Each phase below frees what the one before allocated, but its transients (every forward's, the searches'
-    # chunks) leave the heap in pieces that glibc keeps resident: hand them back between phases (quant.heap).
+    # Between the phases the heap's free pieces are handed back (quant.heap: why).
     heap.trim()
     scales, ratios, proxy_ratios, proxy_gains, judged_gains = {}, [], [], [], []
     for g in groups:
