@@ -162,9 +162,9 @@ def gen_one(args) -> dict:
 
 
 def _peak_rss_bytes() -> int:
-    import resource
+    from quant.pipeline import peak_rss_mb
 
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024  # Linux reports KiB
+    return int(peak_rss_mb() * 2**20)  # this process's own (ru_maxrss would inherit this script's parent's)
 
 
 def run_gen(args) -> list[GenRow]:

@@ -15,7 +15,7 @@ AWQ at w4 g128: seconds, peak RSS, and the routed calibration tokens per expert 
 with the experts that took their statistics from every token. ``--old``: each method also with another
 checkout of qtool, right after this one's run (a before/after in one invocation).
 
-Each quantization runs in its own process (peak RSS = its ``ru_maxrss``). Prints tables; asserts nothing.
+Each quantization runs in its own process (peak RSS = its own ``VmHWM``: ``QuantReport.peak_rss_mb``). Prints tables; asserts nothing.
 """
 from __future__ import annotations
 

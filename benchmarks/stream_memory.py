@@ -5,8 +5,9 @@
     python benchmarks/stream_memory.py capped                # RTN and AWQ on a 3.15 GB bf16 llama under a 1 GiB cap
     python benchmarks/stream_memory.py capped --methods awq --cap-gb 1.5 --layers 52   # AWQ: 4.95 GB (3.07x) under 1.5 GiB
 
-Every quantization runs in its own process; its peak RSS is that process's
-``ru_maxrss`` (``QuantReport.peak_rss_mb``). ``--old DIR`` also runs the same
+Every quantization runs in its own process; its peak RSS is that process's own
+``VmHWM`` (``QuantReport.peak_rss_mb``; not ``ru_maxrss``, which inherits this script's peak from writing the
+synthetic models). ``--old DIR`` also runs the same
 quantization with the qtool checkout in DIR (e.g. a worktree at an older commit), in
 the same invocation, for a before/after table. ``capped`` puts the process in a
 cgroup-v1 memory controller (``/sys/fs/cgroup/memory/qtool-bench``; needs root) whose

@@ -66,8 +66,22 @@ class QuantReport:
 
 
 def peak_rss_mb() -> float:
-    # ru_maxrss is KiB on Linux, bytes on macOS.
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    """This process's peak resident set size so far, MiB: ``VmHWM`` of ``/proc/self/status`` where there is one
+    (Linux), else ``ru_maxrss``.
+
+    Not ``ru_maxrss`` on Linux: a process started by ``vfork`` and ``exec`` (Python's ``subprocess`` without a
+    ``preexec_fn``) reports its parent's peak there when that was larger, as ``exec`` keeps the replaced memory map's
+    high-water mark; a run started from a script that had written a 4.95 GB model said 5,106 MiB
+    (``benchmarks/RESULTS.md``, issue 15). ``VmHWM`` is this process's own memory map's.
+    """
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 

@@ -248,3 +248,22 @@ def test_methods_leave_dense_weights_that_compute_exactly_what_the_packed_block_
     with torch.no_grad():
         packed_out = first_output(packed_block(calls.hidden, *calls.args, **calls.kwargs))
     assert torch.equal(dense_out, packed_out)
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").is_file(), reason="Linux's /proc")
+def test_the_peak_rss_of_a_run_started_by_a_larger_process_is_the_runs_own():
+    """A child started by subprocess (vfork + exec) inherits its parent's peak in ru_maxrss; the report's peak is
+    the child's own. The parent is a process of its own here, so that this test process keeps its peak."""
+    root = Path(__file__).resolve().parents[1]
+    child = f"import sys; sys.path.insert(0, {str(root)!r}); from quant.pipeline import peak_rss_mb; print(peak_rss_mb())"
+    parent = ("import resource, subprocess, sys\n"
+              "x = bytearray(3 << 30)\n"
+              "for i in range(0, len(x), 4096): x[i] = 1\n"
+              "del x\n"
+              f"out = subprocess.run([sys.executable, '-c', {child!r}], capture_output=True, text=True, check=True)\n"
+              "print(out.stdout.strip())\n")
+    import subprocess
+    import sys
+
+    peak = float(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout)
+    assert 50 < peak < 2 << 10  # MiB: the child imported torch (hundreds of MiB), never held the parent's 3 GiB
