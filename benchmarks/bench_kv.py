@@ -162,7 +162,7 @@ def gen_one(args) -> dict:
 
 
 def _peak_rss_bytes() -> int:
-    from quant.pipeline import peak_rss_mb
+    from quant.heap import peak_rss_mb
 
     return int(peak_rss_mb() * 2**20)  # this process's own (ru_maxrss would inherit this script's parent's)
 

@@ -28,16 +28,27 @@ at 256 MiB (same peak RSS). With both, AWQ on the whole example model took 0.87-
 before, at 1,076-1,162 MiB peak RSS instead of 1,418.
 
 Both are no-ops where the C library is not glibc.
+
+Some work leaves debris no trim can return: tokenizing the calibration text allocates per token and keeps a
+little of it, scattered over the heap. :func:`in_child` runs such work in a forked child process, whose heap goes
+with it. :func:`peak_rss_mb` is the process's peak memory, its children's included.
 """
 from __future__ import annotations
 
 import ctypes
+import os
+import pickle
+import resource
+import signal
+import sys
 
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
 MMAP_THRESHOLD = 32 << 20  # bytes: tensors of this size and larger get their own memory maps
 TRIM_THRESHOLD = 256 << 20  # bytes of free memory kept at the top of the heap between trims
 
 _libc = None
+_children_peak_mb = 0.0  # the largest peak of a child process that :func:`in_child` ran
 
 
 def _glibc():
@@ -68,3 +79,92 @@ def trim() -> None:
     if lib:
         lib.malloc_trim(0)
 
+
+
+def peak_rss_mb() -> float:
+    """The peak resident set size of this process, or of a child it ran through :func:`in_child` if that was
+    larger, MiB: ``VmHWM`` of ``/proc/self/status`` where there is one (Linux), else ``ru_maxrss``.
+
+    Not ``ru_maxrss`` on Linux: a process started by ``vfork`` and ``exec`` (Python's ``subprocess`` without a
+    ``preexec_fn``) reports its parent's peak there when that was larger, as ``exec`` keeps the replaced memory map's
+    high-water mark; a run started from a script that had written a 4.95 GB model said 5,106 MiB
+    (``benchmarks/RESULTS.md``, issue 15). ``VmHWM`` is this process's own memory map's. A forked child's
+    ``VmHWM`` counts the pages it shares with this process, so it is the memory the two used while it ran.
+    """
+    return max(_own_peak_mb(), _children_peak_mb)
+
+
+def _own_peak_mb() -> float:
+    try:
+        with open("/proc/self/status") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**10  # kB
+    except OSError:
+        pass
+    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
+    return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def in_child(fn, *args):
+    """``fn(*args)`` computed in a forked child process and its (picklable) result returned; an exception
+    ``fn`` raises is raised here. What the child allocates never enters this process's heap.
+
+    For work whose allocator debris would outlive it: tokenizing the calibration text leaves the heap
+    100-160 MiB larger in tens of thousands of free chunks for 13 MiB more in use, memory the quantization
+    after it cannot hand back (``benchmarks/RESULTS.md``, issue 15). The child runs torch on one thread
+    (GNU OpenMP is not fork-safe once the parent has used it). Runs ``fn`` here where there is no ``fork``
+    or the C library is not glibc. Raises RuntimeError if the child dies without an answer (e.g. killed).
+    """
+    if not hasattr(os, "fork") or not _glibc():
+        return fn(*args)
+    read, write = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:  # the child: never returns into the caller's stack
+        status = 1
+        try:
+            os.close(read)
+            _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # killed with its parent (kill -9 included)
+            if os.getppid() != parent:  # the parent died before that took effect
+                return
+            import torch
+
+            torch.set_num_threads(1)
+            try:
+                answer = (True, fn(*args))
+            except BaseException as e:  # noqa: BLE001 - handed to the parent as it is
+                answer = (False, e)
+            answer = (*answer, _own_peak_mb())
+            try:
+                data = pickle.dumps(answer)
+            except Exception as e:  # noqa: BLE001 - an unpicklable result or exception: its message
+                data = pickle.dumps((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}"
+                                                          if not answer[0] else f"unpicklable result: {e}"),
+                                     answer[2]))
+            with os.fdopen(write, "wb") as f:
+                f.write(data)
+            status = 0
+        finally:
+            os._exit(status)
+    os.close(write)
+    try:
+        with os.fdopen(read, "rb") as f:
+            data = f.read()
+        _, wait_status = os.waitpid(pid, 0)
+    except BaseException:  # Ctrl-C or an error here: the child does not outlive the call
+        try:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+        except OSError:
+            pass
+        raise
+    if not data:
+        raise RuntimeError(f"the child process computing {getattr(fn, '__name__', fn)} ended without an answer "
+                           f"(wait status {wait_status})")
+    global _children_peak_mb
+    ok, value, child_peak = pickle.loads(data)
+    _children_peak_mb = max(_children_peak_mb, child_peak)
+    if not ok:
+        raise value
+    return value

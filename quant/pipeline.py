@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import logging
 import os
-import resource
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -63,26 +61,6 @@ class QuantReport:
     resumed_from: int | None = None  # the first block this run quantized, where it continued a stopped one
     # loader -> None where it reads the checkpoint right, else why not (quant.formats.compat.readers)
     loaders: dict[str, str | None] = field(default_factory=dict)
-
-
-def peak_rss_mb() -> float:
-    """This process's peak resident set size so far, MiB: ``VmHWM`` of ``/proc/self/status`` where there is one
-    (Linux), else ``ru_maxrss``.
-
-    Not ``ru_maxrss`` on Linux: a process started by ``vfork`` and ``exec`` (Python's ``subprocess`` without a
-    ``preexec_fn``) reports its parent's peak there when that was larger, as ``exec`` keeps the replaced memory map's
-    high-water mark; a run started from a script that had written a 4.95 GB model said 5,106 MiB
-    (``benchmarks/RESULTS.md``, issue 15). ``VmHWM`` is this process's own memory map's.
-    """
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
-    rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
-    return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
 def _device(device: str | None) -> torch.device:
@@ -175,7 +153,8 @@ def quantize(
         dtype = output_dtype(cfg, src, {f"{arch.blocks}.{i}.{n}.weight" for i, names in enumerate(plan.quantize)
                                         for n in names})
         t_cal = time.perf_counter()
-        calib_ids, kinds = _calibration_ids(model_dir, cfg, arch.needs_bos) if cfg.needs_calibration else (None, [])
+        calib_ids, kinds = (heap.in_child(_calibration_ids, model_dir, cfg, arch.needs_bos) if cfg.needs_calibration
+                            else (None, []))
         calib_seconds = time.perf_counter() - t_cal
         writer = ShardWriter(tmp, max_shard_bytes)
         run = _Run(tmp, key, writer, saved)
@@ -201,7 +180,7 @@ def quantize(
         report = QuantReport(
             out=str(Path(out).absolute()), method=cfg.method, fmt=cfg.fmt, bits=cfg.bits,
             group_size=cfg.group_size, n_quantized=plan.n_quantized, skipped=plan.skipped, seconds=seconds,
-            calib_seconds=calib_seconds, peak_rss_mb=peak_rss_mb(),
+            calib_seconds=calib_seconds, peak_rss_mb=heap.peak_rss_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0,
             source_bytes=model_io.folder_bytes(model_dir), output_bytes=model_io.folder_bytes(tmp, ("model*.safetensors",)), blocks=rows,
             guarded=cfg.held_out_split[1] > 0 if cfg.needs_calibration else None, model_check=model_check,

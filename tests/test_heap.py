@@ -1,10 +1,14 @@
 """quant.heap: the process allocator's settings under glibc (no-ops elsewhere)."""
 import ctypes
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+
+from quant import heap
+from quant.errors import QtoolError
 
 ROOT = Path(__file__).resolve().parents[1]
 pytestmark = pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc's allocator")
@@ -55,3 +59,101 @@ def test_activation_sized_temporaries_stay_in_the_heap_and_are_not_handed_back_o
     # With the mmap threshold fixed alone (glibc's trim threshold then stays at 128 KiB), the freed block is handed back.
     ok, mapped, keep, _ = _run(False)
     assert ok == "True" and int(mapped) == 0 and int(keep) < 24 << 20
+
+
+_KEPT = []
+
+
+def _allocate_and_keep(n: int) -> int:
+    """``n`` objects of 1 KiB from the C heap (above Python's small-object allocator), kept alive as tokenizing's
+    debris is: the heap grows by ~n KiB."""
+    _KEPT.append([bytes(1024) for _ in range(n)])
+    return os.getpid()
+
+
+def _touch(n: int) -> None:
+    x = bytearray(n)
+    for i in range(0, n, 4096):
+        x[i] = 1
+
+
+def _fail(message: str):
+    raise QtoolError(message)
+
+
+def test_work_in_a_child_returns_its_answer_raises_its_errors_and_leaves_the_heap_alone():
+    libc = ctypes.CDLL("libc.so.6")
+    if not hasattr(libc, "mallinfo2"):
+        pytest.skip("not glibc >= 2.33")
+
+    class MI2(ctypes.Structure):
+        _fields_ = [(n, ctypes.c_size_t) for n in ("arena", "ordblks", "smblks", "hblks", "hblkhd", "usmblks",
+                                                    "fsmblks", "uordblks", "fordblks", "keepcost")]
+    libc.mallinfo2.restype = MI2
+    before = libc.mallinfo2().uordblks
+    pid = heap.in_child(_allocate_and_keep, 40_000)
+    assert pid != os.getpid() and not _KEPT  # computed elsewhere: nothing kept here
+    assert libc.mallinfo2().uordblks - before < 4 << 20
+    assert _allocate_and_keep(40_000) == os.getpid()  # the same work here does grow this heap (the check can fail)
+    assert libc.mallinfo2().uordblks - before > 32 << 20
+    _KEPT.clear()
+    own = heap.peak_rss_mb()
+    heap.in_child(_touch, 768 << 20)
+    assert heap.peak_rss_mb() >= own + 512  # MiB: the child's peak is the run's too
+    with pytest.raises(QtoolError, match="one sentence"):
+        heap.in_child(_fail, "one sentence")
+
+
+def test_the_calibration_text_is_tokenized_outside_the_quantizing_process(tmp_path, monkeypatch):
+    import quant
+    from calib import data
+    from tiny_models import save_tiny_model
+
+    pids = tmp_path / "pids"
+    real = data.tokenize_documents
+
+    def spy(tokenizer, texts):
+        with open(pids, "a") as f:
+            f.write(f"{os.getpid()}\n")
+        return real(tokenizer, texts)
+
+    monkeypatch.setattr(data, "tokenize_documents", spy)
+    src = save_tiny_model("llama", tmp_path / "src")
+    quant.quantize(src, tmp_path / "out", method="awq", bits=4, group_size=32, n_samples=4, seqlen=32,
+                   dtype="float32", progress=False)
+    seen = set(pids.read_text().split())
+    assert seen and str(os.getpid()) not in seen
+
+
+def test_a_child_does_not_outlive_its_parent_killed_with_sigkill(tmp_path):
+    import signal
+    import time
+
+    pid_file = tmp_path / "child"
+    code = (f"import sys, time; sys.path.insert(0, {str(ROOT)!r})\n"
+            "from quant import heap\n"
+            "def work(path):\n"
+            "    import os; open(path, 'w').write(str(os.getpid())); time.sleep(60)\n"
+            f"heap.in_child(work, {str(pid_file)!r})\n")
+    parent = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        for _ in range(600):
+            if pid_file.is_file() and pid_file.read_text():
+                break
+            time.sleep(0.05)
+        child = int(pid_file.read_text())
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        for _ in range(100):
+            try:
+                os.kill(child, 0)
+            except ProcessLookupError:
+                break
+            if Path(f"/proc/{child}/stat").read_text().split(") ")[-1].startswith("Z"):
+                break  # killed, not yet reaped
+            time.sleep(0.05)
+        else:
+            os.kill(child, signal.SIGKILL)
+            pytest.fail("the child kept running after its parent was killed")
+    finally:
+        parent.kill()
