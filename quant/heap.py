@@ -88,22 +88,29 @@ def peak_rss_mb() -> float:
     Not ``ru_maxrss`` on Linux: a process started by ``vfork`` and ``exec`` (Python's ``subprocess`` without a
     ``preexec_fn``) reports its parent's peak there when that was larger, as ``exec`` keeps the replaced memory map's
     high-water mark; a run started from a script that had written a 4.95 GB model said 5,106 MiB
-    (``benchmarks/RESULTS.md``, issue 15). ``VmHWM`` is this process's own memory map's. A forked child's
-    ``VmHWM`` counts the pages it shares with this process, so it is the memory the two used while it ran.
+    (``benchmarks/RESULTS.md``, issue 15). ``VmHWM`` is this process's own memory map's. A forked child's peak
+    counts the anonymous pages it shares with this process; with this process's file pages added, it is the
+    memory the two held while it ran (this process waits meanwhile).
     """
     return max(_own_peak_mb(), _children_peak_mb)
 
 
 def _own_peak_mb() -> float:
-    try:
-        with open("/proc/self/status") as f:
-            for line in f:
-                if line.startswith("VmHWM:"):
-                    return int(line.split()[1]) / 2**10  # kB
-    except OSError:
-        pass
+    peak = _status_mb("VmHWM")
+    if peak is not None:
+        return peak
     rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss  # KiB on Linux, bytes on macOS
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
+
+
+def _status_mb(*fields: str) -> float | None:
+    """The sum of ``fields`` (kB lines such as ``VmHWM``) of ``/proc/self/status``, MiB; None without one."""
+    try:
+        with open("/proc/self/status") as f:
+            values = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in fields}
+    except OSError:
+        return None
+    return sum(values.values()) / 2**10 if values else None
 
 
 def in_child(fn, *args):
@@ -120,6 +127,8 @@ def in_child(fn, *args):
         return fn(*args)
     read, write = os.pipe()
     parent = os.getpid()
+    # The child's own VmHWM holds the anonymous pages it shares with this process, not the mapped files' pages.
+    files_mb = _status_mb("RssFile", "RssShmem") or 0.0
     pid = os.fork()
     if pid == 0:  # the child: never returns into the caller's stack
         status = 1
@@ -164,7 +173,7 @@ def in_child(fn, *args):
                            f"(wait status {wait_status})")
     global _children_peak_mb
     ok, value, child_peak = pickle.loads(data)
-    _children_peak_mb = max(_children_peak_mb, child_peak)
+    _children_peak_mb = max(_children_peak_mb, child_peak + files_mb)
     if not ok:
         raise value
     return value

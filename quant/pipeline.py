@@ -135,8 +135,12 @@ def quantize(
 
         load_search(cfg.awq.search_file, f"{arch.blocks}.0.")
     dev = _device(device)
-    if cfg.needs_calibration:
-        model_io.load_tokenizer(model_dir)  # before the model loads: a missing tokenizer is one sentence, early
+    # The calibration windows before the model loads (a missing tokenizer or too little text: one sentence, early),
+    # tokenized in a child process: the tokenizer's memory never enters this one (quant.heap.in_child).
+    t_cal = time.perf_counter()
+    calib_ids, kinds = (heap.in_child(_calibration_ids, model_dir, cfg, arch.needs_bos) if cfg.needs_calibration
+                        else (None, []))
+    calib_seconds = time.perf_counter() - t_cal
     key = resume.run_key(asdict(cfg), dev.type, source_fingerprint(model_dir))
     with model_io.atomic_output(out, overwrite, source=model_dir, resume_key=key, restart=restart) as tmp:
         # Embeddings and lm_head are read only where the run needs them (calibration, the whole-model check).
@@ -152,10 +156,6 @@ def quantize(
         check_target(cfg.target, _written(cfg, arch, *_stored_names(plan, src, arch)))
         dtype = output_dtype(cfg, src, {f"{arch.blocks}.{i}.{n}.weight" for i, names in enumerate(plan.quantize)
                                         for n in names})
-        t_cal = time.perf_counter()
-        calib_ids, kinds = (heap.in_child(_calibration_ids, model_dir, cfg, arch.needs_bos) if cfg.needs_calibration
-                            else (None, []))
-        calib_seconds = time.perf_counter() - t_cal
         writer = ShardWriter(tmp, max_shard_bytes)
         run = _Run(tmp, key, writer, saved)
         if saved is not None:
