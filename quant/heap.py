@@ -169,8 +169,10 @@ def in_child(fn, *args):
             pass
         raise
     if not data:
-        raise RuntimeError(f"the child process computing {getattr(fn, '__name__', fn)} ended without an answer "
-                           f"(wait status {wait_status})")
+        code = os.waitstatus_to_exitcode(wait_status)
+        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
+        raise RuntimeError(f"the child process computing {getattr(fn, '__name__', fn)} {how} before it answered"
+                           + (" (out of memory?)" if code == -signal.SIGKILL else ""))
     global _children_peak_mb
     ok, value, child_peak = pickle.loads(data)
     _children_peak_mb = max(_children_peak_mb, child_peak + files_mb)

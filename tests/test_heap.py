@@ -157,3 +157,12 @@ def test_a_child_does_not_outlive_its_parent_killed_with_sigkill(tmp_path):
             pytest.fail("the child kept running after its parent was killed")
     finally:
         parent.kill()
+
+
+def _die() -> None:
+    os.kill(os.getpid(), 9)
+
+
+def test_a_child_killed_before_it_answers_is_one_clear_error():
+    with pytest.raises(RuntimeError, match="_die was killed by signal 9 before it answered"):
+        heap.in_child(_die)
