@@ -102,7 +102,11 @@ def _paragraphs(text: str) -> set[str]:
 
 def _read_txt(path: Path) -> list[str]:
     """Documents of a text file, separated by one or more blank lines."""
-    text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    try:
+        text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
+    except UnicodeDecodeError as e:
+        raise QtoolError(f"Calibration file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                         f"offset {e.start}); give a UTF-8 .txt, a .jsonl or a .parquet file.") from None
     return [doc.strip("\n") for doc in _BLANK_LINES.split(text)]
 
 
@@ -136,7 +140,11 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
         raise QtoolError(
             f"Reading {str(path)!r} needs pyarrow, which is not installed; run `pip install pyarrow`."
         ) from None
-    table = pq.read_table(path)
+    try:
+        table = pq.read_table(path)
+    except Exception as e:  # noqa: BLE001 - pyarrow's errors for a damaged or foreign file
+        raise QtoolError(f"Parquet file {str(path)!r} cannot be read ({type(e).__name__}: {e}); give a valid "
+                         "parquet file with a text column.") from None
     if text_field not in table.column_names:
         raise QtoolError(
             f"Parquet file {str(path)!r} has no column {text_field!r}; its columns are {table.column_names}."

@@ -42,6 +42,8 @@ import resource
 import signal
 import sys
 
+from quant.errors import QtoolError
+
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 MMAP_THRESHOLD = 32 << 20  # bytes: tensors of this size and larger get their own memory maps
@@ -113,15 +115,22 @@ def _status_mb(*fields: str) -> float | None:
     return sum(values.values()) / 2**10 if values else None
 
 
-def in_child(fn, *args):
+class ChildTraceback(Exception):
+    """The traceback of an exception raised in :func:`in_child`'s child process, as text: the cause of the
+    exception raised again in the parent, so that a traceback shows where in the child it came from."""
+
+
+def in_child(fn, *args, what: str | None = None):
     """``fn(*args)`` computed in a forked child process and its (picklable) result returned; an exception
-    ``fn`` raises is raised here. What the child allocates never enters this process's heap.
+    ``fn`` raises is raised here, caused by a :class:`ChildTraceback` holding the child's traceback. What the
+    child allocates never enters this process's heap.
 
     For work whose allocator debris would outlive it: tokenizing the calibration text leaves the heap
     100-160 MiB larger in tens of thousands of free chunks for 13 MiB more in use, memory the quantization
     after it cannot hand back (``benchmarks/RESULTS.md``, issue 15). The child runs torch on one thread
-    (GNU OpenMP is not fork-safe once the parent has used it). Runs ``fn`` here where there is no ``fork``
-    or the C library is not glibc. Raises RuntimeError if the child dies without an answer (e.g. killed).
+    (GNU OpenMP is not fork-safe once the parent has used it) and is killed with this process. Runs ``fn`` here
+    where there is no ``fork``, the C library is not glibc, or the fork fails. Raises QtoolError naming ``what``
+    (``fn``'s name by default) if the child dies without an answer (killed, e.g. out of memory).
     """
     if not hasattr(os, "fork") or not _glibc():
         return fn(*args)
@@ -129,7 +138,12 @@ def in_child(fn, *args):
     parent = os.getpid()
     # The child's own VmHWM holds the anonymous pages it shares with this process, not the mapped files' pages.
     files_mb = _status_mb("RssFile", "RssShmem") or 0.0
-    pid = os.fork()
+    try:
+        pid = os.fork()
+    except OSError:
+        os.close(read)
+        os.close(write)
+        return fn(*args)
     if pid == 0:  # the child: never returns into the caller's stack
         status = 1
         try:
@@ -137,20 +151,22 @@ def in_child(fn, *args):
             _libc.prctl(_PR_SET_PDEATHSIG, signal.SIGKILL)  # killed with its parent (kill -9 included)
             if os.getppid() != parent:  # the parent died before that took effect
                 return
+            import traceback
+
             import torch
 
             torch.set_num_threads(1)
             try:
-                answer = (True, fn(*args))
+                answer = (True, fn(*args), None)
             except BaseException as e:  # noqa: BLE001 - handed to the parent as it is
-                answer = (False, e)
+                answer = (False, e, "".join(traceback.format_exception(e)))
             answer = (*answer, _own_peak_mb())
             try:
                 data = pickle.dumps(answer)
             except Exception as e:  # noqa: BLE001 - an unpicklable result or exception: its message
                 data = pickle.dumps((False, RuntimeError(f"{type(answer[1]).__name__}: {answer[1]}"
                                                           if not answer[0] else f"unpicklable result: {e}"),
-                                     answer[2]))
+                                     answer[2], answer[3]))
             with os.fdopen(write, "wb") as f:
                 f.write(data)
             status = 0
@@ -160,7 +176,10 @@ def in_child(fn, *args):
     try:
         with os.fdopen(read, "rb") as f:
             data = f.read()
-        _, wait_status = os.waitpid(pid, 0)
+        try:
+            _, wait_status = os.waitpid(pid, 0)
+        except ChildProcessError:  # reaped elsewhere (SIGCHLD ignored, or a waitpid(-1) of the caller's)
+            wait_status = None
     except BaseException:  # Ctrl-C or an error here: the child does not outlive the call
         try:
             os.kill(pid, signal.SIGKILL)
@@ -169,13 +188,14 @@ def in_child(fn, *args):
             pass
         raise
     if not data:
-        code = os.waitstatus_to_exitcode(wait_status)
-        how = f"was killed by signal {-code}" if code < 0 else f"exited with status {code}"
-        raise RuntimeError(f"the child process computing {getattr(fn, '__name__', fn)} {how} before it answered"
-                           + (" (out of memory?)" if code == -signal.SIGKILL else ""))
+        code = os.waitstatus_to_exitcode(wait_status) if wait_status is not None else None
+        how = (f"was killed by signal {-code}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
+               if code is not None and code < 0 else f"exited with status {code}" if code is not None else "ended")
+        raise QtoolError(f"{what or getattr(fn, '__name__', fn)}: the child process doing it {how} before it "
+                         "finished")
     global _children_peak_mb
-    ok, value, child_peak = pickle.loads(data)
+    ok, value, child_traceback, child_peak = pickle.loads(data)
     _children_peak_mb = max(_children_peak_mb, child_peak + files_mb)
     if not ok:
-        raise value
+        raise value from (ChildTraceback(child_traceback) if child_traceback else None)
     return value

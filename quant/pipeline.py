@@ -119,7 +119,8 @@ def quantize(
     :class:`QtoolError` (one sentence) for bad input.
 
     Under glibc this sets the calling process's mmap threshold (:func:`quant.heap.keep_large_allocations_mapped`)
-    so that freed activations go back to the system instead of piling up in the heap.
+    so that freed activations go back to the system instead of piling up in the heap, and tokenizes the calibration
+    text in a forked child process (:func:`quant.heap.in_child`), whose memory leaves with it.
     """
     cfg = cfg.with_(**options) if cfg is not None else QuantConfig(**options)
     heap.keep_large_allocations_mapped()
@@ -135,19 +136,19 @@ def quantize(
 
         load_search(cfg.awq.search_file, f"{arch.blocks}.0.")
     dev = _device(device)
-    # The calibration windows before the model loads (a missing tokenizer or too little text: one sentence, early),
-    # tokenized in a child process: the tokenizer's memory never enters this one (quant.heap.in_child).
-    t_cal = time.perf_counter()
-    calib_ids, kinds = (heap.in_child(_calibration_ids, model_dir, cfg, arch.needs_bos) if cfg.needs_calibration
-                        else (None, []))
-    calib_seconds = time.perf_counter() - t_cal
     key = resume.run_key(asdict(cfg), dev.type, source_fingerprint(model_dir))
     with model_io.atomic_output(out, overwrite, source=model_dir, resume_key=key, restart=restart) as tmp:
         # Embeddings and lm_head are read only where the run needs them (calibration, the whole-model check).
         src = SourceModel(model_dir, arch.blocks, outside=cfg.needs_calibration)
         saved = resume.load(tmp)
+        t_cal = time.perf_counter()
+        calib_ids, kinds = None, []
         if cfg.needs_calibration:
             model_io.check_seqlen(src.model, cfg.seqlen)
+            # Tokenized in a child process: the tokenizer's memory never enters this one (quant.heap.in_child).
+            calib_ids, kinds = heap.in_child(_calibration_ids, model_dir, cfg, arch.needs_bos,
+                                             what="tokenizing the calibration text")
+        calib_seconds = time.perf_counter() - t_cal
         if src.layout is not None and cfg.skip:  # --skip in the checkpoint's own names (feed_forward.w2, attention.wqkv)
             cfg = cfg.with_(skip=tuple(dict.fromkeys(n for s in cfg.skip for n in src.layout.native_modules(s, src.shape))))
         plan = plan_linears(src.model, arch, cfg)
@@ -292,8 +293,11 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
                            on_block_done=done, before_block=load, start=run.start, start_hidden=start_hidden,
                            lead=cfg.awq.judge_windows if cfg.searches_awq else None)
     except KeyboardInterrupt:
-        log.warning("stopped: %d of %d blocks are finished and kept in %s; run the same command again to "
-                    "continue from there", run.finished, len(blocks), run.folder)
+        if run.finished:
+            log.warning("stopped: %d of %d blocks are finished and kept in %s; run the same command again to "
+                        "continue from there", run.finished, len(blocks), run.folder)
+        else:
+            log.warning("stopped before the first block was finished; nothing is kept")
         raise
     finally:  # an error message then starts on its own line
         bar.close()

@@ -120,6 +120,38 @@ def test_empty_or_too_short_calibration_file(model, tmp_path, capsys, content):
     assert tree_digest(model) == before
 
 
+def test_a_calibration_file_that_is_not_utf8_text_is_refused(model, tmp_path, capsys):
+    f = tmp_path / "calib.txt"
+    f.write_bytes(b"plain words \xfe\xff\x00 then bytes")
+    code, err = run_cli(["awq", model, "-o", tmp_path / "out", "--calib-data", f, "--group-size", "32"], capsys)
+    assert_refused(code, err, "calib.txt", "not UTF-8", "0xfe")
+    _no_output(tmp_path)
+
+
+def test_a_damaged_parquet_calibration_file_is_refused(model, tmp_path, capsys):
+    pytest.importorskip("pyarrow")
+    f = tmp_path / "calib.parquet"
+    f.write_bytes(b"PAR1 not really a parquet file")
+    code, err = run_cli(["awq", model, "-o", tmp_path / "out", "--calib-data", f, "--group-size", "32"], capsys)
+    assert_refused(code, err, "calib.parquet", "cannot be read")
+
+
+def test_output_and_seqlen_are_refused_before_the_calibration_text_is_read(tmp_path, capsys, monkeypatch):
+    from calib import data
+
+    def read(*args, **kwargs):
+        raise AssertionError("the calibration text was read")
+
+    monkeypatch.setattr(data, "load_texts", read)  # a forked child inherits it
+    src = save_tiny_model("opt", tmp_path / "src")  # learned positions: seqlen is bounded
+    (tmp_path / "out").mkdir()
+    code, err = run_cli(["awq", src, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert_refused(code, err, "already exists")
+    limit = json.loads((src / "config.json").read_text())["max_position_embeddings"]
+    code, err = run_cli(["awq", src, "-o", tmp_path / "o2", "--group-size", "32", "--seqlen", limit + 1], capsys)
+    assert_refused(code, err, f"--seqlen {limit + 1}", "learned position embeddings")
+
+
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_weights(model, tmp_path, capsys, bad):
     f = model / "model.safetensors"

@@ -164,5 +164,18 @@ def _die() -> None:
 
 
 def test_a_child_killed_before_it_answers_is_one_clear_error():
-    with pytest.raises(RuntimeError, match="_die was killed by signal 9 before it answered"):
-        heap.in_child(_die)
+    with pytest.raises(QtoolError, match="^tokenizing: the child process doing it was killed by signal 9 "):
+        heap.in_child(_die, what="tokenizing")
+
+
+def test_an_error_in_the_child_keeps_its_traceback_and_a_child_reaped_elsewhere_still_answers():
+    import signal
+
+    with pytest.raises(QtoolError) as e:
+        heap.in_child(_fail, "one sentence")
+    assert isinstance(e.value.__cause__, heap.ChildTraceback) and "in _fail" in str(e.value.__cause__)
+    old = signal.signal(signal.SIGCHLD, signal.SIG_IGN)  # the kernel reaps children at once: waitpid finds none
+    try:
+        assert heap.in_child(_allocate_and_keep, 10) != os.getpid()
+    finally:
+        signal.signal(signal.SIGCHLD, old)
