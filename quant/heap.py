@@ -84,8 +84,9 @@ def trim() -> None:
 
 
 def peak_rss_mb() -> float:
-    """The peak resident set size of this process, or of a child it ran through :func:`in_child` if that was
-    larger, MiB: ``VmHWM`` of ``/proc/self/status`` where there is one (Linux), else ``ru_maxrss``.
+    """The peak resident set size of this process since it started, or of a child it ran through :func:`in_child`
+    if that was larger, MiB: ``VmHWM`` of ``/proc/self/status`` where there is one (Linux), else ``ru_maxrss``.
+    A second run in one process reports the larger of the two runs' peaks.
 
     Not ``ru_maxrss`` on Linux: a process started by ``vfork`` and ``exec`` (Python's ``subprocess`` without a
     ``preexec_fn``) reports its parent's peak there when that was larger, as ``exec`` keeps the replaced memory map's
