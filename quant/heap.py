@@ -82,7 +82,6 @@ def trim() -> None:
         lib.malloc_trim(0)
 
 
-
 def peak_rss_mb() -> float:
     """The peak resident set size of this process since it started, or of a child it ran through :func:`in_child`
     if that was larger, MiB: ``VmHWM`` of ``/proc/self/status`` where there is one (Linux), else ``ru_maxrss``.
@@ -190,8 +189,12 @@ def in_child(fn, *args, what: str | None = None):
         raise
     if not data:
         code = os.waitstatus_to_exitcode(wait_status) if wait_status is not None else None
-        how = (f"was killed by signal {-code}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
-               if code is not None and code < 0 else f"exited with status {code}" if code is not None else "ended")
+        if code is None:
+            how = "ended"
+        elif code < 0:
+            how = f"was killed by signal {-code}" + (" (out of memory?)" if code == -signal.SIGKILL else "")
+        else:
+            how = f"exited with status {code}"
         raise QtoolError(f"{what or getattr(fn, '__name__', fn)}: the child process doing it {how} before it "
                          "finished")
     global _children_peak_mb

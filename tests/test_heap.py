@@ -97,7 +97,7 @@ def test_work_in_a_child_returns_its_answer_raises_its_errors_and_leaves_the_hea
     assert _allocate_and_keep(40_000) == os.getpid()  # the same work here does grow this heap (the check can fail)
     assert libc.mallinfo2().uordblks - before > 32 << 20
     _KEPT.clear()
-    rss = int(next(ln for ln in open("/proc/self/status") if ln.startswith("VmRSS:")).split()[1]) >> 10  # MiB
+    rss = heap._status_mb("VmRSS")
     heap.in_child(_touch, 768 << 20)
     assert heap.peak_rss_mb() >= rss + 700  # the child's peak (the pages it shares with this process and 768 MiB)
     with pytest.raises(QtoolError, match="one sentence"):
