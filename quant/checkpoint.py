@@ -40,18 +40,19 @@ def _largest_unquantized(src, quantized: set[str], bits: int) -> tuple[str, floa
     """(name, max |x|) of the source's floating tensor with the largest magnitude among those that stay
     unquantized: every tensor but the weights named in ``quantized``, except those whose group scale
     float16 cannot hold at ``bits`` (they will stay in full precision, :mod:`quant.layers`). Tensors
-    outside the blocks come from the loaded skeleton; block tensors are read one at a time."""
+    outside the blocks come from the loaded skeleton; others are read a slice at a time."""
     loaded = src.model.state_dict()
     best = ("", 0.0)
     for name in src.index:
         t = loaded.get(name)
-        if t is None or t.is_meta:
+        if t is None or t.is_meta:  # read a slice at a time: an unloaded embedding never whole in memory
             if not (src.stored_dtype_of(name) or torch.int32).is_floating_point:
                 continue
-            t = src.tensor(name)
-        if not (t.is_floating_point() and t.numel()):
+            m = src.abs_max(name)
+        elif t.is_floating_point() and t.numel():
+            m = abs_max(t.detach())
+        else:
             continue
-        m = abs_max(t.detach())
         if name in quantized and 2 * m / (2**bits - 1) <= FP16_MAX:
             continue
         if not m <= best[1]:

@@ -171,7 +171,7 @@ def quantize(
         check_target(cfg.target, written)
         outside = []
         for j, name in enumerate(src.outside):  # one part each: one tensor in memory at a time
-            src.load_tensor(name)
+            src.load_tensor(name, dtype)  # converted as read: never whole in the source dtype
             outside.append(f"outside-{j:05d}")
             writer.write(outside[-1], src.to_stored(checkpoint_tensors(src.model, dtype, exclude=arch.blocks,
                                                                        only={name})))

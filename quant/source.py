@@ -16,6 +16,7 @@ import json
 import logging
 import os
 import re
+import sys
 from pathlib import Path
 
 import torch
@@ -47,6 +48,8 @@ class SourceModel:
         self.dir = Path(model_dir)
         self.files = model_io.weight_files(model_dir)
         self._bin: dict[Path, dict] = {}
+        self._headers: dict[Path, dict] = {}
+        self._header_end: dict[Path, int] = {}
         # A remote-code family's checkpoint (quant.layouts) is read under the native class's names.
         self.layout = layout_of(model_io.read_config(model_dir))
         config = model_io.model_config(model_dir)
@@ -72,9 +75,10 @@ class SourceModel:
         names = sorted(k for k in self.index if not k.startswith(blocks_path + "."))
         if outside:
             self._assign(names)
-        else:  # left on the meta device until written (load_tensor), but checked now
-            for name in names:
-                self._check_finite(name, self.tensor(name))
+        else:  # left on the meta device until written (load_tensor), but checked now, a slice at a time
+            for stored in sorted({self._stored_name(n) for n in names}):
+                for part in self._stored_slices(stored):
+                    self._check_finite(stored, part, stored=True)
         tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
             n for n, _ in self.model.named_parameters()}
         self.model.tie_weights()
@@ -108,6 +112,40 @@ class SourceModel:
     def _stored_name(self, name: str) -> str:
         """The stored tensor that holds native tensor ``name`` (as the source names it)."""
         return self._from.get(name, name)
+
+    def _stored_slices(self, stored: str):
+        """Stored tensor ``stored`` as consecutive slices along its first dimension, each at most
+        ``_SLICE_BYTES``, read with plain file reads into one reused buffer (a consumer copies what it keeps).
+        A memory-mapped read would leave every page it touched in this process's resident memory until the
+        whole tensor is dropped: for a float32 embedding that is the run's peak. Tensors a plain read cannot
+        slice (``.bin`` shards, scalars, a big-endian host) come whole."""
+        f = self.stored[stored]
+        entry = None if f in self._bin or sys.byteorder != "little" else self._header(f).get(stored)
+        if entry is None or not entry["shape"] or entry["dtype"] not in _SAFETENSORS_DTYPES:
+            yield self._read_stored(stored)
+            return
+        dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
+        begin, end = (self._header_end[f] + o for o in entry["data_offsets"])
+        row = (end - begin) // max(shape[0], 1)
+        rows = max(1, _SLICE_BYTES // max(row, 1))
+        buf = torch.empty(min(rows, shape[0]) * row, dtype=torch.uint8)
+        with open(f, "rb", buffering=0) as fh:
+            for r in range(0, shape[0], rows):
+                n = min(rows, shape[0] - r)
+                fh.seek(begin + r * row)
+                view = buf[:n * row]
+                if fh.readinto(memoryview(view.numpy())) != n * row:
+                    raise QtoolError(f"{f}: ends inside tensor {stored}; the file is truncated, download it again")
+                yield view.view(dtype).view(n, *shape[1:])
+
+    def _header(self, f: Path) -> dict:
+        """The JSON header of safetensors file ``f`` (cached), its data's offset in ``self._header_end``."""
+        if f not in self._headers:
+            with open(f, "rb") as fh:
+                size = int.from_bytes(fh.read(8), "little")
+                self._headers[f] = json.loads(fh.read(size))
+            self._header_end[f] = 8 + size
+        return self._headers[f]
 
     def _read_stored(self, stored: str) -> torch.Tensor:
         f = self.stored[stored]
@@ -175,8 +213,8 @@ class SourceModel:
                                  + (" (they would be random weights)" if what == "lacks" else "")
                                  + "; it does not match its config.json")
 
-    def _assign(self, names) -> None:
-        state = self.tensors(sorted(names))
+    def _assign(self, names, state: dict[str, torch.Tensor] | None = None) -> None:
+        state = self.tensors(sorted(names)) if state is None else state
         for k, t in state.items():
             want = tuple(self.model.get_parameter_or_buffer(k).shape)
             if tuple(t.shape) != want:
@@ -185,15 +223,43 @@ class SourceModel:
             self._check_finite(k, t)
         self.model.load_state_dict(state, strict=False, assign=True)
 
-    def _check_finite(self, name: str, t: torch.Tensor) -> None:
+    def _check_finite(self, name: str, t: torch.Tensor, stored: bool = False) -> None:
         if t.is_floating_point() and not all_finite(t):
-            raise QtoolError(f"{self.dir}: weight {self._stored_name(name)} holds NaN or inf values; the model is "
-                             "damaged, fix it first")
+            raise QtoolError(f"{self.dir}: weight {name if stored else self._stored_name(name)} holds NaN or inf "
+                             "values; the model is damaged, fix it first")
 
-    def load_tensor(self, name: str) -> None:
-        """Tensor ``name`` (outside the blocks) read into the model, if it is still on the meta device."""
-        if self.model.get_parameter_or_buffer(name).is_meta:
+    def abs_max(self, name: str) -> float:
+        """``max |x|`` of stored tensor ``name`` (its native name; a tensor the source stores under that name
+        alone), read a slice at a time (nothing of it stays in memory)."""
+        stored = self._stored_name(name)
+        if self._native_names(stored) != [name]:
+            return abs_max(self.tensor(name))
+        return max((abs_max(part) for part in self._stored_slices(stored)), default=0.0)
+
+    def load_tensor(self, name: str, dtype: torch.dtype | None = None) -> None:
+        """Tensor ``name`` (outside the blocks) read into the model, if it is still on the meta device. With
+        ``dtype`` it is converted as it is read, a slice at a time: a float32 embedding written as float16
+        costs its float16 size, not that plus its float32 size (elementwise, so the values are those of
+        ``tensor(name).to(dtype)``)."""
+        if not self.model.get_parameter_or_buffer(name).is_meta:
+            return
+        stored, want = self._stored_name(name), self.model.get_parameter_or_buffer(name).shape
+        if dtype is None or not want or self._native_names(stored) != [name] or not dtype.is_floating_point or not (
+                self._stored_dtype(stored) or torch.int32).is_floating_point:
             self._assign([name])
+            return
+        out, r = torch.empty(want, dtype=dtype), 0
+        for part in self._stored_slices(stored):
+            if part.shape[1:] != want[1:] or r + len(part) > want[0]:
+                self._assign([name])  # not the shape config.json gives: its one sentence
+                return
+            self._check_finite(stored, part, stored=True)
+            out[r:r + len(part)] = part
+            r += len(part)
+        if r != want[0]:
+            self._assign([name])
+            return
+        self._assign([name], {name: out})
 
     def release_tensor(self, name: str) -> None:
         """Tensor ``name`` back on the meta device (its memory freed)."""
@@ -243,6 +309,7 @@ class SourceModel:
 
 
 
+_SLICE_BYTES = 16 * 2**20  # per read of a tensor checked or converted as it is read
 _CHUNK = 2**22  # elements per step of a whole-tensor check: no full-size temporaries for an embedding
 
 

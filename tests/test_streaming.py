@@ -2,11 +2,13 @@
 import hashlib
 import json
 import math
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import torch
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from tiny_models import MODEL_TYPES, save_tiny_model, tiny_model
 
 import quant
@@ -110,6 +112,55 @@ def test_the_tensors_outside_the_blocks_are_released_while_the_blocks_are_quanti
     out = load_file(tmp_path / "out" / "model.safetensors")
     for name in ("model.embed_tokens.weight", "model.norm.weight"):
         assert torch.equal(out[name], ref[name].to(out[name].dtype))
+
+
+EMBED = "model.embed_tokens.weight"
+
+
+@pytest.mark.parametrize("source, out", [(torch.float32, torch.float16), (torch.float32, torch.bfloat16),
+                                         (torch.bfloat16, torch.float16), (torch.float16, torch.float32)])
+def test_a_tensor_outside_the_blocks_is_converted_as_it_is_read_slice_by_slice(tmp_path, monkeypatch, source, out):
+    """Read in slices of 7 rows (320 rows: the last slice shorter), converted into the output dtype as read: the
+    values of the whole tensor converted at once, and ``abs_max`` read the same way."""
+    import quant.source
+
+    src = SourceModel(save_tiny_model("llama", tmp_path / "src", dtype=source), "model.layers", outside=False)
+    monkeypatch.setattr(quant.source, "_SLICE_BYTES", 7 * 64 * source.itemsize)
+    for name in (EMBED, "lm_head.weight", "model.norm.weight"):
+        whole = src.tensor(name)
+        src.load_tensor(name, out)
+        held = src.model.get_parameter(name)
+        assert held.dtype == out and torch.equal(held, whole.to(out))
+        assert src.abs_max(name) == float(whole.abs().max())
+        src.release_tensor(name)
+
+
+def test_an_embedding_written_as_float16_costs_its_float16_size(tmp_path):
+    """A float32 embedding of 128 MiB written as float16: reading it whole (memory-mapped, every page it touches
+    resident until the tensor is dropped) and converting cost 128 + 64 MiB at the peak; read and converted a slice
+    at a time, its 64 MiB float16 copy and one slice. Measured as VmHWM (reset) in a fresh process."""
+    path = save_tiny_model("qwen2", tmp_path / "src")  # lm_head tied: the embedding is the one large tensor
+    tensors = load_file(path / "model.safetensors")
+    tensors[EMBED] = torch.randn(2**19, 64)
+    save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+    config = json.loads((path / "config.json").read_text())
+    (path / "config.json").write_text(json.dumps(dict(config, vocab_size=2**19)))
+    code = (
+        "import sys, torch\n"
+        f"sys.path.insert(0, {str(Path(quant.__file__).parents[1])!r})\n"
+        "from quant import heap\n"
+        "from quant.checkpoint import checkpoint_tensors\n"
+        "from quant.source import SourceModel\n"
+        f"src = SourceModel({str(path)!r}, 'model.layers', outside=False)\n"
+        "open('/proc/self/clear_refs', 'w').write('5')\n"
+        "base = heap._status_mb('VmRSS')\n"
+        f"src.load_tensor({EMBED!r}, torch.float16)\n"
+        f"t = checkpoint_tensors(src.model, torch.float16, exclude='model.layers', only={{{EMBED!r}}})\n"
+        "print(heap._status_mb('VmHWM') - base)\n")
+    if not Path("/proc/self/clear_refs").exists():
+        pytest.skip("no /proc/self/clear_refs to reset the peak")
+    grown = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+    assert 64 <= grown < 64 + 16 + 24  # float16 copy + one slice + allocator slack; whole: >= 192
 
 
 def _inputs_per_block(model, ids, **kw):
