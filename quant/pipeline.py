@@ -138,16 +138,18 @@ def quantize(
     dev = _device(device)
     key = resume.run_key(asdict(cfg), dev.type, source_fingerprint(model_dir))
     with model_io.atomic_output(out, overwrite, source=model_dir, resume_key=key, restart=restart) as tmp:
+        saved = resume.load(tmp)
         # Embeddings and lm_head are read only where the run needs them (calibration, the whole-model check).
         src = SourceModel(model_dir, arch.blocks, outside=cfg.needs_calibration)
-        saved = resume.load(tmp)
         t_cal = time.perf_counter()
         calib_ids, kinds = None, []
         if cfg.needs_calibration:
             model_io.check_seqlen(src.model, cfg.seqlen)
-            # Tokenized in a child process: the tokenizer's memory never enters this one (quant.heap.in_child).
-            calib_ids, kinds = heap.in_child(_calibration_ids, model_dir, cfg, arch.needs_bos,
-                                             what="tokenizing the calibration text")
+            if saved is not None and resume.CALIB_IDS in saved[1]:  # the windows the finished blocks saw
+                calib_ids, kinds = saved[1][resume.CALIB_IDS], saved[0]["kinds"]
+            else:  # in a child process: the tokenizer's memory never enters this one (quant.heap.in_child)
+                calib_ids, kinds = heap.in_child(_calibration_ids, model_dir, cfg, arch.needs_bos,
+                                                 what="tokenizing the calibration text")
         calib_seconds = time.perf_counter() - t_cal
         if src.layout is not None and cfg.skip:  # --skip in the checkpoint's own names (feed_forward.w2, attention.wqkv)
             cfg = cfg.with_(skip=tuple(dict.fromkeys(n for s in cfg.skip for n in src.layout.native_modules(s, src.shape))))
@@ -268,10 +270,12 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
         packed[i] = {}
         src.release(i)
         state = {f"artifact.{k}": v for k, v in artifacts.items()}
+        if calib_ids is not None:
+            state[resume.CALIB_IDS] = calib_ids
         state.update(alts.state())
         for s_i, part in enumerate(hidden or []):
             state.update({f"hidden.{s_i}.{j}": h.cpu() for j, h in enumerate(part)})
-        record = {"rows": [asdict(r) for r in rows], "alternatives": alts.written,
+        record = {"rows": [asdict(r) for r in rows], "alternatives": alts.written, "kinds": kinds,
                   "plan": {"quantize": plan.quantize, "skipped": plan.skipped}}
         run.save(i + 1, record, state)
 

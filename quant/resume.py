@@ -8,7 +8,9 @@ the finished blocks (:mod:`quant.shards`), a progress record written after every
   summary rows and the plan so far;
 * ``state.safetensors``: what the next block needs: the calibration hidden states after
   the last finished block (search, accept and guard windows) and the guard windows'
-  hidden states through the all-RTN model.
+  hidden states through the all-RTN model; and the calibration windows' token ids, so
+  that a resumed run neither tokenizes the text again nor sees other text than the
+  blocks before it (an edited calibration file changes nothing until ``--restart``).
 
 Both are replaced atomically (a temporary name, fsync, rename) after the block's parts
 are on disk, so after kill -9, a power cut or Ctrl-C the record always describes
@@ -33,6 +35,7 @@ from quant.shards import write_safetensors
 
 PROGRESS = "progress.json"
 STATE = "state.safetensors"
+CALIB_IDS = "calibration.ids"  # the run's calibration windows in STATE: int64 [windows, seqlen]
 
 
 def code_digest() -> str:
