@@ -162,8 +162,12 @@ def quantize(
         writer = ShardWriter(tmp, max_shard_bytes)
         run = _Run(tmp, key, writer, saved)
         if saved is not None:
-            log.warning("resuming at block %d of %d: the blocks before it were finished by a stopped run (%s)",
-                     run.start, len(src.blocks), tmp)
+            if run.start < len(src.blocks):
+                log.warning("resuming at block %d of %d: the blocks before it were finished by a stopped run (%s)",
+                            run.start, len(src.blocks), tmp)
+            else:
+                log.warning("resuming: all %d blocks were finished by a stopped run (%s); writing the rest",
+                            len(src.blocks), tmp)
             plan.quantize, plan.skipped = saved[0]["plan"]["quantize"], saved[0]["plan"]["skipped"]
         rows, artifacts, model_check, parts = _quantize_blocks(src, arch, cfg, plan, calib_ids, kinds, dev,
                                                                progress, run, dtype)

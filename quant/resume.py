@@ -6,15 +6,17 @@ the finished blocks (:mod:`quant.shards`), a progress record written after every
 * ``progress.json``: the run's key (every setting, the device kind, a digest of qtool's
   code, a fingerprint of the source: :func:`run_key`), how many blocks are finished, the
   summary rows and the plan so far;
-* ``state.safetensors``: what the next block needs: the calibration hidden states after
+* ``state-<blocks done>.safetensors``: what the next block needs: the calibration hidden states after
   the last finished block (search, accept and guard windows) and the guard windows'
   hidden states through the all-RTN model; and the calibration windows' token ids, so
   that a resumed run neither tokenizes the text again nor sees other text than the
   blocks before it (an edited calibration file changes nothing until ``--restart``).
 
-Both are replaced atomically (a temporary name, fsync, rename) after the block's parts
-are on disk, so after kill -9, a power cut or Ctrl-C the record always describes
-finished blocks. Re-running the same command finds the folder (its owner process is
+Each state is written under its own name (``state-<blocks done>.safetensors``, a temporary
+name, fsync, rename) after the block's parts are on disk; then ``progress.json``, which
+names it, replaces the previous one atomically; then the previous state is deleted. The
+record's rename is the one commit point, so after kill -9, a power cut or Ctrl-C at any
+instant the record and the state it names describe the same finished blocks. Re-running the same command finds the folder (its owner process is
 gone), checks the key, and continues at the first unfinished block; the result is
 bit-identical to an uninterrupted run's. A folder left by a run with other settings,
 other code or a changed source is refused with one sentence naming the difference;
@@ -28,14 +30,18 @@ import os
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file
 
 from quant.errors import QtoolError
 from quant.shards import write_safetensors
 
 PROGRESS = "progress.json"
-STATE = "state.safetensors"
-CALIB_IDS = "calibration.ids"  # the run's calibration windows in STATE: int64 [windows, seqlen]
+CALIB_IDS = "calibration.ids"  # the run's calibration windows in its state: int64 [windows, seqlen]
+
+
+def _state_name(blocks_done: int) -> str:
+    return f"state-{blocks_done:05d}.safetensors"
 
 
 def code_digest() -> str:
@@ -71,10 +77,14 @@ def first_difference(old, new, path: str = "") -> str | None:
 
 
 def saved_key(folder: Path) -> dict | None:
-    """The run key of a partial run's folder, or None if it holds no progress record."""
+    """The run key of a partial run's folder, or None if it holds no usable progress record (none, a damaged one,
+    or one whose state file is missing or damaged: such a folder cannot be continued)."""
     try:
-        return json.loads((folder / PROGRESS).read_text())["key"]
-    except (OSError, ValueError, KeyError):
+        record = json.loads((folder / PROGRESS).read_text())
+        with safe_open(str(folder / record["state"]), framework="pt"):  # its header and size checked
+            pass
+        return record["key"]
+    except Exception:  # noqa: BLE001 - json, the OS and safetensors raise many kinds for a damaged record
         return None
 
 
@@ -99,18 +109,29 @@ def _atomic_write(path: Path, write) -> None:
 
 def save(folder: Path, key: dict, blocks_done: int, record: dict, tensors: dict[str, torch.Tensor]) -> None:
     """The progress record after ``blocks_done`` finished blocks: ``record`` (JSON-able) and ``tensors``."""
-    _atomic_write(folder / STATE, lambda p: write_safetensors(p, {k: t.cpu() for k, t in tensors.items()}))
-    payload = {"key": key, "blocks_done": blocks_done, **record}
+    state = _state_name(blocks_done)
+    _atomic_write(folder / state, lambda p: write_safetensors(p, {k: t.cpu() for k, t in tensors.items()}))
+    payload = {"key": key, "blocks_done": blocks_done, "state": state, **record}
     _atomic_write(folder / PROGRESS, lambda p: p.write_text(json.dumps(payload, default=str)))
+    for old in folder.glob("state-*.safetensors"):  # the record no longer names them
+        if old.name != state:
+            old.unlink(missing_ok=True)
 
 
 def load(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
-    """``(record, tensors)`` of a partial run's folder, or None where it holds none."""
+    """``(record, tensors)`` of a partial run's folder, or None where it holds none. Raises QtoolError (one
+    sentence) where the state the record names is missing or damaged."""
     if not (folder / PROGRESS).is_file():
         return None
-    return json.loads((folder / PROGRESS).read_text()), load_file(str(folder / STATE))
+    record = json.loads((folder / PROGRESS).read_text())
+    try:
+        return record, load_file(str(folder / record["state"]))
+    except Exception as e:  # noqa: BLE001 - a missing or damaged file: safetensors and the OS raise many kinds
+        raise QtoolError(f"{folder}: the stopped run's saved state cannot be read ({type(e).__name__}: "
+                         f"{str(e)[:100]}); pass --restart to start over") from None
 
 
 def remove(folder: Path) -> None:
-    for name in (PROGRESS, STATE):
-        (folder / name).unlink(missing_ok=True)
+    (folder / PROGRESS).unlink(missing_ok=True)
+    for state in folder.glob("state-*.safetensors"):
+        state.unlink()

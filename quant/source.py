@@ -48,7 +48,7 @@ class SourceModel:
         self.dir = Path(model_dir)
         self.files = model_io.weight_files(model_dir)
         self._bin: dict[Path, dict] = {}
-        self._headers: dict[Path, dict] = {}
+        self._headers: dict[Path, tuple[tuple, dict]] = {}
         self._header_end: dict[Path, int] = {}
         # A remote-code family's checkpoint (quant.layouts) is read under the native class's names.
         self.layout = layout_of(model_io.read_config(model_dir))
@@ -77,8 +77,12 @@ class SourceModel:
             self._assign(names)
         else:  # left on the meta device until written (load_tensor), but checked now, a slice at a time
             for stored in sorted({self._stored_name(n) for n in names}):
+                rows, part = 0, None
                 for part in self._stored_slices(stored):
                     self._check_finite(stored, part, stored=True)
+                    rows += len(part) if part.ndim else 0
+                if part is not None and len(native := self._native_names(stored)) == 1:
+                    self._check_shape(native[0], (rows, *part.shape[1:]) if part.ndim else ())
         tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
             n for n, _ in self.model.named_parameters()}
         self.model.tie_weights()
@@ -139,20 +143,29 @@ class SourceModel:
                 yield view.view(dtype).view(n, *shape[1:])
 
     def _header(self, f: Path) -> dict:
-        """The JSON header of safetensors file ``f`` (cached), its data's offset in ``self._header_end``."""
-        if f not in self._headers:
-            with open(f, "rb") as fh:
-                size = int.from_bytes(fh.read(8), "little")
-                self._headers[f] = json.loads(fh.read(size))
-            self._header_end[f] = 8 + size
-        return self._headers[f]
+        """The JSON header of safetensors file ``f``, its data's offset in ``self._header_end``; cached while the
+        file is the same (inode, size, modification time): a file replaced during the run is read afresh."""
+        try:
+            st = f.stat()
+            stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
+            if self._headers.get(f, (None,))[0] != stamp:
+                with open(f, "rb") as fh:
+                    size = int.from_bytes(fh.read(8), "little")
+                    self._headers[f] = (stamp, json.loads(fh.read(size)))
+                self._header_end[f] = 8 + size
+        except (OSError, ValueError) as e:
+            raise _changed(f, e) from None
+        return self._headers[f][1]
 
     def _read_stored(self, stored: str) -> torch.Tensor:
         f = self.stored[stored]
         if f in self._bin:
             return self._bin[f][stored].clone()  # out of the memory map: the file may go away, the model may not
-        with safe_open(str(f), framework="pt") as st:
-            return st.get_tensor(stored)
+        try:
+            with safe_open(str(f), framework="pt") as st:
+                return st.get_tensor(stored)
+        except Exception as e:  # noqa: BLE001 - safetensors and the OS raise many kinds for a file changed mid-run
+            raise _changed(f, e) from None
 
     def tensors(self, names) -> dict[str, torch.Tensor]:
         """The tensors ``names`` (native names), with their stored dtype and values; a fused stored
@@ -216,12 +229,15 @@ class SourceModel:
     def _assign(self, names, state: dict[str, torch.Tensor] | None = None) -> None:
         state = self.tensors(sorted(names)) if state is None else state
         for k, t in state.items():
-            want = tuple(self.model.get_parameter_or_buffer(k).shape)
-            if tuple(t.shape) != want:
-                raise QtoolError(f"{self.dir}: weight {self._stored_name(k)} has shape {tuple(t.shape)}, but config.json "
-                                 f"gives this model {want}; the checkpoint does not match its config.json")
+            self._check_shape(k, t.shape)
             self._check_finite(k, t)
         self.model.load_state_dict(state, strict=False, assign=True)
+
+    def _check_shape(self, name: str, shape) -> None:
+        want = tuple(self.model.get_parameter_or_buffer(name).shape)
+        if tuple(shape) != want:
+            raise QtoolError(f"{self.dir}: weight {self._stored_name(name)} has shape {tuple(shape)}, but config.json "
+                             f"gives this model {want}; the checkpoint does not match its config.json")
 
     def _check_finite(self, name: str, t: torch.Tensor, stored: bool = False) -> None:
         if t.is_floating_point() and not all_finite(t):
@@ -244,12 +260,14 @@ class SourceModel:
         if not self.model.get_parameter_or_buffer(name).is_meta:
             return
         stored, want = self._stored_name(name), self.model.get_parameter_or_buffer(name).shape
-        if dtype is None or not want or self._native_names(stored) != [name] or not dtype.is_floating_point or not (
-                self._stored_dtype(stored) or torch.int32).is_floating_point:
+        if dtype is None or not want or self._native_names(stored) != [name] or not dtype.is_floating_point:
             self._assign([name])
             return
         out, r = torch.empty(want, dtype=dtype), 0
         for part in self._stored_slices(stored):
+            if not part.is_floating_point():  # an integer buffer keeps its dtype
+                self._assign([name])
+                return
             if part.shape[1:] != want[1:] or r + len(part) > want[0]:
                 self._assign([name])  # not the shape config.json gives: its one sentence
                 return
@@ -307,6 +325,11 @@ class SourceModel:
         self.blocks[i].to("meta")
         heap.trim()
 
+
+
+def _changed(f: Path, e: Exception) -> QtoolError:
+    return QtoolError(f"{f}: cannot be read as a weight file any more ({type(e).__name__}: {str(e)[:100]}); was it "
+                      "changed during the run?")
 
 
 _SLICE_BYTES = 16 * 2**20  # per read of a tensor checked or converted as it is read

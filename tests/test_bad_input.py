@@ -152,6 +152,21 @@ def test_output_and_seqlen_are_refused_before_the_calibration_text_is_read(tmp_p
     assert_refused(code, err, f"--seqlen {limit + 1}", "learned position embeddings")
 
 
+def test_an_embedding_of_another_vocabulary_is_refused_before_any_block(model, tmp_path, capsys, monkeypatch):
+    """RTN reads the embeddings only to write them, but checks their shape when it starts (it used to quantize
+    every block first)."""
+    from quant.source import SourceModel
+
+    config = json.loads((model / "config.json").read_text())
+    (model / "config.json").write_text(json.dumps({**config, "vocab_size": config["vocab_size"] + 10}))
+    loaded, real = [], SourceModel.load_block
+    monkeypatch.setattr(SourceModel, "load_block", lambda self, i: loaded.append(i) or real(self, i))
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert_refused(code, err, "has shape (320, 64)", "gives this model (330, 64)")
+    assert loaded == []
+    _no_output(tmp_path)
+
+
 @pytest.mark.parametrize("name", ["model.layers.1.mlp.up_proj.weight", "model.embed_tokens.weight"])
 @pytest.mark.parametrize("bad", [float("nan"), float("inf")])
 def test_nan_or_inf_weights(model, tmp_path, capsys, bad, name):

@@ -314,6 +314,12 @@ def save(*a, **k):
     real(*a, **k)
     if n[0] == {kill_after}:
         os.kill(os.getpid(), signal.SIGKILL)  # as a power cut: no cleanup of any kind runs
+real_write = resume._atomic_write
+def atomic_write(path, write):
+    if {between} and path.name == resume.PROGRESS and n[0] == {kill_after}:
+        os.kill(os.getpid(), signal.SIGKILL)  # the state is on disk, the record naming it is not
+    real_write(path, write)
+resume._atomic_write = atomic_write
 resume.save = save
 quant.quantize({src!r}, {out!r}, progress=False, **{kw!r})
 """
@@ -331,13 +337,11 @@ def deep_llama(path: Path, n_layers: int = 6) -> Path:
     return path
 
 
-def run_killed(src: Path, out: Path, kill_after: int, while_writing: bool = False, **kw) -> int:
-    """Quantize in a subprocess killed (SIGKILL) after its ``kill_after``-th progress record, or while writing it."""
-    import subprocess
-    import sys
-
+def run_killed(src: Path, out: Path, kill_after: int, while_writing: bool = False, between: bool = False, **kw) -> int:
+    """Quantize in a subprocess killed (SIGKILL) after its ``kill_after``-th progress record, before it (while
+    writing), or between the state and the record of it."""
     code = KILL_AFTER.format(tests=str(Path(__file__).parent), kill_after=kill_after, src=str(src), out=str(out), kw=kw,
-                             while_writing=while_writing)
+                             while_writing=while_writing, between=between)
     return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True).returncode
 
 
@@ -357,20 +361,49 @@ def test_kill_9_then_rerun_gives_the_uninterrupted_checkpoint(tmp_path, method, 
     assert not list(tmp_path.glob(".out.tmp-*"))
 
 
-def test_kill_9_while_a_progress_record_is_written_resumes_from_the_record_before(tmp_path, caplog):
-    """A kill while the record of a finished block is being written leaves the record before it (written
-    atomically): the run continues one block earlier, and the checkpoint is the uninterrupted run's."""
+def _killed_in_a_record_then_resumed(tmp_path, caplog, kw, **kill) -> None:
+    """Killed during the third block's progress record of a 4-block run: the run continues at block 2 from the
+    record before, and gives the uninterrupted checkpoint."""
     src = deep_llama(tmp_path / "src", n_layers=4)
-    kw = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, held_out=4)
     quant.quantize(src, tmp_path / "straight", progress=False, **kw)
     out = tmp_path / "out"
-    assert run_killed(src, out, 3, while_writing=True, **kw) == -9  # during the record of block 3 of 4
+    assert run_killed(src, out, 3, **kill, **kw) == -9
     partial = next(tmp_path.glob(".out.tmp-*"))
     assert json.loads((partial / "progress.json").read_text())["blocks_done"] == 2
     with caplog.at_level("INFO", logger="quant.pipeline"):
         report = quant.quantize(src, out, progress=False, **kw)
     assert report.resumed_from == 2 and "resuming at block 2 of 4" in caplog.text
     assert file_digests(out) == file_digests(tmp_path / "straight")
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_kill_9_while_a_progress_record_is_written_resumes_from_the_record_before(tmp_path, caplog):
+    """A kill while the record of a finished block is being written leaves the record before it (written
+    atomically)."""
+    _killed_in_a_record_then_resumed(tmp_path, caplog, dict(method="awq", bits=4, group_size=32, n_samples=4,
+                                                            seqlen=32, held_out=4), while_writing=True)
+
+
+def test_kill_9_between_a_blocks_state_and_its_record_resumes_from_the_record_before(tmp_path, caplog):
+    """The state after block 3 is on disk, the record saying 3 blocks are done is not: the run continues with
+    block 2's inputs (the state the record names), not block 3's. No guard windows: every block keeps AWQ's
+    choice, so wrong inputs would show in the weights."""
+    _killed_in_a_record_then_resumed(tmp_path, caplog, dict(method="awq", bits=4, group_size=32, n_samples=4,
+                                                            seqlen=32, held_out=0, check_windows=0), between=True)
+
+
+def test_a_stopped_run_whose_state_is_damaged_starts_over(tmp_path, caplog):
+    src = deep_llama(tmp_path / "src", n_layers=3)
+    kw = dict(method="rtn", bits=4, group_size=32)
+    quant.quantize(src, tmp_path / "straight", progress=False, **kw)
+    assert run_killed(src, tmp_path / "out", 2, **kw) == -9
+    partial = next(tmp_path.glob(".out.tmp-*"))
+    state = next(partial.glob("state-*.safetensors"))
+    state.write_bytes(state.read_bytes()[:-10])  # truncated
+    with caplog.at_level("INFO"):
+        report = quant.quantize(src, tmp_path / "out", progress=False, **kw)
+    assert report.resumed_from is None and f"removing {partial}" in caplog.text
+    assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
 
 
 def test_a_stopped_run_with_other_settings_or_source_is_refused_and_kept(tmp_path):
