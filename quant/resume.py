@@ -132,6 +132,8 @@ def load(folder: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
 
 
 def remove(folder: Path) -> None:
+    """The progress record and its state out of ``folder`` (a write a kill cut short left its temporary file under
+    the name the resumed run writes again, so none is left behind: test)."""
     (folder / PROGRESS).unlink(missing_ok=True)
     for state in folder.glob("state-*.safetensors"):
         state.unlink()

@@ -318,6 +318,9 @@ real_write = resume._atomic_write
 def atomic_write(path, write):
     if {between} and path.name == resume.PROGRESS and n[0] == {kill_after}:
         os.kill(os.getpid(), signal.SIGKILL)  # the state is on disk, the record naming it is not
+    if {in_state} and path.name.startswith("state-") and n[0] == {kill_after}:
+        write(path.with_name(f".{{path.name}}.tmp"))  # the state's temporary file written, not renamed
+        os.kill(os.getpid(), signal.SIGKILL)
     real_write(path, write)
 resume._atomic_write = atomic_write
 resume.save = save
@@ -337,11 +340,12 @@ def deep_llama(path: Path, n_layers: int = 6) -> Path:
     return path
 
 
-def run_killed(src: Path, out: Path, kill_after: int, while_writing: bool = False, between: bool = False, **kw) -> int:
+def run_killed(src: Path, out: Path, kill_after: int, while_writing: bool = False, between: bool = False,
+               in_state: bool = False, **kw) -> int:
     """Quantize in a subprocess killed (SIGKILL) after its ``kill_after``-th progress record, before it (while
     writing), or between the state and the record of it."""
     code = KILL_AFTER.format(tests=str(Path(__file__).parent), kill_after=kill_after, src=str(src), out=str(out), kw=kw,
-                             while_writing=while_writing, between=between)
+                             while_writing=while_writing, between=between, in_state=in_state)
     return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True).returncode
 
 
@@ -390,6 +394,13 @@ def test_kill_9_between_a_blocks_state_and_its_record_resumes_from_the_record_be
     choice, so wrong inputs would show in the weights."""
     _killed_in_a_record_then_resumed(tmp_path, caplog, dict(method="awq", bits=4, group_size=32, n_samples=4,
                                                             seqlen=32, held_out=0, check_windows=0), between=True)
+
+
+def test_kill_9_while_a_state_is_written_leaves_no_stray_file_in_the_output(tmp_path, caplog):
+    """The state of block 3 written to its temporary name when the kill comes: the run continues at block 2, writes
+    that name again for block 3, and the output holds only the checkpoint's files (``file_digests`` compares every
+    file: a state name that differed between attempts would leave the stray file in the output)."""
+    _killed_in_a_record_then_resumed(tmp_path, caplog, dict(method="rtn", bits=4, group_size=32), in_state=True)
 
 
 def test_a_stopped_run_whose_state_is_damaged_starts_over(tmp_path, caplog):
