@@ -4,6 +4,7 @@
     python benchmarks/stream_memory.py depth                 # synthetic llamas, 1x / 2x / 4x the depth
     python benchmarks/stream_memory.py capped                # RTN and AWQ on a 3.15 GB bf16 llama under a 1 GiB cap
     python benchmarks/stream_memory.py capped --methods awq --cap-gb 1.5 --layers 52   # AWQ: 4.95 GB (3.07x) under 1.5 GiB
+    python benchmarks/stream_memory.py device --layers 16    # on a GPU: peak device memory against one block's weights
 
 Every quantization runs in its own process; its peak RSS is that process's own
 ``VmHWM`` (``QuantReport.peak_rss_mb``; not ``ru_maxrss``, which inherits this script's peak from writing the
@@ -35,7 +36,8 @@ sys.path.insert(0, {root!r})
 import quant
 t = time.perf_counter()
 r = quant.quantize({src!r}, {out!r}, progress=False, overwrite=True, **{kw})
-print(json.dumps({{"peak_rss_mb": r.peak_rss_mb, "seconds": time.perf_counter() - t,
+print(json.dumps({{"peak_rss_mb": r.peak_rss_mb, "peak_device_mb": r.peak_device_mb,
+                  "seconds": time.perf_counter() - t, "block_seconds": [b.seconds for b in r.blocks],
                   "blocks": [dict(b.info) for b in r.blocks]}}, default=str))
 """
 
@@ -160,18 +162,51 @@ def capped(args) -> None:
           f"max_usage {int((cgroup / 'memory.max_usage_in_bytes').read_text()) / 2**30:.2f} GiB")
 
 
+def device(args) -> None:
+    """The streaming path on a GPU (``--device``): only the current block and its activations are on the device, so
+    the peak device memory is about one block plus the calibration activations, not the model. Synthetic bf16 llama
+    of width 2048 (``--layers`` blocks of 90 MiB each); w4 g128, ``--n-samples`` x 512 windows."""
+    from statistics import median
+
+    from safetensors import safe_open
+    from tabulate import tabulate
+
+    src = synthetic_llama(Path(args.tmp) / f"big-{args.layers}", args.layers, 2048, 5632, 16, 4, "bfloat16")
+    block = 0
+    for f in src.glob("*.safetensors"):
+        with safe_open(str(f), "pt") as st:
+            block += sum(st.get_slice(k).get_shape()[0] * st.get_slice(k).get_shape()[-1] * 2
+                         for k in st.keys() if ".layers.0." in k and len(st.get_slice(k).get_shape()) == 2)
+    block_mb = block / 2**20
+    acts_mb = args.n_samples * 512 * 2048 * 2 / 2**20  # one set of hidden states, bf16
+    rows = []
+    for method in (args.methods or "rtn,awq,gptq").split(","):
+        kw = (f"dict(method='{method}', group_size=128, n_samples={args.n_samples}, seqlen=512, "
+              f"device={args.device!r})")
+        r = run(ROOT, src, Path(args.tmp) / f"device-{method}", kw)
+        secs = r.get("block_seconds") or [0.0]
+        rows.append([method, args.layers, f"{block_mb * args.layers:,.0f}", f"{block_mb:,.0f}", f"{acts_mb:,.0f}",
+                     f"{r.get('peak_device_mb', 0):,.0f}", f"{r.get('peak_rss_mb', 0):,.0f}", f"{median(secs):.2f}",
+                     f"{r.get('seconds', 0):.0f}", r.get("error", "")])
+        print(rows[-1], file=sys.stderr, flush=True)
+    print(tabulate(rows, headers=["method (w4 g128)", "blocks", "all blocks' weights MiB (bf16)", "one block MiB",
+                                  "hidden states MiB (bf16)", "peak device MiB", "peak RSS MiB", "median s / block",
+                                  "seconds", "error"], tablefmt="github"))
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("what", choices=["example", "depth", "capped"])
+    p.add_argument("what", choices=["example", "depth", "capped", "device"])
     p.add_argument("--old", help="Another qtool checkout to run side by side (example).")
     p.add_argument("--n-samples", type=int, default=32)
     p.add_argument("--layers", type=int, default=32, help="Blocks of the capped model (2048 wide: 0.09 GB each in bf16, plus 0.26 GB of embeddings and head).")
     p.add_argument("--cap-gb", type=float, default=1.0)
     p.add_argument("--methods", help="The methods to run, comma-separated (example: rtn,awq,gptq; capped: rtn,awq).")
     p.add_argument("--tmp", default="/tmp/qtool-stream-bench")
+    p.add_argument("--device", default="cuda", help="Where the blocks are computed (device).")
     args = p.parse_args()
     Path(args.tmp).mkdir(parents=True, exist_ok=True)
-    {"example": example, "depth": depth, "capped": capped}[args.what](args)
+    {"example": example, "depth": depth, "capped": capped, "device": device}[args.what](args)
 
 
 if __name__ == "__main__":
