@@ -48,8 +48,7 @@ class SourceModel:
         self.dir = Path(model_dir)
         self.files = model_io.weight_files(model_dir)
         self._bin: dict[Path, dict] = {}
-        self._headers: dict[Path, tuple[tuple, dict]] = {}
-        self._header_end: dict[Path, int] = {}
+        self._headers: dict[Path, tuple[tuple, dict, int]] = {}  # file -> (identity, JSON header, data offset)
         # A remote-code family's checkpoint (quant.layouts) is read under the native class's names.
         self.layout = layout_of(model_io.read_config(model_dir))
         config = model_io.model_config(model_dir)
@@ -77,12 +76,10 @@ class SourceModel:
             self._assign(names)
         else:  # left on the meta device until written (load_tensor), but checked now, a slice at a time
             for stored in sorted({self._stored_name(n) for n in names}):
-                rows, part = 0, None
+                if len(native := self._native_names(stored)) == 1:
+                    self._check_shape(native[0], self._stored_shape(stored))
                 for part in self._stored_slices(stored):
                     self._check_finite(stored, part, stored=True)
-                    rows += len(part) if part.ndim else 0
-                if part is not None and len(native := self._native_names(stored)) == 1:
-                    self._check_shape(native[0], (rows, *part.shape[1:]) if part.ndim else ())
         tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
             n for n, _ in self.model.named_parameters()}
         self.model.tie_weights()
@@ -124,12 +121,13 @@ class SourceModel:
         whole tensor is dropped: for a float32 embedding that is the run's peak. Tensors a plain read cannot
         slice (``.bin`` shards, scalars, a big-endian host) come whole."""
         f = self.stored[stored]
-        entry = None if f in self._bin or sys.byteorder != "little" else self._header(f).get(stored)
+        header, data = (None, 0) if f in self._bin or sys.byteorder != "little" else self._header(f)
+        entry = header and header.get(stored)
         if entry is None or not entry["shape"] or entry["dtype"] not in _SAFETENSORS_DTYPES:
             yield self._read_stored(stored)
             return
         dtype, shape = _SAFETENSORS_DTYPES[entry["dtype"]], entry["shape"]
-        begin, end = (self._header_end[f] + o for o in entry["data_offsets"])
+        begin, end = (data + o for o in entry["data_offsets"])
         row = (end - begin) // max(shape[0], 1)
         rows = max(1, _SLICE_BYTES // max(row, 1))
         buf = torch.empty(min(rows, shape[0]) * row, dtype=torch.uint8)
@@ -142,20 +140,19 @@ class SourceModel:
                     raise QtoolError(f"{f}: ends inside tensor {stored}; the file is truncated, download it again")
                 yield view.view(dtype).view(n, *shape[1:])
 
-    def _header(self, f: Path) -> dict:
-        """The JSON header of safetensors file ``f``, its data's offset in ``self._header_end``; cached while the
-        file is the same (inode, size, modification time): a file replaced during the run is read afresh."""
+    def _header(self, f: Path) -> tuple[dict, int]:
+        """The JSON header of safetensors file ``f`` and the offset of its data; cached while the file is the same
+        (inode, size, modification time): a file replaced during the run is read afresh."""
         try:
             st = f.stat()
             stamp = (st.st_ino, st.st_size, st.st_mtime_ns)
             if self._headers.get(f, (None,))[0] != stamp:
                 with open(f, "rb") as fh:
                     size = int.from_bytes(fh.read(8), "little")
-                    self._headers[f] = (stamp, json.loads(fh.read(size)))
-                self._header_end[f] = 8 + size
+                    self._headers[f] = (stamp, json.loads(fh.read(size)), 8 + size)
         except (OSError, ValueError) as e:
             raise _changed(f, e) from None
-        return self._headers[f][1]
+        return self._headers[f][1:]
 
     def _read_stored(self, stored: str) -> torch.Tensor:
         f = self.stored[stored]
@@ -209,8 +206,14 @@ class SourceModel:
         f = self.stored[stored]
         if f in self._bin:
             return self._bin[f][stored].dtype
-        with safe_open(str(f), framework="pt") as st:
-            return _SAFETENSORS_DTYPES.get(st.get_slice(stored).get_dtype())
+        return _SAFETENSORS_DTYPES.get(self._header(f)[0][stored]["dtype"])
+
+    def _stored_shape(self, stored: str) -> tuple[int, ...]:
+        """The shape of stored tensor ``stored``, from the file header (no data read)."""
+        f = self.stored[stored]
+        if f in self._bin:
+            return tuple(self._bin[f][stored].shape)
+        return tuple(self._header(f)[0][stored]["shape"])
 
     def _check_names(self) -> None:
         want = set(self.model.state_dict())
@@ -260,23 +263,16 @@ class SourceModel:
         if not self.model.get_parameter_or_buffer(name).is_meta:
             return
         stored, want = self._stored_name(name), self.model.get_parameter_or_buffer(name).shape
-        if dtype is None or not want or self._native_names(stored) != [name] or not dtype.is_floating_point:
+        if dtype is None or not want or self._native_names(stored) != [name] or not dtype.is_floating_point or not (
+                self._stored_dtype(stored) or torch.int32).is_floating_point:
             self._assign([name])
             return
+        self._check_shape(name, self._stored_shape(stored))
         out, r = torch.empty(want, dtype=dtype), 0
         for part in self._stored_slices(stored):
-            if not part.is_floating_point():  # an integer buffer keeps its dtype
-                self._assign([name])
-                return
-            if part.shape[1:] != want[1:] or r + len(part) > want[0]:
-                self._assign([name])  # not the shape config.json gives: its one sentence
-                return
             self._check_finite(stored, part, stored=True)
             out[r:r + len(part)] = part
             r += len(part)
-        if r != want[0]:
-            self._assign([name])
-            return
         self._assign([name], {name: out})
 
     def release_tensor(self, name: str) -> None:
