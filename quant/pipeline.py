@@ -136,7 +136,11 @@ def quantize(
 
         load_search(cfg.awq.search_file, f"{arch.blocks}.0.")
     dev = _device(device)
-    key = resume.run_key(asdict(cfg), dev.type, source_fingerprint(model_dir))
+    settings = asdict(cfg)
+    for d, k in ((settings, "calib_data"), (settings["awq"], "search_file")):  # files, not paths as typed
+        if d[k] and Path(d[k]).exists():
+            d[k] = str(Path(d[k]).resolve())
+    key = resume.run_key(settings, dev.type, source_fingerprint(model_dir))
     with model_io.atomic_output(out, overwrite, source=model_dir, resume_key=key, restart=restart) as tmp:
         saved = resume.load(tmp)
         # Embeddings and lm_head are read only where the run needs them (calibration, the whole-model check).

@@ -487,7 +487,8 @@ def test_a_resumed_run_keeps_the_stopped_runs_calibration_windows(tmp_path, monk
     text.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 5}\n" for i in range(300)))
     children, real_in_child = [], heap.in_child
     monkeypatch.setattr(heap, "in_child", lambda *a, **k: children.append(k.get("what")) or real_in_child(*a, **k))
-    report = quant.quantize(src, tmp_path / "out", **kw)
+    monkeypatch.chdir(tmp_path)  # the same file named by a relative path: the same run
+    report = quant.quantize(src, tmp_path / "out", **{**kw, "calib_data": text.name})
     assert report.resumed_from == 1 and children == []
     assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
     quant.quantize(src, tmp_path / "edited", **kw)  # the check can fail: the edited text gives another checkpoint
