@@ -14,6 +14,7 @@ from quant import model_io
 from quant.config import QuantConfig
 from quant.errors import QtoolError
 from quant.modules import QuantLinear
+from quant.qmath import FP16_MAX
 from quant.source import abs_max
 
 log = logging.getLogger(__name__)
@@ -33,7 +34,6 @@ def quantization_config(cfg: QuantConfig, kept: list[str], quantized: list[str])
     return {**qc, **exclusion_keys(cfg.format.quant_method, kept, quantized)}
 
 
-FP16_MAX = 65504.0
 
 
 def _largest_unquantized(src, quantized: set[str], bits: int) -> tuple[str, float]:

@@ -60,7 +60,6 @@ class LinearPlan:
                 log.warning("%s%s stays in full precision: %s", prefix, name, reason)
 
 
-FP16_MAX = 65504.0
 ROUTER = "a router gate, kept in full precision by design"
 
 
@@ -86,8 +85,8 @@ def _skip_reason(full_name: str, lin: nn.Linear, cfg: QuantConfig) -> str | None
 def _scale_overflow(lin: nn.Linear, cfg: QuantConfig) -> str | None:
     # Scales are stored as float16: a group spanning more than 65504 * (2^bits - 1) would be clamped.
     span = 2 * float(lin.weight.detach().abs().max())
-    if span / (2**cfg.bits - 1) > FP16_MAX:
-        return (f"weights up to {span / 2:.3g} in magnitude need a scale beyond float16's {FP16_MAX:.0f} "
+    if span / (2**cfg.bits - 1) > qmath.FP16_MAX:
+        return (f"weights up to {span / 2:.3g} in magnitude need a scale beyond float16's {qmath.FP16_MAX:.0f} "
                 f"at {cfg.bits} bits")
     return None
 

@@ -21,8 +21,8 @@ from __future__ import annotations
 import torch
 
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
-_FP16_MAX = 65504.0
-_FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
+FP16_MAX = 65504.0  # float16's largest finite value: scales are stored in float16
+FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
 
 
 def n_groups(in_features: int, group_size: int) -> int:
@@ -75,8 +75,8 @@ def compute_qparams(
         zero = None
     # A constant-zero group would get scale 0; any positive scale reproduces it.
     scale = torch.where(scale > 0, scale, torch.ones_like(scale))
-    scale = scale.clamp(max=_FP16_MAX).half().float()
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, _FP16_TINY))
+    scale = scale.clamp(max=FP16_MAX).half().float()
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, FP16_TINY))
     if zero is None:
         zero = torch.clamp(torch.round(-wmin / scale), min_zero, maxq)
     return scale, zero

@@ -24,9 +24,9 @@ from __future__ import annotations
 
 import torch
 
+from quant.qmath import FP16_MAX, FP16_TINY
+
 KV_BITS = (4, 8)
-_FP16_MAX = 65504.0
-_FP16_TINY = 2.0**-24
 
 
 def check_bits(bits: int) -> None:
@@ -69,9 +69,9 @@ def quantize_per_token(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.
     xmin = xf.amin(dim=-1, keepdim=True).clamp(max=0)
     # Divide by a tensor, not a Python number: on CUDA torch turns division by a CPU scalar into a
     # multiplication by its reciprocal, which rounds differently (the kernel and the CPU divide exactly).
-    scale = ((xmax - xmin) / torch.full_like(xmax, maxq)).clamp(max=_FP16_MAX).half().float()
+    scale = ((xmax - xmin) / torch.full_like(xmax, maxq)).clamp(max=FP16_MAX).half().float()
     # A constant-zero group gets scale 0; any positive scale reproduces it.
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, _FP16_TINY))
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, FP16_TINY))
     zero = torch.round(-xmin / scale).clamp(0, maxq)
     q = torch.round(xf / scale + zero).clamp(0, maxq)
     return _store_codes(q, bits), scale.half(), zero.to(torch.uint8)
@@ -90,7 +90,7 @@ def channel_qparams(cmin: torch.Tensor, cmax: torch.Tensor, bits: int) -> tuple[
     maxq = 2**bits - 1
     cmin, cmax = cmin.float(), cmax.float()
     scale = (cmax - cmin) / maxq
-    scale = torch.where(scale > 0, scale, torch.full_like(scale, _FP16_TINY))
+    scale = torch.where(scale > 0, scale, torch.full_like(scale, FP16_TINY))
     zero = -cmin / scale
     return scale, zero
 
