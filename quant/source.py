@@ -104,7 +104,8 @@ class SourceModel:
                     self._bin[f] = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
                     index.update({k: f for k in self._bin[f]})
             except Exception as e:  # safetensors and torch raise many kinds for a damaged file
-                raise QtoolError(f"{f}: cannot be read as a weight file ({type(e).__name__}: {str(e)[:120]})") from None
+                first = (str(e).strip().splitlines() or [""])[0]  # torch's weights-only refusals run to pages
+                raise QtoolError(f"{f}: cannot be read as a weight file ({type(e).__name__}: {first})") from None
         return index
 
     def _native_names(self, stored: str) -> list[str]:

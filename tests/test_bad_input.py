@@ -273,6 +273,21 @@ def test_a_source_whose_tensors_do_not_match_its_config_is_refused(model, tmp_pa
     assert code == 2 and ("lacks" if change == "missing" else "does not use") in err
 
 
+@pytest.mark.parametrize("damage", ["truncated", "bin_not_a_zip"])
+def test_a_damaged_weight_file_is_named_in_one_sentence(model, tmp_path, capsys, damage):
+    f = model / "model.safetensors"
+    if damage == "truncated":  # a download cut short
+        f.write_bytes(f.read_bytes()[:1000])
+    else:  # an old-style pickle named .bin, which torch cannot map
+        f.unlink()
+        f = model / "pytorch_model.bin"
+        f.write_bytes(b"not a zip archive " * 10)
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert_refused(code, err, f"{f}: cannot be read as a weight file")
+    assert err.rstrip().endswith(")") and "\n" not in err.strip()  # the library's reason whole, on one line
+    _no_output(tmp_path)
+
+
 def test_a_checkpoint_with_an_unknown_tensor_is_refused_by_load(model, tmp_path, capsys):
     code, _ = run_cli(["rtn", model, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert code == 0
