@@ -14,7 +14,7 @@ from quant import model_io
 from quant.config import QuantConfig
 from quant.errors import QtoolError
 from quant.modules import QuantLinear
-from quant.qmath import FP16_MAX
+from quant.qmath import FP16_MAX, FP16_OVERFLOW
 from quant.source import abs_max
 
 log = logging.getLogger(__name__)
@@ -77,11 +77,11 @@ def output_dtype(cfg: QuantConfig, src, quantized: set[str]) -> torch.dtype:
                     "(pass --dtype to choose)", model_type)
         return torch.bfloat16
     name, big = _largest_unquantized(src, quantized, cfg.bits)
-    if big <= FP16_MAX:
+    if big < FP16_OVERFLOW:  # what is below 65520 rounds to float16's 65504 at most
         return torch.float16
     if cfg.dtype == "float16":
-        raise QtoolError(f"--dtype float16: {name} holds values up to {big:.3g}, beyond float16's {FP16_MAX:.0f}; "
-                         "use --dtype bfloat16 or float32")
+        raise QtoolError(f"--dtype float16: {name} holds values up to {big:.6g}, beyond float16's {FP16_MAX:.0f} "
+                         "(they would be inf); use --dtype bfloat16 or float32")
     log.warning("writing the checkpoint in bfloat16, not float16: %s holds values up to %.3g (pass --dtype to "
                 "choose)", name, big)
     return torch.bfloat16
@@ -110,9 +110,9 @@ def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", 
         if leaf == "scales" and parent + "." in quant_prefixes:
             t = t.to(torch.float16)
         elif t.is_floating_point():
-            if dtype == torch.float16 and (big := abs_max(t.detach())) > FP16_MAX:
-                raise QtoolError(f"{prefix}{name} holds values up to {big:.3g}, beyond float16's "
-                                 f"{FP16_MAX:.0f}; quantize again with --dtype bfloat16")
+            if dtype == torch.float16 and (big := abs_max(t.detach())) >= FP16_OVERFLOW:
+                raise QtoolError(f"{prefix}{name} holds values up to {big:.6g}, beyond float16's "
+                                 f"{FP16_MAX:.0f} (they would be inf); quantize again with --dtype bfloat16")
             t = t.to(dtype)
         t = t.detach().cpu().contiguous()
         if t.untyped_storage().data_ptr() in storages:  # safetensors refuses shared storage

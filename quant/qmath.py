@@ -23,6 +23,7 @@ import torch
 SUPPORTED_BITS = (2, 3, 4, 5, 6, 7, 8)
 FP16_MAX = 65504.0  # float16's largest finite value: scales are stored in float16
 FP16_TINY = 2.0**-24  # smallest positive float16 (subnormal)
+FP16_OVERFLOW = 65520.0  # the least magnitude that float16 rounds to inf (half a step past FP16_MAX)
 
 
 def n_groups(in_features: int, group_size: int) -> int:

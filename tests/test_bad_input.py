@@ -403,6 +403,26 @@ def test_weights_beyond_the_float16_scale_range_stay_in_full_precision_and_are_l
     assert_refused(code, err, "--dtype float16", "model.layers.0.mlp.up_proj.weight", "beyond float16")
 
 
+@pytest.mark.parametrize("value,finite", [(65519.0, True), (65520.0, False)])
+def test_float16_takes_every_value_that_rounds_to_a_finite_float16(model, tmp_path, capsys, value, finite):
+    """float16 rounds to nearest: 65519 is stored as its largest value 65504, 65520 becomes inf. The first is
+    written in float16 (asked for, or by default), the second refused with --dtype float16."""
+    f = os.path.join(model, "model.safetensors")
+    tensors = load_file(f)
+    tensors["model.norm.weight"][0] = value
+    save_file(tensors, f, metadata={"format": "pt"})
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32", "--dtype", "float16"], capsys)
+    if not finite:
+        assert_refused(code, err, "--dtype float16", "model.norm.weight", "65520", "would be inf")
+        return
+    assert code == 0, err
+    norm = load_file(str(tmp_path / "out" / "model.safetensors"))["model.norm.weight"]
+    assert norm.dtype == torch.float16 and float(norm[0]) == 65504.0
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "auto", "--group-size", "32"], capsys)
+    assert code == 0, err
+    assert load_file(str(tmp_path / "auto" / "model.safetensors"))["model.norm.weight"].dtype == torch.float16
+
+
 def test_an_already_quantized_folder_as_a_source_is_refused(model, tmp_path, capsys):
     code, _ = run_cli(["rtn", model, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert code == 0
