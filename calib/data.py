@@ -100,35 +100,42 @@ def _paragraphs(text: str) -> set[str]:
     return {p.strip() for p in _BLANK_LINES.split(text.replace("\r\n", "\n")) if len(p.strip()) >= _SHARED_PARAGRAPH}
 
 
+def _not_utf8(path: Path, e: UnicodeDecodeError) -> QtoolError:
+    return QtoolError(f"Calibration file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
+                      f"offset {e.start}); give a UTF-8 .txt, a .jsonl or a .parquet file.")
+
+
 def _read_txt(path: Path) -> list[str]:
     """Documents of a text file, separated by one or more blank lines."""
     try:
         text = path.read_text(encoding="utf-8").replace("\r\n", "\n")
     except UnicodeDecodeError as e:
-        raise QtoolError(f"Calibration file {str(path)!r} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at "
-                         f"offset {e.start}); give a UTF-8 .txt, a .jsonl or a .parquet file.") from None
+        raise _not_utf8(path, e) from None
     return [doc.strip("\n") for doc in _BLANK_LINES.split(text)]
 
 
 def _read_jsonl(path: Path, text_field: str) -> list[str]:
     """The ``text_field`` of every non-empty line of a JSON-lines file."""
     texts = []
-    with path.open(encoding="utf-8") as f:
-        for lineno, line in enumerate(f, start=1):
-            if not line.strip():
-                continue
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError as e:
-                raise QtoolError(
-                    f"Line {lineno} of {str(path)!r} is not valid JSON ({e.msg}); give one JSON object per line."
-                ) from None
-            if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
-                raise QtoolError(
-                    f"Line {lineno} of {str(path)!r} has no string field {text_field!r}; "
-                    f"give every line that field or choose another with the text field option."
-                )
-            texts.append(record[text_field])
+    try:
+        lines = path.read_bytes().decode("utf-8").split("\n")  # not splitlines: JSON strings may hold U+2028
+    except UnicodeDecodeError as e:
+        raise _not_utf8(path, e) from None
+    for lineno, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            record = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise QtoolError(
+                f"Line {lineno} of {str(path)!r} is not valid JSON ({e.msg}); give one JSON object per line."
+            ) from None
+        if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
+            raise QtoolError(
+                f"Line {lineno} of {str(path)!r} has no string field {text_field!r}; "
+                f"give every line that field or choose another with the text field option."
+            )
+        texts.append(record[text_field])
     return texts
 
 

@@ -41,12 +41,8 @@ def load_any(path, dtype="auto", device="auto"):
     import torch
 
     from quant import model_io
-    from quant.errors import QtoolError
 
-    dev = torch.device("cuda" if device == "auto" and torch.cuda.is_available() else
-                       ("cpu" if device == "auto" else device))
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QtoolError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    dev = model_io.parse_device(device)
     if dtype == "auto":
         dtype = torch.float32 if dev.type == "cpu" else None
     elif isinstance(dtype, str):

@@ -114,6 +114,24 @@ def parse_size(text: str, what: str = "size") -> int:
     return n
 
 
+def parse_device(device: str | torch.device | None) -> torch.device:
+    """The device a ``--device`` value names: ``auto`` (or None) is the GPU where one is visible, else the CPU.
+
+    Raises QtoolError (one sentence) for a value that is not ``auto``, ``cpu``, ``cuda`` or ``cuda:N``, and for
+    ``cuda`` where no CUDA GPU is visible."""
+    if device in (None, "auto"):
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, TypeError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda"):
+        raise QtoolError(f"--device {device!r} is not a device qtool runs on; use auto, cpu, cuda or cuda:N")
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise QtoolError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
+    return dev
+
+
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     if isinstance(name, torch.dtype):
         return name

@@ -63,15 +63,6 @@ class QuantReport:
     loaders: dict[str, str | None] = field(default_factory=dict)
 
 
-def _device(device: str | None) -> torch.device:
-    if device in (None, "auto"):
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    dev = torch.device(device)
-    if dev.type == "cuda" and not torch.cuda.is_available():
-        raise QtoolError(f"--device {device}: no CUDA GPU is visible here; use --device cpu (or auto)")
-    return dev
-
-
 def _calibration_ids(model_dir, cfg: QuantConfig, add_bos: bool) -> tuple[torch.Tensor, list[str]]:
     """The calibration windows ``[n_samples + held_out + n_check, seqlen]``, the held-out ones after the searched
     ones (:mod:`calib.runner`), then the whole-model check's windows of each built-in kind of text the calibration
@@ -135,7 +126,7 @@ def quantize(
         from quant.awq import load_search
 
         load_search(cfg.awq.search_file, f"{arch.blocks}.0.")
-    dev = _device(device)
+    dev = model_io.parse_device(device)
     settings = asdict(cfg)
     for d, k in ((settings, "calib_data"), (settings["awq"], "search_file")):  # files, not paths as typed
         if d[k] and Path(d[k]).exists():

@@ -120,12 +120,22 @@ def test_empty_or_too_short_calibration_file(model, tmp_path, capsys, content):
     assert tree_digest(model) == before
 
 
-def test_a_calibration_file_that_is_not_utf8_text_is_refused(model, tmp_path, capsys):
-    f = tmp_path / "calib.txt"
-    f.write_bytes(b"plain words \xfe\xff\x00 then bytes")
+@pytest.mark.parametrize("name", ["calib.txt", "calib.jsonl"])
+def test_a_calibration_file_that_is_not_utf8_text_is_refused(model, tmp_path, capsys, name):
+    f = tmp_path / name
+    f.write_bytes(b'{"text": "plain words \xfe\xff\x00 then bytes"}\n')
     code, err = run_cli(["awq", model, "-o", tmp_path / "out", "--calib-data", f, "--group-size", "32"], capsys)
-    assert_refused(code, err, "calib.txt", "not UTF-8", "0xfe")
+    assert_refused(code, err, name, "not UTF-8", "0xfe")
     _no_output(tmp_path)
+
+
+@pytest.mark.parametrize("device", ["tpu", "cuda:x", "meta", ""])
+def test_a_device_qtool_does_not_run_on_is_refused(model, tmp_path, capsys, device):
+    code, err = run_cli(["gptq", model, "-o", tmp_path / "out", "--group-size", "32", "--device", device], capsys)
+    assert_refused(code, err, f"--device {device!r}", "auto, cpu, cuda or cuda:N")
+    _no_output(tmp_path)
+    code, err = run_cli(["ppl", model, "--max-tokens", "64", "--seqlen", "32", "--device", device], capsys)
+    assert_refused(code, err, f"--device {device!r}")
 
 
 def test_a_damaged_parquet_calibration_file_is_refused(model, tmp_path, capsys):
