@@ -465,6 +465,27 @@ def test_skip_names_that_match_are_kept_in_full_precision(model, tmp_path, capsy
     assert "model.layers.1.self_attn.o_proj.weight" in names and "model.layers.0.self_attn.o_proj.qweight" in names
 
 
+@pytest.mark.parametrize("resumable", [False, True])
+def test_an_output_another_run_wrote_meanwhile_is_not_replaced_without_overwrite(tmp_path, resumable):
+    """Two runs to one -o: the one that finishes second neither replaces the first's checkpoint nor loses its own
+    blocks (a resumable run keeps them for the same command with --overwrite)."""
+    from quant import model_io, resume
+    from quant.errors import QtoolError
+
+    out = tmp_path / "out"
+    with pytest.raises(QtoolError, match="appeared while this run worked") as e:
+        with model_io.atomic_output(out, resume_key={"k": 1} if resumable else None) as tmp:
+            (tmp / "model.safetensors").write_text("mine")
+            if resumable:
+                (tmp / resume.PROGRESS).write_text("{}")
+            out.mkdir()
+            (out / "model.safetensors").write_text("theirs")
+    assert (out / "model.safetensors").read_text() == "theirs"
+    left = [p for p in tmp_path.iterdir() if p.name != "out"]
+    assert ("--overwrite replaces it" in str(e.value)) == resumable
+    assert [(p / "model.safetensors").read_text() for p in left] == (["mine"] if resumable else [])
+
+
 def test_output_location_not_writable(model, tmp_path, capsys, monkeypatch):
     parent = tmp_path / "locked"
     parent.mkdir()
