@@ -70,10 +70,11 @@ def _guard_rows(r) -> list[list]:
     label = "blocks kept at RTN (closer on held-out windows)"
     if not any("held-out err" in b.info for b in r.blocks):
         return [[label, "not checked (--held-out 0)"]] if r.guarded is False else []
-    fell_back = [b.index for b in r.blocks if b.rtn_fallback]
+    check = getattr(r, "model_check", None)
+    # a block's own verdict is "rtn"; "rtn (whole model)" where only the whole-model check chose RTN
+    fell_back = [b.index for b in r.blocks if b.rtn_fallback and b.info.get("kept") == "rtn"]
     which = f" (block{'s' if len(fell_back) > 1 else ''} {', '.join(map(str, fell_back))})" if fell_back else ""
     rows = [[label, f"{len(fell_back)} of {len(r.blocks)}{which}"]]
-    check = getattr(r, "model_check", None)
     if check:
         label, kept = check["method"], check["kept"]
         name = lambda k: "all-RTN" if k == "rtn" else k  # noqa: E731

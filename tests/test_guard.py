@@ -468,6 +468,12 @@ def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_r
     assert check["kept"] == "rtn" and check["nll"] == pytest.approx(seen[0] + 1.0) and check["rtn_nll"] == seen[1]
     # The per-block guard kept AWQ everywhere; the whole-model check overruled it.
     assert all(b.rtn_fallback and b.info["kept"] == "rtn (whole model)" for b in report.blocks)
+    # The summary does not credit the blocks' own checks with it: none of them found RTN closer.
+    from cli.report import _guard_rows
+
+    rows = dict(_guard_rows(report))
+    assert rows["blocks kept at RTN (closer on held-out windows)"] == f"0 of {len(report.blocks)}"
+    assert "RTN kept for every block" in rows["held-out loss of the whole model"]
     rtn = _packed(tmp_path / "rtn")
     assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "awq").items())
     assert load_file(str(tmp_path / "awq" / SEARCH_FILE)) == {}
