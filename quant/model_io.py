@@ -328,12 +328,9 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
     try:
         yield tmp
         if out.exists() and not overwrite:  # another run wrote it while this one worked
-            keep = resume_key is not None and (tmp / resume.PROGRESS).is_file()
-            if keep:
-                (tmp / _OWNER).write_text(f"{os.uname().nodename} stopped")
+            # not kept for a resume: the finished folder's block parts are already merged into its shards
             raise QtoolError(f"{out}: appeared while this run worked (another run wrote it) and is left as it is; "
-                             + ("this run's blocks are kept: the same command with --overwrite replaces it with them"
-                                if keep else "choose another -o or pass --overwrite to replace it"))
+                             "choose another -o or pass --overwrite to replace it")
         (tmp / _OWNER).unlink()
         resume.remove(tmp)
         if out.exists():

@@ -467,13 +467,13 @@ def test_skip_names_that_match_are_kept_in_full_precision(model, tmp_path, capsy
 
 @pytest.mark.parametrize("resumable", [False, True])
 def test_an_output_another_run_wrote_meanwhile_is_not_replaced_without_overwrite(tmp_path, resumable):
-    """Two runs to one -o: the one that finishes second neither replaces the first's checkpoint nor loses its own
-    blocks (a resumable run keeps them for the same command with --overwrite)."""
+    """Two runs to one -o: the one that finishes second does not replace the first's checkpoint; it leaves
+    nothing behind (its block parts are merged already, so a resume could not use them)."""
     from quant import model_io, resume
     from quant.errors import QtoolError
 
     out = tmp_path / "out"
-    with pytest.raises(QtoolError, match="appeared while this run worked") as e:
+    with pytest.raises(QtoolError, match="appeared while this run worked.*pass --overwrite"):
         with model_io.atomic_output(out, resume_key={"k": 1} if resumable else None) as tmp:
             (tmp / "model.safetensors").write_text("mine")
             if resumable:
@@ -481,9 +481,7 @@ def test_an_output_another_run_wrote_meanwhile_is_not_replaced_without_overwrite
             out.mkdir()
             (out / "model.safetensors").write_text("theirs")
     assert (out / "model.safetensors").read_text() == "theirs"
-    left = [p for p in tmp_path.iterdir() if p.name != "out"]
-    assert ("--overwrite replaces it" in str(e.value)) == resumable
-    assert [(p / "model.safetensors").read_text() for p in left] == (["mine"] if resumable else [])
+    assert [p.name for p in tmp_path.iterdir()] == ["out"]
 
 
 def test_output_location_not_writable(model, tmp_path, capsys, monkeypatch):
