@@ -6,6 +6,8 @@ import statistics
 import click
 from tabulate import tabulate
 
+from quant.guard import FALLBACK_KEY
+
 
 def mib(n_bytes: float) -> str:
     return f"{n_bytes / 2**20:,.1f} MiB"
@@ -72,7 +74,7 @@ def _guard_rows(r) -> list[list]:
         return [[label, "not checked (--held-out 0)"]] if r.guarded is False else []
     check = getattr(r, "model_check", None)
     # a block's own verdict is "rtn"; "rtn (whole model)" where only the whole-model check chose RTN
-    fell_back = [b.index for b in r.blocks if b.rtn_fallback and b.info.get("kept") == "rtn"]
+    fell_back = [b.index for b in r.blocks if b.info.get(FALLBACK_KEY) == "rtn"]
     which = f" (block{'s' if len(fell_back) > 1 else ''} {', '.join(map(str, fell_back))})" if fell_back else ""
     rows = [[label, f"{len(fell_back)} of {len(r.blocks)}{which}"]]
     if check:
