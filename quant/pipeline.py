@@ -122,10 +122,10 @@ def quantize(
         raise QtoolError(f"{model_dir}: is already quantized ({method} quantization); quantize the original "
                          "full-precision model instead")
     arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
-    if cfg.method == "awq" and cfg.awq.search_file:  # a missing or empty search file: one sentence, before any work
-        from quant.awq import load_search
+    if cfg.method == "awq" and cfg.awq.search_file:  # a missing search file: one sentence, before any work
+        from quant.awq import search_path
 
-        load_search(cfg.awq.search_file, f"{arch.blocks}.0.")
+        search_path(cfg.awq.search_file)
     dev = model_io.parse_device(device)
     settings = asdict(cfg)
     for d, k in ((settings, "calib_data"), (settings["awq"], "search_file")):  # files, not paths as typed
@@ -136,6 +136,10 @@ def quantize(
         saved = resume.load(tmp)
         # Embeddings and lm_head are read only where the run needs them (calibration, the whole-model check).
         src = SourceModel(model_dir, arch.blocks, outside=cfg.needs_calibration)
+        if cfg.method == "awq" and cfg.awq.search_file:  # made for this model and these settings, or refused
+            from quant.awq import check_search_file
+
+            check_search_file(cfg.awq.search_file, cfg, config["model_type"], len(src.blocks))
         t_cal = time.perf_counter()
         calib_ids, kinds = None, []
         if cfg.needs_calibration:
@@ -194,8 +198,11 @@ def quantize(
         if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
             from safetensors.torch import save_file
 
+            from quant.awq import search_metadata
+
             (tmp / SEARCH_FILE).parent.mkdir(exist_ok=True)
-            save_file(artifacts, str(tmp / SEARCH_FILE))
+            save_file(artifacts, str(tmp / SEARCH_FILE), metadata=search_metadata(cfg, config["model_type"],
+                                                                                  len(src.blocks)))
         writer.cleanup()
     return report
 

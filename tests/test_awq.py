@@ -9,7 +9,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
-from tiny_models import CONFIGS, MODEL_TYPES, save_tiny_model, tiny_model
+from tiny_models import CONFIGS, MODEL_TYPES, byte_tokenizer, save_tiny_model, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from quant.config import SEARCH_FILE
@@ -315,8 +315,45 @@ def test_replay_is_bit_identical_for_a_bfloat16_model(tmp_path):
 def test_replay_refuses_results_from_another_setting(tmp_path):
     src = save_tiny_model("llama", tmp_path / "src")
     _quantize(src, tmp_path / "a")
-    with pytest.raises(quant.QtoolError, match="--group-size 64"):
+    with pytest.raises(quant.QtoolError, match="group size 32, with zero points, but this run is .* group size 64"):
         _quantize(src, tmp_path / "b", group_size=64, awq=AWQOptions(search_file=str(tmp_path / "a")))
+
+
+def test_replay_refuses_a_search_made_for_other_bits_or_another_depth(tmp_path):
+    """Shapes alone do not tell a 4-bit search from a 3-bit one, nor a model from a shallower one of the
+    same width (whose missing blocks would silently get round-to-nearest): the search file says what it was
+    made for, and the replay refuses anything else before writing any output."""
+    src = save_tiny_model("llama", tmp_path / "src")
+    _quantize(src, tmp_path / "a")
+    with pytest.raises(QtoolError, match=r"made for a llama model of 2 blocks at 4-bit, group size 32, with zero "
+                                         r"points, but this run is a llama model of 2 blocks at 3-bit"):
+        _quantize(src, tmp_path / "b", bits=3, awq=AWQOptions(search_file=str(tmp_path / "a")))
+    assert not (tmp_path / "b").exists()
+    deeper = tiny_model("llama", seed=1)
+    deeper.model.layers.append(tiny_model("llama", seed=2).model.layers[0])
+    deeper.config.num_hidden_layers += 1
+    deeper.save_pretrained(tmp_path / "deeper")
+    byte_tokenizer().save_pretrained(tmp_path / "deeper")
+    with pytest.raises(QtoolError, match="of 2 blocks .* but this run is a llama model of 3 blocks"):
+        _quantize(tmp_path / "deeper", tmp_path / "c", awq=AWQOptions(search_file=str(tmp_path / "a")))
+    assert not (tmp_path / "c").exists()
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    with pytest.raises(QtoolError, match="at 3-bit"):  # the API's replay checks the same
+        apply_search(model, tmp_path / "a", QuantConfig(method="awq", bits=3, group_size=32))
+
+
+def test_a_search_file_without_settings_replays_with_a_warning(tmp_path, caplog):
+    """A search file from a qtool before the settings were saved still replays (shapes are checked)."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    _quantize(src, tmp_path / "a")
+    old = tmp_path / "old.safetensors"
+    save_file(load_file(str(tmp_path / "a" / SEARCH_FILE)), str(old))
+    with caplog.at_level(logging.WARNING, logger="quant.awq"):
+        _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(old)))
+    assert "does not say which model and settings" in caplog.text
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
 
 
 def test_cli_end_to_end(tmp_path):

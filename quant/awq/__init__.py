@@ -38,6 +38,7 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import json
 import logging
 from pathlib import Path
 
@@ -71,7 +72,7 @@ from quant.methods import BlockContext, BlockResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLIP_KEY", "SCALE_KEY", "apply_block", "apply_search", "load_search", "quantize_block", "search_block"]
+__all__ = ["CLIP_KEY", "SCALE_KEY", "apply_block", "apply_search", "check_search_file", "load_search", "quantize_block", "search_block"]
 
 
 def quant_spec(cfg: QuantConfig) -> QuantSpec:
@@ -327,11 +328,8 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     return BlockResult(packed=packed, info=info, artifacts=artifacts)
 
 
-def load_search(path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The search results in ``path`` (a search file, or the checkpoint folder holding it as
-    :data:`quant.config.SEARCH_FILE`) whose keys start with ``prefix``, with the prefix removed."""
-    from safetensors import safe_open
-
+def search_path(path) -> Path:
+    """The search file that ``path`` names: the file itself, or the one inside a checkpoint folder."""
     path = Path(path)
     if path.is_dir():
         older = path / "qtool_search.safetensors"  # where qtool before 2026-11-30 saved it
@@ -339,10 +337,61 @@ def load_search(path, prefix: str = "") -> dict[str, torch.Tensor]:
     if not path.is_file():
         raise QtoolError(f"{path}: no such search results file; give an AWQ checkpoint folder made by qtool "
                          f"(it holds {SEARCH_FILE}) or that file")
+    return path
+
+
+def load_search(path, prefix: str = "") -> dict[str, torch.Tensor]:
+    """The search results in ``path`` (a search file, or the checkpoint folder holding it as
+    :data:`quant.config.SEARCH_FILE`) whose keys start with ``prefix``, with the prefix removed.
+
+    Raises :class:`QtoolError` when there is no such file."""
+    from safetensors import safe_open
+
+    path = search_path(path)
     with safe_open(str(path), "pt") as f:
         if not list(f.keys()):
             _log_once_empty(str(path))
         return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+
+
+SEARCH_HEADER = "qtool_awq_search"
+
+
+def search_metadata(cfg: QuantConfig, model_type: str, n_blocks: int) -> dict[str, str]:
+    """The settings a search was made for, for the search file's safetensors header: one key whose value is
+    sorted JSON (safetensors writes several header keys in no fixed order, and the file must be bit-identical
+    from run to run). A block with no entries in the file kept round-to-nearest."""
+    made_for = {"model_type": model_type, "blocks": n_blocks, "bits": cfg.bits, "group_size": cfg.group_size,
+                "sym": cfg.sym}
+    return {SEARCH_HEADER: json.dumps(made_for, sort_keys=True)}
+
+
+def _made_for(meta: dict) -> str:
+    zero = "symmetric" if meta["sym"] else "with zero points"
+    return (f"a {meta['model_type']} model of {meta['blocks']} blocks at {meta['bits']}-bit, group size "
+            f"{meta['group_size']}, {zero}")
+
+
+def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int) -> None:
+    """Refuse a search file made for another model or other settings (:func:`search_metadata`), which would
+    otherwise give round-to-nearest silently to every block it lacks. A file from a qtool before 2026-12-03
+    carries no settings: it is accepted with a warning (its tensors' shapes are still checked per block).
+
+    Raises :class:`QtoolError` (one sentence) on a mismatch or a missing file."""
+    from safetensors import safe_open
+
+    path = search_path(path)
+    with safe_open(str(path), "pt") as f:
+        meta = f.metadata() or {}
+    if SEARCH_HEADER not in meta:
+        log.warning("%s does not say which model and settings its search was made for (an older qtool wrote it); "
+                    "only the shapes of its entries can be checked", path)
+        return
+    made_for = json.loads(meta[SEARCH_HEADER])
+    want = json.loads(search_metadata(cfg, model_type, n_blocks)[SEARCH_HEADER])
+    if made_for != want:
+        raise QtoolError(f"{path}: the search was made for {_made_for(made_for)}, but this run is {_made_for(want)}; "
+                         "replay it with the settings it was made for, or search again")
 
 
 @functools.lru_cache(maxsize=8)
@@ -386,12 +435,15 @@ def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: 
 
 def apply_search(model: nn.Module, results, cfg: QuantConfig) -> None:
     """Quantize a full-precision ``model`` in place with saved AWQ results (a path or a dict of tensors): its
-    quantized linears become :class:`quant.modules.QuantLinear` in ``cfg``'s layout."""
+    quantized linears become :class:`quant.modules.QuantLinear` in ``cfg``'s layout.
+
+    Raises :class:`QtoolError` when the results were made for another model or settings, or do not fit it."""
     from quant import arch as arch_table
     from quant.layers import plan_linears
 
     arch = arch_table.lookup(model.config.model_type)
     if not isinstance(results, dict):
+        check_search_file(results, cfg, model.config.model_type, len(model.get_submodule(arch.blocks)))
         results = load_search(results)
     plan = plan_linears(model, arch, cfg)
     for i, block in enumerate(model.get_submodule(arch.blocks)):
