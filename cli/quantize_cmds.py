@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import click
+from click.core import ParameterSource
 
 from cli.options import calib_options, quant_options, setup_logging
 from cli.report import print_quant_report
 from quant.config import RANGE_SEARCHES, SHRINK_DEFAULT, GPTQOptions
+from quant.errors import QtoolError
 
 
 def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite: bool, device: str,
@@ -17,6 +19,10 @@ def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite
     setup_logging(verbose)
     max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     fields["skip"] = tuple(fields.get("skip", ()))
+    if fields.get("held_out") == 0 and fields.get("check_windows") and \
+            click.get_current_context().get_parameter_source("check_windows") != ParameterSource.DEFAULT:
+        raise QtoolError(f"--check-windows {fields['check_windows']} asks for the whole-model check, which --held-out 0 "
+                         "turns off; give --held-out above 0, or drop --check-windows")
     cfg = QuantConfig(method=method, **fields)
     from tqdm.contrib.logging import logging_redirect_tqdm
 

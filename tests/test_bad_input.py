@@ -103,6 +103,14 @@ def test_check_windows_out_of_range(model, tmp_path, capsys, value):
     _no_output(tmp_path)
 
 
+@pytest.mark.parametrize("method", ["gptq", "awq"])
+def test_check_windows_with_the_checks_turned_off_is_refused(model, tmp_path, capsys, method):
+    """--held-out 0 turns off the whole-model check; an explicit --check-windows asked for it."""
+    code, err = run_cli([method, model, "-o", tmp_path / "out", "--held-out", "0", "--check-windows", "4"], capsys)
+    assert_refused(code, err, "--check-windows 4", "--held-out 0")
+    _no_output(tmp_path)
+
+
 def test_group_size_that_divides_no_layer(model, tmp_path, capsys):
     code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "256"], capsys)
     assert_refused(code, err, "no linear layer can be quantized", "not divisible by group size 256")
