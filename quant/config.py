@@ -1,7 +1,7 @@
 """Quantization settings as frozen, validated dataclasses. The CLI only builds these."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field, fields, replace
 
 from quant.errors import QtoolError
 
@@ -234,6 +234,20 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         return self.method != "rtn" and not (self.method == "awq" and self.awq.search_file)
+
+    @classmethod
+    def from_options(cls, base: QuantConfig | None = None, **options) -> QuantConfig:
+        """``base`` (or the defaults) with ``options`` changed. Raises :class:`QtoolError` for a name that is no
+        field, naming the options class (:class:`AWQOptions`, :class:`GPTQOptions`) that holds it, if one does."""
+        known = {f.name for f in fields(cls)}
+        for name in options:
+            if name in known:
+                continue
+            for key, sub in (("awq", AWQOptions), ("gptq", GPTQOptions)):
+                if name in {f.name for f in fields(sub)}:
+                    raise QtoolError(f"{name!r} is an option of {sub.__name__}; pass {key}={sub.__name__}({name}=...)")
+            raise QtoolError(f"{name!r} is not a quantization setting; use one of {', '.join(sorted(known))}")
+        return replace(base, **options) if base is not None else cls(**options)
 
     def with_(self, **changes) -> QuantConfig:
         return replace(self, **changes)

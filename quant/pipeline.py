@@ -113,7 +113,7 @@ def quantize(
     so that freed activations go back to the system instead of piling up in the heap, and tokenizes the calibration
     text in a forked child process (:func:`quant.heap.in_child`), whose memory leaves with it.
     """
-    cfg = cfg.with_(**options) if cfg is not None else QuantConfig(**options)
+    cfg = QuantConfig.from_options(cfg, **options)
     heap.keep_large_allocations_mapped()
     t0 = time.perf_counter()
     config = model_io.check_causal_lm(model_dir)

@@ -267,3 +267,19 @@ def test_the_peak_rss_of_a_run_started_by_a_larger_process_is_the_runs_own():
 
     peak = float(subprocess.run([sys.executable, "-c", parent], capture_output=True, text=True, check=True).stdout)
     assert 50 < peak < 2 << 10  # MiB: the child imported torch (hundreds of MiB), never held the parent's 3 GiB
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"method": "gptq", "damp": 0.1}, r"'damp' is an option of GPTQOptions; pass gptq=GPTQOptions\(damp=...\)"),
+    ({"method": "awq", "n_grid": 5}, r"'n_grid' is an option of AWQOptions; pass awq=AWQOptions\(n_grid=...\)"),
+    ({"method": "rtn", "group": 64}, r"'group' is not a quantization setting; use one of .*group_size"),
+])
+def test_an_option_given_to_the_wrong_place_names_where_it_belongs(tmp_path, options, message):
+    """quantize(**options) is the Python API's front door: a misplaced keyword gets one sentence, not a TypeError
+    about a dataclass, and nothing is written."""
+    src = save_tiny_model("llama", tmp_path / "src")
+    with pytest.raises(quant.QtoolError, match=message):
+        quant.quantize(src, tmp_path / "out", progress=False, **options)
+    with pytest.raises(quant.QtoolError, match=message):  # the same on top of a config
+        quant.quantize(src, tmp_path / "out", QuantConfig(method="rtn"), progress=False, **options)
+    assert not (tmp_path / "out").exists()
