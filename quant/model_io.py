@@ -305,13 +305,15 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
     """
     from quant import resume
 
+    if not str(out).strip():
+        raise QtoolError("-o is empty; give the folder the checkpoint is written to")
     out = Path(out).absolute()
     if source is not None:
         check_apart(out, source)
     if out.exists() and not overwrite:
         raise QtoolError(f"{out}: already exists; choose another -o or pass --overwrite to replace it")
-    if out.exists() and not out.is_dir():
-        raise QtoolError(f"{out}: exists and is a file; --overwrite replaces folders only")
+    if out.exists():
+        check_replaceable(out)
     parent = out.parent
     if not parent.is_dir():
         raise QtoolError(f"{parent}: the folder for the output does not exist; create it first")
@@ -334,6 +336,7 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
         (tmp / _OWNER).unlink()
         resume.remove(tmp)
         if out.exists():
+            check_replaceable(out)  # what appeared meanwhile too
             old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=parent))
             os.replace(out, old / out.name)
             os.replace(tmp, out)
@@ -348,6 +351,23 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
     finally:
         if tmp.exists() and not keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_replaceable(out: Path) -> None:
+    """What ``--overwrite`` may replace: an earlier checkpoint (a folder holding ``config.json``) or an empty
+    folder, never a file, a folder of other files (``-o`` typed wrong, an empty shell variable) or a folder
+    that holds the working directory. Raises :class:`QtoolError` (one sentence) otherwise."""
+    if not out.is_dir():
+        raise QtoolError(f"{out}: exists and is a file; --overwrite replaces folders only")
+    cwd = Path.cwd().resolve()
+    if out.resolve() == cwd or out.resolve() in cwd.parents:
+        raise QtoolError(f"{out}: is the working folder or holds it; --overwrite will not replace it, so choose "
+                         "another -o")
+    entries = sorted(p.name for p in out.iterdir())
+    if entries and "config.json" not in entries:
+        raise QtoolError(f"{out}: holds files that are not a model checkpoint ({', '.join(entries[:3])}"
+                         f"{', ...' if len(entries) > 3 else ''}); --overwrite replaces only an earlier checkpoint "
+                         "or an empty folder, so choose another -o")
 
 
 def check_seqlen(model, seqlen: int) -> None:

@@ -207,6 +207,33 @@ def test_output_exists(model, tmp_path, capsys):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
+def test_overwrite_never_replaces_a_folder_that_is_not_a_checkpoint(model, tmp_path, capsys, monkeypatch):
+    """--overwrite replaces an earlier checkpoint or an empty folder; an empty -o (an unset shell variable),
+    a folder of other files and the working folder are refused and left exactly as they were."""
+    other = tmp_path / "notes"
+    other.mkdir()
+    (other / "keep.txt").write_text("mine")
+    code, err = run_cli(["rtn", model, "-o", other, "--overwrite", "--group-size", "32"], capsys)
+    assert_refused(code, err, "holds files that are not a model checkpoint (keep.txt)", "choose another -o")
+    assert [p.name for p in other.iterdir()] == ["keep.txt"]
+    monkeypatch.chdir(other)
+    code, err = run_cli(["rtn", model, "-o", "", "--overwrite", "--group-size", "32"], capsys)
+    assert_refused(code, err, "-o is empty")
+    ckpt = tmp_path / "ckpt"
+    assert run_cli(["rtn", model, "-o", ckpt, "--group-size", "32"], capsys)[0] == 0
+    monkeypatch.chdir(ckpt / "qtool") if (ckpt / "qtool").is_dir() else monkeypatch.chdir(ckpt)
+    before = sorted(p.name for p in ckpt.iterdir())
+    code, err = run_cli(["rtn", model, "-o", ckpt, "--overwrite", "--group-size", "32"], capsys)
+    assert_refused(code, err, "is the working folder or holds it")
+    assert sorted(p.name for p in ckpt.iterdir()) == before and (other / "keep.txt").read_text() == "mine"
+    monkeypatch.chdir(tmp_path)
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    for target in (ckpt, empty):  # an earlier checkpoint and an empty folder are replaced
+        assert run_cli(["rtn", model, "-o", target, "--overwrite", "--group-size", "64"], capsys)[0] == 0
+        assert (target / "model.safetensors").is_file()
+
+
 def test_output_is_the_source(model, capsys):
     before = tree_digest(model)
     code, err = run_cli(["rtn", model, "-o", model, "--overwrite", "--group-size", "32"], capsys)
