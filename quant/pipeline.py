@@ -319,7 +319,12 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
         n_guard, n_check = held_out[1:]  # the windows as run_sequential batched them
         guard_ids = calib_ids[len(calib_ids) - n_guard - n_check:len(calib_ids) - n_check]
         check_ids = calib_ids[len(calib_ids) - n_check:]
-        model_check = check_model(model, blocks, guard_ids, check_ids, kinds, alts.final, candidates, cfg)
+        try:
+            model_check = check_model(model, blocks, guard_ids, check_ids, kinds, alts.final, candidates, cfg)
+        except KeyboardInterrupt:
+            log.warning("stopped during the whole-model check: all %d blocks are finished and kept in %s; run the "
+                        "same command again to redo only the check and write the checkpoint", len(blocks), run.folder)
+            raise
         kept = model_check["kept"]
         if kept != cfg.label:
             for i, r in enumerate(rows):

@@ -493,3 +493,25 @@ def test_a_resumed_run_keeps_the_stopped_runs_calibration_windows(tmp_path, monk
     assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
     quant.quantize(src, tmp_path / "edited", **kw)  # the check can fail: the edited text gives another checkpoint
     assert children and file_digests(tmp_path / "edited") != file_digests(tmp_path / "straight")
+
+
+def test_ctrl_c_during_the_whole_model_check_says_the_blocks_are_kept_and_the_rerun_finishes(tmp_path, monkeypatch,
+                                                                                              caplog):
+    import quant.pipeline
+
+    src = deep_llama(tmp_path / "src", n_layers=3)
+    kw = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, held_out=4, progress=False)
+    quant.quantize(src, tmp_path / "straight", **kw)
+    real = quant.pipeline.check_model
+
+    def interrupt(*a, **k):
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(quant.pipeline, "check_model", interrupt)
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger="quant.pipeline"):
+        quant.quantize(src, tmp_path / "out", **kw)
+    assert "stopped during the whole-model check: all 3 blocks are finished" in caplog.text
+    monkeypatch.setattr(quant.pipeline, "check_model", real)
+    report = quant.quantize(src, tmp_path / "out", **kw)
+    assert report.resumed_from == 3 and report.model_check is not None
+    assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
