@@ -8,6 +8,7 @@ from quant.errors import QtoolError
 METHODS = ("rtn", "awq", "gptq")
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256)
 OUTPUT_DTYPES = ("auto", "float16", "bfloat16", "float32")
+MAX_WINDOWS = 4096  # calibration or held-out windows of one run
 
 
 def _require_ints(obj, fields: tuple[str, ...]) -> None:
@@ -54,9 +55,9 @@ class AWQOptions:
             raise QtoolError(f"--n-grid {self.n_grid} is out of range; use a whole number from 1 to 1000")
         _require_ints(self, ("n_grid", "n_judge", "clip_grid", "judge_windows", "screen_windows"))
         for name in ("judge_windows", "screen_windows"):
-            if not 1 <= getattr(self, name) <= 4096:
+            if not 1 <= getattr(self, name) <= MAX_WINDOWS:
                 raise QtoolError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; use a whole "
-                                 "number of calibration windows from 1 to 4096")
+                                 f"number of calibration windows from 1 to {MAX_WINDOWS}")
         if not 1 <= self.n_judge <= 1000:
             raise QtoolError(f"--n-judge {self.n_judge} is out of range; use a whole number from 1 to 1000 "
                              "(1: the closed form alone)")
@@ -181,8 +182,11 @@ class QuantConfig:
             raise QtoolError(
                 f"--n-samples {self.n_samples} / --seqlen {self.seqlen} are too small; use at least 1 sample of 8 tokens"
             )
-        if not 0 <= self.held_out <= 4096:
-            raise QtoolError(f"--held-out {self.held_out} is out of range; use 0 (no checks) to 4096 windows")
+        if self.n_samples > MAX_WINDOWS:  # every window's hidden states are held per block: bounded by memory
+            raise QtoolError(f"--n-samples {self.n_samples} is out of range; use 1 to {MAX_WINDOWS} calibration windows "
+                             "(128 is the usual number)")
+        if not 0 <= self.held_out <= MAX_WINDOWS:
+            raise QtoolError(f"--held-out {self.held_out} is out of range; use 0 (no checks) to {MAX_WINDOWS} windows")
         if not 0 <= self.check_windows <= 256:
             raise QtoolError(f"--check-windows {self.check_windows} is out of range; use 0 (the guard windows only) "
                              "to 256 windows per kind of text")

@@ -96,6 +96,13 @@ def test_group_size_not_offered(model, tmp_path, capsys):
     assert_refused(code, err, "--group-size 100", "-1")
 
 
+def test_n_samples_beyond_what_memory_can_hold_is_refused_before_tokenizing(model, tmp_path, capsys):
+    """10^8 windows of 32 tokens asked the tokenizing child for a 25.6 GB tensor: a traceback."""
+    code, err = run_cli(["gptq", model, "-o", tmp_path / "out", "--n-samples", "100000000", "--seqlen", "32"], capsys)
+    assert_refused(code, err, "--n-samples 100000000", "1 to 4096")
+    _no_output(tmp_path)
+
+
 @pytest.mark.parametrize("value", ["-1", "257"])
 def test_check_windows_out_of_range(model, tmp_path, capsys, value):
     code, err = run_cli(["gptq", model, "-o", tmp_path / "out", "--check-windows", value], capsys)
