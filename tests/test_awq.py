@@ -342,6 +342,27 @@ def test_replay_refuses_a_search_made_for_other_bits_or_another_depth(tmp_path):
         apply_search(model, tmp_path / "a", QuantConfig(method="awq", bits=3, group_size=32))
 
 
+@pytest.mark.parametrize("header", ['{"bits": 4', '[1, 2]', 'null', '{"bits": 3}',
+                                    '{"bits": 4.0, "blocks": 2, "group_size": 32, "model_type": "llama", "sym": 0}',
+                                    '{"bits": 4, "blocks": 2, "group_size": 32, "model_type": "llama", "sym": false, '
+                                    '"method": "awq"}'])
+def test_a_search_file_with_a_damaged_header_or_no_safetensors_is_refused_in_one_sentence(tmp_path, header):
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    _quantize(src, tmp_path / "a")
+    bad = tmp_path / "bad.safetensors"
+    save_file(load_file(str(tmp_path / "a" / SEARCH_FILE)), str(bad), metadata={"qtool_awq_search": header})
+    with pytest.raises(QtoolError, match="header is damaged"):
+        _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad)))
+    bad.write_text("not safetensors at all")
+    for replay in (lambda: _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad))),
+                   lambda: load_search(bad)):
+        with pytest.raises(QtoolError, match="is not a safetensors search results file"):
+            replay()
+    assert not (tmp_path / "b").exists()
+
+
 def test_a_search_file_without_settings_replays_with_a_warning(tmp_path, caplog):
     """A search file from a qtool before the settings were saved still replays (shapes are checked)."""
     from safetensors.torch import load_file, save_file

@@ -340,15 +340,26 @@ def search_path(path) -> Path:
     return path
 
 
+@contextlib.contextmanager
+def _open_search(path: Path):
+    from safetensors import safe_open
+
+    try:
+        f = safe_open(str(path), "pt")
+    except Exception as e:  # safetensors' own error type: a header it cannot read
+        raise QtoolError(f"{path}: is not a safetensors search results file ({e}); give the "
+                         f"{SEARCH_FILE} of an AWQ checkpoint made by qtool") from None
+    with f:
+        yield f
+
+
 def load_search(path, prefix: str = "") -> dict[str, torch.Tensor]:
     """The search results in ``path`` (a search file, or the checkpoint folder holding it as
     :data:`quant.config.SEARCH_FILE`) whose keys start with ``prefix``, with the prefix removed.
 
     Raises :class:`QtoolError` when there is no such file."""
-    from safetensors import safe_open
-
     path = search_path(path)
-    with safe_open(str(path), "pt") as f:
+    with _open_search(path) as f:
         if not list(f.keys()):
             _log_once_empty(str(path))
         return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
@@ -378,17 +389,23 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int) ->
     carries no settings: it is accepted with a warning (its tensors' shapes are still checked per block).
 
     Raises :class:`QtoolError` (one sentence) on a mismatch or a missing file."""
-    from safetensors import safe_open
-
     path = search_path(path)
-    with safe_open(str(path), "pt") as f:
+    with _open_search(path) as f:
         meta = f.metadata() or {}
     if SEARCH_HEADER not in meta:
         log.warning("%s does not say which model and settings its search was made for (an older qtool wrote it); "
                     "only the shapes of its entries can be checked", path)
         return
-    made_for = json.loads(meta[SEARCH_HEADER])
     want = json.loads(search_metadata(cfg, model_type, n_blocks)[SEARCH_HEADER])
+    try:
+        made_for = json.loads(meta[SEARCH_HEADER])
+    except ValueError:
+        made_for = None
+    # exact keys and types: 4.0 is not 4 bits, 0 is not False
+    if not isinstance(made_for, dict) or set(made_for) != set(want) or \
+            any(type(made_for[k]) is not type(v) for k, v in want.items()):
+        raise QtoolError(f"{path}: its {SEARCH_HEADER} header is damaged (it should say the model type, block count, "
+                         "bits, group size and zero-point setting the search was made for); search again")
     if made_for != want:
         raise QtoolError(f"{path}: the search was made for {_made_for(made_for)}, but this run is {_made_for(want)}; "
                          "replay it with the settings it was made for, or search again")
