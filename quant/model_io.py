@@ -306,8 +306,8 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
     from quant import resume
 
     if not str(out).strip():
-        raise QtoolError("-o is empty; give the folder the checkpoint is written to")
-    out = Path(out).absolute()
+        raise QtoolError("-o is blank; give the folder the checkpoint is written to")
+    out = Path(out).resolve()  # "ck/sub/.." is ck, and a link's target is what gets replaced, not the link
     if source is not None:
         check_apart(out, source)
     if out.exists() and not overwrite:
@@ -354,9 +354,10 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
 
 
 def check_replaceable(out: Path) -> None:
-    """What ``--overwrite`` may replace: an earlier checkpoint (a folder holding ``config.json``) or an empty
-    folder, never a file, a folder of other files (``-o`` typed wrong, an empty shell variable) or a folder
-    that holds the working directory. Raises :class:`QtoolError` (one sentence) otherwise."""
+    """What ``--overwrite`` may replace: an earlier quantized checkpoint (``quantization_config`` in its
+    ``config.json``, or an older tool's ``quantize_config.json`` / ``quant_config.json``) or an empty folder;
+    never a file, a full-precision model, a folder of other files (``-o`` typed wrong, an empty shell variable)
+    or a folder that holds the working directory. Raises :class:`QtoolError` (one sentence) otherwise."""
     if not out.is_dir():
         raise QtoolError(f"{out}: exists and is a file; --overwrite replaces folders only")
     cwd = Path.cwd().resolve()
@@ -364,10 +365,21 @@ def check_replaceable(out: Path) -> None:
         raise QtoolError(f"{out}: is the working folder or holds it; --overwrite will not replace it, so choose "
                          "another -o")
     entries = sorted(p.name for p in out.iterdir())
-    if entries and "config.json" not in entries:
-        raise QtoolError(f"{out}: holds files that are not a model checkpoint ({', '.join(entries[:3])}"
-                         f"{', ...' if len(entries) > 3 else ''}); --overwrite replaces only an earlier checkpoint "
-                         "or an empty folder, so choose another -o")
+    if not entries or _declares_quantized(out):
+        return
+    what = "a full-precision model" if "config.json" in entries else \
+        f"files that are not a checkpoint ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
+    raise QtoolError(f"{out}: holds {what}; --overwrite replaces only an earlier quantized checkpoint or an empty "
+                     "folder, so choose another -o")
+
+
+def _declares_quantized(folder: Path) -> bool:
+    if any((folder / f).is_file() for f in ("quantize_config.json", "quant_config.json")):
+        return True
+    try:
+        return "quantization_config" in json.loads((folder / "config.json").read_text())
+    except (OSError, ValueError, TypeError):
+        return False
 
 
 def check_seqlen(model, seqlen: int) -> None:

@@ -221,11 +221,16 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_checkpoint(model, tmp_p
     other.mkdir()
     (other / "keep.txt").write_text("mine")
     code, err = run_cli(["rtn", model, "-o", other, "--overwrite", "--group-size", "32"], capsys)
-    assert_refused(code, err, "holds files that are not a model checkpoint (keep.txt)", "choose another -o")
+    assert_refused(code, err, "holds files that are not a checkpoint (keep.txt)", "choose another -o")
     assert [p.name for p in other.iterdir()] == ["keep.txt"]
+    code, err = run_cli(["rtn", model, "-o", other.parent / "src_copy", "--group-size", "32"], capsys)
+    assert code == 0, err
+    (other.parent / "src_copy" / "config.json").write_text((model / "config.json").read_text())  # full precision
+    code, err = run_cli(["rtn", model, "-o", other.parent / "src_copy", "--overwrite", "--group-size", "32"], capsys)
+    assert_refused(code, err, "holds a full-precision model")
     monkeypatch.chdir(other)
     code, err = run_cli(["rtn", model, "-o", "", "--overwrite", "--group-size", "32"], capsys)
-    assert_refused(code, err, "-o is empty")
+    assert_refused(code, err, "-o is blank")
     ckpt = tmp_path / "ckpt"
     assert run_cli(["rtn", model, "-o", ckpt, "--group-size", "32"], capsys)[0] == 0
     monkeypatch.chdir(ckpt / "qtool") if (ckpt / "qtool").is_dir() else monkeypatch.chdir(ckpt)
@@ -239,6 +244,9 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_checkpoint(model, tmp_p
     for target in (ckpt, empty):  # an earlier checkpoint and an empty folder are replaced
         assert run_cli(["rtn", model, "-o", target, "--overwrite", "--group-size", "64"], capsys)[0] == 0
         assert (target / "model.safetensors").is_file()
+    before = sorted(p.name for p in ckpt.iterdir())  # "ckpt/qtool/..": the checkpoint itself, nothing left inside it
+    assert run_cli(["rtn", model, "-o", f"{ckpt}/qtool/..", "--overwrite", "--group-size", "32"], capsys)[0] == 0
+    assert sorted(p.name for p in ckpt.iterdir()) == before
 
 
 def test_output_is_the_source(model, capsys):
