@@ -19,11 +19,13 @@ def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite
     setup_logging(verbose)
     max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     fields["skip"] = tuple(fields.get("skip", ()))
-    if fields.get("held_out") == 0 and fields.get("check_windows") and \
+    cfg = QuantConfig(method=method, **fields)  # values out of range are refused first
+    if cfg.check_windows and (cfg.held_out == 0 or not cfg.needs_calibration) and \
             click.get_current_context().get_parameter_source("check_windows") != ParameterSource.DEFAULT:
-        raise QtoolError(f"--check-windows {fields['check_windows']} asks for the whole-model check, which --held-out 0 "
-                         "turns off; give --held-out above 0, or drop --check-windows")
-    cfg = QuantConfig(method=method, **fields)
+        off = "--held-out 0 turns off; give --held-out above 0" if cfg.needs_calibration else \
+            "a replay of a saved search (--apply-search) does not run; replay without it"
+        raise QtoolError(f"--check-windows {cfg.check_windows} asks for the whole-model check, which {off}, or drop "
+                         "--check-windows")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it

@@ -9,6 +9,11 @@ METHODS = ("rtn", "awq", "gptq")
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256)
 OUTPUT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_WINDOWS = 4096  # calibration or held-out windows of one run
+# Command-line options whose Python spelling is elsewhere (quantize()'s own keywords, or an options class).
+_CLI_NAMES = {"max_shard_size": "quantize(..., max_shard_bytes=N) (bytes)",
+              "apply_search": "awq=AWQOptions(search_file=...)",
+              "verbose": "quantize(..., progress=True) and the logging level of the 'quant' logger",
+              "format": "fmt=..."}
 
 
 def _require_ints(obj, fields: tuple[str, ...]) -> None:
@@ -156,6 +161,9 @@ class QuantConfig:
     gptq: GPTQOptions = field(default_factory=GPTQOptions)
 
     def __post_init__(self):
+        for name, kind in (("awq", AWQOptions), ("gptq", GPTQOptions)):
+            if not isinstance(getattr(self, name), kind):
+                raise QtoolError(f"{name} must be {kind.__name__}(...), not {type(getattr(self, name)).__name__}")
         _require_ints(self, ("bits", "group_size", "n_samples", "held_out", "check_windows", "seqlen", "seed"))
         if self.method not in METHODS:
             raise QtoolError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
@@ -250,6 +258,8 @@ class QuantConfig:
             for key, sub in (("awq", AWQOptions), ("gptq", GPTQOptions)):
                 if name in {f.name for f in fields(sub)}:
                     raise QtoolError(f"{name!r} is an option of {sub.__name__}; pass {key}={sub.__name__}({name}=...)")
+            if name in _CLI_NAMES:
+                raise QtoolError(f"{name!r} is the command line's name; in Python pass {_CLI_NAMES[name]}")
             raise QtoolError(f"{name!r} is not a quantization setting; use one of {', '.join(sorted(known))}")
         return replace(base, **options) if base is not None else cls(**options)
 

@@ -115,6 +115,14 @@ def test_check_windows_with_the_checks_turned_off_is_refused(model, tmp_path, ca
     """--held-out 0 turns off the whole-model check; an explicit --check-windows asked for it."""
     code, err = run_cli([method, model, "-o", tmp_path / "out", "--held-out", "0", "--check-windows", "4"], capsys)
     assert_refused(code, err, "--check-windows 4", "--held-out 0")
+    code, err = run_cli([method, model, "-o", tmp_path / "out", "--held-out", "0", "--check-windows", "999"], capsys)
+    assert_refused(code, err, "--check-windows 999 is out of range")  # the range first
+    if method == "awq":  # a replay runs no check either
+        assert run_cli(["awq", model, "-o", tmp_path / "a", "--group-size", "32", "--n-samples", "4", "--seqlen", "32",
+                        "--held-out", "0"], capsys)[0] == 0
+        code, err = run_cli(["awq", model, "-o", tmp_path / "out", "--group-size", "32", "--apply-search", tmp_path / "a",
+                             "--check-windows", "2"], capsys)
+        assert_refused(code, err, "--check-windows 2", "--apply-search")
     _no_output(tmp_path)
 
 

@@ -15,7 +15,7 @@ import quant
 from cli.main import app
 from quant import qmath
 from quant.arch import ARCHITECTURES
-from quant.config import QuantConfig
+from quant.config import AWQOptions, QuantConfig
 
 
 def fake_quantized_reference(src, bits, group_size, sym=False):
@@ -273,6 +273,10 @@ def test_the_peak_rss_of_a_run_started_by_a_larger_process_is_the_runs_own():
     ({"method": "gptq", "damp": 0.1}, r"'damp' is an option of GPTQOptions; pass gptq=GPTQOptions\(damp=...\)"),
     ({"method": "awq", "n_grid": 5}, r"'n_grid' is an option of AWQOptions; pass awq=AWQOptions\(n_grid=...\)"),
     ({"method": "rtn", "group": 64}, r"'group' is not a quantization setting; use one of .*group_size"),
+    ({"method": "rtn", "max_shard_size": "1GB"}, r"'max_shard_size' is the command line's name; in Python pass "
+                                                 r"quantize\(..., max_shard_bytes=N\)"),
+    ({"method": "awq", "awq": {"n_grid": 5}}, r"awq must be AWQOptions\(...\), not dict"),
+    ({"method": "gptq", "gptq": AWQOptions()}, r"gptq must be GPTQOptions\(...\), not AWQOptions"),
 ])
 def test_an_option_given_to_the_wrong_place_names_where_it_belongs(tmp_path, options, message):
     """quantize(**options) is the Python API's front door: a misplaced keyword gets one sentence, not a TypeError
