@@ -136,10 +136,11 @@ def quantize(
         saved = resume.load(tmp)
         # Embeddings and lm_head are read only where the run needs them (calibration, the whole-model check).
         src = SourceModel(model_dir, arch.blocks, outside=cfg.needs_calibration)
+        settings_known = True  # what the saved search file's header may claim
         if cfg.method == "awq" and cfg.awq.search_file:  # made for this model and these settings, or refused
             from quant.awq import check_search_file
 
-            check_search_file(cfg.awq.search_file, cfg, config["model_type"], len(src.blocks))
+            settings_known = check_search_file(cfg.awq.search_file, cfg, config["model_type"], len(src.blocks))
         t_cal = time.perf_counter()
         calib_ids, kinds = None, []
         if cfg.needs_calibration:
@@ -201,8 +202,9 @@ def quantize(
             from quant.awq import search_metadata
 
             (tmp / SEARCH_FILE).parent.mkdir(exist_ok=True)
-            save_file(artifacts, str(tmp / SEARCH_FILE), metadata=search_metadata(cfg, config["model_type"],
-                                                                                  len(src.blocks)))
+            # A replay of a file that did not say its settings does not vouch for them either.
+            save_file(artifacts, str(tmp / SEARCH_FILE),
+                      metadata=search_metadata(cfg, config["model_type"], len(src.blocks)) if settings_known else None)
         writer.cleanup()
     return report
 

@@ -8,6 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 from click.testing import CliRunner
+from safetensors import safe_open
 from safetensors.torch import load_file
 from tiny_models import CONFIGS, MODEL_TYPES, byte_tokenizer, save_tiny_model, tiny_model
 from transformers import AutoConfig, AutoModelForCausalLM
@@ -375,6 +376,9 @@ def test_a_search_file_without_settings_replays_with_a_warning(tmp_path, caplog)
         _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(old)))
     assert "does not say which model and settings" in caplog.text
     assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+    with safe_open(str(tmp_path / "b" / SEARCH_FILE), "pt") as f:  # the replay does not vouch for settings it was
+        assert not f.metadata()                                      # never told
+
 
 
 def test_cli_end_to_end(tmp_path):

@@ -383,19 +383,20 @@ def _made_for(meta: dict) -> str:
             f"{meta['group_size']}, {zero}")
 
 
-def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int) -> None:
+def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int) -> bool:
     """Refuse a search file made for another model or other settings (:func:`search_metadata`), which would
     otherwise give round-to-nearest silently to every block it lacks. A file from a qtool before 2026-12-03
     carries no settings: it is accepted with a warning (its tensors' shapes are still checked per block).
+    Returns whether the file said its settings.
 
-    Raises :class:`QtoolError` (one sentence) on a mismatch or a missing file."""
+    Raises :class:`QtoolError` (one sentence) on a mismatch, a damaged header or a missing file."""
     path = search_path(path)
     with _open_search(path) as f:
         meta = f.metadata() or {}
     if SEARCH_HEADER not in meta:
         log.warning("%s does not say which model and settings its search was made for (an older qtool wrote it); "
                     "only the shapes of its entries can be checked", path)
-        return
+        return False
     want = json.loads(search_metadata(cfg, model_type, n_blocks)[SEARCH_HEADER])
     try:
         made_for = json.loads(meta[SEARCH_HEADER])
@@ -409,6 +410,7 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int) ->
     if made_for != want:
         raise QtoolError(f"{path}: the search was made for {_made_for(made_for)}, but this run is {_made_for(want)}; "
                          "replay it with the settings it was made for, or search again")
+    return True
 
 
 @functools.lru_cache(maxsize=8)
