@@ -51,7 +51,8 @@ quant_options = _stack([
     click.option("--max-shard-size", "max_shard_size", default="4GB", show_default=True,
                  help="Largest output safetensors file (e.g. 500MB, 2GB); past one file, an index is written."),
     click.option("--overwrite", is_flag=True,
-                 help="Replace --out if it exists (only once the new checkpoint is complete)."),
+                 help="Replace --out if it is an earlier quantized checkpoint or an empty folder (only once the "
+                      "new checkpoint is complete); any other folder is refused."),
     click.option("--restart", is_flag=True,
                  help="Start over instead of continuing a stopped run of this output (a run stopped by Ctrl-C "
                       "or a kill keeps its finished blocks; the same command continues it)."),
