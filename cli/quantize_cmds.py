@@ -20,8 +20,9 @@ def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite
     max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     fields["skip"] = tuple(fields.get("skip", ()))
     cfg = QuantConfig(method=method, **fields)  # values out of range are refused first
+    given = click.get_current_context().get_parameter_source("check_windows")  # None: the command has no such option
     if cfg.check_windows and (cfg.held_out == 0 or not cfg.needs_calibration) and \
-            click.get_current_context().get_parameter_source("check_windows") != ParameterSource.DEFAULT:
+            given in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
         off = "--held-out 0 turns off; give --held-out above 0" if cfg.needs_calibration else \
             "a replay of a saved search (--apply-search) does not run; replay without it"
         raise QtoolError(f"--check-windows {cfg.check_windows} asks for the whole-model check, which {off}, or drop "
