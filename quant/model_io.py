@@ -315,6 +315,8 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
     if out.exists():
         check_replaceable(out)
     parent = out.parent
+    if parent.exists() and not parent.is_dir():
+        raise QtoolError(f"{parent}: is a file, so the output folder cannot be made in it; choose another -o")
     if not parent.is_dir():
         raise QtoolError(f"{parent}: the folder for the output does not exist; create it first")
     if not os.access(parent, os.W_OK):

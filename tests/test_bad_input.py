@@ -257,6 +257,12 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_checkpoint(model, tmp_p
     assert sorted(p.name for p in ckpt.iterdir()) == before
 
 
+def test_an_output_inside_a_file_is_named_as_such(model, tmp_path, capsys):
+    (tmp_path / "afile").write_text("x")
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "afile" / "x", "--group-size", "32"], capsys)
+    assert_refused(code, err, "afile: is a file, so the output folder cannot be made in it")
+
+
 def test_output_is_the_source(model, capsys):
     before = tree_digest(model)
     code, err = run_cli(["rtn", model, "-o", model, "--overwrite", "--group-size", "32"], capsys)
