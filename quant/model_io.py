@@ -366,22 +366,18 @@ def check_replaceable(out: Path) -> None:
     if out.resolve() == cwd or out.resolve() in cwd.parents:
         raise QtoolError(f"{out}: is the working folder or holds it; --overwrite will not replace it, so choose "
                          "another -o")
+    from quant.checkpoint import is_quantized_checkpoint  # it reads configs through this module
+
     entries = sorted(p.name for p in out.iterdir())
-    if not entries or _declares_quantized(out):
-        return
+    try:
+        if not entries or is_quantized_checkpoint(out):
+            return
+    except (QtoolError, TypeError):  # no readable config.json (or not an object): not a checkpoint
+        pass
     what = "a full-precision model" if "config.json" in entries else \
         f"files that are not a checkpoint ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
     raise QtoolError(f"{out}: holds {what}; --overwrite replaces only an earlier quantized checkpoint or an empty "
                      "folder, so choose another -o")
-
-
-def _declares_quantized(folder: Path) -> bool:
-    if any((folder / f).is_file() for f in ("quantize_config.json", "quant_config.json")):
-        return True
-    try:
-        return "quantization_config" in json.loads((folder / "config.json").read_text())
-    except (OSError, ValueError, TypeError):
-        return False
 
 
 def check_seqlen(model, seqlen: int) -> None:

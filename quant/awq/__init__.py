@@ -37,8 +37,6 @@ gives a bit-identical checkpoint.
 from __future__ import annotations
 
 import contextlib
-import functools
-import json
 import logging
 from pathlib import Path
 
@@ -62,9 +60,10 @@ from quant.awq.fold import (
     tie_to_values,
 )
 from quant.awq.experts import FeedForward, accept_expert_clips
+from quant.awq.search_file import check_search_file, load_search, search_metadata, search_path
 from quant.awq.judge import call_weights, judge_of, probe_error, probing, record_probes
 from quant.awq.search import QuantSpec, ScaleResult, _fake_quantize, search_clip, search_scale, search_scale_parts
-from quant.config import SEARCH_FILE, QuantConfig
+from quant.config import QuantConfig
 from quant.errors import QtoolError
 from quant.formats import PackedWeight
 from quant.layers import rtn_packed, set_quantized, to_quant_linears
@@ -326,97 +325,6 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
         ctx.inputs.pass_on(ctx.inputs.calls, fp_outputs)
     packed = quantize_linears(ctx.block, ctx.names, ctx.cfg, weights, artifacts)
     return BlockResult(packed=packed, info=info, artifacts=artifacts)
-
-
-def search_path(path) -> Path:
-    """The search file that ``path`` names: the file itself, or the one inside a checkpoint folder."""
-    path = Path(path)
-    if path.is_dir():
-        older = path / "qtool_search.safetensors"  # where qtool before 2026-11-30 saved it
-        path = path / SEARCH_FILE if (path / SEARCH_FILE).is_file() or not older.is_file() else older
-    if not path.is_file():
-        raise QtoolError(f"{path}: no such search results file; give an AWQ checkpoint folder made by qtool "
-                         f"(it holds {SEARCH_FILE}) or that file")
-    return path
-
-
-@contextlib.contextmanager
-def _open_search(path: Path):
-    from safetensors import safe_open
-
-    try:
-        f = safe_open(str(path), "pt")
-    except Exception as e:  # safetensors' own error type: a header it cannot read
-        raise QtoolError(f"{path}: is not a safetensors search results file ({e}); give the "
-                         f"{SEARCH_FILE} of an AWQ checkpoint made by qtool") from None
-    with f:
-        yield f
-
-
-def load_search(path, prefix: str = "") -> dict[str, torch.Tensor]:
-    """The search results in ``path`` (a search file, or the checkpoint folder holding it as
-    :data:`quant.config.SEARCH_FILE`) whose keys start with ``prefix``, with the prefix removed.
-
-    Raises :class:`QtoolError` when there is no such file."""
-    path = search_path(path)
-    with _open_search(path) as f:
-        if not list(f.keys()):
-            _log_once_empty(str(path))
-        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
-
-
-SEARCH_HEADER = "qtool_awq_search"
-
-
-def search_metadata(cfg: QuantConfig, model_type: str, n_blocks: int) -> dict[str, str]:
-    """The settings a search was made for, for the search file's safetensors header: one key whose value is
-    sorted JSON (safetensors writes several header keys in no fixed order, and the file must be bit-identical
-    from run to run). A block with no entries in the file kept round-to-nearest."""
-    made_for = {"model_type": model_type, "blocks": n_blocks, "bits": cfg.bits, "group_size": cfg.group_size,
-                "sym": cfg.sym}
-    return {SEARCH_HEADER: json.dumps(made_for, sort_keys=True)}
-
-
-def _made_for(meta: dict) -> str:
-    zero = "symmetric" if meta["sym"] else "with zero points"
-    return (f"a {meta['model_type']} model of {meta['blocks']} blocks at {meta['bits']}-bit, group size "
-            f"{meta['group_size']}, {zero}")
-
-
-def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int) -> bool:
-    """Refuse a search file made for another model or other settings (:func:`search_metadata`), which would
-    otherwise give round-to-nearest silently to every block it lacks. A file from a qtool before 2026-12-03
-    carries no settings: it is accepted with a warning (its tensors' shapes are still checked per block).
-    Returns whether the file said its settings.
-
-    Raises :class:`QtoolError` (one sentence) on a mismatch, a damaged header or a missing file."""
-    path = search_path(path)
-    with _open_search(path) as f:
-        meta = f.metadata() or {}
-    if SEARCH_HEADER not in meta:
-        log.warning("%s does not say which model and settings its search was made for (an older qtool wrote it); "
-                    "only the shapes of its entries can be checked", path)
-        return False
-    want = json.loads(search_metadata(cfg, model_type, n_blocks)[SEARCH_HEADER])
-    try:
-        made_for = json.loads(meta[SEARCH_HEADER])
-    except ValueError:
-        made_for = None
-    # exact keys and types: 4.0 is not 4 bits, 0 is not False
-    if not isinstance(made_for, dict) or set(made_for) != set(want) or \
-            any(type(made_for[k]) is not type(v) for k, v in want.items()):
-        raise QtoolError(f"{path}: its {SEARCH_HEADER} header is damaged (it should say the model type, block count, "
-                         "bits, group size and zero-point setting the search was made for); search again")
-    if made_for != want:
-        raise QtoolError(f"{path}: the search was made for {_made_for(made_for)}, but this run is {_made_for(want)}; "
-                         "replay it with the settings it was made for, or search again")
-    return True
-
-
-@functools.lru_cache(maxsize=8)
-def _log_once_empty(path: str) -> None:
-    log.warning("%s holds no AWQ search results: the run that saved it kept round-to-nearest in every block, so "
-                "the replay gives that same round-to-nearest checkpoint", path)
 
 
 def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict) -> None:
