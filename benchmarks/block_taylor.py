@@ -45,7 +45,7 @@ def _windows(tok, text: str, n: int, seqlen: int, bos: bool) -> torch.Tensor:
     return windows
 
 
-def _inputs_and_grads(fp, ids: torch.Tensor):
+def _inputs_and_grads(fp, ids: torch.Tensor, samples: int):
     """Each block's inputs (args, kwargs) and its output's gradient of the mean loss, with the fp loss."""
     ins, outs, hooks = {}, {}, []
 
@@ -57,9 +57,7 @@ def _inputs_and_grads(fp, ids: torch.Tensor):
 
     def keep_output(i):
         def hook(module, args, kwargs, out):
-            t = out[0] if isinstance(out, tuple) else out
-            t.retain_grad()
-            outs[i] = t
+            outs[i] = out[0] if isinstance(out, tuple) else out
         return hook
 
     for i, layer in enumerate(fp.model.layers):
@@ -68,11 +66,25 @@ def _inputs_and_grads(fp, ids: torch.Tensor):
     for p in fp.parameters():
         p.requires_grad_(False)
     fp.get_input_embeddings().weight.requires_grad_(True)  # so that the graph reaches the blocks
-    loss = fp(input_ids=ids, labels=ids, use_cache=False).loss  # use_cache=False: a cache in the kwargs would grow
-    loss.backward()
+    logits = fp(input_ids=ids, use_cache=False).logits[:, :-1].float()  # use_cache=False: a cache in the kwargs would grow
+    loss = torch.nn.functional.cross_entropy(logits.flatten(0, 1), ids[:, 1:].flatten())
+    order = sorted(outs)
+    grads = torch.autograd.grad(loss, [outs[i] for i in order], retain_graph=samples > 0)
+    # Gauss-Newton (Fisher) samples: labels drawn from the model's own next-token distribution, the gradient
+    # of their summed loss at each block output.  E[(G·e)²] over the draws is eᵀ(Σ_t J_tᵀ F_t J_t)e, the
+    # Gauss-Newton curvature of the summed loss along e; the positions' cross terms vanish in expectation.
+    fisher = {i: [] for i in order}
+    gen = torch.Generator().manual_seed(0)
+    probs = logits.detach().softmax(-1).flatten(0, 1)
+    for k in range(samples):
+        y = torch.multinomial(probs, 1, generator=gen).view(ids.shape[0], -1)
+        ls = torch.nn.functional.cross_entropy(logits.flatten(0, 1), y.flatten(), reduction="sum")
+        for i, gk in zip(order, torch.autograd.grad(ls, [outs[i] for i in order], retain_graph=k < samples - 1)):
+            fisher[i].append(gk)
     for h in hooks:
         h.remove()
-    return ins, {i: (t.detach(), t.grad) for i, t in outs.items()}, float(loss)
+    return (ins, {i: (outs[i].detach(), g) for i, g in zip(order, grads)}, float(loss),
+            {i: torch.stack(v) for i, v in fisher.items()} if samples else None)
 
 
 def main() -> None:
@@ -91,6 +103,8 @@ def main() -> None:
     p.add_argument("--windows", type=int, default=4)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--fisher-samples", type=int, default=8,
+                   help="Label draws for the Gauss-Newton second-order term (0: first order only).")
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     path = {"calib": ROOT / "calib/corpus/wiki.txt"}.get(args.text) or (
@@ -98,26 +112,37 @@ def main() -> None:
     fp, tok = quant.load_any(args.source, dtype="float32", device="cpu")
     needs_bos = getattr(ARCHITECTURES.get(fp.config.model_type), "needs_bos", False)
     ids = _windows(tok, Path(path).read_text(), args.windows, args.seqlen, needs_bos)
-    ins, outs, fp_loss = _inputs_and_grads(fp, ids)
+    ins, outs, fp_loss, fisher = _inputs_and_grads(fp, ids, args.fisher_samples)
+    n_pred = ids.shape[0] * (ids.shape[1] - 1)
     ckpts = {"method": quant.load_any(args.method, dtype="float32", device="cpu")[0],
              "rtn": quant.load_any(args.rtn, dtype="float32", device="cpu")[0]}
-    rows, total = [], {k: 0.0 for k in ckpts}
+    rows, total, total2 = [], {k: 0.0 for k in ckpts}, {k: 0.0 for k in ckpts}
     with dequantize_once(ckpts["method"]), dequantize_once(ckpts["rtn"]), torch.no_grad():
         measured = {k: float(m(input_ids=ids, labels=ids, use_cache=False).loss) - fp_loss for k, m in ckpts.items()}
         for i in range(len(fp.model.layers)):
             (a, kw), (ref, g) = ins[i], outs[i]
-            row = [i]
+            row, gn = [i], {k: 0.0 for k in ckpts}
             for k, m in ckpts.items():
                 o = m.model.layers[i](*a, **kw)
                 e = (o[0] if isinstance(o, tuple) else o) - ref
                 d_loss = float((g * e).sum())
                 total[k] += d_loss
+                if fisher is not None:  # ½ eᵀHe of the mean loss: (1/2N) E_draws Σ_windows (G_w·e_w)²
+                    dots = (fisher[i] * e).flatten(2).sum(-1)  # [samples, windows]
+                    d2 = float(dots.pow(2).mean(0).sum()) / (2 * n_pred)
+                    total2[k] += d2
+                    gn[k] = d2
                 row += [float(e.pow(2).mean()), d_loss]
             rows.append(row[:1] + [f"{row[1]:.3e}", f"{row[2]:+.5f}", f"{row[3]:.3e}", f"{row[4]:+.5f}",
-                                   f"{row[1] / row[3]:.3f}"])
+                                   f"{row[1] / row[3]:.3f}", f"{gn['method']:.5f}", f"{gn['rtn']:.5f}",
+                                   f"{gn['rtn'] / row[3]:.2f}"])
     rows.append(["sum dL", "", f"{total['method']:+.4f}", "", f"{total['rtn']:+.4f}", ""])
+    rows.append(["sum d2L (GN)", "", f"{total2['method']:+.4f}", "", f"{total2['rtn']:+.4f}", ""])
+    rows.append(["dL + d2L", "", f"{total['method'] + total2['method']:+.4f}", "",
+                 f"{total['rtn'] + total2['rtn']:+.4f}", ""])
     rows.append(["measured", "", f"{measured['method']:+.4f}", "", f"{measured['rtn']:+.4f}", ""])
-    print(tabulate(rows, headers=["block", "method mse", "method dL", "rtn mse", "rtn dL", "mse method/rtn"]))
+    print(tabulate(rows, headers=["block", "method mse", "method dL", "rtn mse", "rtn dL", "mse method/rtn",
+                                        "method d2L", "rtn d2L", "rtn d2L/mse"]))
     print(f"\n{args.windows} x {args.seqlen} tokens of {args.text}; full-precision loss {fp_loss:.4f} nats/token; "
           "dL and measured are nats/token relative to it.")
 

@@ -97,6 +97,8 @@ class BlockInputs:
     accept: list[BlockCall] = field(default_factory=list)
     guard: list[BlockCall] = field(default_factory=list)
     check: list[BlockCall] = field(default_factory=list)
+    # "calls", "accept": calib.gradients.OutputGradients at the block's output on that set's first minibatch
+    loss: dict = field(default_factory=dict)
     # (block, calls, next inputs) known already; block None: whatever block is left in place
     _known: list = field(default_factory=list, repr=False)
 

@@ -62,7 +62,13 @@ def rtn(model_dir, out, verbose, overwrite, device, max_shard_size, **fields):
               help="Pass the calibration windows to the next block through the quantized block (as GPTQ does), "
                    "not as the full-precision block outputs them (the AWQ paper's way, one forward pass less).")
 @click.option("--token-weighting/--no-token-weighting", default=True, show_default=True,
-              help="Weigh each token's error by 1/|h|² of its hidden state, as the next norm sees it.")
+              help="Weigh each token's error by 1/|h|² of its hidden state, as the next norm sees it (--judge error).")
+@click.option("--judge", "judge", default="loss", show_default=True,
+              help="loss or error: what a candidate's output error is judged by: the change of the model's loss it makes (its "
+                   "gradient and Gauss-Newton curvature from one backward pass over the judge windows), or the "
+                   "squared output error.")
+@click.option("--fisher-probes", default=4, show_default=True, type=int,
+              help="With --judge loss: label draws per window for the loss's curvature (0: its gradient alone).")
 @click.option("--clip/--no-clip", default=True, show_default=True,
               help="Also search a per-group clipping range that lowers the output error.")
 @click.option("--clip-grid", default=20, show_default=True, type=int, help="Clipping ratios tried per group.")
@@ -71,7 +77,7 @@ def rtn(model_dir, out, verbose, overwrite, device, max_shard_size, **fields):
                    "qtool/awq_search.safetensors inside it) instead of searching; needs no calibration data. It must "
                    "come from the same model at the same --bits, --group-size and --sym.")
 def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_judge, judge_windows, screen_windows,
-        quantized_inputs, token_weighting, clip, clip_grid, apply_search, **fields):
+        quantized_inputs, token_weighting, judge, fisher_probes, clip, clip_grid, apply_search, **fields):
     """Activation-aware weight quantization (AWQ), the recommended 4-bit method.
 
     Scales the input channels that carry large activations before rounding (the
@@ -86,7 +92,7 @@ def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_ju
     run_quantize("awq", model_dir, out, verbose, overwrite, device, max_shard_size,
                  awq=AWQOptions(n_grid=n_grid, n_judge=n_judge, judge_windows=judge_windows,
                                 screen_windows=screen_windows, quantized_inputs=quantized_inputs,
-                                token_weighting=token_weighting, clip=clip,
+                                token_weighting=token_weighting, judge=judge, fisher_probes=fisher_probes, clip=clip,
                                 clip_grid=clip_grid, search_file=apply_search), **fields)
 
 

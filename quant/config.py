@@ -36,6 +36,13 @@ class AWQOptions:
     ``n_judge`` best ratios (α = 0, plain RTN, always among them) are judged on the
     output of the module they feed (:mod:`quant.awq.judge`) on the first
     ``judge_windows`` windows, and clips are tested on ``judge_windows`` held-out ones.
+    ``judge="loss"`` judges (and tests clips) by the change of the model's next-token
+    loss that the module's output error makes, to second order: the loss gradient at
+    that output plus its Gauss-Newton curvature from ``fisher_probes`` label draws, from
+    one backward pass of the full-precision model over the judge and clip-test windows
+    (:mod:`calib.gradients`); every scaling group is judged then, the norm groups at the
+    attention or MLP output, the others at the consumer linear's output.
+    ``judge="error"`` judges by the token-weighted squared output error instead, where
     ``token_weighting`` weighs every token's error by ``1 / ‖h‖²`` of its residual
     stream, as the next norm sees it. The next block sees the search windows as the
     full-precision block outputs them unless ``quantized_inputs`` (the held-out windows
@@ -50,6 +57,8 @@ class AWQOptions:
     # full-precision block's outputs, which the statistics pass computes anyway (the AWQ paper's and AutoAWQ's way).
     quantized_inputs: bool = False
     token_weighting: bool = True
+    judge: str = "loss"
+    fisher_probes: int = 4
     clip: bool = True
     clip_grid: int = 20
     clip_max_shrink: float = 0.5
@@ -58,7 +67,13 @@ class AWQOptions:
     def __post_init__(self):
         if not 1 <= self.n_grid <= 1000:
             raise QtoolError(f"--n-grid {self.n_grid} is out of range; use a whole number from 1 to 1000")
-        _require_ints(self, ("n_grid", "n_judge", "clip_grid", "judge_windows", "screen_windows"))
+        _require_ints(self, ("n_grid", "n_judge", "clip_grid", "judge_windows", "screen_windows", "fisher_probes"))
+        if self.judge not in ("loss", "error"):
+            raise QtoolError(f"--judge {self.judge!r} is not a judge; use loss (the model's loss, to second order) "
+                             "or error (the squared output error)")
+        if not 0 <= self.fisher_probes <= 64:
+            raise QtoolError(f"--fisher-probes {self.fisher_probes} is out of range; use a whole number from 0 "
+                             "(the loss gradient alone) to 64")
         for name in ("judge_windows", "screen_windows"):
             if not 1 <= getattr(self, name) <= MAX_WINDOWS:
                 raise QtoolError(f"--{name.replace('_', '-')} {getattr(self, name)} is out of range; use a whole "

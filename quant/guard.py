@@ -149,7 +149,7 @@ def window_nlls(model: nn.Module, blocks: nn.ModuleList, batches: list[torch.Ten
     out = []
     for ids_b, h_b in zip(batches, finals, strict=True):
         for ids, h in zip(ids_b.split(1), h_b.split(1)):  # one window at a time: [seq, vocab] logits are large
-            logits = _logits_from_final_hidden(model, blocks, ids, h)
+            logits = logits_from_final_hidden(model, blocks, ids, h)
             out.append(float(F.cross_entropy(logits[0, :-1].float(), ids[0, 1:].to(logits.device))))
             del logits
     return out
@@ -164,8 +164,10 @@ def _cast_to_compute(block: nn.Module) -> list[tuple[str, torch.Tensor]]:
             if t.is_floating_point() and n.rsplit(".", 1)[0] not in quantized]
 
 
-def _logits_from_final_hidden(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, final: torch.Tensor):
-    """The model's logits for ``ids`` when its last block outputs ``final`` (every block bypassed)."""
+def logits_from_final_hidden(model: nn.Module, blocks: nn.ModuleList, ids: torch.Tensor, final: torch.Tensor,
+                             grad: bool = False) -> torch.Tensor:
+    """The model's logits ``[b, seq, vocab]`` for ``ids [b, seq]`` when its last block outputs ``final``
+    (``[b, seq, hidden]``; every block bypassed); with ``grad``, differentiable in ``final``."""
     last = len(blocks) - 1
 
     def through(i):
@@ -176,7 +178,7 @@ def _logits_from_final_hidden(model: nn.Module, blocks: nn.ModuleList, ids: torc
     for i, block in enumerate(blocks):
         block.forward = through(i)
     try:
-        with torch.no_grad():
+        with torch.set_grad_enabled(grad):
             return model(input_ids=ids, use_cache=False).logits
     finally:
         for block in blocks:

@@ -254,6 +254,12 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
 
     def process(i: int, block, inputs: BlockInputs | None) -> None:
         t = time.perf_counter()
+        if loss_grads and inputs is not None:  # AWQ judges by the loss: the gradients at this block's output
+            n_judge = min(cfg.awq.judge_windows, len(calib_ids) - sum(held_out))
+            inputs.loss = {"calls": loss_grads[i].windows(0, n_judge)}
+            if held_out[0]:
+                inputs.loss["accept"] = loss_grads[i].windows(n_judge, n_judge + held_out[0])
+            loss_grads[i] = None
         result: BlockResult = quantize_block(BlockContext(i, block, plan.quantize[i], cfg, arch, inputs))
         if result.block is not None:
             blocks[i] = result.block
@@ -289,6 +295,7 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
 
     compute_dtype = torch.float32 if dev.type == "cpu" else src.dtype
     held_out = (*cfg.held_out_split, len(kinds) * cfg.check_windows)
+    loss_grads = _loss_gradients(src, cfg, calib_ids, held_out, dev, compute_dtype)
     try:
         if calib_ids is None:
             for i in range(run.start, len(blocks)):
@@ -337,6 +344,24 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
                 r.info[FALLBACK_KEY] = kept if was_rtn else f"{kept} (whole model)"
             artifacts.clear()  # AWQ's search belongs to the model not kept: a replay gives the kept one (RTN)
     return rows, artifacts, model_check, parts
+
+
+def _loss_gradients(src: SourceModel, cfg, calib_ids, held_out, dev, compute_dtype) -> list | None:
+    """For AWQ judging by the loss: the full-precision model's loss gradients and Gauss-Newton probes at every
+    block's output (:func:`calib.gradients.loss_gradients`) on the windows the judges see (the first
+    ``judge_windows`` search windows) and the clip-test windows, in that order; else None."""
+    if calib_ids is None or not cfg.searches_awq or cfg.awq.judge != "loss" or cfg.awq.search_file:
+        return None
+    from calib.gradients import loss_gradients
+
+    n_search = len(calib_ids) - sum(held_out)
+    ids = torch.cat([calib_ids[:min(cfg.awq.judge_windows, n_search)], calib_ids[n_search:n_search + held_out[0]]])
+    t = time.perf_counter()
+    grads = loss_gradients(src.model, src.blocks, ids, cfg.awq.fisher_probes, dev, compute_dtype,
+                           load=src.load_block, release=src.release, seed=cfg.seed)
+    log.info("loss gradients at every block's output on %d windows, %d Fisher probes: %.1f s", len(ids),
+             cfg.awq.fisher_probes, time.perf_counter() - t)
+    return grads
 
 
 def _written(cfg: QuantConfig, arch, kept: list[str], quantized: list[str]) -> Written:

@@ -175,7 +175,7 @@ def test_grouped_query_values_fold_only_a_scale_shared_by_their_query_heads(tmp_
     """v -> o under GQA: the searched o_proj scale is equal on the columns that read one value channel, and
     results that break that are refused, not folded into a different function."""
     src = save_tiny_model("llama", tmp_path / "src")  # 4 query heads, 2 key/value heads of 16
-    _quantize(src, tmp_path / "a")
+    _quantize(src, tmp_path / "a", awq=AWQOptions(judge="error"))  # a scale the squared error picks
     search = load_search(tmp_path / "a")
     s = search[f"model.layers.0.self_attn.o_proj.{SCALE_KEY}"].reshape(2, 2, 16)  # [kv head, its query heads, d]
     assert torch.equal(s[:, 0], s[:, 1]) and not torch.equal(s[0], s[1])
@@ -417,6 +417,8 @@ def test_cli_end_to_end(tmp_path):
     (["--group-size", "48"], "--group-size 48"),
     (["--n-grid", "0"], "--n-grid 0"),
     (["--clip-grid", "0"], "--clip-grid 0"),
+    (["--judge", "mse"], "--judge 'mse' is not a judge; use loss"),
+    (["--fisher-probes", "65"], "--fisher-probes 65 is out of range"),
 ])
 def test_cli_bad_options_get_one_clear_sentence(tmp_path, args, message):
     src = save_tiny_model("llama", tmp_path / "src")

@@ -61,7 +61,7 @@ from quant.awq.fold import (
 )
 from quant.awq.experts import FeedForward, accept_expert_clips
 from quant.awq.search_file import check_search_file, load_search, search_metadata, search_path
-from quant.awq.judge import call_weights, judge_of, probe_error, probing, record_probes
+from quant.awq.judge import attach_gradients, call_weights, judge_of, probe_error, probing, record_probes
 from quant.awq.search import QuantSpec, ScaleResult, _fake_quantize, search_clip, search_scale, search_scale_parts
 from quant.config import QuantConfig
 from quant.errors import QtoolError
@@ -137,7 +137,8 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
     spec = quant_spec(cfg)
     present = {n: m for n in arch.linears if isinstance(m := _get(block, n), nn.Linear)}
     groups = foldable_groups(block, arch, names)
-    judges = [g.judge for g in groups if g.judge] if opts.n_judge > 1 else []
+    loss = ctx.inputs.loss if opts.judge == "loss" else {}
+    judges = [j for g in groups if (j := _judge_name(g, bool(loss)))] if opts.n_judge > 1 else []
     ff_name = next((g.feed_forward for g in groups if g.feed_forward), None)
     ff_names = [n for n in names if n.startswith(f"{ff_name}.")] if ff_name else []  # the feed-forward's linears
     current: list = []  # the token weights of the call being run, and whether its XᵀX counts
@@ -159,6 +160,8 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
                 outputs.append(out)
             if k == 0:
                 ref, probes = out, recorded
+    if "calls" in loss and probes:  # the loss gradients at the judges' outputs, on the first minibatch's windows
+        attach_gradients(block, probes, ctx.inputs.calls[:1], loss["calls"])
     # Between the phases the heap's free pieces are handed back (quant.heap: why).
     heap.trim()
     scales, ratios, proxy_ratios, proxy_gains, judged_gains = {}, [], [], [], []
@@ -176,8 +179,8 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
             x_mean, h = ff.stats(block, g.linears[0])
             res = search_scale(ws[g.linears[0]], h, x_mean, spec, opts.n_grid)
         proxy_ratios.append(f"{res.ratio:.2f}")
-        if g.judge in probes:
-            res, gain = _judge_scale(block, probes[g.judge], ws, res, spec, opts.n_judge)
+        if (judge := _judge_name(g, bool(loss))) in probes:
+            res, gain = _judge_scale(block, probes[judge], ws, res, spec, opts.n_judge)
             judged_gains.append(gain)
         scales[g] = res.scale
         ratios.append(f"{res.ratio:.2f}")
@@ -190,8 +193,11 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
                        and f"{g.linears[0]}.{SCALE_KEY}" in artifacts), None)
     if norm_scale is not None:
         ff.fold(norm_scale)
-    info = {"awq α": _alphas(ratios), "α by proxy": _alphas(proxy_ratios),
-            "proxy err/rtn": _mean(proxy_gains), "judged err/rtn": _mean(judged_gains)}
+    info = {"awq α": _alphas(ratios), "α by proxy": _alphas(proxy_ratios), "proxy err/rtn": _mean(proxy_gains)}
+    if loss:  # the judged loss changes against RTN's, summed over the groups (mnat: 1e-3 nats per token)
+        info["judged dL-rtn mnat"] = f"{1e3 * sum(judged_gains):+.2f}" if judged_gains else "-"
+    else:
+        info["judged err/rtn"] = _mean(judged_gains)
     if ff is not None and (summary := ff.token_summary())["expert tokens min/med/max"] != "-":
         info.update(summary)
     if opts.clip:
@@ -219,7 +225,7 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
         if ctx.inputs.accept:
             routed = [n for n in ff_names if ff.routed(n)]
             clips = {**_accept_clips(block, groups, [n for n in clips if n not in routed], weights, clips,
-                                     ctx.inputs.accept, spec, opts.token_weighting),
+                                     ctx.inputs.accept, spec, opts.token_weighting, loss.get("accept"), bool(loss)),
                      **_accept_routed_clips(block, ff_name, routed, weights, clips, ctx.inputs.accept, spec)}
         artifacts.update({f"{n}.{CLIP_KEY}": c for n, c in clips.items()})
         info["awq clip"] = _mean([float(clips[n].mean()) if n in clips else 1.0 for n in names])
@@ -249,25 +255,40 @@ def _mean(values: list[float]) -> str:
     return f"{sum(values) / len(values):.3f}" if values else "-"
 
 
+def _judge_name(group, by_loss: bool) -> str | None:
+    """The module a scaling group's candidates are judged at: its judge (attention, MLP); judging by the loss,
+    a group without one (v -> o, up -> down) is judged at its one consumer's output."""
+    if group.judge or not by_loss or group.feed_forward is not None or len(group.linears) != 1:
+        return group.judge
+    return group.linears[0]
+
+
 def _judge_scale(block: nn.Module, probe, ws: dict[str, torch.Tensor], res: ScaleResult, spec: QuantSpec,
                  n_judge: int) -> tuple[ScaleResult, float]:
     """Among RTN and the proxy's best ``n_judge - 1`` scales, the one whose fake-quantized linears ``ws``
-    change the judge module's output least; with its error relative to RTN's."""
+    cost least at the judge module's output (:func:`quant.awq.judge.probe_error`); with its cost relative to
+    RTN's (judged by the squared error) or minus RTN's (judged by the loss, nats per token)."""
     errors = {}
     for i in res.screen(n_judge):
         s = res.candidates[i]
         errors[i] = probe_error(block, probe, {n: _fake_quantize(w * s, spec) / s for n, w in ws.items()})
     best = min(errors, key=lambda i: (errors[i], i))
+    if probe.grads:
+        return res.pick(best), errors[best] - errors[0]
     return res.pick(best), errors[best] / max(errors[0], 1e-30)
 
 
 def _accept_clips(block: nn.Module, groups, names: list[str], weights: dict, clips: dict, calls, spec: QuantSpec,
-                  weigh: bool) -> dict[str, torch.Tensor]:
-    """The clips that lower their judge module's output error on held-out ``calls``, tried one linear at a time."""
+                  weigh: bool, at_output=None, by_loss: bool = False) -> dict[str, torch.Tensor]:
+    """The clips that lower what their judge module's output error costs on held-out ``calls``, tried one linear
+    at a time: the loss change where ``at_output`` (the loss gradients at the block's output on ``calls``) is
+    given, else the squared error."""
     by_judge: dict[str, list[str]] = {}
     for n in names:
         by_judge.setdefault(judge_of(groups, n), []).append(n)
     probes = record_probes(block, list(by_judge), calls, weigh)
+    if at_output is not None and by_loss:
+        attach_gradients(block, probes, calls, at_output)
     kept = {}
     for judge, linears in by_judge.items():
         ws = {n: weights.get(f"{n}.weight", block.get_submodule(n).weight.detach().float()) for n in linears}

@@ -10,8 +10,10 @@ architecture table (:class:`quant.arch.ScaleGroup`).
 
 A :class:`Probe` records a module's calls (arguments and full-precision outputs)
 on a few calibration windows; :func:`probe_error` runs it again with some linears'
-weights replaced (their fake-quantized values) and returns the token-weighted
-squared output error.
+weights replaced (their fake-quantized values) and returns what the output error
+costs: the change of the model's loss to second order where the probe carries the
+loss gradients at the module's output (:func:`attach_gradients`,
+:mod:`calib.gradients`), else the token-weighted squared output error.
 """
 from __future__ import annotations
 
@@ -23,6 +25,7 @@ import torch
 from torch import nn
 
 from calib.collectors import BlockCall
+from calib.gradients import OutputGradients, module_gradients
 from calib.runner import first_output
 from quant.guard import token_weights
 
@@ -35,6 +38,7 @@ class Probe:
     inputs: list[tuple[tuple, dict]] = field(default_factory=list)
     refs: list[torch.Tensor] = field(default_factory=list)
     weights: list[torch.Tensor] = field(default_factory=list)
+    grads: list[OutputGradients] = field(default_factory=list)  # per call, at the module's output: judge by the loss
 
 
 @contextlib.contextmanager
@@ -92,13 +96,35 @@ def swapped_weights(block: nn.Module, weights: dict[str, torch.Tensor]):
             block.get_submodule(name).weight.data = w
 
 
+def attach_gradients(block: nn.Module, probes: dict[str, Probe], calls: list[BlockCall], at_output: OutputGradients
+                     ) -> None:
+    """Give ``probes`` (recorded on the block ``calls``, one module call per block call) the loss gradients at
+    their modules' outputs, carried back from ``at_output`` (the block output's, on the calls' windows in order)."""
+    start = 0
+    for k, c in enumerate(calls):
+        n = c.hidden.shape[0]
+        grads = module_gradients(block, c.hidden, c.args, c.kwargs, at_output.windows(start, start + n), list(probes))
+        for name, probe in probes.items():
+            if len(probe.inputs) != len(calls):
+                raise ValueError(f"{name} ran {len(probe.inputs)} times in {len(calls)} block calls; it cannot be "
+                                 "judged by the loss")
+            probe.grads.append(grads[name])
+        start += n
+
+
 def probe_error(block: nn.Module, probe: Probe, weights: dict[str, torch.Tensor]) -> float:
-    """``Σ_t w_t ‖out_t - ref_t‖²`` of ``probe``'s module with the linears in ``weights`` replaced."""
+    """What ``probe``'s module's output error costs with the linears in ``weights`` replaced: with loss gradients
+    (:attr:`Probe.grads`), the loss change in nats per token (:meth:`OutputGradients.loss_change`, may be
+    negative); else ``Σ_t w_t ‖out_t - ref_t‖²``."""
     module = block.get_submodule(probe.name)
     total = 0.0
     with torch.no_grad(), swapped_weights(block, weights):
-        for (args, kwargs), ref, w in zip(probe.inputs, probe.refs, probe.weights):
-            d = (first_output(module(*args, **kwargs)).float() - ref.float()).pow(2).sum(-1)
+        for j, ((args, kwargs), ref, w) in enumerate(zip(probe.inputs, probe.refs, probe.weights)):
+            out = first_output(module(*args, **kwargs))
+            if probe.grads:
+                total += probe.grads[j].loss_change(out.float() - ref.float())
+                continue
+            d = (out.float() - ref.float()).pow(2).sum(-1)
             if d.numel() != w.numel():
                 raise ValueError(f"{probe.name} returns {d.numel()} token rows for a call of {w.numel()} tokens; "
                                  "it cannot judge per token")

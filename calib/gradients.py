@@ -1,0 +1,169 @@
+"""What an error at a module's output costs the model: the loss gradient and its Gauss-Newton curvature.
+
+An error ``e`` added to the output ``h`` of a module inside the network changes the mean
+next-token loss (nats/token) by, to second order,
+
+    ΔL(e) ≈ Σ g·e + ½ eᵀ H e,    g = ∂L/∂h,    H ≈ (1/N) E_y[(G_y·e)²]-form (Gauss-Newton)
+
+where the Gauss-Newton curvature is estimated from *probes*: ``G_y = ∂/∂h Σ_t ℓ_t(y_t)``, the
+gradient of the summed loss of labels ``y_t`` drawn from the model's own next-token distribution.
+For the softmax cross-entropy ``E_y[G_y G_yᵀ]`` is ``Σ_t J_tᵀ F_t J_t`` (Fisher = Gauss-Newton;
+the cross terms of different positions vanish in expectation), so ``½ eᵀ H e`` of the mean loss is
+``(1/2N) E_y Σ_windows (G_y·e)²`` (Martens, "New insights and perspectives on the natural gradient
+method", JMLR 2020, §9). Windows do not interact, so each probe gives one sample per window.
+
+Why: every squared-error objective (AWQ's closed form and judge, the RTN guard) misses the first
+term. On Qwen2.5-Coder-0.5B AWQ's choices raise it by as much as they lower the second, and the
+model ends worse than RTN; ``benchmarks/block_taylor.py`` checks the sum of both terms over the
+blocks against the measured loss of whole checkpoints (benchmarks/RESULTS.md).
+
+:func:`loss_gradients` runs the full-precision model once forward and ``1 + probes`` times
+backward over a few windows, one decoder block at a time (blocks are loaded and released as the
+pipeline streams them), and keeps ``g`` and the probes at every block's output;
+:func:`module_gradients` carries them back to modules inside a block (AWQ's judges).
+"""
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from calib.collectors import record_block_calls, take_first_hidden
+from calib.runner import first_output, move
+
+STORE_DTYPE = torch.bfloat16  # the gradients of every block are held for the whole run
+
+
+@dataclass
+class OutputGradients:
+    """At one module's output ``[n, t, d]`` on ``n`` windows: ``grad`` (``∂L/∂h`` of the mean loss over
+    ``n_tokens`` predicted tokens) and ``probes [k, n, t, d]`` (Gauss-Newton probes of the summed loss)."""
+
+    grad: torch.Tensor
+    probes: torch.Tensor
+    n_tokens: int
+
+    def loss_change(self, error: torch.Tensor) -> float:
+        """``Σ g·e + (1/2N) mean_k Σ_w (G_kw·e_w)²`` (nats per token) for an output error ``e [n, t, d]``."""
+        e = error.float()
+        first = float((self.grad.float() * e).sum())
+        if not len(self.probes):
+            return first
+        dots = (self.probes.float() * e).flatten(2).sum(-1)  # [k, n]
+        return first + float(dots.pow(2).mean(0).sum()) / (2 * self.n_tokens)
+
+    def windows(self, start: int, stop: int) -> OutputGradients:
+        return OutputGradients(self.grad[start:stop], self.probes[:, start:stop], self.n_tokens)
+
+
+def loss_gradients(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, probes: int = 4,
+                   device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
+                   load: Callable[[int], None] | None = None, release: Callable[[int], None] | None = None,
+                   seed: int = 0) -> list[OutputGradients]:
+    """Per decoder block, the :class:`OutputGradients` at its output on ``input_ids [n, seq]``.
+
+    ``load(i)``/``release(i)`` bring block ``i``'s weights in and out (each block is loaded twice: once
+    forward, once backward); the embeddings, final norm and head must be loaded. The blocks run on
+    ``device`` in ``dtype``, one at a time, and go back to the CPU as they were. ``probes`` label draws per
+    window (seeded by ``seed``) give the curvature; 0 gives the gradient only. Held in bfloat16:
+    ``(1 + probes) × n × seq × hidden × 2`` bytes per block.
+    """
+    calls = record_block_calls(model, blocks, input_ids)
+    hidden = move(take_first_hidden(calls), device, dtype)
+    inputs = []  # each block's input [n, t, d], on the CPU
+    for i, block in enumerate(blocks):
+        stored = _bring(block, i, load, device, dtype)
+        inputs.append(hidden.cpu())
+        with torch.no_grad():
+            hidden = first_output(block(hidden, *move(calls[i].args, device, dtype), **move(calls[i].kwargs, device, dtype)))
+        _send_back(block, i, release, stored)
+    cotangents = _head_gradients(model, blocks, input_ids, hidden, probes, seed)  # [1 + k, n, t, d]
+    n_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    out: list[OutputGradients | None] = [None] * len(blocks)
+    for i in reversed(range(len(blocks))):
+        out[i] = OutputGradients(cotangents[0].to(STORE_DTYPE), cotangents[1:].to(STORE_DTYPE), n_tokens)
+        stored = _bring(blocks[i], i, load, device, dtype)
+        args, kwargs = move(calls[i].args, device, dtype), move(calls[i].kwargs, device, dtype)
+        cotangents = _backward(blocks[i], inputs[i].to(device), args, kwargs, cotangents.to(device), [])[0].cpu()
+        inputs[i] = None
+        _send_back(blocks[i], i, release, stored)
+    return out
+
+
+def module_gradients(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs: dict, at_output: OutputGradients,
+                     modules: list[str]) -> dict[str, OutputGradients]:
+    """``{module: OutputGradients}`` at the outputs of ``modules`` (names relative to ``block``) for the block's
+    call on ``hidden [n, t, d]`` (with ``args``, ``kwargs``), from those at the block's output: one forward
+    and ``1 + probes`` backward passes of the block (as it computes now, on its device)."""
+    cot = torch.cat([at_output.grad[None], at_output.probes]).to(device=hidden.device, dtype=hidden.dtype)
+    grads = _backward(block, hidden, args, kwargs, cot, modules)[1:]
+    return {m: OutputGradients(g[0].to("cpu", STORE_DTYPE), g[1:].to("cpu", STORE_DTYPE), at_output.n_tokens)
+            for m, g in zip(modules, grads)}
+
+
+def _backward(block, hidden, args, kwargs, cotangents, modules: list[str]) -> list[torch.Tensor]:
+    """``[1 + k, ...]`` gradients at the block's input and at each module's output, for the ``1 + k`` output
+    ``cotangents``: one forward, then one backward per cotangent."""
+    x = hidden.detach().requires_grad_(True)
+    seen: dict[str, torch.Tensor] = {}
+    hooks = [block.get_submodule(m).register_forward_hook(_keep(seen, m)) for m in modules]
+    try:
+        with torch.enable_grad():
+            y = first_output(block(x, *args, **kwargs))
+            targets = [x, *(seen[m] for m in modules)]
+            per = [torch.autograd.grad(y, targets, c.to(y.dtype), retain_graph=j < len(cotangents) - 1, allow_unused=True)
+                   for j, c in enumerate(cotangents)]
+    finally:
+        for h in hooks:
+            h.remove()
+    return [torch.stack([torch.zeros_like(t) if g[k] is None else g[k] for g in per]).detach()
+            for k, t in enumerate(targets)]
+
+
+def _head_gradients(model, blocks, input_ids, final, probes: int, seed: int) -> torch.Tensor:
+    """``[1 + probes, n, t, d]``: at the last block's output, the gradient of the mean loss (true labels), then
+    the probes (labels drawn from the model's own distribution, summed loss). One window at a time: a window's
+    logits are ``[seq, vocab]``."""
+    from quant.guard import logits_from_final_hidden  # quant imports calib: not at the top
+
+    gen = torch.Generator().manual_seed(seed)
+    n_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
+    out = torch.empty((1 + probes, *final.shape), dtype=torch.float32)
+    for w in range(input_ids.shape[0]):
+        h = final[w:w + 1].detach().requires_grad_(True)
+        with torch.enable_grad():
+            logits = logits_from_final_hidden(model, blocks, input_ids[w:w + 1], h, grad=True)[0, :-1].float()
+            labels = input_ids[w, 1:].to(logits.device)
+            losses = [F.cross_entropy(logits, labels, reduction="sum") / n_tokens]
+            probs = logits.detach().softmax(-1).cpu()
+            for _ in range(probes):
+                drawn = torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
+                losses.append(F.cross_entropy(logits, drawn, reduction="sum"))
+            for j, loss in enumerate(losses):
+                out[j, w] = torch.autograd.grad(loss, h, retain_graph=j < len(losses) - 1)[0][0].float().cpu()
+    return out
+
+
+def _keep(seen: dict, name: str):
+    def hook(module, args, output):
+        seen[name] = first_output(output)
+    return hook
+
+
+def _bring(block, i, load, device, dtype) -> torch.dtype:
+    """Block ``i`` loaded and on ``device`` in ``dtype``; returns the dtype it is stored in."""
+    if load is not None:
+        load(i)
+    stored = next((p.dtype for p in block.parameters() if p.is_floating_point()), dtype)
+    block.to(device=device, dtype=dtype)
+    return stored
+
+
+def _send_back(block, i, release, stored: torch.dtype):
+    block.to(device="cpu", dtype=stored)  # an in-memory model is left as it was
+    if release is not None:
+        release(i)
+
