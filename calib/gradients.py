@@ -126,24 +126,46 @@ def _backward(block, hidden, args, kwargs, cotangents, modules: list[str]) -> li
 def _head_gradients(model, blocks, input_ids, final, probes: int, seed: int) -> torch.Tensor:
     """``[1 + probes, n, t, d]``: at the last block's output, the gradient of the mean loss (true labels), then
     the probes (labels drawn from the model's own distribution, summed loss). One window at a time: a window's
-    logits are ``[seq, vocab]``."""
+    logits are ``[seq, vocab]``.
+
+    The head (``model.get_output_embeddings()``, a linear ``z = u Wᵀ``, then an elementwise map such as Gemma's
+    soft-capping, slope ``σ``) is differentiated by hand: the cross-entropy's gradient at ``z`` for label ``y``
+    is ``σ ⊙ (p - e_y)``, so at ``u`` it is ``(σ ⊙ p) W - σ_y W[y]``: one ``[t, vocab] × [vocab, d]`` product for
+    every label set, not one per probe (the head is the largest matrix of a small model)."""
     from quant.guard import logits_from_final_hidden  # quant imports calib: not at the top
 
     gen = torch.Generator().manual_seed(seed)
     n_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
-    out = torch.empty((1 + probes, *final.shape), dtype=torch.float32)
+    head = model.get_output_embeddings()
+    weight = head.weight.float()  # [vocab, d]
+    out = torch.zeros((1 + probes, *final.shape), dtype=torch.float32)
     for w in range(input_ids.shape[0]):
         h = final[w:w + 1].detach().requires_grad_(True)
-        with torch.enable_grad():
-            logits = logits_from_final_hidden(model, blocks, input_ids[w:w + 1], h, grad=True)[0, :-1].float()
-            labels = input_ids[w, 1:].to(logits.device)
-            losses = [F.cross_entropy(logits, labels, reduction="sum") / n_tokens]
-            probs = logits.detach().softmax(-1).cpu()
-            for _ in range(probes):
-                drawn = torch.multinomial(probs, 1, generator=gen)[:, 0].to(logits.device)
-                losses.append(F.cross_entropy(logits, drawn, reduction="sum"))
-            for j, loss in enumerate(losses):
-                out[j, w] = torch.autograd.grad(loss, h, retain_graph=j < len(losses) - 1)[0][0].float().cpu()
+        seen = {}
+        hook = head.register_forward_hook(lambda m, args, z: seen.update(u=args[0], z=z))
+        try:
+            with torch.enable_grad():
+                logits = logits_from_final_hidden(model, blocks, input_ids[w:w + 1], h, grad=True)
+        finally:
+            hook.remove()
+        u, z = seen["u"], seen["z"]
+        slope = None
+        if logits is not z:  # the elementwise map after the head's product: its slope at z
+            slope = torch.autograd.grad(logits, z, torch.ones_like(logits), retain_graph=True)[0][0, :-1].float()
+        p = logits.detach()[0, :-1].float().softmax(-1)  # [t - 1, vocab]
+        labels = input_ids[w:w + 1, 1:].to(p.device)  # [1, t - 1]
+        if probes:
+            labels = torch.cat([labels, torch.multinomial(p.cpu(), probes, replacement=True, generator=gen).t().to(p.device)])
+        common = (p if slope is None else p * slope) @ weight.to(p.device)  # [t - 1, d]
+        rows = weight.to(p.device)[labels]  # [1 + probes, t - 1, d]
+        if slope is not None:
+            rows = rows * slope.gather(1, labels.t()).t()[..., None]
+        du = torch.zeros((1 + probes, *u.shape[1:]), dtype=torch.float32, device=u.device)
+        du[:, :-1] = common[None] - rows
+        du[0] /= n_tokens  # the mean loss; the probes are of the summed loss
+        for j in range(1 + probes):
+            g = torch.autograd.grad(u, h, du[j][None].to(u.dtype), retain_graph=j < probes)[0]
+            out[j, w] = g[0].float().cpu()
     return out
 
 
