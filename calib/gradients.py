@@ -55,6 +55,19 @@ class OutputGradients:
         dots = (self.probes.float() * e).flatten(2).sum(-1)  # [k, n]
         return first + float(dots.pow(2).mean(0).sum()) / (2 * self.n_tokens)
 
+    def save(self, path) -> None:
+        from safetensors.torch import save_file
+
+        save_file({"grad": self.grad.contiguous(), "probes": self.probes.contiguous()}, str(path),
+                  metadata={"n_tokens": str(self.n_tokens)})
+
+    @classmethod
+    def load(cls, path) -> OutputGradients:
+        from safetensors import safe_open
+
+        with safe_open(str(path), "pt") as f:
+            return cls(f.get_tensor("grad"), f.get_tensor("probes"), int(f.metadata()["n_tokens"]))
+
     def windows(self, start: int, stop: int) -> OutputGradients:
         return OutputGradients(self.grad[start:stop], self.probes[:, start:stop], self.n_tokens)
 
@@ -62,8 +75,10 @@ class OutputGradients:
 def loss_gradients(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Tensor, probes: int = 4,
                    device: torch.device | str = "cpu", dtype: torch.dtype = torch.float32,
                    load: Callable[[int], None] | None = None, release: Callable[[int], None] | None = None,
-                   seed: int = 0) -> list[OutputGradients]:
-    """Per decoder block, the :class:`OutputGradients` at its output on ``input_ids [n, seq]``.
+                   seed: int = 0, keep: Callable[[int, OutputGradients], None] | None = None) -> list[OutputGradients]:
+    """Per decoder block, the :class:`OutputGradients` at its output on ``input_ids [n, seq]``; with ``keep``,
+    each is handed to ``keep(i, gradients)`` as it is computed (last block first) and not held (the list is
+    of None).
 
     ``load(i)``/``release(i)`` bring block ``i``'s weights in and out (each block is loaded twice: once
     forward, once backward); the embeddings, final norm and head must be loaded. The blocks run on
@@ -85,6 +100,9 @@ def loss_gradients(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
     out: list[OutputGradients | None] = [None] * len(blocks)
     for i in reversed(range(len(blocks))):
         out[i] = OutputGradients(cotangents[0].to(STORE_DTYPE), cotangents[1:].to(STORE_DTYPE), n_tokens)
+        if keep is not None:
+            keep(i, out[i])
+            out[i] = None
         stored = _bring(blocks[i], i, load, device, dtype)
         args, kwargs = move(calls[i].args, device, dtype), move(calls[i].kwargs, device, dtype)
         cotangents = _backward(blocks[i], inputs[i].to(device), args, kwargs, cotangents.to(device), [])[0].cpu()

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -10,6 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
+from calib.gradients import OutputGradients, loss_gradients
 from calib.runner import BlockInputs, run_sequential
 from quant import arch as arch_table
 from quant import heap, model_io, resume
@@ -24,6 +26,8 @@ from quant.shards import ShardWriter
 from quant.source import SourceModel, source_fingerprint
 
 log = logging.getLogger(__name__)
+
+LOSS_GRADIENTS = "loss-gradients"  # in the run's folder while it runs: AWQ's loss judge reads them block by block
 
 
 @dataclass
@@ -254,12 +258,12 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
 
     def process(i: int, block, inputs: BlockInputs | None) -> None:
         t = time.perf_counter()
-        if loss_grads and inputs is not None:  # AWQ judges by the loss: the gradients at this block's output
+        if loss_grads is not None and inputs is not None:  # AWQ judges by the loss: the gradients at this block's output
+            at_output = OutputGradients.load(loss_grads / f"{i:05d}.safetensors")
             n_judge = min(cfg.awq.judge_windows, len(calib_ids) - sum(held_out))
-            inputs.loss = {"calls": loss_grads[i].windows(0, n_judge)}
+            inputs.loss = {"calls": at_output.windows(0, n_judge)}
             if held_out[0]:
-                inputs.loss["accept"] = loss_grads[i].windows(n_judge, n_judge + held_out[0])
-            loss_grads[i] = None
+                inputs.loss["accept"] = at_output.windows(n_judge, n_judge + held_out[0])
         result: BlockResult = quantize_block(BlockContext(i, block, plan.quantize[i], cfg, arch, inputs))
         if result.block is not None:
             blocks[i] = result.block
@@ -295,7 +299,7 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
 
     compute_dtype = torch.float32 if dev.type == "cpu" else src.dtype
     held_out = (*cfg.held_out_split, len(kinds) * cfg.check_windows)
-    loss_grads = _loss_gradients(src, cfg, calib_ids, held_out, dev, compute_dtype)
+    loss_grads = _loss_gradients(src, cfg, calib_ids, held_out, dev, compute_dtype, run.folder / LOSS_GRADIENTS)
     try:
         if calib_ids is None:
             for i in range(run.start, len(blocks)):
@@ -320,6 +324,8 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
         raise
     finally:  # an error message then starts on its own line
         bar.close()
+        if loss_grads is not None:
+            shutil.rmtree(loss_grads, ignore_errors=True)
     parts = [_part(i) for i in range(len(blocks))]
     model_check = None
     candidates = alts.complete()
@@ -346,22 +352,24 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
     return rows, artifacts, model_check, parts
 
 
-def _loss_gradients(src: SourceModel, cfg, calib_ids, held_out, dev, compute_dtype) -> list | None:
+def _loss_gradients(src: SourceModel, cfg, calib_ids, held_out, dev, compute_dtype, folder: Path) -> Path | None:
     """For AWQ judging by the loss: the full-precision model's loss gradients and Gauss-Newton probes at every
     block's output (:func:`calib.gradients.loss_gradients`) on the windows the judges see (the first
-    ``judge_windows`` search windows) and the clip-test windows, in that order; else None."""
+    ``judge_windows`` search windows) and the clip-test windows, in that order, one file per block in
+    ``folder`` (returned; on disk, not in memory: ``(1 + probes) × windows × seqlen × hidden`` bfloat16 values
+    per block, gigabytes for a large model); else None."""
     if calib_ids is None or not cfg.searches_awq or cfg.awq.judge != "loss" or cfg.awq.search_file:
         return None
-    from calib.gradients import loss_gradients
+    folder.mkdir(parents=True, exist_ok=True)
 
     n_search = len(calib_ids) - sum(held_out)
     ids = torch.cat([calib_ids[:min(cfg.awq.judge_windows, n_search)], calib_ids[n_search:n_search + held_out[0]]])
     t = time.perf_counter()
-    grads = loss_gradients(src.model, src.blocks, ids, cfg.awq.fisher_probes, dev, compute_dtype,
-                           load=src.load_block, release=src.release, seed=cfg.seed)
+    loss_gradients(src.model, src.blocks, ids, cfg.awq.fisher_probes, dev, compute_dtype, load=src.load_block,
+                   release=src.release, seed=cfg.seed, keep=lambda i, g: g.save(folder / f"{i:05d}.safetensors"))
     log.info("loss gradients at every block's output on %d windows, %d Fisher probes: %.1f s", len(ids),
              cfg.awq.fisher_probes, time.perf_counter() - t)
-    return grads
+    return folder
 
 
 def _written(cfg: QuantConfig, arch, kept: list[str], quantized: list[str]) -> Written:

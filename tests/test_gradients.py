@@ -158,3 +158,6 @@ def test_awq_judges_by_the_loss_by_default_and_says_so(tmp_path):
         assert "judged dL-rtn mnat" in b.info and "judged err/rtn" not in b.info
         assert float(b.info["judged dL-rtn mnat"]) <= 0  # RTN is among the candidates
     assert all("judged err/rtn" in b.info for b in by_error.blocks)
+    # The gradient files live in the run's folder while it runs, never in the checkpoint.
+    files = lambda p: sorted(str(f.relative_to(p)) for f in p.rglob("*"))  # noqa: E731
+    assert files(tmp_path / "loss") == files(tmp_path / "error")

@@ -11,13 +11,16 @@ Per decoder block (:func:`quantize_block`):
    evaluates every ``α`` of the grid in closed form (the linears' own output
    error). Where the group has a judge module (attention, MLP), that is only the
    screen: RTN and the ``n_judge - 1`` best candidates are run through the judge
-   on the first minibatch (``judge_windows`` windows) and the one with the lowest judge output error wins
-   (:mod:`quant.awq.judge`). The scale is folded into the producer
+   on the first minibatch (``judge_windows`` windows) and the one whose judge output error costs least
+   wins (:mod:`quant.awq.judge`): by default the change of the model's loss it makes, to second order,
+   from the loss gradients at the block's output (``AWQOptions.judge``; :mod:`calib.gradients`, computed
+   by the pipeline before the first block), else the squared error. Judging by the loss, the groups
+   without a judge module (v -> o, up -> down) are judged at their consumer's output. The scale is folded into the producer
    (:mod:`quant.awq.fold`); the folded block is checked against the original on
    one minibatch, and a group whose fold changes the output is dropped with a warning;
 3. :func:`search.search_clip` picks a range fraction per (row, group) of every
    quantized linear, on the folded weights; a linear keeps its clips only where
-   they lower its judge module's output error on the held-out ``accept`` windows;
+   they lower what its judge module's output error costs on the held-out ``accept`` windows;
 4. :func:`apply_block` quantizes with the clips (fake-quantized weights plus their codes).
 
 The next block's statistics come from the full-precision model's activations, as in
