@@ -34,7 +34,7 @@ from torch import nn
 from calib.collectors import record_block_calls, take_first_hidden
 from calib.runner import first_output, move
 
-STORE_DTYPE = torch.bfloat16  # the gradients of every block are held for the whole run
+STORE_DTYPE = torch.bfloat16  # every block's gradients wait (on disk, in the pipeline) until its turn
 
 
 @dataclass

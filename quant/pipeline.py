@@ -259,11 +259,7 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
     def process(i: int, block, inputs: BlockInputs | None) -> None:
         t = time.perf_counter()
         if loss_grads is not None and inputs is not None:  # AWQ judges by the loss: the gradients at this block's output
-            at_output = OutputGradients.load(loss_grads / f"{i:05d}.safetensors")
-            n_judge = min(cfg.awq.judge_windows, len(calib_ids) - sum(held_out))
-            inputs.loss = {"calls": at_output.windows(0, n_judge)}
-            if held_out[0]:
-                inputs.loss["accept"] = at_output.windows(n_judge, n_judge + held_out[0])
+            inputs.loss = loss_grads.for_block(i)
         result: BlockResult = quantize_block(BlockContext(i, block, plan.quantize[i], cfg, arch, inputs))
         if result.block is not None:
             blocks[i] = result.block
@@ -299,7 +295,8 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
 
     compute_dtype = torch.float32 if dev.type == "cpu" else src.dtype
     held_out = (*cfg.held_out_split, len(kinds) * cfg.check_windows)
-    loss_grads = _loss_gradients(src, cfg, calib_ids, held_out, dev, compute_dtype, run.folder / LOSS_GRADIENTS)
+    loss_grads = _LossGradientFiles(src, cfg, calib_ids, held_out, dev, compute_dtype, run.folder / LOSS_GRADIENTS) \
+        if _LossGradientFiles.wanted(cfg, calib_ids) else None
     try:
         if calib_ids is None:
             for i in range(run.start, len(blocks)):
@@ -325,7 +322,7 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
     finally:  # an error message then starts on its own line
         bar.close()
         if loss_grads is not None:
-            shutil.rmtree(loss_grads, ignore_errors=True)
+            shutil.rmtree(loss_grads.folder, ignore_errors=True)
     parts = [_part(i) for i in range(len(blocks))]
     model_check = None
     candidates = alts.complete()
@@ -352,24 +349,40 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
     return rows, artifacts, model_check, parts
 
 
-def _loss_gradients(src: SourceModel, cfg, calib_ids, held_out, dev, compute_dtype, folder: Path) -> Path | None:
+class _LossGradientFiles:
     """For AWQ judging by the loss: the full-precision model's loss gradients and Gauss-Newton probes at every
     block's output (:func:`calib.gradients.loss_gradients`) on the windows the judges see (the first
     ``judge_windows`` search windows) and the clip-test windows, in that order, one file per block in
-    ``folder`` (returned; on disk, not in memory: ``(1 + probes) × windows × seqlen × hidden`` bfloat16 values
-    per block, gigabytes for a large model); else None."""
-    if calib_ids is None or not cfg.searches_awq or cfg.awq.judge != "loss" or cfg.awq.search_file:
-        return None
-    folder.mkdir(parents=True, exist_ok=True)
+    ``folder`` (on disk, not in memory: ``(1 + probes) × windows × seqlen × hidden`` bfloat16 values per block,
+    gigabytes for a large model)."""
 
-    n_search = len(calib_ids) - sum(held_out)
-    ids = torch.cat([calib_ids[:min(cfg.awq.judge_windows, n_search)], calib_ids[n_search:n_search + held_out[0]]])
-    t = time.perf_counter()
-    loss_gradients(src.model, src.blocks, ids, cfg.awq.fisher_probes, dev, compute_dtype, load=src.load_block,
-                   release=src.release, seed=cfg.seed, keep=lambda i, g: g.save(folder / f"{i:05d}.safetensors"))
-    log.info("loss gradients at every block's output on %d windows, %d Fisher probes: %.1f s", len(ids),
-             cfg.awq.fisher_probes, time.perf_counter() - t)
-    return folder
+    def __init__(self, src: SourceModel, cfg, calib_ids, held_out, dev, compute_dtype, folder: Path):
+        self.folder = folder
+        n_search = len(calib_ids) - sum(held_out)
+        self.n_judge, self.n_accept = min(cfg.awq.judge_windows, n_search), held_out[0]
+        ids = torch.cat([calib_ids[:self.n_judge], calib_ids[n_search:n_search + self.n_accept]])
+        folder.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        loss_gradients(src.model, src.blocks, ids, cfg.awq.fisher_probes, dev, compute_dtype, load=src.load_block,
+                       release=src.release, seed=cfg.seed, keep=lambda i, g: g.save(self._path(i)))
+        log.info("loss gradients at every block's output on %d windows, %d Fisher probes: %.1f s", len(ids),
+                 cfg.awq.fisher_probes, time.perf_counter() - t)
+
+    @classmethod
+    def wanted(cls, cfg, calib_ids) -> bool:
+        return calib_ids is not None and cfg.searches_awq and cfg.awq.judge == "loss" and not cfg.awq.search_file
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"{i:05d}.safetensors"
+
+    def for_block(self, i: int) -> dict:
+        """:attr:`calib.runner.BlockInputs.loss` of block ``i``: the gradients on the judge windows (``"calls"``)
+        and on the clip-test windows (``"accept"``, if any)."""
+        at_output = OutputGradients.load(self._path(i))
+        loss = {"calls": at_output.windows(0, self.n_judge)}
+        if self.n_accept:
+            loss["accept"] = at_output.windows(self.n_judge, self.n_judge + self.n_accept)
+        return loss
 
 
 def _written(cfg: QuantConfig, arch, kept: list[str], quantized: list[str]) -> Written:

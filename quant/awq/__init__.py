@@ -228,7 +228,7 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
         if ctx.inputs.accept:
             routed = [n for n in ff_names if ff.routed(n)]
             clips = {**_accept_clips(block, groups, [n for n in clips if n not in routed], weights, clips,
-                                     ctx.inputs.accept, spec, opts.token_weighting, loss.get("accept"), bool(loss)),
+                                     ctx.inputs.accept, spec, opts.token_weighting, loss.get("accept")),
                      **_accept_routed_clips(block, ff_name, routed, weights, clips, ctx.inputs.accept, spec)}
         artifacts.update({f"{n}.{CLIP_KEY}": c for n, c in clips.items()})
         info["awq clip"] = _mean([float(clips[n].mean()) if n in clips else 1.0 for n in names])
@@ -282,7 +282,7 @@ def _judge_scale(block: nn.Module, probe, ws: dict[str, torch.Tensor], res: Scal
 
 
 def _accept_clips(block: nn.Module, groups, names: list[str], weights: dict, clips: dict, calls, spec: QuantSpec,
-                  weigh: bool, at_output=None, by_loss: bool = False) -> dict[str, torch.Tensor]:
+                  weigh: bool, at_output=None) -> dict[str, torch.Tensor]:
     """The clips that lower what their judge module's output error costs on held-out ``calls``, tried one linear
     at a time: the loss change where ``at_output`` (the loss gradients at the block's output on ``calls``) is
     given, else the squared error."""
@@ -290,7 +290,7 @@ def _accept_clips(block: nn.Module, groups, names: list[str], weights: dict, cli
     for n in names:
         by_judge.setdefault(judge_of(groups, n), []).append(n)
     probes = record_probes(block, list(by_judge), calls, weigh)
-    if at_output is not None and by_loss:
+    if at_output is not None:
         attach_gradients(block, probes, calls, at_output)
     kept = {}
     for judge, linears in by_judge.items():

@@ -100,14 +100,15 @@ def attach_gradients(block: nn.Module, probes: dict[str, Probe], calls: list[Blo
                      ) -> None:
     """Give ``probes`` (recorded on the block ``calls``, one module call per block call) the loss gradients at
     their modules' outputs, carried back from ``at_output`` (the block output's, on the calls' windows in order)."""
+    for name, probe in probes.items():
+        if len(probe.inputs) != len(calls):
+            raise ValueError(f"{name} ran {len(probe.inputs)} times in {len(calls)} block calls; it cannot be "
+                             "judged by the loss")
     start = 0
-    for k, c in enumerate(calls):
+    for c in calls:
         n = c.hidden.shape[0]
         grads = module_gradients(block, c.hidden, c.args, c.kwargs, at_output.windows(start, start + n), list(probes))
         for name, probe in probes.items():
-            if len(probe.inputs) != len(calls):
-                raise ValueError(f"{name} ran {len(probe.inputs)} times in {len(calls)} block calls; it cannot be "
-                                 "judged by the loss")
             probe.grads.append(grads[name])
         start += n
 
