@@ -105,7 +105,7 @@ def loss_gradients(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
             out[i] = None
         stored = _bring(blocks[i], i, load, device, dtype)
         args, kwargs = move(calls[i].args, device, dtype), move(calls[i].kwargs, device, dtype)
-        cotangents = _backward(blocks[i], inputs[i].to(device), args, kwargs, cotangents.to(device), [])[0].cpu()
+        cotangents = _backward(blocks[i], inputs[i].to(device), args, kwargs, cotangents.to(device), [], True)[0].cpu()
         inputs[i] = None
         _send_back(blocks[i], i, release, stored)
     return out
@@ -117,21 +117,23 @@ def module_gradients(block: nn.Module, hidden: torch.Tensor, args: tuple, kwargs
     call on ``hidden [n, t, d]`` (with ``args``, ``kwargs``), from those at the block's output: one forward
     and ``1 + probes`` backward passes of the block (as it computes now, on its device)."""
     cot = torch.cat([at_output.grad[None], at_output.probes]).to(device=hidden.device, dtype=hidden.dtype)
-    grads = _backward(block, hidden, args, kwargs, cot, modules)[1:]
+    grads = _backward(block, hidden, args, kwargs, cot, modules, False)
     return {m: OutputGradients(g[0].to("cpu", STORE_DTYPE), g[1:].to("cpu", STORE_DTYPE), at_output.n_tokens)
             for m, g in zip(modules, grads)}
 
 
-def _backward(block, hidden, args, kwargs, cotangents, modules: list[str]) -> list[torch.Tensor]:
-    """``[1 + k, ...]`` gradients at the block's input and at each module's output, for the ``1 + k`` output
-    ``cotangents``: one forward, then one backward per cotangent."""
-    x = hidden.detach().requires_grad_(True)
+def _backward(block, hidden, args, kwargs, cotangents, modules: list[str], at_input: bool) -> list[torch.Tensor]:
+    """``[1 + k, ...]`` gradients at the block's input (if ``at_input``) and at each module's output, for the
+    ``1 + k`` output ``cotangents``: one forward, then one backward per cotangent. Without ``at_input`` the
+    backward runs only as far as the earliest module asked for (autograd computes only what the targets need:
+    for the attention's and the MLP's outputs, not through q/k/v and the softmax)."""
+    x = hidden.detach().requires_grad_(True)  # the graph from it either way (the weights may not ask for one)
     seen: dict[str, torch.Tensor] = {}
     hooks = [block.get_submodule(m).register_forward_hook(_keep(seen, m)) for m in modules]
     try:
         with torch.enable_grad():
             y = first_output(block(x, *args, **kwargs))
-            targets = [x, *(seen[m] for m in modules)]
+            targets = [x] * at_input + [seen[m] for m in modules]
             per = [torch.autograd.grad(y, targets, c.to(y.dtype), retain_graph=j < len(cotangents) - 1, allow_unused=True)
                    for j, c in enumerate(cotangents)]
     finally:
