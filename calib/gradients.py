@@ -49,11 +49,13 @@ class OutputGradients:
     def loss_change(self, error: torch.Tensor) -> float:
         """``Σ g·e + (1/2N) mean_k Σ_w (G_kw·e_w)²`` (nats per token) for an output error ``e [n, t, d]``."""
         e = error.float()
-        first = float((self.grad.float() * e).sum())
-        if not len(self.probes):
-            return first
-        dots = (self.probes.float() * e).flatten(2).sum(-1)  # [k, n]
-        return first + float(dots.pow(2).mean(0).sum()) / (2 * self.n_tokens)
+        first, second = 0.0, 0.0
+        for w in range(e.shape[0]):  # a window at a time, as matrix-vector products: no [k, n, t, d] temporaries
+            e_w = e[w].reshape(-1)
+            first += float(self.grad[w].reshape(-1).float() @ e_w)
+            if len(self.probes):
+                second += float((self.probes[:, w].reshape(len(self.probes), -1).float() @ e_w).pow(2).mean())
+        return first + second / (2 * self.n_tokens)
 
     def save(self, path) -> None:
         from safetensors.torch import save_file
