@@ -35,6 +35,7 @@ from calib.collectors import record_block_calls, take_first_hidden
 from calib.runner import first_output, move
 
 STORE_DTYPE = torch.bfloat16  # every block's gradients wait (on disk, in the pipeline) until its turn
+HEAD_TOKENS = 128  # positions through the head at a time: their logits are [HEAD_TOKENS, vocab] float32
 
 
 @dataclass
@@ -147,8 +148,8 @@ def _backward(block, hidden, args, kwargs, cotangents, modules: list[str], at_in
 
 def _head_gradients(model, blocks, input_ids, final, probes: int, seed: int) -> torch.Tensor:
     """``[1 + probes, n, t, d]``: at the last block's output, the gradient of the mean loss (true labels), then
-    the probes (labels drawn from the model's own distribution, summed loss). One window at a time: a window's
-    logits are ``[seq, vocab]``.
+    the probes (labels drawn from the model's own distribution, summed loss). ``HEAD_TOKENS`` positions of one
+    window at a time: their logits are ``[HEAD_TOKENS, vocab]`` (the final norm and the head act per token).
 
     The head (``model.get_output_embeddings()``, a linear ``z = u Wᵀ``, then an elementwise map such as Gemma's
     soft-capping, slope ``σ``) is differentiated by hand: the cross-entropy's gradient at ``z`` for label ``y``
@@ -162,32 +163,35 @@ def _head_gradients(model, blocks, input_ids, final, probes: int, seed: int) -> 
     weight = head.weight.float()  # [vocab, d]
     out = torch.zeros((1 + probes, *final.shape), dtype=torch.float32)
     for w in range(input_ids.shape[0]):
-        h = final[w:w + 1].detach().requires_grad_(True)
-        seen = {}
-        hook = head.register_forward_hook(lambda m, args, z: seen.update(u=args[0], z=z))
-        try:
-            with torch.enable_grad():
-                logits = logits_from_final_hidden(model, blocks, input_ids[w:w + 1], h, grad=True)
-        finally:
-            hook.remove()
-        u, z = seen["u"], seen["z"]
-        slope = None
-        if logits is not z:  # the elementwise map after the head's product: its slope at z
-            slope = torch.autograd.grad(logits, z, torch.ones_like(logits), retain_graph=True)[0][0, :-1].float()
-        p = logits.detach()[0, :-1].float().softmax(-1)  # [t - 1, vocab]
-        labels = input_ids[w:w + 1, 1:].to(p.device)  # [1, t - 1]
-        if probes:
-            labels = torch.cat([labels, torch.multinomial(p.cpu(), probes, replacement=True, generator=gen).t().to(p.device)])
-        common = (p if slope is None else p * slope) @ weight.to(p.device)  # [t - 1, d]
-        rows = weight.to(p.device)[labels]  # [1 + probes, t - 1, d]
-        if slope is not None:
-            rows = rows * slope.gather(1, labels.t()).t()[..., None]
-        du = torch.zeros((1 + probes, *u.shape[1:]), dtype=torch.float32, device=u.device)
-        du[:, :-1] = common[None] - rows
-        du[0] /= n_tokens  # the mean loss; the probes are of the summed loss
-        for j in range(1 + probes):
-            g = torch.autograd.grad(u, h, du[j][None].to(u.dtype), retain_graph=j < probes)[0]
-            out[j, w] = g[0].float().cpu()
+        for a in range(0, input_ids.shape[1] - 1, HEAD_TOKENS):  # the positions a..b-1 predict tokens a+1..b
+            b = min(a + HEAD_TOKENS, input_ids.shape[1] - 1)
+            h = final[w:w + 1, a:b].detach().requires_grad_(True)
+            seen = {}
+            hook = head.register_forward_hook(lambda m, args, z: seen.update(u=args[0], z=z))
+            try:
+                with torch.enable_grad():
+                    logits = logits_from_final_hidden(model, blocks, input_ids[w:w + 1, a:b], h, grad=True)
+            finally:
+                hook.remove()
+            u, z = seen["u"], seen["z"]
+            slope = None
+            if logits is not z:  # the elementwise map after the head's product: its slope at z
+                slope = torch.autograd.grad(logits, z, torch.ones_like(logits), retain_graph=True)[0][0].float()
+            p = logits.detach()[0].float().softmax(-1)  # [b - a, vocab]
+            del logits, z
+            labels = input_ids[w:w + 1, a + 1:b + 1].to(p.device)  # [1, b - a]
+            if probes:
+                labels = torch.cat([labels, torch.multinomial(p.cpu(), probes, replacement=True, generator=gen).t().to(p.device)])
+            common = (p if slope is None else p * slope) @ weight.to(p.device)  # [b - a, d]
+            rows = weight.to(p.device)[labels]  # [1 + probes, b - a, d]
+            if slope is not None:
+                rows = rows * slope.gather(1, labels.t()).t()[..., None]
+            du = (common[None] - rows).to(u.dtype)
+            del p, slope, common, rows
+            du[0] /= n_tokens  # the mean loss; the probes are of the summed loss
+            for j in range(1 + probes):
+                g = torch.autograd.grad(u, h, du[j][None], retain_graph=j < probes)[0]
+                out[j, w, a:b] = g[0].float().cpu()
     return out
 
 

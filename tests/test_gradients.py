@@ -41,8 +41,10 @@ def _close(a, b, tol=5e-3):  # the gradients are held in bfloat16
     return float((a.float() - b).norm() / b.norm()) < tol
 
 
-@pytest.mark.parametrize("model_type", ["llama", "qwen2", "gemma3_text"])
-def test_block_and_module_gradients_are_the_whole_models_backward(model_type):
+@pytest.mark.parametrize("model_type,head_tokens", [("llama", 128), ("qwen2", 128), ("gemma3_text", 128),
+                                                     ("llama", 6), ("gemma3_text", 6)])
+def test_block_and_module_gradients_are_the_whole_models_backward(model_type, head_tokens, monkeypatch):
+    monkeypatch.setattr("calib.gradients.HEAD_TOKENS", head_tokens)  # 6: the head a few positions at a time
     model = tiny_model(model_type)
     blocks = model.model.layers
     ids = torch.randint(3, model.config.vocab_size, (3, 16), generator=torch.Generator().manual_seed(0))
@@ -73,10 +75,11 @@ def _loss_with_error(model, ids, block_index: int, error: torch.Tensor) -> float
         hook.remove()
 
 
-def test_the_second_order_estimate_predicts_the_loss_change_of_an_error():
+def test_the_second_order_estimate_predicts_the_loss_change_of_an_error(monkeypatch):
     """On text the model itself wrote (labels drawn from its own distribution), the Gauss-Newton curvature is
     the loss's expected Hessian: an error orthogonal to the gradient changes the loss by what the probes
-    estimate; along the gradient, the first-order term leads."""
+    estimate; along the gradient, the first-order term leads. (The head takes 6 positions at a time.)"""
+    monkeypatch.setattr("calib.gradients.HEAD_TOKENS", 6)
     model = tiny_model("llama")
     torch.manual_seed(0)
     with torch.no_grad():
