@@ -182,12 +182,13 @@ def _head_gradients(model, blocks, input_ids, final, probes: int, seed: int) -> 
             labels = input_ids[w:w + 1, a + 1:b + 1].to(p.device)  # [1, b - a]
             if probes:
                 labels = torch.cat([labels, torch.multinomial(p.cpu(), probes, replacement=True, generator=gen).t().to(p.device)])
-            common = (p if slope is None else p * slope) @ weight.to(p.device)  # [b - a, d]
-            rows = weight.to(p.device)[labels]  # [1 + probes, b - a, d]
+            w_p = weight.to(p.device)  # the head's weight beside its logits (a no-op where they share a device)
+            common = (p if slope is None else p * slope) @ w_p  # [b - a, d]
+            rows = w_p[labels]  # [1 + probes, b - a, d]
             if slope is not None:
                 rows = rows * slope.gather(1, labels.t()).t()[..., None]
             du = (common[None] - rows).to(u.dtype)
-            del p, slope, common, rows
+            del p, slope, common, rows, w_p
             du[0] /= n_tokens  # the mean loss; the probes are of the summed loss
             for j in range(1 + probes):
                 g = torch.autograd.grad(u, h, du[j][None], retain_graph=j < probes)[0]
