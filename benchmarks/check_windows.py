@@ -49,13 +49,17 @@ def window_losses(model, windows: torch.Tensor) -> list[float]:
     return out
 
 
-def eval_windows(tok, name: str, seqlen: int, bos: int | None) -> torch.Tensor:
+def eval_windows(tok, name: str, seqlen: int, bos: int | None, n: int = EVAL_WINDOWS) -> torch.Tensor:
+    """The first ``n`` consecutive windows ``[n, seqlen]`` of evaluation text ``name`` (BOS first if given), as
+    ``qtool ppl`` and ``model_table.py`` score them."""
     ids = tok(eval_text_path(name).read_text(), return_tensors="pt", add_special_tokens=False).input_ids[0]
     width = seqlen - (bos is not None)
-    windows = ids[: EVAL_WINDOWS * width].reshape(-1, width)
+    if len(ids) < n * width:
+        raise SystemExit(f"{eval_text_path(name)} has {len(ids)} tokens; {n} windows need {n * width}")
+    windows = ids[: n * width].reshape(n, width)
     if bos is None:
         return windows
-    return torch.cat([torch.full((len(windows), 1), bos, dtype=windows.dtype), windows], dim=1)
+    return torch.cat([torch.full((n, 1), bos, dtype=windows.dtype), windows], dim=1)
 
 
 def paired(diffs: list[float]) -> tuple[float, float]:
