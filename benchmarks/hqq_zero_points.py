@@ -18,24 +18,16 @@ model's safetensors files. Runs in the peers' venv (it imports ``hqq``).
 from __future__ import annotations
 
 import argparse
-import json
 import re
+import sys
 from pathlib import Path
 
 import torch
 from safetensors import safe_open
 
-
-def weight_files(model: Path) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it (one file, or a sharded index)."""
-    index = model / "model.safetensors.index.json"
-    if index.exists():
-        return {k: model / v for k, v in json.loads(index.read_text())["weight_map"].items()}
-    single = model / "model.safetensors"
-    if not single.exists():
-        raise SystemExit(f"{model}: no model.safetensors or model.safetensors.index.json; give a Hugging Face model folder")
-    with safe_open(single, "pt") as f:
-        return {k: single for k in f.keys()}
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from quant.checkpoint import tensor_index  # noqa: E402  (torch and safetensors only: runs in the peers' venv)
+from quant.errors import QtoolError  # noqa: E402
 
 
 def main() -> None:
@@ -48,7 +40,10 @@ def main() -> None:
     p.add_argument("--group-size", type=int, default=128)
     args = p.parse_args()
     torch.set_num_threads(1)
-    files = weight_files(args.model.expanduser())
+    try:
+        files = tensor_index(args.model.expanduser())
+    except QtoolError as e:
+        raise SystemExit(str(e)) from None
     maxq = 2**args.bits - 1
     rows, all_dz, changed, total = [], [], 0, 0
     for b in (int(x) for x in args.blocks.split(",")):
