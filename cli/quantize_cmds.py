@@ -74,7 +74,8 @@ def rtn(model_dir, out, verbose, overwrite, device, max_shard_size, **fields):
 @click.option("--clip-grid", default=20, show_default=True, type=int, help="Clipping ratios tried per group.")
 @click.option("--apply-search", default=None, type=click.Path(exists=True, path_type=str),
               help="Replay the scales and clips of an earlier run (its checkpoint folder, or the "
-                   "qtool/awq_search.safetensors inside it) instead of searching; needs no calibration data. It must "
+                   "qtool/awq_search.safetensors inside it; or qtool/awq_search.refused.safetensors, the search of a model "
+                   "the whole-model check did not keep) instead of searching; needs no calibration data. It must "
                    "come from the same model at the same --bits, --group-size and --sym.")
 def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_judge, judge_windows, screen_windows,
         quantized_inputs, token_weighting, judge, fisher_probes, clip, clip_grid, apply_search, **fields):

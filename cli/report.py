@@ -2,10 +2,12 @@
 from __future__ import annotations
 
 import statistics
+from pathlib import Path
 
 import click
 from tabulate import tabulate
 
+from quant.config import REFUSED_SEARCH_FILE
 from quant.guard import FALLBACK_KEY
 
 
@@ -87,6 +89,9 @@ def _guard_rows(r) -> list[list]:
         why = f"{label} is worse than all-RTN on {listed} text" if kinds else "the whole model scored better with it"
         verdict = f"{kept} kept" if kept == label else f"{'RTN' if kept == 'rtn' else kept} kept for every block ({why})"
         rows.append(["held-out loss of the whole model", f"{' vs '.join(losses)} nats/token: {verdict}"])
+        refused = Path(r.out) / REFUSED_SEARCH_FILE
+        if kept != label and refused.is_file():
+            rows.append(["AWQ search of the model not kept", f"{refused} (qtool awq --apply-search replays it)"])
         for kind, by_name in check.get("kinds", {}).items():
             rows.append([f"... on built-in {kind} text", " vs ".join(f"{v:.4f} ({name(k)})" for k, v in by_name.items())])
     return rows

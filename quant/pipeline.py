@@ -16,7 +16,7 @@ from calib.runner import BlockInputs, run_sequential
 from quant import arch as arch_table
 from quant import heap, model_io, resume
 from quant.checkpoint import checkpoint_tensors, is_quantized_checkpoint, output_dtype, write_metadata
-from quant.config import SEARCH_FILE, QuantConfig
+from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 from quant.formats.compat import Written, check_target, readers, skip_pattern
 from quant.guard import FALLBACK_KEY, Alternatives, check_model, rtn_guard
@@ -207,8 +207,11 @@ def quantize(
 
             (tmp / SEARCH_FILE).parent.mkdir(exist_ok=True)
             # A replay of a file that did not say its settings does not vouch for them either.
-            save_file(artifacts, str(tmp / SEARCH_FILE),
-                      metadata=search_metadata(cfg, config["model_type"], len(src.blocks)) if settings_known else None)
+            header = search_metadata(cfg, config["model_type"], len(src.blocks)) if settings_known else None
+            own_kept = model_check is None or model_check["kept"] == cfg.label
+            save_file(artifacts if own_kept else {}, str(tmp / SEARCH_FILE), metadata=header)
+            if not own_kept and artifacts:  # the model not kept stays replayable, for a look or another check
+                save_file(artifacts, str(tmp / REFUSED_SEARCH_FILE), metadata=header)
         writer.cleanup()
     return report
 
@@ -234,7 +237,8 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
     """Each block in turn: loaded from the source, quantized, packed, written as a part, released, and the
     progress record saved; blocks a stopped run finished are skipped.
 
-    Returns the summary rows, AWQ's search results, the whole-model check and the names of the parts
+    Returns the summary rows, AWQ's search results (the method's own model's, kept or not), the whole-model check
+    and the names of the parts
     that make the checkpoint's blocks (each block's own, or its RTN version where the check keeps RTN).
     ``kinds``: the kinds of text whose check windows end ``calib_ids`` (:func:`_calibration_ids`)."""
     quantize_block = get_method(cfg.method)
@@ -345,7 +349,6 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
                 was_rtn = r.info.get(FALLBACK_KEY) == "rtn" and kept == "rtn"
                 r.rtn_fallback = kept == "rtn"
                 r.info[FALLBACK_KEY] = kept if was_rtn else f"{kept} (whole model)"
-            artifacts.clear()  # AWQ's search belongs to the model not kept: a replay gives the kept one (RTN)
     return rows, artifacts, model_check, parts
 
 

@@ -8,7 +8,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 from tiny_models import save_tiny_model, tiny_model
 
-from quant.config import SEARCH_FILE
+from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE
 import quant
 import quant.awq as awq_module
 import quant.gptq.block as gptq_module
@@ -456,7 +456,8 @@ def _rig_losses(monkeypatch, shift) -> list[float]:
 def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_rtn(tmp_path, monkeypatch):
     """Every block's guard keeps AWQ, but the whole AWQ model's held-out loss is higher than the all-RTN
     model's (made so on purpose: a tiny random model's loss does not tell the two apart): RTN is kept
-    for every block, bit for bit, and the search file is emptied."""
+    for every block, bit for bit, and the search file is emptied; AWQ's own search is saved beside it, and its
+    replay gives AWQ's own model."""
     src = save_tiny_model("llama", tmp_path / "src")
     rtn_report = quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
     assert rtn_report.model_check is None
@@ -477,11 +478,23 @@ def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_r
     rtn = _packed(tmp_path / "rtn")
     assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "awq").items())
     assert load_file(str(tmp_path / "awq" / SEARCH_FILE)) == {}
+    refused = tmp_path / "awq" / REFUSED_SEARCH_FILE
+    assert rows["AWQ search of the model not kept"].startswith(str(refused))
     # The same run with the whole model scored honestly keeps AWQ's blocks.
     monkeypatch.setattr(guard_module, "window_nlls",
                         lambda model, blocks, batches, finals: [1.0] * sum(map(len, batches)))
     kept = quant.quantize(src, tmp_path / "awq2", method="awq", awq=AWQOptions(n_judge=1, clip=False), **OPTS)
     assert kept.model_check["kept"] == "awq" and not any(b.rtn_fallback for b in kept.blocks)
+    assert not (tmp_path / "awq2" / REFUSED_SEARCH_FILE).exists()
+    assert "AWQ search of the model not kept" not in dict(_guard_rows(kept))
+    # The refused search is the one the kept run found, and replaying it gives that model.
+    found, again = load_file(str(refused)), load_file(str(tmp_path / "awq2" / SEARCH_FILE))
+    assert found and found.keys() == again.keys() and all(torch.equal(v, again[k]) for k, v in found.items())
+    quant.quantize(src, tmp_path / "replay", method="awq", awq=AWQOptions(search_file=str(refused)), **OPTS)
+    own = _packed(tmp_path / "awq2")
+    replayed = _packed(tmp_path / "replay")
+    assert replayed.keys() == own.keys() and any(not torch.equal(v, rtn[k]) for k, v in own.items())
+    assert all(torch.equal(v, own[k]) for k, v in replayed.items())
 
 
 def test_the_whole_model_check_keeps_a_method_that_wins_and_the_cli_reports_it(tmp_path):
