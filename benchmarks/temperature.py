@@ -72,9 +72,17 @@ def main() -> None:
     if 1.0 not in temps:
         temps.insert(0, 1.0)
     t0 = time.perf_counter()
-    runs = {"fp": args.model, **dict(r.split("=", 1) for r in args.runs.split(","))}
+    runs = {"fp": args.model}
+    for item in args.runs.split(","):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            p.error(f"--runs entry {item!r} is not NAME=CHECKPOINT")
+        if name in runs:
+            p.error(f"--runs names {name!r} twice" if name != "fp" else
+                    "--runs may not name a run 'fp': that name is the source model (--model)")
+        runs[name] = path
     if "rtn" not in runs:
-        raise SystemExit("--runs needs one checkpoint named rtn (the baseline the differences are taken against)")
+        p.error("--runs needs one checkpoint named rtn (the baseline the differences are taken against)")
     tok = model_io.load_tokenizer(args.model)
     model_type = model_io.read_config(args.model).get("model_type")
     needs_bos = getattr(arch_table.ARCHITECTURES.get(model_type), "needs_bos", False)

@@ -609,3 +609,20 @@ def test_bench_without_a_gpu_is_refused(capsys):
     assert_refused(*run_cli(["bench", "--batch", "1"], capsys), "needs a CUDA GPU")
     code, err = run_cli(["bench", "--group-size", "48"], capsys)
     assert code == 2 and "48" in err
+
+
+@pytest.mark.parametrize("runs, said", [
+    ("fp=/tmp/x,rtn=/tmp/y", "may not name a run 'fp'"),  # would have replaced the source model
+    ("rtn=/tmp/x,rtn=/tmp/y", "names 'rtn' twice"),
+    ("rtn=/tmp/x,awq", "'awq' is not NAME=CHECKPOINT"),
+    ("awq=/tmp/x", "needs one checkpoint named rtn"),
+])
+def test_temperature_script_refuses_bad_runs(runs, said, tmp_path):
+    """benchmarks/temperature.py: a bad --runs list is refused before any model is read."""
+    import subprocess
+    from pathlib import Path
+    script = Path(__file__).resolve().parents[1] / "benchmarks" / "temperature.py"
+    r = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "absent"), "--runs", runs],
+                       capture_output=True, text=True)
+    assert r.returncode == 2, r.stderr
+    assert said in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
