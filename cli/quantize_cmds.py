@@ -54,8 +54,8 @@ def rtn(model_dir, out, verbose, overwrite, device, max_shard_size, **fields):
               help="Of those, RTN's and the best others' run through the module they feed (attention, MLP); "
                    "the lowest output error wins. 1: the closed form alone.")
 @click.option("--judge-windows", default=4, show_default=True, type=int,
-              help="Calibration windows the candidates run through the module they feed on (and held-out windows "
-                   "the clipping ranges are tested on).")
+              help="Calibration windows the candidates run through the module they feed on, and held-out windows "
+                   "the clipping ranges are tested on (those at most half of --held-out: the rest are the RTN guard's).")
 @click.option("--screen-windows", default=64, show_default=True, type=int,
               help="Calibration windows whose input products XᵀX give the closed-form screen and the clip search.")
 @click.option("--quantized-inputs", is_flag=True,
