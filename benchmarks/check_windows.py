@@ -69,6 +69,21 @@ def paired(diffs: list[float]) -> tuple[float, float]:
     return mean, math.sqrt(var / n)
 
 
+def named_checkpoints(parser: argparse.ArgumentParser, runs: str, first: dict[str, str]) -> dict[str, str]:
+    """``first`` then each ``NAME=CHECKPOINT`` of the comma-separated ``runs``; a malformed entry, or a name
+    given twice or already in ``first``, ends the script with ``parser.error`` (exit 2)."""
+    out = dict(first)
+    for item in runs.split(","):
+        name, sep, path = item.partition("=")
+        if not sep or not name or not path:
+            parser.error(f"{item!r} is not NAME=CHECKPOINT")
+        if name in out:
+            parser.error(f"the name {name!r} is given twice" if name not in first else
+                         f"no checkpoint may be named {name!r}: that name is {first[name]}")
+        out[name] = path
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", required=True, help="The source model folder (tokenizer, BOS).")
@@ -81,6 +96,7 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--no-eval", action="store_true", help="Leave out the evaluation texts' windows.")
     args = p.parse_args()
+    paths = named_checkpoints(p, args.candidates, {"rtn": args.rtn})
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tok = model_io.load_tokenizer(args.model)
@@ -93,7 +109,6 @@ def main() -> None:
             sets[(f"check {kind}", n)] = calibration_batch(tok, [builtin_text(kind)], n, args.seqlen, args.seed, needs_bos)
     for name in () if args.no_eval else ("wiki", "code"):
         sets[(f"eval {name}", EVAL_WINDOWS)] = eval_windows(tok, name, args.seqlen, bos)
-    paths = {"rtn": args.rtn, **dict(c.split("=", 1) for c in args.candidates.split(","))}
     losses = {}
     for name, path in paths.items():
         model, _ = quant.load_any(str(Path(path).expanduser()), dtype="float32", device="cpu")

@@ -36,7 +36,7 @@ from tabulate import tabulate
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quant  # noqa: E402
-from check_windows import eval_windows, paired  # noqa: E402
+from check_windows import eval_windows, named_checkpoints, paired  # noqa: E402
 from quant import arch as arch_table  # noqa: E402
 from quant import model_io  # noqa: E402
 from quant.modules import dense_weights  # noqa: E402
@@ -72,15 +72,7 @@ def main() -> None:
     if 1.0 not in temps:
         temps.insert(0, 1.0)
     t0 = time.perf_counter()
-    runs = {"fp": args.model}
-    for item in args.runs.split(","):
-        name, sep, path = item.partition("=")
-        if not sep or not name or not path:
-            p.error(f"--runs entry {item!r} is not NAME=CHECKPOINT")
-        if name in runs:
-            p.error(f"--runs names {name!r} twice" if name != "fp" else
-                    "--runs may not name a run 'fp': that name is the source model (--model)")
-        runs[name] = path
+    runs = named_checkpoints(p, args.runs, {"fp": args.model})
     if "rtn" not in runs:
         p.error("--runs needs one checkpoint named rtn (the baseline the differences are taken against)")
     tok = model_io.load_tokenizer(args.model)

@@ -611,18 +611,21 @@ def test_bench_without_a_gpu_is_refused(capsys):
     assert code == 2 and "48" in err
 
 
-@pytest.mark.parametrize("runs, said", [
-    ("fp=/tmp/x,rtn=/tmp/y", "may not name a run 'fp'"),  # would have replaced the source model
-    ("rtn=/tmp/x,rtn=/tmp/y", "names 'rtn' twice"),
-    ("rtn=/tmp/x,awq", "'awq' is not NAME=CHECKPOINT"),
-    ("awq=/tmp/x", "needs one checkpoint named rtn"),
+@pytest.mark.parametrize("script, option, runs, said", [
+    ("temperature.py", "--runs", "fp=/tmp/x,rtn=/tmp/y", "no checkpoint may be named 'fp'"),  # was: replaced the source
+    ("temperature.py", "--runs", "rtn=/tmp/x,rtn=/tmp/y", "the name 'rtn' is given twice"),
+    ("temperature.py", "--runs", "rtn=/tmp/x,awq", "'awq' is not NAME=CHECKPOINT"),
+    ("temperature.py", "--runs", "awq=/tmp/x", "needs one checkpoint named rtn"),
+    ("check_windows.py", "--candidates", "rtn=/tmp/x", "no checkpoint may be named 'rtn'"),  # was: replaced --rtn
+    ("check_windows.py", "--candidates", "awq=", "'awq=' is not NAME=CHECKPOINT"),
 ])
-def test_temperature_script_refuses_bad_runs(runs, said, tmp_path):
-    """benchmarks/temperature.py: a bad --runs list is refused before any model is read."""
+def test_benchmark_scripts_refuse_bad_checkpoint_lists(script, option, runs, said, tmp_path):
+    """The benchmark scripts that score NAME=CHECKPOINT lists refuse a bad list before any model is read."""
     import subprocess
     from pathlib import Path
-    script = Path(__file__).resolve().parents[1] / "benchmarks" / "temperature.py"
-    r = subprocess.run([sys.executable, str(script), "--model", str(tmp_path / "absent"), "--runs", runs],
+    path = Path(__file__).resolve().parents[1] / "benchmarks" / script
+    extra = ["--rtn", str(tmp_path / "rtn")] if script == "check_windows.py" else []
+    r = subprocess.run([sys.executable, str(path), "--model", str(tmp_path / "absent"), *extra, option, runs],
                        capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert said in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
