@@ -94,6 +94,9 @@ def _guard_rows(r) -> list[list]:
             rows.append(["AWQ search of the model not kept", f"{refused} (qtool awq --apply-search replays it)"])
         for kind, by_name in check.get("kinds", {}).items():
             rows.append([f"... on built-in {kind} text", " vs ".join(f"{v:.4f} ({name(k)})" for k, v in by_name.items())])
+        if check.get("kinds") and check.get("score"):
+            rows.append(["... averaged over the kinds (decides)",
+                         " vs ".join(f"{v:.4f} ({name(k)})" for k, v in check["score"].items())])
     return rows
 
 

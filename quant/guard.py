@@ -20,8 +20,12 @@ per-block measure weighs. So the pipeline also checks the whole model
 (:func:`check_model`): the next-token loss on the guard windows of the model as
 quantized against each alternative whole model (the all-RTN model, from each block's
 RTN version that the guard keeps; for AWQ+GPTQ also plain GPTQ, without AWQ's scales),
-carried through the same pass by :class:`Alternatives`, and keeps the lowest among
-those not worse than all-RTN on any other kind of text checked.
+carried through the same pass by :class:`Alternatives`. Of those not worse than all-RTN
+on any other kind of text checked, it keeps the one whose loss, averaged over the kinds
+of text (the guard windows' and each checked kind, weighed alike), is lowest: ranked on
+the guard windows alone, the candidate fitted hardest to the calibration text wins by
+a hair there and loses on the others (AWQ+GPTQ against plain GPTQ on
+Qwen2.5-Coder-1.5B, benchmarks/RESULTS.md, issue 20).
 """
 from __future__ import annotations
 
@@ -237,10 +241,12 @@ def check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor,
     each alternative model on the guard windows and on each kind of check windows.
 
     A candidate is eligible where its loss is not above the all-RTN model's on any kind of check text (RTN
-    always is); ``kept`` names the eligible one with the lowest loss on the guard windows (the method's on
-    a tie; a NaN loss is never kept). Returns ``{"method": label, "nll": the method's guard loss,
-    "alternatives": {name: guard loss}, "rtn_nll": all-RTN's, "kinds": {kind: {candidate: loss}},
-    "worse_than_rtn": {candidate: [kinds]}, "kept": name}``.
+    always is); ``kept`` names the eligible one with the lowest ``score``: its loss averaged over the kinds
+    of text, the guard windows one kind and each of ``kinds`` another, weighed alike (the guard loss alone
+    where no other kind is checked; the method's on a tie; a NaN loss is never kept). Returns
+    ``{"method": label, "nll": the method's guard loss, "alternatives": {name: guard loss}, "rtn_nll":
+    all-RTN's, "kinds": {kind: {candidate: loss}}, "score": {candidate: mean over kinds},
+    "worse_than_rtn": {candidate: [kinds]}, "kept": name}``; losses in nats per token.
     """
     t = time.perf_counter()
     n_guard = len(guard_ids)
@@ -253,8 +259,9 @@ def check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor,
                for k, kind in enumerate(kinds)}
     worse = {name: [kind for kind in kinds if not by_kind[kind][name] <= by_kind[kind]["rtn"]]
              for name in candidates if name != "rtn" and "rtn" in candidates}
+    score = {name: _mean([loss, *(by_kind[kind][name] for kind in kinds)]) for name, loss in guard.items()}
     kept, best = cfg.label, math.inf
-    for name, loss in guard.items():  # the method's first: an alternative must be strictly lower
+    for name, loss in score.items():  # the method's first: an alternative must be strictly lower
         if not worse.get(name) and loss < best:
             kept, best = name, loss
     if math.isinf(best):  # every candidate NaN or worse than RTN somewhere, and no RTN model to fall back on
@@ -265,7 +272,7 @@ def check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor,
                        for kind, losses in by_kind.items()) or "no other kinds of text checked",
              kept, time.perf_counter() - t)
     return {"method": cfg.label, "nll": guard[cfg.label], "rtn_nll": guard.get("rtn", math.nan),
-            "alternatives": {k: v for k, v in guard.items() if k != cfg.label}, "kinds": by_kind,
+            "alternatives": {k: v for k, v in guard.items() if k != cfg.label}, "kinds": by_kind, "score": score,
             "worse_than_rtn": {k: v for k, v in worse.items() if v}, "kept": kept}
 
 
