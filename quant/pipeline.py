@@ -135,6 +135,10 @@ def quantize(
     for d, k in ((settings, "calib_data"), (settings["awq"], "search_file")):  # files, not paths as typed
         if d[k] and Path(d[k]).exists():
             d[k] = str(Path(d[k]).resolve())
+    if cfg.method == "awq" and cfg.awq.search_file:  # a replay reads the file block by block: its content, too
+        from quant.awq import search_path
+
+        settings["awq"]["search_digest"] = resume.file_digest(search_path(cfg.awq.search_file))
     key = resume.run_key(settings, dev.type, source_fingerprint(model_dir))
     with model_io.atomic_output(out, overwrite, source=model_dir, resume_key=key, restart=restart) as tmp:
         saved = resume.load(tmp)

@@ -53,6 +53,15 @@ def code_digest() -> str:
     return h.hexdigest()
 
 
+def file_digest(path) -> str:
+    """SHA-256 of a file's bytes, read 1 MiB at a time."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
 def run_key(settings: dict, device: str, source_fingerprint: str) -> dict:
     """What must be equal for a partial run to be continued."""
     return {"settings": json.loads(json.dumps(settings, default=str)), "device": device, "code": code_digest(),

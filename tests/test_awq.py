@@ -1,6 +1,8 @@
 """AWQ: the searches on synthetic data, exact folds on every architecture row, replay, CLI."""
 import logging
+import math
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -428,3 +430,27 @@ def test_cli_bad_options_get_one_clear_sentence(tmp_path, args, message):
     assert message in res.stderr and "Traceback" not in res.stderr
     assert len(res.stderr.strip().splitlines()) == 1
     assert not Path(tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("kind, value, said", [
+    (SCALE_KEY, 0.0, "values from 0 to"), (SCALE_KEY, -1.0, "values from -1 to"), (SCALE_KEY, math.inf, "non-finite"),
+    (SCALE_KEY, math.nan, "non-finite"), (CLIP_KEY, 1.5, "to 1.5"), (CLIP_KEY, 0.0, "values from 0 to"),
+    (CLIP_KEY, math.nan, "non-finite")])
+def test_a_search_file_with_values_no_search_writes_is_refused_in_one_sentence(tmp_path, kind, value, said):
+    """A scale of 0 or inf, or a clip outside (0, 1], would quantize silently to a float16 scale of 65504 or 0
+    (or fail deep inside with a traceback): the replay names the file and the entry instead, and writes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    _quantize(src, tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a" / SEARCH_FILE))
+    with safe_open(str(tmp_path / "a" / SEARCH_FILE), "pt") as f:
+        meta = f.metadata()
+    key = next(k for k in sorted(tensors) if k.endswith(kind) and k.startswith("model.layers.1."))
+    tensors[key] = tensors[key].clone()
+    tensors[key].view(-1)[3] = value
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(QtoolError, match=rf"{bad}: entry '{re.escape(key)}' holds .*{re.escape(said)}"):
+        _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad)))
+    assert not (tmp_path / "b").exists()

@@ -5,6 +5,7 @@ import math
 import subprocess
 import sys
 from pathlib import Path
+import shutil
 
 import pytest
 import torch
@@ -319,6 +320,7 @@ KILL_AFTER = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
 import quant, quant.resume as resume
+from quant.config import AWQOptions  # for kw's repr
 real, n = resume.save, [0]
 def save(*a, **k):
     n[0] += 1
@@ -522,3 +524,26 @@ def test_ctrl_c_during_the_whole_model_check_says_the_blocks_are_kept_and_the_re
     report = quant.quantize(src, tmp_path / "out", **kw)
     assert report.resumed_from == 3 and report.model_check is not None
     assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
+
+
+def test_a_stopped_replay_is_not_resumed_with_another_search_in_the_same_file(tmp_path):
+    """The resume key holds the replayed search file's content, not only its path: a file replaced between the
+    kill and the rerun would otherwise give blocks of two searches in one checkpoint (and in its saved search)."""
+    from quant.config import SEARCH_FILE, AWQOptions
+
+    src = deep_llama(tmp_path / "src", n_layers=4)
+    calib = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, held_out=0, check_windows=0)
+    quant.quantize(src, tmp_path / "a", progress=False, **calib)
+    quant.quantize(src, tmp_path / "b", progress=False, **{**calib, "seed": 1})
+    assert (tmp_path / "a" / SEARCH_FILE).read_bytes() != (tmp_path / "b" / SEARCH_FILE).read_bytes()
+    search = tmp_path / "search.safetensors"
+    shutil.copyfile(tmp_path / "a" / SEARCH_FILE, search)
+    kw = dict(method="awq", bits=4, group_size=32, awq=AWQOptions(search_file=str(search)))
+    assert run_killed(src, tmp_path / "out", 2, **kw) == -9
+    shutil.copyfile(tmp_path / "b" / SEARCH_FILE, search)  # same path, another search
+    with pytest.raises(quant.QtoolError, match="search_digest"):
+        quant.quantize(src, tmp_path / "out", progress=False, **kw)
+    assert not (tmp_path / "out").exists()
+    quant.quantize(src, tmp_path / "out", progress=False, restart=True, **kw)
+    quant.quantize(src, tmp_path / "whole", progress=False, **kw)
+    assert file_digests(tmp_path / "out") == file_digests(tmp_path / "whole")

@@ -53,7 +53,35 @@ def load_search(path, prefix: str = "") -> dict[str, torch.Tensor]:
     with _open_search(path) as f:
         if not list(f.keys()):
             _log_once_empty(str(path))
-        return {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+        found = {k[len(prefix):]: f.get_tensor(k) for k in f.keys() if k.startswith(prefix)}
+    for key, t in found.items():
+        _check_values(path, prefix + key, t)
+    return found
+
+
+def _check_values(path: Path, key: str, t: torch.Tensor) -> None:
+    """One sentence for a search entry no search writes: a scale (divides a linear's input) must be finite and
+    positive, a clip (the fraction of each group's range kept) in (0, 1]; both float."""
+    from quant.awq.fold import CLIP_KEY, SCALE_KEY
+
+    kind = key.rsplit(".", 1)[-1]
+    if kind not in (SCALE_KEY, CLIP_KEY):
+        return  # unknown entries are refused by name where the block is applied
+    ok = t.is_floating_point() and bool(torch.isfinite(t).all())
+    if ok:
+        ok = bool((t > 0).all()) if kind == SCALE_KEY else bool(((t > 0) & (t <= 1)).all())
+    if not ok:
+        want = "finite positive floats" if kind == SCALE_KEY else "floats in (0, 1] (the fraction of a group's range kept)"
+        raise QtoolError(f"{path}: entry {key!r} holds {_describe(t)}; a search writes {want} there; search again")
+
+
+def _describe(t: torch.Tensor) -> str:
+    if not t.is_floating_point():
+        return f"{t.dtype} values"
+    bad = ~torch.isfinite(t)
+    if bad.any():
+        return f"non-finite values ({int(bad.sum())} of {t.numel()})"
+    return f"values from {t.min().item():.3g} to {t.max().item():.3g}"
 
 
 SEARCH_HEADER = "qtool_awq_search"
