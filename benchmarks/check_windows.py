@@ -70,8 +70,9 @@ def paired(diffs: list[float]) -> tuple[float, float]:
 
 
 def named_checkpoints(parser: argparse.ArgumentParser, runs: str, first: dict[str, str]) -> dict[str, str]:
-    """``first`` then each ``NAME=CHECKPOINT`` of the comma-separated ``runs``; a malformed entry, or a name
-    given twice or already in ``first``, ends the script with ``parser.error`` (exit 2)."""
+    """``first`` then each ``NAME=CHECKPOINT`` of the comma-separated ``runs``; a malformed entry, a name
+    given twice or already in ``first``, or a folder that does not exist ends the script with ``parser.error``
+    (exit 2) before any model is read."""
     out = dict(first)
     for item in runs.split(","):
         name, sep, path = item.partition("=")
@@ -80,6 +81,8 @@ def named_checkpoints(parser: argparse.ArgumentParser, runs: str, first: dict[st
         if name in out:
             parser.error(f"the name {name!r} is given twice" if name not in first else
                          f"no checkpoint may be named {name!r}: that name is {first[name]}")
+        if not Path(path).expanduser().is_dir():
+            parser.error(f"{name}={path}: no such checkpoint folder")
         out[name] = path
     return out
 
@@ -97,6 +100,14 @@ def main() -> None:
     p.add_argument("--no-eval", action="store_true", help="Leave out the evaluation texts' windows.")
     args = p.parse_args()
     paths = named_checkpoints(p, args.candidates, {"rtn": args.rtn})
+    if not Path(args.rtn).expanduser().is_dir():
+        p.error(f"--rtn {args.rtn}: no such checkpoint folder")
+    windows = [int(n) for n in args.windows.split(",") if n.strip().isdigit()]
+    if len(windows) != len(args.windows.split(",")) or min(windows) < 2:
+        p.error(f"--windows {args.windows}: give whole numbers of at least 2 (a standard error needs two windows)")
+    for kind in args.kinds.split(","):
+        if kind not in BUILTIN_KINDS:
+            p.error(f"--kinds: {kind!r} is not a built-in kind of text; choose from {', '.join(BUILTIN_KINDS)}")
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tok = model_io.load_tokenizer(args.model)

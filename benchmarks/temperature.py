@@ -73,6 +73,8 @@ def main() -> None:
         temps.insert(0, 1.0)
     t0 = time.perf_counter()
     runs = named_checkpoints(p, args.runs, {"fp": args.model})
+    if args.windows < 2:
+        p.error(f"--windows {args.windows}: give at least 2 (a standard error needs two windows)")
     if "rtn" not in runs:
         p.error("--runs needs one checkpoint named rtn (the baseline the differences are taken against)")
     tok = model_io.load_tokenizer(args.model)

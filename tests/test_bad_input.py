@@ -612,20 +612,27 @@ def test_bench_without_a_gpu_is_refused(capsys):
 
 
 @pytest.mark.parametrize("script, option, runs, said", [
-    ("temperature.py", "--runs", "fp=/tmp/x,rtn=/tmp/y", "no checkpoint may be named 'fp'"),  # was: replaced the source
-    ("temperature.py", "--runs", "rtn=/tmp/x,rtn=/tmp/y", "the name 'rtn' is given twice"),
-    ("temperature.py", "--runs", "rtn=/tmp/x,awq", "'awq' is not NAME=CHECKPOINT"),
-    ("temperature.py", "--runs", "awq=/tmp/x", "needs one checkpoint named rtn"),
-    ("check_windows.py", "--candidates", "rtn=/tmp/x", "no checkpoint may be named 'rtn'"),  # was: replaced --rtn
+    ("temperature.py", "--runs", "fp=@,rtn=@", "no checkpoint may be named 'fp'"),  # was: replaced the source
+    ("temperature.py", "--runs", "rtn=@,rtn=@", "the name 'rtn' is given twice"),
+    ("temperature.py", "--runs", "rtn=@,awq", "'awq' is not NAME=CHECKPOINT"),
+    ("temperature.py", "--runs", "awq=@", "needs one checkpoint named rtn"),
+    ("temperature.py", "--runs", "rtn=@,awq=@/absent", "awq=@/absent: no such checkpoint folder"),  # was: after scoring
+    ("temperature.py", "--windows 1 --runs", "rtn=@", "--windows 1: give at least 2"),  # was: "± nan"
+    ("check_windows.py", "--candidates", "rtn=@", "no checkpoint may be named 'rtn'"),  # was: replaced --rtn
     ("check_windows.py", "--candidates", "awq=", "'awq=' is not NAME=CHECKPOINT"),
+    ("check_windows.py", "--candidates", "awq=@/absent", "awq=@/absent: no such checkpoint folder"),
+    ("check_windows.py", "--windows 8,1 --candidates", "awq=@", "--windows 8,1: give whole numbers of at least 2"),
+    ("check_windows.py", "--kinds poems --candidates", "awq=@", "'poems' is not a built-in kind of text"),
 ])
 def test_benchmark_scripts_refuse_bad_checkpoint_lists(script, option, runs, said, tmp_path):
-    """The benchmark scripts that score NAME=CHECKPOINT lists refuse a bad list before any model is read."""
+    """The benchmark scripts that score NAME=CHECKPOINT lists refuse a bad list, a missing checkpoint or a window
+    count no standard error can be taken on, before any model is read (@: an existing folder)."""
     import subprocess
     from pathlib import Path
     path = Path(__file__).resolve().parents[1] / "benchmarks" / script
-    extra = ["--rtn", str(tmp_path / "rtn")] if script == "check_windows.py" else []
-    r = subprocess.run([sys.executable, str(path), "--model", str(tmp_path / "absent"), *extra, option, runs],
-                       capture_output=True, text=True)
+    (tmp_path / "c").mkdir()
+    extra = ["--rtn", str(tmp_path / "c")] if script == "check_windows.py" else []
+    r = subprocess.run([sys.executable, str(path), "--model", str(tmp_path / "absent"), *extra, *option.split(),
+                        runs.replace("@", str(tmp_path / "c"))], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
-    assert said in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
+    assert said.replace("@", str(tmp_path / "c")) in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
