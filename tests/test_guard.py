@@ -453,7 +453,7 @@ def _rig_losses(monkeypatch, shift) -> list[float]:
     return seen
 
 
-def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_rtn(tmp_path, monkeypatch):
+def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_rtn(tmp_path, monkeypatch, caplog):
     """Every block's guard keeps AWQ, but the whole AWQ model's held-out loss is higher than the all-RTN
     model's (made so on purpose: a tiny random model's loss does not tell the two apart): RTN is kept
     for every block, bit for bit, and the search file is emptied; AWQ's own search is saved beside it, and its
@@ -495,6 +495,11 @@ def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_r
     replayed = _packed(tmp_path / "replay")
     assert replayed.keys() == own.keys() and any(not torch.equal(v, rtn[k]) for k, v in own.items())
     assert all(torch.equal(v, own[k]) for k, v in replayed.items())
+    # Replaying the folder gives its kept (RTN) model, and the warning points to the refused search beside it.
+    with caplog.at_level("WARNING", logger="quant.awq"):
+        quant.quantize(src, tmp_path / "folder", method="awq", awq=AWQOptions(search_file=str(tmp_path / "awq")), **OPTS)
+    assert f"the search that run did not keep is {refused}" in caplog.text
+    assert all(torch.equal(v, rtn[k]) for k, v in _packed(tmp_path / "folder").items())
 
 
 def test_the_whole_model_check_keeps_a_method_that_wins_and_the_cli_reports_it(tmp_path):

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import torch
 
-from quant.config import SEARCH_FILE, QuantConfig
+from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 
 log = logging.getLogger(__name__)
@@ -137,5 +137,8 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int) ->
 
 @functools.lru_cache(maxsize=8)
 def _log_once_empty(path: str) -> None:
-    log.warning("%s holds no AWQ search results: the run that saved it kept round-to-nearest in every block, so "
-                "the replay gives that same round-to-nearest checkpoint", path)
+    refused = Path(path).with_name(Path(REFUSED_SEARCH_FILE).name)
+    log.warning("%s holds no AWQ search results: the run that saved it kept no AWQ scales (round-to-nearest in every "
+                "block, or plain GPTQ beside AWQ+GPTQ), so the replay gives the round-to-nearest checkpoint%s", path,
+                f"; the search that run did not keep is {refused}, which --apply-search also takes"
+                if refused.is_file() else "")
