@@ -20,19 +20,33 @@ def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite
     max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     fields["skip"] = tuple(fields.get("skip", ()))
     cfg = QuantConfig(method=method, **fields)  # values out of range are refused first
-    given = click.get_current_context().get_parameter_source("check_windows")  # None: the command has no such option
-    if cfg.check_windows and (cfg.held_out == 0 or not cfg.needs_calibration) and \
-            given in (ParameterSource.COMMANDLINE, ParameterSource.ENVIRONMENT):
-        off = "--held-out 0 turns off; give --held-out above 0" if cfg.needs_calibration else \
-            "a replay of a saved search (--apply-search) does not run; replay without it"
-        raise QtoolError(f"--check-windows {cfg.check_windows} asks for the whole-model check, which {off}, or drop "
-                         "--check-windows")
+    if cfg.check_windows and cfg.held_out == 0 and "check_windows" in _given(click.get_current_context()):
+        raise QtoolError(f"--check-windows {cfg.check_windows} asks for the whole-model check, which --held-out 0 "
+                         "turns off; give --held-out above 0, or drop --check-windows")
     from tqdm.contrib.logging import logging_redirect_tqdm
 
     with logging_redirect_tqdm():  # log lines above the progress bar, not glued to it
         report = quant.quantize(model_dir, out, cfg, overwrite=overwrite, device=device, max_shard_bytes=max_shard_bytes,
                                 restart=restart)
     print_quant_report(report, verbose)
+
+
+def _given(ctx: click.Context) -> dict[str, str]:
+    """The options typed on the command line (or set in the environment): parameter name -> the flag as typed."""
+    given = {}
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and ctx.get_parameter_source(p.name) in (ParameterSource.COMMANDLINE,
+                                                                                 ParameterSource.ENVIRONMENT):
+            value = ctx.params[p.name]
+            flag = p.secondary_opts[0] if p.secondary_opts and value is False else p.opts[-1]
+            given[p.name] = flag if p.is_flag else f"{flag} {value}"
+    return given
+
+
+# What only a search uses: a replay (--apply-search) reads the saved scales and clips and no calibration text.
+_SEARCH_ONLY = ("n_grid", "n_judge", "judge_windows", "screen_windows", "quantized_inputs", "token_weighting", "judge",
+                "fisher_probes", "clip", "clip_grid", "calib_data", "text_field", "n_samples", "held_out",
+                "check_windows", "seqlen", "seed")
 
 
 @click.command()
@@ -90,6 +104,12 @@ def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_ju
     """
     from quant.config import AWQOptions
 
+    if apply_search:  # an option the replay would silently ignore, or record as if it had been used: refused
+        unused = [flag for name, flag in _given(click.get_current_context()).items() if name in _SEARCH_ONLY]
+        if unused:
+            raise QtoolError(f"{', '.join(unused)}: --apply-search replays the saved scales and clips without "
+                             "calibration data, so these search options would not be used; drop them, or search again "
+                             "without --apply-search")
     run_quantize("awq", model_dir, out, verbose, overwrite, device, max_shard_size,
                  awq=AWQOptions(n_grid=n_grid, n_judge=n_judge, judge_windows=judge_windows,
                                 screen_windows=screen_windows, quantized_inputs=quantized_inputs,

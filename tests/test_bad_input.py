@@ -126,6 +126,24 @@ def test_check_windows_with_the_checks_turned_off_is_refused(model, tmp_path, ca
     _no_output(tmp_path)
 
 
+def test_search_options_given_to_a_replay_are_refused(model, tmp_path, capsys):
+    """A replay reads the saved scales and clips: --no-clip was ignored (and recorded as clip: false in qtool.json
+    although the output was clipped), a calibration file that does not exist was accepted."""
+    assert run_cli(["awq", model, "-o", tmp_path / "a", "--group-size", "32", "--n-samples", "4", "--seqlen", "32",
+                    "--held-out", "0"], capsys)[0] == 0
+    replay = ["awq", model, "-o", tmp_path / "out", "--group-size", "32", "--apply-search", tmp_path / "a"]
+    code, err = run_cli([*replay, "--no-clip"], capsys)
+    assert_refused(code, err, "--no-clip:", "--apply-search", "would not be used")
+    code, err = run_cli([*replay, "--calib-data", tmp_path / "nonexistent.txt", "--n-samples", "8", "--quantized-inputs"],
+                        capsys)
+    assert_refused(code, err, f"--calib-data {tmp_path / 'nonexistent.txt'}, --n-samples 8, --quantized-inputs:")
+    _no_output(tmp_path)
+    code, err = run_cli([*replay, "--bits", "4", "--sym"], capsys)  # what the replay uses may be given; --sym is checked
+    assert_refused(code, err, "made for", "symmetric")
+    assert "would not be used" not in err
+    assert run_cli(replay, capsys)[0] == 0
+
+
 def test_group_size_that_divides_no_layer(model, tmp_path, capsys):
     code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "256"], capsys)
     assert_refused(code, err, "no linear layer can be quantized", "not divisible by group size 256")
