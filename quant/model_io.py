@@ -355,11 +355,15 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
             shutil.rmtree(tmp, ignore_errors=True)
 
 
+_CHECKPOINT_FOLDERS = ("qtool", ".cache")  # qtool's search and record; huggingface-cli download --local-dir
+
+
 def check_replaceable(out: Path) -> None:
     """What ``--overwrite`` may replace: an earlier quantized checkpoint (``quantization_config`` in its
     ``config.json``, or an older tool's ``quantize_config.json`` / ``quant_config.json``) or an empty folder;
-    never a file, a full-precision model, a folder of other files (``-o`` typed wrong, an empty shell variable)
-    or a folder that holds the working directory. Raises :class:`QtoolError` (one sentence) otherwise."""
+    never a file, a full-precision model, a folder of other files (``-o`` typed wrong, an empty shell variable),
+    a checkpoint holding a folder of its own (another checkpoint, results put there) or a folder that holds the
+    working directory. Raises :class:`QtoolError` (one sentence) otherwise."""
     if not out.is_dir():
         raise QtoolError(f"{out}: exists and is a file; --overwrite replaces folders only")
     cwd = Path.cwd().resolve()
@@ -370,10 +374,18 @@ def check_replaceable(out: Path) -> None:
 
     entries = sorted(p.name for p in out.iterdir())
     try:
-        if not entries or is_quantized_checkpoint(out):
-            return
+        checkpoint = not entries or is_quantized_checkpoint(out)
     except (QtoolError, TypeError):  # no readable config.json (or not an object): not a checkpoint
-        pass
+        checkpoint = False
+    if checkpoint:
+        # A checkpoint is files, and qtool's own subfolder (a download tool's hidden cache beside them): a folder of
+        # anything else (another checkpoint, the user's results) put inside it would go with it.
+        nested = [p.name for p in sorted(out.iterdir()) if p.is_dir() and not p.is_symlink()
+                  and p.name not in _CHECKPOINT_FOLDERS]
+        if not nested:
+            return
+        raise QtoolError(f"{out}: holds the folder {nested[0]}/, which is not part of a checkpoint and --overwrite "
+                         "would delete it; move it out first, or choose another -o")
     what = "a full-precision model" if "config.json" in entries else \
         f"files that are not a checkpoint ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
     raise QtoolError(f"{out}: holds {what}; --overwrite replaces only an earlier quantized checkpoint or an empty "

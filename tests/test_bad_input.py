@@ -1,6 +1,7 @@
 """Every user mistake: one clear sentence on stderr, exit status 2, nothing written, the source untouched."""
 import json
 import os
+import shutil
 import sys
 
 import pytest
@@ -273,6 +274,26 @@ def test_overwrite_never_replaces_a_folder_that_is_not_a_checkpoint(model, tmp_p
     before = sorted(p.name for p in ckpt.iterdir())  # "ckpt/qtool/..": the checkpoint itself, nothing left inside it
     assert run_cli(["rtn", model, "-o", f"{ckpt}/qtool/..", "--overwrite", "--group-size", "32"], capsys)[0] == 0
     assert sorted(p.name for p in ckpt.iterdir()) == before
+
+
+def test_overwrite_never_deletes_a_folder_put_inside_the_checkpoint(model, tmp_path, capsys):
+    """A checkpoint holding another checkpoint (or the user's results) in a subfolder: --overwrite deleted it."""
+    ckpt = tmp_path / "ckpt"
+    assert run_cli(["rtn", model, "-o", ckpt, "--group-size", "32"], capsys)[0] == 0
+    assert run_cli(["rtn", model, "-o", ckpt / "w4g64", "--group-size", "64"], capsys)[0] == 0
+    (ckpt / "eval").mkdir()
+    (ckpt / "eval" / "ppl.txt").write_text("mine")
+    before = tree_digest(ckpt)
+    code, err = run_cli(["rtn", model, "-o", ckpt, "--overwrite", "--group-size", "32"], capsys)
+    assert_refused(code, err, f"{ckpt}: holds the folder eval/", "--overwrite would delete it")
+    assert tree_digest(ckpt) == before
+    (ckpt / "eval" / "ppl.txt").unlink()
+    (ckpt / "eval").rmdir()
+    code, err = run_cli(["rtn", model, "-o", ckpt, "--overwrite", "--group-size", "32"], capsys)
+    assert_refused(code, err, "holds the folder w4g64/")
+    assert (ckpt / "w4g64" / "model.safetensors").is_file()
+    shutil.rmtree(ckpt / "w4g64")
+    assert run_cli(["rtn", model, "-o", ckpt, "--overwrite", "--group-size", "64"], capsys)[0] == 0  # qtool/ is its own
 
 
 def test_an_output_inside_a_file_is_named_as_such(model, tmp_path, capsys):
