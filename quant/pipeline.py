@@ -145,10 +145,12 @@ def quantize(
         # Embeddings and lm_head are read only where the run needs them (calibration, the whole-model check).
         src = SourceModel(model_dir, arch.blocks, outside=cfg.needs_calibration)
         settings_known = True  # what the saved search file's header may claim
+        # which weights a search is made on (read before any block is quantized in the skeleton)
+        probe = _weight_probe(src, arch.blocks) if cfg.saves_search else None
         if cfg.method == "awq" and cfg.awq.search_file:  # made for this model and these settings, or refused
             from quant.awq import check_search_file
 
-            settings_known = check_search_file(cfg.awq.search_file, cfg, config["model_type"], len(src.blocks))
+            settings_known = check_search_file(cfg.awq.search_file, cfg, config["model_type"], len(src.blocks), probe)
         t_cal = time.perf_counter()
         calib_ids, kinds = None, []
         if cfg.needs_calibration:
@@ -211,13 +213,21 @@ def quantize(
 
             (tmp / SEARCH_FILE).parent.mkdir(exist_ok=True)
             # A replay of a file that did not say its settings does not vouch for them either.
-            header = search_metadata(cfg, config["model_type"], len(src.blocks)) if settings_known else None
+            header = search_metadata(cfg, config["model_type"], len(src.blocks), probe) if settings_known else None
             own_kept = model_check is None or model_check["kept"] == cfg.label
             save_file(artifacts if own_kept else {}, str(tmp / SEARCH_FILE), metadata=header)
             if not own_kept and artifacts:  # the model not kept stays replayable, for a look or another check
                 save_file(artifacts, str(tmp / REFUSED_SEARCH_FILE), metadata=header)
         writer.cleanup()
     return report
+
+
+def _weight_probe(src: SourceModel, blocks: str) -> dict:
+    """The first block's first weight matrix, read from the source, as :func:`quant.awq.weight_probe` takes it."""
+    from quant.awq import first_weight, weight_probe
+
+    name = f"{blocks}.0.{first_weight(src.blocks[0])}"
+    return weight_probe(name, src.tensor(name))
 
 
 class _Run:

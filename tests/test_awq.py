@@ -345,10 +345,44 @@ def test_replay_refuses_a_search_made_for_other_bits_or_another_depth(tmp_path):
         apply_search(model, tmp_path / "a", QuantConfig(method="awq", bits=3, group_size=32))
 
 
+def test_replay_refuses_a_search_made_on_another_model_of_the_same_shape(tmp_path):
+    """Same architecture, blocks, bits and group size, other weights (another seed): its scales and clips were
+    fitted to other weights and used to replay without a word. The same weights stored as bfloat16 still replay,
+    and a search file from before the weights were recorded is checked on its settings alone."""
+    import json
+
+    from safetensors.torch import save_file
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    other = save_tiny_model("llama", tmp_path / "other", seed=1)
+    _quantize(src, tmp_path / "a")
+    with pytest.raises(QtoolError, match=r"made on other weights than this model's \(model.layers.0.self_attn.q_proj"
+                                         r".weight holds"):
+        _quantize(other, tmp_path / "b", awq=AWQOptions(search_file=str(tmp_path / "a")))
+    assert not (tmp_path / "b").exists()
+    model = AutoModelForCausalLM.from_pretrained(other, dtype=torch.float32).eval()
+    with pytest.raises(QtoolError, match="made on other weights"):  # the API's replay checks the same
+        apply_search(model, tmp_path / "a", QuantConfig(method="awq", bits=4, group_size=32))
+    half = tmp_path / "half"
+    AutoModelForCausalLM.from_pretrained(src, dtype=torch.bfloat16).save_pretrained(half)
+    byte_tokenizer().save_pretrained(half)
+    _quantize(half, tmp_path / "c", awq=AWQOptions(search_file=str(tmp_path / "a")))
+    with safe_open(str(tmp_path / "a" / SEARCH_FILE), framework="pt") as f:
+        made_for = json.loads(f.metadata()["qtool_awq_search"])
+    assert made_for["weights"]["tensor"] == "model.layers.0.self_attn.q_proj.weight"
+    del made_for["weights"]
+    older = tmp_path / "older.safetensors"
+    save_file(load_file(str(tmp_path / "a" / SEARCH_FILE)), str(older),
+              metadata={"qtool_awq_search": json.dumps(made_for, sort_keys=True)})
+    _quantize(other, tmp_path / "d", awq=AWQOptions(search_file=str(older)))
+
+
 @pytest.mark.parametrize("header", ['{"bits": 4', '[1, 2]', 'null', '{"bits": 3}',
                                     '{"bits": 4.0, "blocks": 2, "group_size": 32, "model_type": "llama", "sym": 0}',
                                     '{"bits": 4, "blocks": 2, "group_size": 32, "model_type": "llama", "sym": false, '
-                                    '"method": "awq"}'])
+                                    '"method": "awq"}',
+                                    '{"bits": 4, "blocks": 2, "group_size": 32, "model_type": "llama", "sym": false, '
+                                    '"weights": {"tensor": "model.layers.0.self_attn.q_proj.weight", "values": [1]}}'])
 def test_a_search_file_with_a_damaged_header_or_no_safetensors_is_refused_in_one_sentence(tmp_path, header):
     from safetensors.torch import load_file, save_file
 

@@ -63,7 +63,7 @@ from quant.awq.fold import (
     tie_to_values,
 )
 from quant.awq.experts import FeedForward, accept_expert_clips
-from quant.awq.search_file import check_search_file, load_search, search_metadata, search_path
+from quant.awq.search_file import check_search_file, first_weight, load_search, search_metadata, search_path, weight_probe
 from quant.awq.judge import attach_gradients, call_weights, judge_of, probe_error, probing, record_probes
 from quant.awq.search import QuantSpec, ScaleResult, _fake_quantize, search_clip, search_scale, search_scale_parts
 from quant.config import QuantConfig
@@ -74,7 +74,8 @@ from quant.methods import BlockContext, BlockResult
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CLIP_KEY", "SCALE_KEY", "apply_block", "apply_search", "check_search_file", "load_search", "quantize_block", "search_block"]
+__all__ = ["CLIP_KEY", "SCALE_KEY", "apply_block", "apply_search", "check_search_file", "first_weight", "load_search",
+           "quantize_block", "search_block", "search_metadata", "search_path", "weight_probe"]
 
 
 def quant_spec(cfg: QuantConfig) -> QuantSpec:
@@ -394,7 +395,10 @@ def apply_search(model: nn.Module, results, cfg: QuantConfig) -> None:
 
     arch = arch_table.lookup(model.config.model_type)
     if not isinstance(results, dict):
-        check_search_file(results, cfg, model.config.model_type, len(model.get_submodule(arch.blocks)))
+        blocks = model.get_submodule(arch.blocks)
+        name = first_weight(blocks[0])
+        probe = weight_probe(f"{arch.blocks}.0.{name}", blocks[0].get_parameter(name))
+        check_search_file(results, cfg, model.config.model_type, len(blocks), probe)
         results = load_search(results)
     plan = plan_linears(model, arch, cfg)
     for i, block in enumerate(model.get_submodule(arch.blocks)):

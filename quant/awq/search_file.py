@@ -87,11 +87,34 @@ def _describe(t: torch.Tensor) -> str:
 SEARCH_HEADER = "qtool_awq_search"
 
 
-def search_metadata(cfg: QuantConfig, model_type: str, n_blocks: int) -> dict[str, str]:
-    """The settings a search was made for, for the search file's safetensors header: one key whose value is
-    sorted JSON (safetensors writes several header keys in no fixed order, and the file must be bit-identical
-    from run to run). A block with no entries in the file kept round-to-nearest."""
-    return {SEARCH_HEADER: json.dumps(_settings(cfg, model_type, n_blocks), sort_keys=True)}
+_PROBE_VALUES = 16  # values of the first block's first weight matrix that identify the model a search was made for
+_PROBE_RTOL = 1 / 64  # the same weights stored as bfloat16 (8 significant bits) still match
+
+
+def weight_probe(name: str, weight: torch.Tensor) -> dict:
+    """What identifies a model's weights in a search file: ``name`` (the first block's first weight matrix) and
+    :data:`_PROBE_VALUES` of its values, evenly spaced over it, as float32 rounded to 7 digits. Another model of
+    the same shape (a sibling size's fine-tune, another seed) differs there; the same weights in another dtype
+    match within :data:`_PROBE_RTOL`."""
+    flat = weight.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, _PROBE_VALUES).round().long()
+    return {"tensor": name, "values": [float(f"{float(v):.7g}") for v in flat[idx].float()]}
+
+
+def first_weight(block: torch.nn.Module) -> str:
+    """The name (within ``block``) of its first weight matrix, the one :func:`weight_probe` reads."""
+    return next(n for n, p in block.named_parameters() if p.dim() == 2)
+
+
+def search_metadata(cfg: QuantConfig, model_type: str, n_blocks: int, probe: dict | None = None) -> dict[str, str]:
+    """The settings a search was made for, and the :func:`weight_probe` of the model it was made on, for the
+    search file's safetensors header: one key whose value is sorted JSON (safetensors writes several header keys
+    in no fixed order, and the file must be bit-identical from run to run). A block with no entries in the file
+    kept round-to-nearest."""
+    made_for = _settings(cfg, model_type, n_blocks)
+    if probe is not None:
+        made_for["weights"] = probe
+    return {SEARCH_HEADER: json.dumps(made_for, sort_keys=True)}
 
 
 def _settings(cfg: QuantConfig, model_type: str, n_blocks: int) -> dict:
@@ -105,10 +128,12 @@ def _made_for(meta: dict) -> str:
             f"{meta['group_size']}, {zero}")
 
 
-def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int) -> bool:
+def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, probe: dict | None = None) -> bool:
     """Refuse a search file made for another model or other settings (:func:`search_metadata`), which would
-    otherwise give round-to-nearest silently to every block it lacks. A file from a qtool before 2026-12-03
-    carries no settings: it is accepted with a warning (its tensors' shapes are still checked per block).
+    otherwise give round-to-nearest silently to every block it lacks, or scales and clips fitted to other weights
+    of the same shape (``probe``: this model's :func:`weight_probe`). A file from a qtool before 2026-12-03
+    carries no settings: it is accepted with a warning (its tensors' shapes are still checked per block); one
+    from before 2026-12-04 carries no weight probe, and only its settings are checked.
     Returns whether the file said its settings.
 
     Raises :class:`QtoolError` (one sentence) on a mismatch, a damaged header or a missing file."""
@@ -124,6 +149,7 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int) ->
         made_for = json.loads(meta[SEARCH_HEADER])
     except ValueError:
         made_for = None
+    made_on = made_for.pop("weights", None) if isinstance(made_for, dict) else None
     # exact keys and types: 4.0 is not 4 bits, 0 is not False
     if not isinstance(made_for, dict) or set(made_for) != set(want) or \
             any(type(made_for[k]) is not type(v) for k, v in want.items()):
@@ -132,7 +158,25 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int) ->
     if made_for != want:
         raise QtoolError(f"{path}: the search was made for {_made_for(made_for)}, but this run is {_made_for(want)}; "
                          "replay it with the settings it was made for, or search again")
+    if made_on is not None and probe is not None:
+        _check_probe(path, made_on, probe)
     return True
+
+
+def _check_probe(path: Path, made_on, probe: dict) -> None:
+    ok = isinstance(made_on, dict) and isinstance(made_on.get("values"), list) and \
+        len(made_on["values"]) == _PROBE_VALUES and all(isinstance(v, float) for v in made_on["values"])
+    if not ok:
+        raise QtoolError(f"{path}: its {SEARCH_HEADER} header is damaged (its weights entry should hold "
+                         f"{_PROBE_VALUES} values of the model the search was made on); search again")
+    was, now = torch.tensor(made_on["values"]), torch.tensor(probe["values"])
+    tol = _PROBE_RTOL * now.abs() + 1e-6 * float(now.abs().max())
+    far = ((was - now).abs() > tol).nonzero().flatten()
+    if made_on.get("tensor") != probe["tensor"] or len(far):
+        i = int(far[0]) if len(far) else 0
+        raise QtoolError(f"{path}: the search was made on other weights than this model's ({probe['tensor']} holds "
+                         f"{now[i].item():.6g} where that model's {made_on.get('tensor')} held {was[i].item():.6g}); "
+                         "replay it on the model it was made for, or search again")
 
 
 @functools.lru_cache(maxsize=8)
