@@ -145,6 +145,28 @@ def test_search_options_given_to_a_replay_are_refused(model, tmp_path, capsys):
     assert run_cli(replay, capsys)[0] == 0
 
 
+def test_a_replay_that_does_not_fit_names_the_file_and_the_block(model, tmp_path, capsys):
+    """A scaled group the run keeps in full precision (--skip), an entry of the wrong shape: the sentence said
+    "search results entry 'mlp.up_proj.awq_scale'", naming neither the file nor the block nor the --skip."""
+    assert run_cli(["awq", model, "-o", tmp_path / "a", "--group-size", "32", "--n-samples", "4", "--seqlen", "32",
+                    "--held-out", "0"], capsys)[0] == 0
+    search = tmp_path / "a" / "qtool" / "awq_search.safetensors"
+    scaled = sorted({k.rsplit(".", 2)[0] for k in load_file(str(search)) if k.endswith("awq_scale")
+                     and k.startswith("model.layers.1.mlp.")})
+    assert scaled, "the tiny model's search scaled no MLP linear of block 1"
+    code, err = run_cli(["awq", model, "-o", tmp_path / "out", "--group-size", "32", "--apply-search", tmp_path / "a",
+                         "--skip", "model.layers.1.mlp"], capsys)
+    assert_refused(code, err, f"{search}, block 1: the search scales", "(--skip)")
+    entries = load_file(str(search))
+    key = next(k for k in entries if k.startswith("model.layers.1.") and k.endswith("awq_clip"))
+    entries[key] = entries[key][:, :1].contiguous()
+    older = tmp_path / "older.safetensors"  # no header: shapes are all that can be checked
+    save_file(entries, str(older))
+    code, err = run_cli(["awq", model, "-o", tmp_path / "out", "--group-size", "32", "--apply-search", older], capsys)
+    assert_refused(code, err, f"{older}, block 1: entry {key[len('model.layers.1.'):]!r} has shape")
+    _no_output(tmp_path)
+
+
 def test_group_size_that_divides_no_layer(model, tmp_path, capsys):
     code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "256"], capsys)
     assert_refused(code, err, "no linear layer can be quantized", "not divisible by group size 256")

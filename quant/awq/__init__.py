@@ -52,6 +52,7 @@ from quant import heap
 from quant.arch import Arch
 from quant.awq.fold import (
     CLIP_KEY,
+    NONE_QUANTIZED,
     SCALE_KEY,
     block_groups,
     fold_scales,
@@ -327,10 +328,11 @@ def quantize_linears(block: nn.Module, names: list[str], cfg: QuantConfig, weigh
     return packed
 
 
-def apply_block(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict
-                ) -> dict[str, PackedWeight]:
-    """Replay search results on a full-precision block: fold the scales, then quantize with the clips."""
-    check_artifacts(block, names, cfg, arch, artifacts)
+def apply_block(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict,
+                where: str = "search results") -> dict[str, PackedWeight]:
+    """Replay search results on a full-precision block: fold the scales, then quantize with the clips.
+    ``where`` (the file and block) begins each error's sentence."""
+    check_artifacts(block, names, cfg, arch, artifacts, where)
     weights = fold_scales(block, arch, artifacts)
     return quantize_linears(block, names, cfg, weights, artifacts)
 
@@ -339,7 +341,8 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     """The ``awq`` method: search on the calibration inputs and apply, or replay ``cfg.awq.search_file``."""
     if ctx.cfg.awq.search_file:
         artifacts = load_search(ctx.cfg.awq.search_file, f"{ctx.arch.blocks}.{ctx.index}.")
-        packed = apply_block(ctx.block, ctx.names, ctx.cfg, ctx.arch, artifacts)
+        where = f"{search_path(ctx.cfg.awq.search_file)}, block {ctx.index}"
+        packed = apply_block(ctx.block, ctx.names, ctx.cfg, ctx.arch, artifacts, where)
         # The replayed results are saved with the checkpoint again, so that it can be replayed in turn.
         return BlockResult(packed=packed, info={"awq": "replayed"}, artifacts=artifacts)
     if ctx.inputs is None:
@@ -352,21 +355,23 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     return BlockResult(packed=packed, info=info, artifacts=artifacts)
 
 
-def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict) -> None:
-    """Refuse search results that do not fit this block and configuration (another model, group size...)."""
+def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict,
+                    where: str = "search results") -> None:
+    """Refuse search results that do not fit this block and configuration (another model, group size...):
+    a :class:`QtoolError` whose sentence begins with ``where``."""
     from quant import qmath
 
     for key, t in artifacts.items():
         name, _, kind = key.rpartition(".")
         mod = _get(block, name)
         if kind not in (SCALE_KEY, CLIP_KEY) or in_width(mod) is None or (kind == CLIP_KEY and not isinstance(mod, nn.Linear)):
-            raise QtoolError(f"search results entry {key!r} names no linear of this model's blocks")
+            raise QtoolError(f"{where}: entry {key!r} names no linear of this model's blocks")
         if kind == SCALE_KEY:
             want = (in_width(mod),)
         else:
             want = (mod.out_features, qmath.n_groups(mod.in_features, cfg.group_size))
         if tuple(t.shape) != want:
-            raise QtoolError(f"search results entry {key!r} has shape {tuple(t.shape)} but this model and "
+            raise QtoolError(f"{where}: entry {key!r} has shape {tuple(t.shape)} but this model and "
                              f"--group-size {cfg.group_size} need {want}; the results come from another model or setting")
     for g in block_groups(block, arch):
         keys = [f"{n}.{SCALE_KEY}" for n in g.linears]
@@ -374,15 +379,19 @@ def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: 
         if not found:
             continue
         if len(found) != len(keys) or any(not torch.equal(artifacts[k], artifacts[keys[0]]) for k in keys):
-            raise QtoolError(f"search results give {', '.join(g.linears)} different input scales; they share one input")
+            raise QtoolError(f"{where}: {', '.join(g.linears)} get different input scales, but they share one input")
         reason = skip_reason(block, g, names)
         if reason is None:
             try:
                 producer_scale(block, g, artifacts[keys[0]])
             except ValueError as e:
                 reason = str(e)
+        if reason == NONE_QUANTIZED:
+            raise QtoolError(f"{where}: the search scales {', '.join(g.linears)}, but this run keeps them in full "
+                             "precision (--skip); replay without that --skip, or search again with it")
         if reason is not None:
-            raise QtoolError(f"search results scale {', '.join(g.linears)}, but that group cannot be folded here: {reason}")
+            raise QtoolError(f"{where}: the search scales {', '.join(g.linears)}, but that group cannot be folded here: "
+                             f"{reason}")
 
 
 def apply_search(model: nn.Module, results, cfg: QuantConfig) -> None:
@@ -394,15 +403,17 @@ def apply_search(model: nn.Module, results, cfg: QuantConfig) -> None:
     from quant.layers import plan_linears
 
     arch = arch_table.lookup(model.config.model_type)
+    source = "search results"
     if not isinstance(results, dict):
         blocks = model.get_submodule(arch.blocks)
         name = first_weight(blocks[0])
         probe = weight_probe(f"{arch.blocks}.0.{name}", blocks[0].get_parameter(name))
         check_search_file(results, cfg, model.config.model_type, len(blocks), probe)
+        source = str(search_path(results))
         results = load_search(results)
     plan = plan_linears(model, arch, cfg)
     for i, block in enumerate(model.get_submodule(arch.blocks)):
         prefix = f"{arch.blocks}.{i}."
         packed = apply_block(block, plan.quantize[i], cfg, arch, {k[len(prefix):]: v for k, v in results.items()
-                                                                  if k.startswith(prefix)})
+                                                                  if k.startswith(prefix)}, f"{source}, block {i}")
         to_quant_linears(block, packed, cfg.format)

@@ -60,6 +60,9 @@ def in_width(module: nn.Module | None) -> int | None:
     return None
 
 
+NONE_QUANTIZED = "none of its linears is quantized"
+
+
 def skip_reason(block: nn.Module, group: ScaleGroup, quantized: list[str]) -> str | None:
     """Why ``group``'s scale cannot (or need not) be folded in ``block``; ``None`` when it can."""
     prev = _module(block, group.prev)
@@ -69,7 +72,7 @@ def skip_reason(block: nn.Module, group: ScaleGroup, quantized: list[str]) -> st
     if any(w is None for w in widths):
         return f"one of {', '.join(group.linears)} is not a full-precision linear"
     if not any(n in quantized for n in group.linears):
-        return "none of its linears is quantized"
+        return NONE_QUANTIZED
     in_f = set(widths)
     if len(in_f) != 1:
         return f"{', '.join(group.linears)} read inputs of different widths {sorted(in_f)}"
