@@ -305,6 +305,20 @@ def test_replaying_an_empty_search_file_says_it_gives_rtn(tmp_path, caplog):
     with pytest.raises(QtoolError, match="no such search results file"):  # before any work
         _quantize(src, tmp_path / "missing", awq=AWQOptions(search_file=str(tmp_path / "nope.safetensors")))
     assert not (tmp_path / "missing").exists()
+    (tmp_path / "bare").mkdir()
+    with pytest.raises(QtoolError, match=f"^{re.escape(str(tmp_path / 'bare'))}: holds no search results file"):
+        _quantize(src, tmp_path / "missing", awq=AWQOptions(search_file=str(tmp_path / "bare")))
+    assert not (tmp_path / "missing").exists()
+
+
+def test_a_replay_takes_the_checkpoint_its_qtool_folder_or_the_file(tmp_path):
+    """`--apply-search ckpt/qtool` looked for ckpt/qtool/qtool/awq_search.safetensors and said so."""
+    src = save_tiny_model("llama", tmp_path / "src")
+    _quantize(src, tmp_path / "a")
+    want = (tmp_path / "a" / "model.safetensors").read_bytes()
+    for i, given in enumerate((tmp_path / "a", tmp_path / "a" / "qtool", tmp_path / "a" / SEARCH_FILE)):
+        _quantize(src, tmp_path / f"r{i}", awq=AWQOptions(search_file=str(given)))
+        assert (tmp_path / f"r{i}" / "model.safetensors").read_bytes() == want, given
 
 
 def test_replay_is_bit_identical_for_a_bfloat16_model(tmp_path):

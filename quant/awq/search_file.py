@@ -20,14 +20,17 @@ log = logging.getLogger(__name__)
 
 
 def search_path(path) -> Path:
-    """The search file that ``path`` names: the file itself, or the one inside a checkpoint folder."""
-    path = Path(path)
-    if path.is_dir():
-        older = path / "qtool_search.safetensors"  # where qtool before 2026-11-30 saved it
-        path = path / SEARCH_FILE if (path / SEARCH_FILE).is_file() or not older.is_file() else older
+    """The search file that ``path`` names: the file itself, or the one inside a checkpoint folder (or inside
+    the checkpoint's ``qtool/`` folder)."""
+    given = Path(path)
+    path = given
+    if given.is_dir():
+        candidates = (given / SEARCH_FILE, given / Path(SEARCH_FILE).name,
+                      given / "qtool_search.safetensors")  # where qtool before 2026-11-30 saved it
+        path = next((c for c in candidates if c.is_file()), candidates[0])
     if not path.is_file():
-        raise QtoolError(f"{path}: no such search results file; give an AWQ checkpoint folder made by qtool "
-                         f"(it holds {SEARCH_FILE}) or that file")
+        raise QtoolError(f"{given}: {'holds no' if given.is_dir() else 'no such'} search results file; give an AWQ "
+                         f"checkpoint folder made by qtool (it holds {SEARCH_FILE}) or that file")
     return path
 
 
