@@ -39,6 +39,8 @@ _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 _ACCEPTED = ".txt, .jsonl, .parquet or a folder saved with datasets' save_to_disk"
 
 
+_TEXT_FIELD = "--text-field (text_field= in the API)"
+
 def load_texts(source: str | Path | None, text_field: str = "text") -> list[str]:
     """Calibration documents from ``source``; ``None`` means the shipped mixed corpus.
 
@@ -132,8 +134,8 @@ def _read_jsonl(path: Path, text_field: str) -> list[str]:
             ) from None
         if not isinstance(record, dict) or not isinstance(record.get(text_field), str):
             raise QtoolError(
-                f"Line {lineno} of {str(path)!r} has no string field {text_field!r}; "
-                f"give every line that field or choose another with the text field option."
+                f"Line {lineno} of {str(path)!r} has no string field {text_field!r}; give every line that field, "
+                f"or name the field that holds the text with {_TEXT_FIELD}."
             )
         texts.append(record[text_field])
     return texts
@@ -154,7 +156,8 @@ def _read_parquet(path: Path, text_field: str) -> list[str]:
                          "parquet file with a text column.") from None
     if text_field not in table.column_names:
         raise QtoolError(
-            f"Parquet file {str(path)!r} has no column {text_field!r}; its columns are {table.column_names}."
+            f"Parquet file {str(path)!r} has no column {text_field!r}; its columns are {table.column_names}: "
+            f"name the one that holds the text with {_TEXT_FIELD}."
         )
     return [t for t in table.column(text_field).to_pylist() if isinstance(t, str)]
 
@@ -177,7 +180,8 @@ def _read_datasets_dir(path: Path, text_field: str) -> list[str]:
         logger.info("Dataset %s has splits %s; using %r", path, list(ds), split)
         ds = ds[split]
     if text_field not in ds.column_names:
-        raise QtoolError(f"Dataset {str(path)!r} has no column {text_field!r}; its columns are {ds.column_names}.")
+        raise QtoolError(f"Dataset {str(path)!r} has no column {text_field!r}; its columns are {ds.column_names}: "
+                         f"name the one that holds the text with {_TEXT_FIELD}.")
     return [t for t in ds[text_field] if isinstance(t, str)]
 
 

@@ -50,7 +50,7 @@ def test_jsonl_default_and_custom_field(tmp_path):
 def test_jsonl_missing_field_names_file_and_line(tmp_path):
     f = tmp_path / "c.jsonl"
     f.write_text('{"text": "ok"}\n{"content": "no"}\n', encoding="utf-8")
-    with pytest.raises(QtoolError, match=r"Line 2 of .*c\.jsonl.* 'text'"):
+    with pytest.raises(QtoolError, match=r"Line 2 of .*c\.jsonl.* 'text'.* with --text-field"):
         load_texts(f)
 
 
@@ -68,7 +68,7 @@ def test_parquet(tmp_path):
     pq.write_table(pa.table({"text": ["a b", "c d"], "other": ["x", "y"]}), f)
     assert load_texts(f) == ["a b", "c d"]
     assert load_texts(f, text_field="other") == ["x", "y"]
-    with pytest.raises(QtoolError, match="no column 'nope'"):
+    with pytest.raises(QtoolError, match=r"no column 'nope'; its columns are \['text', 'other'\]: .* with --text-field"):
         load_texts(f, text_field="nope")
 
 
@@ -77,6 +77,8 @@ def test_datasets_folder(tmp_path):
     folder = tmp_path / "ds"
     datasets.Dataset.from_dict({"text": ["one two", "three"], "n": [1, 2]}).save_to_disk(str(folder))
     assert load_texts(folder) == ["one two", "three"]
+    with pytest.raises(QtoolError, match=r"no column 'body'; its columns are \['text', 'n'\]: .* with --text-field"):
+        load_texts(folder, text_field="body")
 
 
 def test_missing_optional_package_gives_install_hint(tmp_path, monkeypatch):
