@@ -355,7 +355,22 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
             shutil.rmtree(tmp, ignore_errors=True)
 
 
-_CHECKPOINT_FOLDERS = ("qtool", ".cache")  # qtool's search and record; huggingface-cli download --local-dir
+def _foreign_folder(out: Path) -> str | None:
+    """What in checkpoint folder ``out`` is no checkpoint's: a checkpoint is files, qtool's ``qtool/`` holding
+    only its search files, and the ``.cache/huggingface/`` that ``huggingface-cli download --local-dir``
+    leaves. Anything else in a subfolder (another checkpoint, the user's results) is named; ``None`` if none."""
+    from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE
+
+    own = {"qtool": {Path(SEARCH_FILE).name, Path(REFUSED_SEARCH_FILE).name}, ".cache": {"huggingface"}}
+    for p in sorted(out.iterdir()):
+        if not p.is_dir() or p.is_symlink():
+            continue
+        if p.name not in own:
+            return f"the folder {p.name}/"
+        extra = sorted(c.name for c in p.iterdir() if c.name not in own[p.name])
+        if extra:
+            return f"{p.name}/{extra[0]}"
+    return None
 
 
 def check_replaceable(out: Path) -> None:
@@ -378,14 +393,11 @@ def check_replaceable(out: Path) -> None:
     except (QtoolError, TypeError):  # no readable config.json (or not an object): not a checkpoint
         checkpoint = False
     if checkpoint:
-        # A checkpoint is files, and qtool's own subfolder (a download tool's hidden cache beside them): a folder of
-        # anything else (another checkpoint, the user's results) put inside it would go with it.
-        nested = [p.name for p in sorted(out.iterdir()) if p.is_dir() and not p.is_symlink()
-                  and p.name not in _CHECKPOINT_FOLDERS]
-        if not nested:
+        foreign = _foreign_folder(out)
+        if foreign is None:
             return
-        raise QtoolError(f"{out}: holds the folder {nested[0]}/, which is not part of a checkpoint and --overwrite "
-                         "would delete it; move it out first, or choose another -o")
+        raise QtoolError(f"{out}: holds {foreign}, which is not part of a checkpoint and --overwrite would delete it; "
+                         "move it out first, or choose another -o")
     what = "a full-precision model" if "config.json" in entries else \
         f"files that are not a checkpoint ({', '.join(entries[:3])}{', ...' if len(entries) > 3 else ''})"
     raise QtoolError(f"{out}: holds {what}; --overwrite replaces only an earlier quantized checkpoint or an empty "

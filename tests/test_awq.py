@@ -385,9 +385,34 @@ def test_replay_refuses_a_search_made_on_another_model_of_the_same_shape(tmp_pat
         made_for = json.loads(f.metadata()["qtool_awq_search"])
     assert made_for["weights"]["tensor"] == "model.layers.0.self_attn.q_proj.weight"
     del made_for["weights"]
+    header = {"qtool_awq_search": json.dumps(made_for, sort_keys=True)}
+    entries = load_file(str(tmp_path / "a" / SEARCH_FILE))
+    # Every block's entries say the weights they were searched on, whatever the header says ...
+    probed = tmp_path / "probed.safetensors"
+    save_file(entries, str(probed), metadata=header)
+    with pytest.raises(QtoolError, match=re.escape(f"{probed}, block 0: the search was made on other weights")):
+        _quantize(other, tmp_path / "d", awq=AWQOptions(search_file=str(probed)))
+    # ... a model that differs in one later block only (a partial fine-tune, a merge) is refused there ...
+    mixed = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    mixed.model.layers[1].mlp.load_state_dict(tiny_model("llama", seed=1).model.layers[1].mlp.state_dict())
+    mixed.save_pretrained(tmp_path / "mixed")
+    byte_tokenizer().save_pretrained(tmp_path / "mixed")
+    with pytest.raises(QtoolError, match=r"block 1: the search was made on other weights than this model's \(mlp\."):
+        _quantize(tmp_path / "mixed", tmp_path / "d", awq=AWQOptions(search_file=str(tmp_path / "a")))
+    # ... and so is a fine-tune's change of half a percent.
+    tuned = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32)
+    with torch.no_grad():
+        for p in tuned.parameters():
+            if p.dim() == 2:
+                p.mul_(1 + 0.005 * torch.randn(p.shape, generator=torch.Generator().manual_seed(p.numel())))
+    tuned.save_pretrained(tmp_path / "tuned")
+    byte_tokenizer().save_pretrained(tmp_path / "tuned")
+    with pytest.raises(QtoolError, match="made on other weights"):
+        _quantize(tmp_path / "tuned", tmp_path / "d", awq=AWQOptions(search_file=str(tmp_path / "a")))
+    assert not (tmp_path / "d").exists()
+    # A file from before the weights were recorded is checked on its settings alone.
     older = tmp_path / "older.safetensors"
-    save_file(load_file(str(tmp_path / "a" / SEARCH_FILE)), str(older),
-              metadata={"qtool_awq_search": json.dumps(made_for, sort_keys=True)})
+    save_file({k: v for k, v in entries.items() if not k.endswith(".awq_source_weights")}, str(older), metadata=header)
     _quantize(other, tmp_path / "d", awq=AWQOptions(search_file=str(older)))
 
 
@@ -396,7 +421,10 @@ def test_replay_refuses_a_search_made_on_another_model_of_the_same_shape(tmp_pat
                                     '{"bits": 4, "blocks": 2, "group_size": 32, "model_type": "llama", "sym": false, '
                                     '"method": "awq"}',
                                     '{"bits": 4, "blocks": 2, "group_size": 32, "model_type": "llama", "sym": false, '
-                                    '"weights": {"tensor": "model.layers.0.self_attn.q_proj.weight", "values": [1]}}'])
+                                    '"weights": {"tensor": "model.layers.0.self_attn.q_proj.weight", "values": [1]}}',
+                                    '{"bits": 4, "blocks": 2, "group_size": 32, "model_type": "llama", "sym": false, '
+                                    '"weights": {"tensor": "model.layers.0.self_attn.q_proj.weight", '
+                                    '"values": [' + ", ".join(["NaN"] * 16) + ']}}'])
 def test_a_search_file_with_a_damaged_header_or_no_safetensors_is_refused_in_one_sentence(tmp_path, header):
     from safetensors.torch import load_file, save_file
 

@@ -315,6 +315,17 @@ def test_overwrite_never_deletes_a_folder_put_inside_the_checkpoint(model, tmp_p
     assert_refused(code, err, "holds the folder w4g64/")
     assert (ckpt / "w4g64" / "model.safetensors").is_file()
     shutil.rmtree(ckpt / "w4g64")
+    for inside in ("qtool/runs/notes.txt", "qtool/notes.txt", ".cache/precious/config.json"):  # qtool's, a download's
+        (ckpt / inside).parent.mkdir(parents=True, exist_ok=True)
+        (ckpt / inside).write_text("mine")
+        before = tree_digest(ckpt)
+        code, err = run_cli(["rtn", model, "-o", ckpt, "--overwrite", "--group-size", "32"], capsys)
+        assert_refused(code, err, f"holds {'/'.join(inside.split('/')[:2])}, which is not part of a checkpoint")
+        assert tree_digest(ckpt) == before
+        shutil.rmtree(ckpt / inside.split("/")[0]) if inside.startswith(".") else (ckpt / inside).unlink()
+        if inside == "qtool/runs/notes.txt":
+            (ckpt / "qtool" / "runs").rmdir()
+    (ckpt / ".cache" / "huggingface").mkdir(parents=True)  # what huggingface-cli download --local-dir leaves
     assert run_cli(["rtn", model, "-o", ckpt, "--overwrite", "--group-size", "64"], capsys)[0] == 0  # qtool/ is its own
 
 

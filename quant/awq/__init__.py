@@ -64,7 +64,17 @@ from quant.awq.fold import (
     tie_to_values,
 )
 from quant.awq.experts import FeedForward, accept_expert_clips
-from quant.awq.search_file import check_search_file, first_weight, load_search, search_metadata, search_path, weight_probe
+from quant.awq.search_file import (
+    PROBE_KEY,
+    block_probe,
+    check_block_probe,
+    check_search_file,
+    first_weight,
+    load_search,
+    search_metadata,
+    search_path,
+    weight_probe,
+)
 from quant.awq.judge import attach_gradients, call_weights, judge_of, probe_error, probing, record_probes
 from quant.awq.search import QuantSpec, ScaleResult, _fake_quantize, search_clip, search_scale, search_scale_parts
 from quant.config import QuantConfig
@@ -139,6 +149,7 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
     from the feed-forward module's recorded input (:class:`quant.awq.experts.FeedForward`), one expert at a time.
     """
     block, arch, cfg, names, opts = ctx.block, ctx.arch, ctx.cfg, ctx.names, ctx.cfg.awq
+    probe = block_probe(block)  # before any fold: the weights the search is made on
     spec = quant_spec(cfg)
     present = {n: m for n in arch.linears if isinstance(m := _get(block, n), nn.Linear)}
     groups = foldable_groups(block, arch, names)
@@ -235,6 +246,7 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
         artifacts.update({f"{n}.{CLIP_KEY}": c for n, c in clips.items()})
         info["awq clip"] = _mean([float(clips[n].mean()) if n in clips else 1.0 for n in names])
         info["clips kept"] = f"{len(clips)}/{len(names)}" + ("" if ctx.inputs.accept else " untested")
+    artifacts[PROBE_KEY] = probe
     return artifacts, info, weights
 
 
@@ -361,7 +373,11 @@ def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: 
     a :class:`QtoolError` whose sentence begins with ``where``."""
     from quant import qmath
 
+    if PROBE_KEY in artifacts:  # files from before 2026-12-04 have none
+        check_block_probe(where, artifacts[PROBE_KEY], block)
     for key, t in artifacts.items():
+        if key == PROBE_KEY:
+            continue
         name, _, kind = key.rpartition(".")
         mod = _get(block, name)
         if kind not in (SCALE_KEY, CLIP_KEY) or in_width(mod) is None or (kind == CLIP_KEY and not isinstance(mod, nn.Linear)):

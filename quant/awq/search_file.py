@@ -9,6 +9,7 @@ import contextlib
 import functools
 import json
 import logging
+import math
 from pathlib import Path
 
 import torch
@@ -90,8 +91,40 @@ def _describe(t: torch.Tensor) -> str:
 SEARCH_HEADER = "qtool_awq_search"
 
 
-_PROBE_VALUES = 16  # values of the first block's first weight matrix that identify the model a search was made for
-_PROBE_RTOL = 1 / 64  # the same weights stored as bfloat16 (8 significant bits) still match
+_PROBE_VALUES = 16  # values of a weight matrix that identify the model a search was made for
+# The same weights stored as bfloat16 (rounded to 8 significant bits: at most 2^-9 off) still match; a fine-tune's
+# change of a few tenths of a percent does not, in 16 values of every linear.
+_PROBE_RTOL = 2.0 ** -8
+PROBE_KEY = "awq_source_weights"  # per block in the search file: [weight matrices, _PROBE_VALUES] float32
+
+
+def _probe_values(weight: torch.Tensor) -> torch.Tensor:
+    flat = weight.detach().reshape(-1)
+    idx = torch.linspace(0, flat.numel() - 1, _PROBE_VALUES).round().long()
+    return flat[idx].float().cpu()
+
+
+def block_probe(block: torch.nn.Module) -> torch.Tensor:
+    """:data:`_PROBE_VALUES` evenly spaced values of every weight matrix of the full-precision ``block`` (in
+    ``named_parameters`` order), float32 ``[matrices, _PROBE_VALUES]``: saved with each block's search results
+    as :data:`PROBE_KEY`, so that a replay refuses a model that differs from the searched one in any linear."""
+    return torch.stack([_probe_values(p) for _, p in block.named_parameters() if p.dim() == 2])
+
+
+def check_block_probe(where: str, saved: torch.Tensor, block: torch.nn.Module) -> None:
+    """Refuse ``block`` (full precision) where its :func:`block_probe` differs from ``saved`` beyond
+    :data:`_PROBE_RTOL`; the :class:`QtoolError`'s sentence begins with ``where``."""
+    names = [n for n, p in block.named_parameters() if p.dim() == 2]
+    if saved.dim() != 2 or saved.shape != (len(names), _PROBE_VALUES) or not bool(torch.isfinite(saved).all()):
+        raise QtoolError(f"{where}: entry {PROBE_KEY!r} holds {tuple(saved.shape)} values where a search writes "
+                         f"{_PROBE_VALUES} finite ones for each of the block's {len(names)} weight matrices; search again")
+    now = block_probe(block)
+    far = ((saved.float() - now).abs() > _PROBE_RTOL * now.abs() + 1e-8 * float(now.abs().max())).nonzero()
+    if len(far):
+        r, c = (int(x) for x in far[0])
+        raise QtoolError(f"{where}: the search was made on other weights than this model's ({names[r]} holds "
+                         f"{now[r, c].item():.6g} where the searched model's held {saved[r, c].item():.6g}); replay it "
+                         "on the model it was made for, or search again")
 
 
 def weight_probe(name: str, weight: torch.Tensor) -> dict:
@@ -99,9 +132,7 @@ def weight_probe(name: str, weight: torch.Tensor) -> dict:
     :data:`_PROBE_VALUES` of its values, evenly spaced over it, as float32 rounded to 7 digits. Another model of
     the same shape (a sibling size's fine-tune, another seed) differs there; the same weights in another dtype
     match within :data:`_PROBE_RTOL`."""
-    flat = weight.detach().reshape(-1)
-    idx = torch.linspace(0, flat.numel() - 1, _PROBE_VALUES).round().long()
-    return {"tensor": name, "values": [float(f"{float(v):.7g}") for v in flat[idx].float()]}
+    return {"tensor": name, "values": [float(f"{float(v):.7g}") for v in _probe_values(weight)]}
 
 
 def first_weight(block: torch.nn.Module) -> str:
@@ -168,18 +199,23 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, pr
 
 def _check_probe(path: Path, made_on, probe: dict) -> None:
     ok = isinstance(made_on, dict) and isinstance(made_on.get("values"), list) and \
-        len(made_on["values"]) == _PROBE_VALUES and all(isinstance(v, float) for v in made_on["values"])
+        len(made_on["values"]) == _PROBE_VALUES and all(isinstance(v, float) and math.isfinite(v)
+                                                         for v in made_on["values"])
     if not ok:
         raise QtoolError(f"{path}: its {SEARCH_HEADER} header is damaged (its weights entry should hold "
                          f"{_PROBE_VALUES} values of the model the search was made on); search again")
     was, now = torch.tensor(made_on["values"]), torch.tensor(probe["values"])
     tol = _PROBE_RTOL * now.abs() + 1e-6 * float(now.abs().max())
     far = ((was - now).abs() > tol).nonzero().flatten()
-    if made_on.get("tensor") != probe["tensor"] or len(far):
-        i = int(far[0]) if len(far) else 0
+    if made_on.get("tensor") != probe["tensor"]:
+        raise QtoolError(f"{path}: the search was made on a model whose first weight matrix is "
+                         f"{made_on.get('tensor')}, but this model's is {probe['tensor']}; replay it on the model it "
+                         "was made for, or search again")
+    if len(far):
+        i = int(far[0])
         raise QtoolError(f"{path}: the search was made on other weights than this model's ({probe['tensor']} holds "
-                         f"{now[i].item():.6g} where that model's {made_on.get('tensor')} held {was[i].item():.6g}); "
-                         "replay it on the model it was made for, or search again")
+                         f"{now[i].item():.6g} where the searched model's held {was[i].item():.6g}); replay it on the "
+                         "model it was made for, or search again")
 
 
 @functools.lru_cache(maxsize=8)
