@@ -150,7 +150,8 @@ def quantize(
         if cfg.method == "awq" and cfg.awq.search_file:  # made for this model and these settings, or refused
             from quant.awq import check_search_file
 
-            settings_known = check_search_file(cfg.awq.search_file, cfg, config["model_type"], len(src.blocks), probe)
+            settings_known = check_search_file(cfg.awq.search_file, cfg, config["model_type"], len(src.blocks), probe,
+                                               arch.blocks)
         t_cal = time.perf_counter()
         calib_ids, kinds = None, []
         if cfg.needs_calibration:

@@ -164,6 +164,15 @@ def test_a_replay_that_does_not_fit_names_the_file_and_the_block(model, tmp_path
     save_file(entries, str(older))
     code, err = run_cli(["awq", model, "-o", tmp_path / "out", "--group-size", "32", "--apply-search", older], capsys)
     assert_refused(code, err, f"{older}, block 1: entry {key[len('model.layers.1.'):]!r} has shape")
+    for outside in ("model.layers.5.self_attn.q_proj.awq_scale", "lm_head.awq_scale"):  # a 2-block model
+        extra = tmp_path / "extra.safetensors"
+        save_file({**load_file(str(search)), outside: torch.ones(64)}, str(extra))
+        code, err = run_cli(["awq", model, "-o", tmp_path / "out", "--group-size", "32", "--apply-search", extra],
+                            capsys)
+        assert_refused(code, err, f"{extra}: entry {outside!r} belongs to none of this model's 2 blocks")
+    code, err = run_cli(["awq", model, "-o", tmp_path / "out", "--group-size", "32", "--apply-search",
+                         tmp_path / "nonexistent"], capsys)  # one sentence, not click's usage block
+    assert_refused(code, err, f"{tmp_path / 'nonexistent'}: no such search results file")
     _no_output(tmp_path)
 
 

@@ -424,7 +424,7 @@ def apply_search(model: nn.Module, results, cfg: QuantConfig) -> None:
         blocks = model.get_submodule(arch.blocks)
         name = first_weight(blocks[0])
         probe = weight_probe(f"{arch.blocks}.0.{name}", blocks[0].get_parameter(name))
-        check_search_file(results, cfg, model.config.model_type, len(blocks), probe)
+        check_search_file(results, cfg, model.config.model_type, len(blocks), probe, arch.blocks)
         source = str(search_path(results))
         results = load_search(results)
     plan = plan_linears(model, arch, cfg)

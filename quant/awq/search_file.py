@@ -10,6 +10,7 @@ import functools
 import json
 import logging
 import math
+import re
 from pathlib import Path
 
 import torch
@@ -162,7 +163,8 @@ def _made_for(meta: dict) -> str:
             f"{meta['group_size']}, {zero}")
 
 
-def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, probe: dict | None = None) -> bool:
+def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, probe: dict | None = None,
+                      blocks: str | None = None) -> bool:
     """Refuse a search file made for another model or other settings (:func:`search_metadata`), which would
     otherwise give round-to-nearest silently to every block it lacks, or scales and clips fitted to other weights
     of the same shape (``probe``: this model's :func:`weight_probe`). A file from a qtool before 2026-12-03
@@ -170,10 +172,22 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, pr
     from before 2026-12-04 carries no weight probe, and only its settings are checked.
     Returns whether the file said its settings.
 
+    ``blocks`` (the blocks' module path, ``model.layers``): every entry must belong to one of the ``n_blocks``
+    blocks; one outside them (a deeper model's block, ``lm_head``) would be ignored.
+
     Raises :class:`QtoolError` (one sentence) on a mismatch, a damaged header or a missing file."""
     path = search_path(path)
     with _open_search(path) as f:
         meta = f.metadata() or {}
+        keys = list(f.keys())
+    if blocks is not None:
+        inside = re.compile(rf"{re.escape(blocks)}\.(\d+)\.")
+        for key in keys:
+            m = inside.match(key)
+            if m is None or int(m[1]) >= n_blocks:
+                raise QtoolError(f"{path}: entry {key!r} belongs to none of this model's {n_blocks} blocks "
+                                 f"({blocks}.0 to {blocks}.{n_blocks - 1}); the search was made for another model, "
+                                 "search again")
     if SEARCH_HEADER not in meta:
         log.warning("%s does not say which model and settings its search was made for (an older qtool wrote it); "
                     "only the shapes of its entries can be checked", path)
