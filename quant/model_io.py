@@ -272,6 +272,17 @@ def _partial_to_resume(out: Path, resume_key: dict | None, restart: bool) -> Pat
     return reuse
 
 
+def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+    """``safetensors.torch.save_file``, then the permissions any new file gets under the umask (safetensors writes
+    0600: a server running as another user could not read the file)."""
+    from safetensors.torch import save_file
+
+    save_file(tensors, str(path), metadata=metadata)
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(path, 0o666 & ~umask)
+
+
 def check_apart(out: Path, source: str | os.PathLike) -> None:
     """Refuse an output folder that overlaps the source model's: the same folder, a folder inside it
     (writing would pollute it) or a folder holding it (``--overwrite`` would delete it), symlinks

@@ -208,17 +208,15 @@ def quantize(
         meta = {"qtool": {"config": asdict(cfg), "report": asdict(report)}}
         write_metadata(cfg, model_dir, tmp, kept, quantized, meta, dtype)
         if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
-            from safetensors.torch import save_file
-
             from quant.awq import search_metadata
 
             (tmp / SEARCH_FILE).parent.mkdir(exist_ok=True)
             # A replay of a file that did not say its settings does not vouch for them either.
             header = search_metadata(cfg, config["model_type"], len(src.blocks), probe) if settings_known else None
             own_kept = model_check is None or model_check["kept"] == cfg.label
-            save_file(artifacts if own_kept else {}, str(tmp / SEARCH_FILE), metadata=header)
+            model_io.save_safetensors(artifacts if own_kept else {}, tmp / SEARCH_FILE, header)
             if not own_kept and artifacts:  # the model not kept stays replayable, for a look or another check
-                save_file(artifacts, str(tmp / REFUSED_SEARCH_FILE), metadata=header)
+                model_io.save_safetensors(artifacts, tmp / REFUSED_SEARCH_FILE, header)
         writer.cleanup()
     return report
 

@@ -382,14 +382,19 @@ def test_output_holding_the_files_a_source_links_to_is_refused(tmp_path, capsys)
 
 
 def test_output_folder_follows_the_umask(model, tmp_path, capsys):
+    """Every file too: safetensors writes 0600, so the AWQ search file was unreadable to a server of another user."""
     old = os.umask(0o022)
     try:
         code, _ = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+        code_awq, _ = run_cli(["awq", model, "-o", tmp_path / "awq", "--group-size", "32", "--n-samples", "4",
+                               "--seqlen", "32", "--held-out", "0"], capsys)
     finally:
         os.umask(old)
-    assert code == 0
+    assert code == 0 and code_awq == 0
     assert (tmp_path / "out").stat().st_mode & 0o777 == 0o755
     assert not (tmp_path / "out" / ".qtool-owner").exists()
+    modes = {str(p.relative_to(tmp_path)): p.stat().st_mode & 0o777 for p in tmp_path.glob("awq/**/*") if p.is_file()}
+    assert "awq/qtool/awq_search.safetensors" in modes and set(modes.values()) == {0o644}, modes
 
 
 def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(model, tmp_path, capsys, caplog):

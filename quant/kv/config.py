@@ -22,9 +22,9 @@ from pathlib import Path
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 
 from quant.errors import QtoolError
+from quant.model_io import save_safetensors
 
 KEY_SCHEMES = ("token", "channel")
 CALIB_FORMAT, CALIB_VERSION = "qtool-kv-calib", "1"
@@ -63,7 +63,7 @@ class KVCalibration:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         os.close(fd)
-        save_file(tensors, tmp, metadata=meta)
+        save_safetensors(tensors, tmp, meta)
         os.replace(tmp, path)
         return path
 
