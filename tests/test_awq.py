@@ -309,6 +309,9 @@ def test_replaying_an_empty_search_file_says_it_gives_rtn(tmp_path, caplog):
     with pytest.raises(QtoolError, match=f"^{re.escape(str(tmp_path / 'bare'))}: holds no search results file"):
         _quantize(src, tmp_path / "missing", awq=AWQOptions(search_file=str(tmp_path / "bare")))
     assert not (tmp_path / "missing").exists()
+    (tmp_path / "bare" / "awq_search.refused.safetensors").write_bytes(empty.read_bytes())
+    with pytest.raises(QtoolError, match="holds only the search of a model the whole-model check did not keep"):
+        _quantize(src, tmp_path / "missing", awq=AWQOptions(search_file=str(tmp_path / "bare")))
 
 
 def test_a_replay_takes_the_checkpoint_its_qtool_folder_or_the_file(tmp_path):

@@ -30,6 +30,11 @@ def search_path(path) -> Path:
         candidates = (given / SEARCH_FILE, given / Path(SEARCH_FILE).name,
                       given / "qtool_search.safetensors")  # where qtool before 2026-11-30 saved it
         path = next((c for c in candidates if c.is_file()), candidates[0])
+    refused = next((r for r in (given / REFUSED_SEARCH_FILE, given / Path(REFUSED_SEARCH_FILE).name) if r.is_file()),
+                   None) if given.is_dir() else None
+    if not path.is_file() and refused is not None:
+        raise QtoolError(f"{given}: holds only the search of a model the whole-model check did not keep, {refused}; "
+                         "give that file to replay it")
     if not path.is_file():
         raise QtoolError(f"{given}: {'holds no' if given.is_dir() else 'no such'} search results file; give an AWQ "
                          f"checkpoint folder made by qtool (it holds {SEARCH_FILE}) or that file")
