@@ -37,9 +37,8 @@ DOC_SEPARATOR = "\n\n"
 
 _BLANK_LINES = re.compile(r"\n[ \t]*\n")
 _ACCEPTED = ".txt, .jsonl, .parquet or a folder saved with datasets' save_to_disk"
-
-
 _TEXT_FIELD = "--text-field (text_field= in the API)"
+
 
 def load_texts(source: str | Path | None, text_field: str = "text") -> list[str]:
     """Calibration documents from ``source``; ``None`` means the shipped mixed corpus.

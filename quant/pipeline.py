@@ -14,7 +14,7 @@ from tqdm.auto import tqdm
 from calib.gradients import OutputGradients, loss_gradients
 from calib.runner import BlockInputs, run_sequential
 from quant import arch as arch_table
-from quant import heap, model_io, resume
+from quant import heap, model_io, output, resume
 from quant.checkpoint import checkpoint_tensors, is_quantized_checkpoint, output_dtype, write_metadata
 from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
@@ -140,7 +140,7 @@ def quantize(
 
         settings["awq"]["search_digest"] = resume.file_digest(search_path(cfg.awq.search_file))
     key = resume.run_key(settings, dev.type, source_fingerprint(model_dir))
-    with model_io.atomic_output(out, overwrite, source=model_dir, resume_key=key, restart=restart) as tmp:
+    with output.atomic_output(out, overwrite, source=model_dir, resume_key=key, restart=restart) as tmp:
         saved = resume.load(tmp)
         # Embeddings and lm_head are read only where the run needs them (calibration, the whole-model check).
         src = SourceModel(model_dir, arch.blocks, outside=cfg.needs_calibration)
@@ -214,9 +214,9 @@ def quantize(
             # A replay of a file that did not say its settings does not vouch for them either.
             header = search_metadata(cfg, config["model_type"], len(src.blocks), probe) if settings_known else None
             own_kept = model_check is None or model_check["kept"] == cfg.label
-            model_io.save_safetensors(artifacts if own_kept else {}, tmp / SEARCH_FILE, header)
+            output.save_safetensors(artifacts if own_kept else {}, tmp / SEARCH_FILE, header)
             if not own_kept and artifacts:  # the model not kept stays replayable, for a look or another check
-                model_io.save_safetensors(artifacts, tmp / REFUSED_SEARCH_FILE, header)
+                output.save_safetensors(artifacts, tmp / REFUSED_SEARCH_FILE, header)
         writer.cleanup()
     return report
 

@@ -619,12 +619,12 @@ def test_skip_names_that_match_are_kept_in_full_precision(model, tmp_path, capsy
 def test_an_output_another_run_wrote_meanwhile_is_not_replaced_without_overwrite(tmp_path, resumable):
     """Two runs to one -o: the one that finishes second does not replace the first's checkpoint; it leaves
     nothing behind (its block parts are merged already, so a resume could not use them)."""
-    from quant import model_io, resume
+    from quant import output, resume
     from quant.errors import QtoolError
 
     out = tmp_path / "out"
     with pytest.raises(QtoolError, match="appeared while this run worked.*pass --overwrite"):
-        with model_io.atomic_output(out, resume_key={"k": 1} if resumable else None) as tmp:
+        with output.atomic_output(out, resume_key={"k": 1} if resumable else None) as tmp:
             (tmp / "model.safetensors").write_text("mine")
             if resumable:
                 (tmp / resume.PROGRESS).write_text("{}")

@@ -34,7 +34,8 @@ SCALE_KEY = "awq_scale"  # "<linear>.awq_scale": [in] float32, that linear's inp
 CLIP_KEY = "awq_clip"  # "<linear>.awq_clip": [out, n_groups] float32, range fraction kept
 
 
-def _module(block: nn.Module, name: str) -> nn.Module | None:
+def module_or_none(block: nn.Module, name: str) -> nn.Module | None:
+    """``block.get_submodule(name)``, or ``None`` where the block has no such module."""
     try:
         return block.get_submodule(name)
     except AttributeError:
@@ -65,10 +66,10 @@ NONE_QUANTIZED = "none of its linears is quantized"
 
 def skip_reason(block: nn.Module, group: ScaleGroup, quantized: list[str]) -> str | None:
     """Why ``group``'s scale cannot (or need not) be folded in ``block``; ``None`` when it can."""
-    prev = _module(block, group.prev)
+    prev = module_or_none(block, group.prev)
     if prev is None:
         return f"{group.prev} is not in the block"
-    widths = [in_width(_module(block, n)) for n in group.linears]
+    widths = [in_width(module_or_none(block, n)) for n in group.linears]
     if any(w is None for w in widths):
         return f"one of {', '.join(group.linears)} is not a full-precision linear"
     if not any(n in quantized for n in group.linears):

@@ -110,22 +110,32 @@ def _probe_values(weight: torch.Tensor) -> torch.Tensor:
     return flat[idx].float().cpu()
 
 
+def _matrices(block: torch.nn.Module) -> list[tuple[str, torch.Tensor]]:
+    """The block's weight matrices (2-D parameters), in ``named_parameters`` order: what the probes read."""
+    return [(n, p) for n, p in block.named_parameters() if p.dim() == 2]
+
+
+def _far(was: torch.Tensor, now: torch.Tensor) -> torch.Tensor:
+    """Indices (``nonzero``) where a saved probe ``was`` differs from this model's ``now`` beyond :data:`_PROBE_RTOL`."""
+    return ((was.float() - now).abs() > _PROBE_RTOL * now.abs() + 1e-6 * float(now.abs().max())).nonzero()
+
+
 def block_probe(block: torch.nn.Module) -> torch.Tensor:
     """:data:`_PROBE_VALUES` evenly spaced values of every weight matrix of the full-precision ``block`` (in
     ``named_parameters`` order), float32 ``[matrices, _PROBE_VALUES]``: saved with each block's search results
     as :data:`PROBE_KEY`, so that a replay refuses a model that differs from the searched one in any linear."""
-    return torch.stack([_probe_values(p) for _, p in block.named_parameters() if p.dim() == 2])
+    return torch.stack([_probe_values(p) for _, p in _matrices(block)])
 
 
 def check_block_probe(where: str, saved: torch.Tensor, block: torch.nn.Module) -> None:
     """Refuse ``block`` (full precision) where its :func:`block_probe` differs from ``saved`` beyond
     :data:`_PROBE_RTOL`; the :class:`QtoolError`'s sentence begins with ``where``."""
-    names = [n for n, p in block.named_parameters() if p.dim() == 2]
+    names = [n for n, _ in _matrices(block)]
     if saved.dim() != 2 or saved.shape != (len(names), _PROBE_VALUES) or not bool(torch.isfinite(saved).all()):
         raise QtoolError(f"{where}: entry {PROBE_KEY!r} holds {tuple(saved.shape)} values where a search writes "
                          f"{_PROBE_VALUES} finite ones for each of the block's {len(names)} weight matrices; search again")
     now = block_probe(block)
-    far = ((saved.float() - now).abs() > _PROBE_RTOL * now.abs() + 1e-8 * float(now.abs().max())).nonzero()
+    far = _far(saved, now)
     if len(far):
         r, c = (int(x) for x in far[0])
         raise QtoolError(f"{where}: the search was made on other weights than this model's ({names[r]} holds "
@@ -143,7 +153,7 @@ def weight_probe(name: str, weight: torch.Tensor) -> dict:
 
 def first_weight(block: torch.nn.Module) -> str:
     """The name (within ``block``) of its first weight matrix, the one :func:`weight_probe` reads."""
-    return next(n for n, p in block.named_parameters() if p.dim() == 2)
+    return _matrices(block)[0][0]
 
 
 def search_metadata(cfg: QuantConfig, model_type: str, n_blocks: int, probe: dict | None = None) -> dict[str, str]:
@@ -223,13 +233,12 @@ def _check_probe(path: Path, made_on, probe: dict) -> None:
     if not ok:
         raise QtoolError(f"{path}: its {SEARCH_HEADER} header is damaged (its weights entry should hold "
                          f"{_PROBE_VALUES} values of the model the search was made on); search again")
-    was, now = torch.tensor(made_on["values"]), torch.tensor(probe["values"])
-    tol = _PROBE_RTOL * now.abs() + 1e-6 * float(now.abs().max())
-    far = ((was - now).abs() > tol).nonzero().flatten()
     if made_on.get("tensor") != probe["tensor"]:
         raise QtoolError(f"{path}: the search was made on a model whose first weight matrix is "
                          f"{made_on.get('tensor')}, but this model's is {probe['tensor']}; replay it on the model it "
                          "was made for, or search again")
+    was, now = torch.tensor(made_on["values"]), torch.tensor(probe["values"])
+    far = _far(was, now).flatten()
     if len(far):
         i = int(far[0])
         raise QtoolError(f"{path}: the search was made on other weights than this model's ({probe['tensor']} holds "

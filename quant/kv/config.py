@@ -24,7 +24,7 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from quant.errors import QtoolError
-from quant.model_io import save_safetensors
+from quant.output import save_safetensors
 
 KEY_SCHEMES = ("token", "channel")
 CALIB_FORMAT, CALIB_VERSION = "qtool-kv-calib", "1"

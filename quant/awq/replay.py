@@ -1,0 +1,121 @@
+"""Replaying a saved AWQ search (:data:`quant.config.SEARCH_FILE`): each block's scales folded and its clips
+applied, after checking that the results fit the block (the model, settings and weights they were made for)."""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from quant.arch import Arch
+from quant.awq.fold import (
+    CLIP_KEY,
+    NONE_QUANTIZED,
+    SCALE_KEY,
+    block_groups,
+    fold_scales,
+    in_width,
+    module_or_none,
+    producer_scale,
+    skip_reason,
+)
+from quant.awq.search_file import (
+    PROBE_KEY,
+    check_block_probe,
+    check_search_file,
+    first_weight,
+    load_search,
+    search_path,
+    weight_probe,
+)
+from quant.config import QuantConfig
+from quant.errors import QtoolError
+from quant.formats import PackedWeight
+from quant.layers import rtn_packed, set_quantized, to_quant_linears
+
+
+def quantize_linears(block: nn.Module, names: list[str], cfg: QuantConfig, weights: dict, artifacts: dict
+                     ) -> dict[str, PackedWeight]:
+    """RTN with the searched clips, from the folded float32 weights; the linears then compute with them."""
+    packed = {}
+    for n in names:
+        w = weights.get(f"{n}.weight")
+        if w is None:
+            w = block.get_submodule(n).weight.detach().float()
+        packed[n] = set_quantized(block, n, rtn_packed(w, cfg, artifacts.get(f"{n}.{CLIP_KEY}")))
+    return packed
+
+
+def apply_block(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict,
+                where: str = "search results") -> dict[str, PackedWeight]:
+    """Replay search results on a full-precision block: fold the scales, then quantize with the clips.
+    ``where`` (the file and block) begins each error's sentence."""
+    check_artifacts(block, names, cfg, arch, artifacts, where)
+    weights = fold_scales(block, arch, artifacts)
+    return quantize_linears(block, names, cfg, weights, artifacts)
+
+
+def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict,
+                    where: str = "search results") -> None:
+    """Refuse search results that do not fit this block and configuration (another model, group size...):
+    a :class:`QtoolError` whose sentence begins with ``where``."""
+    from quant import qmath
+
+    if PROBE_KEY in artifacts:  # files from before 2026-12-04 have none
+        check_block_probe(where, artifacts[PROBE_KEY], block)
+    for key, t in artifacts.items():
+        if key == PROBE_KEY:
+            continue
+        name, _, kind = key.rpartition(".")
+        mod = module_or_none(block, name)
+        if kind not in (SCALE_KEY, CLIP_KEY) or in_width(mod) is None or (kind == CLIP_KEY and not isinstance(mod, nn.Linear)):
+            raise QtoolError(f"{where}: entry {key!r} names no linear of this model's blocks")
+        if kind == SCALE_KEY:
+            want = (in_width(mod),)
+        else:
+            want = (mod.out_features, qmath.n_groups(mod.in_features, cfg.group_size))
+        if tuple(t.shape) != want:
+            raise QtoolError(f"{where}: entry {key!r} has shape {tuple(t.shape)} but this model and "
+                             f"--group-size {cfg.group_size} need {want}; the results come from another model or setting")
+    for g in block_groups(block, arch):
+        keys = [f"{n}.{SCALE_KEY}" for n in g.linears]
+        found = [k for k in keys if k in artifacts]
+        if not found:
+            continue
+        if len(found) != len(keys) or any(not torch.equal(artifacts[k], artifacts[keys[0]]) for k in keys):
+            raise QtoolError(f"{where}: {', '.join(g.linears)} get different input scales, but they share one input")
+        reason = skip_reason(block, g, names)
+        if reason is None:
+            try:
+                producer_scale(block, g, artifacts[keys[0]])
+            except ValueError as e:
+                reason = str(e)
+        if reason == NONE_QUANTIZED:
+            raise QtoolError(f"{where}: the search scales {', '.join(g.linears)}, but this run keeps them in full "
+                             "precision (--skip); replay without that --skip, or search again with it")
+        if reason is not None:
+            raise QtoolError(f"{where}: the search scales {', '.join(g.linears)}, but that group cannot be folded here: "
+                             f"{reason}")
+
+
+def apply_search(model: nn.Module, results, cfg: QuantConfig) -> None:
+    """Quantize a full-precision ``model`` in place with saved AWQ results (a path or a dict of tensors): its
+    quantized linears become :class:`quant.modules.QuantLinear` in ``cfg``'s layout.
+
+    Raises :class:`QtoolError` when the results were made for another model or settings, or do not fit it."""
+    from quant import arch as arch_table
+    from quant.layers import plan_linears
+
+    arch = arch_table.lookup(model.config.model_type)
+    source = "search results"
+    if not isinstance(results, dict):
+        blocks = model.get_submodule(arch.blocks)
+        name = first_weight(blocks[0])
+        probe = weight_probe(f"{arch.blocks}.0.{name}", blocks[0].get_parameter(name))
+        check_search_file(results, cfg, model.config.model_type, len(blocks), probe, arch.blocks)
+        source = str(search_path(results))
+        results = load_search(results)
+    plan = plan_linears(model, arch, cfg)
+    for i, block in enumerate(model.get_submodule(arch.blocks)):
+        prefix = f"{arch.blocks}.{i}."
+        packed = apply_block(block, plan.quantize[i], cfg, arch, {k[len(prefix):]: v for k, v in results.items()
+                                                                  if k.startswith(prefix)}, f"{source}, block {i}")
+        to_quant_linears(block, packed, cfg.format)
