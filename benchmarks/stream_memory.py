@@ -31,9 +31,10 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 WORKER = """
-import json, sys, time
+import json, logging, sys, time
 sys.path.insert(0, {root!r})
 import quant
+logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")  # per block, live
 t = time.perf_counter()
 r = quant.quantize({src!r}, {out!r}, progress=False, overwrite=True, **{kw})
 print(json.dumps({{"peak_rss_mb": r.peak_rss_mb, "peak_device_mb": r.peak_device_mb,
@@ -58,11 +59,16 @@ def run(root: Path, src: Path, out: Path, kw: str, cgroup: Path | None = None) -
 
         env = huge_pages_environment(dict(os.environ))
         sys.path.remove(str(root))
-    proc = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, env=env,
-                          preexec_fn=enter_cgroup if cgroup else None)
-    if proc.returncode:
-        return {"error": f"exit {proc.returncode}: {proc.stderr.strip().splitlines()[-1] if proc.stderr.strip() else ''}"}
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=root, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True, env=env, preexec_fn=enter_cgroup if cgroup else None)
+    err = []
+    for line in proc.stderr:  # passed on as it comes (the log of each block), so a stopped benchmark shows where
+        err.append(line)
+        print(line, end="", file=sys.stderr, flush=True)
+    stdout = proc.stdout.read()
+    if proc.wait():
+        return {"error": f"exit {proc.returncode}: {err[-1].strip() if err else ''}"}
+    return json.loads(stdout.strip().splitlines()[-1])
 
 
 def synthetic_llama(path: Path, layers: int, hidden: int, inter: int, heads: int, kv_heads: int, dtype: str,
@@ -180,7 +186,7 @@ def device(args) -> None:
     block_mb = block / 2**20
     acts_mb = args.n_samples * 512 * 2048 * 2 / 2**20  # one set of hidden states, bf16
     rows = []
-    for method in (args.methods or "rtn,awq,gptq").split(","):
+    for method in (args.methods or "rtn,gptq,awq").split(","):
         kw = (f"dict(method='{method}', group_size=128, n_samples={args.n_samples}, seqlen=512, "
               f"device={args.device!r})")
         r = run(ROOT, src, Path(args.tmp) / f"device-{method}", kw)
@@ -188,7 +194,7 @@ def device(args) -> None:
         rows.append([method, args.layers, f"{block_mb * args.layers:,.0f}", f"{block_mb:,.0f}", f"{acts_mb:,.0f}",
                      f"{r.get('peak_device_mb', 0):,.0f}", f"{r.get('peak_rss_mb', 0):,.0f}", f"{median(secs):.2f}",
                      f"{r.get('seconds', 0):.0f}", r.get("error", "")])
-        print(rows[-1], file=sys.stderr, flush=True)
+        print(rows[-1], "seconds per block:", " ".join(f"{s:.1f}" for s in secs), file=sys.stderr, flush=True)
     print(tabulate(rows, headers=["method (w4 g128)", "blocks", "all blocks' weights MiB (bf16)", "one block MiB",
                                   "hidden states MiB (bf16)", "peak device MiB", "peak RSS MiB", "median s / block",
                                   "seconds", "error"], tablefmt="github"))

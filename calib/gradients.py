@@ -52,10 +52,11 @@ class OutputGradients:
         e = error.float()
         first, second = 0.0, 0.0
         for w in range(e.shape[0]):  # a window at a time, as matrix-vector products: no [k, n, t, d] temporaries
-            e_w = e[w].reshape(-1)
-            first += float(self.grad[w].reshape(-1).float() @ e_w)
+            e_w = e[w].reshape(-1)  # the gradients wait on the CPU; the error is where the block computes
+            first += float(self.grad[w].reshape(-1).to(e.device, torch.float32) @ e_w)
             if len(self.probes):
-                second += float((self.probes[:, w].reshape(len(self.probes), -1).float() @ e_w).pow(2).mean())
+                g = self.probes[:, w].reshape(len(self.probes), -1).to(e.device, torch.float32)
+                second += float((g @ e_w).pow(2).mean())
         return first + second / (2 * self.n_tokens)
 
     def save(self, path) -> None:
