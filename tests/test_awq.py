@@ -511,6 +511,28 @@ def test_cli_bad_options_get_one_clear_sentence(tmp_path, args, message):
     assert not Path(tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("factor, said", [(1e30, "infinite"), (1e-30, "zero")])
+def test_a_search_file_with_scales_no_checkpoint_can_hold_is_refused_naming_file_and_block(tmp_path, factor, said):
+    """Every value finite and positive, but scaled by 1e30 (the linears' float16 group scales overflow) or 1e-30
+    (they would all be 0, and the norm before them overflows float16): the replay wrote a broken model silently, or
+    failed at writing without naming the file or block. Now it names both, and writes nothing."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    _quantize(src, tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a" / SEARCH_FILE))
+    with safe_open(str(tmp_path / "a" / SEARCH_FILE), "pt") as f:
+        meta = f.metadata()
+    prefix = "model.layers.1.mlp."
+    for key in [k for k in tensors if k.startswith(prefix) and k.endswith(SCALE_KEY) and ("gate" in k or "up" in k)]:
+        tensors[key] = tensors[key] * factor
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(QtoolError, match=rf"{bad}, block 1: with the saved scales mlp\.(gate|up)_proj's weights .* {said}"):
+        _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad)))
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("kind, value, said", [
     (SCALE_KEY, 0.0, "values from 0 to"), (SCALE_KEY, -1.0, "values from -1 to"), (SCALE_KEY, math.inf, "non-finite"),
     (SCALE_KEY, math.nan, "non-finite"), (CLIP_KEY, 1.5, "to 1.5"), (CLIP_KEY, 0.0, "values from 0 to"),

@@ -50,7 +50,33 @@ def apply_block(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch
     ``where`` (the file and block) begins each error's sentence."""
     check_artifacts(block, names, cfg, arch, artifacts, where)
     weights = fold_scales(block, arch, artifacts)
+    check_folded(block, names, cfg, weights, where)
     return quantize_linears(block, names, cfg, weights, artifacts)
+
+
+def check_folded(block: nn.Module, names: list[str], cfg: QuantConfig, weights: dict[str, torch.Tensor],
+                 where: str = "search results") -> None:
+    """Refuse scales whose folded weights no checkpoint can hold: a scaled linear (``weights``, float32, from
+    :func:`fold_scales`) whose largest group scale ``2 max|w| / (2^bits - 1)`` passes float16's largest value, or
+    whose every group scale is below float16's smallest (2^-24: all would be stored as 0), or a divided producer
+    that is no longer finite. The group scales of the AWQ and GPTQ formats are float16. Scales a search of this
+    model wrote never do this; a crafted or damaged file can (each value alone finite and positive)."""
+    from quant import qmath
+
+    steps = 2**cfg.bits - 1
+    for n in names:
+        w = weights.get(f"{n}.weight")
+        if w is None:
+            continue
+        top = float(w.abs().max())
+        if 2 * top / steps > qmath.FP16_MAX or 0 < top / steps < 2.0**-24:
+            raise QtoolError(f"{where}: with the saved scales {n}'s weights reach {top:.3g} in magnitude, so its "
+                             f"float16 group scales at {cfg.bits} bits would be {'infinite' if top > 1 else 'zero'}; "
+                             "no search of this model writes such scales; search again")
+    for key, v in weights.items():
+        if not bool(torch.isfinite(v).all()):
+            raise QtoolError(f"{where}: dividing {key} by the saved scales gives values that are not finite; "
+                             "no search of this model writes such scales; search again")
 
 
 def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch, artifacts: dict,
