@@ -1,7 +1,7 @@
 """Quantization settings as frozen, validated dataclasses. The CLI only builds these."""
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import asdict, dataclass, field, fields, replace
 
 from quant.errors import QtoolError
 
@@ -144,6 +144,10 @@ class GPTQOptions:
                              "add --act-order or leave it out")
 
 
+# The settings of the calibration (the text, its windows, the held-out and check windows): unused by RTN and replays.
+CALIBRATION_FIELDS = ("n_samples", "held_out", "check_windows", "seqlen", "seed", "calib_data", "text_field")
+
+
 @dataclass(frozen=True)
 class QuantConfig:
     """Everything that decides a quantized checkpoint.
@@ -264,6 +268,22 @@ class QuantConfig:
     @property
     def needs_calibration(self) -> bool:
         return self.method != "rtn" and not (self.method == "awq" and self.awq.search_file)
+
+    def recorded(self) -> dict:
+        """The settings this run uses, as ``qtool.json`` records them: the calibration settings only where the
+        run calibrates; GPTQ's options only for GPTQ; AWQ's search options only where AWQ searches (a replay
+        records its search file alone: the file's header holds the settings it was searched with)."""
+        out = asdict(self)
+        if not self.needs_calibration:
+            for name in CALIBRATION_FIELDS:
+                del out[name]
+        if self.method != "gptq":
+            del out["gptq"]
+        if self.method == "awq" and self.awq.search_file:
+            out["awq"] = {"search_file": self.awq.search_file}
+        elif not self.searches_awq:
+            del out["awq"]
+        return out
 
     @classmethod
     def from_options(cls, base: QuantConfig | None = None, **options) -> QuantConfig:

@@ -205,7 +205,11 @@ def quantize(
             resumed_from=run.start if saved is not None else None,
             loaders=readers(written),
         )
-        meta = {"qtool": {"config": asdict(cfg), "report": asdict(report)}}
+        recorded = cfg.recorded()  # what the run used, its files resolved as the resume key has them
+        for d, k in ((recorded, "calib_data"), (recorded.get("awq", {}), "search_file")):
+            if d.get(k):
+                d[k] = settings[k] if d is recorded else settings["awq"][k]
+        meta = {"qtool": {"config": recorded, "report": asdict(report)}}
         write_metadata(cfg, model_dir, tmp, kept, quantized, meta, dtype)
         if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
             from quant.awq import search_metadata

@@ -314,6 +314,29 @@ def test_replaying_an_empty_search_file_says_it_gives_rtn(tmp_path, caplog):
         _quantize(src, tmp_path / "missing", awq=AWQOptions(search_file=str(tmp_path / "bare")))
 
 
+def test_qtool_json_records_the_settings_the_run_used(tmp_path, monkeypatch):
+    """A replay calibrates nothing and searches nothing: its qtool.json held n_samples 128, clip true and the other
+    search defaults as if used, and the search file as typed. Now: the file, resolved, and no calibration; RTN
+    records no calibration either, and each method only its own options."""
+    import json
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    _quantize(src, tmp_path / "a")
+    monkeypatch.chdir(tmp_path)
+    _quantize(src, tmp_path / "b", awq=AWQOptions(search_file="a"))
+    quant.quantize(src, tmp_path / "r", method="rtn", bits=4, group_size=32, progress=False)
+
+    def config(name):
+        return json.loads((tmp_path / name / "qtool.json").read_text())["qtool"]["config"]
+
+    searched, replayed, rtn = config("a"), config("b"), config("r")
+    assert searched["n_samples"] == 4 and searched["awq"]["clip"] is True and "gptq" not in searched
+    assert replayed["awq"] == {"search_file": str(tmp_path / "a")}
+    assert not {"n_samples", "seqlen", "calib_data", "held_out", "gptq"} & set(replayed)
+    assert not {"n_samples", "seqlen", "calib_data", "held_out", "awq", "gptq"} & set(rtn)
+    assert rtn["bits"] == 4 and rtn["group_size"] == 32
+
+
 def test_a_replay_takes_the_checkpoint_its_qtool_folder_or_the_file(tmp_path):
     """`--apply-search ckpt/qtool` looked for ckpt/qtool/qtool/awq_search.safetensors and said so."""
     src = save_tiny_model("llama", tmp_path / "src")
