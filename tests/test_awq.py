@@ -534,6 +534,31 @@ def test_cli_bad_options_get_one_clear_sentence(tmp_path, args, message):
     assert not Path(tmp_path / "out").exists()
 
 
+@pytest.mark.parametrize("change", ["drop up", "up differs"])
+def test_the_linears_of_one_input_need_one_scale_in_a_search_file(tmp_path, change):
+    """gate and up read one input, so a file must scale both by the same values: a file that scales gate alone was
+    told "different input scales"; now the sentence names the entry it lacks. Different values keep their sentence."""
+    from safetensors.torch import save_file
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    _quantize(src, tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a" / SEARCH_FILE))
+    with safe_open(str(tmp_path / "a" / SEARCH_FILE), "pt") as f:
+        meta = f.metadata()
+    gate, up = (f"model.layers.1.mlp.{n}_proj.{SCALE_KEY}" for n in ("gate", "up"))
+    if change == "drop up":
+        del tensors[up]
+    else:
+        tensors[up] = tensors[gate] * 1.01
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    said = "the file scales mlp.gate_proj.awq_scale and not mlp.up_proj.awq_scale" if change == "drop up" else \
+        "get different input scales"
+    with pytest.raises(QtoolError, match=rf"{bad}, block 1: mlp\.gate_proj, mlp\.up_proj .*{re.escape(said)}"):
+        _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad)))
+    assert not (tmp_path / "b").exists()
+
+
 @pytest.mark.parametrize("factor, said", [(1e30, "infinite"), (1e-30, "zero")])
 def test_a_search_file_with_scales_no_checkpoint_can_hold_is_refused_naming_file_and_block(tmp_path, factor, said):
     """Every value finite and positive, but scaled by 1e30 (the linears' float16 group scales overflow) or 1e-30

@@ -106,7 +106,11 @@ def check_artifacts(block: nn.Module, names: list[str], cfg: QuantConfig, arch: 
         found = [k for k in keys if k in artifacts]
         if not found:
             continue
-        if len(found) != len(keys) or any(not torch.equal(artifacts[k], artifacts[keys[0]]) for k in keys):
+        missing = [k for k in keys if k not in artifacts]
+        if missing:
+            raise QtoolError(f"{where}: {', '.join(g.linears)} share one input, but the file scales "
+                             f"{', '.join(found)} and not {', '.join(missing)}")
+        if any(not torch.equal(artifacts[k], artifacts[keys[0]]) for k in keys):
             raise QtoolError(f"{where}: {', '.join(g.linears)} get different input scales, but they share one input")
         reason = skip_reason(block, g, names)
         if reason is None:
