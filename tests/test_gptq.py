@@ -419,3 +419,50 @@ def test_every_architecture_quantizes_with_value_hessians(tmp_path, model_type, 
     errs = {n: (quant.load(tmp_path / n, dtype=torch.float32)(ids).logits - fp).pow(2).mean().item()
             for n in ("gptq", "rtn")}
     assert errs["gptq"] < errs["rtn"], errs
+
+
+@pytest.mark.parametrize("model_type", ["llama", "qwen2"])
+def test_awq_gptq_takes_the_first_hessians_from_the_unscaled_block_divided_by_the_scales(model_type):
+    """AWQ+GPTQ and its plain-GPTQ alternative share the q/k/v Hessians (XᵀX and the value heads'), taken once from
+    the block before AWQ's scales are folded; AWQ+GPTQ's are those divided by the scales. They must be what the
+    folded block itself gives."""
+    from tiny_models import tiny_model
+
+    from calib.collectors import record_block_calls
+    from calib.runner import BlockInputs
+    from quant.arch import ARCHITECTURES
+    from quant.awq.fold import SCALE_KEY, fold_scales
+    from quant.methods import BlockContext
+
+    torch.manual_seed(0)
+    model = tiny_model(model_type)
+    arch = ARCHITECTURES[model_type]
+    block = model.model.layers[0]
+    ids = torch.randint(3, 300, (4, 32), generator=torch.Generator().manual_seed(1))
+    call = record_block_calls(model, model.model.layers, ids)[0]
+    qkv = arch.sequential[0]
+    ctx = BlockContext(0, block, [n for g in arch.sequential for n in g], QuantConfig(method="gptq", group_size=32),
+                       arch, BlockInputs([call]))
+    hessians, values = gptq_module._batch_hessians(ctx, (qkv,))
+    s = torch.rand(block.input_layernorm.weight.shape[0]) * 4 + 0.1
+    fold_scales(block, arch, {f"{n}.{SCALE_KEY}": s for n in qkv})
+    want, want_values = gptq_module._batch_hessians(ctx, (qkv,))
+    got, got_values = gptq_module._input_scaled(hessians, values, {n: s for n in qkv}, arch.v_proj)
+    for n in qkv:
+        torch.testing.assert_close(got[n].mean, want[n].mean, rtol=1e-4, atol=1e-6 * float(want[n].mean.abs().max()))
+    assert all(got[n] is got[qkv[0]] for n in qkv) and not torch.allclose(got[qkv[0]].mean, hessians[qkv[0]].mean)
+    assert values is not None and got_values[1] == want_values[1] and len(got_values[0]) == len(want_values[0]) > 0
+    for g, w in zip(got_values[0], want_values[0]):
+        torch.testing.assert_close(g, w, rtol=1e-4, atol=1e-6 * float(w.abs().max()))
+
+
+def test_awq_gptq_with_its_plain_alternative_computes_the_value_hessians_once_a_block(tmp_path, monkeypatch):
+    """The value heads' Hessians are the dearest of a block's (an attention pass per key/value head): AWQ+GPTQ and
+    its plain-GPTQ alternative used to compute them twice a block."""
+    calls = []
+    real = gptq_module.collect_value_hessians
+    monkeypatch.setattr(gptq_module, "collect_value_hessians", lambda *a, **k: calls.append(1) or real(*a, **k))
+    src = save_tiny_model("llama", tmp_path / "src")
+    report = quant.quantize(src, tmp_path / "q", method="gptq", gptq=GPTQOptions(awq_first=True), bits=4,
+                            group_size=32, n_samples=4, seqlen=32, progress=False)
+    assert report.guarded and len(report.blocks) == 2 and len(calls) == 2

@@ -18,6 +18,7 @@ import torch
 from calib.hessian import collect_hessians
 from calib.value_hessian import collect_value_hessians
 from quant.arch import value_heads
+from quant.awq.fold import SCALE_KEY
 from quant.formats import PackedWeight
 from quant.gptq.solver import gptq_quantize, hessian_error, solve_value_heads
 from quant.layers import set_quantized, to_quant_linears
@@ -59,6 +60,39 @@ def _value_hessians(ctx: BlockContext) -> tuple[list[torch.Tensor], int] | None:
     return [h.mean for h in heads], where.first_row
 
 
+def _batch_hessians(ctx: BlockContext, batch: tuple[tuple[str, ...], ...]) -> tuple[dict, tuple | None]:
+    """The Hessians of one batch of sub-layer groups (:func:`calib.hessian.collect_hessians`) and, where the
+    value projection is among them and ``value_hessian`` is on, its per-head Hessians (:func:`_value_hessians`)."""
+    names = [n for g in batch for n in g]
+    hessians = collect_hessians(ctx.block, ctx.inputs, list(batch))
+    values = _value_hessians(ctx) if ctx.cfg.gptq.value_hessian and ctx.arch.v_proj in names else None
+    return hessians, values
+
+
+def _input_scaled(hessians: dict, values: tuple | None, scales: dict[str, torch.Tensor], v_proj: str
+                  ) -> tuple[dict, tuple | None]:
+    """The Hessians of the same inputs divided by AWQ's input scales (``scales``: ``{linear: s [in]}``, the
+    folded ones): ``x / s`` gives ``diag(1/s) H diag(1/s)``, for ``XᵀX`` and each value head alike. Linears that
+    shared one Hessian still do; a linear without a scale keeps its Hessian."""
+    from calib.hessian import Hessian
+
+    def scaled(h: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
+        if s is None:
+            return h
+        r = 1.0 / s.to(device=h.device, dtype=h.dtype)
+        return h * r[:, None] * r[None, :]
+
+    out, by_id = {}, {}
+    for n, h in hessians.items():
+        if id(h) not in by_id:
+            by_id[id(h)] = Hessian(scaled(h.xtx, scales.get(n)), h.n_tokens)
+        out[n] = by_id[id(h)]
+    if values is not None:
+        heads, first_row = values
+        values = [scaled(v, scales.get(v_proj)) for v in heads], first_row
+    return out, values
+
+
 def _awq_first(ctx: BlockContext) -> tuple[dict, dict, dict, dict]:
     """AWQ's scale and clip search on the block, scales folded in (``quant.awq.search_block``).
 
@@ -77,7 +111,7 @@ def _awq_first(ctx: BlockContext) -> tuple[dict, dict, dict, dict]:
     return sources, clips, artifacts, info
 
 
-def quantize_block(ctx: BlockContext) -> BlockResult:
+def quantize_block(ctx: BlockContext, first: tuple[dict, tuple | None] | None = None) -> BlockResult:
     """GPTQ for one decoder block, in place.
 
     True-sequential (the default): each sub-layer group (q/k/v, o, gate/up, down)
@@ -89,7 +123,9 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     groups; GPTQ then rounds instead of RTN. Where guard windows exist, AWQ+GPTQ also
     quantizes a copy of the block with plain GPTQ (same inputs, its own Hessians): the
     ``"gptq"`` alternative, which the whole-model check keeps where AWQ's scales made
-    the model worse.
+    the model worse. The two share the first batch's Hessians (``first``, taken from the block before AWQ's scales
+    are folded in; AWQ+GPTQ's are the same divided by its input scales, :func:`_input_scaled`): its inputs are the
+    same for both, and the value projection's per-head Hessians are the dearest of the block's.
     """
     if ctx.inputs is None:
         raise ValueError("GPTQ needs calibration inputs")
@@ -98,8 +134,14 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     moe_layers = expert_layers(ctx.block)
     routed = {n for n in ctx.names if any(n.startswith(f"{m}.") for m in moe_layers)}
     groups = [g for g in _sequential_groups(ctx) if not set(g) & routed]  # routed experts: _solve_experts
+    todo = [(g,) for g in groups] if cfg.gptq.true_sequential else [tuple(groups)]
+    t_hessian = 0.0
+    if plain is not None and todo:  # before the search folds its scales into the block
+        t = time.perf_counter()
+        first = _batch_hessians(ctx, todo[0])
+        t_hessian += time.perf_counter() - t
     sources, clips, artifacts, info = _awq_first(ctx) if cfg.gptq.awq_first else ({}, {}, {}, {})
-    t_hessian = t_solve = 0.0
+    t_solve = 0.0
     fused_qkv = ctx.arch.layout is not None and ctx.arch.layout.fused_qkv is not None
     rel_errors, damps, fallbacks = [], [], []
     packed: dict[str, PackedWeight] = {}
@@ -150,14 +192,15 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
                 set_quantized(ctx.block, n, packed[n])  # later groups' inputs see the quantized linear
         t_solve += time.perf_counter() - t
 
-    todo = [(g,) for g in groups] if cfg.gptq.true_sequential else [tuple(groups)]
-    for batch in todo:
+    for k, batch in enumerate(todo):
         t = time.perf_counter()
-        hessians = collect_hessians(ctx.block, ctx.inputs, list(batch))
-        names = [n for g in batch for n in g]
-        values = _value_hessians(ctx) if cfg.gptq.value_hessian and ctx.arch.v_proj in names else None
+        if k == 0 and first is not None:
+            scales = {n: artifacts[f"{n}.{SCALE_KEY}"] for g in batch for n in g if f"{n}.{SCALE_KEY}" in artifacts}
+            hessians, values = _input_scaled(*first, scales, ctx.arch.v_proj)
+        else:
+            hessians, values = _batch_hessians(ctx, batch)
         t_hessian += time.perf_counter() - t
-        solve(names, hessians, values)
+        solve([n for g in batch for n in g], hessians, values)
         del hessians, values
 
     for name, layer in moe_layers.items():  # after attention, whose quantized outputs the router sees
@@ -175,7 +218,7 @@ def quantize_block(ctx: BlockContext) -> BlockResult:
     if plain is not None:
         t = time.perf_counter()
         alone = quantize_block(BlockContext(ctx.index, plain, ctx.names, cfg.with_(gptq=replace(cfg.gptq, awq_first=False)),
-                                            ctx.arch, ctx.inputs))
+                                            ctx.arch, ctx.inputs), first)
         to_quant_linears(plain, alone.packed, cfg.format)
         result.alternatives["gptq"] = plain
         info["plain gptq s"] = f"{time.perf_counter() - t:.2f}"
