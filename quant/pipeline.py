@@ -316,8 +316,8 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
 
     compute_dtype = torch.float32 if dev.type == "cpu" else src.dtype
     held_out = (*cfg.held_out_split, len(kinds) * cfg.check_windows)
-    loss_grads = _LossGradientFiles(src, cfg, calib_ids, held_out, dev, compute_dtype, run.folder / LOSS_GRADIENTS) \
-        if _LossGradientFiles.wanted(cfg, calib_ids) else None
+    loss_grads = _LossGradientFiles(src, cfg, calib_ids, held_out, dev, compute_dtype, run.folder / LOSS_GRADIENTS,
+                                    run.start) if _LossGradientFiles.wanted(cfg, calib_ids) else None
     try:
         if calib_ids is None:
             for i in range(run.start, len(blocks)):
@@ -342,8 +342,8 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
         raise
     finally:  # an error message then starts on its own line
         bar.close()
-        if loss_grads is not None:
-            shutil.rmtree(loss_grads.folder, ignore_errors=True)
+    if loss_grads is not None:  # a stopped run keeps them with its blocks: its resumption reads them
+        shutil.rmtree(loss_grads.folder, ignore_errors=True)
     parts = [_part(i) for i in range(len(blocks))]
     model_check = None
     candidates = alts.complete()
@@ -374,17 +374,24 @@ class _LossGradientFiles:
     block's output (:func:`calib.gradients.loss_gradients`) on the windows the judges see (the first
     ``judge_windows`` search windows) and the clip-test windows, in that order, one file per block in
     ``folder`` (on disk, not in memory: ``(1 + probes) × windows × seqlen × hidden`` bfloat16 values per block,
-    gigabytes for a large model)."""
+    gigabytes for a large model).
 
-    def __init__(self, src: SourceModel, cfg, calib_ids, held_out, dev, compute_dtype, folder: Path):
+    The folder lives in the run's folder (:mod:`quant.resume`): a resumed run whose blocks from ``start`` on all
+    have their file (each written whole, under a temporary name first) reads them instead of another pass over
+    the model, which gives the same files (same model, settings and windows: the run's key)."""
+
+    def __init__(self, src: SourceModel, cfg, calib_ids, held_out, dev, compute_dtype, folder: Path, start: int = 0):
         self.folder = folder
         n_search = len(calib_ids) - sum(held_out)
         self.n_judge, self.n_accept = min(cfg.awq.judge_windows, n_search), held_out[0]
         ids = torch.cat([calib_ids[:self.n_judge], calib_ids[n_search:n_search + self.n_accept]])
+        if all(self._path(i).is_file() for i in range(start, len(src.blocks))):
+            log.info("loss gradients of blocks %d-%d kept by the stopped run", start, len(src.blocks) - 1)
+            return
         folder.mkdir(parents=True, exist_ok=True)
         t = time.perf_counter()
         loss_gradients(src.model, src.blocks, ids, cfg.awq.fisher_probes, dev, compute_dtype, load=src.load_block,
-                       release=src.release, seed=cfg.seed, keep=lambda i, g: g.save(self._path(i)))
+                       release=src.release, seed=cfg.seed, keep=self._save)
         log.info("loss gradients at every block's output on %d windows, %d Fisher probes: %.1f s", len(ids),
                  cfg.awq.fisher_probes, time.perf_counter() - t)
 
@@ -394,6 +401,11 @@ class _LossGradientFiles:
 
     def _path(self, i: int) -> Path:
         return self.folder / f"{i:05d}.safetensors"
+
+    def _save(self, i: int, gradients: OutputGradients) -> None:
+        part = self._path(i).with_suffix(".part")  # a stop while writing leaves no file that looks whole
+        gradients.save(part)
+        os.replace(part, self._path(i))
 
     def for_block(self, i: int) -> dict:
         """:attr:`calib.runner.BlockInputs.loss` of block ``i``: the gradients on the judge windows (``"calls"``)
