@@ -549,16 +549,14 @@ def test_a_stopped_replay_is_not_resumed_with_another_search_in_the_same_file(tm
     assert file_digests(tmp_path / "out") == file_digests(tmp_path / "whole")
 
 
-def test_a_resumed_awq_run_reads_the_stopped_runs_loss_gradients(tmp_path, monkeypatch):
-    """AWQ's loss judge needs the full-precision model's gradients at every block's output: a pass over the whole
-    model, minutes for a large one. A stopped run keeps their files (Ctrl-C removed them) and its resumption reads
-    them instead of a second pass; the checkpoint is the uninterrupted run's."""
+def _awq_stopped_after_block_0(tmp_path, monkeypatch):
+    """AWQ on a 3-block model, Ctrl-C after its first block: (source, options, one entry per loss-gradient pass,
+    the stopped run's loss-gradient folder). ``_Run.save`` is restored."""
     import quant.pipeline as pipeline
     from quant.pipeline import LOSS_GRADIENTS, _Run
 
     src = deep_llama(tmp_path / "src", n_layers=3)
     kw = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, held_out=4, progress=False)
-    quant.quantize(src, tmp_path / "straight", **kw)
     real_save, real_pass, passes = _Run.save, pipeline.loss_gradients, []
 
     def interrupt(*a, **k):  # Ctrl-C right after the first block's progress record
@@ -569,11 +567,19 @@ def test_a_resumed_awq_run_reads_the_stopped_runs_loss_gradients(tmp_path, monke
     monkeypatch.setattr(_Run, "save", interrupt)
     with pytest.raises(KeyboardInterrupt):
         quant.quantize(src, tmp_path / "out", **kw)
-    kept = next(tmp_path.glob(".out.tmp-*")) / LOSS_GRADIENTS
-    assert passes == [1] and sorted(f.name for f in kept.iterdir()) == [f"{i:05d}.safetensors" for i in range(3)]
     monkeypatch.setattr(_Run, "save", real_save)
+    return src, kw, passes, next(tmp_path.glob(".out.tmp-*")) / LOSS_GRADIENTS
+
+
+def test_a_resumed_awq_run_reads_the_stopped_runs_loss_gradients(tmp_path, monkeypatch):
+    """AWQ's loss judge needs the full-precision model's gradients at every block's output: a pass over the whole
+    model, minutes for a large one. A stopped run keeps their files (Ctrl-C removed them) and its resumption reads
+    them instead of a second pass; the checkpoint is the uninterrupted run's."""
+    src, kw, passes, kept = _awq_stopped_after_block_0(tmp_path, monkeypatch)
+    assert passes == [1] and sorted(f.name for f in kept.iterdir()) == [f"{i:05d}.safetensors" for i in range(3)]
     report = quant.quantize(src, tmp_path / "out", **kw)
     assert report.resumed_from == 1 and passes == [1]
+    quant.quantize(src, tmp_path / "straight", **kw)
     assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
     assert not list(tmp_path.glob(".out.tmp-*"))
 
@@ -581,22 +587,6 @@ def test_a_resumed_awq_run_reads_the_stopped_runs_loss_gradients(tmp_path, monke
 def test_a_resumed_awq_run_computes_the_loss_gradients_again_where_one_is_missing(tmp_path, monkeypatch):
     """A stop while the gradients were being written (they are written from the last block down, each under a
     temporary name first) leaves some blocks without a file: the resumption makes them all again."""
-    import quant.pipeline as pipeline
-    from quant.pipeline import LOSS_GRADIENTS, _Run
-
-    src = deep_llama(tmp_path / "src", n_layers=3)
-    kw = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, held_out=4, progress=False)
-    real_save, real_pass, passes = _Run.save, pipeline.loss_gradients, []
-
-    def interrupt(*a, **k):
-        real_save(*a, **k)
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(pipeline, "loss_gradients", lambda *a, **k: passes.append(1) or real_pass(*a, **k))
-    monkeypatch.setattr(_Run, "save", interrupt)
-    with pytest.raises(KeyboardInterrupt):
-        quant.quantize(src, tmp_path / "out", **kw)
-    kept = next(tmp_path.glob(".out.tmp-*")) / LOSS_GRADIENTS
+    src, kw, passes, kept = _awq_stopped_after_block_0(tmp_path, monkeypatch)
     (kept / "00002.safetensors").rename(kept / "00002.part")  # as a kill during that write leaves it
-    monkeypatch.setattr(_Run, "save", real_save)
     assert quant.quantize(src, tmp_path / "out", **kw).resumed_from == 1 and passes == [1, 1]
