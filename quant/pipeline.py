@@ -205,10 +205,13 @@ def quantize(
             resumed_from=run.start if saved is not None else None,
             loaders=readers(written),
         )
-        recorded = cfg.recorded()  # what the run used, its files resolved as the resume key has them
-        for d, k in ((recorded, "calib_data"), (recorded.get("awq", {}), "search_file")):
-            if d.get(k):
-                d[k] = settings[k] if d is recorded else settings["awq"][k]
+        recorded = cfg.recorded()  # what the run used: the calibration file resolved, the search file read
+        if recorded.get("calib_data"):
+            recorded["calib_data"] = settings["calib_data"]
+        if recorded.get("awq", {}).get("search_file"):
+            from quant.awq import search_path
+
+            recorded["awq"]["search_file"] = str(search_path(cfg.awq.search_file).resolve())
         meta = {"qtool": {"config": recorded, "report": asdict(report)}}
         write_metadata(cfg, model_dir, tmp, kept, quantized, meta, dtype)
         if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere

@@ -316,7 +316,7 @@ def test_replaying_an_empty_search_file_says_it_gives_rtn(tmp_path, caplog):
 
 def test_qtool_json_records_the_settings_the_run_used(tmp_path, monkeypatch):
     """A replay calibrates nothing and searches nothing: its qtool.json held n_samples 128, clip true and the other
-    search defaults as if used, and the search file as typed. Now: the file, resolved, and no calibration; RTN
+    search defaults as if used, and the search file as typed. Now: the file read, resolved, and no calibration; RTN
     records no calibration either, and each method only its own options."""
     import json
 
@@ -331,7 +331,7 @@ def test_qtool_json_records_the_settings_the_run_used(tmp_path, monkeypatch):
 
     searched, replayed, rtn = config("a"), config("b"), config("r")
     assert searched["n_samples"] == 4 and searched["awq"]["clip"] is True and "gptq" not in searched
-    assert replayed["awq"] == {"search_file": str(tmp_path / "a")}
+    assert replayed["awq"] == {"search_file": str(tmp_path / "a" / SEARCH_FILE)}  # the file read, not the folder
     assert not {"n_samples", "seqlen", "calib_data", "held_out", "gptq"} & set(replayed)
     assert not {"n_samples", "seqlen", "calib_data", "held_out", "awq", "gptq"} & set(rtn)
     assert rtn["bits"] == 4 and rtn["group_size"] == 32
@@ -559,11 +559,14 @@ def test_the_linears_of_one_input_need_one_scale_in_a_search_file(tmp_path, chan
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("factor, said", [(1e30, "infinite"), (1e-30, "zero")])
+@pytest.mark.parametrize("factor, said", [(1e30, "infinite"), (1e-30, "zero"), ("1.5x float16", "infinite"),
+                                          ("0.5x float16", None)])
 def test_a_search_file_with_scales_no_checkpoint_can_hold_is_refused_naming_file_and_block(tmp_path, factor, said):
     """Every value finite and positive, but scaled by 1e30 (the linears' float16 group scales overflow) or 1e-30
     (they would all be 0, and the norm before them overflows float16): the replay wrote a broken model silently, or
-    failed at writing without naming the file or block. Now it names both, and writes nothing."""
+    failed at writing without naming the file or block. Now it names both, and writes nothing. Scaled so that the
+    largest folded weight is 1.5x float16's largest value, the group scales still fit float16 but the weights the
+    loaders dequantize do not (all-NaN logits); at 0.5x it replays and the model computes."""
     from safetensors.torch import load_file, save_file
 
     src = save_tiny_model("llama", tmp_path / "src")
@@ -571,11 +574,20 @@ def test_a_search_file_with_scales_no_checkpoint_can_hold_is_refused_naming_file
     tensors = load_file(str(tmp_path / "a" / SEARCH_FILE))
     with safe_open(str(tmp_path / "a" / SEARCH_FILE), "pt") as f:
         meta = f.metadata()
-    prefix = "model.layers.1.mlp."
-    for key in [k for k in tensors if k.startswith(prefix) and k.endswith(SCALE_KEY) and ("gate" in k or "up" in k)]:
+    keys = [f"model.layers.1.mlp.{n}_proj.{SCALE_KEY}" for n in ("gate", "up")]
+    if isinstance(factor, str):  # relative to the largest folded weight of gate/up
+        block = load_file(str(src / "model.safetensors"))
+        top = max(float((block[k.replace(SCALE_KEY, "weight")] * tensors[k]).abs().max()) for k in keys)
+        factor = float(factor.split("x")[0]) * qmath.FP16_MAX / top
+    for key in keys:
         tensors[key] = tensors[key] * factor
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
+    if said is None:
+        _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad)))
+        model = quant.load(tmp_path / "b", dtype=torch.float16)
+        assert model(torch.randint(3, 300, (1, 16))).logits.isfinite().all()
+        return
     with pytest.raises(QtoolError, match=rf"{bad}, block 1: with the saved scales mlp\.(gate|up)_proj's weights .* {said}"):
         _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad)))
     assert not (tmp_path / "b").exists()

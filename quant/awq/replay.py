@@ -57,10 +57,11 @@ def apply_block(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch
 def check_folded(block: nn.Module, names: list[str], cfg: QuantConfig, weights: dict[str, torch.Tensor],
                  where: str = "search results") -> None:
     """Refuse scales whose folded weights no checkpoint can hold: a scaled linear (``weights``, float32, from
-    :func:`fold_scales`) whose largest group scale ``2 max|w| / (2^bits - 1)`` passes float16's largest value, or
-    whose every group scale is below float16's smallest (2^-24: all would be stored as 0), or a divided producer
-    that is no longer finite. The group scales of the AWQ and GPTQ formats are float16. Scales a search of this
-    model wrote never do this; a crafted or damaged file can (each value alone finite and positive)."""
+    :func:`fold_scales`) with a weight beyond float16's largest value (65504: the formats' loaders dequantize into
+    float16, vLLM's AWQ kernels compute in it; the group scales are float16 too), or whose every group scale
+    ``max|w| / (2^bits - 1)`` is below float16's smallest (2^-24: all would be stored as 0), or a divided producer
+    that is no longer finite. Scales a search of this model wrote never do this; a crafted or damaged file can
+    (each value alone finite and positive)."""
     from quant import qmath
 
     steps = 2**cfg.bits - 1
@@ -69,9 +70,9 @@ def check_folded(block: nn.Module, names: list[str], cfg: QuantConfig, weights: 
         if w is None:
             continue
         top = float(w.abs().max())
-        if 2 * top / steps > qmath.FP16_MAX or 0 < top / steps < 2.0**-24:
+        if top > qmath.FP16_MAX or 0 < top / steps < 2.0**-24:
             raise QtoolError(f"{where}: with the saved scales {n}'s weights reach {top:.3g} in magnitude, so its "
-                             f"float16 group scales at {cfg.bits} bits would be {'infinite' if top > 1 else 'zero'}; "
+                             f"float16 {'weights would be infinite' if top > 1 else f'group scales at {cfg.bits} bits would be zero'}; "
                              "no search of this model writes such scales; search again")
     for key, v in weights.items():
         if not bool(torch.isfinite(v).all()):
