@@ -73,7 +73,12 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     method = None
     meta = Path(path) / QTOOL_META
     if meta.is_file():
-        method = json.loads(meta.read_text()).get("qtool", {}).get("config", {}).get("method")
+        made = json.loads(meta.read_text()).get("qtool", {})
+        report = made.get("report", {})
+        method = report.get("method") or made.get("config", {}).get("method")  # AWQ+GPTQ: "gptq+awq"
+        kept = (report.get("model_check") or {}).get("kept")
+        if method and kept and kept != method:
+            method += f" (the whole-model check kept {'all-RTN' if kept == 'rtn' else kept})"
     return CheckpointInfo(
         path=str(path), model_type=config.get("model_type", "?"), fmt=spec.format.name,
         bits=spec.bits, group_size=spec.group_size, sym=sym, act_order=spec.act_order, n_quantized=n_quantized, skipped=kept or list(spec.skipped),

@@ -44,7 +44,7 @@ class QuantReport:
     """What a run did: for the summary table and ``qtool.json``."""
 
     out: str
-    method: str
+    method: str  # as the summary names it: rtn, awq, gptq, gptq+awq (QuantConfig.label)
     fmt: str
     bits: int
     group_size: int
@@ -196,7 +196,7 @@ def quantize(
         writer.finish(parts + outside)
         seconds = time.perf_counter() - t0
         report = QuantReport(
-            out=str(Path(out).absolute()), method=cfg.method, fmt=cfg.fmt, bits=cfg.bits,
+            out=str(Path(out).absolute()), method=cfg.label, fmt=cfg.fmt, bits=cfg.bits,
             group_size=cfg.group_size, n_quantized=plan.n_quantized, skipped=plan.skipped, seconds=seconds,
             calib_seconds=calib_seconds, peak_rss_mb=heap.peak_rss_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0,

@@ -374,6 +374,9 @@ def test_awq_then_gptq_folds_scales_and_saves_the_search(tmp_path, tiny_src, act
     report = quant.quantize(tiny_src, out, method="gptq", bits=4, group_size=32, sym=False, fmt="gptq", n_samples=4,
                             seqlen=32, gptq=opts, progress=False, held_out=0)  # no guard: the search is tested here
     assert all("awq α" in b.info and "solve s" in b.info for b in report.blocks)
+    from quant.info import checkpoint_info
+
+    assert report.method == "gptq+awq" and checkpoint_info(out).method == "gptq+awq"  # the summary said "gptq"
     from safetensors import safe_open
 
     with safe_open(str(out / SEARCH_FILE), "pt") as f:

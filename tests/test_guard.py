@@ -577,6 +577,10 @@ def test_awq_gptq_whose_scales_hurt_the_model_keeps_plain_gptq(tmp_path, monkeyp
     check = report.model_check
     assert len(seen) == 3 and check["method"] == "gptq+awq" and list(check["alternatives"]) == ["gptq", "rtn"]
     assert check["kept"] == "gptq" and check["alternatives"]["gptq"] == pytest.approx(seen[1] - 1.0)
+    from quant.info import checkpoint_info  # `qtool info`'s "made by": the method run, and what the check kept
+
+    assert report.method == "gptq+awq" and checkpoint_info(tmp_path / "both").method == \
+        "gptq+awq (the whole-model check kept gptq)"
     assert all(not b.rtn_fallback and b.info["kept"] == "gptq (whole model)" for b in report.blocks)
     want, got = _block_tensors(tmp_path / "plain", 0), _block_tensors(tmp_path / "both", 0)
     assert want.keys() == got.keys() and all(_same_but_for_summation_order(got[k], v) for k, v in want.items())
