@@ -76,9 +76,9 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         made = json.loads(meta.read_text()).get("qtool", {})
         report = made.get("report", {})
         method = report.get("method") or made.get("config", {}).get("method")  # AWQ+GPTQ: "gptq+awq"
-        kept = (report.get("model_check") or {}).get("kept")
-        if method and kept and kept != method:
-            method += f" (the whole-model check kept {'all-RTN' if kept == 'rtn' else kept})"
+        chosen = (report.get("model_check") or {}).get("kept")
+        if method and chosen and chosen != method:
+            method += f" (the whole-model check kept {'all-RTN' if chosen == 'rtn' else chosen})"
     return CheckpointInfo(
         path=str(path), model_type=config.get("model_type", "?"), fmt=spec.format.name,
         bits=spec.bits, group_size=spec.group_size, sym=sym, act_order=spec.act_order, n_quantized=n_quantized, skipped=kept or list(spec.skipped),
