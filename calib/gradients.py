@@ -24,8 +24,12 @@ pipeline streams them), and keeps ``g`` and the probes at every block's output;
 """
 from __future__ import annotations
 
+import logging
+import os
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
@@ -33,6 +37,8 @@ from torch import nn
 
 from calib.collectors import record_block_calls, take_first_hidden
 from calib.runner import first_output, move
+
+log = logging.getLogger(__name__)
 
 STORE_DTYPE = torch.bfloat16  # every block's gradients wait (on disk, in the pipeline) until its turn
 HEAD_TOKENS = 128  # positions through the head at a time: their logits are [HEAD_TOKENS, vocab] float32
@@ -217,3 +223,51 @@ def _send_back(block, i, release, stored: torch.dtype):
     if release is not None:
         release(i)
 
+
+class LossGradientFiles:
+    """For AWQ judging by the loss: the full-precision model's loss gradients and Gauss-Newton probes at every
+    block's output (:func:`loss_gradients`) on the windows the judges see (the first
+    ``judge_windows`` search windows) and the clip-test windows, in that order, one file per block in
+    ``folder`` (on disk, not in memory: ``(1 + probes) × windows × seqlen × hidden`` bfloat16 values per block,
+    gigabytes for a large model).
+
+    ``src`` is a :class:`quant.source.SourceModel` (blocks loaded and released as the pass streams them), ``cfg``
+    a :class:`quant.config.QuantConfig`. The folder lives in the run's folder (:mod:`quant.resume`): a resumed run
+    whose blocks from ``start`` on all have their file (each written whole, under a temporary name first) reads them instead of another pass over
+    the model, which gives the same files (same model, settings and windows: the run's key)."""
+
+    def __init__(self, src, cfg, calib_ids, held_out, dev, compute_dtype, folder: Path, start: int = 0):
+        self.folder = folder
+        n_search = len(calib_ids) - sum(held_out)
+        self.n_judge, self.n_accept = min(cfg.awq.judge_windows, n_search), held_out[0]
+        ids = torch.cat([calib_ids[:self.n_judge], calib_ids[n_search:n_search + self.n_accept]])
+        if all(self._path(i).is_file() for i in range(start, len(src.blocks))):
+            log.info("loss gradients of blocks %d-%d kept by the stopped run", start, len(src.blocks) - 1)
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        t = time.perf_counter()
+        loss_gradients(src.model, src.blocks, ids, cfg.awq.fisher_probes, dev, compute_dtype, load=src.load_block,
+                       release=src.release, seed=cfg.seed, keep=self._save)
+        log.info("loss gradients at every block's output on %d windows, %d Fisher probes: %.1f s", len(ids),
+                 cfg.awq.fisher_probes, time.perf_counter() - t)
+
+    @classmethod
+    def wanted(cls, cfg, calib_ids) -> bool:
+        return calib_ids is not None and cfg.searches_awq and cfg.awq.judge == "loss" and not cfg.awq.search_file
+
+    def _path(self, i: int) -> Path:
+        return self.folder / f"{i:05d}.safetensors"
+
+    def _save(self, i: int, gradients: OutputGradients) -> None:
+        part = self._path(i).with_suffix(".part")  # a stop while writing leaves no file that looks whole
+        gradients.save(part)
+        os.replace(part, self._path(i))
+
+    def for_block(self, i: int) -> dict:
+        """:attr:`calib.runner.BlockInputs.loss` of block ``i``: the gradients on the judge windows (``"calls"``)
+        and on the clip-test windows (``"accept"``, if any)."""
+        at_output = OutputGradients.load(self._path(i))
+        loss = {"calls": at_output.windows(0, self.n_judge)}
+        if self.n_accept:
+            loss["accept"] = at_output.windows(self.n_judge, self.n_judge + self.n_accept)
+        return loss

@@ -11,7 +11,7 @@ from pathlib import Path
 import torch
 from tqdm.auto import tqdm
 
-from calib.gradients import OutputGradients, loss_gradients
+from calib.gradients import LossGradientFiles
 from calib.runner import BlockInputs, run_sequential
 from quant import arch as arch_table
 from quant import heap, model_io, output, resume
@@ -319,8 +319,8 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
 
     compute_dtype = torch.float32 if dev.type == "cpu" else src.dtype
     held_out = (*cfg.held_out_split, len(kinds) * cfg.check_windows)
-    loss_grads = _LossGradientFiles(src, cfg, calib_ids, held_out, dev, compute_dtype, run.folder / LOSS_GRADIENTS,
-                                    run.start) if _LossGradientFiles.wanted(cfg, calib_ids) else None
+    loss_grads = LossGradientFiles(src, cfg, calib_ids, held_out, dev, compute_dtype, run.folder / LOSS_GRADIENTS,
+                                   run.start) if LossGradientFiles.wanted(cfg, calib_ids) else None
     try:
         if calib_ids is None:
             for i in range(run.start, len(blocks)):
@@ -371,53 +371,6 @@ def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, p
                 r.info[FALLBACK_KEY] = kept if was_rtn else f"{kept} (whole model)"
     return rows, artifacts, model_check, parts
 
-
-class _LossGradientFiles:
-    """For AWQ judging by the loss: the full-precision model's loss gradients and Gauss-Newton probes at every
-    block's output (:func:`calib.gradients.loss_gradients`) on the windows the judges see (the first
-    ``judge_windows`` search windows) and the clip-test windows, in that order, one file per block in
-    ``folder`` (on disk, not in memory: ``(1 + probes) × windows × seqlen × hidden`` bfloat16 values per block,
-    gigabytes for a large model).
-
-    The folder lives in the run's folder (:mod:`quant.resume`): a resumed run whose blocks from ``start`` on all
-    have their file (each written whole, under a temporary name first) reads them instead of another pass over
-    the model, which gives the same files (same model, settings and windows: the run's key)."""
-
-    def __init__(self, src: SourceModel, cfg, calib_ids, held_out, dev, compute_dtype, folder: Path, start: int = 0):
-        self.folder = folder
-        n_search = len(calib_ids) - sum(held_out)
-        self.n_judge, self.n_accept = min(cfg.awq.judge_windows, n_search), held_out[0]
-        ids = torch.cat([calib_ids[:self.n_judge], calib_ids[n_search:n_search + self.n_accept]])
-        if all(self._path(i).is_file() for i in range(start, len(src.blocks))):
-            log.info("loss gradients of blocks %d-%d kept by the stopped run", start, len(src.blocks) - 1)
-            return
-        folder.mkdir(parents=True, exist_ok=True)
-        t = time.perf_counter()
-        loss_gradients(src.model, src.blocks, ids, cfg.awq.fisher_probes, dev, compute_dtype, load=src.load_block,
-                       release=src.release, seed=cfg.seed, keep=self._save)
-        log.info("loss gradients at every block's output on %d windows, %d Fisher probes: %.1f s", len(ids),
-                 cfg.awq.fisher_probes, time.perf_counter() - t)
-
-    @classmethod
-    def wanted(cls, cfg, calib_ids) -> bool:
-        return calib_ids is not None and cfg.searches_awq and cfg.awq.judge == "loss" and not cfg.awq.search_file
-
-    def _path(self, i: int) -> Path:
-        return self.folder / f"{i:05d}.safetensors"
-
-    def _save(self, i: int, gradients: OutputGradients) -> None:
-        part = self._path(i).with_suffix(".part")  # a stop while writing leaves no file that looks whole
-        gradients.save(part)
-        os.replace(part, self._path(i))
-
-    def for_block(self, i: int) -> dict:
-        """:attr:`calib.runner.BlockInputs.loss` of block ``i``: the gradients on the judge windows (``"calls"``)
-        and on the clip-test windows (``"accept"``, if any)."""
-        at_output = OutputGradients.load(self._path(i))
-        loss = {"calls": at_output.windows(0, self.n_judge)}
-        if self.n_accept:
-            loss["accept"] = at_output.windows(self.n_judge, self.n_judge + self.n_accept)
-        return loss
 
 
 def _written(cfg: QuantConfig, arch, kept: list[str], quantized: list[str]) -> Written:

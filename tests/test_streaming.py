@@ -552,18 +552,18 @@ def test_a_stopped_replay_is_not_resumed_with_another_search_in_the_same_file(tm
 def _awq_stopped_after_block_0(tmp_path, monkeypatch):
     """AWQ on a 3-block model, Ctrl-C after its first block: (source, options, one entry per loss-gradient pass,
     the stopped run's loss-gradient folder). ``_Run.save`` is restored."""
-    import quant.pipeline as pipeline
+    import calib.gradients as gradients
     from quant.pipeline import LOSS_GRADIENTS, _Run
 
     src = deep_llama(tmp_path / "src", n_layers=3)
     kw = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, held_out=4, progress=False)
-    real_save, real_pass, passes = _Run.save, pipeline.loss_gradients, []
+    real_save, real_pass, passes = _Run.save, gradients.loss_gradients, []
 
     def interrupt(*a, **k):  # Ctrl-C right after the first block's progress record
         real_save(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(pipeline, "loss_gradients", lambda *a, **k: passes.append(1) or real_pass(*a, **k))
+    monkeypatch.setattr(gradients, "loss_gradients", lambda *a, **k: passes.append(1) or real_pass(*a, **k))
     monkeypatch.setattr(_Run, "save", interrupt)
     with pytest.raises(KeyboardInterrupt):
         quant.quantize(src, tmp_path / "out", **kw)

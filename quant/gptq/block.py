@@ -15,7 +15,7 @@ from dataclasses import replace
 
 import torch
 
-from calib.hessian import collect_hessians
+from calib.hessian import Hessian, collect_hessians
 from calib.value_hessian import collect_value_hessians
 from quant.arch import value_heads
 from quant.awq.fold import SCALE_KEY
@@ -74,8 +74,6 @@ def _input_scaled(hessians: dict, values: tuple | None, scales: dict[str, torch.
     """The Hessians of the same inputs divided by AWQ's input scales (``scales``: ``{linear: s [in]}``, the
     folded ones): ``x / s`` gives ``diag(1/s) H diag(1/s)``, for ``XᵀX`` and each value head alike. Linears that
     shared one Hessian still do; a linear without a scale keeps its Hessian."""
-    from calib.hessian import Hessian
-
     def scaled(h: torch.Tensor, s: torch.Tensor | None) -> torch.Tensor:
         if s is None:
             return h
