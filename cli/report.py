@@ -69,6 +69,16 @@ def _expert_rows(r) -> list[list]:
             ["experts with statistics from every token", "; ".join(fell) if fell else "none (every expert got enough routed tokens)"]]
 
 
+def _losses(by_name: dict[str, float]) -> str:
+    """``"5.79912 (gptq) vs 5.79909 (all-RTN)"``: four decimals, more where fewer would print two different
+    losses alike (up to eight), so that a verdict never reads as a choice between equal numbers."""
+    values = list(by_name.values())
+    digits = 4
+    while digits < 8 and len({f"{v:.{digits}f}" for v in values}) < len(set(values)):
+        digits += 1
+    return " vs ".join(f"{v:.{digits}f} ({k})" for k, v in by_name.items())
+
+
 def _guard_rows(r) -> list[list]:
     """The RTN guard's verdict, where a data-aware method ran: which blocks it kept at round-to-nearest."""
     label = "blocks kept at RTN (closer on held-out windows)"
@@ -82,21 +92,21 @@ def _guard_rows(r) -> list[list]:
     if check:
         label, kept = check["method"], check["kept"]
         name = lambda k: "all-RTN" if k == "rtn" else k  # noqa: E731
-        losses = [f"{check['nll']:.4f} ({label})"] + [f"{v:.4f} ({name(k)})" for k, v in check["alternatives"].items()]
+        scored = {label: check["nll"], **{name(k): v for k, v in check["alternatives"].items()}}
         worse = check.get("worse_than_rtn", {})
         kinds = worse.get(label, [])
         listed = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
         why = f"{label} is worse than all-RTN on {listed} text" if kinds else "the whole model scored better with it"
         verdict = f"{kept} kept" if kept == label else f"{'RTN' if kept == 'rtn' else kept} kept for every block ({why})"
-        rows.append(["held-out loss of the whole model", f"{' vs '.join(losses)} nats/token: {verdict}"])
+        rows.append(["held-out loss of the whole model", f"{_losses(scored)} nats/token: {verdict}"])
         refused = Path(r.out) / REFUSED_SEARCH_FILE
         if kept != label and refused.is_file():
             rows.append(["AWQ search of the model not kept", f"{refused} (qtool awq --apply-search replays it)"])
         for kind, by_name in check.get("kinds", {}).items():
-            rows.append([f"... on built-in {kind} text", " vs ".join(f"{v:.4f} ({name(k)})" for k, v in by_name.items())])
+            rows.append([f"... on built-in {kind} text", _losses({name(k): v for k, v in by_name.items()})])
         if check.get("kinds") and check.get("score"):
             rows.append(["... averaged over the kinds (decides)",
-                         " vs ".join(f"{v:.4f} ({name(k)})" for k, v in check["score"].items())])
+                         _losses({name(k): v for k, v in check["score"].items()})])
     return rows
 
 

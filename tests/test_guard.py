@@ -726,3 +726,21 @@ def test_the_whole_model_check_keeps_the_lowest_loss_averaged_over_the_kinds(mon
     assert check["nll"] < check["alternatives"]["gptq"]  # lowest on the guard windows in both cases
     assert check["score"]["gptq"] == pytest.approx((2.2676 + 3.2748 + 1.4532) / 3)
     assert check["kept"] == kept
+
+
+def test_the_whole_model_check_prints_losses_that_differ_as_different_numbers():
+    """Losses 3e-5 apart (a real check's margin) print with enough decimals to differ; ones far apart keep four."""
+    from types import SimpleNamespace
+
+    from cli.report import _guard_rows
+
+    block = SimpleNamespace(index=0, info={"held-out err": "1e-3", guard_module.FALLBACK_KEY: "rtn (whole model)"})
+    check = {"method": "gptq", "kept": "rtn", "nll": 5.79912, "alternatives": {"rtn": 5.79909},
+             "kinds": {"wiki": {"gptq": 5.79912, "rtn": 5.79909}, "code": {"gptq": 2.5, "rtn": 2.25}},
+             "score": {"gptq": 4.149560, "rtn": 4.024545}}
+    report = SimpleNamespace(blocks=[block], guarded=True, model_check=check, out="/nonexistent")
+    rows = dict(_guard_rows(report))
+    assert rows["held-out loss of the whole model"].startswith("5.79912 (gptq) vs 5.79909 (all-RTN) nats/token")
+    assert rows["... on built-in wiki text"] == "5.79912 (gptq) vs 5.79909 (all-RTN)"
+    assert rows["... on built-in code text"] == "2.5000 (gptq) vs 2.2500 (all-RTN)"
+    assert rows["... averaged over the kinds (decides)"] == "4.1496 (gptq) vs 4.0245 (all-RTN)"
