@@ -588,7 +588,29 @@ def test_a_search_file_with_scales_no_checkpoint_can_hold_is_refused_naming_file
         model = quant.load(tmp_path / "b", dtype=torch.float16)
         assert model(torch.randint(3, 300, (1, 16))).logits.isfinite().all()
         return
-    with pytest.raises(QtoolError, match=rf"{bad}, block 1: with the saved scales mlp\.(gate|up)_proj's weights .* {said}"):
+    with pytest.raises(QtoolError, match=rf"{bad}, block 1: with mlp\.(gate|up)_proj\.{SCALE_KEY}, mlp\.(gate|up)_proj's weights .* {said}"):
+        _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad)))
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("factor, said", [(1e30, "zero"), (1e-30, "infinite")])
+def test_a_crafted_scale_that_breaks_the_linear_it_divides_is_named(tmp_path, factor, said):
+    """down_proj's scale divides up_proj's weights (their producer): scaled by 1e30 it makes up_proj's group scales
+    zero, by 1e-30 its weights infinite. The refusal names down_proj's entry, not only up_proj's own (which the
+    file did not change)."""
+    from safetensors.torch import load_file, save_file
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    _quantize(src, tmp_path / "a")
+    tensors = load_file(str(tmp_path / "a" / SEARCH_FILE))
+    with safe_open(str(tmp_path / "a" / SEARCH_FILE), "pt") as f:
+        meta = f.metadata()
+    key = f"model.layers.1.mlp.down_proj.{SCALE_KEY}"
+    tensors[key] = tensors[key] * factor
+    bad = tmp_path / "bad.safetensors"
+    save_file(tensors, str(bad), metadata=meta)
+    with pytest.raises(QtoolError, match=rf"{bad}, block 1: with mlp\.up_proj\.{SCALE_KEY} and mlp\.down_proj\.{SCALE_KEY}, "
+                                         rf"mlp\.up_proj's weights .* {said}"):
         _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad)))
     assert not (tmp_path / "b").exists()
 

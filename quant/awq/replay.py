@@ -50,19 +50,38 @@ def apply_block(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch
     ``where`` (the file and block) begins each error's sentence."""
     check_artifacts(block, names, cfg, arch, artifacts, where)
     weights = fold_scales(block, arch, artifacts)
-    check_folded(block, names, cfg, weights, where)
+    check_folded(block, names, cfg, weights, _scaled_by(block, arch, artifacts), where)
     return quantize_linears(block, names, cfg, weights, artifacts)
 
 
+def _scaled_by(block: nn.Module, arch: Arch, artifacts: dict) -> dict[str, list[str]]:
+    """Each parameter a fold changes (``"mlp.up_proj.weight"``) -> the scale entries that change it: a
+    linear's own (multiplying it) and that of the group whose input it produces (dividing it)."""
+    by = {}
+    for g in block_groups(block, arch):
+        key = f"{g.linears[0]}.{SCALE_KEY}"
+        if key not in artifacts:
+            continue
+        for n in g.linears:
+            by.setdefault(f"{n}.weight", []).append(f"{n}.{SCALE_KEY}")
+        for leaf in ("weight", "bias"):
+            by.setdefault(f"{g.prev}.{leaf}", []).append(key)
+    return by
+
+
 def check_folded(block: nn.Module, names: list[str], cfg: QuantConfig, weights: dict[str, torch.Tensor],
-                 where: str = "search results") -> None:
+                 scaled_by: dict[str, list[str]], where: str = "search results") -> None:
     """Refuse scales whose folded weights no checkpoint can hold: a scaled linear (``weights``, float32, from
     :func:`fold_scales`) with a weight beyond float16's largest value (65504: the formats' loaders dequantize into
     float16, vLLM's AWQ kernels compute in it; the group scales are float16 too), or whose every group scale
     ``max|w| / (2^bits - 1)`` is below float16's smallest (2^-24: all would be stored as 0), or a divided producer
     that is no longer finite. Scales a search of this model wrote never do this; a crafted or damaged file can
-    (each value alone finite and positive)."""
+    (each value alone finite and positive). The sentence names the entries that changed the parameter
+    (``scaled_by``, from :func:`_scaled_by`)."""
     from quant import qmath
+
+    def entries(key: str) -> str:
+        return " and ".join(scaled_by.get(key, [])) or "the saved scales"
 
     steps = 2**cfg.bits - 1
     for n in names:
@@ -71,12 +90,12 @@ def check_folded(block: nn.Module, names: list[str], cfg: QuantConfig, weights: 
             continue
         top = float(w.abs().max())
         if top > qmath.FP16_MAX or 0 < top / steps < 2.0**-24:
-            raise QtoolError(f"{where}: with the saved scales {n}'s weights reach {top:.3g} in magnitude, so its "
+            raise QtoolError(f"{where}: with {entries(f'{n}.weight')}, {n}'s weights reach {top:.3g} in magnitude, so its "
                              f"float16 {'weights would be infinite' if top > 1 else f'group scales at {cfg.bits} bits would be zero'}; "
                              "no search of this model writes such scales; search again")
     for key, v in weights.items():
         if not bool(torch.isfinite(v).all()):
-            raise QtoolError(f"{where}: dividing {key} by the saved scales gives values that are not finite; "
+            raise QtoolError(f"{where}: dividing {key} by {entries(key)} gives values that are not finite; "
                              "no search of this model writes such scales; search again")
 
 
