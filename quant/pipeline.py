@@ -5,7 +5,7 @@ import logging
 import os
 import shutil
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
@@ -126,19 +126,18 @@ def quantize(
         raise QtoolError(f"{model_dir}: is already quantized ({method} quantization); quantize the original "
                          "full-precision model instead")
     arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
+    replay = None  # the search file a replay reads, resolved once (a folder names the one inside it)
     if cfg.method == "awq" and cfg.awq.search_file:  # a missing search file: one sentence, before any work
         from quant.awq import search_path
 
-        search_path(cfg.awq.search_file)
+        replay = search_path(cfg.awq.search_file).resolve()
+        cfg = cfg.with_(awq=replace(cfg.awq, search_file=str(replay)))
     dev = model_io.parse_device(device)
     settings = asdict(cfg)
-    for d, k in ((settings, "calib_data"), (settings["awq"], "search_file")):  # files, not paths as typed
-        if d[k] and Path(d[k]).exists():
-            d[k] = str(Path(d[k]).resolve())
-    if cfg.method == "awq" and cfg.awq.search_file:  # a replay reads the file block by block: its content, too
-        from quant.awq import search_path
-
-        settings["awq"]["search_digest"] = resume.file_digest(search_path(cfg.awq.search_file))
+    if settings["calib_data"] and Path(settings["calib_data"]).exists():  # the file, not the path as typed
+        settings["calib_data"] = str(Path(settings["calib_data"]).resolve())
+    if replay is not None:  # a replay reads the file block by block: its content, too
+        settings["awq"]["search_digest"] = resume.file_digest(replay)
     key = resume.run_key(settings, dev.type, source_fingerprint(model_dir))
     with output.atomic_output(out, overwrite, source=model_dir, resume_key=key, restart=restart) as tmp:
         saved = resume.load(tmp)
@@ -147,10 +146,10 @@ def quantize(
         settings_known = True  # what the saved search file's header may claim
         # which weights a search is made on (read before any block is quantized in the skeleton)
         probe = _weight_probe(src, arch.blocks) if cfg.saves_search else None
-        if cfg.method == "awq" and cfg.awq.search_file:  # made for this model and these settings, or refused
+        if replay is not None:  # made for this model and these settings, or refused
             from quant.awq import check_search_file
 
-            settings_known = check_search_file(cfg.awq.search_file, cfg, config["model_type"], len(src.blocks), probe,
+            settings_known = check_search_file(replay, cfg, config["model_type"], len(src.blocks), probe,
                                                arch.blocks)
         t_cal = time.perf_counter()
         calib_ids, kinds = None, []
@@ -205,13 +204,9 @@ def quantize(
             resumed_from=run.start if saved is not None else None,
             loaders=readers(written),
         )
-        recorded = cfg.recorded()  # what the run used: the calibration file resolved, the search file read
+        recorded = cfg.recorded()  # what the run used: the calibration file resolved, the search file read (above)
         if recorded.get("calib_data"):
             recorded["calib_data"] = settings["calib_data"]
-        if recorded.get("awq", {}).get("search_file"):
-            from quant.awq import search_path
-
-            recorded["awq"]["search_file"] = str(search_path(cfg.awq.search_file).resolve())
         meta = {"qtool": {"config": recorded, "report": asdict(report)}}
         write_metadata(cfg, model_dir, tmp, kept, quantized, meta, dtype)
         if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
