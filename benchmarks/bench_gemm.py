@@ -4,7 +4,8 @@ For each (k, n) and m: µs per call (median of CUDA-graph replays, inputs rotate
 to defeat L2), TFLOP/s, GB/s (each input read once, output written once), the
 fraction of the device-to-device copy bandwidth measured in this run, and the
 speedup over the 16-bit cuBLAS matmul. Every qtool path that can take the shape is
-timed (fused GEMV, fused GEMM, dequantize + cuBLAS); ``*`` marks the one
+timed (fused GEMV, fused GEMM, dequantize + cuBLAS; with ``--splits 2 4 8`` the
+split-K GEMV at each count too, which the dispatch does not pick yet); ``*`` marks the one
 ``quant.kernels.dispatch`` picks. Every int4 path is checked against the
 reference first (error column). Prints a table; ``--out`` appends it as markdown.
 """
@@ -20,7 +21,7 @@ from tabulate import tabulate
 
 from quant import qmath
 from quant.formats import PackedWeight
-from quant.kernels import dispatch, layout, loader
+from quant.kernels import dispatch, layout, loader, ops
 
 SHAPES = ((576, 1536), (896, 4864), (4096, 4096), (4096, 11008), (11008, 4096), (4096, 14336), (8192, 28672))
 M_VALUES = (1, 2, 3, 4, 7, 8, 16, 17, 32, 64, 128, 256, 1024)
@@ -63,7 +64,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
     return float((y.float() - ref).norm() / ref.norm()) if torch.isfinite(y).all() else float("nan")
 
 
-def bench_shape(k: int, n: int, ms, dtype, g: int, copy_bw: float) -> list[Result]:
+def bench_shape(k: int, n: int, ms, dtype, g: int, copy_bw: float, splits=()) -> list[Result]:
     pw = random_weight(n, k, g)
     w_ref = pw.dequantize(torch.float32)
     kw = layout.repack(pw, dtype)
@@ -88,6 +89,12 @@ def bench_shape(k: int, n: int, ms, dtype, g: int, copy_bw: float) -> list[Resul
             op = getattr(torch.ops.qtool, op_name)
             impls[op_name] = ([lambda x=x, w=w, op=op: op(x, w.qweight, w.scales, w.zeros, None, w.group_size)
                                for x, w in zip(xs, ws)], int4_bytes, xs[0])
+        counters = ops.splitk_counters(n, torch.device("cuda"))  # one set: the replays run one after another
+        for sk in splits if m <= 32 else ():
+            op = torch.ops.qtool.w4a16_gemv_splitk
+            impls[f"qtool gemv split-K {sk}"] = ([lambda x=x, w=w, sk=sk: op(x, w.qweight, w.scales, w.zeros, None,
+                                                                           w.group_size, sk, counters)
+                                                  for x, w in zip(xs, ws)], int4_bytes, xs[0])
         if m >= 16:  # dequantize to W[N, K] (bandwidth-bound), then cuBLAS
             deq = torch.ops.qtool.w4a16_dequant
             impls["w4a16_dequant"] = ([lambda x=x, w=w: F.linear(x, deq(w.qweight, w.scales, w.zeros, w.group_size))
@@ -141,6 +148,7 @@ def main() -> None:
     ap.add_argument("--group-size", type=int, default=128)
     ap.add_argument("--m", type=int, nargs="*", default=M_VALUES)
     ap.add_argument("--shapes", nargs="*", default=[f"{k}x{n}" for k, n in SHAPES], help="KxN, e.g. 4096x11008")
+    ap.add_argument("--splits", type=int, nargs="*", default=[], help="also time the split-K GEMV at these counts")
     ap.add_argument("--out", help="append the markdown table to this file")
     args = ap.parse_args()
     assert loader.load_library() is None, loader.load_library()
@@ -152,7 +160,7 @@ def main() -> None:
         if args.group_size != -1 and k % args.group_size:
             skipped.append(f"{k}x{n} (K not divisible by group {args.group_size}: no such checkpoint exists)")
             continue
-        results += bench_shape(k, n, args.m, DTYPES[args.dtype], args.group_size, copy_bw)
+        results += bench_shape(k, n, args.m, DTYPES[args.dtype], args.group_size, copy_bw, args.splits)
         torch.cuda.empty_cache()
     table = tabulate([asdict(r) for r in results], headers="keys", floatfmt=".3g", tablefmt="github")
     text = (header(f"bench_gemm: W4A16 {args.dtype}, group {args.group_size}") +

@@ -2,7 +2,7 @@
 # One call on the GPU machine: build every CUDA library, run the GPU tests, run the GPU benchmarks.
 # Usage (repo root, results under $OUT):  bash benchmarks/gpu_check.sh [STEP ...]
 #   no STEP: all of them, most important first (correctness before speed).
-#   STEPs: build test_gpu kv_test_gpu pipeline_gpu stream_gpu bench_gemm_fp16 bench_decode kv_bench bench_gemm_bf16 test_cpu
+#   STEPs: build test_gpu bench_splitk kv_test_gpu pipeline_gpu stream_gpu bench_gemm_fp16 bench_decode kv_bench bench_gemm_bf16 test_cpu
 # Budget: $QTOOL_GPU_BUDGET seconds in all (default 570, under the device tool's 600 s per call).
 # Each step has its own limit, cut to what is left of the budget; a step that cannot get
 # 20 s is not run, and a failed step does not stop the later ones. The summary lists every
@@ -47,6 +47,9 @@ run_step() {
            cat build/qtool_kernels/*.log build/qtool_kv/*.log >"$OUT/ptxas.log" 2>/dev/null ;;
     # No -x: on a first run every failing shape is worth seeing.
     test_gpu) step test_gpu 150 $PY -m pytest tests/test_kernels_gpu.py -q -p no:cacheprovider -rfs --tb=line --durations=8 ;;
+    # The split-K GEMV (not dispatched yet) beside the current one, at the batch sizes it is for.
+    bench_splitk) step bench_splitk 90 $PY benchmarks/bench_gemm.py --dtype fp16 --group-size 128 --m 1 4 16 32 \
+                    --splits 2 4 8 --out "$OUT/RESULTS_gpu.md" ;;
     kv_test_gpu) step kv_test_gpu 60 $PY -m pytest tests/test_kv_kernels_gpu.py -q -p no:cacheprovider -rfs --tb=line ;;
     # Every method with its blocks on the GPU, against the same run on the CPU (tiny models).
     pipeline_gpu) step pipeline_gpu 150 $PY -m pytest tests/test_pipeline_gpu.py -q -p no:cacheprovider -rfs --tb=short ;;
@@ -67,7 +70,7 @@ run_step() {
 }
 
 STEPS=("$@")
-((${#STEPS[@]})) || STEPS=(build test_gpu kv_test_gpu pipeline_gpu stream_gpu bench_gemm_fp16 bench_decode kv_bench bench_gemm_bf16)
+((${#STEPS[@]})) || STEPS=(build test_gpu bench_splitk kv_test_gpu pipeline_gpu stream_gpu bench_gemm_fp16 bench_decode kv_bench bench_gemm_bf16)
 for s in "${STEPS[@]}"; do run_step "$s"; done
 
 echo "=== summary" | tee -a "$OUT/summary.txt"

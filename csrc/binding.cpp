@@ -7,6 +7,7 @@
 // CPU wheel (CI) and the CUDA wheel (the GPU machine).
 #include <dlfcn.h>
 
+#include <algorithm>
 #include <optional>
 #include <string>
 
@@ -80,10 +81,16 @@ Weight check_weight(const Tensor& qweight, const Tensor& scales, const std::opti
 
 qtool::Act act_of(ScalarType dt) { return dt == ScalarType::Half ? qtool::Act::kFloat16 : qtool::Act::kBFloat16; }
 
-enum class Kernel { kGemv, kGemm };
+enum class Kernel { kGemv, kGemvSplitK, kGemm };
 
+const char* op_name(Kernel kernel) {
+  return kernel == Kernel::kGemv ? "w4a16_gemv" : kernel == Kernel::kGemvSplitK ? "w4a16_gemv_splitk" : "w4a16_gemm";
+}
+
+// splits and counters: Kernel::kGemvSplitK only (see qtool::SplitK).
 Tensor run(Kernel kernel, const Tensor& x, const Tensor& qweight, const Tensor& scales,
-           const std::optional<Tensor>& zeros, const std::optional<Tensor>& bias, int64_t group_size) {
+           const std::optional<Tensor>& zeros, const std::optional<Tensor>& bias, int64_t group_size,
+           int64_t splits = 1, const Tensor* counters = nullptr) {
   STD_TORCH_CHECK(x.is_cuda(), "qtool: x must be a CUDA tensor");
   STD_TORCH_CHECK(x.dim() == 2, "qtool: x must be 2-D [M, K], got ", x.dim(), " dims");
   const ScalarType dt = x.scalar_type();
@@ -99,17 +106,30 @@ Tensor run(Kernel kernel, const Tensor& x, const Tensor& qweight, const Tensor& 
     STD_TORCH_CHECK(bias->dim() == 1 && bias->size(0) == N, "qtool: bias must be [N] with N=", N);
     bp = bias->data_ptr();
   }
-  const std::string why = kernel == Kernel::kGemv ? qtool::gemv_check(int(M), int(N), int(K), int(group_size))
-                                                  : qtool::gemm_check(int(M), int(N), int(K), int(group_size));
-  STD_TORCH_CHECK(why.empty(), "qtool: ", kernel == Kernel::kGemv ? "w4a16_gemv" : "w4a16_gemm", ": ", why);
+  const int splits32 = int(std::min<int64_t>(std::max<int64_t>(splits, 0), 1 << 20));
+  const std::string why =
+      kernel == Kernel::kGemv     ? qtool::gemv_check(int(M), int(N), int(K), int(group_size))
+      : kernel == Kernel::kGemm   ? qtool::gemm_check(int(M), int(N), int(K), int(group_size))
+                                  : qtool::gemv_splitk_check(int(M), int(N), int(K), int(group_size), splits32);
+  STD_TORCH_CHECK(why.empty(), "qtool: ", op_name(kernel), ": ", why);
 
   Tensor y = torch::stable::new_empty(x, {M, N});
   torch::stable::accelerator::DeviceGuard guard(dev);
   qtool::W4A16Args args{x.data_ptr(), qweight.data_ptr(), scales.data_ptr(), w.zeros, bp, y.data_ptr(),
                         int(M), int(N), int(K), int(group_size)};
   const cudaStream_t stream = current_stream(dev);
-  const cudaError_t err = kernel == Kernel::kGemv ? qtool::launch_gemv(args, act_of(dt), stream)
-                                                  : qtool::launch_gemm(args, act_of(dt), stream);
+  cudaError_t err;
+  if (kernel == Kernel::kGemvSplitK) {
+    check_operand(*counters, "counters", ScalarType::Int, dev);
+    STD_TORCH_CHECK(counters->dim() == 1 && counters->size(0) >= N / 32,
+                    "qtool: counters must be int32 [>= N/32] = [", N / 32, "], all 0");
+    Tensor partial = torch::stable::new_empty(x, {splits, M, N}, ScalarType::Float);
+    const qtool::SplitK sk{static_cast<float*>(partial.data_ptr()), static_cast<int*>(counters->data_ptr()), splits32};
+    err = qtool::launch_gemv_splitk(args, sk, act_of(dt), stream);
+  } else {
+    err = kernel == Kernel::kGemv ? qtool::launch_gemv(args, act_of(dt), stream)
+                                  : qtool::launch_gemm(args, act_of(dt), stream);
+  }
   STD_TORCH_CHECK(err == cudaSuccess, "qtool: kernel launch failed: ", cudaGetErrorString(err));
   return y;
 }
@@ -139,6 +159,12 @@ Tensor w4a16_gemv(Tensor x, Tensor qweight, Tensor scales, std::optional<Tensor>
   return run(Kernel::kGemv, x, qweight, scales, zeros, bias, group_size);
 }
 
+// counters: int32 [>= N/32] on x's device, all 0, used by one stream at a time (left all 0).
+Tensor w4a16_gemv_splitk(Tensor x, Tensor qweight, Tensor scales, std::optional<Tensor> zeros, std::optional<Tensor> bias,
+                         int64_t group_size, int64_t splits, Tensor counters) {
+  return run(Kernel::kGemvSplitK, x, qweight, scales, zeros, bias, group_size, splits, &counters);
+}
+
 Tensor w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, std::optional<Tensor> zeros, std::optional<Tensor> bias,
                   int64_t group_size) {
   return run(Kernel::kGemm, x, qweight, scales, zeros, bias, group_size);
@@ -148,6 +174,7 @@ Tensor w4a16_gemm(Tensor x, Tensor qweight, Tensor scales, std::optional<Tensor>
 
 STABLE_TORCH_LIBRARY_IMPL(qtool, CUDA, m) {
   m.impl("w4a16_gemv", TORCH_BOX(&w4a16_gemv));
+  m.impl("w4a16_gemv_splitk", TORCH_BOX(&w4a16_gemv_splitk));
   m.impl("w4a16_gemm", TORCH_BOX(&w4a16_gemm));
   m.impl("w4a16_dequant", TORCH_BOX(&w4a16_dequant));
 }

@@ -39,6 +39,19 @@ constexpr int kGemvMaxM = 32;
 std::string gemv_check(int M, int N, int K, int group_size);
 cudaError_t launch_gemv(const W4A16Args& a, Act act, cudaStream_t stream);
 
+// The small-batch kernel with K split over `splits` CTAs per 32 outputs (more CTAs in flight
+// where N/32 is about the SM count or less). `partial`: float32 workspace [splits, M, N], any
+// contents; `counters`: int32 [N/32], all 0 on entry, left all 0 (one set per stream: two
+// concurrent calls must not share them).
+constexpr int kGemvMaxSplits = 64;
+struct SplitK {
+  float* partial = nullptr;
+  int* counters = nullptr;
+  int splits = 1;
+};
+std::string gemv_splitk_check(int M, int N, int K, int group_size, int splits);
+cudaError_t launch_gemv_splitk(const W4A16Args& a, const SplitK& sk, Act act, cudaStream_t stream);
+
 // Dequantize to W[N, K] in the activation dtype (a.y; a.x, a.bias and a.M unused), for large M
 // where dequantize + cuBLAS beats the fused GEMM.
 std::string dequant_check(int N, int K, int group_size);

@@ -12,6 +12,14 @@
 // Grid: one CTA per 32 output features (N/32 CTAs); its kWarps warps split K
 // (warp w takes k32 tiles w*kUnroll .. in strides of kWarps*kUnroll, with
 // kUnroll 16-byte loads in flight per lane) and reduce through shared memory.
+//
+// Split K (launch_gemv_splitk): a second grid dimension of S CTAs per strip, each
+// over K/S, so that S times more CTAs (and bytes in flight) share the SMs where
+// N/32 CTAs leave them under-occupied (N = 4096: 128 CTAs, one per SM). Each CTA
+// writes its fp32 partial sums to a workspace [S, M, N]; the last CTA of a strip
+// to arrive (a per-strip counter, atomicAdd after a __threadfence) adds the S
+// partials in split order (deterministic), adds the bias, writes y, and resets
+// its counter to 0 for the next call.
 #include "w4a16.h"
 #include "w4a16_common.cuh"
 #include "w4a16_convert.cuh"
@@ -22,8 +30,20 @@ namespace {
 constexpr int kWarps = 8;
 constexpr int kUnroll = 4;
 
-template <typename T, int MB, bool kHasZero>
-__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const W4A16Args a) {
+// Reduction slot i of lane l (index idx = 32 i + l) of CTA nb: acc[nh][mb][r] of lane (g, t)
+// is output n = 32nb + 16nh + g + 8*(r/2), batch row m = 8mb + 2t + r%2.
+struct Slot {
+  int i, l, m, n;
+};
+template <int MB>
+__device__ __forceinline__ Slot slot(int idx, int nb) {
+  const int i = idx / 32, l = idx % 32;
+  const int r = i % 4, mb = (i / 4) % MB, nh = i / (4 * MB);
+  return {i, l, mb * 8 + 2 * (l % 4) + (r % 2), nb * 32 + 16 * nh + l / 4 + 8 * (r / 2)};
+}
+
+template <typename T, int MB, bool kHasZero, bool kSplit>
+__global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const W4A16Args a, const SplitK sk) {
   const int nb = blockIdx.x;
   const int warp = threadIdx.x / 32, lane = threadIdx.x % 32;
   const int g = lane / 4, t = lane % 4;
@@ -42,15 +62,21 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const W4A16Args a) {
 #pragma unroll
       for (int r = 0; r < 4; ++r) acc[nh][mb][r] = 0.f;
 
-  for (int kt0 = warp * kUnroll; kt0 < ktiles; kt0 += kWarps * kUnroll) {
+  int kbeg = 0, kend = ktiles;  // this CTA's k32 tiles
+  if constexpr (kSplit) {
+    const int per = (ktiles + sk.splits - 1) / sk.splits;
+    kbeg = min(ktiles, int(blockIdx.y) * per);
+    kend = min(ktiles, kbeg + per);
+  }
+  for (int kt0 = kbeg + warp * kUnroll; kt0 < kend; kt0 += kWarps * kUnroll) {
     uint4 w[kUnroll];
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u)
-      if (kt0 + u < ktiles) w[u] = load_stream16(wq + size_t(kt0 + u) * kt_stride);
+      if (kt0 + u < kend) w[u] = load_stream16(wq + size_t(kt0 + u) * kt_stride);
 #pragma unroll
     for (int u = 0; u < kUnroll; ++u) {
+      if (kt0 + u >= kend) break;
       const int k0 = (kt0 + u) * 32;
-      if (k0 >= K) break;
       // Four scales / zeros of this lane: n = g, g+8, g+16, g+24 of the strip.
       const size_t prow = size_t(k0 / a.group_size) * N + size_t(nb) * 32 + g * 4;
       const uint2 sv = *reinterpret_cast<const uint2*>(scales + prow);
@@ -88,8 +114,7 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const W4A16Args a) {
     }
   }
 
-  // Reduce the kWarps partial sums. acc[nh][mb][r] of lane (g, t) is output
-  // n = 32nb + 16nh + g + 8*(r/2), batch row m = 8mb + 2t + r%2.
+  // Reduce the kWarps partial sums (slot<MB> says which output each holds).
   constexpr int kVals = 2 * MB * 4;
   __shared__ float red[kWarps][kVals][32];
 #pragma unroll
@@ -101,35 +126,58 @@ __global__ void __launch_bounds__(kWarps * 32) gemv_kernel(const W4A16Args a) {
   __syncthreads();
   const T* bias = static_cast<const T*>(a.bias);
   T* y = static_cast<T*>(a.y);
-  for (int idx = threadIdx.x; idx < kVals * 32; idx += kWarps * 32) {
-    const int i = idx / 32, l = idx % 32;
-    const int r = i % 4, mb = (i / 4) % MB, nh = i / (4 * MB);
-    const int n = nb * 32 + 16 * nh + l / 4 + 8 * (r / 2);
-    const int m = mb * 8 + 2 * (l % 4) + (r % 2);
-    if (m >= M) continue;
+  const size_t plane = size_t(M) * N;  // one split's partial sums in the workspace
+  auto warps_sum = [&](int i, int l) {
     float sum = 0.f;
 #pragma unroll
     for (int wi = 0; wi < kWarps; ++wi) sum += red[wi][i][l];
-    if (bias != nullptr) sum += to_float(bias[n]);
-    y[size_t(m) * N + n] = from_float<T>(sum);
+    return sum;
+  };
+  if constexpr (kSplit) {
+    for (int idx = threadIdx.x; idx < kVals * 32; idx += kWarps * 32) {
+      const Slot o = slot<MB>(idx, nb);
+      if (o.m < M) __stcg(sk.partial + blockIdx.y * plane + size_t(o.m) * N + o.n, warps_sum(o.i, o.l));
+    }
+    __threadfence();  // this CTA's partials are visible device-wide before it is counted
+    __syncthreads();
+    __shared__ bool last;
+    if (threadIdx.x == 0) last = atomicAdd(sk.counters + nb, 1) == sk.splits - 1;
+    __syncthreads();
+    if (!last) return;
+    __threadfence();
+  }
+  for (int idx = threadIdx.x; idx < kVals * 32; idx += kWarps * 32) {
+    const Slot o = slot<MB>(idx, nb);
+    if (o.m >= M) continue;
+    float sum = 0.f;
+    if constexpr (kSplit) {
+      for (int s = 0; s < sk.splits; ++s) sum += __ldcg(sk.partial + s * plane + size_t(o.m) * N + o.n);
+    } else {
+      sum = warps_sum(o.i, o.l);
+    }
+    if (bias != nullptr) sum += to_float(bias[o.n]);
+    y[size_t(o.m) * N + o.n] = from_float<T>(sum);
+  }
+  if constexpr (kSplit) {
+    if (threadIdx.x == 0) sk.counters[nb] = 0;  // ready for the next call on this stream
   }
 }
 
-template <typename T, int MB>
-cudaError_t launch_mb(const W4A16Args& a, cudaStream_t stream) {
-  const dim3 grid(a.N / 32), block(kWarps * 32);
+template <typename T, int MB, bool kSplit>
+cudaError_t launch_mb(const W4A16Args& a, const SplitK& sk, cudaStream_t stream) {
+  const dim3 grid(a.N / 32, kSplit ? sk.splits : 1), block(kWarps * 32);
   if (a.zeros != nullptr)
-    gemv_kernel<T, MB, true><<<grid, block, 0, stream>>>(a);
+    gemv_kernel<T, MB, true, kSplit><<<grid, block, 0, stream>>>(a, sk);
   else
-    gemv_kernel<T, MB, false><<<grid, block, 0, stream>>>(a);
+    gemv_kernel<T, MB, false, kSplit><<<grid, block, 0, stream>>>(a, sk);
   return cudaGetLastError();
 }
 
-template <typename T>
-cudaError_t launch_typed(const W4A16Args& a, cudaStream_t stream) {
-  if (a.M <= 8) return launch_mb<T, 1>(a, stream);
-  if (a.M <= 16) return launch_mb<T, 2>(a, stream);
-  return launch_mb<T, 4>(a, stream);
+template <typename T, bool kSplit>
+cudaError_t launch_typed(const W4A16Args& a, const SplitK& sk, cudaStream_t stream) {
+  if (a.M <= 8) return launch_mb<T, 1, kSplit>(a, sk, stream);
+  if (a.M <= 16) return launch_mb<T, 2, kSplit>(a, sk, stream);
+  return launch_mb<T, 4, kSplit>(a, sk, stream);
 }
 
 }  // namespace
@@ -140,7 +188,20 @@ std::string gemv_check(int M, int N, int K, int group_size) {
 }
 
 cudaError_t launch_gemv(const W4A16Args& a, Act act, cudaStream_t stream) {
-  return act == Act::kFloat16 ? launch_typed<half>(a, stream) : launch_typed<__nv_bfloat16>(a, stream);
+  const SplitK none{};
+  return act == Act::kFloat16 ? launch_typed<half, false>(a, none, stream)
+                              : launch_typed<__nv_bfloat16, false>(a, none, stream);
+}
+
+std::string gemv_splitk_check(int M, int N, int K, int group_size, int splits) {
+  if (splits < 1 || splits > kGemvMaxSplits)
+    return "splits=" + std::to_string(splits) + " must be in [1, " + std::to_string(kGemvMaxSplits) + "]";
+  return gemv_check(M, N, K, group_size);
+}
+
+cudaError_t launch_gemv_splitk(const W4A16Args& a, const SplitK& sk, Act act, cudaStream_t stream) {
+  return act == Act::kFloat16 ? launch_typed<half, true>(a, sk, stream)
+                              : launch_typed<__nv_bfloat16, true>(a, sk, stream);
 }
 
 }  // namespace qtool

@@ -155,6 +155,27 @@ def test_ops_pass_opcheck_and_fake_shapes():
         assert meta.shape == (3, 128) and meta.dtype == torch.bfloat16
 
 
+def test_split_k_gemv_op_schema_cpu_kernel_and_counters():
+    """The split-K GEMV op: its CPU kernel is the reference whatever the split count, it passes opcheck (the
+    counters declared as written), its fake kernel gives [M, N]; its counters are one zeroed set per device and
+    stream, grown for a wider layer."""
+    pw = random_packed(128, 256, 64)
+    kw = layout.repack(pw, torch.float32)
+    x = torch.randn(5, 256)
+    counters = ops.splitk_counters(128, torch.device("cpu"))
+    assert counters.dtype == torch.int32 and counters.shape == (4,) and not counters.any()
+    fn = torch.ops.qtool.w4a16_gemv_splitk.default
+    want = torch.ops.qtool.w4a16_gemv(x, kw.qweight, kw.scales, kw.zeros, None, 64)
+    for splits in (1, 3):
+        assert torch.equal(fn(x, kw.qweight, kw.scales, kw.zeros, None, 64, splits, counters), want)
+    torch.library.opcheck(fn, (x, kw.qweight, kw.scales, kw.zeros, None, 64, 2, counters))
+    meta = fn(x.to("meta"), kw.qweight.to("meta"), kw.scales.to("meta"), None, None, 64, 2, counters.to("meta"))
+    assert meta.shape == (5, 128)
+    assert ops.splitk_counters(64, torch.device("cpu")) is counters  # narrower: the same set
+    wider = ops.splitk_counters(4096, torch.device("cpu"))
+    assert wider.shape == (128,) and ops.splitk_counters(128, torch.device("cpu")) is wider
+
+
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])
 @pytest.mark.parametrize("n,k,g", [(96, 256, 64), (128, 512, 128), (64, 384, -1), (48, 128, 32)])
 def test_cpu_int4_path_matches_reference(fmt, n, k, g):

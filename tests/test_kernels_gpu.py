@@ -87,6 +87,51 @@ def test_sweep(k, n, group_size):
         torch.cuda.synchronize()
 
 
+SPLITS = (1, 2, 3, 4, 8, 64)  # 64: more splits than a K of 576 has k32 tiles (18): empty splits add 0
+
+
+@pytest.mark.parametrize("k,n", SHAPES, ids=[f"k{k}_n{n}" for k, n in SHAPES])
+def test_split_k_gemv_matches_the_reference(k, n):
+    """The split-K GEMV against the float32 reference for every M of the GEMV, group sizes 32/128/per channel,
+    symmetric or not, both dtypes, 1 to 64 splits; with a bias; the output bit-identical on a second call
+    (the partials are added in a fixed order), and the counters left at 0 after every call."""
+    counters = torch.zeros(n // 32, dtype=torch.int32, device="cuda")
+    for group_size, sym in ((128, False), (128, True), (32, False), (-1, False)):
+        if group_size != -1 and k % group_size:
+            continue
+        pw = random_weight(n, k, group_size, sym)
+        w_ref = pw.dequantize(torch.float32)
+        for dtype in (torch.float16, torch.bfloat16):
+            kw = layout.repack(pw, dtype)
+            bias = torch.randn(n, device="cuda").to(dtype)
+            for m in (1, 3, 8, 9, 16, 17, 32):
+                x = torch.randn(m, k, device="cuda").to(dtype)
+                ref = x.float() @ w_ref.T + bias.float()
+                for splits in SPLITS:
+                    call = lambda: torch.ops.qtool.w4a16_gemv_splitk(x, kw.qweight, kw.scales, kw.zeros, bias,  # noqa: E731
+                                                                     kw.group_size, splits, counters)
+                    y = poisoned_call(call, m, n, dtype)
+                    what = f"gemv split-K {splits} m={m} k={k} n={n} g={group_size} sym={sym} {dtype}"
+                    check(y, ref, dtype, what)
+                    assert torch.equal(poisoned_call(call, m, n, dtype), y), f"{what}: not deterministic"
+                    assert not counters.any(), f"{what}: counters not reset"
+    torch.cuda.synchronize()
+
+
+def test_split_k_gemv_refuses_bad_splits_and_counters():
+    pw = random_weight(256, 256, 64, sym=False)
+    kw = layout.repack(pw, torch.float16)
+    x = torch.randn(2, 256, device="cuda", dtype=torch.float16)
+    ok = torch.zeros(8, dtype=torch.int32, device="cuda")
+    for splits in (0, 65):
+        with pytest.raises(RuntimeError, match=f"splits={splits} must be in \\[1, 64\\]"):
+            torch.ops.qtool.w4a16_gemv_splitk(x, kw.qweight, kw.scales, kw.zeros, None, 64, splits, ok)
+    with pytest.raises(RuntimeError, match="counters must be int32"):
+        torch.ops.qtool.w4a16_gemv_splitk(x, kw.qweight, kw.scales, kw.zeros, None, 64, 2, ok[:7])
+    with pytest.raises(RuntimeError, match="counters has the wrong dtype"):
+        torch.ops.qtool.w4a16_gemv_splitk(x, kw.qweight, kw.scales, kw.zeros, None, 64, 2, ok.long())
+
+
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
 def test_quantlinear_dispatches_to_the_kernels(fmt, dtype):

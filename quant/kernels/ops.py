@@ -11,6 +11,12 @@ adds the CUDA kernels to these same ops. Both ops compute
 
 ``qtool::w4a16_dequant(qweight, scales, zeros, group_size)`` returns ``W [N, K]`` in the scales'
 dtype, bit-identical to the weights the two fused ops multiply by (for a cuBLAS matmul at large M).
+
+``qtool::w4a16_gemv_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters)`` is
+``w4a16_gemv`` with K split over ``splits`` (1..64) CTAs per 32 outputs, the partial sums added
+in a fixed order by the last CTA of each strip; ``counters`` (int32 ``[>= N/32]``, all 0, one
+set per CUDA stream: :func:`splitk_counters`) is left all 0. Not dispatched to yet: it is timed
+beside ``w4a16_gemv`` (``benchmarks/bench_gemm.py --splits``) until a GPU run says where it wins.
 """
 from __future__ import annotations
 
@@ -39,6 +45,36 @@ def _cpu(x, qweight, scales, zeros, bias, group_size):
 for _name in OP_NAMES:
     torch.library.register_fake(f"qtool::{_name}", _fake, lib=_lib)
     _lib.impl(_name, _cpu, "CPU")
+
+SPLITK_OP = "w4a16_gemv_splitk"
+GEMV_MAX_SPLITS = 64
+_lib.define(SPLITK_OP + _SCHEMA.replace(") ->", ", int splits, Tensor(a!) counters) ->"))
+
+
+def _fake_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters):
+    return _fake(x, qweight, scales, zeros, bias, group_size)
+
+
+def _cpu_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters):
+    return _cpu(x, qweight, scales, zeros, bias, group_size)
+
+
+torch.library.register_fake(f"qtool::{SPLITK_OP}", _fake_splitk, lib=_lib)
+_lib.impl(SPLITK_OP, _cpu_splitk, "CPU")
+_counters: dict[tuple, torch.Tensor] = {}
+
+
+def splitk_counters(n: int, device: torch.device) -> torch.Tensor:
+    """The zeroed int32 counters ``[n / 32]`` that ``w4a16_gemv_splitk`` needs, one set per (device, current
+    stream), grown as wider layers come; the kernel leaves them 0."""
+    device = torch.device(device)
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (str(device), stream)
+    have = _counters.get(key)
+    if have is None or have.numel() < n // 32:
+        have = _counters[key] = torch.zeros(max(n // 32, 1), dtype=torch.int32, device=device)
+    return have
+
 
 DEQUANT_OP = "w4a16_dequant"
 _lib.define(DEQUANT_OP + "(Tensor qweight, Tensor scales, Tensor? zeros, int group_size) -> Tensor")
