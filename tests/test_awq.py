@@ -549,7 +549,7 @@ def test_the_linears_of_one_input_need_one_scale_in_a_search_file(tmp_path, chan
     if change == "drop up":
         del tensors[up]
     else:
-        tensors[up] = tensors[gate] * 1.01
+        tensors[up] = tensors[gate].flip(0)  # other values, still a normalised scale (max x min = 1)
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
     said = "the file scales mlp.gate_proj.awq_scale and not mlp.up_proj.awq_scale" if change == "drop up" else \
@@ -559,14 +559,8 @@ def test_the_linears_of_one_input_need_one_scale_in_a_search_file(tmp_path, chan
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("factor, said", [(1e30, "infinite"), (1e-30, "zero"), ("1.5x float16", "infinite"),
-                                          ("0.5x float16", None)])
-def test_a_search_file_with_scales_no_checkpoint_can_hold_is_refused_naming_file_and_block(tmp_path, factor, said):
-    """Every value finite and positive, but scaled by 1e30 (the linears' float16 group scales overflow) or 1e-30
-    (they would all be 0, and the norm before them overflows float16): the replay wrote a broken model silently, or
-    failed at writing without naming the file or block. Now it names both, and writes nothing. Scaled so that the
-    largest folded weight is 1.5x float16's largest value, the group scales still fit float16 but the weights the
-    loaders dequantize do not (all-NaN logits); at 0.5x it replays and the model computes."""
+def _crafted(tmp_path, change) -> tuple[Path, Path]:
+    """The tiny llama, its AWQ search, and a copy of the search file (header kept) edited by ``change(tensors)``."""
     from safetensors.torch import load_file, save_file
 
     src = save_tiny_model("llama", tmp_path / "src")
@@ -574,45 +568,78 @@ def test_a_search_file_with_scales_no_checkpoint_can_hold_is_refused_naming_file
     tensors = load_file(str(tmp_path / "a" / SEARCH_FILE))
     with safe_open(str(tmp_path / "a" / SEARCH_FILE), "pt") as f:
         meta = f.metadata()
-    keys = [f"model.layers.1.mlp.{n}_proj.{SCALE_KEY}" for n in ("gate", "up")]
-    if isinstance(factor, str):  # relative to the largest folded weight of gate/up
-        block = load_file(str(src / "model.safetensors"))
-        top = max(float((block[k.replace(SCALE_KEY, "weight")] * tensors[k]).abs().max()) for k in keys)
-        factor = float(factor.split("x")[0]) * qmath.FP16_MAX / top
-    for key in keys:
-        tensors[key] = tensors[key] * factor
+    change(tensors)
     bad = tmp_path / "bad.safetensors"
     save_file(tensors, str(bad), metadata=meta)
+    return src, bad
+
+
+@pytest.mark.parametrize("names, factor", [(("gate", "up"), 1e30), (("gate", "up"), 1e-30), (("down",), 1e30),
+                                           (("down",), 2.0)])
+def test_a_scale_changed_after_its_search_is_refused_naming_its_entry(tmp_path, names, factor):
+    """Every value finite and positive, but the whole scale multiplied (x1e30: the linears' float16 group scales
+    overflow; x1e-30: they would all be 0 and the norm before them overflows float16; down_proj's x1e30 zeroes
+    up_proj, which it divides): the replay wrote a broken model silently, or failed far from the cause. Every search
+    normalises a scale to max x min = 1; a multiplied one is refused by file and entry, and nothing is written."""
+    keys = [f"model.layers.1.mlp.{n}_proj.{SCALE_KEY}" for n in names]
+
+    def scale(tensors):
+        for key in keys:
+            tensors[key] = tensors[key] * factor
+
+    src, bad = _crafted(tmp_path, scale)
+    with pytest.raises(QtoolError, match=rf"{bad}: entry 'model\.layers\.1\.mlp\.({'|'.join(names)})_proj\.{SCALE_KEY}' "
+                                         rf"has max x min = .*normalises every scale to max x min = 1"):
+        _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad)))
+    assert not (tmp_path / "b").exists()
+
+
+@pytest.mark.parametrize("factor, said", [(1.5, "infinite"), (0.5, None)])
+def test_normalised_scales_that_push_a_linear_past_float16_are_refused_naming_the_entries(tmp_path, factor, said):
+    """Scales still normalised (the largest entry times c, the smallest divided by c) that make gate/up's largest
+    folded weight 1.5x float16's largest value: the group scales fit float16 but the weights the loaders dequantize
+    do not (all-NaN logits). Refused naming the block and the entries; at 0.5x it replays (float32 output)."""
+    from safetensors.torch import load_file
+
+    keys = [f"model.layers.1.mlp.{n}_proj.{SCALE_KEY}" for n in ("gate", "up")]
+
+    def stretch(tensors):
+        s = tensors[keys[0]]
+        hi, lo = int(s.argmax()), int(s.argmin())
+        block = load_file(str(tmp_path / "src" / "model.safetensors"))
+        top = max(float(block[k.replace(SCALE_KEY, "weight")][:, hi].abs().max()) for k in keys) * float(s[hi])
+        c = factor * qmath.FP16_MAX / top
+        s = s.clone()
+        s[hi], s[lo] = s[hi] * c, s[lo] / c
+        for key in keys:
+            tensors[key] = s.clone()
+
+    src, bad = _crafted(tmp_path, stretch)
     if said is None:
         _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad)))
-        model = quant.load(tmp_path / "b", dtype=torch.float16)
+        model = quant.load(tmp_path / "b", dtype=torch.float32)
         assert model(torch.randint(3, 300, (1, 16))).logits.isfinite().all()
         return
-    with pytest.raises(QtoolError, match=rf"{bad}, block 1: with mlp\.(gate|up)_proj\.{SCALE_KEY}, mlp\.(gate|up)_proj's weights .* {said}"):
+    with pytest.raises(QtoolError, match=rf"{bad}, block 1: with mlp\.(gate|up)_proj\.{SCALE_KEY}, mlp\.(gate|up)_proj's "
+                                         rf"weights reach .* {said}"):
         _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad)))
     assert not (tmp_path / "b").exists()
 
 
-@pytest.mark.parametrize("factor, said", [(1e30, "zero"), (1e-30, "infinite")])
-def test_a_crafted_scale_that_breaks_the_linear_it_divides_is_named(tmp_path, factor, said):
-    """down_proj's scale divides up_proj's weights (their producer): scaled by 1e30 it makes up_proj's group scales
-    zero, by 1e-30 its weights infinite. The refusal names down_proj's entry, not only up_proj's own (which the
-    file did not change)."""
+def test_a_models_own_search_replays_where_its_weights_are_too_small_for_float16_group_scales(tmp_path):
+    """Block 1's o_proj weights scaled by 1e-5 (largest about 1e-6: its group scales are below float16's smallest
+    before any AWQ scale): the search quantizes it, and the replay of that search was refused ('its float16 group
+    scales would be zero; search again', which no search could change). Now it replays, bit for bit."""
     from safetensors.torch import load_file, save_file
 
     src = save_tiny_model("llama", tmp_path / "src")
+    weights = load_file(str(src / "model.safetensors"))
+    weights["model.layers.1.self_attn.o_proj.weight"] *= 1e-5
+    save_file(weights, str(src / "model.safetensors"), metadata={"format": "pt"})
     _quantize(src, tmp_path / "a")
-    tensors = load_file(str(tmp_path / "a" / SEARCH_FILE))
-    with safe_open(str(tmp_path / "a" / SEARCH_FILE), "pt") as f:
-        meta = f.metadata()
-    key = f"model.layers.1.mlp.down_proj.{SCALE_KEY}"
-    tensors[key] = tensors[key] * factor
-    bad = tmp_path / "bad.safetensors"
-    save_file(tensors, str(bad), metadata=meta)
-    with pytest.raises(QtoolError, match=rf"{bad}, block 1: with mlp\.up_proj\.{SCALE_KEY} and mlp\.down_proj\.{SCALE_KEY}, "
-                                         rf"mlp\.up_proj's weights .* {said}"):
-        _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(bad)))
-    assert not (tmp_path / "b").exists()
+    assert f"model.layers.1.self_attn.o_proj.{SCALE_KEY}" in load_search(tmp_path / "a")
+    _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(tmp_path / "a")))
+    assert (tmp_path / "b" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
 
 
 @pytest.mark.parametrize("kind, value, said", [

@@ -49,8 +49,9 @@ def apply_block(block: nn.Module, names: list[str], cfg: QuantConfig, arch: Arch
     """Replay search results on a full-precision block: fold the scales, then quantize with the clips.
     ``where`` (the file and block) begins each error's sentence."""
     check_artifacts(block, names, cfg, arch, artifacts, where)
+    before = {n: float(block.get_submodule(n).weight.detach().abs().max()) for n in names}
     weights = fold_scales(block, arch, artifacts)
-    check_folded(block, names, cfg, weights, _scaled_by(block, arch, artifacts), where)
+    check_folded(block, names, cfg, weights, before, _scaled_by(block, arch, artifacts), where)
     return quantize_linears(block, names, cfg, weights, artifacts)
 
 
@@ -70,18 +71,22 @@ def _scaled_by(block: nn.Module, arch: Arch, artifacts: dict) -> dict[str, list[
 
 
 def check_folded(block: nn.Module, names: list[str], cfg: QuantConfig, weights: dict[str, torch.Tensor],
-                 scaled_by: dict[str, list[str]], where: str = "search results") -> None:
-    """Refuse scales whose folded weights no checkpoint can hold: a scaled linear (``weights``, float32, from
-    :func:`fold_scales`) with a weight beyond float16's largest value (65504: the formats' loaders dequantize into
-    float16, vLLM's AWQ kernels compute in it; the group scales are float16 too), or whose every group scale
-    ``max|w| / (2^bits - 1)`` is below float16's smallest (2^-24: all would be stored as 0), or a divided producer
-    that is no longer finite. Scales a search of this model wrote never do this; a crafted or damaged file can
-    (each value alone finite and positive). The sentence names the entries that changed the parameter
-    (``scaled_by``, from :func:`_scaled_by`)."""
+                 before: dict[str, float], scaled_by: dict[str, list[str]], where: str = "search results") -> None:
+    """Refuse scales whose folding makes a linear's weights unfit for a checkpoint: a scaled linear (``weights``,
+    float32, from :func:`fold_scales`) with a weight beyond float16's largest value (65504: the formats' loaders
+    dequantize into float16, vLLM's AWQ kernels compute in it; the group scales are float16 too), or whose every
+    group scale ``max|w| / (2^bits - 1)`` is below float16's smallest (2^-24: all would be stored as 0), where its
+    weights before folding (``before``: the largest magnitude of each linear) were not; or a divided producer
+    that is no longer finite. The sentence names the entries that changed the parameter (``scaled_by``, from
+    :func:`_scaled_by`). A search's own scales pass: a weight already too small (or large) for float16 before
+    the fold is the model's, and the run that searched quantized it the same way."""
     from quant import qmath
 
     def entries(key: str) -> str:
         return " and ".join(scaled_by.get(key, [])) or "the saved scales"
+
+    def unfit(top: float) -> bool:
+        return top > qmath.FP16_MAX or 0 < top / steps < 2.0**-24
 
     steps = 2**cfg.bits - 1
     for n in names:
@@ -89,7 +94,7 @@ def check_folded(block: nn.Module, names: list[str], cfg: QuantConfig, weights: 
         if w is None:
             continue
         top = float(w.abs().max())
-        if top > qmath.FP16_MAX or 0 < top / steps < 2.0**-24:
+        if unfit(top) and not unfit(before[n]):
             raise QtoolError(f"{where}: with {entries(f'{n}.weight')}, {n}'s weights reach {top:.3g} in magnitude, so its "
                              f"float16 {'weights would be infinite' if top > 1 else f'group scales at {cfg.bits} bits would be zero'}; "
                              "no search of this model writes such scales; search again")

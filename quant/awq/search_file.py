@@ -69,9 +69,13 @@ def load_search(path, prefix: str = "") -> dict[str, torch.Tensor]:
     return found
 
 
+SCALE_NORM_TOLERANCE = 0.02  # max·min of a saved scale within 2% of 1: float32 gives 1 ± 2e-7, bfloat16 storage ± 0.4%
+
+
 def _check_values(path: Path, key: str, t: torch.Tensor) -> None:
     """One sentence for a search entry no search writes: a scale (divides a linear's input) must be finite and
-    positive, a clip (the fraction of each group's range kept) in (0, 1]; both float."""
+    positive with ``max · min = 1`` (every candidate scale is normalised so, llm-awq's convention: a scaled or
+    edited file breaks it), a clip (the fraction of each group's range kept) in (0, 1]; both float."""
     from quant.awq.fold import CLIP_KEY, SCALE_KEY
 
     kind = key.rsplit(".", 1)[-1]
@@ -83,6 +87,11 @@ def _check_values(path: Path, key: str, t: torch.Tensor) -> None:
     if not ok:
         want = "finite positive floats" if kind == SCALE_KEY else "floats in (0, 1] (the fraction of a group's range kept)"
         raise QtoolError(f"{path}: entry {key!r} holds {_describe(t)}; a search writes {want} there; search again")
+    if kind == SCALE_KEY and t.numel():
+        norm = float(t.double().max() * t.double().min())
+        if abs(norm - 1.0) > SCALE_NORM_TOLERANCE:
+            raise QtoolError(f"{path}: entry {key!r} has max x min = {norm:.3g}, but a search normalises every scale to "
+                             "max x min = 1; the file was changed after its search; search again")
 
 
 def _describe(t: torch.Tensor) -> str:
