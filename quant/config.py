@@ -88,6 +88,9 @@ class AWQOptions:
             raise QtoolError(f"--clip-grid {self.clip_grid} is out of range; use a whole number from 1 to 1000")
         if not 0.0 < self.clip_max_shrink < 1.0:
             raise QtoolError(f"clip_max_shrink {self.clip_max_shrink} must lie strictly between 0 and 1")
+        if self.search_file is not None and not str(self.search_file).strip():
+            raise QtoolError("--apply-search is blank; give the search file, or the checkpoint folder holding it, "
+                             "or leave the option out to search")
 
 
 SHRINK_DEFAULT = 0.3

@@ -11,6 +11,8 @@ from test_pipeline import tree_digest
 from tiny_models import save_tiny_model
 
 from cli.main import main
+from quant.config import AWQOptions
+from quant.errors import QtoolError
 
 
 def run_cli(args, capsys):
@@ -722,3 +724,14 @@ def test_benchmark_scripts_refuse_bad_checkpoint_lists(script, option, runs, sai
                         runs.replace("@", str(tmp_path / "c"))], capture_output=True, text=True)
     assert r.returncode == 2, r.stderr
     assert said.replace("@", str(tmp_path / "c")) in r.stderr.splitlines()[-1] and "Traceback" not in r.stderr
+
+
+@pytest.mark.parametrize("blank", ["", "  "])
+def test_a_blank_apply_search_is_refused_not_taken_for_a_search(model, tmp_path, capsys, blank):
+    """`--apply-search "$UNSET"` ran a whole calibrated search and exited 0 (the blank path was taken for no
+    replay); now it is one sentence, exit 2, nothing written. The API's AWQOptions(search_file="") too."""
+    code, err = run_cli(["awq", model, "--apply-search", blank, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert_refused(code, err, "--apply-search is blank")
+    assert not (tmp_path / "out").exists()
+    with pytest.raises(QtoolError, match="--apply-search is blank"):
+        AWQOptions(search_file=blank)
