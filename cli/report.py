@@ -1,6 +1,7 @@
 """Tables the CLI prints (tabulate). Library code returns data; only this module formats it."""
 from __future__ import annotations
 
+import math
 import statistics
 from pathlib import Path
 
@@ -98,6 +99,8 @@ def _guard_rows(r) -> list[list]:
         listed = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
         why = f"{label} is worse than all-RTN on {listed} text" if kinds else "the whole model scored better with it"
         verdict = f"{kept} kept" if kept == label else f"{'RTN' if kept == 'rtn' else kept} kept for every block ({why})"
+        if not all(math.isfinite(v) for v in scored.values()):
+            verdict += "; a loss that is not finite could not be compared (check the model's outputs)"
         rows.append(["held-out loss of the whole model", f"{_losses(scored)} nats/token: {verdict}"])
         refused = Path(r.out) / REFUSED_SEARCH_FILE
         if kept != label and refused.is_file():

@@ -744,3 +744,8 @@ def test_the_whole_model_check_prints_losses_that_differ_as_different_numbers():
     assert rows["... on built-in wiki text"] == "5.79912 (gptq) vs 5.79909 (all-RTN)"
     assert rows["... on built-in code text"] == "2.5000 (gptq) vs 2.2500 (all-RTN)"
     assert rows["... averaged over the kinds (decides)"] == "4.1496 (gptq) vs 4.0245 (all-RTN)"
+    assert "not finite" not in rows["held-out loss of the whole model"]
+    check |= {"nll": math.nan, "kinds": {}, "score": {}}  # a broken model's loss: said, not passed over
+    rows = dict(_guard_rows(report))
+    assert rows["held-out loss of the whole model"].startswith("nan (gptq) vs 5.7991 (all-RTN)")
+    assert "a loss that is not finite could not be compared" in rows["held-out loss of the whole model"]

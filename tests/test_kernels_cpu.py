@@ -174,6 +174,16 @@ def test_split_k_gemv_op_schema_cpu_kernel_and_counters():
     assert ops.splitk_counters(64, torch.device("cpu")) is counters  # narrower: the same set
     wider = ops.splitk_counters(4096, torch.device("cpu"))
     assert wider.shape == (128,) and ops.splitk_counters(128, torch.device("cpu")) is wider
+    # The GPU's refusals hold on the CPU too.
+    for splits in (0, 65):
+        with pytest.raises(ValueError, match=f"splits={splits} must be in"):
+            fn(x, kw.qweight, kw.scales, kw.zeros, None, 64, splits, counters)
+    for bad in (counters[:3], counters.float(), counters.reshape(2, 2)):
+        with pytest.raises(ValueError, match="counters must be int32"):
+            fn(x, kw.qweight, kw.scales, kw.zeros, None, 64, 2, bad)
+    for n in (0, 48, -32):
+        with pytest.raises(ValueError, match="positive multiple of 32"):
+            ops.splitk_counters(n, torch.device("cpu"))
 
 
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])

@@ -51,11 +51,24 @@ GEMV_MAX_SPLITS = 64
 _lib.define(SPLITK_OP + _SCHEMA.replace(") ->", ", int splits, Tensor(a!) counters) ->"))
 
 
+def _check_splitk(qweight, splits, counters) -> None:
+    """The CUDA binding's refusals of ``splits`` and ``counters``, on every device: code tried on the CPU
+    fails there as it would on a GPU."""
+    if not 1 <= splits <= GEMV_MAX_SPLITS:
+        raise ValueError(f"qtool: w4a16_gemv_splitk: splits={splits} must be in [1, {GEMV_MAX_SPLITS}]")
+    n_strips = qweight.shape[1]
+    if counters.dtype != torch.int32 or counters.dim() != 1 or counters.shape[0] < n_strips:
+        raise ValueError(f"qtool: counters must be int32 [>= N/32] = [{n_strips}], all 0; got {counters.dtype} "
+                         f"{list(counters.shape)}")
+
+
 def _fake_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters):
+    _check_splitk(qweight, splits, counters)
     return _fake(x, qweight, scales, zeros, bias, group_size)
 
 
 def _cpu_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters):
+    _check_splitk(qweight, splits, counters)
     return _cpu(x, qweight, scales, zeros, bias, group_size)
 
 
@@ -65,9 +78,14 @@ _counters: dict[tuple, torch.Tensor] = {}
 
 
 def splitk_counters(n: int, device: torch.device) -> torch.Tensor:
-    """The zeroed int32 counters ``[n / 32]`` that ``w4a16_gemv_splitk`` needs, one set per (device, current
-    stream), grown as wider layers come; the kernel leaves them 0."""
+    """The zeroed int32 counters ``[n / 32]`` that ``w4a16_gemv_splitk`` needs for ``n`` outputs (a positive
+    multiple of 32), one set per (device, current stream), grown as wider layers come; the kernel leaves them 0.
+    Raises ValueError for another ``n``."""
+    if not isinstance(n, int) or n <= 0 or n % 32:
+        raise ValueError(f"n={n!r} outputs: the split-K GEMV takes a positive multiple of 32")
     device = torch.device(device)
+    if device.type == "cuda" and device.index is None:
+        device = torch.device("cuda", torch.cuda.current_device())
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (str(device), stream)
     have = _counters.get(key)
