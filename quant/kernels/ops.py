@@ -90,7 +90,7 @@ def splitk_counters(n: int, device: torch.device) -> torch.Tensor:
     key = (str(device), stream)
     have = _counters.get(key)
     if have is None or have.numel() < n // 32:
-        have = _counters[key] = torch.zeros(max(n // 32, 1), dtype=torch.int32, device=device)
+        have = _counters[key] = torch.zeros(n // 32, dtype=torch.int32, device=device)
     return have
 
 
