@@ -5,9 +5,8 @@ to defeat L2), TFLOP/s, GB/s (each input read once, output written once), the
 fraction of the device-to-device copy bandwidth measured in this run, and the
 speedup over the 16-bit cuBLAS matmul. Every qtool path that can take the shape is
 timed (fused GEMV, fused GEMM, dequantize + cuBLAS; with ``--splits 2 4 8`` the
-split-K GEMV at each count too, which the dispatch does not pick yet); ``*`` marks the one
-``quant.kernels.dispatch`` picks. Every int4 path is checked against the
-reference first (error column). Prints a table; ``--out`` appends it as markdown.
+split-K GEMV at each count too); ``*`` marks the one ``quant.kernels.dispatch`` picks on
+this GPU. Every int4 path is checked against the reference first (error column). Prints a table; ``--out`` appends it as markdown.
 """
 from __future__ import annotations
 
@@ -65,6 +64,7 @@ def rel_err(y: torch.Tensor, ref: torch.Tensor) -> float:
 
 
 def bench_shape(k: int, n: int, ms, dtype, g: int, copy_bw: float, splits=()) -> list[Result]:
+    sms = dispatch.sm_count(torch.device("cuda"))
     pw = random_weight(n, k, g)
     w_ref = pw.dequantize(torch.float32)
     kw = layout.repack(pw, dtype)
@@ -76,8 +76,11 @@ def bench_shape(k: int, n: int, ms, dtype, g: int, copy_bw: float, splits=()) ->
     for m in ms:
         act_bytes = 2 * (m * k + m * n)
         flops = 2 * m * n * k
-        chosen, why = dispatch.cuda_kernel_for(m, _Shape(n, k, g))
+        chosen, why = dispatch.cuda_kernel_for(m, _Shape(n, k, g), sms=sms)
         assert chosen, why
+        if chosen == ops.SPLITK_OP:
+            chosen = f"qtool gemv split-K {dispatch.gemv_splits(m, n, k, sms)}"
+            splits = sorted({*splits, int(chosen.split()[-1])})
         impls = {}
         # Rotate through enough copies of weights and inputs that no call finds its operands in L2.
         r = rotation_count(int4_bytes + act_bytes, cap=512)
@@ -89,7 +92,7 @@ def bench_shape(k: int, n: int, ms, dtype, g: int, copy_bw: float, splits=()) ->
             op = getattr(torch.ops.qtool, op_name)
             impls[op_name] = ([lambda x=x, w=w, op=op: op(x, w.qweight, w.scales, w.zeros, None, w.group_size)
                                for x, w in zip(xs, ws)], int4_bytes, xs[0])
-        counters = ops.splitk_counters(n, torch.device("cuda"))  # one set: the replays run one after another
+        counters = torch.zeros(n // 32, dtype=torch.int32, device="cuda")  # one set: the replays run in turn
         for sk in splits if m <= 32 else ():
             op = torch.ops.qtool.w4a16_gemv_splitk
             impls[f"qtool gemv split-K {sk}"] = ([lambda x=x, w=w, sk=sk: op(x, w.qweight, w.scales, w.zeros, None,

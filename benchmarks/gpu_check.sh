@@ -47,9 +47,11 @@ run_step() {
            cat build/qtool_kernels/*.log build/qtool_kv/*.log >"$OUT/ptxas.log" 2>/dev/null ;;
     # No -x: on a first run every failing shape is worth seeing.
     test_gpu) step test_gpu 150 $PY -m pytest tests/test_kernels_gpu.py -q -p no:cacheprovider -rfs --tb=line --durations=8 ;;
-    # The split-K GEMV (not dispatched yet) beside the current one, at the batch sizes it is for.
-    bench_splitk) step bench_splitk 90 $PY benchmarks/bench_gemm.py --dtype fp16 --group-size 128 --m 1 4 16 32 \
-                    --splits 2 4 8 --out "$OUT/RESULTS_gpu.md" ;;
+    # The split-K GEMV beside the plain one at the batch sizes it is for, on down projections (K > N) and
+    # square layers; * marks what the dispatch picks.
+    bench_splitk) step bench_splitk 90 $PY benchmarks/bench_gemm.py --dtype fp16 --group-size 128 --m 1 4 8 16 32 \
+                    --splits 2 4 8 --shapes 4864x896 8960x1536 11008x4096 14336x4096 18944x3584 13824x5120 \
+                    28672x8192 4096x4096 --out "$OUT/RESULTS_gpu.md" ;;
     kv_test_gpu) step kv_test_gpu 60 $PY -m pytest tests/test_kv_kernels_gpu.py -q -p no:cacheprovider -rfs --tb=line ;;
     # Every method with its blocks on the GPU, against the same run on the CPU (tiny models).
     pipeline_gpu) step pipeline_gpu 150 $PY -m pytest tests/test_pipeline_gpu.py -q -p no:cacheprovider -rfs --tb=short ;;
@@ -59,7 +61,10 @@ run_step() {
     bench_gemm_fp16) step bench_gemm_fp16 120 $PY benchmarks/bench_gemm.py --dtype fp16 --group-size 128 \
                        --m 1 4 16 32 64 128 256 1024 \
                        --out "$OUT/RESULTS_gpu.md" ;;
-    bench_decode) step bench_decode 80 $PY benchmarks/bench_decode.py --batch 1 8 32 --steps 64 --out "$OUT/RESULTS_gpu.md" ;;
+    bench_decode) step bench_decode 80 $PY benchmarks/bench_decode.py --batch 1 8 32 --steps 64 --split-k-ablation \
+                    --out "$OUT/RESULTS_gpu.md"
+                  step bench_decode_qwen 60 $PY benchmarks/bench_decode.py --shape qwen2.5-1.5b --batch 1 8 16 \
+                    --steps 64 --split-k-ablation --out "$OUT/RESULTS_gpu.md" ;;
     kv_bench) step kv_bench 90 $PY benchmarks/bench_kv.py --sections decode --device cuda --decode-layers 8 \
                 --out "$OUT/RESULTS_gpu.md" ;;
     bench_gemm_bf16) step bench_gemm_bf16 45 $PY benchmarks/bench_gemm.py --dtype bf16 --group-size 128 --m 1 16 256 1024 \

@@ -11,7 +11,7 @@ from __future__ import annotations
 import datetime
 import gc
 import sys
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +20,7 @@ from torch import nn
 
 from quant.errors import QtoolError
 from quant.formats import PackedWeight
-from quant.kernels import loader
+from quant.kernels import dispatch, loader
 from quant.modules import QuantLinear
 
 
@@ -31,6 +31,11 @@ class Shape:
     layers: int = 32
     heads: int = 32
     vocab: int = 32000
+
+
+# Decoder widths to time (multi-head attention throughout: the KV projections' width differs from the real
+# Qwen's 2 KV heads, the MLP and the 16-bit head do not).
+SHAPES = {"llama-7b": Shape(), "qwen2.5-1.5b": Shape(hidden=1536, intermediate=8960, layers=28, heads=12, vocab=151936)}
 
 
 def make_linear(in_f: int, out_f: int, int4: bool, group_size: int) -> nn.Module:
@@ -121,7 +126,7 @@ def linear_weight_bytes(model: nn.Module) -> int:
     for mod in model.modules():
         if isinstance(mod, QuantLinear):
             total += sum(b.numel() * b.element_size() for b in mod.buffers() if not b.is_meta)
-            for kw, bias in (v for k, v in mod.kernel_cache.items() if isinstance(k, tuple)):
+            for kw, bias in (v for k, v in mod.kernel_cache.items() if isinstance(k, tuple) and k[0] == "tile32"):
                 total += sum(t.numel() * t.element_size() for t in (kw.qweight, kw.scales, kw.zeros) if t is not None)
         elif isinstance(mod, nn.Linear) and mod.out_features != model.head.out_features:
             total += mod.weight.numel() * mod.weight.element_size()
@@ -170,21 +175,38 @@ def run(s: Shape, int4: bool, batch: int, g: int, prompt: int, steps: int) -> Re
     return res
 
 
-def decode_report(layers: int = 32, batches=(1, 8, 32), group_size: int = 128, prompt: int = 512,
-                  steps: int = 64) -> str:
-    """Markdown: device, date and command, the fp16 and int4 rows per batch size, and their ratios."""
+def decode_report(layers: int | None = 32, batches=(1, 8, 32), group_size: int = 128, prompt: int = 512,
+                  steps: int = 64, *, shape: str = "llama-7b", split_k_ablation: bool = False) -> str:
+    """Markdown: device, date and command, the fp16 and int4 rows per batch size, and their ratios.
+
+    ``shape`` names a :data:`SHAPES` entry (``layers`` None: its own depth); ``split_k_ablation`` adds an
+    int4 row with the split-K GEMV switched off (the same weights' layout, the plain GEMV at every M), the
+    baseline of the split-K dispatch in the same run."""
     if not torch.cuda.is_available():
         raise QtoolError("the decode benchmark needs a CUDA GPU and torch sees none")
     why = loader.load_library()
     if why is not None:
         raise QtoolError(f"the decode benchmark needs the compiled kernels: {why}")
-    s = Shape(layers=layers)
-    results = [run(s, int4, b, group_size, prompt, steps) for b in batches for int4 in (False, True)]
+    if shape not in SHAPES:
+        raise QtoolError(f"shape {shape!r}: the decode benchmark knows {', '.join(SHAPES)}")
+    s = SHAPES[shape] if layers is None else replace(SHAPES[shape], layers=layers)
+    results, ratios = [], []
+    for b in batches:
+        fp16, int4 = run(s, False, b, group_size, prompt, steps), run(s, True, b, group_size, prompt, steps)
+        results += [fp16, int4]
+        ratios.append(f"batch {b}: int4/fp16 decode {int4.decode_tok_s / fp16.decode_tok_s:.2f}x, "
+                      f"weights {int4.linear_weight_gib / fp16.linear_weight_gib:.1%}")
+        if split_k_ablation:
+            saved, dispatch.SPLITK_MAX_M = dispatch.SPLITK_MAX_M, 0
+            try:
+                plain = replace(run(s, True, b, group_size, prompt, steps), model="int4 no split-K")
+            finally:
+                dispatch.SPLITK_MAX_M = saved
+            results.append(plain)
+            ratios[-1] += f"; split-K on/off decode {int4.decode_tok_s / plain.decode_tok_s:.3f}x"
     table = tabulate([asdict(r) for r in results], headers="keys", floatfmt=".4g", tablefmt="github")
-    ratios = [f"batch {f.batch}: int4/fp16 decode {i.decode_tok_s / f.decode_tok_s:.2f}x, "
-              f"weights {i.linear_weight_gib / f.linear_weight_gib:.1%}" for f, i in zip(results[::2], results[1::2])]
     props = torch.cuda.get_device_properties(0)
-    head = (f"## decode: Llama-7B shape, {layers} layers, group {group_size}, prompt {prompt}, {steps} decode steps\n\n"
+    head = (f"## decode: {shape} shape, {s.layers} layers, group {group_size}, prompt {prompt}, {steps} decode steps\n\n"
             f"- device: {props.name} ({props.multi_processor_count} SMs), torch {torch.__version__}, "
             f"CUDA {torch.version.cuda}\n- date: {datetime.datetime.now().isoformat(timespec='seconds')}\n"
             f"- command: `{' '.join(['python'] + sys.argv)}`\n")

@@ -99,8 +99,9 @@ class QuantLinear(nn.Module):
         return True
 
     def _kernel_entry(self):
-        """``(tile32 weight, bias)`` of the kernel-layout copy, or None (tuple keys; see dispatch.prepare_cuda)."""
-        return next((v for k, v in self.kernel_cache.items() if isinstance(k, tuple)), None)
+        """``(tile32 weight, bias)`` of the kernel-layout copy, or None (keys ``("tile32", ...)``; see
+        dispatch.prepare_cuda)."""
+        return next((v for k, v in self.kernel_cache.items() if isinstance(k, tuple) and k[0] == "tile32"), None)
 
     def _kernel_copy(self):
         return self._kernel_entry()[0]
@@ -149,6 +150,10 @@ class QuantLinear(nn.Module):
                                      kw.out_features, kw.in_features)
             bias = None if bias is None else fn(bias)
             self.kernel_cache = {("tile32", kw.scales.dtype, str(kw.scales.device)): (kw, bias)}
+            if self.out_features % 32 == 0:  # the split-K GEMV's counters, made before any graph capture
+                from quant.kernels import dispatch
+
+                dispatch.splitk_counters(self, kw.scales.device)
             return self
         # Moving or casting the module invalidates kernel-layout copies.
         self.kernel_cache = {}

@@ -155,15 +155,13 @@ def test_ops_pass_opcheck_and_fake_shapes():
         assert meta.shape == (3, 128) and meta.dtype == torch.bfloat16
 
 
-def test_split_k_gemv_op_schema_cpu_kernel_and_counters():
+def test_split_k_gemv_op_schema_and_cpu_kernel():
     """The split-K GEMV op: its CPU kernel is the reference whatever the split count, it passes opcheck (the
-    counters declared as written), its fake kernel gives [M, N]; its counters are one zeroed set per device and
-    stream, grown for a wider layer."""
+    counters declared as written), its fake kernel gives [M, N], and it refuses what the CUDA binding refuses."""
     pw = random_packed(128, 256, 64)
     kw = layout.repack(pw, torch.float32)
     x = torch.randn(5, 256)
-    counters = ops.splitk_counters(128, torch.device("cpu"))
-    assert counters.dtype == torch.int32 and counters.shape == (4,) and not counters.any()
+    counters = torch.zeros(4, dtype=torch.int32)
     fn = torch.ops.qtool.w4a16_gemv_splitk.default
     want = torch.ops.qtool.w4a16_gemv(x, kw.qweight, kw.scales, kw.zeros, None, 64)
     for splits in (1, 3):
@@ -171,19 +169,53 @@ def test_split_k_gemv_op_schema_cpu_kernel_and_counters():
     torch.library.opcheck(fn, (x, kw.qweight, kw.scales, kw.zeros, None, 64, 2, counters))
     meta = fn(x.to("meta"), kw.qweight.to("meta"), kw.scales.to("meta"), None, None, 64, 2, counters.to("meta"))
     assert meta.shape == (5, 128)
-    assert ops.splitk_counters(64, torch.device("cpu")) is counters  # narrower: the same set
-    wider = ops.splitk_counters(4096, torch.device("cpu"))
-    assert wider.shape == (128,) and ops.splitk_counters(128, torch.device("cpu")) is wider
-    # The GPU's refusals hold on the CPU too.
     for splits in (0, 65):
         with pytest.raises(ValueError, match=f"splits={splits} must be in"):
             fn(x, kw.qweight, kw.scales, kw.zeros, None, 64, splits, counters)
     for bad in (counters[:3], counters.float(), counters.reshape(2, 2)):
         with pytest.raises(ValueError, match="counters must be int32"):
             fn(x, kw.qweight, kw.scales, kw.zeros, None, 64, 2, bad)
-    for n in (0, 48, -32):
-        with pytest.raises(ValueError, match="positive multiple of 32"):
-            ops.splitk_counters(n, torch.device("cpu"))
+
+
+@pytest.mark.parametrize("m,n,k,sms,want", [
+    (1, 1536, 8960, 132, 8),     # Qwen2.5-1.5B down_proj: 48 strips, K = 5.8 N
+    (16, 896, 4864, 132, 8),     # Qwen2.5-0.5B down_proj
+    (1, 4096, 14336, 132, 4),    # Llama-3-8B / InternLM2.5-7B down_proj: 128 strips
+    (8, 5120, 13824, 132, 4),    # 160 strips: still within 1.25 waves
+    (9, 4096, 14336, 132, 2),    # M = 9-16: fewer splits past 64 strips
+    (16, 3584, 18944, 132, 2),
+    (17, 4096, 14336, 132, 1),   # M > 16: the plain GEMV
+    (1, 4096, 4096, 132, 1),     # K < 2N: won under 6% at best
+    (1, 14336, 4096, 132, 1),    # gate/up: lost
+    (1, 8192, 28672, 132, 1),    # 256 strips, about two waves already: lost
+    (1, 8192, 28672, 256, 4),    # the same layer on a GPU with about twice the SMs
+    (1, 1536, 8960, 0, 1),       # no GPU named: never split
+])
+def test_gemv_splits_follows_the_measured_rule(m, n, k, sms, want):
+    assert dispatch.gemv_splits(m, n, k, sms) == want
+
+
+def test_dispatch_picks_split_k_only_with_the_gpus_sm_count():
+    down = QuantLinear.from_packed(random_packed(256, 2048, 128), None, "awq")  # 8 strips, K = 8 N
+    assert dispatch.cuda_kernel_for(1, down) == ("w4a16_gemv", None)  # sms not given: never split
+    assert dispatch.cuda_kernel_for(1, down, sms=132) == (ops.SPLITK_OP, None)
+    assert dispatch.cuda_kernel_for(16, down, sms=132) == (ops.SPLITK_OP, None)
+    assert dispatch.cuda_kernel_for(17, down, sms=132) == ("w4a16_gemv", None)
+    assert dispatch.cuda_kernel_for(dispatch.DEQUANT_MIN_M, down, sms=132) == ("w4a16_dequant", None)
+    square = QuantLinear.from_packed(random_packed(256, 256, 128), None, "awq")
+    assert dispatch.cuda_kernel_for(1, square, sms=132) == ("w4a16_gemv", None)
+
+
+def test_split_k_counters_are_per_layer_zeroed_and_made_by_prepare():
+    a = QuantLinear.from_packed(random_packed(256, 2048, 128), None, "awq")
+    b = QuantLinear.from_packed(random_packed(256, 2048, 128), None, "awq")
+    dispatch.prepare_cuda(a, torch.float16, torch.device("cpu"))
+    assert ("splitk_counters", "cpu") in a.kernel_cache  # before any capture
+    ca = dispatch.splitk_counters(a, torch.device("cpu"))
+    assert ca.dtype == torch.int32 and ca.shape == (8,) and not ca.any()
+    assert dispatch.splitk_counters(a, "cpu") is ca
+    assert dispatch.splitk_counters(b, "cpu") is not ca  # layers never share a set
+    assert set(a.state_dict()) == {"qweight", "qzeros", "scales"}  # not a buffer: never saved
 
 
 @pytest.mark.parametrize("fmt", ["awq", "gptq"])

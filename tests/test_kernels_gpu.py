@@ -186,10 +186,17 @@ def _layer(n: int, k: int, g: int) -> QuantLinear:
     return QuantLinear.from_packed(cpu, torch.randn(n).half(), "awq").cuda()
 
 
-@pytest.mark.parametrize("m", [1, 48, 256])  # gemv, gemm, dequant + cuBLAS
-def test_cuda_graph_capture_and_replay(m):
-    layer = _layer(4096, 4096, 128)
-    x = torch.randn(m, 4096, device="cuda", dtype=torch.float16)
+GRAPH_CASES = [(1, 4096, 4096, "w4a16_gemv"), (48, 4096, 4096, "w4a16_gemm"), (256, 4096, 4096, "w4a16_dequant"),
+               (1, 1536, 8960, "w4a16_gemv_splitk"), (16, 4096, 14336, "w4a16_gemv_splitk")]
+
+
+@pytest.mark.parametrize("m,n,k,op", GRAPH_CASES, ids=[f"{op}_m{m}" for m, n, k, op in GRAPH_CASES])
+def test_cuda_graph_capture_and_replay(m, n, k, op):
+    """Each path the dispatch takes, captured in a CUDA graph and replayed on fresh inputs, against the
+    float32 reference (the split-K GEMV's counters and workspace inside the graph)."""
+    layer = _layer(n, k, 128)
+    x = torch.randn(m, k, device="cuda", dtype=torch.float16)
+    assert dispatch.choose_path(x, layer) == ("cuda:" + op, None)
     dispatch.prepare_cuda(layer, x.dtype, x.device)  # repack before capture: nothing allocated inside
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
@@ -199,17 +206,32 @@ def test_cuda_graph_capture_and_replay(m):
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         y = layer(x)
+    w_ref = layer.packed_weight().dequantize(torch.float32).cuda()
     for _ in range(3):
         x.copy_(torch.randn_like(x))
         y.fill_(float("nan"))
         graph.replay()
         torch.cuda.synchronize()
-        check(y, layer(x).float(), torch.float16, f"graph replay m={m}")
+        check(y, x.float() @ w_ref.T + layer.bias.float(), torch.float16, f"graph replay {op} m={m}")
+    assert not dispatch.splitk_counters(layer, x.device).any()
+
+
+def test_split_k_dispatch_matches_the_plain_gemv():
+    """A down projection at decode sizes goes through the split-K GEMV and gives what the plain GEMV gives
+    (to float32 rounding of a different summation order), for both dtypes."""
+    layer = _layer(896, 4864, 128)
+    for dtype in (torch.float16, torch.bfloat16):
+        kw, bias = dispatch.prepare_cuda(layer, dtype, torch.device("cuda"))
+        for m in (1, 5, 16):
+            x = torch.randn(2, m, 4864, device="cuda", dtype=dtype)[0]
+            assert dispatch.choose_path(x, layer)[0] == "cuda:w4a16_gemv_splitk"
+            plain = torch.ops.qtool.w4a16_gemv(x, kw.qweight, kw.scales, kw.zeros, bias, kw.group_size)
+            check(layer(x), plain.float(), dtype, f"split-K dispatch m={m} {dtype}")
 
 
 def test_torch_compile():
     layer = _layer(4096, 4096, 64)
-    model = torch.nn.Sequential(layer, torch.nn.SiLU())
+    model = torch.nn.Sequential(layer, torch.nn.SiLU(), _layer(1024, 4096, 64))  # the last one split-K at m <= 16
     compiled = torch.compile(model)
     for m in (1, 8, 40, 300):
         x = torch.randn(m, 4096, device="cuda", dtype=torch.bfloat16)

@@ -14,9 +14,10 @@ dtype, bit-identical to the weights the two fused ops multiply by (for a cuBLAS 
 
 ``qtool::w4a16_gemv_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters)`` is
 ``w4a16_gemv`` with K split over ``splits`` (1..64) CTAs per 32 outputs, the partial sums added
-in a fixed order by the last CTA of each strip; ``counters`` (int32 ``[>= N/32]``, all 0, one
-set per CUDA stream: :func:`splitk_counters`) is left all 0. Not dispatched to yet: it is timed
-beside ``w4a16_gemv`` (``benchmarks/bench_gemm.py --splits``) until a GPU run says where it wins.
+in a fixed order by the last CTA of each strip; ``counters`` (int32 ``[>= N/32]``, all 0, not shared
+with a launch that may run at the same time: :func:`quant.kernels.dispatch.splitk_counters` keeps
+one set per layer) is left all 0. The dispatch picks it where :func:`quant.kernels.dispatch.gemv_splits`
+says it beats ``w4a16_gemv``.
 """
 from __future__ import annotations
 
@@ -74,24 +75,6 @@ def _cpu_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters):
 
 torch.library.register_fake(f"qtool::{SPLITK_OP}", _fake_splitk, lib=_lib)
 _lib.impl(SPLITK_OP, _cpu_splitk, "CPU")
-_counters: dict[tuple, torch.Tensor] = {}
-
-
-def splitk_counters(n: int, device: torch.device) -> torch.Tensor:
-    """The zeroed int32 counters ``[n / 32]`` that ``w4a16_gemv_splitk`` needs for ``n`` outputs (a positive
-    multiple of 32), one set per (device, current stream), grown as wider layers come; the kernel leaves them 0.
-    Raises ValueError for another ``n``."""
-    if not isinstance(n, int) or n <= 0 or n % 32:
-        raise ValueError(f"n={n!r} outputs: the split-K GEMV takes a positive multiple of 32")
-    device = torch.device(device)
-    if device.type == "cuda" and device.index is None:
-        device = torch.device("cuda", torch.cuda.current_device())
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
-    key = (str(device), stream)
-    have = _counters.get(key)
-    if have is None or have.numel() < n // 32:
-        have = _counters[key] = torch.zeros(n // 32, dtype=torch.int32, device=device)
-    return have
 
 
 DEQUANT_OP = "w4a16_dequant"
