@@ -155,6 +155,34 @@ def test_ops_pass_opcheck_and_fake_shapes():
         assert meta.shape == (3, 128) and meta.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("device", ["cpu", "meta"])
+def test_ops_refuse_what_the_cuda_binding_refuses(device):
+    """The CPU and fake kernels refuse the operands the CUDA binding refuses, naming the operand (they used to
+    broadcast wrong-shaped scales, take M > 32 in the GEMV and give any shape on meta tensors)."""
+    kw = layout.repack(random_packed(128, 256, 64), torch.float32)
+    x = torch.randn(5, 256)
+    to = lambda *ts: [None if t is None else t.to(device) for t in ts]  # noqa: E731
+    gemv, gemm = torch.ops.qtool.w4a16_gemv, torch.ops.qtool.w4a16_gemm
+    cases = [
+        (gemv, (x[:, :, None], kw.qweight, kw.scales, kw.zeros, None, 64), "x must be 2-D"),
+        (gemv, (x[:, :128], kw.qweight, kw.scales, kw.zeros, None, 64), "qweight covers K=256 but x has K=128"),
+        (gemv, (x, kw.qweight.reshape(8, 4, 32, 4)[:, :, :, :2], kw.scales, kw.zeros, None, 64), "qweight must be"),
+        (gemv, (x, kw.qweight, kw.scales[:1], kw.zeros, None, 64), r"scales must be \[K/group_size, N\] = \[4, 128\]"),
+        (gemv, (x, kw.qweight, kw.scales, kw.zeros[:, :64], None, 64), "zeros must be"),
+        (gemv, (x, kw.qweight, kw.scales, kw.zeros, torch.randn(64), 64), "bias must be \\[N\\] with N=128"),
+        (gemv, (x, kw.qweight, kw.scales, kw.zeros, None, 96), "divisible by group_size 96"),
+        (gemv, (torch.randn(33, 256), kw.qweight, kw.scales, kw.zeros, None, 64), r"M=33 must be in \[1, 32\]"),
+        (gemm, (torch.randn(33, 256), kw.qweight, kw.scales, kw.zeros, None, 64), None),  # the GEMM takes any M
+    ]
+    for op, args, match in cases:
+        args = (*to(*args[:5]), args[5])
+        if match is None:
+            assert op(*args).shape == (33, 128)
+        else:
+            with pytest.raises(ValueError, match=match):
+                op(*args)
+
+
 def test_split_k_gemv_op_schema_and_cpu_kernel():
     """The split-K GEMV op: its CPU kernel is the reference whatever the split count, it passes opcheck (the
     counters declared as written), its fake kernel gives [M, N], and it refuses what the CUDA binding refuses."""

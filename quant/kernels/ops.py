@@ -34,18 +34,50 @@ for _name in OP_NAMES:
     _lib.define(_name + _SCHEMA)
 
 
-def _fake(x, qweight, scales, zeros, bias, group_size):
-    # [M, K] -> [M, N]; N = 32 * qweight.shape[1].
-    return x.new_empty((x.shape[0], qweight.shape[1] * 32))
+def check_operands(op: str, x, qweight, scales, zeros, bias, group_size: int) -> None:
+    """The CUDA binding's shape refusals (csrc/binding.cpp: x [M, K], qweight int32 [K/32, N/32, 32, 4],
+    scales and zeros [K/group_size, N], bias [N], then the kernel's own shape check), made by the CPU and fake
+    kernels too, so that code tried on the CPU or traced fails as it would on a GPU. Raises ValueError naming
+    the operand; dtypes, devices and alignment stay the binding's alone (the CPU kernels take float32 too)."""
+    if x.dim() != 2:
+        raise ValueError(f"qtool: {op}: x must be 2-D [M, K], got {x.dim()} dims")
+    if qweight.dtype != torch.int32 or qweight.dim() != 4 or tuple(qweight.shape[2:]) != (32, 4):
+        raise ValueError(f"qtool: {op}: qweight must be int32 [K/32, N/32, 32, 4] (the qtool-tile32 layout), got "
+                         f"{qweight.dtype} {list(qweight.shape)}")
+    m, k = x.shape
+    n = qweight.shape[1] * 32
+    if qweight.shape[0] * 32 != k:
+        raise ValueError(f"qtool: {op}: qweight covers K={qweight.shape[0] * 32} but x has K={k}")
+    if group_size <= 0 or k % group_size:
+        raise ValueError(f"qtool: {op}: K={k} must be divisible by group_size {group_size} (per channel: pass K)")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is not None and tuple(t.shape) != (k // group_size, n):
+            raise ValueError(f"qtool: {op}: {name} must be [K/group_size, N] = [{k // group_size}, {n}], got "
+                             f"{list(t.shape)}")
+    if bias is not None and tuple(bias.shape) != (n,):
+        raise ValueError(f"qtool: {op}: bias must be [N] with N={n}, got {list(bias.shape)}")
+    why = (gemm_shape_check if op == "w4a16_gemm" else gemv_shape_check)(m, n, k, group_size)
+    if why:
+        raise ValueError(f"qtool: {op}: {why}")
 
 
-def _cpu(x, qweight, scales, zeros, bias, group_size):
-    return reference.tile32_linear(x, qweight, scales, zeros, bias, group_size)
+def _fake_for(op: str):
+    def fake(x, qweight, scales, zeros, bias, group_size):
+        check_operands(op, x, qweight, scales, zeros, bias, group_size)
+        return x.new_empty((x.shape[0], qweight.shape[1] * 32))  # [M, K] -> [M, N]
+    return fake
+
+
+def _cpu_for(op: str):
+    def cpu(x, qweight, scales, zeros, bias, group_size):
+        check_operands(op, x, qweight, scales, zeros, bias, group_size)
+        return reference.tile32_linear(x, qweight, scales, zeros, bias, group_size)
+    return cpu
 
 
 for _name in OP_NAMES:
-    torch.library.register_fake(f"qtool::{_name}", _fake, lib=_lib)
-    _lib.impl(_name, _cpu, "CPU")
+    torch.library.register_fake(f"qtool::{_name}", _fake_for(_name), lib=_lib)
+    _lib.impl(_name, _cpu_for(_name), "CPU")
 
 SPLITK_OP = "w4a16_gemv_splitk"
 GEMV_MAX_SPLITS = 64
@@ -65,12 +97,12 @@ def _check_splitk(qweight, splits, counters) -> None:
 
 def _fake_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters):
     _check_splitk(qweight, splits, counters)
-    return _fake(x, qweight, scales, zeros, bias, group_size)
+    return _fake_for(SPLITK_OP)(x, qweight, scales, zeros, bias, group_size)
 
 
 def _cpu_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters):
     _check_splitk(qweight, splits, counters)
-    return _cpu(x, qweight, scales, zeros, bias, group_size)
+    return _cpu_for(SPLITK_OP)(x, qweight, scales, zeros, bias, group_size)
 
 
 torch.library.register_fake(f"qtool::{SPLITK_OP}", _fake_splitk, lib=_lib)
