@@ -136,8 +136,9 @@ def quantize(
     settings = asdict(cfg)
     if settings["calib_data"] and Path(settings["calib_data"]).exists():  # the file, not the path as typed
         settings["calib_data"] = str(Path(settings["calib_data"]).resolve())
-    if replay is not None:  # a replay reads the file block by block: its content, too
+    if replay is not None:  # a replay reads the file block by block: its content is the key, not where it lies
         settings["awq"]["search_digest"] = resume.file_digest(replay)
+        settings["awq"]["search_file"] = None
     key = resume.run_key(settings, dev.type, source_fingerprint(model_dir))
     with output.atomic_output(out, overwrite, source=model_dir, resume_key=key, restart=restart) as tmp:
         saved = resume.load(tmp)

@@ -79,7 +79,8 @@ def first_difference(old, new, path: str = "") -> str | None:
     if old == new:
         return None
     names = {"code": "qtool's code changed since", "source": "the source model's files changed since",
-             "device": f"the device kind was {old}, now {new}, in"}
+             "device": f"the device kind was {old}, now {new}, in",
+             "settings.awq.search_digest": "the replayed search file (--apply-search) holds another search than in"}
     if path in names:
         return f"{names[path]} the stopped run"
     return f"{path.removeprefix('settings.')} was {old!r} in the stopped run, {new!r} now"

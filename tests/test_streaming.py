@@ -541,11 +541,20 @@ def test_a_stopped_replay_is_not_resumed_with_another_search_in_the_same_file(tm
     kw = dict(method="awq", bits=4, group_size=32, awq=AWQOptions(search_file=str(search)))
     assert run_killed(src, tmp_path / "out", 2, **kw) == -9
     shutil.copyfile(tmp_path / "b" / SEARCH_FILE, search)  # same path, another search
-    with pytest.raises(quant.QtoolError, match="search_digest"):
+    with pytest.raises(quant.QtoolError, match=r"the replayed search file \(--apply-search\) holds another search "
+                                               "than in the stopped run"):
         quant.quantize(src, tmp_path / "out", progress=False, **kw)
     assert not (tmp_path / "out").exists()
-    quant.quantize(src, tmp_path / "out", progress=False, restart=True, **kw)
-    quant.quantize(src, tmp_path / "whole", progress=False, **kw)
+    # The same search moved elsewhere: the stopped run resumes (the key holds the content, not the path).
+    shutil.copyfile(tmp_path / "a" / SEARCH_FILE, search)
+    moved = tmp_path / "elsewhere" / "moved.safetensors"
+    moved.parent.mkdir()
+    shutil.move(search, moved)
+    report = quant.quantize(src, tmp_path / "out", progress=False, awq=AWQOptions(search_file=str(moved)),
+                            **{k: v for k, v in kw.items() if k != "awq"})
+    assert report.resumed_from == 2
+    quant.quantize(src, tmp_path / "whole", progress=False, awq=AWQOptions(search_file=str(moved)),
+                   **{k: v for k, v in kw.items() if k != "awq"})
     assert file_digests(tmp_path / "out") == file_digests(tmp_path / "whole")
 
 
