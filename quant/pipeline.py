@@ -128,9 +128,10 @@ def quantize(
     arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
     replay = None  # the search file a replay reads, resolved once (a folder names the one inside it)
     if cfg.method == "awq" and cfg.awq.search_file:  # a missing search file: one sentence, before any work
-        from quant.awq import search_path
+        from quant.awq.search_file import check_readable, search_path
 
         replay = search_path(cfg.awq.search_file).resolve()
+        check_readable(replay)  # before --restart removes a stopped run: a damaged file must not cost it
         cfg = cfg.with_(awq=replace(cfg.awq, search_file=str(replay)))
     dev = model_io.parse_device(device)
     settings = asdict(cfg)

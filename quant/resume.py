@@ -78,9 +78,14 @@ def first_difference(old, new, path: str = "") -> str | None:
         return None
     if old == new:
         return None
+    if path == "settings.awq.search_digest":  # the key holds the replayed file's content, not its path
+        if old is None:
+            return "the stopped run searched and this one replays a search file (--apply-search)"
+        if new is None:
+            return "the stopped run replayed a search file (--apply-search) and this one searches"
+        return "the search file given to --apply-search holds another search than the stopped run replayed"
     names = {"code": "qtool's code changed since", "source": "the source model's files changed since",
-             "device": f"the device kind was {old}, now {new}, in",
-             "settings.awq.search_digest": "the replayed search file (--apply-search) holds another search than in"}
+             "device": f"the device kind was {old}, now {new}, in"}
     if path in names:
         return f"{names[path]} the stopped run"
     return f"{path.removeprefix('settings.')} was {old!r} in the stopped run, {new!r} now"
@@ -102,8 +107,8 @@ def check_partial(folder: Path, key: dict, out: Path) -> None:
     """Refuse, in one sentence, to continue a partial run made with another key."""
     diff = first_difference(saved_key(folder), key)
     if diff:
-        raise QtoolError(f"{out}: a stopped run left {folder.name} beside it, but {diff}; run that same command to "
-                         "resume it, or pass --restart to start over")
+        raise QtoolError(f"{out}: a stopped run left {folder.name} beside it, but {diff}; rerun the stopped run's "
+                         "command to resume it, or pass --restart to start over")
 
 
 def _atomic_write(path: Path, write) -> None:

@@ -172,15 +172,28 @@ def test_ops_refuse_what_the_cuda_binding_refuses(device):
         (gemv, (x, kw.qweight, kw.scales, kw.zeros, torch.randn(64), 64), "bias must be \\[N\\] with N=128"),
         (gemv, (x, kw.qweight, kw.scales, kw.zeros, None, 96), "divisible by group_size 96"),
         (gemv, (torch.randn(33, 256), kw.qweight, kw.scales, kw.zeros, None, 64), r"M=33 must be in \[1, 32\]"),
-        (gemm, (torch.randn(33, 256), kw.qweight, kw.scales, kw.zeros, None, 64), None),  # the GEMM takes any M
+        (gemv, (x, kw.qweight, kw.scales, kw.zeros, None, 0), "group_size must be positive"),
+        (gemm, (torch.randn(33, 256), kw.qweight, kw.scales, kw.zeros, None, 64), None),  # the GEMM takes any M >= 1
+        (gemm, (x[:0], kw.qweight, kw.scales, kw.zeros, None, 64), "M=0 must be at least 1"),
+        (gemv, (x[:, :0], kw.qweight[:0], kw.scales[:0], kw.zeros[:0], None, 64), r"empty weight \(N=128, K=0\)"),
     ]
+    dequant = torch.ops.qtool.w4a16_dequant
+    cases += [(dequant, (kw.qweight, kw.scales[:1], kw.zeros, 64), "scales must be"),
+              (dequant, (kw.qweight, kw.scales, kw.zeros[:, :8], 64), "zeros must be"),
+              (dequant, (kw.qweight.reshape(8, 128, 4), kw.scales, kw.zeros, 64), "qweight must be"),
+              (dequant, (kw.qweight, kw.scales, kw.zeros, 0), "group_size must be positive"),
+              (dequant, (kw.qweight, kw.scales[:2], kw.zeros[:2], 128), None)]  # group 128: scales [2, N]
     for op, args, match in cases:
-        args = (*to(*args[:5]), args[5])
+        args = (*to(*args[:-1]), args[-1])
         if match is None:
-            assert op(*args).shape == (33, 128)
+            assert op(*args).shape in ((33, 128), (128, 256))
         else:
             with pytest.raises(ValueError, match=match):
                 op(*args)
+    counters = torch.zeros(4, dtype=torch.int32, device=device)
+    with pytest.raises(ValueError, match="w4a16_gemv_splitk: qweight must be"):  # the operands before the counters
+        torch.ops.qtool.w4a16_gemv_splitk(*to(x, kw.qweight.reshape(8, 128, 4), kw.scales, kw.zeros, None), 64, 2,
+                                          counters)
 
 
 def test_split_k_gemv_op_schema_and_cpu_kernel():

@@ -541,10 +541,16 @@ def test_a_stopped_replay_is_not_resumed_with_another_search_in_the_same_file(tm
     kw = dict(method="awq", bits=4, group_size=32, awq=AWQOptions(search_file=str(search)))
     assert run_killed(src, tmp_path / "out", 2, **kw) == -9
     shutil.copyfile(tmp_path / "b" / SEARCH_FILE, search)  # same path, another search
-    with pytest.raises(quant.QtoolError, match=r"the replayed search file \(--apply-search\) holds another search "
-                                               "than in the stopped run"):
+    with pytest.raises(quant.QtoolError, match="the search file given to --apply-search holds another search than "
+                                               "the stopped run replayed; rerun the stopped run's command"):
         quant.quantize(src, tmp_path / "out", progress=False, **kw)
     assert not (tmp_path / "out").exists()
+    no_replay = {k: v for k, v in kw.items() if k != "awq"}
+    with pytest.raises(quant.QtoolError, match="the stopped run replayed a search file .* and this one searches"):
+        quant.quantize(src, tmp_path / "out", progress=False, n_samples=4, seqlen=32, **no_replay)
+    search.write_bytes(b"not a search file")  # refused before --restart may remove the stopped run
+    with pytest.raises(quant.QtoolError, match="is not a safetensors search results file"):
+        quant.quantize(src, tmp_path / "out", progress=False, restart=True, **kw)
     # The same search moved elsewhere: the stopped run resumes (the key holds the content, not the path).
     shutil.copyfile(tmp_path / "a" / SEARCH_FILE, search)
     moved = tmp_path / "elsewhere" / "moved.safetensors"

@@ -54,6 +54,12 @@ def _open_search(path: Path):
         yield f
 
 
+def check_readable(path: Path) -> None:
+    """Refuse, in one sentence, a file that is not a safetensors file (its header is read, no tensor)."""
+    with _open_search(path):
+        pass
+
+
 def load_search(path, prefix: str = "") -> dict[str, torch.Tensor]:
     """The search results in ``path`` (a search file, or the checkpoint folder holding it as
     :data:`quant.config.SEARCH_FILE`) whose keys start with ``prefix``, with the prefix removed.

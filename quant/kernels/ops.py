@@ -41,24 +41,35 @@ def check_operands(op: str, x, qweight, scales, zeros, bias, group_size: int) ->
     the operand; dtypes, devices and alignment stay the binding's alone (the CPU kernels take float32 too)."""
     if x.dim() != 2:
         raise ValueError(f"qtool: {op}: x must be 2-D [M, K], got {x.dim()} dims")
-    if qweight.dtype != torch.int32 or qweight.dim() != 4 or tuple(qweight.shape[2:]) != (32, 4):
-        raise ValueError(f"qtool: {op}: qweight must be int32 [K/32, N/32, 32, 4] (the qtool-tile32 layout), got "
-                         f"{qweight.dtype} {list(qweight.shape)}")
     m, k = x.shape
-    n = qweight.shape[1] * 32
+    n = _check_weight(op, qweight, scales, zeros, group_size)
     if qweight.shape[0] * 32 != k:
         raise ValueError(f"qtool: {op}: qweight covers K={qweight.shape[0] * 32} but x has K={k}")
-    if group_size <= 0 or k % group_size:
-        raise ValueError(f"qtool: {op}: K={k} must be divisible by group_size {group_size} (per channel: pass K)")
-    for name, t in (("scales", scales), ("zeros", zeros)):
-        if t is not None and tuple(t.shape) != (k // group_size, n):
-            raise ValueError(f"qtool: {op}: {name} must be [K/group_size, N] = [{k // group_size}, {n}], got "
-                             f"{list(t.shape)}")
     if bias is not None and tuple(bias.shape) != (n,):
         raise ValueError(f"qtool: {op}: bias must be [N] with N={n}, got {list(bias.shape)}")
     why = (gemm_shape_check if op == "w4a16_gemm" else gemv_shape_check)(m, n, k, group_size)
     if why:
         raise ValueError(f"qtool: {op}: {why}")
+
+
+def _check_weight(op: str, qweight, scales, zeros, group_size: int) -> int:
+    """The binding's ``check_weight``: qweight int32 [K/32, N/32, 32, 4], not empty, a positive group size dividing
+    K, scales and zeros [K/group_size, N]. Returns N."""
+    if qweight.dtype != torch.int32 or qweight.dim() != 4 or tuple(qweight.shape[2:]) != (32, 4):
+        raise ValueError(f"qtool: {op}: qweight must be int32 [K/32, N/32, 32, 4] (the qtool-tile32 layout), got "
+                         f"{qweight.dtype} {list(qweight.shape)}")
+    k, n = qweight.shape[0] * 32, qweight.shape[1] * 32
+    if n == 0 or k == 0:
+        raise ValueError(f"qtool: {op}: empty weight (N={n}, K={k})")
+    if group_size <= 0:
+        raise ValueError(f"qtool: {op}: group_size must be positive (per channel: pass K), got {group_size}")
+    if k % group_size:
+        raise ValueError(f"qtool: {op}: K={k} must be divisible by group_size {group_size}")
+    for name, t in (("scales", scales), ("zeros", zeros)):
+        if t is not None and tuple(t.shape) != (k // group_size, n):
+            raise ValueError(f"qtool: {op}: {name} must be [K/group_size, N] = [{k // group_size}, {n}], got "
+                             f"{list(t.shape)}")
+    return n
 
 
 def _fake_for(op: str):
@@ -91,16 +102,18 @@ def _check_splitk(qweight, splits, counters) -> None:
         raise ValueError(f"qtool: w4a16_gemv_splitk: splits={splits} must be in [1, {GEMV_MAX_SPLITS}]")
     n_strips = qweight.shape[1]
     if counters.dtype != torch.int32 or counters.dim() != 1 or counters.shape[0] < n_strips:
-        raise ValueError(f"qtool: counters must be int32 [>= N/32] = [{n_strips}], all 0; got {counters.dtype} "
+        raise ValueError(f"qtool: {SPLITK_OP}: counters must be int32 [>= N/32] = [{n_strips}], all 0; got {counters.dtype} "
                          f"{list(counters.shape)}")
 
 
 def _fake_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters):
+    check_operands(SPLITK_OP, x, qweight, scales, zeros, bias, group_size)  # the operands first, as the binding
     _check_splitk(qweight, splits, counters)
     return _fake_for(SPLITK_OP)(x, qweight, scales, zeros, bias, group_size)
 
 
 def _cpu_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters):
+    check_operands(SPLITK_OP, x, qweight, scales, zeros, bias, group_size)
     _check_splitk(qweight, splits, counters)
     return _cpu_for(SPLITK_OP)(x, qweight, scales, zeros, bias, group_size)
 
@@ -113,11 +126,20 @@ DEQUANT_OP = "w4a16_dequant"
 _lib.define(DEQUANT_OP + "(Tensor qweight, Tensor scales, Tensor? zeros, int group_size) -> Tensor")
 
 
+def _check_dequant(qweight, scales, zeros, group_size) -> None:
+    n = _check_weight(DEQUANT_OP, qweight, scales, zeros, group_size)
+    why = dequant_shape_check(n, qweight.shape[0] * 32, group_size)
+    if why:
+        raise ValueError(f"qtool: {DEQUANT_OP}: {why}")
+
+
 def _fake_dequant(qweight, scales, zeros, group_size):
+    _check_dequant(qweight, scales, zeros, group_size)
     return scales.new_empty((qweight.shape[1] * 32, qweight.shape[0] * 32))
 
 
 def _cpu_dequant(qweight, scales, zeros, group_size):
+    _check_dequant(qweight, scales, zeros, group_size)
     return reference.tile32_dequantize(qweight, scales, zeros, group_size)
 
 
@@ -134,6 +156,8 @@ def dequant_shape_check(n: int, k: int, group_size: int) -> str | None:
 
 def gemm_shape_check(m: int, n: int, k: int, group_size: int) -> str | None:
     """Mirror of ``gemm_check`` in csrc/w4a16_gemm.cu: None, or the constraint that failed."""
+    if m < 1:
+        return f"M={m} must be at least 1"
     if n % 128:
         return f"N={n} must be divisible by 128"
     if k % 64:
