@@ -78,9 +78,9 @@ def bench_shape(k: int, n: int, ms, dtype, g: int, copy_bw: float, splits=()) ->
         flops = 2 * m * n * k
         chosen, why = dispatch.cuda_kernel_for(m, _Shape(n, k, g), sms=sms)
         assert chosen, why
-        if chosen == ops.SPLITK_OP:
-            chosen = f"qtool gemv split-K {dispatch.gemv_splits(m, n, k, sms)}"
-            splits = sorted({*splits, int(chosen.split()[-1])})
+        if chosen == ops.SPLITK_OP:  # timed at the dispatch's count too, and marked there
+            picked = dispatch.gemv_splits(m, n, k, sms)
+            chosen, splits = f"qtool gemv split-K {picked}", sorted({*splits, picked})
         impls = {}
         # Rotate through enough copies of weights and inputs that no call finds its operands in L2.
         r = rotation_count(int4_bytes + act_bytes, cap=512)

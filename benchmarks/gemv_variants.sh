@@ -21,8 +21,9 @@ SHAPES="4096x4096 4096x14336 8192x28672 14336x4096 8960x1536"
 VARIANTS=("$@")
 ((${#VARIANTS[@]})) || VARIANTS=(tree patch:benchmarks/kernel_variants/gemv_prefetch.patch)
 LAST=${VARIANTS[-1]}
+tag() { echo "$1" | sed 's#.*/##; s/[^A-Za-z0-9_.-]/_/g'; }  # a variant's name for file names
 for u in "${VARIANTS[@]}"; do
-  tag=$(echo "$u" | sed 's#.*/##; s/[^A-Za-z0-9_.-]/_/g')  # for file names
+  tag=$(tag "$u")
   case $u in
     tree) cp "$ORIG" "$SRC" ;;
     base) cp .gemv_base/w4a16_gemv.cu "$SRC" || { echo "base: no .gemv_base/w4a16_gemv.cu"; continue; } ;;
@@ -65,7 +66,7 @@ PYEOF
   fi
 done
 for u in "${VARIANTS[@]}"; do
-  tag=$(echo "$u" | sed 's#.*/##; s/[^A-Za-z0-9_.-]/_/g')
+  tag=$(tag "$u")
   echo "== $u (us; * = dispatched)"
   grep -E "^\|\s+[0-9]" "$OUT/$tag.md" 2>/dev/null | awk -F'|' '$5 ~ /qtool gemv/ {printf "%s x %s m=%s %-22s %s\n",$2,$3,$4,$5,$6}'
 done

@@ -73,15 +73,19 @@ def _check_weight(op: str, qweight, scales, zeros, group_size: int) -> int:
 
 
 def _fake_for(op: str):
-    def fake(x, qweight, scales, zeros, bias, group_size):
+    def fake(x, qweight, scales, zeros, bias, group_size, *splitk):  # splitk: (splits, counters) of the split-K op
         check_operands(op, x, qweight, scales, zeros, bias, group_size)
+        if splitk:
+            _check_splitk(qweight, *splitk)
         return x.new_empty((x.shape[0], qweight.shape[1] * 32))  # [M, K] -> [M, N]
     return fake
 
 
 def _cpu_for(op: str):
-    def cpu(x, qweight, scales, zeros, bias, group_size):
+    def cpu(x, qweight, scales, zeros, bias, group_size, *splitk):  # the reference whatever the split count
         check_operands(op, x, qweight, scales, zeros, bias, group_size)
+        if splitk:
+            _check_splitk(qweight, *splitk)
         return reference.tile32_linear(x, qweight, scales, zeros, bias, group_size)
     return cpu
 
@@ -106,20 +110,8 @@ def _check_splitk(qweight, splits, counters) -> None:
                          f"{list(counters.shape)}")
 
 
-def _fake_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters):
-    check_operands(SPLITK_OP, x, qweight, scales, zeros, bias, group_size)  # the operands first, as the binding
-    _check_splitk(qweight, splits, counters)
-    return _fake_for(SPLITK_OP)(x, qweight, scales, zeros, bias, group_size)
-
-
-def _cpu_splitk(x, qweight, scales, zeros, bias, group_size, splits, counters):
-    check_operands(SPLITK_OP, x, qweight, scales, zeros, bias, group_size)
-    _check_splitk(qweight, splits, counters)
-    return _cpu_for(SPLITK_OP)(x, qweight, scales, zeros, bias, group_size)
-
-
-torch.library.register_fake(f"qtool::{SPLITK_OP}", _fake_splitk, lib=_lib)
-_lib.impl(SPLITK_OP, _cpu_splitk, "CPU")
+torch.library.register_fake(f"qtool::{SPLITK_OP}", _fake_for(SPLITK_OP), lib=_lib)  # operands, then counters
+_lib.impl(SPLITK_OP, _cpu_for(SPLITK_OP), "CPU")
 
 
 DEQUANT_OP = "w4a16_dequant"
