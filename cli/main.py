@@ -5,6 +5,7 @@ import sys
 
 import click
 
+from cli.calib_cmds import COMMANDS as CALIB_COMMANDS
 from cli.eval_cmds import COMMANDS as EVAL_COMMANDS
 from cli.kv_cmds import COMMANDS as KV_COMMANDS
 from cli.quantize_cmds import COMMANDS as QUANT_COMMANDS
@@ -28,7 +29,7 @@ def app():
     """
 
 
-for _cmd in QUANT_COMMANDS + EVAL_COMMANDS + KV_COMMANDS:
+for _cmd in QUANT_COMMANDS + CALIB_COMMANDS + EVAL_COMMANDS + KV_COMMANDS:
     app.add_command(_cmd)
 
 

@@ -139,3 +139,17 @@ def print_info(info) -> None:
 def print_ppl(model_dir: str, res) -> None:
     rows = [[model_dir, f"{res.ppl:.3f}", res.n_tokens, res.n_windows, f"{res.tokens_per_s:,.0f}"]]
     click.echo(tabulate(rows, headers=["model", "perplexity", "tokens", "windows", "tokens/s"], tablefmt="github"))
+
+
+def print_self_samples(r) -> None:
+    """The summary of ``qtool self-calib`` (calib.self_samples.SamplingReport)."""
+    rows = [
+        ["sequences kept", r.kept],
+        ["redrawn (repetition loops)", r.redrawn],
+        ["tokens", f"{r.tokens:,}"],
+        ["zlib ratio of the kept text", f"median {r.median_zlib_ratio:.2f}, lowest {r.min_zlib_ratio:.2f}"],
+        *([["resumed", f"after {r.resumed_batches} finished batches of a stopped run"]] if r.resumed_batches else []),
+        ["time", f"{r.seconds:.1f} s"],
+        ["written to", f"{r.out} (give it to --calib-data)"],
+    ]
+    click.echo(tabulate(rows, tablefmt="simple"))
