@@ -123,7 +123,8 @@ def _sample_batch(model, n: int, start: int, opts: SamplingOptions, seed: int) -
 
     device = next(model.parameters()).device
     ids = torch.full((n, 1), start, dtype=torch.long, device=device)
-    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []), torch.no_grad():
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda), torch.no_grad():
         torch.manual_seed(seed)
         out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
                              top_p=opts.top_p, repetition_penalty=opts.repetition_penalty,
@@ -253,8 +254,11 @@ def write_self_samples(model_dir: str | os.PathLike, out: str | os.PathLike, opt
     finally:
         bar.close()
     tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    tmp.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
-    os.replace(tmp, dst)
+    try:
+        tmp.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+        os.replace(tmp, dst)
+    finally:
+        tmp.unlink(missing_ok=True)
     partial.unlink(missing_ok=True)
     ratios = [zlib_ratio(t) for t in texts]
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)

@@ -171,3 +171,12 @@ def test_a_quantized_checkpoint_is_refused(model, tmp_path, capsys):
     assert code == 0, err
     code, err = run_cli(["self-calib", tmp_path / "q", "-o", tmp_path / "s.txt"], capsys)
     assert_refused(code, err, "quantized checkpoint", "full-precision")
+
+
+def test_an_internlm2_folder_is_sampled_without_its_remote_code(tmp_path):
+    """LMDeploy's home family: its folder maps the model to remote code; qtool reads it through its own layout."""
+    from internlm_models import llama, save_internlm2
+
+    src = save_internlm2(llama(4, 2), tmp_path / "internlm2")
+    r = ss.write_self_samples(src, tmp_path / "s.txt", ss.SamplingOptions(n_sequences=3, new_tokens=16, batch_size=3))
+    assert r.kept == 3 and len(load_texts(tmp_path / "s.txt")) == 3
