@@ -8,10 +8,12 @@ the Hessians and AWQ's judge to that kind; on Qwen2.5-Coder-0.5B, GPTQ calibrate
 Wikipedia closed 58% of the RTN gap on Wikipedia and 3% on Python code, and with 40% of
 the windows the model's own samples, 63% and 12% (benchmarks/RESULTS.md, issue 20).
 
-Sampling (the settings of the second try in RESULTS.md): nucleus sampling (top-p 0.95)
-with a temperature that falls linearly from ``t_start`` at the first new token to
-``t_end`` at the last (high early for diverse openings, low late for coherent
-continuations), a repetition penalty, and every sequence forced to ``new_tokens`` tokens.
+Sampling (the settings of the second try in RESULTS.md): of the 50 most likely tokens, the
+nucleus of mass 0.95 (top-k, then top-p; without top-k a hot start over the whole vocabulary
+draws noise that the model then continues), a temperature that falls linearly from
+``t_start`` at the first new token to ``t_end`` at the last (high early for diverse
+openings, low late for coherent continuations), a repetition penalty, and every sequence
+forced to ``new_tokens`` tokens.
 A sequence whose text zlib compresses below ``min_zlib_ratio`` of its size is a
 repetition loop (a small model sampled freely falls into them: "here_here_here") and is
 drawn again. Batch ``b`` is drawn from its own generator seeded by ``(seed, b)``, so a run
@@ -57,6 +59,7 @@ class SamplingOptions:
     new_tokens: int = 512
     t_start: float = 1.5
     t_end: float = 0.7
+    top_k: int = 50
     top_p: float = 0.95
     repetition_penalty: float = 1.1
     min_zlib_ratio: float = 0.2
@@ -69,6 +72,7 @@ class SamplingOptions:
             (self.new_tokens >= 16, f"--tokens {self.new_tokens}: give at least 16 new tokens per sequence"),
             (0.0 < self.t_end <= self.t_start <= 10.0,
              f"temperatures {self.t_start} -> {self.t_end}: they must satisfy 0 < end <= start <= 10"),
+            (self.top_k >= 1, f"--top-k {self.top_k}: give a whole number of tokens, 1 or more"),
             (0.0 < self.top_p <= 1.0, f"--top-p {self.top_p}: give a fraction in (0, 1]"),
             (1.0 <= self.repetition_penalty <= 2.0,
              f"--repetition-penalty {self.repetition_penalty}: give a value from 1 (none) to 2"),
@@ -118,7 +122,7 @@ class _FallingTemperature:
 
 
 def _sample_batch(model, n: int, start: int, opts: SamplingOptions, seed: int) -> torch.Tensor:
-    """``[n, new_tokens]`` int64 token ids from transformers' ``generate``, its random draws seeded by ``seed`` alone."""
+    """``[n, new_tokens]`` int64 token ids from transformers' ``generate``, its draws seeded by ``seed`` alone."""
     from transformers import LogitsProcessorList
 
     device = next(model.parameters()).device
@@ -126,8 +130,8 @@ def _sample_batch(model, n: int, start: int, opts: SamplingOptions, seed: int) -
     cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda), torch.no_grad():
         torch.manual_seed(seed)
-        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0, top_k=0,
-                             top_p=opts.top_p, repetition_penalty=opts.repetition_penalty,
+        out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=True, temperature=1.0,
+                             top_k=opts.top_k, top_p=opts.top_p, repetition_penalty=opts.repetition_penalty,
                              logits_processor=LogitsProcessorList([_FallingTemperature(1, opts)]),
                              max_new_tokens=opts.new_tokens, min_new_tokens=opts.new_tokens, pad_token_id=start)
     return out[:, 1:].cpu()

@@ -129,6 +129,21 @@ def test_a_falling_temperature_samples_a_more_likely_ending(model):
     assert mean_logprob(cooling) > mean_logprob(hot) + 1.0
 
 
+def test_only_the_top_k_tokens_are_drawn(model):
+    """Over the whole vocabulary a hot start draws noise that the model then continues: top-k must reach the sampler."""
+    from quant import load_any
+
+    m, tok = load_any(model)
+    start = ss.start_token(tok, m.config)
+    opts = ss.SamplingOptions(new_tokens=24, t_start=1.5, t_end=1.5, top_k=5, top_p=1.0, repetition_penalty=1.0)
+    ids = ss._sample_batch(m, 8, start, opts, seed=0)
+    full = torch.cat([torch.full((8, 1), start), ids], 1)
+    with torch.no_grad():
+        logits = m(full).logits[:, :-1].float()
+    rank = (logits > logits.gather(2, full[:, 1:, None])).sum(-1)  # tokens the model ranks above the one drawn
+    assert int(rank.max()) < 5
+
+
 def test_cli_writes_the_file_and_prints_its_table(model, tmp_path, capsys):
     code, err, out = run_cli_out(["self-calib", model, "-o", tmp_path / "s.txt", "--n-sequences", 6, "--tokens", 16,
                                   "--batch-size", 3], capsys)
