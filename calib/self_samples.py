@@ -32,7 +32,7 @@ import os
 import statistics
 import time
 import zlib
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import torch
@@ -44,6 +44,7 @@ logger = logging.getLogger(__name__)
 
 PARTIAL_SUFFIX = ".partial.jsonl"  # finished batches of a stopped run, beside the output file
 _MAX_REDRAWS = 2  # a run gives up after redrawing more than this many times n_sequences
+MAX_BATCH = 4096
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,9 @@ class SamplingOptions:
             (1.0 <= self.repetition_penalty <= 2.0,
              f"--repetition-penalty {self.repetition_penalty}: give a value from 1 (none) to 2"),
             (0.0 <= self.min_zlib_ratio < 1.0, f"--min-zlib-ratio {self.min_zlib_ratio}: give a fraction in [0, 1)"),
-            (self.batch_size >= 1, f"--batch-size {self.batch_size}: give a whole number, 1 or more"),
+            (1 <= self.batch_size <= MAX_BATCH, f"--batch-size {self.batch_size}: give a whole number from 1 to "
+                                                f"{MAX_BATCH}"),
+            (0 <= self.seed < 2**31, f"--seed {self.seed}: give a whole number from 0 to {2**31 - 1}"),
         )
         for ok, msg in checks:
             if not ok:
@@ -137,13 +140,20 @@ def _sample_batch(model, n: int, start: int, opts: SamplingOptions, seed: int) -
     return out[:, 1:].cpu()
 
 
-def settings_key(model_dir: str | os.PathLike, opts: SamplingOptions) -> str:
-    """What a stopped run's finished batches depend on: the model's weights (by size and time) and the options."""
+def settings_key(model_dir: str | os.PathLike, opts: SamplingOptions, dtype: str, device: str) -> str:
+    """What a stopped run's finished batches depend on: the model folder (its path, config, tokenizer files and
+    weight files by size and time), the compute dtype and device, and the options other than ``n_sequences``."""
     from quant.model_io import weight_files
 
-    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(model_dir)]
-    blob = json.dumps({"files": files, "opts": {k: v for k, v in asdict(opts).items() if k != "n_sequences"}},
-                      sort_keys=True)
+    src = Path(model_dir).resolve()
+    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(src)]
+    h = hashlib.sha256()
+    for f in sorted(src.iterdir()):
+        side = f.suffix == ".json" or f.name.startswith("tokenizer")
+        if f.is_file() and side and not f.name.endswith(".index.json"):
+            h.update(f.name.encode() + b"\0" + f.read_bytes())
+    blob = json.dumps({"model": str(src), "files": files, "side": h.hexdigest(), "dtype": dtype, "device": device,
+                       "opts": {k: v for k, v in asdict(opts).items() if k != "n_sequences"}}, sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -204,66 +214,62 @@ def write_self_samples(model_dir: str | os.PathLike, out: str | os.PathLike, opt
 
     The whole model is loaded on ``device`` (``auto``: a GPU if one is visible; ``dtype`` auto: float32 on
     the CPU, the checkpoint's dtype on a GPU). Finished batches are kept in ``out`` + ``.partial.jsonl``
-    while the run goes on: a stopped run given the same command resumes from them, and ``out`` itself
-    appears only once complete (written to a temporary file, then renamed). Raises ``QtoolError`` for a
-    missing or quantized model, an output inside the model folder, an existing output without
-    ``overwrite``, or an output that is not a ``.txt`` path.
+    (locked while a run writes it) as the run goes on: a stopped run given the same command, on the same
+    model, dtype and device, resumes from them; ``out`` itself appears only once complete (written to a
+    temporary file, then renamed). Raises ``QtoolError`` for a missing or quantized model, more tokens than
+    the model has positions for, an output inside the model folder, an existing output without
+    ``overwrite``, an output that is not a ``.txt`` path or cannot be written, or another run writing the
+    same output.
     """
     import quant
     from quant.checkpoint import is_quantized_checkpoint
-    from quant.model_io import check_causal_lm
+    from quant.model_io import check_causal_lm, load_tokenizer, parse_device
 
     src, dst = Path(model_dir), Path(out)
-    check_causal_lm(src)
+    config = check_causal_lm(src)
     if is_quantized_checkpoint(src):
         raise QtoolError(f"{model_dir}: is a quantized checkpoint; self-calibration samples the full-precision "
                          "model that will be quantized: give its folder")
-    if dst.suffix.lower() != ".txt":
-        raise QtoolError(f"{out}: give a .txt output path (it becomes a --calib-data text file)")
-    if dst.resolve().is_relative_to(src.resolve()):
-        raise QtoolError(f"{out}: lies inside the model folder {model_dir}, which qtool never writes to; "
-                         "give a path outside it")
-    if dst.is_dir():
-        raise QtoolError(f"{out}: is a folder; give a .txt file path")
-    if dst.exists() and not overwrite:
-        raise QtoolError(f"{out}: already exists; give another path or --overwrite")
-    if not dst.parent.is_dir():
-        raise QtoolError(f"{out}: its folder {str(dst.parent)!r} does not exist")
-
-    key = settings_key(src, opts)
+    _check_output(src, dst, overwrite)
+    text_cfg = config.get("text_config") or config
+    max_pos = text_cfg.get("max_position_embeddings") or config.get("max_position_embeddings")
+    if max_pos and opts.new_tokens + 1 > max_pos:
+        raise QtoolError(f"--tokens {opts.new_tokens}: {model_dir} has max_position_embeddings {max_pos} (the start "
+                         f"token takes one); give --tokens {max_pos - 1} or less")
+    load_tokenizer(src)  # a folder without a usable tokenizer is refused before the record of batches is made
+    dev = parse_device(device)
+    opts = replace(opts, batch_size=min(opts.batch_size, opts.n_sequences))  # no batch larger than the run needs
+    key = settings_key(src, opts, str(dtype), str(dev))
     partial = dst.with_name(dst.name + PARTIAL_SUFFIX)
-    done = _read_partial(partial, key)
-    t0 = time.time()
-    model, tokenizer = quant.load_any(src, dtype=dtype, device=device)
-    if not done:
-        partial.write_text(json.dumps({"key": key}) + "\n")
+    with _PartialFile(partial, key) as record:
+        t0 = time.time()
+        model, tokenizer = quant.load_any(src, dtype=dtype, device=dev)
+        done = record.done
+        bar = tqdm(total=opts.n_sequences, initial=min(sum(len(r["texts"]) for r in done), opts.n_sequences),
+                   desc="self-calibration", unit="seq", disable=not progress)
+        redrawn_total = sum(r["redrawn"] for r in done)
 
-    bar = tqdm(total=opts.n_sequences, initial=min(sum(len(r["texts"]) for r in done), opts.n_sequences),
-               desc="self-calibration", unit="seq", disable=not progress)
+        def keep(rec):
+            nonlocal redrawn_total
+            record.append(rec)
+            bar.update(min(len(rec["texts"]), bar.total - bar.n))
+            redrawn_total += rec["redrawn"]
+            bar.set_postfix(redrawn=redrawn_total)
 
-    redrawn_total = sum(r["redrawn"] for r in done)
-
-    def keep(rec):
-        nonlocal redrawn_total
-        with open(partial, "a") as f:
-            f.write(json.dumps(rec) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        bar.update(min(len(rec["texts"]), bar.total - bar.n))
-        redrawn_total += rec["redrawn"]
-        bar.set_postfix(redrawn=redrawn_total)
-
-    try:
-        texts, redrawn = generate_self_samples(model, tokenizer, opts, done=done, on_batch=keep)
-    finally:
-        bar.close()
-    tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
-        os.replace(tmp, dst)
-    finally:
-        tmp.unlink(missing_ok=True)
-    partial.unlink(missing_ok=True)
+        try:
+            texts, redrawn = generate_self_samples(model, tokenizer, opts, done=done, on_batch=keep)
+        finally:
+            bar.close()
+        tmp = dst.with_name(f".{dst.name}.tmp-{os.getpid()}")
+        try:
+            tmp.write_text("\n\n".join(texts) + "\n", encoding="utf-8")
+            os.replace(tmp, dst)
+        except OSError as e:
+            raise QtoolError(f"{out}: cannot be written ({e.strerror or e}); the sampled batches are kept in "
+                             f"{partial.name}: free the space or fix the folder and rerun the same command") from None
+        finally:
+            tmp.unlink(missing_ok=True)
+        record.finished = True
     ratios = [zlib_ratio(t) for t in texts]
     tokens = sum(len(tokenizer(t, add_special_tokens=False)["input_ids"]) for t in texts)
     return SamplingReport(kept=len(texts), redrawn=redrawn, tokens=tokens, seconds=time.time() - t0,
@@ -271,26 +277,98 @@ def write_self_samples(model_dir: str | os.PathLike, out: str | os.PathLike, opt
                           min_zlib_ratio=min(ratios), out=str(dst))
 
 
-def _read_partial(partial: Path, key: str) -> list[dict]:
-    """The finished batches of a stopped run with the same model and options; [] (and a fresh start) otherwise."""
-    if not partial.is_file():
-        return []
-    lines = partial.read_text().splitlines()
-    try:
-        head = json.loads(lines[0]) if lines else {}
-    except ValueError:
-        head = {}
-    if head.get("key") != key:
-        logger.warning("%s: from a run with another model or other options; starting afresh", partial)
-        return []
-    done = []
-    for line in lines[1:]:
+def _check_output(src: Path, dst: Path, overwrite: bool) -> None:
+    if dst.suffix.lower() != ".txt":
+        raise QtoolError(f"{dst}: give a .txt output path (it becomes a --calib-data text file)")
+    if dst.resolve().is_relative_to(src.resolve()):
+        raise QtoolError(f"{dst}: lies inside the model folder {src}, which qtool never writes to; "
+                         "give a path outside it")
+    if dst.is_dir():
+        raise QtoolError(f"{dst}: is a folder; give a .txt file path")
+    if dst.exists() and not overwrite:
+        raise QtoolError(f"{dst}: already exists; give another path or --overwrite")
+    if not dst.parent.is_dir():
+        raise QtoolError(f"{dst}: its folder {str(dst.parent)!r} does not exist or is not a folder")
+    if not os.access(dst.parent, os.W_OK | os.X_OK):
+        raise QtoolError(f"{dst}: its folder {str(dst.parent)!r} is not writable; give a path in a folder you can "
+                         "write")
+
+
+class _PartialFile:
+    """The finished batches of a run beside its output: a JSON-lines file, first line ``{"key": ...}``, then one
+    record a batch. Held under an exclusive lock while a run writes it (a second run on the same output is
+    refused); records of a run with another key, and everything from the first damaged line on, are dropped
+    (the file is cut back before new records are appended). Removed once the output is complete."""
+
+    def __init__(self, path: Path, key: str):
+        self.path, self.key, self.done, self.finished = path, key, [], False
+
+    def __enter__(self):
+        import fcntl
+
         try:
-            rec = json.loads(line)
-        except ValueError:  # the last line of a run killed while writing it
-            break
-        if rec.get("batch") != len(done):
-            break
-        done.append(rec)
-    logger.warning("%s: resuming after %d finished batches", partial, len(done))
-    return done
+            self.f = open(self.path, "a+b")
+        except OSError as e:
+            raise QtoolError(f"{self.path}: the record of finished batches cannot be written there "
+                             f"({e.strerror or e}); give an output path in a folder you can write") from None
+        try:
+            fcntl.flock(self.f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except OSError:
+            self.f.close()
+            raise QtoolError(f"{self.path}: another qtool self-calib run is writing this output; wait for it "
+                             "or give another -o") from None
+        self.f.seek(0)
+        good_end = self._read(self.f.read())
+        if good_end == 0:
+            self.f.truncate(0)
+            self._write({"key": self.key})
+        else:
+            self.f.truncate(good_end)
+        return self
+
+    def _read(self, data: bytes) -> int:
+        """Fill ``done`` from the file's bytes; return where its last good record ends (0: start afresh)."""
+        lines = data.split(b"\n")
+        head = _json_line(lines[0]) if lines else None
+        if not (isinstance(head, dict) and head.get("key") == self.key):
+            if data.strip():
+                logger.warning("%s: from a run with another model, dtype, device or options, or damaged; "
+                               "starting afresh", self.path)
+            return 0
+        end = len(lines[0]) + 1
+        for line in lines[1:]:
+            rec = _json_line(line)
+            if not (isinstance(rec, dict) and rec.get("batch") == len(self.done)
+                    and isinstance(rec.get("texts"), list) and all(isinstance(t, str) for t in rec["texts"])
+                    and isinstance(rec.get("redrawn"), int) and rec["redrawn"] >= 0):
+                break
+            self.done.append(rec)
+            end += len(line) + 1
+        if self.done:
+            logger.warning("%s: resuming after %d finished batches", self.path, len(self.done))
+        return end
+
+    def _write(self, obj: dict) -> None:
+        self.f.write(json.dumps(obj).encode() + b"\n")
+        self.f.flush()
+        os.fsync(self.f.fileno())
+
+    def append(self, rec: dict) -> None:
+        try:
+            self._write(rec)
+        except OSError as e:
+            raise QtoolError(f"{self.path}: cannot be written ({e.strerror or e}); free the space and rerun the "
+                             "same command to resume") from None
+
+    def __exit__(self, *exc):
+        if self.finished:
+            self.path.unlink(missing_ok=True)
+        self.f.close()  # releases the lock
+        return False
+
+
+def _json_line(line: bytes):
+    try:
+        return json.loads(line.decode("utf-8"))
+    except (UnicodeDecodeError, ValueError):
+        return None

@@ -156,12 +156,16 @@ def load_tokenizer(model_dir: str | os.PathLike):
             log.info("%s: tokenizer_config.json maps the tokenizer to remote code; reading tokenizer.json with "
                      "transformers' generic fast tokenizer instead (no code from the folder runs)", model_dir)
             return PreTrainedTokenizerFast.from_pretrained(model_dir, local_files_only=True)
-        return AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
+        tok = AutoTokenizer.from_pretrained(model_dir, local_files_only=True, trust_remote_code=False)
     except Exception as e:  # transformers raises OSError, ValueError, ImportError... for a missing or unusable one
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise QtoolError(f"{model_dir}: has no tokenizer that loads without running code from the folder "
                          "(tokenizer.json, or tokenizer.model with tokenizer_config.json); copy the original model's "
                          f"tokenizer files there ({first[:160]})") from None
+    if not tok("a b", add_special_tokens=False)["input_ids"]:  # transformers builds an empty one from config alone
+        raise QtoolError(f"{model_dir}: its tokenizer turns text into no tokens (no tokenizer.json or vocabulary "
+                         "files in the folder?); copy the original model's tokenizer files there")
+    return tok
 
 
 def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto"):

@@ -67,7 +67,7 @@ def test_a_stopped_run_with_other_options_is_not_resumed(model, tmp_path, monkey
     out = tmp_path / "r.txt"
     partial = tmp_path / ("r.txt" + ss.PARTIAL_SUFFIX)
     other = ss.SamplingOptions(**{**OPTS.__dict__, "t_start": 1.2})
-    partial.write_text(json.dumps({"key": ss.settings_key(model, other)}) + "\n"
+    partial.write_text(json.dumps({"key": ss.settings_key(model, other, "auto", "cpu")}) + "\n"
                        + json.dumps({"batch": 0, "texts": ["not sampled with these options"] * 4, "redrawn": 0}) + "\n")
     r = ss.write_self_samples(model, out, OPTS)
     assert r.resumed_batches == 0 and "not sampled" not in out.read_text()
@@ -195,3 +195,87 @@ def test_an_internlm2_folder_is_sampled_without_its_remote_code(tmp_path):
     src = save_internlm2(llama(4, 2), tmp_path / "internlm2")
     r = ss.write_self_samples(src, tmp_path / "s.txt", ss.SamplingOptions(n_sequences=3, new_tokens=16, batch_size=3))
     assert r.kept == 3 and len(load_texts(tmp_path / "s.txt")) == 3
+
+
+def _stop_after(monkeypatch, n_batches):
+    real, calls = ss._sample_batch, []
+
+    def stop(model_, n, start, opts, seed):
+        calls.append(seed)
+        if len(calls) > n_batches:
+            raise KeyboardInterrupt
+        return real(model_, n, start, opts, seed)
+
+    monkeypatch.setattr(ss, "_sample_batch", stop)
+    return real
+
+
+def test_batches_drawn_in_another_dtype_are_not_resumed(model, tmp_path, monkeypatch):
+    out = tmp_path / "r.txt"
+    real = _stop_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        ss.write_self_samples(model, out, OPTS)
+    monkeypatch.setattr(ss, "_sample_batch", real)
+    assert ss.write_self_samples(model, out, OPTS, dtype="bfloat16").resumed_batches == 0
+
+
+def test_a_damaged_record_ends_what_is_resumed_and_is_cut_off_before_new_records(model, tmp_path, monkeypatch):
+    whole = ss.write_self_samples(model, tmp_path / "whole.txt", OPTS)
+    out = tmp_path / "r.txt"
+    real = _stop_after(monkeypatch, 2)
+    with pytest.raises(KeyboardInterrupt):
+        ss.write_self_samples(model, out, OPTS)
+    partial = tmp_path / ("r.txt" + ss.PARTIAL_SUFFIX)
+    head, rec0, rec1 = partial.read_text().splitlines()
+    bad = json.dumps({"batch": 1, "texts": "abc", "redrawn": 0})  # texts must be a list of strings
+    partial.write_text("\n".join([head, rec0, bad, rec1]) + "\n" + '{"batch": 2, "te')
+    real_partial_exit, kept = ss._PartialFile.__exit__, []
+
+    def look(self, *exc):
+        kept.append(self.path.read_text().splitlines())
+        return real_partial_exit(self, *exc)
+
+    monkeypatch.setattr(ss._PartialFile, "__exit__", look)
+    monkeypatch.setattr(ss, "_sample_batch", real)
+    _stop_after(monkeypatch, 1)  # one new batch, then stop again
+    with pytest.raises(KeyboardInterrupt):
+        ss.write_self_samples(model, out, OPTS)
+    lines = kept[-1]
+    assert len(lines) == 3 and lines[:2] == [head, rec0] and json.loads(lines[2])["batch"] == 1
+    monkeypatch.setattr(ss, "_sample_batch", real)
+    r = ss.write_self_samples(model, out, OPTS)
+    assert r.resumed_batches == 2 and out.read_text() == open(whole.out).read()
+
+
+def test_a_second_run_on_the_same_output_is_refused_while_the_first_writes(model, tmp_path):
+    out = tmp_path / "r.txt"
+    key = ss.settings_key(model, OPTS, "auto", "cpu")
+    with ss._PartialFile(tmp_path / ("r.txt" + ss.PARTIAL_SUFFIX), key):
+        with pytest.raises(QtoolError, match="another qtool self-calib run is writing"):
+            ss.write_self_samples(model, out, OPTS)
+    assert not out.exists()
+
+
+@pytest.mark.parametrize("args, fragments", [
+    (["--tokens", "300"], ["--tokens 300", "max_position_embeddings 256", "255 or less"]),
+    (["--seed", str(2**40)], ["--seed", "from 0 to"]),
+    (["--batch-size", "100000"], ["--batch-size 100000", "from 1 to"]),
+])
+def test_values_the_run_cannot_take_are_refused(model, tmp_path, capsys, args, fragments):
+    code, err = run_cli(["self-calib", model, "-o", tmp_path / "s.txt", *args], capsys)
+    assert_refused(code, err, *fragments)
+
+
+def test_an_output_name_the_file_system_cannot_hold_is_refused_in_one_sentence(model, tmp_path, capsys):
+    code, err = run_cli(["self-calib", model, "-o", tmp_path / ("x" * 250 + ".txt"), "--tokens", 16], capsys)
+    assert_refused(code, err, "cannot be written")
+
+
+def test_a_folder_whose_tokenizer_makes_no_tokens_is_refused(model, tmp_path, capsys):
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (bare / name).write_bytes((model / name).read_bytes())
+    code, err = run_cli(["self-calib", bare, "-o", tmp_path / "s.txt", "--tokens", 16], capsys)
+    assert_refused(code, err, "no tokens", "tokenizer files")
+    assert list(tmp_path.glob("s.txt*")) == []  # refused before the record of batches is made
