@@ -141,19 +141,19 @@ def _sample_batch(model, n: int, start: int, opts: SamplingOptions, seed: int) -
 
 
 def settings_key(model_dir: str | os.PathLike, opts: SamplingOptions, dtype: str, device: str) -> str:
-    """What a stopped run's finished batches depend on: the model folder (its path, config, tokenizer files and
-    weight files by size and time), the compute dtype and device, and the options other than ``n_sequences``."""
-    from quant.model_io import weight_files
+    """What a stopped run's finished batches depend on: the model folder (its path, its
+    :func:`quant.source.source_fingerprint`, and the bytes of its other JSON and tokenizer files), the compute
+    dtype and device, and the options other than ``n_sequences``."""
+    from quant.source import source_fingerprint
 
     src = Path(model_dir).resolve()
-    files = [(f.name, f.stat().st_size, f.stat().st_mtime_ns) for f in weight_files(src)]
-    h = hashlib.sha256()
+    side = hashlib.sha256()
     for f in sorted(src.iterdir()):
-        side = f.suffix == ".json" or f.name.startswith("tokenizer")
-        if f.is_file() and side and not f.name.endswith(".index.json"):
-            h.update(f.name.encode() + b"\0" + f.read_bytes())
-    blob = json.dumps({"model": str(src), "files": files, "side": h.hexdigest(), "dtype": dtype, "device": device,
-                       "opts": {k: v for k, v in asdict(opts).items() if k != "n_sequences"}}, sort_keys=True)
+        if f.is_file() and (f.suffix == ".json" or f.name.startswith("tokenizer")) and f.name != "config.json":
+            side.update(f.name.encode() + b"\0" + f.read_bytes())
+    blob = json.dumps({"model": str(src), "source": source_fingerprint(src), "side": side.hexdigest(), "dtype": dtype,
+                       "device": device, "opts": {k: v for k, v in asdict(opts).items() if k != "n_sequences"}},
+                      sort_keys=True)
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -231,8 +231,7 @@ def write_self_samples(model_dir: str | os.PathLike, out: str | os.PathLike, opt
         raise QtoolError(f"{model_dir}: is a quantized checkpoint; self-calibration samples the full-precision "
                          "model that will be quantized: give its folder")
     _check_output(src, dst, overwrite)
-    text_cfg = config.get("text_config") or config
-    max_pos = text_cfg.get("max_position_embeddings") or config.get("max_position_embeddings")
+    max_pos = (config.get("text_config") or config).get("max_position_embeddings")
     if max_pos and opts.new_tokens + 1 > max_pos:
         raise QtoolError(f"--tokens {opts.new_tokens}: {model_dir} has max_position_embeddings {max_pos} (the start "
                          f"token takes one); give --tokens {max_pos - 1} or less")

@@ -20,6 +20,19 @@ def model(tmp_path_factory):
     return save_tiny_model("qwen2", tmp_path_factory.mktemp("m") / "src")
 
 
+def _stop_after(monkeypatch, n_batches):
+    real, calls = ss._sample_batch, []
+
+    def stop(model_, n, start, opts, seed):
+        calls.append(seed)
+        if len(calls) > n_batches:
+            raise KeyboardInterrupt
+        return real(model_, n, start, opts, seed)
+
+    monkeypatch.setattr(ss, "_sample_batch", stop)
+    return real
+
+
 def test_the_file_holds_one_calibration_document_per_sequence_and_feeds_a_calibration_batch(model, tmp_path):
     r = ss.write_self_samples(model, tmp_path / "s.txt", OPTS)
     docs = load_texts(tmp_path / "s.txt")
@@ -40,15 +53,7 @@ def test_the_same_seed_gives_the_same_text_and_another_seed_another(model, tmp_p
 def test_a_stopped_run_resumes_from_its_finished_batches_and_writes_what_an_unstopped_run_writes(model, tmp_path,
                                                                                                  monkeypatch):
     whole = ss.write_self_samples(model, tmp_path / "whole.txt", OPTS)
-    real, calls = ss._sample_batch, []
-
-    def stop_at_third(model_, n, start, opts, seed):
-        calls.append(seed)
-        if len(calls) == 3:
-            raise KeyboardInterrupt
-        return real(model_, n, start, opts, seed)
-
-    monkeypatch.setattr(ss, "_sample_batch", stop_at_third)
+    real = _stop_after(monkeypatch, 2)
     out = tmp_path / "r.txt"
     with pytest.raises(KeyboardInterrupt):
         ss.write_self_samples(model, out, OPTS)
@@ -56,7 +61,6 @@ def test_a_stopped_run_resumes_from_its_finished_batches_and_writes_what_an_unst
     partial = tmp_path / ("r.txt" + ss.PARTIAL_SUFFIX)
     assert len(partial.read_text().splitlines()) == 3  # the key and two finished batches
     monkeypatch.setattr(ss, "_sample_batch", real)
-    calls.clear()
     resumed = ss.write_self_samples(model, out, OPTS)
     assert resumed.resumed_batches == 2
     assert out.read_text() == open(whole.out).read()
@@ -195,19 +199,6 @@ def test_an_internlm2_folder_is_sampled_without_its_remote_code(tmp_path):
     src = save_internlm2(llama(4, 2), tmp_path / "internlm2")
     r = ss.write_self_samples(src, tmp_path / "s.txt", ss.SamplingOptions(n_sequences=3, new_tokens=16, batch_size=3))
     assert r.kept == 3 and len(load_texts(tmp_path / "s.txt")) == 3
-
-
-def _stop_after(monkeypatch, n_batches):
-    real, calls = ss._sample_batch, []
-
-    def stop(model_, n, start, opts, seed):
-        calls.append(seed)
-        if len(calls) > n_batches:
-            raise KeyboardInterrupt
-        return real(model_, n, start, opts, seed)
-
-    monkeypatch.setattr(ss, "_sample_batch", stop)
-    return real
 
 
 def test_batches_drawn_in_another_dtype_are_not_resumed(model, tmp_path, monkeypatch):
