@@ -2,13 +2,18 @@
 
     python benchmarks/model_table.py                                  # every model of real_models.MODELS_TABLE
     python benchmarks/model_table.py --models SmolLM2-135M,gemma-3-270m --peer-python /root/peers-venv/bin/python
+    python benchmarks/model_table.py --calibration domain --models Qwen2.5-Coder-0.5B  # calibrated on Python
 
 Per model: fp32, RTN, AWQ, GPTQ and AWQ+GPTQ at w4 and the model's group size (128, or
 64 where the hidden size needs it), and each peer of ``--peers`` (run by
 ``benchmarks/peers.py`` in its own venv, given by ``--peer-python``; left out without
-it). Calibration: ``--n-samples`` windows of the Wikipedia half in
-``calib/corpus/wiki.txt``; evaluation: the other Wikipedia half (the same kind of
-text) and Python code (a different kind), ``benchmarks/example_data.py``.
+it). Calibration: ``--n-samples`` windows of one built-in text, the Wikipedia half in
+``calib/corpus/wiki.txt`` for every model (``--calibration wiki``, the default), or the
+text of each model's own domain (``--calibration domain``: Python, ``calib/corpus/code.txt``,
+for the Qwen2.5-Coder models, Wikipedia for the others). Evaluation, whichever the
+calibration: the other Wikipedia half and Python code from modules the calibration text
+does not hold (``benchmarks/example_data.py``), so one of the two texts is always of a
+kind the calibration lacks.
 
 Every run is a process of ``benchmarks/quality.py`` and is cached beside its
 checkpoint (``<cache>/runs/<model>/<run>.result.json``): an interrupted table
@@ -27,6 +32,8 @@ import quality  # noqa: E402
 from example_data import cache_dir  # noqa: E402
 from real_models import MODELS, ensure_model  # noqa: E402
 
+from calib.data import BUILTIN_KINDS  # noqa: E402
+
 ROOT = Path(__file__).resolve().parents[1]
 DEFAULT_MODELS = ("SmolLM2-135M", "gemma-3-270m", "Qwen2.5-Coder-0.5B", "Qwen2.5-Coder-1.5B")
 METHODS = ("awq", "gptq", "gptq+awq")  # quality.py run names: AWQ, GPTQ, AWQ+GPTQ at their defaults
@@ -37,7 +44,12 @@ def gap_closed(row, rtn, fp, text: str) -> float:
     return (rtn.ppl[text] - row.ppl[text]) / (rtn.ppl[text] - fp.ppl[text])
 
 
-def summary(results: dict[str, list], peers: list[str]) -> str:
+def calib_kind(name: str, calibration: str) -> str:
+    """The built-in kind of text (a key of ``calib.data.BUILTIN_KINDS``) that model ``name`` is calibrated on."""
+    return MODELS[name].domain if calibration == "domain" else "wiki"
+
+
+def summary(results: dict[str, list], peers: list[str], kinds: dict[str, str]) -> str:
     """Per model: each method's gap closed on both texts, and whether it is at or below RTN."""
     from tabulate import tabulate
 
@@ -47,7 +59,7 @@ def summary(results: dict[str, list], peers: list[str]) -> str:
         fp, rtn = by_run["fp32"], by_run["rtn"]
         best_peer = min((by_run[f"peer-{p}"] for p in peers if f"peer-{p}" in by_run),
                         key=lambda r: sum(r.ppl.values()), default=None)
-        cells = [name]
+        cells = [f"{name} (calibrated on {kinds[name]})"]
         for m in METHODS:
             if m not in by_run:
                 cells.append("")
@@ -75,6 +87,9 @@ def main() -> None:
     p.add_argument("--methods", default=",".join(METHODS), help="Comma-separated quality.py run names.")
     p.add_argument("--peers", default="hqq,gptq", help="Comma-separated peer methods of benchmarks/peers.py.")
     p.add_argument("--peer-python", help="Python of the peers' venv; without it peer rows are left out.")
+    p.add_argument("--calibration", choices=("wiki", "domain"), default="wiki",
+                   help="wiki: every model calibrated on calib/corpus/wiki.txt; domain: each on the built-in text "
+                        "of its own domain (Python for the Qwen2.5-Coder models). Cached apart.")
     p.add_argument("--n-samples", type=int, default=128)
     p.add_argument("--seqlen", type=int, default=512)
     p.add_argument("--eval-tokens", type=int, default=10240)
@@ -83,22 +98,25 @@ def main() -> None:
     p.add_argument("--cache", default=str(cache_dir()))
     args = p.parse_args()
     peers = [x for x in args.peers.split(",") if x] if args.peer_python else []
-    results, t0 = {}, time.perf_counter()
+    results, kinds, t0 = {}, {}, time.perf_counter()
     for name in args.models.split(","):
         model = MODELS[name]
         g = f"w4g{model.group_size}"
         runs = ["fp32", f"rtn:{g}"] + [f"{m}:{g}" for m in args.methods.split(",")] + [f"peer-{x}:{g}" for x in peers]
-        run_args = argparse.Namespace(model=str(ensure_model(name)), calib_data=str(ROOT / "calib/corpus/wiki.txt"),
+        kinds[name] = kind = calib_kind(name, args.calibration)
+        # Wikipedia-calibrated rows keep the cache they always had; other calibrations get their own folder.
+        cache = args.cache if kind == "wiki" else str(Path(args.cache) / f"calib-{kind}")
+        run_args = argparse.Namespace(model=str(ensure_model(name)), calib_data=str(ROOT / "calib/corpus" / BUILTIN_KINDS[kind]),
                                       n_samples=args.n_samples, seqlen=args.seqlen, seed=0, threads=args.threads,
-                                      eval_tokens=args.eval_tokens, cache=args.cache, peer_python=args.peer_python,
+                                      eval_tokens=args.eval_tokens, cache=cache, peer_python=args.peer_python,
                                       fresh=args.fresh)
         results[name] = quality.run_all(runs, list(TEXTS), run_args)
-        print(f"\n## {name} ({model.family}, w4 {g[2:]})\n")
+        print(f"\n## {name} ({model.family}, w4 {g[2:]}, calibrated on calib/corpus/{BUILTIN_KINDS[kind]})\n")
         print(quality.table(results[name], list(TEXTS)))
-    print(f"\nCalibration {args.n_samples} x {args.seqlen} tokens of calib/corpus/wiki.txt; {args.eval_tokens} tokens "
+    print(f"\nCalibration {args.n_samples} x {args.seqlen} tokens of each model's text above; {args.eval_tokens} tokens "
           f"per text; {args.threads} threads; total {time.perf_counter() - t0:.0f} s "
           "(cached runs count only their load)\n")
-    print(summary(results, peers))
+    print(summary(results, peers, kinds))
 
 
 if __name__ == "__main__":

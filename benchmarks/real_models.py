@@ -89,6 +89,7 @@ class RealModel:
     group_size: int  # largest of 128/64 that divides hidden (and intermediate)
     needs_bos: bool  # every perplexity window starts with BOS (quant.arch decides this by model_type)
     fp32_ppl_wiki: float  # measured by --verify: 10,240 tokens of wiki_eval.txt, 512-token windows
+    domain: str = "wiki"  # the kind of text it was trained for (a key of calib.data.BUILTIN_KINDS)
     notes: str = ""
 
     @property
@@ -145,7 +146,7 @@ MODELS: dict[str, RealModel] = {
             params=630_167_424,
             hidden=896, layers=24, heads=14, kv_heads=2, head_dim=64, intermediate=4864,
             tied_embeddings=False, qkv_bias=True, group_size=128, needs_bos=False,
-            fp32_ppl_wiki=18.75,
+            fp32_ppl_wiki=18.75, domain="code",
             notes="made from the AWQ int4-g128 checkpoint: already AWQ-scaled, a weak test for AWQ; "
                   "untied lm_head in the GGUF (upstream Qwen2.5-0.5B ties); BOS hurts (24.58 with)",
         ),
@@ -160,7 +161,7 @@ MODELS: dict[str, RealModel] = {
             params=1_777_088_000,
             hidden=1536, layers=28, heads=12, kv_heads=2, head_dim=128, intermediate=8960,
             tied_embeddings=False, qkv_bias=True, group_size=128, needs_bos=False,
-            fp32_ppl_wiki=8.61,
+            fp32_ppl_wiki=8.61, domain="code",
             notes="1.78B params (7.1 GB fp32, 2 min to convert, about 5 min per 10,240-token perplexity on 2 cores); "
                   "untied lm_head in the GGUF",
         ),
