@@ -43,6 +43,10 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except click.UsageError as e:  # a missing argument, an unknown option or command, a value click refused
+        where = f" ('{e.ctx.command_path} --help' lists what is accepted)" if e.ctx else ""
+        click.echo(f"error: {e.format_message()}{where}", err=True)
+        sys.exit(2)
     except click.ClickException as e:
         e.show()
         sys.exit(e.exit_code)

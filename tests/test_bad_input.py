@@ -735,3 +735,17 @@ def test_a_blank_apply_search_is_refused_not_taken_for_a_search(model, tmp_path,
     assert not (tmp_path / "out").exists()
     with pytest.raises(QtoolError, match="--apply-search is blank"):
         AWQOptions(search_file=blank)
+
+
+@pytest.mark.parametrize("args, fragment", [
+    (["awq"], "Missing argument 'MODEL_DIR'"),
+    (["frobnicate"], "No such command 'frobnicate'"),
+    (["rtn", "somewhere", "--no-such-option"], "No such option '--no-such-option'"),
+    (["rtn", "somewhere", "--bits", "four"], "'four' is not a valid integer"),
+])
+def test_usage_errors_are_one_sentence(args, fragment, capsys):
+    """click's own refusals (missing argument, unknown command or option, a value of the wrong type) read like
+    qtool's: one line, no usage block, exit 2, naming where the accepted values are listed."""
+    code, err = run_cli(args, capsys)
+    assert_refused(code, err, fragment, "--help' lists what is accepted")
+    assert err.count("\n") == 1, err
