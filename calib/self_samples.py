@@ -225,6 +225,8 @@ def write_self_samples(model_dir: str | os.PathLike, out: str | os.PathLike, opt
     from quant.checkpoint import is_quantized_checkpoint
     from quant.model_io import check_causal_lm, load_tokenizer, parse_device
 
+    if str(out).endswith(("/", os.sep)):  # Path() would drop the slash and write a file of that name
+        raise QtoolError(f"{out}: ends in a slash, so it names a folder; give a .txt file path")
     src, dst = Path(model_dir), Path(out)
     config = check_causal_lm(src)
     if is_quantized_checkpoint(src):
