@@ -33,6 +33,10 @@ for _cmd in QUANT_COMMANDS + CALIB_COMMANDS + EVAL_COMMANDS + KV_COMMANDS:
     app.add_command(_cmd)
 
 
+# click 8.2+ raises this (a UsageError whose message is the whole help) for a group given no command
+_NO_ARGS_IS_HELP = getattr(click.exceptions, "NoArgsIsHelpError", ())
+
+
 def main() -> None:
     """Console entry point: a user mistake exits 2 with one sentence and no traceback."""
     try:
@@ -43,6 +47,9 @@ def main() -> None:
     except click.exceptions.Abort:
         click.echo("aborted", err=True)
         sys.exit(130)
+    except _NO_ARGS_IS_HELP as e:  # a bare group (``qtool``, ``qtool kv``): its help, as click prints it
+        e.show()
+        sys.exit(e.exit_code)
     except click.UsageError as e:  # a missing argument, an unknown option or command, a value click refused
         where = f" ('{e.ctx.command_path} --help' lists what is accepted)" if e.ctx else ""
         click.echo(f"error: {e.format_message()}{where}", err=True)

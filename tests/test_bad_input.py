@@ -749,3 +749,12 @@ def test_usage_errors_are_one_sentence(args, fragment, capsys):
     code, err = run_cli(args, capsys)
     assert_refused(code, err, fragment, "--help' lists what is accepted")
     assert err.count("\n") == 1, err
+
+
+@pytest.mark.parametrize("args", [[], ["kv"]])
+def test_a_bare_command_group_prints_its_help_not_an_error(args, capsys):
+    code, err, out = run_cli_out(args, capsys)
+    assert code in (0, 2)
+    text = err + out
+    assert "Commands:" in text and ("calibrate" if args else "self-calib") in text
+    assert "error:" not in text
