@@ -49,7 +49,7 @@ def calib_kind(name: str, calibration: str) -> str:
     return MODELS[name].domain if calibration == "domain" else "wiki"
 
 
-def summary(results: dict[str, list], peers: list[str], kinds: dict[str, str]) -> str:
+def summary(results: dict[str, list], peers: list[str], calibration: str) -> str:
     """Per model: each method's gap closed on both texts, and whether it is at or below RTN."""
     from tabulate import tabulate
 
@@ -59,7 +59,7 @@ def summary(results: dict[str, list], peers: list[str], kinds: dict[str, str]) -
         fp, rtn = by_run["fp32"], by_run["rtn"]
         best_peer = min((by_run[f"peer-{p}"] for p in peers if f"peer-{p}" in by_run),
                         key=lambda r: sum(r.ppl.values()), default=None)
-        cells = [f"{name} (calibrated on {kinds[name]})"]
+        cells = [f"{name} (calibrated on {calib_kind(name, calibration)})"]
         for m in METHODS:
             if m not in by_run:
                 cells.append("")
@@ -98,12 +98,12 @@ def main() -> None:
     p.add_argument("--cache", default=str(cache_dir()))
     args = p.parse_args()
     peers = [x for x in args.peers.split(",") if x] if args.peer_python else []
-    results, kinds, t0 = {}, {}, time.perf_counter()
+    results, t0 = {}, time.perf_counter()
     for name in args.models.split(","):
         model = MODELS[name]
         g = f"w4g{model.group_size}"
         runs = ["fp32", f"rtn:{g}"] + [f"{m}:{g}" for m in args.methods.split(",")] + [f"peer-{x}:{g}" for x in peers]
-        kinds[name] = kind = calib_kind(name, args.calibration)
+        kind = calib_kind(name, args.calibration)
         # Wikipedia-calibrated rows keep the cache they always had; other calibrations get their own folder.
         cache = args.cache if kind == "wiki" else str(Path(args.cache) / f"calib-{kind}")
         run_args = argparse.Namespace(model=str(ensure_model(name)), calib_data=str(ROOT / "calib/corpus" / BUILTIN_KINDS[kind]),
@@ -116,7 +116,7 @@ def main() -> None:
     print(f"\nCalibration {args.n_samples} x {args.seqlen} tokens of each model's text above; {args.eval_tokens} tokens "
           f"per text; {args.threads} threads; total {time.perf_counter() - t0:.0f} s "
           "(cached runs count only their load)\n")
-    print(summary(results, peers, kinds))
+    print(summary(results, peers, args.calibration))
 
 
 if __name__ == "__main__":

@@ -225,14 +225,12 @@ def write_self_samples(model_dir: str | os.PathLike, out: str | os.PathLike, opt
     from quant.checkpoint import is_quantized_checkpoint
     from quant.model_io import check_causal_lm, load_tokenizer, parse_device
 
-    if str(out).endswith(("/", os.sep)):  # Path() would drop the slash and write a file of that name
-        raise QtoolError(f"{out}: ends in a slash, so it names a folder; give a .txt file path")
     src, dst = Path(model_dir), Path(out)
     config = check_causal_lm(src)
     if is_quantized_checkpoint(src):
         raise QtoolError(f"{model_dir}: is a quantized checkpoint; self-calibration samples the full-precision "
                          "model that will be quantized: give its folder")
-    _check_output(src, dst, overwrite)
+    _check_output(src, out, overwrite)
     max_pos = (config.get("text_config") or config).get("max_position_embeddings")
     if max_pos and opts.new_tokens + 1 > max_pos:
         raise QtoolError(f"--tokens {opts.new_tokens}: {model_dir} has max_position_embeddings {max_pos} (the start "
@@ -278,7 +276,10 @@ def write_self_samples(model_dir: str | os.PathLike, out: str | os.PathLike, opt
                           min_zlib_ratio=min(ratios), out=str(dst))
 
 
-def _check_output(src: Path, dst: Path, overwrite: bool) -> None:
+def _check_output(src: Path, out: str | os.PathLike, overwrite: bool) -> None:
+    if str(out).endswith(("/", os.sep)):  # Path() would drop the slash and write a file of that name
+        raise QtoolError(f"{out}: ends in a slash, so it names a folder; give a .txt file path")
+    dst = Path(out)
     if dst.suffix.lower() != ".txt":
         raise QtoolError(f"{dst}: give a .txt output path (it becomes a --calib-data text file)")
     if dst.resolve().is_relative_to(src.resolve()):
