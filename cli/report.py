@@ -9,7 +9,7 @@ import click
 from tabulate import tabulate
 
 from quant.config import REFUSED_SEARCH_FILE
-from quant.guard import FALLBACK_KEY
+from quant.guard import FALLBACK_KEY, describe, partial_module
 
 
 def mib(n_bytes: float) -> str:
@@ -92,13 +92,18 @@ def _guard_rows(r) -> list[list]:
     rows = [[label, f"{len(fell_back)} of {len(r.blocks)}{which}"]]
     if check:
         label, kept = check["method"], check["kept"]
-        name = lambda k: "all-RTN" if k == "rtn" else k  # noqa: E731
+        name = lambda k: describe(k, label)  # noqa: E731
         scored = {label: check["nll"], **{name(k): v for k, v in check["alternatives"].items()}}
         worse = check.get("worse_than_rtn", {})
         kinds = worse.get(label, [])
         listed = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
         why = f"{label} is worse than all-RTN on {listed} text" if kinds else "the whole model scored better with it"
-        verdict = f"{kept} kept" if kept == label else f"{'RTN' if kept == 'rtn' else kept} kept for every block ({why})"
+        if kept == label:
+            verdict = f"{kept} kept"
+        elif partial_module(kept, label):
+            verdict = f"{describe(kept, label)}, kept ({why})"
+        else:
+            verdict = f"{'RTN' if kept == 'rtn' else kept} kept for every block ({why})"
         if not all(math.isfinite(v) for v in scored.values()):
             verdict += "; a loss that is not finite could not be compared (check the model's outputs)"
         rows.append(["held-out loss of the whole model", f"{_losses(scored)} nats/token: {verdict}"])

@@ -19,8 +19,10 @@ errors that each block keeps small add up along the residual stream in direction
 per-block measure weighs. So the pipeline also checks the whole model
 (:func:`check_model`): the next-token loss on the guard windows of the model as
 quantized against each alternative whole model (the all-RTN model, from each block's
-RTN version that the guard keeps; for AWQ+GPTQ also plain GPTQ, without AWQ's scales),
-carried through the same pass by :class:`Alternatives`. Of those not worse than all-RTN
+RTN version that the guard keeps; for AWQ+GPTQ also plain GPTQ, without AWQ's scales;
+for AWQ also the models with AWQ's linears in one of the block's modules only, attention or MLP, and RTN's
+in the other (:func:`partial_blocks`), so that scales and clips that help in one module and hurt in the
+other are not thrown away whole), carried through the same pass by :class:`Alternatives`. Of those not worse than all-RTN
 on any other kind of text checked, it keeps the one whose loss, averaged over the kinds
 of text (the guard windows' and each checked kind, weighed alike), is lowest: ranked on
 the guard windows alone, the candidate fitted hardest to the calibration text wins by
@@ -42,11 +44,13 @@ from calib.collectors import BlockCall, record_block_calls, take_first_hidden
 from calib.runner import CALIB_BATCH, BlockInputs, move, run_calls
 from quant import heap, rtn
 from quant.layers import to_quant_linears
+from quant.modules import QuantLinear
 from quant.methods import BlockContext, BlockQuantizer, BlockResult
 
 log = logging.getLogger(__name__)
 
 FALLBACK_KEY = "kept"  # info column: which block was kept, the method's or "rtn"
+PARTIAL = "@"  # "<method>@<module>": the whole-model check's candidate with the method's linears in one module only
 
 
 def token_weights(hidden: torch.Tensor) -> torch.Tensor:
@@ -98,6 +102,8 @@ def rtn_guard(method: BlockQuantizer) -> BlockQuantizer:
                      "(%.3g against %.3g for %s): keeping RTN", ctx.index, err_rtn, err, ctx.cfg.label)
             result = BlockResult(info=dict(result.info), artifacts={}, block=rtn_block,
                                  alternatives=result.alternatives)
+        if ctx.cfg.method == "awq":  # measured for AWQ only (issue 20): GPTQ's alternatives stay as they were
+            result.alternatives.update(partial_blocks(ctx, result, rtn_block))
         result.alternatives["rtn"] = rtn_block
         result.info.update({"held-out err": f"{err:.3e}", "rtn held-out err": f"{err_rtn:.3e}",
                             FALLBACK_KEY: "rtn" if result.block is not None else ctx.cfg.label})
@@ -187,6 +193,81 @@ def logits_from_final_hidden(model: nn.Module, blocks: nn.ModuleList, ids: torch
     finally:
         for block in blocks:
             del block.forward
+
+
+def modules_of(names) -> dict[str, list[str]]:
+    """The block's quantized linears (names relative to the block) by the block's module that holds them, its
+    first path component: ``{"self_attn": [q, k, v, o], "mlp": [gate, up, down]}`` (``attention`` and
+    ``feed_forward`` in InternLM2, a MoE block's experts under its ``mlp``)."""
+    by: dict[str, list[str]] = {}
+    for n in names:
+        by.setdefault(n.split(".")[0], []).append(n)
+    return by
+
+
+def partial_name(label: str, module: str) -> str:
+    """The whole-model check's candidate with ``label``'s linears in ``module`` and RTN's in the rest."""
+    return f"{label}{PARTIAL}{module}"
+
+
+def partial_module(name: str, label: str) -> str | None:
+    """The module whose linears candidate ``name`` takes from method ``label`` (None: not such a candidate)."""
+    return name[len(label) + 1:] if name.startswith(f"{label}{PARTIAL}") else None
+
+
+def describe(name: str, label: str) -> str:
+    """A whole-model candidate in words, for the summary: ``"all-RTN"``, ``"awq in self_attn, RTN elsewhere"``."""
+    if name == "rtn":
+        return "all-RTN"
+    module = partial_module(name, label)
+    return f"{label} in {module}, RTN elsewhere" if module else name
+
+
+def partial_blocks(ctx: BlockContext, result: BlockResult, rtn_block: nn.Module) -> dict[str, nn.Module]:
+    """The method's block with one module's linears the method's and the others' RTN's, one per module of the
+    block (:func:`modules_of`; none where the block has one module): the whole-model check's candidates between
+    the method's model and all-RTN. The method's error is not spread evenly: on Qwen2.5-Coder-0.5B calibrated on
+    Python, AWQ in attention alone closed 7% / 15% of the RTN gap on Wikipedia / code, AWQ in both modules −8% /
+    20% (worse than RTN on Wikipedia, so the check kept all-RTN: 0% / 0%; benchmarks/RESULTS.md, issue 20).
+
+    Each is a copy of the packed ``rtn_block`` with the module's linears packed from ``result.packed`` (with the
+    method's biases) and, where AWQ folded a scale into a producer outside them (a norm, a router that reads
+    it), that producer and those consumers copied from the method's block, so that the block computes the
+    method's module exactly. Where the guard kept RTN for the block, every candidate's block is ``rtn_block``.
+    Returns ``{}`` (no candidates for this block) where a scaling group spans two modules."""
+    parts = modules_of(ctx.names)
+    if len(parts) < 2:
+        return {}
+    if result.block is not None:  # the guard kept RTN: so does every candidate, in this block
+        return {partial_name(ctx.cfg.label, m): rtn_block for m in parts}
+    from quant.awq.fold import block_groups, module_or_none
+
+    owner = {}  # every module a scale reaches (its producer, its consumers) -> the block's module it belongs to
+    for g in block_groups(ctx.block, ctx.arch):
+        within = {n.split(".")[0] for n in g.linears} | ({g.prev.split(".")[0]} if g.kind != "norm" else set())
+        if len(within) != 1:
+            return {}
+        owner.update(dict.fromkeys((g.prev, *g.linears), within.pop()))
+    names = set(ctx.names)
+    out = {}
+    for module, linears in parts.items():
+        if any(n not in result.packed for n in linears):
+            out[partial_name(ctx.cfg.label, module)] = rtn_block
+            continue
+        block = copy.deepcopy(rtn_block)
+        for n in linears:
+            lin = ctx.block.get_submodule(n)
+            _set_module(block, n, QuantLinear.from_packed(result.packed[n], lin.bias, ctx.cfg.format).to(lin.weight.device))
+        for n, m in owner.items():  # the producers and unquantized consumers a scale of this module changed
+            if m == module and n not in names and (src := module_or_none(ctx.block, n)) is not None:
+                block.get_submodule(n).load_state_dict(src.state_dict())
+        out[partial_name(ctx.cfg.label, module)] = block
+    return out
+
+
+def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
+    parent, _, child = name.rpartition(".")
+    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 class Alternatives:

@@ -19,7 +19,7 @@ from quant.checkpoint import checkpoint_tensors, is_quantized_checkpoint, output
 from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 from quant.formats.compat import Written, check_target, readers, skip_pattern
-from quant.guard import FALLBACK_KEY, Alternatives, check_model, rtn_guard
+from quant.guard import FALLBACK_KEY, Alternatives, check_model, partial_module, rtn_guard
 from quant.layers import plan_linears, to_quant_linears
 from quant.methods import BlockContext, BlockResult, get_method
 from quant.shards import ShardWriter
@@ -218,11 +218,28 @@ def quantize(
             # A replay of a file that did not say its settings does not vouch for them either.
             header = search_metadata(cfg, config["model_type"], len(src.blocks), probe) if settings_known else None
             own_kept = model_check is None or model_check["kept"] == cfg.label
-            output.save_safetensors(artifacts if own_kept else {}, tmp / SEARCH_FILE, header)
+            output.save_safetensors(artifacts if own_kept else _kept_search(artifacts, model_check, cfg, arch),
+                                    tmp / SEARCH_FILE, header)
             if not own_kept and artifacts:  # the model not kept stays replayable, for a look or another check
                 output.save_safetensors(artifacts, tmp / REFUSED_SEARCH_FILE, header)
         writer.cleanup()
     return report
+
+
+def _kept_search(artifacts: dict, model_check: dict, cfg: QuantConfig, arch) -> dict:
+    """The search results of the model the whole-model check kept instead of the method's own: those of the one
+    module whose linears the kept candidate takes from the method (:func:`quant.guard.partial_module`), with
+    each block's weight probe; none for all-RTN or plain GPTQ. Replayed, they give the kept model."""
+    module = partial_module(model_check["kept"], cfg.label)
+    if module is None:
+        return {}
+    from quant.awq import search_file
+
+    def kept(key: str) -> bool:
+        within = key[len(arch.blocks) + 1:].partition(".")[2]  # past "<blocks>.<i>."
+        return within == search_file.PROBE_KEY or within.split(".")[0] == module
+
+    return {k: v for k, v in artifacts.items() if kept(k)}
 
 
 def _weight_probe(src: SourceModel, blocks: str) -> dict:

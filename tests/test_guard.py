@@ -461,12 +461,14 @@ def test_a_model_that_passes_every_block_check_but_loses_as_a_whole_is_kept_at_r
     src = save_tiny_model("llama", tmp_path / "src")
     rtn_report = quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
     assert rtn_report.model_check is None
-    seen = _rig_losses(monkeypatch, lambda k: 1.0 if k == 1 else 0.0)  # the method's model loses
+    # The method's model and its AWQ-in-one-module candidates lose; all-RTN is scored last.
+    seen = _rig_losses(monkeypatch, lambda k: 0.0 if k == 4 else 1.0)
     monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps AWQ
     report = quant.quantize(src, tmp_path / "awq", method="awq", awq=AWQOptions(n_judge=1, clip=False), **OPTS)
-    assert len(seen) == 2  # the model as quantized, then the all-RTN model, on the same guard windows
+    # the model as quantized, AWQ in attention only, in the MLP only, then the all-RTN model, on the same windows
+    assert len(seen) == 4 and list(report.model_check["alternatives"]) == ["awq@self_attn", "awq@mlp", "rtn"]
     check = report.model_check
-    assert check["kept"] == "rtn" and check["nll"] == pytest.approx(seen[0] + 1.0) and check["rtn_nll"] == seen[1]
+    assert check["kept"] == "rtn" and check["nll"] == pytest.approx(seen[0] + 1.0) and check["rtn_nll"] == seen[3]
     # The per-block guard kept AWQ everywhere; the whole-model check overruled it.
     assert all(b.rtn_fallback and b.info["kept"] == "rtn (whole model)" for b in report.blocks)
     # The summary does not credit the blocks' own checks with it: none of them found RTN closer.
@@ -516,27 +518,73 @@ def test_the_whole_model_check_keeps_a_method_that_wins_and_the_cli_reports_it(t
     assert f"{check['nll']:.4f} (gptq) vs {check['rtn_nll']:.4f} (all-RTN)" in res.output
 
 
+def _awq_kept_by_the_check(src, out, monkeypatch, winner: int, **awq):
+    """AWQ on ``src`` with every block's guard passing and the whole-model check rigged so that its
+    ``winner``-th candidate wins (1: AWQ's own model, 2: AWQ in attention only, 3: in the MLP only, 4:
+    all-RTN); returns the report and the candidates' true losses in that order."""
+    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == winner else 0.0)
+    monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)
+    report = quant.quantize(src, out, method="awq", awq=AWQOptions(**awq), **OPTS)
+    monkeypatch.undo()
+    return report, seen
+
+
 def test_the_streamed_whole_model_check_scores_the_checkpoints_it_chooses_between(tmp_path, monkeypatch):
-    """The check carries the guard windows through the quantized blocks and the RTN blocks during the one
-    pass (no block is kept for it); its two losses are those of the AWQ and RTN checkpoints, loaded and
-    scored from scratch. (The method is made to win so that its blocks are written.)"""
+    """The check carries the guard windows through the quantized blocks and each candidate's blocks during the
+    one pass (no block is kept for it); its losses are those of the checkpoints it chooses between (AWQ's own,
+    AWQ in attention only, in the MLP only, each made to win in turn so that it is written; all-RTN), loaded
+    and scored from scratch."""
     from quant.pipeline import _calibration_ids
 
-    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == 1 else 0.0)  # the method's model wins
-    monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps AWQ
     src = save_tiny_model("qwen2", tmp_path / "src")
-    awq = quant.quantize(src, tmp_path / "awq", method="awq", **OPTS)
-    assert awq.model_check["kept"] == "awq" and len(seen) == 2
-    monkeypatch.undo()  # the checkpoints are scored with the true losses
+    scored = {}
+    for k, name in enumerate(("awq", "awq@self_attn", "awq@mlp"), 1):
+        report, seen = _awq_kept_by_the_check(src, tmp_path / name, monkeypatch, k)
+        assert report.model_check["kept"] == name and list(report.model_check["alternatives"]) == [
+            "awq@self_attn", "awq@mlp", "rtn"] and len(seen) == 4
+        scored[name], scored["rtn"] = seen[k - 1], seen[3]
     quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
     cfg = QuantConfig(method="awq", **{k: v for k, v in OPTS.items() if k != "progress"})
     guard_ids = _calibration_ids(src, cfg, False)[0][-cfg.held_out_split[1]:]
-    for ckpt, got in (("awq", seen[0]), ("rtn", seen[1])):
+    for ckpt, got in scored.items():
         model = quant.load(tmp_path / ckpt, dtype=torch.float32)
         blocks = model.model.layers
         want = held_out_nll(model, blocks, list(blocks), guard_ids, batch_size=8)
         assert abs(got - want) < 1e-5 * max(1.0, abs(want)), (ckpt, got, want)
-    assert seen[0] != seen[1]
+    assert len(set(scored.values())) == 4
+
+
+def test_awq_kept_in_one_module_is_awqs_there_and_rtns_elsewhere_and_replays(tmp_path, monkeypatch):
+    """Where the whole-model check keeps AWQ in attention only, each block's attention (and the norm its scales
+    were folded into) is AWQ's own model's, bit for bit, and its MLP (and the MLP's norm) RTN's; the search file
+    holds attention's scales and clips only, its replay gives the same checkpoint, and the summary says which
+    model was kept."""
+    from cli.report import _guard_rows
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    monkeypatch.setattr(awq_module, "search_scale", _wild_scales(search_scale))  # scales far from 1 in both modules
+    own, _ = _awq_kept_by_the_check(src, tmp_path / "own", monkeypatch, 1, n_judge=1)
+    monkeypatch.setattr(awq_module, "search_scale", _wild_scales(search_scale))
+    report, _ = _awq_kept_by_the_check(src, tmp_path / "attn", monkeypatch, 2, n_judge=1)
+    assert report.model_check["kept"] == "awq@self_attn"
+    quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
+    for i in range(len(report.blocks)):
+        got, awq, rtn = (_block_tensors(tmp_path / d, i) for d in ("attn", "own", "rtn"))
+        assert got.keys() == awq.keys() == rtn.keys()
+        for k, v in got.items():
+            within = k.split(".")[3]
+            want = awq[k] if within in ("self_attn", "input_layernorm") else rtn[k]
+            assert torch.equal(v, want), k
+        assert any(not torch.equal(awq[k], rtn[k]) for k in got if ".self_attn." in k or "input_layernorm" in k)
+        assert any(not torch.equal(awq[k], rtn[k]) for k in got if ".mlp." in k or "post_attention_layernorm" in k)
+    kept_search = load_file(str(tmp_path / "attn" / SEARCH_FILE))
+    assert kept_search and all(k.split(".")[3] in ("self_attn", "awq_source_weights") for k in kept_search)
+    assert load_file(str(tmp_path / "attn" / REFUSED_SEARCH_FILE)).keys() == load_file(
+        str(tmp_path / "own" / SEARCH_FILE)).keys()
+    quant.quantize(src, tmp_path / "replay", method="awq", awq=AWQOptions(search_file=str(tmp_path / "attn")), **OPTS)
+    assert (tmp_path / "replay" / "model.safetensors").read_bytes() == (tmp_path / "attn" / "model.safetensors").read_bytes()
+    verdict = dict(_guard_rows(report))["held-out loss of the whole model"]
+    assert verdict.endswith("awq in self_attn, RTN elsewhere, kept (the whole model scored better with it)")
 
 
 def _block_tensors(path, i):
