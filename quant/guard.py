@@ -230,9 +230,10 @@ def partial_blocks(ctx: BlockContext, result: BlockResult, rtn_block: nn.Module)
     Python, AWQ in attention alone closed 7% / 15% of the RTN gap on Wikipedia / code, AWQ in both modules −8% /
     20% (worse than RTN on Wikipedia, so the check kept all-RTN: 0% / 0%; benchmarks/RESULTS.md, issue 20).
 
-    Each is a copy of the packed ``rtn_block`` with the module's linears packed from ``result.packed`` (with the
-    method's biases) and, where AWQ folded a scale into a producer outside them (a norm, a router that reads
-    it), that producer and those consumers copied from the method's block, so that the block computes the
+    Each is the packed ``rtn_block`` (new modules sharing its tensors: no memory but the swapped modules') with
+    the module's linears packed from ``result.packed`` (with the method's biases) and, where AWQ folded a scale
+    into a producer outside them (a norm, a router that reads it), that producer and those consumers copied
+    from the method's block, so that the block computes the
     method's module exactly. Where the guard kept RTN for the block, every candidate's block is ``rtn_block``.
     Returns ``{}`` (no candidates for this block) where a scaling group spans two modules."""
     parts = modules_of(ctx.names)
@@ -254,13 +255,14 @@ def partial_blocks(ctx: BlockContext, result: BlockResult, rtn_block: nn.Module)
         if any(n not in result.packed for n in linears):
             out[partial_name(ctx.cfg.label, module)] = rtn_block
             continue
-        block = copy.deepcopy(rtn_block)
+        # New modules that share rtn_block's tensors: the modules swapped in below are new ones, the rest is RTN's.
+        block = copy.deepcopy(rtn_block, {id(t): t for t in (*rtn_block.parameters(), *rtn_block.buffers())})
         for n in linears:
             lin = ctx.block.get_submodule(n)
             _set_module(block, n, QuantLinear.from_packed(result.packed[n], lin.bias, ctx.cfg.format).to(lin.weight.device))
         for n, m in owner.items():  # the producers and unquantized consumers a scale of this module changed
             if m == module and n not in names and (src := module_or_none(ctx.block, n)) is not None:
-                block.get_submodule(n).load_state_dict(src.state_dict())
+                _set_module(block, n, copy.deepcopy(src))
         out[partial_name(ctx.cfg.label, module)] = block
     return out
 
