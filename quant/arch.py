@@ -207,5 +207,11 @@ def has_native_class(model_type: str) -> bool:
     return model_type in CONFIG_MAPPING
 
 
+def module_of(name: str) -> str:
+    """The block's module that holds ``name`` (a path relative to the block): its first component,
+    ``"self_attn"`` for ``"self_attn.q_proj"``, ``"mlp"`` for ``"mlp.experts.3.up_proj"``."""
+    return name.partition(".")[0]
+
+
 def blocks_of(model, arch: Arch):
     return model.get_submodule(arch.blocks)

@@ -43,6 +43,7 @@ from torch import nn
 from calib.collectors import BlockCall, record_block_calls, take_first_hidden
 from calib.runner import CALIB_BATCH, BlockInputs, move, run_calls
 from quant import heap, rtn
+from quant.arch import module_of
 from quant.layers import to_quant_linears
 from quant.modules import QuantLinear
 from quant.methods import BlockContext, BlockQuantizer, BlockResult
@@ -201,7 +202,7 @@ def modules_of(names) -> dict[str, list[str]]:
     ``feed_forward`` in InternLM2, a MoE block's experts under its ``mlp``)."""
     by: dict[str, list[str]] = {}
     for n in names:
-        by.setdefault(n.split(".")[0], []).append(n)
+        by.setdefault(module_of(n), []).append(n)
     return by
 
 
@@ -245,7 +246,7 @@ def partial_blocks(ctx: BlockContext, result: BlockResult, rtn_block: nn.Module)
 
     owner = {}  # every module a scale reaches (its producer, its consumers) -> the block's module it belongs to
     for g in block_groups(ctx.block, ctx.arch):
-        within = {n.split(".")[0] for n in g.linears} | ({g.prev.split(".")[0]} if g.kind != "norm" else set())
+        within = set(map(module_of, g.linears)) | ({module_of(g.prev)} if g.kind != "norm" else set())
         if len(within) != 1:
             return {}
         owner.update(dict.fromkeys((g.prev, *g.linears), within.pop()))
@@ -259,17 +260,12 @@ def partial_blocks(ctx: BlockContext, result: BlockResult, rtn_block: nn.Module)
         block = copy.deepcopy(rtn_block, {id(t): t for t in (*rtn_block.parameters(), *rtn_block.buffers())})
         for n in linears:
             lin = ctx.block.get_submodule(n)
-            _set_module(block, n, QuantLinear.from_packed(result.packed[n], lin.bias, ctx.cfg.format).to(lin.weight.device))
+            block.set_submodule(n, QuantLinear.from_packed(result.packed[n], lin.bias, ctx.cfg.format).to(lin.weight.device))
         for n, m in owner.items():  # the producers and unquantized consumers a scale of this module changed
             if m == module and n not in names and (src := module_or_none(ctx.block, n)) is not None:
-                _set_module(block, n, copy.deepcopy(src))
+                block.set_submodule(n, copy.deepcopy(src))
         out[partial_name(ctx.cfg.label, module)] = block
     return out
-
-
-def _set_module(root: nn.Module, name: str, module: nn.Module) -> None:
-    parent, _, child = name.rpartition(".")
-    setattr(root.get_submodule(parent) if parent else root, child, module)
 
 
 class Alternatives:

@@ -185,6 +185,4 @@ def to_quant_linears(module: nn.Module, packed: dict[str, PackedWeight], fmt) ->
     for name, pw in packed.items():
         lin = module.get_submodule(name)
         qlayer = QuantLinear.from_packed(pw, lin.bias, fmt)
-        qlayer.to(lin.weight.device)
-        parent_name, _, child = name.rpartition(".")
-        setattr(module.get_submodule(parent_name) if parent_name else module, child, qlayer)
+        module.set_submodule(name, qlayer.to(lin.weight.device))

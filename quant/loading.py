@@ -30,8 +30,7 @@ def _swap_in_quant_linears(model: nn.Module, names: set[str], index: dict, spec:
             raise QtoolError(f"checkpoint tensor {name}.qweight sits on a {type(lin).__name__}, not a Linear")
         q = QuantLinear(lin.in_features, lin.out_features, spec.bits, spec.group_size, spec.format,
                         f"{name}.bias" in index, device="meta")
-        parent, _, child = name.rpartition(".")
-        setattr(model.get_submodule(parent), child, q)
+        model.set_submodule(name, q)
 
 
 def rebuild_nonpersistent_buffers(model: nn.Module, within: nn.Module | None = None) -> None:

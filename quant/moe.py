@@ -89,9 +89,7 @@ def swap_in_expert_linears(model: nn.Module) -> list[str]:
     outputs); returns the names of the replaced modules."""
     names = [n for n, m in model.named_modules() if is_fused_experts(m)]
     for name in names:
-        parent, _, child = name.rpartition(".")
-        owner = model.get_submodule(parent) if parent else model
-        setattr(owner, child, ExpertLinears.from_fused(owner.get_submodule(child)))
+        model.set_submodule(name, ExpertLinears.from_fused(model.get_submodule(name)))
     return names
 
 

@@ -212,34 +212,19 @@ def quantize(
         meta = {"qtool": {"config": recorded, "report": asdict(report)}}
         write_metadata(cfg, model_dir, tmp, kept, quantized, meta, dtype)
         if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
-            from quant.awq import search_metadata
+            from quant.awq.search_file import kept_module, search_metadata
 
             (tmp / SEARCH_FILE).parent.mkdir(exist_ok=True)
             # A replay of a file that did not say its settings does not vouch for them either.
             header = search_metadata(cfg, config["model_type"], len(src.blocks), probe) if settings_known else None
             own_kept = model_check is None or model_check["kept"] == cfg.label
-            output.save_safetensors(artifacts if own_kept else _kept_search(artifacts, model_check, cfg, arch),
-                                    tmp / SEARCH_FILE, header)
+            kept_search = artifacts if own_kept else kept_module(artifacts, partial_module(model_check["kept"], cfg.label),
+                                                                 arch.blocks)
+            output.save_safetensors(kept_search, tmp / SEARCH_FILE, header)
             if not own_kept and artifacts:  # the model not kept stays replayable, for a look or another check
                 output.save_safetensors(artifacts, tmp / REFUSED_SEARCH_FILE, header)
         writer.cleanup()
     return report
-
-
-def _kept_search(artifacts: dict, model_check: dict, cfg: QuantConfig, arch) -> dict:
-    """The search results of the model the whole-model check kept instead of the method's own: those of the one
-    module whose linears the kept candidate takes from the method (:func:`quant.guard.partial_module`), with
-    each block's weight probe; none for all-RTN or plain GPTQ. Replayed, they give the kept model."""
-    module = partial_module(model_check["kept"], cfg.label)
-    if module is None:
-        return {}
-    from quant.awq import search_file
-
-    def kept(key: str) -> bool:
-        within = key[len(arch.blocks) + 1:].partition(".")[2]  # past "<blocks>.<i>."
-        return within == search_file.PROBE_KEY or within.split(".")[0] == module
-
-    return {k: v for k, v in artifacts.items() if kept(k)}
 
 
 def _weight_probe(src: SourceModel, blocks: str) -> dict:

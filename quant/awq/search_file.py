@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 
+from quant.arch import module_of
 from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 
@@ -268,3 +269,18 @@ def _log_once_empty(path: str) -> None:
                 "block, or plain GPTQ beside AWQ+GPTQ), so the replay gives the round-to-nearest checkpoint%s", path,
                 f"; the search that run did not keep is {refused}, which --apply-search also takes"
                 if refused.is_file() else "")
+
+
+def kept_module(artifacts: dict[str, torch.Tensor], module: str | None, blocks: str) -> dict[str, torch.Tensor]:
+    """The entries of a search (``artifacts``: ``<blocks>.<i>.<linear>.awq_scale`` and the rest) for one module of
+    each block (:func:`quant.arch.module_of`), with each block's weight probe: what replays the whole-model check's
+    candidate with the method's linears in ``module`` and RTN's elsewhere. ``module`` None (the check kept all-RTN
+    or plain GPTQ): no entries."""
+    if module is None:
+        return {}
+
+    def kept(key: str) -> bool:
+        within = key[len(blocks) + 1:].partition(".")[2]  # past "<blocks>.<i>."
+        return within == PROBE_KEY or module_of(within) == module
+
+    return {k: v for k, v in artifacts.items() if kept(k)}
