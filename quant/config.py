@@ -9,6 +9,7 @@ METHODS = ("rtn", "awq", "gptq")
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256)
 OUTPUT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_WINDOWS = 4096  # calibration or held-out windows of one run
+CLIP_GRID_MAX = 1000  # AWQOptions.clip_grid
 # Command-line options whose Python spelling is elsewhere (quantize()'s own keywords, or an options class).
 _CLI_NAMES = {"max_shard_size": "quantize(..., max_shard_bytes=N) (bytes)",
               "apply_search": "awq=AWQOptions(search_file=...)",
@@ -84,8 +85,8 @@ class AWQOptions:
         if not 1 <= self.n_judge <= 1000:
             raise QtoolError(f"--n-judge {self.n_judge} is out of range; use a whole number from 1 to 1000 "
                              "(1: the closed form alone)")
-        if not 1 <= self.clip_grid <= 1000:
-            raise QtoolError(f"--clip-grid {self.clip_grid} is out of range; use a whole number from 1 to 1000")
+        if not 1 <= self.clip_grid <= CLIP_GRID_MAX:
+            raise QtoolError(f"--clip-grid {self.clip_grid} is out of range; use a whole number from 1 to {CLIP_GRID_MAX}")
         if not 0.0 < self.clip_max_shrink < 1.0:
             raise QtoolError(f"clip_max_shrink {self.clip_max_shrink} must lie strictly between 0 and 1")
         if self.search_file is not None and not str(self.search_file).strip():

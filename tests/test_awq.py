@@ -645,9 +645,9 @@ def test_a_models_own_search_replays_where_its_weights_are_too_small_for_float16
 @pytest.mark.parametrize("kind, value, said", [
     (SCALE_KEY, 0.0, "values from 0 to"), (SCALE_KEY, -1.0, "values from -1 to"), (SCALE_KEY, math.inf, "non-finite"),
     (SCALE_KEY, math.nan, "non-finite"), (CLIP_KEY, 1.5, "to 1.5"), (CLIP_KEY, 0.0, "values from 0 to"),
-    (CLIP_KEY, math.nan, "non-finite")])
+    (CLIP_KEY, 1e-30, "values from 1e-30 to"), (CLIP_KEY, math.nan, "non-finite")])
 def test_a_search_file_with_values_no_search_writes_is_refused_in_one_sentence(tmp_path, kind, value, said):
-    """A scale of 0 or inf, or a clip outside (0, 1], would quantize silently to a float16 scale of 65504 or 0
+    """A scale of 0 or inf, or a clip outside [MIN_CLIP, 1], would quantize silently to a float16 scale of 65504 or 0
     (or fail deep inside with a traceback): the replay names the file and the entry instead, and writes nothing."""
     from safetensors.torch import load_file, save_file
 

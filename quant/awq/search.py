@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 
 from quant import qmath
+from quant.config import CLIP_GRID_MAX
 
 # Grid points and weight rows are evaluated in chunks whose float32 temporaries stay under this many
 # bytes, whatever the layer's width (a 70B model's fused gate/up weight is 1.9 GB in float32).
@@ -145,6 +146,11 @@ def clip_ratios(n_grid: int, max_shrink: float) -> torch.Tensor:
     """Fractions of the range tried: ``1, 1 - 1/n, ...`` while the shrink stays below ``max_shrink``."""
     n = max(1, int(max_shrink * n_grid))
     return 1.0 - torch.arange(n, dtype=torch.float32) / n_grid
+
+
+# Below any clip a search writes: with ``max_shrink < 1`` the grid stops at 1 - (n_grid - 2) / n_grid = 2 / n_grid
+# or above (float32), and ``n_grid`` is at most CLIP_GRID_MAX. A smaller clip in a search file was put there by hand.
+MIN_CLIP = 1 / CLIP_GRID_MAX
 
 
 def search_clip(w: torch.Tensor, h: torch.Tensor, spec: QuantSpec, n_grid: int = 20, max_shrink: float = 0.5) -> torch.Tensor:

@@ -82,17 +82,20 @@ SCALE_NORM_TOLERANCE = 0.02  # max·min of a saved scale within 2% of 1: float32
 def _check_values(path: Path, key: str, t: torch.Tensor) -> None:
     """One sentence for a search entry no search writes: a scale (divides a linear's input) must be finite and
     positive with ``max · min = 1`` (every candidate scale is normalised so, llm-awq's convention: a scaled or
-    edited file breaks it), a clip (the fraction of each group's range kept) in (0, 1]; both float."""
+    edited file breaks it), a clip (the fraction of each group's range kept) in [``MIN_CLIP``, 1] (a clip of
+    1e-30 made every group scale of its linear 0 in float16: a model of zero weights); both float."""
     from quant.awq.fold import CLIP_KEY, SCALE_KEY
+    from quant.awq.search import MIN_CLIP
 
     kind = key.rsplit(".", 1)[-1]
     if kind not in (SCALE_KEY, CLIP_KEY):
         return  # unknown entries are refused by name where the block is applied
     ok = t.is_floating_point() and bool(torch.isfinite(t).all())
     if ok:
-        ok = bool((t > 0).all()) if kind == SCALE_KEY else bool(((t > 0) & (t <= 1)).all())
+        ok = bool((t > 0).all()) if kind == SCALE_KEY else bool(((t >= MIN_CLIP) & (t <= 1)).all())
     if not ok:
-        want = "finite positive floats" if kind == SCALE_KEY else "floats in (0, 1] (the fraction of a group's range kept)"
+        want = ("finite positive floats" if kind == SCALE_KEY
+                else f"floats from {MIN_CLIP:g} to 1 (the fraction of a group's range kept)")
         raise QtoolError(f"{path}: entry {key!r} holds {_describe(t)}; a search writes {want} there; search again")
     if kind == SCALE_KEY and t.numel():
         norm = float(t.double().max() * t.double().min())
