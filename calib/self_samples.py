@@ -190,7 +190,8 @@ def generate_self_samples(model, tokenizer, opts: SamplingOptions, *, done: list
                              "--repetition-penalty")
         rec = records.get(b)
         if rec is None:
-            ids = _sample_batch(model, opts.batch_size, start, opts, seed=opts.seed * 1_000_003 + b)
+            n = min(opts.batch_size, opts.n_sequences - len(texts))  # the last batch: only what is still wanted
+            ids = _sample_batch(model, n, start, opts, seed=opts.seed * 1_000_003 + b)
             kept, rej = [], 0
             for row in ids:
                 text = _clean(tokenizer.decode(row.tolist(), skip_special_tokens=True))

@@ -85,14 +85,27 @@ def test_repetition_loops_are_drawn_again(model, tmp_path, monkeypatch):
 
     def half_loops(model_, n, start, opts, seed):
         ids = real(model_, n, start, opts, seed)
-        ids[::2] = loop
+        ids[1::2] = loop
         return ids
 
     monkeypatch.setattr(ss, "_sample_batch", half_loops)
     r = ss.write_self_samples(model, tmp_path / "s.txt", opts)
-    assert r.kept == 6 and r.redrawn == 6  # three batches of four, half of each a loop
+    assert r.kept == 6 and r.redrawn == 5  # batches of 4, 4, 2 and 1 (what is still wanted), every second a loop
     assert "abab" not in (tmp_path / "s.txt").read_text()
     assert r.min_zlib_ratio >= opts.min_zlib_ratio
+
+
+def test_no_batch_draws_more_sequences_than_the_run_still_wants(model, tmp_path, monkeypatch):
+    """10 sequences in batches of 4: the third batch draws 2, not 4 to throw 2 away (each is a whole generation)."""
+    real, sizes = ss._sample_batch, []
+
+    def spy(model_, n, start, opts, seed):
+        sizes.append(n)
+        return real(model_, n, start, opts, seed)
+
+    monkeypatch.setattr(ss, "_sample_batch", spy)
+    r = ss.write_self_samples(model, tmp_path / "s.txt", OPTS)
+    assert sizes == [4, 4, 2] and r.kept == 10
 
 
 def test_a_model_that_only_loops_is_refused_in_one_sentence(model, tmp_path, monkeypatch):
