@@ -3,41 +3,25 @@ from __future__ import annotations
 
 import logging
 import os
-import shutil
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 
-from calib.gradients import LossGradientFiles
-from calib.runner import BlockInputs, run_sequential
 from quant import arch as arch_table
-from quant import heap, model_io, output, resume
+from quant import block_loop, heap, model_io, output, resume
+from quant.block_loop import BlockRow
 from quant.checkpoint import checkpoint_tensors, is_quantized_checkpoint, output_dtype, write_metadata
 from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 from quant.formats.compat import Written, check_target, readers, skip_pattern
-from quant.guard import FALLBACK_KEY, Alternatives, check_model, partial_module, rtn_guard
-from quant.layers import plan_linears, to_quant_linears
-from quant.methods import BlockContext, BlockResult, get_method
+from quant.guard import partial_module
+from quant.layers import plan_linears
 from quant.shards import ShardWriter
 from quant.source import SourceModel, source_fingerprint
 
 log = logging.getLogger(__name__)
-
-LOSS_GRADIENTS = "loss-gradients"  # in the run's folder while it runs: AWQ's loss judge reads them block by block
-
-
-@dataclass
-class BlockRow:
-    index: int
-    n_linears: int
-    seconds: float
-    info: dict = field(default_factory=dict)
-    rtn_fallback: bool = False  # the RTN guard kept round-to-nearest for this block
-
 
 @dataclass
 class QuantReport:
@@ -167,12 +151,12 @@ def quantize(
             cfg = cfg.with_(skip=tuple(dict.fromkeys(n for s in cfg.skip for n in src.layout.native_modules(s, src.shape))))
         plan = plan_linears(src.model, arch, cfg)
         for i in range(len(plan.quantize)):
-            _keep_fused_together(plan, src, arch, i)
+            block_loop.keep_fused_together(plan, src, arch, i)
         check_target(cfg.target, _written(cfg, arch, *_stored_names(plan, src, arch)))
         dtype = output_dtype(cfg, src, {f"{arch.blocks}.{i}.{n}.weight" for i, names in enumerate(plan.quantize)
                                         for n in names})
         writer = ShardWriter(tmp, max_shard_bytes)
-        run = _Run(tmp, key, writer, saved)
+        run = block_loop.Run(tmp, key, writer, saved)
         if saved is not None:
             if run.start < len(src.blocks):
                 log.warning("resuming at block %d of %d: the blocks before it were finished by a stopped run (%s)",
@@ -181,8 +165,8 @@ def quantize(
                 log.warning("resuming: all %d blocks were finished by a stopped run (%s); writing the rest",
                             len(src.blocks), tmp)
             plan.quantize, plan.skipped = saved[0]["plan"]["quantize"], saved[0]["plan"]["skipped"]
-        rows, artifacts, model_check, parts = _quantize_blocks(src, arch, cfg, plan, calib_ids, kinds, dev,
-                                                               progress, run, dtype)
+        rows, artifacts, model_check, parts = block_loop.quantize_blocks(src, arch, cfg, plan, calib_ids, kinds, dev,
+                                                                         progress, run, dtype)
         # Layers kept while the blocks were quantized (scales past float16) count too: checked again, then written.
         kept, quantized = _stored_names(plan, src, arch)
         written = _written(cfg, arch, kept, quantized)
@@ -235,143 +219,6 @@ def _weight_probe(src: SourceModel, blocks: str) -> dict:
     return weight_probe(name, src.tensor(name))
 
 
-class _Run:
-    """Where the output goes and what a stopped run left: the parts, the progress record (:mod:`quant.resume`)."""
-
-    def __init__(self, folder: Path, key: dict, writer: ShardWriter, saved):
-        self.folder, self.key, self.writer = folder, key, writer
-        self.record, self.tensors = saved if saved is not None else ({}, {})
-        self.start = self.finished = self.record.get("blocks_done", 0)
-
-    def saved_list(self, prefix: str) -> list[torch.Tensor] | None:
-        items = sorted((int(k[len(prefix):]), v) for k, v in self.tensors.items() if k.startswith(prefix))
-        return [v for _, v in items] or None
-
-    def save(self, blocks_done: int, record: dict, tensors: dict[str, torch.Tensor]) -> None:
-        resume.save(self.folder, self.key, blocks_done, record, tensors)
-        self.finished = blocks_done
-
-
-def _quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, progress, run: _Run, dtype):
-    """Each block in turn: loaded from the source, quantized, packed, written as a part, released, and the
-    progress record saved; blocks a stopped run finished are skipped.
-
-    Returns the summary rows, AWQ's search results (the method's own model's, kept or not), the whole-model check
-    and the names of the parts
-    that make the checkpoint's blocks (each block's own, or its RTN version where the check keeps RTN).
-    ``kinds``: the kinds of text whose check windows end ``calib_ids`` (:func:`_calibration_ids`)."""
-    quantize_block = get_method(cfg.method)
-    stored = lambda tensors: src.to_stored(tensors, cfg.format, cfg.bits, cfg.group_size)  # noqa: E731
-    if cfg.method != "rtn":
-        quantize_block = rtn_guard(quantize_block)
-    model, blocks, writer = src.model, src.blocks, run.writer
-    rows = [BlockRow(**r) for r in run.record.get("rows", [])]
-    artifacts = {k[len("artifact."):]: v for k, v in run.tensors.items() if k.startswith("artifact.")}
-    bar = tqdm(total=len(blocks), initial=run.start, desc=f"{cfg.method} w{cfg.bits}", unit="block",
-               disable=not progress)
-    packed: list[dict] = [{} for _ in blocks]  # per block: linear name -> PackedWeight, packed once when done
-    alts = Alternatives(run.record, run.saved_list, len(blocks))
-
-    def load(i: int) -> None:
-        if i == run.start and calib_ids is not None:  # the windows are embedded (run_sequential recorded them)
-            src.release_outside()
-        src.load_block(i)
-        plan.check_loaded_block(i, blocks[i], f"{arch.blocks}.{i}.", cfg)
-        _keep_fused_together(plan, src, arch, i)
-
-    def process(i: int, block, inputs: BlockInputs | None) -> None:
-        t = time.perf_counter()
-        if loss_grads is not None and inputs is not None:  # AWQ judges by the loss: the gradients at this block's output
-            inputs.loss = loss_grads.for_block(i)
-        result: BlockResult = quantize_block(BlockContext(i, block, plan.quantize[i], cfg, arch, inputs))
-        if result.block is not None:
-            blocks[i] = result.block
-        packed[i] = {n: pw.to("cpu") for n, pw in result.packed.items()}
-        alts.advance(i, result.alternatives, inputs, blocks[i])
-        artifacts.update({f"{arch.blocks}.{i}.{k}": v.detach().cpu() for k, v in result.artifacts.items()})
-        rows.append(BlockRow(i, len(plan.quantize[i]), time.perf_counter() - t, result.info, result.block is not None))
-        bar.update(1)
-
-    def done(i: int, hidden=None) -> None:
-        """The next block's inputs are computed (with the dense quantized weights): pack, write, release,
-        then record the progress (after the parts are on disk)."""
-        prefix = f"{arch.blocks}.{i}."
-        to_quant_linears(blocks[i], packed[i], cfg.format)
-        writer.write(_part(i), stored(checkpoint_tensors(blocks[i], dtype, prefix)))
-        for name, alt_block in alts.pending.items():  # in case the whole-model check keeps one
-            if alt_block is not blocks[i]:
-                alt_block.to("cpu")
-                writer.write(_part(i, name), stored(checkpoint_tensors(alt_block, dtype, prefix)))
-            alts.written[name][i] = True
-        alts.pending.clear()
-        packed[i] = {}
-        src.release(i)
-        state = {f"artifact.{k}": v for k, v in artifacts.items()}
-        if calib_ids is not None:
-            state[resume.CALIB_IDS] = calib_ids
-        state.update(alts.state())
-        for s_i, part in enumerate(hidden or []):
-            state.update({f"hidden.{s_i}.{j}": h.cpu() for j, h in enumerate(part)})
-        record = {"rows": [asdict(r) for r in rows], "alternatives": alts.written, "kinds": kinds,
-                  "plan": {"quantize": plan.quantize, "skipped": plan.skipped}}
-        run.save(i + 1, record, state)
-
-    compute_dtype = torch.float32 if dev.type == "cpu" else src.dtype
-    held_out = (*cfg.held_out_split, len(kinds) * cfg.check_windows)
-    loss_grads = LossGradientFiles(src, cfg, calib_ids, held_out, dev, compute_dtype, run.folder / LOSS_GRADIENTS,
-                                   run.start) if LossGradientFiles.wanted(cfg, calib_ids) else None
-    try:
-        if calib_ids is None:
-            for i in range(run.start, len(blocks)):
-                load(i)
-                blocks[i].to(dev)
-                process(i, blocks[i], None)
-                blocks[i].to("cpu")
-                done(i)
-        else:
-            start_hidden = None
-            if run.start:
-                start_hidden = [run.saved_list(f"hidden.{s_i}.") or [] for s_i in range(4)]
-            run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=held_out,
-                           on_block_done=done, before_block=load, start=run.start, start_hidden=start_hidden,
-                           lead=cfg.awq.judge_windows if cfg.searches_awq else None)
-    except KeyboardInterrupt:
-        if run.finished:
-            log.warning("stopped: %d of %d blocks are finished and kept in %s; run the same command again to "
-                        "continue from there", run.finished, len(blocks), run.folder)
-        else:
-            log.warning("stopped before the first block was finished; nothing is kept")
-        raise
-    finally:  # an error message then starts on its own line
-        bar.close()
-    if loss_grads is not None:  # a stopped run keeps them with its blocks: its resumption reads them
-        shutil.rmtree(loss_grads.folder, ignore_errors=True)
-    parts = [_part(i) for i in range(len(blocks))]
-    model_check = None
-    candidates = alts.complete()
-    if candidates and (set(candidates) != {"rtn"} or any(not r.rtn_fallback for r in rows)):
-        src.load_outside()
-        n_guard, n_check = held_out[1:]  # the windows as run_sequential batched them
-        guard_ids = calib_ids[len(calib_ids) - n_guard - n_check:len(calib_ids) - n_check]
-        check_ids = calib_ids[len(calib_ids) - n_check:]
-        try:
-            model_check = check_model(model, blocks, guard_ids, check_ids, kinds, alts.final, candidates, cfg)
-        except KeyboardInterrupt:
-            log.warning("stopped during the whole-model check: all %d blocks are finished and kept in %s; run the "
-                        "same command again to redo only the check and write the checkpoint", len(blocks), run.folder)
-            raise
-        kept = model_check["kept"]
-        if kept != cfg.label:
-            for i, r in enumerate(rows):
-                if writer.has(_part(i, kept)):  # else the method's own block is that alternative's
-                    parts[i] = _part(i, kept)
-                was_rtn = r.info.get(FALLBACK_KEY) == "rtn" and kept == "rtn"
-                r.rtn_fallback = kept == "rtn"
-                r.info[FALLBACK_KEY] = kept if was_rtn else f"{kept} (whole model)"
-    return rows, artifacts, model_check, parts
-
-
-
 def _written(cfg: QuantConfig, arch, kept: list[str], quantized: list[str]) -> Written:
     """The checkpoint as the loaders will see it (:mod:`quant.formats.compat`)."""
     return Written(cfg.fmt, cfg.bits, cfg.sym, cfg.act_order, cfg.group_size, skip_pattern(kept, quantized), arch.moe)
@@ -383,13 +230,3 @@ def _stored_names(plan, src: SourceModel, arch) -> tuple[list[str], list[str]]:
     quantized = sorted({src.stored_module(f"{arch.blocks}.{i}.{n}") for i, names in enumerate(plan.quantize)
                         for n in names} - set(kept))
     return kept, quantized
-
-
-def _keep_fused_together(plan, src: SourceModel, arch, i: int) -> None:
-    """q, k and v that the checkpoint stores fused (InternLM2's wqkv) are quantized all or none."""
-    if src.layout is not None and src.layout.fused_qkv:
-        plan.keep_together(i, src.layout.qkv, f"{arch.blocks}.{i}.", f"stored as one tensor ({src.layout.fused_qkv})")
-
-
-def _part(i: int, kind: str = "block") -> str:
-    return f"{kind}-{i:05d}"

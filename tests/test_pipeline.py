@@ -171,16 +171,16 @@ def test_size_counts_weights_not_qtool_side_files(tmp_path):
 
 @pytest.mark.parametrize("model_type", ["gemma2", "llama"])
 def test_calibration_windows_start_with_bos_where_the_architecture_needs_it(tmp_path, model_type, monkeypatch):
-    from quant import pipeline
+    from quant import block_loop
 
     seen = {}
-    real = pipeline._quantize_blocks
+    real = block_loop.quantize_blocks
 
     def spy(model, arch, cfg, plan, calib_ids, *rest):
         seen["ids"] = calib_ids
         return real(model, arch, cfg, plan, calib_ids, *rest)
 
-    monkeypatch.setattr(pipeline, "_quantize_blocks", spy)
+    monkeypatch.setattr(block_loop, "quantize_blocks", spy)
     src = save_tiny_model(model_type, tmp_path / "src")
     quant.quantize(src, tmp_path / "out", method="awq", bits=4, group_size=32, n_samples=4, seqlen=32,
                    dtype="float32", progress=False)

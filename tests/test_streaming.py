@@ -449,10 +449,10 @@ def test_a_stopped_run_with_other_settings_or_source_is_refused_and_kept(tmp_pat
 
 
 def test_ctrl_c_keeps_the_finished_blocks_and_says_how_to_continue(tmp_path, monkeypatch, caplog):
-    from quant.pipeline import _Run
+    from quant.block_loop import Run
 
     src = deep_llama(tmp_path / "src", n_layers=3)
-    real, calls = _Run.save, []
+    real, calls = Run.save, []
 
     def interrupt(*a, **k):  # Ctrl-C right after the second block's progress record was saved
         real(*a, **k)
@@ -460,11 +460,11 @@ def test_ctrl_c_keeps_the_finished_blocks_and_says_how_to_continue(tmp_path, mon
         if len(calls) == 2:
             raise KeyboardInterrupt
 
-    monkeypatch.setattr(_Run, "save", interrupt)
+    monkeypatch.setattr(Run, "save", interrupt)
     with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger="quant.pipeline"):
         quant.quantize(src, tmp_path / "out", method="rtn", group_size=32, progress=False)
     assert "2 of 3 blocks are finished" in caplog.text and "run the same command again" in caplog.text
-    monkeypatch.setattr(_Run, "save", real)
+    monkeypatch.setattr(Run, "save", real)
     report = quant.quantize(src, tmp_path / "out", method="rtn", group_size=32, progress=False)
     assert report.resumed_from == 2
 
@@ -474,7 +474,7 @@ def test_a_resumed_run_keeps_the_stopped_runs_calibration_windows(tmp_path, monk
     edited calibration file changes nothing (the blocks after the stop see the windows the blocks before saw):
     the checkpoint is the uninterrupted run's with the text as it was."""
     from quant import heap
-    from quant.pipeline import _Run
+    from quant.block_loop import Run
 
     src = deep_llama(tmp_path / "src", n_layers=3)
     text = tmp_path / "calib.txt"
@@ -483,16 +483,16 @@ def test_a_resumed_run_keeps_the_stopped_runs_calibration_windows(tmp_path, monk
     kw = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, held_out=4, calib_data=str(text),
               progress=False)
     quant.quantize(src, tmp_path / "straight", **kw)
-    real_save = _Run.save
+    real_save = Run.save
 
     def interrupt(*a, **k):  # Ctrl-C right after the first block's progress record
         real_save(*a, **k)
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(_Run, "save", interrupt)
+    monkeypatch.setattr(Run, "save", interrupt)
     with pytest.raises(KeyboardInterrupt):
         quant.quantize(src, tmp_path / "out", **kw)
-    monkeypatch.setattr(_Run, "save", real_save)
+    monkeypatch.setattr(Run, "save", real_save)
     text.write_text("".join(f"def f{i}(x):\n    return x * {i} + {i % 5}\n" for i in range(300)))
     children, real_in_child = [], heap.in_child
     monkeypatch.setattr(heap, "in_child", lambda *a, **k: children.append(k.get("what")) or real_in_child(*a, **k))
@@ -506,21 +506,21 @@ def test_a_resumed_run_keeps_the_stopped_runs_calibration_windows(tmp_path, monk
 
 def test_ctrl_c_during_the_whole_model_check_says_the_blocks_are_kept_and_the_rerun_finishes(tmp_path, monkeypatch,
                                                                                               caplog):
-    import quant.pipeline
+    import quant.block_loop
 
     src = deep_llama(tmp_path / "src", n_layers=3)
     kw = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, held_out=4, progress=False)
     quant.quantize(src, tmp_path / "straight", **kw)
-    real = quant.pipeline.check_model
+    real = quant.block_loop.check_model
 
     def interrupt(*a, **k):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(quant.pipeline, "check_model", interrupt)
+    monkeypatch.setattr(quant.block_loop, "check_model", interrupt)
     with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger="quant.pipeline"):
         quant.quantize(src, tmp_path / "out", **kw)
     assert "stopped during the whole-model check: all 3 blocks are finished" in caplog.text
-    monkeypatch.setattr(quant.pipeline, "check_model", real)
+    monkeypatch.setattr(quant.block_loop, "check_model", real)
     report = quant.quantize(src, tmp_path / "out", **kw)
     assert report.resumed_from == 3 and report.model_check is not None
     assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
@@ -566,23 +566,23 @@ def test_a_stopped_replay_is_not_resumed_with_another_search_in_the_same_file(tm
 
 def _awq_stopped_after_block_0(tmp_path, monkeypatch):
     """AWQ on a 3-block model, Ctrl-C after its first block: (source, options, one entry per loss-gradient pass,
-    the stopped run's loss-gradient folder). ``_Run.save`` is restored."""
+    the stopped run's loss-gradient folder). ``Run.save`` is restored."""
     import calib.gradients as gradients
-    from quant.pipeline import LOSS_GRADIENTS, _Run
+    from quant.block_loop import LOSS_GRADIENTS, Run
 
     src = deep_llama(tmp_path / "src", n_layers=3)
     kw = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, held_out=4, progress=False)
-    real_save, real_pass, passes = _Run.save, gradients.loss_gradients, []
+    real_save, real_pass, passes = Run.save, gradients.loss_gradients, []
 
     def interrupt(*a, **k):  # Ctrl-C right after the first block's progress record
         real_save(*a, **k)
         raise KeyboardInterrupt
 
     monkeypatch.setattr(gradients, "loss_gradients", lambda *a, **k: passes.append(1) or real_pass(*a, **k))
-    monkeypatch.setattr(_Run, "save", interrupt)
+    monkeypatch.setattr(Run, "save", interrupt)
     with pytest.raises(KeyboardInterrupt):
         quant.quantize(src, tmp_path / "out", **kw)
-    monkeypatch.setattr(_Run, "save", real_save)
+    monkeypatch.setattr(Run, "save", real_save)
     return src, kw, passes, next(tmp_path.glob(".out.tmp-*")) / LOSS_GRADIENTS
 
 
