@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from quant.arch import module_of
+from quant.awq.search import MIN_CLIP
 from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 
@@ -85,7 +86,6 @@ def _check_values(path: Path, key: str, t: torch.Tensor) -> None:
     edited file breaks it), a clip (the fraction of each group's range kept) in [``MIN_CLIP``, 1] (a clip of
     1e-30 made every group scale of its linear 0 in float16: a model of zero weights); both float."""
     from quant.awq.fold import CLIP_KEY, SCALE_KEY
-    from quant.awq.search import MIN_CLIP
 
     kind = key.rsplit(".", 1)[-1]
     if kind not in (SCALE_KEY, CLIP_KEY):
