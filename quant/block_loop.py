@@ -151,28 +151,38 @@ def quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, pr
     if loss_grads is not None:  # a stopped run keeps them with its blocks: its resumption reads them
         shutil.rmtree(loss_grads.folder, ignore_errors=True)
     parts = [part_name(i) for i in range(len(blocks))]
-    model_check = None
-    candidates = alts.complete()
-    if candidates and (set(candidates) != {"rtn"} or any(not r.rtn_fallback for r in rows)):
-        src.load_outside()
-        n_guard, n_check = held_out[1:]  # the windows as run_sequential batched them
-        guard_ids = calib_ids[len(calib_ids) - n_guard - n_check:len(calib_ids) - n_check]
-        check_ids = calib_ids[len(calib_ids) - n_check:]
-        try:
-            model_check = check_model(model, blocks, guard_ids, check_ids, kinds, alts.final, candidates, cfg)
-        except KeyboardInterrupt:
-            log.warning("stopped during the whole-model check: all %d blocks are finished and kept in %s; run the "
-                        "same command again to redo only the check and write the checkpoint", len(blocks), run.folder)
-            raise
-        kept = model_check["kept"]
-        if kept != cfg.label:
-            for i, r in enumerate(rows):
-                if writer.has(part_name(i, kept)):  # else the method's own block is that alternative's
-                    parts[i] = part_name(i, kept)
-                was_rtn = r.info.get(FALLBACK_KEY) == "rtn" and kept == "rtn"
-                r.rtn_fallback = kept == "rtn"
-                r.info[FALLBACK_KEY] = kept if was_rtn else f"{kept} (whole model)"
+    model_check = _check_whole_model(src, cfg, calib_ids, held_out, kinds, alts, rows, parts, run)
     return rows, artifacts, model_check, parts
+
+
+def _check_whole_model(src: SourceModel, cfg, calib_ids, held_out: tuple, kinds: list[str], alts: Alternatives,
+                       rows: list[BlockRow], parts: list[str], run: Run) -> dict | None:
+    """The whole-model check (:func:`quant.guard.check_model`) of the method's model against its complete
+    alternatives, where there is a choice to make (not when every block already fell back to RTN and RTN is the
+    only alternative); None where it does not run. Where it keeps an alternative, ``parts`` name that
+    alternative's version of each block that has one, and ``rows`` say which model each block comes from."""
+    candidates = alts.complete()
+    if not candidates or (set(candidates) == {"rtn"} and all(r.rtn_fallback for r in rows)):
+        return None
+    src.load_outside()
+    n_guard, n_check = held_out[1:]  # the windows as run_sequential batched them
+    guard_ids = calib_ids[len(calib_ids) - n_guard - n_check:len(calib_ids) - n_check]
+    check_ids = calib_ids[len(calib_ids) - n_check:]
+    try:
+        model_check = check_model(src.model, src.blocks, guard_ids, check_ids, kinds, alts.final, candidates, cfg)
+    except KeyboardInterrupt:
+        log.warning("stopped during the whole-model check: all %d blocks are finished and kept in %s; run the "
+                    "same command again to redo only the check and write the checkpoint", len(src.blocks), run.folder)
+        raise
+    kept = model_check["kept"]
+    if kept != cfg.label:
+        for i, r in enumerate(rows):
+            if run.writer.has(part_name(i, kept)):  # else the method's own block is that alternative's
+                parts[i] = part_name(i, kept)
+            was_rtn = r.info.get(FALLBACK_KEY) == "rtn" and kept == "rtn"
+            r.rtn_fallback = kept == "rtn"
+            r.info[FALLBACK_KEY] = kept if was_rtn else f"{kept} (whole model)"
+    return model_check
 
 
 def keep_fused_together(plan, src: SourceModel, arch, i: int) -> None:

@@ -104,26 +104,9 @@ def quantize(
     cfg = QuantConfig.from_options(cfg, **options)
     heap.keep_large_allocations_mapped()
     t0 = time.perf_counter()
-    config = model_io.check_causal_lm(model_dir)
-    if is_quantized_checkpoint(model_dir):
-        method = (config.get("quantization_config") or {}).get("quant_method", "an older tool's")
-        raise QtoolError(f"{model_dir}: is already quantized ({method} quantization); quantize the original "
-                         "full-precision model instead")
-    arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
-    replay = None  # the search file a replay reads, resolved once (a folder names the one inside it)
-    if cfg.method == "awq" and cfg.awq.search_file:  # a missing search file: one sentence, before any work
-        from quant.awq.search_file import check_readable, search_path
-
-        replay = search_path(cfg.awq.search_file).resolve()
-        check_readable(replay)  # before --restart removes a stopped run: a damaged file must not cost it
-        cfg = cfg.with_(awq=replace(cfg.awq, search_file=str(replay)))
+    config, arch, cfg, replay = _check_source(model_dir, cfg)
     dev = model_io.parse_device(device)
-    settings = asdict(cfg)
-    if settings["calib_data"] and Path(settings["calib_data"]).exists():  # the file, not the path as typed
-        settings["calib_data"] = str(Path(settings["calib_data"]).resolve())
-    if replay is not None:  # a replay reads the file block by block: its content is the key, not where it lies
-        settings["awq"]["search_digest"] = resume.file_digest(replay)
-        settings["awq"]["search_file"] = None
+    settings = _run_settings(cfg, replay)
     key = resume.run_key(settings, dev.type, source_fingerprint(model_dir))
     with output.atomic_output(out, overwrite, source=model_dir, resume_key=key, restart=restart) as tmp:
         saved = resume.load(tmp)
@@ -138,14 +121,7 @@ def quantize(
             settings_known = check_search_file(replay, cfg, config["model_type"], len(src.blocks), probe,
                                                arch.blocks)
         t_cal = time.perf_counter()
-        calib_ids, kinds = None, []
-        if cfg.needs_calibration:
-            model_io.check_seqlen(src.model, cfg.seqlen)
-            if saved is not None and resume.CALIB_IDS in saved[1]:  # the windows the finished blocks saw
-                calib_ids, kinds = saved[1][resume.CALIB_IDS], saved[0]["kinds"]
-            else:  # in a child process: the tokenizer's memory never enters this one (quant.heap.in_child)
-                calib_ids, kinds = heap.in_child(_calibration_ids, model_dir, cfg, arch.needs_bos,
-                                                 what="tokenizing the calibration text")
+        calib_ids, kinds = _calibration(src, model_dir, cfg, arch, saved)
         calib_seconds = time.perf_counter() - t_cal
         if src.layout is not None and cfg.skip:  # --skip in the checkpoint's own names (feed_forward.w2, attention.wqkv)
             cfg = cfg.with_(skip=tuple(dict.fromkeys(n for s in cfg.skip for n in src.layout.native_modules(s, src.shape))))
@@ -158,32 +134,18 @@ def quantize(
         writer = ShardWriter(tmp, max_shard_bytes)
         run = block_loop.Run(tmp, key, writer, saved)
         if saved is not None:
-            if run.start < len(src.blocks):
-                log.warning("resuming at block %d of %d: the blocks before it were finished by a stopped run (%s)",
-                            run.start, len(src.blocks), tmp)
-            else:
-                log.warning("resuming: all %d blocks were finished by a stopped run (%s); writing the rest",
-                            len(src.blocks), tmp)
-            plan.quantize, plan.skipped = saved[0]["plan"]["quantize"], saved[0]["plan"]["skipped"]
+            _resume_plan(plan, saved, run.start, len(src.blocks), tmp)
         rows, artifacts, model_check, parts = block_loop.quantize_blocks(src, arch, cfg, plan, calib_ids, kinds, dev,
                                                                          progress, run, dtype)
         # Layers kept while the blocks were quantized (scales past float16) count too: checked again, then written.
         kept, quantized = _stored_names(plan, src, arch)
         written = _written(cfg, arch, kept, quantized)
         check_target(cfg.target, written)
-        outside = []
-        for j, name in enumerate(src.outside):  # one part each: one tensor in memory at a time
-            src.load_tensor(name, dtype)  # converted as read: never whole in the source dtype
-            outside.append(f"outside-{j:05d}")
-            writer.write(outside[-1], src.to_stored(checkpoint_tensors(src.model, dtype, exclude=arch.blocks,
-                                                                       only={name})))
-            src.release_tensor(name)
-        writer.finish(parts + outside)
-        seconds = time.perf_counter() - t0
+        writer.finish(parts + _write_outside(src, writer, arch, dtype))
         report = QuantReport(
             out=str(Path(out).absolute()), method=cfg.label, fmt=cfg.fmt, bits=cfg.bits,
-            group_size=cfg.group_size, n_quantized=plan.n_quantized, skipped=plan.skipped, seconds=seconds,
-            calib_seconds=calib_seconds, peak_rss_mb=heap.peak_rss_mb(),
+            group_size=cfg.group_size, n_quantized=plan.n_quantized, skipped=plan.skipped,
+            seconds=time.perf_counter() - t0, calib_seconds=calib_seconds, peak_rss_mb=heap.peak_rss_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0,
             source_bytes=model_io.folder_bytes(model_dir), output_bytes=model_io.folder_bytes(tmp, ("model*.safetensors",)), blocks=rows,
             guarded=cfg.held_out_split[1] > 0 if cfg.needs_calibration else None, model_check=model_check,
@@ -196,19 +158,96 @@ def quantize(
         meta = {"qtool": {"config": recorded, "report": asdict(report)}}
         write_metadata(cfg, model_dir, tmp, kept, quantized, meta, dtype)
         if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
-            from quant.awq.search_file import kept_module, search_metadata
+            from quant.awq.search_file import search_metadata
 
-            (tmp / SEARCH_FILE).parent.mkdir(exist_ok=True)
             # A replay of a file that did not say its settings does not vouch for them either.
             header = search_metadata(cfg, config["model_type"], len(src.blocks), probe) if settings_known else None
-            own_kept = model_check is None or model_check["kept"] == cfg.label
-            kept_search = artifacts if own_kept else kept_module(artifacts, partial_module(model_check["kept"], cfg.label),
-                                                                 arch.blocks)
-            output.save_safetensors(kept_search, tmp / SEARCH_FILE, header)
-            if not own_kept and artifacts:  # the model not kept stays replayable, for a look or another check
-                output.save_safetensors(artifacts, tmp / REFUSED_SEARCH_FILE, header)
+            _save_search(tmp, cfg, artifacts, model_check, arch.blocks, header)
         writer.cleanup()
     return report
+
+
+def _check_source(model_dir, cfg: QuantConfig) -> tuple[dict, arch_table.Arch, QuantConfig, Path | None]:
+    """The source's ``config.json`` (refused where it is a causal LM already quantized), its row of the
+    architecture table, ``cfg`` and, for a replay, the search file (a folder names the one inside it), resolved
+    and checked readable: each mistake one sentence (:class:`QtoolError`) before any work."""
+    config = model_io.check_causal_lm(model_dir)
+    if is_quantized_checkpoint(model_dir):
+        method = (config.get("quantization_config") or {}).get("quant_method", "an older tool's")
+        raise QtoolError(f"{model_dir}: is already quantized ({method} quantization); quantize the original "
+                         "full-precision model instead")
+    arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
+    replay = None
+    if cfg.method == "awq" and cfg.awq.search_file:
+        from quant.awq.search_file import check_readable, search_path
+
+        replay = search_path(cfg.awq.search_file).resolve()
+        check_readable(replay)  # before --restart removes a stopped run: a damaged file must not cost it
+        cfg = cfg.with_(awq=replace(cfg.awq, search_file=str(replay)))
+    return config, arch, cfg, replay
+
+
+def _run_settings(cfg: QuantConfig, replay: Path | None) -> dict:
+    """``cfg`` as the key of a resumable run (:func:`quant.resume.run_key`) sees it: the calibration file by its
+    resolved path (the file, not the path as typed); a replay's search file by its content's digest, not where
+    it lies."""
+    settings = asdict(cfg)
+    if settings["calib_data"] and Path(settings["calib_data"]).exists():
+        settings["calib_data"] = str(Path(settings["calib_data"]).resolve())
+    if replay is not None:  # a replay reads the file block by block
+        settings["awq"]["search_digest"] = resume.file_digest(replay)
+        settings["awq"]["search_file"] = None
+    return settings
+
+
+def _calibration(src: SourceModel, model_dir, cfg: QuantConfig, arch, saved) -> tuple[torch.Tensor | None, list[str]]:
+    """The calibration windows and the check's kinds of text (:func:`_calibration_ids`): those a stopped run
+    saved (the windows its finished blocks saw), else tokenized in a child process, whose tokenizer memory never
+    enters this one (:func:`quant.heap.in_child`); ``(None, [])`` for a method without calibration."""
+    if not cfg.needs_calibration:
+        return None, []
+    model_io.check_seqlen(src.model, cfg.seqlen)
+    if saved is not None and resume.CALIB_IDS in saved[1]:
+        return saved[1][resume.CALIB_IDS], saved[0]["kinds"]
+    return heap.in_child(_calibration_ids, model_dir, cfg, arch.needs_bos, what="tokenizing the calibration text")
+
+
+def _resume_plan(plan, saved, start: int, n_blocks: int, tmp: Path) -> None:
+    """Continue a stopped run: say where, and take its plan (which linears it quantizes and which it kept)."""
+    if start < n_blocks:
+        log.warning("resuming at block %d of %d: the blocks before it were finished by a stopped run (%s)",
+                    start, n_blocks, tmp)
+    else:
+        log.warning("resuming: all %d blocks were finished by a stopped run (%s); writing the rest", n_blocks, tmp)
+    plan.quantize, plan.skipped = saved[0]["plan"]["quantize"], saved[0]["plan"]["skipped"]
+
+
+def _write_outside(src: SourceModel, writer: ShardWriter, arch, dtype: torch.dtype) -> list[str]:
+    """The tensors outside the decoder blocks (embeddings, final norm, lm_head), one part each so that one
+    tensor is in memory at a time, converted to ``dtype`` as read (never whole in the source dtype); returns
+    the parts' names."""
+    parts = []
+    for j, name in enumerate(src.outside):
+        src.load_tensor(name, dtype)
+        parts.append(f"outside-{j:05d}")
+        writer.write(parts[-1], src.to_stored(checkpoint_tensors(src.model, dtype, exclude=arch.blocks, only={name})))
+        src.release_tensor(name)
+    return parts
+
+
+def _save_search(tmp: Path, cfg: QuantConfig, artifacts: dict, model_check: dict | None, blocks: str,
+                 header: dict | None) -> None:
+    """The search's scales and clips (``SEARCH_FILE``), as the kept model used them: all of them where the check
+    kept the method's own model, else only those of the module it kept AWQ in (none for all-RTN); the whole search
+    then goes to ``REFUSED_SEARCH_FILE``, replayable for a look or another check."""
+    from quant.awq.search_file import kept_module
+
+    own_kept = model_check is None or model_check["kept"] == cfg.label
+    kept = artifacts if own_kept else kept_module(artifacts, partial_module(model_check["kept"], cfg.label), blocks)
+    (tmp / SEARCH_FILE).parent.mkdir(exist_ok=True)
+    output.save_safetensors(kept, tmp / SEARCH_FILE, header)
+    if not own_kept and artifacts:
+        output.save_safetensors(artifacts, tmp / REFUSED_SEARCH_FILE, header)
 
 
 def _weight_probe(src: SourceModel, blocks: str) -> dict:
