@@ -168,7 +168,7 @@ def quantize(
 
 
 def _check_source(model_dir, cfg: QuantConfig) -> tuple[dict, arch_table.Arch, QuantConfig, Path | None]:
-    """The source's ``config.json`` (refused where it is a causal LM already quantized), its row of the
+    """The source's ``config.json`` (refused where it is no causal LM or is already quantized), its row of the
     architecture table, ``cfg`` and, for a replay, the search file (a folder names the one inside it), resolved
     and checked readable: each mistake one sentence (:class:`QtoolError`) before any work."""
     config = model_io.check_causal_lm(model_dir)
