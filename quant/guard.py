@@ -21,7 +21,7 @@ per-block measure weighs. So the pipeline also checks the whole model
 quantized against each alternative whole model (the all-RTN model, from each block's
 RTN version that the guard keeps; for AWQ+GPTQ also plain GPTQ, without AWQ's scales;
 for AWQ also the models with AWQ's linears in one of the block's modules only, attention or MLP, and RTN's
-in the other (:func:`partial_blocks`), so that scales and clips that help in one module and hurt in the
+in the other, for AWQ+GPTQ the same with plain GPTQ's in the other (:func:`partial_blocks`), so that scales and clips that help in one module and hurt in the
 other are not thrown away whole), carried through the same pass by :class:`Alternatives`. Of those not worse than all-RTN
 on any other kind of text checked, it keeps the one whose loss, averaged over the kinds
 of text (the guard windows' and each checked kind, weighed alike), is lowest: ranked on
@@ -103,8 +103,9 @@ def rtn_guard(method: BlockQuantizer) -> BlockQuantizer:
                      "(%.3g against %.3g for %s): keeping RTN", ctx.index, err_rtn, err, ctx.cfg.label)
             result = BlockResult(info=dict(result.info), artifacts={}, block=rtn_block,
                                  alternatives=result.alternatives)
-        if ctx.cfg.method == "awq":  # measured for AWQ only (issue 20): GPTQ's alternatives stay as they were
-            result.alternatives.update(partial_blocks(ctx, result, rtn_block))
+        base = partial_base(ctx.cfg.label, {**result.alternatives, "rtn": rtn_block})
+        if base is not None:  # AWQ in one module: AWQ's with RTN, AWQ+GPTQ's with plain GPTQ (issue 20)
+            result.alternatives.update(partial_blocks(ctx, result, base, rtn_block))
         result.alternatives["rtn"] = rtn_block
         result.info.update({"held-out err": f"{err:.3e}", "rtn held-out err": f"{err_rtn:.3e}",
                             FALLBACK_KEY: "rtn" if result.block is not None else ctx.cfg.label})
@@ -216,26 +217,41 @@ def partial_module(name: str, label: str) -> str | None:
     return name[len(label) + 1:] if name.startswith(f"{label}{PARTIAL}") else None
 
 
+# The model each method's one-module candidates take their other modules from: AWQ's scales are weighed against
+# RTN (AWQ alone) or against plain GPTQ (AWQ+GPTQ, whose other candidate is plain GPTQ); GPTQ alone has none.
+PARTIAL_BASE = {"awq": "rtn", "gptq+awq": "gptq"}
+
+
+def partial_base(label: str, alternatives: dict[str, nn.Module]) -> nn.Module | None:
+    """The block that method ``label``'s one-module candidates complete (:data:`PARTIAL_BASE`) among
+    ``alternatives`` (name -> block), or None where the method has none or the block lacks it."""
+    return alternatives.get(PARTIAL_BASE.get(label, ""))
+
+
 def describe(name: str, label: str) -> str:
-    """A whole-model candidate in words, for the summary: ``"all-RTN"``, ``"awq in self_attn, RTN elsewhere"``."""
+    """A whole-model candidate in words, for the summary: ``"all-RTN"``, ``"awq in self_attn, RTN elsewhere"``,
+    ``"gptq+awq in mlp, plain GPTQ elsewhere"``."""
     if name == "rtn":
         return "all-RTN"
     module = partial_module(name, label)
-    return f"{label} in {module}, RTN elsewhere" if module else name
+    elsewhere = "plain GPTQ" if PARTIAL_BASE.get(label) == "gptq" else "RTN"
+    return f"{label} in {module}, {elsewhere} elsewhere" if module else name
 
 
-def partial_blocks(ctx: BlockContext, result: BlockResult, rtn_block: nn.Module) -> dict[str, nn.Module]:
-    """The method's block with one module's linears the method's and the others' RTN's, one per module of the
-    block (:func:`modules_of`; none where the block has one module): the whole-model check's candidates between
-    the method's model and all-RTN. The method's error is not spread evenly: on Qwen2.5-Coder-0.5B calibrated on
-    Python, AWQ in attention alone closed 7% / 15% of the RTN gap on Wikipedia / code, AWQ in both modules −8% /
-    20% (worse than RTN on Wikipedia, so the check kept all-RTN: 0% / 0%; benchmarks/RESULTS.md, issue 20).
+def partial_blocks(ctx: BlockContext, result: BlockResult, base: nn.Module, rtn_block: nn.Module) -> dict[str, nn.Module]:
+    """The method's block with one module's linears the method's and the others' ``base``'s (RTN's for AWQ, plain
+    GPTQ's for AWQ+GPTQ: :data:`PARTIAL_BASE`), one per module of the block (:func:`modules_of`; none where the
+    block has one module): the whole-model check's candidates between the method's model and the base model. The
+    method's error is not spread evenly: on Qwen2.5-Coder-0.5B calibrated on Python, AWQ in attention alone closed
+    7% / 15% of the RTN gap on Wikipedia / code, AWQ in both modules −8% / 20% (worse than RTN on Wikipedia, so the
+    check kept all-RTN: 0% / 0%); on Qwen2.5-Coder-1.5B AWQ in both modules was worse than RTN on fiction and AWQ in
+    attention alone kept (13% / 16%; benchmarks/RESULTS.md, issue 20).
 
-    Each is the packed ``rtn_block`` (new modules sharing its tensors: no memory but the swapped modules') with
+    Each is the packed ``base`` (new modules sharing its tensors: no memory but the swapped modules') with
     the module's linears packed from ``result.packed`` (with the method's biases) and, where AWQ folded a scale
     into a producer outside them (a norm, a router that reads it), that producer and those consumers copied
-    from the method's block, so that the block computes the
-    method's module exactly. Where the guard kept RTN for the block, every candidate's block is ``rtn_block``.
+    from the method's block, so that the block computes the method's module exactly. Where the guard kept RTN for
+    the block (the method's model has ``rtn_block`` there), every candidate's block is ``rtn_block``.
     Returns ``{}`` (no candidates for this block) where a scaling group spans two modules."""
     parts = modules_of(ctx.names)
     if len(parts) < 2:
@@ -254,10 +270,10 @@ def partial_blocks(ctx: BlockContext, result: BlockResult, rtn_block: nn.Module)
     out = {}
     for module, linears in parts.items():
         if any(n not in result.packed for n in linears):
-            out[partial_name(ctx.cfg.label, module)] = rtn_block
+            out[partial_name(ctx.cfg.label, module)] = base
             continue
-        # New modules that share rtn_block's tensors: the modules swapped in below are new ones, the rest is RTN's.
-        block = copy.deepcopy(rtn_block, {id(t): t for t in (*rtn_block.parameters(), *rtn_block.buffers())})
+        # New modules that share base's tensors: the modules swapped in below are new ones, the rest is base's.
+        block = copy.deepcopy(base, {id(t): t for t in (*base.parameters(), *base.buffers())})
         for n in linears:
             lin = ctx.block.get_submodule(n)
             block.set_submodule(n, QuantLinear.from_packed(result.packed[n], lin.bias, ctx.cfg.format).to(lin.weight.device))

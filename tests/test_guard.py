@@ -615,7 +615,8 @@ def test_awq_gptq_whose_scales_hurt_the_model_keeps_plain_gptq(tmp_path, monkeyp
     monkeypatch.setattr(guard_module, "window_nlls", lambda model, blocks, batches, finals: [0.0] * sum(map(len, batches)))
     plain = quant.quantize(src, tmp_path / "plain", **cfg)
     assert list(plain.model_check["alternatives"]) == ["rtn"] and plain.model_check["kept"] == "gptq"
-    # Scored for AWQ+GPTQ, then its alternatives: plain GPTQ (made to win), all-RTN.
+    # Scored for AWQ+GPTQ, then its alternatives: plain GPTQ (made to win), AWQ+GPTQ in attention only and in the
+    # MLP only (plain GPTQ elsewhere), all-RTN.
     monkeypatch.setattr(guard_module, "window_nlls", real_nll)
     seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == 2 else 0.0)
     monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps AWQ+GPTQ
@@ -623,7 +624,8 @@ def test_awq_gptq_whose_scales_hurt_the_model_keeps_plain_gptq(tmp_path, monkeyp
     gptq = replace(quant.GPTQOptions(), awq_first=True)
     report = quant.quantize(src, tmp_path / "both", gptq=gptq, awq=AWQOptions(n_judge=1, clip=False), **cfg)
     check = report.model_check
-    assert len(seen) == 3 and check["method"] == "gptq+awq" and list(check["alternatives"]) == ["gptq", "rtn"]
+    assert len(seen) == 5 and check["method"] == "gptq+awq" and list(check["alternatives"]) == [
+        "gptq", "gptq+awq@self_attn", "gptq+awq@mlp", "rtn"]
     assert check["kept"] == "gptq" and check["alternatives"]["gptq"] == pytest.approx(seen[1] - 1.0)
     from quant.info import checkpoint_info  # `qtool info`'s "made by": the method run, and what the check kept
 
@@ -655,8 +657,49 @@ def test_the_cli_names_the_alternative_the_whole_model_check_kept(tmp_path):
     check = json.loads((tmp_path / "g" / "qtool.json").read_text())["qtool"]["report"]["model_check"]
     losses = {"gptq+awq": check["nll"], **check["alternatives"]}
     assert check["kept"] == min(losses, key=lambda k: (losses[k], k != "gptq+awq"))
-    assert (f"{check['nll']:.4f} (gptq+awq) vs {losses['gptq']:.4f} (gptq) vs {losses['rtn']:.4f} (all-RTN)"
-            in res.output)
+    assert list(losses) == ["gptq+awq", "gptq", "gptq+awq@self_attn", "gptq+awq@mlp", "rtn"]
+    assert (f"{check['nll']:.4f} (gptq+awq) vs {losses['gptq']:.4f} (gptq) vs {losses['gptq+awq@self_attn']:.4f} "
+            f"(gptq+awq in self_attn, plain GPTQ elsewhere) vs {losses['gptq+awq@mlp']:.4f} (gptq+awq in mlp, plain "
+            f"GPTQ elsewhere) vs {losses['rtn']:.4f} (all-RTN)" in res.output)
+
+
+def test_awq_gptq_kept_in_one_module_is_awq_gptqs_there_and_plain_gptqs_elsewhere(tmp_path, monkeypatch):
+    """AWQ+GPTQ's one-module candidates complete the method's module with plain GPTQ's other module: where the
+    whole-model check keeps AWQ+GPTQ in the MLP only, each block's MLP (and the norm its scales were folded into) is
+    AWQ+GPTQ's own model's, bit for bit, and its attention (and input norm) plain GPTQ's, as the run that keeps
+    plain GPTQ writes them; the summary says so, and the loss the check streamed for it is that of the checkpoint
+    written, loaded and scored from scratch."""
+    from cli.report import _guard_rows
+    from quant.pipeline import _calibration_ids
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    gptq = replace(quant.GPTQOptions(), awq_first=True)
+    dirs = {}
+    for winner, name in ((1, "gptq+awq"), (2, "gptq"), (4, "gptq+awq@mlp")):  # the order the check scores them
+        seen = _rig_losses(monkeypatch, (lambda w: lambda k: -1.0 if k == w else 0.0)(winner))  # one argument: per run
+        monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps AWQ+GPTQ
+        monkeypatch.setattr(awq_module, "search_scale", _wild_scales(search_scale))  # scales far from 1
+        report = quant.quantize(src, tmp_path / name, method="gptq", gptq=gptq, awq=AWQOptions(n_judge=1, clip=False),
+                                **dict(OPTS, n_samples=8))
+        monkeypatch.undo()
+        assert len(seen) == 5 and report.model_check["kept"] == name
+        dirs[name] = tmp_path / name
+    for i in range(len(report.blocks)):
+        got, both, plain = (_block_tensors(dirs[n], i) for n in ("gptq+awq@mlp", "gptq+awq", "gptq"))
+        assert got.keys() == both.keys() == plain.keys()
+        for k, v in got.items():
+            want = both[k] if k.split(".")[3] in ("mlp", "post_attention_layernorm") else plain[k]
+            assert torch.equal(v, want), k
+        assert any(not torch.equal(both[k], plain[k]) for k in got if ".mlp." in k)
+        assert any(not torch.equal(both[k], plain[k]) for k in got if ".self_attn." in k or "input_layernorm" in k)
+    assert all(b.info["kept"] == "gptq+awq@mlp (whole model)" for b in report.blocks)
+    verdict = dict(_guard_rows(report))["held-out loss of the whole model"]
+    assert verdict.endswith("gptq+awq in mlp, plain GPTQ elsewhere, kept (the whole model scored better with it)")
+    qcfg = QuantConfig(method="gptq", gptq=gptq, **{k: v for k, v in dict(OPTS, n_samples=8).items() if k != "progress"})
+    guard_ids = _calibration_ids(src, qcfg, False)[0][-qcfg.held_out_split[1]:]
+    model = quant.load(dirs["gptq+awq@mlp"], dtype=torch.float32)
+    want = held_out_nll(model, model.model.layers, list(model.model.layers), guard_ids, batch_size=8)
+    assert abs(seen[3] - want) < 1e-5 * max(1.0, abs(want))
 
 
 def _own_calibration_text(path):
