@@ -21,8 +21,8 @@ per-block measure weighs. So the pipeline also checks the whole model
 quantized against each alternative whole model (the all-RTN model, from each block's
 RTN version that the guard keeps; for AWQ+GPTQ also plain GPTQ, without AWQ's scales;
 for AWQ also the models with AWQ's linears in one of the block's modules only, attention or MLP, and RTN's
-in the other, for AWQ+GPTQ the same with plain GPTQ's in the other (:func:`partial_blocks`), so that scales and clips that help in one module and hurt in the
-other are not thrown away whole), carried through the same pass by :class:`Alternatives`. Of those not worse than all-RTN
+in the other, for AWQ+GPTQ the same with plain GPTQ's in the other (:func:`partial_blocks`), so that scales
+and clips that help in one module and hurt in the other are not thrown away whole), carried through the same pass by :class:`Alternatives`. Of those not worse than all-RTN
 on any other kind of text checked, it keeps the one whose loss, averaged over the kinds
 of text (the guard windows' and each checked kind, weighed alike), is lowest: ranked on
 the guard windows alone, the candidate fitted hardest to the calibration text wins by
@@ -103,7 +103,7 @@ def rtn_guard(method: BlockQuantizer) -> BlockQuantizer:
                      "(%.3g against %.3g for %s): keeping RTN", ctx.index, err_rtn, err, ctx.cfg.label)
             result = BlockResult(info=dict(result.info), artifacts={}, block=rtn_block,
                                  alternatives=result.alternatives)
-        base = partial_base(ctx.cfg.label, {**result.alternatives, "rtn": rtn_block})
+        base = {**result.alternatives, "rtn": rtn_block}.get(PARTIAL_BASE.get(ctx.cfg.label, ""))
         if base is not None:  # AWQ in one module: AWQ's with RTN, AWQ+GPTQ's with plain GPTQ (issue 20)
             result.alternatives.update(partial_blocks(ctx, result, base, rtn_block))
         result.alternatives["rtn"] = rtn_block
@@ -220,12 +220,6 @@ def partial_module(name: str, label: str) -> str | None:
 # The model each method's one-module candidates take their other modules from: AWQ's scales are weighed against
 # RTN (AWQ alone) or against plain GPTQ (AWQ+GPTQ, whose other candidate is plain GPTQ); GPTQ alone has none.
 PARTIAL_BASE = {"awq": "rtn", "gptq+awq": "gptq"}
-
-
-def partial_base(label: str, alternatives: dict[str, nn.Module]) -> nn.Module | None:
-    """The block that method ``label``'s one-module candidates complete (:data:`PARTIAL_BASE`) among
-    ``alternatives`` (name -> block), or None where the method has none or the block lacks it."""
-    return alternatives.get(PARTIAL_BASE.get(label, ""))
 
 
 def describe(name: str, label: str) -> str:
