@@ -157,21 +157,20 @@ def token_summary(counts: list[int], fallback: list[str]) -> dict[str, str]:
             "expert fallback": ",".join(fallback) or "-"}
 
 
-def solve_experts(ctx, name: str, layer, names: set[str], packed: dict, record, rel_errors: list,
-                  clips: dict | None = None) -> tuple[list[int], list[str]]:
+def solve_experts(ctx, name: str, layer, names: set[str], solved, clips: dict | None = None
+                  ) -> tuple[list[int], list[str]]:
     """GPTQ for the routed experts of ``layer`` (``name`` in the block), one expert at a time.
 
     The experts' inputs and routing are recorded once (:func:`routed_inputs`); each expert's
     gate and up projections are solved under the Hessian of the tokens routed to it, then its down
     projection under that of its own quantized intermediate activations. An expert routed fewer than
     :func:`min_expert_tokens` tokens takes its statistics from every calibration token
-    (listed as a fallback); no expert is left unquantized. ``clips`` (AWQ+GPTQ: AWQ's clipping ranges
-    by linear name) bound the groups of the projections that have one. Returns the routed token counts
-    and the fallbacks.
+    (listed as a fallback); no expert is left unquantized. Each solve goes through ``solved`` (the block's
+    ``quant.gptq.block._Solved``: it keeps the packed linear in the block and records its error). ``clips``
+    (AWQ+GPTQ: AWQ's clipping ranges by linear name) bound the groups of the projections that have one.
+    Returns the routed token counts and the fallbacks.
     """
     from calib.hessian import Hessian
-    from quant.gptq.solver import gptq_quantize, hessian_error
-    from quant.layers import set_quantized
 
     hidden, index = routed_inputs(ctx.block, name, ctx.inputs.calls)
     counts, fell_back = [], []
@@ -191,21 +190,11 @@ def solve_experts(ctx, name: str, layer, names: set[str], packed: dict, record, 
                     continue
                 h = Hessian.empty(getattr(expert, todo[0]).in_features, x.device)
                 h.add(inputs())
-                W = {p: getattr(expert, p).weight.detach().float() for p in todo}
-                full = [f"{name}.{e}.{p}" for p in todo]
-                clip = torch.cat([clips[n] for n in full]).to(h.mean.device) if clips and all(
-                    n in clips for n in full) else None
-                res = gptq_quantize(torch.cat(list(W.values())), h.mean, ctx.cfg, clip)
-                record([f"{name}.{e}.{p}" for p in todo], res)
-                rows = 0
-                for p in todo:
-                    full = f"{name}.{e}.{p}"
-                    packed[full] = res.packed.rows(rows, rows + W[p].shape[0])
-                    rows += W[p].shape[0]
-                    wq = packed[full].dequantize(torch.float32)
-                    rel_errors.append(hessian_error(W[p], wq, h.mean)
-                                      / max(hessian_error(W[p], torch.zeros_like(wq), h.mean), 1e-30))
-                    set_quantized(ctx.block, full, packed[full])
+                W = {f"{name}.{e}.{p}": getattr(expert, p).weight.detach().float() for p in todo}
+                clip = torch.cat([clips[n] for n in W]).to(h.mean.device) if clips and all(
+                    n in clips for n in W) else None
+                for n, pw in solved.stacked(W, h.mean, ctx.cfg, clip).items():
+                    solved.keep(n, pw, W[n], h.mean)
         del x
     if fell_back:
         log.info("block %d %s: experts %s got fewer than %d routed calibration tokens; their statistics come "

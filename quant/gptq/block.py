@@ -11,7 +11,7 @@ from __future__ import annotations
 import copy
 import logging
 import time
-from dataclasses import replace
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -109,6 +109,81 @@ def _awq_first(ctx: BlockContext) -> tuple[dict, dict, dict, dict]:
     return sources, clips, artifacts, info
 
 
+@dataclass
+class _Solved:
+    """The block's solved linears, each set into the block as soon as it is kept (so that the inputs of later
+    groups see it), and what the summary reports of them."""
+    block: torch.nn.Module
+    index: int
+    packed: dict[str, PackedWeight] = field(default_factory=dict)
+    rel_errors: list[float] = field(default_factory=list)  # tr(ΔW H ΔWᵀ) / tr(W H Wᵀ), per linear
+    damps: list[float] = field(default_factory=list)
+    fallbacks: list[str] = field(default_factory=list)
+
+    def stacked(self, Ws: dict[str, torch.Tensor], H: torch.Tensor, cfg, clip: torch.Tensor | None = None,
+                order: torch.Tensor | None = None) -> dict[str, PackedWeight]:
+        """GPTQ on linears that share one input (``Ws``: ``{name: W [out, in]}``, one ``H [in, in]``) as one
+        matrix of their stacked rows; returns each linear's rows, not yet kept (:meth:`keep`)."""
+        res = gptq_quantize(torch.cat(list(Ws.values())), H, cfg, clip, order)
+        if res.fallback:
+            log.warning("block %d %s: GPTQ fell back to round-to-nearest (%s)", self.index, ",".join(Ws),
+                        res.fallback)
+            self.fallbacks.extend(Ws)
+        else:
+            self.damps.append(res.damp)
+        out, rows = {}, 0
+        for n, W in Ws.items():
+            out[n] = res.packed.rows(rows, rows + W.shape[0])
+            rows += W.shape[0]
+        return out
+
+    def keep(self, name: str, pw: PackedWeight, W: torch.Tensor, H: torch.Tensor) -> None:
+        """``pw`` becomes the block's linear ``name``; its error under ``H`` relative to ``W``'s own is recorded."""
+        self.packed[name] = pw
+        wq = pw.dequantize(H.dtype).to(H.device)
+        self.rel_errors.append(hessian_error(W, wq, H) / max(hessian_error(W, torch.zeros_like(wq), H), 1e-30))
+        set_quantized(self.block, name, pw)
+
+    def summary(self) -> dict[str, str]:
+        info = {"rel err": f"{sum(self.rel_errors) / len(self.rel_errors):.2e}" if self.rel_errors else "-",
+                "max damp": f"{max(self.damps, default=0):.3g}"}
+        if self.fallbacks:
+            info["rtn fallback"] = ",".join(self.fallbacks)
+        return info
+
+
+def _solve_group(ctx: BlockContext, solved: _Solved, names: list[str], hessians: dict, values: tuple | None,
+                 sources: dict, clips: dict) -> None:
+    """Solve one batch's linears. Linears that share an input share H, so their rows are solved as one matrix;
+    the value projection, given its per-head Hessians (``values``), head by head instead. ``sources``: AWQ+GPTQ's
+    folded weights (else the block's own); ``clips``: AWQ's clipping ranges, bounding the groups."""
+    arch, cfg = ctx.arch, ctx.cfg
+    fused_qkv = arch.layout is not None and arch.layout.fused_qkv is not None
+    for shared in _by_hessian(names, hessians):
+        H = hessians[shared[0]].mean
+        # Where the checkpoint fuses q, k and v into one linear (InternLM2's wqkv), they need one act-order
+        # column order, hence one ranking: XᵀX's diagonal, for the value rows too.
+        order = torch.diagonal(H).clone() if fused_qkv and arch.v_proj in shared else None
+        Ws = {n: sources.get(n, ctx.block.get_submodule(n).weight).detach().to(device=H.device, dtype=H.dtype)
+              for n in shared}
+        done = {}
+        if values and arch.v_proj in shared:
+            per_head, first_row = values
+            pw, damp = solve_value_heads(Ws[arch.v_proj], per_head, cfg, clips.get(arch.v_proj), first_row, H, order)
+            if pw is None:
+                log.warning("block %d %s: a value head fell back to round-to-nearest; solving it with XᵀX",
+                            ctx.index, arch.v_proj)
+            else:
+                done[arch.v_proj] = pw
+                solved.damps.append(damp)
+        rest = [n for n in shared if n not in done]
+        if rest:
+            clip = torch.cat([clips[n] for n in rest]).to(H.device) if all(n in clips for n in rest) else None
+            done.update(solved.stacked({n: Ws[n] for n in rest}, H, cfg, clip, order))
+        for n in shared:
+            solved.keep(n, done[n], Ws[n], H)
+
+
 def quantize_block(ctx: BlockContext, first: tuple[dict, tuple | None] | None = None) -> BlockResult:
     """GPTQ for one decoder block, in place.
 
@@ -131,65 +206,15 @@ def quantize_block(ctx: BlockContext, first: tuple[dict, tuple | None] | None = 
     plain = copy.deepcopy(ctx.block) if cfg.gptq.awq_first and ctx.inputs.guard else None
     moe_layers = expert_layers(ctx.block)
     routed = {n for n in ctx.names if any(n.startswith(f"{m}.") for m in moe_layers)}
-    groups = [g for g in _sequential_groups(ctx) if not set(g) & routed]  # routed experts: _solve_experts
+    groups = [g for g in _sequential_groups(ctx) if not set(g) & routed]  # routed experts: solve_experts
     todo = [(g,) for g in groups] if cfg.gptq.true_sequential else [tuple(groups)]
-    t_hessian = 0.0
+    t_hessian = t_solve = 0.0
     if plain is not None and todo:  # before the search folds its scales into the block
         t = time.perf_counter()
         first = _batch_hessians(ctx, todo[0])
         t_hessian += time.perf_counter() - t
     sources, clips, artifacts, info = _awq_first(ctx) if cfg.gptq.awq_first else ({}, {}, {}, {})
-    t_solve = 0.0
-    fused_qkv = ctx.arch.layout is not None and ctx.arch.layout.fused_qkv is not None
-    rel_errors, damps, fallbacks = [], [], []
-    packed: dict[str, PackedWeight] = {}
-
-    def record(shared, res):
-        if res.fallback:
-            log.warning("block %d %s: GPTQ fell back to round-to-nearest (%s)", ctx.index, ",".join(shared),
-                        res.fallback)
-            fallbacks.extend(shared)
-        else:
-            damps.append(res.damp)
-
-    def solve(names, hessians, values):
-        # Linears that share an input share H, so their rows are solved as one matrix. The value
-        # projection, given its per-head Hessians, is solved head by head instead.
-        nonlocal t_solve
-        t = time.perf_counter()
-        for shared in _by_hessian(names, hessians):
-            H = hessians[shared[0]].mean
-            # Where the checkpoint fuses q, k and v into one linear (InternLM2's wqkv), they need one act-order
-            # column order, hence one ranking: XᵀX's diagonal, for the value rows too.
-            order = torch.diagonal(H).clone() if fused_qkv and ctx.arch.v_proj in shared else None
-            Ws = {n: sources.get(n, ctx.block.get_submodule(n).weight).detach().to(device=H.device, dtype=H.dtype)
-                  for n in shared}
-            v = ctx.arch.v_proj if values and ctx.arch.v_proj in shared else None
-            if v is not None:
-                per_head, first_row = values
-                pw, damp = solve_value_heads(Ws[v], per_head, cfg, clips.get(v), first_row, H, order)
-                if pw is None:
-                    log.warning("block %d %s: a value head fell back to round-to-nearest; solving it with XᵀX",
-                                ctx.index, v)
-                else:
-                    packed[v] = pw
-                    damps.append(damp)
-            stacked = [n for n in shared if n not in packed]
-            if stacked:
-                clip = torch.cat([clips[n] for n in stacked]).to(H.device) if all(n in clips for n in stacked) else None
-                res = gptq_quantize(torch.cat([Ws[n] for n in stacked]), H, cfg, clip, order)
-                record(stacked, res)
-                rows = 0
-                for n in stacked:
-                    out_f = Ws[n].shape[0]
-                    packed[n] = res.packed.rows(rows, rows + out_f)
-                    rows += out_f
-            for n in shared:
-                wq = packed[n].dequantize(H.dtype).to(H.device)
-                rel_errors.append(hessian_error(Ws[n], wq, H) / max(hessian_error(Ws[n], torch.zeros_like(wq), H), 1e-30))
-                set_quantized(ctx.block, n, packed[n])  # later groups' inputs see the quantized linear
-        t_solve += time.perf_counter() - t
-
+    solved = _Solved(ctx.block, ctx.index)
     for k, batch in enumerate(todo):
         t = time.perf_counter()
         if k == 0 and first is not None:
@@ -198,21 +223,17 @@ def quantize_block(ctx: BlockContext, first: tuple[dict, tuple | None] | None = 
         else:
             hessians, values = _batch_hessians(ctx, batch)
         t_hessian += time.perf_counter() - t
-        solve([n for g in batch for n in g], hessians, values)
+        t = time.perf_counter()
+        _solve_group(ctx, solved, [n for g in batch for n in g], hessians, values, sources, clips)
+        t_solve += time.perf_counter() - t
         del hessians, values
-
     for name, layer in moe_layers.items():  # after attention, whose quantized outputs the router sees
         t = time.perf_counter()
-        counts, fell_back = solve_experts(ctx, name, layer, {n for n in routed if n.startswith(f"{name}.")},
-                                          packed, record, rel_errors, clips)
+        info.update(token_summary(*solve_experts(ctx, name, layer, {n for n in routed if n.startswith(f"{name}.")},
+                                                 solved, clips)))
         t_solve += time.perf_counter() - t
-        info.update(token_summary(counts, fell_back))
-
-    info.update({"hessian s": f"{t_hessian:.2f}", "solve s": f"{t_solve:.2f}",
-                 "rel err": f"{sum(rel_errors) / len(rel_errors):.2e}" if rel_errors else "-", "max damp": f"{max(damps, default=0):.3g}"})
-    if fallbacks:
-        info["rtn fallback"] = ",".join(fallbacks)
-    result = BlockResult(packed=packed, info=info, artifacts=artifacts)
+    info.update({"hessian s": f"{t_hessian:.2f}", "solve s": f"{t_solve:.2f}", **solved.summary()})
+    result = BlockResult(packed=solved.packed, info=info, artifacts=artifacts)
     if plain is not None:
         t = time.perf_counter()
         alone = quantize_block(BlockContext(ctx.index, plain, ctx.names, cfg.with_(gptq=replace(cfg.gptq, awq_first=False)),
