@@ -140,15 +140,48 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
     A MoE model's feed-forward groups (:func:`quant.awq.experts.feed_forward_groups`) take their statistics
     from the feed-forward module's recorded input (:class:`quant.awq.experts.FeedForward`), one expert at a time.
     """
-    block, arch, cfg, names, opts = ctx.block, ctx.arch, ctx.cfg, ctx.names, ctx.cfg.awq
+    block, opts = ctx.block, ctx.cfg.awq
     probe = block_probe(block)  # before any fold: the weights the search is made on
-    spec = quant_spec(cfg)
-    present = {n: m for n in arch.linears if isinstance(m := module_or_none(block, n), nn.Linear)}
-    groups = foldable_groups(block, arch, names)
+    groups = foldable_groups(block, ctx.arch, ctx.names)
     loss = ctx.inputs.loss if opts.judge == "loss" else {}
-    judges = [j for g in groups if (j := _judge_name(g, bool(loss)))] if opts.n_judge > 1 else []
-    ff_name = next((g.feed_forward for g in groups if g.feed_forward), None)
-    ff_names = [n for n in names if n.startswith(f"{ff_name}.")] if ff_name else []  # the feed-forward's linears
+    stats, ff, ref, probes = _statistics(ctx, groups, bool(loss), outputs)
+    if "calls" in loss and probes:  # the loss gradients at the judges' outputs, on the first minibatch's windows
+        attach_gradients(block, probes, ctx.inputs.calls[:1], loss["calls"])
+    # Between the phases the heap's free pieces are handed back (quant.heap: why).
+    heap.trim()
+    scales, info = _search_scales(ctx, groups, stats, ff, probes, bool(loss))
+    heap.trim()
+    weights, artifacts = _fold_checked(ctx, groups, scales, ref) if groups else ({}, {})
+    heap.trim()
+    norm_scale = next((artifacts[f"{g.linears[0]}.{SCALE_KEY}"] for g in groups if g.feed_forward and g.kind == "norm"
+                       and f"{g.linears[0]}.{SCALE_KEY}" in artifacts), None)
+    if norm_scale is not None:
+        ff.fold(norm_scale)
+    if ff is not None and (summary := ff.token_summary())["expert tokens min/med/max"] != "-":
+        info.update(summary)
+    if opts.clip:
+        clips = _search_clips(ctx, groups, stats, ff, weights, artifacts, loss)
+        artifacts.update({f"{n}.{CLIP_KEY}": c for n, c in clips.items()})
+        info["awq clip"] = _mean([float(clips[n].mean()) if n in clips else 1.0 for n in ctx.names])
+        info["clips kept"] = f"{len(clips)}/{len(ctx.names)}" + ("" if ctx.inputs.accept else " untested")
+    artifacts[PROBE_KEY] = probe
+    return artifacts, info, weights
+
+
+def _feed_forward(groups) -> str | None:
+    """The name of the MoE feed-forward module whose recorded input the groups take their statistics from."""
+    return next((g.feed_forward for g in groups if g.feed_forward), None)
+
+
+def _statistics(ctx: BlockContext, groups, judged_by_loss: bool, outputs: list | None) -> tuple[dict, object, torch.Tensor, dict]:
+    """The statistics pass: the block run on every search minibatch, recording each linear's input statistics
+    (``XᵀX`` from the first ``screen_windows`` windows, the mean |x|), a MoE feed-forward's input, and the
+    judges' inputs and full-precision outputs on the first minibatch. Returns ``(stats, feed-forward recording or
+    None, the block's output on the first minibatch [b, t, d], the judges' probes)``."""
+    block, arch, opts = ctx.block, ctx.arch, ctx.cfg.awq
+    present = {n: m for n in arch.linears if isinstance(m := module_or_none(block, n), nn.Linear)}
+    judges = [j for g in groups if (j := _judge_name(g, judged_by_loss))] if opts.n_judge > 1 else []
+    ff_name = _feed_forward(groups)
     current: list = []  # the token weights of the call being run, and whether its XᵀX counts
     with contextlib.ExitStack() as stack:
         stats = stack.enter_context(linear_input_stats(
@@ -168,10 +201,15 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
                 outputs.append(out)
             if k == 0:
                 ref, probes = out, recorded
-    if "calls" in loss and probes:  # the loss gradients at the judges' outputs, on the first minibatch's windows
-        attach_gradients(block, probes, ctx.inputs.calls[:1], loss["calls"])
-    # Between the phases the heap's free pieces are handed back (quant.heap: why).
-    heap.trim()
+    return stats, ff, ref, probes
+
+
+def _search_scales(ctx: BlockContext, groups, stats: dict, ff, probes: dict, judged_by_loss: bool
+                   ) -> tuple[dict, dict]:
+    """Each group's input scale: screened in closed form (:func:`quant.awq.search.search_scale`), then, where the
+    group has a judge, chosen by the output of the module it feeds (:func:`_judge_scale`). Returns
+    ``({group: scale [in]}, summary columns)``."""
+    block, names, opts, spec = ctx.block, ctx.names, ctx.cfg.awq, quant_spec(ctx.cfg)
     scales, ratios, proxy_ratios, proxy_gains, judged_gains = {}, [], [], [], []
     for g in groups:
         ws = {n: block.get_submodule(n).weight.detach().float() for n in g.linears if n in names}
@@ -187,59 +225,57 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
             x_mean, h = ff.stats(block, g.linears[0])
             res = search_scale(ws[g.linears[0]], h, x_mean, spec, opts.n_grid)
         proxy_ratios.append(f"{res.ratio:.2f}")
-        if (judge := _judge_name(g, bool(loss))) in probes:
+        if (judge := _judge_name(g, judged_by_loss)) in probes:
             res, gain = _judge_scale(block, probes[judge], ws, res, spec, opts.n_judge)
             judged_gains.append(gain)
         scales[g] = res.scale
         ratios.append(f"{res.ratio:.2f}")
         if res.proxy_gain is not None:
             proxy_gains.append(res.proxy_gain)
-    heap.trim()
-    weights, artifacts = _fold_checked(ctx, groups, scales, ref) if groups else ({}, {})
-    heap.trim()
-    norm_scale = next((artifacts[f"{g.linears[0]}.{SCALE_KEY}"] for g in groups if g.feed_forward and g.kind == "norm"
-                       and f"{g.linears[0]}.{SCALE_KEY}" in artifacts), None)
-    if norm_scale is not None:
-        ff.fold(norm_scale)
     info = {"awq α": _alphas(ratios), "α by proxy": _alphas(proxy_ratios), "proxy err/rtn": _mean(proxy_gains)}
-    if loss:  # the judged loss changes against RTN's, summed over the groups (mnat: 1e-3 nats per token)
+    if judged_by_loss:  # the judged loss changes against RTN's, summed over the groups (mnat: 1e-3 nats per token)
         info["judged dL-rtn mnat"] = f"{1e3 * sum(judged_gains):+.2f}" if judged_gains else "-"
     else:
         info["judged err/rtn"] = _mean(judged_gains)
-    if ff is not None and (summary := ff.token_summary())["expert tokens min/med/max"] != "-":
-        info.update(summary)
-    if opts.clip:
-        clips, last, scaled = {}, (None, None), (None, None, None)
-        for n in names:
-            w = weights.get(f"{n}.weight", block.get_submodule(n).weight.detach().float())
-            if n in ff_names:  # from the recorded input, as the folded block computes it; gate and up share it
-                key = (n.rpartition(".")[0], n.endswith("down_proj"))
-                if last[0] != key:
-                    last = key, ff.stats(block, n)[1]
-                h = last[1]
-            elif n not in stats:  # a linear outside the table (DeepSeek's latent attention): no clip search
-                continue
-            else:
-                h = stats[n].xtx
-                s = artifacts.get(f"{n}.{SCALE_KEY}")
-                if s is not None:  # the input was divided by s: once per input (q/k/v share it), in one [in, in]
-                    if scaled[0] is not stats[n] or not torch.equal(scaled[1], s):
-                        scaled = None  # let go of the last one first (down_proj's is 127 MB at 5632 inputs)
-                        d = s[:, None] * s[None, :]
-                        scaled = (stats[n], s, torch.div(h, d, out=d))
-                    h = scaled[2]
-            clips[n] = search_clip(w, h, spec, opts.clip_grid, opts.clip_max_shrink)
-        heap.trim()
-        if ctx.inputs.accept:
-            routed = [n for n in ff_names if ff.routed(n)]
-            clips = {**_accept_clips(block, groups, [n for n in clips if n not in routed], weights, clips,
-                                     ctx.inputs.accept, spec, opts.token_weighting, loss.get("accept")),
-                     **_accept_routed_clips(block, ff_name, routed, weights, clips, ctx.inputs.accept, spec)}
-        artifacts.update({f"{n}.{CLIP_KEY}": c for n, c in clips.items()})
-        info["awq clip"] = _mean([float(clips[n].mean()) if n in clips else 1.0 for n in names])
-        info["clips kept"] = f"{len(clips)}/{len(names)}" + ("" if ctx.inputs.accept else " untested")
-    artifacts[PROBE_KEY] = probe
-    return artifacts, info, weights
+    return scales, info
+
+
+def _search_clips(ctx: BlockContext, groups, stats: dict, ff, weights: dict, artifacts: dict, loss: dict
+                  ) -> dict[str, torch.Tensor]:
+    """Each linear's per-group clipping range (:func:`quant.awq.search.search_clip`) under its input's ``XᵀX``
+    as the folded block computes it, kept only where it lowers the output on the held-out windows
+    (``ctx.inputs.accept``; all kept where there are none). Returns ``{linear: clip [out, in/g]}``."""
+    block, names, opts, spec = ctx.block, ctx.names, ctx.cfg.awq, quant_spec(ctx.cfg)
+    ff_name = _feed_forward(groups)
+    ff_names = [n for n in names if n.startswith(f"{ff_name}.")] if ff_name else []  # the feed-forward's linears
+    clips, last, scaled = {}, (None, None), (None, None, None)
+    for n in names:
+        w = weights.get(f"{n}.weight", block.get_submodule(n).weight.detach().float())
+        if n in ff_names:  # from the recorded input, as the folded block computes it; gate and up share it
+            key = (n.rpartition(".")[0], n.endswith("down_proj"))
+            if last[0] != key:
+                last = key, ff.stats(block, n)[1]
+            h = last[1]
+        elif n not in stats:  # a linear outside the table (DeepSeek's latent attention): no clip search
+            continue
+        else:
+            h = stats[n].xtx
+            s = artifacts.get(f"{n}.{SCALE_KEY}")
+            if s is not None:  # the input was divided by s: once per input (q/k/v share it), in one [in, in]
+                if scaled[0] is not stats[n] or not torch.equal(scaled[1], s):
+                    scaled = None  # let go of the last one first (down_proj's is 127 MB at 5632 inputs)
+                    d = s[:, None] * s[None, :]
+                    scaled = (stats[n], s, torch.div(h, d, out=d))
+                h = scaled[2]
+        clips[n] = search_clip(w, h, spec, opts.clip_grid, opts.clip_max_shrink)
+    del scaled, last
+    heap.trim()
+    if ctx.inputs.accept:
+        routed = [n for n in ff_names if ff.routed(n)]
+        clips = {**_accept_clips(block, groups, [n for n in clips if n not in routed], weights, clips,
+                                 ctx.inputs.accept, spec, opts.token_weighting, loss.get("accept")),
+                 **_accept_routed_clips(block, ff_name, routed, weights, clips, ctx.inputs.accept, spec)}
+    return clips
 
 
 def _alphas(ratios: list[str]) -> str:
