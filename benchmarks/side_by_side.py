@@ -74,20 +74,20 @@ def main() -> None:
     p.add_argument("--threads", type=int, default=2)
     args = p.parse_args()
     if args.pairs < 1:
-        raise SystemExit(f"--pairs {args.pairs}: at least 1 pair is needed for a ratio")
+        p.error(f"--pairs {args.pairs}: at least 1 pair is needed for a ratio")
     from example_data import ensure_example, example_model_dir
 
     model = args.model or str(example_model_dir())
     if args.model is None:
         ensure_example()
     elif not (Path(model) / "config.json").is_file():
-        raise SystemExit(f"--model {model}: no config.json there (a Hugging Face model folder is needed)")
+        p.error(f"--model {model}: no config.json there (a Hugging Face model folder is needed)")
     commits = {}
     for code, rev in (("base", args.base), ("head", args.head)):
         try:
             commits[code] = _git("rev-parse", "--short", f"{rev}^{{commit}}")
         except subprocess.CalledProcessError:
-            raise SystemExit(f"--{code} {rev}: not a commit of {ROOT}") from None
+            p.error(f"--{code} {rev}: not a commit of {ROOT}")
     work = Path(tempfile.mkdtemp(prefix="qtool-side-"))
     trees = {c: work / f"{c}-{commits[c]}" for c in commits}
     try:
