@@ -88,6 +88,7 @@ def main() -> None:
             commits[code] = _git("rev-parse", "--short", f"{rev}^{{commit}}")
         except subprocess.CalledProcessError:
             p.error(f"--{code} {rev}: not a commit of {ROOT}")
+    _git("worktree", "prune")  # the records of worktrees a killed run left behind (their folders are gone with /tmp)
     work = Path(tempfile.mkdtemp(prefix="qtool-side-"))
     trees = {c: work / f"{c}-{commits[c]}" for c in commits}
     try:
