@@ -111,7 +111,9 @@ def _guard_rows(r) -> list[list]:
         if kept != label and refused.is_file():
             # the file holds scales and clips, not GPTQ's rounding: its replay is AWQ's model, whatever the method
             replay = "replays it" if label == "awq" else "replays its scales and clips with AWQ's rounding, not GPTQ's"
-            rows.append(["whole AWQ search (not all kept)", f"{refused} (qtool awq --apply-search {replay})"])
+            module = partial_module(kept, label)
+            rows.append([f"whole AWQ search ({f'kept in {module} only' if module else 'not kept'})",
+                         f"{refused} (qtool awq --apply-search {replay})"])
         for kind, by_name in check.get("kinds", {}).items():
             rows.append([f"... on built-in {kind} text", _losses({name(k): v for k, v in by_name.items()})])
         if check.get("kinds") and check.get("score"):

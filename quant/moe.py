@@ -14,9 +14,13 @@ handle like any other, each seeing only the tokens routed to its expert.
 from __future__ import annotations
 
 import logging
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
+
+if TYPE_CHECKING:  # quant.gptq.block imports this module
+    from quant.gptq.block import SolvedLinears
 
 log = logging.getLogger(__name__)
 
@@ -157,7 +161,7 @@ def token_summary(counts: list[int], fallback: list[str]) -> dict[str, str]:
             "expert fallback": ",".join(fallback) or "-"}
 
 
-def solve_experts(ctx, name: str, layer, names: set[str], solved, clips: dict | None = None
+def solve_experts(ctx, name: str, layer, names: set[str], solved: SolvedLinears, clips: dict | None = None
                   ) -> tuple[list[int], list[str]]:
     """GPTQ for the routed experts of ``layer`` (``name`` in the block), one expert at a time.
 
@@ -166,7 +170,7 @@ def solve_experts(ctx, name: str, layer, names: set[str], solved, clips: dict | 
     projection under that of its own quantized intermediate activations. An expert routed fewer than
     :func:`min_expert_tokens` tokens takes its statistics from every calibration token
     (listed as a fallback); no expert is left unquantized. Each solve goes through ``solved`` (the block's
-    ``quant.gptq.block._Solved``: it keeps the packed linear in the block and records its error). ``clips``
+    :class:`quant.gptq.block.SolvedLinears`: it keeps the packed linear in the block and records its error). ``clips``
     (AWQ+GPTQ: AWQ's clipping ranges by linear name) bound the groups of the projections that have one.
     Returns the routed token counts and the fallbacks.
     """
@@ -193,7 +197,7 @@ def solve_experts(ctx, name: str, layer, names: set[str], solved, clips: dict | 
                 W = {f"{name}.{e}.{p}": getattr(expert, p).weight.detach().float() for p in todo}
                 clip = torch.cat([clips[n] for n in W]).to(h.mean.device) if clips and all(
                     n in clips for n in W) else None
-                for n, pw in solved.stacked(W, h.mean, ctx.cfg, clip).items():
+                for n, pw in solved.solve_stacked(W, h.mean, ctx.cfg, clip).items():
                     solved.keep(n, pw, W[n], h.mean)
         del x
     if fell_back:

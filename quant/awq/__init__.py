@@ -168,12 +168,13 @@ def search_block(ctx: BlockContext, outputs: list | None = None) -> tuple[dict[s
     return artifacts, info, weights
 
 
-def _feed_forward(groups) -> str | None:
+def _feed_forward(groups: list) -> str | None:
     """The name of the MoE feed-forward module whose recorded input the groups take their statistics from."""
     return next((g.feed_forward for g in groups if g.feed_forward), None)
 
 
-def _statistics(ctx: BlockContext, groups, judged_by_loss: bool, outputs: list | None) -> tuple[dict, object, torch.Tensor, dict]:
+def _statistics(ctx: BlockContext, groups: list, judged_by_loss: bool, outputs: list | None
+                ) -> tuple[dict, FeedForward | None, torch.Tensor, dict]:
     """The statistics pass: the block run on every search minibatch, recording each linear's input statistics
     (``XᵀX`` from the first ``screen_windows`` windows, the mean |x|), a MoE feed-forward's input, and the
     judges' inputs and full-precision outputs on the first minibatch. Returns ``(stats, feed-forward recording or
@@ -204,8 +205,8 @@ def _statistics(ctx: BlockContext, groups, judged_by_loss: bool, outputs: list |
     return stats, ff, ref, probes
 
 
-def _search_scales(ctx: BlockContext, groups, stats: dict, ff, probes: dict, judged_by_loss: bool
-                   ) -> tuple[dict, dict]:
+def _search_scales(ctx: BlockContext, groups: list, stats: dict, ff: FeedForward | None, probes: dict,
+                   judged_by_loss: bool) -> tuple[dict, dict]:
     """Each group's input scale: screened in closed form (:func:`quant.awq.search.search_scale`), then, where the
     group has a judge, chosen by the output of the module it feeds (:func:`_judge_scale`). Returns
     ``({group: scale [in]}, summary columns)``."""
@@ -240,10 +241,10 @@ def _search_scales(ctx: BlockContext, groups, stats: dict, ff, probes: dict, jud
     return scales, info
 
 
-def _search_clips(ctx: BlockContext, groups, stats: dict, ff, weights: dict, artifacts: dict, loss: dict
-                  ) -> dict[str, torch.Tensor]:
+def _search_clips(ctx: BlockContext, groups: list, stats: dict, ff: FeedForward | None, weights: dict, artifacts: dict,
+                  loss: dict) -> dict[str, torch.Tensor]:
     """Each linear's per-group clipping range (:func:`quant.awq.search.search_clip`) under its input's ``XᵀX``
-    as the folded block computes it, kept only where it lowers the output on the held-out windows
+    as the folded block computes it, kept only where it lowers the output error on the held-out windows
     (``ctx.inputs.accept``; all kept where there are none). Returns ``{linear: clip [out, in/g]}``."""
     block, names, opts, spec = ctx.block, ctx.names, ctx.cfg.awq, quant_spec(ctx.cfg)
     ff_name = _feed_forward(groups)
@@ -263,12 +264,12 @@ def _search_clips(ctx: BlockContext, groups, stats: dict, ff, weights: dict, art
             s = artifacts.get(f"{n}.{SCALE_KEY}")
             if s is not None:  # the input was divided by s: once per input (q/k/v share it), in one [in, in]
                 if scaled[0] is not stats[n] or not torch.equal(scaled[1], s):
-                    scaled = None  # let go of the last one first (down_proj's is 127 MB at 5632 inputs)
+                    scaled = d = None  # let go of the last one first (down_proj's is 127 MB at 5632 inputs)
                     d = s[:, None] * s[None, :]
                     scaled = (stats[n], s, torch.div(h, d, out=d))
                 h = scaled[2]
         clips[n] = search_clip(w, h, spec, opts.clip_grid, opts.clip_max_shrink)
-    del scaled, last
+    h = d = scaled = last = None  # every reference to the last scaled XᵀX, before the acceptance runs the block
     heap.trim()
     if ctx.inputs.accept:
         routed = [n for n in ff_names if ff.routed(n)]

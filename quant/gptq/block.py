@@ -18,6 +18,7 @@ import torch
 from calib.hessian import Hessian, collect_hessians
 from calib.value_hessian import collect_value_hessians
 from quant.arch import value_heads
+from quant.config import QuantConfig
 from quant.awq.fold import SCALE_KEY
 from quant.formats import PackedWeight
 from quant.gptq.solver import gptq_quantize, hessian_error, solve_value_heads
@@ -110,7 +111,7 @@ def _awq_first(ctx: BlockContext) -> tuple[dict, dict, dict, dict]:
 
 
 @dataclass
-class _Solved:
+class SolvedLinears:
     """The block's solved linears, each set into the block as soon as it is kept (so that the inputs of later
     groups see it), and what the summary reports of them."""
     block: torch.nn.Module
@@ -120,10 +121,11 @@ class _Solved:
     damps: list[float] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
 
-    def stacked(self, Ws: dict[str, torch.Tensor], H: torch.Tensor, cfg, clip: torch.Tensor | None = None,
-                order: torch.Tensor | None = None) -> dict[str, PackedWeight]:
+    def solve_stacked(self, Ws: dict[str, torch.Tensor], H: torch.Tensor, cfg: QuantConfig,
+                      clip: torch.Tensor | None = None, order: torch.Tensor | None = None) -> dict[str, PackedWeight]:
         """GPTQ on linears that share one input (``Ws``: ``{name: W [out, in]}``, one ``H [in, in]``) as one
-        matrix of their stacked rows; returns each linear's rows, not yet kept (:meth:`keep`)."""
+        matrix of their stacked rows (``clip [sum out, in/g]``: AWQ's clipping ranges, ``order [in]``: the act-order
+        ranking, where given); returns each linear's rows, not yet kept (:meth:`keep`)."""
         res = gptq_quantize(torch.cat(list(Ws.values())), H, cfg, clip, order)
         if res.fallback:
             log.warning("block %d %s: GPTQ fell back to round-to-nearest (%s)", self.index, ",".join(Ws),
@@ -152,9 +154,9 @@ class _Solved:
         return info
 
 
-def _solve_group(ctx: BlockContext, solved: _Solved, names: list[str], hessians: dict, values: tuple | None,
+def _solve_batch(ctx: BlockContext, solved: SolvedLinears, names: list[str], hessians: dict, values: tuple | None,
                  sources: dict, clips: dict) -> None:
-    """Solve one batch's linears. Linears that share an input share H, so their rows are solved as one matrix;
+    """Solve one batch's linears (a sub-layer group; every group at once without true-sequential). Linears that share an input share H, so their rows are solved as one matrix;
     the value projection, given its per-head Hessians (``values``), head by head instead. ``sources``: AWQ+GPTQ's
     folded weights (else the block's own); ``clips``: AWQ's clipping ranges, bounding the groups."""
     arch, cfg = ctx.arch, ctx.cfg
@@ -179,7 +181,7 @@ def _solve_group(ctx: BlockContext, solved: _Solved, names: list[str], hessians:
         rest = [n for n in shared if n not in done]
         if rest:
             clip = torch.cat([clips[n] for n in rest]).to(H.device) if all(n in clips for n in rest) else None
-            done.update(solved.stacked({n: Ws[n] for n in rest}, H, cfg, clip, order))
+            done.update(solved.solve_stacked({n: Ws[n] for n in rest}, H, cfg, clip, order))
         for n in shared:
             solved.keep(n, done[n], Ws[n], H)
 
@@ -214,7 +216,7 @@ def quantize_block(ctx: BlockContext, first: tuple[dict, tuple | None] | None = 
         first = _batch_hessians(ctx, todo[0])
         t_hessian += time.perf_counter() - t
     sources, clips, artifacts, info = _awq_first(ctx) if cfg.gptq.awq_first else ({}, {}, {}, {})
-    solved = _Solved(ctx.block, ctx.index)
+    solved = SolvedLinears(ctx.block, ctx.index)
     for k, batch in enumerate(todo):
         t = time.perf_counter()
         if k == 0 and first is not None:
@@ -224,7 +226,7 @@ def quantize_block(ctx: BlockContext, first: tuple[dict, tuple | None] | None = 
             hessians, values = _batch_hessians(ctx, batch)
         t_hessian += time.perf_counter() - t
         t = time.perf_counter()
-        _solve_group(ctx, solved, [n for g in batch for n in g], hessians, values, sources, clips)
+        _solve_batch(ctx, solved, [n for g in batch for n in g], hessians, values, sources, clips)
         t_solve += time.perf_counter() - t
         del hessians, values
     for name, layer in moe_layers.items():  # after attention, whose quantized outputs the router sees
