@@ -134,6 +134,9 @@ def worker(spec: dict) -> dict:
     elif opts and opts["method"] != "rtn":
         fell_back = f"{sum(b.rtn_fallback for b in report.blocks)}/{len(report.blocks)}"
         kept = report.model_check["kept"] if report.model_check else ""
+    if not spec["texts"]:  # a timing run (benchmarks/side_by_side.py): nothing to score
+        return asdict(Row(spec["run"], {}, 0, 0.0, quant_seconds if opts else 0.0, peak if opts else 0.0, fell_back,
+                          None, kept))
     path = out if opts else src
     model, tok = quant.load_any(path, dtype="float32", device="cpu")
     ppl = {}

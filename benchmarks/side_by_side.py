@@ -7,12 +7,13 @@ this machine's times of one code spread by several percent from run to run and m
 ratio is only meaningful between runs made one after the other, interleaved so that a drift of the machine falls on
 both codes alike. Each commit is checked out into its own git worktree (the repository's files are not touched) and
 each run is that worktree's ``benchmarks/quality.py --worker`` in a fresh process (its own time and peak RSS, no
-scoring). A warm-up run of the head (not counted) fills the page cache first; then base and head alternate,
-``--pairs`` times. Run nothing else heavy beside it.
+scoring). A warm-up run of each code (not counted) fills the page cache and compiles its bytecode first; then the
+pairs run in the order base-head, head-base, base-head, ... (ABBA), so that a steady drift of the machine falls on
+each code as often first as second and cancels over an even number of pairs. Run nothing else heavy beside it.
 
-Prints one row per run (seconds and peak RSS as the worker measured them: the quantization alone) and the ratio
-head / base of the mean times, with each pair's ratio and each code's spread (max - min over its mean), so that a
-ratio inside the spread reads as level.
+Prints one row per run (seconds and peak RSS as the worker measured them: the quantization alone), the ratio
+head / base of the mean times, each pair's ratio, and each code's spread (max - min over its mean, from two runs on):
+a ratio whose distance from 1 is inside half the spread reads as level.
 """
 from __future__ import annotations
 
@@ -20,10 +21,12 @@ import argparse
 import json
 import os
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+from dataclasses import dataclass
 from pathlib import Path
 
 from tabulate import tabulate
@@ -48,18 +51,44 @@ def _run_once(tree: Path, spec: dict, threads: int) -> dict:
     return {"quant_seconds": row["quant_seconds"], "peak_rss_mib": row["peak_rss_mib"]}
 
 
-def summary(runs: list[tuple[str, float]]) -> dict:
-    """``runs``: ``(code, seconds)`` in the order run, ``code`` "base" or "head", alternating from a base run.
+@dataclass(frozen=True)
+class Comparison:
+    mean: dict[str, float]  # seconds, per code
+    ratio: float  # head / base of the means
+    pairs: list[float]  # head / base within each pair, in the order run
+    spread: dict[str, float | None]  # (max - min) / mean per code; None below two runs
 
-    Returns the mean of each code, their ratio head / base, each consecutive (base, head) pair's ratio and each
-    code's spread ``(max - min) / mean``. Raises ValueError without a run of each code."""
-    by = {c: [s for k, s in runs if k == c] for c in ("base", "head")}
+
+def summary(runs: list[tuple[int, str, float]]) -> Comparison:
+    """``runs``: ``(pair, code, seconds)`` of the counted runs, ``code`` "base" or "head", two runs per pair.
+
+    Raises ValueError without a run of each code."""
+    by = {c: [s for _, k, s in runs if k == c] for c in ("base", "head")}
     if not by["base"] or not by["head"]:
         raise ValueError("a ratio needs at least one run of each code")
     mean = {c: statistics.fmean(v) for c, v in by.items()}
-    pairs = [h / b for b, h in zip(by["base"], by["head"])]
-    spread = {c: (max(v) - min(v)) / mean[c] for c, v in by.items()}
-    return {"mean": mean, "ratio": mean["head"] / mean["base"], "pairs": pairs, "spread": spread}
+    per_pair: dict[int, dict[str, float]] = {}
+    for pair, code, s in runs:
+        per_pair.setdefault(pair, {})[code] = s
+    pairs = [p["head"] / p["base"] for p in per_pair.values() if len(p) == 2]
+    spread = {c: (max(v) - min(v)) / mean[c] if len(v) > 1 else None for c, v in by.items()}
+    return Comparison(mean, mean["head"] / mean["base"], pairs, spread)
+
+
+def _print(rows: list, runs: list, head_line: str) -> None:
+    print(f"\n{head_line}\n")
+    print(tabulate(rows, headers=["order", "code", "quantize s", "peak RSS MiB", ""], tablefmt="github"))
+    if not any(c == "base" for _, c, _ in runs) or not any(c == "head" for _, c, _ in runs):
+        return
+    s = summary(runs)
+    spread = {c: f"{100 * v:.1f}%" if v is not None else "n/a (one run)" for c, v in s.spread.items()}
+    print(f"\nmean: base {s.mean['base']:.1f} s, head {s.mean['head']:.1f} s; head / base = {s.ratio:.3f}x "
+          f"(pairs: {', '.join(f'{r:.3f}' for r in s.pairs)}); spread of the same code: base {spread['base']}, "
+          f"head {spread['head']}")
+
+
+def _interrupted(signum, frame):
+    raise SystemExit(f"stopped by signal {signum}")  # so that the worktrees are removed (finally)
 
 
 def main() -> None:
@@ -67,57 +96,59 @@ def main() -> None:
     p.add_argument("--base", required=True, help="the commit to compare against (e.g. the code before an issue)")
     p.add_argument("--head", default="HEAD", help="the commit measured (default: HEAD; uncommitted changes are not used)")
     p.add_argument("--run", default="awq:w4g64", help="one run as quality.py names it (default: awq:w4g64)")
-    p.add_argument("--pairs", type=int, default=3, help="base/head pairs after the warm-up run (default: 3)")
+    p.add_argument("--pairs", type=int, default=4, help="base/head pairs after the warm-up runs (default: 4)")
     p.add_argument("--model", default=None, help="model folder (default: the example model)")
-    p.add_argument("--n-samples", type=int, default=128)
-    p.add_argument("--seqlen", type=int, default=512)
-    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--n-samples", type=int, default=128, help="calibration windows (default: 128)")
+    p.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window (default: 512)")
+    p.add_argument("--threads", type=int, default=2, help="torch threads of each run (default: 2)")
     args = p.parse_args()
-    if args.pairs < 1:
-        p.error(f"--pairs {args.pairs}: at least 1 pair is needed for a ratio")
+    for flag, value in (("--pairs", args.pairs), ("--threads", args.threads)):
+        if value < 1:
+            p.error(f"{flag} {value}: at least 1")
     from example_data import ensure_example, example_model_dir
 
-    model = args.model or str(example_model_dir())
     if args.model is None:
         ensure_example()
-    elif not (Path(model) / "config.json").is_file():
-        p.error(f"--model {model}: no config.json there (a Hugging Face model folder is needed)")
+        model = str(example_model_dir())
+    elif (Path(args.model) / "config.json").is_file():
+        model = str(Path(args.model).resolve())  # the runs start in the worktrees
+    else:
+        p.error(f"--model {args.model}: no config.json there (a Hugging Face model folder is needed)")
     commits = {}
     for code, rev in (("base", args.base), ("head", args.head)):
         try:
             commits[code] = _git("rev-parse", "--short", f"{rev}^{{commit}}")
         except subprocess.CalledProcessError:
             p.error(f"--{code} {rev}: not a commit of {ROOT}")
-    _git("worktree", "prune")  # the records of worktrees a killed run left behind (their folders are gone with /tmp)
+    signal.signal(signal.SIGTERM, _interrupted)
     work = Path(tempfile.mkdtemp(prefix="qtool-side-"))
     trees = {c: work / f"{c}-{commits[c]}" for c in commits}
+    # (pair, code): pair 0 is the warm-up of both codes, not counted; then base-head, head-base, ...
+    order = [(0, "base"), (0, "head")] + [(k, c) for k in range(1, args.pairs + 1)
+                                          for c in (("base", "head") if k % 2 else ("head", "base"))]
+    rows, runs = [], []
     try:
         for code, tree in trees.items():
             _git("worktree", "add", "--detach", "--quiet", str(tree), commits[code])
-        order = ["head"] + ["base", "head"] * args.pairs  # the first run warms the page cache and is not counted
-        rows, runs = [], []
-        for k, code in enumerate(order):
-            spec = {"run": args.run, "model": model, "out": str(work / f"out-{k}"), "texts": {}, "eval_tokens": 0,
+        for n, (pair, code) in enumerate(order):
+            spec = {"run": args.run, "model": model, "out": str(work / f"out-{n}"), "texts": {}, "eval_tokens": 0,
                     "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": 0, "threads": args.threads,
-                    "calib_data": None, "peer_python": None, "code": commits[code]}
+                    "calib_data": None, "peer_python": None}
             got = _run_once(trees[code], spec, args.threads)
             shutil.rmtree(spec["out"], ignore_errors=True)
-            rows.append([k + 1, f"{code} ({commits[code]})", f"{got['quant_seconds']:.1f}", f"{got['peak_rss_mib']:,.0f}",
-                         "warm-up, not counted" if k == 0 else ""])
-            if k:
-                runs.append((code, got["quant_seconds"]))
-            print(f"run {k + 1}/{len(order)}: {code} {got['quant_seconds']:.1f} s", file=sys.stderr, flush=True)
+            rows.append([n + 1, f"{code} ({commits[code]})", f"{got['quant_seconds']:.1f}",
+                         f"{got['peak_rss_mib']:,.0f}", "warm-up, not counted" if pair == 0 else f"pair {pair}"])
+            if pair:
+                runs.append((pair, code, got["quant_seconds"]))
+            print(f"run {n + 1}/{len(order)}: {code} {got['quant_seconds']:.1f} s", file=sys.stderr, flush=True)
     finally:
         for tree in trees.values():
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
-    s = summary(runs)
-    print(f"\n{args.run} on {model}, {args.n_samples} x {args.seqlen} tokens, {args.threads} threads, "
-          f"{os.cpu_count()} CPUs; base {commits['base']}, head {commits['head']}\n")
-    print(tabulate(rows, headers=["order", "code", "quantize s", "peak RSS MiB", ""], tablefmt="github"))
-    print(f"\nmean: base {s['mean']['base']:.1f} s, head {s['mean']['head']:.1f} s; head / base = {s['ratio']:.3f}x "
-          f"(pairs: {', '.join(f'{r:.3f}' for r in s['pairs'])}); spread of the same code: base "
-          f"{100 * s['spread']['base']:.1f}%, head {100 * s['spread']['head']:.1f}%")
+        done = len(rows) == len(order)
+        _print(rows, runs, f"{args.run} on {model}, {args.n_samples} x {args.seqlen} tokens, {args.threads} threads, "
+                           f"{os.cpu_count()} CPUs; base {commits['base']}, head {commits['head']}"
+                           + ("" if done else f"; STOPPED after {len(rows)} of {len(order)} runs"))
 
 
 if __name__ == "__main__":
