@@ -194,11 +194,10 @@ def solve_experts(ctx, name: str, layer, names: set[str], solved: SolvedLinears,
                     continue
                 h = Hessian.empty(getattr(expert, todo[0]).in_features, x.device)
                 h.add(inputs())
+                H = h.mean
                 W = {f"{name}.{e}.{p}": getattr(expert, p).weight.detach().float() for p in todo}
-                clip = torch.cat([clips[n] for n in W]).to(h.mean.device) if clips and all(
-                    n in clips for n in W) else None
-                for n, pw in solved.solve_stacked(W, h.mean, ctx.cfg, clip).items():
-                    solved.keep(n, pw, W[n], h.mean)
+                for n, pw in solved.solve_stacked(W, H, ctx.cfg, clips).items():
+                    solved.keep(n, pw, W[n], H)
         del x
     if fell_back:
         log.info("block %d %s: experts %s got fewer than %d routed calibration tokens; their statistics come "

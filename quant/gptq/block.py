@@ -18,8 +18,8 @@ import torch
 from calib.hessian import Hessian, collect_hessians
 from calib.value_hessian import collect_value_hessians
 from quant.arch import value_heads
-from quant.config import QuantConfig
 from quant.awq.fold import SCALE_KEY
+from quant.config import QuantConfig
 from quant.formats import PackedWeight
 from quant.gptq.solver import gptq_quantize, hessian_error, solve_value_heads
 from quant.layers import set_quantized, to_quant_linears
@@ -121,11 +121,13 @@ class SolvedLinears:
     damps: list[float] = field(default_factory=list)
     fallbacks: list[str] = field(default_factory=list)
 
-    def solve_stacked(self, Ws: dict[str, torch.Tensor], H: torch.Tensor, cfg: QuantConfig,
-                      clip: torch.Tensor | None = None, order: torch.Tensor | None = None) -> dict[str, PackedWeight]:
+    def solve_stacked(self, Ws: dict[str, torch.Tensor], H: torch.Tensor, cfg: QuantConfig, clips: dict | None = None,
+                      order: torch.Tensor | None = None) -> dict[str, PackedWeight]:
         """GPTQ on linears that share one input (``Ws``: ``{name: W [out, in]}``, one ``H [in, in]``) as one
-        matrix of their stacked rows (``clip [sum out, in/g]``: AWQ's clipping ranges, ``order [in]``: the act-order
-        ranking, where given); returns each linear's rows, not yet kept (:meth:`keep`)."""
+        matrix of their stacked rows (``clips``: AWQ's clipping ranges by linear name, ``[out, in/g]`` each, used
+        where every linear has one; ``order [in]``: the act-order ranking, where given); returns each linear's rows,
+        not yet kept (:meth:`keep`)."""
+        clip = torch.cat([clips[n] for n in Ws]).to(H.device) if clips and all(n in clips for n in Ws) else None
         res = gptq_quantize(torch.cat(list(Ws.values())), H, cfg, clip, order)
         if res.fallback:
             log.warning("block %d %s: GPTQ fell back to round-to-nearest (%s)", self.index, ",".join(Ws),
@@ -156,8 +158,9 @@ class SolvedLinears:
 
 def _solve_batch(ctx: BlockContext, solved: SolvedLinears, names: list[str], hessians: dict, values: tuple | None,
                  sources: dict, clips: dict) -> None:
-    """Solve one batch's linears (a sub-layer group; every group at once without true-sequential). Linears that share an input share H, so their rows are solved as one matrix;
-    the value projection, given its per-head Hessians (``values``), head by head instead. ``sources``: AWQ+GPTQ's
+    """Solve one batch's linears (a sub-layer group; every group at once without true-sequential). Linears that
+    share an input share H, so their rows are solved as one matrix; the value projection, given its per-head
+    Hessians (``values``), head by head instead. ``sources``: AWQ+GPTQ's
     folded weights (else the block's own); ``clips``: AWQ's clipping ranges, bounding the groups."""
     arch, cfg = ctx.arch, ctx.cfg
     fused_qkv = arch.layout is not None and arch.layout.fused_qkv is not None
@@ -180,8 +183,7 @@ def _solve_batch(ctx: BlockContext, solved: SolvedLinears, names: list[str], hes
                 solved.damps.append(damp)
         rest = [n for n in shared if n not in done]
         if rest:
-            clip = torch.cat([clips[n] for n in rest]).to(H.device) if all(n in clips for n in rest) else None
-            done.update(solved.solve_stacked({n: Ws[n] for n in rest}, H, cfg, clip, order))
+            done.update(solved.solve_stacked({n: Ws[n] for n in rest}, H, cfg, clips, order))
         for n in shared:
             solved.keep(n, done[n], Ws[n], H)
 
