@@ -49,6 +49,9 @@ class SourceModel:
         self.files = model_io.weight_files(model_dir)
         self._bin: dict[Path, dict] = {}
         self._headers: dict[Path, tuple[tuple, dict, int]] = {}  # file -> (identity, JSON header, data offset)
+        # Tensors read whole and found finite: a block read again (the loss gradients' two passes, then the
+        # quantization's) is not scanned again; a slice-wise read is checked every time.
+        self._finite: set[str] = set()
         # A remote-code family's checkpoint (quant.layouts) is read under the native class's names.
         self.layout = layout_of(model_io.read_config(model_dir))
         config = model_io.model_config(model_dir)
@@ -244,9 +247,15 @@ class SourceModel:
                              f"gives this model {want}; the checkpoint does not match its config.json")
 
     def _check_finite(self, name: str, t: torch.Tensor, stored: bool = False) -> None:
-        if t.is_floating_point() and not all_finite(t):
+        """Refuse a tensor holding NaN or inf. A whole tensor (a native ``name``) found finite once is not scanned
+        again; a slice of a stored one (``stored``) is scanned every time."""
+        if name in self._finite and not stored or not t.is_floating_point():
+            return
+        if not all_finite(t):
             raise QtoolError(f"{self.dir}: weight {name if stored else self._stored_name(name)} holds NaN or inf "
                              "values; the model is damaged, fix it first")
+        if not stored:
+            self._finite.add(name)
 
     def abs_max(self, name: str) -> float:
         """``max |x|`` of stored tensor ``name`` (its native name; a tensor the source stores under that name
