@@ -128,7 +128,8 @@ def save(folder: Path, key: dict, blocks_done: int, record: dict, tensors: dict[
     _atomic_write(folder / state, lambda p: write_safetensors(p, {k: t.cpu() for k, t in tensors.items()}))
     payload = {"key": key, "blocks_done": blocks_done, "state": state, **record}
     _atomic_write(folder / PROGRESS, lambda p: p.write_text(json.dumps(payload, default=str)))
-    for old in folder.glob("state-*.safetensors"):  # the record no longer names them
+    # The record no longer names them; a stopped run's half-written state (under its temporary name) goes too.
+    for old in [*folder.glob("state-*.safetensors"), *folder.glob(".state-*.safetensors.tmp")]:
         if old.name != state:
             old.unlink(missing_ok=True)
 

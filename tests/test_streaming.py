@@ -95,6 +95,34 @@ def test_one_block_is_in_memory_at_a_time(tmp_path, monkeypatch):
     assert loaded_at_load == [0] * 6
 
 
+def test_each_block_is_scanned_for_nan_once_though_read_three_times(tmp_path, monkeypatch):
+    """AWQ judged by the loss reads every block three times (the loss gradients' forward and backward passes, then
+    the quantizing pass); its weights are scanned for NaN and inf on the first read only (the same file's)."""
+    import quant.source as source
+
+    src = save_tiny_model("qwen2", tmp_path / "src")
+    scans: dict[int, int] = {}  # block -> tensors scanned while it was read
+    reading, real_scan, real_load = [], source.all_finite, SourceModel.load_block
+
+    def load(self, i):
+        reading.append(i)
+        try:
+            return real_load(self, i)
+        finally:
+            reading.pop()
+
+    def scan(t):
+        if reading:
+            scans[reading[-1]] = scans.get(reading[-1], 0) + 1
+        return real_scan(t)
+
+    monkeypatch.setattr(SourceModel, "load_block", load)
+    monkeypatch.setattr(source, "all_finite", scan)
+    quant.quantize(src, tmp_path / "out", method="awq", n_samples=4, seqlen=32, **OPTS)
+    per_block = [sum(t.is_floating_point() for t in b.state_dict().values()) for b in tiny_model("qwen2").model.layers]
+    assert scans == dict(enumerate(per_block))
+
+
 @pytest.mark.parametrize("model_type", ["qwen2", "llama"])  # tied and untied lm_head
 def test_the_tensors_outside_the_blocks_are_released_while_the_blocks_are_quantized(tmp_path, monkeypatch, model_type):
     """A calibrated run reads the embeddings, final norm and lm_head to embed its windows and for the whole-model
@@ -319,8 +347,9 @@ def test_write_safetensors_falls_back_where_o_direct_is_refused_and_raises_other
 KILL_AFTER = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-import quant, quant.resume as resume
+import quant, quant.block_loop, quant.resume as resume
 from quant.config import AWQOptions  # for kw's repr
+quant.block_loop.PROGRESS_EVERY_S = 0  # a record after every block, as a large model's blocks take
 real, n = resume.save, [0]
 def save(*a, **k):
     n[0] += 1
@@ -411,10 +440,13 @@ def test_kill_9_between_a_blocks_state_and_its_record_resumes_from_the_record_be
                                                             seqlen=32, held_out=0, check_windows=0), between=True)
 
 
-def test_kill_9_while_a_state_is_written_leaves_no_stray_file_in_the_output(tmp_path, caplog):
-    """The state of block 3 written to its temporary name when the kill comes: the run continues at block 2, writes
-    that name again for block 3, and the output holds only the checkpoint's files (``file_digests`` compares every
-    file: a state name that differed between attempts would leave the stray file in the output)."""
+@pytest.mark.parametrize("every_s", [0, 1e9])
+def test_kill_9_while_a_state_is_written_leaves_no_stray_file_in_the_output(tmp_path, caplog, monkeypatch, every_s):
+    """The state of block 3 written to its temporary name when the kill comes: the run continues at block 2, and
+    the output holds only the checkpoint's files (``file_digests`` compares every file), whether the resumed run
+    writes that name again for block 3 (a record after every block) or records only its last block (the half-written
+    state is removed with the states the record no longer names)."""
+    monkeypatch.setattr("quant.block_loop.PROGRESS_EVERY_S", every_s)  # the resumed run's; the killed one's is 0
     _killed_in_a_record_then_resumed(tmp_path, caplog, dict(method="rtn", bits=4, group_size=32), in_state=True)
 
 
@@ -446,6 +478,21 @@ def test_a_stopped_run_with_other_settings_or_source_is_refused_and_kept(tmp_pat
         quant.quantize(src, tmp_path / "out", progress=False, **kw)
     report = quant.quantize(src, tmp_path / "out", progress=False, restart=True, **kw)
     assert report.resumed_from is None and not partial.exists()
+
+
+@pytest.mark.parametrize("every_s, saved_after", [(0, [1, 2, 3, 4]), (1e9, [4])])
+def test_progress_is_recorded_at_most_every_progress_every_s_and_after_the_last_block(tmp_path, monkeypatch, every_s,
+                                                                                   saved_after):
+    """Blocks of a few seconds do not each write every window's activations: a record when PROGRESS_EVERY_S have
+    passed since the last one, and after the last block (the whole-model check then resumes from it)."""
+    from quant.block_loop import Run
+
+    src = deep_llama(tmp_path / "src", n_layers=4)
+    real, saved = Run.save, []
+    monkeypatch.setattr("quant.block_loop.PROGRESS_EVERY_S", every_s)
+    monkeypatch.setattr(Run, "save", lambda self, n, *a: saved.append(n) or real(self, n, *a))
+    quant.quantize(src, tmp_path / "out", method="awq", group_size=32, n_samples=4, seqlen=32, progress=False)
+    assert saved == saved_after
 
 
 def test_ctrl_c_keeps_the_finished_blocks_and_says_how_to_continue(tmp_path, monkeypatch, caplog):
