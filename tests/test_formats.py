@@ -10,7 +10,7 @@ from quant.formats import (
     unpack_awq_gemm,
     unpack_gptq,
 )
-from quant.formats.bitpack import pack_bits_i32, unpack_bits_i32
+from quant.formats.bitpack import pack_bits_i32, unpack_bits_i32, unpack_codes
 from quant.formats.compat import exclusion_keys
 
 GROUPS = [32, 64, 128, -1]
@@ -66,6 +66,33 @@ def test_gptq_sequential_and_3bit_packing_by_hand():
     v[0, 10] = 5
     assert pack_bits_i32(v, 3).tolist() == [[1 << 30, 1, 0]]
     assert torch.equal(unpack_bits_i32(pack_bits_i32(v, 3), 3), v)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_codes_read_from_the_words_bytes_are_the_bit_streams_values(bits):
+    """unpack_codes (uint8, from the words' bytes for 2/4/8 bits) gives unpack_bits_i32's values: words of every
+    bit pattern (negative int32 included), leading dimensions, a count ``n`` short of the words' capacity."""
+    g = torch.Generator().manual_seed(bits)
+    words = torch.randint(-2**31, 2**31, (3, 5, 6), generator=g, dtype=torch.int64).to(torch.int32)
+    for n in (None, 6 * 32 // bits - 3):
+        codes = unpack_codes(words, bits, n)
+        assert codes.dtype == torch.uint8 and codes.is_contiguous()
+        assert torch.equal(codes.to(torch.int32), unpack_bits_i32(words, bits, n))
+
+
+def test_dequantize_in_place_is_the_formula_for_any_layout_of_the_codes():
+    """``(q - zero) * scale`` per group, computed in one buffer, bit for bit the out-of-place formula; codes given
+    transposed (not contiguous) and as int32 are not written over."""
+    from quant import qmath
+
+    g = torch.Generator().manual_seed(0)
+    q = torch.randint(0, 16, (64, 48), generator=g, dtype=torch.uint8)
+    scale, zero = torch.rand(48, 2, generator=g).half(), torch.randint(0, 16, (48, 2), generator=g)
+    for codes in (q.t(), q.t().contiguous().to(torch.int32), q.t().float()):
+        before = codes.clone()
+        want = ((codes.float().reshape(48, 2, 32) - zero.float()[..., None]) * scale.float()[..., None]).reshape(48, 64)
+        assert torch.equal(qmath.dequantize(codes, scale, zero, 32), want)
+        assert torch.equal(codes, before)
 
 
 def test_v1_refuses_a_zero_point_of_zero():

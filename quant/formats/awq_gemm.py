@@ -17,7 +17,7 @@ from __future__ import annotations
 import torch
 
 from quant.formats.base import Format, register
-from quant.formats.bitpack import pack_bits_i32, unpack_bits_i32
+from quant.formats.bitpack import pack_bits_i32, unpack_bits_i32, unpack_codes
 from quant.formats.packed import PackedWeight
 
 AWQ_ORDER = (0, 2, 4, 6, 1, 3, 5, 7)
@@ -59,7 +59,11 @@ def pack_awq_gemm(w: PackedWeight) -> dict[str, torch.Tensor]:
 
 def unpack_awq_gemm(tensors: dict[str, torch.Tensor], group_size: int) -> PackedWeight:
     """Canonical codes from AWQ "gemm" tensors (inverse of :func:`pack_awq_gemm`)."""
-    q = _deinterleave(unpack_bits_i32(tensors["qweight"], BITS)).t().contiguous()
+    codes = unpack_codes(tensors["qweight"], BITS)  # [in, out] in nibble order
+    # Nibble order within each run of 8 outputs, AWQ_REVERSE_ORDER, is [0, 4, 1, 5, 2, 6, 3, 7]: output 8k + 2c + d
+    # is nibble 4d + c. One strided copy undoes it and transposes to [out, in].
+    in_f, out_f = codes.shape
+    q = codes.view(in_f, out_f // 8, 2, 4).permute(1, 3, 2, 0).reshape(out_f, in_f)
     zero = _deinterleave(unpack_bits_i32(tensors["qzeros"], BITS)).t().contiguous()
     scale = tensors["scales"].t().contiguous()
     return PackedWeight(q=q, scale=scale, zero=zero, bits=BITS, group_size=group_size)

@@ -26,7 +26,7 @@ from __future__ import annotations
 import torch
 
 from quant.formats.base import Format, register
-from quant.formats.bitpack import pack_bits_i32, unpack_bits_i32
+from quant.formats.bitpack import pack_bits_i32, unpack_bits_i32, unpack_codes
 from quant.formats.packed import PackedWeight
 
 GPTQ_BITS = (2, 3, 4, 8)
@@ -67,7 +67,7 @@ def unpack_gptq(
         raise ValueError(f"checkpoint_format must be one of {CHECKPOINT_FORMATS}, got {checkpoint_format!r}")
     out_f = tensors["scales"].shape[1]
     in_f = tensors["qweight"].shape[0] * 32 // bits
-    q = unpack_bits_i32(tensors["qweight"].t().contiguous(), bits)
+    q = unpack_codes(tensors["qweight"].t().contiguous(), bits)
     zero = unpack_bits_i32(tensors["qzeros"], bits, out_f).t().contiguous()
     if checkpoint_format == "gptq":
         zero = (zero + 1) & (2**bits - 1)
