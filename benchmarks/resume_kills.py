@@ -58,8 +58,9 @@ def attempt(args, out: Path, kill_after: int | None, delay: float) -> tuple[floa
     Returns (wall seconds, the blocks recorded when it started, exit status)."""
     start_blocks = blocks_done(out)
     t = time.perf_counter()
+    # A progress record after every block (the default is at most one a minute): the kills follow given blocks.
     proc = subprocess.Popen(command(args, out), cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
+                            text=True, start_new_session=True, env={**os.environ, "QTOOL_PROGRESS_EVERY_S": "0"})
     if kill_after is not None:
         while proc.poll() is None and blocks_done(out) < kill_after:
             time.sleep(0.05)

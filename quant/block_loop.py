@@ -4,6 +4,7 @@ candidates carried along (:mod:`quant.guard`). :func:`quant.pipeline.quantize` s
 from __future__ import annotations
 
 import logging
+import os
 import shutil
 import time
 from dataclasses import asdict, dataclass, field
@@ -28,7 +29,8 @@ LOSS_GRADIENTS = "loss-gradients"  # in the run's folder while it runs: AWQ's lo
 # The progress record is saved after a block when this many seconds have passed since the last one, and after the
 # last block: a stopped run redoes at most about this much work, and a small model's blocks (a few seconds each) do
 # not each write the activations of every window (~190 MB a block for the example model, 2% of its run).
-PROGRESS_EVERY_S = 60.0
+# QTOOL_PROGRESS_EVERY_S=0 records every block (benchmarks/resume_kills.py kills runs after given blocks).
+PROGRESS_EVERY_S = float(os.environ.get("QTOOL_PROGRESS_EVERY_S", "60"))
 
 
 @dataclass

@@ -2,6 +2,7 @@
 import hashlib
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -347,9 +348,8 @@ def test_write_safetensors_falls_back_where_o_direct_is_refused_and_raises_other
 KILL_AFTER = """
 import os, signal, sys
 sys.path.insert(0, {tests!r})
-import quant, quant.block_loop, quant.resume as resume
+import quant, quant.resume as resume
 from quant.config import AWQOptions  # for kw's repr
-quant.block_loop.PROGRESS_EVERY_S = 0  # a record after every block, as a large model's blocks take
 real, n = resume.save, [0]
 def save(*a, **k):
     n[0] += 1
@@ -387,10 +387,13 @@ def deep_llama(path: Path, n_layers: int = 6) -> Path:
 def run_killed(src: Path, out: Path, kill_after: int, while_writing: bool = False, between: bool = False,
                in_state: bool = False, **kw) -> int:
     """Quantize in a subprocess killed (SIGKILL) after its ``kill_after``-th progress record, before it (while
-    writing), or between the state and the record of it."""
+    writing), or between the state and the record of it. QTOOL_PROGRESS_EVERY_S=0: a record after every block, as a
+    large model's blocks take (else a tiny model's run records only its last block, and no kill comes before it)."""
     code = KILL_AFTER.format(tests=str(Path(__file__).parent), kill_after=kill_after, src=str(src), out=str(out), kw=kw,
                              while_writing=while_writing, between=between, in_state=in_state)
-    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True).returncode
+    env = {**os.environ, "QTOOL_PROGRESS_EVERY_S": "0"}
+    return subprocess.run([sys.executable, "-c", code], cwd=Path(__file__).parents[1], capture_output=True,
+                          env=env).returncode
 
 
 @pytest.mark.parametrize("method", ["rtn", "awq"])
