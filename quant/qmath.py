@@ -110,7 +110,8 @@ def dequantize(
         s = scale.float()[:, g_idx.long()]
         z = zero.float()[:, g_idx.long()]
         return ((q.float() - z) * s).to(dtype)
-    w = q.to(torch.float32, memory_format=torch.contiguous_format, copy=True)  # one float32 buffer, worked on in place: the same values as ``(q - z) * s``
+    # One float32 buffer, worked on in place: the same values as ``(q - z) * s``.
+    w = q.to(torch.float32, memory_format=torch.contiguous_format, copy=True)
     _grouped(w, group_size).sub_(zero.float()[..., None]).mul_(scale.float()[..., None])
     return w.to(dtype)
 

@@ -111,8 +111,13 @@ def check_partial(folder: Path, key: dict, out: Path) -> None:
                          "command to resume it, or pass --restart to start over")
 
 
+def _temporary(path: Path) -> Path:
+    """The name ``path`` is written under until it is whole (:func:`_atomic_write`)."""
+    return path.with_name(f".{path.name}.tmp")
+
+
 def _atomic_write(path: Path, write) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
+    tmp = _temporary(path)
     write(tmp)
     fd = os.open(tmp, os.O_RDONLY)
     try:
@@ -129,7 +134,7 @@ def save(folder: Path, key: dict, blocks_done: int, record: dict, tensors: dict[
     payload = {"key": key, "blocks_done": blocks_done, "state": state, **record}
     _atomic_write(folder / PROGRESS, lambda p: p.write_text(json.dumps(payload, default=str)))
     # The record no longer names them; a stopped run's half-written state (under its temporary name) goes too.
-    for old in [*folder.glob("state-*.safetensors"), *folder.glob(".state-*.safetensors.tmp")]:
+    for old in [*folder.glob("state-*.safetensors"), *folder.glob(_temporary(Path("state-*.safetensors")).name)]:
         if old.name != state:
             old.unlink(missing_ok=True)
 

@@ -249,7 +249,7 @@ class SourceModel:
     def _check_finite(self, name: str, t: torch.Tensor, stored: bool = False) -> None:
         """Refuse a tensor holding NaN or inf. A whole tensor (a native ``name``) found finite once is not scanned
         again; a slice of a stored one (``stored``) is scanned every time."""
-        if name in self._finite and not stored or not t.is_floating_point():
+        if (name in self._finite and not stored) or not t.is_floating_point():
             return
         if not all_finite(t):
             raise QtoolError(f"{self.dir}: weight {name if stored else self._stored_name(name)} holds NaN or inf "
