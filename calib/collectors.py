@@ -73,7 +73,6 @@ class InputStats:
     """Per-input-channel statistics of one linear's inputs over the calibration tokens."""
 
     abs_sum: torch.Tensor  # [in] float32, sum of |x|
-    abs_max: torch.Tensor  # [in] float32
     n_tokens: int = 0
     xtx: torch.Tensor | None = None  # [in, in] float32, sum of w_t x_t x_tᵀ, when asked for
 
@@ -85,9 +84,7 @@ class InputStats:
         """Accumulate inputs ``x [..., in]``; ``weight [...]`` (per token) weighs them in ``xtx`` only, and
         ``xtx=False`` leaves them out of it."""
         x = x.reshape(-1, x.shape[-1]).float()
-        ax = x.abs()
-        self.abs_sum += ax.sum(0)
-        self.abs_max = torch.maximum(self.abs_max, ax.amax(0))
+        self.abs_sum += x.abs().sum(0)
         self.n_tokens += x.shape[0]
         if self.xtx is not None and xtx:
             xw = x if weight is None else x * weight.reshape(-1, 1).to(x)
@@ -117,8 +114,7 @@ def linear_input_stats(modules: dict[str, nn.Module], groups: list[tuple[str, ..
             x = inputs[0].detach()
             if names[0] not in stats:
                 n, dev = x.shape[-1], x.device
-                shared = InputStats(torch.zeros(n, device=dev), torch.zeros(n, device=dev),
-                                    xtx=torch.zeros(n, n, device=dev) if xtx else None)
+                shared = InputStats(torch.zeros(n, device=dev), xtx=torch.zeros(n, n, device=dev) if xtx else None)
                 stats.update({name: shared for name in names})
             stats[names[0]].add(x, token_weight() if token_weight is not None else None,
                                 xtx_now() if xtx_now is not None else True)
