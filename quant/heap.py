@@ -8,7 +8,16 @@ that threshold each time such a map is freed, so that which tensors come from th
 turns the dynamic adjustment off), keeps up to ``TRIM_THRESHOLD`` of free memory at the top of the heap
 (``M_TRIM_THRESHOLD``) and :func:`trim` hands free heap pages back (``malloc_trim``; the pipeline calls
 it once per block, AWQ's search between its phases and the RTN guard after its copy is packed: each phase
-frees the last one's transients, but the pieces stay resident until trimmed).
+frees the last one's transients, but the pieces stay resident until trimmed), but only while the process is
+near its peak resident set.
+
+Why only there: a trim lowers the peak only where the resident set is close to it, and every page it hands
+back that the next phase uses again is faulted in and zeroed once more. On the example model (AWQ w4 g64,
+128 x 512, dev CPU, 2026-12-05) the 240 trims of a run handed back 183-614 MiB each on average (74 GiB in all)
+and cost about a tenth of the run: 241-243 s without any trim (peak 2,006-2,042 MiB), 267-270 s trimming every
+time (1,400-1,420 MiB), 264 s trimming only within ``NEAR_PEAK`` of the peak (1,447 MiB); one run each, one after
+the other (``benchmarks/RESULTS.md``, forty-second session). Where memory is short (a capped run, a model larger
+than the machine) the resident set stays near its peak, and every trim happens.
 
 The mmap threshold trades memory for time. Every allocation above it is a fresh map, faulted in and
 zeroed by the kernel page by page; below it, freed memory is reused but the heap holds on to it.
@@ -48,6 +57,7 @@ _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD = -1, -3  # glibc malloc.h
 _PR_SET_PDEATHSIG = 1  # linux/prctl.h
 MMAP_THRESHOLD = 32 << 20  # bytes: tensors of this size and larger get their own memory maps
 TRIM_THRESHOLD = 256 << 20  # bytes of free memory kept at the top of the heap between trims
+NEAR_PEAK = 0.9  # trim() hands pages back only while the resident set is at least this share of its peak
 
 _libc = None
 _children_peak_mb = 0.0  # the largest peak of a child process that :func:`in_child` ran
@@ -75,11 +85,21 @@ def keep_large_allocations_mapped(threshold: int = MMAP_THRESHOLD) -> bool:
             and lib.mallopt(_M_TRIM_THRESHOLD, TRIM_THRESHOLD) == 1)
 
 
-def trim() -> None:
-    """Return freed heap memory to the system (glibc's ``malloc_trim``)."""
+def trim() -> bool:
+    """Return freed heap memory to the system (glibc's ``malloc_trim``) where the process is near its peak: its
+    resident set at least ``NEAR_PEAK`` of its high-water mark (``VmRSS`` and ``VmHWM``; always where they cannot
+    be read). Returns whether it trimmed.
+
+    Below that the free pages cannot raise the peak, and handing them back costs time: the next block or phase
+    faults them in again, zeroed, page by page (the module's docstring has the measurements)."""
     lib = _glibc()
-    if lib:
-        lib.malloc_trim(0)
+    if not lib:
+        return False
+    rss, peak = _status_mb("VmRSS"), _status_mb("VmHWM")
+    if rss is not None and peak is not None and rss < NEAR_PEAK * peak:
+        return False
+    lib.malloc_trim(0)
+    return True
 
 
 def peak_rss_mb() -> float:

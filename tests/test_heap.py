@@ -179,3 +179,22 @@ def test_an_error_in_the_child_keeps_its_traceback_and_a_child_reaped_elsewhere_
         assert heap.in_child(_allocate_and_keep, 10) != os.getpid()
     finally:
         signal.signal(signal.SIGCHLD, old)
+
+
+def test_the_heap_is_trimmed_only_near_the_peak(monkeypatch):
+    """Below ``NEAR_PEAK`` of the high-water mark a trim cannot lower the peak, and it is skipped; at or above it
+    (or where /proc cannot be read) glibc's ``malloc_trim`` runs."""
+    calls = []
+
+    class Libc:
+        def malloc_trim(self, pad):
+            calls.append(pad)
+
+    status = {"VmRSS": 500.0, "VmHWM": 1000.0}
+    monkeypatch.setattr(heap, "_libc", Libc())
+    monkeypatch.setattr(heap, "_status_mb", lambda field: status[field])
+    assert heap.trim() is False and calls == []
+    status["VmRSS"] = heap.NEAR_PEAK * 1000.0
+    assert heap.trim() is True and calls == [0]
+    monkeypatch.setattr(heap, "_status_mb", lambda field: None)
+    assert heap.trim() is True and calls == [0, 0]
