@@ -51,6 +51,16 @@ def _run_once(tree: Path, spec: dict, threads: int) -> dict:
     return {"quant_seconds": row["quant_seconds"], "peak_rss_mib": row["peak_rss_mib"]}
 
 
+def _check_run_name(tree: Path, run: str) -> str | None:
+    """Why ``tree``'s own ``benchmarks/quality.py`` refuses the run name ``run`` (its message), or None where it
+    accepts it: checked before any run, so that a variant one of the two codes lacks stops the comparison at once,
+    not after the other code's warm-up."""
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); import quality; quality._parse_run(sys.argv[2])")
+    proc = subprocess.run([sys.executable, "-c", code, str(tree / "benchmarks"), run], cwd=tree,
+                          env=dict(os.environ, PYTHONPATH=str(tree)), capture_output=True, text=True)
+    return None if proc.returncode == 0 else (proc.stderr.strip().splitlines() or ["(no message)"])[-1]
+
+
 @dataclass(frozen=True)
 class Comparison:
     mean: dict[str, float]  # seconds, per code
@@ -130,6 +140,9 @@ def main() -> None:
     try:
         for code, tree in trees.items():
             _git("worktree", "add", "--detach", "--quiet", str(tree), commits[code])
+        for code, tree in trees.items():
+            if why := _check_run_name(tree, args.run):
+                raise SystemExit(f"--run {args.run}: the {code} code ({commits[code]}) does not take it: {why}")
         for n, (pair, code) in enumerate(order):
             spec = {"run": args.run, "model": model, "out": str(work / f"out-{n}"), "texts": {}, "eval_tokens": 0,
                     "n_samples": args.n_samples, "seqlen": args.seqlen, "seed": 0, "threads": args.threads,
@@ -146,9 +159,10 @@ def main() -> None:
             subprocess.run(["git", "-C", str(ROOT), "worktree", "remove", "--force", str(tree)], capture_output=True)
         shutil.rmtree(work, ignore_errors=True)
         done = len(rows) == len(order)
-        _print(rows, runs, f"{args.run} on {model}, {args.n_samples} x {args.seqlen} tokens, {args.threads} threads, "
-                           f"{os.cpu_count()} CPUs; base {commits['base']}, head {commits['head']}"
-                           + ("" if done else f"; STOPPED after {len(rows)} of {len(order)} runs"))
+        if rows:
+            _print(rows, runs, f"{args.run} on {model}, {args.n_samples} x {args.seqlen} tokens, {args.threads} threads, "
+                               f"{os.cpu_count()} CPUs; base {commits['base']}, head {commits['head']}"
+                               + ("" if done else f"; STOPPED after {len(rows)} of {len(order)} runs"))
 
 
 if __name__ == "__main__":
