@@ -95,8 +95,8 @@ def trim() -> bool:
     lib = _glibc()
     if not lib:
         return False
-    rss, peak = _status_mb("VmRSS"), _status_mb("VmHWM")
-    if rss is not None and peak is not None and rss < NEAR_PEAK * peak:
+    status = _status_fields("VmRSS", "VmHWM")
+    if status is not None and len(status) == 2 and status["VmRSS"] < NEAR_PEAK * status["VmHWM"]:
         return False
     lib.malloc_trim(0)
     return True
@@ -125,14 +125,20 @@ def _own_peak_mb() -> float:
     return rss / (2**20 if sys.platform == "darwin" else 2**10)
 
 
-def _status_mb(*fields: str) -> float | None:
-    """The sum of ``fields`` (kB lines such as ``VmHWM``) of ``/proc/self/status``, MiB; None without one."""
+def _status_fields(*fields: str) -> dict[str, float] | None:
+    """``fields`` (kB lines such as ``VmHWM``) of ``/proc/self/status``, read once, MiB each: those the file has;
+    None without the file."""
     try:
         with open("/proc/self/status") as f:
-            values = {k: int(v.split()[0]) for k, v in (line.split(":", 1) for line in f) if k in fields}
+            return {k: int(v.split()[0]) / 2**10 for k, v in (line.split(":", 1) for line in f) if k in fields}
     except OSError:
         return None
-    return sum(values.values()) / 2**10 if values else None
+
+
+def _status_mb(*fields: str) -> float | None:
+    """The sum of ``fields`` of ``/proc/self/status`` (:func:`_status_fields`), MiB; None where it has none of them."""
+    values = _status_fields(*fields)
+    return sum(values.values()) if values else None
 
 
 class ChildTraceback(Exception):

@@ -192,9 +192,11 @@ def test_the_heap_is_trimmed_only_near_the_peak(monkeypatch):
 
     status = {"VmRSS": 500.0, "VmHWM": 1000.0}
     monkeypatch.setattr(heap, "_libc", Libc())
-    monkeypatch.setattr(heap, "_status_mb", lambda field: status[field])
+    monkeypatch.setattr(heap, "_status_fields", lambda *fields: {f: status[f] for f in fields})
     assert heap.trim() is False and calls == []
     status["VmRSS"] = heap.NEAR_PEAK * 1000.0
     assert heap.trim() is True and calls == [0]
-    monkeypatch.setattr(heap, "_status_mb", lambda field: None)
+    monkeypatch.setattr(heap, "_status_fields", lambda *fields: None)
     assert heap.trim() is True and calls == [0, 0]
+    monkeypatch.setattr(heap, "_status_fields", lambda *fields: {"VmHWM": 1000.0})  # no VmRSS line
+    assert heap.trim() is True and calls == [0, 0, 0]
