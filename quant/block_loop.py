@@ -69,103 +69,131 @@ class Run:
 
 def quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, progress, run: Run, dtype):
     """Each block in turn: loaded from the source, quantized, packed, written as a part, released, and the
-    progress record saved; blocks a stopped run finished are skipped.
+    progress record saved; blocks a stopped run finished are skipped (:class:`BlockLoop`).
 
     Returns the summary rows, AWQ's search results (the method's own model's, kept or not), the whole-model check
     and the names of the parts
     that make the checkpoint's blocks (each block's own, or its RTN version where the check keeps RTN).
     ``kinds``: the kinds of text whose check windows end ``calib_ids`` (:func:`quant.pipeline._calibration_ids`)."""
-    quantize_block = get_method(cfg.method)
-    stored = lambda tensors: src.to_stored(tensors, cfg.format, cfg.bits, cfg.group_size)  # noqa: E731
-    if cfg.method != "rtn":
-        quantize_block = rtn_guard(quantize_block)
-    model, blocks, writer = src.model, src.blocks, run.writer
-    rows = [BlockRow(**r) for r in run.record.get("rows", [])]
-    artifacts = {k[len("artifact."):]: v for k, v in run.tensors.items() if k.startswith("artifact.")}
-    bar = tqdm(total=len(blocks), initial=run.start, desc=f"{cfg.method} w{cfg.bits}", unit="block",
-               disable=not progress)
-    packed: list[dict] = [{} for _ in blocks]  # per block: linear name -> PackedWeight, packed once when done
-    alts = Alternatives(run.record, run.saved_list, len(blocks))
+    loop = BlockLoop(src, arch, cfg, plan, calib_ids, kinds, run, dtype)
+    loop.run_blocks(dev, progress)
+    parts = [part_name(i) for i in range(len(src.blocks))]
+    model_check = _check_whole_model(src, cfg, calib_ids, loop.held_out, kinds, loop.alts, loop.rows, parts, run)
+    return loop.rows, loop.artifacts, model_check, parts
 
-    def load(i: int) -> None:
-        if i == run.start and calib_ids is not None:  # the windows are embedded (run_sequential recorded them)
-            src.release_outside()
-        src.load_block(i)
-        plan.check_loaded_block(i, blocks[i], f"{arch.blocks}.{i}.", cfg)
-        keep_fused_together(plan, src, arch, i)
 
-    def process(i: int, block, inputs: BlockInputs | None) -> None:
+class BlockLoop:
+    """The state one pass over the blocks carries from block to block: the summary rows, AWQ's artifacts, each
+    block's packed linears until its part is written, the alternatives of the whole-model check. Its three steps
+    are what :func:`calib.runner.run_sequential` calls per block: :meth:`load`, :meth:`process` (the method on the
+    block and its inputs) and :meth:`done` (once the next block's inputs are computed)."""
+
+    def __init__(self, src: SourceModel, arch, cfg, plan, calib_ids, kinds: list[str], run: Run, dtype):
+        self.src, self.arch, self.cfg, self.plan, self.calib_ids, self.kinds = src, arch, cfg, plan, calib_ids, kinds
+        self.run, self.dtype = run, dtype
+        method = get_method(cfg.method)
+        self.method = method if cfg.method == "rtn" else rtn_guard(method)
+        self.rows = [BlockRow(**r) for r in run.record.get("rows", [])]
+        self.artifacts = {k[len("artifact."):]: v for k, v in run.tensors.items() if k.startswith("artifact.")}
+        self.packed: list[dict] = [{} for _ in src.blocks]  # per block: linear name -> PackedWeight, packed once done
+        self.alts = Alternatives(run.record, run.saved_list, len(src.blocks))
+        self.held_out = (*cfg.held_out_split, len(kinds) * cfg.check_windows)
+        self.loss_grads: LossGradientFiles | None = None
+        self.bar = None
+
+    def stored(self, tensors: dict) -> dict:
+        return self.src.to_stored(tensors, self.cfg.format, self.cfg.bits, self.cfg.group_size)
+
+    def load(self, i: int) -> None:
+        if i == self.run.start and self.calib_ids is not None:  # the windows are embedded (run_sequential recorded them)
+            self.src.release_outside()
+        self.src.load_block(i)
+        self.plan.check_loaded_block(i, self.src.blocks[i], f"{self.arch.blocks}.{i}.", self.cfg)
+        keep_fused_together(self.plan, self.src, self.arch, i)
+
+    def process(self, i: int, block, inputs: BlockInputs | None) -> None:
         t = time.perf_counter()
-        if loss_grads is not None and inputs is not None:  # AWQ judges by the loss: the gradients at this block's output
-            inputs.loss = loss_grads.for_block(i)
-        result: BlockResult = quantize_block(BlockContext(i, block, plan.quantize[i], cfg, arch, inputs))
+        if self.loss_grads is not None and inputs is not None:  # AWQ judges by the loss: the gradients at this block's output
+            inputs.loss = self.loss_grads.for_block(i)
+        blocks = self.src.blocks
+        result: BlockResult = self.method(BlockContext(i, block, self.plan.quantize[i], self.cfg, self.arch, inputs))
         if result.block is not None:
             blocks[i] = result.block
-        packed[i] = {n: pw.to("cpu") for n, pw in result.packed.items()}
-        alts.advance(i, result.alternatives, inputs, blocks[i])
-        artifacts.update({f"{arch.blocks}.{i}.{k}": v.detach().cpu() for k, v in result.artifacts.items()})
-        rows.append(BlockRow(i, len(plan.quantize[i]), time.perf_counter() - t, result.info, result.block is not None))
-        bar.update(1)
+        self.packed[i] = {n: pw.to("cpu") for n, pw in result.packed.items()}
+        self.alts.advance(i, result.alternatives, inputs, blocks[i])
+        self.artifacts.update({f"{self.arch.blocks}.{i}.{k}": v.detach().cpu() for k, v in result.artifacts.items()})
+        self.rows.append(BlockRow(i, len(self.plan.quantize[i]), time.perf_counter() - t, result.info,
+                                  result.block is not None))
+        if self.bar is not None:
+            self.bar.update(1)
 
-    def done(i: int, hidden=None) -> None:
+    def done(self, i: int, hidden=None) -> None:
         """The next block's inputs are computed (with the dense quantized weights): pack, write, release,
         then record the progress (after the parts are on disk)."""
-        prefix = f"{arch.blocks}.{i}."
-        to_quant_linears(blocks[i], packed[i], cfg.format)
-        writer.write(part_name(i), stored(checkpoint_tensors(blocks[i], dtype, prefix)))
-        for name, alt_block in alts.pending.items():  # in case the whole-model check keeps one
+        blocks, writer, prefix = self.src.blocks, self.run.writer, f"{self.arch.blocks}.{i}."
+        to_quant_linears(blocks[i], self.packed[i], self.cfg.format)
+        writer.write(part_name(i), self.stored(checkpoint_tensors(blocks[i], self.dtype, prefix)))
+        for name, alt_block in self.alts.pending.items():  # in case the whole-model check keeps one
             if alt_block is not blocks[i]:
                 alt_block.to("cpu")
-                writer.write(part_name(i, name), stored(checkpoint_tensors(alt_block, dtype, prefix)))
-            alts.written[name][i] = True
-        alts.pending.clear()
-        packed[i] = {}
-        src.release(i)
-        if not run.due(i + 1, len(blocks)):
-            return
-        state = {f"artifact.{k}": v for k, v in artifacts.items()}
-        if calib_ids is not None:
-            state[resume.CALIB_IDS] = calib_ids
-        state.update(alts.state())
+                writer.write(part_name(i, name), self.stored(checkpoint_tensors(alt_block, self.dtype, prefix)))
+            self.alts.written[name][i] = True
+        self.alts.pending.clear()
+        self.packed[i] = {}
+        self.src.release(i)
+        if self.run.due(i + 1, len(blocks)):
+            self.save_progress(i + 1, hidden)
+
+    def save_progress(self, blocks_done: int, hidden) -> None:
+        """The progress record after ``blocks_done`` blocks (:mod:`quant.resume`): the rows, AWQ's artifacts, the
+        calibration windows, the alternatives and the next block's inputs (``hidden``, where given)."""
+        state = {f"artifact.{k}": v for k, v in self.artifacts.items()}
+        if self.calib_ids is not None:
+            state[resume.CALIB_IDS] = self.calib_ids
+        state.update(self.alts.state())
         for s_i, part in enumerate(hidden or []):
             state.update({f"hidden.{s_i}.{j}": h.cpu() for j, h in enumerate(part)})
-        record = {"rows": [asdict(r) for r in rows], "alternatives": alts.written, "kinds": kinds,
-                  "plan": {"quantize": plan.quantize, "skipped": plan.skipped}}
-        run.save(i + 1, record, state)
+        record = {"rows": [asdict(r) for r in self.rows], "alternatives": self.alts.written, "kinds": self.kinds,
+                  "plan": {"quantize": self.plan.quantize, "skipped": self.plan.skipped}}
+        self.run.save(blocks_done, record, state)
 
-    compute_dtype = torch.float32 if dev.type == "cpu" else src.dtype
-    held_out = (*cfg.held_out_split, len(kinds) * cfg.check_windows)
-    loss_grads = LossGradientFiles(src, cfg, calib_ids, held_out, dev, compute_dtype, run.folder / LOSS_GRADIENTS,
-                                   run.start) if LossGradientFiles.wanted(cfg, calib_ids) else None
-    try:
-        if calib_ids is None:
-            for i in range(run.start, len(blocks)):
-                load(i)
-                blocks[i].to(dev)
-                process(i, blocks[i], None)
-                blocks[i].to("cpu")
-                done(i)
-        else:
-            start_hidden = None
-            if run.start:
-                start_hidden = [run.saved_list(f"hidden.{s_i}.") or [] for s_i in range(4)]
-            run_sequential(model, blocks, calib_ids, process, dev, compute_dtype, held_out=held_out,
-                           on_block_done=done, before_block=load, start=run.start, start_hidden=start_hidden,
-                           lead=cfg.awq.judge_windows if cfg.searches_awq else None)
-    except KeyboardInterrupt:
-        if run.finished:
-            log.warning("stopped: %d of %d blocks are finished and kept in %s; run the same command again to "
-                        "continue from there", run.finished, len(blocks), run.folder)
-        else:
-            log.warning("stopped before the first block was finished; nothing is kept")
-        raise
-    finally:  # an error message then starts on its own line
-        bar.close()
-    if loss_grads is not None:  # a stopped run keeps them with its blocks: its resumption reads them
-        shutil.rmtree(loss_grads.folder, ignore_errors=True)
-    parts = [part_name(i) for i in range(len(blocks))]
-    model_check = _check_whole_model(src, cfg, calib_ids, held_out, kinds, alts, rows, parts, run)
-    return rows, artifacts, model_check, parts
+    def run_blocks(self, dev: torch.device, progress: bool) -> None:
+        """Every block from the first one a stopped run did not finish; without calibration windows (RTN) each block
+        alone, else through :func:`calib.runner.run_sequential`. Ctrl-C says what is kept and raises again."""
+        src, cfg, run, blocks = self.src, self.cfg, self.run, self.src.blocks
+        self.bar = tqdm(total=len(blocks), initial=run.start, desc=f"{cfg.method} w{cfg.bits}", unit="block",
+                        disable=not progress)
+        compute_dtype = torch.float32 if dev.type == "cpu" else src.dtype
+        if LossGradientFiles.wanted(cfg, self.calib_ids):
+            self.loss_grads = LossGradientFiles(src, cfg, self.calib_ids, self.held_out, dev, compute_dtype,
+                                                run.folder / LOSS_GRADIENTS, run.start)
+        try:
+            if self.calib_ids is None:
+                for i in range(run.start, len(blocks)):
+                    self.load(i)
+                    blocks[i].to(dev)
+                    self.process(i, blocks[i], None)
+                    blocks[i].to("cpu")
+                    self.done(i)
+            else:
+                start_hidden = None
+                if run.start:
+                    start_hidden = [run.saved_list(f"hidden.{s_i}.") or [] for s_i in range(4)]
+                run_sequential(src.model, blocks, self.calib_ids, self.process, dev, compute_dtype,
+                               held_out=self.held_out, on_block_done=self.done, before_block=self.load,
+                               start=run.start, start_hidden=start_hidden,
+                               lead=cfg.awq.judge_windows if cfg.searches_awq else None)
+        except KeyboardInterrupt:
+            if run.finished:
+                log.warning("stopped: %d of %d blocks are finished and kept in %s; run the same command again to "
+                            "continue from there", run.finished, len(blocks), run.folder)
+            else:
+                log.warning("stopped before the first block was finished; nothing is kept")
+            raise
+        finally:  # an error message then starts on its own line
+            self.bar.close()
+        if self.loss_grads is not None:  # a stopped run keeps them with its blocks: its resumption reads them
+            shutil.rmtree(self.loss_grads.folder, ignore_errors=True)
 
 
 def _check_whole_model(src: SourceModel, cfg, calib_ids, held_out: tuple, kinds: list[str], alts: Alternatives,
