@@ -158,16 +158,17 @@ def main() -> None:
         kind = calib_kind(name, args.calibration)
         # Wikipedia-calibrated rows keep the cache they always had; other calibrations get their own folder.
         cache = Path(args.cache) if kind == "wiki" else Path(args.cache) / f"calib-{kind}"
+        model_dir = str(ensure_model(name))
+        aware = [f"{m}:{g}" for m in methods] + [f"peer-{x}:{g}" for x in peers]
 
         def run_args(seed: int, folder: Path) -> argparse.Namespace:
-            return argparse.Namespace(model=str(ensure_model(name)), calib_data=str(ROOT / "calib/corpus" / BUILTIN_KINDS[kind]),
+            return argparse.Namespace(model=model_dir, calib_data=str(ROOT / "calib/corpus" / BUILTIN_KINDS[kind]),
                                       n_samples=args.n_samples, seqlen=args.seqlen, seed=seed, threads=args.threads,
                                       eval_tokens=args.eval_tokens, cache=str(folder), peer_python=args.peer_python,
                                       fresh=args.fresh)
 
         base = quality.run_all(["fp32", f"rtn:{g}"], list(TEXTS), run_args(0, cache))  # no calibration read
         for seed in seeds:
-            aware = [f"{m}:{g}" for m in methods] + [f"peer-{x}:{g}" for x in peers]
             rows = quality.run_all(aware, list(TEXTS), run_args(seed, cache if seed == 0 else cache / f"seed-{seed}"))
             by_seed[seed][name] = base + rows
             print(f"\n## {name} ({model.family}, w4 {g[2:]}, calibrated on calib/corpus/{BUILTIN_KINDS[kind]}, "
