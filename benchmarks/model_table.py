@@ -45,6 +45,12 @@ def gap_closed(row, rtn, fp, text: str) -> float:
     return (rtn.ppl[text] - row.ppl[text]) / (rtn.ppl[text] - fp.ppl[text])
 
 
+def mean_gap_closed(by_run: dict, method: str) -> float:
+    """``method``'s gap closed averaged over the two texts (the bars' per-model figure); ``by_run``: run name ->
+    quality.Row, with ``fp32`` and ``rtn``."""
+    return sum(gap_closed(by_run[method], by_run["rtn"], by_run["fp32"], t) for t in TEXTS) / len(TEXTS)
+
+
 def calib_kind(name: str, calibration: str) -> str:
     """The built-in kind of text (a key of ``calib.data.BUILTIN_KINDS``) that model ``name`` is calibrated on."""
     return MODELS[name].domain if calibration == "domain" else "wiki"
@@ -66,7 +72,7 @@ def summary(results: dict[str, list], peers: list[str], calibration: str) -> str
                 cells.append("")
                 continue
             gaps = [gap_closed(by_run[m], rtn, fp, t) for t in TEXTS]
-            per_method[m].append(sum(gaps) / len(gaps))
+            per_method[m].append(mean_gap_closed(by_run, m))
             worse = [t for t in TEXTS if by_run[m].ppl[t] > rtn.ppl[t]]
             cells.append(" / ".join(f"{g:.0%}" for g in gaps) + (f" (worse than RTN on {', '.join(worse)})" if worse else ""))
         ours = [by_run[m] for m in METHODS if m in by_run]
@@ -105,8 +111,7 @@ def spread(by_seed: dict[int, dict[str, list]], methods: list[str]) -> str:
         for m in methods:
             if any(m not in by_run[s] for s in seeds):
                 continue
-            means = [sum(gap_closed(by_run[s][m], by_run[s]["rtn"], by_run[s]["fp32"], t) for t in TEXTS) / len(TEXTS)
-                     for s in seeds]
+            means = [mean_gap_closed(by_run[s], m) for s in seeds]
             rows.append([name, m] + [f"{g:.1%}" for g in means]
                         + [f"{sum(means) / len(means):.1%}", f"{max(means) - min(means):.1%}"])
             best = [max(b, g) for b, g in zip(best, means)] if best else means
