@@ -20,9 +20,9 @@ per-block measure weighs. So the pipeline also checks the whole model
 (:func:`check_model`): the next-token loss on the guard windows of the model as
 quantized against each alternative whole model (the all-RTN model, from each block's
 RTN version that the guard keeps; for AWQ+GPTQ also plain GPTQ, without AWQ's scales;
-for AWQ also the models with AWQ's linears in one of the block's modules only, attention or MLP, and RTN's
-in the other, for AWQ+GPTQ the same with plain GPTQ's in the other (:func:`partial_blocks`), so that scales
-and clips that help in one module and hurt in the other are not thrown away whole), carried through the same pass by :class:`Alternatives`. Of those not worse than all-RTN
+for AWQ and GPTQ also the models with the method's linears in one of the block's modules only, attention or MLP,
+and RTN's in the other, for AWQ+GPTQ the same with plain GPTQ's in the other (:func:`partial_blocks`), so that a
+method that helps in one module and hurts in the other is not thrown away whole), carried through the same pass by :class:`Alternatives`. Of those not worse than all-RTN
 on any other kind of text checked, it keeps the one whose loss, averaged over the kinds
 of text (the guard windows' and each checked kind, weighed alike), is lowest: ranked on
 the guard windows alone, the candidate fitted hardest to the calibration text wins by
@@ -217,9 +217,9 @@ def partial_module(name: str, label: str) -> str | None:
     return name[len(label) + 1:] if name.startswith(f"{label}{PARTIAL}") else None
 
 
-# The model each method's one-module candidates take their other modules from: AWQ's scales are weighed against
-# RTN (AWQ alone) or against plain GPTQ (AWQ+GPTQ, whose other candidate is plain GPTQ); GPTQ alone has none.
-PARTIAL_BASE = {"awq": "rtn", "gptq+awq": "gptq"}
+# The model each method's one-module candidates take their other modules from: AWQ's and GPTQ's are weighed against
+# RTN, AWQ+GPTQ's against plain GPTQ (its other candidate).
+PARTIAL_BASE = {"awq": "rtn", "gptq": "rtn", "gptq+awq": "gptq"}
 
 
 def describe(name: str, label: str) -> str:
@@ -233,8 +233,8 @@ def describe(name: str, label: str) -> str:
 
 
 def partial_blocks(ctx: BlockContext, result: BlockResult, base: nn.Module, rtn_block: nn.Module) -> dict[str, nn.Module]:
-    """The method's block with one module's linears the method's and the others' ``base``'s (RTN's for AWQ, plain
-    GPTQ's for AWQ+GPTQ: :data:`PARTIAL_BASE`), one per module of the block (:func:`modules_of`; none where the
+    """The method's block with one module's linears the method's and the others' ``base``'s (RTN's for AWQ and GPTQ,
+    plain GPTQ's for AWQ+GPTQ: :data:`PARTIAL_BASE`), one per module of the block (:func:`modules_of`; none where the
     block has one module): the whole-model check's candidates between the method's model and the base model. The
     method's error is not spread evenly: on Qwen2.5-Coder-0.5B calibrated on Python, AWQ in attention alone closed
     7% / 15% of the RTN gap on Wikipedia / code, AWQ in both modules −8% / 20% (worse than RTN on Wikipedia, so the
@@ -246,7 +246,7 @@ def partial_blocks(ctx: BlockContext, result: BlockResult, base: nn.Module, rtn_
     into a producer outside them (a norm, a router that reads it), that producer and those consumers copied
     from the method's block, so that the block computes the method's module exactly. Where the guard kept RTN for
     the block (the method's model has ``rtn_block`` there), every candidate's block is ``rtn_block``.
-    Returns ``{}`` (no candidates for this block) where a scaling group spans two modules."""
+    Returns ``{}`` (no candidates for this block) where an AWQ scaling group spans two modules."""
     parts = modules_of(ctx.names)
     if len(parts) < 2:
         return {}
@@ -255,7 +255,8 @@ def partial_blocks(ctx: BlockContext, result: BlockResult, base: nn.Module, rtn_
     from quant.awq.fold import block_groups, module_or_none
 
     owner = {}  # every module a scale reaches (its producer, its consumers) -> the block's module it belongs to
-    for g in block_groups(ctx.block, ctx.arch):
+    scaled = ctx.cfg.saves_search  # AWQ folded scales into producers; plain GPTQ changed the linears only
+    for g in block_groups(ctx.block, ctx.arch) if scaled else ():
         within = set(map(module_of, g.linears)) | ({module_of(g.prev)} if g.kind != "norm" else set())
         if len(within) != 1:
             return {}

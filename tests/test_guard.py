@@ -179,9 +179,13 @@ def test_gptq_made_worse_on_purpose_falls_back_to_rtn(tmp_path, monkeypatch, awq
     assert all(torch.equal(v, _packed(tmp_path / "rtn")[k]) for k, v in _packed(tmp_path / "g").items())
 
 
-def test_gptq_that_beats_rtn_keeps_its_blocks(tmp_path):
+def test_gptq_that_beats_rtn_keeps_its_blocks(tmp_path, monkeypatch):
     src = save_tiny_model("qwen2", tmp_path / "src")
+    # every whole model scores alike, so the check keeps the method's own model: only the blocks' guard decides
+    monkeypatch.setattr(guard_module, "window_nlls",
+                        lambda model, blocks, batches, finals: [1.0] * sum(map(len, batches)))
     report = quant.quantize(src, tmp_path / "g", method="gptq", **dict(OPTS, n_samples=16))
+    assert report.model_check["kept"] == "gptq"
     for b in report.blocks:
         kept_gptq = float(b.info["held-out err"]) <= float(b.info["rtn held-out err"])
         assert b.info["kept"] == ("gptq" if kept_gptq else "rtn") and b.rtn_fallback == (not kept_gptq)
@@ -514,7 +518,7 @@ def test_the_whole_model_check_keeps_a_method_that_wins_and_the_cli_reports_it(t
 
     check = json.loads((tmp_path / "g" / "qtool.json").read_text())["qtool"]["report"]["model_check"]
     assert check["kept"] == ("gptq" if check["nll"] <= check["rtn_nll"] else "rtn")
-    assert list(check["alternatives"]) == ["rtn"]  # plain GPTQ has no other alternative
+    assert list(check["alternatives"]) == ["gptq@self_attn", "gptq@mlp", "rtn"]
     assert f"{check['nll']:.4f} (gptq) vs {check['rtn_nll']:.4f} (all-RTN)" in res.output
 
 
@@ -614,7 +618,8 @@ def test_awq_gptq_whose_scales_hurt_the_model_keeps_plain_gptq(tmp_path, monkeyp
     real_nll = guard_module.window_nlls
     monkeypatch.setattr(guard_module, "window_nlls", lambda model, blocks, batches, finals: [0.0] * sum(map(len, batches)))
     plain = quant.quantize(src, tmp_path / "plain", **cfg)
-    assert list(plain.model_check["alternatives"]) == ["rtn"] and plain.model_check["kept"] == "gptq"
+    assert list(plain.model_check["alternatives"]) == ["gptq@self_attn", "gptq@mlp", "rtn"]
+    assert plain.model_check["kept"] == "gptq"
     # Scored for AWQ+GPTQ, then its alternatives: plain GPTQ (made to win), AWQ+GPTQ in attention only and in the
     # MLP only (plain GPTQ elsewhere), all-RTN.
     monkeypatch.setattr(guard_module, "window_nlls", real_nll)
@@ -705,6 +710,41 @@ def test_awq_gptq_kept_in_one_module_is_awq_gptqs_there_and_plain_gptqs_elsewher
     model = quant.load(dirs["gptq+awq@mlp"], dtype=torch.float32)
     want = held_out_nll(model, model.model.layers, list(model.model.layers), guard_ids, batch_size=8)
     assert abs(seen[3] - want) < 1e-5 * max(1.0, abs(want))
+
+
+def test_gptq_kept_in_one_module_is_gptqs_there_and_rtns_elsewhere(tmp_path, monkeypatch):
+    """Plain GPTQ gets the one-module candidates too: where the whole-model check keeps GPTQ in the MLP only, each
+    block's MLP is GPTQ's own model's, bit for bit, and its attention RTN's (the norms untouched: GPTQ folds no
+    scale); the summary says so, and the loss the check streamed for it is that of the checkpoint written, loaded
+    and scored from scratch."""
+    from cli.report import _guard_rows
+    from quant.pipeline import _calibration_ids
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    cfg = dict(OPTS, method="gptq", n_samples=8)
+    for winner, name in ((1, "gptq"), (3, "gptq@mlp")):  # scored: gptq, gptq@self_attn, gptq@mlp, all-RTN
+        seen = _rig_losses(monkeypatch, (lambda w: lambda k: -1.0 if k == w else 0.0)(winner))
+        monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps GPTQ
+        report = quant.quantize(src, tmp_path / name, **cfg)
+        monkeypatch.undo()
+        assert len(seen) == 4 and report.model_check["kept"] == name
+    quant.quantize(src, tmp_path / "rtn", method="rtn", **{k: v for k, v in cfg.items() if k != "method"})
+    for i in range(len(report.blocks)):
+        got, own, rtn = (_block_tensors(tmp_path / d, i) for d in ("gptq@mlp", "gptq", "rtn"))
+        assert got.keys() == own.keys() == rtn.keys()
+        for k, v in got.items():
+            assert torch.equal(v, own[k] if k.split(".")[3] == "mlp" else rtn[k]), k
+        assert any(not torch.equal(own[k], rtn[k]) for k in got if ".mlp." in k)
+        assert any(not torch.equal(own[k], rtn[k]) for k in got if ".self_attn." in k)
+    assert all(b.info["kept"] == "gptq@mlp (whole model)" for b in report.blocks)
+    verdict = dict(_guard_rows(report))["held-out loss of the whole model"]
+    assert verdict.endswith("gptq in mlp, RTN elsewhere, kept (the whole model scored better with it)")
+    assert not (tmp_path / "gptq@mlp" / SEARCH_FILE).exists()
+    qcfg = QuantConfig(**{k: v for k, v in cfg.items() if k != "progress"})
+    guard_ids = _calibration_ids(src, qcfg, False)[0][-qcfg.held_out_split[1]:]
+    model = quant.load(tmp_path / "gptq@mlp", dtype=torch.float32)
+    want = held_out_nll(model, model.model.layers, list(model.model.layers), guard_ids, batch_size=8)
+    assert abs(seen[2] - want) < 1e-5 * max(1.0, abs(want))
 
 
 def _own_calibration_text(path):
