@@ -17,7 +17,7 @@ from calib.gradients import LossGradientFiles
 from calib.runner import BlockInputs, run_sequential
 from quant import resume
 from quant.checkpoint import checkpoint_tensors
-from quant.guard import FALLBACK_KEY, Alternatives, check_model, rtn_guard
+from quant.guard import FALLBACK_KEY, Alternatives, check_model, partial_module, rtn_guard
 from quant.layers import to_quant_linears
 from quant.methods import BlockContext, BlockResult, get_method
 from quant.shards import ShardWriter
@@ -203,7 +203,10 @@ def _check_whole_model(src: SourceModel, cfg, calib_ids, held_out: tuple, kinds:
     only alternative); None where it does not run. Where it keeps an alternative, ``parts`` name that
     alternative's version of each block that has one, and ``rows`` say which model each block comes from."""
     candidates = alts.complete()
-    if not candidates or (set(candidates) == {"rtn"} and all(r.rtn_fallback for r in rows)):
+    # Where the guard kept RTN in every block, all-RTN and the one-module candidates (RTN's blocks there) are the
+    # method's model: only another method's model (plain GPTQ beside AWQ+GPTQ) leaves a choice.
+    others = [n for n in candidates if n != "rtn" and partial_module(n, cfg.label) is None]
+    if not candidates or (not others and all(r.rtn_fallback for r in rows)):
         return None
     src.load_outside()
     n_guard, n_check = held_out[1:]  # the windows as run_sequential batched them
@@ -217,12 +220,15 @@ def _check_whole_model(src: SourceModel, cfg, calib_ids, held_out: tuple, kinds:
         raise
     kept = model_check["kept"]
     if kept != cfg.label:
+        one_module = partial_module(kept, cfg.label) is not None
         for i, r in enumerate(rows):
             if run.writer.has(part_name(i, kept)):  # else the method's own block is that alternative's
                 parts[i] = part_name(i, kept)
-            was_rtn = r.info.get(FALLBACK_KEY) == "rtn" and kept == "rtn"
-            r.rtn_fallback = kept == "rtn"
-            r.info[FALLBACK_KEY] = kept if was_rtn else f"{kept} (whole model)"
+            # the block's own guard kept RTN, and so does the kept model there (all-RTN, or a one-module candidate,
+            # whose block is RTN's where the guard kept RTN): the row says the block's guard chose it
+            guard_rtn = r.info.get(FALLBACK_KEY) == "rtn" and (kept == "rtn" or one_module)
+            r.rtn_fallback = kept == "rtn" or guard_rtn
+            r.info[FALLBACK_KEY] = "rtn" if guard_rtn else f"{kept} (whole model)"
     return model_check
 
 

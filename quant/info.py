@@ -78,7 +78,9 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         method = report.get("method") or made.get("config", {}).get("method")  # AWQ+GPTQ: "gptq+awq"
         chosen = (report.get("model_check") or {}).get("kept")
         if method and chosen and chosen != method:
-            method += f" (the whole-model check kept {'all-RTN' if chosen == 'rtn' else chosen})"
+            from quant.guard import describe
+
+            method += f" (the whole-model check kept {describe(chosen, method)})"
     return CheckpointInfo(
         path=str(path), model_type=config.get("model_type", "?"), fmt=spec.format.name,
         bits=spec.bits, group_size=spec.group_size, sym=sym, act_order=spec.act_order, n_quantized=n_quantized, skipped=kept or list(spec.skipped),

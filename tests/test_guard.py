@@ -137,6 +137,7 @@ def test_awq_made_worse_on_purpose_falls_back_to_rtn_and_says_so(tmp_path, monke
 
     report = quant.quantize(src, tmp_path / "on", method="awq", awq=awq, **OPTS)
     assert all(b.rtn_fallback for b in report.blocks)
+    assert report.model_check is None  # every candidate is the all-RTN model: nothing for the check to choose
     for b in report.blocks:
         assert b.info["kept"] == "rtn"
         assert float(b.info["held-out err"]) > float(b.info["rtn held-out err"])
@@ -174,6 +175,8 @@ def test_gptq_made_worse_on_purpose_falls_back_to_rtn(tmp_path, monkeypatch, awq
     cfg = dict(OPTS, method="gptq", sym=False, fmt="gptq")
     report = quant.quantize(src, tmp_path / "g", gptq=replace(quant.GPTQOptions(), awq_first=awq_first), **cfg)
     assert all(b.rtn_fallback and b.info["kept"] == "rtn" for b in report.blocks)
+    # every candidate of plain GPTQ is then the all-RTN model: no whole-model check; AWQ+GPTQ's plain GPTQ is another
+    assert (report.model_check is None) == (not awq_first)
     rtn = quant.quantize(src, tmp_path / "rtn", **dict(cfg, method="rtn"))
     assert not any(b.rtn_fallback for b in rtn.blocks)
     assert all(torch.equal(v, _packed(tmp_path / "rtn")[k]) for k, v in _packed(tmp_path / "g").items())
@@ -517,9 +520,14 @@ def test_the_whole_model_check_keeps_a_method_that_wins_and_the_cli_reports_it(t
     import json
 
     check = json.loads((tmp_path / "g" / "qtool.json").read_text())["qtool"]["report"]["model_check"]
-    assert check["kept"] == ("gptq" if check["nll"] <= check["rtn_nll"] else "rtn")
-    assert list(check["alternatives"]) == ["gptq@self_attn", "gptq@mlp", "rtn"]
-    assert f"{check['nll']:.4f} (gptq) vs {check['rtn_nll']:.4f} (all-RTN)" in res.output
+    losses = {"gptq": check["nll"], **check["alternatives"]}
+    assert list(losses) == ["gptq", "gptq@self_attn", "gptq@mlp", "rtn"]
+    assert check["kept"] == min(losses, key=lambda k: (losses[k], k != "gptq"))  # the method's model on a tie
+    from cli.report import _losses  # as many decimals as tell the losses apart
+
+    named = dict(zip(["gptq", "gptq in self_attn, RTN elsewhere", "gptq in mlp, RTN elsewhere", "all-RTN"],
+                     losses.values()))
+    assert _losses(named) in res.output
 
 
 def _awq_kept_by_the_check(src, out, monkeypatch, winner: int, **awq):
@@ -739,12 +747,44 @@ def test_gptq_kept_in_one_module_is_gptqs_there_and_rtns_elsewhere(tmp_path, mon
     assert all(b.info["kept"] == "gptq@mlp (whole model)" for b in report.blocks)
     verdict = dict(_guard_rows(report))["held-out loss of the whole model"]
     assert verdict.endswith("gptq in mlp, RTN elsewhere, kept (the whole model scored better with it)")
+    from quant.info import checkpoint_info  # `qtool info`'s "made by" names the kept model in words too
+
+    assert checkpoint_info(tmp_path / "gptq@mlp").method == "gptq (the whole-model check kept gptq in mlp, RTN elsewhere)"
     assert not (tmp_path / "gptq@mlp" / SEARCH_FILE).exists()
     qcfg = QuantConfig(**{k: v for k, v in cfg.items() if k != "progress"})
     guard_ids = _calibration_ids(src, qcfg, False)[0][-qcfg.held_out_split[1]:]
     model = quant.load(tmp_path / "gptq@mlp", dtype=torch.float32)
     want = held_out_nll(model, model.model.layers, list(model.model.layers), guard_ids, batch_size=8)
     assert abs(seen[2] - want) < 1e-5 * max(1.0, abs(want))
+
+
+def test_a_one_module_candidate_kept_leaves_the_blocks_its_guard_kept_at_rtn_said_so(tmp_path, monkeypatch):
+    """Where the whole-model check keeps GPTQ in the MLP only and block 0's own guard kept RTN, block 0 is RTN's in
+    the checkpoint and its row says so (kept "rtn", an RTN fallback); block 1 is GPTQ's MLP with RTN's attention."""
+    from cli.report import _guard_rows
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    cfg = dict(OPTS, method="gptq", n_samples=8)
+    calls = []
+
+    def errors(outs, refs):  # per block: RTN's error, then the method's; block 0's method loses, block 1's wins
+        calls.append(None)
+        block, second = divmod(len(calls) - 1, 2)
+        return (1.0 if second else 0.0) if block == 0 else (0.0 if second else 1.0)
+
+    monkeypatch.setattr(guard_module, "relative_error", errors)
+    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == 3 else 0.0)  # gptq, gptq@self_attn, gptq@mlp, all-RTN
+    report = quant.quantize(src, tmp_path / "g", **cfg)
+    monkeypatch.undo()
+    assert len(seen) == 4 and report.model_check["kept"] == "gptq@mlp"
+    assert [(b.rtn_fallback, b.info["kept"]) for b in report.blocks] == [(True, "rtn"), (False, "gptq@mlp (whole model)")]
+    assert dict(_guard_rows(report))["blocks kept at RTN (closer on held-out windows)"] == "1 of 2 (block 0)"
+    quant.quantize(src, tmp_path / "rtn", method="rtn", **{k: v for k, v in cfg.items() if k != "method"})
+    got, rtn = _block_tensors(tmp_path / "g", 0), _block_tensors(tmp_path / "rtn", 0)
+    assert got.keys() == rtn.keys() and all(torch.equal(v, rtn[k]) for k, v in got.items())
+    got, rtn = _block_tensors(tmp_path / "g", 1), _block_tensors(tmp_path / "rtn", 1)
+    assert all(torch.equal(v, rtn[k]) for k, v in got.items() if ".mlp." not in k)
+    assert any(not torch.equal(v, rtn[k]) for k, v in got.items() if ".mlp." in k)
 
 
 def _own_calibration_text(path):
