@@ -813,15 +813,16 @@ def test_a_method_worse_than_rtn_on_another_kind_of_text_is_not_kept(tmp_path, m
     assert kinds == ["wiki", "fiction", "code"] and len(ids) == 4 + 16 + 3 * 2
     code_windows = range(16 + 2 * 2, 16 + 3 * 2)  # the guard windows, then two windows per kind
 
-    _rig_losses(monkeypatch, lambda k, j: 0.0 if k != 1 else (1.0 if j in code_windows else -1.0))
+    # scored: GPTQ's model (worse than RTN on code only), its two one-module candidates (worse everywhere), all-RTN
+    _rig_losses(monkeypatch, lambda k, j: {1: 1.0 if j in code_windows else -1.0, 2: 1.0, 3: 1.0}.get(k, 0.0))
     res = CliRunner().invoke(app, [*args, "-o", str(tmp_path / "g")])
     assert res.exit_code == 0, res.output
     import json
 
     check = json.loads((tmp_path / "g" / "qtool.json").read_text())["qtool"]["report"]["model_check"]
-    assert check["kept"] == "rtn" and check["worse_than_rtn"] == {"gptq": ["code"]}
+    assert check["kept"] == "rtn" and check["worse_than_rtn"]["gptq"] == ["code"]
     assert check["nll"] < check["rtn_nll"]  # better on the calibration text's guard windows, and still not kept
-    assert list(check["kinds"]) == kinds and all(set(v) == {"gptq", "rtn"} for v in check["kinds"].values())
+    assert list(check["kinds"]) == kinds and all(set(v) == {"gptq", "gptq@self_attn", "gptq@mlp", "rtn"} for v in check["kinds"].values())
     assert "RTN kept for every block (gptq is worse than all-RTN on code text)" in res.output
     assert "on built-in code text" in res.output
     quant.quantize(src, tmp_path / "rtn", method="rtn", **OPTS)
@@ -831,7 +832,8 @@ def test_a_method_worse_than_rtn_on_another_kind_of_text_is_not_kept(tmp_path, m
     res = CliRunner().invoke(app, [*args[:-4], "--check-windows", "0", "--dtype", "float32", "-o", str(tmp_path / "g0")])
     assert res.exit_code == 0, res.output
     check = json.loads((tmp_path / "g0" / "qtool.json").read_text())["qtool"]["report"]["model_check"]
-    assert check["kept"] == "gptq" and check["kinds"] == {}
+    losses = {"gptq": check["nll"], **check["alternatives"]}  # without check windows: the guard windows' losses decide
+    assert check["kinds"] == {} and check["kept"] == min(losses, key=lambda k: (losses[k], k != "gptq")) != "rtn"
 
 
 def test_the_check_windows_change_nothing_but_the_check_and_are_scored_as_the_checkpoints_score(tmp_path,
@@ -844,9 +846,10 @@ def test_the_check_windows_change_nothing_but_the_check_and_are_scored_as_the_ch
     src = save_tiny_model("qwen2", tmp_path / "src")
     calib = str(_own_calibration_text(tmp_path / "calib.txt"))
     opts = dict(OPTS, method="gptq", calib_data=calib)
-    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k % 2 else 0.0)  # per run: GPTQ's model (wins), then all-RTN
+    # per run: GPTQ's model (wins), its two one-module candidates, all-RTN
+    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k % 4 == 1 else 0.0)
     with_check = quant.quantize(src, tmp_path / "with", check_windows=3, **opts)
-    assert len(seen) == 2 and with_check.model_check["kept"] == "gptq"
+    assert len(seen) == 4 and with_check.model_check["kept"] == "gptq"
     assert quant.quantize(src, tmp_path / "without", check_windows=0, **opts).model_check["kept"] == "gptq"
     want, got = _packed(tmp_path / "without"), _packed(tmp_path / "with")
     assert want.keys() == got.keys() and all(torch.equal(got[k], v) for k, v in want.items())
