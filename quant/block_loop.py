@@ -17,7 +17,7 @@ from calib.gradients import LossGradientFiles
 from calib.runner import BlockInputs, run_sequential
 from quant import resume
 from quant.checkpoint import checkpoint_tensors
-from quant.guard import FALLBACK_KEY, Alternatives, check_model, partial_module, rtn_guard
+from quant.guard import FALLBACK_KEY, Alternatives, check_model, modules_of, partial_module, rtn_guard
 from quant.layers import to_quant_linears
 from quant.methods import BlockContext, BlockResult, get_method
 from quant.shards import ShardWriter
@@ -97,6 +97,7 @@ class BlockLoop:
         self.artifacts = {k[len("artifact."):]: v for k, v in run.tensors.items() if k.startswith("artifact.")}
         self.packed: list[dict] = [{} for _ in src.blocks]  # per block: linear name -> PackedWeight, packed once done
         self.alts = Alternatives(run.record, run.saved_list, len(src.blocks))
+        self.modules = tuple(modules_of(n for names in plan.quantize for n in names))  # the same in every block
         self.held_out = (*cfg.held_out_split, len(kinds) * cfg.check_windows)
         self.loss_grads: LossGradientFiles | None = None
         self.bar = None
@@ -116,7 +117,8 @@ class BlockLoop:
         if self.loss_grads is not None and inputs is not None:  # AWQ judges by the loss: the gradients at this block's output
             inputs.loss = self.loss_grads.for_block(i)
         blocks = self.src.blocks
-        result: BlockResult = self.method(BlockContext(i, block, self.plan.quantize[i], self.cfg, self.arch, inputs))
+        result: BlockResult = self.method(BlockContext(i, block, self.plan.quantize[i], self.cfg, self.arch, inputs,
+                                                       self.modules))
         if result.block is not None:
             blocks[i] = result.block
         self.packed[i] = {n: pw.to("cpu") for n, pw in result.packed.items()}

@@ -255,8 +255,9 @@ class QuantConfig:
         return self.needs_calibration and (self.method == "awq" or self.gptq.awq_first)
 
     @property
-    def saves_search(self) -> bool:
-        """The checkpoint gets :data:`SEARCH_FILE` (AWQ's scales and clips, for ``--apply-search``)."""
+    def folds_scales(self) -> bool:
+        """AWQ's scales are folded into the blocks (``awq``, searched or replayed, or ``gptq`` with ``awq_first``),
+        so the checkpoint gets :data:`SEARCH_FILE` (the scales and clips, for ``--apply-search``)."""
         return self.method == "awq" or (self.method == "gptq" and self.gptq.awq_first)
 
     @property

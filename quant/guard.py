@@ -244,27 +244,32 @@ def partial_blocks(ctx: BlockContext, result: BlockResult, base: nn.Module, rtn_
     Each is the packed ``base`` (new modules sharing its tensors: no memory but the swapped modules') with
     the module's linears packed from ``result.packed`` (with the method's biases) and, where AWQ folded a scale
     into a producer outside them (a norm, a router that reads it), that producer and those consumers copied
-    from the method's block, so that the block computes the method's module exactly. Where the guard kept RTN for
-    the block (the method's model has ``rtn_block`` there), every candidate's block is ``rtn_block``.
-    Returns ``{}`` (no candidates for this block) where an AWQ scaling group spans two modules."""
+    from the method's block, so that the block computes the method's module exactly. The candidates are those of
+    ``ctx.modules`` (the model's, so that every block has each one): where a module has no quantized linear in
+    this block (``--skip``), its candidate's block is ``base``. Where the guard kept RTN for the block (the
+    method's model has ``rtn_block`` there), every candidate's block is ``rtn_block``. Returns ``{}`` (no
+    candidates, logged) where the model has one such module, or where an AWQ scaling group spans two modules."""
     parts = modules_of(ctx.names)
-    if len(parts) < 2:
+    modules = ctx.modules or tuple(parts)
+    if len(modules) < 2:
         return {}
     if result.block is not None:  # the guard kept RTN: so does every candidate, in this block
-        return {partial_name(ctx.cfg.label, m): rtn_block for m in parts}
+        return {partial_name(ctx.cfg.label, m): rtn_block for m in modules}
     from quant.awq.fold import block_groups, module_or_none
 
     owner = {}  # every module a scale reaches (its producer, its consumers) -> the block's module it belongs to
-    scaled = ctx.cfg.saves_search  # AWQ folded scales into producers; plain GPTQ changed the linears only
-    for g in block_groups(ctx.block, ctx.arch) if scaled else ():
+    for g in block_groups(ctx.block, ctx.arch) if ctx.cfg.folds_scales else ():
         within = set(map(module_of, g.linears)) | ({module_of(g.prev)} if g.kind != "norm" else set())
         if len(within) != 1:
+            log.info("block %d: an AWQ scale of %s spans %s, so no model has %s in one module only: the whole-model "
+                     "check weighs none", ctx.index, ", ".join(g.linears), " and ".join(sorted(within)), ctx.cfg.label)
             return {}
         owner.update(dict.fromkeys((g.prev, *g.linears), within.pop()))
     names = set(ctx.names)
     out = {}
-    for module, linears in parts.items():
-        if any(n not in result.packed for n in linears):
+    for module in modules:
+        linears = parts.get(module, [])
+        if not linears or any(n not in result.packed for n in linears):
             out[partial_name(ctx.cfg.label, module)] = base
             continue
         # New modules that share base's tensors: the modules swapped in below are new ones, the rest is base's.

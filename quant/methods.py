@@ -20,7 +20,10 @@ from quant.formats import PackedWeight
 
 @dataclass
 class BlockContext:
-    """What a method sees of one block. ``names`` are the linears to quantize, relative to the block."""
+    """What a method sees of one block. ``names`` are the linears to quantize, relative to the block; ``modules``
+    the block modules that hold quantized linears in any block of the model (``("self_attn", "mlp")``:
+    :func:`quant.guard.modules_of` over the run's plan), which name the whole-model check's one-module candidates
+    in every block alike, also in a block where ``--skip`` left one of them unquantized (empty: this block's own)."""
 
     index: int
     block: nn.Module
@@ -28,6 +31,7 @@ class BlockContext:
     cfg: QuantConfig
     arch: Arch
     inputs: BlockInputs | None  # None for methods that need no calibration
+    modules: tuple[str, ...] = ()
 
 
 @dataclass

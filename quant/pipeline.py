@@ -114,7 +114,7 @@ def quantize(
         src = SourceModel(model_dir, arch.blocks, outside=cfg.needs_calibration)
         settings_known = True  # what the saved search file's header may claim
         # which weights a search is made on (read before any block is quantized in the skeleton)
-        probe = _weight_probe(src, arch.blocks) if cfg.saves_search else None
+        probe = _weight_probe(src, arch.blocks) if cfg.folds_scales else None
         if replay is not None:  # made for this model and these settings, or refused
             from quant.awq import check_search_file
 
@@ -157,7 +157,7 @@ def quantize(
             recorded["calib_data"] = settings["calib_data"]
         meta = {"qtool": {"config": recorded, "report": asdict(report)}}
         write_metadata(cfg, model_dir, tmp, kept, quantized, meta, dtype)
-        if cfg.saves_search:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
+        if cfg.folds_scales:  # even empty (every block kept at RTN): a replay then gives RTN everywhere
             from quant.awq.search_file import search_metadata
 
             # A replay of a file that did not say its settings does not vouch for them either.

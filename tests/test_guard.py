@@ -720,6 +720,18 @@ def test_awq_gptq_kept_in_one_module_is_awq_gptqs_there_and_plain_gptqs_elsewher
     assert abs(seen[3] - want) < 1e-5 * max(1.0, abs(want))
 
 
+def _gptq_keeping(monkeypatch, src, tmp_path, cfg, winner: int, name: str):
+    """Plain GPTQ quantized into ``tmp_path / name`` with every block's guard keeping GPTQ and the whole-model check
+    rigged to keep its ``winner``-th candidate (scored in the order gptq, gptq@self_attn, gptq@mlp, all-RTN), which
+    must be ``name``. Returns the report and the candidates' true losses."""
+    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == winner else 0.0)
+    monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)
+    report = quant.quantize(src, tmp_path / name, **cfg)
+    monkeypatch.undo()
+    assert len(seen) == 4 and report.model_check["kept"] == name
+    return report, seen
+
+
 def test_gptq_kept_in_one_module_is_gptqs_there_and_rtns_elsewhere(tmp_path, monkeypatch):
     """Plain GPTQ gets the one-module candidates too: where the whole-model check keeps GPTQ in the MLP only, each
     block's MLP is GPTQ's own model's, bit for bit, and its attention RTN's (the norms untouched: GPTQ folds no
@@ -730,12 +742,8 @@ def test_gptq_kept_in_one_module_is_gptqs_there_and_rtns_elsewhere(tmp_path, mon
 
     src = save_tiny_model("llama", tmp_path / "src")
     cfg = dict(OPTS, method="gptq", n_samples=8)
-    for winner, name in ((1, "gptq"), (3, "gptq@mlp")):  # scored: gptq, gptq@self_attn, gptq@mlp, all-RTN
-        seen = _rig_losses(monkeypatch, (lambda w: lambda k: -1.0 if k == w else 0.0)(winner))
-        monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: 0.0)  # every block keeps GPTQ
-        report = quant.quantize(src, tmp_path / name, **cfg)
-        monkeypatch.undo()
-        assert len(seen) == 4 and report.model_check["kept"] == name
+    for winner, name in ((1, "gptq"), (3, "gptq@mlp")):
+        report, seen = _gptq_keeping(monkeypatch, src, tmp_path, cfg, winner, name)
     quant.quantize(src, tmp_path / "rtn", method="rtn", **{k: v for k, v in cfg.items() if k != "method"})
     for i in range(len(report.blocks)):
         got, own, rtn = (_block_tensors(tmp_path / d, i) for d in ("gptq@mlp", "gptq", "rtn"))
@@ -785,6 +793,32 @@ def test_a_one_module_candidate_kept_leaves_the_blocks_its_guard_kept_at_rtn_sai
     got, rtn = _block_tensors(tmp_path / "g", 1), _block_tensors(tmp_path / "rtn", 1)
     assert all(torch.equal(v, rtn[k]) for k, v in got.items() if ".mlp." not in k)
     assert any(not torch.equal(v, rtn[k]) for k, v in got.items() if ".mlp." in k)
+
+
+def test_one_module_candidates_are_weighed_where_skip_leaves_a_block_without_that_module(tmp_path, monkeypatch):
+    """``--skip`` of block 1's whole MLP, or of the whole last block, leaves the one-module candidates in the check
+    (they were silently dropped: block 1 had no candidate for them). Kept GPTQ in attention only, block 0 is GPTQ's
+    attention with RTN's MLP, and block 1 GPTQ's own (its MLP is full precision in every candidate); kept GPTQ in
+    the MLP only, block 1 is RTN's (its attention RTN's, its MLP full precision)."""
+    src = save_tiny_model("llama", tmp_path / "src")
+    mlp1 = tuple(f"model.layers.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj"))
+    cfg = dict(OPTS, method="gptq", n_samples=8, skip=mlp1)
+    for winner, name in ((1, "gptq"), (2, "gptq@self_attn"), (3, "gptq@mlp")):
+        _gptq_keeping(monkeypatch, src, tmp_path, cfg, winner, name)
+    quant.quantize(src, tmp_path / "rtn", method="rtn", **{k: v for k, v in cfg.items() if k != "method"})
+    own, rtn = (_block_tensors(tmp_path / "gptq", 0), _block_tensors(tmp_path / "rtn", 0))
+    attn = _block_tensors(tmp_path / "gptq@self_attn", 0)
+    assert all(torch.equal(v, own[k] if ".self_attn." in k else rtn[k]) for k, v in attn.items())
+    assert any(not torch.equal(own[k], rtn[k]) for k in attn if ".mlp." in k)
+    own, rtn = (_block_tensors(tmp_path / "gptq", 1), _block_tensors(tmp_path / "rtn", 1))
+    assert any(not torch.equal(own[k], rtn[k]) for k in own if ".self_attn." in k)
+    assert "model.layers.1.mlp.down_proj.weight" in own  # full precision, as skipped
+    for name, want in (("gptq@self_attn", own), ("gptq@mlp", rtn)):
+        got = _block_tensors(tmp_path / name, 1)
+        assert got.keys() == want.keys() and all(torch.equal(v, want[k]) for k, v in got.items()), name
+    seen = _rig_losses(monkeypatch, lambda k: 0.0)
+    report = quant.quantize(src, tmp_path / "last", **dict(cfg, skip=("model.layers.1",)))
+    assert len(seen) == 4 and set(report.model_check["score"]) == {"gptq", "gptq@self_attn", "gptq@mlp", "rtn"}
 
 
 def _own_calibration_text(path):
