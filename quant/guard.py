@@ -199,8 +199,8 @@ def logits_from_final_hidden(model: nn.Module, blocks: nn.ModuleList, ids: torch
 
 def modules_of(names) -> dict[str, list[str]]:
     """The block's quantized linears (names relative to the block) by the block's module that holds them, its
-    first path component: ``{"self_attn": [q, k, v, o], "mlp": [gate, up, down]}`` (``attention`` and
-    ``feed_forward`` in InternLM2, a MoE block's experts under its ``mlp``)."""
+    first path component: ``{"self_attn": [q, k, v, o], "mlp": [gate, up, down]}`` (InternLM2's ``attention``
+    and ``feed_forward`` are loaded under these names; a MoE block's experts are under its ``mlp``)."""
     by: dict[str, list[str]] = {}
     for n in names:
         by.setdefault(module_of(n), []).append(n)
@@ -338,7 +338,7 @@ def check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor,
     A candidate is eligible where its loss is not above the all-RTN model's on any kind of check text (RTN
     always is); ``kept`` names the eligible one with the lowest ``score``: its loss averaged over the kinds
     of text, the guard windows one kind and each of ``kinds`` another, weighed alike (the guard loss alone
-    where no other kind is checked; the method's on a tie; a NaN loss is never kept). Returns
+    where no other kind is checked; on a tie the method's, then all-RTN; a NaN loss is never kept). Returns
     ``{"method": label, "nll": the method's guard loss, "alternatives": {name: guard loss}, "rtn_nll":
     all-RTN's, "kinds": {kind: {candidate: loss}}, "score": {candidate: mean over kinds},
     "worse_than_rtn": {candidate: [kinds]}, "kept": name}``; losses in nats per token.
@@ -356,9 +356,11 @@ def check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor,
              for name in candidates if name != "rtn" and "rtn" in candidates}
     score = {name: _mean([loss, *(by_kind[kind][name] for kind in kinds)]) for name, loss in guard.items()}
     kept, best = cfg.label, math.inf
-    for name, loss in score.items():  # the method's first: an alternative must be strictly lower
-        if not worse.get(name) and loss < best:
-            kept, best = name, loss
+    # The method's first, then all-RTN: an alternative must be strictly lower, so that a candidate equal to one of
+    # them (a one-module candidate whose module is RTN's in every block) is not kept and reported as another model.
+    for name in sorted(score, key=lambda n: (n != cfg.label, n != "rtn")):
+        if not worse.get(name) and score[name] < best:
+            kept, best = name, score[name]
     if math.isinf(best):  # every candidate NaN or worse than RTN somewhere, and no RTN model to fall back on
         kept = cfg.label
     log.info("whole-model check on %d held-out windows: loss %s; %s: keeping %s (%.1f s)", n_guard,

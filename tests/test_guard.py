@@ -766,6 +766,19 @@ def test_gptq_kept_in_one_module_is_gptqs_there_and_rtns_elsewhere(tmp_path, mon
     assert abs(seen[2] - want) < 1e-5 * max(1.0, abs(want))
 
 
+def _guard_keeps_rtn_in_block_0(monkeypatch):
+    """The RTN guard rigged for a two-block model: block 0's method is farther from the full-precision block than
+    RTN (RTN kept), block 1's closer (the method kept)."""
+    calls = []
+
+    def errors(outs, refs):  # per block: RTN's error, then the method's
+        calls.append(None)
+        block, second = divmod(len(calls) - 1, 2)
+        return (1.0 if second else 0.0) if block == 0 else (0.0 if second else 1.0)
+
+    monkeypatch.setattr(guard_module, "relative_error", errors)
+
+
 def test_a_one_module_candidate_kept_leaves_the_blocks_its_guard_kept_at_rtn_said_so(tmp_path, monkeypatch):
     """Where the whole-model check keeps GPTQ in the MLP only and block 0's own guard kept RTN, block 0 is RTN's in
     the checkpoint and its row says so (kept "rtn", an RTN fallback); block 1 is GPTQ's MLP with RTN's attention."""
@@ -773,14 +786,7 @@ def test_a_one_module_candidate_kept_leaves_the_blocks_its_guard_kept_at_rtn_sai
 
     src = save_tiny_model("llama", tmp_path / "src")
     cfg = dict(OPTS, method="gptq", n_samples=8)
-    calls = []
-
-    def errors(outs, refs):  # per block: RTN's error, then the method's; block 0's method loses, block 1's wins
-        calls.append(None)
-        block, second = divmod(len(calls) - 1, 2)
-        return (1.0 if second else 0.0) if block == 0 else (0.0 if second else 1.0)
-
-    monkeypatch.setattr(guard_module, "relative_error", errors)
+    _guard_keeps_rtn_in_block_0(monkeypatch)
     seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == 3 else 0.0)  # gptq, gptq@self_attn, gptq@mlp, all-RTN
     report = quant.quantize(src, tmp_path / "g", **cfg)
     monkeypatch.undo()
@@ -819,6 +825,33 @@ def test_one_module_candidates_are_weighed_where_skip_leaves_a_block_without_tha
     seen = _rig_losses(monkeypatch, lambda k: 0.0)
     report = quant.quantize(src, tmp_path / "last", **dict(cfg, skip=("model.layers.1",)))
     assert len(seen) == 4 and set(report.model_check["score"]) == {"gptq", "gptq@self_attn", "gptq@mlp", "rtn"}
+
+
+def test_a_one_module_candidate_equal_to_all_rtn_is_not_kept_in_its_place(tmp_path, monkeypatch):
+    """Block 0's guard keeps RTN and block 1's MLP is skipped, so GPTQ-in-the-MLP-only is the all-RTN model block for
+    block: the two score alike, and the check keeps (and reports) all-RTN, not a model said to hold GPTQ's MLP."""
+    src = save_tiny_model("llama", tmp_path / "src")
+    mlp1 = tuple(f"model.layers.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj"))
+    _guard_keeps_rtn_in_block_0(monkeypatch)
+    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k >= 3 else 0.0)  # gptq, @self_attn, @mlp, all-RTN
+    report = quant.quantize(src, tmp_path / "g", **dict(OPTS, method="gptq", n_samples=8, skip=mlp1))
+    assert len(seen) == 4 and seen[2] == seen[3]
+    assert report.model_check["kept"] == "rtn" and all(b.rtn_fallback for b in report.blocks)
+
+
+def test_a_whole_block_skipped_stays_full_precision_under_awq_and_awq_gptq(tmp_path):
+    """``--skip`` of a whole block with AWQ's search (AWQ, AWQ+GPTQ): the run completes (the clip test's loss
+    gradients had no linear to probe in that block) and the block is the source's, bit for bit."""
+    from quant.config import GPTQOptions
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    want = _block_tensors(src, 1)
+    for name, extra in (("awq", {}), ("gptq+awq", {"method": "gptq", "gptq": GPTQOptions(awq_first=True)})):
+        report = quant.quantize(src, tmp_path / name, **{**OPTS, "method": "awq", "n_samples": 8,
+                                                         "skip": ("model.layers.1",), **extra})
+        got = _block_tensors(tmp_path / name, 1)
+        assert report.blocks[1].n_linears == 0 and got.keys() == want.keys(), name
+        assert all(torch.equal(v, want[k].to(v.dtype)) for k, v in got.items()), name
 
 
 def _own_calibration_text(path):

@@ -329,6 +329,8 @@ def _accept_clips(block: nn.Module, groups, names: list[str], weights: dict, cli
     """The clips that lower what their judge module's output error costs on held-out ``calls``, tried one linear
     at a time: the loss change where ``at_output`` (the loss gradients at the block's output on ``calls``) is
     given, else the squared error."""
+    if not names:  # a block --skip left unquantized: nothing to judge (the loss gradients need a probe)
+        return {}
     by_judge: dict[str, list[str]] = {}
     for n in names:
         by_judge.setdefault(judge_of(groups, n), []).append(n)
