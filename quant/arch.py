@@ -209,8 +209,10 @@ def has_native_class(model_type: str) -> bool:
 
 def module_of(name: str) -> str:
     """The block's module that holds ``name`` (a path relative to the block): its first component,
-    ``"self_attn"`` for ``"self_attn.q_proj"``, ``"mlp"`` for ``"mlp.experts.3.up_proj"``."""
-    return name.partition(".")[0]
+    ``"self_attn"`` for ``"self_attn.q_proj"``, ``"mlp"`` for ``"mlp.experts.3.up_proj"``; ``"mlp"`` also for a
+    linear held by the block itself, which is its feed-forward (OPT's ``fc1`` and ``fc2``)."""
+    first, dot, _ = name.partition(".")
+    return first if dot else "mlp"
 
 
 def blocks_of(model, arch: Arch):

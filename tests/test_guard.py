@@ -854,6 +854,26 @@ def test_a_whole_block_skipped_stays_full_precision_under_awq_and_awq_gptq(tmp_p
         assert all(torch.equal(v, want[k].to(v.dtype)) for k, v in got.items()), name
 
 
+def test_opts_fc1_and_fc2_are_its_mlp_in_the_one_module_candidates(tmp_path, monkeypatch):
+    """OPT's block holds fc1 and fc2 itself: they are one module, its MLP, so AWQ (whose fc1 -> fc2 scale stays
+    inside it) gets the one-module candidates (it got none: the scale "spanned" fc1 and fc2), and the kept
+    ``awq@mlp`` model scored in the check is the checkpoint written, loaded and scored from scratch."""
+    from quant.pipeline import _calibration_ids
+
+    src = save_tiny_model("opt", tmp_path / "src")
+    cfg = dict(OPTS, method="awq", n_samples=8)
+    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == 3 else 0.0)  # awq, awq@self_attn, awq@mlp, all-RTN
+    report = quant.quantize(src, tmp_path / "a", **cfg)
+    monkeypatch.undo()
+    assert set(report.model_check["score"]) == {"awq", "awq@self_attn", "awq@mlp", "rtn"}
+    assert report.model_check["kept"] == "awq@mlp"
+    qcfg = QuantConfig(**{k: v for k, v in cfg.items() if k != "progress"})
+    guard_ids = _calibration_ids(src, qcfg, False)[0][-qcfg.held_out_split[1]:]
+    model = quant.load(tmp_path / "a", dtype=torch.float32)
+    want = held_out_nll(model, model.model.decoder.layers, list(model.model.decoder.layers), guard_ids, batch_size=8)
+    assert abs(seen[2] - want) < 1e-5 * max(1.0, abs(want))
+
+
 def _own_calibration_text(path):
     """A calibration text that shares no paragraph with the built-in corpus: every built-in kind is checked."""
     import random
