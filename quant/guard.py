@@ -248,7 +248,7 @@ def partial_blocks(ctx: BlockContext, result: BlockResult, base: nn.Module, rtn_
     ``ctx.modules`` (the model's, so that every block has each one): where a module has no quantized linear in
     this block (``--skip``), its candidate's block is ``base``. Where the guard kept RTN for the block (the
     method's model has ``rtn_block`` there), every candidate's block is ``rtn_block``. Returns ``{}`` (no
-    candidates, logged) where the model has one such module, or where an AWQ scaling group spans two modules."""
+    candidates) where the model has one such module, or (logged) where an AWQ scaling group spans two modules."""
     parts = modules_of(ctx.names)
     modules = ctx.modules or tuple(parts)
     if len(modules) < 2:

@@ -26,6 +26,7 @@ from quant.methods import BlockContext
 
 torch.set_num_threads(2)
 OPTS = dict(bits=4, group_size=32, n_samples=4, seqlen=32, dtype="float32", progress=False)
+BLOCK_1_MLP = tuple(f"model.layers.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj"))  # a --skip
 
 
 def _mlp_block_with_dead_rows(seed: int):
@@ -807,8 +808,7 @@ def test_one_module_candidates_are_weighed_where_skip_leaves_a_block_without_tha
     attention with RTN's MLP, and block 1 GPTQ's own (its MLP is full precision in every candidate); kept GPTQ in
     the MLP only, block 1 is RTN's (its attention RTN's, its MLP full precision)."""
     src = save_tiny_model("llama", tmp_path / "src")
-    mlp1 = tuple(f"model.layers.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj"))
-    cfg = dict(OPTS, method="gptq", n_samples=8, skip=mlp1)
+    cfg = dict(OPTS, method="gptq", n_samples=8, skip=BLOCK_1_MLP)
     for winner, name in ((1, "gptq"), (2, "gptq@self_attn"), (3, "gptq@mlp")):
         _gptq_keeping(monkeypatch, src, tmp_path, cfg, winner, name)
     quant.quantize(src, tmp_path / "rtn", method="rtn", **{k: v for k, v in cfg.items() if k != "method"})
@@ -831,10 +831,9 @@ def test_a_one_module_candidate_equal_to_all_rtn_is_not_kept_in_its_place(tmp_pa
     """Block 0's guard keeps RTN and block 1's MLP is skipped, so GPTQ-in-the-MLP-only is the all-RTN model block for
     block: the two score alike, and the check keeps (and reports) all-RTN, not a model said to hold GPTQ's MLP."""
     src = save_tiny_model("llama", tmp_path / "src")
-    mlp1 = tuple(f"model.layers.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj"))
     _guard_keeps_rtn_in_block_0(monkeypatch)
     seen = _rig_losses(monkeypatch, lambda k: -1.0 if k >= 3 else 0.0)  # gptq, @self_attn, @mlp, all-RTN
-    report = quant.quantize(src, tmp_path / "g", **dict(OPTS, method="gptq", n_samples=8, skip=mlp1))
+    report = quant.quantize(src, tmp_path / "g", **dict(OPTS, method="gptq", n_samples=8, skip=BLOCK_1_MLP))
     assert len(seen) == 4 and seen[2] == seen[3]
     assert report.model_check["kept"] == "rtn" and all(b.rtn_fallback for b in report.blocks)
 
