@@ -86,7 +86,7 @@ def _guard_rows(r) -> list[list]:
     if not any("held-out err" in b.info for b in r.blocks):
         return [[label, "not checked (--held-out 0)"]] if r.guarded is False else []
     check = getattr(r, "model_check", None)
-    # a block's own verdict is "rtn"; "rtn (whole model)" where only the whole-model check chose RTN
+    # a block's own verdict is "rtn"; "rtn (whole model...)" where only the whole-model check chose RTN
     fell_back = [b.index for b in r.blocks if b.info.get(FALLBACK_KEY) == "rtn"]
     which = f" (block{'s' if len(fell_back) > 1 else ''} {', '.join(map(str, fell_back))})" if fell_back else ""
     rows = [[label, f"{len(fell_back)} of {len(r.blocks)}{which}"]]

@@ -17,7 +17,7 @@ from calib.gradients import LossGradientFiles
 from calib.runner import BlockInputs, run_sequential
 from quant import resume
 from quant.checkpoint import checkpoint_tensors
-from quant.guard import FALLBACK_KEY, Alternatives, check_model, modules_of, partial_module, rtn_guard
+from quant.guard import FALLBACK_KEY, PARTIAL, Alternatives, check_model, modules_of, partial_module, rtn_guard
 from quant.layers import to_quant_linears
 from quant.methods import BlockContext, BlockResult, get_method
 from quant.shards import ShardWriter
@@ -42,7 +42,7 @@ class BlockRow:
     n_linears: int
     seconds: float
     info: dict = field(default_factory=dict)
-    rtn_fallback: bool = False  # the RTN guard kept round-to-nearest for this block
+    rtn_fallback: bool = False  # the checkpoint holds this block's RTN version (its guard's or the whole-model check's)
 
 
 class Run:
@@ -72,8 +72,7 @@ def quantize_blocks(src: SourceModel, arch, cfg, plan, calib_ids, kinds, dev, pr
     progress record saved; blocks a stopped run finished are skipped (:class:`BlockLoop`).
 
     Returns the summary rows, AWQ's search results (the method's own model's, kept or not), the whole-model check
-    and the names of the parts
-    that make the checkpoint's blocks (each block's own, or its RTN version where the check keeps RTN).
+    and the names of the parts that make the checkpoint's blocks (each block's own, or the kept candidate's version).
     ``kinds``: the kinds of text whose check windows end ``calib_ids`` (:func:`quant.pipeline._calibration_ids`)."""
     loop = BlockLoop(src, arch, cfg, plan, calib_ids, kinds, run, dtype)
     loop.run_blocks(dev, progress)
@@ -135,11 +134,16 @@ class BlockLoop:
         blocks, writer, prefix = self.src.blocks, self.run.writer, f"{self.arch.blocks}.{i}."
         to_quant_linears(blocks[i], self.packed[i], self.cfg.format)
         writer.write(part_name(i), self.stored(checkpoint_tensors(blocks[i], self.dtype, prefix)))
-        for name, alt_block in self.alts.pending.items():  # in case the whole-model check keeps one
-            if alt_block is not blocks[i]:
+        # Each alternative's version, in case the whole-model check keeps it: one part per distinct block (a
+        # candidate whose block is the method's, or another candidate's, names that part).
+        # The one-module candidates last: one's block may be its base model's, never the other way around.
+        holder = {id(blocks[i]): "block"}
+        for name, alt_block in sorted(self.alts.pending.items(), key=lambda item: PARTIAL in item[0]):
+            part = holder.setdefault(id(alt_block), name)
+            if part == name:
                 alt_block.to("cpu")
                 writer.write(part_name(i, name), self.stored(checkpoint_tensors(alt_block, self.dtype, prefix)))
-            self.alts.written[name][i] = True
+            self.alts.parts[name][i] = part
         self.alts.pending.clear()
         self.packed[i] = {}
         self.src.release(i)
@@ -155,7 +159,8 @@ class BlockLoop:
         state.update(self.alts.state())
         for s_i, part in enumerate(hidden or []):
             state.update({f"hidden.{s_i}.{j}": h.cpu() for j, h in enumerate(part)})
-        record = {"rows": [asdict(r) for r in self.rows], "alternatives": self.alts.written, "kinds": self.kinds,
+        record = {"rows": [asdict(r) for r in self.rows], "alternatives": self.alts.parts,
+                  "alternative_streams": self.alts.shares(), "kinds": self.kinds,
                   "plan": {"quantize": self.plan.quantize, "skipped": self.plan.skipped}}
         self.run.save(blocks_done, record, state)
 
@@ -222,15 +227,17 @@ def _check_whole_model(src: SourceModel, cfg, calib_ids, held_out: tuple, kinds:
         raise
     kept = model_check["kept"]
     if kept != cfg.label:
-        one_module = partial_module(kept, cfg.label) is not None
         for i, r in enumerate(rows):
-            if run.writer.has(part_name(i, kept)):  # else the method's own block is that alternative's
-                parts[i] = part_name(i, kept)
-            # the block's own guard kept RTN, and so does the kept model there (all-RTN, or a one-module candidate,
-            # whose block is RTN's where the guard kept RTN): the row says the block's guard chose it
-            guard_rtn = r.info.get(FALLBACK_KEY) == "rtn" and (kept == "rtn" or one_module)
-            r.rtn_fallback = kept == "rtn" or guard_rtn
-            r.info[FALLBACK_KEY] = "rtn" if guard_rtn else f"{kept} (whole model)"
+            part = alts.parts[kept][i]  # "block": the method's own block is the kept model's too
+            parts[i] = part_name(i, part)
+            # Whose block it is: the method's own (RTN's where the block's guard kept RTN), or the candidate's
+            # that holds it (the kept one's, or its base model's where the block lacks its module: --skip).
+            own_rtn = r.info.get(FALLBACK_KEY) == "rtn"
+            source = ("rtn" if own_rtn else cfg.label) if part == "block" else part
+            r.rtn_fallback = source == "rtn"
+            r.info[FALLBACK_KEY] = ("rtn" if part == "block" and own_rtn
+                                    else f"{source} (whole model)" if source == kept
+                                    else f"{source} (whole model: {kept})")
     return model_check
 
 

@@ -50,7 +50,8 @@ from quant.methods import BlockContext, BlockQuantizer, BlockResult
 
 log = logging.getLogger(__name__)
 
-FALLBACK_KEY = "kept"  # info column: which block was kept, the method's or "rtn"
+FALLBACK_KEY = "kept"  # info column: whose block the checkpoint holds: the method's label, "rtn" (its guard kept
+# RTN), or, where the whole-model check kept another model, "<its block's model> (whole model[: <the kept model>])"
 PARTIAL = "@"  # "<method>@<module>": the whole-model check's candidate with the method's linears in one module only
 
 
@@ -286,14 +287,24 @@ def partial_blocks(ctx: BlockContext, result: BlockResult, base: nn.Module, rtn_
 
 class Alternatives:
     """The whole-model check's other candidates (:attr:`BlockResult.alternatives`: the all-RTN model, plain
-    GPTQ beside AWQ+GPTQ), carried along the one pass: per name, which blocks' versions are written
-    (``written``) and the guard and check windows through that model's blocks so far (``stream``); ``final``:
-    the method's own model's last hidden states on them. Saved with the progress record."""
+    GPTQ beside AWQ+GPTQ, the one-module candidates), carried along the one pass. Per name: ``parts``, per block,
+    the part that holds that candidate's version of the block (``"block"``: the method's own; a candidate's name:
+    its own, or the candidate written before it with the same block; None: not yet written), and ``stream``, the
+    guard and check windows
+    through that model's blocks so far. ``final``: the method's own model's last hidden states on them. Saved with
+    the progress record.
+
+    Candidates whose blocks so far are the same modules share one stream: each block runs once per distinct pair
+    of (block, input stream). Where the guard keeps RTN, the one-module candidates' block is RTN's (and the
+    method's): while it does, from the first block on, they cost all-RTN's stream and forwards only, and where it
+    does in every block, the check scores them once with all-RTN."""
 
     def __init__(self, record: dict, saved_list, n_blocks: int):
         self.n_blocks = n_blocks
-        self.written: dict[str, list] = record.get("alternatives", {})
-        self.stream = {name: saved_list(f"stream.{name}.") for name in self.written}
+        self.parts: dict[str, list] = record.get("alternatives", {})
+        shares = record.get("alternative_streams", {})  # name -> the name its stream was saved under
+        saved = {name: saved_list(f"stream.{name}.") for name in self.parts if shares.get(name, name) == name}
+        self.stream = {name: saved[shares.get(name, name)] for name in self.parts}
         self.final = saved_list("final.")
         self.pending: dict[str, nn.Module] = {}  # name -> its packed version of the block in hand, until written
 
@@ -303,23 +314,43 @@ class Alternatives:
         if not alternatives or inputs is None or not inputs.guard:
             return
         calls = inputs.guard + inputs.check
-        for name, alt_block in alternatives.items():
-            if i and name not in self.written:  # an alternative that earlier blocks lack cannot be checked
-                continue
-            own = self.stream.get(name)  # written over, block after block; the first block reads the windows' inputs
-            start = own or [c.hidden for c in calls]
-            self.written.setdefault(name, [None] * self.n_blocks)
-            # Packed, it stays packed: a dense copy beside the method's dense block would double the peak.
-            self.stream[name] = run_calls(alt_block, [BlockCall(h, c.args, c.kwargs) for h, c in zip(start, calls)],
-                                          release=own is not None, hold_dense=False)
+        # An alternative that an earlier block lacks, or this one, cannot be checked: its stream is let go.
+        live = {name: b for name, b in alternatives.items() if all(self.parts.get(name, [None])[:i])}
+        for name in self.parts.keys() - live.keys():
+            self.stream[name] = None
+        runs = {(id(b), id(self.stream.get(name))) for name, b in live.items()}
+        readers = {}  # input stream -> how many distinct runs still read it: the last one may write over it
+        for _, s in runs:
+            readers[s] = readers.get(s, 0) + 1
+        done: dict[tuple, list[torch.Tensor]] = {}
+        for name, alt_block in live.items():
+            own = self.stream.get(name)  # None in the first block, which reads the windows' own inputs
+            key = (id(alt_block), id(own))
+            self.parts.setdefault(name, [None] * self.n_blocks)
             self.pending[name] = alt_block
+            if key in done:  # the same block on the same inputs: the same outputs
+                self.stream[name] = done[key]
+                continue
+            readers[id(own)] -= 1  # the last run that reads a stream writes its outputs over it
+            start = own or [c.hidden for c in calls]
+            # Packed, it stays packed: a dense copy beside the method's dense block would double the peak.
+            self.stream[name] = done[key] = run_calls(
+                alt_block, [BlockCall(h, c.args, c.kwargs) for h, c in zip(start, calls)],
+                release=own is not None and readers[id(own)] == 0, hold_dense=False)
         if i == self.n_blocks - 1:
             self.final = run_calls(block, calls)
 
+    def shares(self) -> dict[str, str]:
+        """name -> the first name holding the same stream (itself where none before it does)."""
+        first: dict[int, str] = {}
+        return {name: first.setdefault(id(s), name) for name, s in self.stream.items()}
+
     def state(self) -> dict[str, torch.Tensor]:
+        """The tensors of the progress record: ``final`` and each distinct stream once (:meth:`shares`)."""
         out = {f"final.{j}": h.cpu() for j, h in enumerate(self.final or [])}
-        for name, stream in self.stream.items():
-            out.update({f"stream.{name}.{j}": h.cpu() for j, h in enumerate(stream or [])})
+        for name, owner in self.shares().items():
+            if owner == name:
+                out.update({f"stream.{name}.{j}": h.cpu() for j, h in enumerate(self.stream[name] or [])})
         return out
 
     def complete(self) -> dict[str, list[torch.Tensor]]:
@@ -327,7 +358,7 @@ class Alternatives:
         windows."""
         if self.final is None:
             return {}
-        return {name: self.stream[name] for name, flags in self.written.items() if all(flags)}
+        return {name: self.stream[name] for name, parts in self.parts.items() if all(parts)}
 
 
 def check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor, kinds: list[str], finals,
@@ -347,7 +378,11 @@ def check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor,
     n_guard = len(guard_ids)
     candidates = {cfg.label: finals, **alternatives}
     batches = [b for ids in (guard_ids, check_ids) if len(ids) for b in ids.split(CALIB_BATCH)]  # as streamed
-    per_window = {name: window_nlls(model, blocks, batches, h) for name, h in candidates.items()}
+    per_window, by_stream = {}, {}  # candidates sharing a stream (:class:`Alternatives`) are scored once
+    for name, h in candidates.items():
+        if id(h) not in by_stream:
+            by_stream[id(h)] = window_nlls(model, blocks, batches, h)
+        per_window[name] = by_stream[id(h)]
     guard = {name: _mean(nll[:n_guard]) for name, nll in per_window.items()}
     n = cfg.check_windows
     by_kind = {kind: {name: _mean(nll[n_guard + k * n:n_guard + (k + 1) * n]) for name, nll in per_window.items()}

@@ -827,14 +827,106 @@ def test_one_module_candidates_are_weighed_where_skip_leaves_a_block_without_tha
     assert len(seen) == 4 and set(report.model_check["score"]) == {"gptq", "gptq@self_attn", "gptq@mlp", "rtn"}
 
 
+def test_a_kept_one_module_candidate_names_the_block_it_takes_from_its_base_model(tmp_path, monkeypatch):
+    """Kept GPTQ in the MLP only, with block 1's MLP skipped: block 1 is RTN's block (the candidate's base model's,
+    its MLP full precision), and its row says so ("rtn (whole model: gptq@mlp)", an RTN block), where it said
+    "gptq@mlp (whole model)"; that block is written once, as all-RTN's part, not again as the candidate's."""
+    from quant.shards import ShardWriter
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    real_write, written = ShardWriter.write, []
+    monkeypatch.setattr(ShardWriter, "write", lambda self, key, t: written.append(key) or real_write(self, key, t))
+    report, _ = _gptq_keeping(monkeypatch, src, tmp_path, dict(OPTS, method="gptq", n_samples=8, skip=BLOCK_1_MLP),
+                              3, "gptq@mlp")
+    assert [(b.rtn_fallback, b.info["kept"]) for b in report.blocks] == [
+        (False, "gptq@mlp (whole model)"), (True, "rtn (whole model: gptq@mlp)")]
+    assert "gptq@mlp-00000" in written and "rtn-00001" in written and "gptq@mlp-00001" not in written
+
+
+def test_candidates_that_are_the_same_model_block_for_block_share_one_stream_scoring_and_part(tmp_path, monkeypatch):
+    """AWQ+GPTQ with every block's guard keeping RTN: its one-module candidates are then the all-RTN model block for
+    block, and so is the method's own. The three share all-RTN's stream of hidden states (saved once in the progress
+    record), one scoring in the check (equal scores) and the method's parts (none written for them). A run stopped
+    after block 0 resumes to the uninterrupted run's checkpoint and scores."""
+    from itertools import count
+
+    from quant.block_loop import Run
+    from quant.shards import ShardWriter
+    from test_streaming import file_digests
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    cfg = dict(OPTS, method="gptq", n_samples=8, gptq=replace(quant.GPTQOptions(), awq_first=True),
+               awq=AWQOptions(n_judge=1, clip=False))
+    calls = count()
+    monkeypatch.setattr(guard_module, "relative_error", lambda outs, refs: float(next(calls) % 2))  # RTN 0, method 1
+    real_write, written = ShardWriter.write, []
+    monkeypatch.setattr(ShardWriter, "write", lambda self, key, t: written.append(key) or real_write(self, key, t))
+    seen = _rig_losses(monkeypatch, lambda k: 0.0)
+    straight = quant.quantize(src, tmp_path / "straight", **cfg).model_check
+    assert len(seen) == 3  # the method's model, plain GPTQ, and all-RTN once for the one-module candidates too
+    score = straight["score"]
+    assert score["gptq+awq@self_attn"] == score["gptq+awq@mlp"] == score["rtn"]
+    assert {"gptq-00000", "gptq-00001"} <= set(written)
+    assert not any(k.startswith(("gptq+awq@", "rtn-")) for k in written)
+
+    real_save, states = Run.save, []
+
+    def interrupt(self, n, record, tensors):  # Ctrl-C right after block 0's progress record
+        real_save(self, n, record, tensors)
+        states.append(tensors)
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(Run, "save", interrupt)
+    with pytest.raises(KeyboardInterrupt):
+        quant.quantize(src, tmp_path / "out", **cfg)
+    streams = {k.split(".")[1] for k in states[0] if k.startswith("stream.")}
+    assert len(streams) == 2 and "gptq" in streams  # plain GPTQ's, and one for the other three
+    monkeypatch.setattr(Run, "save", real_save)
+    resumed = quant.quantize(src, tmp_path / "out", **cfg)
+    assert resumed.resumed_from == 1 and resumed.model_check["score"] == score and len(seen) == 6  # shared again
+    assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
+
+
+@pytest.mark.parametrize("winner, name", [(3, "gptq@mlp"), (4, "rtn")])
+def test_streams_that_split_after_a_shared_block_each_give_their_checkpoints_loss(tmp_path, monkeypatch, winner, name):
+    """Block 0's guard keeps RTN, so GPTQ in attention only, GPTQ in the MLP only and all-RTN are one stream through
+    block 0 (one forward for the three) and three in block 1, whose last forward writes over the inputs they
+    shared. The loss the check streamed for the kept one, a later reader of those inputs or the one that wrote over
+    them, is that of its checkpoint, loaded and scored from scratch."""
+    from quant.pipeline import _calibration_ids
+
+    src = save_tiny_model("llama", tmp_path / "src")
+    cfg = dict(OPTS, method="gptq", n_samples=8)
+    _guard_keeps_rtn_in_block_0(monkeypatch)
+    real_run, streamed = guard_module.run_calls, []
+
+    def run_calls(block, calls, **kw):  # the alternatives' forwards are the ones that never hold a dense block
+        streamed.append(kw.get("hold_dense", True))
+        return real_run(block, calls, **kw)
+
+    monkeypatch.setattr(guard_module, "run_calls", run_calls)
+    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == winner else 0.0)  # gptq, @self_attn, @mlp, all-RTN
+    report = quant.quantize(src, tmp_path / name, **cfg)
+    monkeypatch.undo()
+    assert len(seen) == 4 and report.model_check["kept"] == name
+    assert streamed.count(False) == 1 + 3  # the alternatives' forwards: block 0 once, block 1 once each
+    qcfg = QuantConfig(**{k: v for k, v in cfg.items() if k != "progress"})
+    guard_ids = _calibration_ids(src, qcfg, False)[0][-qcfg.held_out_split[1]:]
+    model = quant.load(tmp_path / name, dtype=torch.float32)
+    want = held_out_nll(model, model.model.layers, list(model.model.layers), guard_ids, batch_size=8)
+    assert abs(seen[winner - 1] - want) < 1e-5 * max(1.0, abs(want))
+
+
 def test_a_one_module_candidate_equal_to_all_rtn_is_not_kept_in_its_place(tmp_path, monkeypatch):
     """Block 0's guard keeps RTN and block 1's MLP is skipped, so GPTQ-in-the-MLP-only is the all-RTN model block for
-    block: the two score alike, and the check keeps (and reports) all-RTN, not a model said to hold GPTQ's MLP."""
+    block, run and scored once on one stream: the check keeps (and reports) all-RTN, not a model said to hold GPTQ's
+    MLP."""
     src = save_tiny_model("llama", tmp_path / "src")
     _guard_keeps_rtn_in_block_0(monkeypatch)
-    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k >= 3 else 0.0)  # gptq, @self_attn, @mlp, all-RTN
+    seen = _rig_losses(monkeypatch, lambda k: -1.0 if k == 3 else 0.0)  # gptq, @self_attn, @mlp with all-RTN
     report = quant.quantize(src, tmp_path / "g", **dict(OPTS, method="gptq", n_samples=8, skip=BLOCK_1_MLP))
-    assert len(seen) == 4 and seen[2] == seen[3]
+    score = report.model_check["score"]
+    assert len(seen) == 3 and score["gptq@mlp"] == score["rtn"] < min(score["gptq"], score["gptq@self_attn"])
     assert report.model_check["kept"] == "rtn" and all(b.rtn_fallback for b in report.blocks)
 
 
