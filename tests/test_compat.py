@@ -116,12 +116,19 @@ def test_kept_layers_are_written_for_every_loader(tmp_path, capsys):
 
 def test_skip_patterns():
     q = ["model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.k_proj", "model.layers.1.mlp.down_proj"]
-    assert skip_pattern([], q) == ""
-    assert skip_pattern(["model.layers.0.self_attn.v_proj"], q) == "partial"
-    assert skip_pattern(["model.layers.0.mlp.down_proj"], q) == "some"
+    assert skip_pattern([], q) == set()
+    assert skip_pattern(["model.layers.0.self_attn.v_proj"], q) == {"partial", "some"}
+    assert skip_pattern(["model.layers.0.mlp.down_proj"], q) == {"some"}
     assert skip_pattern(["model.layers.0.mlp.down_proj", "model.layers.1.mlp.up_proj"],
-                        ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj"]) == "some"
-    assert skip_pattern(["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"], q[:2]) == "uniform"
+                        ["model.layers.0.mlp.up_proj", "model.layers.1.mlp.down_proj"]) == {"some"}
+    assert skip_pattern(["model.layers.0.mlp.down_proj", "model.layers.1.mlp.down_proj"], q[:2]) == {"uniform"}
+    # One block's down_proj and every block's q_proj kept: a group split in every block, and the blocks differ,
+    # so the AWQ reader that takes both (fused groups, block-relative names) misreads block 0's down_proj.
+    q = [f"model.layers.{i}.{n}" for i in range(2) for n in ("self_attn.k_proj", "self_attn.v_proj", "mlp.up_proj")]
+    both = skip_pattern(["model.layers.0.mlp.down_proj", "model.layers.0.self_attn.q_proj",
+                         "model.layers.1.self_attn.q_proj"], [*q, "model.layers.1.mlp.down_proj"])
+    assert both == {"partial", "some"}
+    assert "only some blocks" in readers(Written("awq", 4, False, False, 128, both))["autoawq"]
     # A block-relative name is written only where no quantized name contains it (vLLM matches by substring).
     keys = exclusion_keys("awq", ["model.layers.0.mlp.gate", "model.layers.1.mlp.gate"],
                           ["model.layers.0.mlp.gate_proj", "model.layers.1.mlp.up_proj"])
@@ -226,10 +233,10 @@ def test_the_table_covers_moe_checkpoints_and_int4_cpu_group_sizes():
     assert readers(Written("gptq_v2", 3, False, False, 16))["gptqmodel"] is None
     # InternLM2 and Mixtral name gate/up w1/w3; a MoE layer's experts are one fused tensor in vLLM.
     q = ["model.layers.0.feed_forward.w3", "model.layers.0.feed_forward.w2"]
-    assert skip_pattern(["model.layers.0.feed_forward.w1"], q) == "partial"
+    assert skip_pattern(["model.layers.0.feed_forward.w1"], q) == {"partial", "uniform"}
     experts = [f"model.layers.0.mlp.experts.{e}.{p}" for e in range(2) for p in ("gate_proj", "up_proj", "down_proj")]
-    assert skip_pattern(experts[3:], experts[:3]) == "partial"
-    assert skip_pattern(experts, ["model.layers.0.self_attn.q_proj"]) == "uniform"
+    assert skip_pattern(experts[3:], experts[:3]) == {"partial", "uniform"}
+    assert skip_pattern(experts, ["model.layers.0.self_attn.q_proj"]) == {"uniform"}
 
 
 def test_declared_kept_follows_each_loaders_matching():

@@ -69,7 +69,7 @@ class Written:
     sym: bool
     act_order: bool
     group_size: int
-    skips: str = ""
+    skips: frozenset[str] = frozenset()
     moe: bool = False
     keys: frozenset[str] | None = None
 
@@ -169,9 +169,9 @@ def problem(loader: str, w: Written) -> str | None:
         return f"it reads {w.bits}-bit {title} group size {'/'.join(map(str, sizes))} only, not {w.group_size}"
     if w.moe and not r.moe:
         return _MOE_WHY.get(loader, "it is not established that it loads routed experts stored one linear per expert")
-    if w.skips == "partial" and not r.fused:
+    if "partial" in w.skips and not r.fused:
         return "it needs each fused group (q/k/v, gate/up, one layer's experts) all quantized or all in full precision"
-    if w.skips == "some" and not r.per_block:
+    if "some" in w.skips and not r.per_block:
         return "it matches kept layers by block-relative name, so a layer kept in only some blocks loads as quantized"
     if w.skips and w.keys is not None and r.kept_keys and not set(r.kept_keys) & w.keys:
         return (f"it learns kept layers from {' or '.join(r.kept_keys)}, which does not list every layer kept in "
@@ -250,25 +250,28 @@ def in_block(name: str) -> tuple[str, str] | None:
     return (m.group(2), m.group(3)) if m else None
 
 
-def skip_pattern(kept: list[str], quantized: list[str]) -> str:
+def skip_pattern(kept: list[str], quantized: list[str]) -> frozenset[str]:
     """How the layers ``kept`` in full precision lie among the ``quantized`` ones (full module names), for
-    :func:`problem`: "" (none kept), "partial" (a block keeps part of a fused group: some of its q/k/v, of
-    its gate/up, or of one layer's experts), "some" (the kept layers differ between blocks), or "uniform"."""
+    :func:`problem`: every pattern that holds, "partial" (a block keeps part of a fused group: some of its q/k/v,
+    of its gate/up, or of one layer's experts) beside either "some" (the kept layers differ between blocks) or
+    "uniform"; empty where none is kept. Both are reported: a loader must read each (``--skip`` of one block's
+    layer and of every block's q_proj is partial and differs between blocks)."""
     if not kept:
-        return ""
+        return frozenset()
     quantized_set = set(quantized)
     quantized_experts = set(filter(None, map(expert_layer, quantized)))
-    for name in kept:
+
+    def splits_a_group(name: str) -> bool:
         parent, _, leaf = name.rpartition(".")
-        for group in FUSED:
-            if leaf in group and any(f"{parent}.{other}" in quantized_set for other in group - {leaf}):
-                return "partial"
-        if expert_layer(name) in quantized_experts:  # a fused MoE layer holds every expert alike
-            return "partial"
+        return (any(leaf in group and any(f"{parent}.{other}" in quantized_set for other in group - {leaf})
+                    for group in FUSED)
+                or expert_layer(name) in quantized_experts)  # a fused MoE layer holds every expert alike
+
     by_block: dict[str, set[str]] = {b: set() for b, _ in filter(None, map(in_block, quantized))}
     for block, inner in filter(None, map(in_block, kept)):
         by_block.setdefault(block, set()).add(inner)
-    return "uniform" if len({frozenset(s) for s in by_block.values()}) <= 1 else "some"
+    spread = "uniform" if len({frozenset(s) for s in by_block.values()}) <= 1 else "some"
+    return frozenset({spread, "partial"} if any(map(splits_a_group, kept)) else {spread})
 
 
 def exclusion_keys(quant_method: str, kept: list[str], quantized: list[str]) -> dict:
