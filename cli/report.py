@@ -89,7 +89,7 @@ def _guard_rows(r) -> list[list]:
     # a block's own verdict is "rtn"; "rtn (whole model...)" where only the whole-model check chose RTN
     fell_back = [b.index for b in r.blocks if b.info.get(FALLBACK_KEY) == "rtn"]
     which = f" (block{'s' if len(fell_back) > 1 else ''} {', '.join(map(str, fell_back))})" if fell_back else ""
-    rows = [[label, f"{len(fell_back)} of {len(r.blocks)}{which}"]]
+    rows = [[label, f"{len(fell_back)} of {sum(b.n_linears > 0 for b in r.blocks)}{which}"]]  # quantized blocks
     if check:
         label, kept = check["method"], check["kept"]
         name = lambda k: describe(k, label)  # noqa: E731

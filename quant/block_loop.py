@@ -25,6 +25,7 @@ from quant.source import SourceModel
 
 log = logging.getLogger(__name__)
 
+SKIPPED = "skipped (full precision)"  # the summary's "kept" for a block --skip leaves whole
 LOSS_GRADIENTS = "loss-gradients"  # in the run's folder while it runs: AWQ's loss judge reads them block by block
 # The progress record is saved after a block when this many seconds have passed since the last one, and after the
 # last block: a stopped run redoes at most about this much work, and a small model's blocks (a few seconds each) do
@@ -120,6 +121,8 @@ class BlockLoop:
                                                        self.modules))
         if result.block is not None:
             blocks[i] = result.block
+        if not self.plan.quantize[i]:  # --skip of the whole block: no method's, RTN's or candidate's block but its own
+            result.info[FALLBACK_KEY] = SKIPPED
         self.packed[i] = {n: pw.to("cpu") for n, pw in result.packed.items()}
         self.alts.advance(i, result.alternatives, inputs, blocks[i])
         self.artifacts.update({f"{self.arch.blocks}.{i}.{k}": v.detach().cpu() for k, v in result.artifacts.items()})
@@ -228,6 +231,8 @@ def _check_whole_model(src: SourceModel, cfg, calib_ids, held_out: tuple, kinds:
     kept = model_check["kept"]
     if kept != cfg.label:
         for i, r in enumerate(rows):
+            if not r.n_linears:  # skipped whole: full precision in every candidate
+                continue
             part = alts.parts[kept][i]  # "block": the method's own block is the kept model's too
             parts[i] = part_name(i, part)
             # Whose block it is: the method's own (RTN's where the block's guard kept RTN), or the candidate's

@@ -825,6 +825,11 @@ def test_one_module_candidates_are_weighed_where_skip_leaves_a_block_without_tha
     seen = _rig_losses(monkeypatch, lambda k: 0.0)
     report = quant.quantize(src, tmp_path / "last", **dict(cfg, skip=("model.layers.1",)))
     assert len(seen) == 4 and set(report.model_check["score"]) == {"gptq", "gptq@self_attn", "gptq@mlp", "rtn"}
+    # The summary says the skipped block is full precision, and counts only the quantized block.
+    from cli.report import _guard_rows
+
+    assert [(b.info["kept"], b.rtn_fallback) for b in report.blocks][1] == ("skipped (full precision)", False)
+    assert dict(_guard_rows(report))["blocks kept at RTN (closer on held-out windows)"].split(" (")[0].endswith(" of 1")
 
 
 def test_a_kept_one_module_candidate_names_the_block_it_takes_from_its_base_model(tmp_path, monkeypatch):
