@@ -105,10 +105,16 @@ def saved_key(folder: Path) -> dict | None:
 
 def check_partial(folder: Path, key: dict, out: Path) -> None:
     """Refuse, in one sentence, to continue a partial run made with another key."""
-    diff = first_difference(saved_key(folder), key)
-    if diff:
-        raise QtoolError(f"{out}: a stopped run left {folder.name} beside it, but {diff}; rerun the stopped run's "
-                         "command to resume it, or pass --restart to start over")
+    old = saved_key(folder)
+    diff = first_difference(old, key)
+    if not diff:
+        return
+    if old and all(old.get(k) == v for k, v in key.items() if k != "settings"):  # only the options differ
+        how = "rerun the stopped run's command to resume it"
+    else:  # the code, the source's files or the device: no command resumes it
+        how = "it resumes only with the code, the source model's files and the device it ran with"
+    raise QtoolError(f"{out}: a stopped run left {folder.name} beside it, but {diff}; {how}, or pass --restart to "
+                     "start over")
 
 
 def _temporary(path: Path) -> Path:

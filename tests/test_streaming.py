@@ -477,7 +477,9 @@ def test_a_stopped_run_with_other_settings_or_source_is_refused_and_kept(tmp_pat
     assert partial.is_dir() and (partial / "progress.json").is_file()  # nothing of it lost
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "note": "edited"}))
-    with pytest.raises(quant.QtoolError, match="source model's files changed"):
+    with pytest.raises(quant.QtoolError, match="source model's files changed since the stopped run; it resumes only "
+                                               "with the code, the source model's files and the device it ran with, "
+                                               "or pass --restart"):
         quant.quantize(src, tmp_path / "out", progress=False, **kw)
     report = quant.quantize(src, tmp_path / "out", progress=False, restart=True, **kw)
     assert report.resumed_from is None and not partial.exists()
