@@ -7,7 +7,6 @@ import os
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
 from torch import nn
 
 from quant import model_io
@@ -149,8 +148,4 @@ def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
     files = sorted(f for f in Path(path).glob("*.safetensors") if not f.name.startswith("qtool_"))
     if not files:
         raise QtoolError(f"{path}: holds no *.safetensors files; quantized checkpoints are read from safetensors only")
-    index = {}
-    for f in files:
-        with safe_open(str(f), framework="pt") as st:
-            index.update({k: f for k in st.keys()})
-    return index
+    return {k: f for f in files for k in model_io.safetensors_keys(f)}

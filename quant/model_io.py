@@ -58,6 +58,19 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     raise QtoolError(f"{path}: holds no weights (*.safetensors or pytorch_model*.bin)")
 
 
+def safetensors_keys(f: Path) -> list[str]:
+    """The tensor names of safetensors file ``f`` (its header read, its size checked against it). Raises
+    QtoolError naming the file where it is damaged or cut short."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            return list(st.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own kinds for a damaged or truncated file
+        first = (str(e).strip().splitlines() or [""])[0]
+        raise QtoolError(f"{f}: cannot be read as a weight file ({type(e).__name__}: {first})") from None
+
+
 def check_causal_lm(model_dir: str | os.PathLike) -> dict:
     """Config of a folder that transformers can load as a causal LM (natively, or through a checkpoint
     layout of :mod:`quant.layouts` for remote-code families), else a clear error."""
@@ -173,7 +186,9 @@ def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto
     from transformers import AutoModelForCausalLM
 
     config = check_causal_lm(model_dir)
-    weight_files(model_dir)
+    for f in weight_files(model_dir):  # a damaged file named in one sentence, before transformers reads it
+        if f.suffix == ".safetensors":
+            safetensors_keys(f)
     if _layout(config) is not None:  # a remote-code family: read through its layout, no code from the folder
         from quant import arch
         from quant.source import SourceModel

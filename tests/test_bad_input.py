@@ -435,6 +435,15 @@ def test_a_source_whose_tensors_do_not_match_its_config_is_refused(model, tmp_pa
     assert code == 2 and ("lacks" if change == "missing" else "does not use") in err
 
 
+def test_a_damaged_quantized_checkpoint_is_named_in_one_sentence_by_info_and_ppl(model, tmp_path, capsys):
+    out = tmp_path / "q"
+    assert run_cli(["rtn", model, "-o", out, "--group-size", "32"], capsys)[0] == 0
+    f = out / "model.safetensors"
+    f.write_bytes(f.read_bytes()[:100])  # cut short inside its header
+    for args in (["info", out], ["ppl", out, "--max-tokens", "64", "--seqlen", "32"]):
+        assert_refused(*run_cli(args, capsys), f"{f}: cannot be read as a weight file")
+
+
 @pytest.mark.parametrize("damage", ["truncated", "bin_not_a_zip"])
 def test_a_damaged_weight_file_is_named_in_one_sentence(model, tmp_path, capsys, damage):
     f = model / "model.safetensors"
@@ -448,6 +457,9 @@ def test_a_damaged_weight_file_is_named_in_one_sentence(model, tmp_path, capsys,
     assert_refused(code, err, f"{f}: cannot be read as a weight file")
     assert err.rstrip().endswith(")") and "\n" not in err.strip()  # the library's reason whole, on one line
     _no_output(tmp_path)
+    if damage == "truncated":  # qtool ppl reads the weights through another path: the same sentence
+        assert_refused(*run_cli(["ppl", model, "--max-tokens", "64", "--seqlen", "32"], capsys),
+                       f"{f}: cannot be read as a weight file")
 
 
 def test_a_checkpoint_with_an_unknown_tensor_is_refused_by_load(model, tmp_path, capsys):
