@@ -1096,7 +1096,8 @@ def test_the_whole_model_check_prints_losses_that_differ_as_different_numbers():
 
     from cli.report import _guard_rows
 
-    block = SimpleNamespace(index=0, info={"held-out err": "1e-3", guard_module.FALLBACK_KEY: "rtn (whole model)"})
+    block = SimpleNamespace(index=0, n_linears=7,
+                            info={"held-out err": "1e-3", guard_module.FALLBACK_KEY: "rtn (whole model)"})
     check = {"method": "gptq", "kept": "rtn", "nll": 5.79912, "alternatives": {"rtn": 5.79909},
              "kinds": {"wiki": {"gptq": 5.79912, "rtn": 5.79909}, "code": {"gptq": 2.5, "rtn": 2.25}},
              "score": {"gptq": 4.149560, "rtn": 4.024545}}
