@@ -290,9 +290,8 @@ class Alternatives:
     GPTQ beside AWQ+GPTQ, the one-module candidates), carried along the one pass. Per name: ``parts``, per block,
     the part that holds that candidate's version of the block (``"block"``: the method's own; a candidate's name:
     its own, or the candidate written before it with the same block; None: not yet written), and ``stream``, the
-    guard and check windows
-    through that model's blocks so far. ``final``: the method's own model's last hidden states on them. Saved with
-    the progress record.
+    guard and check windows through that model's blocks so far. ``final``: the method's own model's last hidden
+    states on them. Saved with the progress record.
 
     Candidates whose blocks so far are the same modules share one stream: each block runs once per distinct pair
     of (block, input stream). Where the guard keeps RTN, the one-module candidates' block is RTN's (and the

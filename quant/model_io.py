@@ -67,8 +67,14 @@ def safetensors_keys(f: Path) -> list[str]:
         with safe_open(str(f), framework="pt") as st:
             return list(st.keys())
     except Exception as e:  # noqa: BLE001 - safetensors raises its own kinds for a damaged or truncated file
-        first = (str(e).strip().splitlines() or [""])[0]
-        raise QtoolError(f"{f}: cannot be read as a weight file ({type(e).__name__}: {first})") from None
+        raise unreadable(f, e) from None
+
+
+def unreadable(f: Path, e: Exception) -> QtoolError:
+    """The one sentence for a weight file that its library could not read: the file, and the reason's first line
+    (torch's weights-only refusals run to pages)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return QtoolError(f"{f}: cannot be read as a weight file ({type(e).__name__}: {first})")
 
 
 def check_causal_lm(model_dir: str | os.PathLike) -> dict:

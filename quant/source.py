@@ -99,16 +99,14 @@ class SourceModel:
     def _read_index(self) -> dict[str, Path]:
         index: dict[str, Path] = {}
         for f in self.files:
+            if f.suffix == ".safetensors":
+                index.update(dict.fromkeys(model_io.safetensors_keys(f), f))
+                continue
             try:
-                if f.suffix == ".safetensors":
-                    with safe_open(str(f), framework="pt") as st:
-                        index.update({k: f for k in st.keys()})
-                else:
-                    self._bin[f] = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
-                    index.update({k: f for k in self._bin[f]})
-            except Exception as e:  # safetensors and torch raise many kinds for a damaged file
-                first = (str(e).strip().splitlines() or [""])[0]  # torch's weights-only refusals run to pages
-                raise QtoolError(f"{f}: cannot be read as a weight file ({type(e).__name__}: {first})") from None
+                self._bin[f] = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
+            except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
+                raise model_io.unreadable(f, e) from None
+            index.update(dict.fromkeys(self._bin[f], f))
         return index
 
     def _native_names(self, stored: str) -> list[str]:
