@@ -4,7 +4,7 @@
         --rtn ~/.cache/qtool/runs/Qwen2.5-Coder-0.5B/rtn-w4g128 \\
         --candidates gptq=~/.cache/qtool/runs/Qwen2.5-Coder-0.5B/gptq-w4g128 --windows 8,32,64
 
-The whole-model check (``quant.guard.check_model``) refuses a candidate whose mean next-token
+The whole-model check (``quant.model_check.check_model``) refuses a candidate whose mean next-token
 loss on ``--check-windows`` windows of another kind of text is above the all-RTN model's.
 Both models are scored on the same windows, so what decides is the mean of the per-window
 differences; this script prints that mean and its standard error for each number of windows,

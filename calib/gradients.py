@@ -162,7 +162,7 @@ def _head_gradients(model, blocks, input_ids, final, probes: int, seed: int) -> 
     soft-capping, slope ``σ``) is differentiated by hand: the cross-entropy's gradient at ``z`` for label ``y``
     is ``σ ⊙ (p - e_y)``, so at ``u`` it is ``(σ ⊙ p) W - σ_y W[y]``: one ``[t, vocab] × [vocab, d]`` product for
     every label set, not one per probe (the head is the largest matrix of a small model)."""
-    from quant.guard import logits_from_final_hidden  # quant imports calib: not at the top
+    from quant.model_check import logits_from_final_hidden  # quant imports calib: not at the top
 
     gen = torch.Generator().manual_seed(seed)
     n_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)

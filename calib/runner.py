@@ -9,8 +9,8 @@ device memory is one block plus the calibration activations.
 Besides the windows the methods search on, held-out sets of windows travel
 through the same blocks: ``accept`` (a method may test a choice on them, e.g.
 AWQ's clipping ranges), ``guard`` (only the pipeline's comparisons with
-round-to-nearest read them, :mod:`quant.guard`) and ``check`` (windows of other
-kinds of text than the calibration's, which only the whole-model check scores).
+round-to-nearest read them, :mod:`quant.guard`, :mod:`quant.model_check`) and ``check``
+(windows of other kinds of text than the calibration's, which only the whole-model check scores).
 """
 from __future__ import annotations
 

@@ -9,7 +9,8 @@ import click
 from tabulate import tabulate
 
 from quant.config import REFUSED_SEARCH_FILE
-from quant.guard import FALLBACK_KEY, describe, partial_module
+from quant.guard import FALLBACK_KEY
+from quant.model_check import describe, partial_module
 
 
 def mib(n_bytes: float) -> str:

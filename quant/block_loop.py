@@ -1,6 +1,6 @@
 """The per-block loop of a quantization run: each decoder block loaded, quantized, packed, written and released in
 turn, with the progress record a stopped run resumes from (:mod:`quant.resume`), then the whole-model check among the
-candidates carried along (:mod:`quant.guard`). :func:`quant.pipeline.quantize` sets up the run around it."""
+candidates carried along (:mod:`quant.model_check`). :func:`quant.pipeline.quantize` sets up the run around it."""
 from __future__ import annotations
 
 import logging
@@ -17,7 +17,8 @@ from calib.gradients import LossGradientFiles
 from calib.runner import BlockInputs, run_sequential
 from quant import resume
 from quant.checkpoint import checkpoint_tensors
-from quant.guard import FALLBACK_KEY, PARTIAL, Alternatives, check_model, modules_of, partial_module, rtn_guard
+from quant.guard import FALLBACK_KEY, rtn_guard
+from quant.model_check import PARTIAL, Alternatives, check_model, modules_of, partial_module
 from quant.layers import to_quant_linears
 from quant.methods import BlockContext, BlockResult, get_method
 from quant.shards import ShardWriter
@@ -208,7 +209,7 @@ class BlockLoop:
 
 def _check_whole_model(src: SourceModel, cfg, calib_ids, held_out: tuple, kinds: list[str], alts: Alternatives,
                        rows: list[BlockRow], parts: list[str], run: Run) -> dict | None:
-    """The whole-model check (:func:`quant.guard.check_model`) of the method's model against its complete
+    """The whole-model check (:func:`quant.model_check.check_model`) of the method's model against its complete
     alternatives, where there is a choice to make (not when every block already fell back to RTN and RTN is the
     only alternative); None where it does not run. Where it keeps an alternative, ``parts`` name that
     alternative's version of each block that has one, and ``rows`` say which model each block comes from."""

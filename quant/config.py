@@ -27,7 +27,7 @@ def _require_ints(obj, fields: tuple[str, ...]) -> None:
 # AWQ's search results, saved in a subfolder of the checkpoint: loaders that read every top-level
 # *.safetensors of a folder without an index (vLLM does) must not take them for weights.
 SEARCH_FILE = "qtool/awq_search.safetensors"
-# The search of a model the whole-model check did not keep (quant.guard.check_model): SEARCH_FILE then
+# The search of a model the whole-model check did not keep (quant.model_check.check_model): SEARCH_FILE then
 # replays the kept model, and this file AWQ's own (``--apply-search`` takes either).
 REFUSED_SEARCH_FILE = "qtool/awq_search.refused.safetensors"
 

@@ -78,7 +78,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         method = report.get("method") or made.get("config", {}).get("method")  # AWQ+GPTQ: "gptq+awq"
         chosen = (report.get("model_check") or {}).get("kept")
         if method and chosen and chosen != method:
-            from quant.guard import describe
+            from quant.model_check import describe
 
             method += f" (the whole-model check kept {describe(chosen, method)})"
     return CheckpointInfo(

@@ -22,7 +22,7 @@ from quant.formats import PackedWeight
 class BlockContext:
     """What a method sees of one block. ``names`` are the linears to quantize, relative to the block; ``modules``
     the block modules that hold quantized linears in any block of the model (``("self_attn", "mlp")``:
-    :func:`quant.guard.modules_of` over the run's plan), which name the whole-model check's one-module candidates
+    :func:`quant.model_check.modules_of` over the run's plan), which name the whole-model check's one-module candidates
     in every block alike, also in a block where ``--skip`` left one of them unquantized (empty: this block's own)."""
 
     index: int

@@ -16,7 +16,7 @@ from quant.checkpoint import checkpoint_tensors, is_quantized_checkpoint, output
 from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE, QuantConfig
 from quant.errors import QtoolError
 from quant.formats.compat import Written, check_target, readers, skip_pattern
-from quant.guard import partial_module
+from quant.model_check import partial_module
 from quant.layers import plan_linears
 from quant.shards import ShardWriter
 from quant.source import SourceModel, source_fingerprint
