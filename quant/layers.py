@@ -142,6 +142,9 @@ def _check_skip_names(skip, linear_names: list[tuple[str, str]]) -> None:
     full_names = [full for full, _ in linear_names]
     tails = sorted({rel for _, rel in linear_names})  # names inside a block: "mlp.down_proj"
     for s in skip:
+        if not s.strip(" ."):
+            raise QtoolError(f"--skip {s!r}: an empty name matches no linear; give a name such as {tails[-1]} "
+                             "or a module such as mlp")
         if any(skip_matches(n, s) for n in full_names):
             continue
         close = difflib.get_close_matches(s, tails + full_names, n=3, cutoff=0.6)

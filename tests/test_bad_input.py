@@ -92,6 +92,10 @@ def test_bits_5_with_the_awq_format(model, tmp_path, capsys):
 def test_bits_no_format_can_hold(model, tmp_path, capsys, bits):
     code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--bits", bits], capsys)
     assert_refused(code, err, f"--bits {bits}", "2, 3, 4, 8")
+    for method in ("awq", "gptq"):  # the method's own layout is named, not another's alone
+        code, err = run_cli([method, model, "-o", tmp_path / "out", "--bits", bits], capsys)
+        assert_refused(code, err, f"--bits {bits}: no layout qtool writes holds", "AWQ gemm layout holds 4-bit",
+                       "GPTQ layout holds 2, 3, 4, 8-bit")
 
 
 def test_group_size_not_offered(model, tmp_path, capsys):
@@ -617,6 +621,13 @@ def test_a_skip_name_that_matches_no_linear_is_refused(model, tmp_path, capsys, 
     code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32", "--skip", "mlp.up_proj",
                          "--skip", name], capsys)
     assert_refused(code, err, f"--skip {name}", hint)
+    _no_output(tmp_path)
+
+
+@pytest.mark.parametrize("name", ["", " ", "."])
+def test_an_empty_skip_name_is_refused_as_empty(model, tmp_path, capsys, name):
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32", "--skip", name], capsys)
+    assert_refused(code, err, f"--skip {name!r}: an empty name matches no linear", "such as")
     _no_output(tmp_path)
 
 

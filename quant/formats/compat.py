@@ -198,8 +198,9 @@ def choose_layout(bits: int, sym: bool, act_order: bool, group_size: int, target
     Raises QtoolError naming the loader and why, where the target reads no layout that holds the settings."""
     _check_target_name(target)
     holds = [name for name in format_names() if get_format(name).settings_error(bits, sym, act_order) is None]
-    if not holds:  # no layout holds these settings: the GPTQ layout's refusal says which bits exist
-        return "gptq"
+    if not holds:
+        raise QtoolError(f"--bits {bits}: no layout qtool writes holds these weights ("
+                         + "; ".join(get_format(n).settings_error(bits, sym, act_order) for n in format_names()) + ")")
     written = {lay: Written(lay, bits, sym, act_order, group_size) for lay in holds}
 
     def n_readers(layout):
