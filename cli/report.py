@@ -33,8 +33,7 @@ def print_quant_report(r, verbose: bool = False) -> None:
         ["linears kept in full precision", len(r.skipped)],
         *_guard_rows(r),
         *_expert_rows(r),
-        *([["resumed at", f"block {r.resumed_from} (the blocks before it were finished by a stopped run; "
-                           "time and peak memory are this run's)"]] if getattr(r, "resumed_from", None) else []),
+        *_resumed_rows(r),
         ["time", f"{r.seconds:.1f} s (calibration data {r.calib_seconds:.1f} s)"],
         ["time per block", f"median {statistics.median(per_block):.2f} s, max {max(per_block):.2f} s"],
         ["peak memory", f"{r.peak_rss_mb:,.0f} MiB RSS" + (f", {r.peak_device_mb:,.0f} MiB GPU" if r.peak_device_mb else "")],
@@ -79,6 +78,16 @@ def _losses(by_name: dict[str, float]) -> str:
     while digits < 8 and len({f"{v:.{digits}f}" for v in values}) < len(set(values)):
         digits += 1
     return " vs ".join(f"{v:.{digits}f} ({k})" for k, v in by_name.items())
+
+
+def _resumed_rows(r) -> list[list]:
+    """Where the run continued a stopped one: at which block, and what it read instead of computing."""
+    start = getattr(r, "resumed_from", None)
+    if start is None:
+        return []
+    done = ("its calibration windows and loss gradients were computed by a stopped run" if start == 0 else
+            "the blocks before it were finished by a stopped run")
+    return [["resumed at", f"block {start} ({done}; time and peak memory are this run's)"]]
 
 
 def _guard_rows(r) -> list[list]:

@@ -178,6 +178,8 @@ class BlockLoop:
         if LossGradientFiles.wanted(cfg, self.calib_ids):
             self.loss_grads = LossGradientFiles(src, cfg, self.calib_ids, self.held_out, dev, compute_dtype,
                                                 run.folder / LOSS_GRADIENTS, run.start)
+            if not run.record:  # a record before the first block: a stop from here on keeps the pass over the model
+                self.save_progress(0, None)
         try:
             if self.calib_ids is None:
                 for i in range(run.start, len(blocks)):
@@ -198,6 +200,9 @@ class BlockLoop:
             if run.finished:
                 log.warning("stopped: %d of %d blocks are finished and kept in %s; run the same command again to "
                             "continue from there", run.finished, len(blocks), run.folder)
+            elif self.loss_grads is not None:  # recorded before the first block
+                log.warning("stopped before the first block was finished; the loss gradients are kept in %s: run the "
+                            "same command again to continue from there", run.folder)
             else:
                 log.warning("stopped before the first block was finished; nothing is kept")
             raise

@@ -214,7 +214,10 @@ def _calibration(src: SourceModel, model_dir, cfg: QuantConfig, arch, saved) -> 
 
 def _resume_plan(plan, saved, start: int, n_blocks: int, tmp: Path) -> None:
     """Continue a stopped run: say where, and take its plan (which linears it quantizes and which it kept)."""
-    if start < n_blocks:
+    if start == 0:
+        log.warning("resuming a run stopped before its first block was finished (%s): its calibration windows and "
+                    "AWQ's loss gradients are read, not computed again", tmp)
+    elif start < n_blocks:
         log.warning("resuming at block %d of %d: the blocks before it were finished by a stopped run (%s)",
                     start, n_blocks, tmp)
     else:

@@ -351,11 +351,11 @@ sys.path.insert(0, {tests!r})
 import quant, quant.resume as resume
 from quant.config import AWQOptions  # for kw's repr
 real, n = resume.save, [0]
-def save(*a, **k):
-    n[0] += 1
+def save(folder, key, blocks_done, *a, **k):
+    n[0] += blocks_done > 0  # AWQ's record before the first block (its loss gradients) is not counted
     if n[0] == {kill_after} and {while_writing}:  # the record being written is lost with the process
         os.kill(os.getpid(), signal.SIGKILL)
-    real(*a, **k)
+    real(folder, key, blocks_done, *a, **k)
     if n[0] == {kill_after}:
         os.kill(os.getpid(), signal.SIGKILL)  # as a power cut: no cleanup of any kind runs
 real_write = resume._atomic_write
@@ -386,7 +386,7 @@ def deep_llama(path: Path, n_layers: int = 6) -> Path:
 
 def run_killed(src: Path, out: Path, kill_after: int, while_writing: bool = False, between: bool = False,
                in_state: bool = False, **kw) -> int:
-    """Quantize in a subprocess killed (SIGKILL) after its ``kill_after``-th progress record, before it (while
+    """Quantize in a subprocess killed (SIGKILL) after its ``kill_after``-th block's progress record, before it (while
     writing), or between the state and the record of it. QTOOL_PROGRESS_EVERY_S=0: a record after every block, as a
     large model's blocks take (else a tiny model's run records only its last block, and no kill comes before it)."""
     code = KILL_AFTER.format(tests=str(Path(__file__).parent), kill_after=kill_after, src=str(src), out=str(out), kw=kw,
@@ -485,11 +485,12 @@ def test_a_stopped_run_with_other_settings_or_source_is_refused_and_kept(tmp_pat
     assert report.resumed_from is None and not partial.exists()
 
 
-@pytest.mark.parametrize("every_s, saved_after", [(0, [1, 2, 3, 4]), (1e9, [4])])
+@pytest.mark.parametrize("every_s, saved_after", [(0, [0, 1, 2, 3, 4]), (1e9, [0, 4])])
 def test_progress_is_recorded_at_most_every_progress_every_s_and_after_the_last_block(tmp_path, monkeypatch, every_s,
                                                                                    saved_after):
     """Blocks of a few seconds do not each write every window's activations: a record when PROGRESS_EVERY_S have
-    passed since the last one, and after the last block (the whole-model check then resumes from it)."""
+    passed since the last one, and after the last block (the whole-model check then resumes from it); AWQ's also
+    once before the first block, when its loss-gradient pass is done."""
     from quant.block_loop import Run
 
     src = deep_llama(tmp_path / "src", n_layers=4)
@@ -537,9 +538,10 @@ def test_a_resumed_run_keeps_the_stopped_runs_calibration_windows(tmp_path, monk
     quant.quantize(src, tmp_path / "straight", **kw)
     real_save = Run.save
 
-    def interrupt(*a, **k):  # Ctrl-C right after the first block's progress record
-        real_save(*a, **k)
-        raise KeyboardInterrupt
+    def interrupt(run, done, *a, **k):  # Ctrl-C right after the first block's progress record
+        real_save(run, done, *a, **k)
+        if done == 1:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(Run, "save", interrupt)
     with pytest.raises(KeyboardInterrupt):
@@ -616,9 +618,10 @@ def test_a_stopped_replay_is_not_resumed_with_another_search_in_the_same_file(tm
     assert file_digests(tmp_path / "out") == file_digests(tmp_path / "whole")
 
 
-def _awq_stopped_after_block_0(tmp_path, monkeypatch):
-    """AWQ on a 3-block model, Ctrl-C after its first block: (source, options, one entry per loss-gradient pass,
-    the stopped run's loss-gradient folder). ``Run.save`` is restored."""
+def _awq_stopped_after_block_0(tmp_path, monkeypatch, blocks_done: int = 1):
+    """AWQ on a 3-block model, Ctrl-C right after the progress record of ``blocks_done`` blocks (0: the one saved
+    after the loss-gradient pass, before the first block): (source, options, one entry per loss-gradient pass, the
+    stopped run's loss-gradient folder). ``Run.save`` is restored."""
     import calib.gradients as gradients
     from quant.block_loop import LOSS_GRADIENTS, Run
 
@@ -626,9 +629,10 @@ def _awq_stopped_after_block_0(tmp_path, monkeypatch):
     kw = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, held_out=4, progress=False)
     real_save, real_pass, passes = Run.save, gradients.loss_gradients, []
 
-    def interrupt(*a, **k):  # Ctrl-C right after the first block's progress record
-        real_save(*a, **k)
-        raise KeyboardInterrupt
+    def interrupt(run, done, *a, **k):
+        real_save(run, done, *a, **k)
+        if done == blocks_done:
+            raise KeyboardInterrupt
 
     monkeypatch.setattr(gradients, "loss_gradients", lambda *a, **k: passes.append(1) or real_pass(*a, **k))
     monkeypatch.setattr(Run, "save", interrupt)
@@ -649,6 +653,23 @@ def test_a_resumed_awq_run_reads_the_stopped_runs_loss_gradients(tmp_path, monke
     quant.quantize(src, tmp_path / "straight", **kw)
     assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
     assert not list(tmp_path.glob(".out.tmp-*"))
+
+
+def test_a_run_stopped_in_its_first_block_keeps_the_loss_gradients(tmp_path, monkeypatch, capsys):
+    """A record is saved once the loss-gradient pass is done, before the first block: a stop in block 0 (on a
+    large model, many minutes after the pass) keeps the gradients, and the same command reads them instead of a
+    second pass, says so, and gives the uninterrupted run's checkpoint."""
+    from cli.report import print_quant_report
+
+    src, kw, passes, kept = _awq_stopped_after_block_0(tmp_path, monkeypatch, blocks_done=0)
+    assert passes == [1] and sorted(f.name for f in kept.iterdir()) == [f"{i:05d}.safetensors" for i in range(3)]
+    report = quant.quantize(src, tmp_path / "out", **kw)
+    assert report.resumed_from == 0 and passes == [1]
+    print_quant_report(report)
+    row = next(ln for ln in capsys.readouterr().out.splitlines() if "resumed at" in ln)
+    assert "block 0 (its calibration windows and loss gradients were computed by a stopped run" in row
+    quant.quantize(src, tmp_path / "straight", **kw)
+    assert passes == [1, 1] and file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
 
 
 def test_a_resumed_awq_run_computes_the_loss_gradients_again_where_one_is_missing(tmp_path, monkeypatch):
