@@ -2,6 +2,7 @@
 the output folder is written by :mod:`quant.output`."""
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
@@ -204,9 +205,14 @@ def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto
             src.load_block(i)
         return src.model if dtype == "auto" else src.model.to(torch_dtype(dtype))
     kwargs = {"dtype": dtype if dtype == "auto" else torch_dtype(dtype)}
-    model, info = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, output_loading_info=True,
-                                                       **kwargs)
-    # transformers initialises missing tensors at random and drops unknown ones with a warning: refuse both.
+    # transformers initialises missing tensors at random, drops unknown ones and, asked to, re-initialises those of
+    # another shape, with a load report: each is refused below in one sentence instead of the report.
+    with _without_load_report():
+        model, info = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, output_loading_info=True,
+                                                           ignore_mismatched_sizes=True, **kwargs)
+    for key, shape, want in sorted(info.get("mismatched_keys") or [])[:1]:
+        raise QtoolError(f"{model_dir}: weight {key} has shape {tuple(shape)}, but config.json gives this model "
+                         f"{tuple(want)}; the checkpoint does not match its config.json")
     for what, keys in (("lacks", info.get("missing_keys")), ("holds tensors the model does not use:",
                                                                info.get("unexpected_keys"))):
         keys = sorted(keys or [])
@@ -217,6 +223,22 @@ def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto
                              + "; it does not match its config.json")
     model.eval()
     return model
+
+
+@contextlib.contextmanager
+def _without_load_report():
+    """transformers' load report (the "LOAD REPORT" warning of ``transformers.modeling_utils``) held back; its other
+    warnings pass."""
+    class Drop(logging.Filter):
+        def filter(self, record):
+            return "LOAD REPORT" not in record.getMessage()
+
+    logger, drop = logging.getLogger("transformers.modeling_utils"), Drop()
+    logger.addFilter(drop)
+    try:
+        yield
+    finally:
+        logger.removeFilter(drop)
 
 
 def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:

@@ -421,22 +421,40 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(model, tmp_pa
     assert "stopped before it finished" in caplog.text
 
 
-@pytest.mark.parametrize("change", ["missing", "unexpected"])
+@pytest.mark.parametrize("change", ["missing", "unexpected", "shape"])
 def test_a_source_whose_tensors_do_not_match_its_config_is_refused(model, tmp_path, capsys, change):
-    """transformers would initialise a missing tensor at random (and drop an unknown one) and go on."""
+    """transformers would initialise a missing tensor at random (and drop an unknown one) and go on, and raise
+    after its load report where a shape differs; qtool ppl and the methods refuse each in one sentence, without
+    transformers' report."""
+    import logging
+
     f = os.path.join(model, "model.safetensors")
     tensors = load_file(f)
     if change == "missing":
         del tensors["model.layers.1.mlp.down_proj.weight"]
-    else:
+    elif change == "unexpected":
         tensors["model.layers.1.mlp.extra.weight"] = torch.zeros(4, 4)
+    else:
+        tensors["model.layers.1.mlp.down_proj.weight"] = tensors["model.layers.1.mlp.down_proj.weight"][:, :-32].clone()
     save_file(tensors, f, metadata={"format": "pt"})
+    why = {"missing": "model.layers.1.mlp.down_proj.weight (they would be random weights)",
+           "unexpected": "does not use: model.layers.1.mlp.extra.weight",
+           "shape": "weight model.layers.1.mlp.down_proj.weight has shape (64, 96), but config.json gives this model "
+                    "(64, 128)"}[change]
     code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
-    assert_refused(code, err, "model.layers.1.mlp.down_proj.weight (they would be random weights)" if change == "missing"
-                   else "does not use: model.layers.1.mlp.extra.weight")
+    assert_refused(code, err, why)
     _no_output(tmp_path)
-    code, err = run_cli(["ppl", model, "--max-tokens", "64", "--seqlen", "32"], capsys)
-    assert code == 2 and ("lacks" if change == "missing" else "does not use") in err
+    reports = []
+    handler = logging.Handler()
+    handler.emit = reports.append
+    transformers_log = logging.getLogger("transformers.modeling_utils")
+    transformers_log.addHandler(handler)
+    try:
+        code, err = run_cli(["ppl", model, "--max-tokens", "64", "--seqlen", "32"], capsys)
+    finally:
+        transformers_log.removeHandler(handler)
+    assert_refused(code, err, why, "does not match its config.json")
+    assert not [r for r in reports if "LOAD REPORT" in r.getMessage()]
 
 
 def test_a_damaged_quantized_checkpoint_is_named_in_one_sentence_by_info_and_ppl(model, tmp_path, capsys):
