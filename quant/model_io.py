@@ -45,9 +45,13 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     if not cfg_path.is_file():
         raise QtoolError(f"{path}: has no config.json, so it is not a Hugging Face model folder")
     try:
-        return json.loads(cfg_path.read_text())
+        cfg = json.loads(cfg_path.read_text())
     except json.JSONDecodeError as e:
         raise QtoolError(f"{cfg_path}: is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(cfg, dict):
+        raise QtoolError(f"{cfg_path}: holds a JSON {type(cfg).__name__}, not an object of settings "
+                         "({\"model_type\": ...})")
+    return cfg
 
 
 def weight_files(model_dir: str | os.PathLike) -> list[Path]:

@@ -65,6 +65,14 @@ def test_folder_without_config(tmp_path, capsys):
     assert_refused(code, err, "has no config.json")
 
 
+@pytest.mark.parametrize("command", [["rtn"], ["ppl"], ["info"]])
+def test_a_config_that_is_json_but_not_an_object_is_refused(model, tmp_path, capsys, command):
+    (model / "config.json").write_text("[1, 2]")
+    out = ["-o", tmp_path / "out"] if command == ["rtn"] else []
+    code, err = run_cli([*command, model, *out], capsys)
+    assert_refused(code, err, "config.json: holds a JSON list, not an object of settings")
+
+
 def test_not_a_causal_lm(tmp_path, capsys):
     d = tmp_path / "t5"
     d.mkdir()
