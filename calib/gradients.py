@@ -241,7 +241,7 @@ class LossGradientFiles:
         n_search = len(calib_ids) - sum(held_out)
         self.n_judge, self.n_accept = min(cfg.awq.judge_windows, n_search), held_out[0]
         ids = torch.cat([calib_ids[:self.n_judge], calib_ids[n_search:n_search + self.n_accept]])
-        if all(self._path(i).is_file() for i in range(start, len(src.blocks))):
+        if all(self._readable(i) for i in range(start, len(src.blocks))):
             log.info("loss gradients of blocks %d-%d kept by the stopped run", start, len(src.blocks) - 1)
             return
         folder.mkdir(parents=True, exist_ok=True)
@@ -258,9 +258,24 @@ class LossGradientFiles:
     def _path(self, i: int) -> Path:
         return self.folder / f"{i:05d}.safetensors"
 
+    def _readable(self, i: int) -> bool:
+        """Whether block ``i``'s file is there and whole: its header read, its size the header's."""
+        from safetensors import safe_open
+
+        try:
+            with safe_open(str(self._path(i)), "pt") as f:
+                return {"grad", "probes"} <= set(f.keys())
+        except Exception:  # noqa: BLE001 - missing, empty or cut short: the OS and safetensors raise many kinds
+            return False
+
     def _save(self, i: int, gradients: OutputGradients) -> None:
         part = self._path(i).with_suffix(".part")  # a stop while writing leaves no file that looks whole
         gradients.save(part)
+        fd = os.open(part, os.O_RDONLY)
+        try:  # on disk before the progress record that counts on it (a power cut)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(part, self._path(i))
 
     def for_block(self, i: int) -> dict:

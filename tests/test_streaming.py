@@ -678,3 +678,16 @@ def test_a_resumed_awq_run_computes_the_loss_gradients_again_where_one_is_missin
     src, kw, passes, kept = _awq_stopped_after_block_0(tmp_path, monkeypatch)
     (kept / "00002.safetensors").rename(kept / "00002.part")  # as a kill during that write leaves it
     assert quant.quantize(src, tmp_path / "out", **kw).resumed_from == 1 and passes == [1, 1]
+
+
+@pytest.mark.parametrize("damage", ["empty", "cut short"])
+def test_a_resumed_awq_run_computes_the_loss_gradients_again_where_one_is_damaged(tmp_path, monkeypatch, damage):
+    """A power cut can leave a file whose rename reached the disk and whose bytes did not (each is fsynced before
+    its rename; an older run's or another filesystem's may not be): the resumption finds it unreadable and makes
+    them all again, and gives the uninterrupted run's checkpoint."""
+    src, kw, passes, kept = _awq_stopped_after_block_0(tmp_path, monkeypatch, blocks_done=0)
+    f = kept / "00001.safetensors"
+    f.write_bytes(b"" if damage == "empty" else f.read_bytes()[:-100])
+    assert quant.quantize(src, tmp_path / "out", **kw).resumed_from == 0 and passes == [1, 1]
+    quant.quantize(src, tmp_path / "straight", **kw)
+    assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
