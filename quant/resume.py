@@ -69,10 +69,9 @@ def run_key(settings: dict, device: str, source_fingerprint: str) -> dict:
 
 
 def first_difference(old, new, path: str = "") -> str | None:
-    """A phrase naming the first field where two keys differ, or None when they are equal: a field of this level
-    before one nested in a group (``method`` before ``gptq.awq_first``, which follows from it)."""
+    """A phrase naming the first field where two keys differ, or None when they are equal."""
     if isinstance(old, dict) and isinstance(new, dict):
-        for k in sorted(set(old) | set(new), key=lambda k: (isinstance(old.get(k, new.get(k)), dict), k)):
+        for k in sorted(set(old) | set(new)):
             d = first_difference(old.get(k), new.get(k), f"{path}.{k}" if path else k)
             if d:
                 return d

@@ -691,14 +691,3 @@ def test_a_resumed_awq_run_computes_the_loss_gradients_again_where_one_is_damage
     assert quant.quantize(src, tmp_path / "out", **kw).resumed_from == 0 and passes == [1, 1]
     quant.quantize(src, tmp_path / "straight", **kw)
     assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
-
-
-def test_a_stopped_run_of_another_method_is_refused_by_its_method_not_an_option_that_follows_from_it():
-    """After a stopped ``qtool awq``, ``qtool gptq --awq-first`` differs in the method and in options of the GPTQ
-    group; the sentence names the method."""
-    from quant.resume import first_difference
-
-    old = {"code": "c", "settings": {"awq": {"judge": "loss"}, "gptq": {"awq_first": False}, "method": "awq"}}
-    new = {"code": "c", "settings": {"awq": {"judge": "loss"}, "gptq": {"awq_first": True}, "method": "gptq"}}
-    assert first_difference(old, new) == "method was 'awq' in the stopped run, 'gptq' now"
-    assert first_difference({**old, "code": "d"}, new) == "qtool's code changed since the stopped run"
