@@ -25,7 +25,6 @@ pipeline streams them), and keeps ``g`` and the probes at every block's output;
 from __future__ import annotations
 
 import logging
-import os
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -269,14 +268,11 @@ class LossGradientFiles:
             return False
 
     def _save(self, i: int, gradients: OutputGradients) -> None:
-        part = self._path(i).with_suffix(".part")  # a stop while writing leaves no file that looks whole
-        gradients.save(part)
-        fd = os.open(part, os.O_RDONLY)
-        try:  # on disk before the progress record that counts on it (a power cut)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(part, self._path(i))
+        from quant import resume  # quant imports calib: not at the top
+
+        # Under a temporary name, fsynced, renamed: no file that looks whole until it is on disk, before the
+        # progress record that counts on it.
+        resume._atomic_write(self._path(i), gradients.save)
 
     def for_block(self, i: int) -> dict:
         """:attr:`calib.runner.BlockInputs.loss` of block ``i``: the gradients on the judge windows (``"calls"``)

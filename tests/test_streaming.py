@@ -676,7 +676,7 @@ def test_a_resumed_awq_run_computes_the_loss_gradients_again_where_one_is_missin
     """A stop while the gradients were being written (they are written from the last block down, each under a
     temporary name first) leaves some blocks without a file: the resumption makes them all again."""
     src, kw, passes, kept = _awq_stopped_after_block_0(tmp_path, monkeypatch)
-    (kept / "00002.safetensors").rename(kept / "00002.part")  # as a kill during that write leaves it
+    (kept / "00002.safetensors").rename(kept / ".00002.safetensors.tmp")  # as a kill during that write leaves it
     assert quant.quantize(src, tmp_path / "out", **kw).resumed_from == 1 and passes == [1, 1]
 
 
