@@ -4,6 +4,7 @@ and a stopped run's folder resumed or removed. The source folder is never writte
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import shutil
@@ -96,11 +97,13 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
                   resume_key: dict | None = None, restart: bool = False):
     """Yield a temporary folder beside ``out``; on success it becomes ``out`` in one rename.
 
-    On an error the temporary folder is removed and ``out`` is left as it was, except where
-    ``resume_key`` is given, the folder holds a progress record (:mod:`quant.resume`) and the
-    run was interrupted (Ctrl-C) or hit an OS error (a full disk): then it is kept, and the
-    next call with the same ``resume_key`` yields it again to continue. ``restart`` removes
-    such a folder instead. Raises QtoolError for a folder left with another key.
+    On an error ``out`` is left as it was. The temporary folder is kept where ``resume_key`` is
+    given, the folder holds a progress record (:mod:`quant.resume`) and the run stopped before
+    it finished: by Ctrl-C, an OS error (a full disk), or any other error (a bug, a GPU out of
+    memory), so that no error throws away finished blocks; the next call with the same
+    ``resume_key`` yields it again to continue, and ``restart`` removes it instead. A
+    :class:`QtoolError` (a refusal, which a rerun would meet again) removes it, as does any
+    error after the run finished. Raises QtoolError for a folder left with another key.
     """
     from quant import resume
 
@@ -125,9 +128,10 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
         tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: a server running as another user could not read it
     (tmp / _OWNER).write_text(f"{os.uname().nodename} {os.getpid()}")
-    keep = False
+    keep = finished = False
     try:
         yield tmp
+        finished = True
         if out.exists() and not overwrite:  # another run wrote it while this one worked
             # not kept for a resume: the finished folder's block parts are already merged into its shards
             raise QtoolError(f"{out}: appeared while this run worked (another run wrote it) and is left as it is; "
@@ -142,14 +146,31 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
             shutil.rmtree(old, ignore_errors=True)
         else:
             os.replace(tmp, out)
-    except (KeyboardInterrupt, OSError):
-        keep = resume_key is not None and (tmp / resume.PROGRESS).is_file()
+    except QtoolError:
+        raise
+    except BaseException as e:
+        keep = not finished and resume_key is not None and (tmp / resume.PROGRESS).is_file()
         if keep:
             (tmp / _OWNER).write_text(f"{os.uname().nodename} stopped")  # the next run may take it
+            if not isinstance(e, KeyboardInterrupt):  # Ctrl-C: the block loop says what is kept
+                log.warning("%s: the run failed (%s) after %s; that work is kept in %s beside it: run the same command "
+                            "again to continue from there, or pass --restart to start over", out, type(e).__name__,
+                            _finished_work(tmp), tmp.name)
         raise
     finally:
         if tmp.exists() and not keep:
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _finished_work(tmp: Path) -> str:
+    """What a stopped run's progress record in ``tmp`` holds, in words ("3 finished blocks")."""
+    from quant import resume
+
+    try:
+        n = json.loads((tmp / resume.PROGRESS).read_text())["blocks_done"]
+    except (OSError, ValueError, KeyError, TypeError):
+        return "its last progress record"
+    return f"{n} finished block{'s' * (n != 1)}" if n else "its loss-gradient pass (no block finished)"
 
 
 def _foreign_folder(out: Path) -> str | None:

@@ -717,8 +717,8 @@ def test_info_on_a_full_precision_model(model, capsys):
 
 
 def test_source_stays_untouched_by_a_failed_run(model, tmp_path, capsys, monkeypatch):
-    """A crash halfway (here: a bug while writing) leaves no output and no temporary folder; a full disk
-    leaves no output either, but keeps the finished blocks for the same command to continue."""
+    """A crash halfway (a bug or a full disk while writing) leaves no output but keeps the finished blocks for
+    the same command to continue; a refusal halfway (QtoolError: a rerun would meet it again) leaves nothing."""
     import quant.pipeline
 
     def boom(exc):
@@ -727,16 +727,17 @@ def test_source_stays_untouched_by_a_failed_run(model, tmp_path, capsys, monkeyp
         return raise_
 
     before = tree_digest(model)
-    monkeypatch.setattr(quant.pipeline, "write_metadata", boom(RuntimeError("a bug")))
-    with pytest.raises(RuntimeError):
-        run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    cmd = ["rtn", model, "-o", tmp_path / "out", "--group-size", "32"]
+    monkeypatch.setattr(quant.pipeline, "write_metadata", boom(QtoolError("refused")))
+    assert run_cli(cmd, capsys)[0] == 2
     _no_output(tmp_path)
-    monkeypatch.setattr(quant.pipeline, "write_metadata", boom(OSError("disk full")))
-    with pytest.raises(OSError):
-        run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
-    assert not (tmp_path / "out").exists() and len(list(tmp_path.glob(".out.tmp-*"))) == 1
+    for exc in (RuntimeError("a bug"), OSError("disk full")):
+        monkeypatch.setattr(quant.pipeline, "write_metadata", boom(exc))
+        with pytest.raises(type(exc)):
+            run_cli(cmd, capsys)
+        assert not (tmp_path / "out").exists() and len(list(tmp_path.glob(".out.tmp-*"))) == 1
     monkeypatch.undo()
-    assert run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)[0] == 0
+    assert run_cli(cmd, capsys)[0] == 0
     assert not list(tmp_path.glob(".out.tmp-*"))
     assert tree_digest(model) == before
 

@@ -522,6 +522,36 @@ def test_ctrl_c_keeps_the_finished_blocks_and_says_how_to_continue(tmp_path, mon
     assert report.resumed_from == 2
 
 
+def test_a_crash_keeps_the_finished_blocks_says_so_and_the_rerun_gives_the_uninterrupted_checkpoint(
+        tmp_path, monkeypatch, caplog):
+    """Any error mid-run (a bug, a GPU out of memory), not only Ctrl-C or a full disk, keeps the finished blocks:
+    on a model far larger than RAM they are hours of work. The same command continues and gives the checkpoint
+    of a run never stopped."""
+    from quant.block_loop import Run
+
+    src = deep_llama(tmp_path / "src", n_layers=3)
+    kw = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, held_out=4, progress=False)
+    quant.quantize(src, tmp_path / "straight", **kw)
+    real = Run.save
+
+    def crash(run, done, *a, **k):  # a bug right after the second block's progress record
+        real(run, done, *a, **k)
+        if done == 2:
+            raise RuntimeError("a bug")
+
+    monkeypatch.setattr(Run, "save", crash)
+    with pytest.raises(RuntimeError, match="a bug"), caplog.at_level("WARNING"):
+        quant.quantize(src, tmp_path / "out", **kw)
+    assert not (tmp_path / "out").exists() and len(list(tmp_path.glob(".out.tmp-*"))) == 1
+    assert "the run failed (RuntimeError) after 2 finished blocks" in caplog.text
+    assert "run the same command again to continue" in caplog.text
+    monkeypatch.setattr(Run, "save", real)
+    report = quant.quantize(src, tmp_path / "out", **kw)
+    assert report.resumed_from == 2
+    assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
+    assert not list(tmp_path.glob(".out.tmp-*"))
+
+
 def test_a_resumed_run_keeps_the_stopped_runs_calibration_windows(tmp_path, monkeypatch):
     """The windows are saved with the progress record: a resumed run does not tokenize the text again, and an
     edited calibration file changes nothing (the blocks after the stop see the windows the blocks before saw):
