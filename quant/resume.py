@@ -68,15 +68,26 @@ def run_key(settings: dict, device: str, source_fingerprint: str) -> dict:
             "source": source_fingerprint}
 
 
-def first_difference(old, new, path: str = "") -> str | None:
-    """A phrase naming the first field where two keys differ, or None when they are equal."""
+# The fields named before others where several differ: those that make a stopped run unresumable by any command,
+# then those that the other differences follow from (a method brings its options; a replay has no search options).
+_FIRST = ("code", "source", "device", "settings.method", "settings.awq.search_digest")
+
+
+def _differences(old, new, path: str = ""):
+    """``(path, old value, new value)`` of every leaf where two keys differ, in the keys' sorted order."""
     if isinstance(old, dict) and isinstance(new, dict):
         for k in sorted(set(old) | set(new)):
-            d = first_difference(old.get(k), new.get(k), f"{path}.{k}" if path else k)
-            if d:
-                return d
-        return None
-    if old == new:
+            yield from _differences(old.get(k), new.get(k), f"{path}.{k}" if path else k)
+    elif old != new:
+        yield path, old, new
+
+
+def first_difference(old, new) -> str | None:
+    """A phrase naming the field where two keys differ that matters most (:data:`_FIRST`, then the first in
+    sorted order), or None when they are equal."""
+    path, old, new = min(_differences(old, new), default=(None, None, None),
+                         key=lambda d: _FIRST.index(d[0]) if d[0] in _FIRST else len(_FIRST))
+    if path is None:
         return None
     if path == "settings.awq.search_digest":  # the key holds the replayed file's content, not its path
         if old is None:

@@ -721,3 +721,24 @@ def test_a_resumed_awq_run_computes_the_loss_gradients_again_where_one_is_damage
     assert quant.quantize(src, tmp_path / "out", **kw).resumed_from == 0 and passes == [1, 1]
     quant.quantize(src, tmp_path / "straight", **kw)
     assert file_digests(tmp_path / "out") == file_digests(tmp_path / "straight")
+
+
+def test_a_stopped_run_is_refused_by_the_difference_that_the_others_follow_from():
+    """After a stopped ``qtool awq``, ``qtool gptq --awq-first`` differs in the method and in the GPTQ group's
+    options: the sentence names the method. A replay against a search differs in the search file and in the
+    search's options: it names the replay. A changed code makes any command's run unresumable: named first."""
+    from quant.resume import first_difference
+
+    old = {"code": "c", "settings": {"awq": {"judge": "loss", "search_digest": None}, "gptq": {"awq_first": False},
+                                     "method": "awq", "n_samples": 128}}
+    new = {"code": "c", "settings": {"awq": {"judge": "loss", "search_digest": None}, "gptq": {"awq_first": True},
+                                     "method": "gptq", "n_samples": 128}}
+    assert first_difference(old, new) == "method was 'awq' in the stopped run, 'gptq' now"
+    assert first_difference({**old, "code": "d"}, new) == "qtool's code changed since the stopped run"
+    replay = {"code": "c", "settings": {**old["settings"], "awq": {"judge": None, "search_digest": "f00"},
+                                        "n_samples": 0}}
+    assert first_difference(old, replay) == ("the stopped run searched and this one replays a search file "
+                                             "(--apply-search)")
+    assert first_difference(old, {**old, "settings": {**old["settings"], "n_samples": 64}}) == (
+        "n_samples was 128 in the stopped run, 64 now")
+    assert first_difference(old, old) is None
