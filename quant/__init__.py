@@ -49,9 +49,14 @@ def load_any(path, dtype="auto", device="auto"):
         dtype = model_io.torch_dtype(dtype)
     from quant.checkpoint import is_quantized_checkpoint
 
+    from quant.formats.spec import read_spec
+
+    quantized = is_quantized_checkpoint(path)
+    if quantized:
+        read_spec(path)  # a malformed quantization_config in qtool's sentence, before transformers reads it
     model_io.check_causal_lm(path)
     tokenizer = model_io.load_tokenizer(path)
-    if is_quantized_checkpoint(path):
+    if quantized:
         model = load(path, dtype=dtype, device=dev)
     else:
         model = model_io.load_fp_model(path, dtype=dtype or "auto").to(dev)

@@ -149,3 +149,17 @@ def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
     if not files:
         raise QtoolError(f"{path}: holds no *.safetensors files; quantized checkpoints are read from safetensors only")
     return {k: f for f in files for k in model_io.safetensors_keys(f)}
+
+
+def checkpoint_headers(index: dict[str, Path]) -> dict[str, tuple[Path, list[int], str]]:
+    """Tensor name -> ``(file, shape, safetensors dtype such as "I32")`` for :func:`tensor_index`'s tensors,
+    read from the files' headers."""
+    from safetensors import safe_open
+
+    headers = {}
+    for f in sorted(set(index.values())):
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                sl = st.get_slice(k)
+                headers[k] = (f, sl.get_shape(), sl.get_dtype())
+    return headers

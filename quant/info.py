@@ -1,4 +1,5 @@
-"""What a quantized checkpoint holds, read from config.json and safetensors headers only."""
+"""What a quantized checkpoint holds, read from config.json and safetensors headers only (the model built on the
+meta device to check them: :func:`quant.loading.check_checkpoint`)."""
 from __future__ import annotations
 
 import json
@@ -64,6 +65,9 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
             for d in shape:
                 n *= d
             fp16_elems += n
+    from quant.loading import check_checkpoint
+
+    check_checkpoint(path)  # every tensor the model needs, none it does not use, each of the right shape
     quantized = [k.rpartition(".")[0] for k in shapes if k.endswith(".qweight")]
     kept, keys = _kept(spec, shapes, quantized)
     sym = spec.sym if spec.sym is not None else True  # GPTQ configs that leave sym out: the GPTQ tools' default

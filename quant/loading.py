@@ -9,7 +9,7 @@ from safetensors import safe_open
 from torch import nn
 
 from quant import model_io, qmath
-from quant.checkpoint import tensor_index
+from quant.checkpoint import checkpoint_headers, tensor_index
 from quant.errors import QtoolError
 from quant.formats.spec import CheckpointSpec, read_spec
 from quant.gptq_checkpoints import read_qzeros, resolve_convention
@@ -18,6 +18,7 @@ from quant.moe import swap_in_expert_linears
 
 log = logging.getLogger(__name__)
 _QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
+_PACKED_LEAVES = ("qweight", "qzeros", "scales")  # what marks a linear as quantized
 
 
 def _swap_in_quant_linears(model: nn.Module, names: set[str], index: dict, spec: CheckpointSpec) -> None:
@@ -25,9 +26,11 @@ def _swap_in_quant_linears(model: nn.Module, names: set[str], index: dict, spec:
         try:
             lin = model.get_submodule(name)
         except AttributeError:
-            raise QtoolError(f"checkpoint tensor {name}.qweight belongs to no module of this architecture") from None
+            raise QtoolError(f"checkpoint tensors {name}.qweight/scales/qzeros belong to no module of this "
+                             "architecture") from None
         if not isinstance(lin, nn.Linear):
-            raise QtoolError(f"checkpoint tensor {name}.qweight sits on a {type(lin).__name__}, not a Linear")
+            raise QtoolError(f"checkpoint tensors {name}.qweight/scales/qzeros sit on a {type(lin).__name__}, not a "
+                             "Linear")
         q = QuantLinear(lin.in_features, lin.out_features, spec.bits, spec.group_size, spec.format,
                         f"{name}.bias" in index, device="meta")
         model.set_submodule(name, q)
@@ -57,15 +60,10 @@ def rebuild_nonpersistent_buffers(model: nn.Module, within: nn.Module | None = N
         model._init_weights(owner)
 
 
-def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
-         compact: bool | None = None):
-    """A transformers causal LM whose quantized linears are :class:`QuantLinear`, ready for ``generate()``.
-
-    ``dtype`` is the dtype of everything that is not packed (default: the checkpoint's).
-    ``compact`` keeps each layer's codes only in the CUDA kernels' layout (see
-    :meth:`QuantLinear.compact`; ``state_dict()`` still gives the checkpoint's tensors). The
-    default is on for a CUDA ``device`` with the compiled kernels loaded.
-    """
+def _skeleton(path: str | os.PathLike, dtype: torch.dtype | str | None):
+    """The model ``config.json`` describes, on the meta device, with a :class:`QuantLinear` wherever the
+    checkpoint stores a quantized linear (any of its qweight, qzeros, scales); with the checkpoint's
+    spec, its tensor reader, the quantized linears' names and the dtype of what is not packed."""
     from transformers import AutoModelForCausalLM
 
     from quant.arch import layout_of
@@ -81,14 +79,75 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     swap_in_expert_linears(model)  # routed experts as per-expert linears, as qtool writes them
-    stored = tensor_index(path)
-    if spec.format.quant_method == "gptq":  # v1 or v2 zeros: the declaration, checked against the tensors
-        spec = resolve_convention(spec, read_qzeros(stored, {k.removesuffix(".qweight") for k in stored
-                                                            if k.endswith(".qweight")}), str(path))
-    reader = _Reader(stored, layout, config, spec)
+    reader = _Reader(tensor_index(path), layout, config, spec)
     index = reader.native_index()
-    names = {k.removesuffix(".qweight") for k in index if k.endswith(".qweight")}
+    names = {prefix for prefix, _, leaf in map(lambda k: k.rpartition("."), index) if leaf in _PACKED_LEAVES}
     _swap_in_quant_linears(model, names, index, spec)
+    return model, spec, reader, names, dtype
+
+
+def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, names: set[str], spec) -> None:
+    """Refuse, in one sentence, a checkpoint whose tensors (read from the safetensors headers) do not fit the
+    model its ``config.json`` describes: a tensor the model does not use, one it needs that is missing (a
+    GPTQ ``g_idx`` may be left out; a tied head is the embedding), or one of another shape than the layer
+    sizes and ``quantization_config`` (bits, group size) give. Packed tensors (qweight, qzeros) must be int32.
+    ``model`` is :func:`_skeleton`'s; shapes are compared where the checkpoint stores the native class's
+    tensors (a remote-code family's fused tensors are checked as they are split, at load)."""
+    expected = model.state_dict(keep_vars=True)
+    headers = checkpoint_headers(reader.stored)
+    given = {}
+    for k, (f, shape, dtype) in headers.items():
+        native = reader.layout.native_names(k, reader.shape) if reader.layout is not None else [k]
+        for n in native:
+            given[n] = (f, shape if reader.layout is None else None, dtype)
+    unexpected = sorted(n for n in given if n not in expected)
+    if unexpected:
+        f = given[unexpected[0]][0]
+        raise QtoolError(f"{f}: holds {len(unexpected)} tensors the model does not use, e.g. {unexpected[0]}; the "
+                         "checkpoint does not match its config.json")
+    for n, (f, shape, dtype) in sorted(given.items()):
+        prefix, _, leaf = n.rpartition(".")
+        want = tuple(expected[n].shape)
+        if shape is not None and tuple(shape) != want:
+            why = f"quantization_config's bits={spec.bits} and group size {spec.group_size} with the layer" \
+                if prefix in names and leaf in _QUANT_LEAVES else "config.json's layer"
+            raise QtoolError(f"{f}: {n} has shape {list(shape)}, but {why} sizes make it {list(want)}; the "
+                             "checkpoint does not match its config.json")
+        if prefix in names and leaf in ("qweight", "qzeros") and dtype != "I32":
+            raise QtoolError(f"{f}: {n} is {dtype}, but packed {leaf} tensors are int32")
+    aliases: dict[int, list[str]] = {}
+    for k, t in expected.items():
+        aliases.setdefault(id(t), []).append(k)
+    missing = sorted(k for k, t in expected.items() if not any(a in given for a in aliases[id(t)])
+                     and not (k.endswith(".g_idx") and k.removesuffix(".g_idx") in names))
+    if missing:
+        raise QtoolError(f"{path}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+
+
+def check_checkpoint(path: str | os.PathLike) -> None:
+    """:func:`check_tensors` of the checkpoint in folder ``path`` (headers only: no weight is read)."""
+    model, spec, reader, names, _ = _skeleton(path, None)
+    check_tensors(path, model, reader, names, spec)
+
+
+def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device: str | torch.device = "cpu",
+         compact: bool | None = None):
+    """A transformers causal LM whose quantized linears are :class:`QuantLinear`, ready for ``generate()``.
+
+    ``dtype`` is the dtype of everything that is not packed (default: the checkpoint's).
+    ``compact`` keeps each layer's codes only in the CUDA kernels' layout (see
+    :meth:`QuantLinear.compact`; ``state_dict()`` still gives the checkpoint's tensors). The
+    default is on for a CUDA ``device`` with the compiled kernels loaded. Raises QtoolError (one
+    sentence, before any weight is read) for a checkpoint that does not fit its config.json
+    (:func:`check_tensors`).
+    """
+    model, spec, reader, names, dtype = _skeleton(path, dtype)
+    check_tensors(path, model, reader, names, spec)
+    if spec.format.quant_method == "gptq":  # v1 or v2 zeros: the declaration, checked against the tensors
+        spec = resolve_convention(spec, read_qzeros(reader.stored, {k.removesuffix(".qweight") for k in reader.stored
+                                                                    if k.endswith(".qweight")}), str(path))
+        for name in names:  # v1 and v2 hold the same tensors: only how the zero points are read differs
+            model.get_submodule(name).format = spec.format
     loaded = _assign_tensors(model, reader, names, dtype)
     loaded |= _default_g_idx(model, names)
     expected = set(model.state_dict())

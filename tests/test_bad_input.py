@@ -492,6 +492,46 @@ def test_a_damaged_weight_file_is_named_in_one_sentence(model, tmp_path, capsys,
                        f"{f}: cannot be read as a weight file")
 
 
+def _edited_checkpoint(model, out, capsys, tensors=None, config=None):
+    assert run_cli(["rtn", model, "-o", out, "--group-size", "32"], capsys)[0] == 0
+    if tensors:
+        f = out / "model.safetensors"
+        t = load_file(str(f))
+        tensors(t)
+        save_file(t, str(f), metadata={"format": "pt"})
+    if config:
+        c = json.loads((out / "config.json").read_text())
+        config(c)
+        (out / "config.json").write_text(json.dumps(c))
+    return out
+
+
+_UP = "model.layers.0.mlp.up_proj"
+
+
+@pytest.mark.parametrize("tensors, config, said", [
+    (lambda t: t.pop(f"{_UP}.qweight"), None, f"lacks 1 tensors the model needs, e.g. {_UP}.qweight"),
+    (lambda t: t.pop(f"{_UP}.scales"), None, f"lacks 1 tensors the model needs, e.g. {_UP}.scales"),
+    (lambda t: t.update({f"{_UP}.qweight": t[f"{_UP}.qweight"][:, :-1].clone()}), None,
+     f"{_UP}.qweight has shape [64, 15], but quantization_config's bits=4 and group size 32 with the layer sizes "
+     "make it [64, 16]"),
+    (lambda t: t.update({f"{_UP}.qweight": t[f"{_UP}.qweight"].float()}), None,
+     f"{_UP}.qweight is F32, but packed qweight tensors are int32"),
+    (lambda t: t.update({"model.layers.0.mlp.extra.scales": torch.ones(1, 8, dtype=torch.float16)}), None,
+     "model.layers.0.mlp.extra.qweight/scales/qzeros belong to no module"),
+    (None, lambda c: c.update({"quantization_config": "awq"}), "quantization_config is \"awq\", not an object"),
+    (None, lambda c: c.update({"intermediate_size": 2 * c["intermediate_size"]}), "the layer sizes make it"),
+])
+def test_a_quantized_checkpoint_that_does_not_fit_its_config_is_refused_by_info_and_ppl(model, tmp_path, capsys,
+                                                                                        tensors, config, said):
+    """A missing, extra, wrong-shaped or wrong-typed packed tensor, or a config.json that does not describe the
+    tensors: info said such a checkpoint was read right by every loader, ppl gave a traceback or blamed the
+    tensors that were fine."""
+    out = _edited_checkpoint(model, tmp_path / "q", capsys, tensors, config)
+    for args in (["info", out], ["ppl", out, "--max-tokens", "64", "--seqlen", "32"]):
+        assert_refused(*run_cli(args, capsys), said)
+
+
 def test_a_checkpoint_with_an_unknown_tensor_is_refused_by_load(model, tmp_path, capsys):
     code, _ = run_cli(["rtn", model, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert code == 0
