@@ -36,6 +36,8 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 def read_config(model_dir: str | os.PathLike) -> dict:
     """The parsed ``config.json`` of a model folder, with one-sentence errors for the usual mistakes."""
+    if not str(model_dir).strip():  # an unset shell variable: Path("") would be the working folder
+        raise QtoolError("the model folder is blank; give the path of a Hugging Face model folder")
     path = Path(model_dir)
     if not path.exists():
         raise QtoolError(f"{path}: no such folder; give the path of a Hugging Face model folder")

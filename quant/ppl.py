@@ -64,6 +64,14 @@ def _first_non_finite(model, window: torch.Tensor) -> str:
     return f", first in {found[0]}" if found else ""
 
 
+def _non_finite_tensor(model) -> str | None:
+    """The name of the model's first floating-point parameter or buffer holding NaN or inf, else None."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all():
+            return name
+    return None
+
+
 def _available_bytes() -> int | None:
     """Memory this process may still take: the kernel's MemAvailable, lowered to its cgroup's limit
     minus usage (cgroup v1 or v2) where one is set; None where /proc/meminfo cannot be read."""
@@ -171,8 +179,15 @@ def perplexity(
     seconds = time.perf_counter() - t0
     nll = nll_sum / count
     if not math.isfinite(nll):
+        bad = _non_finite_tensor(model)
+        if bad:
+            raise QtoolError(f"the loss is not finite ({nll}): the model's tensor {bad} holds NaN or inf values, so "
+                             "the model folder is damaged (or was quantized from one that is)")
         dtype = next(model.parameters()).dtype
         where = _first_non_finite(model, torch.tensor(bos + ids[:width].tolist(), device=device)[None])
-        raise QtoolError(f"the loss is not finite ({nll}): the model's activations overflow in {dtype}{where} "
-                         "(float16 holds at most 65504); score it with --dtype float32 or bfloat16")
+        if dtype == torch.float16:
+            raise QtoolError(f"the loss is not finite ({nll}): the model's activations overflow in {dtype}{where} "
+                             "(float16 holds at most 65504); score it with --dtype float32 or bfloat16")
+        raise QtoolError(f"the loss is not finite ({nll}): the model's activations are not, in {dtype}{where}"
+                         f"{'; score it with --dtype float32' if dtype != torch.float32 else ''}")
     return PerplexityResult(math.exp(nll), nll, count, n_windows, seconds)

@@ -59,6 +59,15 @@ def test_missing_folder(tmp_path, capsys):
     _no_output(tmp_path)
 
 
+@pytest.mark.parametrize("command", [["rtn"], ["awq"], ["ppl"], ["info"]])
+def test_a_blank_model_folder_is_refused_not_read_as_the_working_folder(tmp_path, capsys, monkeypatch, command):
+    save_tiny_model("llama", tmp_path)  # the working folder is a model: "" must not quantize or score it
+    monkeypatch.chdir(tmp_path)
+    out = ["-o", tmp_path / "out"] if command[0] in ("rtn", "awq") else []
+    assert_refused(*run_cli([*command, "", *out], capsys), "the model folder is blank")
+    _no_output(tmp_path)
+
+
 def test_folder_without_config(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     code, err = run_cli(["rtn", tmp_path / "empty", "-o", tmp_path / "out"], capsys)
@@ -615,6 +624,17 @@ def test_a_non_finite_perplexity_is_never_printed(model, capsys):
                                   "--device", "cpu"], capsys)
     assert_refused(code, err, "not finite", "float32", "first in model.norm")
     assert "nan" not in out.lower() and "inf" not in out.lower()
+
+
+def test_a_nan_weight_is_named_by_ppl_not_blamed_on_float16(model, capsys):
+    """A float32 model with a NaN weight: ppl advised scoring in float32 (what it did) because float16 overflows."""
+    f = os.path.join(model, "model.safetensors")
+    tensors = load_file(f)
+    tensors["model.layers.1.mlp.down_proj.weight"][3, 5] = float("nan")
+    save_file(tensors, f, metadata={"format": "pt"})
+    code, err, out = run_cli_out(["ppl", model, "--max-tokens", "64", "--seqlen", "32", "--device", "cpu"], capsys)
+    assert_refused(code, err, "model.layers.1.mlp.down_proj.weight holds NaN or inf values", "damaged")
+    assert "float16" not in err and "nan" not in out.lower()
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without a GPU")
