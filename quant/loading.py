@@ -19,6 +19,7 @@ from quant.moe import swap_in_expert_linears
 log = logging.getLogger(__name__)
 _QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
 _PACKED_LEAVES = ("qweight", "qzeros", "scales")  # what marks a linear as quantized
+_FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' names
 
 
 def _swap_in_quant_linears(model: nn.Module, names: set[str], index: dict, spec: CheckpointSpec) -> None:
@@ -80,6 +81,7 @@ def _skeleton(path: str | os.PathLike, dtype: torch.dtype | str | None):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     swap_in_expert_linears(model)  # routed experts as per-expert linears, as qtool writes them
     reader = _Reader(tensor_index(path), layout, config, spec)
+    reader.ignore = model_io.ignored_on_load(model)
     index = reader.native_index()
     names = {prefix for prefix, _, leaf in map(lambda k: k.rpartition("."), index) if leaf in _PACKED_LEAVES}
     _swap_in_quant_linears(model, names, index, spec)
@@ -99,7 +101,8 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
     for k, (f, shape, dtype) in headers.items():
         native = reader.layout.native_names(k, reader.shape) if reader.layout is not None else [k]
         for n in native:
-            given[n] = (f, shape if reader.layout is None else None, dtype)
+            if reader.ignore is None or not reader.ignore.search(n):
+                given[n] = (f, shape if reader.layout is None else None, dtype)
     unexpected = sorted(n for n in given if n not in expected)
     if unexpected:
         f = given[unexpected[0]][0]
@@ -115,6 +118,9 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
                              "checkpoint does not match its config.json")
         if prefix in names and leaf in ("qweight", "qzeros") and dtype != "I32":
             raise QtoolError(f"{f}: {n} is {dtype}, but packed {leaf} tensors are int32")
+        if expected[n].is_floating_point() and dtype not in _FLOAT_DTYPES:
+            raise QtoolError(f"{f}: {n} is {dtype}, but the model's {leaf} is a floating-point tensor (float32, "
+                             "float16 or bfloat16)")
     aliases: dict[int, list[str]] = {}
     for k, t in expected.items():
         aliases.setdefault(id(t), []).append(k)
@@ -192,6 +198,7 @@ class _Reader:
 
         self.stored, self.layout, self.spec = stored, layout, spec
         self.shape = Shape.of(config) if layout is not None else None
+        self.ignore = None  # what transformers drops on load (model_io.ignored_on_load), once the model is built
 
     def native_index(self) -> dict:
         if self.layout is None:
@@ -224,6 +231,8 @@ class _Reader:
             if self.layout is not None:
                 shard = self.layout.to_native(shard, self.shape, self.spec.format, self.spec.bits,
                                               self.spec.group_size)
+            if self.ignore is not None:
+                shard = {k: t for k, t in shard.items() if not self.ignore.search(k)}
             yield f, shard
 
 

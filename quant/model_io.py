@@ -6,6 +6,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from pathlib import Path
 
@@ -106,6 +107,21 @@ def _layout(cfg: dict):
     from quant.arch import layout_of
 
     return layout_of(cfg)
+
+
+def ignored_on_load(model) -> re.Pattern | None:
+    """What transformers drops from a checkpoint on load without a word (so may qtool): the model class's
+    ``_keys_to_ignore_on_load_unexpected`` and the tensors older checkpoints carry for buffers that are no longer
+    stored, per-layer rotary ``inv_freq`` and ``position_ids``, where the model has such buffers (the rule of
+    transformers' ``PreTrainedModel._adjust_missing_and_unexpected_keys``). A pattern to ``search`` tensor names
+    with, or None."""
+    patterns = set(getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])
+    buffers = [n for n, _ in model.named_buffers()]
+    if any(n.endswith("rotary_emb.inv_freq") for n in buffers):
+        patterns.add(r"rotary_emb\.inv_freq")
+    if any(n.endswith("position_ids") for n in buffers):
+        patterns.add(r"(^|\.)position_ids$")
+    return re.compile("|".join(f"({p})" for p in sorted(patterns))) if patterns else None
 
 
 def model_config(model_dir: str | os.PathLike):
@@ -227,8 +243,26 @@ def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto
             raise QtoolError(f"{model_dir}: the checkpoint {what} {', '.join(keys[:3])}{more}"
                              + (" (they would be random weights)" if what == "lacks" else "")
                              + "; it does not match its config.json")
+    _check_float_weights(model_dir, model)
     model.eval()
     return model
+
+
+def _check_float_weights(model_dir, model) -> None:
+    """Refuse a safetensors weight stored as integers where the model holds floats: transformers would cast the
+    integer codes of an already quantized (or otherwise packed) weight to floats without a word."""
+    from safetensors import safe_open
+
+    floats = {k for k, t in model.state_dict().items() if t.is_floating_point()}
+    for f in weight_files(model_dir):
+        if f.suffix != ".safetensors":
+            continue
+        with safe_open(str(f), framework="pt") as st:
+            for k in st.keys():
+                dtype = st.get_slice(k).get_dtype()
+                if k in floats and not dtype.startswith(("F", "BF")):
+                    raise QtoolError(f"{f}: {k} is stored as {dtype}, but the model holds floats there; a "
+                                     "full-precision model's weights are float32, float16 or bfloat16")
 
 
 @contextlib.contextmanager

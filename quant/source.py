@@ -15,7 +15,6 @@ import hashlib
 import json
 import logging
 import os
-import re
 import sys
 from pathlib import Path
 
@@ -70,9 +69,9 @@ class SourceModel:
         swap_in_expert_linears(self.model)  # routed experts as one nn.Linear per expert and projection
         self.model.eval()
         self.blocks_path = blocks_path
-        # Tensors old checkpoints carry that transformers ignores on load (e.g. rotary inv_freq buffers).
-        ignore = [re.compile(p) for p in getattr(self.model, "_keys_to_ignore_on_load_unexpected", None) or []]
-        self.index = {k: f for k, f in self.index.items() if not any(p.search(k) for p in ignore)}
+        # Tensors old checkpoints carry that transformers ignores on load (e.g. per-layer rotary inv_freq buffers).
+        if (ignore := model_io.ignored_on_load(self.model)) is not None:
+            self.index = {k: f for k, f in self.index.items() if not ignore.search(k)}
         self._check_names()
         names = sorted(k for k in self.index if not k.startswith(blocks_path + "."))
         if outside:
@@ -218,6 +217,9 @@ class SourceModel:
         return tuple(self._header(f)[0][stored]["shape"])
 
     def _check_names(self) -> None:
+        """Refuse (one sentence) a source whose tensors are not the model config.json describes: one missing, one
+        the model does not use, or one stored as integers where the model holds floats (an already quantized or
+        otherwise packed weight would be read as its integer codes)."""
         want = set(self.model.state_dict())
         tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
             n for n, _ in self.model.named_parameters()}
@@ -230,6 +232,13 @@ class SourceModel:
                 raise QtoolError(f"{self.dir}: the checkpoint {what} {', '.join(keys[:3])}{more}"
                                  + (" (they would be random weights)" if what == "lacks" else "")
                                  + "; it does not match its config.json")
+        for stored in sorted({self._stored_name(n) for n in self.index}):
+            dtype = self._stored_dtype(stored)
+            if (dtype is not None and not dtype.is_floating_point
+                    and self.model.get_parameter_or_buffer(self._native_names(stored)[0]).is_floating_point()):
+                raise QtoolError(f"{self.stored[stored]}: {stored} is stored as {str(dtype).removeprefix('torch.')}, "
+                                 "but the model holds floats there; qtool quantizes from float32, float16 or bfloat16 "
+                                 "weights")
 
     def _assign(self, names, state: dict[str, torch.Tensor] | None = None) -> None:
         state = self.tensors(sorted(names)) if state is None else state

@@ -541,6 +541,35 @@ def test_a_quantized_checkpoint_that_does_not_fit_its_config_is_refused_by_info_
         assert_refused(*run_cli(args, capsys), said)
 
 
+@pytest.mark.parametrize("command", [["rtn"], ["ppl", "--max-tokens", "64", "--seqlen", "32"]])
+def test_a_weight_stored_as_integers_is_refused_not_cast(model, tmp_path, capsys, command):
+    """An int32 weight in a full-precision folder: rtn gave a traceback; ppl cast the codes to floats and printed
+    a perplexity of that model as a success."""
+    f = model / "model.safetensors"
+    tensors = load_file(str(f))
+    name = "model.layers.0.mlp.up_proj.weight"
+    tensors[name] = tensors[name].to(torch.int32)
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    out = ["-o", tmp_path / "out"] if command[0] == "rtn" else []
+    code, err, printed = run_cli_out([command[0], model, *out, *command[1:]], capsys)
+    assert_refused(code, err, f"{f}: {name} is stored as", "but the model holds floats there")
+    assert "perplexity" not in printed.lower()
+    _no_output(tmp_path)
+
+
+def test_rotary_inv_freq_tensors_of_older_checkpoints_are_dropped_as_transformers_drops_them(model, tmp_path, capsys):
+    """Llama checkpoints written before transformers stopped storing it carry a rotary inv_freq per layer (the
+    AutoGPTQ checkpoints of Llama-2 too): rtn refused the source, ppl and info the quantized checkpoint."""
+    inv_freq = {f"model.layers.{i}.self_attn.rotary_emb.inv_freq": torch.rand(8) for i in range(2)}
+    f = model / "model.safetensors"
+    save_file({**load_file(str(f)), **inv_freq}, str(f), metadata={"format": "pt"})
+    assert run_cli(["rtn", model, "-o", tmp_path / "q", "--group-size", "32"], capsys)[0] == 0
+    q = tmp_path / "q" / "model.safetensors"
+    save_file({**load_file(str(q)), **inv_freq}, str(q), metadata={"format": "pt"})
+    assert run_cli(["info", tmp_path / "q"], capsys)[0] == 0
+    assert run_cli(["ppl", tmp_path / "q", "--max-tokens", "64", "--seqlen", "32"], capsys)[0] == 0
+
+
 def test_a_checkpoint_with_an_unknown_tensor_is_refused_by_load(model, tmp_path, capsys):
     code, _ = run_cli(["rtn", model, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert code == 0
