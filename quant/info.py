@@ -7,10 +7,8 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from safetensors import safe_open
-
 from quant import model_io, qmath
-from quant.checkpoint import QTOOL_META, tensor_index
+from quant.checkpoint import QTOOL_META, checkpoint_headers, tensor_index
 from quant.errors import QtoolError
 from quant.formats.compat import Written, declared_kept, expert_layer, in_block, readers, skip_pattern
 from quant.formats.spec import read_spec
@@ -43,11 +41,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     index = tensor_index(path)
     fp16_elems = 0
     n_quantized = 0
-    shapes = {}
-    for f in sorted(set(index.values())):
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                shapes[k] = st.get_slice(k).get_shape()
+    shapes = {k: shape for k, (_, shape, _) in checkpoint_headers(index).items()}
     for k, shape in shapes.items():
         prefix, _, leaf = k.rpartition(".")
         if leaf == "scales" and f"{prefix}.qweight" in shapes:
