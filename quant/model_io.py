@@ -179,6 +179,14 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return _DTYPES[name]
 
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # one of them: a tokenizer
+
+
+def has_tokenizer_files(model_dir: str | os.PathLike) -> bool:
+    """Whether the folder holds a tokenizer's vocabulary (a weights-only folder holds none)."""
+    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
+
+
 def load_tokenizer(model_dir: str | os.PathLike):
     """The model folder's tokenizer (no network, no code from the folder); one sentence if none loads.
 

@@ -177,6 +177,9 @@ def _check_source(model_dir, cfg: QuantConfig) -> tuple[dict, arch_table.Arch, Q
         raise QtoolError(f"{model_dir}: is already quantized ({method} quantization); quantize the original "
                          "full-precision model instead")
     arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
+    if not cfg.needs_calibration and model_io.has_tokenizer_files(model_dir):
+        # RTN reads no text, but copies the tokenizer into the checkpoint: a damaged one would be served from there
+        heap.in_child(_check_tokenizer, model_dir, what="reading the tokenizer")
     replay = None
     if cfg.method == "awq" and cfg.awq.search_file:
         from quant.awq.search_file import check_readable, search_path
@@ -185,6 +188,10 @@ def _check_source(model_dir, cfg: QuantConfig) -> tuple[dict, arch_table.Arch, Q
         check_readable(replay)  # before --restart removes a stopped run: a damaged file must not cost it
         cfg = cfg.with_(awq=replace(cfg.awq, search_file=str(replay)))
     return config, arch, cfg, replay
+
+
+def _check_tokenizer(model_dir) -> None:
+    model_io.load_tokenizer(model_dir)
 
 
 def _run_settings(cfg: QuantConfig, replay: Path | None) -> dict:

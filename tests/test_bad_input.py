@@ -624,6 +624,14 @@ def test_a_folder_without_a_tokenizer_is_refused_before_the_model_loads(model, t
     assert code == 0  # round-to-nearest reads no text
 
 
+def test_a_damaged_tokenizer_is_refused_by_rtn_too(model, tmp_path, capsys):
+    # RTN reads no text, but its checkpoint carries the source's tokenizer: a damaged one is not copied on
+    (model / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert_refused(code, err, "has no tokenizer that loads")
+    _no_output(tmp_path)
+
+
 @pytest.mark.parametrize("args,fragment", [(["--seqlen", "1"], "--seqlen 1"), (["--stride", "0"], "--stride 0"),
                                            (["--seqlen", "32", "--stride", "64"], "--stride 64")])
 def test_perplexity_windows_that_cannot_work_are_refused(model, capsys, args, fragment):
