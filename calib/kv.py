@@ -8,6 +8,7 @@ exactly the tensors a cache would store, keep their per-channel min and max, and
 """
 from __future__ import annotations
 
+import inspect
 import logging
 
 import torch
@@ -65,8 +66,10 @@ def collect_key_ranges(model, input_ids: torch.Tensor, batch_size: int = 4) -> K
     """Per-channel ``[min, max]`` of every layer's cached keys over ``input_ids [n, seq]``."""
     cache = KeyRangeCache(model.config)
     device = next(model.parameters()).device
+    # The logits are never used: the last position's only, where the model can (not [batch, seq, vocab] floats)
+    head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
     for batch in input_ids.split(batch_size):
-        model(input_ids=batch.to(device), past_key_values=cache, use_cache=True)
+        model(input_ids=batch.to(device), past_key_values=cache, use_cache=True, **head)
         logger.debug("KV calibration: %d tokens", cache.layers[0].n_tokens)
     return cache.calibration(getattr(model.config, "model_type", ""))
 

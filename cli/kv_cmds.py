@@ -1,6 +1,7 @@
 """``qtool kv``: calibrate per-channel key scales for the int8/int4 KV cache."""
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import click
@@ -45,7 +46,7 @@ def kv():
     """Quantized KV cache: calibration of per-channel key scales.
 
     \b
-      qtool kv calibrate MODEL_DIR                 # writes MODEL_DIR/kv_calib.safetensors, names it in config.json
+      qtool kv calibrate MODEL_DIR                 # writes MODEL_DIR/qtool/kv_calib.safetensors, names it in config.json
       qtool ppl MODEL_DIR --kv int4 --kv-keys channel --kv-window 64
     """
 
@@ -53,8 +54,10 @@ def kv():
 @kv.command()
 @click.argument("model_dir", type=click.Path(path_type=str))
 @click.option("-o", "--out", default=None, type=click.Path(path_type=str),
-              help="Calibration file to write. Default: MODEL_DIR/kv_calib.safetensors. "
-                   "A file inside MODEL_DIR is also named in MODEL_DIR/config.json.")
+              help="Calibration file to write (.safetensors; not at the top of MODEL_DIR, where loaders would "
+                   "take it for weights). Default: MODEL_DIR/qtool/kv_calib.safetensors. A file inside MODEL_DIR "
+                   "is also named in MODEL_DIR/config.json.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it is an earlier KV calibration file.")
 @click.option("--calib-data", default=None, type=click.Path(path_type=str),
               help="Calibration text (.txt, .jsonl, .parquet, datasets folder). Default: the shipped corpus.")
 @click.option("--text-field", default="text", show_default=True, help="Text field of .jsonl/.parquet input.")
@@ -64,20 +67,21 @@ def kv():
 @click.option("--batch-size", default=4, show_default=True, type=int, help="Sequences per forward.")
 @click.option("--device", default="auto", show_default=True, help="auto, cpu, cuda ...")
 @click.option("-v", "--verbose", is_flag=True)
-def calibrate(model_dir, out, calib_data, text_field, n_samples, seqlen, seed, batch_size, device, verbose):
+def calibrate(model_dir, out, overwrite, calib_data, text_field, n_samples, seqlen, seed, batch_size, device,
+              verbose):
     """Collect per-channel ranges of the cached keys (after RoPE and q/k norms) of MODEL_DIR."""
     import quant
     from quant import model_io
     from calib.data import calibration_batch, load_texts
     from calib.kv import collect_key_ranges, outlier_ratio
     from quant.arch import ARCHITECTURES
-    from quant.kv.config import CALIB_FILENAME, write_calibration_reference
+    from quant.kv.config import write_calibration_reference
 
     setup_logging(verbose)
     if n_samples < 1 or seqlen < 2 or batch_size < 1:
         raise QtoolError(f"--n-samples {n_samples}, --seqlen {seqlen} and --batch-size {batch_size} must be "
                          "positive (--seqlen at least 2)")
-    out_path = Path(out) if out else Path(model_dir) / CALIB_FILENAME
+    out_path = _calibration_out(model_dir, out, overwrite)
     model, tokenizer = quant.load_any(model_dir, device=device)
     model_io.check_seqlen(model, seqlen)
     arch = ARCHITECTURES.get(getattr(model.config, "model_type", ""))
@@ -99,6 +103,30 @@ def calibrate(model_dir, out, calib_data, text_field, n_samples, seqlen, seed, b
         ["named in config.json", "yes" if inside else "no (file outside the model folder: pass --kv-calib)"],
     ]
     click.echo(tabulate(rows, tablefmt="simple"))
+
+
+def _calibration_out(model_dir: str, out: str | None, overwrite: bool) -> Path:
+    """Where ``kv calibrate`` writes, checked before the model loads: a ``.safetensors`` path that is no folder,
+    not at the top of the model folder (every loader reads the top-level ``*.safetensors`` as weights), and,
+    where a file is there already, an earlier calibration replaced only with ``--overwrite`` (never a model's
+    own file)."""
+    from quant.kv.config import CALIB_FILENAME, is_calibration_file
+
+    path = Path(out) if out else Path(model_dir) / CALIB_FILENAME
+    if path.is_dir() or (out and out.endswith(("/", os.sep))):
+        raise QtoolError(f"-o {out}: is a folder; -o takes the calibration file to write, a .safetensors path")
+    if path.suffix != ".safetensors":
+        raise QtoolError(f"-o {out}: the calibration is a safetensors file; give a path ending in .safetensors")
+    if path.resolve().parent == Path(model_dir).resolve():
+        raise QtoolError(f"-o {out}: a .safetensors file at the top of the model folder would be read as weights "
+                         f"by every loader; write it in a subfolder (the default: {CALIB_FILENAME}) or outside")
+    if path.exists():
+        if not is_calibration_file(path):
+            raise QtoolError(f"-o {out or path}: exists and is not a KV calibration file; only an earlier "
+                             "calibration is replaced")
+        if not overwrite:
+            raise QtoolError(f"-o {out or path}: exists; pass --overwrite to replace it")
+    return path
 
 
 COMMANDS = [kv]

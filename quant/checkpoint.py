@@ -126,6 +126,7 @@ def write_metadata(cfg: QuantConfig, source_dir: str | os.PathLike, dst: Path, k
     """Everything a loader needs besides the tensors, into ``dst``: config.json with its
     ``quantization_config``, the tokenizer and generation files, and qtool.json."""
     config = model_io.read_config(source_dir)
+    config.pop(model_io.KV_CONFIG_KEY, None)  # the source's KV-cache calibration: its keys, not this model's
     config["quantization_config"] = quantization_config(cfg, kept, quantized)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if "dtype" in config:
@@ -143,9 +144,9 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
 
 
 def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
-    """Tensor name -> the safetensors file holding it (reads headers only). qtool's side files (``qtool_*``:
-    the search results of checkpoints made before they moved to ``qtool/``) hold no weights."""
-    files = sorted(f for f in Path(path).glob("*.safetensors") if not f.name.startswith("qtool_"))
+    """Tensor name -> the safetensors file holding it (reads headers only). qtool's side files
+    (:func:`quant.model_io.is_side_file`) hold no weights."""
+    files = sorted(f for f in Path(path).glob("*.safetensors") if not model_io.is_side_file(f))
     if not files:
         raise QtoolError(f"{path}: holds no *.safetensors files; quantized checkpoints are read from safetensors only")
     return {k: f for f in files for k in model_io.safetensors_keys(f)}

@@ -16,6 +16,8 @@ from quant.errors import QtoolError
 
 log = logging.getLogger(__name__)
 
+# quant.kv.config's calibration file: its header's format, and the config.json entry that names it
+KV_CALIB_FORMAT, KV_CONFIG_KEY = "qtool-kv-calib", "qtool_kv_cache"
 WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
 # Everything a deployment needs beside the weights: tokenizer, chat template, generation defaults.
 SIDE_FILES = (
@@ -58,12 +60,31 @@ def read_config(model_dir: str | os.PathLike) -> dict:
 
 
 def weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The folder's weight files: its top-level ``*.safetensors`` (a KV-cache calibration that older qtool
+    versions wrote there left out), else ``.bin`` files. Raises QtoolError where there are none."""
     path = Path(model_dir)
     for pattern in WEIGHT_PATTERNS:
-        files = sorted(path.glob(pattern))
+        files = sorted(f for f in path.glob(pattern) if not is_side_file(f))
         if files:
             return files
     raise QtoolError(f"{path}: holds no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def is_side_file(f: Path) -> bool:
+    """Whether ``f``, a top-level file of a model folder, is one of qtool's side files, which hold no weights:
+    ``qtool_*`` (the AWQ search of checkpoints made before it moved to ``qtool/``) or a KV-cache calibration
+    of `qtool kv calibrate` (its safetensors header says so; older versions wrote it there)."""
+    if f.name.startswith("qtool_"):
+        return True
+    if f.suffix != ".safetensors":
+        return False
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            return (st.metadata() or {}).get("format") == KV_CALIB_FORMAT
+    except Exception:  # noqa: BLE001 - a damaged file is a weight file here; its readers say what is wrong
+        return False
 
 
 def safetensors_keys(f: Path) -> list[str]:
@@ -320,9 +341,9 @@ def _auto_map_modules(folder: str | os.PathLike) -> list[str]:
 
 def folder_bytes(path: str | os.PathLike, patterns=("*.safetensors", "*.bin")) -> int:
     """Bytes of the weight files in ``path`` that a load reads: the first pattern with any files (a folder
-    shipping both ``.safetensors`` and ``.bin`` loads the former); qtool's side files, ``qtool_*``, are not weights."""
+    shipping both ``.safetensors`` and ``.bin`` loads the former); qtool's side files (:func:`is_side_file`) are not weights."""
     for p in patterns:
-        files = [f for f in Path(path).glob(p) if not f.name.startswith("qtool_")]
+        files = [f for f in Path(path).glob(p) if not is_side_file(f)]
         if files:
             return sum(f.stat().st_size for f in files)
     return 0

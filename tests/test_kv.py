@@ -1,6 +1,7 @@
 """KV-cache quantization: quantizer error bounds, the Cache against transformers' own, generate() on every
 architecture row (fp and int4 weights), calibration, perplexity through the cache, and the CLI."""
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -345,6 +346,73 @@ def test_cli_calibrate_then_ppl_with_channel_keys(tmp_path):
                               "--kv-keys", "channel", "--kv-window", "8"])
     assert res.exit_code == 0, res.output
     assert parse_kv("int4", keys="channel", model_dir=src).calibration is not None
+    # The calibrated folder is still a source: quantized, its checkpoint is calibrated in turn, and read after it
+    res = runner.invoke(app, ["rtn", str(src), "--group-size", "32", "-o", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    assert "qtool_kv_cache" not in json.loads((tmp_path / "q" / "config.json").read_text())  # the source's keys
+    res = runner.invoke(app, ["kv", "calibrate", str(tmp_path / "q"), "--calib-data", str(data), "--n-samples", "2",
+                              "--seqlen", "32"])
+    assert res.exit_code == 0, res.output
+    for args in (["info", str(tmp_path / "q")], ["ppl", str(tmp_path / "q"), "--data", str(data), "--seqlen", "64",
+                                                  "--kv", "int4", "--kv-keys", "channel"]):
+        res = runner.invoke(app, args)
+        assert res.exit_code == 0, res.output
+
+
+def test_a_calibration_at_the_top_of_a_folder_is_not_taken_for_weights(tmp_path):
+    """Older versions wrote kv_calib.safetensors beside the weights: such a folder still quantizes and loads."""
+    src = save_tiny_model("llama", tmp_path / "m")
+    calibration = KVCalibration((torch.zeros(2, 16),) * 2, (torch.ones(2, 16),) * 2, "llama", 64)
+    calibration.save(src / "kv_calib.safetensors")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "qtool_kv_cache": {"key_calibration": "kv_calib.safetensors"}}))
+    quant.quantize(src, tmp_path / "q", method="rtn", bits=4, group_size=32, progress=False)
+    quant.load_any(src)
+    assert parse_kv("int4", keys="channel", model_dir=src).calibration.num_layers == 2
+
+
+@pytest.mark.parametrize("out, match", [
+    ("{m}/model.safetensors", "top of the model folder"), ("{m}/kv.safetensors", "top of the model folder"),
+    ("{m}/config.json", "ending in .safetensors"), ("{m}", "is a folder"), ("{t}/d/", "is a folder"),
+    ("{m}/qtool/../tokenizer.json", "ending in .safetensors"), ("{t}/w.safetensors", "not a KV calibration file"),
+    ("{t}/old.safetensors", "pass --overwrite"),
+])
+def test_kv_calibrate_never_writes_over_a_model_file_or_into_the_weights(tmp_path, out, match):
+    src = save_tiny_model("llama", tmp_path / "m")
+    (tmp_path / "d").mkdir()
+    shutil.copy(src / "model.safetensors", tmp_path / "w.safetensors")
+    KVCalibration((torch.zeros(2, 16),) * 2, (torch.ones(2, 16),) * 2, "llama", 64).save(tmp_path / "old.safetensors")
+    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    res = CliRunner().invoke(app, ["kv", "calibrate", str(src), "-o", out.format(m=src, t=tmp_path),
+                                   "--n-samples", "2", "--seqlen", "32"])
+    assert isinstance(res.exception, QtoolError) and match in str(res.exception), res.output
+    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    assert not [f for f in tmp_path.rglob(".*") if f.is_file()]  # no temporary file left
+    res = CliRunner().invoke(app, ["kv", "calibrate", str(src), "-o", str(tmp_path / "old.safetensors"),
+                                   "--overwrite", "--n-samples", "2", "--seqlen", "32"])
+    assert res.exit_code == 0, res.output
+
+
+@pytest.mark.parametrize("damage, match", [
+    (lambda lo, hi: (lo.fill_(float("nan")), hi), "NaN or inf"), (lambda lo, hi: (hi + 1, lo), "minimum is above"),
+    (lambda lo, hi: (lo[0], hi[0]), "shapes"),
+])
+def test_a_calibration_with_impossible_ranges_is_refused_when_read(tmp_path, damage, match):
+    lo, hi = damage(torch.zeros(2, 16), torch.ones(2, 16))
+    path = KVCalibration((torch.zeros(2, 16), lo), (torch.ones(2, 16), hi), "llama", 64).save(tmp_path / "k.safetensors")
+    with pytest.raises(QtoolError, match=match):
+        KVCalibration.load(path)
+
+
+@pytest.mark.parametrize("entry, match", [("kv.safetensors", "qtool reads"), ({"key_calibration": "gone.safetensors"},
+                                                                             "not in the folder")])
+def test_a_config_entry_that_names_no_calibration_is_refused_naming_config_json(tmp_path, entry, match):
+    src = save_tiny_model("llama", tmp_path / "m")
+    config = json.loads((src / "config.json").read_text())
+    (src / "config.json").write_text(json.dumps({**config, "qtool_kv_cache": entry}))
+    res = CliRunner().invoke(app, ["ppl", str(src), "--kv", "int4", "--kv-keys", "channel", "--seqlen", "32"])
+    assert isinstance(res.exception, QtoolError) and "config.json" in str(res.exception), res.output
+    assert match in str(res.exception)
 
 
 @pytest.mark.parametrize("args,match", [

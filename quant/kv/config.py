@@ -1,6 +1,7 @@
 """KV-cache quantization settings (frozen, validated) and the calibration file that per-channel keys need.
 
-Calibration file (``kv_calib.safetensors``, beside the model, named in its ``config.json``):
+Calibration file (by default ``qtool/kv_calib.safetensors`` in the model folder, named in its
+``config.json``; a subfolder, since loaders read every top-level ``*.safetensors`` of a folder as weights):
 
 * tensors ``layers.{i}.key_min`` and ``layers.{i}.key_max``: float32 ``[kv_heads, head_dim]``, the
   smallest and largest value of each channel of layer ``i``'s keys *as they are cached* (after RoPE
@@ -9,8 +10,9 @@ Calibration file (``kv_calib.safetensors``, beside the model, named in its ``con
 * metadata: ``format = "qtool-kv-calib"``, ``version = "1"``, ``model_type``, ``num_layers``,
   ``num_kv_heads``, ``head_dim``, ``n_tokens``.
 
-``config.json`` reference: ``"qtool_kv_cache": {"key_calibration": "kv_calib.safetensors"}`` (a path
-relative to the model folder).
+``config.json`` reference: ``"qtool_kv_cache": {"key_calibration": "qtool/kv_calib.safetensors"}`` (a path
+relative to the model folder; files of older qtool versions at the top level are still read, and are not
+taken for weights).
 """
 from __future__ import annotations
 
@@ -24,12 +26,13 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from quant.errors import QtoolError
+from quant.model_io import KV_CALIB_FORMAT, KV_CONFIG_KEY
 from quant.output import save_safetensors
 
 KEY_SCHEMES = ("token", "channel")
-CALIB_FORMAT, CALIB_VERSION = "qtool-kv-calib", "1"
-CALIB_FILENAME = "kv_calib.safetensors"
-CONFIG_KEY = "qtool_kv_cache"
+CALIB_FORMAT, CALIB_VERSION = KV_CALIB_FORMAT, "1"
+CALIB_FILENAME = "qtool/kv_calib.safetensors"
+CONFIG_KEY = KV_CONFIG_KEY
 
 
 @dataclass(frozen=True, eq=False)
@@ -54,8 +57,8 @@ class KVCalibration:
         path = Path(path)
         tensors = {}
         for i, (lo, hi) in enumerate(zip(self.key_min, self.key_max)):
-            tensors[f"layers.{i}.key_min"] = lo.float().contiguous()
-            tensors[f"layers.{i}.key_max"] = hi.float().contiguous()
+            tensors[f"layers.{i}.key_min"] = lo.float().contiguous().clone()  # a tensor shared by two layers, too
+            tensors[f"layers.{i}.key_max"] = hi.float().contiguous().clone()
         heads, head_dim = self.shape
         meta = {"format": CALIB_FORMAT, "version": CALIB_VERSION, "model_type": self.model_type,
                 "num_layers": str(self.num_layers), "num_kv_heads": str(heads), "head_dim": str(head_dim),
@@ -63,8 +66,12 @@ class KVCalibration:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
         os.close(fd)
-        save_safetensors(tensors, tmp, meta)
-        os.replace(tmp, path)
+        try:
+            save_safetensors(tensors, tmp, meta)
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
         return path
 
     @classmethod
@@ -85,6 +92,7 @@ class KVCalibration:
             raise
         except (OSError, ValueError, KeyError, RuntimeError, SafetensorError) as e:  # truncated or foreign: say which
             raise QtoolError(f"{path}: cannot be read as a KV calibration file ({e})") from None
+        _check_ranges(path, lo, hi)
         return cls(lo, hi, meta.get("model_type", ""), int(meta.get("n_tokens", 0)), str(path))
 
     def check_model(self, n_layers: int, kv_heads: int, head_dim: int) -> None:
@@ -96,13 +104,51 @@ class KVCalibration:
                 f"but the model has {n_layers} layers of {kv_heads} x {head_dim}; calibrate this model")
 
 
+def _check_ranges(path: Path, lo: tuple[torch.Tensor, ...], hi: tuple[torch.Tensor, ...]) -> None:
+    """One sentence where the ranges cannot be a calibration's: no layers, a tensor that is not ``[kv_heads,
+    head_dim]`` like the first layer's, a value that is not finite, or a channel whose minimum is above its
+    maximum (the cache would scale by NaN or a negative step and the model's outputs would be blamed)."""
+    if not lo:
+        raise QtoolError(f"{path}: holds no layers; write the file again with `qtool kv calibrate`")
+    for i, (a, b) in enumerate(zip(lo, hi)):
+        if a.dim() != 2 or a.shape != lo[0].shape or b.shape != a.shape:
+            raise QtoolError(f"{path}: layer {i}'s key ranges have shapes {tuple(a.shape)} and {tuple(b.shape)}; "
+                             f"a calibration holds [kv_heads, head_dim] in every layer, like layer 0's "
+                             f"{tuple(lo[0].shape)}: write the file again with `qtool kv calibrate`")
+        if not (torch.isfinite(a).all() and torch.isfinite(b).all()):
+            raise QtoolError(f"{path}: layer {i}'s key ranges hold NaN or inf values; write the file again with "
+                             "`qtool kv calibrate`")
+        if (a > b).any():
+            raise QtoolError(f"{path}: layer {i} has a key channel whose minimum is above its maximum; write the "
+                             "file again with `qtool kv calibrate`")
+
+
+def is_calibration_file(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file whose header says it is a KV calibration (no tensor is read)."""
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            return (f.metadata() or {}).get("format") == CALIB_FORMAT
+    except Exception:  # noqa: BLE001 - not safetensors, damaged, missing: not a calibration
+        return False
+
+
 def calibration_reference(model_dir: str | os.PathLike) -> Path | None:
-    """The calibration file named in ``model_dir/config.json``, or None."""
+    """The calibration file named in ``model_dir/config.json``, or None. Raises :class:`QtoolError` where the
+    entry is not ``{"key_calibration": "relative/path"}`` or names no file."""
     cfg_path = Path(model_dir) / "config.json"
     if not cfg_path.is_file():
         return None
-    ref = json.loads(cfg_path.read_text()).get(CONFIG_KEY, {}).get("key_calibration")
-    return Path(model_dir) / ref if ref else None
+    entry = json.loads(cfg_path.read_text()).get(CONFIG_KEY)
+    if entry is None:
+        return None
+    ref = entry.get("key_calibration") if isinstance(entry, dict) else None
+    if not isinstance(ref, str) or not ref:
+        raise QtoolError(f"{cfg_path}: {CONFIG_KEY} is {json.dumps(entry)[:80]}; qtool reads "
+                         f'{{"key_calibration": "{CALIB_FILENAME}"}} (a file in the model folder) there')
+    if not (Path(model_dir) / ref).is_file():
+        raise QtoolError(f"{cfg_path}: {CONFIG_KEY} names {ref}, which is not in the folder; run `qtool kv "
+                         "calibrate` on it again, or pass --kv-calib FILE")
+    return Path(model_dir) / ref
 
 
 def write_calibration_reference(model_dir: str | os.PathLike, calib_path: str | os.PathLike) -> None:
