@@ -3,6 +3,7 @@ meta device to check them: :func:`quant.loading.check_checkpoint`)."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass
 from pathlib import Path
@@ -12,6 +13,8 @@ from quant.checkpoint import QTOOL_META, checkpoint_headers, tensor_index
 from quant.errors import QtoolError
 from quant.formats.compat import Written, declared_kept, expert_layer, in_block, readers, skip_pattern
 from quant.formats.spec import read_spec
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -70,11 +73,13 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
                               skip_pattern(kept, quantized), moe, keys))
     method = None
     meta = Path(path) / QTOOL_META
-    if meta.is_file():
-        made = json.loads(meta.read_text()).get("qtool", {})
-        report = made.get("report", {})
-        method = report.get("method") or made.get("config", {}).get("method")  # AWQ+GPTQ: "gptq+awq"
-        chosen = (report.get("model_check") or {}).get("kept")
+    made = _qtool_record(meta) if meta.is_file() else {}
+    if made:
+        report = made.get("report") if isinstance(made.get("report"), dict) else {}
+        config_made = made.get("config") if isinstance(made.get("config"), dict) else {}
+        method = report.get("method") or config_made.get("method")  # AWQ+GPTQ: "gptq+awq"
+        check = report.get("model_check")
+        chosen = check.get("kept") if isinstance(check, dict) else None
         if method and chosen and chosen != method:
             from quant.model_check import describe
 
@@ -85,6 +90,17 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         checkpoint_bytes=model_io.folder_bytes(path, ("*.safetensors",)), fp16_bytes=2 * fp16_elems, method=method,
         loaders=loaders,
     )
+
+
+def _qtool_record(meta: Path) -> dict:
+    """The ``"qtool"`` object of a checkpoint's qtool.json (how qtool made it), or ``{}`` where the file is damaged
+    or another tool's: it only adds the method to the description, so a bad one is logged, not fatal."""
+    try:
+        made = json.loads(meta.read_text()).get("qtool")
+    except (OSError, ValueError, AttributeError) as e:
+        log.warning("%s: not read (%s); the method that made the checkpoint is not shown", meta, type(e).__name__)
+        return {}
+    return made if isinstance(made, dict) else {}
 
 
 def _kept(spec, shapes: dict, quantized: list[str]) -> tuple[list[str], frozenset[str]]:

@@ -11,6 +11,7 @@ from torch import nn
 from quant import model_io, qmath
 from quant.checkpoint import checkpoint_headers, tensor_index
 from quant.errors import QtoolError
+from quant.formats.compat import declared_kept
 from quant.formats.spec import CheckpointSpec, read_spec
 from quant.gptq_checkpoints import read_qzeros, resolve_convention
 from quant.modules import QuantLinear
@@ -76,7 +77,7 @@ def _skeleton(path: str | os.PathLike, dtype: torch.dtype | str | None):
         del config.quantization_config  # our modules do the dequantization, not transformers' integrations
     if dtype is None:
         dtype = getattr(config, "dtype", None) or torch.float16
-    dtype = model_io.torch_dtype(dtype) if isinstance(dtype, str) else dtype
+    dtype = model_io.torch_dtype(dtype)
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     swap_in_expert_linears(model)  # routed experts as per-expert linears, as qtool writes them
@@ -103,6 +104,12 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
         for n in native:
             if reader.ignore is None or not reader.ignore.search(n):
                 given[n] = (f, shape if reader.layout is None else None, dtype)
+    if reader.layout is None:  # names as stored: the config's exclusions name them so
+        for key, kept in declared_kept(spec.config, sorted(names)).items():
+            for n in sorted(kept)[:1]:
+                raise QtoolError(f"{path}: config.json's quantization_config.{key} keeps {n} in full precision, but "
+                                 f"the checkpoint stores it quantized ({n}.qweight); loaders that read {key} would "
+                                 "build a full-precision layer there and miss its weight")
     unexpected = sorted(n for n in given if n not in expected)
     if unexpected:
         f = given[unexpected[0]][0]
@@ -147,6 +154,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     sentence, before any weight is read) for a checkpoint that does not fit its config.json
     (:func:`check_tensors`).
     """
+    device = model_io.parse_device(device)  # a bad value in one sentence, before any weight is read
     model, spec, reader, names, dtype = _skeleton(path, dtype)
     check_tensors(path, model, reader, names, spec)
     if spec.format.quant_method == "gptq":  # v1 or v2 zeros: the declaration, checked against the tensors

@@ -142,8 +142,13 @@ def perplexity(
     by default it follows the architecture table. A quantized model on the CPU is scored with its
     weights dequantized once where they fit (:func:`dequantize_once`): the same numbers, faster.
     """
+    for name, value in (("seqlen", seqlen), ("stride", stride), ("max_tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise QtoolError(f"{name} {value!r} must be a whole number of tokens")
     if seqlen < 2:
         raise QtoolError(f"--seqlen {seqlen}: a window needs at least 2 tokens (one to predict from, one to score)")
+    if max_tokens is not None and max_tokens < 2:
+        raise QtoolError(f"--max-tokens {max_tokens}: score at least 2 tokens (one to predict from, one to score)")
     stride = seqlen if stride is None else stride
     if not 0 < stride <= seqlen:
         raise QtoolError(f"--stride {stride} must lie between 1 and --seqlen {seqlen}")

@@ -530,6 +530,10 @@ _UP = "model.layers.0.mlp.up_proj"
      "model.layers.0.mlp.extra.qweight/scales/qzeros belong to no module"),
     (None, lambda c: c.update({"quantization_config": "awq"}), "quantization_config is \"awq\", not an object"),
     (None, lambda c: c.update({"intermediate_size": 2 * c["intermediate_size"]}), "the layer sizes make it"),
+    (None, lambda c: c["quantization_config"].update({"group_size": 0}), "group size is 0; it must be a positive"),
+    (None, lambda c: c["quantization_config"].update({"zero_point": False}), "quantization_config.zero_point is false"),
+    (None, lambda c: c["quantization_config"].update({"modules_to_not_convert": [_UP]}),
+     f"modules_to_not_convert keeps {_UP} in full precision, but the checkpoint stores it quantized"),
 ])
 def test_a_quantized_checkpoint_that_does_not_fit_its_config_is_refused_by_info_and_ppl(model, tmp_path, capsys,
                                                                                         tensors, config, said):
@@ -539,6 +543,23 @@ def test_a_quantized_checkpoint_that_does_not_fit_its_config_is_refused_by_info_
     out = _edited_checkpoint(model, tmp_path / "q", capsys, tensors, config)
     for args in (["info", out], ["ppl", out, "--max-tokens", "64", "--seqlen", "32"]):
         assert_refused(*run_cli(args, capsys), said)
+
+
+@pytest.mark.parametrize("record", ["garbage", "[]", '{"qtool": 5}', '{"qtool": {"config": "x", "report": [1]}}'])
+def test_info_reads_a_checkpoint_whose_qtool_json_is_damaged(model, tmp_path, capsys, record):
+    """qtool.json only says which method made the checkpoint: a damaged one is skipped with a warning (info gave a
+    JSONDecodeError or AttributeError traceback; ppl already read such a checkpoint)."""
+    out = _edited_checkpoint(model, tmp_path / "q", capsys, None, None)
+    (out / "qtool.json").write_text(record)
+    code, err, printed = run_cli_out(["info", out], capsys)
+    assert code == 0, err
+    assert "AWQ" in printed or "awq" in printed
+
+
+@pytest.mark.parametrize("tokens", ["-5", "1", "0"])
+def test_ppl_refuses_a_max_tokens_that_scores_nothing_sensible(model, capsys, tokens):
+    """--max-tokens -5 scored all but the last 5 tokens and printed that as a success."""
+    assert_refused(*run_cli(["ppl", model, "--max-tokens", tokens, "--seqlen", "32"], capsys), f"--max-tokens {tokens}")
 
 
 @pytest.mark.parametrize("command", [["rtn"], ["ppl", "--max-tokens", "64", "--seqlen", "32"]])
@@ -606,7 +627,7 @@ def test_an_autoawq_checkpoint_with_a_legacy_quant_config_json_is_read(model, tm
         {"zero_point": True, "q_group_size": 32, "w_bit": 4, "version": "GEMM"}))
     code, _, out_legacy = run_cli_out(["ppl", tmp_path / "q", *args], capsys)
     assert code == 0
-    ppl = [line.split("|")[2].strip() for line in (out_new, out_legacy)
+    ppl = [line.split("|")[3].strip() for line in (out_new, out_legacy)
            for line in line.splitlines() if str(tmp_path / "q") in line]
     assert len(ppl) == 2 and ppl[0] == ppl[1], (out_new, out_legacy)
 

@@ -121,6 +121,12 @@ def read_spec(path: str | os.PathLike) -> CheckpointSpec:
         group_size = _int(qc, ("group_size",), DEFAULT_GROUP_SIZE, path)
     else:
         raise QtoolError(f"{path}: quant_method {method!r} is not supported; qtool loads awq (gemm) and gptq checkpoints")
+    if group_size < 1 and group_size != -1:
+        raise QtoolError(f"{path}: quantization_config's group size is {group_size}; it must be a positive number "
+                         "of input features, or -1 (one group per output channel)")
+    if method == "awq" and _flag(qc, "zero_point", path) is False:
+        raise QtoolError(f"{path}: quantization_config.zero_point is false; qtool reads the AWQ gemm layout with "
+                         "zero points (zero_point true), the one AutoAWQ, vLLM and transformers read")
     act_order = bool(_flag(qc, "desc_act", path))
     problem = fmt.settings_error(bits, bool(sym), act_order and method == "gptq")
     if problem:
