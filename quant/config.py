@@ -191,6 +191,11 @@ class QuantConfig:
             if not isinstance(getattr(self, name), kind):
                 raise QtoolError(f"{name} must be {kind.__name__}(...), not {type(getattr(self, name)).__name__}")
         _require_ints(self, ("bits", "group_size", "n_samples", "held_out", "check_windows", "seqlen", "seed"))
+        if isinstance(self.skip, str):  # one name: not its characters
+            object.__setattr__(self, "skip", (self.skip,))
+        object.__setattr__(self, "skip", tuple(self.skip))
+        if not all(isinstance(n, str) for n in self.skip):
+            raise QtoolError(f"skip must be module names (strings), e.g. ('mlp.down_proj',), not {self.skip!r}")
         if self.method not in METHODS:
             raise QtoolError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
         from quant.formats import format_names, get_format
@@ -304,6 +309,9 @@ class QuantConfig:
             if name in _CLI_NAMES:
                 raise QtoolError(f"{name!r} is the command line's name; in Python pass {_CLI_NAMES[name]}")
             raise QtoolError(f"{name!r} is not a quantization setting; use one of {', '.join(sorted(known))}")
+        if base is not None and not isinstance(base, cls):
+            raise QtoolError(f"the settings are a {type(base).__name__}, not a QuantConfig; pass them as keywords "
+                             "(quantize(src, out, method='awq', bits=4)) or as QuantConfig(...)")
         return replace(base, **options) if base is not None else cls(**options)
 
     def with_(self, **changes) -> QuantConfig:

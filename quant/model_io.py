@@ -195,9 +195,12 @@ def parse_device(device: str | torch.device | None) -> torch.device:
 
 
 def torch_dtype(name: str | torch.dtype) -> torch.dtype:
-    if isinstance(name, torch.dtype):
-        return name
-    return _DTYPES[name]
+    """The floating-point dtype ``name`` gives ("float32", "float16", "bfloat16", or a torch float dtype).
+    Raises QtoolError for any other value (an integer dtype: weights are computed in floats)."""
+    dtype = name if isinstance(name, torch.dtype) else _DTYPES.get(name) if isinstance(name, str) else None
+    if dtype is None or not dtype.is_floating_point:
+        raise QtoolError(f"dtype {name!r} is not one qtool computes in; use one of {', '.join(_DTYPES)}")
+    return dtype
 
 
 TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # one of them: a tokenizer

@@ -102,6 +102,9 @@ def quantize(
     text in a forked child process (:func:`quant.heap.in_child`), whose memory leaves with it.
     """
     cfg = QuantConfig.from_options(cfg, **options)
+    if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
+        raise QtoolError(f"max_shard_bytes {max_shard_bytes!r} must be a positive number of bytes (the command "
+                         "line's --max-shard-size takes 500MB, 2GB ...)")
     heap.keep_large_allocations_mapped()
     t0 = time.perf_counter()
     config, arch, cfg, replay = _check_source(model_dir, cfg)

@@ -287,3 +287,31 @@ def test_an_option_given_to_the_wrong_place_names_where_it_belongs(tmp_path, opt
     with pytest.raises(quant.QtoolError, match=message):  # the same on top of a config
         quant.quantize(src, tmp_path / "out", QuantConfig(method="rtn"), progress=False, **options)
     assert not (tmp_path / "out").exists()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda src, out: quant.quantize(src, out, {"method": "rtn"}), r"the settings are a dict, not a QuantConfig"),
+    (lambda src, out: quant.quantize(src, out, method="rtn", max_shard_bytes=0), r"max_shard_bytes 0 must be"),
+    (lambda src, out: quant.quantize(src, out, method="rtn", max_shard_bytes="1GB"), r"max_shard_bytes '1GB'"),
+    (lambda src, out: quant.quantize(src, out, method="rtn", skip=[3]), r"skip must be module names"),
+    (lambda src, out: quant.load_any(src, dtype="bogus"), r"dtype 'bogus' is not one"),
+    (lambda src, out: quant.load_any(src, dtype=torch.int8), r"dtype torch.int8 is not one"),
+    (lambda src, out: quant.perplexity(None, None, "text", seqlen=64.0), r"seqlen 64.0 must be a whole number"),
+    (lambda src, out: quant.kv.with_kv_cache(None, None), r"pass a KVCacheConfig"),
+    (lambda src, out: quant.kv.KVCacheConfig(bits=4, keys="channel", calibration="c.safetensors"),
+     r"pass KVCalibration.load\(path\)"),
+])
+def test_the_python_api_refuses_wrong_values_in_one_sentence(tmp_path, call, message):
+    """Each gave a TypeError, KeyError or AttributeError (some only at a later call), or was taken: max_shard_bytes
+    0 wrote a shard per tensor, a '1GB' string failed mid-run and left the temporary folder behind."""
+    src = save_tiny_model("llama", tmp_path / "src")
+    with pytest.raises(quant.QtoolError, match=message):
+        call(src, tmp_path / "out")
+    assert not [p for p in tmp_path.iterdir() if p.name != "src"]
+
+
+def test_skip_given_as_one_name_is_that_name_not_its_characters(tmp_path):
+    src = save_tiny_model("llama", tmp_path / "src")
+    quant.quantize(src, tmp_path / "out", method="rtn", group_size=32, skip="mlp.down_proj", progress=False)
+    config = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+    assert any("down_proj" in n for n in config["modules_to_not_convert"])

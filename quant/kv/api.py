@@ -4,6 +4,7 @@ from __future__ import annotations
 import functools
 
 from quant.kv.cache import QuantizedKVCache
+from quant.errors import QtoolError
 from quant.kv.config import KVCacheConfig, parse_kv
 
 
@@ -20,6 +21,8 @@ def with_kv_cache(model, kv: KVCacheConfig | str):
     The original method stays reachable as ``model.generate_fp_cache``.
     """
     kv = parse_kv(kv) if isinstance(kv, str) else kv
+    if not isinstance(kv, KVCacheConfig):
+        raise QtoolError(f"the KV cache settings are {kv!r}; pass a KVCacheConfig(...) or 'int8' / 'int4'")
     QuantizedKVCache(model.config, kv)  # fail now, not at the first generate, on an unsupported model
     original = getattr(model, "generate_fp_cache", model.generate)
 

@@ -185,6 +185,9 @@ class KVCacheConfig:
             raise QtoolError(f"--kv-keys {self.keys!r} is not a key scheme; use 'token' or 'channel'")
         if not isinstance(self.window, int) or self.window < 0:
             raise QtoolError(f"--kv-window {self.window!r} must be a whole number of tokens, 0 or more")
+        if self.calibration is not None and not isinstance(self.calibration, KVCalibration):
+            raise QtoolError(f"calibration is {self.calibration!r}; pass KVCalibration.load(path), or the path "
+                             "to parse_kv(..., calib=path)")
         if self.keys == "channel" and self.calibration is None:
             raise QtoolError("--kv-keys channel needs per-channel key ranges: pass --kv-calib FILE "
                              "(written by `qtool kv calibrate MODEL_DIR`) or calibrate the model folder")
