@@ -51,7 +51,7 @@ def ppl(model_dir, data, seqlen, stride, max_tokens, dtype, device, kv, kv_keys,
     else:
         res = kv_perplexity(model, tokenizer, text, kv_cfg, seqlen=seqlen, stride=stride,
                                      max_tokens=max_tokens, chunk=kv_chunk, progress=True)
-    print_ppl(model_dir, res)
+    print_ppl(model_dir, res, kv_cfg)
 
 
 @click.command()

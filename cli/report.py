@@ -155,9 +155,13 @@ def print_info(info) -> None:
         click.echo(f"  kept in full precision: {name}")
 
 
-def print_ppl(model_dir: str, res) -> None:
-    rows = [[model_dir, f"{res.ppl:.3f}", res.n_tokens, res.n_windows, f"{res.tokens_per_s:,.0f}"]]
-    click.echo(tabulate(rows, headers=["model", "perplexity", "tokens", "windows", "tokens/s"], tablefmt="github"))
+def print_ppl(model_dir: str, res, kv=None) -> None:
+    """The perplexity row; ``kv`` (a :class:`quant.kv.KVCacheConfig`, None for the full-precision cache) names
+    the KV cache the number was measured with."""
+    cache = kv.name if kv is not None else "full precision"
+    rows = [[model_dir, cache, f"{res.ppl:.3f}", res.n_tokens, res.n_windows, f"{res.tokens_per_s:,.0f}"]]
+    click.echo(tabulate(rows, headers=["model", "KV cache", "perplexity", "tokens", "windows", "tokens/s"],
+                        tablefmt="github"))
 
 
 def print_self_samples(r) -> None:

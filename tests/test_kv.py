@@ -415,7 +415,23 @@ def test_a_config_entry_that_names_no_calibration_is_refused_naming_config_json(
     assert match in str(res.exception)
 
 
+def test_ppl_names_the_kv_cache_its_number_was_measured_with(tmp_path):
+    """The row said only the model: an int4-cache perplexity read like the full-precision one."""
+    src = save_tiny_model("llama", tmp_path / "m")
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+    rows = {}
+    for args in ([], ["--kv", "int4", "--kv-window", "8"]):
+        res = CliRunner().invoke(app, ["ppl", str(src), "--data", str(data), "--seqlen", "64", *args])
+        assert res.exit_code == 0, res.output
+        cells = [c.strip() for c in res.output.strip().splitlines()[-1].split("|")]
+        rows[cells[2]] = float(cells[3])
+    assert list(rows) == ["full precision", KVCacheConfig(bits=4, window=8).name]
+    assert rows["full precision"] != rows[KVCacheConfig(bits=4, window=8).name]
+
+
 @pytest.mark.parametrize("args,match", [
+    (["--kv", "int4", "--kv-window", "64", "--seqlen", "64"], "--kv-window 64 keeps every token"),
     (["--kv-window", "4"], "add --kv int8 or --kv int4"),
     (["--kv", "int4", "--kv-keys", "channel"], "--kv-calib FILE"),
     (["--kv", "int8", "--kv-window", "-2"], "--kv-window -2"),

@@ -53,9 +53,9 @@ def test_ppl_command_on_a_checkpoint(tmp_path):
     runner = CliRunner()
     res = runner.invoke(app, ["ppl", str(tmp_path / "out"), "--data", str(tmp_path / "t.txt"), "--seqlen", "32"])
     assert res.exit_code == 0, res.output
-    q_ppl = float(res.output.strip().splitlines()[-1].split("|")[2])
+    q_ppl = float(res.output.strip().splitlines()[-1].split("|")[3])
     res_fp = runner.invoke(app, ["ppl", str(src), "--data", str(tmp_path / "t.txt"), "--seqlen", "32"])
-    fp_ppl = float(res_fp.output.strip().splitlines()[-1].split("|")[2])
+    fp_ppl = float(res_fp.output.strip().splitlines()[-1].split("|")[3])
     assert q_ppl > 1 and fp_ppl > 1 and q_ppl != fp_ppl
 
 
