@@ -362,6 +362,19 @@ def test_replay_refuses_results_from_another_setting(tmp_path):
         _quantize(src, tmp_path / "b", group_size=64, awq=AWQOptions(search_file=str(tmp_path / "a")))
 
 
+def test_replay_refuses_a_search_made_with_another_skip(tmp_path):
+    """A search made with --skip holds no scales for those linears: replayed without it, they got plain RTN
+    without a word (the reverse, a skip the search did not have, was already refused). With the same --skip the
+    replay is the searched checkpoint, bit for bit."""
+    src = save_tiny_model("llama", tmp_path / "src")
+    _quantize(src, tmp_path / "a", skip=("mlp.down_proj",))
+    with pytest.raises(QtoolError, match=r"made with --skip mlp.down_proj, .* but this run has no --skip"):
+        _quantize(src, tmp_path / "b", awq=AWQOptions(search_file=str(tmp_path / "a")))
+    assert not (tmp_path / "b").exists()
+    _quantize(src, tmp_path / "c", skip=("mlp.down_proj",), awq=AWQOptions(search_file=str(tmp_path / "a")))
+    assert (tmp_path / "c" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+
+
 def test_replay_refuses_a_search_made_for_other_bits_or_another_depth(tmp_path):
     """Shapes alone do not tell a 4-bit search from a 3-bit one, nor a model from a shallower one of the
     same width (whose missing blocks would silently get round-to-nearest): the search file says what it was

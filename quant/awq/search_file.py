@@ -183,6 +183,8 @@ def search_metadata(cfg: QuantConfig, model_type: str, n_blocks: int, probe: dic
     made_for = _settings(cfg, model_type, n_blocks)
     if probe is not None:
         made_for["weights"] = probe
+    if cfg.skip:  # the linears the search never saw: a replay must keep them too, or they get plain RTN
+        made_for["skip"] = sorted(cfg.skip)
     return {SEARCH_HEADER: json.dumps(made_for, sort_keys=True)}
 
 
@@ -232,6 +234,7 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, pr
     except ValueError:
         made_for = None
     made_on = made_for.pop("weights", None) if isinstance(made_for, dict) else None
+    skipped = made_for.pop("skip", []) if isinstance(made_for, dict) else []
     # exact keys and types: 4.0 is not 4 bits, 0 is not False
     if not isinstance(made_for, dict) or set(made_for) != set(want) or \
             any(type(made_for[k]) is not type(v) for k, v in want.items()):
@@ -240,6 +243,14 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, pr
     if made_for != want:
         raise QtoolError(f"{path}: the search was made for {_made_for(made_for)}, but this run is {_made_for(want)}; "
                          "replay it with the settings it was made for, or search again")
+    if not isinstance(skipped, list) or not all(isinstance(n, str) for n in skipped):
+        raise QtoolError(f"{path}: its {SEARCH_HEADER} header is damaged (its skip entry should list module names); "
+                         "search again")
+    if skipped and sorted(skipped) != sorted(cfg.skip):
+        given = " ".join(f"--skip {n}" for n in sorted(cfg.skip)) or "no --skip"
+        raise QtoolError(f"{path}: the search was made with {' '.join(f'--skip {n}' for n in skipped)}, so it holds no "
+                         f"scales for those linears, but this run has {given}; replay it with the same --skip, or "
+                         "search again")
     if made_on is not None and probe is not None:
         _check_probe(path, made_on, probe)
     return True
