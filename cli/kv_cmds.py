@@ -34,7 +34,8 @@ def kv_config_from_options(model_dir, kv, kv_keys, kv_window, kv_calib, kv_chunk
         given = [name for name, v in (("--kv-keys", kv_keys), ("--kv-window", kv_window), ("--kv-calib", kv_calib),
                                       ("--kv-chunk", kv_chunk)) if v is not None]
         if given:
-            raise QtoolError(f"{', '.join(given)} only apply to a quantized KV cache; add --kv int8 or --kv int4")
+            raise QtoolError(f"{', '.join(given)} only {'applies' if len(given) == 1 else 'apply'} to a quantized KV "
+                             "cache; add --kv int8 or --kv int4")
         return None
     if kv_chunk is not None and kv_chunk < 1:
         raise QtoolError(f"--kv-chunk {kv_chunk} must be a positive number of tokens")

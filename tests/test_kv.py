@@ -285,6 +285,9 @@ def test_calibration_file_round_trips_and_is_checked_against_the_model(tmp_path)
     assert all(torch.equal(a, b) for a, b in zip(loaded.key_max, calib.key_max)) and loaded.model_type == "llama"
     with pytest.raises(QtoolError, match="calibrate this model"):
         QuantizedKVCache(tiny_model("opt").config, KVCacheConfig(bits=4, keys="channel", calibration=loaded))  # 4 KV heads
+    qwen2 = tiny_model("qwen2").config  # the same layers, heads and channels as the llama: only its type differs
+    with pytest.raises(QtoolError, match="was calibrated on a llama model, but this is a qwen2 model"):
+        QuantizedKVCache(qwen2, KVCacheConfig(bits=4, keys="channel", calibration=loaded))
     (tmp_path / "junk.safetensors").write_bytes(b"not a safetensors file")
     with pytest.raises(QtoolError, match="junk.safetensors"):
         KVCalibration.load(tmp_path / "junk.safetensors")

@@ -240,7 +240,7 @@ class QuantizedKVCache(Cache):
             layer_kwargs = [layer_kwargs] * len(layer_types)
         n_layers, kv_heads, head_dim = _kv_dims(text_config)
         if kv.calibration is not None:
-            kv.calibration.check_model(n_layers, kv_heads, head_dim)
+            kv.calibration.check_model(n_layers, kv_heads, head_dim, getattr(config, "model_type", ""))
         layers = []
         for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
             if kind not in ("full_attention", "sliding_attention"):

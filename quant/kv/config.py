@@ -95,9 +95,13 @@ class KVCalibration:
         _check_ranges(path, lo, hi)
         return cls(lo, hi, meta.get("model_type", ""), int(meta.get("n_tokens", 0)), str(path))
 
-    def check_model(self, n_layers: int, kv_heads: int, head_dim: int) -> None:
-        """Raise a :class:`QtoolError` unless the file fits a model with these dimensions."""
+    def check_model(self, n_layers: int, kv_heads: int, head_dim: int, model_type: str = "") -> None:
+        """Raise a :class:`QtoolError` unless the file fits a model with these dimensions and, where both say it,
+        this model type (another model of the same shape and type is not told apart: its key ranges are taken)."""
         where = self.source or "the KV calibration"
+        if self.model_type and model_type and self.model_type != model_type:
+            raise QtoolError(f"{where}: was calibrated on a {self.model_type} model, but this is a {model_type} "
+                             "model; calibrate this model")
         if self.num_layers != n_layers or self.shape != (kv_heads, head_dim):
             raise QtoolError(
                 f"{where}: holds {self.num_layers} layers of {self.shape[0]} KV heads x {self.shape[1]} channels, "
