@@ -191,6 +191,13 @@ class QuantConfig:
             if not isinstance(getattr(self, name), kind):
                 raise QtoolError(f"{name} must be {kind.__name__}(...), not {type(getattr(self, name)).__name__}")
         _require_ints(self, ("bits", "group_size", "n_samples", "held_out", "check_windows", "seqlen", "seed"))
+        uses = {"rtn": (), "awq": ("awq",), "gptq": ("gptq", "awq") if self.gptq.awq_first else ("gptq",)}
+        unused = [name for name, kind in (("awq", AWQOptions), ("gptq", GPTQOptions))
+                  if name not in uses.get(self.method, (name,)) and getattr(self, name) != kind()]
+        if unused:
+            raise QtoolError(f"{' and '.join(unused)} options are set, but method {self.method!r} does not use them"
+                             + ("; AWQ's scales before GPTQ take gptq=GPTQOptions(awq_first=True)"
+                                if self.method == "gptq" else ""))
         if isinstance(self.skip, str):  # one name: not its characters
             object.__setattr__(self, "skip", (self.skip,))
         object.__setattr__(self, "skip", tuple(self.skip))

@@ -15,7 +15,7 @@ import quant
 from cli.main import app
 from quant import qmath
 from quant.arch import ARCHITECTURES
-from quant.config import AWQOptions, QuantConfig
+from quant.config import AWQOptions, GPTQOptions, QuantConfig
 
 
 def fake_quantized_reference(src, bits, group_size, sym=False):
@@ -294,6 +294,11 @@ def test_an_option_given_to_the_wrong_place_names_where_it_belongs(tmp_path, opt
     (lambda src, out: quant.quantize(src, out, method="rtn", max_shard_bytes=0), r"max_shard_bytes 0 must be"),
     (lambda src, out: quant.quantize(src, out, method="rtn", max_shard_bytes="1GB"), r"max_shard_bytes '1GB'"),
     (lambda src, out: quant.quantize(src, out, method="rtn", skip=[3]), r"skip must be module names"),
+    (lambda src, out: quant.quantize(src, out, method="rtn", awq=AWQOptions(n_grid=5)),
+     r"awq options are set, but method 'rtn' does not use them"),
+    (lambda src, out: quant.quantize(src, out, method="gptq", awq=AWQOptions(n_grid=5)),
+     r"awq options are set, but method 'gptq' does not use them; .*awq_first=True"),
+    (lambda src, out: quant.quantize(src, out, method="awq", gptq=GPTQOptions(damp=0.1)), r"gptq options are set"),
     (lambda src, out: quant.load_any(src, dtype="bogus"), r"dtype 'bogus' is not one"),
     (lambda src, out: quant.load_any(src, dtype=torch.int8), r"dtype torch.int8 is not one"),
     (lambda src, out: quant.perplexity(None, None, "text", seqlen=64.0), r"seqlen 64.0 must be a whole number"),
