@@ -191,13 +191,6 @@ class QuantConfig:
             if not isinstance(getattr(self, name), kind):
                 raise QtoolError(f"{name} must be {kind.__name__}(...), not {type(getattr(self, name)).__name__}")
         _require_ints(self, ("bits", "group_size", "n_samples", "held_out", "check_windows", "seqlen", "seed"))
-        uses = {"rtn": (), "awq": ("awq",), "gptq": ("gptq", "awq") if self.gptq.awq_first else ("gptq",)}
-        unused = [name for name, kind in (("awq", AWQOptions), ("gptq", GPTQOptions))
-                  if name not in uses.get(self.method, (name,)) and getattr(self, name) != kind()]
-        if unused:
-            raise QtoolError(f"{' and '.join(unused)} options are set, but method {self.method!r} does not use them"
-                             + ("; AWQ's scales before GPTQ take gptq=GPTQOptions(awq_first=True)"
-                                if self.method == "gptq" else ""))
         if isinstance(self.skip, str):  # one name: not its characters
             object.__setattr__(self, "skip", (self.skip,))
         object.__setattr__(self, "skip", tuple(self.skip))
@@ -319,7 +312,16 @@ class QuantConfig:
         if base is not None and not isinstance(base, cls):
             raise QtoolError(f"the settings are a {type(base).__name__}, not a QuantConfig; pass them as keywords "
                              "(quantize(src, out, method='awq', bits=4)) or as QuantConfig(...)")
-        return replace(base, **options) if base is not None else cls(**options)
+        cfg = replace(base, **options) if base is not None else cls(**options)
+        # What the caller asked for only (inside a run, AWQ+GPTQ's plain GPTQ keeps its AWQ options, unused)
+        uses = {"rtn": (), "awq": ("awq",), "gptq": ("gptq", "awq") if cfg.gptq.awq_first else ("gptq",)}
+        unused = [name for name, kind in (("awq", AWQOptions), ("gptq", GPTQOptions))
+                  if name not in uses.get(cfg.method, (name,)) and getattr(cfg, name) != kind()]
+        if unused:
+            raise QtoolError(f"{' and '.join(unused)} options are set, but method {cfg.method!r} does not use them"
+                             + ("; AWQ's scales before GPTQ take gptq=GPTQOptions(awq_first=True)"
+                                if cfg.method == "gptq" else ""))
+        return cfg
 
     def with_(self, **changes) -> QuantConfig:
         return replace(self, **changes)
