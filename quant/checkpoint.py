@@ -149,7 +149,9 @@ def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
     files = sorted(f for f in Path(path).glob("*.safetensors") if not model_io.is_side_file(f))
     if not files:
         raise QtoolError(f"{path}: holds no *.safetensors files; quantized checkpoints are read from safetensors only")
-    return {k: f for f in files for k in model_io.safetensors_keys(f)}
+    index = {k: f for f in files for k in model_io.safetensors_keys(f)}
+    model_io.check_shard_index(path, index)
+    return index
 
 
 def checkpoint_headers(index: dict[str, Path]) -> dict[str, tuple[Path, list[int], str]]:

@@ -87,6 +87,39 @@ def is_side_file(f: Path) -> bool:
         return False
 
 
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def check_shard_index(model_dir: str | os.PathLike, index: dict[str, Path]) -> None:
+    """Refuse, in one sentence, a ``model.safetensors.index.json`` that disagrees with the shards' headers
+    (``index``: tensor name -> the file holding it): transformers and vLLM load by the index, so a shard it names
+    that is missing, or a tensor it places in another file or that no file holds, breaks them while a reader
+    that globs the shards sees a whole model. No index: nothing to check."""
+    path = Path(model_dir) / SHARD_INDEX
+    if not path.is_file():
+        return
+    try:
+        weight_map = json.loads(path.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise QtoolError(f"{path}: cannot be read ({type(e).__name__}); it should be JSON with a weight_map") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise QtoolError(f"{path}: its weight_map is {json.dumps(weight_map)[:80]}; it should map each tensor to "
+                         "its shard's file name")
+    for name in sorted(set(weight_map.values())):
+        if not (Path(model_dir) / name).is_file():
+            raise QtoolError(f"{path}: names the shard {name}, which is not in the folder; copy the whole model "
+                             "folder again")
+    for key, name in sorted(weight_map.items()):
+        held = index.get(key)
+        if held is None or held.name != name:
+            where = f"it is in {held.name}" if held is not None else "no shard holds it"
+            raise QtoolError(f"{path}: places {key} in {name}, but {where}; the index does not match the shards")
+    unlisted = sorted(set(index) - set(weight_map))
+    if unlisted:
+        raise QtoolError(f"{path}: lists no shard for {unlisted[0]} (held by {index[unlisted[0]].name}); loaders "
+                         "that read the index would miss it")
+
+
 def safetensors_keys(f: Path) -> list[str]:
     """The tensor names of safetensors file ``f`` (its header read, its size checked against it). Raises
     QtoolError naming the file where it is damaged or cut short."""
@@ -247,9 +280,10 @@ def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto
     from transformers import AutoModelForCausalLM
 
     config = check_causal_lm(model_dir)
-    for f in weight_files(model_dir):  # a damaged file named in one sentence, before transformers reads it
-        if f.suffix == ".safetensors":
-            safetensors_keys(f)
+    files = weight_files(model_dir)  # a damaged file named in one sentence, before transformers reads it
+    index = {k: f for f in files if f.suffix == ".safetensors" for k in safetensors_keys(f)}
+    if all(f.suffix == ".safetensors" for f in files):
+        check_shard_index(model_dir, index)
     if _layout(config) is not None:  # a remote-code family: read through its layout, no code from the folder
         from quant import arch
         from quant.source import SourceModel

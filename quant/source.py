@@ -106,6 +106,8 @@ class SourceModel:
             except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
                 raise model_io.unreadable(f, e) from None
             index.update(dict.fromkeys(self._bin[f], f))
+        if all(f.suffix == ".safetensors" for f in self.files):
+            model_io.check_shard_index(self.dir, index)
         return index
 
     def _native_names(self, stored: str) -> list[str]:

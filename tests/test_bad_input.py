@@ -10,6 +10,7 @@ from safetensors.torch import load_file, save_file
 from test_pipeline import tree_digest
 from tiny_models import save_tiny_model
 
+import quant
 from cli.main import main
 from quant.config import AWQOptions
 from quant.errors import QtoolError
@@ -927,3 +928,37 @@ def test_a_bare_command_group_prints_its_help_not_an_error(args, capsys):
     text = err + out
     assert "Commands:" in text and ("calibrate" if args else "self-calib") in text
     assert "error:" not in text
+
+
+@pytest.mark.parametrize("edit, said", [
+    (lambda m: m.update({next(iter(m)): "model-00009-of-00009.safetensors"}), "names the shard model-00009-of-00009"),
+    (lambda m: m.pop(sorted(m)[-1]), "lists no shard for"),
+    (lambda m: m.update({"model.layers.0.extra.weight": sorted(m.values())[0]}), "no shard holds it"),
+])
+def test_a_shard_index_that_disagrees_with_the_shards_is_refused(model, tmp_path, capsys, edit, said):
+    """transformers and vLLM load by model.safetensors.index.json; qtool read the shards' headers and called a
+    checkpoint whose index names a missing shard, or places a tensor wrongly, healthy (info exit 0, ppl scored it)."""
+    out = tmp_path / "q"
+    quant.quantize(model, out, method="rtn", group_size=32, max_shard_bytes=60_000, progress=False)  # sharded
+    index = out / "model.safetensors.index.json"
+    data = json.loads(index.read_text())
+    edit(data["weight_map"])
+    index.write_text(json.dumps(data))
+    for args in (["info", out], ["ppl", out, "--max-tokens", "64", "--seqlen", "32"]):
+        assert_refused(*run_cli(args, capsys), "model.safetensors.index.json", said)
+    shutil.copytree(model, tmp_path / "sharded")  # the same index beside a sharded source
+    for f in (tmp_path / "sharded").glob("model*.safetensors"):
+        f.unlink()
+    tensors = load_file(str(model / "model.safetensors"))
+    names = sorted(tensors)
+    half = len(names) // 2
+    save_file({k: tensors[k] for k in names[:half]}, str(tmp_path / "sharded" / "model-00001-of-00002.safetensors"))
+    save_file({k: tensors[k] for k in names[half:]}, str(tmp_path / "sharded" / "model-00002-of-00002.safetensors"))
+    weight_map = {k: f"model-0000{1 + (i >= half)}-of-00002.safetensors" for i, k in enumerate(names)}
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    assert run_cli(["rtn", tmp_path / "sharded", "-o", tmp_path / "ok", "--group-size", "32"], capsys)[0] == 0
+    edit(weight_map)
+    (tmp_path / "sharded" / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    for args in (["rtn", tmp_path / "sharded", "-o", tmp_path / "r", "--group-size", "32"],
+                 ["ppl", tmp_path / "sharded", "--max-tokens", "64", "--seqlen", "32"]):
+        assert_refused(*run_cli(args, capsys), "model.safetensors.index.json", said)
