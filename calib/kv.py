@@ -14,6 +14,7 @@ import logging
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
+from quant.kv.cache import cache_keyword
 from quant.kv.config import KVCalibration
 
 logger = logging.getLogger(__name__)
@@ -68,8 +69,9 @@ def collect_key_ranges(model, input_ids: torch.Tensor, batch_size: int = 4) -> K
     device = next(model.parameters()).device
     # The logits are never used: the last position's only, where the model can (not [batch, seq, vocab] floats)
     head = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    keyword = cache_keyword(model)
     for batch in input_ids.split(batch_size):
-        model(input_ids=batch.to(device), past_key_values=cache, use_cache=True, **head)
+        model(input_ids=batch.to(device), **{keyword: cache}, use_cache=True, **head)
         logger.debug("KV calibration: %d tokens", cache.layers[0].n_tokens)
     return cache.calibration(getattr(model.config, "model_type", ""))
 

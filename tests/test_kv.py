@@ -322,6 +322,19 @@ def test_kv_perplexity_feels_the_quantization_and_is_chunk_independent_without_a
     assert chunked == pytest.approx(int4, rel=1e-5)
 
 
+def test_the_kv_paths_pass_the_cache_by_the_name_the_model_takes_it(tmp_path):
+    """transformers 5.2x renamed past_key_values to cache: the old name printed a deprecation warning on every
+    forward of kv calibrate and ppl --kv (and goes away in 5.40)."""
+    import warnings
+
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        kv_perplexity(model, tok, TEXT, KVCacheConfig(bits=4), seqlen=64, chunk=16)
+        collect_key_ranges(model, torch.randint(0, 256, (2, 16)))
+    assert not [w for w in caught if "past_key_values" in str(w.message)]
+
+
 def test_kv_perplexity_with_chunk_1_is_token_by_token_decoding():
     model, tok = tiny_model("mistral"), byte_tokenizer()
     kv = KVCacheConfig(bits=4, window=3)

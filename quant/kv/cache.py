@@ -19,6 +19,8 @@ Sliding-window layers keep only their last ``sliding_window - 1`` tokens, like t
 """
 from __future__ import annotations
 
+import inspect
+
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
@@ -228,6 +230,12 @@ def _kv_dims(text_config) -> tuple[int, int, int]:
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
     head_dim = getattr(text_config, "head_dim", None) or text_config.hidden_size // heads
     return text_config.num_hidden_layers, kv_heads, head_dim
+
+
+def cache_keyword(model) -> str:
+    """The keyword ``model``'s forward takes its KV cache by: ``cache`` (transformers 5.2x renamed it; the old
+    name still works there, with a deprecation warning on every call) or ``past_key_values``."""
+    return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
 class QuantizedKVCache(Cache):

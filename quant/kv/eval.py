@@ -25,7 +25,7 @@ import torch
 from transformers import DynamicCache
 
 from quant.errors import QtoolError
-from quant.kv.cache import QuantizedKVCache
+from quant.kv.cache import QuantizedKVCache, cache_keyword
 from quant.kv.config import KVCacheConfig
 from quant.ppl import PerplexityResult, perplexity
 
@@ -43,12 +43,12 @@ def _make_cache(model, kv: KVCacheConfig | None):
 @torch.no_grad()
 def window_logits(model, window: torch.Tensor, kv: KVCacheConfig | None, chunk: int) -> torch.Tensor:
     """Logits ``[seq, vocab]`` for ``window [1, seq]`` fed in chunks through a fresh (quantized) cache."""
-    cache = _make_cache(model, kv)
+    cache, keyword = _make_cache(model, kv), cache_keyword(model)
     out = []
     for begin in range(0, window.shape[1], chunk):
         ids = window[:, begin: begin + chunk]
         pos = torch.arange(begin, begin + ids.shape[1], device=window.device)
-        res = model(input_ids=ids, past_key_values=cache, use_cache=True, cache_position=pos,
+        res = model(input_ids=ids, **{keyword: cache}, use_cache=True, cache_position=pos,
                     attention_mask=torch.ones(1, begin + ids.shape[1], dtype=torch.long, device=window.device))
         out.append(res.logits[0].float())
     return torch.cat(out)
