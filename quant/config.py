@@ -30,6 +30,8 @@ SEARCH_FILE = "qtool/awq_search.safetensors"
 # The search of a model the whole-model check did not keep (quant.model_check.check_model): SEARCH_FILE then
 # replays the kept model, and this file AWQ's own (``--apply-search`` takes either).
 REFUSED_SEARCH_FILE = "qtool/awq_search.refused.safetensors"
+# `qtool kv calibrate`'s default file in a model folder (quant.kv.config), beside the searches
+KV_CALIB_FILE = "qtool/kv_calib.safetensors"
 
 @dataclass(frozen=True)
 class AWQOptions:

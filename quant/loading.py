@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 
 import torch
 from safetensors import safe_open
@@ -105,7 +106,12 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
             if reader.ignore is None or not reader.ignore.search(n):
                 given[n] = (f, shape if reader.layout is None else None, dtype)
     if reader.layout is None:  # names as stored: the config's exclusions name them so
-        for key, kept in declared_kept(spec.config, sorted(names)).items():
+        declared = declared_kept(spec.config, sorted(names))
+        listed = spec.config.get("modules_to_not_convert")
+        if isinstance(listed, list):  # transformers' own rule too: a prefix up to a module boundary, a regex, a suffix
+            declared.setdefault("modules_to_not_convert", set()).update(
+                n for n in names if any(_transformers_keeps(n, k) for k in listed if isinstance(k, str)))
+        for key, kept in declared.items():
             for n in sorted(kept)[:1]:
                 raise QtoolError(f"{path}: config.json's quantization_config.{key} keeps {n} in full precision, but "
                                  f"the checkpoint stores it quantized ({n}.qweight); loaders that read {key} would "
@@ -135,6 +141,18 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
                      and not (k.endswith(".g_idx") and k.removesuffix(".g_idx") in names))
     if missing:
         raise QtoolError(f"{path}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+
+
+def _transformers_keeps(name: str, key: str) -> bool:
+    """Whether transformers' ``should_convert_module`` (quantizers_utils, 5.2x) leaves module ``name`` unconverted
+    for the ``modules_to_not_convert`` entry ``key``: ``key`` as a regex from the start up to a module boundary,
+    or as a plain suffix (a key that is no valid regex: as literal text)."""
+    boundary = r"(?:(?<=\.)|(?=\.|$))"
+    try:
+        starts = re.match(rf"(?:{key}){boundary}", name) is not None
+    except re.error:
+        starts = re.match(rf"(?:{re.escape(key)}){boundary}", name) is not None
+    return starts or name.endswith(key)
 
 
 def check_checkpoint(path: str | os.PathLike) -> None:

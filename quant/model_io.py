@@ -236,12 +236,21 @@ def torch_dtype(name: str | torch.dtype) -> torch.dtype:
     return dtype
 
 
-TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json", "vocab.txt")  # one of them: a tokenizer
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "special_tokens_map.json")
 
 
 def has_tokenizer_files(model_dir: str | os.PathLike) -> bool:
-    """Whether the folder holds a tokenizer's vocabulary (a weights-only folder holds none)."""
-    return any((Path(model_dir) / name).is_file() for name in TOKENIZER_FILES)
+    """Whether the folder holds any of a tokenizer's files (a broken link counts; a weights-only folder holds
+    none) that a run can check by loading it: a sentencepiece ``tokenizer.model`` alone needs the sentencepiece
+    package, and where that is not installed it is not loaded here (it is copied as it is)."""
+    path = Path(model_dir)
+    present = [n for n in TOKENIZER_FILES if os.path.lexists(path / n)]
+    if present and "tokenizer.json" not in present and (path / "tokenizer.model").is_file():
+        import importlib.util
+
+        return importlib.util.find_spec("sentencepiece") is not None
+    return bool(present)
 
 
 def load_tokenizer(model_dir: str | os.PathLike):

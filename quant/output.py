@@ -12,7 +12,7 @@ import tempfile
 from pathlib import Path
 
 from quant.checkpoint import is_quantized_checkpoint
-from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE
+from quant.config import KV_CALIB_FILE, REFUSED_SEARCH_FILE, SEARCH_FILE
 from quant.errors import QtoolError
 
 log = logging.getLogger(__name__)
@@ -175,9 +175,10 @@ def _finished_work(tmp: Path) -> str:
 
 def _foreign_folder(out: Path) -> str | None:
     """What in checkpoint folder ``out`` is no checkpoint's: a checkpoint is files, qtool's ``qtool/`` holding
-    only its search files, and the ``.cache/huggingface/`` that ``huggingface-cli download --local-dir``
+    only its search files and KV-cache calibration (stale for new weights: replaced with them), and the ``.cache/huggingface/`` that ``huggingface-cli download --local-dir``
     leaves. Anything else in a subfolder (another checkpoint, the user's results) is named; ``None`` if none."""
-    own = {"qtool": {Path(SEARCH_FILE).name, Path(REFUSED_SEARCH_FILE).name}, ".cache": {"huggingface"}}
+    own = {"qtool": {Path(SEARCH_FILE).name, Path(REFUSED_SEARCH_FILE).name, Path(KV_CALIB_FILE).name},
+           ".cache": {"huggingface"}}
     for p in sorted(out.iterdir()):
         if not p.is_dir() or p.is_symlink():
             continue

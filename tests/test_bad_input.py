@@ -535,6 +535,8 @@ _UP = "model.layers.0.mlp.up_proj"
     (None, lambda c: c["quantization_config"].update({"zero_point": False}), "quantization_config.zero_point is false"),
     (None, lambda c: c["quantization_config"].update({"modules_to_not_convert": [_UP]}),
      f"modules_to_not_convert keeps {_UP} in full precision, but the checkpoint stores it quantized"),
+    (None, lambda c: c["quantization_config"].update({"modules_to_not_convert": ["model.layers.0.mlp"]}),
+     "modules_to_not_convert keeps model.layers.0.mlp.down_proj in full precision"),  # transformers: a prefix
 ])
 def test_a_quantized_checkpoint_that_does_not_fit_its_config_is_refused_by_info_and_ppl(model, tmp_path, capsys,
                                                                                         tensors, config, said):
@@ -646,11 +648,20 @@ def test_a_folder_without_a_tokenizer_is_refused_before_the_model_loads(model, t
     assert code == 0  # round-to-nearest reads no text
 
 
-def test_a_damaged_tokenizer_is_refused_by_rtn_too(model, tmp_path, capsys):
+@pytest.mark.parametrize("damage", ["truncated", "dangling link", "config only"])
+def test_a_damaged_tokenizer_is_refused_by_rtn_too(model, tmp_path, capsys, damage):
     # RTN reads no text, but its checkpoint carries the source's tokenizer: a damaged one is not copied on
-    (model / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    if damage == "truncated":
+        (model / "tokenizer.json").write_text('{"version": "1.0", "model": ')
+    elif damage == "dangling link":
+        (model / "tokenizer.json").unlink()
+        (model / "tokenizer.json").symlink_to(tmp_path / "gone.json")
+    else:  # tokenizer_config.json without any vocabulary
+        for f in model.iterdir():
+            if f.name.startswith(("tokenizer", "special_tokens", "vocab", "merges")) and f.name != "tokenizer_config.json":
+                f.unlink()
     code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
-    assert_refused(code, err, "has no tokenizer that loads")
+    assert_refused(code, err, "tokenizer")
     _no_output(tmp_path)
 
 

@@ -349,6 +349,8 @@ def test_kv_perplexity_with_chunk_1_is_token_by_token_decoding():
 # -- CLI ----------------------------------------------------------------------------------------------
 def test_cli_calibrate_then_ppl_with_channel_keys(tmp_path):
     src = save_tiny_model("qwen2", tmp_path / "m")
+    (src / "config.json").chmod(0o644)
+    mode = (src / "config.json").stat().st_mode & 0o777
     data = tmp_path / "t.txt"
     data.write_text(TEXT)
     runner = CliRunner()
@@ -363,6 +365,7 @@ def test_cli_calibrate_then_ppl_with_channel_keys(tmp_path):
     assert res.exit_code == 0, res.output
     assert parse_kv("int4", keys="channel", model_dir=src).calibration is not None
     # The calibrated folder is still a source: quantized, its checkpoint is calibrated in turn, and read after it
+    assert (src / "config.json").stat().st_mode & 0o777 == mode  # kept (mkstemp's 0600 locked other readers out)
     res = runner.invoke(app, ["rtn", str(src), "--group-size", "32", "-o", str(tmp_path / "q")])
     assert res.exit_code == 0, res.output
     assert "qtool_kv_cache" not in json.loads((tmp_path / "q" / "config.json").read_text())  # the source's keys
@@ -373,6 +376,10 @@ def test_cli_calibrate_then_ppl_with_channel_keys(tmp_path):
                                                   "--kv", "int4", "--kv-keys", "channel"]):
         res = runner.invoke(app, args)
         assert res.exit_code == 0, res.output
+    # A calibrated checkpoint is replaced whole by --overwrite (its calibration is stale for the new weights)
+    res = runner.invoke(app, ["rtn", str(src), "--group-size", "32", "-o", str(tmp_path / "q"), "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert not (tmp_path / "q" / CALIB_FILENAME).exists()
 
 
 def test_a_calibration_at_the_top_of_a_folder_is_not_taken_for_weights(tmp_path):
@@ -391,18 +398,18 @@ def test_a_calibration_at_the_top_of_a_folder_is_not_taken_for_weights(tmp_path)
     ("{m}/model.safetensors", "top of the model folder"), ("{m}/kv.safetensors", "top of the model folder"),
     ("{m}/config.json", "ending in .safetensors"), ("{m}", "is a folder"), ("{t}/d/", "is a folder"),
     ("{m}/qtool/../tokenizer.json", "ending in .safetensors"), ("{t}/w.safetensors", "not a KV calibration file"),
-    ("{t}/old.safetensors", "pass --overwrite"),
+    ("{t}/old.safetensors", "pass --overwrite"), ("{t}/w.safetensors/x.safetensors", "is not a folder"),
 ])
 def test_kv_calibrate_never_writes_over_a_model_file_or_into_the_weights(tmp_path, out, match):
     src = save_tiny_model("llama", tmp_path / "m")
     (tmp_path / "d").mkdir()
     shutil.copy(src / "model.safetensors", tmp_path / "w.safetensors")
     KVCalibration((torch.zeros(2, 16),) * 2, (torch.ones(2, 16),) * 2, "llama", 64).save(tmp_path / "old.safetensors")
-    before = {f.name: f.read_bytes() for f in src.iterdir()}
+    before = {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()}
     res = CliRunner().invoke(app, ["kv", "calibrate", str(src), "-o", out.format(m=src, t=tmp_path),
                                    "--n-samples", "2", "--seqlen", "32"])
     assert isinstance(res.exception, QtoolError) and match in str(res.exception), res.output
-    assert {f.name: f.read_bytes() for f in src.iterdir()} == before
+    assert {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()} == before
     assert not [f for f in tmp_path.rglob(".*") if f.is_file()]  # no temporary file left
     res = CliRunner().invoke(app, ["kv", "calibrate", str(src), "-o", str(tmp_path / "old.safetensors"),
                                    "--overwrite", "--n-samples", "2", "--seqlen", "32"])
@@ -447,7 +454,9 @@ def test_ppl_names_the_kv_cache_its_number_was_measured_with(tmp_path):
 
 
 @pytest.mark.parametrize("args,match", [
-    (["--kv", "int4", "--kv-window", "64", "--seqlen", "64"], "--kv-window 64 keeps every token"),
+    (["--kv", "int4", "--kv-window", "64", "--seqlen", "64"], "--kv-window 64 keeps every earlier token"),
+    (["--kv", "int4", "--kv-window", "31", "--seqlen", "32"], "--kv-window 31 keeps every earlier token"),
+    (["--kv", "int4", "--kv-window", "25", "--seqlen", "32", "--max-tokens", "20"], "of a 20-token window"),
     (["--kv-window", "4"], "add --kv int8 or --kv int4"),
     (["--kv", "int4", "--kv-keys", "channel"], "--kv-calib FILE"),
     (["--kv", "int8", "--kv-window", "-2"], "--kv-window -2"),

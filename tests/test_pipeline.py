@@ -303,6 +303,8 @@ def test_an_option_given_to_the_wrong_place_names_where_it_belongs(tmp_path, opt
     (lambda src, out: quant.load_any(src, dtype=torch.int8), r"dtype torch.int8 is not one"),
     (lambda src, out: quant.perplexity(None, None, "text", seqlen=64.0), r"seqlen 64.0 must be a whole number"),
     (lambda src, out: quant.kv.with_kv_cache(None, None), r"pass a KVCacheConfig"),
+    (lambda src, out: quant.kv.KVCacheConfig(bits=8.0), r"--kv bits 8.0"),
+    (lambda src, out: quant.kv.KVCacheConfig(window=True), r"--kv-window True"),
     (lambda src, out: quant.kv.KVCacheConfig(bits=4, keys="channel", calibration="c.safetensors"),
      r"pass KVCalibration.load\(path\)"),
 ])

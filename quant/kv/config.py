@@ -25,13 +25,14 @@ from pathlib import Path
 import torch
 from safetensors import SafetensorError, safe_open
 
+from quant.config import KV_CALIB_FILE
 from quant.errors import QtoolError
 from quant.model_io import KV_CALIB_FORMAT, KV_CONFIG_KEY
 from quant.output import save_safetensors
 
 KEY_SCHEMES = ("token", "channel")
 CALIB_FORMAT, CALIB_VERSION = KV_CALIB_FORMAT, "1"
-CALIB_FILENAME = "qtool/kv_calib.safetensors"
+CALIB_FILENAME = KV_CALIB_FILE
 CONFIG_KEY = KV_CONFIG_KEY
 
 
@@ -165,6 +166,7 @@ def write_calibration_reference(model_dir: str | os.PathLike, calib_path: str | 
     fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".config.json.")
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    os.chmod(tmp, cfg_path.stat().st_mode & 0o7777)  # mkstemp's 0600 would lock other readers out
     os.replace(tmp, cfg_path)
 
 
@@ -183,11 +185,11 @@ class KVCacheConfig:
     calibration: KVCalibration | None = field(default=None, repr=False, compare=False)
 
     def __post_init__(self):
-        if self.bits not in (4, 8):
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in (4, 8):
             raise QtoolError(f"--kv bits {self.bits!r} are not supported; use int8 or int4")
         if self.keys not in KEY_SCHEMES:
             raise QtoolError(f"--kv-keys {self.keys!r} is not a key scheme; use 'token' or 'channel'")
-        if not isinstance(self.window, int) or self.window < 0:
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
             raise QtoolError(f"--kv-window {self.window!r} must be a whole number of tokens, 0 or more")
         if self.calibration is not None and not isinstance(self.calibration, KVCalibration):
             raise QtoolError(f"calibration is {self.calibration!r}; pass KVCalibration.load(path), or the path "

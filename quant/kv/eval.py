@@ -72,9 +72,10 @@ def kv_perplexity(model, tokenizer, text: str, kv: KVCacheConfig | None, seqlen:
 
     Windows, strides, BOS and scoring are those of :func:`quant.ppl.perplexity`.
     """
-    if kv is not None and kv.window >= seqlen:
-        raise QtoolError(f"--kv-window {kv.window} keeps every token of a {seqlen}-token window in full precision, so "
-                         "the cache would quantize nothing; use a window below --seqlen")
+    longest = min(seqlen, max_tokens) if max_tokens else seqlen  # tokens a window can hold
+    if kv is not None and kv.window >= longest - 1:
+        raise QtoolError(f"--kv-window {kv.window} keeps every earlier token of a {longest}-token window in full "
+                         f"precision, so the cache would quantize nothing; use a window below {longest - 1}")
     chunk = chunk or default_chunk(kv, seqlen)
     if chunk < 1:
         raise QtoolError(f"--kv-chunk {chunk} must be a positive number of tokens")
