@@ -111,7 +111,8 @@ def _calibration_out(model_dir: str, out: str | None, overwrite: bool) -> Path:
     not at the top of the model folder (every loader reads the top-level ``*.safetensors`` as weights), and,
     where a file is there already, an earlier calibration replaced only with ``--overwrite`` (never a model's
     own file)."""
-    from quant.kv.config import CALIB_FILENAME, is_calibration_file
+    from quant.kv.config import CALIB_FILENAME
+    from quant.model_io import is_kv_calibration
 
     path = Path(out) if out else Path(model_dir) / CALIB_FILENAME
     if path.is_dir() or (out and out.endswith(("/", os.sep))):
@@ -125,7 +126,7 @@ def _calibration_out(model_dir: str, out: str | None, overwrite: bool) -> Path:
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise QtoolError(f"-o {out}: cannot be written: {parent} is {'not a folder' if not parent.is_dir() else 'not writable'}")
     if path.exists():
-        if not is_calibration_file(path):
+        if not is_kv_calibration(path):
             raise QtoolError(f"-o {out or path}: exists and is not a KV calibration file; only an earlier "
                              "calibration is replaced")
         if not overwrite:

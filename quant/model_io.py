@@ -74,16 +74,18 @@ def is_side_file(f: Path) -> bool:
     """Whether ``f``, a top-level file of a model folder, is one of qtool's side files, which hold no weights:
     ``qtool_*`` (the AWQ search of checkpoints made before it moved to ``qtool/``) or a KV-cache calibration
     of `qtool kv calibrate` (its safetensors header says so; older versions wrote it there)."""
-    if f.name.startswith("qtool_"):
-        return True
-    if f.suffix != ".safetensors":
-        return False
+    return f.name.startswith("qtool_") or (f.suffix == ".safetensors" and is_kv_calibration(f))
+
+
+def is_kv_calibration(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file whose header says it is a KV calibration (no tensor is read; a
+    missing or damaged file is not one: its readers say what is wrong)."""
     from safetensors import safe_open
 
     try:
-        with safe_open(str(f), framework="pt") as st:
+        with safe_open(str(path), framework="pt") as st:
             return (st.metadata() or {}).get("format") == KV_CALIB_FORMAT
-    except Exception:  # noqa: BLE001 - a damaged file is a weight file here; its readers say what is wrong
+    except Exception:  # noqa: BLE001 - not safetensors, damaged, missing
         return False
 
 

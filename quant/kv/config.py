@@ -128,15 +128,6 @@ def _check_ranges(path: Path, lo: tuple[torch.Tensor, ...], hi: tuple[torch.Tens
                              "file again with `qtool kv calibrate`")
 
 
-def is_calibration_file(path: str | os.PathLike) -> bool:
-    """Whether ``path`` is a safetensors file whose header says it is a KV calibration (no tensor is read)."""
-    try:
-        with safe_open(str(path), framework="pt") as f:
-            return (f.metadata() or {}).get("format") == CALIB_FORMAT
-    except Exception:  # noqa: BLE001 - not safetensors, damaged, missing: not a calibration
-        return False
-
-
 def calibration_reference(model_dir: str | os.PathLike) -> Path | None:
     """The calibration file named in ``model_dir/config.json``, or None. Raises :class:`QtoolError` where the
     entry is not ``{"key_calibration": "relative/path"}`` or names no file."""
