@@ -34,7 +34,7 @@ import quant  # noqa: E402
 from calib.data import BUILTIN_KINDS, builtin_text, calibration_batch  # noqa: E402
 from example_data import eval_text_path  # noqa: E402
 from quant import arch as arch_table  # noqa: E402
-from quant import model_io  # noqa: E402
+from quant import folder, model_io  # noqa: E402
 from quant.modules import dense_weights  # noqa: E402
 
 EVAL_WINDOWS = 20
@@ -111,7 +111,7 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     t0 = time.perf_counter()
     tok = model_io.load_tokenizer(args.model)
-    model_type = model_io.read_config(args.model).get("model_type")
+    model_type = folder.read_config(args.model).get("model_type")
     needs_bos = getattr(arch_table.ARCHITECTURES.get(model_type), "needs_bos", False)
     bos = tok.bos_token_id if needs_bos else None
     sets = {}  # (text, n) -> windows

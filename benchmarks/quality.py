@@ -109,7 +109,7 @@ def worker(spec: dict) -> dict:
     import torch
 
     import quant
-    from quant import model_io
+    from quant import folder
     from quant.config import AWQOptions, GPTQOptions
     from quant.ppl import dequantize_once
 
@@ -146,7 +146,7 @@ def worker(spec: dict) -> dict:
             r = quant.perplexity(model, tok, Path(text_path).read_text(), seqlen=512, max_tokens=spec["eval_tokens"])
             ppl[name], n = r.ppl, r.n_tokens
         kl = _kl_to_fp(model, tok, spec) if opts else None
-    size = 0.0 if "peer" in opts else model_io.folder_bytes(path, ("*.safetensors",)) / 2**20  # peers: dequantized
+    size = 0.0 if "peer" in opts else folder.folder_bytes(path, ("*.safetensors",)) / 2**20  # peers: dequantized
     return asdict(Row(spec["run"], ppl, n, size, quant_seconds if opts else 0.0, peak if opts else 0.0, fell_back,
                       kl, kept))
 

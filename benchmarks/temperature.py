@@ -38,7 +38,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import quant  # noqa: E402
 from check_windows import eval_windows, named_checkpoints, paired  # noqa: E402
 from quant import arch as arch_table  # noqa: E402
-from quant import model_io  # noqa: E402
+from quant import folder, model_io  # noqa: E402
 from quant.modules import dense_weights  # noqa: E402
 
 
@@ -78,7 +78,7 @@ def main() -> None:
     if "rtn" not in runs:
         p.error("--runs needs one checkpoint named rtn (the baseline the differences are taken against)")
     tok = model_io.load_tokenizer(args.model)
-    model_type = model_io.read_config(args.model).get("model_type")
+    model_type = folder.read_config(args.model).get("model_type")
     needs_bos = getattr(arch_table.ARCHITECTURES.get(model_type), "needs_bos", False)
     bos = tok.bos_token_id if needs_bos else None
     texts = {t: eval_windows(tok, t, args.seqlen, bos, args.windows) for t in args.texts.split(",")}

@@ -112,7 +112,7 @@ def _calibration_out(model_dir: str, out: str | None, overwrite: bool) -> Path:
     where a file is there already, an earlier calibration replaced only with ``--overwrite`` (never a model's
     own file)."""
     from quant.kv.config import CALIB_FILENAME
-    from quant.model_io import is_kv_calibration
+    from quant.folder import is_kv_calibration
 
     path = Path(out) if out else Path(model_dir) / CALIB_FILENAME
     if path.is_dir() or (out and out.endswith(("/", os.sep))):

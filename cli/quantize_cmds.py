@@ -14,7 +14,7 @@ def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite
                  max_shard_size: str, restart: bool = False, **fields) -> None:
     import quant
     from quant.config import QuantConfig
-    from quant.model_io import parse_size
+    from quant.shards import parse_size
 
     setup_logging(verbose)
     max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")

@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from quant import model_io
+from quant import folder, model_io
 from quant.config import QuantConfig
 from quant.errors import QtoolError
 from quant.modules import QuantLinear
@@ -125,32 +125,32 @@ def write_metadata(cfg: QuantConfig, source_dir: str | os.PathLike, dst: Path, k
                    quantized: list[str], meta: dict, dtype: torch.dtype) -> None:
     """Everything a loader needs besides the tensors, into ``dst``: config.json with its
     ``quantization_config``, the tokenizer and generation files, and qtool.json."""
-    config = model_io.read_config(source_dir)
-    config.pop(model_io.KV_CONFIG_KEY, None)  # the source's KV-cache calibration: its keys, not this model's
+    config = folder.read_config(source_dir)
+    config.pop(folder.KV_CONFIG_KEY, None)  # the source's KV-cache calibration: its keys, not this model's
     config["quantization_config"] = quantization_config(cfg, kept, quantized)
     config["torch_dtype"] = str(dtype).removeprefix("torch.")
     if "dtype" in config:
         config["dtype"] = config["torch_dtype"]
     (dst / "config.json").write_text(json.dumps(config, indent=2) + "\n")
-    model_io.copy_side_files(source_dir, dst)
+    folder.copy_side_files(source_dir, dst)
     (dst / QTOOL_META).write_text(json.dumps(meta, indent=2, default=str) + "\n")
 
 
 def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
     """Whether ``path`` declares quantized weights: ``quantization_config`` in config.json, or a side file of
     an older tool (AutoGPTQ's ``quantize_config.json``, AutoAWQ's ``quant_config.json``)."""
-    return ("quantization_config" in model_io.read_config(path)
+    return ("quantization_config" in folder.read_config(path)
             or any((Path(path) / f).is_file() for f in ("quantize_config.json", "quant_config.json")))
 
 
 def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (reads headers only). qtool's side files
-    (:func:`quant.model_io.is_side_file`) hold no weights."""
-    files = sorted(f for f in Path(path).glob("*.safetensors") if not model_io.is_side_file(f))
+    (:func:`quant.folder.is_side_file`) hold no weights."""
+    files = sorted(f for f in Path(path).glob("*.safetensors") if not folder.is_side_file(f))
     if not files:
         raise QtoolError(f"{path}: holds no *.safetensors files; quantized checkpoints are read from safetensors only")
-    index = {k: f for f in files for k in model_io.safetensors_keys(f)}
-    model_io.check_shard_index(path, index)
+    index = {k: f for f in files for k in folder.safetensors_keys(f)}
+    folder.check_shard_index(path, index)
     return index
 
 

@@ -8,7 +8,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from quant import model_io, qmath
+from quant import folder, qmath
 from quant.checkpoint import QTOOL_META, checkpoint_headers, tensor_index
 from quant.errors import QtoolError
 from quant.formats.compat import Written, declared_kept, expert_layer, in_block, readers, skip_pattern
@@ -40,7 +40,7 @@ class CheckpointInfo:
 
 def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     spec = read_spec(path)
-    config = model_io.read_config(path)
+    config = folder.read_config(path)
     index = tensor_index(path)
     fp16_elems = 0
     n_quantized = 0
@@ -87,7 +87,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     return CheckpointInfo(
         path=str(path), model_type=config.get("model_type", "?"), fmt=spec.format.name,
         bits=spec.bits, group_size=spec.group_size, sym=sym, act_order=spec.act_order, n_quantized=n_quantized, skipped=kept or list(spec.skipped),
-        checkpoint_bytes=model_io.folder_bytes(path, ("*.safetensors",)), fp16_bytes=2 * fp16_elems, method=method,
+        checkpoint_bytes=folder.folder_bytes(path, ("*.safetensors",)), fp16_bytes=2 * fp16_elems, method=method,
         loaders=loaders,
     )
 

@@ -9,7 +9,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from quant import model_io, qmath
+from quant import folder, model_io, qmath
 from quant.checkpoint import checkpoint_headers, tensor_index
 from quant.errors import QtoolError
 from quant.formats.compat import declared_kept
@@ -72,7 +72,7 @@ def _skeleton(path: str | os.PathLike, dtype: torch.dtype | str | None):
     from quant.arch import layout_of
 
     spec = read_spec(path)
-    layout = layout_of(model_io.read_config(path))
+    layout = layout_of(folder.read_config(path))
     config = model_io.model_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # our modules do the dequantization, not transformers' integrations

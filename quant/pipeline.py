@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from quant import arch as arch_table
-from quant import block_loop, heap, model_io, output, resume
+from quant import block_loop, folder, heap, model_io, output, resume
 from quant.block_loop import BlockRow
 from quant.checkpoint import checkpoint_tensors, is_quantized_checkpoint, output_dtype, write_metadata
 from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE, QuantConfig
@@ -18,7 +18,7 @@ from quant.errors import QtoolError
 from quant.formats.compat import Written, check_target, readers, skip_pattern
 from quant.model_check import partial_module
 from quant.layers import plan_linears
-from quant.shards import ShardWriter
+from quant.shards import MAX_SHARD_BYTES, ShardWriter
 from quant.source import SourceModel, source_fingerprint
 
 log = logging.getLogger(__name__)
@@ -78,7 +78,7 @@ def quantize(
     overwrite: bool = False,
     device: str | None = "auto",
     progress: bool = True,
-    max_shard_bytes: int = model_io.MAX_SHARD_BYTES,
+    max_shard_bytes: int = MAX_SHARD_BYTES,
     restart: bool = False,
     **options,
 ) -> QuantReport:
@@ -150,7 +150,7 @@ def quantize(
             group_size=cfg.group_size, n_quantized=plan.n_quantized, skipped=plan.skipped,
             seconds=time.perf_counter() - t0, calib_seconds=calib_seconds, peak_rss_mb=heap.peak_rss_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0,
-            source_bytes=model_io.folder_bytes(model_dir), output_bytes=model_io.folder_bytes(tmp, ("model*.safetensors",)), blocks=rows,
+            source_bytes=folder.folder_bytes(model_dir), output_bytes=folder.folder_bytes(tmp, ("model*.safetensors",)), blocks=rows,
             guarded=cfg.held_out_split[1] > 0 if cfg.needs_calibration else None, model_check=model_check,
             resumed_from=run.start if saved is not None else None,
             loaders=readers(written),
@@ -180,7 +180,7 @@ def _check_source(model_dir, cfg: QuantConfig) -> tuple[dict, arch_table.Arch, Q
         raise QtoolError(f"{model_dir}: is already quantized ({method} quantization); quantize the original "
                          "full-precision model instead")
     arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
-    if not cfg.needs_calibration and model_io.has_tokenizer_files(model_dir):
+    if not cfg.needs_calibration and folder.has_tokenizer_files(model_dir):
         # RTN reads no text, but copies the tokenizer into the checkpoint: a damaged one would be served from there
         heap.in_child(_check_tokenizer, model_dir, what="reading the tokenizer")
     replay = None

@@ -28,12 +28,29 @@ import numpy as np
 import torch
 from safetensors.torch import save_file
 
+from quant.errors import QtoolError
+
 PARTS = ".parts"
 _COPY_BYTES = 64 * 2**20
 _DIRECT_CHUNK = 16 * 2**20  # the aligned buffer of write_safetensors (a multiple of any block size)
 _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL"}
+MAX_SHARD_BYTES = 4 * 10**9  # "4GB", as --max-shard-size writes it
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes in ``text`` such as ``"500MB"`` or ``"2GiB"``, read as Hugging Face reads ``max_shard_size``
+    (transformers' ``convert_file_size_to_int``). Raises QtoolError for anything else, or under 1 MB."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        n = convert_file_size_to_int(str(text).strip())
+    except ValueError:
+        raise QtoolError(f"{what} {text!r} is not a size; write e.g. 500MB, 4GB or 2GiB") from None
+    if n < 10**6:
+        raise QtoolError(f"{what} {text!r} is below 1MB; shards that small only multiply files")
+    return n
 
 
 def _fsync(path: Path) -> None:

@@ -22,7 +22,7 @@ import torch
 from safetensors import safe_open
 from torch import nn
 
-from quant import heap, model_io
+from quant import folder, heap, model_io
 from quant.moe import swap_in_expert_linears
 from quant.errors import QtoolError
 
@@ -45,14 +45,14 @@ class SourceModel:
         from quant.layouts import Shape
 
         self.dir = Path(model_dir)
-        self.files = model_io.weight_files(model_dir)
+        self.files = folder.weight_files(model_dir)
         self._bin: dict[Path, dict] = {}
         self._headers: dict[Path, tuple[tuple, dict, int]] = {}  # file -> (identity, JSON header, data offset)
         # Tensors read whole and found finite: a block read again (the loss gradients' two passes, then the
         # quantization's) is not scanned again; a slice-wise read is checked every time.
         self._finite: set[str] = set()
         # A remote-code family's checkpoint (quant.layouts) is read under the native class's names.
-        self.layout = layout_of(model_io.read_config(model_dir))
+        self.layout = layout_of(folder.read_config(model_dir))
         config = model_io.model_config(model_dir)
         self.shape = Shape.of(config) if self.layout is not None else None
         top_k = getattr(config, "num_experts_per_tok", None)
@@ -99,15 +99,15 @@ class SourceModel:
         index: dict[str, Path] = {}
         for f in self.files:
             if f.suffix == ".safetensors":
-                index.update(dict.fromkeys(model_io.safetensors_keys(f), f))
+                index.update(dict.fromkeys(folder.safetensors_keys(f), f))
                 continue
             try:
                 self._bin[f] = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
             except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
-                raise model_io.unreadable(f, e) from None
+                raise folder.unreadable(f, e) from None
             index.update(dict.fromkeys(self._bin[f], f))
         if all(f.suffix == ".safetensors" for f in self.files):
-            model_io.check_shard_index(self.dir, index)
+            folder.check_shard_index(self.dir, index)
         return index
 
     def _native_names(self, stored: str) -> list[str]:
@@ -369,7 +369,7 @@ def source_fingerprint(model_dir: str | os.PathLike) -> str:
     changed source (re-downloaded, edited) gives another fingerprint. Reads no weights."""
     path = Path(model_dir)
     h = hashlib.sha256((path / "config.json").read_bytes())
-    for f in model_io.weight_files(path):
+    for f in folder.weight_files(path):
         st = f.stat()
         h.update(json.dumps([f.name, st.st_size, st.st_mtime_ns]).encode())
     return h.hexdigest()

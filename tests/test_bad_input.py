@@ -432,7 +432,7 @@ def test_a_killed_runs_temporary_folder_is_removed_by_the_next_run(model, tmp_pa
         d.mkdir()
         (d / ".qtool-owner").write_text(f"{host} {pid}")
         (d / "model.safetensors").write_bytes(b"partial")
-    with caplog.at_level("WARNING", logger="quant.model_io"):
+    with caplog.at_level("WARNING", logger="quant.output"):
         code, _ = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
     assert code == 0
     assert not left.exists() and live.exists()  # a run still going is left alone

@@ -159,14 +159,14 @@ def test_compact_load_keeps_the_logits_and_the_checkpoint(tmp_path):
 
 
 def test_size_counts_weights_not_qtool_side_files(tmp_path):
-    from quant import model_io
+    from quant import folder
 
     (tmp_path / "model.safetensors").write_bytes(b"x" * 100)
     (tmp_path / "qtool_search.safetensors").write_bytes(b"x" * 40)
     (tmp_path / "pytorch_model.bin").write_bytes(b"x" * 7)
-    assert model_io.folder_bytes(tmp_path) == 100  # both formats shipped: the safetensors are what loads
+    assert folder.folder_bytes(tmp_path) == 100  # both formats shipped: the safetensors are what loads
     (tmp_path / "model.safetensors").unlink()
-    assert model_io.folder_bytes(tmp_path) == 7
+    assert folder.folder_bytes(tmp_path) == 7
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "llama"])

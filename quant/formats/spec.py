@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from quant import model_io
+from quant import folder
 from quant.errors import QtoolError
 from quant.formats.base import Format, get_format
 from quant.formats.compat import kept_from_dynamic
@@ -44,7 +44,7 @@ class CheckpointSpec:
 
 
 def _raw_config(path: str | os.PathLike) -> dict:
-    config = model_io.read_config(path)
+    config = folder.read_config(path)
     qc = config.get("quantization_config")
     legacy = Path(path) / "quantize_config.json"
     if legacy.is_file():  # AutoGPTQ / GPTQModel: fills what config.json leaves out (e.g. checkpoint_format)

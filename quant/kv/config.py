@@ -27,7 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from quant.config import KV_CALIB_FILE
 from quant.errors import QtoolError
-from quant.model_io import KV_CALIB_FORMAT, KV_CONFIG_KEY
+from quant.folder import KV_CALIB_FORMAT, KV_CONFIG_KEY
 from quant.output import save_safetensors
 
 KEY_SCHEMES = ("token", "channel")

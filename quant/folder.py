@@ -1,0 +1,190 @@
+"""What a Hugging Face model folder holds, read from its files without building a model: config.json, the
+weight files (and which top-level files are qtool's side files, not weights), the shard index, the tokenizer's
+files, and the files a checkpoint copies from its source. The source folder is only ever read; the output folder
+is written by :mod:`quant.output`."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+from quant.errors import QtoolError
+
+# quant.kv.config's calibration file: its header's format, and the config.json entry that names it
+KV_CALIB_FORMAT, KV_CONFIG_KEY = "qtool-kv-calib", "qtool_kv_cache"
+WEIGHT_PATTERNS = ("*.safetensors", "pytorch_model*.bin", "model*.bin")
+# Everything a deployment needs beside the weights: tokenizer, chat template, generation defaults.
+SIDE_FILES = (
+    "tokenizer.json",
+    "tokenizer_config.json",
+    "tokenizer.model",
+    "special_tokens_map.json",
+    "added_tokens.json",
+    "vocab.json",
+    "merges.txt",
+    "vocab.txt",
+    "chat_template.jinja",
+    "chat_template.json",
+    "generation_config.json",
+)
+
+
+def read_config(model_dir: str | os.PathLike) -> dict:
+    """The parsed ``config.json`` of a model folder, with one-sentence errors for the usual mistakes."""
+    if not str(model_dir).strip():  # an unset shell variable: Path("") would be the working folder
+        raise QtoolError("the model folder is blank; give the path of a Hugging Face model folder")
+    path = Path(model_dir)
+    if not path.exists():
+        raise QtoolError(f"{path}: no such folder; give the path of a Hugging Face model folder")
+    if not path.is_dir():
+        raise QtoolError(f"{path}: is a file, not a folder; give the folder that holds config.json")
+    cfg_path = path / "config.json"
+    if not cfg_path.is_file():
+        raise QtoolError(f"{path}: has no config.json, so it is not a Hugging Face model folder")
+    try:
+        cfg = json.loads(cfg_path.read_text())
+    except json.JSONDecodeError as e:
+        raise QtoolError(f"{cfg_path}: is not valid JSON ({e.msg} at line {e.lineno})") from None
+    if not isinstance(cfg, dict):
+        raise QtoolError(f"{cfg_path}: holds a JSON {type(cfg).__name__}, not an object of settings "
+                         "({\"model_type\": ...})")
+    return cfg
+
+
+def weight_files(model_dir: str | os.PathLike) -> list[Path]:
+    """The folder's weight files: its top-level ``*.safetensors`` (a KV-cache calibration that older qtool
+    versions wrote there left out), else ``.bin`` files. Raises QtoolError where there are none."""
+    path = Path(model_dir)
+    for pattern in WEIGHT_PATTERNS:
+        files = sorted(f for f in path.glob(pattern) if not is_side_file(f))
+        if files:
+            return files
+    raise QtoolError(f"{path}: holds no weights (*.safetensors or pytorch_model*.bin)")
+
+
+def is_side_file(f: Path) -> bool:
+    """Whether ``f``, a top-level file of a model folder, is one of qtool's side files, which hold no weights:
+    ``qtool_*`` (the AWQ search of checkpoints made before it moved to ``qtool/``) or a KV-cache calibration
+    of `qtool kv calibrate` (its safetensors header says so; older versions wrote it there)."""
+    return f.name.startswith("qtool_") or (f.suffix == ".safetensors" and is_kv_calibration(f))
+
+
+def is_kv_calibration(path: str | os.PathLike) -> bool:
+    """Whether ``path`` is a safetensors file whose header says it is a KV calibration (no tensor is read; a
+    missing or damaged file is not one: its readers say what is wrong)."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(path), framework="pt") as st:
+            return (st.metadata() or {}).get("format") == KV_CALIB_FORMAT
+    except Exception:  # noqa: BLE001 - not safetensors, damaged, missing
+        return False
+
+
+SHARD_INDEX = "model.safetensors.index.json"
+
+
+def check_shard_index(model_dir: str | os.PathLike, index: dict[str, Path]) -> None:
+    """Refuse, in one sentence, a ``model.safetensors.index.json`` that disagrees with the shards' headers
+    (``index``: tensor name -> the file holding it): transformers and vLLM load by the index, so a shard it names
+    that is missing, or a tensor it places in another file or that no file holds, breaks them while a reader
+    that globs the shards sees a whole model. No index: nothing to check."""
+    path = Path(model_dir) / SHARD_INDEX
+    if not path.is_file():
+        return
+    try:
+        weight_map = json.loads(path.read_text()).get("weight_map")
+    except (OSError, ValueError, AttributeError) as e:
+        raise QtoolError(f"{path}: cannot be read ({type(e).__name__}); it should be JSON with a weight_map") from None
+    if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+        raise QtoolError(f"{path}: its weight_map is {json.dumps(weight_map)[:80]}; it should map each tensor to "
+                         "its shard's file name")
+    for name in sorted(set(weight_map.values())):
+        if not (Path(model_dir) / name).is_file():
+            raise QtoolError(f"{path}: names the shard {name}, which is not in the folder; copy the whole model "
+                             "folder again")
+    for key, name in sorted(weight_map.items()):
+        held = index.get(key)
+        if held is None or held.name != name:
+            where = f"it is in {held.name}" if held is not None else "no shard holds it"
+            raise QtoolError(f"{path}: places {key} in {name}, but {where}; the index does not match the shards")
+    unlisted = sorted(set(index) - set(weight_map))
+    if unlisted:
+        raise QtoolError(f"{path}: lists no shard for {unlisted[0]} (held by {index[unlisted[0]].name}); loaders "
+                         "that read the index would miss it")
+
+
+def safetensors_keys(f: Path) -> list[str]:
+    """The tensor names of safetensors file ``f`` (its header read, its size checked against it). Raises
+    QtoolError naming the file where it is damaged or cut short."""
+    from safetensors import safe_open
+
+    try:
+        with safe_open(str(f), framework="pt") as st:
+            return list(st.keys())
+    except Exception as e:  # noqa: BLE001 - safetensors raises its own kinds for a damaged or truncated file
+        raise unreadable(f, e) from None
+
+
+def unreadable(f: Path, e: Exception) -> QtoolError:
+    """The one sentence for a weight file that its library could not read: the file, and the reason's first line
+    (torch's weights-only refusals run to pages)."""
+    first = (str(e).strip().splitlines() or [""])[0]
+    return QtoolError(f"{f}: cannot be read as a weight file ({type(e).__name__}: {first})")
+
+
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer_config.json", "tokenizer.model", "vocab.json", "vocab.txt",
+                   "merges.txt", "special_tokens_map.json")
+
+
+def has_tokenizer_files(model_dir: str | os.PathLike) -> bool:
+    """Whether the folder holds any of a tokenizer's files (a broken link counts; a weights-only folder holds
+    none) that a run can check by loading it: a sentencepiece ``tokenizer.model`` alone needs the sentencepiece
+    package, and where that is not installed it is not loaded here (it is copied as it is)."""
+    path = Path(model_dir)
+    present = [n for n in TOKENIZER_FILES if os.path.lexists(path / n)]
+    if present and "tokenizer.json" not in present and (path / "tokenizer.model").is_file():
+        import importlib.util
+
+        return importlib.util.find_spec("sentencepiece") is not None
+    return bool(present)
+
+
+def copy_side_files(src: str | os.PathLike, dst: str | os.PathLike) -> list[str]:
+    """Copy the tokenizer, chat template and generation files, and the remote-code modules that
+    ``auto_map`` in config.json / tokenizer_config.json names (InternLM2's ``modeling_internlm2.py``...:
+    copied, never run, so that loaders with ``trust_remote_code`` read the checkpoint as the original).
+    Returns the names copied."""
+    copied = []
+    for name in SIDE_FILES + tuple(_auto_map_modules(src)):
+        f = Path(src) / name
+        if f.is_file():
+            shutil.copy2(f, Path(dst) / name)
+            copied.append(name)
+    return copied
+
+
+def _auto_map_modules(folder: str | os.PathLike) -> list[str]:
+    """The ``*.py`` files ``auto_map`` entries point at (``"module.Class"``, or lists of them)."""
+    names = []
+    for cfg_name in ("config.json", "tokenizer_config.json"):
+        try:
+            auto_map = json.loads((Path(folder) / cfg_name).read_text()).get("auto_map") or {}
+        except (OSError, ValueError, AttributeError):
+            continue
+        for ref in auto_map.values() if isinstance(auto_map, dict) else []:
+            for r in ref if isinstance(ref, list) else [ref]:
+                if isinstance(r, str) and "." in r and "--" not in r:  # "repo--module.Class" lives elsewhere
+                    names.append(r.rsplit(".", 1)[0].replace(".", "/") + ".py")
+    return sorted(set(names))
+
+
+def folder_bytes(path: str | os.PathLike, patterns=("*.safetensors", "*.bin")) -> int:
+    """Bytes of the weight files in ``path`` that a load reads: the first pattern with any files (a folder
+    shipping both ``.safetensors`` and ``.bin`` loads the former); qtool's side files (:func:`is_side_file`) are not weights."""
+    for p in patterns:
+        files = [f for f in Path(path).glob(p) if not is_side_file(f)]
+        if files:
+            return sum(f.stat().st_size for f in files)
+    return 0
