@@ -12,13 +12,19 @@ from quant.errors import QtoolError
 
 
 def _read_text(path: str) -> str:
+    """The text of ``--data`` (a file, or anything that reads as one: a pipe, /dev/stdin); QtoolError in one
+    sentence for a missing path, a folder, an unreadable file or bytes that are not UTF-8."""
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise QtoolError(f"{path}: is a folder; --data takes a UTF-8 text file")
+    if not p.exists():
         raise QtoolError(f"{path}: no such file; --data takes a UTF-8 text file")
     try:
         return p.read_text(encoding="utf-8")
     except UnicodeDecodeError:
         raise QtoolError(f"{path}: is not UTF-8 text; --data takes a UTF-8 text file") from None
+    except OSError as e:
+        raise QtoolError(f"{path}: cannot be read ({e.strerror}); --data takes a UTF-8 text file") from None
 
 
 @click.command()

@@ -842,6 +842,14 @@ def test_ppl_data_missing(model, tmp_path, capsys):
     assert_refused(code, err, "missing.txt", "no such file")
 
 
+def test_ppl_data_that_is_a_folder_or_empty(model, tmp_path, capsys):
+    """A folder is named as one (it was "no such file"); /dev/null reads as an empty text, refused as one."""
+    code, err = run_cli(["ppl", model, "--data", tmp_path], capsys)
+    assert_refused(code, err, str(tmp_path), "is a folder")
+    code, err = run_cli(["ppl", model, "--data", "/dev/null"], capsys)
+    assert_refused(code, err, "0 tokens")
+
+
 def test_info_on_a_full_precision_model(model, capsys):
     code, err = run_cli(["info", model], capsys)
     assert_refused(code, err, "not a quantized checkpoint")
