@@ -4,6 +4,7 @@ import json
 import shutil
 import subprocess
 import sys
+import warnings
 from pathlib import Path
 
 import pytest
@@ -248,8 +249,10 @@ def test_generate_with_int4_weights_and_quantized_kv(tmp_path, model_type):
 def test_with_kv_cache_makes_generate_use_a_fresh_quantized_cache_each_call():
     model = with_kv_cache(tiny_model("qwen2"), "int8")
     ids = torch.randint(0, 256, (1, 6), generator=torch.Generator().manual_seed(0))
-    a = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=257, return_dict_in_generate=True)
-    b = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=257, return_dict_in_generate=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", FutureWarning)  # the cache passed by the name generate takes (no deprecation)
+        a = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=257, return_dict_in_generate=True)
+        b = model.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=257, return_dict_in_generate=True)
     assert isinstance(a.past_key_values, QuantizedKVCache) and a.past_key_values is not b.past_key_values
     assert torch.equal(a.sequences, b.sequences)
 

@@ -2,7 +2,7 @@
 
     from quant.kv import KVCacheConfig, QuantizedKVCache
     cache = QuantizedKVCache(model.config, KVCacheConfig(bits=4, window=64))
-    model.generate(ids, past_key_values=cache, max_new_tokens=100)
+    model.generate(ids, cache=cache, max_new_tokens=100)  # past_key_values=cache before transformers 5.2x
 
 Modules: ``quantizer`` (the reference math and layouts), ``config`` (settings, calibration file),
 ``cache`` (the Cache), ``eval`` (perplexity through the cache), ``api`` (model with a quantized cache).

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 
-from quant.kv.cache import QuantizedKVCache
+from quant.kv.cache import QuantizedKVCache, cache_keyword
 from quant.errors import QtoolError
 from quant.kv.config import KVCacheConfig, parse_kv
 
@@ -25,11 +25,12 @@ def with_kv_cache(model, kv: KVCacheConfig | str):
         raise QtoolError(f"the KV cache settings are {kv!r}; pass a KVCacheConfig(...) or 'int8' / 'int4'")
     QuantizedKVCache(model.config, kv)  # fail now, not at the first generate, on an unsupported model
     original = getattr(model, "generate_fp_cache", model.generate)
+    keyword = cache_keyword(model)  # generate takes the cache by the name the forward does
 
     @functools.wraps(original)
     def generate(*args, **kwargs):
-        if kwargs.get("past_key_values") is None:
-            kwargs["past_key_values"] = QuantizedKVCache(model.config, kv)
+        if all(kwargs.get(k) is None for k in ("cache", "past_key_values")):
+            kwargs[keyword] = QuantizedKVCache(model.config, kv)
         return original(*args, **kwargs)
 
     model.generate_fp_cache = original

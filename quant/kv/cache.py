@@ -239,7 +239,8 @@ def cache_keyword(model) -> str:
 
 
 class QuantizedKVCache(Cache):
-    """int8/int4 KV cache for every layer of a model: ``model.generate(..., past_key_values=QuantizedKVCache(model.config, kv))``."""
+    """int8/int4 KV cache for every layer of a model: ``model.generate(..., cache=QuantizedKVCache(model.config, kv))``
+    (``past_key_values=`` before transformers 5.2x; :func:`cache_keyword` says which)."""
 
     def __init__(self, config, kv: KVCacheConfig):
         text_config = config.get_text_config(decoder=True)
