@@ -29,6 +29,7 @@ kv_ppl_options = _stack([
 def kv_config_from_options(model_dir, kv, kv_keys, kv_window, kv_calib, kv_chunk):
     """The :class:`KVCacheConfig` the ``--kv*`` options ask for, or None without ``--kv``."""
     from quant.kv import parse_kv
+    from quant.kv.api import check_folder
 
     if kv is None:
         given = [name for name, v in (("--kv-keys", kv_keys), ("--kv-window", kv_window), ("--kv-calib", kv_calib),
@@ -39,7 +40,9 @@ def kv_config_from_options(model_dir, kv, kv_keys, kv_window, kv_calib, kv_chunk
         return None
     if kv_chunk is not None and kv_chunk < 1:
         raise QtoolError(f"--kv-chunk {kv_chunk} must be a positive number of tokens")
-    return parse_kv(kv, keys=kv_keys or "token", window=kv_window or 0, calib=kv_calib, model_dir=model_dir)
+    cfg = parse_kv(kv, keys=kv_keys or "token", window=kv_window or 0, calib=kv_calib, model_dir=model_dir)
+    check_folder(model_dir, cfg)  # before the model loads
+    return cfg
 
 
 @click.group()

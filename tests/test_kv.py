@@ -26,6 +26,7 @@ from quant.kv import (
     with_kv_cache,
 )
 from quant.kv import quantizer as kq
+from quant.kv.cache import cache_keyword
 from quant.kv.config import CALIB_FILENAME, calibration_reference
 
 TEXT = "It was the best of times, it was the worst of times, it was the age of wisdom. " * 3
@@ -179,7 +180,7 @@ def test_the_cache_builds_every_layer_with_older_transformers(monkeypatch, model
     cache = QuantizedKVCache(model.config, KVCacheConfig(bits=8))
     assert len(cache.layers) == model.config.num_hidden_layers
     ids = torch.randint(0, 256, (1, 12), generator=torch.Generator().manual_seed(0))
-    out = model.generate(ids, max_new_tokens=3, do_sample=False, past_key_values=cache, pad_token_id=257)
+    out = model.generate(ids, max_new_tokens=3, do_sample=False, **{cache_keyword(model): cache}, pad_token_id=257)
     assert out.shape == (1, 15)
 
 
@@ -187,7 +188,7 @@ def test_sliding_window_layers_keep_only_the_window():
     model = tiny_model("gemma2")  # sliding_window=8 on every other layer
     cache = QuantizedKVCache(model.config, KVCacheConfig(bits=8, window=2))
     ids = torch.randint(0, 256, (1, 20), generator=torch.Generator().manual_seed(0))
-    out = model.generate(ids, max_new_tokens=6, do_sample=False, past_key_values=cache, pad_token_id=257)
+    out = model.generate(ids, max_new_tokens=6, do_sample=False, **{cache_keyword(model): cache}, pad_token_id=257)
     assert out.shape == (1, 26)
     sliding = [layer for layer in cache.layers if layer.is_sliding]
     assert sliding and all(layer.k_codes.shape[-2] + layer.keys.shape[-2] == 7 for layer in sliding)
@@ -197,7 +198,8 @@ def test_sliding_window_layers_keep_only_the_window():
 # -- generate() on every architecture row --------------------------------------------------------------
 def greedy(model, ids, cache, n=8):
     out = model.generate(ids, attention_mask=torch.ones_like(ids), max_new_tokens=n, do_sample=False,
-                         past_key_values=cache, pad_token_id=257, output_logits=True, return_dict_in_generate=True)
+                         **{cache_keyword(model): cache}, pad_token_id=257, output_logits=True,
+                         return_dict_in_generate=True)
     return out.sequences, torch.stack(out.logits, dim=1)
 
 
@@ -261,7 +263,7 @@ def test_beam_search_reorders_the_quantized_cache():
     model = tiny_model("llama")
     ids = torch.randint(0, 256, (1, 8), generator=torch.Generator().manual_seed(0))
     out = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=257,
-                         past_key_values=QuantizedKVCache(model.config, KVCacheConfig(bits=8, window=2)))
+                         **{cache_keyword(model): QuantizedKVCache(model.config, KVCacheConfig(bits=8, window=2))})
     want = model.generate(ids, max_new_tokens=5, num_beams=3, do_sample=False, pad_token_id=257)
     assert out.shape == want.shape
 
@@ -274,7 +276,7 @@ def test_key_ranges_are_those_of_the_keys_as_cached(model_type):
     calib = collect_key_ranges(model, ids, batch_size=2)
     cache = DynamicCache(config=model.config)
     with torch.no_grad():
-        model(ids, past_key_values=cache, use_cache=True)
+        model(ids, **{cache_keyword(model): cache}, use_cache=True)
     for i, layer in enumerate(cache.layers):
         assert torch.allclose(calib.key_min[i], layer.keys.amin(dim=(0, 2)), atol=1e-5)
         assert torch.allclose(calib.key_max[i], layer.keys.amax(dim=(0, 2)), atol=1e-5)
@@ -344,7 +346,8 @@ def test_kv_perplexity_with_chunk_1_is_token_by_token_decoding():
     ids = tok(TEXT[:24], add_special_tokens=False, return_tensors="pt").input_ids
     cache = QuantizedKVCache(model.config, kv)
     with torch.no_grad():
-        step = [model(ids[:, t: t + 1], past_key_values=cache, use_cache=True).logits[0, -1] for t in range(ids.shape[1])]
+        step = [model(ids[:, t: t + 1], **{cache_keyword(model): cache}, use_cache=True).logits[0, -1]
+                for t in range(ids.shape[1])]
     from quant.kv.eval import window_logits
     assert torch.allclose(window_logits(model, ids, kv, chunk=1), torch.stack(step), atol=1e-5)
 
@@ -476,3 +479,28 @@ def test_cli_entry_point_turns_a_kv_mistake_into_status_2(tmp_path):
     res = subprocess.run([sys.executable, "-m", "cli.main", "ppl", str(src), "--kv", "int4", "--kv-keys", "channel"],
                          check=False, capture_output=True, text=True, cwd=Path(__file__).parents[1])
     assert res.returncode == 2 and "--kv-calib FILE" in res.stderr and "Traceback" not in res.stderr, res.stderr
+
+
+def test_int4_kv_on_an_odd_head_dim_is_refused_before_the_model_loads(tmp_path, monkeypatch):
+    """int4 packs two codes per byte: OPT with 36 / 4 = 9-wide heads is refused from its config.json, in one
+    sentence, before its weights load (it was refused at the first forward, after the load)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    from tiny_models import CONFIGS
+
+    src = tmp_path / "opt9"
+    config = AutoConfig.for_model("opt", **dict(CONFIGS["opt"], hidden_size=36, word_embed_proj_dim=36))
+    AutoModelForCausalLM.from_config(config).save_pretrained(src)
+    byte_tokenizer().save_pretrained(src)
+    data = tmp_path / "t.txt"
+    data.write_text(TEXT)
+
+    def no_load(*a, **k):
+        raise AssertionError("the model was loaded before the KV settings were checked")
+
+    monkeypatch.setattr(quant, "load_any", no_load)
+    res = CliRunner().invoke(app, ["ppl", str(src), "--data", str(data), "--seqlen", "32", "--kv", "int4"])
+    assert isinstance(res.exception, QtoolError), res.output
+    assert "even head_dim; this model's is 9" in str(res.exception)
+    with pytest.raises(QtoolError, match="even head_dim"):
+        quant.kv.load_with_kv_cache(src, "int4")

@@ -16,6 +16,7 @@ import torch
 
 from quant.kv import kernels
 from quant.kv import quantizer as kq
+from quant.kv.cache import cache_keyword
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")]
 
@@ -88,5 +89,5 @@ def test_the_cache_on_a_gpu_goes_through_the_kernels_and_generates():
     assert torch.equal(got, want)
     ids = torch.randint(0, 256, (4, 12), device="cuda")
     out = model.generate(ids, max_new_tokens=8, do_sample=False, pad_token_id=257,
-                         past_key_values=QuantizedKVCache(model.config, KVCacheConfig(bits=8)))
+                         **{cache_keyword(model): QuantizedKVCache(model.config, KVCacheConfig(bits=8))})
     assert out.shape == (4, 20)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import functools
 
-from quant.kv.cache import QuantizedKVCache, cache_keyword
+from quant.kv.cache import QuantizedKVCache, cache_keyword, check_model
 from quant.errors import QtoolError
 from quant.kv.config import KVCacheConfig, parse_kv
 
@@ -39,6 +39,14 @@ def with_kv_cache(model, kv: KVCacheConfig | str):
     return model
 
 
+def check_folder(model_dir, kv: KVCacheConfig) -> None:
+    """Refuse, from ``model_dir/config.json`` alone (before any weight loads), a model that ``kv`` cannot cache:
+    :func:`quant.kv.cache.check_model`'s rules. Raises :class:`QtoolError`."""
+    from quant import model_io
+
+    check_model(model_io.model_config(model_dir), kv)
+
+
 def load_with_kv_cache(path, kv: str = "int8", keys: str = "token", window: int = 0, kv_calib=None,
                        dtype="auto", device="auto"):
     """``(model, tokenizer)`` like :func:`quant.load_any`, with a quantized KV cache in ``generate``.
@@ -48,5 +56,6 @@ def load_with_kv_cache(path, kv: str = "int8", keys: str = "token", window: int 
     from quant import load_any
 
     cfg = parse_kv(kv, keys=keys, window=window, calib=kv_calib, model_dir=path)
+    check_folder(path, cfg)
     model, tokenizer = load_any(path, dtype=dtype, device=device)
     return with_kv_cache(model, cfg), tokenizer

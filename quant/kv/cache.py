@@ -238,23 +238,36 @@ def cache_keyword(model) -> str:
     return "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
 
 
+def check_model(config, kv: KVCacheConfig) -> list[dict]:
+    """Refuse, in one sentence, a model that ``kv`` cannot cache, from its transformers ``config`` alone (so before
+    its weights load): a layer that is not full or sliding-window attention, an odd ``head_dim`` for int4 (two codes
+    per byte), or a calibration of another model's shape or type. Returns each layer's cache arguments
+    (``sliding_window``)."""
+    text_config = config.get_text_config(decoder=True)
+    layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
+    if isinstance(layer_kwargs, dict):  # transformers < 5.2x: one kwargs dict shared by every layer
+        layer_kwargs = [layer_kwargs] * len(layer_types)
+    n_layers, kv_heads, head_dim = _kv_dims(text_config)
+    if kv.bits == 4 and head_dim % 2:
+        raise QtoolError(f"--kv int4 packs two codes per byte and needs an even head_dim; this model's is {head_dim}; "
+                         "use --kv int8")
+    if kv.calibration is not None:
+        kv.calibration.check_model(n_layers, kv_heads, head_dim, getattr(config, "model_type", ""))
+    for i, kind in enumerate(layer_types):
+        if kind not in ("full_attention", "sliding_attention"):
+            raise QtoolError(f"layer {i} is a {kind!r} layer; the quantized KV cache supports full and "
+                             "sliding-window attention layers only")
+    return list(layer_kwargs)
+
+
 class QuantizedKVCache(Cache):
     """int8/int4 KV cache for every layer of a model: ``model.generate(..., cache=QuantizedKVCache(model.config, kv))``
     (``past_key_values=`` before transformers 5.2x; :func:`cache_keyword` says which)."""
 
     def __init__(self, config, kv: KVCacheConfig):
-        text_config = config.get_text_config(decoder=True)
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
-        if isinstance(layer_kwargs, dict):  # transformers < 5.2x: one kwargs dict shared by every layer
-            layer_kwargs = [layer_kwargs] * len(layer_types)
-        n_layers, kv_heads, head_dim = _kv_dims(text_config)
-        if kv.calibration is not None:
-            kv.calibration.check_model(n_layers, kv_heads, head_dim, getattr(config, "model_type", ""))
+        layer_kwargs = check_model(config, kv)
         layers = []
-        for i, (kind, kw) in enumerate(zip(layer_types, layer_kwargs)):
-            if kind not in ("full_attention", "sliding_attention"):
-                raise QtoolError(f"layer {i} is a {kind!r} layer; the quantized KV cache supports full and "
-                                 "sliding-window attention layers only")
+        for i, kw in enumerate(layer_kwargs):
             key_range = None
             if kv.keys == "channel":
                 key_range = (kv.calibration.key_min[i], kv.calibration.key_max[i])
