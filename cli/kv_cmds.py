@@ -125,6 +125,9 @@ def _calibration_out(model_dir: str, out: str | None, overwrite: bool) -> Path:
     if path.resolve().parent == Path(model_dir).resolve():
         raise QtoolError(f"-o {out}: a .safetensors file at the top of the model folder would be read as weights "
                          f"by every loader; write it in a subfolder (the default: {CALIB_FILENAME}) or outside")
+    if (path.resolve().parent / "config.json").is_file():
+        raise QtoolError(f"-o {out}: {path.resolve().parent} holds another model (its config.json), whose loaders "
+                         "would read a .safetensors file at its top as weights; write it in a subfolder or outside")
     parent = next(p for p in path.absolute().parents if p.exists() or p.is_symlink())  # the first that is there
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
         raise QtoolError(f"-o {out}: cannot be written: {parent} is {'not a folder' if not parent.is_dir() else 'not writable'}")

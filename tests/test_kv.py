@@ -405,10 +405,12 @@ def test_a_calibration_at_the_top_of_a_folder_is_not_taken_for_weights(tmp_path)
     ("{m}/config.json", "ending in .safetensors"), ("{m}", "is a folder"), ("{t}/d/", "is a folder"),
     ("{m}/qtool/../tokenizer.json", "ending in .safetensors"), ("{t}/w.safetensors", "not a KV calibration file"),
     ("{t}/old.safetensors", "pass --overwrite"), ("{t}/w.safetensors/x.safetensors", "is not a folder"),
+    ("{t}/other/kv.safetensors", "holds another model"),
 ])
 def test_kv_calibrate_never_writes_over_a_model_file_or_into_the_weights(tmp_path, out, match):
     src = save_tiny_model("llama", tmp_path / "m")
     (tmp_path / "d").mkdir()
+    save_tiny_model("llama", tmp_path / "other", seed=1)
     shutil.copy(src / "model.safetensors", tmp_path / "w.safetensors")
     KVCalibration((torch.zeros(2, 16),) * 2, (torch.ones(2, 16),) * 2, "llama", 64).save(tmp_path / "old.safetensors")
     before = {f.name: f.read_bytes() for f in src.iterdir() if f.is_file()}
