@@ -121,8 +121,12 @@ def quantize(
         if replay is not None:  # made for this model and these settings, or refused
             from quant.awq import check_search_file
 
+            # --skip compared by the linears it names, where they are the names it is given in (no layout)
+            linears = None if src.layout is not None else [
+                n for n, m in src.model.get_submodule(arch.blocks).named_modules(prefix=arch.blocks)
+                if isinstance(m, torch.nn.Linear)]
             settings_known = check_search_file(replay, cfg, config["model_type"], len(src.blocks), probe,
-                                               arch.blocks)
+                                               arch.blocks, linears)
         t_cal = time.perf_counter()
         calib_ids, kinds = _calibration(src, model_dir, cfg, arch, saved)
         calib_seconds = time.perf_counter() - t_cal

@@ -373,6 +373,13 @@ def test_replay_refuses_a_search_made_with_another_skip(tmp_path):
     assert not (tmp_path / "b").exists()
     _quantize(src, tmp_path / "c", skip=("mlp.down_proj",), awq=AWQOptions(search_file=str(tmp_path / "a")))
     assert (tmp_path / "c" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+    # the same linears under another spelling are the same skip (it was refused as text)
+    _quantize(src, tmp_path / "d", skip=("down_proj",), awq=AWQOptions(search_file=str(tmp_path / "a")))
+    assert (tmp_path / "d" / "model.safetensors").read_bytes() == (tmp_path / "a" / "model.safetensors").read_bytes()
+    with pytest.raises(QtoolError, match=r"made with --skip mlp.down_proj, .* but this run has --skip up_proj"):
+        _quantize(src, tmp_path / "e", skip=("up_proj",), awq=AWQOptions(search_file=str(tmp_path / "a")))
+    model = AutoModelForCausalLM.from_pretrained(src, dtype=torch.float32).eval()
+    apply_search(model, tmp_path / "a", QuantConfig(method="awq", bits=4, group_size=32, skip=("down_proj",)))
 
 
 def test_replay_refuses_a_search_made_for_other_bits_or_another_depth(tmp_path):

@@ -165,7 +165,8 @@ def apply_search(model: nn.Module, results, cfg: QuantConfig) -> None:
         blocks = model.get_submodule(arch.blocks)
         name = first_weight(blocks[0])
         probe = weight_probe(f"{arch.blocks}.0.{name}", blocks[0].get_parameter(name))
-        check_search_file(results, cfg, model.config.model_type, len(blocks), probe, arch.blocks)
+        linears = [n for n, m in blocks.named_modules(prefix=arch.blocks) if isinstance(m, torch.nn.Linear)]
+        check_search_file(results, cfg, model.config.model_type, len(blocks), probe, arch.blocks, linears)
         source = str(search_path(results))
         results = load_search(results)
     plan = plan_linears(model, arch, cfg)

@@ -200,7 +200,7 @@ def _made_for(meta: dict) -> str:
 
 
 def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, probe: dict | None = None,
-                      blocks: str | None = None) -> bool:
+                      blocks: str | None = None, linears: list[str] | None = None) -> bool:
     """Refuse a search file made for another model or other settings (:func:`search_metadata`), which would
     otherwise give round-to-nearest silently to every block it lacks, or scales and clips fitted to other weights
     of the same shape (``probe``: this model's :func:`weight_probe`). A file from a qtool before 2026-12-03
@@ -209,7 +209,9 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, pr
     Returns whether the file said its settings.
 
     ``blocks`` (the blocks' module path, ``model.layers``): every entry must belong to one of the ``n_blocks``
-    blocks; one outside them (a deeper model's block, ``lm_head``) would be ignored.
+    blocks; one outside them (a deeper model's block, ``lm_head``) would be ignored. ``linears`` (the full names
+    of the blocks' linears): the search's ``--skip`` and this run's are compared by the linears they name
+    (``down_proj`` and ``mlp.down_proj`` are the same skip); without it, as written.
 
     Raises :class:`QtoolError` (one sentence) on a mismatch, a damaged header or a missing file."""
     path = search_path(path)
@@ -246,7 +248,7 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, pr
     if not isinstance(skipped, list) or not all(isinstance(n, str) for n in skipped):
         raise QtoolError(f"{path}: its {SEARCH_HEADER} header is damaged (its skip entry should list module names); "
                          "search again")
-    if skipped and sorted(skipped) != sorted(cfg.skip):
+    if skipped and _skipped_linears(skipped, linears) != _skipped_linears(cfg.skip, linears):
         given = " ".join(f"--skip {n}" for n in sorted(cfg.skip)) or "no --skip"
         raise QtoolError(f"{path}: the search was made with {' '.join(f'--skip {n}' for n in skipped)}, so it holds no "
                          f"scales for those linears, but this run has {given}; replay it with the same --skip, or "
@@ -254,6 +256,15 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, pr
     if made_on is not None and probe is not None:
         _check_probe(path, made_on, probe)
     return True
+
+
+def _skipped_linears(skip, linears: list[str] | None) -> set[str]:
+    """The linears ``skip`` names (:func:`quant.layers.skip_matches`), or its entries as written without names."""
+    if linears is None:
+        return set(skip)
+    from quant.layers import skip_matches
+
+    return {n for n in linears if any(skip_matches(n, s) for s in skip)}
 
 
 def _check_probe(path: Path, made_on, probe: dict) -> None:
