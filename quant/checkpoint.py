@@ -146,12 +146,12 @@ def is_quantized_checkpoint(path: str | os.PathLike) -> bool:
 def tensor_index(path: str | os.PathLike) -> dict[str, Path]:
     """Tensor name -> the safetensors file holding it (reads headers only). qtool's side files
     (:func:`quant.folder.is_side_file`) hold no weights."""
-    files = sorted(f for f in Path(path).glob("*.safetensors") if not folder.is_side_file(f))
+    stored = (Path(path) / folder.SHARD_INDEX).is_file() or any(
+        not folder.is_side_file(f) for f in Path(path).glob("*.safetensors"))
+    files = [f for f in folder.weight_files(path) if f.suffix == ".safetensors"] if stored else []
     if not files:
         raise QtoolError(f"{path}: holds no *.safetensors files; quantized checkpoints are read from safetensors only")
-    index = {k: f for f in files for k in folder.safetensors_keys(f)}
-    folder.check_shard_index(path, index)
-    return index
+    return folder.tensor_index(path, files)
 
 
 def checkpoint_headers(index: dict[str, Path]) -> dict[str, tuple[Path, list[int], str]]:

@@ -5,11 +5,14 @@ is written by :mod:`quant.output`."""
 from __future__ import annotations
 
 import json
+import logging
 import os
 import shutil
 from pathlib import Path
 
 from quant.errors import QtoolError
+
+log = logging.getLogger(__name__)
 
 # quant.kv.config's calibration file: its header's format, and the config.json entry that names it
 KV_CALIB_FORMAT, KV_CONFIG_KEY = "qtool-kv-calib", "qtool_kv_cache"
@@ -53,9 +56,20 @@ def read_config(model_dir: str | os.PathLike) -> dict:
 
 
 def weight_files(model_dir: str | os.PathLike) -> list[Path]:
-    """The folder's weight files: its top-level ``*.safetensors`` (a KV-cache calibration that older qtool
-    versions wrote there left out), else ``.bin`` files. Raises QtoolError where there are none."""
+    """The folder's weight files: the shards ``model.safetensors.index.json`` names where there is one (as
+    transformers and vLLM read it: another ``*.safetensors`` beside them, such as a Mistral repository's
+    ``consolidated.safetensors``, is left out with a warning), else its top-level ``*.safetensors`` (a KV-cache
+    calibration that older qtool versions wrote there left out), else ``.bin`` files. Raises QtoolError where there
+    are none, or where the index is damaged or names a shard that is not there."""
     path = Path(model_dir)
+    weight_map = _weight_map(path)
+    if weight_map is not None:
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        others = sorted(f.name for f in path.glob("*.safetensors") if f not in files and not is_side_file(f))
+        if others:
+            log.warning("%s: %s not named in %s; left out, as transformers and vLLM leave %s out", path,
+                        ", ".join(others), SHARD_INDEX, "it" if len(others) == 1 else "them")
+        return files
     for pattern in WEIGHT_PATTERNS:
         files = sorted(f for f in path.glob(pattern) if not is_side_file(f))
         if files:
@@ -85,14 +99,13 @@ def is_kv_calibration(path: str | os.PathLike) -> bool:
 SHARD_INDEX = "model.safetensors.index.json"
 
 
-def check_shard_index(model_dir: str | os.PathLike, index: dict[str, Path]) -> None:
-    """Refuse, in one sentence, a ``model.safetensors.index.json`` that disagrees with the shards' headers
-    (``index``: tensor name -> the file holding it): transformers and vLLM load by the index, so a shard it names
-    that is missing, or a tensor it places in another file or that no file holds, breaks them while a reader
-    that globs the shards sees a whole model. No index: nothing to check."""
-    path = Path(model_dir) / SHARD_INDEX
+def _weight_map(model_dir: Path) -> dict[str, str] | None:
+    """``model.safetensors.index.json``'s weight_map (tensor name -> shard file name), each shard checked to be
+    in the folder; None without an index. Raises QtoolError (one sentence) for a damaged index or a missing
+    shard."""
+    path = model_dir / SHARD_INDEX
     if not path.is_file():
-        return
+        return None
     try:
         weight_map = json.loads(path.read_text()).get("weight_map")
     except (OSError, ValueError, AttributeError) as e:
@@ -101,9 +114,36 @@ def check_shard_index(model_dir: str | os.PathLike, index: dict[str, Path]) -> N
         raise QtoolError(f"{path}: its weight_map is {json.dumps(weight_map)[:80]}; it should map each tensor to "
                          "its shard's file name")
     for name in sorted(set(weight_map.values())):
-        if not (Path(model_dir) / name).is_file():
+        if "/" in name or not (model_dir / name).is_file():
             raise QtoolError(f"{path}: names the shard {name}, which is not in the folder; copy the whole model "
                              "folder again")
+    return weight_map
+
+
+def tensor_index(model_dir: str | os.PathLike, files: list[Path]) -> dict[str, Path]:
+    """Tensor name -> the file holding it, over the safetensors ``files`` of ``model_dir`` (:func:`weight_files`;
+    headers read only), checked against the shard index (:func:`check_shard_index`). Raises QtoolError naming
+    both files where two hold the same tensor (which one a loader takes is its own choice), and naming the file
+    where one is damaged."""
+    index: dict[str, Path] = {}
+    for f in files:
+        for key in safetensors_keys(f):
+            if index.setdefault(key, f) != f:
+                raise QtoolError(f"{model_dir}: {key} is in both {index[key].name} and {f.name}; loaders would take "
+                                 "either: keep one of the files")
+    check_shard_index(model_dir, index)
+    return index
+
+
+def check_shard_index(model_dir: str | os.PathLike, index: dict[str, Path]) -> None:
+    """Refuse, in one sentence, a ``model.safetensors.index.json`` that disagrees with the shards' headers
+    (``index``: tensor name -> the file holding it, over the files the index names): transformers and vLLM load
+    by the index, so a tensor it places in another file or that no file holds breaks them while a reader that
+    globs the shards sees a whole model. No index: nothing to check."""
+    path = Path(model_dir) / SHARD_INDEX
+    weight_map = _weight_map(Path(model_dir))
+    if weight_map is None:
+        return
     for key, name in sorted(weight_map.items()):
         held = index.get(key)
         if held is None or held.name != name:

@@ -12,7 +12,7 @@ from pathlib import Path
 import torch
 
 from quant.errors import QtoolError
-from quant.folder import check_shard_index, read_config, safetensors_keys, weight_files
+from quant.folder import read_config, tensor_index, weight_files
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -138,9 +138,8 @@ def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto
 
     config = check_causal_lm(model_dir)
     files = weight_files(model_dir)  # a damaged file named in one sentence, before transformers reads it
-    index = {k: f for f in files if f.suffix == ".safetensors" for k in safetensors_keys(f)}
     if all(f.suffix == ".safetensors" for f in files):
-        check_shard_index(model_dir, index)
+        tensor_index(model_dir, files)
     if _layout(config) is not None:  # a remote-code family: read through its layout, no code from the folder
         from quant import arch
         from quant.source import SourceModel

@@ -96,18 +96,15 @@ class SourceModel:
     # --- reading ------------------------------------------------------------------------------------
 
     def _read_index(self) -> dict[str, Path]:
+        if all(f.suffix == ".safetensors" for f in self.files):
+            return folder.tensor_index(self.dir, self.files)
         index: dict[str, Path] = {}
         for f in self.files:
-            if f.suffix == ".safetensors":
-                index.update(dict.fromkeys(folder.safetensors_keys(f), f))
-                continue
             try:
                 self._bin[f] = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
             except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
                 raise folder.unreadable(f, e) from None
             index.update(dict.fromkeys(self._bin[f], f))
-        if all(f.suffix == ".safetensors" for f in self.files):
-            folder.check_shard_index(self.dir, index)
         return index
 
     def _native_names(self, stored: str) -> list[str]:

@@ -981,3 +981,48 @@ def test_a_shard_index_that_disagrees_with_the_shards_is_refused(model, tmp_path
     for args in (["rtn", tmp_path / "sharded", "-o", tmp_path / "r", "--group-size", "32"],
                  ["ppl", tmp_path / "sharded", "--max-tokens", "64", "--seqlen", "32"]):
         assert_refused(*run_cli(args, capsys), "model.safetensors.index.json", said)
+
+
+def _shard(model, folder):
+    """``model``'s folder copied to ``folder`` with its weights in two shards and an index."""
+    shutil.copytree(model, folder)
+    (folder / "model.safetensors").unlink()
+    tensors = load_file(str(model / "model.safetensors"))
+    names = sorted(tensors)
+    weight_map = {k: f"model-0000{1 + (i >= len(names) // 2)}-of-00002.safetensors" for i, k in enumerate(names)}
+    for shard in sorted(set(weight_map.values())):
+        save_file({k: tensors[k] for k, f in weight_map.items() if f == shard}, str(folder / shard))
+    (folder / "model.safetensors.index.json").write_text(json.dumps({"weight_map": weight_map}))
+    return tensors
+
+
+def test_safetensors_the_shard_index_does_not_name_are_left_out(model, tmp_path, capsys, caplog):
+    """A Mistral repository ships consolidated.safetensors (its own names) beside the index and its shards, and an
+    earlier download can leave model.safetensors there: transformers and vLLM read only the files the index
+    names, so does qtool (both were refused, one with the index blamed), with a warning naming the others."""
+    tensors = _shard(model, tmp_path / "repo")
+    save_file({f"layers.{k}": v for k, v in tensors.items()}, str(tmp_path / "repo" / "consolidated.safetensors"))
+    save_file({k: v * 2 for k, v in tensors.items()}, str(tmp_path / "repo" / "model.safetensors"))  # stale
+    assert run_cli(["rtn", model, "-o", tmp_path / "want", "--group-size", "32"], capsys)[0] == 0
+    with caplog.at_level("WARNING", logger="quant.folder"):
+        assert run_cli(["rtn", tmp_path / "repo", "-o", tmp_path / "got", "--group-size", "32"], capsys)[0] == 0
+    assert "consolidated.safetensors, model.safetensors not named in model.safetensors.index.json" in caplog.text
+    assert load_file(str(tmp_path / "got" / "model.safetensors")).keys() == \
+        load_file(str(tmp_path / "want" / "model.safetensors")).keys()
+    for k, v in load_file(str(tmp_path / "want" / "model.safetensors")).items():
+        assert torch.equal(load_file(str(tmp_path / "got" / "model.safetensors"))[k], v), k
+
+
+def test_a_tensor_in_two_weight_files_is_refused(model, tmp_path, capsys):
+    """Without an index every top-level safetensors file is read: a tensor held by two of them was taken from
+    whichever sorted last, without a word (transformers would read model.safetensors alone)."""
+    out = tmp_path / "q"
+    quant.quantize(model, out, method="rtn", group_size=32, progress=False)
+    tensors = load_file(str(out / "model.safetensors"))
+    save_file({k: v for k, v in tensors.items() if k.endswith("scales")}, str(out / "zz-other.safetensors"))
+    for args in (["info", out], ["ppl", out, "--max-tokens", "64", "--seqlen", "32"]):
+        assert_refused(*run_cli(args, capsys), "is in both model.safetensors and zz-other.safetensors")
+    shutil.copytree(model, tmp_path / "repo")
+    shutil.copy(model / "model.safetensors", tmp_path / "repo" / "zz-other.safetensors")
+    assert_refused(*run_cli(["rtn", tmp_path / "repo", "-o", tmp_path / "r", "--group-size", "32"], capsys),
+                   "is in both model.safetensors and zz-other.safetensors")
