@@ -222,7 +222,10 @@ def _auto_map_modules(folder: str | os.PathLike) -> list[str]:
 
 def folder_bytes(path: str | os.PathLike, patterns=("*.safetensors", "*.bin")) -> int:
     """Bytes of the weight files in ``path`` that a load reads: the first pattern with any files (a folder
-    shipping both ``.safetensors`` and ``.bin`` loads the former); qtool's side files (:func:`is_side_file`) are not weights."""
+    shipping both ``.safetensors`` and ``.bin`` loads the former), or the shards a shard index names
+    (:func:`weight_files`); qtool's side files (:func:`is_side_file`) are not weights."""
+    if "*.safetensors" in patterns and (Path(path) / SHARD_INDEX).is_file():
+        return sum(f.stat().st_size for f in weight_files(path))
     for p in patterns:
         files = [f for f in Path(path).glob(p) if not is_side_file(f)]
         if files:

@@ -167,6 +167,11 @@ def test_size_counts_weights_not_qtool_side_files(tmp_path):
     assert folder.folder_bytes(tmp_path) == 100  # both formats shipped: the safetensors are what loads
     (tmp_path / "model.safetensors").unlink()
     assert folder.folder_bytes(tmp_path) == 7
+    # with a shard index, the shards it names (a consolidated.safetensors beside them is not loaded)
+    (tmp_path / "model-00001-of-00001.safetensors").write_bytes(b"x" * 30)
+    (tmp_path / "consolidated.safetensors").write_bytes(b"x" * 500)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {"a": "model-00001-of-00001.safetensors"}}')
+    assert folder.folder_bytes(tmp_path) == 30
 
 
 @pytest.mark.parametrize("model_type", ["gemma2", "llama"])
