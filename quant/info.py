@@ -39,9 +39,12 @@ class CheckpointInfo:
 
 
 def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
+    from quant.loading import check_checkpoint
+
     spec = read_spec(path)
     config = folder.read_config(path)
     index = tensor_index(path)
+    check_checkpoint(path)  # every tensor the model needs, none it does not use, each of the right shape
     fp16_elems = 0
     n_quantized = 0
     shapes = {k: shape for k, (_, shape, _) in checkpoint_headers(index).items()}
@@ -62,12 +65,16 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
             for d in shape:
                 n *= d
             fp16_elems += n
-    from quant.loading import check_checkpoint
-
-    check_checkpoint(path)  # every tensor the model needs, none it does not use, each of the right shape
     quantized = [k.rpartition(".")[0] for k in shapes if k.endswith(".qweight")]
     kept, keys = _kept(spec, shapes, quantized)
-    sym = spec.sym if spec.sym is not None else True  # GPTQ configs that leave sym out: the GPTQ tools' default
+    sym = spec.sym
+    if spec.format.quant_method == "gptq":  # v1 or v2, symmetric or not: as load reads them, from the zero points
+        from quant.gptq_checkpoints import read_qzeros, resolve_convention, stored_sym_convention
+
+        qzeros = dict(read_qzeros(index, quantized))
+        spec = resolve_convention(spec, qzeros.items(), str(path))
+        if sym is None:
+            sym = all(stored_sym_convention(z, spec.bits) == spec.format.name for z in qzeros.values())
     moe = any(map(expert_layer, quantized))
     loaders = readers(Written(spec.format.name, spec.bits, sym, spec.act_order, spec.group_size,
                               skip_pattern(kept, quantized), moe, keys))

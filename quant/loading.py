@@ -138,9 +138,31 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
     for k, t in expected.items():
         aliases.setdefault(id(t), []).append(k)
     missing = sorted(k for k, t in expected.items() if not any(a in given for a in aliases[id(t)])
-                     and not (k.endswith(".g_idx") and k.removesuffix(".g_idx") in names))
+                     and not (k.endswith(".g_idx") and k.removesuffix(".g_idx") in names and not spec.act_order))
     if missing:
-        raise QtoolError(f"{path}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. {missing[0]}")
+        why = " (act-order: desc_act is true, so each input channel's group is only in g_idx)" \
+            if missing[0].endswith(".g_idx") else ""
+        raise QtoolError(f"{path}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. "
+                         f"{missing[0]}{why}")
+    _check_g_idx(reader, names, expected)
+
+
+def _check_g_idx(reader: _Reader, names: set[str], expected: dict) -> None:
+    """Refuse a GPTQ ``g_idx`` (each input channel's group) that names a group the layer's scales do not hold:
+    an index past the end failed deep in the dequantization, a negative one read the last group silently."""
+    from safetensors import safe_open
+
+    for name in sorted(names):
+        key = f"{name}.g_idx"
+        if key not in reader.stored or f"{name}.scales" not in expected:
+            continue
+        with safe_open(str(reader.stored[key]), framework="pt") as f:
+            g_idx = f.get_tensor(key)
+        n_groups = expected[f"{name}.scales"].shape[0]
+        if g_idx.numel() and not (0 <= int(g_idx.min()) and int(g_idx.max()) < n_groups):
+            bad = int(g_idx.min()) if int(g_idx.min()) < 0 else int(g_idx.max())
+            raise QtoolError(f"{reader.stored[key]}: {key} holds group {bad}, but the layer's scales hold groups 0 "
+                             f"to {n_groups - 1}; the checkpoint is damaged")
 
 
 def _transformers_keeps(name: str, key: str) -> bool:

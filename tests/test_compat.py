@@ -208,7 +208,7 @@ def test_info_refuses_a_malformed_group_size_in_one_sentence(tmp_path, capsys, v
 @pytest.mark.parametrize("field, value, fragment", [
     ("quantization_config", "awq", "not an object"),
     ("modules_to_not_convert", "mlp.down_proj", "list of module names"),
-    ("group_size", 64, "groups for"),  # the tensors hold group 32
+    ("group_size", 64, "group size 64 with the layer sizes make it"),  # the tensors hold group 32
 ])
 def test_info_refuses_other_malformed_configs(tmp_path, capsys, field, value, fragment):
     import quant

@@ -14,6 +14,7 @@ from quant.errors import QtoolError
 from quant.formats import PackedWeight, pack_gptq, unpack_gptq
 from quant.gptq import gptq_quantize
 from quant.formats.spec import read_spec
+from quant.info import checkpoint_info
 
 
 def _solved(bits, sym, act_order, out_f=64, in_f=128, group_size=32):
@@ -169,6 +170,92 @@ def test_a_checkpoint_without_g_idx_loads_with_the_sequential_order(checkpoints,
         assert any(k.endswith(".g_idx") for k in tensors)
         save_file({k: v for k, v in tensors.items() if not k.endswith(".g_idx")}, f, metadata={"format": "pt"})
     assert torch.equal(_logits(bare), _logits(checkpoints["sym_v1"]))
+
+
+def _edit_tensors(src, dst, edit, **config_changes):
+    out = shutil.copytree(src, dst)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"].update(config_changes)
+    (out / "config.json").write_text(json.dumps(config))
+    for f in out.glob("*.safetensors"):
+        tensors = load_file(f)
+        edit(tensors)
+        save_file(tensors, f, metadata={"format": "pt"})
+    return out
+
+
+def test_an_act_order_checkpoint_without_g_idx_is_refused(checkpoints, tmp_path):
+    """With desc_act each input channel's group is only in g_idx: without it the layers were read in the sequential
+    order, silently wrong (the helper measured a relative output error of 0.32)."""
+    def drop(tensors):
+        for k in [k for k in tensors if k.endswith(".g_idx")]:
+            del tensors[k]
+
+    bare = _edit_tensors(checkpoints["sym_v1"], tmp_path / "bare", drop, desc_act=True)
+    with pytest.raises(QtoolError, match=r"lacks .*\.g_idx \(act-order: desc_act is true"):
+        quant.load(bare)
+    with pytest.raises(QtoolError, match="desc_act is true"):
+        checkpoint_info(bare)
+
+
+@pytest.mark.parametrize("value", [4, 99, -1])
+def test_a_g_idx_naming_a_group_the_scales_lack_is_refused(checkpoints, tmp_path, value):
+    """Past the last group: an IndexError traceback from the dequantization; negative: the last group read
+    silently (Python's indexing)."""
+    name = "model.layers.0.self_attn.q_proj.g_idx"
+
+    def corrupt(tensors):
+        if name in tensors:
+            tensors[name] = tensors[name].clone()
+            tensors[name][5] = value
+
+    bad = _edit_tensors(checkpoints["sym_v1"], tmp_path / "bad", corrupt)
+    with pytest.raises(QtoolError, match=rf"{name} holds group {value}, but the layer's scales hold groups 0 to 1"):
+        quant.load(bad)
+    with pytest.raises(QtoolError, match=f"holds group {value}"):
+        checkpoint_info(bad)
+
+
+def test_a_dynamic_rule_that_changes_bits_is_refused_by_name(tmp_path):
+    """GPTQModel's positive dynamic rules give matching modules other bits or group sizes: qtool reads one setting
+    per checkpoint, so it names the rule (it said the tensors did not match config.json)."""
+    def spec(dynamic):
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+            "quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "dynamic": dynamic}}))
+        return read_spec(tmp_path)
+
+    with pytest.raises(QtoolError, match=r"dynamic rule '\+:.\*down_proj' sets bits=8 for the modules"):
+        spec({"+:.*down_proj": {"bits": 8}})
+    with pytest.raises(QtoolError, match="sets group_size=32"):
+        spec({".*q_proj": {"group_size": 32, "bits": 4}})
+    assert spec({"-:.*down_proj": {}, ".*q_proj": {"bits": 4}}).bits == 4  # a negative rule, the same settings
+
+
+def test_info_reads_the_zero_point_convention_from_the_tensors_as_load_does(checkpoints, tmp_path):
+    """info trusted the declared sym and checkpoint_format: asymmetric zero points under a config without sym were
+    called symmetric (and symmetric-only loaders listed as reading them), sym: true over asymmetric zero points
+    was described instead of refused, and v1-stored symmetric zeros declared v2 were called v2."""
+    keep = lambda tensors: None  # noqa: E731
+    omitted = _edit_tensors(checkpoints["asym_v2"], tmp_path / "omitted", keep)
+    config = json.loads((omitted / "config.json").read_text())
+    del config["quantization_config"]["sym"]
+    (omitted / "config.json").write_text(json.dumps(config))
+    assert checkpoint_info(omitted).sym is False
+    assert checkpoint_info(checkpoints["asym_v2"]).sym is False and checkpoint_info(checkpoints["sym_v1"]).sym
+    claimed = _edit_tensors(checkpoints["asym_v2"], tmp_path / "claimed", keep, sym=True)
+    with pytest.raises(QtoolError, match="says sym=True, but the stored zero points"):
+        checkpoint_info(claimed)
+    relabelled = _edit_tensors(checkpoints["sym_v1"], tmp_path / "relabelled", keep, checkpoint_format="gptq_v2")
+    assert checkpoint_info(relabelled).fmt == "gptq"
+
+
+def test_info_names_bits_that_do_not_fit_the_tensors(checkpoints, tmp_path, capsys):
+    """8-bit tensors under bits=4: info blamed the group size with an input size it made up (512 for 256)."""
+    src = save_tiny_model("llama", tmp_path / "src")
+    quant.quantize(src, tmp_path / "w8", method="rtn", bits=8, group_size=32, fmt="gptq", sym=True, progress=False)
+    wrong = _edit_tensors(tmp_path / "w8", tmp_path / "wrong", lambda tensors: None, bits=4)
+    with pytest.raises(QtoolError, match="but quantization_config's bits=4 and group size 32 with the layer sizes"):
+        checkpoint_info(wrong)
 
 
 def test_layers_sharing_one_g_idx_tensor_each_write_it(tmp_path):
