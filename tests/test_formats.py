@@ -102,6 +102,22 @@ def test_v1_refuses_a_zero_point_of_zero():
         pack_gptq(pw, "gptq")
 
 
+@pytest.mark.parametrize("bits", [2, 4, 8])
+def test_v1_written_by_gptqmodel_with_zero_points_of_zero_reads_exactly(bits):
+    """GPTQModel writes asymmetric v1 as the v2 qzeros words minus 0x11111111 (one per field), so a zero point of 0
+    borrows from the next field; it reads v1 back by adding the pattern to the word, and transformers reads through
+    it. qtool added 1 field by field: every field after a borrow came out one step off."""
+    pw = _random_packed(bits, 32)
+    pw.zero[::3, ::2] = 0
+    v2 = pack_gptq(pw, "gptq_v2")
+    ones = sum(1 << (bits * i) for i in range(32 // bits))
+    words = (v2["qzeros"].to(torch.int64) - ones) & 0xFFFFFFFF  # GPTQModel's v2 -> v1, borrows included
+    v1 = dict(v2, qzeros=torch.where(words >= 2**31, words - 2**32, words).to(torch.int32))
+    got = unpack_gptq(v1, bits, 32, "gptq")
+    assert torch.equal(got.zero.to(torch.int32), pw.zero.to(torch.int32))
+    assert torch.equal(got.dequantize(), pw.dequantize())
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 @pytest.mark.parametrize("group_size", GROUPS)
 @pytest.mark.parametrize("sym", [False, True])

@@ -17,9 +17,12 @@ For a linear ``W[out, in]`` quantized to ``b`` bits (2, 3, 4 or 8):
 
 Dequantization: ``W[o, k] = (q[k, o] - z[g_idx[k], o]) * s[g_idx[k], o]``.
 
-Loaders of v1 add 1 to the stored zero *without* masking, so a v1 checkpoint
-cannot hold ``z = 0``: :func:`pack_gptq` refuses it and the quantizer keeps
-``z >= 1`` when it writes v1 (see ``qmath.compute_qparams(min_zero=...)``).
+Loaders of v1 add 1 to the stored zero *without* masking (vLLM per field, GPTQModel and
+transformers to the whole int32 word, carries included), so a v1 checkpoint cannot hold
+``z = 0`` portably: :func:`pack_gptq` refuses it and the quantizer keeps ``z >= 1`` when
+it writes v1 (see ``qmath.compute_qparams(min_zero=...)``). Reading, qtool adds to the
+word as GPTQModel does (:func:`_v1_to_v2_words`), which reads GPTQModel's own asymmetric
+v1 (written by subtracting from the word) exactly.
 """
 from __future__ import annotations
 
@@ -68,14 +71,28 @@ def unpack_gptq(
     out_f = tensors["scales"].shape[1]
     in_f = tensors["qweight"].shape[0] * 32 // bits
     q = unpack_codes(tensors["qweight"].t().contiguous(), bits)
-    zero = unpack_bits_i32(tensors["qzeros"], bits, out_f).t().contiguous()
-    if checkpoint_format == "gptq":
+    qzeros = tensors["qzeros"]
+    if checkpoint_format == "gptq" and bits != 3:
+        qzeros = _v1_to_v2_words(qzeros, bits)
+    zero = unpack_bits_i32(qzeros, bits, out_f).t().contiguous()
+    if checkpoint_format == "gptq" and bits == 3:  # fields straddle words: one at a time
         zero = (zero + 1) & (2**bits - 1)
     g_idx = tensors.get("g_idx")
     if g_idx is not None and torch.equal(g_idx.to(torch.int32), natural_g_idx(in_f, group_size).to(g_idx.device)):
         g_idx = None
     scale = tensors["scales"].t().contiguous()
     return PackedWeight(q=q, scale=scale, zero=zero, bits=bits, group_size=group_size, g_idx=g_idx)
+
+
+def _v1_to_v2_words(qzeros: torch.Tensor, bits: int) -> torch.Tensor:
+    """v1 ``qzeros`` words as v2 (``z``, not ``z - 1``), for 2/4/8 bits: each int32 word plus ``0x11111111`` (the
+    pattern of 1 in every field), carries included, as GPTQModel (and transformers through it) reads v1. GPTQModel
+    writes asymmetric v1 by subtracting that pattern from the v2 words, so a zero point of 0 borrows from the next
+    field; the word addition undoes it exactly, where adding 1 field by field would not. Where no field is all ones
+    (every checkpoint qtool writes: its v1 zero points are at least 1) both readings agree."""
+    ones = sum(1 << (bits * i) for i in range(32 // bits))
+    words = (qzeros.to(torch.int64) + ones) & 0xFFFFFFFF
+    return torch.where(words >= 2**31, words - 2**32, words).to(torch.int32)
 
 
 def _fills_words(n: int, bits: int) -> bool:
