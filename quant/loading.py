@@ -116,6 +116,12 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
                 raise QtoolError(f"{path}: config.json's quantization_config.{key} keeps {n} in full precision, but "
                                  f"the checkpoint stores it quantized ({n}.qweight); loaders that read {key} would "
                                  "build a full-precision layer there and miss its weight")
+    for name in sorted(names):
+        in_f = model.get_submodule(name).in_features
+        if spec.group_size != -1 and in_f % spec.group_size:
+            raise QtoolError(f"{path}: {name} has {in_f} input features, not a multiple of quantization_config's "
+                             f"group size {spec.group_size}; its last group would be partial, which qtool (like "
+                             "vLLM) does not read")
     unexpected = sorted(n for n in given if n not in expected)
     if unexpected:
         f = given[unexpected[0]][0]

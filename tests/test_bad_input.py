@@ -532,6 +532,8 @@ _UP = "model.layers.0.mlp.up_proj"
     (None, lambda c: c.update({"quantization_config": "awq"}), "quantization_config is \"awq\", not an object"),
     (None, lambda c: c.update({"intermediate_size": 2 * c["intermediate_size"]}), "the layer sizes make it"),
     (None, lambda c: c["quantization_config"].update({"group_size": 0}), "group size is 0; it must be a positive"),
+    (None, lambda c: c["quantization_config"].update({"group_size": 48}),  # AutoGPTQ stores ceil(in / g) groups
+     "down_proj has 128 input features, not a multiple of quantization_config's group size 48"),
     (None, lambda c: c["quantization_config"].update({"zero_point": False}), "quantization_config.zero_point is false"),
     (None, lambda c: c["quantization_config"].update({"modules_to_not_convert": [_UP]}),
      f"modules_to_not_convert keeps {_UP} in full precision, but the checkpoint stores it quantized"),
