@@ -66,7 +66,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
                 n *= d
             fp16_elems += n
     quantized = [k.rpartition(".")[0] for k in shapes if k.endswith(".qweight")]
-    kept, keys = _kept(spec, shapes, quantized)
+    kept, keys = _kept(spec, shapes, quantized, _routers(config.get("model_type")))
     sym = spec.sym
     if spec.format.quant_method == "gptq":  # v1 or v2, symmetric or not: as load reads them, from the zero points
         from quant.gptq_checkpoints import read_qzeros, resolve_convention, stored_sym_convention
@@ -110,15 +110,27 @@ def _qtool_record(meta: Path) -> dict:
     return made if isinstance(made, dict) else {}
 
 
-def _kept(spec, shapes: dict, quantized: list[str]) -> tuple[list[str], frozenset[str]]:
-    """The linears of the decoder blocks stored in full precision where they are quantized in other blocks or
-    declared kept by an exclusion key, and the keys that declare every one of them."""
+def _routers(model_type) -> tuple[str, ...]:
+    """The names (suffixes) of the linears a family keeps in full precision by design, its MoE routers, which every
+    loader keeps so without being told."""
+    from quant import arch
+
+    try:
+        return arch.lookup(model_type).keep_full
+    except QtoolError:
+        return ()
+
+
+def _kept(spec, shapes: dict, quantized: list[str], routers: tuple[str, ...]) -> tuple[list[str], frozenset[str]]:
+    """The linears of the decoder blocks stored in full precision (declared by an exclusion key or not: a loader
+    that is not told builds a quantized layer there and misses its weight), routers aside, and the keys that
+    declare every one of them."""
     plain = [m for m in (k.removesuffix(".weight") for k, shape in shapes.items() if k.endswith(".weight")
                          and len(shape) == 2) if in_block(m)]
+    leaves = {r.rpartition(".")[2] for r in routers}  # by leaf: a layout stores them under its own parents
+    plain = [m for m in plain if m.rpartition(".")[2] not in leaves]
     declared = declared_kept(spec.config, plain)
-    inner = {where[1] for where in map(in_block, quantized) if where}
-    kept = sorted(n for n in plain if any(n in d for d in declared.values())
-                  or ((where := in_block(n)) and where[1] in inner))
+    kept = sorted(plain)
     return kept, frozenset(k for k, d in declared.items() if d >= set(kept))
 
 

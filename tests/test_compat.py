@@ -190,6 +190,10 @@ def test_info_reads_kept_layers_from_the_keys_present(tmp_path, capsys):
     config_path.write_text(json.dumps(config))
     info = checkpoint_info(out)
     assert len(info.skipped) == 2 and info.loaders["gptqmodel"] is None and info.loaders["transformers"]
+    qc["dynamic"] = None  # kept in every block, declared nowhere: info saw no kept layer and vouched for every loader
+    config_path.write_text(json.dumps(config))
+    info = checkpoint_info(out)
+    assert len(info.skipped) == 2 and all(why for why in info.loaders.values()), info.loaders
 
 
 @pytest.mark.parametrize("value", [None, "abc", True, 1.5])
