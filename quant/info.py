@@ -78,6 +78,11 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     moe = any(map(expert_layer, quantized))
     loaders = readers(Written(spec.format.name, spec.bits, sym, spec.act_order, spec.group_size,
                               skip_pattern(kept, quantized), moe, keys))
+    outside = sorted(n for n in quantized if not in_block(n))  # qtool never writes one: another tool's lm_head
+    if outside:  # transformers' AWQ loader keeps lm_head in full precision, optimum's GPTQ converts the blocks only
+        loaders = {name: why or f"{outside[0]} is stored quantized, outside the decoder blocks: the table covers "
+                   "the blocks' linears only, and a quantized head is not established for this loader"
+                   for name, why in loaders.items()}
     method = None
     meta = Path(path) / QTOOL_META
     made = _qtool_record(meta) if meta.is_file() else {}

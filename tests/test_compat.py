@@ -196,6 +196,31 @@ def test_info_reads_kept_layers_from_the_keys_present(tmp_path, capsys):
     assert len(info.skipped) == 2 and all(why for why in info.loaders.values()), info.loaders
 
 
+def test_info_vouches_for_no_loader_where_the_head_is_stored_quantized(tmp_path):
+    """Another tool's quantized lm_head: qtool reads it, but transformers' AWQ loader keeps lm_head in full precision
+    (a random head) and optimum's GPTQ converts the blocks only; info listed every loader as reading it right."""
+    import torch
+    from safetensors.torch import load_file, save_file
+
+    import quant
+    from quant import qmath
+    from quant.formats import PackedWeight, pack_awq_gemm
+    from quant.info import checkpoint_info
+
+    src = save_tiny_model("llama", tmp_path / "src")  # untied: a head of its own
+    out = tmp_path / "q"
+    quant.quantize(src, out, method="rtn", group_size=32, progress=False)
+    assert checkpoint_info(out).loaders["transformers"] is None
+    tensors = load_file(str(out / "model.safetensors"))
+    w = tensors.pop("lm_head.weight").float()
+    scale, zero = qmath.compute_qparams(w, 4, 32, False)
+    packed = pack_awq_gemm(PackedWeight(qmath.quantize(w, scale, zero, 4, 32), scale.half(), zero, 4, 32))
+    save_file({**tensors, **{f"lm_head.{k}": v for k, v in packed.items()}}, str(out / "model.safetensors"))
+    assert sum(isinstance(m, quant.modules.QuantLinear) for m in quant.load(out).modules()) == 15  # qtool reads it
+    loaders = checkpoint_info(out).loaders
+    assert all(loaders.values()) and "lm_head is stored quantized" in loaders["transformers"], loaders
+
+
 @pytest.mark.parametrize("value", [None, "abc", True, 1.5])
 def test_info_refuses_a_malformed_group_size_in_one_sentence(tmp_path, capsys, value):
     import quant
