@@ -78,6 +78,12 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
     moe = any(map(expert_layer, quantized))
     loaders = readers(Written(spec.format.name, spec.bits, sym, spec.act_order, spec.group_size,
                               skip_pattern(kept, quantized), moe, keys))
+    if spec.format.quant_method == "gptq" and not spec.act_order:
+        permuted = _permuted_g_idx(index, quantized, spec.group_size)
+        if permuted:  # vLLM and LMDeploy take the sequential order from desc_act false; qtool reads g_idx
+            loaders = {name: why or f"{permuted}.g_idx is not the sequential group order while desc_act is false: "
+                       "a loader that trusts desc_act reads the groups in the wrong order"
+                       for name, why in loaders.items()}
     outside = sorted(n for n in quantized if not in_block(n))  # qtool never writes one: another tool's lm_head
     if outside:  # transformers' AWQ loader keeps lm_head in full precision, optimum's GPTQ converts the blocks only
         loaders = {name: why or f"{outside[0]} is stored quantized, outside the decoder blocks: the table covers "
@@ -102,6 +108,22 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         checkpoint_bytes=folder.folder_bytes(path, ("*.safetensors",)), fp16_bytes=2 * fp16_elems, method=method,
         loaders=loaders,
     )
+
+
+def _permuted_g_idx(index: dict, quantized: list[str], group_size: int) -> str | None:
+    """The first quantized layer whose stored ``g_idx`` is not ``input channel // group size``, or None."""
+    import torch
+    from safetensors import safe_open
+
+    from quant.formats.gptq import natural_g_idx
+
+    for name in sorted(quantized):
+        if f"{name}.g_idx" in index:
+            with safe_open(str(index[f"{name}.g_idx"]), framework="pt") as f:
+                g_idx = f.get_tensor(f"{name}.g_idx")
+            if not torch.equal(g_idx.to(torch.int32), natural_g_idx(g_idx.numel(), group_size)):
+                return name
+    return None
 
 
 def _qtool_record(meta: Path) -> dict:

@@ -249,6 +249,23 @@ def test_info_reads_the_zero_point_convention_from_the_tensors_as_load_does(chec
     assert checkpoint_info(relabelled).fmt == "gptq"
 
 
+def test_info_flags_a_permuted_g_idx_under_desc_act_false(checkpoints, tmp_path):
+    """g_idx out of the sequential order while desc_act is false: qtool reads g_idx, loaders that take the order from
+    desc_act do not; info listed them as reading it right."""
+    name = "model.layers.1.mlp.up_proj.g_idx"
+    assert all(why is None for n, why in checkpoint_info(checkpoints["sym_v1"]).loaders.items()
+               if n in ("transformers", "vllm"))
+
+    def shuffle(tensors):
+        if name in tensors:
+            tensors[name] = tensors[name][torch.randperm(tensors[name].numel(), generator=torch.Generator()
+                                                         .manual_seed(0))].contiguous()
+
+    permuted = _edit_tensors(checkpoints["sym_v1"], tmp_path / "perm", shuffle)
+    loaders = checkpoint_info(permuted).loaders
+    assert all("up_proj.g_idx is not the sequential group order" in (loaders[n] or "") for n in ("transformers", "vllm"))
+
+
 def test_info_names_bits_that_do_not_fit_the_tensors(checkpoints, tmp_path, capsys):
     """8-bit tensors under bits=4: info blamed the group size with an input size it made up (512 for 256)."""
     src = save_tiny_model("llama", tmp_path / "src")
