@@ -68,6 +68,7 @@ def info(checkpoint_dir):
     AutoAWQ) read it right and why the others do not."""
     from quant.info import checkpoint_info
 
+    setup_logging(False)  # its warnings (a file left out, a declaration the tensors contradict) were dropped
     print_info(checkpoint_info(checkpoint_dir))
 
 

@@ -4,6 +4,7 @@ files, and the files a checkpoint copies from its source. The source folder is o
 is written by :mod:`quant.output`."""
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -66,9 +67,12 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     if weight_map is not None:
         files = [path / name for name in sorted(set(weight_map.values()))]
         others = sorted(f.name for f in path.glob("*.safetensors") if f not in files and not is_side_file(f))
+        if "model.safetensors" in others:  # transformers reads it before the index, vLLM the index
+            raise QtoolError(f"{path}: holds model.safetensors beside {SHARD_INDEX}, which does not name it: "
+                             "transformers would load the one, vLLM the shards; remove the one that is stale")
         if others:
-            log.warning("%s: %s not named in %s; left out, as transformers and vLLM leave %s out", path,
-                        ", ".join(others), SHARD_INDEX, "it" if len(others) == 1 else "them")
+            _warn_once(f"{path}: {', '.join(others)} not named in {SHARD_INDEX}; left out, as transformers and vLLM "
+                       f"leave {'it' if len(others) == 1 else 'them'} out")
         return files
     for pattern in WEIGHT_PATTERNS:
         files = sorted(f for f in path.glob(pattern) if not is_side_file(f))
@@ -97,6 +101,11 @@ def is_kv_calibration(path: str | os.PathLike) -> bool:
 
 
 SHARD_INDEX = "model.safetensors.index.json"
+
+
+@functools.lru_cache(maxsize=64)
+def _warn_once(message: str) -> None:
+    log.warning("%s", message)
 
 
 def _weight_map(model_dir: Path) -> dict[str, str] | None:

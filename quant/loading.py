@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import json
 import re
 
 import torch
@@ -117,11 +118,13 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
                                  f"the checkpoint stores it quantized ({n}.qweight); loaders that read {key} would "
                                  "build a full-precision layer there and miss its weight")
     for name in sorted(names):
-        in_f = model.get_submodule(name).in_features
-        if spec.group_size != -1 and in_f % spec.group_size:
+        in_f, scales = model.get_submodule(name).in_features, given.get(f"{name}.scales", (None, None))[1]
+        if spec.group_size != -1 and in_f % spec.group_size and scales is not None \
+                and scales[0] == -(-in_f // spec.group_size):  # AutoGPTQ's ceil(in / g) groups
             raise QtoolError(f"{path}: {name} has {in_f} input features, not a multiple of quantization_config's "
                              f"group size {spec.group_size}; its last group would be partial, which qtool (like "
                              "vLLM) does not read")
+    _check_dynamic(path, spec, names)
     unexpected = sorted(n for n in given if n not in expected)
     if unexpected:
         f = given[unexpected[0]][0]
@@ -144,13 +147,35 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
     for k, t in expected.items():
         aliases.setdefault(id(t), []).append(k)
     missing = sorted(k for k, t in expected.items() if not any(a in given for a in aliases[id(t)])
-                     and not (k.endswith(".g_idx") and k.removesuffix(".g_idx") in names and not spec.act_order))
+                     and not (k.endswith(".g_idx") and k.removesuffix(".g_idx") in names
+                              and (not spec.act_order or spec.group_size == -1)))  # one group: no order to hold
     if missing:
         why = " (act-order: desc_act is true, so each input channel's group is only in g_idx)" \
             if missing[0].endswith(".g_idx") else ""
         raise QtoolError(f"{path}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. "
                          f"{missing[0]}{why}")
     _check_g_idx(reader, names, expected)
+
+
+def _check_dynamic(path, spec, names: set[str]) -> None:
+    """Refuse a GPTQModel ``dynamic`` override (``"+:regex"`` or a bare regex, matched from the start of a module's
+    name) that gives a quantized module other bits, group size, sym or desc_act: qtool reads one setting per
+    checkpoint. A rule that matches none of them, or repeats the checkpoint's settings, is read."""
+    settings = {"bits": spec.bits, "group_size": spec.group_size, "desc_act": spec.act_order}
+    if spec.sym is not None:
+        settings["sym"] = spec.sym
+    for rule, override in (spec.config.get("dynamic") or {}).items():
+        if str(rule).startswith("-:") or not isinstance(override, dict):
+            continue
+        changed = [f"{k}={json.dumps(v)}" for k, v in override.items() if k in settings and v != settings[k]]
+        try:
+            pattern = re.compile(str(rule).removeprefix("+:"))
+        except re.error:
+            continue
+        hit = next((n for n in sorted(names) if pattern.match(n)), None)
+        if changed and hit:
+            raise QtoolError(f"{path}: quantization_config.dynamic rule {rule!r} sets {', '.join(changed)} for {hit}; "
+                             "qtool reads one bits, group size, sym and desc_act per checkpoint")
 
 
 def _check_g_idx(reader: _Reader, names: set[str], expected: dict) -> None:

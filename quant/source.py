@@ -104,7 +104,10 @@ class SourceModel:
                 self._bin[f] = torch.load(str(f), map_location="cpu", mmap=True, weights_only=True)
             except Exception as e:  # noqa: BLE001 - torch raises many kinds for a damaged file
                 raise folder.unreadable(f, e) from None
-            index.update(dict.fromkeys(self._bin[f], f))
+            for key in self._bin[f]:
+                if index.setdefault(key, f) != f:
+                    raise QtoolError(f"{self.dir}: {key} is in both {index[key].name} and {f.name}; loaders would "
+                                     "take either: keep one of the files")
         return index
 
     def _native_names(self, stored: str) -> list[str]:

@@ -532,8 +532,9 @@ _UP = "model.layers.0.mlp.up_proj"
     (None, lambda c: c.update({"quantization_config": "awq"}), "quantization_config is \"awq\", not an object"),
     (None, lambda c: c.update({"intermediate_size": 2 * c["intermediate_size"]}), "the layer sizes make it"),
     (None, lambda c: c["quantization_config"].update({"group_size": 0}), "group size is 0; it must be a positive"),
-    (None, lambda c: c["quantization_config"].update({"group_size": 48}),  # AutoGPTQ stores ceil(in / g) groups
-     "down_proj has 128 input features, not a multiple of quantization_config's group size 48"),
+    (None, lambda c: c["quantization_config"].update({"group_size": 96}), "group size 96 with the layer sizes"),
+    (None, lambda c: c["quantization_config"].update({"group_size": 48}),  # scales of ceil(64 / 48) groups, as AutoGPTQ
+     "gate_proj has 64 input features, not a multiple of quantization_config's group size 48; its last group"),
     (None, lambda c: c["quantization_config"].update({"zero_point": False}), "quantization_config.zero_point is false"),
     (None, lambda c: c["quantization_config"].update({"modules_to_not_convert": [_UP]}),
      f"modules_to_not_convert keeps {_UP} in full precision, but the checkpoint stores it quantized"),
@@ -999,20 +1000,24 @@ def _shard(model, folder):
 
 
 def test_safetensors_the_shard_index_does_not_name_are_left_out(model, tmp_path, capsys, caplog):
-    """A Mistral repository ships consolidated.safetensors (its own names) beside the index and its shards, and an
-    earlier download can leave model.safetensors there: transformers and vLLM read only the files the index
-    names, so does qtool (both were refused, one with the index blamed), with a warning naming the others."""
+    """A Mistral repository ships consolidated.safetensors (its own names) beside the index and its shards:
+    transformers and vLLM read only the files the index names, so does qtool (it was refused, the index blamed),
+    with one warning naming the others. A model.safetensors the index does not name is refused: transformers
+    reads it before the index."""
     tensors = _shard(model, tmp_path / "repo")
     save_file({f"layers.{k}": v for k, v in tensors.items()}, str(tmp_path / "repo" / "consolidated.safetensors"))
-    save_file({k: v * 2 for k, v in tensors.items()}, str(tmp_path / "repo" / "model.safetensors"))  # stale
     assert run_cli(["rtn", model, "-o", tmp_path / "want", "--group-size", "32"], capsys)[0] == 0
     with caplog.at_level("WARNING", logger="quant.folder"):
         assert run_cli(["rtn", tmp_path / "repo", "-o", tmp_path / "got", "--group-size", "32"], capsys)[0] == 0
-    assert "consolidated.safetensors, model.safetensors not named in model.safetensors.index.json" in caplog.text
+    assert caplog.text.count("consolidated.safetensors not named in model.safetensors.index.json") == 1
     assert load_file(str(tmp_path / "got" / "model.safetensors")).keys() == \
         load_file(str(tmp_path / "want" / "model.safetensors")).keys()
     for k, v in load_file(str(tmp_path / "want" / "model.safetensors")).items():
         assert torch.equal(load_file(str(tmp_path / "got" / "model.safetensors"))[k], v), k
+    # a stale model.safetensors: transformers reads it before the index, vLLM the shards: refused
+    save_file({k: v * 2 for k, v in tensors.items()}, str(tmp_path / "repo" / "model.safetensors"))
+    assert_refused(*run_cli(["rtn", tmp_path / "repo", "-o", tmp_path / "r", "--group-size", "32"], capsys),
+                   "holds model.safetensors beside model.safetensors.index.json, which does not name it")
 
 
 def test_a_tensor_in_two_weight_files_is_refused(model, tmp_path, capsys):

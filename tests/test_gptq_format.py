@@ -216,19 +216,19 @@ def test_a_g_idx_naming_a_group_the_scales_lack_is_refused(checkpoints, tmp_path
         checkpoint_info(bad)
 
 
-def test_a_dynamic_rule_that_changes_bits_is_refused_by_name(tmp_path):
+def test_a_dynamic_rule_that_changes_bits_is_refused_by_name(checkpoints, tmp_path):
     """GPTQModel's positive dynamic rules give matching modules other bits or group sizes: qtool reads one setting
-    per checkpoint, so it names the rule (it said the tensors did not match config.json)."""
-    def spec(dynamic):
-        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
-            "quant_method": "gptq", "bits": 4, "group_size": 128, "sym": True, "dynamic": dynamic}}))
-        return read_spec(tmp_path)
+    per checkpoint, so it names the rule (it said the tensors did not match config.json). A rule that matches no
+    quantized module, or repeats the checkpoint's settings, is read."""
+    def with_dynamic(dynamic, name):
+        return _edit_tensors(checkpoints["sym_v1"], tmp_path / name, lambda tensors: None, dynamic=dynamic)
 
-    with pytest.raises(QtoolError, match=r"dynamic rule '\+:.\*down_proj' sets bits=8 for the modules"):
-        spec({"+:.*down_proj": {"bits": 8}})
-    with pytest.raises(QtoolError, match="sets group_size=32"):
-        spec({".*q_proj": {"group_size": 32, "bits": 4}})
-    assert spec({"-:.*down_proj": {}, ".*q_proj": {"bits": 4}}).bits == 4  # a negative rule, the same settings
+    with pytest.raises(QtoolError, match=r"dynamic rule '\+:.\*down_proj' sets bits=8 for model.layers.0.mlp.down"):
+        quant.load(with_dynamic({"+:.*down_proj": {"bits": 8}}, "a"))
+    with pytest.raises(QtoolError, match="sets group_size=64 for"):
+        checkpoint_info(with_dynamic({".*q_proj": {"group_size": 64, "bits": 4}}, "b"))
+    for name, dynamic in (("c", {"+:.*visual.*": {"bits": 8}}), ("d", {"-:.*visual": {}, ".*q_proj": {"bits": 4}})):
+        assert checkpoint_info(with_dynamic(dynamic, name)).bits == 4
 
 
 def test_info_reads_the_zero_point_convention_from_the_tensors_as_load_does(checkpoints, tmp_path):

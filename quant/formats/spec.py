@@ -134,12 +134,5 @@ def read_spec(path: str | os.PathLike) -> CheckpointSpec:
     if qc.get("dynamic") is not None and not isinstance(qc["dynamic"], dict):
         raise QtoolError(f"{path}: quantization_config.dynamic is {json.dumps(qc['dynamic'])}; it must be an object "
                          "of module-name rules")
-    settings = {"bits": bits, "group_size": group_size, "sym": sym, "desc_act": act_order}
-    for rule, override in (qc.get("dynamic") or {}).items():  # GPTQModel: "+:regex" or a bare regex overrides
-        changed = [f"{k}={json.dumps(v)}" for k, v in (override.items() if isinstance(override, dict) else ())
-                   if k in settings and v != settings[k]]
-        if not str(rule).startswith("-:") and changed:
-            raise QtoolError(f"{path}: quantization_config.dynamic rule {rule!r} sets {', '.join(changed)} for the "
-                             "modules it matches; qtool reads one bits, group size, sym and desc_act per checkpoint")
     kept = _names(qc, "modules_to_not_convert", path) or kept_from_dynamic(qc.get("dynamic"))
     return CheckpointSpec(fmt, bits, group_size, sym, act_order, tuple(kept), qc)

@@ -30,6 +30,8 @@ def with_kv_cache(model, kv: KVCacheConfig | str):
     @functools.wraps(original)
     def generate(*args, **kwargs):
         if all(kwargs.get(k) is None for k in ("cache", "past_key_values")):
+            for k in ("cache", "past_key_values"):  # an explicit None beside ours: transformers warns of both
+                kwargs.pop(k, None)
             kwargs[keyword] = QuantizedKVCache(model.config, kv)
         return original(*args, **kwargs)
 
