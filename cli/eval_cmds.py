@@ -14,6 +14,8 @@ from quant.errors import QtoolError
 def _read_text(path: str) -> str:
     """The text of ``--data`` (a file, or anything that reads as one: a pipe, /dev/stdin); QtoolError in one
     sentence for a missing path, a folder, an unreadable file or bytes that are not UTF-8."""
+    if not path.strip():  # an unset shell variable: it scored the shipped sample without a word
+        raise QtoolError("--data is blank; give a UTF-8 text file (leave --data out for the shipped sample)")
     p = Path(path)
     if p.is_dir():
         raise QtoolError(f"{path}: is a folder; --data takes a UTF-8 text file")
@@ -48,7 +50,7 @@ def ppl(model_dir, data, seqlen, stride, max_tokens, dtype, device, kv, kv_keys,
     from quant.kv import kv_perplexity
 
     setup_logging(verbose)
-    text = _read_text(data) if data else default_eval_text()
+    text = _read_text(data) if data is not None else default_eval_text()
     kv_cfg = kv_config_from_options(model_dir, kv, kv_keys, kv_window, kv_calib, kv_chunk)
     model, tokenizer = quant.load_any(model_dir, dtype=dtype, device=device)
     if kv_cfg is None:

@@ -851,6 +851,8 @@ def test_ppl_data_that_is_a_folder_or_empty(model, tmp_path, capsys):
     assert_refused(code, err, str(tmp_path), "is a folder")
     code, err = run_cli(["ppl", model, "--data", "/dev/null"], capsys)
     assert_refused(code, err, "0 tokens")
+    code, err = run_cli(["ppl", model, "--data", ""], capsys)  # an unset $DATA
+    assert_refused(code, err, "--data is blank")
 
 
 def test_info_on_a_full_precision_model(model, capsys):
