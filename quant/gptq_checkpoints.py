@@ -65,10 +65,17 @@ def resolve_convention(spec: CheckpointSpec, qzeros: Iterable[tuple[str, torch.T
     return spec.with_format(get_format(stored))
 
 
-def read_qzeros(index: dict, names: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:
-    """``(layer, qzeros)`` of each quantized layer, read from the safetensors files in ``index``."""
+def read_leaf(index: dict, names: Iterable[str], leaf: str) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(layer, tensor)`` of each layer in ``names`` that stores ``{layer}.{leaf}`` (``qzeros``, ``g_idx``), in name
+    order, read from the safetensors files in ``index`` (tensor name -> file)."""
     from safetensors import safe_open
 
     for name in sorted(names):
-        with safe_open(str(index[f"{name}.qzeros"]), framework="pt") as f:
-            yield name, f.get_tensor(f"{name}.qzeros")
+        if f"{name}.{leaf}" in index:
+            with safe_open(str(index[f"{name}.{leaf}"]), framework="pt") as f:
+                yield name, f.get_tensor(f"{name}.{leaf}")
+
+
+def read_qzeros(index: dict, names: Iterable[str]) -> Iterable[tuple[str, torch.Tensor]]:
+    """``(layer, qzeros)`` of each quantized layer, read from the safetensors files in ``index``."""
+    return read_leaf(index, names, "qzeros")

@@ -113,17 +113,12 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
 def _permuted_g_idx(index: dict, quantized: list[str], group_size: int) -> str | None:
     """The first quantized layer whose stored ``g_idx`` is not ``input channel // group size``, or None."""
     import torch
-    from safetensors import safe_open
 
     from quant.formats.gptq import natural_g_idx
+    from quant.gptq_checkpoints import read_leaf
 
-    for name in sorted(quantized):
-        if f"{name}.g_idx" in index:
-            with safe_open(str(index[f"{name}.g_idx"]), framework="pt") as f:
-                g_idx = f.get_tensor(f"{name}.g_idx")
-            if not torch.equal(g_idx.to(torch.int32), natural_g_idx(g_idx.numel(), group_size)):
-                return name
-    return None
+    return next((name for name, g_idx in read_leaf(index, quantized, "g_idx")
+                 if not torch.equal(g_idx.to(torch.int32), natural_g_idx(g_idx.numel(), group_size))), None)
 
 
 def _qtool_record(meta: Path) -> dict:

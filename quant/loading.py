@@ -15,7 +15,7 @@ from quant.checkpoint import checkpoint_headers, tensor_index
 from quant.errors import QtoolError
 from quant.formats.compat import declared_kept
 from quant.formats.spec import CheckpointSpec, read_spec
-from quant.gptq_checkpoints import read_qzeros, resolve_convention
+from quant.gptq_checkpoints import read_leaf, read_qzeros, resolve_convention
 from quant.modules import QuantLinear
 from quant.moe import swap_in_expert_linears
 
@@ -181,19 +181,12 @@ def _check_dynamic(path, spec, names: set[str]) -> None:
 def _check_g_idx(reader: _Reader, names: set[str], expected: dict) -> None:
     """Refuse a GPTQ ``g_idx`` (each input channel's group) that names a group the layer's scales do not hold:
     an index past the end failed deep in the dequantization, a negative one read the last group silently."""
-    from safetensors import safe_open
-
-    for name in sorted(names):
-        key = f"{name}.g_idx"
-        if key not in reader.stored or f"{name}.scales" not in expected:
-            continue
-        with safe_open(str(reader.stored[key]), framework="pt") as f:
-            g_idx = f.get_tensor(key)
+    for name, g_idx in read_leaf(reader.stored, [n for n in names if f"{n}.scales" in expected], "g_idx"):
         n_groups = expected[f"{name}.scales"].shape[0]
         if g_idx.numel() and not (0 <= int(g_idx.min()) and int(g_idx.max()) < n_groups):
             bad = int(g_idx.min()) if int(g_idx.min()) < 0 else int(g_idx.max())
-            raise QtoolError(f"{reader.stored[key]}: {key} holds group {bad}, but the layer's scales hold groups 0 "
-                             f"to {n_groups - 1}; the checkpoint is damaged")
+            raise QtoolError(f"{reader.stored[f'{name}.g_idx']}: {name}.g_idx holds group {bad}, but the layer's "
+                             f"scales hold groups 0 to {n_groups - 1}; the checkpoint is damaged")
 
 
 def _transformers_keeps(name: str, key: str) -> bool:
