@@ -67,7 +67,7 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
             fp16_elems += n
     quantized = [k.rpartition(".")[0] for k in shapes if k.endswith(".qweight")]
     kept, keys = _kept(spec, shapes, quantized, _routers(config.get("model_type")))
-    sym = spec.sym
+    sym, declared = spec.sym, spec.format.name
     if spec.format.quant_method == "gptq":  # v1 or v2, symmetric or not: as load reads them, from the zero points
         from quant.gptq_checkpoints import read_qzeros, resolve_convention, stored_sym_convention
 
@@ -77,7 +77,8 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
             sym = all(stored_sym_convention(z, spec.bits) == spec.format.name for z in qzeros.values())
     moe = any(map(expert_layer, quantized))
     loaders = readers(Written(spec.format.name, spec.bits, sym, spec.act_order, spec.group_size,
-                              skip_pattern(kept, quantized), moe, keys))
+                              skip_pattern(kept, quantized), moe, keys,
+                              declared if declared != spec.format.name else None))
     if spec.format.quant_method == "gptq" and not spec.act_order:
         permuted = _permuted_g_idx(index, quantized, spec.group_size)
         if permuted:  # vLLM and LMDeploy take the sequential order from desc_act false; qtool reads g_idx

@@ -118,6 +118,20 @@ def test_a_mislabelled_symmetric_checkpoint_is_read_by_its_stored_zeros(checkpoi
     assert "zero points are stored as in" in caplog.text
 
 
+@pytest.mark.parametrize("stored,label", [("sym_v1", "gptq_v2"), ("sym_v2", "gptq")])
+def test_info_vouches_for_no_loader_that_trusts_a_contradicted_checkpoint_format(checkpoints, tmp_path, stored, label):
+    """transformers (optimum) and GPTQModel shift the zero points by the declared checkpoint_format; info listed them
+    as reading a checkpoint right whose symmetric zeros contradict the declaration (qtool reads the stored ones)."""
+    from quant.info import checkpoint_info
+
+    right = checkpoint_info(checkpoints[stored]).loaders
+    assert right["transformers"] is None and right["gptqmodel"] is None, right
+    loaders = checkpoint_info(_relabel(checkpoints[stored], tmp_path / "wrong", checkpoint_format=label)).loaders
+    for name in ("transformers", "gptqmodel"):
+        assert f"declared checkpoint_format {label!r}" in (loaders[name] or ""), loaders
+    assert loaders["vllm"] == right["vllm"] and loaders["lmdeploy"] == right["lmdeploy"]  # they never read the label
+
+
 def test_v1_and_v2_of_the_same_weights_load_identically(checkpoints):
     assert torch.equal(_logits(checkpoints["sym_v1"]), _logits(checkpoints["sym_v2"]))
 

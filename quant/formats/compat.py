@@ -40,7 +40,9 @@ class Reads:
     fused group (q/k/v, gate/up, the experts of one layer) in full precision; ``moe``: whether routed experts
     stored one linear per expert (``mlp.experts.{e}.gate_proj.qweight``) load right; ``kept_keys``: the
     ``quantization_config`` keys it learns kept layers from (any one suffices; empty: it needs none);
-    ``int4_cpu``: 4-bit weights run through torch's int4 CPU kernel (:data:`INT4_CPU_GROUP_SIZES`)."""
+    ``int4_cpu``: 4-bit weights run through torch's int4 CPU kernel (:data:`INT4_CPU_GROUP_SIZES`);
+    ``declared_zeros``: it reads GPTQ zero points by the ``checkpoint_format`` the config declares, not by what is
+    stored."""
 
     loader: str
     layout: str
@@ -54,6 +56,7 @@ class Reads:
     moe: bool = False
     kept_keys: tuple[str, ...] = ()
     int4_cpu: bool = False
+    declared_zeros: bool = False
     note: str = ""
     source: str = ""
 
@@ -62,7 +65,9 @@ class Reads:
 class Written:
     """One checkpoint as a loader sees it: layout and settings, how layers kept in full precision lie
     (``skips``, :func:`skip_pattern`), whether routed experts are stored one linear per expert (``moe``), and
-    which exclusion keys declare every kept layer (``keys``; None: all of them, as qtool writes)."""
+    which exclusion keys declare every kept layer (``keys``; None: all of them, as qtool writes), and the GPTQ
+    ``checkpoint_format`` the config declares where the stored zero points contradict it (``declared``; None: they
+    agree)."""
 
     layout: str
     bits: int
@@ -72,6 +77,7 @@ class Written:
     skips: frozenset[str] = frozenset()
     moe: bool = False
     keys: frozenset[str] | None = None
+    declared: str | None = None
 
 
 LOADERS = {  # name -> how messages name it
@@ -94,19 +100,20 @@ TABLE: tuple[Reads, ...] = (
     Reads("transformers", "awq", bits=(4,), sym=(False,), act_order=False, int4_cpu=True,
           kept_keys=("modules_to_not_convert",),
           source="ran (tests/test_loaders.py); quantizers/quantizer_awq.py, quantizers_utils.should_convert_module"),
-    Reads("transformers", "gptq", int4_cpu=True, kept_keys=(_IN_BLOCK,), note="needs optimum (ran with 2.3.0), which converts v1 zero points itself, so "
+    Reads("transformers", "gptq", int4_cpu=True, kept_keys=(_IN_BLOCK,), declared_zeros=True, note="needs optimum (ran with 2.3.0), which converts v1 zero points itself, so "
           "asymmetric v1 loads right here although GPTQModel alone refuses it",
           source="ran (tests/test_loaders.py); optimum/gptq/quantizer.py post_init_model"),
-    Reads("transformers", "gptq_v2", int4_cpu=True, kept_keys=(_IN_BLOCK,), note="needs optimum",
+    Reads("transformers", "gptq_v2", int4_cpu=True, kept_keys=(_IN_BLOCK,), declared_zeros=True, note="needs optimum",
           source="ran (tests/test_loaders.py); optimum reads checkpoint_format"),
     # --- GPTQModel 7.6.0
     Reads("gptqmodel", "awq", bits=(4,), sym=(False,), act_order=False, int4_cpu=True,
           kept_keys=("dynamic",), note="kept layers are read from `dynamic` only (modules_to_not_convert is ignored)",
           source="ran (tests/test_loaders.py); utils/model.py create_quant_module"),
-    Reads("gptqmodel", "gptq", sym=(True,), int4_cpu=True, kept_keys=("dynamic",),
+    Reads("gptqmodel", "gptq", sym=(True,), int4_cpu=True, kept_keys=("dynamic",), declared_zeros=True,
           note="asymmetric v1 is refused unless made by gptqmodel >= 0.9",
           source="ran (tests/test_loaders.py); models/loader.py format check"),
-    Reads("gptqmodel", "gptq_v2", int4_cpu=True, kept_keys=("dynamic",), source="ran (tests/test_loaders.py)"),
+    Reads("gptqmodel", "gptq_v2", int4_cpu=True, kept_keys=("dynamic",), declared_zeros=True,
+          source="ran (tests/test_loaders.py)"),
     # --- vLLM: main maps gptq to AutoGPTQConfig (4/8-bit symmetric only); v0.11-0.17 fall back to gptq_gemm
     Reads("vllm", "awq", bits=(4,), sym=(False,), act_order=False, fused=False, moe=True,
           kept_keys=("modules_to_not_convert",),
@@ -158,6 +165,9 @@ def problem(loader: str, w: Written) -> str | None:
         return f"it does not read the {title} layout"
     if r.misread:
         return r.misread
+    if w.declared and r.declared_zeros:
+        return (f"it reads the zero points as the declared checkpoint_format {w.declared!r} says, but they are stored "
+                f"as in {w.layout!r}: every weight one step off")
     if w.bits not in r.bits:
         return f"it reads {'/'.join(map(str, r.bits))}-bit {title} checkpoints only, not {w.bits}-bit"
     if w.sym not in r.sym:
