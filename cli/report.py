@@ -105,9 +105,11 @@ def _guard_rows(r) -> list[list]:
         name = lambda k: describe(k, label)  # noqa: E731
         scored = {label: check["nll"], **{name(k): v for k, v in check["alternatives"].items()}}
         worse = check.get("worse_than_rtn", {})
-        kinds = worse.get(label, [])
+        margins = check.get("above_rtn", {}).get(label, {})
+        kinds = [f"{k} text (+{margins[k][0]:.4f} ± {margins[k][1]:.4f} nats/token)" if k in margins else f"{k} text"
+                 for k in worse.get(label, [])]
         listed = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
-        why = f"{label} is worse than all-RTN on {listed} text" if kinds else "the whole model scored better with it"
+        why = f"{label} is worse than all-RTN on {listed}" if kinds else "the whole model scored better with it"
         if kept == label:
             verdict = f"{kept} kept"
         elif partial_module(kept, label):

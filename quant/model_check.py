@@ -14,7 +14,9 @@ alternative whole model, carried through the same pass by :class:`Alternatives`:
   for AWQ and GPTQ, plain GPTQ's for AWQ+GPTQ), so that a method that helps in one
   module and hurts in the other is not thrown away whole.
 
-Of those not worse than all-RTN on any other kind of text checked, it keeps the one
+Of those not worse than all-RTN on any other kind of text checked (worse: above it by more than
+``NOISE_Z`` standard errors of the window-by-window difference, so that a difference inside the
+windows' own spread does not throw away a model that is better on average), it keeps the one
 whose loss, averaged over the kinds of text (the guard windows' and each checked kind,
 weighed alike), is lowest: ranked on the guard windows alone, the candidate fitted
 hardest to the calibration text wins by a hair there and loses on the others
@@ -43,6 +45,9 @@ from quant.modules import QuantLinear
 
 log = logging.getLogger(__name__)
 
+# A candidate is refused on a kind of check text where its loss is above all-RTN's by more than NOISE_Z standard
+# errors of the window-by-window difference: a difference inside the windows' own spread is no evidence either way.
+NOISE_Z = 1.0
 PARTIAL = "@"  # "<method>@<module>": the whole-model check's candidate with the method's linears in one module only
 
 
@@ -294,13 +299,15 @@ def check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor,
     """Whole-model guard: the next-token loss (:func:`window_nlls`) of the method's model and of
     each alternative model on the guard windows and on each kind of check windows.
 
-    A candidate is eligible where its loss is not above the all-RTN model's on any kind of check text (RTN
-    always is); ``kept`` names the eligible one with the lowest ``score``: its loss averaged over the kinds
+    A candidate is eligible where its loss is not above the all-RTN model's on any kind of check text by more
+    than ``NOISE_Z`` standard errors of the window-by-window difference (:func:`paired_difference`; RTN always
+    is eligible); ``kept`` names the eligible one with the lowest ``score``: its loss averaged over the kinds
     of text, the guard windows one kind and each of ``kinds`` another, weighed alike (the guard loss alone
     where no other kind is checked; on a tie the method's, then all-RTN; a NaN loss is never kept). Returns
     ``{"method": label, "nll": the method's guard loss, "alternatives": {name: guard loss}, "rtn_nll":
     all-RTN's, "kinds": {kind: {candidate: loss}}, "score": {candidate: mean over kinds},
-    "worse_than_rtn": {candidate: [kinds]}, "kept": name}``; losses in nats per token.
+    "worse_than_rtn": {candidate: [kinds]}, "above_rtn": {candidate: {kind: (mean difference, standard error)}},
+    "kept": name}``; losses in nats per token.
     """
     t = time.perf_counter()
     n_guard = len(guard_ids)
@@ -315,8 +322,13 @@ def check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor,
     n = cfg.check_windows
     by_kind = {kind: {name: _mean(nll[n_guard + k * n:n_guard + (k + 1) * n]) for name, nll in per_window.items()}
                for k, kind in enumerate(kinds)}
-    worse = {name: [kind for kind in kinds if not by_kind[kind][name] <= by_kind[kind]["rtn"]]
-             for name in candidates if name != "rtn" and "rtn" in candidates}
+    # Each candidate's loss minus all-RTN's, window by window, on each kind: the mean and its standard error
+    above = {name: {kind: paired_difference(nll[n_guard + k * n:n_guard + (k + 1) * n],
+                                            per_window["rtn"][n_guard + k * n:n_guard + (k + 1) * n])
+                    for k, kind in enumerate(kinds)}
+             for name, nll in per_window.items() if name != "rtn" and "rtn" in per_window}
+    worse = {name: [kind for kind, (mean, se) in diffs.items() if not mean <= NOISE_Z * se]
+             for name, diffs in above.items()}
     score = {name: _mean([loss, *(by_kind[kind][name] for kind in kinds)]) for name, loss in guard.items()}
     kept, best = cfg.label, math.inf
     # The method's first, then all-RTN: an alternative must be strictly lower, so that a candidate equal to one of
@@ -333,7 +345,19 @@ def check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor,
              kept, time.perf_counter() - t)
     return {"method": cfg.label, "nll": guard[cfg.label], "rtn_nll": guard.get("rtn", math.nan),
             "alternatives": {k: v for k, v in guard.items() if k != cfg.label}, "kinds": by_kind, "score": score,
-            "worse_than_rtn": {k: v for k, v in worse.items() if v}, "kept": kept}
+            "worse_than_rtn": {k: v for k, v in worse.items() if v}, "above_rtn": above, "kept": kept}
+
+
+def paired_difference(a: list[float], b: list[float]) -> tuple[float, float]:
+    """The mean of ``a[i] - b[i]`` and its standard error (the sample standard deviation of the differences over
+    the square root of their number; 0 for fewer than two), in the units of ``a``; NaN where either holds one."""
+    d = [x - y for x, y in zip(a, b, strict=True)]
+    if not d:
+        return math.nan, math.nan
+    mean = sum(d) / len(d)
+    if len(d) < 2:
+        return mean, 0.0
+    return mean, math.sqrt(sum((x - mean) ** 2 for x in d) / (len(d) - 1) / len(d))
 
 
 def _mean(values: list[float]) -> float:
