@@ -746,6 +746,31 @@ def test_a_candidate_above_rtn_by_less_than_the_windows_spread_is_not_refused(mo
     assert check["kept"] == kept
 
 
+@pytest.mark.parametrize("z, kept", [(1.0, "gptq+awq@self_attn"), (0.0, "rtn")])
+def test_the_noise_aware_rule_on_a_real_check_keeps_the_candidate_the_strict_rule_vetoed(monkeypatch, z, kept):
+    """The window-by-window losses of Qwen2.5-Coder-1.5B's AWQ+GPTQ check at calibration seed 1 (tests/data,
+    benchmarks/RESULTS.md). Every candidate was above all-RTN on one kind of check text by 0.0004-0.0054 nats/token,
+    inside that kind's standard error (0.005-0.010), so the strict rule (z = 0) kept all-RTN (0% of the gap); the
+    attention-only candidate it vetoed scored 9.132 / 4.918 on the held-out texts against RTN's 9.166 / 5.023."""
+    import json
+    from pathlib import Path
+
+    d = json.loads((Path(__file__).parent / "data" / "qwen15_seed1_check.json").read_text())
+    monkeypatch.setattr(check_module, "window_nlls", lambda model, blocks, batches, h: d["per_window"][h])
+    monkeypatch.setattr(check_module, "CALIB_BATCH", 1)
+    monkeypatch.setattr(check_module, "NOISE_Z", z)
+    n_guard, n = d["n_guard"], d["check_windows"]
+    cfg = type("Cfg", (), {"label": "gptq+awq", "check_windows": n})()
+    names = [c for c in d["per_window"] if c != "gptq+awq"]
+    check = check_module.check_model(None, None, torch.zeros(n_guard, 3), torch.zeros(len(d["kinds"]) * n, 3),
+                                     d["kinds"], "gptq+awq", {c: c for c in names}, cfg)
+    assert check["kept"] == kept
+    assert min(check["score"], key=check["score"].get) == "gptq+awq@self_attn"
+    mean, se = check["above_rtn"]["gptq+awq@self_attn"]["wiki"]
+    assert 0 < mean < se  # above RTN on the Wikipedia windows, by less than the windows' spread
+    assert bool(check["worse_than_rtn"]) == (z == 0)
+
+
 def test_the_whole_model_check_prints_losses_that_differ_as_different_numbers():
     """Losses 3e-5 apart (a real check's margin) print with enough decimals to differ; ones far apart keep four."""
     from types import SimpleNamespace
