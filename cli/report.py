@@ -116,6 +116,10 @@ def _guard_rows(r) -> list[list]:
             verdict = f"{describe(kept, label)}, kept ({why})"
         else:
             verdict = f"{'RTN' if kept == 'rtn' else kept} kept for every block ({why})"
+        inside = [f"{k} text by +{m:.4f} ± {se:.4f}" for k, (m, se) in check.get("above_rtn", {}).get(kept, {}).items()
+                  if m > 0]
+        if inside:  # kept although above all-RTN there: say so, and by how little
+            verdict += f"; it is above all-RTN on {' and '.join(inside)} nats/token, inside the windows' spread"
         if not all(math.isfinite(v) for v in scored.values()):
             verdict += "; a loss that is not finite could not be compared (check the model's outputs)"
         rows.append(["held-out loss of the whole model", f"{_losses(scored)} nats/token: {verdict}"])

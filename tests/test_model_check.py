@@ -747,7 +747,7 @@ def test_a_candidate_above_rtn_by_less_than_the_windows_spread_is_not_refused(mo
 
 
 @pytest.mark.parametrize("z, kept", [(1.0, "gptq+awq@self_attn"), (0.0, "rtn")])
-def test_the_noise_aware_rule_on_a_real_check_keeps_the_candidate_the_strict_rule_vetoed(monkeypatch, z, kept):
+def test_the_noise_aware_rule_on_a_real_check_keeps_the_candidate_the_strict_rule_vetoed(monkeypatch, tmp_path, z, kept):
     """The window-by-window losses of Qwen2.5-Coder-1.5B's AWQ+GPTQ check at calibration seed 1 (tests/data,
     benchmarks/RESULTS.md). Every candidate was above all-RTN on one kind of check text by 0.0004-0.0054 nats/token,
     inside that kind's standard error (0.005-0.010), so the strict rule (z = 0) kept all-RTN (0% of the gap); the
@@ -769,6 +769,19 @@ def test_the_noise_aware_rule_on_a_real_check_keeps_the_candidate_the_strict_rul
     mean, se = check["above_rtn"]["gptq+awq@self_attn"]["wiki"]
     assert 0 < mean < se  # above RTN on the Wikipedia windows, by less than the windows' spread
     assert bool(check["worse_than_rtn"]) == (z == 0)
+    from types import SimpleNamespace
+
+    from cli.report import _guard_rows
+    from quant.guard import FALLBACK_KEY
+
+    blocks = [SimpleNamespace(index=0, n_linears=7, info={"held-out err": "1e-3", FALLBACK_KEY: kept})]
+    verdict = dict(_guard_rows(SimpleNamespace(blocks=blocks, guarded=True, model_check=check, out=str(tmp_path))))[
+        "held-out loss of the whole model"]
+    if z:  # the summary says the kept model is above RTN on the Wikipedia windows, and by how little
+        assert verdict.endswith(f"kept (the whole model scored better with it); it is above all-RTN on wiki text by "
+                                f"+{mean:.4f} ± {se:.4f} nats/token, inside the windows' spread"), verdict
+    else:
+        assert "RTN kept for every block (gptq+awq is worse than all-RTN on fiction text (+0.0037" in verdict, verdict
 
 
 def test_the_whole_model_check_prints_losses_that_differ_as_different_numbers():
