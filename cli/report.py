@@ -104,9 +104,10 @@ def _guard_rows(r) -> list[list]:
         label, kept = check["method"], check["kept"]
         name = lambda k: describe(k, label)  # noqa: E731
         scored = {label: check["nll"], **{name(k): v for k, v in check["alternatives"].items()}}
-        worse = check.get("worse_than_rtn", {})
-        margins = check.get("above_rtn", {}).get(label, {})
-        kinds = [f"{k} text (+{margins[k][0]:.4f} ± {margins[k][1]:.4f} nats/token)" if k in margins else f"{k} text"
+        worse, above = check.get("worse_than_rtn", {}), check.get("above_rtn", {})
+        margin = lambda m, se: f"+{m:.4f} ± {se:.4f}"  # noqa: E731 - a candidate's loss minus all-RTN's, nats/token
+        margins = above.get(label, {})
+        kinds = [f"{k} text ({margin(*margins[k])} nats/token)" if k in margins else f"{k} text"
                  for k in worse.get(label, [])]
         listed = " and ".join([", ".join(kinds[:-1]), kinds[-1]] if len(kinds) > 1 else kinds)
         why = f"{label} is worse than all-RTN on {listed}" if kinds else "the whole model scored better with it"
@@ -116,8 +117,7 @@ def _guard_rows(r) -> list[list]:
             verdict = f"{describe(kept, label)}, kept ({why})"
         else:
             verdict = f"{'RTN' if kept == 'rtn' else kept} kept for every block ({why})"
-        inside = [f"{k} text by +{m:.4f} ± {se:.4f}" for k, (m, se) in check.get("above_rtn", {}).get(kept, {}).items()
-                  if m > 0]
+        inside = [f"{k} text by {margin(m, se)}" for k, (m, se) in above.get(kept, {}).items() if m > 0]
         if inside:  # kept although above all-RTN there: say so, and by how little
             verdict += f"; it is above all-RTN on {' and '.join(inside)} nats/token, inside the windows' spread"
         if not all(math.isfinite(v) for v in scored.values()):

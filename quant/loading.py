@@ -1,9 +1,9 @@
 """Loading a quantized checkpoint (ours, AutoAWQ "gemm", or GPTQ) as a transformers model."""
 from __future__ import annotations
 
+import json
 import logging
 import os
-import json
 import re
 
 import torch
@@ -168,12 +168,14 @@ def _check_dynamic(path, spec, names: set[str]) -> None:
         if str(rule).startswith("-:") or not isinstance(override, dict):
             continue
         changed = [f"{k}={json.dumps(v)}" for k, v in override.items() if k in settings and v != settings[k]]
+        if not changed:
+            continue
         try:
             pattern = re.compile(str(rule).removeprefix("+:"))
         except re.error:
             continue
         hit = next((n for n in sorted(names) if pattern.match(n)), None)
-        if changed and hit:
+        if hit:
             raise QtoolError(f"{path}: quantization_config.dynamic rule {rule!r} sets {', '.join(changed)} for {hit}; "
                              "qtool reads one bits, group size, sym and desc_act per checkpoint")
 

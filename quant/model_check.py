@@ -320,12 +320,10 @@ def check_model(model, blocks, guard_ids: torch.Tensor, check_ids: torch.Tensor,
         per_window[name] = by_stream[id(h)]
     guard = {name: _mean(nll[:n_guard]) for name, nll in per_window.items()}
     n = cfg.check_windows
-    by_kind = {kind: {name: _mean(nll[n_guard + k * n:n_guard + (k + 1) * n]) for name, nll in per_window.items()}
-               for k, kind in enumerate(kinds)}
+    span = {kind: slice(n_guard + k * n, n_guard + (k + 1) * n) for k, kind in enumerate(kinds)}
+    by_kind = {kind: {name: _mean(nll[w]) for name, nll in per_window.items()} for kind, w in span.items()}
     # Each candidate's loss minus all-RTN's, window by window, on each kind: the mean and its standard error
-    above = {name: {kind: paired_difference(nll[n_guard + k * n:n_guard + (k + 1) * n],
-                                            per_window["rtn"][n_guard + k * n:n_guard + (k + 1) * n])
-                    for k, kind in enumerate(kinds)}
+    above = {name: {kind: paired_difference(nll[w], per_window["rtn"][w]) for kind, w in span.items()}
              for name, nll in per_window.items() if name != "rtn" and "rtn" in per_window}
     worse = {name: [kind for kind, (mean, se) in diffs.items() if not mean <= NOISE_Z * se]
              for name, diffs in above.items()}
