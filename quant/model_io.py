@@ -2,7 +2,6 @@
 and the device and dtype they run in. What the folder holds is read by :mod:`quant.folder`."""
 from __future__ import annotations
 
-import contextlib
 import json
 import logging
 import os
@@ -12,7 +11,7 @@ from pathlib import Path
 import torch
 
 from quant.errors import QtoolError
-from quant.folder import read_config, tensor_index, weight_files
+from quant.folder import read_config
 
 log = logging.getLogger(__name__)
 _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torch.float32}
@@ -133,74 +132,19 @@ def load_tokenizer(model_dir: str | os.PathLike):
 
 
 def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto"):
-    """A full-precision causal LM from a local folder, on the CPU, in one copy (no network)."""
-    from transformers import AutoModelForCausalLM
+    """A full-precision causal LM from a local folder, on the CPU, in one copy (no network, no code from the folder).
 
-    config = check_causal_lm(model_dir)
-    files = weight_files(model_dir)  # a damaged file named in one sentence, before transformers reads it
-    if all(f.suffix == ".safetensors" for f in files):
-        tensor_index(model_dir, files)
-    if _layout(config) is not None:  # a remote-code family: read through its layout, no code from the folder
-        from quant import arch
-        from quant.source import SourceModel
+    Read as the quantization pipeline reads its source (:class:`quant.source.SourceModel`): every check that
+    needs no tensor data (tensors missing, extra, stored as integers, or of another shape than ``config.json``
+    gives) runs on the file headers before any weight is read, so a wrong folder is refused in one sentence at
+    once, and ``qtool ppl`` accepts exactly the folders the methods accept. ``dtype="auto"``: the stored dtype.
+    Raises :class:`QtoolError` for each of those, for unreadable weight files and for NaN or inf weights.
+    """
+    from quant.source import SourceModel
 
-        src = SourceModel(model_dir, arch.lookup(config["model_type"]).blocks)
-        for i in range(len(src.blocks)):
-            src.load_block(i)
-        return src.model if dtype == "auto" else src.model.to(torch_dtype(dtype))
-    kwargs = {"dtype": dtype if dtype == "auto" else torch_dtype(dtype)}
-    # transformers initialises missing tensors at random, drops unknown ones and, asked to, re-initialises those of
-    # another shape, with a load report: each is refused below in one sentence instead of the report.
-    with _without_load_report():
-        model, info = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True, output_loading_info=True,
-                                                           ignore_mismatched_sizes=True, **kwargs)
-    for key, shape, want in sorted(info.get("mismatched_keys") or [])[:1]:
-        raise QtoolError(f"{model_dir}: weight {key} has shape {tuple(shape)}, but config.json gives this model "
-                         f"{tuple(want)}; the checkpoint does not match its config.json")
-    for what, keys in (("lacks", info.get("missing_keys")), ("holds tensors the model does not use:",
-                                                               info.get("unexpected_keys"))):
-        keys = sorted(keys or [])
-        if keys:
-            more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
-            raise QtoolError(f"{model_dir}: the checkpoint {what} {', '.join(keys[:3])}{more}"
-                             + (" (they would be random weights)" if what == "lacks" else "")
-                             + "; it does not match its config.json")
-    _check_float_weights(model_dir, model)
-    model.eval()
-    return model
-
-
-def _check_float_weights(model_dir, model) -> None:
-    """Refuse a safetensors weight stored as integers where the model holds floats: transformers would cast the
-    integer codes of an already quantized (or otherwise packed) weight to floats without a word."""
-    from safetensors import safe_open
-
-    floats = {k for k, t in model.state_dict().items() if t.is_floating_point()}
-    for f in weight_files(model_dir):
-        if f.suffix != ".safetensors":
-            continue
-        with safe_open(str(f), framework="pt") as st:
-            for k in st.keys():
-                dtype = st.get_slice(k).get_dtype()
-                if k in floats and not dtype.startswith(("F", "BF")):
-                    raise QtoolError(f"{f}: {k} is stored as {dtype}, but the model holds floats there; a "
-                                     "full-precision model's weights are float32, float16 or bfloat16")
-
-
-@contextlib.contextmanager
-def _without_load_report():
-    """transformers' load report (the "LOAD REPORT" warning of ``transformers.modeling_utils``) held back; its other
-    warnings pass."""
-    class Drop(logging.Filter):
-        def filter(self, record):
-            return "LOAD REPORT" not in record.getMessage()
-
-    logger, drop = logging.getLogger("transformers.modeling_utils"), Drop()
-    logger.addFilter(drop)
-    try:
-        yield
-    finally:
-        logger.removeFilter(drop)
+    check_causal_lm(model_dir)
+    model = SourceModel(model_dir, None).model
+    return model if dtype == "auto" else model.to(torch_dtype(dtype))
 
 
 def check_seqlen(model, seqlen: int) -> None:

@@ -32,13 +32,14 @@ log = logging.getLogger(__name__)
 class SourceModel:
     """The model in folder ``model_dir`` as a meta-device skeleton plus an index of its stored tensors.
 
-    ``model`` is the transformers causal LM (its blocks on the meta device until :meth:`load_block`);
-    ``dtype`` the source's floating dtype. Raises QtoolError (one sentence) for a folder without
+    ``model`` is the transformers causal LM (its blocks, the modules under ``blocks_path``, on the meta
+    device until :meth:`load_block`; with ``blocks_path=None`` every tensor is read at once, the whole
+    model in one copy); ``dtype`` the source's floating dtype. Raises QtoolError (one sentence) for a folder without
     weights, unreadable weight files, or tensors that do not match ``config.json`` (missing ones would
     be random weights; extra ones mean another architecture).
     """
 
-    def __init__(self, model_dir: str | os.PathLike, blocks_path: str, outside: bool = True):
+    def __init__(self, model_dir: str | os.PathLike, blocks_path: str | None, outside: bool = True):
         from transformers import AutoModelForCausalLM
 
         from quant.arch import layout_of
@@ -73,13 +74,11 @@ class SourceModel:
         if (ignore := model_io.ignored_on_load(self.model)) is not None:
             self.index = {k: f for k, f in self.index.items() if not ignore.search(k)}
         self._check_names()
-        names = sorted(k for k in self.index if not k.startswith(blocks_path + "."))
+        names = sorted(k for k in self.index if not self._in_blocks(k))
         if outside:
             self._assign(names)
         else:  # left on the meta device until written (load_tensor), but checked now, a slice at a time
             for stored in sorted({self._stored_name(n) for n in names}):
-                if len(native := self._native_names(stored)) == 1:
-                    self._check_shape(native[0], self._stored_shape(stored))
                 for part in self._stored_slices(stored):
                     self._check_finite(stored, part, stored=True)
         tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
@@ -91,7 +90,10 @@ class SourceModel:
         # Parameters outside the blocks that share a stored tensor (a tied lm_head): released with it.
         unique = {n for n, _ in self.model.named_parameters()}
         self._tied_outside = sorted(n for n, _ in self.model.named_parameters(remove_duplicate=False)
-                                    if n not in unique and not n.startswith(blocks_path + "."))
+                                    if n not in unique and not self._in_blocks(n))
+
+    def _in_blocks(self, name: str) -> bool:
+        return self.blocks_path is not None and name.startswith(self.blocks_path + ".")
 
     # --- reading ------------------------------------------------------------------------------------
 
@@ -220,8 +222,9 @@ class SourceModel:
 
     def _check_names(self) -> None:
         """Refuse (one sentence) a source whose tensors are not the model config.json describes: one missing, one
-        the model does not use, or one stored as integers where the model holds floats (an already quantized or
-        otherwise packed weight would be read as its integer codes)."""
+        the model does not use, one stored as integers where the model holds floats (an already quantized or
+        otherwise packed weight would be read as its integer codes), or one of another shape. File headers only:
+        no tensor data is read."""
         want = set(self.model.state_dict())
         tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
             n for n, _ in self.model.named_parameters()}
@@ -235,12 +238,14 @@ class SourceModel:
                                  + (" (they would be random weights)" if what == "lacks" else "")
                                  + "; it does not match its config.json")
         for stored in sorted({self._stored_name(n) for n in self.index}):
-            dtype = self._stored_dtype(stored)
+            dtype, native = self._stored_dtype(stored), self._native_names(stored)
             if (dtype is not None and not dtype.is_floating_point
-                    and self.model.get_parameter_or_buffer(self._native_names(stored)[0]).is_floating_point()):
+                    and self.model.get_parameter_or_buffer(native[0]).is_floating_point()):
                 raise QtoolError(f"{self.stored[stored]}: {stored} is stored as {str(dtype).removeprefix('torch.')}, "
-                                 "but the model holds floats there; qtool quantizes from float32, float16 or bfloat16 "
-                                 "weights")
+                                 "but the model holds floats there; a full-precision model's weights are float32, float16 or "
+                                 "bfloat16")
+            if len(native) == 1:  # a fused tensor's parts are checked as they are split
+                self._check_shape(native[0], self._stored_shape(stored))
 
     def _assign(self, names, state: dict[str, torch.Tensor] | None = None) -> None:
         state = self.tensors(sorted(names)) if state is None else state

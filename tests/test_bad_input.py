@@ -584,6 +584,30 @@ def test_a_weight_stored_as_integers_is_refused_not_cast(model, tmp_path, capsys
     _no_output(tmp_path)
 
 
+@pytest.mark.parametrize("change", ["integers", "shape"])
+def test_ppl_refuses_a_mismatched_weight_before_reading_any_weight(model, capsys, monkeypatch, change):
+    """The checks of a full-precision folder need only the file headers: ppl refused an integer weight only after
+    transformers had read the whole model (minutes for a large one, behind its load bar)."""
+    from transformers import AutoModelForCausalLM
+
+    from quant.source import SourceModel
+
+    f = model / "model.safetensors"
+    tensors = load_file(str(f))
+    name = "model.layers.1.mlp.up_proj.weight"
+    tensors[name] = tensors[name].to(torch.int32) if change == "integers" else tensors[name][:-8].clone()
+    save_file(tensors, str(f), metadata={"format": "pt"})
+
+    def no_read(*args, **kwargs):
+        raise AssertionError("weight data read before the folder was checked")
+
+    monkeypatch.setattr(SourceModel, "_read_stored", no_read)
+    monkeypatch.setattr(SourceModel, "_stored_slices", no_read)
+    monkeypatch.setattr(AutoModelForCausalLM, "from_pretrained", no_read)
+    why = "is stored as int32" if change == "integers" else "has shape (120, 64), but config.json gives this model"
+    assert_refused(*run_cli(["ppl", model, "--max-tokens", "64", "--seqlen", "32"], capsys), name, why)
+
+
 def test_rotary_inv_freq_tensors_of_older_checkpoints_are_dropped_as_transformers_drops_them(model, tmp_path, capsys):
     """Llama checkpoints written before transformers stopped storing it carry a rotary inv_freq per layer (the
     AutoGPTQ checkpoints of Llama-2 too): rtn refused the source, ppl and info the quantized checkpoint."""

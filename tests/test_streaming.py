@@ -742,3 +742,34 @@ def test_a_stopped_run_is_refused_by_the_difference_that_the_others_follow_from(
     assert first_difference(old, {**old, "settings": {**old["settings"], "n_samples": 64}}) == (
         "n_samples was 128 in the stopped run, 64 now")
     assert first_difference(old, old) is None
+
+
+@pytest.mark.parametrize("model_type", MODEL_TYPES)
+def test_the_full_precision_load_computes_what_transformers_loads(tmp_path, model_type):
+    """``qtool ppl`` and the Python API read a full-precision folder as the pipeline reads its source (no
+    transformers ``from_pretrained``): the logits are transformers' own to the last bit, tied embeddings tied."""
+    from transformers import AutoModelForCausalLM
+
+    from quant import model_io
+
+    path = save_tiny_model(model_type, tmp_path / "m")
+    ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
+    model = model_io.load_fp_model(path)
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
+    tied = ref.get_output_embeddings().weight is ref.get_input_embeddings().weight
+    assert (model.get_output_embeddings().weight is model.get_input_embeddings().weight) == tied
+
+
+def test_the_full_precision_load_reads_bin_shards_and_converts_its_dtype(tmp_path):
+    single = save_tiny_model("llama", tmp_path / "single")
+    save_bin_shards(tiny_model("llama"), tmp_path / "bin")
+    copy_tokenizer(single, tmp_path / "bin")
+    from quant import model_io
+
+    ids = torch.arange(24).view(1, 24)
+    a, b = model_io.load_fp_model(single), model_io.load_fp_model(tmp_path / "bin", dtype="bfloat16")
+    assert {p.dtype for p in b.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        torch.testing.assert_close(b(ids).logits.float(), a.to(torch.bfloat16)(ids).logits.float(), rtol=0, atol=0)
