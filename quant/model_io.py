@@ -137,14 +137,18 @@ def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto
     Read as the quantization pipeline reads its source (:class:`quant.source.SourceModel`): every check that
     needs no tensor data (tensors missing, extra, stored as integers, or of another shape than ``config.json``
     gives) runs on the file headers before any weight is read, so a wrong folder is refused in one sentence at
-    once, and ``qtool ppl`` accepts exactly the folders the methods accept. ``dtype="auto"``: the stored dtype.
+    once, and ``qtool ppl`` accepts exactly the folders the methods accept. Every floating tensor is converted to
+    ``dtype`` as it is read; ``"auto"``, as transformers reads it: config.json's ``dtype``, else the stored one.
     Raises :class:`QtoolError` for each of those, for unreadable weight files and for NaN or inf weights.
     """
     from quant.source import SourceModel
 
     check_causal_lm(model_dir)
-    model = SourceModel(model_dir, None).model
-    return model if dtype == "auto" else model.to(torch_dtype(dtype))
+    if dtype == "auto":  # as transformers reads "auto": config.json's dtype, else the stored one
+        dtype = getattr(model_config(model_dir), "dtype", None)
+        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+        dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else "auto"
+    return SourceModel(model_dir, None, dtype=dtype if dtype == "auto" else torch_dtype(dtype)).model
 
 
 def check_seqlen(model, seqlen: int) -> None:

@@ -34,12 +34,16 @@ class SourceModel:
 
     ``model`` is the transformers causal LM (its blocks, the modules under ``blocks_path``, on the meta
     device until :meth:`load_block`; with ``blocks_path=None`` every tensor is read at once, the whole
-    model in one copy); ``dtype`` the source's floating dtype. Raises QtoolError (one sentence) for a folder without
+    model in one copy); ``dtype`` the source's floating dtype. With ``dtype`` given (a floating dtype, or
+    ``"auto"``: the source's), the skeleton is built in it and every floating tensor is converted to it as it is
+    read, a slice at a time (one copy of each tensor, in the target dtype); without, tensors keep their stored
+    dtype. Raises QtoolError (one sentence) for a folder without
     weights, unreadable weight files, or tensors that do not match ``config.json`` (missing ones would
     be random weights; extra ones mean another architecture).
     """
 
-    def __init__(self, model_dir: str | os.PathLike, blocks_path: str | None, outside: bool = True):
+    def __init__(self, model_dir: str | os.PathLike, blocks_path: str | None, outside: bool = True,
+                 dtype: torch.dtype | str | None = None):
         from transformers import AutoModelForCausalLM
 
         from quant.arch import layout_of
@@ -65,8 +69,9 @@ class SourceModel:
         self._from = {n: k for k in self.stored for n in self._native_names(k)}
         self.index = {n: self.stored[k] for n, k in self._from.items()}
         self.dtype = self._stored_dtype()
+        self._convert = self.dtype if dtype == "auto" else dtype
         with torch.device("meta"):
-            self.model = AutoModelForCausalLM.from_config(config, dtype=self.dtype)
+            self.model = AutoModelForCausalLM.from_config(config, dtype=self._convert or self.dtype)
         swap_in_expert_linears(self.model)  # routed experts as one nn.Linear per expert and projection
         self.model.eval()
         self.blocks_path = blocks_path
@@ -74,9 +79,16 @@ class SourceModel:
         if (ignore := model_io.ignored_on_load(self.model)) is not None:
             self.index = {k: f for k, f in self.index.items() if not ignore.search(k)}
         self._check_names()
+        # Parameters the skeleton ties (a tied lm_head) -> the one they share.
+        ties, first = {}, {}
+        for n, p in self.model.named_parameters(remove_duplicate=False):
+            ties.update({n: first[id(p)]} if id(p) in first else {})
+            first.setdefault(id(p), n)
         names = sorted(k for k in self.index if not self._in_blocks(k))
         if outside:
-            self._assign(names)
+            for n in names:
+                self.load_tensor(n, self._convert)
+            self._check_ties(ties)
         else:  # left on the meta device until written (load_tensor), but checked now, a slice at a time
             for stored in sorted({self._stored_name(n) for n in names}):
                 for part in self._stored_slices(stored):
@@ -91,6 +103,17 @@ class SourceModel:
         unique = {n for n, _ in self.model.named_parameters()}
         self._tied_outside = sorted(n for n, _ in self.model.named_parameters(remove_duplicate=False)
                                     if n not in unique and not self._in_blocks(n))
+
+    def _check_ties(self, ties: dict[str, str]) -> None:
+        """Refuse a tensor that config.json ties to another (``tie_word_embeddings``) but that the checkpoint stores
+        with other values: transformers would use the stored one, vLLM and the tie the other."""
+        for name, shared in sorted(ties.items()):
+            a, b = (self.model.get_parameter(n) for n in (name, shared))
+            if not a.is_meta and not b.is_meta and a is not b and not torch.equal(a, b):
+                raise QtoolError(f"{self.index[name]}: stores {self._stored_name(name)} with other values than "
+                                 f"{self._stored_name(shared)}, but config.json ties the two (tie_word_embeddings); "
+                                 "loaders disagree on which to use: set tie_word_embeddings to false in config.json "
+                                 f"or remove {self._stored_name(name)}")
 
     def _in_blocks(self, name: str) -> bool:
         return self.blocks_path is not None and name.startswith(self.blocks_path + ".")
@@ -249,6 +272,8 @@ class SourceModel:
 
     def _assign(self, names, state: dict[str, torch.Tensor] | None = None) -> None:
         state = self.tensors(sorted(names)) if state is None else state
+        if self._convert is not None:
+            state = {k: t.to(self._convert) if t.is_floating_point() else t for k, t in state.items()}
         for k, t in state.items():
             self._check_shape(k, t.shape)
             self._check_finite(k, t)

@@ -744,18 +744,21 @@ def test_a_stopped_run_is_refused_by_the_difference_that_the_others_follow_from(
     assert first_difference(old, old) is None
 
 
+@pytest.mark.parametrize("dtype", ["auto", "bfloat16"])
 @pytest.mark.parametrize("model_type", MODEL_TYPES)
-def test_the_full_precision_load_computes_what_transformers_loads(tmp_path, model_type):
+def test_the_full_precision_load_computes_what_transformers_loads(tmp_path, model_type, dtype):
     """``qtool ppl`` and the Python API read a full-precision folder as the pipeline reads its source (no
-    transformers ``from_pretrained``): the logits are transformers' own to the last bit, tied embeddings tied."""
+    transformers ``from_pretrained``): the logits are transformers' own to the last bit, in the dtype asked for
+    (the rotary tables kept in float32, as transformers keeps them), tied embeddings tied."""
     from transformers import AutoModelForCausalLM
 
     from quant import model_io
 
     path = save_tiny_model(model_type, tmp_path / "m")
     ids = torch.randint(0, 256, (2, 24), generator=torch.Generator().manual_seed(0))
-    ref = AutoModelForCausalLM.from_pretrained(path, dtype=torch.float32).eval()
-    model = model_io.load_fp_model(path)
+    ref = AutoModelForCausalLM.from_pretrained(path, dtype=dtype if dtype == "auto" else torch.bfloat16).eval()
+    model = model_io.load_fp_model(path, dtype=dtype)
+    assert {p.dtype for p in model.parameters()} == {p.dtype for p in ref.parameters()}
     with torch.no_grad():
         torch.testing.assert_close(model(ids).logits, ref(ids).logits, rtol=0, atol=0)
     tied = ref.get_output_embeddings().weight is ref.get_input_embeddings().weight
@@ -769,7 +772,43 @@ def test_the_full_precision_load_reads_bin_shards_and_converts_its_dtype(tmp_pat
     from quant import model_io
 
     ids = torch.arange(24).view(1, 24)
-    a, b = model_io.load_fp_model(single), model_io.load_fp_model(tmp_path / "bin", dtype="bfloat16")
+    a, b = (model_io.load_fp_model(p, dtype="bfloat16") for p in (single, tmp_path / "bin"))
     assert {p.dtype for p in b.parameters()} == {torch.bfloat16}
     with torch.no_grad():
-        torch.testing.assert_close(b(ids).logits.float(), a.to(torch.bfloat16)(ids).logits.float(), rtol=0, atol=0)
+        torch.testing.assert_close(b(ids).logits, a(ids).logits, rtol=0, atol=0)
+
+
+def test_the_full_precision_load_gives_one_dtype_for_a_checkpoint_of_mixed_dtypes(tmp_path):
+    """Norms stored in float32 beside bfloat16 matrices: "auto" read each tensor in its stored dtype, and the model
+    failed in its first matmul (float != BFloat16); it is config.json's dtype throughout, as in transformers."""
+    from quant import model_io
+
+    path = save_tiny_model("llama", tmp_path / "m", dtype=torch.bfloat16)
+    f = path / "model.safetensors"
+    tensors = load_file(str(f))
+    save_file({k: t.float() if "norm" in k else t for k, t in tensors.items()}, str(f), metadata={"format": "pt"})
+    model = model_io.load_fp_model(path)
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.arange(16).view(1, 16)).logits).all()
+
+
+def test_a_stored_lm_head_that_config_ties_but_differs_from_the_embedding_is_refused(tmp_path):
+    """config.json ties lm_head to the embedding, the file stores another lm_head: transformers uses the stored
+    one, a tying loader the embedding; qtool tied them without a word (ppl and every method)."""
+    from quant import model_io
+    from quant.errors import QtoolError
+
+    path = save_tiny_model("qwen2", tmp_path / "m")
+    f = path / "model.safetensors"
+    tensors = load_file(str(f))
+    assert "lm_head.weight" not in tensors
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    model_io.load_fp_model(path)  # the same values: the tie holds, nothing to refuse
+    tensors["lm_head.weight"] = tensors["lm_head.weight"] + 0.01
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(QtoolError, match="stores lm_head.weight with other values than model.embed_tokens.weight"):
+        model_io.load_fp_model(path)
+    with pytest.raises(QtoolError, match="tie_word_embeddings"):
+        quant.quantize(path, tmp_path / "q", method="awq", **OPTS)
