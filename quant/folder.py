@@ -61,7 +61,9 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     transformers and vLLM read it: another ``*.safetensors`` beside them, such as a Mistral repository's
     ``consolidated.safetensors``, is left out with a warning), else its top-level ``*.safetensors`` (a KV-cache
     calibration that older qtool versions wrote there left out), else ``.bin`` files. Raises QtoolError where there
-    are none, or where the index is damaged or names a shard that is not there."""
+    are none, or where the index is damaged or names a shard that is not there. ``.bin`` shards are read by
+    ``pytorch_model.bin.index.json`` where there is one, as transformers reads them (another ``.bin`` beside
+    them is left out with a warning)."""
     path = Path(model_dir)
     weight_map = _weight_map(path)
     if weight_map is not None:
@@ -73,6 +75,14 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
         if others:
             _warn_once(f"{path}: {', '.join(others)} not named in {SHARD_INDEX}; left out, as transformers and vLLM "
                        f"leave {'it' if len(others) == 1 else 'them'} out")
+        return files
+    if not any(not is_side_file(f) for f in path.glob("*.safetensors")) and (
+            bin_map := _weight_map(path, BIN_SHARD_INDEX)) is not None:
+        files = [path / name for name in sorted(set(bin_map.values()))]
+        others = sorted(f.name for f in path.glob("*.bin") if f not in files)
+        if others:
+            _warn_once(f"{path}: {', '.join(others)} not named in {BIN_SHARD_INDEX}; left out, as transformers "
+                       f"leaves {'it' if len(others) == 1 else 'them'} out")
         return files
     for pattern in WEIGHT_PATTERNS:
         files = sorted(f for f in path.glob(pattern) if not is_side_file(f))
@@ -101,6 +111,7 @@ def is_kv_calibration(path: str | os.PathLike) -> bool:
 
 
 SHARD_INDEX = "model.safetensors.index.json"
+BIN_SHARD_INDEX = "pytorch_model.bin.index.json"
 
 
 @functools.lru_cache(maxsize=64)
@@ -108,11 +119,10 @@ def _warn_once(message: str) -> None:
     log.warning("%s", message)
 
 
-def _weight_map(model_dir: Path) -> dict[str, str] | None:
-    """``model.safetensors.index.json``'s weight_map (tensor name -> shard file name), each shard checked to be
-    in the folder; None without an index. Raises QtoolError (one sentence) for a damaged index or a missing
-    shard."""
-    path = model_dir / SHARD_INDEX
+def _weight_map(model_dir: Path, index: str = SHARD_INDEX) -> dict[str, str] | None:
+    """The shard index ``index``'s weight_map (tensor name -> shard file name), each shard checked to be in the
+    folder; None without an index. Raises QtoolError (one sentence) for a damaged index or a missing shard."""
+    path = model_dir / index
     if not path.is_file():
         return None
     try:

@@ -812,3 +812,26 @@ def test_a_stored_lm_head_that_config_ties_but_differs_from_the_embedding_is_ref
         model_io.load_fp_model(path)
     with pytest.raises(QtoolError, match="tie_word_embeddings"):
         quant.quantize(path, tmp_path / "q", method="awq", **OPTS)
+
+
+def test_bin_shards_are_read_by_their_index_as_transformers_reads_them(tmp_path, caplog):
+    """A stale .bin beside indexed shards (an older single file, a shard of an earlier split): qtool read every
+    pytorch_model*.bin and refused the folder ("in both ... keep one"), where transformers reads the shards
+    the index names; an index naming a shard that is not there was refused as "lacks" tensors, not by its name."""
+    from quant import folder, model_io
+    from quant.errors import QtoolError
+
+    single = save_tiny_model("llama", tmp_path / "single")
+    save_bin_shards(tiny_model("llama"), tmp_path / "bin")
+    copy_tokenizer(single, tmp_path / "bin")
+    shards = sorted(p.name for p in (tmp_path / "bin").glob("*.bin"))
+    torch.save(tiny_model("llama", seed=1).state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # stale
+    assert [f.name for f in folder.weight_files(tmp_path / "bin")] == shards
+    assert "pytorch_model.bin not named in pytorch_model.bin.index.json" in caplog.text
+    ids = torch.arange(24).view(1, 24)
+    with torch.no_grad():
+        torch.testing.assert_close(model_io.load_fp_model(tmp_path / "bin")(ids).logits,
+                                   model_io.load_fp_model(single)(ids).logits, rtol=0, atol=0)
+    (tmp_path / "bin" / shards[1]).unlink()
+    with pytest.raises(QtoolError, match=f"names the shard {shards[1]}, which is not in the folder"):
+        model_io.load_fp_model(tmp_path / "bin")
