@@ -84,11 +84,11 @@ class SourceModel:
         for n, p in self.model.named_parameters(remove_duplicate=False):
             ties.update({n: first[id(p)]} if id(p) in first else {})
             first.setdefault(id(p), n)
+        self._check_ties(ties)
         names = sorted(k for k in self.index if not self._in_blocks(k))
         if outside:
             for n in names:
                 self.load_tensor(n, self._convert)
-            self._check_ties(ties)
         else:  # left on the meta device until written (load_tensor), but checked now, a slice at a time
             for stored in sorted({self._stored_name(n) for n in names}):
                 for part in self._stored_slices(stored):
@@ -106,10 +106,19 @@ class SourceModel:
 
     def _check_ties(self, ties: dict[str, str]) -> None:
         """Refuse a tensor that config.json ties to another (``tie_word_embeddings``) but that the checkpoint stores
-        with other values: transformers would use the stored one, vLLM and the tie the other."""
+        with other values: transformers would use the stored one, vLLM and the tie the other. Compared a slice at a
+        time from the files (nothing of either stays in memory)."""
         for name, shared in sorted(ties.items()):
-            a, b = (self.model.get_parameter(n) for n in (name, shared))
-            if not a.is_meta and not b.is_meta and a is not b and not torch.equal(a, b):
+            if name not in self.index or shared not in self.index:
+                continue
+            a, b = self._stored_name(name), self._stored_name(shared)
+            if self._native_names(a) != [name] or self._native_names(b) != [shared]:
+                same = torch.equal(*(t.float() for t in self.tensors([name, shared]).values()))
+            elif self._stored_dtype(a) != self._stored_dtype(b):
+                same = torch.equal(self.tensor(name).float(), self.tensor(shared).float())
+            else:  # the same dtype and shape (checked): the two are sliced at the same rows
+                same = all(torch.equal(x, y) for x, y in zip(self._stored_slices(a), self._stored_slices(b)))
+            if not same:
                 raise QtoolError(f"{self.index[name]}: stores {self._stored_name(name)} with other values than "
                                  f"{self._stored_name(shared)}, but config.json ties the two (tie_word_embeddings); "
                                  "loaders disagree on which to use: set tie_word_embeddings to false in config.json "
