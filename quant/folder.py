@@ -65,24 +65,20 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     ``pytorch_model.bin.index.json`` where there is one, as transformers reads them (another ``.bin`` beside
     them is left out with a warning)."""
     path = Path(model_dir)
-    weight_map = _weight_map(path)
-    if weight_map is not None:
+    safetensors = any(not is_side_file(f) for f in path.glob("*.safetensors"))
+    indexes = ((SHARD_INDEX, ("*.safetensors",), "model.safetensors", "transformers and vLLM"),
+               (BIN_SHARD_INDEX, WEIGHT_PATTERNS[1:], "pytorch_model.bin", "transformers"))
+    for index, patterns, single, readers in indexes:
+        if (weight_map := _weight_map(path, index) if index == SHARD_INDEX or not safetensors else None) is None:
+            continue
         files = [path / name for name in sorted(set(weight_map.values()))]
-        others = sorted(f.name for f in path.glob("*.safetensors") if f not in files and not is_side_file(f))
-        if "model.safetensors" in others:  # transformers reads it before the index, vLLM the index
-            raise QtoolError(f"{path}: holds model.safetensors beside {SHARD_INDEX}, which does not name it: "
-                             "transformers would load the one, vLLM the shards; remove the one that is stale")
+        others = sorted({f.name for p in patterns for f in path.glob(p) if f not in files and not is_side_file(f)})
+        if single in others:  # transformers reads it before the index (vLLM, for safetensors, the index)
+            raise QtoolError(f"{path}: holds {single} beside {index}, which does not name it: transformers would "
+                             "load the one, an index reader the shards; remove the one that is stale")
         if others:
-            _warn_once(f"{path}: {', '.join(others)} not named in {SHARD_INDEX}; left out, as transformers and vLLM "
-                       f"leave {'it' if len(others) == 1 else 'them'} out")
-        return files
-    if not any(not is_side_file(f) for f in path.glob("*.safetensors")) and (
-            bin_map := _weight_map(path, BIN_SHARD_INDEX)) is not None:
-        files = [path / name for name in sorted(set(bin_map.values()))]
-        others = sorted(f.name for f in path.glob("*.bin") if f not in files)
-        if others:
-            _warn_once(f"{path}: {', '.join(others)} not named in {BIN_SHARD_INDEX}; left out, as transformers "
-                       f"leaves {'it' if len(others) == 1 else 'them'} out")
+            _warn_once(f"{path}: {', '.join(others)} not named in {index}; left out, as {readers} "
+                       f"leave{'s' if readers == 'transformers' else ''} {'it' if len(others) == 1 else 'them'} out")
         return files
     for pattern in WEIGHT_PATTERNS:
         files = sorted(f for f in path.glob(pattern) if not is_side_file(f))
@@ -132,6 +128,7 @@ def _weight_map(model_dir: Path, index: str = SHARD_INDEX) -> dict[str, str] | N
     if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
         raise QtoolError(f"{path}: its weight_map is {json.dumps(weight_map)[:80]}; it should map each tensor to "
                          "its shard's file name")
+    weight_map = {k: v.removeprefix("./") for k, v in weight_map.items()}  # "./shard" names the same file
     for name in sorted(set(weight_map.values())):
         if "/" in name or not (model_dir / name).is_file():
             raise QtoolError(f"{path}: names the shard {name}, which is not in the folder; copy the whole model "

@@ -112,12 +112,13 @@ class SourceModel:
             if name not in self.index or shared not in self.index:
                 continue
             a, b = self._stored_name(name), self._stored_name(shared)
-            if self._native_names(a) != [name] or self._native_names(b) != [shared]:
-                same = torch.equal(*(t.float() for t in self.tensors([name, shared]).values()))
-            elif self._stored_dtype(a) != self._stored_dtype(b):
-                same = torch.equal(self.tensor(name).float(), self.tensor(shared).float())
+            if self._native_names(a) != [name] or self._native_names(b) != [shared] or \
+                    self._stored_dtype(a) != self._stored_dtype(b):
+                pairs = [tuple(t.float() for t in self.tensors([name, shared]).values())]
             else:  # the same dtype and shape (checked): the two are sliced at the same rows
-                same = all(torch.equal(x, y) for x, y in zip(self._stored_slices(a), self._stored_slices(b)))
+                pairs = zip(self._stored_slices(a), self._stored_slices(b))
+            # NaN where the other has NaN is the same value here: a damaged tensor is refused as such when it is read
+            same = all(torch.allclose(x, y, rtol=0, atol=0, equal_nan=True) for x, y in pairs)
             if not same:
                 raise QtoolError(f"{self.index[name]}: stores {self._stored_name(name)} with other values than "
                                  f"{self._stored_name(shared)}, but config.json ties the two (tie_word_embeddings); "

@@ -813,12 +813,18 @@ def test_a_stored_lm_head_that_config_ties_but_differs_from_the_embedding_is_ref
     for method in ("awq", "rtn"):  # the tensors outside the blocks read at the start, or streamed as written
         with pytest.raises(QtoolError, match="tie_word_embeddings"):
             quant.quantize(path, tmp_path / method, method=method, **OPTS)
+    tensors["model.embed_tokens.weight"][0, 0] = tensors["lm_head.weight"][0, 0] = float("nan")
+    tensors["lm_head.weight"] = tensors["model.embed_tokens.weight"].clone()
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(QtoolError, match="holds NaN or inf values"):  # the same tensor, damaged: said as such
+        model_io.load_fp_model(path)
 
 
 def test_bin_shards_are_read_by_their_index_as_transformers_reads_them(tmp_path, caplog):
-    """A stale .bin beside indexed shards (an older single file, a shard of an earlier split): qtool read every
-    pytorch_model*.bin and refused the folder ("in both ... keep one"), where transformers reads the shards
-    the index names; an index naming a shard that is not there was refused as "lacks" tensors, not by its name."""
+    """A stale .bin shard beside indexed shards (of an earlier split): qtool read every pytorch_model*.bin and
+    refused the folder ("in both ... keep one"), where transformers reads the shards the index names; a
+    pytorch_model.bin beside the index, which transformers reads first, is refused as stale; "./shard" in the
+    index is the shard; an index naming a shard that is not there is named (it was "lacks" tensors)."""
     from quant import folder, model_io
     from quant.errors import QtoolError
 
@@ -826,13 +832,25 @@ def test_bin_shards_are_read_by_their_index_as_transformers_reads_them(tmp_path,
     save_bin_shards(tiny_model("llama"), tmp_path / "bin")
     copy_tokenizer(single, tmp_path / "bin")
     shards = sorted(p.name for p in (tmp_path / "bin").glob("*.bin"))
-    torch.save(tiny_model("llama", seed=1).state_dict(), tmp_path / "bin" / "pytorch_model.bin")  # stale
+    stale = tiny_model("llama", seed=1).state_dict()
+    torch.save(stale, tmp_path / "bin" / "pytorch_model-00001-of-00002.bin")  # an earlier split's
+    torch.save(stale, tmp_path / "bin" / "training_args.bin")  # not a weight file
     assert [f.name for f in folder.weight_files(tmp_path / "bin")] == shards
-    assert "pytorch_model.bin not named in pytorch_model.bin.index.json" in caplog.text
+    assert "pytorch_model-00001-of-00002.bin not named in pytorch_model.bin.index.json" in caplog.text
+    assert "training_args" not in caplog.text
     ids = torch.arange(24).view(1, 24)
     with torch.no_grad():
         torch.testing.assert_close(model_io.load_fp_model(tmp_path / "bin")(ids).logits,
                                    model_io.load_fp_model(single)(ids).logits, rtol=0, atol=0)
+    index = tmp_path / "bin" / "pytorch_model.bin.index.json"
+    weight_map = json.loads(index.read_text())["weight_map"]
+    index.write_text(json.dumps({"weight_map": {k: "./" + v for k, v in weight_map.items()}}))
+    assert [f.name for f in folder.weight_files(tmp_path / "bin")] == shards
+    torch.save(stale, tmp_path / "bin" / "pytorch_model.bin")
+    with pytest.raises(QtoolError, match="holds pytorch_model.bin beside pytorch_model.bin.index.json, which does "
+                                         "not name it"):
+        model_io.load_fp_model(tmp_path / "bin")
+    (tmp_path / "bin" / "pytorch_model.bin").unlink()
     (tmp_path / "bin" / shards[1]).unlink()
     with pytest.raises(QtoolError, match=f"names the shard {shards[1]}, which is not in the folder"):
         model_io.load_fp_model(tmp_path / "bin")
