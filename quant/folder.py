@@ -69,7 +69,9 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     indexes = ((SHARD_INDEX, ("*.safetensors",), "model.safetensors", "transformers and vLLM"),
                (BIN_SHARD_INDEX, WEIGHT_PATTERNS[1:], "pytorch_model.bin", "transformers"))
     for index, patterns, single, readers in indexes:
-        if (weight_map := _weight_map(path, index) if index == SHARD_INDEX or not safetensors else None) is None:
+        if index == BIN_SHARD_INDEX and safetensors:  # safetensors files are read before any .bin
+            break
+        if (weight_map := _weight_map(path, index)) is None:
             continue
         files = [path / name for name in sorted(set(weight_map.values()))]
         others = sorted({f.name for p in patterns for f in path.glob(p) if f not in files and not is_side_file(f)})

@@ -144,10 +144,6 @@ def load_fp_model(model_dir: str | os.PathLike, dtype: str | torch.dtype = "auto
     from quant.source import SourceModel
 
     check_causal_lm(model_dir)
-    if dtype == "auto":  # as transformers reads "auto": config.json's dtype, else the stored one
-        dtype = getattr(model_config(model_dir), "dtype", None)
-        dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-        dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else "auto"
     return SourceModel(model_dir, None, dtype=dtype if dtype == "auto" else torch_dtype(dtype)).model
 
 

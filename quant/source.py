@@ -35,11 +35,11 @@ class SourceModel:
     ``model`` is the transformers causal LM (its blocks, the modules under ``blocks_path``, on the meta
     device until :meth:`load_block`; with ``blocks_path=None`` every tensor is read at once, the whole
     model in one copy); ``dtype`` the source's floating dtype. With ``dtype`` given (a floating dtype, or
-    ``"auto"``: the source's), the skeleton is built in it and every floating tensor is converted to it as it is
-    read, a slice at a time (one copy of each tensor, in the target dtype); without, tensors keep their stored
-    dtype. Raises QtoolError (one sentence) for a folder without
-    weights, unreadable weight files, or tensors that do not match ``config.json`` (missing ones would
-    be random weights; extra ones mean another architecture).
+    ``"auto"`` as transformers reads it: config.json's ``dtype``, else the stored one), the skeleton is built
+    in it and every floating tensor is converted to it as it is read, a slice at a time (one copy of each
+    tensor, in the target dtype); without, tensors keep their stored dtype. Raises QtoolError (one sentence)
+    for a folder without weights, unreadable weight files, or tensors that do not match ``config.json`` (missing
+    ones would be random weights; extra ones mean another architecture).
     """
 
     def __init__(self, model_dir: str | os.PathLike, blocks_path: str | None, outside: bool = True,
@@ -69,7 +69,11 @@ class SourceModel:
         self._from = {n: k for k in self.stored for n in self._native_names(k)}
         self.index = {n: self.stored[k] for n, k in self._from.items()}
         self.dtype = self._stored_dtype()
-        self._convert = self.dtype if dtype == "auto" else dtype
+        if dtype == "auto":  # as transformers reads "auto": config.json's dtype, else the stored one
+            dtype = getattr(config, "dtype", None)
+            dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
+            dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else self.dtype
+        self._convert = dtype
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=self._convert or self.dtype)
         swap_in_expert_linears(self.model)  # routed experts as one nn.Linear per expert and projection
@@ -78,12 +82,14 @@ class SourceModel:
         # Tensors old checkpoints carry that transformers ignores on load (e.g. per-layer rotary inv_freq buffers).
         if (ignore := model_io.ignored_on_load(self.model)) is not None:
             self.index = {k: f for k, f in self.index.items() if not ignore.search(k)}
-        self._check_names()
         # Parameters the skeleton ties (a tied lm_head) -> the one they share.
         ties, first = {}, {}
         for n, p in self.model.named_parameters(remove_duplicate=False):
-            ties.update({n: first[id(p)]} if id(p) in first else {})
-            first.setdefault(id(p), n)
+            if id(p) in first:
+                ties[n] = first[id(p)]
+            else:
+                first[id(p)] = n
+        self._check_names(set(ties))
         self._check_ties(ties)
         names = sorted(k for k in self.index if not self._in_blocks(k))
         if outside:
@@ -111,7 +117,7 @@ class SourceModel:
         for name, shared in sorted(ties.items()):
             if name not in self.index or shared not in self.index:
                 continue
-            a, b = self._stored_name(name), self._stored_name(shared)
+            a, b = self._stored_name(name), self._stored_name(shared)  # as the files name them
             if self._native_names(a) != [name] or self._native_names(b) != [shared] or \
                     self._stored_dtype(a) != self._stored_dtype(b):
                 pairs = [tuple(t.float() for t in self.tensors([name, shared]).values())]
@@ -120,10 +126,9 @@ class SourceModel:
             # NaN where the other has NaN is the same value here: a damaged tensor is refused as such when it is read
             same = all(torch.allclose(x, y, rtol=0, atol=0, equal_nan=True) for x, y in pairs)
             if not same:
-                raise QtoolError(f"{self.index[name]}: stores {self._stored_name(name)} with other values than "
-                                 f"{self._stored_name(shared)}, but config.json ties the two (tie_word_embeddings); "
-                                 "loaders disagree on which to use: set tie_word_embeddings to false in config.json "
-                                 f"or remove {self._stored_name(name)}")
+                raise QtoolError(f"{self.index[name]}: stores {a} with other values than {b}, but config.json ties the "
+                                 "two (tie_word_embeddings); loaders disagree on which to use: set "
+                                 f"tie_word_embeddings to false in config.json or remove {a}")
 
     def _in_blocks(self, name: str) -> bool:
         return self.blocks_path is not None and name.startswith(self.blocks_path + ".")
@@ -253,14 +258,12 @@ class SourceModel:
             return tuple(self._bin[f][stored].shape)
         return tuple(self._header(f)[0][stored]["shape"])
 
-    def _check_names(self) -> None:
+    def _check_names(self, tied: set[str]) -> None:
         """Refuse (one sentence) a source whose tensors are not the model config.json describes: one missing, one
         the model does not use, one stored as integers where the model holds floats (an already quantized or
         otherwise packed weight would be read as its integer codes), or one of another shape. File headers only:
-        no tensor data is read."""
+        no tensor data is read. ``tied``: the parameters the model ties to another (not stored)."""
         want = set(self.model.state_dict())
-        tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
-            n for n, _ in self.model.named_parameters()}
         missing = sorted(want - set(self.index) - tied)
         extra = sorted(set(self.index) - want)
         for what, keys in (("lacks", missing), ("holds tensors the model does not use:", extra)):
@@ -275,8 +278,8 @@ class SourceModel:
             if (dtype is not None and not dtype.is_floating_point
                     and self.model.get_parameter_or_buffer(native[0]).is_floating_point()):
                 raise QtoolError(f"{self.stored[stored]}: {stored} is stored as {str(dtype).removeprefix('torch.')}, "
-                                 "but the model holds floats there; a full-precision model's weights are float32, float16 or "
-                                 "bfloat16")
+                                 "but the model holds floats there; a full-precision model's weights are float32, "
+                                 "float16 or bfloat16")
             if len(native) == 1:  # a fused tensor's parts are checked as they are split
                 self._check_shape(native[0], self._stored_shape(stored))
 
