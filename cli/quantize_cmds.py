@@ -6,7 +6,7 @@ from click.core import ParameterSource
 
 from cli.options import calib_options, quant_options, setup_logging
 from cli.report import print_quant_report
-from quant.config import RANGE_SEARCHES, SHRINK_DEFAULT, GPTQOptions
+from quant.config import RANGE_SEARCHES, SHRINK_DEFAULT, GPTQOptions, parse_size
 from quant.errors import QtoolError
 
 
@@ -14,12 +14,11 @@ def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite
                  max_shard_size: str, restart: bool = False, **fields) -> None:
     import quant
     from quant.config import QuantConfig
-    from quant.shards import parse_size
 
     setup_logging(verbose)
-    max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")
     fields["skip"] = tuple(fields.get("skip", ()))
     cfg = QuantConfig(method=method, **fields)  # values out of range are refused first
+    max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")  # as transformers reads it (imports it)
     if cfg.check_windows and cfg.held_out == 0 and "check_windows" in _given(click.get_current_context()):
         raise QtoolError(f"--check-windows {cfg.check_windows} asks for the whole-model check, which --held-out 0 "
                          "turns off; give --held-out above 0, or drop --check-windows")

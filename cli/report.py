@@ -9,8 +9,6 @@ import click
 from tabulate import tabulate
 
 from quant.config import REFUSED_SEARCH_FILE
-from quant.guard import FALLBACK_KEY
-from quant.model_check import describe, partial_module
 
 
 def mib(n_bytes: float) -> str:
@@ -92,6 +90,9 @@ def _resumed_rows(r) -> list[list]:
 
 def _guard_rows(r) -> list[list]:
     """The RTN guard's verdict, where a data-aware method ran: which blocks it kept at round-to-nearest."""
+    from quant.guard import FALLBACK_KEY
+    from quant.model_check import describe, partial_module
+
     label = "blocks kept at RTN (closer on held-out windows)"
     if not any("held-out err" in b.info for b in r.blocks):
         return [[label, "not checked (--held-out 0)"]] if r.guarded is False else []

@@ -7,16 +7,31 @@
 """
 from __future__ import annotations
 
+import importlib
 import logging
 
-from quant import kv
 from quant.config import AWQOptions, GPTQOptions, QuantConfig
 from quant.errors import QtoolError
-from quant.loading import load
-from quant.pipeline import QuantReport, quantize
-from quant.ppl import PerplexityResult, perplexity
 
 logging.getLogger(__name__).addHandler(logging.NullHandler())
+
+# Imported on first use (PEP 562), so that the options, the errors and the command line's refusals of bad options
+# need neither torch nor transformers (seconds to import): name -> the module that defines it.
+_LAZY = {"kv": "quant.kv", "load": "quant.loading", "QuantReport": "quant.pipeline", "quantize": "quant.pipeline",
+         "PerplexityResult": "quant.ppl", "perplexity": "quant.ppl"}
+
+
+def __getattr__(name: str):
+    if name not in _LAZY:
+        raise AttributeError(f"module 'quant' has no attribute {name!r}")
+    module = importlib.import_module(_LAZY[name])
+    value = module if module.__name__ == f"quant.{name}" else getattr(module, name)
+    globals()[name] = value
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted(set(globals()) | set(_LAZY))
 
 __all__ = [
     "AWQOptions",
@@ -48,8 +63,8 @@ def load_any(path, dtype="auto", device="auto"):
     elif isinstance(dtype, str):
         dtype = model_io.torch_dtype(dtype)
     from quant.checkpoint import is_quantized_checkpoint
-
     from quant.formats.spec import read_spec
+    from quant.loading import load
 
     quantized = is_quantized_checkpoint(path)
     if quantized:

@@ -200,25 +200,11 @@ class QuantConfig:
             raise QtoolError(f"skip must be module names (strings), e.g. ('mlp.down_proj',), not {self.skip!r}")
         if self.method not in METHODS:
             raise QtoolError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
-        from quant.formats import format_names, get_format
-        from quant.formats.compat import Written, check_target, choose_layout
-
         if self.group_size not in GROUP_SIZES:
             raise QtoolError(
                 f"--group-size {self.group_size} is not supported; use one of "
                 f"{', '.join(str(g) for g in GROUP_SIZES if g > 0)} or -1 for one group per output channel"
             )
-        chosen = self.fmt is not None
-        if not chosen:
-            object.__setattr__(self, "fmt", choose_layout(self.bits, self.sym, self.act_order, self.group_size,
-                                                          self.target))
-        if self.fmt not in format_names():
-            raise QtoolError(f"--format {self.fmt!r} is unknown; use one of {', '.join(format_names())}")
-        problem = get_format(self.fmt).settings_error(self.bits, self.sym, self.act_order)
-        if problem:
-            what = f"--format {self.fmt}" if chosen else f"--bits {self.bits}"
-            raise QtoolError(f"{what}: {problem}" + (" (use --format gptq)" if self.fmt == "awq" else ""))
-        check_target(self.target, Written(self.fmt, self.bits, self.sym, self.act_order, self.group_size))
         if self.n_samples < 1 or self.seqlen < 8:
             raise QtoolError(
                 f"--n-samples {self.n_samples} / --seqlen {self.seqlen} are too small; use at least 1 sample of 8 tokens"
@@ -233,6 +219,21 @@ class QuantConfig:
                              "to 256 windows per kind of text")
         if self.dtype not in OUTPUT_DTYPES:
             raise QtoolError(f"--dtype {self.dtype!r} is unknown; use one of {', '.join(OUTPUT_DTYPES)}")
+        # the layout last: its checks import the formats, and with them torch (seconds)
+        from quant.formats import format_names, get_format
+        from quant.formats.compat import Written, check_target, choose_layout
+
+        chosen = self.fmt is not None
+        if not chosen:
+            object.__setattr__(self, "fmt", choose_layout(self.bits, self.sym, self.act_order, self.group_size,
+                                                          self.target))
+        if self.fmt not in format_names():
+            raise QtoolError(f"--format {self.fmt!r} is unknown; use one of {', '.join(format_names())}")
+        problem = get_format(self.fmt).settings_error(self.bits, self.sym, self.act_order)
+        if problem:
+            what = f"--format {self.fmt}" if chosen else f"--bits {self.bits}"
+            raise QtoolError(f"{what}: {problem}" + (" (use --format gptq)" if self.fmt == "awq" else ""))
+        check_target(self.target, Written(self.fmt, self.bits, self.sym, self.act_order, self.group_size))
 
     @property
     def act_order(self) -> bool:
@@ -327,3 +328,17 @@ class QuantConfig:
 
     def with_(self, **changes) -> QuantConfig:
         return replace(self, **changes)
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """Bytes in ``text`` such as ``"500MB"`` or ``"2GiB"``, read as Hugging Face reads ``max_shard_size``
+    (transformers' ``convert_file_size_to_int``). Raises QtoolError for anything else, or under 1 MB."""
+    from transformers.utils.hub import convert_file_size_to_int
+
+    try:
+        n = convert_file_size_to_int(str(text).strip())
+    except ValueError:
+        raise QtoolError(f"{what} {text!r} is not a size; write e.g. 500MB, 4GB or 2GiB") from None
+    if n < 10**6:
+        raise QtoolError(f"{what} {text!r} is below 1MB; shards that small only multiply files")
+    return n

@@ -39,20 +39,6 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
 MAX_SHARD_BYTES = 4 * 10**9  # "4GB", as --max-shard-size writes it
 
 
-def parse_size(text: str, what: str = "size") -> int:
-    """Bytes in ``text`` such as ``"500MB"`` or ``"2GiB"``, read as Hugging Face reads ``max_shard_size``
-    (transformers' ``convert_file_size_to_int``). Raises QtoolError for anything else, or under 1 MB."""
-    from transformers.utils.hub import convert_file_size_to_int
-
-    try:
-        n = convert_file_size_to_int(str(text).strip())
-    except ValueError:
-        raise QtoolError(f"{what} {text!r} is not a size; write e.g. 500MB, 4GB or 2GiB") from None
-    if n < 10**6:
-        raise QtoolError(f"{what} {text!r} is below 1MB; shards that small only multiply files")
-    return n
-
-
 def _fsync(path: Path) -> None:
     fd = os.open(path, os.O_RDONLY)
     try:

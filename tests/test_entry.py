@@ -32,3 +32,27 @@ def test_the_command_runs_again_in_the_same_process_with_the_tunable():
     assert [r[2] for r in runs] == ["None", HUGE_PAGES_TUNABLE]  # restarted once, with the tunable
     assert runs[0][1] == runs[1][1]  # execve: the same process
     assert "version" in out.stdout
+
+
+@pytest.mark.parametrize("args", [["awq", "M", "-o", "X", "--n-grid", "0"], ["gptq", "M", "-o", "X", "--shrink", "2"],
+                                  ["rtn", "M", "-o", "X", "--group-size", "48"], ["--help"], ["awq", "--help"]])
+def test_help_and_bad_options_are_answered_before_torch_is_imported(args):
+    """Importing torch and transformers takes seconds: help and a refused option must not wait for them (quant's
+    API names are imported on first use, cli/report.py imports what it needs inside its functions)."""
+    code = (f"import sys; sys.argv = ['qtool', *{args!r}]\n"
+            "from cli.main import main\n"
+            "code = 0\n"
+            "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
+            "print('exit', code, 'torch' in sys.modules, 'transformers' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.stdout.splitlines()[-1] == f"exit {0 if '--help' in args else 2} False False", out.stderr
+
+
+def test_the_api_names_are_imported_on_first_use():
+    code = ("import sys, quant; before = 'torch' in sys.modules; f = quant.quantize; names = dir(quant)\n"
+            "from quant.pipeline import quantize\n"
+            "print(before, f is quantize, quant.kv.__name__, 'perplexity' in names)\n"
+            "try:\n    quant.nonexistent\nexcept AttributeError as e:\n    print(e)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
+    assert out.stdout.splitlines() == ["False True quant.kv True", "module 'quant' has no attribute 'nonexistent'"], \
+        out.stderr
