@@ -285,12 +285,22 @@ class SourceModel:
 
     def _assign(self, names, state: dict[str, torch.Tensor] | None = None) -> None:
         state = self.tensors(sorted(names)) if state is None else state
-        if self._convert is not None:
-            state = {k: t.to(self._convert) if t.is_floating_point() else t for k, t in state.items()}
         for k, t in state.items():
             self._check_shape(k, t.shape)
             self._check_finite(k, t)
+        if self._convert is not None:
+            state = {k: self._converted(k, t, self._convert) for k, t in state.items()}
         self.model.load_state_dict(state, strict=False, assign=True)
+
+    def _converted(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+        """Finite tensor ``t`` as ``dtype``; QtoolError where a value is beyond that dtype's range (float16's
+        65504): it would be inf."""
+        out = t.to(dtype) if t.is_floating_point() else t
+        if out is not t and out.is_floating_point() and not all_finite(out):
+            raise QtoolError(f"--dtype {str(dtype).removeprefix('torch.')}: {self._stored_name(name)} holds values up "
+                             f"to {self.abs_max(name):.6g}, beyond {str(dtype).removeprefix('torch.')}'s "
+                             f"{torch.finfo(dtype).max:.6g} (they would be inf); use --dtype bfloat16 or float32")
+        return out
 
     def _check_shape(self, name: str, shape) -> None:
         want = tuple(self.model.get_parameter_or_buffer(name).shape)
@@ -333,7 +343,7 @@ class SourceModel:
         out, r = torch.empty(want, dtype=dtype), 0
         for part in self._stored_slices(stored):
             self._check_finite(stored, part, stored=True)
-            out[r:r + len(part)] = part
+            out[r:r + len(part)] = self._converted(name, part, dtype)
             r += len(part)
         self._assign([name], {name: out})
 

@@ -608,6 +608,33 @@ def test_ppl_refuses_a_mismatched_weight_before_reading_any_weight(model, capsys
     assert_refused(*run_cli(["ppl", model, "--max-tokens", "64", "--seqlen", "32"], capsys), name, why)
 
 
+@pytest.mark.parametrize("name", ["model.layers.0.mlp.up_proj.weight", "model.embed_tokens.weight"])
+def test_ppl_in_float16_refuses_a_weight_float16_cannot_hold_and_says_so(model, capsys, name):
+    """A finite float32 weight beyond float16's range turns inf under --dtype float16: ppl said the model holds NaN
+    or inf and "is damaged" (a block weight), or read an inf embedding without a word (read a slice at a time)."""
+    f = model / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors[name][0, 0] = 1e6
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    assert_refused(*run_cli(["ppl", model, "--max-tokens", "64", "--seqlen", "32", "--dtype", "float16"], capsys),
+                   f"--dtype float16: {name} holds values up to 1e+06, beyond float16's 65504 (they would be inf)")
+    code, err, printed = run_cli_out(["ppl", model, "--max-tokens", "64", "--seqlen", "32", "--dtype", "bfloat16"],
+                                     capsys)
+    assert code == 0 and "perplexity" in printed.lower(), err
+
+
+@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+@pytest.mark.parametrize("command", [["rtn", "-o", "OUT"], ["ppl", "--max-tokens", "64", "--seqlen", "32"]])
+def test_a_config_dtype_transformers_cannot_read_is_said_in_one_sentence(model, tmp_path, capsys, key, command):
+    """config.json with "dtype": "auto" ended every command in transformers' AttributeError traceback."""
+    cfg = json.loads((model / "config.json").read_text())
+    cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
+    (model / "config.json").write_text(json.dumps({**cfg, key: "auto"}))
+    args = [command[0], model, *[tmp_path / "out" if a == "OUT" else a for a in command[1:]]]
+    assert_refused(*run_cli(args, capsys), f"{model / 'config.json'}: {key} 'auto' is not a dtype transformers reads")
+    _no_output(tmp_path)
+
+
 def test_rotary_inv_freq_tensors_of_older_checkpoints_are_dropped_as_transformers_drops_them(model, tmp_path, capsys):
     """Llama checkpoints written before transformers stopped storing it carry a rotary inv_freq per layer (the
     AutoGPTQ checkpoints of Llama-2 too): rtn refused the source, ppl and info the quantized checkpoint."""
