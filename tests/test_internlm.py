@@ -181,6 +181,16 @@ def _edit_config(src, **changes):
     (src / "config.json").write_text(json.dumps(config))
 
 
+def test_the_config_dtype_is_what_auto_loads_as_for_the_remote_code(tmp_path):
+    """The layout's mapped config dropped torch_dtype: a float32 checkpoint whose config.json says bfloat16 loaded as
+    float32 under "auto", where transformers (with the remote code) loads it as bfloat16."""
+    src = save_internlm2(llama(4, 2), tmp_path / "m")
+    _edit_config(src, torch_dtype="bfloat16")
+    assert model_io.model_config(src).dtype == torch.bfloat16
+    model = model_io.load_fp_model(src, dtype="auto")
+    assert {p.dtype for p in model.parameters()} == {torch.bfloat16}
+
+
 def test_a_wqkv_that_does_not_match_the_config_is_one_sentence(tmp_path, capsys):
     src = save_internlm2(llama(4, 2), tmp_path / "m")
     _edit_config(src, num_key_value_heads=4)
