@@ -118,20 +118,20 @@ def quantize(
         settings_known = True  # what the saved search file's header may claim
         # which weights a search is made on (read before any block is quantized in the skeleton)
         probe = _weight_probe(src, arch.blocks) if cfg.folds_scales else None
+        if src.layout is not None and cfg.skip:  # --skip in the checkpoint's own names (feed_forward.w2, attention.wqkv)
+            cfg = cfg.with_(skip=tuple(dict.fromkeys(n for s in cfg.skip for n in src.layout.native_modules(s, src.shape))))
         if replay is not None:  # made for this model and these settings, or refused
             from quant.awq import check_search_file
 
-            # --skip compared by the linears it names, where they are the names it is given in (no layout)
-            linears = None if src.layout is not None else [
-                n for n, m in src.model.get_submodule(arch.blocks).named_modules(prefix=arch.blocks)
-                if isinstance(m, torch.nn.Linear)]
+            # --skip compared by the linears it names (the search recorded them in the native names too)
+            linears = [n for n, m in src.model.get_submodule(arch.blocks).named_modules(prefix=arch.blocks)
+                       if isinstance(m, torch.nn.Linear)]
+            spell = str if src.layout is None else lambda n: src.layout.stored_name(f".{n}.").strip(".")
             settings_known = check_search_file(replay, cfg, config["model_type"], len(src.blocks), probe,
-                                               arch.blocks, linears)
+                                               arch.blocks, linears, spell)
         t_cal = time.perf_counter()
         calib_ids, kinds = _calibration(src, model_dir, cfg, arch, saved)
         calib_seconds = time.perf_counter() - t_cal
-        if src.layout is not None and cfg.skip:  # --skip in the checkpoint's own names (feed_forward.w2, attention.wqkv)
-            cfg = cfg.with_(skip=tuple(dict.fromkeys(n for s in cfg.skip for n in src.layout.native_modules(s, src.shape))))
         plan = plan_linears(src.model, arch, cfg)
         for i in range(len(plan.quantize)):
             block_loop.keep_fused_together(plan, src, arch, i)

@@ -223,6 +223,23 @@ def test_skip_takes_internlm2s_own_names(tmp_path):
     assert type(model.model.layers[0].self_attn.q_proj).__name__ == "Linear"
 
 
+def test_an_awq_replay_compares_skip_by_the_linears_it_names_in_internlm2s_names_too(tmp_path):
+    """For a layout family the replay compared the search's --skip with the run's as text: the search's own
+    --skip feed_forward.w2 (recorded as the native linears it stands for) was refused as another skip."""
+    src = save_internlm2(llama(4, 2), tmp_path / "m")
+    opts = dict(method="awq", bits=4, group_size=32, n_samples=4, seqlen=32, dtype="float32", progress=False,
+                held_out=0)
+    quant.quantize(src, tmp_path / "a", skip=("feed_forward.w2",), **opts)
+    search = quant.AWQOptions(search_file=str(tmp_path / "a"))
+    for i, skip in enumerate(["feed_forward.w2", "mlp.down_proj"]):  # one linear, its stored and its native name
+        quant.quantize(src, tmp_path / f"r{i}", skip=(skip,), awq=search, **opts)
+        assert (tmp_path / f"r{i}" / "model.safetensors").read_bytes() == \
+            (tmp_path / "a" / "model.safetensors").read_bytes()
+    with pytest.raises(QtoolError, match=r"made with --skip feed_forward.w2, .* but this run has --skip feed_forward.w1;"):
+        quant.quantize(src, tmp_path / "b", skip=("feed_forward.w1",), awq=search, **opts)
+    assert not (tmp_path / "b").exists()
+
+
 def test_q_k_v_stay_together_when_one_cannot_be_packed(tmp_path):
     """3-bit GPTQ packing needs whole words: 16-row k/v cannot be packed, so q (64 rows) stays in full
     precision with them and the fused wqkv is written whole, instead of a refusal the user did not cause."""

@@ -11,6 +11,7 @@ import json
 import logging
 import math
 import re
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -200,10 +201,12 @@ def _made_for(meta: dict) -> str:
 
 
 def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, probe: dict | None = None,
-                      blocks: str | None = None, linears: list[str] | None = None) -> bool:
+                      blocks: str | None = None, linears: list[str] | None = None,
+                      spell: Callable[[str], str] = str) -> bool:
     """Refuse a search file made for another model or other settings (:func:`search_metadata`), which would
     otherwise give round-to-nearest silently to every block it lacks, or scales and clips fitted to other weights
-    of the same shape (``probe``: this model's :func:`weight_probe`). A file from a qtool before 2026-12-03
+    of the same shape (``probe``: this model's :func:`weight_probe`). ``spell``: a skipped module's name as
+    the user writes it (a layout family's stored name for the native one), for the messages. A file from a qtool before 2026-12-03
     carries no settings: it is accepted with a warning (its tensors' shapes are still checked per block); one
     from before 2026-12-04 carries no weight probe, and only its settings are checked.
     Returns whether the file said its settings.
@@ -249,10 +252,10 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, pr
         raise QtoolError(f"{path}: its {SEARCH_HEADER} header is damaged (its skip entry should list module names); "
                          "search again")
     if skipped and _skipped_linears(skipped, linears) != _skipped_linears(cfg.skip, linears):
-        given = " ".join(f"--skip {n}" for n in sorted(cfg.skip)) or "no --skip"
-        raise QtoolError(f"{path}: the search was made with {' '.join(f'--skip {n}' for n in skipped)}, so it holds no "
-                         f"scales for those linears, but this run has {given}; replay it with the same --skip, or "
-                         "search again")
+        said = lambda names: " ".join(dict.fromkeys(f"--skip {spell(n)}" for n in sorted(names)))  # noqa: E731
+        raise QtoolError(f"{path}: the search was made with {said(skipped)}, so it holds no "
+                         f"scales for those linears, but this run has {said(cfg.skip) or 'no --skip'}; replay it with "
+                         "the same --skip, or search again")
     if made_on is not None and probe is not None:
         _check_probe(path, made_on, probe)
     return True
