@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 
+from quant.config import check_seed
 from quant.errors import QtoolError
 
 logger = logging.getLogger(__name__)
@@ -214,6 +215,7 @@ def sample_windows(tokens: torch.Tensor, n_samples: int, seqlen: int, seed: int,
         raise QtoolError(
             f"Calibration needs n_samples >= 1 and seqlen >= 1, got n_samples={n_samples} and seqlen={seqlen}."
         )
+    check_seed(seed)
     total = tokens.numel()
     if total < seqlen:
         raise QtoolError(

@@ -47,11 +47,14 @@ def ppl(model_dir, data, seqlen, stride, max_tokens, dtype, device, kv, kv_keys,
     """Perplexity of a model folder or a quantized checkpoint on a text, with tokens/s."""
     import quant
     from quant.eval_data import default_eval_text
-    from quant.kv import kv_perplexity
+    from quant.kv.eval import check_kv_window, kv_perplexity
+    from quant.ppl import check_windows
 
     setup_logging(verbose)
+    check_windows(seqlen, stride, max_tokens)  # before the model is read (minutes for a large one)
     text = _read_text(data) if data is not None else default_eval_text()
     kv_cfg = kv_config_from_options(model_dir, kv, kv_keys, kv_window, kv_calib, kv_chunk)
+    check_kv_window(kv_cfg, seqlen, max_tokens)
     model, tokenizer = quant.load_any(model_dir, dtype=dtype, device=device)
     if kv_cfg is None:
         res = quant.perplexity(model, tokenizer, text, seqlen=seqlen, stride=stride, max_tokens=max_tokens,

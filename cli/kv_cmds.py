@@ -74,17 +74,23 @@ def kv():
 def calibrate(model_dir, out, overwrite, calib_data, text_field, n_samples, seqlen, seed, batch_size, device,
               verbose):
     """Collect per-channel ranges of the cached keys (after RoPE and q/k norms) of MODEL_DIR."""
+    from quant.config import MAX_WINDOWS, check_seed
+
+    if n_samples < 1 or seqlen < 2 or batch_size < 1:
+        raise QtoolError(f"--n-samples {n_samples}, --seqlen {seqlen} and --batch-size {batch_size} must be "
+                         "positive (--seqlen at least 2)")
+    if n_samples > MAX_WINDOWS:
+        raise QtoolError(f"--n-samples {n_samples} is out of range; use 1 to {MAX_WINDOWS} calibration windows "
+                         "(32 is the usual number)")
+    check_seed(seed)
     import quant
-    from quant import model_io
     from calib.data import calibration_batch, load_texts
     from calib.kv import collect_key_ranges, outlier_ratio
+    from quant import model_io
     from quant.arch import ARCHITECTURES
     from quant.kv.config import write_calibration_reference
 
     setup_logging(verbose)
-    if n_samples < 1 or seqlen < 2 or batch_size < 1:
-        raise QtoolError(f"--n-samples {n_samples}, --seqlen {seqlen} and --batch-size {batch_size} must be "
-                         "positive (--seqlen at least 2)")
     out_path = _calibration_out(model_dir, out, overwrite)
     model, tokenizer = quant.load_any(model_dir, device=device)
     model_io.check_seqlen(model, seqlen)

@@ -24,6 +24,13 @@ def _require_ints(obj, fields: tuple[str, ...]) -> None:
             raise QtoolError(f"{name} must be a whole number, got {value!r}")
 
 
+def check_seed(seed: int) -> None:
+    """Refuse a seed that torch's random generator cannot take (it holds 64 bits)."""
+    if not -2**63 <= seed < 2**64:
+        raise QtoolError(f"--seed {seed} is out of range; use a whole number of at most 64 bits, e.g. 0 "
+                         f"(0 to {2**64 - 1})")
+
+
 # AWQ's search results, saved in a subfolder of the checkpoint: loaders that read every top-level
 # *.safetensors of a folder without an index (vLLM does) must not take them for weights.
 SEARCH_FILE = "qtool/awq_search.safetensors"
@@ -193,6 +200,7 @@ class QuantConfig:
             if not isinstance(getattr(self, name), kind):
                 raise QtoolError(f"{name} must be {kind.__name__}(...), not {type(getattr(self, name)).__name__}")
         _require_ints(self, ("bits", "group_size", "n_samples", "held_out", "check_windows", "seqlen", "seed"))
+        check_seed(self.seed)
         if isinstance(self.skip, str):  # one name: not its characters
             object.__setattr__(self, "skip", (self.skip,))
         object.__setattr__(self, "skip", tuple(self.skip))

@@ -277,7 +277,7 @@ def _llama_fields(c: dict, where: str, bias: bool) -> dict:
     fields["rope_parameters"] = {"rope_type": kind, "rope_theta": float(c.get("rope_theta", 10000.0)), **rope}
     fields["attention_bias"] = bias
     fields["mlp_bias"] = False  # (pretraining_tp is not carried over: it only split the remote code's matmuls)
-    if (dtype := c.get("dtype", c.get("torch_dtype"))) is not None:  # what "auto" loads, as the remote code's
+    if (dtype := c.get("dtype") or c.get("torch_dtype")) is not None:  # what "auto" loads, as the remote code's
         fields["dtype"] = dtype
     return fields
 

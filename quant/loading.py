@@ -18,6 +18,7 @@ from quant.formats.spec import CheckpointSpec, read_spec
 from quant.gptq_checkpoints import read_leaf, read_qzeros, resolve_convention
 from quant.modules import QuantLinear
 from quant.moe import swap_in_expert_linears
+from quant.source import converted
 
 log = logging.getLogger(__name__)
 _QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
@@ -317,7 +318,7 @@ def _assign_tensors(model: nn.Module, reader: _Reader, quant_names: set[str], dt
         for k, t in shard.items():
             prefix, _, leaf = k.rpartition(".")
             if t.is_floating_point() and not (prefix in quant_names and leaf in _QUANT_LEAVES):
-                shard[k] = t.to(dtype)
+                shard[k] = converted(t, dtype, k)
         result = model.load_state_dict(shard, strict=False, assign=True)
         if result.unexpected_keys:
             raise QtoolError(f"{f}: holds {len(result.unexpected_keys)} tensors the model does not use, e.g. "

@@ -64,11 +64,11 @@ def model_config(model_dir: str | os.PathLike):
 
     cfg = read_config(model_dir)
     where = f"{Path(model_dir) / 'config.json'}"
-    for key in ("dtype", "torch_dtype"):  # transformers reads a string as torch's attribute of that name
+    for key in ("dtype", "torch_dtype"):  # what the model computes in, as transformers reads it
         value = cfg.get(key)
-        if isinstance(value, str) and not isinstance(getattr(torch, value, None), torch.dtype):
-            raise QtoolError(f"{where}: {key} {value!r} is not a dtype transformers reads; write float32, float16 or "
-                             "bfloat16, or leave the entry out")
+        if value is not None and not (isinstance(value, str) and value in _DTYPES):
+            raise QtoolError(f"{where}: {key} {json.dumps(value)} is not a dtype a model is loaded in; write "
+                             f"{', '.join(_DTYPES)}, or leave the entry out")
     try:
         layout = _layout(cfg)
         if layout is not None and layout.config is not None:

@@ -4,6 +4,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -124,6 +125,22 @@ def dequantize_once(model) -> contextlib.AbstractContextManager:
     return dense_weights(model)
 
 
+def check_windows(seqlen: int, stride: int | None, max_tokens: int | None) -> int:
+    """The stride :func:`perplexity` steps by (``seqlen`` where None); QtoolError (one sentence) for window settings
+    that score nothing sensible. Needs no model: the command line checks them before loading one."""
+    for name, value in (("seqlen", seqlen), ("stride", stride), ("max_tokens", max_tokens)):
+        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+            raise QtoolError(f"{name} {value!r} must be a whole number of tokens")
+    if seqlen < 2:
+        raise QtoolError(f"--seqlen {seqlen}: a window needs at least 2 tokens (one to predict from, one to score)")
+    if max_tokens is not None and max_tokens < 2:
+        raise QtoolError(f"--max-tokens {max_tokens}: score at least 2 tokens (one to predict from, one to score)")
+    stride = seqlen if stride is None else stride
+    if not 0 < stride <= seqlen:
+        raise QtoolError(f"--stride {stride} must lie between 1 and --seqlen {seqlen}")
+    return stride
+
+
 def perplexity(
     model,
     tokenizer,
@@ -142,16 +159,7 @@ def perplexity(
     by default it follows the architecture table. A quantized model on the CPU is scored with its
     weights dequantized once where they fit (:func:`dequantize_once`): the same numbers, faster.
     """
-    for name, value in (("seqlen", seqlen), ("stride", stride), ("max_tokens", max_tokens)):
-        if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
-            raise QtoolError(f"{name} {value!r} must be a whole number of tokens")
-    if seqlen < 2:
-        raise QtoolError(f"--seqlen {seqlen}: a window needs at least 2 tokens (one to predict from, one to score)")
-    if max_tokens is not None and max_tokens < 2:
-        raise QtoolError(f"--max-tokens {max_tokens}: score at least 2 tokens (one to predict from, one to score)")
-    stride = seqlen if stride is None else stride
-    if not 0 < stride <= seqlen:
-        raise QtoolError(f"--stride {stride} must lie between 1 and --seqlen {seqlen}")
+    stride = check_windows(seqlen, stride, max_tokens)
     model_io.check_seqlen(model, seqlen)
     if add_bos is None:
         from quant.arch import ARCHITECTURES
@@ -195,4 +203,7 @@ def perplexity(
                              "(float16 holds at most 65504); score it with --dtype float32 or bfloat16")
         raise QtoolError(f"the loss is not finite ({nll}): the model's activations are not, in {dtype}{where}"
                          f"{'; score it with --dtype float32' if dtype != torch.float32 else ''}")
+    if nll > math.log(sys.float_info.max):  # exp() of it overflows: no perplexity to print
+        raise QtoolError(f"the loss is {nll:.1f} nats per token, so the perplexity is beyond any float (above "
+                         f"{sys.float_info.max:.3g}); the model's predictions are far off, check its weights")
     return PerplexityResult(math.exp(nll), nll, count, n_windows, seconds)

@@ -293,14 +293,7 @@ class SourceModel:
         self.model.load_state_dict(state, strict=False, assign=True)
 
     def _converted(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        """Finite tensor ``t`` as ``dtype``; QtoolError where a value is beyond that dtype's range (float16's
-        65504): it would be inf."""
-        out = t.to(dtype) if t.is_floating_point() else t
-        if out is not t and out.is_floating_point() and not all_finite(out):
-            raise QtoolError(f"--dtype {str(dtype).removeprefix('torch.')}: {self._stored_name(name)} holds values up "
-                             f"to {self.abs_max(name):.6g}, beyond {str(dtype).removeprefix('torch.')}'s "
-                             f"{torch.finfo(dtype).max:.6g} (they would be inf); use --dtype bfloat16 or float32")
-        return out
+        return converted(t, dtype, self._stored_name(name), lambda: self.abs_max(name))
 
     def _check_shape(self, name: str, shape) -> None:
         want = tuple(self.model.get_parameter_or_buffer(name).shape)
@@ -402,6 +395,19 @@ def _changed(f: Path, e: Exception) -> QtoolError:
 
 _SLICE_BYTES = 16 * 2**20  # per read of a tensor checked or converted as it is read
 _CHUNK = 2**22  # elements per step of a whole-tensor check: no full-size temporaries for an embedding
+
+
+def converted(t: torch.Tensor, dtype: torch.dtype, name: str, largest=None) -> torch.Tensor:
+    """Finite tensor ``t`` (a weight ``name``) as ``dtype`` (floats only; others as they are). Raises QtoolError
+    where a value is beyond ``dtype``'s range (float16's 65504), which would turn inf; ``largest()`` gives the
+    weight's largest magnitude for the message where ``t`` is a slice of it."""
+    out = t.to(dtype) if t.is_floating_point() else t
+    if out is not t and out.is_floating_point() and not all_finite(out) and all_finite(t):  # NaN: said elsewhere
+        short = str(dtype).removeprefix("torch.")
+        raise QtoolError(f"--dtype {short}: {name} holds values up to {largest() if largest else abs_max(t):.6g}, "
+                         f"beyond {short}'s {torch.finfo(dtype).max:.6g} (they would be inf); use --dtype "
+                         + ("bfloat16 or float32" if dtype == torch.float16 else "float32"))
+    return out
 
 
 def all_finite(t: torch.Tensor) -> bool:

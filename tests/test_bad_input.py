@@ -568,6 +568,19 @@ def test_ppl_refuses_a_max_tokens_that_scores_nothing_sensible(model, capsys, to
     assert_refused(*run_cli(["ppl", model, "--max-tokens", tokens, "--seqlen", "32"], capsys), f"--max-tokens {tokens}")
 
 
+@pytest.mark.parametrize("options,said", [("--seqlen 0", "--seqlen 0: a window needs at least 2 tokens"),
+                                          ("--stride 0", "--stride 0 must lie between 1 and --seqlen 512"),
+                                          ("--max-tokens 0", "--max-tokens 0: score at least 2 tokens"),
+                                          ("--kv int4 --kv-window 100000", "--kv-window 100000 keeps every earlier")])
+def test_ppl_refuses_window_settings_before_reading_the_model(model, capsys, monkeypatch, options, said):
+    """ppl refused these only after the model was read (minutes for a large one)."""
+    def no_read(*args, **kwargs):
+        raise AssertionError("the model was read before the options were checked")
+
+    monkeypatch.setattr(quant, "load_any", no_read)
+    assert_refused(*run_cli(["ppl", model, *options.split()], capsys), said)
+
+
 @pytest.mark.parametrize("command", [["rtn"], ["ppl", "--max-tokens", "64", "--seqlen", "32"]])
 def test_a_weight_stored_as_integers_is_refused_not_cast(model, tmp_path, capsys, command):
     """An int32 weight in a full-precision folder: rtn gave a traceback; ppl cast the codes to floats and printed
@@ -623,16 +636,47 @@ def test_ppl_in_float16_refuses_a_weight_float16_cannot_hold_and_says_so(model, 
     assert code == 0 and "perplexity" in printed.lower(), err
 
 
-@pytest.mark.parametrize("key", ["dtype", "torch_dtype"])
+def test_a_quantized_checkpoint_in_float16_refuses_a_weight_float16_cannot_hold(model, tmp_path, capsys):
+    """A bfloat16 embedding beyond float16's range in a quantized checkpoint, scored with --dtype float16: ppl read
+    it as inf and printed a perplexity (or blamed a damaged folder where the text held the inf token)."""
+    name = "model.embed_tokens.weight"
+
+    def big_embedding(t):
+        t[name] = t[name].to(torch.bfloat16)
+        t[name][0, 0] = 1e6
+
+    out = _edited_checkpoint(model, tmp_path / "q", capsys, big_embedding)
+    args = ["ppl", out, "--max-tokens", "64", "--seqlen", "32"]
+    assert_refused(*run_cli([*args, "--dtype", "float16"], capsys),
+                   f"--dtype float16: {name} holds values up to 999424, beyond float16's 65504 (they would be inf)")
+    code, err, printed = run_cli_out(args, capsys)  # float32 holds it
+    assert code == 0 and "perplexity" in printed.lower(), err
+
+
+@pytest.mark.parametrize("key,value", [("dtype", "auto"), ("torch_dtype", "auto"), ("dtype", ["float16"]),
+                                       ("dtype", "float8_e4m3fn"), ("torch_dtype", "int8"), ("dtype", 123)])
 @pytest.mark.parametrize("command", [["rtn", "-o", "OUT"], ["ppl", "--max-tokens", "64", "--seqlen", "32"]])
-def test_a_config_dtype_transformers_cannot_read_is_said_in_one_sentence(model, tmp_path, capsys, key, command):
-    """config.json with "dtype": "auto" ended every command in transformers' AttributeError traceback."""
+def test_a_config_dtype_no_model_loads_in_is_said_in_one_sentence(model, tmp_path, capsys, key, value, command):
+    """config.json with "dtype": "auto" ended every command in transformers' AttributeError traceback, a list in an
+    IndexError, float8 in a TypeError; "int8" was read by some commands and refused by others as if --dtype said it."""
     cfg = json.loads((model / "config.json").read_text())
     cfg.pop("dtype", None), cfg.pop("torch_dtype", None)
-    (model / "config.json").write_text(json.dumps({**cfg, key: "auto"}))
+    (model / "config.json").write_text(json.dumps({**cfg, key: value}))
     args = [command[0], model, *[tmp_path / "out" if a == "OUT" else a for a in command[1:]]]
-    assert_refused(*run_cli(args, capsys), f"{model / 'config.json'}: {key} 'auto' is not a dtype transformers reads")
+    assert_refused(*run_cli(args, capsys),
+                   f'{model / "config.json"}: {key} {json.dumps(value)} is not a dtype a model is loaded in')
     _no_output(tmp_path)
+
+
+def test_a_loss_whose_perplexity_no_float_holds_is_one_sentence(model, capsys):
+    """A finite model whose mean loss is above 709 nats: exp() overflowed in a traceback (OverflowError)."""
+    f = model / "model.safetensors"
+    tensors = load_file(str(f))
+    name = "lm_head.weight" if "lm_head.weight" in tensors else "model.embed_tokens.weight"
+    tensors[name][3] = 1e6  # every position predicts token 3 by a margin of millions of nats
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    assert_refused(*run_cli(["ppl", model, "--max-tokens", "64", "--seqlen", "32"], capsys),
+                   "nats per token, so the perplexity is beyond any float")
 
 
 def test_rotary_inv_freq_tensors_of_older_checkpoints_are_dropped_as_transformers_drops_them(model, tmp_path, capsys):

@@ -34,9 +34,15 @@ def test_the_command_runs_again_in_the_same_process_with_the_tunable():
     assert "version" in out.stdout
 
 
-@pytest.mark.parametrize("args", [["awq", "M", "-o", "X", "--n-grid", "0"], ["gptq", "M", "-o", "X", "--shrink", "2"],
-                                  ["rtn", "M", "-o", "X", "--group-size", "48"], ["--help"], ["awq", "--help"]])
-def test_help_and_bad_options_are_answered_before_torch_is_imported(args):
+@pytest.mark.parametrize("args,said", [
+    (["awq", "M", "-o", "X", "--n-grid", "0"], "--n-grid 0 is out of range"),
+    (["gptq", "M", "-o", "X", "--shrink", "2"], "--shrink 2.0 is out of range"),
+    (["rtn", "M", "-o", "X", "--group-size", "48"], "--group-size 48 is not supported"),
+    (["awq", "M", "-o", "X", "--seed", str(2**64)], f"--seed {2**64} is out of range"),  # was a traceback
+    (["kv", "calibrate", "M", "--seed", str(-2**63 - 1)], f"--seed {-2**63 - 1} is out of range"),  # was a traceback
+    (["kv", "calibrate", "M", "--n-samples", "100000"], "--n-samples 100000 is out of range"),  # was no limit
+    (["--help"], ""), (["awq", "--help"], "")])
+def test_help_and_bad_options_are_answered_before_torch_is_imported(args, said):
     """Importing torch and transformers takes seconds: help and a refused option must not wait for them (quant's
     API names are imported on first use, cli/report.py imports what it needs inside its functions)."""
     code = (f"import sys; sys.argv = ['qtool', *{args!r}]\n"
@@ -45,7 +51,9 @@ def test_help_and_bad_options_are_answered_before_torch_is_imported(args):
             "try:\n    main()\nexcept SystemExit as e:\n    code = e.code\n"
             "print('exit', code, 'torch' in sys.modules, 'transformers' in sys.modules)")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, timeout=300)
-    assert out.stdout.splitlines()[-1] == f"exit {0 if '--help' in args else 2} False False", out.stderr
+    assert out.stdout.splitlines()[-1] == f"exit {2 if said else 0} False False", out.stderr
+    if said:
+        assert out.stderr.startswith(f"error: {said}") and len(out.stderr.strip().splitlines()) == 1, out.stderr
 
 
 def test_the_api_names_are_imported_on_first_use():

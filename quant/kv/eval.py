@@ -65,6 +65,14 @@ class _ThroughCache(torch.nn.Module):
         return SimpleNamespace(logits=window_logits(self.model, input_ids, self.kv, self.chunk)[None])
 
 
+def check_kv_window(kv: KVCacheConfig | None, seqlen: int, max_tokens: int | None) -> None:
+    """QtoolError where ``kv.window`` keeps every token a window holds in full precision (nothing quantized)."""
+    longest = min(seqlen, max_tokens) if max_tokens else seqlen  # tokens a window can hold
+    if kv is not None and kv.window >= longest - 1:
+        raise QtoolError(f"--kv-window {kv.window} keeps every earlier token of a {longest}-token window in full "
+                         f"precision, so the cache would quantize nothing; use a window below {longest - 1}")
+
+
 def kv_perplexity(model, tokenizer, text: str, kv: KVCacheConfig | None, seqlen: int = 512,
                   max_tokens: int | None = None, chunk: int | None = None, stride: int | None = None,
                   add_bos: bool | None = None, progress: bool = False) -> PerplexityResult:
@@ -72,10 +80,7 @@ def kv_perplexity(model, tokenizer, text: str, kv: KVCacheConfig | None, seqlen:
 
     Windows, strides, BOS and scoring are those of :func:`quant.ppl.perplexity`.
     """
-    longest = min(seqlen, max_tokens) if max_tokens else seqlen  # tokens a window can hold
-    if kv is not None and kv.window >= longest - 1:
-        raise QtoolError(f"--kv-window {kv.window} keeps every earlier token of a {longest}-token window in full "
-                         f"precision, so the cache would quantize nothing; use a window below {longest - 1}")
+    check_kv_window(kv, seqlen, max_tokens)
     chunk = chunk or default_chunk(kv, seqlen)
     if chunk < 1:
         raise QtoolError(f"--kv-chunk {chunk} must be a positive number of tokens")
