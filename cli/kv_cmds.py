@@ -7,7 +7,7 @@ from pathlib import Path
 import click
 from tabulate import tabulate
 
-from cli.options import _stack, setup_logging
+from cli.options import _stack, check_text_field, given_options, setup_logging
 from quant.errors import QtoolError
 
 kv_ppl_options = _stack([
@@ -83,6 +83,7 @@ def calibrate(model_dir, out, overwrite, calib_data, text_field, n_samples, seql
         raise QtoolError(f"--n-samples {n_samples} is out of range; use 1 to {MAX_WINDOWS} calibration windows "
                          "(32 is the usual number)")
     check_seed(seed)
+    check_text_field(calib_data, given_options(click.get_current_context()))
     import quant
     from calib.data import calibration_batch, load_texts
     from calib.kv import collect_key_ranges, outlier_ratio

@@ -2,8 +2,12 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import click
+from click.core import ParameterSource
+
+from quant.errors import QtoolError
 
 GROUP_HELP = ("Input features sharing one scale and zero point: 32, 64, 128 (or 16, 256), "
               "or -1 for one group per output channel.")
@@ -77,6 +81,26 @@ calib_options = _stack([
     click.option("--seqlen", default=512, show_default=True, type=int, help="Tokens per calibration sequence."),
     click.option("--seed", default=0, show_default=True, type=int, help="Seed for drawing the calibration windows."),
 ])
+
+
+def check_text_field(calib_data: str | None, given: dict[str, str]) -> None:
+    """Refuse a --text-field that the calibration text has no fields for (a .txt file, the shipped corpus)."""
+    if "text_field" in given and (calib_data is None or Path(calib_data).suffix.lower() == ".txt"):
+        where = f"{calib_data} is read whole" if calib_data else "the shipped corpus has no fields"
+        raise QtoolError(f"{given['text_field']} would not be used: {where}; --text-field names the field of "
+                         ".jsonl, .parquet or datasets input")
+
+
+def given_options(ctx: click.Context) -> dict[str, str]:
+    """The options typed on the command line (or set in the environment): parameter name -> the flag as typed."""
+    given = {}
+    for p in ctx.command.params:
+        if isinstance(p, click.Option) and ctx.get_parameter_source(p.name) in (ParameterSource.COMMANDLINE,
+                                                                                 ParameterSource.ENVIRONMENT):
+            value = ctx.params[p.name]
+            flag = p.secondary_opts[0] if p.secondary_opts and value is False else p.opts[-1]
+            given[p.name] = flag if p.is_flag else f"{flag} {value}"
+    return given
 
 
 def setup_logging(verbose: bool) -> None:

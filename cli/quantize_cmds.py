@@ -2,9 +2,8 @@
 from __future__ import annotations
 
 import click
-from click.core import ParameterSource
 
-from cli.options import calib_options, quant_options, setup_logging
+from cli.options import calib_options, check_text_field, given_options, quant_options, setup_logging
 from cli.report import print_quant_report
 from quant.config import RANGE_SEARCHES, SHRINK_DEFAULT, GPTQOptions, parse_size
 from quant.errors import QtoolError
@@ -17,9 +16,10 @@ def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite
 
     setup_logging(verbose)
     fields["skip"] = tuple(fields.get("skip", ()))
+    check_text_field(fields.get("calib_data"), given_options(click.get_current_context()))
     cfg = QuantConfig(method=method, **fields)  # values out of range are refused first
     max_shard_bytes = parse_size(max_shard_size, "--max-shard-size")  # as transformers reads it (imports it)
-    if cfg.check_windows and cfg.held_out == 0 and "check_windows" in _given(click.get_current_context()):
+    if cfg.check_windows and cfg.held_out == 0 and "check_windows" in given_options(click.get_current_context()):
         raise QtoolError(f"--check-windows {cfg.check_windows} asks for the whole-model check, which --held-out 0 "
                          "turns off; give --held-out above 0, or drop --check-windows")
     from tqdm.contrib.logging import logging_redirect_tqdm
@@ -28,18 +28,6 @@ def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite
         report = quant.quantize(model_dir, out, cfg, overwrite=overwrite, device=device, max_shard_bytes=max_shard_bytes,
                                 restart=restart)
     print_quant_report(report, verbose)
-
-
-def _given(ctx: click.Context) -> dict[str, str]:
-    """The options typed on the command line (or set in the environment): parameter name -> the flag as typed."""
-    given = {}
-    for p in ctx.command.params:
-        if isinstance(p, click.Option) and ctx.get_parameter_source(p.name) in (ParameterSource.COMMANDLINE,
-                                                                                 ParameterSource.ENVIRONMENT):
-            value = ctx.params[p.name]
-            flag = p.secondary_opts[0] if p.secondary_opts and value is False else p.opts[-1]
-            given[p.name] = flag if p.is_flag else f"{flag} {value}"
-    return given
 
 
 # What only a search uses: a replay (--apply-search) reads the saved scales and clips and no calibration text.
@@ -103,12 +91,16 @@ def awq(model_dir, out, verbose, overwrite, device, max_shard_size, n_grid, n_ju
     """
     from quant.config import AWQOptions
 
+    given = given_options(click.get_current_context())
     if apply_search:  # an option the replay would silently ignore, or record as if it had been used: refused
-        unused = [flag for name, flag in _given(click.get_current_context()).items() if name in _SEARCH_ONLY]
+        unused = [flag for name, flag in given.items() if name in _SEARCH_ONLY]
         if unused:
             raise QtoolError(f"{', '.join(unused)}: --apply-search replays the saved scales and clips without "
                              "calibration data, so these search options would not be used; drop them, or search again "
                              "without --apply-search")
+    for option, needs, off in (("fisher_probes", judge == "loss", "--judge error"), ("clip_grid", clip, "--no-clip")):
+        if option in given and not needs:
+            raise QtoolError(f"{given[option]} would not be used: {off} leaves it out; drop one of them")
     run_quantize("awq", model_dir, out, verbose, overwrite, device, max_shard_size,
                  awq=AWQOptions(n_grid=n_grid, n_judge=n_judge, judge_windows=judge_windows,
                                 screen_windows=screen_windows, quantized_inputs=quantized_inputs,

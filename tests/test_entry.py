@@ -41,6 +41,11 @@ def test_the_command_runs_again_in_the_same_process_with_the_tunable():
     (["awq", "M", "-o", "X", "--seed", str(2**64)], f"--seed {2**64} is out of range"),  # was a traceback
     (["kv", "calibrate", "M", "--seed", str(-2**63 - 1)], f"--seed {-2**63 - 1} is out of range"),  # was a traceback
     (["kv", "calibrate", "M", "--n-samples", "100000"], "--n-samples 100000 is out of range"),  # was no limit
+    # options that were silently unused
+    (["awq", "M", "-o", "X", "--judge", "error", "--fisher-probes", "8"], "--fisher-probes 8 would not be used"),
+    (["awq", "M", "-o", "X", "--no-clip", "--clip-grid", "5"], "--clip-grid 5 would not be used: --no-clip"),
+    (["gptq", "M", "-o", "X", "--calib-data", "a.txt", "--text-field", "t"], "--text-field t would not be used"),
+    (["kv", "calibrate", "M", "--text-field", "t"], "--text-field t would not be used: the shipped corpus"),
     (["--help"], ""), (["awq", "--help"], "")])
 def test_help_and_bad_options_are_answered_before_torch_is_imported(args, said):
     """Importing torch and transformers takes seconds: help and a refused option must not wait for them (quant's
