@@ -286,3 +286,7 @@ def test_every_method_takes_sym_and_a_target_hint_names_it(tmp_path, capsys):
                          "--group-size", "32"], capsys)
     assert code == 0, err
     assert json.loads((tmp_path / "b" / "config.json").read_text())["quantization_config"]["sym"] is True
+    # where --sym would be refused too, the hint is not given (it was: LMDeploy reads group size 128 only)
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "c", "--group-size", "64", "--target", "lmdeploy"], capsys)
+    assert_refused(code, err, "only symmetric", "group size 128 only")
+    assert "--sym" not in err

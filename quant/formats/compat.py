@@ -222,11 +222,15 @@ def choose_layout(bits: int, sym: bool, act_order: bool, group_size: int, target
     why = "; ".join(f"{get_format(lay).title}: {problem(target, written[lay])}" for lay in holds)
     raise QtoolError(f"--target {target}: {LOADERS[target]} cannot read {bits}-bit "
                      f"{'symmetric' if sym else 'asymmetric'} weights{' with act-order' if act_order else ''} in "
-                     f"group size {group_size} ({why}){_hint(why, sym)}")
+                     f"group size {group_size} ({why})"
+                     + ("; pass --sym for symmetric weights" if not sym and _reads_symmetric(target, bits, act_order,
+                                                                                             group_size) else ""))
 
 
-def _hint(why: str, sym: bool) -> str:
-    return "; pass --sym for symmetric weights" if "only symmetric" in why and not sym else ""
+def _reads_symmetric(target: str, bits: int, act_order: bool, group_size: int) -> bool:
+    """Whether ``target`` reads a layout that holds these settings with symmetric weights (``--sym`` would do)."""
+    return any(get_format(lay).settings_error(bits, True, act_order) is None
+               and problem(target, Written(lay, bits, True, act_order, group_size)) is None for lay in format_names())
 
 
 def check_target(target: str, w: Written) -> None:
@@ -238,7 +242,8 @@ def check_target(target: str, w: Written) -> None:
     if why:
         raise QtoolError(f"--target {target}: {LOADERS[target]} would not read this checkpoint right: {why} "
                          f"(layout {get_format(w.layout).title}, {w.bits}-bit, group size {w.group_size})"
-                         f"{_hint(why, w.sym)}")
+                         + ("; pass --sym for symmetric weights" if not w.sym and problem(
+                             target, Written(w.layout, w.bits, True, w.act_order, w.group_size)) is None else ""))
 
 
 # --- layers kept in full precision ----------------------------------------------------------------------------
