@@ -260,7 +260,8 @@ def test_the_peak_rss_of_a_run_started_by_a_larger_process_is_the_runs_own():
     """A child started by subprocess (vfork + exec) inherits its parent's peak in ru_maxrss; the report's peak is
     the child's own. The parent is a process of its own here, so that this test process keeps its peak."""
     root = Path(__file__).resolve().parents[1]
-    child = f"import sys; sys.path.insert(0, {str(root)!r}); from quant.heap import peak_rss_mb; print(peak_rss_mb())"
+    child = (f"import sys; sys.path.insert(0, {str(root)!r}); import torch; from quant.heap import peak_rss_mb; "
+             "print(peak_rss_mb())")
     parent = ("import resource, subprocess, sys\n"
               "x = bytearray(3 << 30)\n"
               "for i in range(0, len(x), 4096): x[i] = 1\n"
