@@ -206,9 +206,9 @@ def check_search_file(path, cfg: QuantConfig, model_type: str, n_blocks: int, pr
     """Refuse a search file made for another model or other settings (:func:`search_metadata`), which would
     otherwise give round-to-nearest silently to every block it lacks, or scales and clips fitted to other weights
     of the same shape (``probe``: this model's :func:`weight_probe`). ``spell``: a skipped module's name as
-    the user writes it (a layout family's stored name for the native one), for the messages. A file from a qtool before 2026-12-03
-    carries no settings: it is accepted with a warning (its tensors' shapes are still checked per block); one
-    from before 2026-12-04 carries no weight probe, and only its settings are checked.
+    the user writes it (a layout family's stored name for the native one), for the messages. A file from a qtool
+    before 2026-12-03 carries no settings: it is accepted with a warning (its tensors' shapes are still checked per
+    block); one from before 2026-12-04 carries no weight probe, and only its settings are checked.
     Returns whether the file said its settings.
 
     ``blocks`` (the blocks' module path, ``model.layers``): every entry must belong to one of the ``n_blocks``
