@@ -401,8 +401,12 @@ def converted(t: torch.Tensor, dtype: torch.dtype, name: str, largest=None) -> t
     """Finite tensor ``t`` (a weight ``name``) as ``dtype`` (floats only; others as they are). Raises QtoolError
     where a value is beyond ``dtype``'s range (float16's 65504), which would turn inf; ``largest()`` gives the
     weight's largest magnitude for the message where ``t`` is a slice of it."""
-    out = t.to(dtype) if t.is_floating_point() else t
-    if out is not t and out.is_floating_point() and not all_finite(out) and all_finite(t):  # NaN: said elsewhere
+    if not t.is_floating_point() or t.dtype == dtype:
+        return t
+    out = t.to(dtype)
+    # only a narrower range can overflow (float32 -> float16 or bfloat16; bfloat16 -> float16): scanned only then
+    narrower = torch.finfo(dtype).max < torch.finfo(t.dtype).max
+    if narrower and not all_finite(out) and all_finite(t):  # NaN in t: said as such where it is read
         short = str(dtype).removeprefix("torch.")
         raise QtoolError(f"--dtype {short}: {name} holds values up to {largest() if largest else abs_max(t):.6g}, "
                          f"beyond {short}'s {torch.finfo(dtype).max:.6g} (they would be inf); use --dtype "
