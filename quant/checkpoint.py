@@ -14,7 +14,7 @@ from quant.config import QuantConfig
 from quant.errors import QtoolError
 from quant.modules import QuantLinear
 from quant.qmath import FP16_MAX, FP16_OVERFLOW
-from quant.source import abs_max
+from quant.source import abs_max, converted
 
 log = logging.getLogger(__name__)
 
@@ -62,8 +62,8 @@ def _largest_unquantized(src, quantized: set[str], bits: int) -> tuple[str, floa
 def output_dtype(cfg: QuantConfig, src, quantized: set[str]) -> torch.dtype:
     """The dtype of the checkpoint's unquantized tensors, decided from the source before any block is
     written. ``auto``: a half-precision source keeps its dtype; a float32 one becomes float16 (AWQ/GPTQ
-    convention) unless float16 cannot hold it: bfloat16 for tensors beyond float16's range and for
-    Gemma-family models (their activations exceed it in float16). ``quantized``: the weight names
+    convention) unless float16 cannot hold it: bfloat16 for tensors beyond float16's range (float32 for
+    those beyond bfloat16's too) and for Gemma-family models (their activations exceed it in float16). ``quantized``: the weight names
     (``...q_proj.weight``) planned to be written packed. Reads every source tensor once where float16 is
     in question (a float32 source, or ``--dtype float16``); a half-precision source is not read."""
     model_type = getattr(src.model.config, "model_type", "")
@@ -81,9 +81,10 @@ def output_dtype(cfg: QuantConfig, src, quantized: set[str]) -> torch.dtype:
     if cfg.dtype == "float16":
         raise QtoolError(f"--dtype float16: {name} holds values up to {big:.6g}, beyond float16's {FP16_MAX:.0f} "
                          "(they would be inf); use --dtype bfloat16 or float32")
-    log.warning("writing the checkpoint in bfloat16, not float16: %s holds values up to %.3g (pass --dtype to "
-                "choose)", name, big)
-    return torch.bfloat16
+    wider = torch.bfloat16 if torch.tensor(big).to(torch.bfloat16).isfinite() else torch.float32
+    log.warning("writing the checkpoint in %s, not float16: %s holds values up to %.3g (pass --dtype to choose)",
+                str(wider).removeprefix("torch."), name, big)
+    return wider
 
 
 def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", exclude: str | None = None,
@@ -95,8 +96,8 @@ def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", 
     Only parameters that are the same object under two names (``lm_head`` tied to ``embed_tokens``)
     are written once; transformers re-ties them on load. Buffers are always written, even when they
     share storage (a GPTQ ``g_idx`` may be one tensor held by several layers). Raises QtoolError
-    where a float16 output would overflow (a tensor the source scan could not see, e.g. a norm AWQ
-    scaled).
+    where a value is beyond ``dtype``'s range (a tensor the source scan could not see, e.g. a norm AWQ
+    scaled, or any with ``--dtype bfloat16`` of a float32 source).
     """
     out, storages = {}, set()
     quant_prefixes = {n + "." for n, m in module.named_modules() if isinstance(m, QuantLinear)}
@@ -109,10 +110,7 @@ def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", 
         if leaf == "scales" and parent + "." in quant_prefixes:
             t = t.to(torch.float16)
         elif t.is_floating_point():
-            if dtype == torch.float16 and (big := abs_max(t.detach())) >= FP16_OVERFLOW:
-                raise QtoolError(f"{prefix}{name} holds values up to {big:.6g}, beyond float16's "
-                                 f"{FP16_MAX:.0f} (they would be inf); quantize again with --dtype bfloat16")
-            t = t.to(dtype)
+            t = converted(t.detach(), dtype, prefix + name)
         t = t.detach().cpu().contiguous()
         if t.untyped_storage().data_ptr() in storages:  # safetensors refuses shared storage
             t = t.clone()

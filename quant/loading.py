@@ -68,7 +68,8 @@ def rebuild_nonpersistent_buffers(model: nn.Module, within: nn.Module | None = N
 def _skeleton(path: str | os.PathLike, dtype: torch.dtype | str | None):
     """The model ``config.json`` describes, on the meta device, with a :class:`QuantLinear` wherever the
     checkpoint stores a quantized linear (any of its qweight, qzeros, scales); with the checkpoint's
-    spec, its tensor reader, the quantized linears' names and the dtype of what is not packed."""
+    spec, its tensor reader, the quantized linears' names, the dtype of what is not packed and what chose it
+    (``--dtype float16``, ``config.json's dtype bfloat16``)."""
     from transformers import AutoModelForCausalLM
 
     from quant.arch import layout_of
@@ -78,9 +79,12 @@ def _skeleton(path: str | os.PathLike, dtype: torch.dtype | str | None):
     config = model_io.model_config(path)
     if hasattr(config, "quantization_config"):
         del config.quantization_config  # our modules do the dequantization, not transformers' integrations
+    why = "--dtype {}"  # what chose the dtype, for an overflow's sentence
     if dtype is None:
         dtype = getattr(config, "dtype", None) or torch.float16
+        why = "config.json's dtype {}" if getattr(config, "dtype", None) else "the default dtype {}"
     dtype = model_io.torch_dtype(dtype)
+    reason = why.format(str(dtype).removeprefix("torch."))
     with torch.device("meta"):
         model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     swap_in_expert_linears(model)  # routed experts as per-expert linears, as qtool writes them
@@ -89,7 +93,7 @@ def _skeleton(path: str | os.PathLike, dtype: torch.dtype | str | None):
     index = reader.native_index()
     names = {prefix for prefix, _, leaf in map(lambda k: k.rpartition("."), index) if leaf in _PACKED_LEAVES}
     _swap_in_quant_linears(model, names, index, spec)
-    return model, spec, reader, names, dtype
+    return model, spec, reader, names, dtype, reason
 
 
 def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, names: set[str], spec) -> None:
@@ -206,7 +210,7 @@ def _transformers_keeps(name: str, key: str) -> bool:
 
 def check_checkpoint(path: str | os.PathLike) -> None:
     """:func:`check_tensors` of the checkpoint in folder ``path`` (headers only: no weight is read)."""
-    model, spec, reader, names, _ = _skeleton(path, None)
+    model, spec, reader, names, _, _ = _skeleton(path, None)
     check_tensors(path, model, reader, names, spec)
 
 
@@ -222,14 +226,14 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     (:func:`check_tensors`).
     """
     device = model_io.parse_device(device)  # a bad value in one sentence, before any weight is read
-    model, spec, reader, names, dtype = _skeleton(path, dtype)
+    model, spec, reader, names, dtype, reason = _skeleton(path, dtype)
     check_tensors(path, model, reader, names, spec)
     if spec.format.quant_method == "gptq":  # v1 or v2 zeros: the declaration, checked against the tensors
         spec = resolve_convention(spec, read_qzeros(reader.stored, {k.removesuffix(".qweight") for k in reader.stored
                                                                     if k.endswith(".qweight")}), str(path))
         for name in names:  # v1 and v2 hold the same tensors: only how the zero points are read differs
             model.get_submodule(name).format = spec.format
-    loaded = _assign_tensors(model, reader, names, dtype)
+    loaded = _assign_tensors(model, reader, names, dtype, reason)
     loaded |= _default_g_idx(model, names)
     expected = set(model.state_dict())
     model.tie_weights()
@@ -311,14 +315,16 @@ class _Reader:
             yield f, shard
 
 
-def _assign_tensors(model: nn.Module, reader: _Reader, quant_names: set[str], dtype: torch.dtype) -> set[str]:
-    """Load every tensor file by file (one copy in memory); floats that are not packed become ``dtype``."""
+def _assign_tensors(model: nn.Module, reader: _Reader, quant_names: set[str], dtype: torch.dtype,
+                    reason: str) -> set[str]:
+    """Load every tensor file by file (one copy in memory); floats that are not packed become ``dtype`` (chosen by
+    ``reason``, e.g. ``--dtype float16``: said where a value is beyond its range)."""
     loaded: set[str] = set()
     for f, shard in reader.shards():
         for k, t in shard.items():
             prefix, _, leaf = k.rpartition(".")
             if t.is_floating_point() and not (prefix in quant_names and leaf in _QUANT_LEAVES):
-                shard[k] = converted(t, dtype, k)
+                shard[k] = converted(t, dtype, k, why=reason)
         result = model.load_state_dict(shard, strict=False, assign=True)
         if result.unexpected_keys:
             raise QtoolError(f"{f}: holds {len(result.unexpected_keys)} tensors the model does not use, e.g. "

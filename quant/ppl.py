@@ -196,13 +196,13 @@ def perplexity(
         if bad:
             raise QtoolError(f"the loss is not finite ({nll}): the model's tensor {bad} holds NaN or inf values, so "
                              "the model folder is damaged (or was quantized from one that is)")
-        dtype = next(model.parameters()).dtype
+        dtype = str(next(model.parameters()).dtype).removeprefix("torch.")
         where = _first_non_finite(model, torch.tensor(bos + ids[:width].tolist(), device=device)[None])
-        if dtype == torch.float16:
+        if dtype == "float16":
             raise QtoolError(f"the loss is not finite ({nll}): the model's activations overflow in {dtype}{where} "
                              "(float16 holds at most 65504); score it with --dtype float32 or bfloat16")
         raise QtoolError(f"the loss is not finite ({nll}): the model's activations are not, in {dtype}{where}"
-                         f"{'; score it with --dtype float32' if dtype != torch.float32 else ''}")
+                         f"{'; score it with --dtype float32' if dtype != 'float32' else ''}")
     if nll > math.log(sys.float_info.max):  # exp() of it overflows: no perplexity to print
         raise QtoolError(f"the loss is {nll:.1f} nats per token, so the perplexity is beyond any float (above "
                          f"{sys.float_info.max:.3g}); the model's predictions are far off, check its weights")

@@ -69,11 +69,15 @@ class SourceModel:
         self._from = {n: k for k in self.stored for n in self._native_names(k)}
         self.index = {n: self.stored[k] for n, k in self._from.items()}
         self.dtype = self._stored_dtype()
+        why = "--dtype {}"  # what chose the dtype tensors are converted to, for an overflow's sentence
         if dtype == "auto":  # as transformers reads "auto": config.json's dtype, else the stored one
             dtype = getattr(config, "dtype", None)
             dtype = getattr(torch, dtype, None) if isinstance(dtype, str) else dtype
-            dtype = dtype if isinstance(dtype, torch.dtype) and dtype.is_floating_point else self.dtype
+            why = "config.json's dtype {} (what --dtype auto reads)"
+            if not (isinstance(dtype, torch.dtype) and dtype.is_floating_point):
+                dtype, why = self.dtype, "the stored dtype {} (what --dtype auto reads)"
         self._convert = dtype
+        self._why = why.format(str(dtype).removeprefix("torch.")) if dtype is not None else None
         with torch.device("meta"):
             self.model = AutoModelForCausalLM.from_config(config, dtype=self._convert or self.dtype)
         swap_in_expert_linears(self.model)  # routed experts as one nn.Linear per expert and projection
@@ -293,7 +297,8 @@ class SourceModel:
         self.model.load_state_dict(state, strict=False, assign=True)
 
     def _converted(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return converted(t, dtype, self._stored_name(name), lambda: self.abs_max(name))
+        return converted(t, dtype, self._stored_name(name), lambda: self.abs_max(name),
+                         self._why if dtype == self._convert else None)
 
     def _check_shape(self, name: str, shape) -> None:
         want = tuple(self.model.get_parameter_or_buffer(name).shape)
@@ -397,10 +402,11 @@ _SLICE_BYTES = 16 * 2**20  # per read of a tensor checked or converted as it is 
 _CHUNK = 2**22  # elements per step of a whole-tensor check: no full-size temporaries for an embedding
 
 
-def converted(t: torch.Tensor, dtype: torch.dtype, name: str, largest=None) -> torch.Tensor:
+def converted(t: torch.Tensor, dtype: torch.dtype, name: str, largest=None, why: str | None = None) -> torch.Tensor:
     """Finite tensor ``t`` (a weight ``name``) as ``dtype`` (floats only; others as they are). Raises QtoolError
-    where a value is beyond ``dtype``'s range (float16's 65504), which would turn inf; ``largest()`` gives the
-    weight's largest magnitude for the message where ``t`` is a slice of it."""
+    where a value is beyond ``dtype``'s range (float16's 65504, bfloat16's 3.39e38), which would turn inf: the
+    sentence starts with ``why`` (what chose ``dtype``, e.g. ``--dtype float16``) where given. ``largest()``
+    gives the weight's largest magnitude for the message where ``t`` is a slice of it."""
     if not t.is_floating_point() or t.dtype == dtype:
         return t
     out = t.to(dtype)
@@ -408,8 +414,9 @@ def converted(t: torch.Tensor, dtype: torch.dtype, name: str, largest=None) -> t
     narrower = torch.finfo(dtype).max < torch.finfo(t.dtype).max
     if narrower and not all_finite(out) and all_finite(t):  # NaN in t: said as such where it is read
         short = str(dtype).removeprefix("torch.")
-        raise QtoolError(f"--dtype {short}: {name} holds values up to {largest() if largest else abs_max(t):.6g}, "
-                         f"beyond {short}'s {torch.finfo(dtype).max:.6g} (they would be inf); use --dtype "
+        raise QtoolError(f"{why + ': ' if why else ''}{name} holds values up to "
+                         f"{largest() if largest else abs_max(t):.6g}, beyond {short}'s {torch.finfo(dtype).max:.6g} "
+                         "(they would be inf); use --dtype "
                          + ("bfloat16 or float32" if dtype == torch.float16 else "float32"))
     return out
 

@@ -856,6 +856,61 @@ def test_float16_takes_every_value_that_rounds_to_a_finite_float16(model, tmp_pa
     assert load_file(str(tmp_path / "auto" / "model.safetensors"))["model.norm.weight"].dtype == torch.float16
 
 
+def test_a_weight_beyond_bfloat16s_range_is_written_in_float32_or_refused(model, tmp_path, capsys):
+    """bfloat16 holds float32's exponents but not its last 0.3%: a float32 block norm of 3.4e38 was written as inf
+    in a bfloat16 checkpoint (chosen because float16 cannot hold it) without a word. By default the checkpoint
+    is written in float32, which holds it; --dtype bfloat16 is refused, with no output left."""
+    f = os.path.join(model, "model.safetensors")
+    tensors = load_file(f)
+    tensors["model.layers.0.input_layernorm.weight"][1] = 3.4e38
+    save_file(tensors, f, metadata={"format": "pt"})
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert code == 0, err
+    assert "writing the checkpoint in float32, not float16" in err
+    norm = load_file(str(tmp_path / "out" / "model.safetensors"))["model.layers.0.input_layernorm.weight"]
+    assert norm.dtype == torch.float32 and float(norm[1]) == float(torch.tensor(3.4e38))
+    # the norm's output overflows: said with the dtype as the options spell it
+    assert_refused(*run_cli(["ppl", tmp_path / "out", "--max-tokens", "64", "--seqlen", "32"], capsys),
+                   "the model's activations are not, in float32, first in model.layers.0.input_layernorm")
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "bf16", "--group-size", "32", "--dtype", "bfloat16"],
+                        capsys)
+    assert_refused(code, err, "model.layers.0.input_layernorm.weight holds values up to 3.4e+38, beyond bfloat16's",
+                   "(they would be inf); use --dtype float32")
+    assert not [p.name for p in tmp_path.iterdir() if "bf16" in p.name]
+
+
+def test_an_overflow_under_dtype_auto_names_what_chose_the_dtype(model, tmp_path, capsys):
+    """Where no --dtype was given, the dtype comes from config.json: an overflow was blamed on "--dtype float16"
+    all the same (ppl on a GPU, the Python API's loaders)."""
+    from quant.model_io import load_fp_model
+
+    c = json.loads((model / "config.json").read_text())
+    c["dtype"] = "float16"
+    (model / "config.json").write_text(json.dumps(c))
+    f = model / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = 1e6
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    with pytest.raises(QtoolError) as e:
+        load_fp_model(model, "auto")
+    assert str(e.value).startswith("config.json's dtype float16 (what --dtype auto reads): "
+                                   "model.layers.0.mlp.up_proj.weight holds values up to 1e+06, beyond float16's"), e
+    with pytest.raises(QtoolError, match="^--dtype float16: model.layers.0.mlp.up_proj.weight holds"):
+        load_fp_model(model, "float16")
+
+    def big_embedding(t):
+        t["model.embed_tokens.weight"] = t["model.embed_tokens.weight"].to(torch.bfloat16)
+        t["model.embed_tokens.weight"][0, 0] = 1e6
+
+    tensors["model.layers.0.mlp.up_proj.weight"][0, 0] = 0.5
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    out = _edited_checkpoint(model, tmp_path / "q", capsys, big_embedding)
+    assert json.loads((out / "config.json").read_text())["torch_dtype"] == "float16"
+    with pytest.raises(QtoolError, match="^config.json's dtype float16: model.embed_tokens.weight holds values up "
+                                         "to 999424, beyond float16's"):
+        quant.load(out)
+
+
 def test_an_already_quantized_folder_as_a_source_is_refused(model, tmp_path, capsys):
     code, _ = run_cli(["rtn", model, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert code == 0
