@@ -103,7 +103,10 @@ class BlockLoop:
         self.loss_grads: LossGradientFiles | None = None
         self.bar = None
 
-    def stored(self, tensors: dict) -> dict:
+    def stored(self, block, prefix: str) -> dict:
+        """Block ``block``'s tensors as the checkpoint stores them: the source's names and fused layout, unpacked
+        floats in the output dtype (an overflow said in the source's names)."""
+        tensors = checkpoint_tensors(block, self.dtype, prefix, spell=self.src.stored_name)
         return self.src.to_stored(tensors, self.cfg.format, self.cfg.bits, self.cfg.group_size)
 
     def load(self, i: int) -> None:
@@ -137,7 +140,7 @@ class BlockLoop:
         then record the progress (after the parts are on disk)."""
         blocks, writer, prefix = self.src.blocks, self.run.writer, f"{self.arch.blocks}.{i}."
         to_quant_linears(blocks[i], self.packed[i], self.cfg.format)
-        writer.write(part_name(i), self.stored(checkpoint_tensors(blocks[i], self.dtype, prefix)))
+        writer.write(part_name(i), self.stored(blocks[i], prefix))
         # Each alternative's version, in case the whole-model check keeps it: one part per distinct block (a
         # candidate whose block is the method's, or another candidate's, names that part).
         # The one-module candidates last: one's block may be its base model's, never the other way around.
@@ -146,7 +149,7 @@ class BlockLoop:
             part = holder.setdefault(id(alt_block), name)
             if part == name:
                 alt_block.to("cpu")
-                writer.write(part_name(i, name), self.stored(checkpoint_tensors(alt_block, self.dtype, prefix)))
+                writer.write(part_name(i, name), self.stored(alt_block, prefix))
             self.alts.parts[name][i] = part
         self.alts.pending.clear()
         self.packed[i] = {}

@@ -79,16 +79,16 @@ def output_dtype(cfg: QuantConfig, src, quantized: set[str]) -> torch.dtype:
     if big < FP16_OVERFLOW:  # what is below 65520 rounds to float16's 65504 at most
         return torch.float16
     if cfg.dtype == "float16":
-        raise QtoolError(f"--dtype float16: {name} holds values up to {big:.6g}, beyond float16's {FP16_MAX:.0f} "
-                         "(they would be inf); use --dtype bfloat16 or float32")
+        raise QtoolError(f"--dtype float16: {src.stored_name(name)} holds values up to {big:.6g}, beyond float16's "
+                         f"{FP16_MAX:.0f} (they would be inf); use --dtype bfloat16 or float32")
     wider = torch.bfloat16 if torch.tensor(big).to(torch.bfloat16).isfinite() else torch.float32
     log.warning("writing the checkpoint in %s, not float16: %s holds values up to %.3g (pass --dtype to choose)",
-                str(wider).removeprefix("torch."), name, big)
+                str(wider).removeprefix("torch."), src.stored_name(name), big)
     return wider
 
 
 def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", exclude: str | None = None,
-                       only: set[str] | None = None) -> dict[str, torch.Tensor]:
+                       only: set[str] | None = None, spell=str) -> dict[str, torch.Tensor]:
     """``module``'s state dict as it is written, names prefixed with ``prefix``: tied parameters once, scales
     float16, other floats in ``dtype``; names under ``exclude`` (the decoder blocks, written on their own)
     left out; with ``only``, just those names.
@@ -97,7 +97,8 @@ def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", 
     are written once; transformers re-ties them on load. Buffers are always written, even when they
     share storage (a GPTQ ``g_idx`` may be one tensor held by several layers). Raises QtoolError
     where a value is beyond ``dtype``'s range (a tensor the source scan could not see, e.g. a norm AWQ
-    scaled, or any with ``--dtype bfloat16`` of a float32 source).
+    scaled, or any with ``--dtype bfloat16`` of a float32 source), naming it as ``spell`` gives a name (the
+    source's own names, e.g. :meth:`quant.source.SourceModel.stored_name`).
     """
     out, storages = {}, set()
     quant_prefixes = {n + "." for n, m in module.named_modules() if isinstance(m, QuantLinear)}
@@ -110,7 +111,7 @@ def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", 
         if leaf == "scales" and parent + "." in quant_prefixes:
             t = t.to(torch.float16)
         elif t.is_floating_point():
-            t = converted(t.detach(), dtype, prefix + name)
+            t = converted(t.detach(), dtype, spell(prefix + name))
         t = t.detach().cpu().contiguous()
         if t.untyped_storage().data_ptr() in storages:  # safetensors refuses shared storage
             t = t.clone()

@@ -247,7 +247,8 @@ def _write_outside(src: SourceModel, writer: ShardWriter, arch, dtype: torch.dty
     for j, name in enumerate(src.outside):
         src.load_tensor(name, dtype)
         parts.append(f"outside-{j:05d}")
-        writer.write(parts[-1], src.to_stored(checkpoint_tensors(src.model, dtype, exclude=arch.blocks, only={name})))
+        writer.write(parts[-1], src.to_stored(checkpoint_tensors(src.model, dtype, exclude=arch.blocks, only={name},
+                                                                 spell=src.stored_name)))
         src.release_tensor(name)
     return parts
 

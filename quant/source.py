@@ -100,7 +100,7 @@ class SourceModel:
             for n in names:
                 self.load_tensor(n, self._convert)
         else:  # left on the meta device until written (load_tensor), but checked now, a slice at a time
-            for stored in sorted({self._stored_name(n) for n in names}):
+            for stored in sorted({self.stored_name(n) for n in names}):
                 for part in self._stored_slices(stored):
                     self._check_finite(stored, part, stored=True)
         tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
@@ -121,7 +121,7 @@ class SourceModel:
         for name, shared in sorted(ties.items()):
             if name not in self.index or shared not in self.index:
                 continue
-            a, b = self._stored_name(name), self._stored_name(shared)  # as the files name them
+            a, b = self.stored_name(name), self.stored_name(shared)  # as the files name them
             if self._native_names(a) != [name] or self._native_names(b) != [shared] or \
                     self._stored_dtype(a) != self._stored_dtype(b):
                 pairs = [tuple(t.float() for t in self.tensors([name, shared]).values())]
@@ -157,7 +157,7 @@ class SourceModel:
     def _native_names(self, stored: str) -> list[str]:
         return [stored] if self.layout is None else self.layout.native_names(stored, self.shape)
 
-    def _stored_name(self, name: str) -> str:
+    def stored_name(self, name: str) -> str:
         """The stored tensor that holds native tensor ``name`` (as the source names it)."""
         return self._from.get(name, name)
 
@@ -217,7 +217,7 @@ class SourceModel:
         names = list(names)
         if self.layout is None:
             return {n: self._read_stored(n) for n in names}
-        stored = {self._stored_name(n) for n in names}
+        stored = {self.stored_name(n) for n in names}
         native = self.layout.to_native({k: self._read_stored(k) for k in sorted(stored)}, self.shape)
         return {n: native[n] for n in names}
 
@@ -241,7 +241,7 @@ class SourceModel:
 
     def stored_dtype_of(self, name: str) -> torch.dtype | None:
         """The dtype tensor ``name`` (its native name) is stored in, read from the file header (no data read)."""
-        return self._stored_dtype(self._stored_name(name))
+        return self._stored_dtype(self.stored_name(name))
 
     def _stored_dtype(self, stored: str | None = None) -> torch.dtype | None:
         if stored is None:  # the source's: the first floating tensor's (sources hold one)
@@ -271,13 +271,13 @@ class SourceModel:
         missing = sorted(want - set(self.index) - tied)
         extra = sorted(set(self.index) - want)
         for what, keys in (("lacks", missing), ("holds tensors the model does not use:", extra)):
-            keys = sorted({self._stored_name(k) for k in keys})  # as the files name them
+            keys = sorted({self.stored_name(k) for k in keys})  # as the files name them
             if keys:
                 more = f" and {len(keys) - 3} more" if len(keys) > 3 else ""
                 raise QtoolError(f"{self.dir}: the checkpoint {what} {', '.join(keys[:3])}{more}"
                                  + (" (they would be random weights)" if what == "lacks" else "")
                                  + "; it does not match its config.json")
-        for stored in sorted({self._stored_name(n) for n in self.index}):
+        for stored in sorted({self.stored_name(n) for n in self.index}):
             dtype, native = self._stored_dtype(stored), self._native_names(stored)
             if (dtype is not None and not dtype.is_floating_point
                     and self.model.get_parameter_or_buffer(native[0]).is_floating_point()):
@@ -297,13 +297,13 @@ class SourceModel:
         self.model.load_state_dict(state, strict=False, assign=True)
 
     def _converted(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-        return converted(t, dtype, self._stored_name(name), lambda: self.abs_max(name),
+        return converted(t, dtype, self.stored_name(name), lambda: self.abs_max(name),
                          self._why if dtype == self._convert else None)
 
     def _check_shape(self, name: str, shape) -> None:
         want = tuple(self.model.get_parameter_or_buffer(name).shape)
         if tuple(shape) != want:
-            raise QtoolError(f"{self.dir}: weight {self._stored_name(name)} has shape {tuple(shape)}, but config.json "
+            raise QtoolError(f"{self.dir}: weight {self.stored_name(name)} has shape {tuple(shape)}, but config.json "
                              f"gives this model {want}; the checkpoint does not match its config.json")
 
     def _check_finite(self, name: str, t: torch.Tensor, stored: bool = False) -> None:
@@ -312,7 +312,7 @@ class SourceModel:
         if (name in self._finite and not stored) or not t.is_floating_point():
             return
         if not all_finite(t):
-            raise QtoolError(f"{self.dir}: weight {name if stored else self._stored_name(name)} holds NaN or inf "
+            raise QtoolError(f"{self.dir}: weight {name if stored else self.stored_name(name)} holds NaN or inf "
                              "values; the model is damaged, fix it first")
         if not stored:
             self._finite.add(name)
@@ -320,7 +320,7 @@ class SourceModel:
     def abs_max(self, name: str) -> float:
         """``max |x|`` of stored tensor ``name`` (its native name; a tensor the source stores under that name
         alone), read a slice at a time (nothing of it stays in memory)."""
-        stored = self._stored_name(name)
+        stored = self.stored_name(name)
         if self._native_names(stored) != [name]:
             return abs_max(self.tensor(name))
         return max((abs_max(part) for part in self._stored_slices(stored)), default=0.0)
@@ -332,7 +332,7 @@ class SourceModel:
         ``tensor(name).to(dtype)``)."""
         if not self.model.get_parameter_or_buffer(name).is_meta:
             return
-        stored, want = self._stored_name(name), self.model.get_parameter_or_buffer(name).shape
+        stored, want = self.stored_name(name), self.model.get_parameter_or_buffer(name).shape
         if dtype is None or not want or self._native_names(stored) != [name] or not dtype.is_floating_point or not (
                 self._stored_dtype(stored) or torch.int32).is_floating_point:
             self._assign([name])

@@ -7,7 +7,7 @@ import pytest
 import torch
 from click.testing import CliRunner
 from internlm_models import fuse_wqkv, llama, save_internlm2
-from safetensors.torch import load_file
+from safetensors.torch import load_file, save_file
 from test_bad_input import assert_refused, run_cli
 from tiny_models import byte_tokenizer
 
@@ -262,3 +262,23 @@ def test_a_config_that_does_not_match_the_tensors_is_one_sentence(tmp_path, caps
     _edit_config(src, intermediate_size=128, rope_scaling={"type": "dynamic", "factor": "abc"})
     code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert_refused(code, err, "rope_scaling factor")
+
+
+def test_an_overflow_is_said_in_the_checkpoints_names_by_every_command(tmp_path, capsys):
+    """rtn's float16 refusal named InternLM2's weights in the Llama names qtool computes in (mlp.up_proj), where ppl's
+    named them as the checkpoint does (feed_forward.w3); a norm beyond bfloat16's range was named so too."""
+    src = save_internlm2(llama(4, 2), tmp_path / "m")
+    f = src / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.0.feed_forward.w3.weight"][0, 0] = 1e6  # its group scale past float16: kept unquantized
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    said = "--dtype float16: model.layers.0.feed_forward.w3.weight holds values up to 1e+06, beyond float16's"
+    assert_refused(*run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32", "--dtype", "float16"], capsys),
+                   said)
+    assert_refused(*run_cli(["ppl", src, "--max-tokens", "64", "--seqlen", "32", "--dtype", "float16"], capsys), said)
+    tensors["model.layers.0.feed_forward.w3.weight"][0, 0] = 0.5
+    tensors["model.layers.1.attention_norm.weight"][0] = 3.4e38  # beyond bfloat16's 3.39e38
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32", "--dtype", "bfloat16"], capsys)
+    assert_refused(code, err, "model.layers.1.attention_norm.weight holds values up to 3.4e+38, beyond bfloat16's")
+    assert not (tmp_path / "q").exists()
