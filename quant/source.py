@@ -103,16 +103,12 @@ class SourceModel:
             for stored in sorted({self.stored_name(n) for n in names}):
                 for part in self._stored_slices(stored):
                     self._check_finite(stored, part, stored=True)
-        tied = {n for n, _ in self.model.named_parameters(remove_duplicate=False)} - {
-            n for n, _ in self.model.named_parameters()}
         self.model.tie_weights()
         self._rebuild_buffers()
         # The tensors outside the blocks that a checkpoint stores (a tied lm_head is not stored).
-        self.outside = [n for n in names if n not in tied]
+        self.outside = [n for n in names if n not in ties]
         # Parameters outside the blocks that share a stored tensor (a tied lm_head): released with it.
-        unique = {n for n, _ in self.model.named_parameters()}
-        self._tied_outside = sorted(n for n, _ in self.model.named_parameters(remove_duplicate=False)
-                                    if n not in unique and not self._in_blocks(n))
+        self._tied_outside = sorted(n for n in ties if not self._in_blocks(n))
 
     def _check_ties(self, ties: dict[str, str]) -> None:
         """Refuse a tensor that config.json ties to another (``tie_word_embeddings``) but that the checkpoint stores
