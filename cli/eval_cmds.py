@@ -45,6 +45,9 @@ def _read_text(path: str) -> str:
 def ppl(model_dir, data, seqlen, stride, max_tokens, dtype, device, kv, kv_keys, kv_window, kv_calib, kv_chunk,
         verbose):
     """Perplexity of a model folder or a quantized checkpoint on a text, with tokens/s."""
+    from quant import folder
+
+    folder.read_config(model_dir)  # a wrong path said before torch is imported (seconds)
     import quant
     from quant.eval_data import default_eval_text
     from quant.kv.eval import check_kv_window, kv_perplexity

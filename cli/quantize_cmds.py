@@ -12,9 +12,11 @@ from quant.errors import QtoolError
 def run_quantize(method: str, model_dir: str, out: str, verbose: bool, overwrite: bool, device: str,
                  max_shard_size: str, restart: bool = False, **fields) -> None:
     import quant
+    from quant import folder
     from quant.config import QuantConfig
 
     setup_logging(verbose)
+    folder.read_config(model_dir)  # a wrong path said before torch is imported (seconds)
     fields["skip"] = tuple(fields.get("skip", ()))
     check_text_field(fields.get("calib_data"), given_options(click.get_current_context()))
     cfg = QuantConfig(method=method, **fields)  # values out of range are refused first

@@ -46,10 +46,16 @@ def test_the_command_runs_again_in_the_same_process_with_the_tunable():
     (["awq", "M", "-o", "X", "--no-clip", "--clip-grid", "5"], "--clip-grid 5 would not be used: --no-clip"),
     (["gptq", "M", "-o", "X", "--calib-data", "a.txt", "--text-field", "t"], "--text-field t would not be used"),
     (["kv", "calibrate", "M", "--text-field", "t"], "--text-field t would not be used: the shipped corpus"),
+    # a wrong model folder (it was said after torch was imported)
+    (["awq", "nope", "-o", "X"], "nope: no such folder"), (["ppl", "nope"], "nope: no such folder"),
     (["--help"], ""), (["awq", "--help"], "")])
-def test_help_and_bad_options_are_answered_before_torch_is_imported(args, said):
-    """Importing torch and transformers takes seconds: help and a refused option must not wait for them (quant's
-    API names are imported on first use, cli/report.py imports what it needs inside its functions)."""
+def test_help_and_bad_options_are_answered_before_torch_is_imported(args, said, tmp_path):
+    """Importing torch and transformers takes seconds: help, a refused option and a wrong path must not wait for them
+    (quant's API names are imported on first use, cli/report.py imports what it needs inside its functions)."""
+    (tmp_path / "M").mkdir()
+    (tmp_path / "M" / "config.json").write_text("{}")  # a folder that passes the path check: "M" is the options'
+    args = [str(tmp_path / a) if a in ("M", "nope") else a for a in args]
+    said = said.replace("nope", str(tmp_path / "nope"))
     code = (f"import sys; sys.argv = ['qtool', *{args!r}]\n"
             "from cli.main import main\n"
             "code = 0\n"
