@@ -346,7 +346,8 @@ def parse_size(text: str, what: str = "size") -> int:
     try:
         n = convert_file_size_to_int(str(text).strip())
     except ValueError:
-        raise QtoolError(f"{what} {text!r} is not a size; write e.g. 500MB, 4GB or 2GiB") from None
+        raise QtoolError(f"{what} {text!r} is not a size; write a whole number and a unit, e.g. 1500MB, 4GB or "
+                         "2GiB") from None
     if n < 10**6:
         raise QtoolError(f"{what} {text!r} is below 1MB; shards that small only multiply files")
     return n

@@ -911,6 +911,15 @@ def test_an_overflow_under_dtype_auto_names_what_chose_the_dtype(model, tmp_path
         quant.load(out)
 
 
+@pytest.mark.parametrize("size,said", [
+    ("1.5GB", "--max-shard-size '1.5GB' is not a size; write a whole number and a unit, e.g. 1500MB"),
+    ("lots", "--max-shard-size 'lots' is not a size"), ("500KB", "--max-shard-size '500KB' is below 1MB")])
+def test_a_max_shard_size_that_is_no_size_is_one_sentence(model, tmp_path, capsys, size, said):
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32", "--max-shard-size", size], capsys)
+    assert_refused(code, err, said)
+    _no_output(tmp_path)
+
+
 def test_an_already_quantized_folder_as_a_source_is_refused(model, tmp_path, capsys):
     code, _ = run_cli(["rtn", model, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert code == 0
