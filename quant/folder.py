@@ -46,14 +46,29 @@ def read_config(model_dir: str | os.PathLike) -> dict:
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
         raise QtoolError(f"{path}: has no config.json, so it is not a Hugging Face model folder")
+    return read_json_object(cfg_path, 'an object of settings ({"model_type": ...})')
+
+
+def read_json_object(path: Path, what: str) -> dict:
+    """The JSON object in file ``path``; QtoolError (one sentence naming the file, and ``what`` it should hold)
+    where it is not UTF-8 text, not valid JSON, or holds another JSON value than an object."""
     try:
-        cfg = json.loads(cfg_path.read_text())
+        value = json.loads(path.read_text(encoding="utf-8"))
     except json.JSONDecodeError as e:
-        raise QtoolError(f"{cfg_path}: is not valid JSON ({e.msg} at line {e.lineno})") from None
-    if not isinstance(cfg, dict):
-        raise QtoolError(f"{cfg_path}: holds a JSON {type(cfg).__name__}, not an object of settings "
-                         "({\"model_type\": ...})")
-    return cfg
+        raise QtoolError(f"{path}: is not valid JSON ({e.msg} at line {e.lineno})") from None
+    except UnicodeDecodeError as e:
+        raise QtoolError(f"{path}: is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start}), so not "
+                         f"JSON; it should hold {what}") from None
+    if not isinstance(value, dict):
+        raise QtoolError(f"{path}: holds a JSON {json_type(value)}, not {what}")
+    return value
+
+
+def json_type(value) -> str:
+    """The JSON name of a parsed value's type (``null``, ``array``, ...), as a file's author wrote it."""
+    names = {type(None): "null", bool: "boolean", int: "number", float: "number", str: "string", list: "array",
+             dict: "object"}
+    return names.get(type(value), type(value).__name__)
 
 
 def weight_files(model_dir: str | os.PathLike) -> list[Path]:

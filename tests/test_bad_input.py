@@ -75,12 +75,25 @@ def test_folder_without_config(tmp_path, capsys):
     assert_refused(code, err, "has no config.json")
 
 
-@pytest.mark.parametrize("command", [["rtn"], ["ppl"], ["info"]])
-def test_a_config_that_is_json_but_not_an_object_is_refused(model, tmp_path, capsys, command):
-    (model / "config.json").write_text("[1, 2]")
+@pytest.mark.parametrize("command", [["rtn"], ["ppl"], ["info"], ["kv", "calibrate"]])
+@pytest.mark.parametrize("content,said", [
+    (b"[1, 2]", "config.json: holds a JSON array, not an object of settings"),
+    (b"null", "config.json: holds a JSON null, not an object of settings"),  # was "a JSON NoneType"
+    (b"\xff\xfe{", "config.json: is not UTF-8 text (byte 0xff at offset 0), so not JSON")])  # was a traceback
+def test_a_config_that_is_no_json_object_is_refused(model, tmp_path, capsys, command, content, said):
+    (model / "config.json").write_bytes(content)
     out = ["-o", tmp_path / "out"] if command == ["rtn"] else []
     code, err = run_cli([*command, model, *out], capsys)
-    assert_refused(code, err, "config.json: holds a JSON list, not an object of settings")
+    assert_refused(code, err, said)
+
+
+def test_a_legacy_quantize_config_that_is_no_json_is_one_sentence(model, tmp_path, capsys):
+    """AutoGPTQ's quantize_config.json beside config.json is read for what config.json leaves out: a damaged one
+    ended ppl and info in a JSONDecodeError traceback."""
+    out = _edited_checkpoint(model, tmp_path / "q", capsys)
+    (out / "quantize_config.json").write_text('{"bits": 4,')
+    for command in (["info", out], ["ppl", out, "--max-tokens", "64", "--seqlen", "32"]):
+        assert_refused(*run_cli(command, capsys), "quantize_config.json: is not valid JSON")
 
 
 def test_not_a_causal_lm(tmp_path, capsys):

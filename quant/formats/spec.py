@@ -48,11 +48,11 @@ def _raw_config(path: str | os.PathLike) -> dict:
     qc = config.get("quantization_config")
     legacy = Path(path) / "quantize_config.json"
     if legacy.is_file():  # AutoGPTQ / GPTQModel: fills what config.json leaves out (e.g. checkpoint_format)
-        qc = {**json.loads(legacy.read_text()), **(qc or {})}
+        qc = {**folder.read_json_object(legacy, "the quantization settings (bits, group_size, ...)"), **(qc or {})}
         qc.setdefault("quant_method", "gptq")
     awq_legacy = Path(path) / "quant_config.json"
     if qc is None and awq_legacy.is_file():  # older AutoAWQ: w_bit, q_group_size, zero_point, version
-        old = json.loads(awq_legacy.read_text())
+        old = folder.read_json_object(awq_legacy, "the quantization settings (w_bit, q_group_size, ...)")
         qc = {"quant_method": "awq", "bits": old.get("w_bit", 4), "group_size": old.get("q_group_size", 128),
               "zero_point": old.get("zero_point", True), "version": old.get("version", "gemm")}
     if qc is None:
