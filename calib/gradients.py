@@ -36,6 +36,7 @@ from torch import nn
 
 from calib.collectors import record_block_calls, take_first_hidden
 from calib.runner import first_output, move
+from quant.errors import QtoolError
 
 log = logging.getLogger(__name__)
 
@@ -104,6 +105,11 @@ def loss_gradients(model: nn.Module, blocks: nn.ModuleList, input_ids: torch.Ten
         with torch.no_grad():
             hidden = first_output(block(hidden, *move(calls[i].args, device, dtype), **move(calls[i].kwargs, device, dtype)))
         _send_back(block, i, release, stored)
+        if not bool(torch.isfinite(hidden).all()):  # the probes' labels would be drawn from NaN probabilities
+            raise QtoolError(f"the full-precision model's activations are not finite on the calibration text: decoder "
+                             f"block {i}'s output holds NaN or inf in {str(dtype).removeprefix('torch.')}, so AWQ's "
+                             "loss judge has no gradient to follow; qtool ppl on the model names the first module, "
+                             "and qtool rtn needs no activations")
     cotangents = _head_gradients(model, blocks, input_ids, hidden, probes, seed)  # [1 + k, n, t, d]
     n_tokens = input_ids.shape[0] * (input_ids.shape[1] - 1)
     out: list[OutputGradients | None] = [None] * len(blocks)

@@ -17,6 +17,7 @@ from calib.gradients import LossGradientFiles
 from calib.runner import BlockInputs, run_sequential
 from quant import resume
 from quant.checkpoint import checkpoint_tensors
+from quant.errors import QtoolError
 from quant.guard import FALLBACK_KEY, rtn_guard
 from quant.model_check import PARTIAL, Alternatives, check_model, modules_of, partial_module
 from quant.layers import to_quant_linears
@@ -118,6 +119,12 @@ class BlockLoop:
 
     def process(self, i: int, block, inputs: BlockInputs | None) -> None:
         t = time.perf_counter()
+        if inputs is not None and not all(bool(torch.isfinite(c.hidden).all()) for c in inputs.calls
+                                          if c.hidden is not None):
+            # statistics of NaN say nothing: every method would fall back to RTN, block by block, in silence
+            raise QtoolError(f"the calibration activations at decoder block {i}'s input hold NaN or inf: the model's "
+                             "arithmetic overflows on the calibration text; qtool ppl on the full-precision model "
+                             "names the first module, and qtool rtn needs no activations")
         if self.loss_grads is not None and inputs is not None:  # AWQ judges by the loss: the gradients at this block's output
             inputs.loss = self.loss_grads.for_block(i)
         blocks = self.src.blocks
@@ -178,12 +185,12 @@ class BlockLoop:
         self.bar = tqdm(total=len(blocks), initial=run.start, desc=f"{cfg.method} w{cfg.bits}", unit="block",
                         disable=not progress)
         compute_dtype = torch.float32 if dev.type == "cpu" else src.dtype
-        if LossGradientFiles.wanted(cfg, self.calib_ids):
-            self.loss_grads = LossGradientFiles(src, cfg, self.calib_ids, self.held_out, dev, compute_dtype,
-                                                run.folder / LOSS_GRADIENTS, run.start)
-            if not run.record:  # a record before the first block: a stop from here on keeps the pass over the model
-                self.save_progress(0, None)
         try:
+            if LossGradientFiles.wanted(cfg, self.calib_ids):
+                self.loss_grads = LossGradientFiles(src, cfg, self.calib_ids, self.held_out, dev, compute_dtype,
+                                                    run.folder / LOSS_GRADIENTS, run.start)
+                if not run.record:  # a record before the first block: a stop from here on keeps the pass over the model
+                    self.save_progress(0, None)
             if self.calib_ids is None:
                 for i in range(run.start, len(blocks)):
                     self.load(i)

@@ -933,6 +933,25 @@ def test_a_max_shard_size_that_is_no_size_is_one_sentence(model, tmp_path, capsy
     _no_output(tmp_path)
 
 
+@pytest.mark.parametrize("method,said", [
+    (["awq"], "decoder block 0's output holds NaN or inf in float32, so AWQ's loss judge has no gradient"),
+    (["awq", "--judge", "error"], "the calibration activations at decoder block 1's input hold NaN or inf"),
+    (["gptq"], "the calibration activations at decoder block 1's input hold NaN or inf")])
+def test_activations_that_overflow_on_the_calibration_text_are_one_sentence(model, tmp_path, capsys, method, said):
+    """Query and key weights of 1e30 (finite, float32 holds them) make every attention score inf: AWQ's loss
+    gradients ended in torch.multinomial's traceback, AWQ judged by the error and GPTQ fell back to RTN block by
+    block and wrote a checkpoint as if all was well."""
+    f = os.path.join(model, "model.safetensors")
+    tensors = load_file(f)
+    for proj in ("q_proj", "k_proj"):
+        tensors[f"model.layers.0.self_attn.{proj}.weight"][:] = 1e30
+    save_file(tensors, f, metadata={"format": "pt"})
+    code, err = run_cli([*method, model, "-o", tmp_path / "out", "--group-size", "32", "--n-samples", "8",
+                         "--seqlen", "64"], capsys)
+    assert_refused(code, err, said)
+    _no_output(tmp_path)
+
+
 def test_an_already_quantized_folder_as_a_source_is_refused(model, tmp_path, capsys):
     code, _ = run_cli(["rtn", model, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert code == 0
