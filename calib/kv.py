@@ -14,6 +14,7 @@ import logging
 import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
+from quant.errors import QtoolError
 from quant.kv.cache import cache_keyword
 from quant.kv.config import KVCalibration
 
@@ -64,7 +65,8 @@ class KeyRangeCache(Cache):
 
 @torch.no_grad()
 def collect_key_ranges(model, input_ids: torch.Tensor, batch_size: int = 4) -> KVCalibration:
-    """Per-channel ``[min, max]`` of every layer's cached keys over ``input_ids [n, seq]``."""
+    """Per-channel ``[min, max]`` of every layer's cached keys over ``input_ids [n, seq]``. Raises QtoolError where a
+    layer's keys are not finite (the model's arithmetic overflows on the text: no ranges to scale by)."""
     cache = KeyRangeCache(model.config)
     device = next(model.parameters()).device
     # The logits are never used: the last position's only, where the model can (not [batch, seq, vocab] floats)
@@ -73,7 +75,13 @@ def collect_key_ranges(model, input_ids: torch.Tensor, batch_size: int = 4) -> K
     for batch in input_ids.split(batch_size):
         model(input_ids=batch.to(device), **{keyword: cache}, use_cache=True, **head)
         logger.debug("KV calibration: %d tokens", cache.layers[0].n_tokens)
-    return cache.calibration(getattr(model.config, "model_type", ""))
+    calibration = cache.calibration(getattr(model.config, "model_type", ""))
+    for i, (lo, hi) in enumerate(zip(calibration.key_min, calibration.key_max)):
+        if not (torch.isfinite(lo).all() and torch.isfinite(hi).all()):
+            raise QtoolError(f"layer {i}'s keys hold NaN or inf on the calibration text: the model's arithmetic "
+                             "overflows there, so there are no ranges to scale by; qtool ppl on the model names the "
+                             "first module")
+    return calibration
 
 
 def outlier_ratio(calib: KVCalibration) -> list[float]:

@@ -952,6 +952,20 @@ def test_activations_that_overflow_on_the_calibration_text_are_one_sentence(mode
     _no_output(tmp_path)
 
 
+def test_kv_calibration_of_keys_that_overflow_writes_nothing(model, capsys):
+    """Keys of inf/NaN (attention weights of 1e30) were written as NaN ranges, named in config.json, and reported
+    as a success; ppl then refused the file and told the user to calibrate again, which wrote it again."""
+    f = os.path.join(model, "model.safetensors")
+    tensors = load_file(f)
+    for proj in ("q_proj", "k_proj"):
+        tensors[f"model.layers.0.self_attn.{proj}.weight"][:] = 1e30
+    save_file(tensors, f, metadata={"format": "pt"})
+    config = (model / "config.json").read_bytes()
+    code, err = run_cli(["kv", "calibrate", model, "--n-samples", "4", "--seqlen", "64"], capsys)
+    assert_refused(code, err, "keys hold NaN or inf on the calibration text")
+    assert (model / "config.json").read_bytes() == config and not (model / "qtool").exists()
+
+
 def test_an_already_quantized_folder_as_a_source_is_refused(model, tmp_path, capsys):
     code, _ = run_cli(["rtn", model, "-o", tmp_path / "q", "--group-size", "32"], capsys)
     assert code == 0
