@@ -200,6 +200,19 @@ def layout_of(config: dict) -> Layout | None:
     return layout
 
 
+def spelling(model, module: bool = False):
+    """``name -> name`` as the checkpoint ``model`` was read from writes a native tensor name (a module name with
+    ``module``): InternLM2's ``model.layers.0.attention.wqkv.weight`` for ``...self_attn.q_proj.weight``, so that
+    a message names what the user's files hold. The identity for families transformers runs natively."""
+    row = ARCHITECTURES.get(getattr(getattr(model, "config", None), "qtool_checkpoint_type", None) or "")
+    layout = row.layout if row is not None else None
+    if layout is None:
+        return str
+    if module:
+        return lambda name: layout.stored_name(f"{name}.weight").removesuffix(".weight")
+    return layout.stored_name
+
+
 def has_native_class(model_type: str) -> bool:
     """Whether the installed transformers has its own config class for ``model_type``."""
     from transformers import CONFIG_MAPPING

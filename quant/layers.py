@@ -11,13 +11,14 @@ from __future__ import annotations
 
 import logging
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
 from torch import nn
 
 from quant import qmath
-from quant.arch import Arch
+from quant.arch import Arch, spelling
 from quant.config import QuantConfig
 from quant.errors import QtoolError
 from quant.formats import PackedWeight
@@ -32,6 +33,7 @@ class LinearPlan:
 
     quantize: list[list[str]] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)  # full module name -> reason
+    spell: Callable[[str], str] = field(default=str, repr=False)  # a module name as the checkpoint writes it
 
     @property
     def n_quantized(self) -> int:
@@ -46,8 +48,9 @@ class LinearPlan:
         for n in linears:
             if n in self.quantize[i]:
                 self.quantize[i].remove(n)
-                self.skipped[prefix + n] = f"{why}, with {prefix}{kept[0]}, which stays in full precision"
-                log.warning("%s%s stays in full precision: %s", prefix, n, self.skipped[prefix + n])
+                self.skipped[prefix + n] = f"{why}, with {self.spell(prefix + kept[0])}, which stays in full precision"
+                if self.spell(prefix + n) != self.spell(prefix + kept[0]):  # one tensor in the checkpoint: said once
+                    log.warning("%s stays in full precision: %s", self.spell(prefix + n), self.skipped[prefix + n])
 
     def check_loaded_block(self, i: int, block: nn.Module, prefix: str, cfg: QuantConfig) -> None:
         """Checks that need block ``i``'s values (the plan was made on the meta device): a linear whose group
@@ -57,7 +60,7 @@ class LinearPlan:
             if reason:
                 self.quantize[i].remove(name)
                 self.skipped[prefix + name] = reason
-                log.warning("%s%s stays in full precision: %s", prefix, name, reason)
+                log.warning("%s stays in full precision: %s", self.spell(prefix + name), reason)
 
 
 ROUTER = "a router gate, kept in full precision by design"
@@ -93,7 +96,7 @@ def _scale_overflow(lin: nn.Linear, cfg: QuantConfig) -> str | None:
 
 def plan_linears(model: nn.Module, arch: Arch, cfg: QuantConfig) -> LinearPlan:
     """Every ``nn.Linear`` inside the decoder blocks, minus those that cannot or must not be quantized."""
-    plan = LinearPlan()
+    plan = LinearPlan(spell=spelling(model, module=True))
     blocks = model.get_submodule(arch.blocks)
     all_names: list[tuple[str, str]] = []  # (full name, name inside the block)
     for i, block in enumerate(blocks):
@@ -116,16 +119,19 @@ def plan_linears(model: nn.Module, arch: Arch, cfg: QuantConfig) -> LinearPlan:
     if plan.n_quantized == 0:
         reasons = sorted(set(plan.skipped.values()))
         raise QtoolError(f"no linear layer can be quantized with these settings ({'; '.join(reasons)})")
-    _warn_kept({full: reason for full, reason in plan.skipped.items() if reason != ROUTER})
+    _warn_kept({full: reason for full, reason in plan.skipped.items() if reason != ROUTER}, plan.spell)
     return plan
 
 
-def _warn_kept(kept: dict[str, str]) -> None:
+def _warn_kept(kept: dict[str, str], spell=str) -> None:
     """One warning per kept name pattern and reason: a MoE model's experts would otherwise give hundreds of lines
-    (``model.layers.*.mlp.experts.*.down_proj (96 linears) stay in full precision: ...``)."""
+    (``model.layers.*.mlp.experts.*.down_proj (96 linears) stay in full precision: ...``). Names as ``spell``
+    gives them (the checkpoint's: InternLM2's q, k and v are one ``attention.wqkv``)."""
     groups: dict[tuple[str, str], list[str]] = {}
     for full, reason in kept.items():
-        groups.setdefault((re.sub(r"\.\d+\.", ".*.", full), reason), []).append(full)
+        names = groups.setdefault((re.sub(r"\.\d+\.", ".*.", spell(full)), reason), [])
+        if spell(full) not in names:
+            names.append(spell(full))
     for (pattern, reason), names in groups.items():
         if len(names) == 1:
             log.warning("%s stays in full precision: %s", names[0], reason)

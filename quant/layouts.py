@@ -89,7 +89,9 @@ class Layout:
         if self.config is None:
             raise ValueError(f"the {self.name} layout reads config.json natively")
         fields = self.config(stored, where)
-        return AutoConfig.for_model(self.native, **fields)
+        config = AutoConfig.for_model(self.native, **fields)
+        config.qtool_checkpoint_type = stored.get("model_type")  # how messages name tensors: quant.arch.spelling
+        return config
 
     # --- names --------------------------------------------------------------------------------------
 

@@ -11,6 +11,7 @@ from safetensors import safe_open
 from torch import nn
 
 from quant import folder, model_io, qmath
+from quant.arch import spelling
 from quant.checkpoint import checkpoint_headers, tensor_index
 from quant.errors import QtoolError
 from quant.formats.compat import declared_kept
@@ -320,11 +321,12 @@ def _assign_tensors(model: nn.Module, reader: _Reader, quant_names: set[str], dt
     """Load every tensor file by file (one copy in memory); floats that are not packed become ``dtype`` (chosen by
     ``reason``, e.g. ``--dtype float16``: said where a value is beyond its range)."""
     loaded: set[str] = set()
+    spell = spelling(model)  # a message names what the files hold
     for f, shard in reader.shards():
         for k, t in shard.items():
             prefix, _, leaf = k.rpartition(".")
             if t.is_floating_point() and not (prefix in quant_names and leaf in _QUANT_LEAVES):
-                shard[k] = converted(t, dtype, k, why=reason)
+                shard[k] = converted(t, dtype, spell(k), why=reason)
         result = model.load_state_dict(shard, strict=False, assign=True)
         if result.unexpected_keys:
             raise QtoolError(f"{f}: holds {len(result.unexpected_keys)} tensors the model does not use, e.g. "

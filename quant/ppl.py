@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from tqdm.auto import tqdm
 
 from quant import model_io
+from quant.arch import spelling
 from quant.errors import QtoolError
 
 log = logging.getLogger(__name__)
@@ -62,14 +63,15 @@ def _first_non_finite(model, window: torch.Tensor) -> str:
     finally:
         for h in handles:
             h.remove()
-    return f", first in {found[0]}" if found else ""
+    return f", first in {spelling(model, module=True)(found[0])}" if found else ""
 
 
 def _non_finite_tensor(model) -> str | None:
-    """The name of the model's first floating-point parameter or buffer holding NaN or inf, else None."""
+    """The name (as its checkpoint writes it) of the model's first floating-point parameter or buffer holding NaN
+    or inf, else None."""
     for name, t in [*model.named_parameters(), *model.named_buffers()]:
         if t.is_floating_point() and not t.is_meta and not torch.isfinite(t).all():
-            return name
+            return spelling(model)(name)
     return None
 
 

@@ -282,3 +282,34 @@ def test_an_overflow_is_said_in_the_checkpoints_names_by_every_command(tmp_path,
     code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32", "--dtype", "bfloat16"], capsys)
     assert_refused(code, err, "model.layers.1.attention_norm.weight holds values up to 3.4e+38, beyond bfloat16's")
     assert not (tmp_path / "q").exists()
+
+
+def test_a_quantized_checkpoints_damage_and_kept_layers_are_said_in_its_own_names(tmp_path, capsys):
+    """ppl on a quantized InternLM2 checkpoint named a NaN ffn_norm `post_attention_layernorm`, an inf wqkv scale
+    `self_attn.q_proj.scales`, and the first overflowing module `self_attn.q_proj`; the quantize commands' warnings
+    named the layers they keep `self_attn.q_proj` (three of them for one wqkv tensor)."""
+    src = save_internlm2(llama(4, 2), tmp_path / "m")
+    f = src / "model.safetensors"
+    tensors = load_file(str(f))
+    tensors["model.layers.0.attention.wqkv.weight"][0, 0] = 1e6  # its group scale past float16: kept unquantized
+    save_file(tensors, str(f), metadata={"format": "pt"})
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32", "--dtype", "bfloat16"], capsys)
+    assert code == 0, err
+    kept = [ln for ln in err.splitlines() if "stays in full precision" in ln]
+    assert len(kept) == 1 and "model.layers.0.attention.wqkv stays in full precision" in kept[0], err
+    assert "q_proj" not in err
+    out = tmp_path / "q" / "model.safetensors"
+    good = load_file(str(out))
+    args = ["ppl", tmp_path / "q", "--max-tokens", "64", "--seqlen", "32"]
+    for name, said in (("model.layers.1.ffn_norm.weight", "model's tensor model.layers.1.ffn_norm.weight holds NaN"),
+                       ("model.layers.1.attention.wqkv.scales",
+                        "model's tensor model.layers.1.attention.wqkv.scales holds NaN")):
+        bad = dict(good)
+        bad[name] = bad[name].clone()
+        bad[name].view(-1)[0] = float("nan")
+        save_file(bad, str(out), metadata={"format": "pt"})
+        assert_refused(*run_cli(args, capsys), said)
+    bad = dict(good)
+    bad["model.layers.0.attention.wqkv.weight"] = bad["model.layers.0.attention.wqkv.weight"] * 1e20  # q·k overflows float32
+    save_file(bad, str(out), metadata={"format": "pt"})
+    assert_refused(*run_cli(args, capsys), "first in model.layers.0.attention.wo")  # after the softmax
