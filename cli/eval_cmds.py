@@ -74,6 +74,9 @@ def info(checkpoint_dir):
     """What a quantized checkpoint holds: format, bits, group size, symmetry, act-order, the layers kept in
     full precision, size against float16, and which loaders (transformers, GPTQModel, vLLM, LMDeploy,
     AutoAWQ) read it right and why the others do not."""
+    from quant import folder
+
+    folder.read_config(checkpoint_dir)  # a wrong path said before torch is imported (seconds)
     from quant.info import checkpoint_info
 
     setup_logging(False)  # its warnings (a file left out, a declaration the tensors contradict) were dropped

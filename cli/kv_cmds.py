@@ -84,6 +84,9 @@ def calibrate(model_dir, out, overwrite, calib_data, text_field, n_samples, seql
                          "(32 is the usual number)")
     check_seed(seed)
     check_text_field(calib_data, given_options(click.get_current_context()))
+    from quant import folder
+
+    folder.read_config(model_dir)  # a wrong path said before torch is imported (seconds)
     import quant
     from calib.data import calibration_batch, load_texts
     from calib.kv import collect_key_ranges, outlier_ratio

@@ -340,9 +340,16 @@ class QuantConfig:
 
 def parse_size(text: str, what: str = "size") -> int:
     """Bytes in ``text`` such as ``"500MB"`` or ``"2GiB"``, read as Hugging Face reads ``max_shard_size``
-    (transformers' ``convert_file_size_to_int``). Raises QtoolError for anything else, or under 1 MB."""
+    (transformers' ``convert_file_size_to_int``). Raises QtoolError for anything else, under 1 MB, or in bits
+    (``"8gb"``, which transformers reads as 1 GB: a lower-case b is refused, not taken as bits)."""
     from transformers.utils.hub import convert_file_size_to_int
 
+    stripped = str(text).strip()
+    if stripped.endswith("b") and not stripped.lower().endswith("ib"):
+        # transformers reads "8gb" as 8 gigabits (1 GB): a shard an eighth of what was meant, said nowhere
+        unit = 2 if len(stripped) > 1 and stripped[-2].isalpha() else 1
+        raise QtoolError(f"{what} {text!r} ends in a lower-case b, which reads as bits (8gb is 1GB); write a capital "
+                         f"B for bytes, e.g. {stripped[:-unit]}{stripped[-unit:].upper()}")
     try:
         n = convert_file_size_to_int(str(text).strip())
     except ValueError:

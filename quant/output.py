@@ -113,7 +113,9 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
     if source is not None:
         check_apart(out, source)
     if out.exists() and not overwrite:
-        raise QtoolError(f"{out}: already exists; choose another -o or pass --overwrite to replace it")
+        raise QtoolError(f"{out}: already exists; choose another -o"
+                         + (" or pass --overwrite to replace it" if out.is_dir() else " (it is a file, which "
+                            "--overwrite does not replace)"))
     if out.exists():
         check_replaceable(out)
     parent = out.parent
@@ -125,7 +127,10 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
         raise QtoolError(f"{parent}: is not writable, so {out.name} cannot be created there")
     tmp = _partial_to_resume(out, resume_key, restart)
     if tmp is None:
-        tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        try:
+            tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
+        except OSError as e:  # a read-only or pseudo file system that access() passed (/proc, a full disk)
+            raise QtoolError(f"{parent}: a folder cannot be created there ({e.strerror}); choose another -o") from None
         tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: a server running as another user could not read it
     (tmp / _OWNER).write_text(f"{os.uname().nodename} {os.getpid()}")
     keep = finished = False

@@ -309,6 +309,23 @@ def test_output_exists(model, tmp_path, capsys):
     assert (tmp_path / "out" / "keep.txt").read_text() == "mine"
 
 
+def test_an_output_that_is_a_file_is_not_offered_overwrite(model, tmp_path, capsys):
+    """-o naming a file said "pass --overwrite to replace it", and --overwrite then refused a file."""
+    (tmp_path / "out").write_text("mine")
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32"], capsys)
+    assert_refused(code, err, "already exists; choose another -o (it is a file, which --overwrite does not replace)")
+    assert (tmp_path / "out").read_text() == "mine"
+
+
+@pytest.mark.skipif(not os.path.isdir("/proc/self"), reason="needs a /proc file system")
+def test_an_output_where_no_folder_can_be_made_is_one_sentence(model, capsys):
+    """/proc passes os.access(W_OK) for root but refuses mkdir: the temporary folder's OSError was a traceback."""
+    if not os.access("/proc", os.W_OK):
+        pytest.skip("/proc is not writable-looking here: the check before mkdtemp refuses it already")
+    code, err = run_cli(["rtn", model, "-o", "/proc/qtool-out", "--group-size", "32"], capsys)
+    assert_refused(code, err, "/proc: a folder cannot be created there", "choose another -o")
+
+
 def test_overwrite_never_replaces_a_folder_that_is_not_a_checkpoint(model, tmp_path, capsys, monkeypatch):
     """--overwrite replaces an earlier checkpoint or an empty folder; an empty -o (an unset shell variable),
     a folder of other files and the working folder are refused and left exactly as they were."""
@@ -926,7 +943,9 @@ def test_an_overflow_under_dtype_auto_names_what_chose_the_dtype(model, tmp_path
 
 @pytest.mark.parametrize("size,said", [
     ("1.5GB", "--max-shard-size '1.5GB' is not a size; write a whole number and a unit, e.g. 1500MB"),
-    ("lots", "--max-shard-size 'lots' is not a size"), ("500KB", "--max-shard-size '500KB' is below 1MB")])
+    ("lots", "--max-shard-size 'lots' is not a size"), ("500KB", "--max-shard-size '500KB' is below 1MB"),
+    ("8gb", "--max-shard-size '8gb' ends in a lower-case b, which reads as bits (8gb is 1GB); write a capital B for "
+            "bytes, e.g. 8GB")])  # was 1GB shards, in silence
 def test_a_max_shard_size_that_is_no_size_is_one_sentence(model, tmp_path, capsys, size, said):
     code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--group-size", "32", "--max-shard-size", size], capsys)
     assert_refused(code, err, said)

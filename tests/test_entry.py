@@ -48,6 +48,7 @@ def test_the_command_runs_again_in_the_same_process_with_the_tunable():
     (["kv", "calibrate", "M", "--text-field", "t"], "--text-field t would not be used: the shipped corpus"),
     # a wrong model folder (it was said after torch was imported)
     (["awq", "nope", "-o", "X"], "nope: no such folder"), (["ppl", "nope"], "nope: no such folder"),
+    (["info", "nope"], "nope: no such folder"), (["kv", "calibrate", "nope"], "nope: no such folder"),
     (["--help"], ""), (["awq", "--help"], "")])
 def test_help_and_bad_options_are_answered_before_torch_is_imported(args, said, tmp_path):
     """Importing torch and transformers takes seconds: help, a refused option and a wrong path must not wait for them
