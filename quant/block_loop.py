@@ -107,7 +107,7 @@ class BlockLoop:
     def stored(self, block, prefix: str) -> dict:
         """Block ``block``'s tensors as the checkpoint stores them: the source's names and fused layout, unpacked
         floats in the output dtype (an overflow said in the source's names)."""
-        tensors = checkpoint_tensors(block, self.dtype, prefix, spell=self.src.stored_name)
+        tensors = checkpoint_tensors(block, self.dtype, prefix, spell=self.src.stored_name, why=self.cfg.dtype_option)
         return self.src.to_stored(tensors, self.cfg.format, self.cfg.bits, self.cfg.group_size)
 
     def load(self, i: int) -> None:

@@ -63,9 +63,12 @@ def output_dtype(cfg: QuantConfig, src, quantized: set[str]) -> torch.dtype:
     """The dtype of the checkpoint's unquantized tensors, decided from the source before any block is
     written. ``auto``: a half-precision source keeps its dtype; a float32 one becomes float16 (AWQ/GPTQ
     convention) unless float16 cannot hold it: bfloat16 for tensors beyond float16's range (float32 for
-    those beyond bfloat16's too) and for Gemma-family models (their activations exceed it in float16). ``quantized``: the weight names
-    (``...q_proj.weight``) planned to be written packed. Reads every source tensor once where float16 is
-    in question (a float32 source, or ``--dtype float16``); a half-precision source is not read."""
+    those beyond bfloat16's too) and for Gemma-family models (their activations exceed it in float16).
+    ``quantized``: the weight names (``...q_proj.weight``) planned to be written packed. Reads every source
+    tensor once where float16 is in question (a float32 source, or ``--dtype float16``); a half-precision
+    source is not read. ``--dtype bfloat16`` of a float32 source is not scanned (no trained model holds
+    values near 3.4e38; a read of the whole source would cost every such run): a tensor beyond its range is
+    refused as it is written (:func:`checkpoint_tensors`)."""
     model_type = getattr(src.model.config, "model_type", "")
     if cfg.dtype == "auto" and src.dtype in (torch.float16, torch.bfloat16):
         return src.dtype
@@ -88,7 +91,7 @@ def output_dtype(cfg: QuantConfig, src, quantized: set[str]) -> torch.dtype:
 
 
 def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", exclude: str | None = None,
-                       only: set[str] | None = None, spell=str) -> dict[str, torch.Tensor]:
+                       only: set[str] | None = None, spell=str, why: str | None = None) -> dict[str, torch.Tensor]:
     """``module``'s state dict as it is written, names prefixed with ``prefix``: tied parameters once, scales
     float16, other floats in ``dtype``; names under ``exclude`` (the decoder blocks, written on their own)
     left out; with ``only``, just those names.
@@ -98,7 +101,8 @@ def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", 
     share storage (a GPTQ ``g_idx`` may be one tensor held by several layers). Raises QtoolError
     where a value is beyond ``dtype``'s range (a tensor the source scan could not see, e.g. a norm AWQ
     scaled, or any with ``--dtype bfloat16`` of a float32 source), naming it as ``spell`` gives a name (the
-    source's own names, e.g. :meth:`quant.source.SourceModel.stored_name`).
+    source's own names, e.g. :meth:`quant.source.SourceModel.stored_name`), after ``why`` (what chose ``dtype``:
+    ``--dtype bfloat16``) where given.
     """
     out, storages = {}, set()
     quant_prefixes = {n + "." for n, m in module.named_modules() if isinstance(m, QuantLinear)}
@@ -111,7 +115,7 @@ def checkpoint_tensors(module: nn.Module, dtype: torch.dtype, prefix: str = "", 
         if leaf == "scales" and parent + "." in quant_prefixes:
             t = t.to(torch.float16)
         elif t.is_floating_point():
-            t = converted(t.detach(), dtype, spell(prefix + name))
+            t = converted(t.detach(), dtype, spell(prefix + name), why=why)
         t = t.detach().cpu().contiguous()
         if t.untyped_storage().data_ptr() in storages:  # safetensors refuses shared storage
             t = t.clone()

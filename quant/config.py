@@ -256,6 +256,11 @@ class QuantConfig:
         return get_format(self.fmt)
 
     @property
+    def dtype_option(self) -> str | None:
+        """``--dtype X`` where the user chose the output dtype, for a sentence about it; None for ``auto``."""
+        return None if self.dtype == "auto" else f"--dtype {self.dtype}"
+
+    @property
     def min_zero(self) -> int:
         """The lowest zero point the layout stores (1 for asymmetric GPTQ v1), which rounding respects."""
         return self.format.min_zero(self.sym)

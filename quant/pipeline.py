@@ -148,7 +148,7 @@ def quantize(
         kept, quantized = _stored_names(plan, src, arch)
         written = _written(cfg, arch, kept, quantized)
         check_target(cfg.target, written)
-        writer.finish(parts + _write_outside(src, writer, arch, dtype))
+        writer.finish(parts + _write_outside(src, writer, arch, dtype, cfg.dtype_option))
         report = QuantReport(
             out=str(Path(out).absolute()), method=cfg.label, fmt=cfg.fmt, bits=cfg.bits,
             group_size=cfg.group_size, n_quantized=plan.n_quantized, skipped=plan.skipped,
@@ -239,16 +239,16 @@ def _resume_plan(plan, saved, start: int, n_blocks: int, tmp: Path) -> None:
     plan.quantize, plan.skipped = saved[0]["plan"]["quantize"], saved[0]["plan"]["skipped"]
 
 
-def _write_outside(src: SourceModel, writer: ShardWriter, arch, dtype: torch.dtype) -> list[str]:
+def _write_outside(src: SourceModel, writer: ShardWriter, arch, dtype: torch.dtype, why: str | None) -> list[str]:
     """The tensors outside the decoder blocks (embeddings, final norm, lm_head), one part each so that one
-    tensor is in memory at a time, converted to ``dtype`` as read (never whole in the source dtype); returns
-    the parts' names."""
+    tensor is in memory at a time, converted to ``dtype`` as read (never whole in the source dtype; an overflow
+    said after ``why``, what chose it); returns the parts' names."""
     parts = []
     for j, name in enumerate(src.outside):
-        src.load_tensor(name, dtype)
+        src.load_tensor(name, dtype, why)
         parts.append(f"outside-{j:05d}")
         writer.write(parts[-1], src.to_stored(checkpoint_tensors(src.model, dtype, exclude=arch.blocks, only={name},
-                                                                 spell=src.stored_name)))
+                                                                 spell=src.stored_name, why=why)))
         src.release_tensor(name)
     return parts
 

@@ -292,9 +292,9 @@ class SourceModel:
             state = {k: self._converted(k, t, self._convert) for k, t in state.items()}
         self.model.load_state_dict(state, strict=False, assign=True)
 
-    def _converted(self, name: str, t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    def _converted(self, name: str, t: torch.Tensor, dtype: torch.dtype, why: str | None = None) -> torch.Tensor:
         return converted(t, dtype, self.stored_name(name), lambda: self.abs_max(name),
-                         self._why if dtype == self._convert else None)
+                         why or (self._why if dtype == self._convert else None))
 
     def _check_shape(self, name: str, shape) -> None:
         want = tuple(self.model.get_parameter_or_buffer(name).shape)
@@ -321,11 +321,11 @@ class SourceModel:
             return abs_max(self.tensor(name))
         return max((abs_max(part) for part in self._stored_slices(stored)), default=0.0)
 
-    def load_tensor(self, name: str, dtype: torch.dtype | None = None) -> None:
+    def load_tensor(self, name: str, dtype: torch.dtype | None = None, why: str | None = None) -> None:
         """Tensor ``name`` (outside the blocks) read into the model, if it is still on the meta device. With
         ``dtype`` it is converted as it is read, a slice at a time: a float32 embedding written as float16
         costs its float16 size, not that plus its float32 size (elementwise, so the values are those of
-        ``tensor(name).to(dtype)``)."""
+        ``tensor(name).to(dtype)``; a value beyond ``dtype``'s range is refused, after ``why``, what chose it)."""
         if not self.model.get_parameter_or_buffer(name).is_meta:
             return
         stored, want = self.stored_name(name), self.model.get_parameter_or_buffer(name).shape
@@ -337,7 +337,7 @@ class SourceModel:
         out, r = torch.empty(want, dtype=dtype), 0
         for part in self._stored_slices(stored):
             self._check_finite(stored, part, stored=True)
-            out[r:r + len(part)] = self._converted(name, part, dtype)
+            out[r:r + len(part)] = self._converted(name, part, dtype, why)
             r += len(part)
         self._assign([name], {name: out})
 

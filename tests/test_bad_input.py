@@ -904,8 +904,15 @@ def test_a_weight_beyond_bfloat16s_range_is_written_in_float32_or_refused(model,
                    "the model's activations are not, in float32, first in model.layers.0.input_layernorm")
     code, err = run_cli(["rtn", model, "-o", tmp_path / "bf16", "--group-size", "32", "--dtype", "bfloat16"],
                         capsys)
-    assert_refused(code, err, "model.layers.0.input_layernorm.weight holds values up to 3.4e+38, beyond bfloat16's",
-                   "(they would be inf); use --dtype float32")
+    assert_refused(code, err, "--dtype bfloat16: model.layers.0.input_layernorm.weight holds values up to 3.4e+38, "
+                   "beyond bfloat16's", "(they would be inf); use --dtype float32")
+    assert not [p.name for p in tmp_path.iterdir() if "bf16" in p.name]
+    tensors["model.layers.0.input_layernorm.weight"][1] = 1.0
+    tensors["model.embed_tokens.weight"][5, 1] = -3.4e38  # outside the blocks: read a slice at a time
+    save_file(tensors, f, metadata={"format": "pt"})
+    code, err = run_cli(["rtn", model, "-o", tmp_path / "bf16", "--group-size", "32", "--dtype", "bfloat16"],
+                        capsys)
+    assert_refused(code, err, "--dtype bfloat16: model.embed_tokens.weight holds values up to 3.4e+38")
     assert not [p.name for p in tmp_path.iterdir() if "bf16" in p.name]
 
 

@@ -280,7 +280,7 @@ def test_an_overflow_is_said_in_the_checkpoints_names_by_every_command(tmp_path,
     tensors["model.layers.1.attention_norm.weight"][0] = 3.4e38  # beyond bfloat16's 3.39e38
     save_file(tensors, str(f), metadata={"format": "pt"})
     code, err = run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32", "--dtype", "bfloat16"], capsys)
-    assert_refused(code, err, "model.layers.1.attention_norm.weight holds values up to 3.4e+38, beyond bfloat16's")
+    assert_refused(code, err, "--dtype bfloat16: model.layers.1.attention_norm.weight holds values up to 3.4e+38, beyond bfloat16's")
     assert not (tmp_path / "q").exists()
 
 
