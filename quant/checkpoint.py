@@ -14,7 +14,7 @@ from quant.config import QuantConfig
 from quant.errors import QtoolError
 from quant.modules import QuantLinear
 from quant.qmath import FP16_MAX, FP16_OVERFLOW
-from quant.source import abs_max, converted
+from quant.ranges import abs_max, converted
 
 log = logging.getLogger(__name__)
 

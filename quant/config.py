@@ -356,7 +356,7 @@ def parse_size(text: str, what: str = "size") -> int:
         raise QtoolError(f"{what} {text!r} ends in a lower-case b, which reads as bits (8gb is 1GB); write a capital "
                          f"B for bytes, e.g. {stripped[:-unit]}{stripped[-unit:].upper()}")
     try:
-        n = convert_file_size_to_int(str(text).strip())
+        n = convert_file_size_to_int(stripped)
     except ValueError:
         raise QtoolError(f"{what} {text!r} is not a size; write a whole number and a unit, e.g. 1500MB, 4GB or "
                          "2GiB") from None

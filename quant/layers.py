@@ -129,9 +129,10 @@ def _warn_kept(kept: dict[str, str], spell=str) -> None:
     gives them (the checkpoint's: InternLM2's q, k and v are one ``attention.wqkv``)."""
     groups: dict[tuple[str, str], list[str]] = {}
     for full, reason in kept.items():
-        names = groups.setdefault((re.sub(r"\.\d+\.", ".*.", spell(full)), reason), [])
-        if spell(full) not in names:
-            names.append(spell(full))
+        name = spell(full)
+        names = groups.setdefault((re.sub(r"\.\d+\.", ".*.", name), reason), [])
+        if name not in names:  # InternLM2's q, k and v: one name
+            names.append(name)
     for (pattern, reason), names in groups.items():
         if len(names) == 1:
             log.warning("%s stays in full precision: %s", names[0], reason)

@@ -19,7 +19,7 @@ from quant.formats.spec import CheckpointSpec, read_spec
 from quant.gptq_checkpoints import read_leaf, read_qzeros, resolve_convention
 from quant.modules import QuantLinear
 from quant.moe import swap_in_expert_linears
-from quant.source import converted
+from quant.ranges import converted
 
 log = logging.getLogger(__name__)
 _QUANT_LEAVES = ("qweight", "qzeros", "scales", "g_idx")
