@@ -45,14 +45,15 @@ def _windows(n: int, seqlen: int, stride: int):
         begin += stride
 
 
-def _first_non_finite(model, window: torch.Tensor) -> str:
-    """", first in <module>" for the first module (in call order) whose output holds NaN or inf on ``window``."""
+def _first_module(model, window: torch.Tensor, test) -> str:
+    """", first in <module>" for the first leaf module (in call order) on which ``test(inputs, output)`` holds when
+    ``model`` reads ``window``, else ""; ``output`` is the module's first tensor output."""
     found: list[str] = []
 
     def hook(name):
-        def check(_module, _args, out):
+        def check(_module, args, out):
             t = out[0] if isinstance(out, tuple) else out
-            if not found and isinstance(t, torch.Tensor) and t.is_floating_point() and not torch.isfinite(t).all():
+            if not found and isinstance(t, torch.Tensor) and t.is_floating_point() and test(args, t):
                 found.append(name)
         return check
 
@@ -64,6 +65,20 @@ def _first_non_finite(model, window: torch.Tensor) -> str:
         for h in handles:
             h.remove()
     return f", first in {spelling(model, module=True)(found[0])}" if found else ""
+
+
+def _first_non_finite(model, window: torch.Tensor) -> str:
+    """The first module whose output holds NaN or inf (:func:`_first_module`)."""
+    return _first_module(model, window, lambda _args, out: not torch.isfinite(out).all())
+
+
+def _first_vanishing(model, window: torch.Tensor) -> str:
+    """The first module whose output is all zeros while its input is not (:func:`_first_module`): an RMSNorm whose
+    mean square overflowed (|x| beyond ~1.8e19 in float32) scales by rsqrt(inf) = 0."""
+    def vanishes(args, out):
+        x = next((a for a in args if isinstance(a, torch.Tensor) and a.is_floating_point()), None)
+        return x is not None and bool(x.any()) and not out.any()
+    return _first_module(model, window, vanishes)
 
 
 def _non_finite_tensor(model) -> str | None:
@@ -176,7 +191,7 @@ def perplexity(
     if ids.numel() < 2:
         raise QtoolError(f"the evaluation text has {ids.numel()} tokens; perplexity needs at least 2")
     device = next(model.parameters()).device
-    nll_sum, count, n_windows = 0.0, 0, 0
+    nll_sum, count, n_windows, flat = 0.0, 0, 0, 0
     spans = list(_windows(ids.numel(), width, min(stride, width)))
     t0 = time.perf_counter()
     with torch.no_grad(), dequantize_once(model):
@@ -190,6 +205,8 @@ def perplexity(
             loss = F.cross_entropy(logits[start:], targets[start:], reduction="sum")
             nll_sum += loss.item()
             count += targets[start:].numel()
+            scored = logits[start:]
+            flat += int((scored.amax(-1) == scored.amin(-1)).sum())  # one logit for the whole vocabulary
             n_windows += 1
     seconds = time.perf_counter() - t0
     nll = nll_sum / count
@@ -205,6 +222,12 @@ def perplexity(
                              "(float16 holds at most 65504); score it with --dtype float32 or bfloat16")
         raise QtoolError(f"the loss is not finite ({nll}): the model's activations are not, in {dtype}{where}"
                          f"{'; score it with --dtype float32' if dtype != 'float32' else ''}")
+    if flat:
+        where = _first_vanishing(model, torch.tensor(bos + ids[:width].tolist(), device=device)[None])
+        raise QtoolError(f"the model predicts nothing at {flat} of {count} scored tokens (its logits there are one "
+                         "value for the whole vocabulary, so the perplexity would read the vocabulary's size whatever "
+                         f"the text): its activations overflow or vanish{where} (a norm whose input is beyond float32's "
+                         "square range, 1.8e19, scales it to zeros); check its weights")
     if nll > math.log(sys.float_info.max):  # exp() of it overflows: no perplexity to print
         raise QtoolError(f"the loss is {nll:.1f} nats per token, so the perplexity is beyond any float (above "
                          f"{sys.float_info.max:.3g}); the model's predictions are far off, check its weights")

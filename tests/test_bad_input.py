@@ -825,6 +825,18 @@ def test_a_non_finite_perplexity_is_never_printed(model, capsys):
     assert "nan" not in out.lower() and "inf" not in out.lower()
 
 
+def test_a_model_that_predicts_nothing_gets_no_perplexity(model, capsys):
+    """Embeddings of 1e20 square to inf in float32: every RMSNorm scales by rsqrt(inf) = 0, the logits are one value
+    for the whole vocabulary, and the loss is finite: ppl printed the vocabulary's size as the perplexity."""
+    f = os.path.join(model, "model.safetensors")
+    tensors = load_file(f)
+    tensors["model.embed_tokens.weight"] = torch.full_like(tensors["model.embed_tokens.weight"], 1e20)
+    save_file(tensors, f, metadata={"format": "pt"})
+    code, err, out = run_cli_out(["ppl", model, "--max-tokens", "64", "--seqlen", "32", "--device", "cpu"], capsys)
+    assert_refused(code, err, "predicts nothing at 62 of 62 scored tokens", "first in model.layers.0.input_layernorm")
+    assert "perplexity" not in out.lower()
+
+
 def test_a_nan_weight_is_named_by_ppl_not_blamed_on_float16(model, capsys):
     """A float32 model with a NaN weight: ppl advised scoring in float32 (what it did) because float16 overflows."""
     f = os.path.join(model, "model.safetensors")
