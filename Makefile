@@ -24,10 +24,13 @@ example: $(STAMP)
 	$(BIN)/python benchmarks/quality.py
 
 # The example model is fetched here, as set-up, so that no test touches the network;
-# without it the real-model test skips.
+# without it the real-model test skips. The tests run in TEST_WORKERS processes (pytest-xdist), a test
+# file to each in turn (its module fixtures, such as the kernel build, made once); TEST_WORKERS=0 runs
+# them in this process. At most 4 by default: each may hold a few GB.
+TEST_WORKERS ?= $(shell n=$$(nproc 2>/dev/null || echo 2); echo $$(( n < 4 ? n : 4 )))
 test: $(STAMP)
 	$(BIN)/python benchmarks/example_data.py || echo "example model unavailable: the real-model test will skip"
-	$(BIN)/python -m pytest -q
+	$(BIN)/python -m pytest -q -n $(TEST_WORKERS) --dist loadfile
 
 clean-venv:
 	rm -rf $(VENV)

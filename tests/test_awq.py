@@ -35,7 +35,6 @@ from quant.config import AWQOptions, QuantConfig
 from quant.errors import QtoolError
 from quant.methods import BlockContext
 
-torch.set_num_threads(2)
 ROOT = Path(__file__).resolve().parents[1]
 SPEC = QuantSpec(bits=4, group_size=32)
 

@@ -15,7 +15,6 @@ from quant.awq.search import candidate_scales
 from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE, AWQOptions, QuantConfig
 from quant.methods import BlockContext
 
-torch.set_num_threads(2)
 
 
 def _mean_loss(model, ids):

@@ -23,7 +23,6 @@ import quant.model_check as check_module
 from quant.guard import relative_error, token_weights
 from quant.methods import BlockContext
 
-torch.set_num_threads(2)
 
 
 def _mlp_block_with_dead_rows(seed: int):

@@ -19,7 +19,6 @@ from quant.awq.search import search_scale
 from quant.config import REFUSED_SEARCH_FILE, SEARCH_FILE, AWQOptions, QuantConfig
 from quant.model_check import held_out_nll
 
-torch.set_num_threads(2)
 BLOCK_1_MLP = tuple(f"model.layers.1.mlp.{n}" for n in ("gate_proj", "up_proj", "down_proj"))  # a --skip
 
 
