@@ -165,8 +165,9 @@ CALIBRATION_FIELDS = ("n_samples", "held_out", "check_windows", "seqlen", "seed"
 class QuantConfig:
     """Everything that decides a quantized checkpoint.
 
-    ``fmt`` names the checkpoint layout (:func:`quant.formats.get_format`: "awq",
-    "gptq" or "gptq_v2"); ``None`` lets ``target`` pick it
+    ``fmt`` names the checkpoint layout asked for (:func:`quant.formats.get_format`: "awq",
+    "gptq" or "gptq_v2"); ``None`` lets ``target`` pick it, and ``layout`` holds the layout written, picked again
+    by every ``with_`` or ``dataclasses.replace`` that changes the bits, sym, act-order or target
     (:func:`quant.formats.compat.choose_layout`): for "any", the layout the most loaders
     read right (AWQ gemm for asymmetric 4-bit weights without act-order, GPTQ v1 for
     symmetric ones, GPTQ v2 for other asymmetric ones); for a loader ("vllm",
@@ -180,6 +181,7 @@ class QuantConfig:
     group_size: int = 128
     sym: bool = False
     fmt: str | None = None
+    layout: str = field(init=False, compare=False)  # the layout written: fmt, or the one target picks
     target: str = "any"  # the loader the checkpoint is for (quant.formats.compat.TARGETS)
     n_samples: int = 128
     held_out: int = 16  # extra windows no search sees: half for the RTN guard, the rest (AWQ: at most judge_windows) test clips
@@ -231,17 +233,15 @@ class QuantConfig:
         from quant.formats import format_names, get_format
         from quant.formats.compat import Written, check_target, choose_layout
 
-        chosen = self.fmt is not None
-        if not chosen:
-            object.__setattr__(self, "fmt", choose_layout(self.bits, self.sym, self.act_order, self.group_size,
-                                                          self.target))
-        if self.fmt not in format_names():
-            raise QtoolError(f"--format {self.fmt!r} is unknown; use one of {', '.join(format_names())}")
-        problem = get_format(self.fmt).settings_error(self.bits, self.sym, self.act_order)
+        layout = self.fmt or choose_layout(self.bits, self.sym, self.act_order, self.group_size, self.target)
+        if layout not in format_names():
+            raise QtoolError(f"--format {layout!r} is unknown; use one of {', '.join(format_names())}")
+        problem = get_format(layout).settings_error(self.bits, self.sym, self.act_order)
         if problem:
-            what = f"--format {self.fmt}" if chosen else f"--bits {self.bits}"
-            raise QtoolError(f"{what}: {problem}" + (" (use --format gptq)" if self.fmt == "awq" else ""))
-        check_target(self.target, Written(self.fmt, self.bits, self.sym, self.act_order, self.group_size))
+            what = f"--format {layout}" if self.fmt else f"--bits {self.bits}"
+            raise QtoolError(f"{what}: {problem}" + (" (use --format gptq)" if layout == "awq" else ""))
+        check_target(self.target, Written(layout, self.bits, self.sym, self.act_order, self.group_size))
+        object.__setattr__(self, "layout", layout)
 
     @property
     def act_order(self) -> bool:
@@ -253,7 +253,7 @@ class QuantConfig:
         """The :class:`quant.formats.Format` the checkpoint is written in."""
         from quant.formats import get_format
 
-        return get_format(self.fmt)
+        return get_format(self.layout)
 
     @property
     def dtype_option(self) -> str | None:
@@ -300,6 +300,7 @@ class QuantConfig:
         run calibrates; GPTQ's options only for GPTQ; AWQ's search options only where AWQ searches (a replay
         records its search file alone: the file's header holds the settings it was searched with)."""
         out = asdict(self)
+        out["fmt"] = out.pop("layout")  # the layout written, asked for or picked
         if not self.needs_calibration:
             for name in CALIBRATION_FIELDS:
                 del out[name]

@@ -150,7 +150,7 @@ def quantize(
         check_target(cfg.target, written)
         writer.finish(parts + _write_outside(src, writer, arch, dtype, cfg.dtype_option))
         report = QuantReport(
-            out=str(Path(out).absolute()), method=cfg.label, fmt=cfg.fmt, bits=cfg.bits,
+            out=str(Path(out).absolute()), method=cfg.label, fmt=cfg.layout, bits=cfg.bits,
             group_size=cfg.group_size, n_quantized=plan.n_quantized, skipped=plan.skipped,
             seconds=time.perf_counter() - t0, calib_seconds=calib_seconds, peak_rss_mb=heap.peak_rss_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0,
@@ -278,7 +278,7 @@ def _weight_probe(src: SourceModel, blocks: str) -> dict:
 
 def _written(cfg: QuantConfig, arch, kept: list[str], quantized: list[str]) -> Written:
     """The checkpoint as the loaders will see it (:mod:`quant.formats.compat`)."""
-    return Written(cfg.fmt, cfg.bits, cfg.sym, cfg.act_order, cfg.group_size, skip_pattern(kept, quantized), arch.moe)
+    return Written(cfg.layout, cfg.bits, cfg.sym, cfg.act_order, cfg.group_size, skip_pattern(kept, quantized), arch.moe)
 
 
 def _stored_names(plan, src: SourceModel, arch) -> tuple[list[str], list[str]]:

@@ -30,6 +30,33 @@ def test_any_writes_the_layout_most_loaders_read(bits, sym, act_order, group, la
             assert sum(why is None for why in readers(Written(other, bits, sym, act_order, group)).values()) <= n
 
 
+@pytest.mark.parametrize("start, change, layout", [
+    ({"bits": 8}, {"bits": 4}, "awq"),
+    ({"bits": 3}, {"bits": 4}, "awq"),
+    ({}, {"sym": True}, "gptq"),
+    ({"method": "gptq"}, {"gptq": "act-order"}, "gptq_v2"),
+    ({"target": "vllm", "sym": True}, {"sym": False, "target": "lmdeploy"}, "awq"),
+])
+def test_a_changed_config_picks_its_layout_again(tmp_path, start, change, layout):
+    """A config's picked layout was kept by with_ and replace as if asked for: bits 8 -> 4 wrote GPTQ v2 (which
+    vLLM and LMDeploy misread) where the CLI's --bits 4 writes AWQ gemm; sym=True was refused as --format awq."""
+    import dataclasses
+
+    from quant import GPTQOptions, QuantConfig
+    if change.get("gptq") == "act-order":
+        change = {"gptq": GPTQOptions(act_order=True)}
+    cfg = QuantConfig(**start)
+    assert cfg.with_(**change).layout == dataclasses.replace(cfg, **change).layout == layout
+    if start == {"bits": 8}:
+        assert QuantConfig(bits=8, fmt="gptq").with_(**change).layout == "gptq"  # a layout asked for is kept
+        # and through quantize(), as the CLI writes it
+        import quant
+        src = save_tiny_model("llama", tmp_path / "src")
+        report = quant.quantize(src, tmp_path / "out", cfg, bits=4, group_size=32, progress=False)
+        qc = json.loads((tmp_path / "out" / "config.json").read_text())["quantization_config"]
+        assert report.fmt == "awq" and qc["quant_method"] == "awq"
+
+
 def test_asymmetric_gptq_v1_is_refused_by_gptqmodel_alone():
     why = readers(Written("gptq", 4, False, False, 128))
     assert why["gptqmodel"] and why["transformers"] is None  # optimum converts v1 zero points itself
