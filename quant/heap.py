@@ -50,6 +50,7 @@ import pickle
 import resource
 import signal
 import sys
+import threading
 
 from quant.errors import QtoolError
 
@@ -146,6 +147,13 @@ class ChildTraceback(Exception):
     exception raised again in the parent, so that a traceback shows where in the child it came from."""
 
 
+def _other_threads() -> list[threading.Thread]:
+    """The Python threads alive besides the calling one and tqdm's monitor (a daemon that sleeps between glances
+    at the progress bars, which a child never draws)."""
+    return [t for t in threading.enumerate()
+            if t is not threading.current_thread() and type(t).__module__ != "tqdm._monitor"]
+
+
 def in_child(fn, *args, what: str | None = None):
     """``fn(*args)`` computed in a forked child process and its (picklable) result returned; an exception
     ``fn`` raises is raised here, caused by a :class:`ChildTraceback` holding the child's traceback. What the
@@ -155,10 +163,12 @@ def in_child(fn, *args, what: str | None = None):
     100-160 MiB larger in tens of thousands of free chunks for 13 MiB more in use, memory the quantization
     after it cannot hand back (``benchmarks/RESULTS.md``, issue 15). The child runs torch on one thread
     (GNU OpenMP is not fork-safe once the parent has used it) and is killed with this process. Runs ``fn`` here
-    where there is no ``fork``, the C library is not glibc, or the fork fails. Raises QtoolError naming ``what``
+    where there is no ``fork``, the C library is not glibc, the fork fails, or other Python threads run (a child
+    forked while another thread holds a lock, the import lock say, waits for it forever: two ``quant.quantize``
+    calls from two threads hung). Raises QtoolError naming ``what``
     (``fn``'s name by default) if the child dies without an answer (killed, e.g. out of memory).
     """
-    if not hasattr(os, "fork") or not _glibc():
+    if not hasattr(os, "fork") or not _glibc() or _other_threads():
         return fn(*args)
     read, write = os.pipe()
     parent = os.getpid()

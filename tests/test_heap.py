@@ -104,6 +104,30 @@ def test_work_in_a_child_returns_its_answer_raises_its_errors_and_leaves_the_hea
         heap.in_child(_fail, "one sentence")
 
 
+def test_work_for_a_child_runs_here_while_another_thread_holds_a_lock():
+    """A child forked while another thread holds a lock finds it held forever: two quant.quantize calls from two
+    threads hung (the import lock). With another thread alive the work runs in this process."""
+    import threading
+    import time
+
+    lock = threading.Lock()
+    lock.acquire()
+    holder = threading.Thread(target=lambda: (time.sleep(0.5), lock.release()))
+    holder.start()
+    answers = []
+
+    def under_lock():
+        with lock:
+            return os.getpid()
+
+    caller = threading.Thread(target=lambda: answers.append(heap.in_child(under_lock)), daemon=True)
+    caller.start()
+    caller.join(timeout=30)
+    holder.join()
+    assert not caller.is_alive(), "in_child forked while another thread held a lock, and the child waits for it"
+    assert answers == [os.getpid()]
+
+
 def test_the_calibration_text_is_tokenized_outside_the_quantizing_process(tmp_path, monkeypatch):
     import quant
     from calib import data
