@@ -1,6 +1,7 @@
 """Quantization settings as frozen, validated dataclasses. The CLI only builds these."""
 from __future__ import annotations
 
+import os
 from dataclasses import asdict, dataclass, field, fields, replace
 
 from quant.errors import QtoolError
@@ -17,11 +18,23 @@ _CLI_NAMES = {"max_shard_size": "quantize(..., max_shard_bytes=N) (bytes)",
               "format": "fmt=..."}
 
 
-def _require_ints(obj, fields: tuple[str, ...]) -> None:
-    for name in fields:
-        value = getattr(obj, name)
-        if isinstance(value, bool) or not isinstance(value, int):
-            raise QtoolError(f"{name} must be a whole number, got {value!r}")
+# What each simply typed field of the settings accepts (the annotation, as a string under __future__.annotations)
+_ACCEPTS = {
+    "bool": ("True or False", lambda v: isinstance(v, bool)),
+    "int": ("a whole number", lambda v: isinstance(v, int) and not isinstance(v, bool)),
+    "float": ("a number", lambda v: isinstance(v, (int, float)) and not isinstance(v, bool)),
+    "str": ("a string", lambda v: isinstance(v, str)),
+    "str | None": ("a string or None", lambda v: v is None or isinstance(v, (str, os.PathLike))),
+}
+
+
+def _check_types(obj) -> None:
+    """Refuse a field of ``obj`` (a settings dataclass) whose value is not of its annotated type, before any range
+    check compares it: ``sym="false"`` is truthy and wrote symmetric weights, ``block_size=1.5`` failed in the solver."""
+    for f in fields(obj):
+        accepts = _ACCEPTS.get(f.type) if f.init else None
+        if accepts and not accepts[1](getattr(obj, f.name)):
+            raise QtoolError(f"{f.name} must be {accepts[0]}, got {getattr(obj, f.name)!r}")
 
 
 def check_seed(seed: int) -> None:
@@ -78,9 +91,9 @@ class AWQOptions:
     search_file: str | None = None  # replay saved search results (SEARCH_FILE of a checkpoint) instead of searching
 
     def __post_init__(self):
+        _check_types(self)
         if not 1 <= self.n_grid <= 1000:
             raise QtoolError(f"--n-grid {self.n_grid} is out of range; use a whole number from 1 to 1000")
-        _require_ints(self, ("n_grid", "n_judge", "clip_grid", "judge_windows", "screen_windows", "fisher_probes"))
         if self.judge not in ("loss", "error"):
             raise QtoolError(f"--judge {self.judge!r} is not a judge; use loss (the model's loss, to second order) "
                              "or error (the squared output error)")
@@ -143,6 +156,7 @@ class GPTQOptions:
     range_search: str = "minmax"
 
     def __post_init__(self):
+        _check_types(self)
         if self.range_search not in RANGE_SEARCHES:
             raise QtoolError(f"--range-search {self.range_search!r} is not one of: {', '.join(RANGE_SEARCHES)}")
         if not 0.0 <= self.shrink <= 1.0:
@@ -201,7 +215,7 @@ class QuantConfig:
         for name, kind in (("awq", AWQOptions), ("gptq", GPTQOptions)):
             if not isinstance(getattr(self, name), kind):
                 raise QtoolError(f"{name} must be {kind.__name__}(...), not {type(getattr(self, name)).__name__}")
-        _require_ints(self, ("bits", "group_size", "n_samples", "held_out", "check_windows", "seqlen", "seed"))
+        _check_types(self)
         check_seed(self.seed)
         if isinstance(self.skip, str):  # one name: not its characters
             object.__setattr__(self, "skip", (self.skip,))

@@ -305,6 +305,18 @@ def test_an_option_given_to_the_wrong_place_names_where_it_belongs(tmp_path, opt
     (lambda src, out: quant.quantize(src, out, method="gptq", awq=AWQOptions(n_grid=5)),
      r"awq options are set, but method 'gptq' does not use them; .*awq_first=True"),
     (lambda src, out: quant.quantize(src, out, method="awq", gptq=GPTQOptions(damp=0.1)), r"gptq options are set"),
+    # a string where True or False goes was truthy: sym="false" wrote symmetric weights, act_order="no" turned it on
+    (lambda src, out: quant.quantize(src, out, method="rtn", sym="false"), r"sym must be True or False, got 'false'"),
+    (lambda src, out: quant.quantize(src, out, method="gptq", gptq=GPTQOptions(act_order="no")),
+     r"act_order must be True or False"),
+    (lambda src, out: quant.quantize(src, out, method="awq", awq=AWQOptions(clip="no")), r"clip must be True or False"),
+    (lambda src, out: quant.quantize(src, out, method="gptq", gptq=GPTQOptions(block_size=1.5)),  # the solver's range()
+     r"block_size must be a whole number, got 1.5"),
+    (lambda src, out: quant.quantize(src, out, method="gptq", gptq=GPTQOptions(damp="0.1")), r"damp must be a number"),
+    (lambda src, out: quant.quantize(src, out, method="awq", awq=AWQOptions(n_grid="20")),
+     r"n_grid must be a whole number"),
+    (lambda src, out: quant.quantize(src, out, method="awq", calib_data=5), r"calib_data must be a string or None"),
+    (lambda src, out: quant.quantize(src, out, method="awq", text_field=None), r"text_field must be a string"),
     (lambda src, out: quant.load_any(src, dtype="bogus"), r"dtype 'bogus' is not one"),
     (lambda src, out: quant.load_any(src, dtype=torch.int8), r"dtype torch.int8 is not one"),
     (lambda src, out: quant.perplexity(None, None, "text", seqlen=64.0), r"seqlen 64.0 must be a whole number"),
