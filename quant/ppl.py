@@ -173,17 +173,28 @@ def perplexity(
     Windows do not overlap unless ``stride < seqlen``; then each window re-reads
     ``seqlen - stride`` tokens of context and scores only its last ``stride`` tokens.
     ``add_bos`` puts the BOS token at the start of every window (gemma needs it);
-    by default it follows the architecture table. A quantized model on the CPU is scored with its
-    weights dequantized once where they fit (:func:`dequantize_once`): the same numbers, faster.
+    by default it follows the architecture table where the tokenizer has a BOS token.
+    A quantized model on the CPU is scored with its weights dequantized once where they
+    fit (:func:`dequantize_once`): the same numbers, faster.
+
+    Raises :class:`QtoolError` for a ``text`` that is not one string, ``add_bos=True``
+    with a tokenizer without a BOS token, window settings that score nothing, a loss
+    that is not finite, and a model that predicts nothing (one logit for the vocabulary).
     """
     stride = check_windows(seqlen, stride, max_tokens)
+    if not isinstance(text, str):  # a list of documents was scored as its first alone
+        raise QtoolError(f"the text to score must be one string (join documents with blank lines), not "
+                         f"{type(text).__name__}")
     model_io.check_seqlen(model, seqlen)
     if add_bos is None:
         from quant.arch import ARCHITECTURES
 
         arch = ARCHITECTURES.get(getattr(model.config, "model_type", ""))
-        add_bos = bool(arch and arch.needs_bos)
-    bos = [tokenizer.bos_token_id] if add_bos and tokenizer.bos_token_id is not None else []
+        add_bos = bool(arch and arch.needs_bos) and tokenizer.bos_token_id is not None
+    elif add_bos and tokenizer.bos_token_id is None:
+        raise QtoolError("add_bos=True, but the tokenizer has no BOS token to put at the start of each window; "
+                         "pass add_bos=False")
+    bos = [tokenizer.bos_token_id] if add_bos else []
     ids = tokenizer(text, add_special_tokens=False, return_tensors="pt").input_ids[0]
     if max_tokens is not None:
         ids = ids[:max_tokens]

@@ -1,6 +1,7 @@
 """Perplexity windows: what is scored, and that it equals the hand computation."""
 import math
 
+import pytest
 import torch
 import torch.nn.functional as F
 from click.testing import CliRunner
@@ -101,3 +102,17 @@ def test_available_memory_is_known_on_this_machine():
 
     avail = _available_bytes()
     assert avail is not None and 0 < avail < 2**50
+
+
+def test_a_text_that_is_not_one_string_and_a_bos_the_tokenizer_lacks_are_refused():
+    """A list of documents was scored as its first alone, and add_bos=True without a BOS token as add_bos=False."""
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    with pytest.raises(quant.QtoolError, match="the text to score must be one string .* not list"):
+        quant.perplexity(model, tok, [TEXT, TEXT], seqlen=32)
+    tok.bos_token = None
+    assert tok.bos_token_id is None
+    with pytest.raises(quant.QtoolError, match="add_bos=True, but the tokenizer has no BOS token"):
+        quant.perplexity(model, tok, TEXT, seqlen=32, add_bos=True)
+    gemma = tiny_model("gemma3_text")  # its default BOS, where there is none: windows without one
+    assert quant.perplexity(gemma, tok, TEXT, seqlen=32).ppl == quant.perplexity(gemma, tok, TEXT, seqlen=32,
+                                                                                  add_bos=False).ppl
