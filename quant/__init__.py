@@ -51,12 +51,15 @@ __all__ = [
 def load_any(path, dtype="auto", device="auto"):
     """``(model, tokenizer)`` for a full-precision model folder or a quantized checkpoint.
 
-    ``dtype="auto"``: float32 on the CPU (exact reference compute), the checkpoint's dtype on a GPU.
+    ``dtype="auto"``: float32 on the CPU (exact reference compute), the checkpoint's dtype on a GPU. Raises
+    :class:`QtoolError` (one sentence) for a path that is no model folder, a bad dtype or device, and a damaged
+    checkpoint.
     """
     import torch
 
-    from quant import model_io
+    from quant import folder, model_io
 
+    folder.path_argument(path)
     dev = model_io.parse_device(device)
     if dtype == "auto":
         dtype = torch.float32 if dev.type == "cpu" else None

@@ -226,6 +226,7 @@ def load(path: str | os.PathLike, dtype: torch.dtype | str | None = None, device
     sentence, before any weight is read) for a checkpoint that does not fit its config.json
     (:func:`check_tensors`).
     """
+    folder.path_argument(path, "the checkpoint folder")
     device = model_io.parse_device(device)  # a bad value in one sentence, before any weight is read
     model, spec, reader, names, dtype, reason = _skeleton(path, dtype)
     check_tensors(path, model, reader, names, spec)

@@ -101,6 +101,8 @@ def quantize(
     so that freed activations go back to the system instead of piling up in the heap, and tokenizes the calibration
     text in a forked child process (:func:`quant.heap.in_child`), whose memory leaves with it.
     """
+    folder.path_argument(model_dir)
+    folder.path_argument(out, "the output folder")
     cfg = QuantConfig.from_options(cfg, **options)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise QtoolError(f"max_shard_bytes {max_shard_bytes!r} must be a positive number of bytes (the command "

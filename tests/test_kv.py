@@ -436,9 +436,11 @@ def test_a_calibration_with_impossible_ranges_is_refused_when_read(tmp_path, dam
 
 
 @pytest.mark.parametrize("entry, match", [("kv.safetensors", "qtool reads"), ({"key_calibration": "gone.safetensors"},
-                                                                             "not in the folder")])
+                                                                             "not in the folder"),
+                                          ({"key_calibration": "../m2/model.safetensors"}, "a file in the model folder")])
 def test_a_config_entry_that_names_no_calibration_is_refused_naming_config_json(tmp_path, entry, match):
     src = save_tiny_model("llama", tmp_path / "m")
+    save_tiny_model("llama", tmp_path / "m2")  # a file outside the folder that exists (it was read)
     config = json.loads((src / "config.json").read_text())
     (src / "config.json").write_text(json.dumps({**config, "qtool_kv_cache": entry}))
     res = CliRunner().invoke(app, ["ppl", str(src), "--kv", "int4", "--kv-keys", "channel", "--seqlen", "32"])

@@ -317,6 +317,13 @@ def test_an_option_given_to_the_wrong_place_names_where_it_belongs(tmp_path, opt
      r"n_grid must be a whole number"),
     (lambda src, out: quant.quantize(src, out, method="awq", calib_data=5), r"calib_data must be a string or None"),
     (lambda src, out: quant.quantize(src, out, method="awq", text_field=None), r"text_field must be a string"),
+    (lambda src, out: quant.load(None), r"the checkpoint folder is None, not a path"),  # each a TypeError
+    (lambda src, out: quant.load_any(None), r"the model folder is None, not a path"),
+    (lambda src, out: quant.quantize(None, out, method="rtn"), r"the model folder is None, not a path"),
+    (lambda src, out: quant.quantize(src, 3, method="rtn"), r"the output folder is 3, not a path"),
+    (lambda src, out: quant.kv.with_kv_cache(object(), "int8"), r"the model given is of type object"),
+    (lambda src, out: (Path(src, "config.json").write_text("{bad"), quant.kv.config.calibration_reference(src)),
+     r"config.json: is not valid JSON"),  # a JSONDecodeError
     (lambda src, out: quant.load_any(src, dtype="bogus"), r"dtype 'bogus' is not one"),
     (lambda src, out: quant.load_any(src, dtype=torch.int8), r"dtype torch.int8 is not one"),
     (lambda src, out: quant.perplexity(None, None, "text", seqlen=64.0), r"seqlen 64.0 must be a whole number"),

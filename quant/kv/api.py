@@ -23,6 +23,9 @@ def with_kv_cache(model, kv: KVCacheConfig | str):
     kv = parse_kv(kv) if isinstance(kv, str) else kv
     if not isinstance(kv, KVCacheConfig):
         raise QtoolError(f"the KV cache settings are {kv!r}; pass a KVCacheConfig(...) or 'int8' / 'int4'")
+    if not callable(getattr(model, "generate", None)) or not hasattr(model, "config"):
+        raise QtoolError(f"the model given is of type {type(model).__name__}, which has no config and generate(); pass a "
+                         "transformers causal LM (quant.load, quant.load_any or AutoModelForCausalLM)")
     QuantizedKVCache(model.config, kv)  # fail now, not at the first generate, on an unsupported model
     original = getattr(model, "generate_fp_cache", model.generate)
     keyword = cache_keyword(model)  # generate takes the cache by the name the forward does

@@ -27,6 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from quant.config import KV_CALIB_FILE
 from quant.errors import QtoolError
+from quant.folder import read_json_object
 from quant.folder import KV_CALIB_FORMAT, KV_CONFIG_KEY
 from quant.output import save_safetensors
 
@@ -129,16 +130,18 @@ def _check_ranges(path: Path, lo: tuple[torch.Tensor, ...], hi: tuple[torch.Tens
 
 
 def calibration_reference(model_dir: str | os.PathLike) -> Path | None:
-    """The calibration file named in ``model_dir/config.json``, or None. Raises :class:`QtoolError` where the
-    entry is not ``{"key_calibration": "relative/path"}`` or names no file."""
+    """The calibration file named in ``model_dir/config.json``, or None. Raises :class:`QtoolError` where
+    config.json is not a JSON object, or the entry is not ``{"key_calibration": "relative/path"}`` inside the
+    folder, or names no file."""
     cfg_path = Path(model_dir) / "config.json"
     if not cfg_path.is_file():
         return None
-    entry = json.loads(cfg_path.read_text()).get(CONFIG_KEY)
+    entry = read_json_object(cfg_path, "a model's configuration (a JSON object)").get(CONFIG_KEY)
     if entry is None:
         return None
     ref = entry.get("key_calibration") if isinstance(entry, dict) else None
-    if not isinstance(ref, str) or not ref:
+    root = Path(model_dir).resolve()
+    if not isinstance(ref, str) or not ref or not (root / ref).resolve().is_relative_to(root):
         raise QtoolError(f"{cfg_path}: {CONFIG_KEY} is {json.dumps(entry)[:80]}; qtool reads "
                          f'{{"key_calibration": "{CALIB_FILENAME}"}} (a file in the model folder) there')
     if not (Path(model_dir) / ref).is_file():
