@@ -66,6 +66,10 @@ def rebuild_nonpersistent_buffers(model: nn.Module, within: nn.Module | None = N
         model._init_weights(owner)
 
 
+def _tensors(n: int) -> str:
+    return f"{n} tensor" if n == 1 else f"{n} tensors"
+
+
 def _skeleton(path: str | os.PathLike, dtype: torch.dtype | str | None):
     """The model ``config.json`` describes, on the meta device, with a :class:`QuantLinear` wherever the
     checkpoint stores a quantized linear (any of its qweight, qzeros, scales); with the checkpoint's
@@ -134,8 +138,8 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
     unexpected = sorted(n for n in given if n not in expected)
     if unexpected:
         f = given[unexpected[0]][0]
-        raise QtoolError(f"{f}: holds {len(unexpected)} tensors the model does not use, e.g. {unexpected[0]}; the "
-                         "checkpoint does not match its config.json")
+        raise QtoolError(f"{f}: holds {_tensors(len(unexpected))} the model does not use, e.g. {unexpected[0]}; "
+                         "the checkpoint does not match its config.json")
     for n, (f, shape, dtype) in sorted(given.items()):
         prefix, _, leaf = n.rpartition(".")
         want = tuple(expected[n].shape)
@@ -330,7 +334,7 @@ def _assign_tensors(model: nn.Module, reader: _Reader, quant_names: set[str], dt
                 shard[k] = converted(t, dtype, spell(k), why=reason)
         result = model.load_state_dict(shard, strict=False, assign=True)
         if result.unexpected_keys:
-            raise QtoolError(f"{f}: holds {len(result.unexpected_keys)} tensors the model does not use, e.g. "
+            raise QtoolError(f"{f}: holds {_tensors(len(result.unexpected_keys))} the model does not use, e.g. "
                              f"{sorted(result.unexpected_keys)[0]}; the checkpoint does not match its config.json")
         loaded |= set(shard) - set(result.unexpected_keys)
     return loaded
