@@ -8,6 +8,7 @@ from quant.errors import QtoolError
 
 METHODS = ("rtn", "awq", "gptq")
 GROUP_SIZES = (-1, 16, 32, 64, 128, 256)
+BITS = (2, 3, 4, 8)  # the code widths some layout holds (quant.formats: each Format's bits), checked before torch loads
 OUTPUT_DTYPES = ("auto", "float16", "bfloat16", "float32")
 MAX_WINDOWS = 4096  # calibration or held-out windows of one run
 CLIP_GRID_MAX = 1000  # AWQOptions.clip_grid
@@ -224,6 +225,8 @@ class QuantConfig:
             raise QtoolError(f"skip must be module names (strings), e.g. ('mlp.down_proj',), not {self.skip!r}")
         if self.method not in METHODS:
             raise QtoolError(f"method {self.method!r} is unknown; use one of {', '.join(METHODS)}")
+        if self.bits not in BITS and self.fmt is None:  # with a --format, its own sentence (below)
+            raise QtoolError(f"--bits {self.bits} is not supported; use {', '.join(map(str, BITS[:-1]))} or {BITS[-1]}")
         if self.group_size not in GROUP_SIZES:
             raise QtoolError(
                 f"--group-size {self.group_size} is not supported; use one of "

@@ -2,7 +2,9 @@
 import json
 import os
 import shutil
+import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -14,6 +16,8 @@ import quant
 from cli.main import main
 from quant.config import AWQOptions
 from quant.errors import QtoolError
+
+ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_cli(args, capsys):
@@ -121,12 +125,20 @@ def test_bits_5_with_the_awq_format(model, tmp_path, capsys):
 
 @pytest.mark.parametrize("bits", ["5", "1", "16"])
 def test_bits_no_format_can_hold(model, tmp_path, capsys, bits):
-    code, err = run_cli(["rtn", model, "-o", tmp_path / "out", "--bits", bits], capsys)
-    assert_refused(code, err, f"--bits {bits}", "2, 3, 4, 8")
-    for method in ("awq", "gptq"):  # the method's own layout is named, not another's alone
+    for method in ("rtn", "awq", "gptq"):
         code, err = run_cli([method, model, "-o", tmp_path / "out", "--bits", bits], capsys)
-        assert_refused(code, err, f"--bits {bits}: no layout qtool writes holds", "AWQ gemm layout holds 4-bit",
-                       "GPTQ layout holds 2, 3, 4, 8-bit")
+        assert_refused(code, err, f"--bits {bits} is not supported; use 2, 3, 4 or 8")
+
+
+def test_bits_are_checked_before_torch_is_imported_and_are_what_the_layouts_hold():
+    """--bits 5 was answered after the layouts' checks had imported torch (4 s instead of 0.4)."""
+    code = ("import sys\nfrom quant.config import QuantConfig\nfrom quant.errors import QtoolError\n"
+            "try:\n    QuantConfig(bits=5)\nexcept QtoolError:\n    print('torch' in sys.modules)\n")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=ROOT, check=True).stdout
+    assert out.strip() == "False"
+    from quant.config import BITS
+    from quant.formats import format_names, get_format
+    assert set(BITS) == {b for name in format_names() for b in get_format(name).bits}
 
 
 def test_group_size_not_offered(model, tmp_path, capsys):
