@@ -333,7 +333,7 @@ class QuantConfig:
     def from_options(cls, base: QuantConfig | None = None, **options) -> QuantConfig:
         """``base`` (or the defaults) with ``options`` changed. Raises :class:`QtoolError` for a name that is no
         field, naming the options class (:class:`AWQOptions`, :class:`GPTQOptions`) that holds it, if one does."""
-        known = {f.name for f in fields(cls)}
+        known = {f.name for f in fields(cls) if f.init}  # not layout: fmt asks for one
         for name in options:
             if name in known:
                 continue

@@ -279,6 +279,7 @@ def test_the_peak_rss_of_a_run_started_by_a_larger_process_is_the_runs_own():
     ({"method": "gptq", "damp": 0.1}, r"'damp' is an option of GPTQOptions; pass gptq=GPTQOptions\(damp=...\)"),
     ({"method": "awq", "n_grid": 5}, r"'n_grid' is an option of AWQOptions; pass awq=AWQOptions\(n_grid=...\)"),
     ({"method": "rtn", "group": 64}, r"'group' is not a quantization setting; use one of .*group_size"),
+    ({"method": "rtn", "layout": "awq"}, r"'layout' is not a quantization setting; use one of .*fmt"),  # chosen
     ({"method": "rtn", "max_shard_size": "1GB"}, r"'max_shard_size' is the command line's name; in Python pass "
                                                  r"quantize\(..., max_shard_bytes=N\)"),
     ({"method": "awq", "awq": {"n_grid": 5}}, r"awq must be AWQOptions\(...\), not dict"),
