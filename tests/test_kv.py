@@ -327,6 +327,17 @@ def test_kv_perplexity_feels_the_quantization_and_is_chunk_independent_without_a
     assert chunked == pytest.approx(int4, rel=1e-5)
 
 
+def test_a_kv_window_that_holds_the_whole_text_is_refused():
+    """A 26-token text with --kv-window 30 in 64-token windows: nothing was quantized, and the fp cache's number was
+    printed under the int4 label (the window was checked against --seqlen alone)."""
+    model, tok = tiny_model("llama"), byte_tokenizer()
+    short = "The quick brown fox jumps."
+    with pytest.raises(QtoolError, match="--kv-window 30 keeps every earlier token of a 26-token window"):
+        kv_perplexity(model, tok, short, KVCacheConfig(bits=4, window=30), seqlen=64)
+    fp = kv_perplexity(model, tok, short, None, seqlen=64).nll
+    assert kv_perplexity(model, tok, short, KVCacheConfig(bits=4, window=8), seqlen=64).nll != fp
+
+
 def test_the_kv_paths_pass_the_cache_by_the_name_the_model_takes_it(tmp_path):
     """transformers 5.2x renamed past_key_values to cache: the old name printed a deprecation warning on every
     forward of kv calibrate and ppl --kv (and goes away in 5.40)."""

@@ -81,6 +81,9 @@ def kv_perplexity(model, tokenizer, text: str, kv: KVCacheConfig | None, seqlen:
     Windows, strides, BOS and scoring are those of :func:`quant.ppl.perplexity`.
     """
     check_kv_window(kv, seqlen, max_tokens)
+    if kv is not None and isinstance(text, str):  # a text shorter than the window: its own length bounds the window
+        n = len(tokenizer(text, add_special_tokens=False).input_ids)
+        check_kv_window(kv, seqlen, min(n, max_tokens) if max_tokens else n)
     chunk = chunk or default_chunk(kv, seqlen)
     if chunk < 1:
         raise QtoolError(f"--kv-chunk {chunk} must be a positive number of tokens")
