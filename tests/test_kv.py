@@ -459,6 +459,18 @@ def test_a_config_entry_that_names_no_calibration_is_refused_naming_config_json(
     assert match in str(res.exception)
 
 
+def test_a_calibration_linked_into_a_hugging_face_cache_snapshot_is_read(tmp_path):
+    """A snapshot's files are links to ../../blobs: the reference, resolved, left the folder and was refused."""
+    src = save_tiny_model("llama", tmp_path / "snap")
+    assert CliRunner().invoke(app, ["kv", "calibrate", str(src), "--n-samples", "2", "--seqlen", "32"]).exit_code == 0
+    blobs = tmp_path / "blobs"
+    blobs.mkdir()
+    calib = src / "qtool" / "kv_calib.safetensors"
+    shutil.move(calib, blobs / "abc123")
+    calib.symlink_to(blobs / "abc123")
+    assert calibration_reference(src) == calib
+
+
 def test_ppl_names_the_kv_cache_its_number_was_measured_with(tmp_path):
     """The row said only the model: an int4-cache perplexity read like the full-precision one."""
     src = save_tiny_model("llama", tmp_path / "m")

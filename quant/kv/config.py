@@ -140,8 +140,9 @@ def calibration_reference(model_dir: str | os.PathLike) -> Path | None:
     if entry is None:
         return None
     ref = entry.get("key_calibration") if isinstance(entry, dict) else None
-    root = Path(model_dir).resolve()
-    if not isinstance(ref, str) or not ref or not (root / ref).resolve().is_relative_to(root):
+    # inside the folder by its path, not by where it resolves: a Hugging Face cache snapshot links every file to a blob
+    inside = isinstance(ref, str) and ref and not os.path.isabs(ref) and not os.path.normpath(ref).startswith("..")
+    if not inside:
         raise QtoolError(f"{cfg_path}: {CONFIG_KEY} is {json.dumps(entry)[:80]}; qtool reads "
                          f'{{"key_calibration": "{CALIB_FILENAME}"}} (a file in the model folder) there')
     if not (Path(model_dir) / ref).is_file():
