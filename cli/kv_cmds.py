@@ -124,29 +124,35 @@ def _calibration_out(model_dir: str, out: str | None, overwrite: bool) -> Path:
     not at the top of the model folder (every loader reads the top-level ``*.safetensors`` as weights), and,
     where a file is there already, an earlier calibration replaced only with ``--overwrite`` (never a model's
     own file)."""
-    from quant.kv.config import CALIB_FILENAME
     from quant.folder import is_kv_calibration
+    from quant.kv.config import CALIB_FILENAME, calibration_reference
 
+    if out is not None and not out.strip():  # an unset shell variable: not the default path, silently
+        raise QtoolError(f"-o is blank; give the calibration file to write, or leave -o out for MODEL_DIR/"
+                         f"{CALIB_FILENAME}")
     path = Path(out) if out else Path(model_dir) / CALIB_FILENAME
+    where = f"-o {out}" if out else str(path)  # the default path is named as itself, not as an -o never given
     if path.is_dir() or (out and out.endswith(("/", os.sep))):
-        raise QtoolError(f"-o {out}: is a folder; -o takes the calibration file to write, a .safetensors path")
+        raise QtoolError(f"{where}: is a folder; -o takes the calibration file to write, a .safetensors path")
     if path.suffix != ".safetensors":
-        raise QtoolError(f"-o {out}: the calibration is a safetensors file; give a path ending in .safetensors")
+        raise QtoolError(f"{where}: the calibration is a safetensors file; give a path ending in .safetensors")
     if path.resolve().parent == Path(model_dir).resolve():
-        raise QtoolError(f"-o {out}: a .safetensors file at the top of the model folder would be read as weights "
+        raise QtoolError(f"{where}: a .safetensors file at the top of the model folder would be read as weights "
                          f"by every loader; write it in a subfolder (the default: {CALIB_FILENAME}) or outside")
     if (path.resolve().parent / "config.json").is_file():
-        raise QtoolError(f"-o {out}: {path.resolve().parent} holds another model (its config.json), whose loaders "
+        raise QtoolError(f"{where}: {path.resolve().parent} holds another model (its config.json), whose loaders "
                          "would read a .safetensors file at its top as weights; write it in a subfolder or outside")
     parent = next(p for p in path.absolute().parents if p.exists() or p.is_symlink())  # the first that is there
     if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise QtoolError(f"-o {out}: cannot be written: {parent} is {'not a folder' if not parent.is_dir() else 'not writable'}")
+        raise QtoolError(f"{where}: cannot be written: {parent} is "
+                         f"{'not a folder' if not parent.is_dir() else 'not writable'}")
     if path.exists():
         if not is_kv_calibration(path):
-            raise QtoolError(f"-o {out or path}: exists and is not a KV calibration file; only an earlier "
+            raise QtoolError(f"{where}: exists and is not a KV calibration file; only an earlier "
                              "calibration is replaced")
-        if not overwrite:
-            raise QtoolError(f"-o {out or path}: exists; pass --overwrite to replace it")
+        # the default file that config.json does not name was left by a run stopped before it named it: replaced
+        if not overwrite and not (out is None and calibration_reference(model_dir) is None):
+            raise QtoolError(f"{where}: exists; pass --overwrite to replace it")
     return path
 
 

@@ -34,6 +34,15 @@ SIDE_FILES = (
 )
 
 
+def fsync(path: Path) -> None:
+    """Flush the file or folder ``path`` to disk (before a rename makes it visible, or after one in a folder)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 def path_argument(value, what: str = "the model folder") -> Path:
     """``value`` (a path given to the Python API or the command line) as a Path. Raises QtoolError where it is no
     str or os.PathLike (None, a number) or is blank (an unset shell variable: Path("") is the working folder)."""

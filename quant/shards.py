@@ -29,6 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from quant.errors import QtoolError
+from quant.folder import fsync
 
 PARTS = ".parts"
 _COPY_BYTES = 64 * 2**20
@@ -37,14 +38,6 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL"}
 MAX_SHARD_BYTES = 4 * 10**9  # "4GB", as --max-shard-size writes it
-
-
-def _fsync(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 def _header(path: Path) -> tuple[dict, int]:
@@ -173,9 +166,9 @@ class ShardWriter:
         """Write one part, atomically (a temporary name, fsync, rename): it exists whole or not at all."""
         tmp = self.parts_dir / f".{key}.tmp"
         save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
-        _fsync(tmp)
+        fsync(tmp)
         os.replace(tmp, self.part_path(key))
-        _fsync(self.parts_dir)
+        fsync(self.parts_dir)
 
     def finish(self, order: list[str]) -> list[Path]:
         """The parts ``order`` names, grouped into the checkpoint's shards (and index). The parts stay until

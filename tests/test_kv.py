@@ -435,6 +435,28 @@ def test_kv_calibrate_never_writes_over_a_model_file_or_into_the_weights(tmp_pat
     assert res.exit_code == 0, res.output
 
 
+def test_a_calibration_stopped_before_config_json_named_it_is_replaced_by_the_rerun(tmp_path):
+    """kill -9 between the two writes left a temporary config.json copy at the top of the folder and an unnamed
+    calibration, which the rerun refused ("-o ...: exists; pass --overwrite", an -o never given)."""
+    src = save_tiny_model("llama", tmp_path / "m")
+    args = ["kv", "calibrate", str(src), "--n-samples", "2", "--seqlen", "32"]
+    keys = list(json.loads((src / "config.json").read_text()))
+    assert CliRunner().invoke(app, args).exit_code == 0
+    assert list(json.loads((src / "config.json").read_text())) == keys + ["qtool_kv_cache"]  # its order kept
+    config = json.loads((src / "config.json").read_text())
+    del config["qtool_kv_cache"]  # as the killed run left it: the file written, config.json not yet naming it
+    (src / "config.json").write_text(json.dumps(config))
+    (src / ".config.json.qtool-x1y2").write_text("{}")
+    res = CliRunner().invoke(app, args)
+    assert res.exit_code == 0, res.output
+    assert calibration_reference(src) == src / CALIB_FILENAME and not list(src.glob(".config.json*"))
+    res = CliRunner().invoke(app, args)  # a named calibration is still replaced only with --overwrite
+    assert isinstance(res.exception, QtoolError) and f"{src / CALIB_FILENAME}: exists; pass --overwrite" in str(
+        res.exception), res.output
+    res = CliRunner().invoke(app, [*args, "-o", ""])  # an unset shell variable
+    assert isinstance(res.exception, QtoolError) and "-o is blank" in str(res.exception), res.output
+
+
 @pytest.mark.parametrize("damage, match", [
     (lambda lo, hi: (lo.fill_(float("nan")), hi), "NaN or inf"), (lambda lo, hi: (hi + 1, lo), "minimum is above"),
     (lambda lo, hi: (lo[0], hi[0]), "shapes"),

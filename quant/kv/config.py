@@ -27,8 +27,7 @@ from safetensors import SafetensorError, safe_open
 
 from quant.config import KV_CALIB_FILE
 from quant.errors import QtoolError
-from quant.folder import read_json_object
-from quant.folder import KV_CALIB_FORMAT, KV_CONFIG_KEY
+from quant.folder import KV_CALIB_FORMAT, KV_CONFIG_KEY, fsync, read_json_object
 from quant.output import save_safetensors
 
 KEY_SCHEMES = ("token", "channel")
@@ -70,6 +69,7 @@ class KVCalibration:
         os.close(fd)
         try:
             save_safetensors(tensors, tmp, meta)
+            fsync(Path(tmp))
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -152,17 +152,30 @@ def calibration_reference(model_dir: str | os.PathLike) -> Path | None:
 
 
 def write_calibration_reference(model_dir: str | os.PathLike, calib_path: str | os.PathLike) -> None:
-    """Name ``calib_path`` (which must lie in ``model_dir``) in ``model_dir/config.json``."""
+    """Name ``calib_path`` (which must lie in ``model_dir``) in ``model_dir/config.json``: the file is written
+    beside it under a temporary name, flushed to disk and renamed over it (the keys keep their order; the mode
+    is kept). Temporary files that a run killed at this step left are removed first."""
     model_dir, calib_path = Path(model_dir).resolve(), Path(calib_path).resolve()
     rel = os.path.relpath(calib_path, model_dir)
     cfg_path = model_dir / "config.json"
-    config = json.loads(cfg_path.read_text())
+    for stale in model_dir.glob(_CONFIG_TMP + "*"):
+        stale.unlink(missing_ok=True)
+    config = read_json_object(cfg_path, "a model's configuration (a JSON object)")
     config[CONFIG_KEY] = {"key_calibration": rel}
-    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=".config.json.")
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    os.chmod(tmp, cfg_path.stat().st_mode & 0o7777)  # mkstemp's 0600 would lock other readers out
-    os.replace(tmp, cfg_path)
+    fd, tmp = tempfile.mkstemp(dir=model_dir, prefix=_CONFIG_TMP)
+    try:
+        with os.fdopen(fd, "w") as f:
+            f.write(json.dumps(config, indent=2) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.chmod(tmp, cfg_path.stat().st_mode & 0o7777)  # mkstemp's 0600 would lock other readers out
+        os.replace(tmp, cfg_path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+_CONFIG_TMP = ".config.json.qtool-"  # write_calibration_reference's temporary file
 
 
 @dataclass(frozen=True)
