@@ -15,7 +15,7 @@ import torch
 from transformers.cache_utils import Cache, DynamicLayer, get_layer_types_and_kwargs
 
 from quant.errors import QtoolError
-from quant.kv.cache import cache_keyword
+from quant.kv.cache import cache_keyword, check_cached_per_head
 from quant.kv.config import KVCalibration
 
 logger = logging.getLogger(__name__)
@@ -51,6 +51,7 @@ class KeyRangeCache(Cache):
 
     def __init__(self, config):
         text_config = config.get_text_config(decoder=True)
+        check_cached_per_head(text_config)
         _, layer_kwargs = get_layer_types_and_kwargs(text_config)
         super().__init__(layers=[_KeyRangeLayer(kw.get("sliding_window")) for kw in layer_kwargs])
 

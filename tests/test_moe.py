@@ -451,3 +451,17 @@ def test_skip_takes_a_module_that_holds_several_linears(tmp_path):
             assert f"model.layers.{i}.mlp.experts.2.{proj}.qweight" in got
     with pytest.raises(QtoolError, match="no linear layer"):
         quant.quantize(src, tmp_path / "r", method="rtn", group_size=32, skip=("mlp.shared_exper",), progress=False)
+
+
+def test_the_kv_cache_refuses_multi_head_latent_attention_in_one_sentence():
+    """DeepSeek-V3 caches a compressed latent: kv calibrate wrote a file of its shape that every use then refused,
+    and int4's even-head_dim check looked at the wrong dimension."""
+    from calib.kv import collect_key_ranges
+    from quant.errors import QtoolError
+    from quant.kv import with_kv_cache
+
+    model = tiny_moe("deepseek_v3")
+    for call in (lambda: with_kv_cache(model, "int8"), lambda: collect_key_ranges(model, torch.randint(0, 200, (1, 16)))):
+        with pytest.raises(QtoolError, match="multi-head latent attention .kv_lora_rank"):
+            call()
+    with_kv_cache(tiny_moe("qwen3_moe"), "int4")  # experts are no matter to the cache

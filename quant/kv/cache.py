@@ -225,6 +225,16 @@ class QuantizedKVLayer(DynamicLayer):
         return sum(getattr(self, n).nbytes for n in _STORED if getattr(self, n) is not None)
 
 
+def check_cached_per_head(text_config) -> None:
+    """Refuse a model whose cache holds no keys and values per KV head: DeepSeek's multi-head latent attention
+    (``kv_lora_rank``) caches a compressed latent and its rotary part, whose shapes ``head_dim`` does not give."""
+    rank = getattr(text_config, "kv_lora_rank", None)
+    if rank:
+        raise QtoolError(f"this {getattr(text_config, 'model_type', '')} model's attention is multi-head latent "
+                         f"attention (kv_lora_rank {rank}): its cache holds a compressed latent, not keys and values "
+                         "per KV head, which is what the quantized KV cache and kv calibrate quantize")
+
+
 def _kv_dims(text_config) -> tuple[int, int, int]:
     heads = text_config.num_attention_heads
     kv_heads = getattr(text_config, "num_key_value_heads", None) or heads
@@ -240,13 +250,14 @@ def cache_keyword(model) -> str:
 
 def check_model(config, kv: KVCacheConfig) -> list[dict]:
     """Refuse, in one sentence, a model that ``kv`` cannot cache, from its transformers ``config`` alone (so before
-    its weights load): a layer that is not full or sliding-window attention, an odd ``head_dim`` for int4 (two codes
+    its weights load): multi-head latent attention, a layer that is not full or sliding-window attention, an odd ``head_dim`` for int4 (two codes
     per byte), or a calibration of another model's shape or type. Returns each layer's cache arguments
     (``sliding_window``)."""
     text_config = config.get_text_config(decoder=True)
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)
     if isinstance(layer_kwargs, dict):  # transformers < 5.2x: one kwargs dict shared by every layer
         layer_kwargs = [layer_kwargs] * len(layer_types)
+    check_cached_per_head(text_config)
     n_layers, kv_heads, head_dim = _kv_dims(text_config)
     if kv.bits == 4 and head_dim % 2:
         raise QtoolError(f"--kv int4 packs two codes per byte and needs an even head_dim; this model's is {head_dim}; "
