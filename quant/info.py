@@ -9,6 +9,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from quant import folder, qmath
+from quant.arch import layout_of
 from quant.checkpoint import QTOOL_META, checkpoint_headers, tensor_index
 from quant.errors import QtoolError
 from quant.formats.compat import Written, declared_kept, expert_layer, in_block, readers, skip_pattern
@@ -76,9 +77,10 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         if sym is None:
             sym = all(stored_sym_convention(z, spec.bits) == spec.format.name for z in qzeros.values())
     moe = any(map(expert_layer, quantized))
+    family = config.get("model_type") if layout_of(config) is not None else None
     loaders = readers(Written(spec.format.name, spec.bits, sym, spec.act_order, spec.group_size,
                               skip_pattern(kept, quantized), moe, keys,
-                              declared if declared != spec.format.name else None))
+                              declared if declared != spec.format.name else None, family))
     if spec.format.quant_method == "gptq" and not spec.act_order:
         permuted = _permuted_g_idx(index, quantized, spec.group_size)
         if permuted:  # vLLM and LMDeploy take the sequential order from desc_act false; qtool reads g_idx

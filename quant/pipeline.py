@@ -137,7 +137,8 @@ def quantize(
         plan = plan_linears(src.model, arch, cfg)
         for i in range(len(plan.quantize)):
             block_loop.keep_fused_together(plan, src, arch, i)
-        check_target(cfg.target, _written(cfg, arch, *_stored_names(plan, src, arch)))
+        family = config["model_type"] if src.layout is not None else None  # InternLM2, written back in its layout
+        check_target(cfg.target, _written(cfg, arch, *_stored_names(plan, src, arch), family))
         dtype = output_dtype(cfg, src, {f"{arch.blocks}.{i}.{n}.weight" for i, names in enumerate(plan.quantize)
                                         for n in names})
         writer = ShardWriter(tmp, max_shard_bytes)
@@ -148,7 +149,7 @@ def quantize(
                                                                          progress, run, dtype)
         # Layers kept while the blocks were quantized (scales past float16) count too: checked again, then written.
         kept, quantized = _stored_names(plan, src, arch)
-        written = _written(cfg, arch, kept, quantized)
+        written = _written(cfg, arch, kept, quantized, family)
         check_target(cfg.target, written)
         writer.finish(parts + _write_outside(src, writer, arch, dtype, cfg.dtype_option))
         report = QuantReport(
@@ -278,9 +279,11 @@ def _weight_probe(src: SourceModel, blocks: str) -> dict:
     return weight_probe(name, src.tensor(name))
 
 
-def _written(cfg: QuantConfig, arch, kept: list[str], quantized: list[str]) -> Written:
-    """The checkpoint as the loaders will see it (:mod:`quant.formats.compat`)."""
-    return Written(cfg.layout, cfg.bits, cfg.sym, cfg.act_order, cfg.group_size, skip_pattern(kept, quantized), arch.moe)
+def _written(cfg: QuantConfig, arch, kept: list[str], quantized: list[str], family: str | None) -> Written:
+    """The checkpoint as the loaders will see it (:mod:`quant.formats.compat`); ``family``: the model_type of a
+    source in its family's own layout, written back in it."""
+    return Written(cfg.layout, cfg.bits, cfg.sym, cfg.act_order, cfg.group_size, skip_pattern(kept, quantized), arch.moe,
+                   family=family)
 
 
 def _stored_names(plan, src: SourceModel, arch) -> tuple[list[str], list[str]]:

@@ -313,3 +313,18 @@ def test_a_quantized_checkpoints_damage_and_kept_layers_are_said_in_its_own_name
     bad["model.layers.0.attention.wqkv.weight"] = bad["model.layers.0.attention.wqkv.weight"] * 1e20  # q·k overflows float32
     save_file(bad, str(out), metadata={"format": "pt"})
     assert_refused(*run_cli(args, capsys), "first in model.layers.0.attention.wo")  # after the softmax
+
+
+def test_info_and_the_targets_name_the_loaders_that_read_internlm2s_own_layout(tmp_path, capsys):
+    """info said transformers 5.24, GPTQModel 7.6 and AutoAWQ read InternLM2 checkpoints right; transformers has no
+    internlm2 class (the folder's remote code breaks on it), and the others are not established."""
+    src = save_internlm2(llama(4, 2), tmp_path / "m")
+    assert run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)[0] == 0
+    res = CliRunner().invoke(app, ["info", str(tmp_path / "q")])
+    assert res.exit_code == 0, res.output
+    row = next(line for line in res.output.splitlines() if "read right by" in line)
+    assert "vLLM" in row and "transformers" not in row and "GPTQModel" not in row and "AutoAWQ" not in row, row
+    assert "no internlm2 model class" in res.output
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "t", "--group-size", "32", "--target", "transformers"], capsys)
+    assert_refused(code, err, "--target transformers", "no internlm2 model class")
+    assert not (tmp_path / "t").exists()

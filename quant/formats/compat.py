@@ -65,9 +65,10 @@ class Reads:
 class Written:
     """One checkpoint as a loader sees it: layout and settings, how layers kept in full precision lie
     (``skips``, :func:`skip_pattern`), whether routed experts are stored one linear per expert (``moe``), and
-    which exclusion keys declare every kept layer (``keys``; None: all of them, as qtool writes), and the GPTQ
+    which exclusion keys declare every kept layer (``keys``; None: all of them, as qtool writes), the GPTQ
     ``checkpoint_format`` the config declares where the stored zero points contradict it (``declared``; None: they
-    agree)."""
+    agree), and the ``model_type`` of a family written in its own layout that transformers has no class for
+    (``family``: InternLM2's fused ``wqkv``; None: a transformers layout)."""
 
     layout: str
     bits: int
@@ -78,6 +79,7 @@ class Written:
     moe: bool = False
     keys: frozenset[str] | None = None
     declared: str | None = None
+    family: str | None = None  # model_type of a checkpoint in its family's own layout (quant.arch.layout_of)
 
 
 LOADERS = {  # name -> how messages name it
@@ -163,6 +165,9 @@ def problem(loader: str, w: Written) -> str | None:
     title = get_format(w.layout).title
     if r is None:
         return f"it does not read the {title} layout"
+    if w.family and loader not in _FAMILY_READERS:
+        return _FAMILY_WHY.get(loader, "it is not established that it reads {family}'s own layout").format(
+            family=w.family)
     if r.misread:
         return r.misread
     if w.declared and r.declared_zeros:
@@ -188,6 +193,12 @@ def problem(loader: str, w: Written) -> str | None:
                 "full precision here")
     return None
 
+
+_FAMILY_READERS = ("vllm", "lmdeploy")  # read InternLM2's own layout (its InternLM2 classes)
+_FAMILY_WHY = {
+    "transformers": "it has no {family} model class, so the folder's remote code would run, which breaks on current "
+                    "transformers",
+}
 
 _MOE_WHY = {
     "transformers": "it fuses routed experts into one module and leaves them randomly initialised, ignoring the "
