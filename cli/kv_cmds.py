@@ -21,8 +21,8 @@ kv_ppl_options = _stack([
     click.option("--kv-calib", default=None, type=click.Path(path_type=str),
                  help="Calibration file from `qtool kv calibrate` (default: the one named in config.json)."),
     click.option("--kv-chunk", default=None, type=int,
-                 help="Tokens per forward through the cache (default: the window with --kv-window 0, "
-                      "else min(16, --kv-window)); 1 reproduces token-by-token decoding exactly."),
+                 help="Tokens per forward through the cache (default: the whole --seqlen window at once with "
+                      "--kv-window 0, else min(16, --kv-window)); 1 reproduces token-by-token decoding exactly."),
 ])
 
 

@@ -516,6 +516,7 @@ def test_ppl_names_the_kv_cache_its_number_was_measured_with(tmp_path):
     (["--kv", "int4", "--kv-keys", "channel"], "--kv-calib FILE"),
     (["--kv", "int8", "--kv-window", "-2"], "--kv-window -2"),
     (["--kv", "int8", "--kv-calib", "missing.safetensors", "--kv-keys", "channel"], "missing.safetensors: no such file"),
+    (["--kv", "int8", "--kv-calib", ".", "--kv-keys", "channel"], ".: is a folder"),  # said "no such file"
 ])
 def test_cli_bad_kv_options_get_one_clear_sentence(tmp_path, args, match):
     src = save_tiny_model("llama", tmp_path / "m")

@@ -80,7 +80,8 @@ class KVCalibration:
     def load(cls, path: str | os.PathLike) -> KVCalibration:
         path = Path(path)
         if not path.is_file():
-            raise QtoolError(f"{path}: no such file; --kv-calib takes a file written by `qtool kv calibrate`")
+            what = "is a folder" if path.is_dir() else "is not a regular file" if path.exists() else "no such file"
+            raise QtoolError(f"{path}: {what}; --kv-calib takes a file written by `qtool kv calibrate`")
         try:
             with safe_open(str(path), framework="pt") as f:
                 meta = f.metadata() or {}
