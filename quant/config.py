@@ -93,6 +93,8 @@ class AWQOptions:
 
     def __post_init__(self):
         _check_types(self)
+        if self.search_file is not None:  # a pathlib.Path as the string it spells (the records are JSON)
+            object.__setattr__(self, "search_file", os.fspath(self.search_file))
         if not 1 <= self.n_grid <= 1000:
             raise QtoolError(f"--n-grid {self.n_grid} is out of range; use a whole number from 1 to 1000")
         if self.judge not in ("loss", "error"):
@@ -217,6 +219,8 @@ class QuantConfig:
             if not isinstance(getattr(self, name), kind):
                 raise QtoolError(f"{name} must be {kind.__name__}(...), not {type(getattr(self, name)).__name__}")
         _check_types(self)
+        if self.calib_data is not None:  # a pathlib.Path as the string it spells (the records are JSON)
+            object.__setattr__(self, "calib_data", os.fspath(self.calib_data))
         check_seed(self.seed)
         if isinstance(self.skip, str):  # one name: not its characters
             object.__setattr__(self, "skip", (self.skip,))

@@ -43,19 +43,19 @@ def fsync(path: Path) -> None:
         os.close(fd)
 
 
-def path_argument(value, what: str = "the model folder") -> Path:
-    """``value`` (a path given to the Python API or the command line) as a Path. Raises QtoolError where it is no
-    str or os.PathLike (None, a number) or is blank (an unset shell variable: Path("") is the working folder)."""
+def path_argument(value, what: str = "the model folder") -> None:
+    """Raise QtoolError where ``value`` (a path given to the Python API) is no str or os.PathLike (None, a
+    number): Path() and open() would raise TypeError deep inside the call."""
     if not isinstance(value, (str, os.PathLike)):
         raise QtoolError(f"{what} is {repr(value)[:40]}, not a path; give it as a string or pathlib.Path")
-    if not str(value).strip():
-        raise QtoolError(f"{what} is blank; give the path of a Hugging Face model folder")
-    return Path(value)
 
 
 def read_config(model_dir: str | os.PathLike) -> dict:
     """The parsed ``config.json`` of a model folder, with one-sentence errors for the usual mistakes."""
-    path = path_argument(model_dir)
+    path_argument(model_dir)
+    if not str(model_dir).strip():  # an unset shell variable: Path("") would be the working folder
+        raise QtoolError("the model folder is blank; give the path of a Hugging Face model folder")
+    path = Path(model_dir)
     if not path.exists():
         raise QtoolError(f"{path}: no such folder; give the path of a Hugging Face model folder")
     if not path.is_dir():

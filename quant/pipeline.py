@@ -209,6 +209,7 @@ def _run_settings(cfg: QuantConfig, replay: Path | None) -> dict:
     resolved path (the file, not the path as typed); a replay's search file by its content's digest, not where
     it lies."""
     settings = asdict(cfg)
+    settings["fmt"] = settings.pop("layout")  # the layout written, as keys before the two were apart said it
     if settings["calib_data"] and Path(settings["calib_data"]).exists():
         settings["calib_data"] = str(Path(settings["calib_data"]).resolve())
     if replay is not None:  # a replay reads the file block by block

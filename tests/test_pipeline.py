@@ -343,6 +343,27 @@ def test_the_python_api_refuses_wrong_values_in_one_sentence(tmp_path, call, mes
     assert not [p for p in tmp_path.iterdir() if p.name != "src"]
 
 
+def test_paths_given_as_pathlib_paths_and_the_resume_key_keep_their_spelling(tmp_path):
+    """A resumable run's key records the layout written under "fmt", as before the layout asked for and the one
+    written were two fields (a stopped run of the earlier code still resumes); a pathlib.Path calibration file or
+    search file is kept as the string it spells (the records are JSON)."""
+    import json as json_module
+
+    from quant.pipeline import _run_settings
+    settings = _run_settings(QuantConfig(bits=8), None)
+    assert settings["fmt"] == "gptq_v2" and "layout" not in settings
+    text = tmp_path / "calib.txt"
+    text.write_text("The quick brown fox jumps over the lazy dog. " * 200)
+    cfg = QuantConfig(method="gptq", calib_data=text, awq=AWQOptions(search_file=tmp_path / "s.safetensors"))
+    assert cfg.calib_data == str(text) and cfg.awq.search_file == str(tmp_path / "s.safetensors")
+    json_module.dumps(_run_settings(cfg, None))
+    src = save_tiny_model("llama", tmp_path / "src")
+    quant.quantize(src, tmp_path / "out", method="gptq", calib_data=text, n_samples=4, seqlen=32, group_size=32,
+                   progress=False)
+    recorded = json_module.loads((tmp_path / "out" / "qtool.json").read_text())
+    assert str(text) in json_module.dumps(recorded)
+
+
 def test_skip_given_as_one_name_is_that_name_not_its_characters(tmp_path):
     src = save_tiny_model("llama", tmp_path / "src")
     quant.quantize(src, tmp_path / "out", method="rtn", group_size=32, skip="mlp.down_proj", progress=False)
