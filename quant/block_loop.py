@@ -103,6 +103,7 @@ class BlockLoop:
         self.held_out = (*cfg.held_out_split, len(kinds) * cfg.check_windows)
         self.loss_grads: LossGradientFiles | None = None
         self.bar = None
+        self.blocks_done = run.start  # written by this process, recorded or not (run.finished: recorded)
 
     def stored(self, block, prefix: str) -> dict:
         """Block ``block``'s tensors as the checkpoint stores them: the source's names and fused layout, unpacked
@@ -161,6 +162,7 @@ class BlockLoop:
         self.alts.pending.clear()
         self.packed[i] = {}
         self.src.release(i)
+        self.blocks_done = i + 1
         if self.run.due(i + 1, len(blocks)):
             self.save_progress(i + 1, hidden)
 
@@ -210,11 +212,15 @@ class BlockLoop:
             if run.finished:
                 log.warning("stopped: %d of %d blocks are finished and kept in %s; run the same command again to "
                             "continue from there", run.finished, len(blocks), run.folder)
-            elif self.loss_grads is not None:  # recorded before the first block
-                log.warning("stopped before the first block was finished; the loss gradients are kept in %s: run the "
-                            "same command again to continue from there", run.folder)
             else:
-                log.warning("stopped before the first block was finished; nothing is kept")
+                when = ("before the first block was finished" if self.blocks_done == 0 else
+                        f"after {self.blocks_done} finished blocks, before the first progress record (saved at most "
+                        f"every {PROGRESS_EVERY_S:g} s)")
+                if self.loss_grads is not None:  # recorded before the first block
+                    log.warning("stopped %s; the loss gradients are kept in %s: run the same command again to "
+                                "continue from there", when, run.folder)
+                else:
+                    log.warning("stopped %s; nothing is kept", when)
             raise
         finally:  # an error message then starts on its own line
             self.bar.close()

@@ -522,6 +522,27 @@ def test_ctrl_c_keeps_the_finished_blocks_and_says_how_to_continue(tmp_path, mon
     assert report.resumed_from == 2
 
 
+def test_ctrl_c_after_blocks_finished_but_before_their_first_record_says_so(tmp_path, monkeypatch, caplog):
+    """Blocks are recorded at most once a minute: a Ctrl-C after block 0 was written but before a record was saved
+    said "stopped before the first block was finished"."""
+    from quant.block_loop import BlockLoop
+
+    monkeypatch.setattr("quant.block_loop.PROGRESS_EVERY_S", 3600)
+    src = deep_llama(tmp_path / "src", n_layers=3)
+    real = BlockLoop.done
+
+    def interrupt(loop, i, *a, **k):  # Ctrl-C right after the second block was written
+        real(loop, i, *a, **k)
+        if i == 1:
+            raise KeyboardInterrupt
+
+    monkeypatch.setattr(BlockLoop, "done", interrupt)
+    with pytest.raises(KeyboardInterrupt), caplog.at_level("WARNING", logger="quant.block_loop"):
+        quant.quantize(src, tmp_path / "out", method="rtn", group_size=32, progress=False)
+    assert "stopped after 2 finished blocks, before the first progress record (saved at most every 3600 s); " \
+           "nothing is kept" in caplog.text, caplog.text
+
+
 def test_a_crash_keeps_the_finished_blocks_says_so_and_the_rerun_gives_the_uninterrupted_checkpoint(
         tmp_path, monkeypatch, caplog):
     """Any error mid-run (a bug, a GPU out of memory), not only Ctrl-C or a full disk, keeps the finished blocks:
