@@ -57,9 +57,8 @@ def load_any(path, dtype="auto", device="auto"):
     """
     import torch
 
-    from quant import folder, model_io
+    from quant import model_io
 
-    folder.path_argument(path)
     dev = model_io.parse_device(device)
     if dtype == "auto":
         dtype = torch.float32 if dev.type == "cpu" else None

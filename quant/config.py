@@ -316,12 +316,18 @@ class QuantConfig:
     def needs_calibration(self) -> bool:
         return self.method != "rtn" and not (self.method == "awq" and self.awq.search_file)
 
+    def settings(self) -> dict:
+        """Every field as a dict (``dataclasses.asdict``), ``fmt`` holding the layout written, asked for or picked,
+        as records made before ``fmt`` and ``layout`` were two fields hold it."""
+        out = asdict(self)
+        out["fmt"] = out.pop("layout")
+        return out
+
     def recorded(self) -> dict:
         """The settings this run uses, as ``qtool.json`` records them: the calibration settings only where the
         run calibrates; GPTQ's options only for GPTQ; AWQ's search options only where AWQ searches (a replay
         records its search file alone: the file's header holds the settings it was searched with)."""
-        out = asdict(self)
-        out["fmt"] = out.pop("layout")  # the layout written, asked for or picked
+        out = self.settings()
         if not self.needs_calibration:
             for name in CALIBRATION_FIELDS:
                 del out[name]

@@ -101,8 +101,7 @@ def quantize(
     so that freed activations go back to the system instead of piling up in the heap, and tokenizes the calibration
     text in a forked child process (:func:`quant.heap.in_child`), whose memory leaves with it.
     """
-    folder.path_argument(model_dir)
-    folder.path_argument(out, "the output folder")
+    folder.path_argument(out, "the output folder")  # the model folder's: read_config's
     cfg = QuantConfig.from_options(cfg, **options)
     if isinstance(max_shard_bytes, bool) or not isinstance(max_shard_bytes, int) or max_shard_bytes < 1:
         raise QtoolError(f"max_shard_bytes {max_shard_bytes!r} must be a positive number of bytes (the command "
@@ -208,8 +207,7 @@ def _run_settings(cfg: QuantConfig, replay: Path | None) -> dict:
     """``cfg`` as the key of a resumable run (:func:`quant.resume.run_key`) sees it: the calibration file by its
     resolved path (the file, not the path as typed); a replay's search file by its content's digest, not where
     it lies."""
-    settings = asdict(cfg)
-    settings["fmt"] = settings.pop("layout")  # the layout written, as keys before the two were apart said it
+    settings = cfg.settings()
     if settings["calib_data"] and Path(settings["calib_data"]).exists():
         settings["calib_data"] = str(Path(settings["calib_data"]).resolve())
     if replay is not None:  # a replay reads the file block by block

@@ -34,6 +34,7 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 
 from quant.errors import QtoolError
+from quant.folder import fsync
 from quant.shards import write_safetensors
 
 PROGRESS = "progress.json"
@@ -136,11 +137,7 @@ def _temporary(path: Path) -> Path:
 def _atomic_write(path: Path, write) -> None:
     tmp = _temporary(path)
     write(tmp)
-    fd = os.open(tmp, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    fsync(tmp)
     os.replace(tmp, path)
 
 

@@ -250,8 +250,8 @@ def cache_keyword(model) -> str:
 
 def check_model(config, kv: KVCacheConfig) -> list[dict]:
     """Refuse, in one sentence, a model that ``kv`` cannot cache, from its transformers ``config`` alone (so before
-    its weights load): multi-head latent attention, a layer that is not full or sliding-window attention, an odd ``head_dim`` for int4 (two codes
-    per byte), or a calibration of another model's shape or type. Returns each layer's cache arguments
+    its weights load): multi-head latent attention, a layer that is not full or sliding-window attention, an odd
+    ``head_dim`` for int4 (two codes per byte), or a calibration of another model's shape or type. Returns each layer's cache arguments
     (``sliding_window``)."""
     text_config = config.get_text_config(decoder=True)
     layer_types, layer_kwargs = get_layer_types_and_kwargs(text_config)

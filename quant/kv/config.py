@@ -167,8 +167,7 @@ def write_calibration_reference(model_dir: str | os.PathLike, calib_path: str | 
     try:
         with os.fdopen(fd, "w") as f:
             f.write(json.dumps(config, indent=2) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
+        fsync(Path(tmp))
         os.chmod(tmp, cfg_path.stat().st_mode & 0o7777)  # mkstemp's 0600 would lock other readers out
         os.replace(tmp, cfg_path)
     except BaseException:
