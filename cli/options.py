@@ -53,7 +53,9 @@ quant_options = _stack([
     click.option("--device", default="auto", show_default=True,
                  help="Where each block is quantized: auto, cpu, cuda, cuda:1 ..."),
     click.option("--max-shard-size", "max_shard_size", default="4GB", show_default=True,
-                 help="Largest output safetensors file (e.g. 500MB, 2GB); past one file, an index is written."),
+                 help="Most tensor bytes in one output safetensors file (e.g. 500MB, 2GB; KB, MB, GB, KiB, MiB, GiB), "
+                      "split tensor by tensor as transformers splits (one tensor larger than that is a file of its "
+                      "own); past one file, an index is written."),
     click.option("--overwrite", is_flag=True,
                  help="Replace --out if it is an earlier quantized checkpoint or an empty folder (only once the "
                       "new checkpoint is complete); any other folder is refused."),

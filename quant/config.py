@@ -386,8 +386,8 @@ def parse_size(text: str, what: str = "size") -> int:
     try:
         n = convert_file_size_to_int(stripped)
     except ValueError:
-        raise QtoolError(f"{what} {text!r} is not a size; write a whole number and a unit, e.g. 1500MB, 4GB or "
-                         "2GiB") from None
+        raise QtoolError(f"{what} {text!r} is not a size; write a whole number and one of the units KB, MB, GB, "
+                         "KiB, MiB or GiB (those transformers reads), e.g. 1500MB, 4GB, 2GiB or 1000GB") from None
     if n < 10**6:
         raise QtoolError(f"{what} {text!r} is below 1MB; shards that small only multiply files")
     return n

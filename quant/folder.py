@@ -34,6 +34,15 @@ SIDE_FILES = (
 )
 
 
+def new_file_mode(folder: bool = False) -> int:
+    """The permissions a new file (or folder) gets under the process's umask: what files written by a library
+    that creates them 0600 (safetensors, mkstemp, mkdtemp) are set to, so that a server running as another
+    user can read them. (Reading the umask means setting it: it is set back at once.)"""
+    umask = os.umask(0)
+    os.umask(umask)
+    return (0o777 if folder else 0o666) & ~umask
+
+
 def fsync(path: Path) -> None:
     """Flush the file or folder ``path`` to disk (before a rename makes it visible, or after one in a folder)."""
     fd = os.open(path, os.O_RDONLY)

@@ -14,15 +14,9 @@ from pathlib import Path
 from quant.checkpoint import is_quantized_checkpoint
 from quant.config import KV_CALIB_FILE, REFUSED_SEARCH_FILE, SEARCH_FILE
 from quant.errors import QtoolError
+from quant.folder import new_file_mode
 
 log = logging.getLogger(__name__)
-
-
-def _umask() -> int:
-    """The process's umask (reading it means setting it: set back at once)."""
-    umask = os.umask(0)
-    os.umask(umask)
-    return umask
 
 
 _OWNER = ".qtool-owner"  # in a temporary output folder: "<host> <pid>" of the run writing it
@@ -69,7 +63,7 @@ def save_safetensors(tensors: dict, path: str | os.PathLike, metadata: dict[str,
     from safetensors.torch import save_file
 
     save_file(tensors, str(path), metadata=metadata)
-    os.chmod(path, 0o666 & ~_umask())
+    os.chmod(path, new_file_mode())
 
 
 def check_apart(out: Path, source: str | os.PathLike) -> None:
@@ -131,7 +125,7 @@ def atomic_output(out: str | os.PathLike, overwrite: bool = False, source: str |
             tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.tmp-", dir=parent))
         except OSError as e:  # a read-only or pseudo file system that access() passed (/proc, a full disk)
             raise QtoolError(f"{parent}: a folder cannot be created there ({e.strerror}); choose another -o") from None
-        tmp.chmod(0o777 & ~_umask())  # mkdtemp makes it 0700: a server running as another user could not read it
+        tmp.chmod(new_file_mode(folder=True))  # mkdtemp makes it 0700: a server running as another user could not read it
     (tmp / _OWNER).write_text(f"{os.uname().nodename} {os.getpid()}")
     keep = finished = False
     try:

@@ -3,9 +3,9 @@
 :class:`ShardWriter` writes each finished part (a decoder block, the tensors outside the
 blocks) to its own safetensors file in ``<out>/.parts/``, flushed to disk
 (``fsync``) before it returns: a run that is killed keeps every part it finished.
-:meth:`ShardWriter.finish` then lays the parts out as the checkpoint: consecutive parts
-grouped into shards of at most ``max_shard_bytes`` (a part larger than that is a shard
-of its own), ``model.safetensors`` when one shard holds everything, else
+:meth:`ShardWriter.finish` then lays the parts out as the checkpoint: the parts' tensors, in order,
+grouped into shards of at most ``max_shard_bytes`` of tensor data, tensor by tensor (a
+tensor larger than that is a shard of its own), ``model.safetensors`` when one shard holds everything, else
 ``model-00001-of-0000N.safetensors`` ... with ``model.safetensors.index.json``, as
 transformers' ``save_pretrained`` writes them; :meth:`ShardWriter.cleanup` removes the parts.
 
@@ -29,7 +29,7 @@ import torch
 from safetensors.torch import save_file
 
 from quant.errors import QtoolError
-from quant.folder import fsync
+from quant.folder import fsync, new_file_mode
 
 PARTS = ".parts"
 _COPY_BYTES = 64 * 2**20
@@ -125,27 +125,35 @@ def _write_direct(path: Path, pieces: list[np.ndarray], total: int) -> None:
         os.close(fd)
 
 
-def merge_safetensors(parts: list[Path], out: Path, metadata: dict | None = None) -> list[str]:
-    """Write the tensors of ``parts`` (safetensors files, names distinct) into one safetensors file ``out``,
-    byte for byte, in the order of the parts; returns the tensor names written."""
-    entries, sources, offset = {}, [], 0
-    for p in parts:
-        header, start = _header(p)
-        for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0]):
-            b, end = e["data_offsets"]
-            entries[name] = {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": [offset, offset + end - b]}
-            sources.append((p, start + b, end - b))
-            offset += end - b
+def _tensors(part: Path) -> list[tuple[Path, str, dict, int]]:
+    """(part, name, header entry, byte offset of its data in the file) of every tensor of ``part``, in the
+    order of their data."""
+    header, start = _header(part)
+    return [(part, name, e, start + e["data_offsets"][0])
+            for name, e in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0])]
+
+
+def _nbytes(entry: dict) -> int:
+    return entry["data_offsets"][1] - entry["data_offsets"][0]
+
+
+def write_shard(tensors: list[tuple[Path, str, dict, int]], out: Path, metadata: dict | None = None) -> None:
+    """One safetensors file ``out`` holding ``tensors`` (as :func:`_tensors` lists them, names distinct), their
+    bytes copied from the files that hold them, in that order."""
+    entries, offset = {}, 0
+    for _, name, e, _ in tensors:
+        entries[name] = {"dtype": e["dtype"], "shape": e["shape"], "data_offsets": [offset, offset + _nbytes(e)]}
+        offset += _nbytes(e)
     with open(out, "wb") as f:
         f.write(_encode_header(entries, metadata))
-        for p, start, n in sources:
-            with open(p, "rb") as src:
+        for part, _, e, start in tensors:
+            with open(part, "rb") as src:
                 src.seek(start)
+                n = _nbytes(e)
                 while n:
                     chunk = src.read(min(n, _COPY_BYTES))
                     f.write(chunk)
                     n -= len(chunk)
-    return list(entries)
 
 
 class ShardWriter:
@@ -166,6 +174,7 @@ class ShardWriter:
         """Write one part, atomically (a temporary name, fsync, rename): it exists whole or not at all."""
         tmp = self.parts_dir / f".{key}.tmp"
         save_file({k: t.contiguous() for k, t in tensors.items()}, str(tmp), metadata={"format": "pt"})
+        os.chmod(tmp, new_file_mode())  # safetensors writes 0600, and a part can become a shard as it is (linked)
         fsync(tmp)
         os.replace(tmp, self.part_path(key))
         fsync(self.parts_dir)
@@ -175,33 +184,35 @@ class ShardWriter:
         :meth:`cleanup`, so that a run stopped after this point can lay the shards out again."""
         for stale in [*self.dst.glob("model*.safetensors"), self.dst / "model.safetensors.index.json"]:
             stale.unlink(missing_ok=True)  # a stopped run's layout (maybe for another --max-shard-size)
-        paths = [self.part_path(k) for k in order]
-        groups: list[list[Path]] = [[]]
+        # tensor by tensor, as transformers' save_pretrained shards: a shard closes before the tensor that would
+        # take it past max_shard_bytes (of tensor data), and a tensor larger than that is a shard of its own
+        groups: list[list[tuple[Path, str, dict, int]]] = [[]]
         size = 0
-        for p in paths:
-            n = p.stat().st_size
-            if groups[-1] and size + n > self.max_shard_bytes:
-                groups.append([])
-                size = 0
-            groups[-1].append(p)
-            size += n
+        for key in order:
+            for t in _tensors(self.part_path(key)):
+                if groups[-1] and size + _nbytes(t[2]) > self.max_shard_bytes:
+                    groups.append([])
+                    size = 0
+                groups[-1].append(t)
+                size += _nbytes(t[2])
         if len(groups) == 1:
             names = {"model.safetensors": groups[0]}
         else:
             names = {f"model-{i + 1:05d}-of-{len(groups):05d}.safetensors": g for i, g in enumerate(groups)}
         weight_map, total = {}, 0
         for fname, group in names.items():
-            if len(group) == 1:  # one part: the file is already a valid shard; linked, so the part stays
+            part = group[0][0]
+            if all(t[0] == part for t in group) and len(group) == len(_header(part)[0]):
+                # one whole part: the file is already a valid shard; linked, so the part stays
                 (self.dst / fname).unlink(missing_ok=True)
                 try:
-                    os.link(group[0], self.dst / fname)
+                    os.link(part, self.dst / fname)
                 except OSError:
-                    shutil.copyfile(group[0], self.dst / fname)
-                written = list(_header(self.dst / fname)[0])
+                    shutil.copyfile(part, self.dst / fname)
             else:
-                written = merge_safetensors(group, self.dst / fname, {"format": "pt"})
-            total += sum(e["data_offsets"][1] - e["data_offsets"][0] for e in _header(self.dst / fname)[0].values())
-            weight_map.update({k: fname for k in written})
+                write_shard(group, self.dst / fname, {"format": "pt"})
+            total += sum(_nbytes(t[2]) for t in group)
+            weight_map.update({t[1]: fname for t in group})
         if len(names) > 1:
             index = {"metadata": {"total_size": total}, "weight_map": dict(sorted(weight_map.items()))}
             (self.dst / "model.safetensors.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -973,7 +973,8 @@ def test_an_overflow_under_dtype_auto_names_what_chose_the_dtype(model, tmp_path
 
 
 @pytest.mark.parametrize("size,said", [
-    ("1.5GB", "--max-shard-size '1.5GB' is not a size; write a whole number and a unit, e.g. 1500MB"),
+    ("1.5GB", "--max-shard-size '1.5GB' is not a size; write a whole number and one of the units KB, MB, GB, KiB"),
+    ("1TB", "(those transformers reads), e.g. 1500MB, 4GB, 2GiB or 1000GB"),
     ("lots", "--max-shard-size 'lots' is not a size"), ("500KB", "--max-shard-size '500KB' is below 1MB"),
     ("8gb", "--max-shard-size '8gb' ends in a lower-case b, which reads as bits (8gb is 1GB); write a capital B for "
             "bytes, e.g. 8GB")])  # was 1GB shards, in silence

@@ -302,6 +302,40 @@ def test_output_shards_and_index_hold_the_same_tensors_and_load_the_same_model(t
 
 
 
+
+def test_shards_split_tensor_by_tensor_under_the_size_and_follow_the_umask(tmp_path):
+    """As transformers' save_pretrained shards: a shard closes before the tensor that would take it past the size
+    (a part, a decoder block, was kept whole: 2.2 MB files under a 1MB --max-shard-size), a tensor larger than
+    the size is a shard of its own; every file is readable under the umask (a part linked as a shard kept
+    safetensors' 0600)."""
+    from quant.shards import ShardWriter
+
+    parts = {"a": {"a0": torch.randn(100), "a1": torch.randn(100)},  # 400 bytes each
+             "b": {"b0": torch.randn(250)},  # 1000 bytes: larger than the shard size
+             "c": {"c0": torch.randn(25), "c1": torch.randn(25)}}
+    dst = tmp_path / "out"
+    dst.mkdir()
+    old = os.umask(0o022)
+    try:
+        writer = ShardWriter(dst, max_shard_bytes=500)
+        for key, tensors in parts.items():
+            writer.write(key, tensors)
+        files = writer.finish(list(parts))
+    finally:
+        os.umask(old)
+    held = [sorted(load_file(str(f))) for f in files]
+    assert held == [["a0"], ["a1"], ["b0"], ["c0", "c1"]]
+    assert {f.stat().st_mode & 0o777 for f in files} == {0o644}
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    assert index["weight_map"] == {"a0": files[0].name, "a1": files[1].name, "b0": files[2].name, "c0": files[3].name,
+                                   "c1": files[3].name}
+    assert index["metadata"]["total_size"] == 400 + 400 + 1000 + 200
+    for f in files:
+        got = load_file(str(f))
+        for name, t in got.items():
+            assert torch.equal(t, parts[name[0]][name])
+
+
 TENSORS = {"hidden": torch.randn(3, 5, 7), "bf16": torch.randn(4, 9).bfloat16(), "half": torch.randn(6).half(),
            "codes": torch.arange(-5, 5, dtype=torch.int64), "flags": torch.tensor([True, False, True]),
            "scalar": torch.tensor(2.5), "empty": torch.zeros(0, 3), "bytes": torch.arange(11, dtype=torch.uint8)}
