@@ -305,3 +305,34 @@ def test_layers_sharing_one_g_idx_tensor_each_write_it(tmp_path):
     tensors = checkpoint_tensors(layers, torch.float16)
     assert torch.equal(tensors["q.g_idx"], g_idx) and torch.equal(tensors["k.g_idx"], g_idx)
     assert tensors["q.g_idx"].untyped_storage().data_ptr() != tensors["k.g_idx"].untyped_storage().data_ptr()
+
+
+def test_info_vouches_for_no_loader_that_misses_settings_only_a_side_file_holds(checkpoints, tmp_path):
+    """transformers and vLLM read config.json's quantization_config alone: a checkpoint whose settings are in
+    AutoGPTQ's quantize_config.json only was listed as read right by them (they load it as a full-precision
+    model), and one whose config.json leaves out checkpoint_format gptq_v2 (v1, every weight a step off, to them)."""
+    from quant.info import checkpoint_info
+
+    assert checkpoint_info(checkpoints["sym_v2"]).loaders["transformers"] is None  # as written: read right
+    only = shutil.copytree(checkpoints["sym_v2"], tmp_path / "only")
+    config = json.loads((only / "config.json").read_text())
+    qc = config.pop("quantization_config")
+    (only / "config.json").write_text(json.dumps(config))
+    (only / "quantize_config.json").write_text(json.dumps(qc))
+    loaders = checkpoint_info(only).loaders
+    assert "config.json declares no quantization_config" in loaders["transformers"], loaders  # v2 read right, as written
+    assert all(loaders[name] for name in ("vllm", "lmdeploy", "autoawq")), loaders
+    assert loaders["gptqmodel"] is None  # AutoGPTQ's file is the one its successor reads
+
+    split = shutil.copytree(checkpoints["sym_v2"], tmp_path / "split")
+    config = json.loads((split / "config.json").read_text())
+    fmt = config["quantization_config"].pop("checkpoint_format")
+    (split / "config.json").write_text(json.dumps(config))
+    (split / "quantize_config.json").write_text(json.dumps({"checkpoint_format": fmt}))
+    loaders = checkpoint_info(split).loaders
+    assert "declares gptq 4-bit" in loaders["transformers"] and "adds what makes it gptq_v2" in loaders["transformers"]
+    assert all(loaders.values()), loaders  # GPTQModel too: which file it takes is not established
+
+    same = shutil.copytree(checkpoints["sym_v2"], tmp_path / "same")  # a side file that changes nothing
+    (same / "quantize_config.json").write_text(json.dumps({"checkpoint_format": fmt, "bits": qc["bits"]}))
+    assert checkpoint_info(same).loaders == checkpoint_info(checkpoints["sym_v2"]).loaders

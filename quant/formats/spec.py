@@ -43,15 +43,17 @@ class CheckpointSpec:
         return replace(self, format=fmt)
 
 
-def _raw_config(path: str | os.PathLike) -> dict:
+def _raw_config(path: str | os.PathLike, side_files: bool = True) -> dict:
     config = folder.read_config(path)
     qc = config.get("quantization_config")
     legacy = Path(path) / "quantize_config.json"
-    if legacy.is_file():  # AutoGPTQ / GPTQModel: fills what config.json leaves out (e.g. checkpoint_format)
+    if not side_files:
+        pass
+    elif legacy.is_file():  # AutoGPTQ / GPTQModel: fills what config.json leaves out (e.g. checkpoint_format)
         qc = {**folder.read_json_object(legacy, "the quantization settings (bits, group_size, ...)"), **(qc or {})}
         qc.setdefault("quant_method", "gptq")
     awq_legacy = Path(path) / "quant_config.json"
-    if qc is None and awq_legacy.is_file():  # older AutoAWQ: w_bit, q_group_size, zero_point, version
+    if side_files and qc is None and awq_legacy.is_file():  # older AutoAWQ: w_bit, q_group_size, zero_point, version
         old = folder.read_json_object(awq_legacy, "the quantization settings (w_bit, q_group_size, ...)")
         qc = {"quant_method": "awq", "bits": old.get("w_bit", 4), "group_size": old.get("q_group_size", 128),
               "zero_point": old.get("zero_point", True), "version": old.get("version", "gemm")}
@@ -100,8 +102,9 @@ def _gptq_version(qc: dict, where) -> str:
     return version
 
 
-def read_spec(path: str | os.PathLike) -> CheckpointSpec:
-    """The declared layout and settings of the quantized checkpoint in folder ``path``.
+def read_spec(path: str | os.PathLike, side_files: bool = True) -> CheckpointSpec:
+    """The declared layout and settings of the quantized checkpoint in folder ``path`` (``side_files`` False:
+    from config.json's ``quantization_config`` alone, as transformers and vLLM read them).
 
     Raises QtoolError (one sentence) for a folder that is not a quantized checkpoint, a
     quant_method other than awq/gptq, an AWQ version other than gemm, a kernel-specific
@@ -109,7 +112,7 @@ def read_spec(path: str | os.PathLike) -> CheckpointSpec:
     declared one; :func:`quant.gptq_checkpoints.resolve_convention` checks it against the
     stored zero points.
     """
-    qc = _raw_config(path)
+    qc = _raw_config(path, side_files)
     method = qc.get("quant_method")
     if method == "awq":
         if str(qc.get("version", "gemm")).lower() != "gemm":
@@ -136,3 +139,41 @@ def read_spec(path: str | os.PathLike) -> CheckpointSpec:
                          "of module-name rules")
     kept = _names(qc, "modules_to_not_convert", path) or kept_from_dynamic(qc.get("dynamic"))
     return CheckpointSpec(fmt, bits, group_size, sym, act_order, tuple(kept), qc)
+
+
+# The loader of each side file's own tool (AutoGPTQ's file is read by its successor GPTQModel; AutoAWQ's by AutoAWQ)
+_SIDE_FILE_READERS = {"quantize_config.json": "gptqmodel", "quant_config.json": "autoawq"}
+
+
+def side_file_problem(path: str | os.PathLike, spec: CheckpointSpec) -> tuple[str, str | None] | None:
+    """Where an older tool's side file declares what config.json's ``quantization_config`` does not: (why, the
+    one loader established to read the side file where config.json declares nothing, else None). None where the
+    side files change nothing that ``spec`` (read with them) holds.
+
+    transformers and vLLM take a checkpoint's settings from config.json alone (vLLM reads a side file only when
+    the method is given on its command line); neither reads a folder whose config.json declares nothing as
+    quantized."""
+    sides = [f for f in _SIDE_FILE_READERS if (Path(path) / f).is_file()]
+    if not sides:
+        return None
+    named = " and ".join(sides)
+    if folder.read_config(path).get("quantization_config") is None:
+        own = _SIDE_FILE_READERS[sides[0]] if len(sides) == 1 else None
+        return (f"config.json declares no quantization_config: the settings are in {named} only, and a loader that "
+                "reads config.json takes the folder for a full-precision model", own)
+    try:
+        alone = read_spec(path, side_files=False)
+    except QtoolError as e:
+        return f"config.json's quantization_config alone is not readable ({e}); {named} completes it", None
+    if (alone.format.name, alone.bits, alone.group_size, bool(alone.sym), alone.act_order, alone.skipped) == (
+            spec.format.name, spec.bits, spec.group_size, bool(spec.sym), spec.act_order, spec.skipped):
+        return None
+    return (f"config.json's quantization_config declares {_declares(alone)}, and {named} adds what makes it "
+            f"{_declares(spec)}: transformers and vLLM read config.json alone, and which file another loader takes "
+            "is not established", None)
+
+
+def _declares(spec: CheckpointSpec) -> str:
+    return (f"{spec.format.name} {spec.bits}-bit, group size {spec.group_size}"
+            + (", symmetric" if spec.sym else "") + (", act-order" if spec.act_order else "")
+            + (f", {len(spec.skipped)} layers kept" if spec.skipped else ""))
