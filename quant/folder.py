@@ -71,6 +71,8 @@ def read_config(model_dir: str | os.PathLike) -> dict:
         raise QtoolError(f"{path}: is a file, not a folder; give the folder that holds config.json")
     cfg_path = path / "config.json"
     if not cfg_path.is_file():
+        if cfg_path.exists() or cfg_path.is_symlink():
+            raise QtoolError(f"{cfg_path}: {_not_a_file(cfg_path)}; config.json must be a file")
         raise QtoolError(f"{path}: has no config.json, so it is not a Hugging Face model folder")
     return read_json_object(cfg_path, 'an object of settings ({"model_type": ...})')
 
@@ -106,6 +108,9 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     ``pytorch_model.bin.index.json`` where there is one, as transformers reads them (another ``.bin`` beside
     them is left out with a warning)."""
     path = Path(model_dir)
+    for f in sorted({f for p in WEIGHT_PATTERNS for f in path.glob(p)}):  # a FIFO would block the first read
+        if not f.is_file():
+            raise QtoolError(f"{f}: {_not_a_file(f)}; a weight file must be a regular file (or a link to one)")
     safetensors = any(not is_side_file(f) for f in path.glob("*.safetensors"))
     indexes = ((SHARD_INDEX, ("*.safetensors",), "model.safetensors", "transformers and vLLM"),
                (BIN_SHARD_INDEX, WEIGHT_PATTERNS[1:], "pytorch_model.bin", "transformers"))
@@ -130,6 +135,13 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     raise QtoolError(f"{path}: holds no weights (*.safetensors or pytorch_model*.bin)")
 
 
+def _not_a_file(f: Path) -> str:
+    """What ``f``, which is no regular file, is instead, for a sentence."""
+    if f.is_symlink() and not f.exists():
+        return "is a link to nothing"
+    return "is a folder" if f.is_dir() else "is not a regular file (a FIFO, socket or device)"
+
+
 def is_side_file(f: Path) -> bool:
     """Whether ``f``, a top-level file of a model folder, is one of qtool's side files, which hold no weights:
     ``qtool_*`` (the AWQ search of checkpoints made before it moved to ``qtool/``) or a KV-cache calibration
@@ -142,6 +154,8 @@ def is_kv_calibration(path: str | os.PathLike) -> bool:
     missing or damaged file is not one: its readers say what is wrong)."""
     from safetensors import safe_open
 
+    if not Path(path).is_file():  # a FIFO would block the read; a folder or a link to nothing is none either
+        return False
     try:
         with safe_open(str(path), framework="pt") as st:
             return (st.metadata() or {}).get("format") == KV_CALIB_FORMAT

@@ -5,6 +5,7 @@ import json
 import logging
 import os
 import re
+from pathlib import Path
 
 import torch
 from safetensors import safe_open
@@ -27,7 +28,7 @@ _PACKED_LEAVES = ("qweight", "qzeros", "scales")  # what marks a linear as quant
 _FLOAT_DTYPES = ("F32", "F16", "BF16", "F64")  # safetensors' names
 
 
-def _swap_in_quant_linears(model: nn.Module, names: set[str], index: dict, spec: CheckpointSpec) -> None:
+def _swap_in_quant_linears(model: nn.Module, names: set[str], spec: CheckpointSpec) -> None:
     for name in sorted(names):
         try:
             lin = model.get_submodule(name)
@@ -37,8 +38,10 @@ def _swap_in_quant_linears(model: nn.Module, names: set[str], index: dict, spec:
         if not isinstance(lin, nn.Linear):
             raise QtoolError(f"checkpoint tensors {name}.qweight/scales/qzeros sit on a {type(lin).__name__}, not a "
                              "Linear")
+        # a bias where the model has one (config.json says: attention_bias, ...): a stored bias the model has no
+        # place for is a tensor it does not use, as transformers and vLLM drop it
         q = QuantLinear(lin.in_features, lin.out_features, spec.bits, spec.group_size, spec.format,
-                        f"{name}.bias" in index, device="meta")
+                        lin.bias is not None, device="meta")
         model.set_submodule(name, q)
 
 
@@ -97,7 +100,7 @@ def _skeleton(path: str | os.PathLike, dtype: torch.dtype | str | None):
     reader.ignore = model_io.ignored_on_load(model)
     index = reader.native_index()
     names = {prefix for prefix, _, leaf in map(lambda k: k.rpartition("."), index) if leaf in _PACKED_LEAVES}
-    _swap_in_quant_linears(model, names, index, spec)
+    _swap_in_quant_linears(model, names, spec)
     return model, spec, reader, names, dtype, reason
 
 
@@ -327,11 +330,26 @@ def _assign_tensors(model: nn.Module, reader: _Reader, quant_names: set[str], dt
     ``reason``, e.g. ``--dtype float16``: said where a value is beyond its range)."""
     loaded: set[str] = set()
     spell = spelling(model)  # a message names what the files hold
+    shared: dict[int, list[str]] = {}  # parameters the skeleton ties (a tied lm_head): stored twice, one value
+    for k, t in model.state_dict(keep_vars=True).items():
+        shared.setdefault(id(t), []).append(k)
+    tied = {k: names for names in shared.values() if len(names) > 1 for k in names}
+    tied_values: dict[str, torch.Tensor] = {}
     for f, shard in reader.shards():
         for k, t in shard.items():
             prefix, _, leaf = k.rpartition(".")
             if t.is_floating_point() and not (prefix in quant_names and leaf in _QUANT_LEAVES):
                 shard[k] = converted(t, dtype, spell(k), why=reason)
+            if k not in tied:
+                continue
+            other = next((n for n in tied[k] if n in tied_values), None)
+            tied_values[k] = shard[k]  # the model holds it once loaded: no second copy
+            if other is not None and not torch.equal(tied_values[other], shard[k]):
+                owner, copy = sorted((k, other), key=tied[k].index)  # the embedding, then the head tied to it
+                raise QtoolError(f"{Path(f).parent}: stores {spell(copy)} "
+                                 f"with other values than {spell(owner)}, but config.json ties the two "
+                                 "(tie_word_embeddings); loaders disagree on which to use: set tie_word_embeddings to "
+                                 f"false in config.json or remove {spell(copy)}")
         result = model.load_state_dict(shard, strict=False, assign=True)
         if result.unexpected_keys:
             raise QtoolError(f"{f}: holds {_tensors(len(result.unexpected_keys))} the model does not use, e.g. "

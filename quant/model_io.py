@@ -19,20 +19,20 @@ _DTYPES = {"float16": torch.float16, "bfloat16": torch.bfloat16, "float32": torc
 
 def check_causal_lm(model_dir: str | os.PathLike) -> dict:
     """Config of a folder that transformers can load as a causal LM (natively, or through a checkpoint
-    layout of :mod:`quant.layouts` for remote-code families), else a clear error."""
+    layout of :mod:`quant.layouts` for remote-code families), else a clear error (:func:`model_config`)."""
+    model_config(model_dir)
+    return read_config(model_dir)
+
+
+def _check_model_type(cfg: dict, where: str) -> None:
     from transformers.models.auto.modeling_auto import MODEL_FOR_CAUSAL_LM_MAPPING_NAMES
 
-    cfg = read_config(model_dir)
     model_type = cfg.get("model_type")
     if not model_type:
-        raise QtoolError(f"{Path(model_dir) / 'config.json'}: has no model_type, so the architecture is unknown")
+        raise QtoolError(f"{where}: has no model_type, so the architecture is unknown")
     if model_type not in MODEL_FOR_CAUSAL_LM_MAPPING_NAMES and _layout(cfg) is None:
-        raise QtoolError(
-            f"{Path(model_dir) / 'config.json'}: model_type {model_type!r} is not a causal language model "
-            "that transformers can load (qtool quantizes decoder-only text generators)"
-        )
-    model_config(model_dir)
-    return cfg
+        raise QtoolError(f"{where}: model_type {model_type!r} is not a causal language model that transformers can "
+                         "load (qtool quantizes decoder-only text generators)")
 
 
 def _layout(cfg: dict):
@@ -59,11 +59,12 @@ def ignored_on_load(model) -> re.Pattern | None:
 def model_config(model_dir: str | os.PathLike):
     """The transformers config qtool builds the model from: the folder's own, or for a remote-code
     family the native class's config mapped from it (no code from the folder runs). QtoolError
-    (one sentence) where transformers cannot read it."""
+    (one sentence) where transformers cannot read it, or its ``model_type`` is no causal language model."""
     from transformers import AutoConfig
 
     cfg = read_config(model_dir)
     where = f"{Path(model_dir) / 'config.json'}"
+    _check_model_type(cfg, where)
     for key in ("dtype", "torch_dtype"):  # what the model computes in, as transformers reads it
         value = cfg.get(key)
         if value is not None and not (isinstance(value, str) and value in _DTYPES):
@@ -75,7 +76,8 @@ def model_config(model_dir: str | os.PathLike):
             return layout.native_config(cfg, where)
         return AutoConfig.from_pretrained(model_dir, local_files_only=True)
     except (ValueError, OSError, KeyError, TypeError) as e:
-        raise QtoolError(f"{where}: transformers cannot read it ({e})") from None
+        first = str(e).strip().split("\n\n")[0]  # transformers' advice to upgrade or install from git follows
+        raise QtoolError(f"{where}: transformers cannot read it ({first})") from None
 
 
 def parse_device(device: str | torch.device | None) -> torch.device:

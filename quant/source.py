@@ -267,6 +267,11 @@ class SourceModel:
         want = set(self.model.state_dict())
         missing = sorted(want - set(self.index) - tied)
         extra = sorted(set(self.index) - want)
+        packed = next((self.stored_name(k) for k in extra if k.endswith(".qweight")), None)
+        if packed:  # a quantized checkpoint whose config.json lost its quantization_config: not a full-precision model
+            raise QtoolError(f"{self.dir}: holds packed weights ({packed}, ...) but config.json has no "
+                             "quantization_config, so it reads as a full-precision model with those weights missing; "
+                             "restore the quantization_config the checkpoint was written with")
         for what, keys in (("lacks", missing), ("holds tensors the model does not use:", extra)):
             keys = sorted({self.stored_name(k) for k in keys})  # as the files name them
             if keys:

@@ -108,6 +108,34 @@ def test_not_a_causal_lm(tmp_path, capsys):
     assert_refused(code, err, "'t5'", "not a causal language model")
 
 
+def test_a_checkpoint_of_an_unknown_model_type_is_one_sentence_in_info_too(model, tmp_path, capsys):
+    """info printed transformers' three paragraphs (with pip install advice) where ppl said it in one sentence."""
+    out = _edited_checkpoint(model, tmp_path / "q", capsys, None, lambda c: c.update({"model_type": "bogus"}))
+    for args in (["info", out], ["ppl", out, "--max-tokens", "64", "--seqlen", "32"]):
+        code, err = run_cli(args, capsys)
+        assert_refused(code, err, "model_type 'bogus' is not a causal language model")
+        assert "pip install" not in err
+
+
+@pytest.mark.parametrize("kind, said", [("fifo", "is not a regular file (a FIFO, socket or device)"),
+                                        ("folder", "is a folder"), ("dangling", "is a link to nothing")])
+def test_a_weight_file_that_is_no_regular_file_is_one_sentence(model, tmp_path, capsys, kind, said):
+    """A FIFO named model.safetensors made info (and every reader of the folder) wait forever on its first read."""
+    out = _edited_checkpoint(model, tmp_path / "q", capsys)
+    for folder in (out, model):
+        f = folder / "model.safetensors"
+        f.unlink()
+        if kind == "fifo":
+            os.mkfifo(f)
+        elif kind == "folder":
+            f.mkdir()
+        else:
+            f.symlink_to(tmp_path / "gone.safetensors")
+    for args in (["info", out], ["ppl", out, "--max-tokens", "64", "--seqlen", "32"],
+                 ["rtn", model, "-o", tmp_path / "out", "--group-size", "32"]):
+        assert_refused(*run_cli(args, capsys), f"model.safetensors: {said}; a weight file must be a regular file")
+
+
 def test_unsupported_model_type(tmp_path, capsys):
     from transformers import GPT2Config, GPT2LMHeadModel
 
@@ -571,6 +599,10 @@ _UP = "model.layers.0.mlp.up_proj"
      f"{_UP}.qweight is F32, but packed qweight tensors are int32"),
     (lambda t: t.update({"model.layers.0.mlp.extra.scales": torch.ones(1, 8, dtype=torch.float16)}), None,
      "model.layers.0.mlp.extra.qweight/scales/qzeros belong to no module"),
+    # a bias on a quantized linear of a model without one (attention_bias false): transformers and vLLM drop it,
+    # qtool added it to the layer and scored that
+    (lambda t: t.update({"model.layers.0.self_attn.q_proj.bias": torch.full((64,), 3.0, dtype=torch.float16)}), None,
+     "holds 1 tensor the model does not use, e.g. model.layers.0.self_attn.q_proj.bias"),
     (None, lambda c: c.update({"quantization_config": "awq"}), "quantization_config is \"awq\", not an object"),
     (None, lambda c: c.update({"intermediate_size": 2 * c["intermediate_size"]}), "the layer sizes make it"),
     (None, lambda c: c["quantization_config"].update({"group_size": 0}), "group size is 0; it must be a positive"),
@@ -591,6 +623,34 @@ def test_a_quantized_checkpoint_that_does_not_fit_its_config_is_refused_by_info_
     out = _edited_checkpoint(model, tmp_path / "q", capsys, tensors, config)
     for args in (["info", out], ["ppl", out, "--max-tokens", "64", "--seqlen", "32"]):
         assert_refused(*run_cli(args, capsys), said)
+
+
+def test_a_quantized_checkpoint_without_its_quantization_config_is_said_to_be_so(model, tmp_path, capsys):
+    """ppl read it as a full-precision model and said it lacked model.layers.0...weight (random weights); the
+    sentence named the weights, not the quantization_config that was lost."""
+    out = _edited_checkpoint(model, tmp_path / "q", capsys, None, lambda c: c.pop("quantization_config"))
+    assert_refused(*run_cli(["ppl", out, "--max-tokens", "64", "--seqlen", "32"], capsys),
+                   "holds packed weights (model.layers.0.", "but config.json has no quantization_config")
+
+
+def test_a_quantized_checkpoint_whose_tied_lm_head_holds_other_values_is_refused(model, tmp_path, capsys):
+    """As for a full-precision folder: config.json ties lm_head to the embedding but the checkpoint stores another
+    lm_head; transformers would use the stored one, vLLM the embedding (ppl scored the embedding's, silently).
+    A stored copy of the same values is read."""
+    def tie(c):
+        c["tie_word_embeddings"] = True
+
+    out = _edited_checkpoint(model, tmp_path / "q", capsys, None, tie)
+    args = ["ppl", out, "--max-tokens", "64", "--seqlen", "32"]
+    f = out / "model.safetensors"
+    t = load_file(str(f))
+    t["lm_head.weight"] = t["model.embed_tokens.weight"].clone()
+    save_file(t, str(f), metadata={"format": "pt"})
+    assert run_cli(args, capsys)[0] == 0
+    t["lm_head.weight"] = torch.randn_like(t["model.embed_tokens.weight"])
+    save_file(t, str(f), metadata={"format": "pt"})
+    assert_refused(*run_cli(args, capsys), "stores lm_head.weight with other values than model.embed_tokens.weight",
+                   "config.json ties the two (tie_word_embeddings)")
 
 
 @pytest.mark.parametrize("record", ["garbage", "[]", '{"qtool": 5}', '{"qtool": {"config": "x", "report": [1]}}'])
