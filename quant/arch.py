@@ -10,10 +10,12 @@ activation); without one the linears' outputs are the judge.
 """
 from __future__ import annotations
 
+import json
+
 from dataclasses import dataclass, replace
 
 from quant.errors import QtoolError
-from quant.layouts import INTERNLM2, INTERNLM3, MIXTRAL, MOE, Layout
+from quant.layouts import INTERNLM1, INTERNLM2, INTERNLM3, MIXTRAL, MOE, Layout
 
 
 @dataclass(frozen=True)
@@ -132,9 +134,10 @@ ARCHITECTURES: dict[str, Arch] = {
     "mistral": _LLAMA,
     "qwen2": _LLAMA,
     "qwen3": _LLAMA,
-    # Remote code on the Hub, Llama in transformers (quant.layouts); "internlm": early InternLM2 checkpoints.
+    # Remote code on the Hub, Llama in transformers (quant.layouts); "internlm": the first InternLM, and early
+    # InternLM2 checkpoints (row_key tells them apart).
     "internlm2": replace(_LLAMA, layout=INTERNLM2),
-    "internlm": replace(_LLAMA, layout=INTERNLM2),
+    "internlm": replace(_LLAMA, layout=INTERNLM1),
     "internlm3": replace(_LLAMA, layout=INTERNLM3),
     "gemma": _GEMMA1,
     "gemma2": _GEMMA,
@@ -190,9 +193,20 @@ def value_heads(block, v_proj: str, fused: bool = False) -> ValueHeads | None:
     return ValueHeads(attention, out_f - n_kv * head_dim, n_kv, head_dim)
 
 
+def row_key(config: dict) -> str:
+    """The :data:`ARCHITECTURES` row of a stored ``config.json`` dict: its ``model_type``, except that early
+    InternLM2 checkpoints say "internlm" like the first InternLM; their ``architectures`` and ``auto_map`` name
+    InternLM2 (``InternLM2ForCausalLM``, ``modeling_internlm2``)."""
+    model_type = config.get("model_type", "")
+    names = json.dumps([config.get("architectures"), config.get("auto_map")]).lower()
+    if model_type == "internlm" and "internlm2" in names:
+        return "internlm2"
+    return model_type
+
+
 def layout_of(config: dict) -> Layout | None:
     """The checkpoint layout for a stored ``config.json`` dict, or None for a family transformers runs natively."""
-    model_type = config.get("model_type", "")
+    model_type = row_key(config)
     row = ARCHITECTURES.get(model_type)
     layout = row.layout if row is not None else None
     if layout is not None and layout.only_without_native and has_native_class(model_type):
@@ -204,8 +218,8 @@ def spelling(model, module: bool = False):
     """``name -> name`` as the checkpoint ``model`` was read from writes a native tensor name (a module name with
     ``module``): InternLM2's ``model.layers.0.attention.wqkv.weight`` for ``...self_attn.q_proj.weight``, so that
     a message names what the user's files hold. The identity for families transformers runs natively."""
-    row = ARCHITECTURES.get(getattr(getattr(model, "config", None), "qtool_checkpoint_type", None) or "")
-    layout = row.layout if row is not None else None
+    name = getattr(getattr(model, "config", None), "qtool_checkpoint_layout", None)
+    layout = next((r.layout for r in ARCHITECTURES.values() if name and r.layout and r.layout.name == name), None)
     if layout is None:
         return str
     if module:

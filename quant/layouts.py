@@ -90,7 +90,7 @@ class Layout:
             raise ValueError(f"the {self.name} layout reads config.json natively")
         fields = self.config(stored, where)
         config = AutoConfig.for_model(self.native, **fields)
-        config.qtool_checkpoint_type = stored.get("model_type")  # how messages name tensors: quant.arch.spelling
+        config.qtool_checkpoint_layout = self.name  # how messages name tensors: quant.arch.spelling
         return config
 
     # --- names --------------------------------------------------------------------------------------
@@ -284,8 +284,9 @@ def _llama_fields(c: dict, where: str, bias: bool) -> dict:
     return fields
 
 
-def _internlm2_config(c: dict, where: str) -> dict:
-    # InternLM2's ``bias`` puts biases on wqkv and wo (none in the MLP), as Llama's attention_bias does.
+def _internlm_config(c: dict, where: str) -> dict:
+    # InternLM's and InternLM2's ``bias`` puts biases on q, k, v (wqkv) and o (none in the MLP), as Llama's
+    # attention_bias does.
     return _llama_fields(c, where, bool(c.get("bias", False)))
 
 
@@ -301,7 +302,7 @@ def _internlm3_config(c: dict, where: str) -> dict:
 INTERNLM2 = Layout(
     name="InternLM2",
     native="llama",
-    config=_internlm2_config,
+    config=_internlm_config,
     renames=(
         (r"^model\.tok_embeddings\.", "model.embed_tokens."),
         (r"\.attention_norm\.", ".input_layernorm."),
@@ -326,6 +327,9 @@ INTERNLM2 = Layout(
 )
 
 INTERNLM3 = Layout(name="InternLM3", native="llama", config=_internlm3_config, only_without_native=True)
+
+# The first InternLM (internlm-7b, internlm-20b; ``InternLMForCausalLM``): Llama's names with biases on q, k, v, o.
+INTERNLM1 = Layout(name="InternLM", native="llama", config=_internlm_config)
 
 # Mixtral's Hub checkpoints name its MoE block and expert projections differently from transformers 5's
 # class (``block_sparse_moe``, ``w1``/``w3``/``w2``); vLLM's Mixtral loader reads those names.

@@ -185,7 +185,7 @@ def _check_source(model_dir, cfg: QuantConfig) -> tuple[dict, arch_table.Arch, Q
         method = (config.get("quantization_config") or {}).get("quant_method", "an older tool's")
         raise QtoolError(f"{model_dir}: is already quantized ({method} quantization); quantize the original "
                          "full-precision model instead")
-    arch = arch_table.lookup(config["model_type"], f"{Path(model_dir) / 'config.json'}")
+    arch = arch_table.lookup(arch_table.row_key(config), f"{Path(model_dir) / 'config.json'}")
     if not cfg.needs_calibration and folder.has_tokenizer_files(model_dir):
         # RTN reads no text, but copies the tokenizer into the checkpoint: a damaged one would be served from there
         heap.in_child(_check_tokenizer, model_dir, what="reading the tokenizer")

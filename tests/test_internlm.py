@@ -152,6 +152,35 @@ def test_early_internlm_model_type_and_the_cli(tmp_path):
         assert res.exit_code == 0, res.output
 
 
+def test_the_first_internlm_keeps_its_llama_names_and_biases(tmp_path):
+    """internlm-7b/20b (model_type "internlm", InternLMForCausalLM) store Llama's names with biases on q, k, v and o;
+    they were read as early InternLM2 checkpoints and written in InternLM2's layout (wqkv, feed_forward.w1, ...)
+    under a config.json still saying InternLMForCausalLM, which neither its code nor vLLM's Llama class reads."""
+    import shutil
+
+    ref = llama(4, 4, attention_bias=True)
+    ref.save_pretrained(tmp_path / "llama")
+    byte_tokenizer().save_pretrained(tmp_path / "llama")
+    src = shutil.copytree(tmp_path / "llama", tmp_path / "internlm")
+    config = json.loads((src / "config.json").read_text())
+    for key in ("attention_bias", "mlp_bias", "rope_parameters", "transformers_version"):
+        config.pop(key, None)
+    config.update({"model_type": "internlm", "architectures": ["InternLMForCausalLM"], "bias": True,
+                   "rope_theta": 1e6, "auto_map": {"AutoConfig": "configuration_internlm.InternLMConfig",
+                                                   "AutoModelForCausalLM": "modeling_internlm.InternLMForCausalLM"}})
+    (src / "config.json").write_text(json.dumps(config))
+    torch.testing.assert_close(logits(model_io.load_fp_model(src)), logits(ref), rtol=0, atol=1e-6)
+    for folder in ("internlm", "llama"):
+        quant.quantize(tmp_path / folder, tmp_path / f"q-{folder}", method="rtn", **SETTINGS)
+    stored = load_file(str(tmp_path / "q-internlm" / "model.safetensors"))
+    assert "model.layers.0.self_attn.q_proj.qweight" in stored and "model.layers.0.self_attn.o_proj.bias" in stored
+    assert not any("wqkv" in k or "feed_forward" in k for k in stored)
+    assert set(stored) == set(load_file(str(tmp_path / "q-llama" / "model.safetensors")))
+    assert json.loads((tmp_path / "q-internlm" / "config.json").read_text())["architectures"] == ["InternLMForCausalLM"]
+    torch.testing.assert_close(logits(quant.load(tmp_path / "q-internlm", dtype=torch.float32)),
+                               logits(quant.load(tmp_path / "q-llama", dtype=torch.float32)), rtol=0, atol=0)
+
+
 def test_internlm3_through_the_layout_where_transformers_lacks_its_class(tmp_path, monkeypatch):
     """Newer transformers run InternLM3 natively; older ones go through the layout (Llama names, mapped config)."""
     from quant import arch
