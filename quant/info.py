@@ -77,7 +77,8 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
         if sym is None:
             sym = all(stored_sym_convention(z, spec.bits) == spec.format.name for z in qzeros.values())
     moe = any(map(expert_layer, quantized))
-    family = config.get("model_type") if layout_of(config) is not None else None
+    layout = layout_of(config)  # a remote-code family (InternLM2), read by the loaders with a class for it only
+    family = config.get("model_type") if layout is not None and layout.remote_code else None
     loaders = readers(Written(spec.format.name, spec.bits, sym, spec.act_order, spec.group_size,
                               skip_pattern(kept, quantized), moe, keys,
                               declared if declared != spec.format.name else None, family))

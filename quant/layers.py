@@ -115,7 +115,8 @@ def plan_linears(model: nn.Module, arch: Arch, cfg: QuantConfig) -> LinearPlan:
             else:
                 names.append(name)
         plan.quantize.append(names)
-    _check_skip_names([s for s in cfg.skip if s not in arch.never_quantize], all_names)  # lm_head: never quantized
+    # lm_head: never quantized; the closest names spelled as the checkpoint stores them
+    _check_skip_names([s for s in cfg.skip if s not in arch.never_quantize], all_names, plan.spell)
     if plan.n_quantized == 0:
         reasons = sorted(set(plan.skipped.values()))
         raise QtoolError(f"no linear layer can be quantized with these settings ({'; '.join(reasons)})")
@@ -140,21 +141,22 @@ def _warn_kept(kept: dict[str, str], spell=str) -> None:
             log.warning("%s (%d linears) stay in full precision: %s", pattern, len(names), reason)
 
 
-def _check_skip_names(skip, linear_names: list[tuple[str, str]]) -> None:
+def _check_skip_names(skip, linear_names: list[tuple[str, str]], spell=str) -> None:
     """Every ``--skip`` name must match a linear of the decoder blocks (:func:`skip_matches`: e.g.
     ``mlp.down_proj``, ``model.layers.3.mlp.down_proj`` or a module such as ``mlp.shared_expert``); a typo is
-    refused with close matches."""
+    refused with close matches, named as ``spell`` gives them (the checkpoint's: InternLM2's ``feed_forward.w2``)."""
     import difflib
 
     full_names = [full for full, _ in linear_names]
-    tails = sorted({rel for _, rel in linear_names})  # names inside a block: "mlp.down_proj"
+    stored = sorted({spell(full) for full in full_names})
+    tails = sorted({re.sub(r"^.*?\.\d+\.", "", n) for n in stored})  # names inside a block: "mlp.down_proj"
     for s in skip:
         if not s.strip(" ."):
             raise QtoolError(f"--skip {s!r}: an empty name matches no linear; give a name such as {tails[-1]} "
                              "or a module such as mlp")
         if any(skip_matches(n, s) for n in full_names):
             continue
-        close = difflib.get_close_matches(s, tails + full_names, n=3, cutoff=0.6)
+        close = difflib.get_close_matches(s, tails + stored, n=3, cutoff=0.6)
         hint = f"did you mean {', '.join(close)}?" if close else f"the linears are named like {', '.join(tails[:4])}"
         raise QtoolError(f"--skip {s}: no linear layer of the decoder blocks has this name; {hint}")
 

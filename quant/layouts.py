@@ -80,6 +80,12 @@ class Layout:
     # Used only where the installed transformers has no class for the model_type (newer ones have InternLM3).
     only_without_native: bool = False
 
+    @property
+    def remote_code(self) -> bool:
+        """Whether the family ships as remote code (transformers has no class of its own: its config is mapped
+        onto :attr:`native`), so that only loaders with a class for it read its checkpoints."""
+        return self.config is not None
+
     # --- config -------------------------------------------------------------------------------------
 
     def native_config(self, stored: dict, where: str = "config.json"):

@@ -112,13 +112,16 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
     ``model`` is :func:`_skeleton`'s; shapes are compared where the checkpoint stores the native class's
     tensors (a remote-code family's fused tensors are checked as they are split, at load)."""
     expected = model.state_dict(keep_vars=True)
+    spell = spelling(model)  # a message names what the files hold (InternLM2's feed_forward.w2, Mixtral's w1)
     headers = checkpoint_headers(reader.stored)
     given = {}
     for k, (f, shape, dtype) in headers.items():
         native = reader.layout.native_names(k, reader.shape) if reader.layout is not None else [k]
         for n in native:
             if reader.ignore is None or not reader.ignore.search(n):
-                given[n] = (f, shape if reader.layout is None else None, dtype)
+                # a tensor stored as one native tensor (renamed at most) has its shape; a fused one is checked
+                # as it is split, at load (_assign_tensors)
+                given[n] = (f, shape if len(native) == 1 else None, dtype)
     if reader.layout is None:  # names as stored: the config's exclusions name them so
         declared = declared_kept(spec.config, sorted(names))
         listed = spec.config.get("modules_to_not_convert")
@@ -141,7 +144,7 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
     unexpected = sorted(n for n in given if n not in expected)
     if unexpected:
         f = given[unexpected[0]][0]
-        raise QtoolError(f"{f}: holds {_tensors(len(unexpected))} the model does not use, e.g. {unexpected[0]}; "
+        raise QtoolError(f"{f}: holds {_tensors(len(unexpected))} the model does not use, e.g. {spell(unexpected[0])}; "
                          "the checkpoint does not match its config.json")
     for n, (f, shape, dtype) in sorted(given.items()):
         prefix, _, leaf = n.rpartition(".")
@@ -149,12 +152,12 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
         if shape is not None and tuple(shape) != want:
             why = f"quantization_config's bits={spec.bits} and group size {spec.group_size} with the layer" \
                 if prefix in names and leaf in _QUANT_LEAVES else "config.json's layer"
-            raise QtoolError(f"{f}: {n} has shape {list(shape)}, but {why} sizes make it {list(want)}; the "
+            raise QtoolError(f"{f}: {spell(n)} has shape {list(shape)}, but {why} sizes make it {list(want)}; the "
                              "checkpoint does not match its config.json")
         if prefix in names and leaf in ("qweight", "qzeros") and dtype != "I32":
-            raise QtoolError(f"{f}: {n} is {dtype}, but packed {leaf} tensors are int32")
+            raise QtoolError(f"{f}: {spell(n)} is {dtype}, but packed {leaf} tensors are int32")
         if expected[n].is_floating_point() and dtype not in _FLOAT_DTYPES:
-            raise QtoolError(f"{f}: {n} is {dtype}, but the model's {leaf} is a floating-point tensor (float32, "
+            raise QtoolError(f"{f}: {spell(n)} is {dtype}, but the model's {leaf} is a floating-point tensor (float32, "
                              "float16 or bfloat16)")
     aliases: dict[int, list[str]] = {}
     for k, t in expected.items():
@@ -166,7 +169,7 @@ def check_tensors(path: str | os.PathLike, model: nn.Module, reader: _Reader, na
         why = " (act-order: desc_act is true, so each input channel's group is only in g_idx)" \
             if missing[0].endswith(".g_idx") else ""
         raise QtoolError(f"{path}: the checkpoint lacks {len(missing)} tensors the model needs, e.g. "
-                         f"{missing[0]}{why}")
+                         f"{spell(missing[0])}{why}")
     _check_g_idx(reader, names, expected)
 
 
@@ -350,6 +353,12 @@ def _assign_tensors(model: nn.Module, reader: _Reader, quant_names: set[str], dt
                                  f"with other values than {spell(owner)}, but config.json ties the two "
                                  "(tie_word_embeddings); loaders disagree on which to use: set tie_word_embeddings to "
                                  f"false in config.json or remove {spell(copy)}")
+        expected = model.state_dict(keep_vars=True)
+        for k, t in sorted(shard.items()):  # a fused tensor's parts, split: load_state_dict would raise a traceback
+            if k in expected and tuple(t.shape) != tuple(expected[k].shape):
+                what = f"{spell(k)} gives {k} the shape" if spell(k) != k else f"{k} has shape"
+                raise QtoolError(f"{f}: {what} {list(t.shape)}, but config.json's layer sizes and quantization_config "
+                                 f"make it {list(expected[k].shape)}; the checkpoint does not match its config.json")
         result = model.load_state_dict(shard, strict=False, assign=True)
         if result.unexpected_keys:
             raise QtoolError(f"{f}: holds {_tensors(len(result.unexpected_keys))} the model does not use, e.g. "

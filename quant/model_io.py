@@ -74,7 +74,10 @@ def model_config(model_dir: str | os.PathLike):
         layout = _layout(cfg)
         if layout is not None and layout.config is not None:
             return layout.native_config(cfg, where)
-        return AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
+        if layout is not None:  # names as the checkpoint stores them (Mixtral's w1), for messages: arch.spelling
+            config.qtool_checkpoint_layout = layout.name
+        return config
     except (ValueError, OSError, KeyError, TypeError) as e:
         first = str(e).strip().split("\n\n")[0]  # transformers' advice to upgrade or install from git follows
         raise QtoolError(f"{where}: transformers cannot read it ({first})") from None

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
@@ -119,8 +120,8 @@ def quantize(
         settings_known = True  # what the saved search file's header may claim
         # which weights a search is made on (read before any block is quantized in the skeleton)
         probe = _weight_probe(src, arch.blocks) if cfg.folds_scales else None
-        if src.layout is not None and cfg.skip:  # --skip in the checkpoint's own names (feed_forward.w2, attention.wqkv)
-            cfg = cfg.with_(skip=tuple(dict.fromkeys(n for s in cfg.skip for n in src.layout.native_modules(s, src.shape))))
+        if src.layout is not None and cfg.skip:  # --skip in the checkpoint's own names: see _native_skip
+            cfg = cfg.with_(skip=_native_skip(cfg.skip, src, arch))
         if replay is not None:  # made for this model and these settings, or refused
             from quant.awq import check_search_file
 
@@ -136,7 +137,8 @@ def quantize(
         plan = plan_linears(src.model, arch, cfg)
         for i in range(len(plan.quantize)):
             block_loop.keep_fused_together(plan, src, arch, i)
-        family = config["model_type"] if src.layout is not None else None  # InternLM2, written back in its layout
+        # a remote-code family (InternLM2), written back in its own layout
+        family = config["model_type"] if src.layout is not None and src.layout.remote_code else None
         check_target(cfg.target, _written(cfg, arch, *_stored_names(plan, src, arch), family))
         dtype = output_dtype(cfg, src, {f"{arch.blocks}.{i}.{n}.weight" for i, names in enumerate(plan.quantize)
                                         for n in names})
@@ -153,7 +155,9 @@ def quantize(
         writer.finish(parts + _write_outside(src, writer, arch, dtype, cfg.dtype_option))
         report = QuantReport(
             out=str(Path(out).absolute()), method=cfg.label, fmt=cfg.layout, bits=cfg.bits,
-            group_size=cfg.group_size, n_quantized=plan.n_quantized, skipped=plan.skipped,
+            # counted and named as the checkpoint stores them (InternLM2's q, k and v are one wqkv)
+            group_size=cfg.group_size, n_quantized=len(quantized),
+            skipped={src.stored_module(n): why for n, why in plan.skipped.items()},
             seconds=time.perf_counter() - t0, calib_seconds=calib_seconds, peak_rss_mb=heap.peak_rss_mb(),
             peak_device_mb=torch.cuda.max_memory_allocated() / 2**20 if dev.type == "cuda" else 0.0,
             source_bytes=folder.folder_bytes(model_dir), output_bytes=folder.folder_bytes(tmp, ("model*.safetensors",)), blocks=rows,
@@ -276,6 +280,24 @@ def _weight_probe(src: SourceModel, blocks: str) -> dict:
 
     name = f"{blocks}.0.{first_weight(src.blocks[0])}"
     return weight_probe(name, src.tensor(name))
+
+
+def _native_skip(skip: tuple[str, ...], src: SourceModel, arch) -> tuple[str, ...]:
+    """``--skip`` entries in the checkpoint's own names (InternLM2's ``feed_forward.w2``, the fused ``attention.wqkv``,
+    a module holding them such as ``attention`` or ``model.layers.0.attention``) as the native linears they name:
+    inside a block where the entry names no block, else whole names. An entry that names no stored module is kept
+    as given (a native name such as ``self_attn.q_proj``; a typo is refused with the closest names)."""
+    from quant.layers import skip_matches
+
+    linears = [n for n, m in src.model.get_submodule(arch.blocks).named_modules(prefix=arch.blocks)
+               if isinstance(m, torch.nn.Linear)]
+    native = []
+    for entry in skip:
+        hits = [n for n in linears if skip_matches(src.stored_module(n), entry)]
+        if hits and not re.search(r"(^|\.)\d+(\.|$)", entry):  # the same linears in every block
+            hits = [n.removeprefix(f"{arch.blocks}.").split(".", 1)[1] for n in hits]
+        native += hits or [entry]
+    return tuple(dict.fromkeys(native))
 
 
 def _written(cfg: QuantConfig, arch, kept: list[str], quantized: list[str], family: str | None) -> Written:

@@ -357,3 +357,34 @@ def test_info_and_the_targets_name_the_loaders_that_read_internlm2s_own_layout(t
     code, err = run_cli(["rtn", src, "-o", tmp_path / "t", "--group-size", "32", "--target", "transformers"], capsys)
     assert_refused(code, err, "--target transformers", "no internlm2 model class")
     assert not (tmp_path / "t").exists()
+
+
+def test_a_group_size_that_does_not_fit_internlm2s_fused_tensors_is_one_sentence_in_ppl(tmp_path, capsys):
+    """info refused it; ppl split wqkv by the config's group size and ended in load_state_dict's traceback."""
+    src = save_internlm2(llama(4, 2), tmp_path / "m")
+    quant.quantize(src, tmp_path / "q", method="rtn", **SETTINGS)
+    config = json.loads((tmp_path / "q" / "config.json").read_text())
+    config["quantization_config"]["group_size"] = 16
+    (tmp_path / "q" / "config.json").write_text(json.dumps(config))
+    code, err = run_cli(["ppl", tmp_path / "q", "--max-tokens", "64", "--seqlen", "32"], capsys)
+    assert_refused(code, err, "the checkpoint does not match its config.json")
+
+
+@pytest.mark.parametrize("skip, kept", [("attention", {"attention.wqkv", "attention.wo"}),
+                                        ("model.layers.0.attention", {"attention.wqkv", "attention.wo"}),
+                                        ("feed_forward", {"feed_forward.w1", "feed_forward.w2", "feed_forward.w3"})])
+def test_skip_takes_internlm2s_modules_and_the_counts_are_its_own(tmp_path, capsys, skip, kept):
+    """--skip attention (InternLM2's module) was refused, suggesting self_attn.q_proj, a name its files do not hold;
+    the summary counted q, k and v as three linears (14 quantized) where info counts the one wqkv (10)."""
+    from quant.info import checkpoint_info
+
+    src = save_internlm2(llama(4, 2), tmp_path / "m")
+    report = quant.quantize(src, tmp_path / "q", method="rtn", bits=4, group_size=32, progress=False, skip=(skip,))
+    blocks = (0,) if "layers.0" in skip else (0, 1)
+    assert set(report.skipped) == {f"model.layers.{i}.{m}" for i in blocks for m in kept}
+    info = checkpoint_info(tmp_path / "q")
+    assert (report.n_quantized, len(report.skipped)) == (info.n_quantized, len(info.skipped))
+    assert report.n_quantized + len(report.skipped) == 2 * 5  # wqkv, wo, w1, w2, w3 in each of 2 blocks
+    code, err = run_cli(["rtn", src, "-o", tmp_path / "typo", "--skip", "feed_forwrd.w2"], capsys)
+    assert_refused(code, err, "did you mean feed_forward.w2")
+    assert "self_attn" not in err and "mlp." not in err

@@ -465,3 +465,54 @@ def test_the_kv_cache_refuses_multi_head_latent_attention_in_one_sentence():
         with pytest.raises(QtoolError, match="multi-head latent attention .kv_lora_rank"):
             call()
     with_kv_cache(tiny_moe("qwen3_moe"), "int4")  # experts are no matter to the cache
+
+
+@pytest.mark.parametrize("model_type, key", [("mixtral", "model.layers.0.block_sparse_moe.experts.2.w1.qweight"),
+                                             ("qwen3_moe", "model.layers.0.self_attn.q_proj.qweight")])
+def test_a_packed_tensor_of_another_shape_is_one_sentence_in_a_moe_checkpoint(tmp_path, capsys, model_type, key):
+    """The shape checks ran only for families stored with transformers' own names: info called a MoE checkpoint
+    with a truncated expert healthy and ppl ended in load_state_dict's traceback."""
+    from safetensors.torch import load_file, save_file
+    from test_bad_input import assert_refused, run_cli
+
+    src = _save(tiny_moe(model_type), tmp_path / "src")
+    assert run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)[0] == 0
+    f = tmp_path / "q" / "model.safetensors"
+    t = load_file(str(f))
+    t[key] = t[key][:, :2].clone()
+    save_file(t, str(f), metadata={"format": "pt"})
+    for args in (["info", tmp_path / "q"], ["ppl", tmp_path / "q", "--max-tokens", "64", "--seqlen", "32"]):
+        assert_refused(*run_cli(args, capsys), f"{key} has shape [", "the checkpoint does not match its config.json")
+
+
+@pytest.mark.parametrize("model_type", ["qwen3_moe", "mixtral"])
+def test_info_gives_the_moe_reasons_not_a_remote_code_one(tmp_path, capsys, model_type):
+    """Every MoE checkpoint was said to need remote code in transformers ("it has no qwen3_moe model class"), which
+    has classes for them: the reasons are the routed experts' (transformers fuses them and leaves them random;
+    GPTQModel dropped a Mixtral's experts)."""
+    from test_bad_input import run_cli
+
+    from quant.info import checkpoint_info
+
+    src = _save(tiny_moe(model_type), tmp_path / "src")
+    assert run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)[0] == 0
+    loaders = checkpoint_info(tmp_path / "q").loaders
+    assert "fuses routed experts" in loaders["transformers"], loaders
+    assert "dropped a Mixtral's experts" in loaders["gptqmodel"], loaders
+    assert loaders["vllm"] is None
+
+
+@pytest.mark.parametrize("top_k", [0, 10])
+def test_a_top_k_that_routes_to_no_expert_or_to_more_than_all_is_one_sentence(tmp_path, capsys, top_k):
+    """num_experts_per_tok 0 made every MoE layer add nothing: rtn, gptq and ppl went on (ppl printed its number)
+    and AWQ failed in its gradients' traceback."""
+    from test_bad_input import assert_refused, run_cli
+
+    src = _save(tiny_moe("qwen3_moe"), tmp_path / "src")
+    config = json.loads((src / "config.json").read_text())
+    config["num_experts_per_tok"] = top_k
+    (src / "config.json").write_text(json.dumps(config))
+    said = f"num_experts_per_tok {top_k} is not a number of experts each token is routed to; use 1 to the 8 experts"
+    for args in (["rtn", src, "-o", tmp_path / "q", "--group-size", "32"],
+                 ["ppl", src, "--max-tokens", "64", "--seqlen", "32"]):
+        assert_refused(*run_cli(args, capsys), said)
