@@ -516,3 +516,15 @@ def test_a_top_k_that_routes_to_no_expert_or_to_more_than_all_is_one_sentence(tm
     for args in (["rtn", src, "-o", tmp_path / "q", "--group-size", "32"],
                  ["ppl", src, "--max-tokens", "64", "--seqlen", "32"]):
         assert_refused(*run_cli(args, capsys), said)
+
+
+def test_a_target_that_cannot_read_the_experts_is_not_told_to_pass_sym():
+    """--target gptqmodel on a Mixtral ended "; pass --sym for symmetric weights", and --sym was refused too."""
+    from quant.errors import QtoolError
+    from quant.formats.compat import Written, check_target
+
+    with pytest.raises(QtoolError, match="dropped a Mixtral's experts") as refused:
+        check_target("gptqmodel", Written("gptq_v2", 3, False, True, 32, moe=True))
+    assert "--sym" not in str(refused.value)
+    with pytest.raises(QtoolError, match="pass --sym"):  # where --sym alone would do, it is said
+        check_target("vllm", Written("gptq_v2", 4, False, False, 128))

@@ -22,7 +22,7 @@ a loader's name writes a layout that loader reads right, or refuses with one sen
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 from quant.errors import QtoolError
 from quant.formats.base import format_names, get_format
@@ -253,8 +253,9 @@ def check_target(target: str, w: Written) -> None:
     if why:
         raise QtoolError(f"--target {target}: {LOADERS[target]} would not read this checkpoint right: {why} "
                          f"(layout {get_format(w.layout).title}, {w.bits}-bit, group size {w.group_size})"
+                         # only where --sym alone would do: the same checkpoint (experts, kept layers) symmetric
                          + ("; pass --sym for symmetric weights" if not w.sym and problem(
-                             target, Written(w.layout, w.bits, True, w.act_order, w.group_size)) is None else ""))
+                             target, replace(w, sym=True)) is None else ""))
 
 
 # --- layers kept in full precision ----------------------------------------------------------------------------
