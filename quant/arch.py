@@ -153,6 +153,9 @@ ARCHITECTURES: dict[str, Arch] = {
 }
 
 
+_LAYOUTS = {row.layout.name: row.layout for row in ARCHITECTURES.values() if row.layout is not None}  # by name
+
+
 def lookup(model_type: str, where: str = "config.json") -> Arch:
     """The row for ``model_type``, or a :class:`QtoolError` that lists the supported ones."""
     try:
@@ -218,8 +221,7 @@ def spelling(model, module: bool = False):
     """``name -> name`` as the checkpoint ``model`` was read from writes a native tensor name (a module name with
     ``module``): InternLM2's ``model.layers.0.attention.wqkv.weight`` for ``...self_attn.q_proj.weight``, so that
     a message names what the user's files hold. The identity for families transformers runs natively."""
-    name = getattr(getattr(model, "config", None), "qtool_checkpoint_layout", None)
-    layout = next((r.layout for r in ARCHITECTURES.values() if name and r.layout and r.layout.name == name), None)
+    layout = _LAYOUTS.get(getattr(getattr(model, "config", None), "qtool_checkpoint_layout", None))
     if layout is None:
         return str
     if module:

@@ -47,9 +47,7 @@ def _raw_config(path: str | os.PathLike, side_files: bool = True) -> dict:
     config = folder.read_config(path)
     qc = config.get("quantization_config")
     legacy = Path(path) / "quantize_config.json"
-    if not side_files:
-        pass
-    elif legacy.is_file():  # AutoGPTQ / GPTQModel: fills what config.json leaves out (e.g. checkpoint_format)
+    if side_files and legacy.is_file():  # AutoGPTQ / GPTQModel: fills what config.json leaves out (checkpoint_format)
         qc = {**folder.read_json_object(legacy, "the quantization settings (bits, group_size, ...)"), **(qc or {})}
         qc.setdefault("quant_method", "gptq")
     awq_legacy = Path(path) / "quant_config.json"
