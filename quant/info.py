@@ -13,7 +13,7 @@ from quant.arch import layout_of
 from quant.checkpoint import QTOOL_META, checkpoint_headers, tensor_index
 from quant.errors import QtoolError
 from quant.formats.compat import Written, declared_kept, expert_layer, in_block, readers, skip_pattern
-from quant.formats.spec import read_spec, side_file_problem
+from quant.formats.spec import read_spec, side_file_problems
 
 log = logging.getLogger(__name__)
 
@@ -88,10 +88,9 @@ def checkpoint_info(path: str | os.PathLike) -> CheckpointInfo:
             loaders = {name: why or f"{permuted}.g_idx is not the sequential group order while desc_act is false: "
                        "a loader that trusts desc_act reads the groups in the wrong order"
                        for name, why in loaders.items()}
-    side = side_file_problem(path, read_spec(path))  # the spec as declared, before the stored zero points decide
-    if side:  # settings only an older tool's side file holds: loaders that read config.json alone miss them
-        why, own = side
-        loaders = {name: problem if name == own else problem or why for name, problem in loaders.items()}
+    # settings an older tool's side file holds: loaders that read config.json alone, or the side file first, differ
+    side = side_file_problems(path, read_spec(path))  # the spec as declared, before the stored zero points decide
+    loaders = {name: problem or side.get(name) for name, problem in loaders.items()}
     outside = sorted(n for n in quantized if not in_block(n))  # qtool never writes one: another tool's lm_head
     if outside:  # transformers' AWQ loader keeps lm_head in full precision, optimum's GPTQ converts the blocks only
         loaders = {name: why or f"{outside[0]} is stored quantized, outside the decoder blocks: the table covers "

@@ -833,10 +833,11 @@ def test_an_autoawq_checkpoint_with_a_legacy_quant_config_json_is_read(model, tm
     ppl = [line.split("|")[3].strip() for line in (out_new, out_legacy)
            for line in line.splitlines() if str(tmp_path / "q") in line]
     assert len(ppl) == 2 and ppl[0] == ppl[1], (out_new, out_legacy)
-    from quant.info import checkpoint_info  # AutoAWQ reads its own file; transformers and vLLM read config.json only
+    from quant.info import checkpoint_info  # AutoAWQ 0.2.9, transformers and vLLM read config.json alone
 
     loaders = checkpoint_info(tmp_path / "q").loaders
-    assert loaders["autoawq"] is None and "config.json declares no quantization_config" in loaders["transformers"]
+    assert all("config.json declares no quantization_config" in loaders[n] for n in ("autoawq", "transformers"))
+    assert "it reads quant_config.json first" in loaders["gptqmodel"]
 
 
 def test_a_folder_without_a_tokenizer_is_refused_before_the_model_loads(model, tmp_path, capsys):

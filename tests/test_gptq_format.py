@@ -333,6 +333,14 @@ def test_info_vouches_for_no_loader_that_misses_settings_only_a_side_file_holds(
     assert "declares gptq 4-bit" in loaders["transformers"] and "adds what makes it gptq_v2" in loaders["transformers"]
     assert all(loaders.values()), loaders  # GPTQModel too: which file it takes is not established
 
-    same = shutil.copytree(checkpoints["sym_v2"], tmp_path / "same")  # a side file that changes nothing
-    (same / "quantize_config.json").write_text(json.dumps({"checkpoint_format": fmt, "bits": qc["bits"]}))
+    same = shutil.copytree(checkpoints["sym_v2"], tmp_path / "same")  # a side file that says the same: GPTQModel's
+    (same / "quantize_config.json").write_text(json.dumps(qc))
     assert checkpoint_info(same).loaders == checkpoint_info(checkpoints["sym_v2"]).loaders
+
+    # config.json says it all, but GPTQModel reads quantize_config.json first, and this one says 8 bits
+    other = shutil.copytree(checkpoints["sym_v2"], tmp_path / "other")
+    (other / "quantize_config.json").write_text(json.dumps({**qc, "bits": 8}))
+    loaders = checkpoint_info(other).loaders
+    assert "it reads quantize_config.json before config.json" in loaders["gptqmodel"], loaders
+    assert "declares gptq_v2 8-bit" in loaders["gptqmodel"]
+    assert loaders["transformers"] is None

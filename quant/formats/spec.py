@@ -43,18 +43,27 @@ class CheckpointSpec:
         return replace(self, format=fmt)
 
 
+def _side_config(path: str | os.PathLike, name: str) -> dict | None:
+    """The settings of side file ``name`` in folder ``path`` as a ``quantization_config``, or None where it is not
+    there: AutoGPTQ / GPTQModel's ``quantize_config.json`` (GPTQ), older AutoAWQ's ``quant_config.json`` (``w_bit``,
+    ``q_group_size``, ``zero_point``, ``version``)."""
+    f = Path(path) / name
+    if not f.is_file():
+        return None
+    if name == "quantize_config.json":
+        return {"quant_method": "gptq",
+                **folder.read_json_object(f, "the quantization settings (bits, group_size, ...)")}
+    old = folder.read_json_object(f, "the quantization settings (w_bit, q_group_size, ...)")
+    return {"quant_method": "awq", "bits": old.get("w_bit", 4), "group_size": old.get("q_group_size", 128),
+            "zero_point": old.get("zero_point", True), "version": old.get("version", "gemm")}
+
+
 def _raw_config(path: str | os.PathLike, side_files: bool = True) -> dict:
-    config = folder.read_config(path)
-    qc = config.get("quantization_config")
-    legacy = Path(path) / "quantize_config.json"
-    if side_files and legacy.is_file():  # AutoGPTQ / GPTQModel: fills what config.json leaves out (checkpoint_format)
-        qc = {**folder.read_json_object(legacy, "the quantization settings (bits, group_size, ...)"), **(qc or {})}
-        qc.setdefault("quant_method", "gptq")
-    awq_legacy = Path(path) / "quant_config.json"
-    if side_files and qc is None and awq_legacy.is_file():  # older AutoAWQ: w_bit, q_group_size, zero_point, version
-        old = folder.read_json_object(awq_legacy, "the quantization settings (w_bit, q_group_size, ...)")
-        qc = {"quant_method": "awq", "bits": old.get("w_bit", 4), "group_size": old.get("q_group_size", 128),
-              "zero_point": old.get("zero_point", True), "version": old.get("version", "gemm")}
+    qc = folder.read_config(path).get("quantization_config")
+    if side_files and (legacy := _side_config(path, "quantize_config.json")) is not None:
+        qc = {**legacy, **(qc or {})}  # it fills what config.json leaves out (e.g. checkpoint_format)
+    if side_files and qc is None:
+        qc = _side_config(path, "quant_config.json")
     if qc is None:
         raise QtoolError(f"{path}: config.json has no quantization_config, so this is not a quantized checkpoint")
     if not isinstance(qc, dict):
@@ -110,7 +119,11 @@ def read_spec(path: str | os.PathLike, side_files: bool = True) -> CheckpointSpe
     declared one; :func:`quant.gptq_checkpoints.resolve_convention` checks it against the
     stored zero points.
     """
-    qc = _raw_config(path, side_files)
+    return _spec(_raw_config(path, side_files), path)
+
+
+def _spec(qc: dict, path) -> CheckpointSpec:
+    """:func:`read_spec` of the ``quantization_config`` ``qc`` (read from folder ``path``)."""
     method = qc.get("quant_method")
     if method == "awq":
         if str(qc.get("version", "gemm")).lower() != "gemm":
@@ -139,36 +152,52 @@ def read_spec(path: str | os.PathLike, side_files: bool = True) -> CheckpointSpe
     return CheckpointSpec(fmt, bits, group_size, sym, act_order, tuple(kept), qc)
 
 
-# The loader of each side file's own tool (AutoGPTQ's file is read by its successor GPTQModel; AutoAWQ's by AutoAWQ)
-_SIDE_FILE_READERS = {"quantize_config.json": "gptqmodel", "quant_config.json": "autoawq"}
+_SIDE_FILES = ("quantize_config.json", "quant_config.json")  # AutoGPTQ's, older AutoAWQ's
 
 
-def side_file_problem(path: str | os.PathLike, spec: CheckpointSpec) -> tuple[str, str | None] | None:
-    """Where an older tool's side file declares what config.json's ``quantization_config`` does not: (why, the
-    one loader established to read the side file where config.json declares nothing, else None). None where the
-    side files change nothing that ``spec`` (read with them) holds.
+def side_file_problems(path: str | os.PathLike, spec: CheckpointSpec) -> dict[str, str]:
+    """Loader -> why it does not read ``spec`` (read with the side files) where an older tool's side file is in the
+    folder; empty where there is none, or where every loader reads what qtool reads.
 
-    transformers and vLLM take a checkpoint's settings from config.json alone (vLLM reads a side file only when
-    the method is given on its command line); neither reads a folder whose config.json declares nothing as
-    quantized."""
-    sides = [f for f in _SIDE_FILE_READERS if (Path(path) / f).is_file()]
+    transformers, vLLM and LMDeploy take the settings from config.json alone (vLLM reads a side file only when the
+    method is given on its command line); AutoAWQ 0.2.9 too (``awq/models/_config.py`` reads config.json's
+    ``quantization_config``, at the commit :mod:`quant.formats.compat` cites); GPTQModel reads ``quantize_config.json``
+    first, then ``quant_config.json``, and config.json only where neither is there (``QUANT_CONFIG_FILENAME_COMPAT``)."""
+    sides = [f for f in _SIDE_FILES if (Path(path) / f).is_file()]
     if not sides:
-        return None
+        return {}
     named = " and ".join(sides)
+    problems = {}
     if folder.read_config(path).get("quantization_config") is None:
-        own = _SIDE_FILE_READERS[sides[0]] if len(sides) == 1 else None
-        return (f"config.json declares no quantization_config: the settings are in {named} only, and a loader that "
-                "reads config.json takes the folder for a full-precision model", own)
+        why = (f"config.json declares no quantization_config: the settings are in {named} only, and a loader that "
+               "reads config.json takes the folder for a full-precision model")
+        problems = {loader: why for loader in ("transformers", "vllm", "lmdeploy", "autoawq")}
+        if sides != ["quantize_config.json"]:  # GPTQModel reads AutoGPTQ's file as qtool does; AutoAWQ's, not known
+            problems["gptqmodel"] = f"it reads {sides[0]} first, and that it reads it as qtool does is not established"
+        return problems
     try:
         alone = read_spec(path, side_files=False)
     except QtoolError as e:
-        return f"config.json's quantization_config alone is not readable ({e}); {named} completes it", None
-    if (alone.format.name, alone.bits, alone.group_size, bool(alone.sym), alone.act_order, alone.skipped) == (
-            spec.format.name, spec.bits, spec.group_size, bool(spec.sym), spec.act_order, spec.skipped):
-        return None
-    return (f"config.json's quantization_config declares {_declares(alone)}, and {named} adds what makes it "
-            f"{_declares(spec)}: transformers and vLLM read config.json alone, and which file another loader takes "
-            "is not established", None)
+        alone, why = None, f"config.json's quantization_config alone is not readable ({e}); {named} completes it"
+    if alone is not None and _key(alone) != _key(spec):
+        why = (f"config.json's quantization_config declares {_declares(alone)}, and {named} adds what makes it "
+               f"{_declares(spec)}: transformers and vLLM read config.json alone")
+    elif alone is not None:  # config.json says it all: only GPTQModel, which reads a side file first, may differ
+        try:
+            first = _spec(_side_config(path, sides[0]), path)
+        except QtoolError:
+            first = None
+        if first is not None and _key(first) == _key(spec):
+            return {}
+        return {"gptqmodel": f"it reads {sides[0]} before config.json, and {sides[0]} "
+                             + (f"declares {_declares(first)}" if first else "is not readable on its own")
+                             + f" where config.json's quantization_config declares {_declares(spec)}"}
+    return {loader: why for loader in ("transformers", "gptqmodel", "vllm", "lmdeploy", "autoawq")}
+
+
+def _key(spec: CheckpointSpec) -> tuple:
+    """What a loader must read alike for the same weights."""
+    return spec.format.name, spec.bits, spec.group_size, bool(spec.sym), spec.act_order, spec.skipped
 
 
 def _declares(spec: CheckpointSpec) -> str:
