@@ -35,6 +35,20 @@ def _check_model_type(cfg: dict, where: str) -> None:
                          "load (qtool quantizes decoder-only text generators)")
 
 
+def _check_top_k(cfg: dict, where: str) -> None:
+    """Refuse a MoE config whose ``num_experts_per_tok`` routes each token to no expert (every MoE layer would add
+    nothing: a perplexity printed for another model), to more experts than there are, or is no whole number
+    (transformers' config class fails on it in a traceback). Sources and checkpoints alike."""
+    experts = next((cfg[k] for k in ("num_experts", "num_local_experts", "n_routed_experts") if cfg.get(k)), None)
+    top_k = cfg.get("num_experts_per_tok")
+    if experts is None or top_k is None:
+        return
+    if isinstance(top_k, bool) or not isinstance(top_k, int) or not isinstance(experts, int) \
+            or not 1 <= top_k <= experts:
+        raise QtoolError(f"{where}: num_experts_per_tok {top_k!r} is not a number of experts each token is routed "
+                         f"to; use 1 to the {experts!r} experts")
+
+
 def _layout(cfg: dict):
     from quant.arch import layout_of
 
@@ -65,6 +79,7 @@ def model_config(model_dir: str | os.PathLike):
     cfg = read_config(model_dir)
     where = f"{Path(model_dir) / 'config.json'}"
     _check_model_type(cfg, where)
+    _check_top_k(cfg, where)
     for key in ("dtype", "torch_dtype"):  # what the model computes in, as transformers reads it
         value = cfg.get(key)
         if value is not None and not (isinstance(value, str) and value in _DTYPES):

@@ -61,12 +61,6 @@ class SourceModel:
         self.layout = layout_of(folder.read_config(model_dir))
         config = model_io.model_config(model_dir)
         self.shape = Shape.of(config) if self.layout is not None else None
-        top_k = getattr(config, "num_experts_per_tok", None)
-        if self.shape is not None and self.shape.n_experts and top_k is not None \
-                and not (isinstance(top_k, int) and 1 <= top_k <= self.shape.n_experts):
-            # 0: every MoE layer adds nothing (ppl scored it; AWQ's gradients failed); more: routing fails
-            raise QtoolError(f"{self.dir / 'config.json'}: num_experts_per_tok {top_k!r} is not a number of experts "
-                             f"each token is routed to; use 1 to the {self.shape.n_experts} experts")
         self.stored = self._read_index()  # stored tensor name -> file
         # native name -> the stored tensor holding it, and its file
         self._from = {n: k for k in self.stored for n in self._native_names(k)}

@@ -502,19 +502,23 @@ def test_info_gives_the_moe_reasons_not_a_remote_code_one(tmp_path, capsys, mode
     assert loaders["vllm"] is None
 
 
-@pytest.mark.parametrize("top_k", [0, 10])
+@pytest.mark.parametrize("top_k", [0, 10, -1, "2", 2.0])
 def test_a_top_k_that_routes_to_no_expert_or_to_more_than_all_is_one_sentence(tmp_path, capsys, top_k):
     """num_experts_per_tok 0 made every MoE layer add nothing: rtn, gptq and ppl went on (ppl printed its number)
-    and AWQ failed in its gradients' traceback."""
+    and AWQ failed in its gradients' traceback; in a quantized checkpoint info vouched for it and ppl printed a
+    number (0) or a traceback (9, -1); "2" or 2.0 failed in transformers' config class. Sources and checkpoints."""
     from test_bad_input import assert_refused, run_cli
 
     src = _save(tiny_moe("qwen3_moe"), tmp_path / "src")
-    config = json.loads((src / "config.json").read_text())
-    config["num_experts_per_tok"] = top_k
-    (src / "config.json").write_text(json.dumps(config))
-    said = f"num_experts_per_tok {top_k} is not a number of experts each token is routed to; use 1 to the 8 experts"
-    for args in (["rtn", src, "-o", tmp_path / "q", "--group-size", "32"],
-                 ["ppl", src, "--max-tokens", "64", "--seqlen", "32"]):
+    assert run_cli(["rtn", src, "-o", tmp_path / "q", "--group-size", "32"], capsys)[0] == 0
+    for folder in (src, tmp_path / "q"):
+        config = json.loads((folder / "config.json").read_text())
+        config["num_experts_per_tok"] = top_k
+        (folder / "config.json").write_text(json.dumps(config))
+    said = f"num_experts_per_tok {top_k!r} is not a number of experts each token is routed to; use 1 to the 8 experts"
+    for args in (["rtn", src, "-o", tmp_path / "r", "--group-size", "32"],
+                 ["ppl", src, "--max-tokens", "64", "--seqlen", "32"], ["info", tmp_path / "q"],
+                 ["ppl", tmp_path / "q", "--max-tokens", "64", "--seqlen", "32"]):
         assert_refused(*run_cli(args, capsys), said)
 
 
