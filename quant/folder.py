@@ -135,6 +135,14 @@ def weight_files(model_dir: str | os.PathLike) -> list[Path]:
     raise QtoolError(f"{path}: holds no weights (*.safetensors or pytorch_model*.bin)")
 
 
+def tied_tensors_differ(where, copy: str, owner: str) -> QtoolError:
+    """The sentence for a checkpoint that stores ``copy`` (a tied lm_head) with other values than ``owner`` (the
+    embedding) while config.json ties the two: transformers would use the stored one, vLLM and the tie the other."""
+    return QtoolError(f"{where}: stores {copy} with other values than {owner}, but config.json ties the two "
+                      "(tie_word_embeddings); loaders disagree on which to use: set tie_word_embeddings to false in "
+                      f"config.json or remove {copy}")
+
+
 def _not_a_file(f: Path) -> str:
     """What ``f``, which is no regular file, is instead, for a sentence."""
     if f.is_symlink() and not f.exists():

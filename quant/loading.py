@@ -333,8 +333,9 @@ def _assign_tensors(model: nn.Module, reader: _Reader, quant_names: set[str], dt
     ``reason``, e.g. ``--dtype float16``: said where a value is beyond its range)."""
     loaded: set[str] = set()
     spell = spelling(model)  # a message names what the files hold
+    expected = model.state_dict(keep_vars=True)  # the skeleton's shapes (loading assigns tensors of the same ones)
     shared: dict[int, list[str]] = {}  # parameters the skeleton ties (a tied lm_head): stored twice, one value
-    for k, t in model.state_dict(keep_vars=True).items():
+    for k, t in expected.items():
         shared.setdefault(id(t), []).append(k)
     tied = {k: names for names in shared.values() if len(names) > 1 for k in names}
     tied_values: dict[str, torch.Tensor] = {}
@@ -349,11 +350,7 @@ def _assign_tensors(model: nn.Module, reader: _Reader, quant_names: set[str], dt
             tied_values[k] = shard[k]  # the model holds it once loaded: no second copy
             if other is not None and not torch.equal(tied_values[other], shard[k]):
                 owner, copy = sorted((k, other), key=tied[k].index)  # the embedding, then the head tied to it
-                raise QtoolError(f"{Path(f).parent}: stores {spell(copy)} "
-                                 f"with other values than {spell(owner)}, but config.json ties the two "
-                                 "(tie_word_embeddings); loaders disagree on which to use: set tie_word_embeddings to "
-                                 f"false in config.json or remove {spell(copy)}")
-        expected = model.state_dict(keep_vars=True)
+                raise folder.tied_tensors_differ(Path(f).parent, spell(copy), spell(owner))
         for k, t in sorted(shard.items()):  # a fused tensor's parts, split: load_state_dict would raise a traceback
             if k in expected and tuple(t.shape) != tuple(expected[k].shape):
                 what = f"{spell(k)} gives {k} the shape" if spell(k) != k else f"{k} has shape"

@@ -126,8 +126,7 @@ def quantize(
             from quant.awq import check_search_file
 
             # --skip compared by the linears it names (the search recorded them in the native names too)
-            linears = [n for n, m in src.model.get_submodule(arch.blocks).named_modules(prefix=arch.blocks)
-                       if isinstance(m, torch.nn.Linear)]
+            linears = _block_linears(src, arch)
             spell = str if src.layout is None else lambda n: src.layout.stored_name(f".{n}.").strip(".")
             settings_known = check_search_file(replay, cfg, config["model_type"], len(src.blocks), probe,
                                                arch.blocks, linears, spell)
@@ -282,6 +281,12 @@ def _weight_probe(src: SourceModel, blocks: str) -> dict:
     return weight_probe(name, src.tensor(name))
 
 
+def _block_linears(src: SourceModel, arch) -> list[str]:
+    """The full names of the linears inside the decoder blocks of ``src``'s skeleton (native names)."""
+    return [n for n, m in src.model.get_submodule(arch.blocks).named_modules(prefix=arch.blocks)
+            if isinstance(m, torch.nn.Linear)]
+
+
 def _native_skip(skip: tuple[str, ...], src: SourceModel, arch) -> tuple[str, ...]:
     """``--skip`` entries in the checkpoint's own names (InternLM2's ``feed_forward.w2``, the fused ``attention.wqkv``,
     a module holding them such as ``attention`` or ``model.layers.0.attention``) as the native linears they name:
@@ -289,8 +294,7 @@ def _native_skip(skip: tuple[str, ...], src: SourceModel, arch) -> tuple[str, ..
     as given (a native name such as ``self_attn.q_proj``; a typo is refused with the closest names)."""
     from quant.layers import skip_matches
 
-    linears = [n for n, m in src.model.get_submodule(arch.blocks).named_modules(prefix=arch.blocks)
-               if isinstance(m, torch.nn.Linear)]
+    linears = _block_linears(src, arch)
     native = []
     for entry in skip:
         hits = [n for n in linears if skip_matches(src.stored_module(n), entry)]

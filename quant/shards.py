@@ -188,8 +188,11 @@ class ShardWriter:
         # take it past max_shard_bytes (of tensor data), and a tensor larger than that is a shard of its own
         groups: list[list[tuple[Path, str, dict, int]]] = [[]]
         size = 0
+        held: dict[Path, int] = {}  # part -> how many tensors it holds
         for key in order:
-            for t in _tensors(self.part_path(key)):
+            tensors = _tensors(self.part_path(key))
+            held[self.part_path(key)] = len(tensors)
+            for t in tensors:
                 if groups[-1] and size + _nbytes(t[2]) > self.max_shard_bytes:
                     groups.append([])
                     size = 0
@@ -202,7 +205,7 @@ class ShardWriter:
         weight_map, total = {}, 0
         for fname, group in names.items():
             part = group[0][0]
-            if all(t[0] == part for t in group) and len(group) == len(_header(part)[0]):
+            if all(t[0] == part for t in group) and len(group) == held[part]:
                 # one whole part: the file is already a valid shard; linked, so the part stays
                 (self.dst / fname).unlink(missing_ok=True)
                 try:

@@ -123,9 +123,7 @@ class SourceModel:
             # NaN where the other has NaN is the same value here: a damaged tensor is refused as such when it is read
             same = all(torch.allclose(x, y, rtol=0, atol=0, equal_nan=True) for x, y in pairs)
             if not same:
-                raise QtoolError(f"{self.index[name]}: stores {a} with other values than {b}, but config.json ties the "
-                                 "two (tie_word_embeddings); loaders disagree on which to use: set "
-                                 f"tie_word_embeddings to false in config.json or remove {a}")
+                raise folder.tied_tensors_differ(self.index[name], a, b)
 
     def _in_blocks(self, name: str) -> bool:
         return self.blocks_path is not None and name.startswith(self.blocks_path + ".")
